@@ -1,0 +1,39 @@
+# The two commands of the README. Both set up what they need first.
+#   make demo  - set up, then run atlasd's main job on its built-in default
+#   make test  - set up, build/cache the real components, then ruff, mypy, pytest
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup components demo test lint typecheck unit integration clean
+
+$(BIN)/atlasd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/atlasd
+
+components: setup
+	$(BIN)/python tests/harness/components.py install
+
+demo: setup
+	$(BIN)/atlasd demo
+
+lint: setup
+	$(BIN)/ruff check atlasd tests bench
+	$(BIN)/ruff format --check atlasd tests bench
+
+typecheck: setup
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+unit: setup
+	$(BIN)/pytest tests/unit -q
+
+test: components lint typecheck
+	bash scripts/pytest-all
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""``python -m atlasd`` is the ``atlasd`` command."""
+
+from atlasd.cli import main
+
+main()

@@ -1,0 +1,38 @@
+"""The labels and annotations that are atlasd's public interface (SPEC.md)."""
+
+CLUSTER_LABEL = "goatlas.io/cluster"
+REPLICAS_LABEL = "goatlas.io/replicas"
+THANOS_SIDECAR_LABEL = "goatlas.io/thanos-sidecar"
+ENVOY_SELECTORS_ANNOTATION = "goatlas.io/envoy-selectors"
+THANOS_SERVICE_ANNOTATION = "goatlas.io/thanos-service"
+THANOS_SERVICE_PORT_ANNOTATION = "goatlas.io/thanos-service-port"
+PROMETHEUS_SERVICE_ANNOTATION = "goatlas.io/prometheus-service"
+PROMETHEUS_SERVICE_PORT_ANNOTATION = "goatlas.io/prometheus-service-port"
+ALERTMANAGER_SERVICE_ANNOTATION = "goatlas.io/alertmanager-service"
+ALERTMANAGER_SERVICE_PORT_ANNOTATION = "goatlas.io/alertmanager-service-port"
+DNS_GROUP_ANNOTATION = "goatlas.io/dns-group"
+REPLICA_HOST_TEMPLATE_ANNOTATION = "goatlas.io/replica-host-template"
+
+CA_LABEL = "goatlas.io/ca"
+CA_REVISION_LABEL = "goatlas.io/ca-revision"
+CA_SERIAL_LABEL = "goatlas.io/ca-serial"
+CA_ROTATE_ANNOTATION = "goatlas.io/ca-rotate"
+CERT_LABEL = "goatlas.io/cert"
+CA_SIGNED_LABEL = "goatlas.io/ca-signed"
+
+# Everything atlasd creates carries this label, so it can list and prune what it owns.
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "atlasd"
+# Which downstream cluster an owned object belongs to (pruned when the cluster goes).
+OWNER_CLUSTER_LABEL = "goatlas.io/owner-cluster"
+
+CA_SECRET = "atlas-ca"
+SERVER_SECRET = "atlas-server"
+CLIENT_SECRET = "atlas-client"
+TLS_SECRET = "atlas-tls"
+OBS_VALUES_SECRET = "atlas-envoy-values"
+FIELD_MANAGER = "atlasd"
+
+
+def values_secret_name(cluster: str) -> str:
+    return f"{cluster}-envoy-values"

