@@ -98,9 +98,7 @@ def _throwaway_build(
         for mod, ver in sorted(pins.items()):
             _run(["go", "mod", "edit", f"-replace={mod}={mod}@{ver}"], cwd=work)
         _run(["go", "get", f"{module}@{version}"], cwd=work)
-        (work / "tools.go").write_text(
-            f'//go:build tools\n\npackage tools\n\nimport _ "{pkg}"\n'
-        )
+        (work / "tools.go").write_text(f'//go:build tools\n\npackage tools\n\nimport _ "{pkg}"\n')
         _run(["go", "mod", "tidy"], cwd=work)
         out.parent.mkdir(parents=True, exist_ok=True)
         _run(["go", "build", "-o", str(out), pkg], cwd=work)
@@ -180,8 +178,18 @@ def thanos() -> Path:
     with tempfile.TemporaryDirectory(prefix="atlasd-gobuild-") as tmp:
         work = Path(tmp)
         _run(["go", "mod", "init", "atlasdbuild"], cwd=work)
-        for line in re.findall(r"^\s*(?:replace\s+)?([\w./-]+(?: v[\w.+-]+)?) => ([\w./-]+ v[\w.+-]+)", gomod, re.M):
-            _run(["go", "mod", "edit", f"-replace={line[0].replace(' ', '@')}={line[1].replace(' ', '@')}"], cwd=work)
+        for line in re.findall(
+            r"^\s*(?:replace\s+)?([\w./-]+(?: v[\w.+-]+)?) => ([\w./-]+ v[\w.+-]+)", gomod, re.M
+        ):
+            _run(
+                [
+                    "go",
+                    "mod",
+                    "edit",
+                    f"-replace={line[0].replace(' ', '@')}={line[1].replace(' ', '@')}",
+                ],
+                cwd=work,
+            )
         _run(["go", "get", f"github.com/thanos-io/thanos@{THANOS_VERSION}"], cwd=work)
         (work / "tools.go").write_text(
             '//go:build tools\n\npackage tools\n\nimport _ "github.com/thanos-io/thanos/cmd/thanos"\n'
@@ -200,8 +208,8 @@ def apt(name: str) -> Path:
         return path
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    _run(prefix + ["apt-get", "update", "-q"], env=env)
-    _run(prefix + ["apt-get", "install", "-y", "-q", "--no-install-recommends", package], env=env)
+    _run([*prefix, "apt-get", "update", "-q"], env=env)
+    _run([*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", package], env=env)
     return path
 
 
@@ -230,7 +238,9 @@ def main(argv: list[str]) -> int:
         for name in names:
             builder = BUILDERS.get(name) or OPTIONAL.get(name)
             if builder is None:
-                raise SystemExit(f"unknown component {name!r}; known: {sorted(BUILDERS | OPTIONAL)}")
+                raise SystemExit(
+                    f"unknown component {name!r}; known: {sorted(BUILDERS | OPTIONAL)}"
+                )
             _log(f"{name}: {builder()}")
         return 0
     if cmd == "paths":

