@@ -1,0 +1,455 @@
+"""The async Kubernetes API client: the only code that speaks HTTP to the API server.
+
+``KubeClient`` wraps one ``httpx.AsyncClient`` (httpx runs under trio through anyio).
+It knows the verbs atlasd needs — get, list (paginated), server-side apply, create,
+replace, delete, watch — and nothing else: no discovery, no caching (see
+``atlasd.watch.informer`` for that).
+
+Every failure is translated here, in ``_send``/``_raise_for``, into the tree of
+``atlasd.kube.errors`` (``ApiError`` subclasses from the API's ``Status``;
+``TransportError`` from httpx). A 401 makes the client refresh a refreshable
+credential (tokenFile, exec plugin) and retry the request once.
+
+``watch`` yields the decoded ``{type, object}`` events of one watch request; an ``ERROR``
+event is raised as the ``ApiError`` of its Status (so a 410 arrives as ``Gone`` whether
+it came as an HTTP status or as an event). Consume it with ``contextlib.aclosing``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+from collections.abc import AsyncGenerator, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from atlasd.kube.config import Credential, Credentials, KubeConfig, ssl_context
+from atlasd.kube.errors import ApiError, Gone, TransportError, api_error
+from atlasd.kube.resources import Resource, resource_for
+from atlasd.labels import FIELD_MANAGER
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+LIST_PAGE_SIZE = 500
+# Extra read time on top of a watch's timeoutSeconds before the client gives up.
+WATCH_READ_GRACE = 30.0
+
+JSON = dict[str, Any]
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _body(resp: httpx.Response) -> object:
+    try:
+        return resp.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class KubeClient:
+    """An async client for one API server; use as ``async with KubeClient(cfg) as kube``."""
+
+    def __init__(
+        self,
+        config: KubeConfig,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        field_manager: str = FIELD_MANAGER,
+        user_agent: str = "atlasd",
+    ) -> None:
+        self.config = config
+        self.credentials = Credentials(config)
+        self.field_manager = field_manager
+        self._timeout = timeout
+        self._user_agent = user_agent
+        # The httpx client for the current client certificate; replaced (old ones kept
+        # open until close, since watches may still be reading them) when an exec
+        # plugin hands out a different certificate.
+        self._http: httpx.AsyncClient | None = None
+        self._http_identity: tuple[bytes | None, bytes | None] | None = None
+        self._retired: list[httpx.AsyncClient] = []
+        self._extensions: dict[str, Any] = {}
+        if config.tls_server_name:
+            self._extensions["sni_hostname"] = config.tls_server_name
+
+    @property
+    def namespace(self) -> str:
+        """The default namespace (kubeconfig context or the service account's)."""
+        return self.config.namespace
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        clients = [*self._retired, *([self._http] if self._http else [])]
+        self._http = None
+        self._retired = []
+        for c in clients:
+            await c.aclose()
+
+    # -- transport ----------------------------------------------------------------------
+
+    def _client_for(self, cred: Credential) -> httpx.AsyncClient:
+        identity = (cred.client_cert, cred.client_key)
+        if self._http is not None and self._http_identity == identity:
+            return self._http
+        ctx = ssl_context(self.config, cred)
+        if self._http is not None:
+            self._retired.append(self._http)
+        self._http = httpx.AsyncClient(
+            base_url=self.config.server,
+            verify=ctx,
+            timeout=self._timeout,
+            headers={"User-Agent": self._user_agent, "Accept": "application/json"},
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+        self._http_identity = identity
+        return self._http
+
+    @staticmethod
+    def _auth(cred: Credential) -> dict[str, str]:
+        return {"Authorization": f"Bearer {cred.token}"} if cred.token else {}
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        verb: str,
+        res: Resource,
+        name: str | None,
+        namespace: str | None,
+        params: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
+    ) -> object:
+        """One request with 401-refresh-retry; returns the decoded JSON body."""
+        for attempt in (0, 1):
+            cred = await self.credentials.get()
+            client = self._client_for(cred)
+            headers = self._auth(cred)
+            if content_type:
+                headers["Content-Type"] = content_type
+            try:
+                resp = await client.request(
+                    method,
+                    path,
+                    params=params,
+                    content=body,
+                    headers=headers,
+                    extensions=self._extensions,
+                )
+            except httpx.HTTPError as exc:
+                raise TransportError(
+                    f"{verb} {res}{' ' + name if name else ''}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if resp.status_code == 401 and attempt == 0 and await self.credentials.refresh():
+                log.info("401 from the API server; credentials refreshed, retrying %s", verb)
+                continue
+            if resp.status_code >= 400:
+                raise api_error(
+                    status_code=resp.status_code,
+                    body=_body(resp),
+                    verb=verb,
+                    resource=str(res),
+                    name=name,
+                    namespace=namespace,
+                    retry_after=_retry_after(resp),
+                )
+            return _body(resp)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ns(self, res: Resource, namespace: str | None) -> str | None:
+        if not res.namespaced:
+            return None
+        return namespace or self.config.namespace
+
+    @staticmethod
+    def _object(res: Resource, body: object) -> JSON:
+        if not isinstance(body, dict):
+            raise TransportError(f"{res}: the API server sent no object")
+        body.setdefault("apiVersion", res.api_version)
+        body.setdefault("kind", res.kind)
+        return body
+
+    # -- verbs --------------------------------------------------------------------------
+
+    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> JSON:
+        ns = self._ns(res, namespace)
+        body = await self._send(
+            "GET", res.path(namespace=ns, name=name), verb="get", res=res, name=name, namespace=ns
+        )
+        return self._object(res, body)
+
+    async def list(
+        self,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> tuple[list[JSON], str]:
+        """All items (kind/apiVersion filled in) and the list's resourceVersion.
+
+        Pages of ``LIST_PAGE_SIZE``; if a continue token expires mid-way (410) the list
+        is redone in one request, as client-go's pager does.
+        """
+        ns = self._ns(res, namespace)
+        path = res.path(namespace=ns)
+        base: dict[str, str] = {}
+        if label_selector:
+            base["labelSelector"] = label_selector
+        if field_selector:
+            base["fieldSelector"] = field_selector
+        items: list[JSON] = []
+        rv = ""
+        cont = ""
+        try:
+            while True:
+                params = {**base, "limit": str(LIST_PAGE_SIZE)}
+                if cont:
+                    params["continue"] = cont
+                body = await self._send(
+                    "GET", path, verb="list", res=res, name=None, namespace=ns, params=params
+                )
+                page_items, meta = self._list_body(res, body)
+                items.extend(page_items)
+                if not rv:
+                    rv = str(meta.get("resourceVersion") or "")
+                cont = str(meta.get("continue") or "")
+                if not cont:
+                    break
+        except Gone:
+            if not cont:
+                raise
+            body = await self._send(
+                "GET", path, verb="list", res=res, name=None, namespace=ns, params=base
+            )
+            items, meta = self._list_body(res, body)
+            rv = str(meta.get("resourceVersion") or "")
+        return items, rv
+
+    def _list_body(
+        self, res: Resource, body: object
+    ) -> tuple[builtins.list[JSON], Mapping[str, Any]]:
+        if not isinstance(body, dict):
+            raise TransportError(f"list {res}: the API server sent no list")
+        raw = body.get("items") or []
+        items = [self._object(res, i) for i in raw if isinstance(i, dict)]
+        meta = body.get("metadata") or {}
+        return items, meta if isinstance(meta, Mapping) else {}
+
+    def _target(self, obj: Mapping[str, Any]) -> tuple[Resource, str, str | None]:
+        res = resource_for(str(obj.get("apiVersion") or ""), str(obj.get("kind") or ""))
+        meta = obj.get("metadata") or {}
+        name = str(meta.get("name") or "")
+        if not name:
+            raise ValueError(f"{res}: the object has no metadata.name")
+        ns = self._ns(res, meta.get("namespace"))
+        return res, name, ns
+
+    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON:
+        """Server-side apply ``obj`` (creates it if missing); returns the stored object."""
+        res, name, ns = self._target(obj)
+        meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+        if ns is not None:
+            meta["namespace"] = ns
+        payload = {**obj, "metadata": meta}
+        params = {"fieldManager": self.field_manager}
+        if force:
+            params["force"] = "true"
+        body = await self._send(
+            "PATCH",
+            res.path(namespace=ns, name=name),
+            verb="apply",
+            res=res,
+            name=name,
+            namespace=ns,
+            params=params,
+            body=json.dumps(payload).encode(),
+            content_type="application/apply-patch+yaml",
+        )
+        return self._object(res, body)
+
+    async def create(self, obj: Mapping[str, Any]) -> JSON:
+        res, name, ns = self._target(obj)
+        body = await self._send(
+            "POST",
+            res.path(namespace=ns),
+            verb="create",
+            res=res,
+            name=name,
+            namespace=ns,
+            params={"fieldManager": self.field_manager},
+            body=json.dumps(obj).encode(),
+            content_type="application/json",
+        )
+        return self._object(res, body)
+
+    async def replace(self, obj: Mapping[str, Any]) -> JSON:
+        """PUT ``obj``; it must carry metadata.resourceVersion (stale -> Conflict)."""
+        res, name, ns = self._target(obj)
+        body = await self._send(
+            "PUT",
+            res.path(namespace=ns, name=name),
+            verb="update",
+            res=res,
+            name=name,
+            namespace=ns,
+            params={"fieldManager": self.field_manager},
+            body=json.dumps(obj).encode(),
+            content_type="application/json",
+        )
+        return self._object(res, body)
+
+    async def patch_merge(
+        self, res: Resource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
+    ) -> JSON:
+        """A JSON merge patch (e.g. to remove one annotation without owning the field)."""
+        ns = self._ns(res, namespace)
+        body = await self._send(
+            "PATCH",
+            res.path(namespace=ns, name=name),
+            verb="patch",
+            res=res,
+            name=name,
+            namespace=ns,
+            params={"fieldManager": self.field_manager},
+            body=json.dumps(patch).encode(),
+            content_type="application/merge-patch+json",
+        )
+        return self._object(res, body)
+
+    async def delete(
+        self,
+        res: Resource,
+        name: str,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> None:
+        """Delete one object (raises NotFound if it is not there)."""
+        ns = self._ns(res, namespace)
+        opts: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        if resource_version:
+            opts["preconditions"] = {"resourceVersion": resource_version}
+        await self._send(
+            "DELETE",
+            res.path(namespace=ns, name=name),
+            verb="delete",
+            res=res,
+            name=name,
+            namespace=ns,
+            body=json.dumps(opts).encode(),
+            content_type="application/json",
+        )
+
+    async def watch(
+        self,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        resource_version: str,
+        label_selector: str | None = None,
+        timeout_seconds: int = 300,
+        allow_bookmarks: bool = True,
+    ) -> AsyncGenerator[JSON, None]:
+        """Yield the ``{type, object}`` events of one watch request from ``resource_version``.
+
+        Ends when the server ends the stream (timeoutSeconds). Raises ``Gone`` on a 410
+        (HTTP or ERROR event), other ``ApiError``s on failure Statuses, ``TransportError``
+        when the connection breaks.
+        """
+        ns = self._ns(res, namespace)
+        params = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(int(timeout_seconds)),
+        }
+        if allow_bookmarks:
+            params["allowWatchBookmarks"] = "true"
+        if label_selector:
+            params["labelSelector"] = label_selector
+        path = res.path(namespace=ns)
+        timeout = httpx.Timeout(self._timeout, read=timeout_seconds + WATCH_READ_GRACE)
+        for attempt in (0, 1):
+            cred = await self.credentials.get()
+            client = self._client_for(cred)
+            request = client.build_request(
+                "GET",
+                path,
+                params=params,
+                headers=self._auth(cred),
+                timeout=timeout,
+                extensions=self._extensions,
+            )
+            try:
+                resp = await client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise TransportError(f"watch {res}: {type(exc).__name__}: {exc}") from exc
+            try:
+                if resp.status_code == 401 and attempt == 0 and await self.credentials.refresh():
+                    continue
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise api_error(
+                        status_code=resp.status_code,
+                        body=_body(resp),
+                        verb="watch",
+                        resource=str(res),
+                        namespace=ns,
+                        retry_after=_retry_after(resp),
+                    )
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    yield self._event(res, ns, line)
+                return
+            except httpx.HTTPError as exc:
+                raise TransportError(f"watch {res}: {type(exc).__name__}: {exc}") from exc
+            finally:
+                await resp.aclose()
+
+    def _event(self, res: Resource, ns: str | None, line: str) -> JSON:
+        try:
+            event = json.loads(line)
+        except ValueError as exc:
+            raise TransportError(f"watch {res}: a line of the stream is not JSON") from exc
+        if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+            raise TransportError(f"watch {res}: an event without an object")
+        if event.get("type") == "ERROR":
+            status = event["object"]
+            raise api_error(
+                status_code=int(status.get("code") or 500),
+                body=status,
+                verb="watch",
+                resource=str(res),
+                namespace=ns,
+            )
+        obj = event["object"]
+        obj.setdefault("apiVersion", res.api_version)
+        obj.setdefault("kind", res.kind)
+        return event
+
+
+__all__ = ["ApiError", "KubeClient"]

@@ -1,0 +1,196 @@
+"""The one error tree of the Kubernetes boundary.
+
+Every failure that crosses ``atlasd.kube`` is one of these; lower-level errors
+(httpx, ssl, subprocess, yaml) are translated here or in ``client``/``config`` and
+chained with ``raise ... from``::
+
+    KubeError
+     ├── ConfigError            kubeconfig / in-cluster / exec plugin unusable
+     ├── TransportError         could not talk to the API server (connect, TLS, read, timeout)
+     └── ApiError               the API server answered with a failure Status
+          ├── BadRequest        400
+          ├── Unauthorized      401
+          ├── Forbidden         403
+          ├── NotFound          404
+          ├── Conflict          409 (stale resourceVersion, reason Conflict)
+          │    └── AlreadyExists 409 reason AlreadyExists (create of an existing object)
+          ├── Gone              410 (reason Expired or Gone: the watch RV is too old)
+          ├── Invalid           422
+          ├── TooManyRequests   429 (``retry_after`` seconds, if the server said)
+          └── ServerError       5xx
+
+Messages name the verb, the resource, the object and the Status reason. They carry the
+Status message too, except for Secrets, whose Status messages are replaced by the
+reason and the field paths of the causes: an echoed value could be key material.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class KubeError(Exception):
+    """Anything that went wrong talking to Kubernetes."""
+
+
+class ConfigError(KubeError):
+    """The kubeconfig, in-cluster configuration or credential plugin is unusable."""
+
+
+class TransportError(KubeError):
+    """The API server could not be reached or the connection broke."""
+
+
+class ApiError(KubeError):
+    """The API server answered with a failure ``Status``."""
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        reason: str,
+        message: str,
+        verb: str,
+        resource: str,
+        name: str | None = None,
+        namespace: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.verb = verb
+        self.resource = resource
+        self.name = name
+        self.namespace = namespace
+        self.retry_after = retry_after
+        target = resource
+        if name:
+            target += f" {namespace + '/' if namespace else ''}{name}"
+        elif namespace:
+            target += f" in namespace {namespace}"
+        text = f"{verb} {target}: {reason} ({status})"
+        if message:
+            text += f": {message}"
+        super().__init__(text)
+
+
+class BadRequest(ApiError):
+    pass
+
+
+class Unauthorized(ApiError):
+    pass
+
+
+class Forbidden(ApiError):
+    pass
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    pass
+
+
+class AlreadyExists(Conflict):
+    pass
+
+
+class Gone(ApiError):
+    pass
+
+
+class Invalid(ApiError):
+    pass
+
+
+class TooManyRequests(ApiError):
+    pass
+
+
+class ServerError(ApiError):
+    pass
+
+
+_BY_CODE: dict[int, type[ApiError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    422: Invalid,
+    429: TooManyRequests,
+}
+
+
+def _safe_message(status: Mapping[str, Any], *, redact: bool) -> str:
+    message = status.get("message")
+    if not redact:
+        return str(message) if message else ""
+    # Secrets: keep only the field paths of the causes, never text that may echo a value.
+    details = status.get("details")
+    fields: list[str] = []
+    if isinstance(details, Mapping):
+        for cause in details.get("causes") or ():
+            if isinstance(cause, Mapping) and cause.get("field"):
+                fields.append(str(cause["field"]))
+    return ("fields: " + ", ".join(fields)) if fields else "(message withheld for Secrets)"
+
+
+def api_error(
+    *,
+    status_code: int,
+    body: object,
+    verb: str,
+    resource: str,
+    name: str | None = None,
+    namespace: str | None = None,
+    retry_after: float | None = None,
+) -> ApiError:
+    """Translate an HTTP failure and its (possibly absent) ``Status`` body into an ApiError."""
+    status: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
+    code = status.get("code")
+    if not isinstance(code, int) or code == 0:
+        code = status_code
+    reason = str(status.get("reason") or _default_reason(code))
+    message = _safe_message(status, redact=resource.split(".")[0] == "secrets")
+    cls: type[ApiError]
+    if code == 409 and reason == "AlreadyExists":
+        cls = AlreadyExists
+    elif code >= 500:
+        cls = ServerError
+    else:
+        cls = _BY_CODE.get(code, ApiError)
+    return cls(
+        status=code,
+        reason=reason,
+        message=message,
+        verb=verb,
+        resource=resource,
+        name=name,
+        namespace=namespace,
+        retry_after=retry_after,
+    )
+
+
+def _default_reason(code: int) -> str:
+    return {
+        400: "BadRequest",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "NotFound",
+        405: "MethodNotAllowed",
+        409: "Conflict",
+        410: "Expired",
+        415: "UnsupportedMediaType",
+        422: "Invalid",
+        429: "TooManyRequests",
+        500: "InternalError",
+        503: "ServiceUnavailable",
+        504: "Timeout",
+    }.get(code, "Unknown")

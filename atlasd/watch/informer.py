@@ -1,0 +1,270 @@
+"""Informers: a local cache of one resource kept current by list + watch.
+
+The algorithm is client-go's reflector (``tools/cache/reflector.go``):
+
+1. LIST (paginated); the cache is *replaced* by the result: cached objects missing from
+   it become DELETED changes, new ones ADDED, changed ones (different resourceVersion)
+   MODIFIED. ``run`` reports ``started()`` after the first LIST.
+2. WATCH from the list's resourceVersion with ``allowWatchBookmarks`` and a random
+   ``timeoutSeconds`` (5-10 min). BOOKMARKs only advance the resourceVersion.
+3. A clean end of the stream re-watches from the last resourceVersion (no relist); one
+   that ends in under a second without events counts as a failure (backoff).
+4. 410 Gone/Expired (HTTP status or ERROR event, both raised as ``Gone``) -> relist.
+5. Any other ``KubeError`` (connection refused during an API server restart, 5xx, 429,
+   a read that exceeds the inactivity deadline) -> back off (0.8 s doubling to 30 s,
+   jitter, reset after 2 min healthy; at least Retry-After) and re-watch from the last
+   resourceVersion.
+
+Change feed: ``subscribe(handler)`` registers a synchronous callback that gets a
+``Change`` for every cache mutation, after the cache holds the new state; a
+``WorkQueue`` subscribes with ``subscribe_queue`` and gets the object keys (names).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import trio
+
+from atlasd.kube.client import KubeClient
+from atlasd.kube.errors import Gone, KubeError, TooManyRequests
+from atlasd.kube.resources import Resource
+from atlasd.watch.backoff import Backoff
+from atlasd.watch.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+ChangeType = Literal["ADDED", "MODIFIED", "DELETED"]
+
+# client-go: a watch that ends this fast with no events is treated as a failure.
+MIN_WATCH_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Change:
+    """One cache mutation. ``obj`` is the new object (the last known one for DELETED)."""
+
+    type: ChangeType
+    key: str
+    obj: Obj
+    old: Obj | None = None
+
+
+Handler = Callable[[Change], None]
+
+
+def _meta(obj: Obj) -> dict[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+class Informer:
+    """Caches every ``res`` object in ``namespace`` matching ``label_selector``.
+
+    Invariants: ``_cache`` maps key -> the newest object seen (key = name, or
+    ``namespace/name`` for an all-namespaces informer); ``_rv`` is the resourceVersion
+    the cache is current to (last list, event or bookmark); ``_synced`` is set once the
+    first LIST filled the cache and never cleared.
+    """
+
+    def __init__(
+        self,
+        kube: KubeClient,
+        res: Resource,
+        *,
+        namespace: str | None,
+        label_selector: str | None = None,
+        watch_timeout: tuple[float, float] = (300.0, 600.0),
+        inactivity_grace: float = 60.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.kube = kube
+        self.res = res
+        self.namespace = namespace if res.namespaced else None
+        self.label_selector = label_selector
+        self.watch_timeout = watch_timeout
+        self.inactivity_grace = inactivity_grace
+        self.backoff = backoff if backoff is not None else Backoff()
+        self._cache: dict[str, Obj] = {}
+        self._rv = ""
+        self._synced = trio.Event()
+        self._handlers: list[Handler] = []
+        # Counters for status pages and tests.
+        self.lists = 0
+        self.watches = 0
+        self.errors = 0
+
+    # -- cache ---------------------------------------------------------------------------
+
+    def items(self) -> dict[str, Obj]:
+        """A snapshot (shallow copy) of the cache: key -> object."""
+        return dict(self._cache)
+
+    def get(self, key: str) -> Obj | None:
+        return self._cache.get(key)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    @property
+    def resource_version(self) -> str:
+        return self._rv
+
+    @property
+    def has_synced(self) -> bool:
+        return self._synced.is_set()
+
+    async def wait_synced(self) -> None:
+        await self._synced.wait()
+
+    def key(self, obj: Obj) -> str:
+        meta = _meta(obj)
+        name = str(meta.get("name") or "")
+        if self.res.namespaced and self.namespace is None:
+            return f"{meta.get('namespace', '')}/{name}"
+        return name
+
+    # -- change feed ---------------------------------------------------------------------
+
+    def subscribe(self, handler: Handler) -> Callable[[], None]:
+        """Call ``handler`` on every change; returns a function that unsubscribes."""
+        self._handlers.append(handler)
+
+        def unsubscribe() -> None:
+            if handler in self._handlers:
+                self._handlers.remove(handler)
+
+        return unsubscribe
+
+    def subscribe_queue(self, queue: WorkQueue[str]) -> Callable[[], None]:
+        """Add the key of every changed object to ``queue``."""
+        return self.subscribe(lambda change: queue.add(change.key))
+
+    def _emit(self, change: Change) -> None:
+        for handler in list(self._handlers):
+            handler(change)
+
+    # -- list + watch ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """List and watch forever; ``started()`` after the first successful LIST."""
+        started = False
+        while True:
+            try:
+                await self._relist()
+            except KubeError as exc:
+                self.errors += 1
+                retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else None
+                delay = await self.backoff.sleep(at_least=retry_after or 0.0)
+                log.warning("list %s failed (%s); retried after %.1fs", self.res, exc, delay)
+                continue
+            if not started:
+                started = True
+                task_status.started()
+            await self._watch_until_gone()
+
+    async def _relist(self) -> None:
+        items, rv = await self.kube.list(
+            self.res, namespace=self.namespace, label_selector=self.label_selector
+        )
+        self.lists += 1
+        fresh = {self.key(obj): obj for obj in items}
+        old = self._cache
+        self._cache = fresh
+        self._rv = rv
+        self._synced.set()
+        for key, obj in old.items():
+            if key not in fresh:
+                self._emit(Change("DELETED", key, obj, obj))
+        for key, obj in fresh.items():
+            before = old.get(key)
+            if before is None:
+                self._emit(Change("ADDED", key, obj))
+            elif _meta(before).get("resourceVersion") != _meta(obj).get("resourceVersion"):
+                self._emit(Change("MODIFIED", key, obj, before))
+
+    async def _watch_until_gone(self) -> None:
+        """Watch from ``_rv`` until the server says it is too old (410)."""
+        while True:
+            timeout = int(random.uniform(*self.watch_timeout))
+            began = trio.current_time()
+            events = 0
+            try:
+                self.watches += 1
+                stream = self.kube.watch(
+                    self.res,
+                    namespace=self.namespace,
+                    resource_version=self._rv,
+                    label_selector=self.label_selector,
+                    timeout_seconds=timeout,
+                )
+                async with aclosing(stream) as watch:
+                    while True:
+                        # Inactivity deadline: the server ends the stream at `timeout`;
+                        # silence well past that means a dead connection.
+                        with trio.fail_after(timeout + self.inactivity_grace):
+                            try:
+                                event = await anext(watch)
+                            except StopAsyncIteration:
+                                break
+                        events += 1
+                        self._apply(event)
+            except Gone as exc:
+                log.info("watch %s from %s: %s; relisting", self.res, self._rv, exc.reason)
+                return
+            except (KubeError, trio.TooSlowError) as exc:
+                self.errors += 1
+                retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else None
+                delay = await self.backoff.sleep(at_least=retry_after or 0.0)
+                log.warning("watch %s failed (%s); retried after %.1fs", self.res, exc, delay)
+                continue
+            if events == 0 and trio.current_time() - began < MIN_WATCH_SECONDS:
+                self.errors += 1
+                await self.backoff.sleep()
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        obj: Obj = event["object"]
+        rv = _meta(obj).get("resourceVersion")
+        if kind == "BOOKMARK":
+            if rv:
+                self._rv = str(rv)
+            return
+        key = self.key(obj)
+        if kind in ("ADDED", "MODIFIED"):
+            before = self._cache.get(key)
+            self._cache[key] = obj
+            if rv:
+                self._rv = str(rv)
+            self._emit(Change("ADDED" if before is None else "MODIFIED", key, obj, before))
+        elif kind == "DELETED":
+            before = self._cache.pop(key, None)
+            if rv:
+                self._rv = str(rv)
+            if before is not None:
+                self._emit(Change("DELETED", key, obj, before))
+        else:
+            log.warning("watch %s: ignoring an event of type %r", self.res, kind)
+
+
+def all_synced(informers: Sequence[Informer]) -> bool:
+    """Readiness: every informer has listed at least once."""
+    return all(i.has_synced for i in informers)
+
+
+async def run_informers(
+    informers: Sequence[Informer], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run informers side by side; ``started()`` once every one has listed."""
+    async with trio.open_nursery() as nursery:
+        for informer in informers:
+            nursery.start_soon(informer.run)
+        for informer in informers:
+            await informer.wait_synced()
+        task_status.started()
