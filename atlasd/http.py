@@ -1,0 +1,131 @@
+"""atlasd's HTTP endpoint: ``/metrics``, ``/healthz``, ``/readyz``, ``/status`` and the
+live status stream ``/status/stream`` (WebSocket; ``atlasd status --watch`` reads it
+with trio-websocket).
+
+A tiny ASGI app served by hypercorn's Trio worker inside atlasd's nursery.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from atlasd.status import StatusHub
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class StatusApp:
+    """The ASGI application; ``healthy`` is false once a subsystem has failed for good."""
+
+    def __init__(self, hub: StatusHub, *, registry: CollectorRegistry = REGISTRY) -> None:
+        self.hub = hub
+        self.registry = registry
+        self.healthy = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await self._stream(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, send: Send) -> None:
+        path = scope["path"]
+        if path == "/metrics":
+            await _respond(send, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            ok = self.healthy
+            await _respond(send, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n")
+        elif path == "/readyz":
+            if self.hub.ready:
+                await _respond(send, 200, b"ok\n")
+            else:
+                body = ("not ready: " + ", ".join(self.hub.not_ready()) + "\n").encode()
+                await _respond(send, 503, body)
+        elif path == "/status":
+            body = json.dumps(self.hub.snapshot(), sort_keys=True, default=str).encode()
+            await _respond(send, 200, body, "application/json")
+        else:
+            await _respond(send, 404, b"not found\n")
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] != "/status/stream":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                # The client sends nothing we need; a disconnect ends the stream.
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(drain)
+            seen = -1
+            while True:
+                doc = self.hub.snapshot()
+                seen = doc["generation"]
+                await send({"type": "websocket.send", "text": json.dumps(doc, default=str)})
+                await self.hub.wait_changed(seen)
+                # Coalesce bursts: at most ~10 documents a second per watcher.
+                await trio.sleep(0.1)
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type.encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def run_http(
+    app: StatusApp,
+    *,
+    host: str,
+    port: int,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until cancelled; ``started()`` with the bound port once listening."""
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+    async with trio.open_nursery() as nursery:
+        bound: list[str] = await nursery.start(_serve, app, config)
+        task_status.started(int(bound[0].rsplit(":", 1)[1]))
+
+
+async def _serve(
+    app: StatusApp, config: HypercornConfig, *, task_status: trio.TaskStatus[list[str]]
+) -> None:
+    await serve(app, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]

@@ -1,0 +1,61 @@
+"""The HTTP endpoint: readiness tells the truth, metrics and the live status stream."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import trio
+from trio_websocket import open_websocket_url
+
+from atlasd.http import StatusApp, run_http
+from atlasd.status import StatusHub
+
+
+async def _serve(nursery: trio.Nursery, app: StatusApp) -> int:
+    async def start(task_status: trio.TaskStatus[int]) -> None:
+        await run_http(app, host="127.0.0.1", port=0, task_status=task_status)
+
+    port: int = await nursery.start(start)
+    return port
+
+
+async def test_readyz_follows_every_part_and_healthz_reports_failure() -> None:
+    hub = StatusHub()
+    hub.expect_ready("informers", "ads")
+    app = StatusApp(hub)
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, app)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and "ads" in r.text and "informers" in r.text
+            hub.set_ready("informers", True)
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and "informers" not in r.text
+            hub.set_ready("ads", True)
+            assert (await c.get("/readyz")).status_code == 200
+            assert (await c.get("/healthz")).status_code == 200
+            app.healthy = False
+            assert (await c.get("/healthz")).status_code == 503
+            metrics = await c.get("/metrics")
+            assert metrics.status_code == 200 and "# TYPE" in metrics.text
+            status = (await c.get("/status")).json()
+            assert status["ready"] is True and status["not_ready"] == []
+            assert (await c.get("/nope")).status_code == 404
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_stream_pushes_each_change() -> None:
+    hub = StatusHub()
+    app = StatusApp(hub)
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, app)
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/status/stream") as ws:
+            first = json.loads(await ws.get_message())
+            assert first["leader"] is False
+            hub.publish(leader=True, clusters=[{"name": "east"}])
+            second = json.loads(await ws.get_message())
+            assert second["leader"] is True
+            assert second["clusters"] == [{"name": "east"}]
+            assert second["generation"] > first["generation"]
+        nursery.cancel_scope.cancel()
