@@ -1,0 +1,321 @@
+"""Standalone mode: atlasd with no Kubernetes at all, its state in a directory.
+
+``FileStore`` answers the same verbs as :class:`atlasd.kube.client.KubeClient`
+(``get``, ``list``, ``apply``, ``create``, ``replace``, ``patch_merge``, ``delete``) over
+a directory, so the reconcile applier, the zone writer's ConfigMap mirror and the
+Events code run unchanged::
+
+    DIR/clusters/*.yaml          cluster Services declared by the operator (input;
+                                 one or more YAML documents per file, same labels and
+                                 annotations as in Kubernetes)
+    DIR/objects/<plural>/<name>.yaml
+                                 everything atlasd writes (Secrets with mode 0600)
+    DIR/values/<cluster>.yaml    each ``<cluster>-envoy-values`` values.yaml, ready for
+                                 ``helm install -f`` (mode 0600: it holds private keys)
+    DIR/events.log               Events, one JSON document per line
+
+Objects declared in ``clusters/`` are read-only to atlasd except through
+``apply``/``delete`` of a cluster Service (what ``atlasd cluster add/remove`` does),
+which write or remove ``clusters/<name>.yaml``.
+
+``resourceVersion`` is derived from a file's modification time and size; ``uid`` from
+the object's kind and name (stable across restarts), so ownerReferences hold.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atlasd.kube.errors import AlreadyExists, Invalid, NotFound
+from atlasd.kube.resources import SECRETS, SERVICES, Resource, resource_for
+from atlasd.labels import CLUSTER_LABEL
+
+JSON = dict[str, Any]
+_UID_NAMESPACE = uuid.UUID("5b0b8a4e-8f0e-4f7e-9a55-2f1d7f0a7c11")
+
+
+def _atomic_write(path: Path, text: str, *, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _rv(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_mtime_ns}-{st.st_size}"
+
+
+def _matches(labels: Mapping[str, str], selector: str | None) -> bool:
+    if not selector:
+        return True
+    for term in selector.split(","):
+        term = term.strip()
+        if not term:
+            continue
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            if labels.get(k.strip()) == v.strip():
+                return False
+        elif "=" in term:
+            k, v = term.replace("==", "=").split("=", 1)
+            if labels.get(k.strip()) != v.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+class FileStore:
+    """A directory that answers the Kubernetes verbs atlasd uses."""
+
+    def __init__(self, root: Path, *, namespace: str = "monitoring") -> None:
+        self.root = root
+        self._namespace = namespace
+        self.clusters_dir = root / "clusters"
+        self.objects_dir = root / "objects"
+        self.values_dir = root / "values"
+        for d in (self.clusters_dir, self.objects_dir, self.values_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.values_dir.chmod(0o700)
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    async def __aenter__(self) -> FileStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    # -- reading ----------------------------------------------------------------------
+    def _object_path(self, res: Resource, name: str) -> Path:
+        return self.objects_dir / res.plural / f"{name}.yaml"
+
+    def _finish(self, res: Resource, obj: JSON, path: Path) -> JSON:
+        obj.setdefault("apiVersion", res.api_version)
+        obj.setdefault("kind", res.kind)
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", self._namespace)
+        meta.setdefault("uid", str(uuid.uuid5(_UID_NAMESPACE, f"{res.kind}/{meta.get('name')}")))
+        meta["resourceVersion"] = _rv(path)
+        return obj
+
+    def declared_clusters(self) -> dict[str, tuple[JSON, Path]]:
+        """Cluster Services declared in ``clusters/`` (name -> (object, file))."""
+        out: dict[str, tuple[JSON, Path]] = {}
+        for path in sorted(self.clusters_dir.glob("*.y*ml")):
+            try:
+                docs = list(yaml.safe_load_all(path.read_text()))
+            except (OSError, yaml.YAMLError) as exc:
+                raise Invalid(
+                    status=422,
+                    reason="Invalid",
+                    message=f"{path.name}: not valid YAML: {exc}",
+                    verb="list",
+                    resource="services",
+                ) from exc
+            for doc in docs:
+                if not isinstance(doc, dict) or doc.get("kind") != "Service":
+                    continue
+                name = str((doc.get("metadata") or {}).get("name") or "")
+                if name:
+                    out[name] = (self._finish(SERVICES, doc, path), path)
+        return out
+
+    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> JSON:
+        if res == SERVICES:
+            declared = self.declared_clusters().get(name)
+            if declared is not None:
+                return copy.deepcopy(declared[0])
+        path = self._object_path(res, name)
+        try:
+            obj = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(
+                status=404,
+                reason="NotFound",
+                message=f'{res} "{name}" not found',
+                verb="get",
+                resource=str(res),
+                name=name,
+                namespace=self._namespace,
+            ) from None
+        return self._finish(res, obj, path)
+
+    async def list(
+        self,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> tuple[list[JSON], str]:
+        items: dict[str, JSON] = {}
+        folder = self.objects_dir / res.plural
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                obj = yaml.safe_load(path.read_text())
+                if isinstance(obj, dict):
+                    items[path.stem] = self._finish(res, obj, path)
+        if res == SERVICES:
+            for name, (obj, _) in self.declared_clusters().items():
+                items[name] = obj
+        out = [
+            o
+            for _, o in sorted(items.items())
+            if _matches((o.get("metadata") or {}).get("labels") or {}, label_selector)
+        ]
+        return out, str(time.time_ns())
+
+    # -- writing ----------------------------------------------------------------------
+    def _write(self, res: Resource, obj: Mapping[str, Any]) -> JSON:
+        body = json.loads(json.dumps(obj))
+        meta = body.setdefault("metadata", {})
+        name = str(meta.get("name") or "")
+        if not name:
+            raise ValueError(f"{res}: the object has no metadata.name")
+        meta.pop("resourceVersion", None)
+        meta.pop("managedFields", None)
+        meta["namespace"] = self._namespace
+        if res == SECRETS and "stringData" in body:
+            data = body.setdefault("data", {})
+            for k, v in body.pop("stringData").items():
+                data[k] = base64.b64encode(str(v).encode()).decode()
+        labels = meta.get("labels") or {}
+        if res == SERVICES and labels.get(CLUSTER_LABEL) == "true":
+            path = self.clusters_dir / f"{name}.yaml"
+            mode = 0o644
+        else:
+            path = self._object_path(res, name)
+            mode = 0o600 if res == SECRETS else 0o644
+        _atomic_write(path, yaml.safe_dump(body, sort_keys=True), mode=mode)
+        if (
+            res == SECRETS
+            and name.endswith("-envoy-values")
+            and "values.yaml" in body.get("data", {})
+        ):
+            values = base64.b64decode(body["data"]["values.yaml"]).decode()
+            cluster = name.removesuffix("-envoy-values")
+            _atomic_write(self.values_dir / f"{cluster}.yaml", values, mode=0o600)
+        return self._finish(res, body, path)
+
+    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON:
+        res = resource_for(str(obj.get("apiVersion")), str(obj.get("kind")))
+        return self._write(res, obj)
+
+    async def replace(self, obj: Mapping[str, Any]) -> JSON:
+        return await self.apply(obj)
+
+    async def create(self, obj: Mapping[str, Any]) -> JSON:
+        res = resource_for(str(obj.get("apiVersion")), str(obj.get("kind")))
+        name = str((obj.get("metadata") or {}).get("name") or "")
+        if res.kind == "Event":
+            self._append_event(obj)
+            return dict(obj)
+        try:
+            await self.get(res, name)
+        except NotFound:
+            return self._write(res, obj)
+        raise AlreadyExists(
+            status=409,
+            reason="AlreadyExists",
+            message=f'{res} "{name}" already exists',
+            verb="create",
+            resource=str(res),
+            name=name,
+            namespace=self._namespace,
+        )
+
+    def _append_event(self, obj: Mapping[str, Any]) -> None:
+        # Local files are small; blocking I/O here is bounded and brief (as for reads).
+        with open(self.root / "events.log", "a") as f:
+            f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+    async def patch_merge(
+        self, res: Resource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
+    ) -> JSON:
+        if res.kind == "Event":
+            return await self.create({**patch, "apiVersion": "v1", "kind": "Event"})
+        current = await self.get(res, name)
+        return self._write(res, _merge(current, patch))
+
+    async def delete(
+        self,
+        res: Resource,
+        name: str,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> None:
+        if res == SERVICES:
+            declared = self.declared_clusters().get(name)
+            if declared is not None:
+                declared[1].unlink()
+                return
+        path = self._object_path(res, name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise NotFound(
+                status=404,
+                reason="NotFound",
+                message=f'{res} "{name}" not found',
+                verb="delete",
+                resource=str(res),
+                name=name,
+                namespace=self._namespace,
+            ) from None
+        if res == SECRETS and name.endswith("-envoy-values"):
+            (self.values_dir / f"{name.removesuffix('-envoy-values')}.yaml").unlink(missing_ok=True)
+
+    def fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        """Changes to any input or state file change this (the standalone watch polls it)."""
+        out = []
+        for folder in (self.clusters_dir, self.objects_dir):
+            for path in sorted(folder.rglob("*.y*ml")):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                out.append((str(path.relative_to(self.root)), st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+
+def _merge(base: JSON, patch: Mapping[str, Any]) -> JSON:
+    """RFC 7386 JSON merge patch."""
+    out = dict(base)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out

@@ -1,0 +1,84 @@
+"""The standalone FileStore answers the Kubernetes verbs over a directory."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atlasd.kube.errors import AlreadyExists, NotFound
+from atlasd.kube.resources import CONFIGMAPS, SECRETS, SERVICES
+from atlasd.standalone import FileStore
+
+CLUSTER = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: east
+  labels: {goatlas.io/cluster: "true"}
+spec:
+  externalIPs: [192.0.2.10]
+  ports: [{name: thanos, port: 10901}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: west
+  labels: {goatlas.io/cluster: "true"}
+spec:
+  externalIPs: [192.0.2.11]
+  ports: [{name: thanos, port: 10901}]
+"""
+
+
+async def test_declared_clusters_are_listed_with_stable_uids(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s")
+    (store.clusters_dir / "fleet.yaml").write_text(CLUSTER)
+    items, _ = await store.list(SERVICES, label_selector="goatlas.io/cluster=true")
+    assert [i["metadata"]["name"] for i in items] == ["east", "west"]
+    uid = items[0]["metadata"]["uid"]
+    again = await FileStore(tmp_path / "s").get(SERVICES, "east")
+    assert again["metadata"]["uid"] == uid and uid
+    assert again["metadata"]["namespace"] == "monitoring"
+
+
+async def test_secrets_are_private_and_values_exported(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s")
+    await store.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "east-envoy-values", "labels": {"a": "b"}},
+            "stringData": {"values.yaml": "files: {}\n"},
+        }
+    )
+    got = await store.get(SECRETS, "east-envoy-values")
+    assert base64.b64decode(got["data"]["values.yaml"]) == b"files: {}\n"
+    secret_file = store.objects_dir / "secrets" / "east-envoy-values.yaml"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    values = store.values_dir / "east.yaml"
+    assert values.read_text() == "files: {}\n"
+    assert stat.S_IMODE(values.stat().st_mode) == 0o600
+    await store.delete(SECRETS, "east-envoy-values")
+    assert not values.exists()
+    with pytest.raises(NotFound):
+        await store.get(SECRETS, "east-envoy-values")
+
+
+async def test_selector_create_merge_patch_and_cluster_removal(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s")
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "z", "labels": {"x": "1"}}}
+    await store.create(cm)
+    with pytest.raises(AlreadyExists):
+        await store.create(cm)
+    assert (await store.list(CONFIGMAPS, label_selector="x=1"))[0]
+    assert not (await store.list(CONFIGMAPS, label_selector="x=2"))[0]
+    patched = await store.patch_merge(CONFIGMAPS, "z", {"metadata": {"labels": {"x": None}}})
+    assert patched["metadata"].get("labels") == {}
+    await store.apply(yaml.safe_load(CLUSTER.split("---")[0]))
+    assert (store.clusters_dir / "east.yaml").exists()
+    await store.delete(SERVICES, "east")
+    assert not (store.clusters_dir / "east.yaml").exists()
