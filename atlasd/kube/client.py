@@ -259,11 +259,13 @@ class KubeClient:
         meta = body.get("metadata") or {}
         return items, meta if isinstance(meta, Mapping) else {}
 
-    def _target(self, obj: Mapping[str, Any]) -> tuple[Resource, str, str | None]:
+    def _target(
+        self, obj: Mapping[str, Any], *, need_name: bool = True
+    ) -> tuple[Resource, str, str | None]:
         res = resource_for(str(obj.get("apiVersion") or ""), str(obj.get("kind") or ""))
         meta = obj.get("metadata") or {}
         name = str(meta.get("name") or "")
-        if not name:
+        if not name and need_name:
             raise ValueError(f"{res}: the object has no metadata.name")
         ns = self._ns(res, meta.get("namespace"))
         return res, name, ns
@@ -292,13 +294,14 @@ class KubeClient:
         return self._object(res, body)
 
     async def create(self, obj: Mapping[str, Any]) -> JSON:
-        res, name, ns = self._target(obj)
+        """POST ``obj`` (it may use generateName, or be nameless like a review)."""
+        res, name, ns = self._target(obj, need_name=False)
         body = await self._send(
             "POST",
             res.path(namespace=ns),
             verb="create",
             res=res,
-            name=name,
+            name=name or None,
             namespace=ns,
             params={"fieldManager": self.field_manager},
             body=json.dumps(obj).encode(),

@@ -66,6 +66,9 @@ CLUSTERROLEBINDINGS = Resource(
 )
 ENDPOINTSLICES = Resource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
 DEPLOYMENTS = Resource("apps/v1", "Deployment", "deployments")
+SELFSUBJECTREVIEWS = Resource(
+    "authentication.k8s.io/v1", "SelfSubjectReview", "selfsubjectreviews", False
+)
 
 KNOWN: tuple[Resource, ...] = (
     SERVICES,
@@ -83,6 +86,7 @@ KNOWN: tuple[Resource, ...] = (
     CLUSTERROLEBINDINGS,
     ENDPOINTSLICES,
     DEPLOYMENTS,
+    SELFSUBJECTREVIEWS,
 )
 _BY_KIND: dict[tuple[str, str], Resource] = {(r.api_version, r.kind): r for r in KNOWN}
 
