@@ -1,0 +1,351 @@
+"""The ADS stream state machines, State-of-the-World and Delta. Pure: no I/O, no clock.
+
+The server feeds each stream's machine the requests it receives (``on_request``) and
+every change of the node's snapshot (``on_snapshot``); the machine answers with a
+``Step``: the responses to send, in order, and the ACKs and NACKs it saw.
+
+Rules (Envoy xds_protocol; see docs/notes in shared/notes/xds.md):
+
+- Nonces: each response carries a fresh nonce. SotW ignores a request whose nonce is not
+  the latest one sent for its type; Delta tracks every outstanding nonce and honours
+  subscription changes whatever the nonce.
+- ACK / NACK: a request with a known nonce ACKs it unless ``error_detail`` is set. A
+  NACKed SotW response is parked: the same content is never sent again on that stream;
+  the next different content is. A NACKed Delta resource version is remembered as known
+  to the Envoy, so only a new version of it goes out.
+- Send only on change: a SotW type is re-sent when the content for its subscription
+  changes; Delta sends only resources whose version differs from what the Envoy has.
+- Make-before-break: types go out in ``PUSH_ORDER`` (secrets, CDS, EDS, LDS, RDS);
+  removals come last. In SotW, a CDS change that drops clusters first sends the union
+  of the old and new clusters, then the other types, then the final CDS.
+- Wildcard: an empty first subscription (or ``*``) is a wildcard until the Envoy names
+  something. Requested names that do not exist yet are remembered and sent once they do.
+- A new stream (a reconnect) starts with no state, so it receives the full current state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.discovery.v3.discovery_pb2 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
+from google.protobuf import any_pb2  # type: ignore[import-untyped]
+
+from atlasd.xds.snapshot import (
+    CLUSTER,
+    FULL_STATE_TYPES,
+    PUSH_ORDER,
+    Resource,
+    Snapshot,
+    type_version,
+)
+
+__all__ = [
+    "Ack",
+    "DeltaDiscoveryRequest",
+    "DeltaDiscoveryResponse",
+    "DeltaStream",
+    "DiscoveryRequest",
+    "DiscoveryResponse",
+    "Nack",
+    "SotwStream",
+    "Step",
+]
+_nonces = itertools.count(1)
+_MAX_PENDING = 64
+
+
+def _nonce() -> str:
+    return f"{next(_nonces):x}"
+
+
+def _any(r: Resource) -> any_pb2.Any:
+    return any_pb2.Any(type_url=r.type_url, value=r.body)
+
+
+@dataclass(frozen=True)
+class Ack:
+    type_url: str
+    version: str
+    stamp: float  # caller-provided time the acknowledged content was published
+
+
+@dataclass(frozen=True)
+class Nack:
+    type_url: str
+    version: str
+    message: str
+
+
+@dataclass
+class Step:
+    """What one input to a machine produced."""
+
+    responses: list[Any] = field(default_factory=list)
+    acks: list[Ack] = field(default_factory=list)
+    nacks: list[Nack] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# State of the World
+
+
+@dataclass
+class _SotwType:
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    named_before: bool = False
+    nonce: str = ""  # the latest nonce sent; only a request echoing it counts
+    sent_version: str = ""  # version_info of the latest response ("" before any)
+    sent_stamp: float = 0.0
+    sent: dict[str, Resource] = field(default_factory=dict)  # what that response held
+    parked: str = ""  # a version the Envoy NACKed: never re-sent on this stream
+    acked_version: str = ""
+
+
+class SotwStream:
+    """One SotW ADS stream. Invariant: ``_types`` holds only types the Envoy requested."""
+
+    kind = "sotw"
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._types: dict[str, _SotwType] = {}
+
+    def on_request(self, req: DiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
+        step = Step()
+        t = req.type_url
+        st = self._types.get(t)
+        first = st is None
+        if st is None:
+            st = self._types[t] = _SotwType()
+        if req.response_nonce:
+            if req.response_nonce != st.nonce:
+                return step  # stale: superseded by a later response
+            if req.HasField("error_detail"):
+                st.parked = st.sent_version
+                step.nacks.append(Nack(t, st.sent_version, req.error_detail.message))
+            else:
+                st.acked_version = req.version_info
+                step.acks.append(Ack(t, req.version_info, st.sent_stamp))
+        names = set(req.resource_names)
+        if "*" in names:
+            names.discard("*")
+            st.wildcard = True
+        elif names:
+            st.wildcard = False
+            st.named_before = True
+        elif not st.named_before:
+            st.wildcard = True
+        else:
+            st.wildcard = False
+        st.names = names
+        self._respond(t, st, snap, stamp, step, force=first)
+        return step
+
+    def on_snapshot(self, snap: Snapshot | None, stamp: float) -> Step:
+        step = Step()
+        if snap is None:
+            return step
+        final: list[tuple[str, _SotwType]] = []
+        for t in self._ordered_types():
+            st = self._types[t]
+            if t == CLUSTER and st.wildcard and st.sent:
+                stale = {n: r for n, r in st.sent.items() if n not in snap.of_type(t)}
+                if stale:
+                    # Make before break: keep the stale clusters until routes moved off them.
+                    union = dict(snap.of_type(t))
+                    union.update(stale)
+                    self._send(t, st, union, type_version(union) + "-mbb", stamp, step)
+                    final.append((t, st))
+                    continue
+            self._respond(t, st, snap, stamp, step, force=False)
+        for t, st in final:
+            self._respond(t, st, snap, stamp, step, force=True)
+        return step
+
+    def _ordered_types(self) -> list[str]:
+        known = [t for t in PUSH_ORDER if t in self._types]
+        return known + sorted(t for t in self._types if t not in PUSH_ORDER)
+
+    def _respond(
+        self, t: str, st: _SotwType, snap: Snapshot | None, stamp: float, step: Step, *, force: bool
+    ) -> None:
+        if snap is None:
+            return
+        available = snap.of_type(t)
+        if st.wildcard:
+            selected = dict(available)
+            version = snap.version(t)
+        else:
+            selected = {n: available[n] for n in sorted(st.names) if n in available}
+            version = type_version(selected)
+        if not selected and t not in FULL_STATE_TYPES and not st.wildcard:
+            return  # nothing named exists yet; sent once it does
+        if version == st.parked:
+            return
+        if version == st.sent_version and not force:
+            return
+        self._send(t, st, selected, version, stamp, step)
+
+    def _send(
+        self,
+        t: str,
+        st: _SotwType,
+        selected: dict[str, Resource],
+        version: str,
+        stamp: float,
+        step: Step,
+    ) -> None:
+        st.nonce = _nonce()
+        st.sent_version = version
+        st.sent_stamp = stamp
+        st.sent = selected
+        step.responses.append(
+            DiscoveryResponse(
+                version_info=version,
+                type_url=t,
+                nonce=st.nonce,
+                resources=[_any(r) for r in selected.values()],
+            )
+        )
+
+    def acked_versions(self) -> dict[str, str]:
+        return {t: st.acked_version for t, st in self._types.items() if st.acked_version}
+
+
+# ---------------------------------------------------------------------------------------
+# Delta (incremental)
+
+
+@dataclass
+class _Sent:
+    versions: dict[str, str | None]  # name -> version sent (None: removal)
+    system_version: str
+    stamp: float
+
+
+@dataclass
+class _DeltaType:
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    # What the Envoy holds, by name -> version (as we sent it, or as it told us).
+    # A NACKed version stays here, so it is not re-sent until it changes.
+    known: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, _Sent] = field(default_factory=dict)  # nonce -> what it carried
+    responded: bool = False
+
+
+class DeltaStream:
+    """One Delta ADS stream."""
+
+    kind = "delta"
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._types: dict[str, _DeltaType] = {}
+        self._acked: dict[str, str] = {}
+
+    def on_request(self, req: DeltaDiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
+        step = Step()
+        t = req.type_url
+        st = self._types.get(t)
+        if st is None:
+            st = self._types[t] = _DeltaType()
+            st.known = dict(req.initial_resource_versions)
+            if not req.resource_names_subscribe:
+                st.wildcard = True
+        for n in req.resource_names_subscribe:
+            if n == "*":
+                st.wildcard = True
+            else:
+                st.names.add(n)
+        for n in req.resource_names_unsubscribe:
+            if n == "*":
+                st.wildcard = False
+            else:
+                st.names.discard(n)
+                st.known.pop(n, None)
+        if req.response_nonce:
+            sent = st.pending.pop(req.response_nonce, None)
+            if sent is not None:
+                if req.HasField("error_detail"):
+                    step.nacks.append(Nack(t, sent.system_version, req.error_detail.message))
+                else:
+                    self._acked[t] = sent.system_version
+                    step.acks.append(Ack(t, sent.system_version, sent.stamp))
+        self._respond(t, st, snap, stamp, step, upserts=True, removals=True)
+        return step
+
+    def on_snapshot(self, snap: Snapshot | None, stamp: float) -> Step:
+        step = Step()
+        if snap is None:
+            return step
+        order = [t for t in PUSH_ORDER if t in self._types]
+        order += sorted(t for t in self._types if t not in PUSH_ORDER)
+        for t in order:
+            self._respond(t, self._types[t], snap, stamp, step, upserts=True, removals=False)
+        for t in reversed(order):
+            self._respond(t, self._types[t], snap, stamp, step, upserts=False, removals=True)
+        return step
+
+    def _respond(
+        self,
+        t: str,
+        st: _DeltaType,
+        snap: Snapshot | None,
+        stamp: float,
+        step: Step,
+        *,
+        upserts: bool,
+        removals: bool,
+    ) -> None:
+        if snap is None:
+            return
+        available = snap.of_type(t)
+        out: list[Resource] = []
+        removed: list[str] = []
+        if upserts:
+            interest = available.keys() if st.wildcard else st.names & available.keys()
+            out = [
+                available[n] for n in sorted(interest) if st.known.get(n) != available[n].version
+            ]
+        if removals:
+            removed = sorted(n for n in st.known if n not in available)
+        first_wildcard = st.wildcard and not st.responded
+        if not out and not removed and not first_wildcard:
+            return
+        nonce = _nonce()
+        versions: dict[str, str | None] = {}
+        for r in out:
+            st.known[r.name] = r.version
+            versions[r.name] = r.version
+        for n in removed:
+            del st.known[n]
+            versions[n] = None
+        st.responded = True
+        st.pending[nonce] = _Sent(versions, snap.version(t), stamp)
+        while len(st.pending) > _MAX_PENDING:  # an Envoy that never ACKs cannot grow this
+            del st.pending[next(iter(st.pending))]
+        step.responses.append(
+            DeltaDiscoveryResponse(
+                system_version_info=snap.version(t),
+                type_url=t,
+                nonce=nonce,
+                resources=[
+                    discovery_pb2.Resource(name=r.name, version=r.version, resource=_any(r))
+                    for r in out
+                ],
+                removed_resources=removed,
+            )
+        )
+
+    def acked_versions(self) -> dict[str, str]:
+        return dict(self._acked)

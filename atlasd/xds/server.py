@@ -1,0 +1,251 @@
+"""The ADS gRPC server: grpclib (asyncio) run inside the Trio process via trio-asyncio.
+
+This module is the thin asyncio shell: it receives requests, wakes on snapshot changes,
+and sends what the pure machines in ``protocol`` decide. Per stream:
+
+1. the first request must name a node; ``Authorizer`` checks the caller may fetch it
+   (else PERMISSION_DENIED);
+2. the node is fixed for the stream's life (a later request naming another node is
+   refused);
+3. every request and every change of the node's snapshot goes through the machine;
+   ACKs and NACKs update the status board and metrics;
+4. when the node's snapshot is removed, the stream ends.
+
+Errors::
+
+    grpclib GRPCError(INVALID_ARGUMENT)   first request without a node id / node changed
+    grpclib GRPCError(PERMISSION_DENIED)  authz.Denied
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpclib.const
+import grpclib.exceptions
+import grpclib.server
+import h2.exceptions
+import trio
+import trio_asyncio
+
+from atlasd.xds.authz import Authorizer, Denied
+from atlasd.xds.cache import SnapshotCache
+from atlasd.xds.protocol import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DeltaStream,
+    DiscoveryRequest,
+    DiscoveryResponse,
+    SotwStream,
+    Step,
+)
+from atlasd.xds.snapshot import SHORT_NAMES
+
+log = logging.getLogger(__name__)
+
+_SERVICE = "/envoy.service.discovery.v3.AggregatedDiscoveryService"
+SOTW_METHOD = f"{_SERVICE}/StreamAggregatedResources"
+DELTA_METHOD = f"{_SERVICE}/DeltaAggregatedResources"
+
+# Errors that mean "the peer went away"; anything else is a bug and propagates.
+_GONE = (
+    grpclib.exceptions.StreamTerminatedError,
+    grpclib.exceptions.ProtocolError,
+    h2.exceptions.ProtocolError,
+    ConnectionError,
+)
+
+
+class _Changed:
+    """Queue marker: the node's snapshot changed."""
+
+
+@dataclass(frozen=True)
+class _Ended:
+    error: BaseException | None
+
+
+_CHANGED = _Changed()
+
+
+class AdsService:
+    """The AggregatedDiscoveryService, SotW and Delta, for grpclib."""
+
+    def __init__(self, cache: SnapshotCache, authorizer: Authorizer) -> None:
+        self.cache = cache
+        self.authorizer = authorizer
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {
+            SOTW_METHOD: grpclib.const.Handler(
+                self.sotw,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                DiscoveryRequest,
+                DiscoveryResponse,
+            ),
+            DELTA_METHOD: grpclib.const.Handler(
+                self.delta,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                DeltaDiscoveryRequest,
+                DeltaDiscoveryResponse,
+            ),
+        }
+
+    async def sotw(self, stream: Any) -> None:
+        await self._serve(stream, SotwStream)
+
+    async def delta(self, stream: Any) -> None:
+        await self._serve(stream, DeltaStream)
+
+    async def _serve(self, stream: Any, machine_cls: Callable[[str], Any]) -> None:
+        first = await stream.recv_message()
+        if first is None:
+            return
+        node: str = first.node.id
+        if not node:
+            raise grpclib.exceptions.GRPCError(
+                grpclib.const.Status.INVALID_ARGUMENT, "the first request must carry node.id"
+            )
+        peer = _peer(stream)
+        try:
+            who = self.authorizer.authorize(node, list(stream.metadata.items()))
+        except Denied as exc:
+            self.cache.metrics.denied.inc()
+            log.warning("xds: refused node %r from %s: %s", node, peer, exc)
+            raise grpclib.exceptions.GRPCError(
+                grpclib.const.Status.PERMISSION_DENIED, str(exc)
+            ) from None
+        machine = machine_cls(node)
+        kind: str = machine.kind
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        wake_pending = False
+
+        def on_change() -> None:
+            nonlocal wake_pending
+            if not wake_pending:
+                wake_pending = True
+                loop.call_soon_threadsafe(queue.put_nowait, _CHANGED)
+
+        async def reader() -> None:
+            try:
+                while True:
+                    msg = await stream.recv_message()
+                    if msg is None:
+                        break
+                    queue.put_nowait(msg)
+            except _GONE as exc:
+                queue.put_nowait(_Ended(exc))
+            else:
+                queue.put_nowait(_Ended(None))
+
+        cancel_watch = self.cache.watch(node, on_change)
+        sid = self.cache.board.open(node=node, kind=kind, peer=f"{peer} ({who})")
+        self.cache.metrics.connected.labels(kind).inc()
+        reading = asyncio.ensure_future(reader())
+        had_snapshot = self.cache.get(node) is not None
+        log.info("xds: %s stream %d opened for node %r from %s (%s)", kind, sid, node, peer, who)
+        try:
+            await self._apply(stream, sid, node, machine.on_request(first, *self._state(node)))
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Ended):
+                    return
+                if item is _CHANGED:
+                    wake_pending = False
+                    snap, stamp = self._state(node)
+                    if snap is None:
+                        if had_snapshot:
+                            log.info("xds: node %r removed; closing stream %d", node, sid)
+                            return
+                        continue
+                    had_snapshot = True
+                    step = machine.on_snapshot(snap, stamp)
+                else:
+                    if item.HasField("node") and item.node.id and item.node.id != node:
+                        raise grpclib.exceptions.GRPCError(
+                            grpclib.const.Status.INVALID_ARGUMENT, "node id changed on the stream"
+                        )
+                    step = machine.on_request(item, *self._state(node))
+                await self._apply(stream, sid, node, step)
+        except _GONE:
+            return
+        finally:
+            cancel_watch()
+            reading.cancel()
+            self.cache.board.close(sid)
+            self.cache.metrics.connected.labels(kind).dec()
+            log.info("xds: %s stream %d for node %r closed", kind, sid, node)
+
+    def _state(self, node: str) -> tuple[Any, float]:
+        snap = self.cache.get(node)
+        stamp = self.cache.published_at(node)
+        return snap, stamp if stamp is not None else time.monotonic()
+
+    async def _apply(self, stream: Any, sid: int, node: str, step: Step) -> None:
+        m = self.cache.metrics
+        now = time.monotonic()
+        for ack in step.acks:
+            self.cache.board.acked(sid, ack.type_url, ack.version)
+            m.push_latency.labels(SHORT_NAMES.get(ack.type_url, ack.type_url)).observe(
+                max(0.0, now - ack.stamp)
+            )
+        for nack in step.nacks:
+            short = SHORT_NAMES.get(nack.type_url, nack.type_url)
+            self.cache.board.nacked(sid, nack.type_url, nack.version, nack.message)
+            m.nacks.labels(node, short).inc()
+            log.warning(
+                "xds: node %r rejected %s version %s: %s (parked; not re-sent)",
+                node,
+                short,
+                nack.version,
+                nack.message,
+            )
+        for resp in step.responses:
+            await stream.send_message(resp)
+            m.pushes.labels(SHORT_NAMES.get(resp.type_url, resp.type_url)).inc()
+
+
+def _peer(stream: Any) -> str:
+    try:
+        addr = stream.peer.addr()
+    except (AttributeError, OSError):
+        return "?"
+    if not addr:
+        return "?"
+    return f"{addr[0]}:{addr[1]}"
+
+
+async def run_ads_server(
+    *,
+    cache: SnapshotCache,
+    host: str,
+    port: int,
+    authorizer: Authorizer,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ADS on ``host:port`` until cancelled; ``started()`` with the bound port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    bound = int(sock.getsockname()[1])
+    async with trio_asyncio.open_loop():
+        server = grpclib.server.Server([AdsService(cache, authorizer)])
+        await trio_asyncio.aio_as_trio(server.start)(sock=sock)
+        log.info("xds: ADS server listening on %s:%d", host, bound)
+        task_status.started(bound)
+        try:
+            await trio.sleep_forever()
+        finally:
+            server.close()
+            with trio.move_on_after(5) as scope:
+                scope.shield = True
+                await trio_asyncio.aio_as_trio(server.wait_closed)()

@@ -1,0 +1,119 @@
+"""Per-Envoy status and the xDS Prometheus metrics.
+
+``EnvoyStatus`` is what the status endpoint and the CLI show for one ADS stream: the
+node, the stream kind, the version ACKed per type, the last NACK and its message, and
+when the stream connected. ``StatusBoard`` holds the live ones (plain Python, no I/O).
+
+Metrics are registered on the ``CollectorRegistry`` handed to ``XdsMetrics``; atlasd's
+main passes the registry it serves on :6309, tests pass a fresh one so they stay
+isolated (registering twice on one registry is an error, so there is no implicit
+default).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from dataclasses import dataclass, field, replace
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from atlasd.xds.snapshot import SHORT_NAMES
+
+
+@dataclass(frozen=True)
+class Nack:
+    type_url: str
+    version: str
+    message: str
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class EnvoyStatus:
+    """One connected ADS stream, as the status view shows it."""
+
+    stream_id: int
+    node: str
+    kind: str  # "sotw" | "delta"
+    peer: str
+    connected_since: dt.datetime
+    acked: tuple[tuple[str, str], ...] = ()  # (type short name, version)
+    last_nack: Nack | None = None
+    nacks: int = 0
+
+    def acked_version(self, type_url: str) -> str | None:
+        short = SHORT_NAMES.get(type_url, type_url)
+        return dict(self.acked).get(short)
+
+
+@dataclass
+class StatusBoard:
+    """Live stream statuses by stream id. Invariant: only open streams are present."""
+
+    _streams: dict[int, EnvoyStatus] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def open(self, *, node: str, kind: str, peer: str) -> int:
+        sid = next(self._ids)
+        self._streams[sid] = EnvoyStatus(
+            stream_id=sid, node=node, kind=kind, peer=peer, connected_since=dt.datetime.now(dt.UTC)
+        )
+        return sid
+
+    def close(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+
+    def acked(self, sid: int, type_url: str, version: str) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        acked = dict(st.acked)
+        acked[SHORT_NAMES.get(type_url, type_url)] = version
+        self._streams[sid] = replace(st, acked=tuple(sorted(acked.items())))
+
+    def nacked(self, sid: int, type_url: str, version: str, message: str) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        nack = Nack(type_url, version, message, dt.datetime.now(dt.UTC))
+        self._streams[sid] = replace(st, last_nack=nack, nacks=st.nacks + 1)
+
+    def all(self) -> list[EnvoyStatus]:
+        return sorted(self._streams.values(), key=lambda s: (s.node, s.stream_id))
+
+
+class XdsMetrics:
+    """The xDS metrics, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connected = Gauge(
+            "atlasd_xds_connected_envoys",
+            "ADS streams currently open, by stream kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.pushes = Counter(
+            "atlasd_xds_pushes",
+            "xDS responses sent, by resource type.",
+            ["type"],
+            registry=registry,
+        )
+        self.nacks = Counter(
+            "atlasd_xds_nacks",
+            "xDS responses rejected by an Envoy, by node and resource type.",
+            ["node", "type"],
+            registry=registry,
+        )
+        self.denied = Counter(
+            "atlasd_xds_denied_streams",
+            "ADS streams refused because the caller may not fetch the node it named.",
+            registry=registry,
+        )
+        self.push_latency = Histogram(
+            "atlasd_xds_push_latency_seconds",
+            "From a snapshot being published to the Envoy ACKing it, by resource type.",
+            ["type"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )

