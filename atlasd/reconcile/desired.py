@@ -1,0 +1,352 @@
+"""Desired Kubernetes objects for the fleet: sidecar Services, Helm values, Envoy bootstraps.
+
+Pure: validated clusters + the PKI plan + settings -> the Services and Secrets atlasd wants.
+
+Per downstream cluster ``<c>`` (labels ``app.kubernetes.io/managed-by: atlasd`` and
+``goatlas.io/owner-cluster: <c>``, ownerReference to the cluster Service):
+
+- ``<c>-thanos-sidecar<i>`` for i in 0..replicas-1: headless Service (clusterIP None),
+  selector = the cluster's envoy selectors (so the name resolves to the observability
+  Envoy), the cluster Service's ports copied (targetPort = port), label
+  ``goatlas.io/thanos-sidecar: "<i>"``;
+- ``<c>-envoy-values`` (key ``values.yaml``): values for ``charts/envoy`` on the downstream
+  cluster, keeping the original chart's keys — ``atlas.alertmanagerCount``,
+  ``replicaCount``, ``args``, ``service.ports``, ``ports`` and ``files`` (``envoy.yaml``,
+  ``ca.pem``, ``server.pem``, ``server-key.pem``, ``client.pem``, ``client-key.pem``);
+- ``<c>-atlas-identity`` (built by ``pki``).
+
+Cluster-wide: ``atlas-envoy-values`` (observability Envoy, node ``atlas``, plaintext xDS to
+atlasd's ADS service) plus the PKI Secrets from ``pki``.
+
+``envoy_bootstrap`` is the one bootstrap builder (daemon demo and xDS tests use it too):
+node id, ADS (SotW ``GRPC`` by default, V3, node on first message only) to one static
+cluster ``xds_cluster`` over HTTP/2, mTLS when an identity is given (client certificate of
+that identity, server validated against the CA bundle and pinned to SAN DNS ``atlas``),
+certificates inline so the bootstrap needs no files; admin on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from atlasd import labels
+from atlasd.model import (
+    DOWNSTREAM_ALERTMANAGER_PORT,
+    DOWNSTREAM_PROMETHEUS_PORT,
+    DOWNSTREAM_THANOS_PORT,
+    ENVOY_ADMIN_PORT,
+    OBS_ALERTMANAGER_PORT,
+    OBS_PROMETHEUS_PORT,
+    OBS_THANOS_PORT,
+    OBS_XDS_PORT,
+    OBSERVABILITY_NODE,
+    DownstreamCluster,
+    Fleet,
+    Identity,
+    LocalAlertmanager,
+    Settings,
+)
+from atlasd.reconcile.objects import (
+    ObjectMeta,
+    SecretObject,
+    ServiceObject,
+    managed_labels,
+    owner_references,
+    secret_object,
+)
+from atlasd.reconcile.pki import PKIPlan
+
+XDS_CLUSTER = "xds_cluster"
+VALUES_KEY = "values.yaml"
+ENVOY_ARGS = ("-l", "info", "-c", "/config/envoy.yaml")
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (PEM, embedded YAML) as literal blocks, for readable values."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_BlockDumper.add_representer(str, _str_representer)
+
+
+def dump_yaml(data: Any) -> str:
+    """Deterministic YAML (insertion order kept)."""
+    return yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def envoy_bootstrap(
+    node: str,
+    *,
+    xds_host: str,
+    xds_port: int,
+    tls: Identity | None,
+    ca_bundle: bytes | None,
+    admin_port: int = ENVOY_ADMIN_PORT,
+    api_type: str = "GRPC",
+    server_san: str = OBSERVABILITY_NODE,
+) -> dict[str, Any]:
+    """An Envoy v3 bootstrap whose only static cluster is the xDS server (see docstring)."""
+    xds: dict[str, Any] = {
+        "name": XDS_CLUSTER,
+        "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+        "connect_timeout": "5s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": xds_host, "port_value": xds_port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if tls is not None:
+        if ca_bundle is None:
+            raise ValueError("an mTLS bootstrap needs the CA bundle")
+        xds["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": server_san,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"inline_string": tls.client.cert_pem.decode()},
+                            "private_key": {"inline_string": tls.client.key_pem.decode()},
+                        }
+                    ],
+                    "validation_context": {
+                        "trusted_ca": {"inline_string": ca_bundle.decode()},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": server_san}}
+                        ],
+                    },
+                },
+            },
+        }
+    return {
+        "node": {"id": node, "cluster": node},
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+            },
+            "cds_config": {"resource_api_version": "V3", "ads": {}},
+            "lds_config": {"resource_api_version": "V3", "ads": {}},
+        },
+        "static_resources": {"clusters": [xds]},
+    }
+
+
+def _chart_ports(named: Iterable[tuple[str, int, bool]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(service.ports, ports) of the Envoy chart for (name, port, host_port) triples."""
+    service: dict[str, Any] = {}
+    ports: dict[str, Any] = {"admin": {"containerPort": ENVOY_ADMIN_PORT, "protocol": "TCP"}}
+    for name, port, host_port in named:
+        service[name] = {"port": port, "targetPort": name, "protocol": "TCP"}
+        entry: dict[str, Any] = {"containerPort": port, "protocol": "TCP"}
+        if host_port:
+            entry["hostPort"] = port
+        ports[name] = entry
+    return service, ports
+
+
+def downstream_values(
+    cluster: DownstreamCluster,
+    *,
+    identity: Identity,
+    ca_bundle: bytes,
+    settings: Settings,
+    alertmanager_count: int,
+) -> dict[str, Any]:
+    """Helm values for the Envoy chart on downstream cluster ``cluster``."""
+    bootstrap = envoy_bootstrap(
+        cluster.name,
+        xds_host=settings.envoy_ads_address,
+        xds_port=settings.envoy_ads_port,
+        tls=identity,
+        ca_bundle=ca_bundle,
+    )
+    service_ports, ports = _chart_ports(
+        [
+            ("thanos", DOWNSTREAM_THANOS_PORT, True),
+            ("alertmanager", DOWNSTREAM_ALERTMANAGER_PORT, False),
+            ("prometheus", DOWNSTREAM_PROMETHEUS_PORT, True),
+        ]
+    )
+    return {
+        "atlas": {"alertmanagerCount": alertmanager_count},
+        "replicaCount": 1,
+        "args": list(ENVOY_ARGS),
+        "service": {"enabled": True, "ports": service_ports},
+        "ports": ports,
+        "files": {
+            "envoy.yaml": dump_yaml(bootstrap),
+            "ca.pem": ca_bundle.decode(),
+            "server.pem": identity.server.cert_pem.decode(),
+            "server-key.pem": identity.server.key_pem.decode(),
+            "client.pem": identity.client.cert_pem.decode(),
+            "client-key.pem": identity.client.key_pem.decode(),
+        },
+    }
+
+
+def observability_values(settings: Settings) -> dict[str, Any]:
+    """Helm values for the observability Envoy (node ``atlas``, plaintext xDS to atlasd)."""
+    bootstrap = envoy_bootstrap(
+        OBSERVABILITY_NODE,
+        xds_host=settings.atlasd_ads_host,
+        xds_port=settings.atlasd_ads_port,
+        tls=None,
+        ca_bundle=None,
+    )
+    service_ports, ports = _chart_ports(
+        [
+            ("xds", OBS_XDS_PORT, False),
+            ("thanos", OBS_THANOS_PORT, False),
+            ("alertmanager", OBS_ALERTMANAGER_PORT, False),
+            ("prometheus", OBS_PROMETHEUS_PORT, False),
+        ]
+    )
+    return {
+        "atlas": {"alertmanagerCount": 0},
+        "replicaCount": 1,
+        "args": list(ENVOY_ARGS),
+        "service": {"enabled": True, "ports": service_ports},
+        "ports": ports,
+        "files": {"envoy.yaml": dump_yaml(bootstrap)},
+    }
+
+
+def sidecar_services(cluster: DownstreamCluster, settings: Settings) -> list[ServiceObject]:
+    """The headless ``<c>-thanos-sidecar<i>`` Services of one cluster."""
+    out: list[ServiceObject] = []
+    for i in range(cluster.replicas):
+        meta: ObjectMeta = {
+            "name": cluster.sidecar_service(i),
+            "namespace": settings.namespace,
+            "labels": managed_labels(cluster.name, **{labels.THANOS_SIDECAR_LABEL: str(i)}),
+        }
+        refs = owner_references(cluster)
+        if refs:
+            meta["ownerReferences"] = refs
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": meta,
+                "spec": {
+                    "clusterIP": "None",
+                    "selector": dict(cluster.envoy_selectors),
+                    "ports": [
+                        {
+                            "name": p.name,
+                            "port": p.port,
+                            "protocol": p.protocol,
+                            "targetPort": p.port,
+                        }
+                        for p in cluster.ports
+                    ],
+                },
+            }
+        )
+    return out
+
+
+def values_secret(
+    cluster: DownstreamCluster, *, values: Mapping[str, Any], settings: Settings, ca_serial: str
+) -> SecretObject:
+    return secret_object(
+        name=labels.values_secret_name(cluster.name),
+        namespace=settings.namespace,
+        data={VALUES_KEY: dump_yaml(dict(values)).encode()},
+        obj_labels=managed_labels(cluster.name, **{labels.CA_SIGNED_LABEL: ca_serial}),
+        owner_refs=owner_references(cluster),
+    )
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """Everything the applier makes exist (``atlas-ca`` is written separately, first)."""
+
+    fleet: Fleet
+    ca_secret: SecretObject
+    services: Mapping[str, ServiceObject]
+    secrets: Mapping[str, SecretObject]
+
+
+def desired_state(
+    *,
+    clusters: Iterable[DownstreamCluster],
+    alertmanagers: tuple[LocalAlertmanager, ...],
+    plan: PKIPlan,
+    settings: Settings,
+) -> DesiredState:
+    """The whole desired state of one pass."""
+    clusters = tuple(sorted(clusters, key=lambda c: c.name))
+    services: dict[str, ServiceObject] = {}
+    secrets: dict[str, SecretObject] = {}
+    for s in plan.tls_secrets:
+        secrets[s["metadata"]["name"]] = s
+    secrets[labels.OBS_VALUES_SECRET] = secret_object(
+        name=labels.OBS_VALUES_SECRET,
+        namespace=settings.namespace,
+        data={VALUES_KEY: dump_yaml(observability_values(settings)).encode()},
+        obj_labels=managed_labels(),
+    )
+    for cluster in clusters:
+        for svc in sidecar_services(cluster, settings):
+            services[svc["metadata"]["name"]] = svc
+        identity = plan.pki.identity(cluster.name)
+        if identity is None:  # plan_pki covers every cluster it was given
+            raise ValueError(f"no identity planned for cluster {cluster.name!r}")
+        values = downstream_values(
+            cluster,
+            identity=identity,
+            ca_bundle=plan.pki.trust_bundle,
+            settings=settings,
+            alertmanager_count=len(alertmanagers),
+        )
+        secrets[labels.values_secret_name(cluster.name)] = values_secret(
+            cluster, values=values, settings=settings, ca_serial=plan.pki.ca_serial
+        )
+        ident = plan.identity_secrets[cluster.name]
+        secrets[ident["metadata"]["name"]] = ident
+    fleet = Fleet(settings=settings, clusters=clusters, alertmanagers=alertmanagers, pki=plan.pki)
+    return DesiredState(fleet=fleet, ca_secret=plan.ca_secret, services=services, secrets=secrets)

@@ -1,0 +1,624 @@
+"""The PKI: which CA and which leaf certificates should exist, decided purely.
+
+``plan_pki(secrets=..., clusters=..., settings=..., now=..., keys=...)`` takes the observed
+Secrets (name -> object) and returns a ``PKIPlan``: the desired Secrets and the
+``model.PKI`` the xDS side builds Envoy configuration from. Nothing here does I/O; the only
+source of randomness (private keys and serial numbers) is the injectable ``KeySource``, and
+ECDSA signatures are deterministic (RFC 6979), so a plan is a function of its inputs.
+
+CA (Secret ``atlas-ca``: ``ca.pem``, ``ca-key.pem``, earlier CAs as ``ca-<serial>.pem``;
+labels ``goatlas.io/ca: "true"``, ``goatlas.io/ca-revision``, ``goatlas.io/ca-serial``):
+
+- absent: a new ECDSA P-256 CA, revision 1;
+- present: adopted as is, whatever its key type — notably the original's RSA-4096 CA with a
+  PKCS#1 ``RSA PRIVATE KEY`` — and used to sign; never replaced. If it cannot be parsed or
+  its key does not match its certificate, ``PKIError`` is raised and nothing is replaced;
+- annotated ``goatlas.io/ca-rotate`` (any value), expired, or past ``renew_fraction`` of its
+  lifetime: rotated — a new CA, the old one kept as ``ca-<old serial>.pem`` so the trust
+  bundle overlaps both, revision bumped, the annotation removed, every leaf re-issued.
+  Earlier CAs are dropped from the bundle once they expire.
+
+Serials are decimal (``str(cert.serial_number)``, like Go's ``big.Int.String()``).
+
+Leaves (ECDSA P-256, random unique serials, SHA-256, validity capped at the CA's) are
+re-issued when missing or unparsable, when their key does not match, when not signed by the
+current CA, when their SANs or usages differ from the scheme below, or once
+``renew_fraction`` of their lifetime has passed. Otherwise they are reused byte for byte, so
+a restart re-issues nothing.
+
+SAN scheme (``<ns>`` = settings.namespace):
+
+- observability node ``atlas``: DNS ``atlas`` and ``atlas.<ns>.atlas``; ``atlas-server``
+  and ``atlas-tls`` also carry ``settings.envoy_ads_address`` and ``settings.envoy_address``
+  (IP SANs for IP literals, DNS SANs otherwise) so clients checking the dialled host pass.
+  ``atlas-server`` (serverAuth) and ``atlas-client`` (clientAuth) form identity ``atlas``;
+  ``atlas-tls`` (both usages) is kept for the original's ingress.
+- downstream cluster ``<c>``: DNS ``<c>`` and ``<c>.<ns>.atlas``, one server certificate
+  (serverAuth) and one client certificate (clientAuth), stored in Secret
+  ``<c>-atlas-identity`` (``ca.crt``, ``server.crt``, ``server.key``, ``client.crt``,
+  ``client.key``) from which a restart reloads them, and copied into ``<c>-envoy-values``.
+  Peers pin the SAN DNS name ``<c>`` (cluster identity) or ``atlas`` (observability).
+
+Errors::
+
+    PKIError   the existing CA Secret is unusable (reported, never "repaired" by replacing it)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from atlasd import labels
+from atlasd.model import OBSERVABILITY_NODE, PKI, CertKey, DownstreamCluster, Identity, Settings
+from atlasd.reconcile.objects import (
+    SecretObject,
+    managed_labels,
+    meta_map,
+    owner_references,
+    secret_data,
+    secret_object,
+)
+from atlasd.reconcile.validate import identity_secret_name
+
+CA_CERT_KEY = "ca.pem"
+CA_KEY_KEY = "ca-key.pem"
+CLOCK_SKEW = dt.timedelta(minutes=5)
+"""Leaves and CAs are back-dated by this much so a peer with a slow clock accepts them."""
+
+Usage = Literal["server", "client", "both"]
+CAAction = Literal["created", "adopted", "kept", "rotated"]
+
+
+class PKIError(Exception):
+    """The existing ``atlas-ca`` Secret cannot be used (message never contains key data)."""
+
+
+class KeySource(Protocol):
+    """Where new private keys and serial numbers come from (injectable for tests)."""
+
+    def new_key(self) -> ec.EllipticCurvePrivateKey: ...
+
+    def new_serial(self) -> int: ...
+
+
+class RandomKeys:
+    """The production ``KeySource``: fresh P-256 keys and 159-bit random serials."""
+
+    def new_key(self) -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def new_serial(self) -> int:
+        return x509.random_serial_number()
+
+
+@dataclass(frozen=True)
+class CA:
+    """The current signing CA and the earlier CAs still in the trust bundle."""
+
+    cert: x509.Certificate
+    key: CertificateIssuerPrivateKeyTypes
+    material: CertKey
+    revision: int
+    # (serial, PEM) of earlier CAs still trusted, newest first.
+    previous: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def serial(self) -> str:
+        return str(self.cert.serial_number)
+
+    @property
+    def bundle(self) -> bytes:
+        return self.material.cert_pem + b"".join(pem for _, pem in self.previous)
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """What one leaf certificate must say."""
+
+    common_name: str
+    dns: tuple[str, ...]
+    ips: tuple[str, ...] = ()
+    usage: Usage = "server"
+
+
+@dataclass(frozen=True)
+class PKIPlan:
+    """The outcome of ``plan_pki``: desired Secrets and the PKI handed to xDS."""
+
+    pki: PKI
+    ca: CA
+    ca_action: CAAction
+    ca_secret: SecretObject
+    # atlas-server, atlas-client, atlas-tls
+    tls_secrets: tuple[SecretObject, ...]
+    # cluster name -> <cluster>-atlas-identity
+    identity_secrets: Mapping[str, SecretObject]
+    # Names of the certificates issued by this plan ("atlas-server", "<c>/client", ...).
+    issued: tuple[str, ...]
+
+
+# --- helpers ---
+
+
+def _now(now: dt.datetime) -> dt.datetime:
+    return now if now.tzinfo else now.replace(tzinfo=dt.UTC)
+
+
+def _key_pem(key: CertificateIssuerPrivateKeyTypes | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _public_bytes(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _sign(
+    builder: x509.CertificateBuilder, key: CertificateIssuerPrivateKeyTypes
+) -> x509.Certificate:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return builder.sign(key, hashes.SHA256(), ecdsa_deterministic=True)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return builder.sign(key, hashes.SHA256())
+    return builder.sign(key, None)  # ed25519/ed448 take no hash
+
+
+def _past_fraction(cert: x509.Certificate, now: dt.datetime, fraction: float) -> bool:
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return now >= start + (end - start) * fraction or now >= end
+
+
+def _address_san(address: str) -> tuple[str | None, str | None]:
+    """(dns, ip) for a settings address; an empty address gives neither."""
+    if not address:
+        return None, None
+    try:
+        return None, str(ipaddress.ip_address(address))
+    except ValueError:
+        return address, None
+
+
+def observability_specs(settings: Settings) -> dict[str, LeafSpec]:
+    """The cluster-wide leaves, by Secret name."""
+    ns = settings.namespace
+    base = (OBSERVABILITY_NODE, f"{OBSERVABILITY_NODE}.{ns}.atlas")
+    dns: list[str] = list(base)
+    ips: list[str] = []
+    for addr in (settings.envoy_ads_address, settings.envoy_address):
+        d, i = _address_san(addr)
+        if d and d not in dns:
+            dns.append(d)
+        if i and i not in ips:
+            ips.append(i)
+    return {
+        labels.SERVER_SECRET: LeafSpec(OBSERVABILITY_NODE, tuple(dns), tuple(ips), "server"),
+        labels.CLIENT_SECRET: LeafSpec(OBSERVABILITY_NODE, base, (), "client"),
+        labels.TLS_SECRET: LeafSpec(OBSERVABILITY_NODE, tuple(dns), tuple(ips), "both"),
+    }
+
+
+def cluster_specs(cluster: str, settings: Settings) -> tuple[LeafSpec, LeafSpec]:
+    """(server, client) leaves of one downstream cluster."""
+    dns = (cluster, f"{cluster}.{settings.namespace}.atlas")
+    return LeafSpec(cluster, dns, (), "server"), LeafSpec(cluster, dns, (), "client")
+
+
+def _eku(usage: Usage) -> list[x509.ObjectIdentifier]:
+    if usage == "server":
+        return [ExtendedKeyUsageOID.SERVER_AUTH]
+    if usage == "client":
+        return [ExtendedKeyUsageOID.CLIENT_AUTH]
+    return [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def _sans(spec: LeafSpec) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = [x509.DNSName(d) for d in spec.dns]
+    out += [x509.IPAddress(ipaddress.ip_address(i)) for i in spec.ips]
+    return out
+
+
+# --- CA ---
+
+
+def new_ca(
+    *, keys: KeySource, now: dt.datetime, lifetime: dt.timedelta
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed ECDSA P-256 CA (pathlen 0)."""
+    now = _now(now)
+    key = keys.new_key()
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "atlasd"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "atlas-ca"),
+        ]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(keys.new_serial())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+    )
+    return _sign(builder, key), key
+
+
+def load_ca(
+    cert_pem: bytes, key_pem: bytes
+) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
+    """Parse an existing CA (any key type cryptography signs with; PKCS#1 or PKCS#8 PEM)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise PKIError(f"{CA_CERT_KEY} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        # The underlying message may quote key material; do not chain it.
+        raise PKIError(f"{CA_KEY_KEY} is not an unencrypted PEM private key") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or _public_bytes(
+        key.public_key()
+    ) != _public_bytes(cert.public_key()):
+        raise PKIError(f"{CA_KEY_KEY} does not belong to the certificate in {CA_CERT_KEY}")
+    return cert, key
+
+
+def _previous_cas(
+    data: Mapping[str, bytes], current_serial: str, now: dt.datetime
+) -> list[tuple[str, bytes, dt.datetime]]:
+    out: list[tuple[str, bytes, dt.datetime]] = []
+    for k, pem in data.items():
+        if not (k.startswith("ca-") and k.endswith(".pem")) or k == CA_KEY_KEY:
+            continue
+        serial = k[3:-4]
+        if serial == current_serial:
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError:
+            continue
+        if cert.not_valid_after_utc <= now or str(cert.serial_number) != serial:
+            continue
+        out.append((serial, pem, cert.not_valid_before_utc))
+    return out
+
+
+def _order_previous(
+    items: Iterable[tuple[str, bytes, dt.datetime]],
+) -> tuple[tuple[str, bytes], ...]:
+    ordered = sorted(items, key=lambda t: (t[2], t[0]), reverse=True)
+    return tuple((s, pem) for s, pem, _ in ordered)
+
+
+def decide_ca(
+    observed: Mapping[str, Any] | None,
+    *,
+    settings: Settings,
+    now: dt.datetime,
+    keys: KeySource,
+) -> tuple[CA, CAAction]:
+    """Create, adopt, keep or rotate the CA (see module docstring)."""
+    now = _now(now)
+    data = secret_data(observed)
+    lbls = meta_map(observed, "labels")
+    anns = meta_map(observed, "annotations")
+    if CA_CERT_KEY not in data or CA_KEY_KEY not in data:
+        if observed is not None and (CA_CERT_KEY in data or CA_KEY_KEY in data):
+            raise PKIError(f"atlas-ca holds only one of {CA_CERT_KEY} and {CA_KEY_KEY}")
+        cert, key = new_ca(keys=keys, now=now, lifetime=settings.ca_lifetime)
+        material = CertKey(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+        return CA(cert=cert, key=key, material=material, revision=1), "created"
+
+    cert, ca_key = load_ca(data[CA_CERT_KEY], data[CA_KEY_KEY])
+    try:
+        revision = max(int(lbls.get(labels.CA_REVISION_LABEL, "1")), 1)
+    except ValueError:
+        revision = 1
+    serial = str(cert.serial_number)
+    previous = _previous_cas(data, serial, now)
+    rotate = labels.CA_ROTATE_ANNOTATION in anns or _past_fraction(
+        cert, now, settings.renew_fraction
+    )
+    if not rotate:
+        ca = CA(
+            cert=cert,
+            key=ca_key,
+            material=CertKey(data[CA_CERT_KEY], data[CA_KEY_KEY]),
+            revision=revision,
+            previous=_order_previous(previous),
+        )
+        owned = lbls.get(labels.MANAGED_BY_LABEL) == labels.MANAGED_BY_VALUE
+        return ca, ("kept" if owned else "adopted")
+
+    if cert.not_valid_after_utc > now:
+        previous.append((serial, data[CA_CERT_KEY], cert.not_valid_before_utc))
+    new_cert, new_key = new_ca(keys=keys, now=now, lifetime=settings.ca_lifetime)
+    material = CertKey(new_cert.public_bytes(serialization.Encoding.PEM), _key_pem(new_key))
+    ca = CA(
+        cert=new_cert,
+        key=new_key,
+        material=material,
+        revision=revision + 1,
+        previous=_order_previous(previous),
+    )
+    return ca, "rotated"
+
+
+def ca_secret(ca: CA, observed: Mapping[str, Any] | None, settings: Settings) -> SecretObject:
+    """Desired ``atlas-ca``: observed labels/annotations kept except ``ca-rotate``; keys
+    that are not ours (not ``ca*.pem``) are kept too, so adopting changes no foreign data."""
+    data = {
+        k: v
+        for k, v in secret_data(observed).items()
+        if not (k.startswith("ca") and k.endswith(".pem"))
+    }
+    data[CA_CERT_KEY] = ca.material.cert_pem
+    data[CA_KEY_KEY] = ca.material.key_pem
+    for serial, pem in ca.previous:
+        data[f"ca-{serial}.pem"] = pem
+    obj_labels = meta_map(observed, "labels")
+    obj_labels.update(
+        managed_labels(
+            **{
+                labels.CA_LABEL: "true",
+                labels.CA_REVISION_LABEL: str(ca.revision),
+                labels.CA_SERIAL_LABEL: ca.serial,
+            }
+        )
+    )
+    anns = meta_map(observed, "annotations")
+    anns.pop(labels.CA_ROTATE_ANNOTATION, None)
+    return secret_object(
+        name=labels.CA_SECRET,
+        namespace=settings.namespace,
+        data=data,
+        obj_labels=obj_labels,
+        annotations=anns,
+        secret_type=str((observed or {}).get("type") or "Opaque"),
+    )
+
+
+# --- leaves ---
+
+
+def issue_leaf(
+    spec: LeafSpec, *, ca: CA, keys: KeySource, now: dt.datetime, lifetime: dt.timedelta
+) -> CertKey:
+    """A new ECDSA P-256 leaf signed by ``ca``."""
+    now = _now(now)
+    key = keys.new_key()
+    not_after = min(now + lifetime, ca.cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "atlasd"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, spec.common_name),
+                ]
+            )
+        )
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(keys.new_serial())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(_eku(spec.usage)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_sans(spec)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+    cert = _sign(builder, ca.key)
+    return CertKey(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+@functools.lru_cache(maxsize=16384)
+def _signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
+    """Whether ``cert_pem`` was issued by ``ca_pem`` (memoized: verification dominates a
+    steady-state pass over many clusters and its answer never changes for given bytes)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16384)
+def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return False
+    return (
+        isinstance(key, ec.EllipticCurvePrivateKey)
+        and isinstance(key.curve, ec.SECP256R1)
+        and _public_bytes(key.public_key()) == _public_bytes(cert.public_key())
+    )
+
+
+def leaf_is_current(
+    material: CertKey | None, spec: LeafSpec, *, ca: CA, now: dt.datetime, renew_fraction: float
+) -> bool:
+    """Whether an existing leaf can be kept (see module docstring for the rules)."""
+    if material is None:
+        return False
+    try:
+        cert = x509.load_pem_x509_certificate(material.cert_pem)
+    except ValueError:
+        return False
+    if not _signed_by(material.cert_pem, ca.material.cert_pem):
+        return False
+    if not _key_matches(material.cert_pem, material.key_pem):
+        return False
+    if _past_fraction(cert, _now(now), renew_fraction):
+        return False
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    dns = set(san.get_values_for_type(x509.DNSName))
+    ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+    return dns == set(spec.dns) and ips == set(spec.ips) and set(eku) == set(_eku(spec.usage))
+
+
+def _material(data: Mapping[str, bytes], cert_key: str, key_key: str) -> CertKey | None:
+    if cert_key in data and key_key in data:
+        return CertKey(data[cert_key], data[key_key])
+    return None
+
+
+def plan_pki(
+    *,
+    secrets: Mapping[str, Mapping[str, Any]],
+    clusters: Iterable[DownstreamCluster],
+    settings: Settings,
+    now: dt.datetime,
+    keys: KeySource,
+) -> PKIPlan:
+    """Decide the CA and every leaf from the observed Secrets (name -> object).
+
+    Raises ``PKIError`` when ``atlas-ca`` exists but is unusable.
+    """
+    now = _now(now)
+    ca, action = decide_ca(secrets.get(labels.CA_SECRET), settings=settings, now=now, keys=keys)
+    issued: list[str] = []
+    bundle = ca.bundle
+
+    def leaf(name: str, current: CertKey | None, spec: LeafSpec) -> CertKey:
+        if current is not None and leaf_is_current(
+            current, spec, ca=ca, now=now, renew_fraction=settings.renew_fraction
+        ):
+            return current
+        issued.append(name)
+        return issue_leaf(spec, ca=ca, keys=keys, now=now, lifetime=settings.leaf_lifetime)
+
+    tls: dict[str, CertKey] = {}
+    tls_secrets: list[SecretObject] = []
+    for name, spec in observability_specs(settings).items():
+        observed = secrets.get(name)
+        material = leaf(name, _material(secret_data(observed), "tls.crt", "tls.key"), spec)
+        tls[name] = material
+        obj_labels = meta_map(observed, "labels")
+        obj_labels.update(
+            managed_labels(**{labels.CERT_LABEL: "true", labels.CA_SIGNED_LABEL: ca.serial})
+        )
+        tls_secrets.append(
+            secret_object(
+                name=name,
+                namespace=settings.namespace,
+                data={"ca.crt": bundle, "tls.crt": material.cert_pem, "tls.key": material.key_pem},
+                obj_labels=obj_labels,
+                secret_type=str((observed or {}).get("type") or "kubernetes.io/tls"),
+            )
+        )
+
+    identities: list[tuple[str, Identity]] = [
+        (
+            OBSERVABILITY_NODE,
+            Identity(server=tls[labels.SERVER_SECRET], client=tls[labels.CLIENT_SECRET]),
+        )
+    ]
+    identity_secrets: dict[str, SecretObject] = {}
+    for cluster in sorted(clusters, key=lambda c: c.name):
+        sname = identity_secret_name(cluster.name)
+        data = secret_data(secrets.get(sname))
+        server_spec, client_spec = cluster_specs(cluster.name, settings)
+        server = leaf(
+            f"{cluster.name}/server", _material(data, "server.crt", "server.key"), server_spec
+        )
+        client = leaf(
+            f"{cluster.name}/client", _material(data, "client.crt", "client.key"), client_spec
+        )
+        identities.append((cluster.name, Identity(server=server, client=client)))
+        identity_secrets[cluster.name] = secret_object(
+            name=sname,
+            namespace=settings.namespace,
+            data={
+                "ca.crt": bundle,
+                "server.crt": server.cert_pem,
+                "server.key": server.key_pem,
+                "client.crt": client.cert_pem,
+                "client.key": client.key_pem,
+            },
+            obj_labels=managed_labels(
+                cluster.name,
+                **{labels.CERT_LABEL: "identity", labels.CA_SIGNED_LABEL: ca.serial},
+            ),
+            owner_refs=owner_references(cluster),
+        )
+
+    pki = PKI(
+        ca=ca.material,
+        trust_bundle=bundle,
+        ca_serial=ca.serial,
+        ca_revision=ca.revision,
+        identities=tuple(identities),
+    )
+    return PKIPlan(
+        pki=pki,
+        ca=ca,
+        ca_action=action,
+        ca_secret=ca_secret(ca, secrets.get(labels.CA_SECRET), settings),
+        tls_secrets=tuple(tls_secrets),
+        identity_secrets=identity_secrets,
+        issued=tuple(issued),
+    )

@@ -1,0 +1,468 @@
+"""Strict validation of cluster Services: raw Service dicts -> ``DownstreamCluster`` or ``Problem``s.
+
+This module is pure (no I/O). It owns the parsing rules of every label and annotation of
+SPEC.md "The interface", so that bad input never reaches a builder and never stops the
+daemon: a Service that fails any rule is skipped and described by one ``Problem`` per
+failing field (the field path, e.g. ``metadata.labels["goatlas.io/replicas"]``, and what
+is wrong); every other cluster keeps working.
+
+Rules (a Service is a cluster when its label ``goatlas.io/cluster`` is exactly ``"true"``):
+
+- ``metadata.name``: a DNS-1123 label; not ``atlas`` (the observability node id); not of the
+  form ``<x>-thanos-sidecar<i>`` (it would collide with the sidecar Service of cluster
+  ``<x>``); every derived name — ``<name>-thanos-sidecar<replicas-1>``,
+  ``<name>-envoy-values``, ``<name>-atlas-identity`` — must fit a DNS label (63 chars).
+- ``spec.externalIPs``: present, non-empty; every entry a valid IPv4/IPv6 address that is
+  not loopback (unless ``allow_loopback``; the standalone demo runs Envoys on loopback),
+  link-local, multicast or unspecified. Only ``externalIPs[0]`` is used.
+- ``spec.ports``: non-empty; each has a ``name`` (DNS-1123 label, required, unique), an
+  integer ``port`` in 1..65535 and protocol TCP (the Envoys proxy TCP only).
+- label ``goatlas.io/replicas``: decimal digits without sign or leading zero, 1..``MAX_REPLICAS``
+  (64: far above any real Thanos HA setup, and it bounds the objects one Service can create).
+- annotation ``goatlas.io/envoy-selectors``: ``k=v[,k=v...]``; whitespace around an entry is
+  tolerated, each key a qualified label key, each value a non-empty label value, no key twice.
+- annotations ``goatlas.io/{thanos,prometheus,alertmanager}-service``: DNS names (letters,
+  digits, ``-`` and ``.``; labels of 1..63 chars; at most 253 chars) — so no spaces, quotes,
+  newlines or ``;`` can reach the Envoy configuration or the zone.
+- annotations ``...-service-port``: decimal 1..65535.
+- annotation ``goatlas.io/dns-group``: a DNS-1123 label.
+- annotation ``goatlas.io/replica-host-template``: contains ``{replica}``, no other
+  replacement field, and with every replica index substituted is a DNS name.
+
+Duplicates: two clusters with the same ``externalIPs[0]`` would both dial one Envoy whose
+certificate names only one of them, so only the first (oldest ``creationTimestamp``, then
+name) is accepted; later ones get a Problem naming the cluster that holds the address.
+Duplicate names cannot happen (one namespace).
+
+Local Alertmanagers (``select_alertmanagers``): SPEC keeps Services "that select one pod";
+atlasd does not watch pods (no Endpoints without a controller-manager either), so it keeps
+every Service whose labels match the selector and that has a ``spec.selector`` (it selects
+pods at all) and at least one port, ordered by name for a stable ``alertmanager<i>``
+numbering. The port used is the one named ``http``/``web`` if present, else the first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import string
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from atlasd import labels
+from atlasd.model import (
+    OBSERVABILITY_NODE,
+    DownstreamCluster,
+    LocalAlertmanager,
+    ObjectRef,
+    Problem,
+    ServicePort,
+    Settings,
+    Upstream,
+)
+
+MAX_REPLICAS = 64
+DNS_LABEL_MAX = 63
+DNS_NAME_MAX = 253
+IDENTITY_SECRET_SUFFIX = "-atlas-identity"
+SIDECAR_INFIX = "-thanos-sidecar"
+VALUES_SECRET_SUFFIX = "-envoy-values"
+
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_REPLICAS = re.compile(r"[1-9][0-9]*")
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+_SIDECAR_NAME = re.compile(r".+-thanos-sidecar[0-9]+")
+
+
+def identity_secret_name(cluster: str) -> str:
+    """Secret holding a cluster's own server and client certificates (reloaded on restart)."""
+    return f"{cluster}{IDENTITY_SECRET_SUFFIX}"
+
+
+# --- small predicates and parsers (each raises ValueError with a user-facing message) ---
+
+
+def is_dns_label(value: str) -> bool:
+    return len(value) <= DNS_LABEL_MAX and _DNS1123_LABEL.fullmatch(value) is not None
+
+
+def check_dns_name(value: str) -> str:
+    """A host name: dot-separated labels of letters, digits and '-'; no trailing dot."""
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > DNS_NAME_MAX:
+        raise ValueError(f"must be at most {DNS_NAME_MAX} characters")
+    for part in value.split("."):
+        if len(part) > DNS_LABEL_MAX or _HOST_LABEL.fullmatch(part) is None:
+            raise ValueError(
+                f"{value!r} is not a DNS name (labels of letters, digits and '-', "
+                f"1..{DNS_LABEL_MAX} characters, separated by '.')"
+            )
+    return value
+
+
+def parse_port(value: str) -> int:
+    if _PORT.fullmatch(value) is None or not 1 <= int(value) <= 65535:
+        raise ValueError(f"{value!r} is not a port number (1..65535)")
+    return int(value)
+
+
+def parse_replicas(value: str) -> int:
+    if _REPLICAS.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a positive decimal integer")
+    n = int(value)
+    if n > MAX_REPLICAS:
+        raise ValueError(f"{n} is above the maximum of {MAX_REPLICAS}")
+    return n
+
+
+def check_label_key(key: str) -> str:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (
+        not prefix or len(prefix) > DNS_NAME_MAX or _DNS1123_SUBDOMAIN.fullmatch(prefix) is None
+    ):
+        raise ValueError(f"{key!r} has an invalid prefix (must be a DNS subdomain)")
+    if not name or len(name) > DNS_LABEL_MAX or _LABEL_NAME.fullmatch(name) is None:
+        raise ValueError(f"{key!r} is not a valid label key")
+    return key
+
+
+def check_label_value(value: str) -> str:
+    if not value or len(value) > DNS_LABEL_MAX or _LABEL_NAME.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a valid, non-empty label value")
+    return value
+
+
+def parse_selector(text: str) -> tuple[tuple[str, str], ...]:
+    """``k=v,k=v`` -> ((k, v), ...) in the given order; raises ValueError on any defect."""
+    if not text.strip():
+        raise ValueError("must not be empty (an empty selector would match every pod)")
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for raw in text.split(","):
+        entry = raw.strip(" ")
+        key, eq, value = entry.partition("=")
+        if not eq:
+            raise ValueError(f"entry {entry!r} is not of the form key=value")
+        check_label_key(key)
+        check_label_value(value)
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen.add(key)
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def check_external_ip(value: object, *, allow_loopback: bool) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    if ip.is_unspecified:
+        raise ValueError(f"{value} is the unspecified address")
+    if ip.is_loopback and not allow_loopback:
+        raise ValueError(f"{value} is a loopback address")
+    if ip.is_link_local:
+        raise ValueError(f"{value} is a link-local address")
+    if ip.is_multicast:
+        raise ValueError(f"{value} is a multicast address")
+    return str(ip)
+
+
+def check_host_template(template: str, replicas: int) -> str:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if "replica" not in fields:
+        raise ValueError("must contain {replica}")
+    if any(f != "replica" for f in fields):
+        raise ValueError("may contain no replacement field other than {replica}")
+    for _, f, spec, conv in string.Formatter().parse(template):
+        if f is not None and (spec or conv):
+            raise ValueError("{replica} takes no format spec or conversion")
+    for i in range(replicas):
+        check_dns_name(template.format(replica=i))
+    return template
+
+
+# --- one Service ---
+
+
+def _ann(name: str) -> str:
+    return f'metadata.annotations["{name}"]'
+
+
+def _lbl(name: str) -> str:
+    return f'metadata.labels["{name}"]'
+
+
+def source_ref(service: Mapping[str, Any], settings: Settings) -> ObjectRef:
+    meta = service.get("metadata") or {}
+    return ObjectRef(
+        kind="Service",
+        name=str(meta.get("name", "")),
+        namespace=str(meta.get("namespace") or settings.namespace),
+        uid=str(meta.get("uid") or ""),
+    )
+
+
+def is_cluster_service(service: Mapping[str, Any]) -> bool:
+    meta = service.get("metadata") or {}
+    lbls = meta.get("labels") or {}
+    return isinstance(lbls, Mapping) and lbls.get(labels.CLUSTER_LABEL) == "true"
+
+
+def _str_map(obj: Mapping[str, Any], key: str) -> dict[str, str]:
+    raw = obj.get(key) or {}
+    if not isinstance(raw, Mapping):
+        return {}
+    return {str(k): v for k, v in raw.items() if isinstance(v, str)}
+
+
+def _parse_ports(spec: Mapping[str, Any], add: Any) -> tuple[ServicePort, ...]:
+    raw = spec.get("ports")
+    if not isinstance(raw, list) or not raw:
+        add("spec.ports", "at least one named port is required")
+        return ()
+    ports: list[ServicePort] = []
+    names: set[str] = set()
+    for i, p in enumerate(raw):
+        where = f"spec.ports[{i}]"
+        if not isinstance(p, Mapping):
+            add(where, "must be an object")
+            continue
+        name = p.get("name")
+        number = p.get("port")
+        protocol = p.get("protocol", "TCP")
+        ok = True
+        if not isinstance(name, str) or not name:
+            add(f"{where}.name", "is required (it names the SRV record and the Envoy route)")
+            ok = False
+        elif not is_dns_label(name):
+            add(f"{where}.name", f"{name!r} is not a DNS-1123 label")
+            ok = False
+        elif name in names:
+            add(f"{where}.name", f"{name!r} is used by another port")
+            ok = False
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+            add(f"{where}.port", f"{number!r} is not a port number (1..65535)")
+            ok = False
+        if protocol != "TCP":
+            add(f"{where}.protocol", f"{protocol!r} is not supported (TCP only)")
+            ok = False
+        if ok:
+            assert isinstance(name, str) and isinstance(number, int)
+            names.add(name)
+            ports.append(ServicePort(name=name, port=number, protocol="TCP"))
+    return tuple(ports)
+
+
+def validate_cluster(
+    service: Mapping[str, Any], settings: Settings, *, allow_loopback: bool = False
+) -> DownstreamCluster | list[Problem]:
+    """Validate one cluster Service; returns the cluster or every problem found."""
+    ref = source_ref(service, settings)
+    problems: list[Problem] = []
+
+    def add(field: str, message: str) -> None:
+        problems.append(Problem(source=ref, field=field, message=message))
+
+    meta = service.get("metadata") or {}
+    spec = service.get("spec") or {}
+    if not isinstance(meta, Mapping) or not isinstance(spec, Mapping):
+        add("metadata" if not isinstance(meta, Mapping) else "spec", "must be an object")
+        return problems
+    lbls = _str_map(meta, "labels")
+    anns = _str_map(meta, "annotations")
+
+    # replicas first: the derived-name length check depends on it.
+    replicas = 1
+    if labels.REPLICAS_LABEL in lbls:
+        try:
+            replicas = parse_replicas(lbls[labels.REPLICAS_LABEL])
+        except ValueError as e:
+            add(_lbl(labels.REPLICAS_LABEL), str(e))
+
+    name = ref.name
+    if not is_dns_label(name):
+        add("metadata.name", f"{name!r} is not a DNS-1123 label")
+    elif name == OBSERVABILITY_NODE:
+        add("metadata.name", f"{name!r} is reserved for the observability Envoy")
+    elif _SIDECAR_NAME.fullmatch(name):
+        add("metadata.name", f"{name!r} collides with the name of a thanos-sidecar Service")
+    else:
+        derived = (
+            f"{name}{SIDECAR_INFIX}{max(replicas - 1, 0)}",
+            f"{name}{VALUES_SECRET_SUFFIX}",
+            identity_secret_name(name),
+        )
+        for d in derived:
+            if len(d) > DNS_LABEL_MAX:
+                add(
+                    "metadata.name",
+                    f"derived name {d!r} is {len(d)} characters, above the DNS label "
+                    f"limit of {DNS_LABEL_MAX}",
+                )
+                break
+
+    external_ip = ""
+    ips = spec.get("externalIPs")
+    if not isinstance(ips, list) or not ips:
+        add("spec.externalIPs", "at least one external IP (the downstream Envoy) is required")
+    else:
+        for i, ip in enumerate(ips):
+            try:
+                checked = check_external_ip(ip, allow_loopback=allow_loopback)
+            except ValueError as e:
+                add(f"spec.externalIPs[{i}]", str(e))
+            else:
+                if i == 0:
+                    external_ip = checked
+
+    ports = _parse_ports(spec, add)
+
+    selectors = settings.default_envoy_selectors
+    if labels.ENVOY_SELECTORS_ANNOTATION in anns:
+        try:
+            selectors = parse_selector(anns[labels.ENVOY_SELECTORS_ANNOTATION])
+        except ValueError as e:
+            add(_ann(labels.ENVOY_SELECTORS_ANNOTATION), str(e))
+
+    defaults = DownstreamCluster(name="", external_ip="", ports=())
+
+    def upstream(host_key: str, port_key: str, default: Upstream) -> Upstream:
+        host, port = default.host, default.port
+        if host_key in anns:
+            try:
+                host = check_dns_name(anns[host_key])
+            except ValueError as e:
+                add(_ann(host_key), str(e))
+        if port_key in anns:
+            try:
+                port = parse_port(anns[port_key])
+            except ValueError as e:
+                add(_ann(port_key), str(e))
+        return Upstream(host, port)
+
+    thanos = upstream(
+        labels.THANOS_SERVICE_ANNOTATION, labels.THANOS_SERVICE_PORT_ANNOTATION, defaults.thanos
+    )
+    prometheus = upstream(
+        labels.PROMETHEUS_SERVICE_ANNOTATION,
+        labels.PROMETHEUS_SERVICE_PORT_ANNOTATION,
+        defaults.prometheus,
+    )
+    alertmanager = upstream(
+        labels.ALERTMANAGER_SERVICE_ANNOTATION,
+        labels.ALERTMANAGER_SERVICE_PORT_ANNOTATION,
+        defaults.alertmanager,
+    )
+
+    dns_group: str | None = None
+    if labels.DNS_GROUP_ANNOTATION in anns:
+        group = anns[labels.DNS_GROUP_ANNOTATION]
+        if is_dns_label(group):
+            dns_group = group
+        else:
+            add(_ann(labels.DNS_GROUP_ANNOTATION), f"{group!r} is not a DNS-1123 label")
+
+    template: str | None = None
+    if labels.REPLICA_HOST_TEMPLATE_ANNOTATION in anns:
+        try:
+            template = check_host_template(anns[labels.REPLICA_HOST_TEMPLATE_ANNOTATION], replicas)
+        except ValueError as e:
+            add(_ann(labels.REPLICA_HOST_TEMPLATE_ANNOTATION), str(e))
+
+    if problems:
+        return problems
+    return DownstreamCluster(
+        name=name,
+        external_ip=external_ip,
+        ports=ports,
+        replicas=replicas,
+        envoy_selectors=selectors,
+        thanos=thanos,
+        prometheus=prometheus,
+        alertmanager=alertmanager,
+        dns_group=dns_group,
+        replica_host_template=template,
+        source=ref,
+    )
+
+
+def _age_key(service: Mapping[str, Any]) -> tuple[str, str]:
+    meta = service.get("metadata") or {}
+    # RFC 3339 UTC timestamps sort lexicographically; a missing one sorts last.
+    return (str(meta.get("creationTimestamp") or "~"), str(meta.get("name", "")))
+
+
+def validate_all(
+    services: Iterable[Mapping[str, Any]], settings: Settings, *, allow_loopback: bool = False
+) -> tuple[tuple[DownstreamCluster, ...], tuple[Problem, ...]]:
+    """Validate every cluster Service (others are ignored).
+
+    Returns the valid clusters sorted by name and the problems in input-age order.
+    """
+    clusters: list[DownstreamCluster] = []
+    problems: list[Problem] = []
+    ip_owner: dict[str, str] = {}
+    for svc in sorted((s for s in services if is_cluster_service(s)), key=_age_key):
+        result = validate_cluster(svc, settings, allow_loopback=allow_loopback)
+        if isinstance(result, list):
+            problems.extend(result)
+            continue
+        holder = ip_owner.get(result.external_ip)
+        if holder is not None:
+            problems.append(
+                Problem(
+                    source=source_ref(svc, settings),
+                    field="spec.externalIPs[0]",
+                    message=f"{result.external_ip} is already used by cluster {holder!r}",
+                )
+            )
+            continue
+        ip_owner[result.external_ip] = result.name
+        clusters.append(result)
+    clusters.sort(key=lambda c: c.name)
+    return tuple(clusters), tuple(problems)
+
+
+def selector_matches(lbls: Mapping[str, Any], selector: Iterable[tuple[str, str]]) -> bool:
+    return all(lbls.get(k) == v for k, v in selector)
+
+
+def select_alertmanagers(
+    services: Iterable[Mapping[str, Any]], selector: Iterable[tuple[str, str]]
+) -> tuple[LocalAlertmanager, ...]:
+    """The observability cluster's Alertmanager Services, by name (see module docstring)."""
+    sel = tuple(selector)
+    found: list[LocalAlertmanager] = []
+    for svc in services:
+        meta = svc.get("metadata") or {}
+        spec = svc.get("spec") or {}
+        if not isinstance(meta, Mapping) or not isinstance(spec, Mapping):
+            continue
+        if not sel or not selector_matches(meta.get("labels") or {}, sel):
+            continue
+        if not spec.get("selector"):
+            continue
+        ports = [
+            p
+            for p in spec.get("ports") or []
+            if isinstance(p, Mapping)
+            and isinstance(p.get("port"), int)
+            and not isinstance(p.get("port"), bool)
+        ]
+        if not ports:
+            continue
+        chosen = next((p for p in ports if p.get("name") in ("http", "web")), ports[0])
+        name = str(meta.get("name", ""))
+        namespace = str(meta.get("namespace", ""))
+        if not is_dns_label(name) or not is_dns_label(namespace):
+            continue
+        found.append(LocalAlertmanager(name=name, namespace=namespace, port=int(chosen["port"])))
+    found.sort(key=lambda a: (a.namespace, a.name))
+    return tuple(found)
