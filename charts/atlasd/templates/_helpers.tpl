@@ -1,0 +1,97 @@
+{{- define "atlasd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: the release name when it already contains the chart name. */}}
+{{- define "atlasd.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "atlasd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "atlasd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "atlasd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "atlasd.labels" -}}
+{{ include "atlasd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: atlasd
+helm.sh/chart: {{ include "atlasd.chart" . }}
+{{- end -}}
+
+{{- define "atlasd.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "atlasd.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ADS Service's in-cluster name: where the observability Envoy reaches atlasd. */}}
+{{- define "atlasd.adsHost" -}}
+{{- printf "%s.%s.svc.%s" (include "atlasd.fullname" .) .Release.Namespace .Values.atlas.clusterDomain -}}
+{{- end -}}
+
+{{- define "atlasd.dnsServiceName" -}}
+{{- printf "%s-dns" (include "atlasd.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "atlasd.corefileConfigMap" -}}
+{{- printf "%s-corefile" (include "atlasd.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The Corefile: `coredns.corefile` if set, else the chart's files/Corefile (owned by the
+DNS module, kept next to the zone writer's tests). The fallback below is used only
+while that file is absent; it serves the zone file with reload and nothing else.
+*/}}
+{{- define "atlasd.corefile" -}}
+{{- if .Values.coredns.corefile -}}
+{{- .Values.coredns.corefile -}}
+{{- else if .Files.Get "files/Corefile" -}}
+{{- .Files.Get "files/Corefile" -}}
+{{- else -}}
+atlas.:{$DNS_PORT} {
+    file {$ZONE_FILE} atlas. {
+        reload 5s
+    }
+    errors
+    log
+}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Role's rules: exactly what atlasd calls in its own namespace (tests compare them
+with the list the daemon declares; see docs/charts.md).
+*/}}
+{{- define "atlasd.rules" -}}
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "create", "update"]
+{{- end -}}
