@@ -543,8 +543,11 @@ def plan_pki(
     issued: list[str] = []
     bundle = ca.bundle
 
+    # A rotation re-issues every leaf, even one the new CA would verify (same key reused).
+    force = action == "rotated"
+
     def leaf(name: str, current: CertKey | None, spec: LeafSpec) -> CertKey:
-        if current is not None and leaf_is_current(
+        if not force and leaf_is_current(
             current, spec, ca=ca, now=now, renew_fraction=settings.renew_fraction
         ):
             return current

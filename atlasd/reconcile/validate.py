@@ -175,14 +175,17 @@ def check_external_ip(value: object, *, allow_loopback: bool) -> str:
 
 
 def check_host_template(template: str, replicas: int) -> str:
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"is not a template with {{replica}}: {e}") from None
+    fields = [f for _, f, _, _ in parsed if f is not None]
     if "replica" not in fields:
         raise ValueError("must contain {replica}")
     if any(f != "replica" for f in fields):
         raise ValueError("may contain no replacement field other than {replica}")
-    for _, f, spec, conv in string.Formatter().parse(template):
-        if f is not None and (spec or conv):
-            raise ValueError("{replica} takes no format spec or conversion")
+    if any(f is not None and (spec or conv) for _, f, spec, conv in parsed):
+        raise ValueError("{replica} takes no format spec or conversion")
     for i in range(replicas):
         check_dns_name(template.format(replica=i))
     return template

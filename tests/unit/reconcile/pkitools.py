@@ -1,0 +1,109 @@
+"""Deterministic key sources and a CA made the way the original made one (tests only)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import itertools
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from atlasd import labels
+from atlasd.reconcile.objects import SecretObject, secret_object
+from atlasd.reconcile.pki import PKIPlan
+
+
+@functools.cache
+def _pool(n: int) -> tuple[ec.EllipticCurvePrivateKey, ...]:
+    return tuple(ec.generate_private_key(ec.SECP256R1()) for _ in range(n))
+
+
+class CountingKeys:
+    """Keys from a fixed pool (cycled, entered at ``start`` mod the pool size) and serials
+    ``start``, ``start + 1``, ...: reproducible plans; different starts give different keys."""
+
+    def __init__(self, start: int = 1000, pool: int = 64) -> None:
+        self._keys = itertools.islice(itertools.cycle(_pool(pool)), start % pool, None)
+        self._serials = itertools.count(start)
+        self.issued = 0
+
+    def new_key(self) -> ec.EllipticCurvePrivateKey:
+        self.issued += 1
+        return next(self._keys)
+
+    def new_serial(self) -> int:
+        return next(self._serials)
+
+
+def plan_secrets(plan: PKIPlan) -> dict[str, SecretObject]:
+    """The Secrets a plan writes, by name (what the next pass observes)."""
+    out: dict[str, SecretObject] = {plan.ca_secret["metadata"]["name"]: plan.ca_secret}
+    for s in (*plan.tls_secrets, *plan.identity_secrets.values()):
+        out[s["metadata"]["name"]] = s
+    return out
+
+
+@functools.cache
+def _rsa4096() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=4096)
+
+
+def original_ca(
+    now: dt.datetime, *, days: int = 3650, namespace: str = "monitoring"
+) -> tuple[SecretObject, bytes, bytes]:
+    """``atlas-ca`` as the original wrote it: RSA 4096, PKCS#1 ``RSA PRIVATE KEY``.
+
+    Returns (Secret, cert PEM, key PEM).
+    """
+    key = _rsa4096()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atlas")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    assert key_pem.startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    secret = secret_object(
+        name=labels.CA_SECRET,
+        namespace=namespace,
+        data={"ca.pem": cert_pem, "ca-key.pem": key_pem},
+        obj_labels={labels.CA_LABEL: "true", labels.CA_SERIAL_LABEL: "1"},
+        annotations={"objectset.rio.cattle.io/id": "atlas-ca"},
+    )
+    return secret, cert_pem, key_pem
+
+
+def with_annotation(obj: SecretObject, key: str, value: str) -> dict[str, Any]:
+    out: dict[str, Any] = {**obj, "metadata": {**obj["metadata"]}}
+    out["metadata"]["annotations"] = {**obj["metadata"].get("annotations", {}), key: value}
+    return out

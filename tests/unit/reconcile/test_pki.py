@@ -1,0 +1,330 @@
+"""plan_pki: creation, steady state, renewal, SAN changes, rotation, adoption, bad CAs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from atlasd import labels
+from atlasd.model import DownstreamCluster, ServicePort, Settings
+from atlasd.reconcile.objects import secret_data, secret_object
+from atlasd.reconcile.pki import PKIError, PKIPlan, plan_pki
+from tests.unit.reconcile.pkitools import CountingKeys, original_ca, plan_secrets, with_annotation
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+S = Settings(envoy_ads_address="198.51.100.7", envoy_address="envoy.example.com")
+LIFE = S.leaf_lifetime
+
+
+def _cluster(name: str, ip: str = "203.0.113.1") -> DownstreamCluster:
+    return DownstreamCluster(name=name, external_ip=ip, ports=(ServicePort("thanos", 10901),))
+
+
+CLUSTERS = (_cluster("east"), _cluster("west", "203.0.113.2"))
+
+
+def _plan(secrets: dict[str, Any] | None = None, *, now: dt.datetime = NOW, **kw: Any) -> PKIPlan:
+    return plan_pki(
+        secrets=secrets or {},
+        clusters=kw.pop("clusters", CLUSTERS),
+        settings=kw.pop("settings", S),
+        now=now,
+        keys=kw.pop("keys", CountingKeys()),
+    )
+
+
+def _cert(pem: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem)
+
+
+def _leaf_pems(plan: PKIPlan) -> dict[str, bytes]:
+    out = {}
+    for node, ident in plan.pki.identities:
+        out[f"{node}/server"] = ident.server.cert_pem
+        out[f"{node}/client"] = ident.client.cert_pem
+    for s in plan.tls_secrets:
+        out[s["metadata"]["name"]] = secret_data(s)["tls.crt"]
+    return out
+
+
+def _sans(pem: bytes) -> tuple[set[str], set[str]]:
+    san = _cert(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(san.get_values_for_type(x509.DNSName)), {
+        str(i) for i in san.get_values_for_type(x509.IPAddress)
+    }
+
+
+def test_new_install_creates_p256_ca_and_every_leaf() -> None:
+    plan = _plan()
+    assert plan.ca_action == "created"
+    ca = _cert(plan.pki.ca.cert_pem)
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert plan.pki.ca_revision == 1 and plan.pki.ca_serial == str(ca.serial_number)
+    assert plan.pki.trust_bundle == plan.pki.ca.cert_pem
+    assert sorted(plan.issued) == sorted(
+        [
+            "atlas-server",
+            "atlas-client",
+            "atlas-tls",
+            "east/server",
+            "east/client",
+            "west/server",
+            "west/client",
+        ]
+    )
+    leaves = {k: _cert(v) for k, v in _leaf_pems(plan).items()}
+    serials = {c.serial_number for c in leaves.values()} | {ca.serial_number}
+    assert len(serials) == 8, "unique serials (atlas identity == atlas-server/client)"
+    for cert in leaves.values():
+        cert.verify_directly_issued_by(ca)
+        assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+        assert cert.not_valid_after_utc == NOW + LIFE
+    labels_ = plan.ca_secret["metadata"]["labels"]
+    assert labels_[labels.CA_REVISION_LABEL] == "1"
+    assert labels_[labels.CA_SERIAL_LABEL] == plan.pki.ca_serial
+    assert labels_[labels.CA_LABEL] == "true"
+    assert set(secret_data(plan.ca_secret)) == {"ca.pem", "ca-key.pem"}
+
+
+@pytest.mark.parametrize(
+    ("leaf", "dns", "ips"),
+    [
+        (
+            "atlas-server",
+            {"atlas", "atlas.monitoring.atlas", "envoy.example.com"},
+            {"198.51.100.7"},
+        ),
+        ("atlas-tls", {"atlas", "atlas.monitoring.atlas", "envoy.example.com"}, {"198.51.100.7"}),
+        ("atlas-client", {"atlas", "atlas.monitoring.atlas"}, set()),
+        ("east/server", {"east", "east.monitoring.atlas"}, set()),
+        ("east/client", {"east", "east.monitoring.atlas"}, set()),
+        ("west/client", {"west", "west.monitoring.atlas"}, set()),
+    ],
+)
+def test_san_scheme(leaf: str, dns: set[str], ips: set[str]) -> None:
+    assert _sans(_leaf_pems(_plan())[leaf]) == (dns, ips)
+
+
+def test_steady_state_reuses_everything_byte_for_byte() -> None:
+    first = _plan()
+    keys = CountingKeys(start=5000)
+    second = _plan(plan_secrets(first), now=NOW + dt.timedelta(days=30), keys=keys)
+    assert second.ca_action == "kept"
+    assert second.issued == () and keys.issued == 0
+    assert plan_secrets(second) == plan_secrets(first)
+    assert second.pki == first.pki
+
+
+def test_plan_is_deterministic_for_the_same_key_source() -> None:
+    assert plan_secrets(_plan()) == plan_secrets(_plan())
+
+
+@pytest.mark.parametrize(
+    ("age", "renewed"),
+    [
+        (dt.timedelta(days=1), False),
+        (LIFE * 0.66, False),
+        (LIFE * (2 / 3) + dt.timedelta(days=1), True),
+        (LIFE + dt.timedelta(days=1), True),
+    ],
+)
+def test_leaves_renew_after_two_thirds_of_their_life(age: dt.timedelta, renewed: bool) -> None:
+    first = _plan()
+    later = _plan(plan_secrets(first), now=NOW + age)
+    assert later.ca_action == "kept"
+    assert (len(later.issued) == 7) is renewed
+    assert (later.issued == ()) is not renewed
+
+
+def test_renew_fraction_is_configurable() -> None:
+    settings = Settings(renew_fraction=0.1)
+    first = _plan(settings=settings)
+    assert _plan(plan_secrets(first), settings=settings, now=NOW + LIFE * 0.05).issued == ()
+    assert len(_plan(plan_secrets(first), settings=settings, now=NOW + LIFE * 0.2).issued) == 7
+
+
+def test_san_change_reissues_only_the_affected_leaves() -> None:
+    first = _plan()
+    moved = Settings(envoy_ads_address="198.51.100.8", envoy_address="envoy.example.com")
+    second = _plan(plan_secrets(first), settings=moved)
+    assert sorted(second.issued) == ["atlas-server", "atlas-tls"]
+
+
+def test_namespace_change_reissues_every_leaf() -> None:
+    first = _plan()
+    second = _plan(plan_secrets(first), settings=Settings(namespace="obs"))
+    assert len(second.issued) == 7
+
+
+def test_new_cluster_gets_an_identity_removed_cluster_drops_out() -> None:
+    first = _plan()
+    second = _plan(plan_secrets(first), clusters=(CLUSTERS[0], _cluster("south", "203.0.113.3")))
+    assert sorted(second.issued) == ["south/client", "south/server"]
+    assert second.pki.identity("west") is None
+    assert set(second.identity_secrets) == {"east", "south"}
+    ident = second.identity_secrets["south"]
+    assert ident["metadata"]["name"] == "south-atlas-identity"
+    assert ident["metadata"]["labels"][labels.OWNER_CLUSTER_LABEL] == "south"
+    assert set(secret_data(ident)) == {
+        "ca.crt",
+        "server.crt",
+        "server.key",
+        "client.crt",
+        "client.key",
+    }
+
+
+def test_leaf_from_another_ca_or_with_a_foreign_key_is_reissued() -> None:
+    first = _plan()
+    other = _plan(keys=CountingKeys(start=9000, pool=8))
+    secrets = plan_secrets(first)
+    secrets["east-atlas-identity"] = other.identity_secrets["east"]  # signed by another CA
+    data = secret_data(secrets["west-atlas-identity"])
+    data["client.key"] = secret_data(secrets["east-atlas-identity"])["client.key"]
+    secrets["west-atlas-identity"] = secret_object(
+        name="west-atlas-identity", namespace="monitoring", data=data, obj_labels={}
+    )
+    data = secret_data(secrets["atlas-client"])
+    data["tls.crt"] = b"garbage"
+    secrets["atlas-client"] = secret_object(
+        name="atlas-client", namespace="monitoring", data=data, obj_labels={}
+    )
+    second = _plan(secrets)
+    assert sorted(second.issued) == ["atlas-client", "east/client", "east/server", "west/client"]
+
+
+def test_rotation_keeps_old_ca_in_bundle_bumps_revision_and_reissues_all() -> None:
+    first = _plan()
+    secrets = plan_secrets(first)
+    old_serial = first.pki.ca_serial
+    secrets["atlas-ca"] = with_annotation(first.ca_secret, labels.CA_ROTATE_ANNOTATION, "now")  # type: ignore[assignment]
+    rotated = _plan(secrets, keys=CountingKeys(start=7000), now=NOW + dt.timedelta(days=1))
+    assert rotated.ca_action == "rotated"
+    assert rotated.pki.ca_revision == 2
+    assert rotated.pki.ca_serial != old_serial
+    assert len(rotated.issued) == 7
+    meta = rotated.ca_secret["metadata"]
+    assert labels.CA_ROTATE_ANNOTATION not in meta.get("annotations", {})
+    assert meta["labels"][labels.CA_REVISION_LABEL] == "2"
+    assert meta["labels"][labels.CA_SERIAL_LABEL] == rotated.pki.ca_serial
+    data = secret_data(rotated.ca_secret)
+    assert set(data) == {"ca.pem", "ca-key.pem", f"ca-{old_serial}.pem"}
+    assert data[f"ca-{old_serial}.pem"] == first.pki.ca.cert_pem
+    assert rotated.pki.trust_bundle == rotated.pki.ca.cert_pem + first.pki.ca.cert_pem
+    new_ca = _cert(rotated.pki.ca.cert_pem)
+    for pem in _leaf_pems(rotated).values():
+        _cert(pem).verify_directly_issued_by(new_ca)
+    for s in rotated.tls_secrets:
+        assert s["metadata"]["labels"][labels.CA_SIGNED_LABEL] == rotated.pki.ca_serial
+        assert secret_data(s)["ca.crt"] == rotated.pki.trust_bundle
+
+    # The pass after: stable, and a second rotation keeps both earlier CAs.
+    after = _plan(plan_secrets(rotated), now=NOW + dt.timedelta(days=2))
+    assert after.issued == () and after.ca_action == "kept"
+    again = plan_secrets(rotated)
+    again["atlas-ca"] = with_annotation(rotated.ca_secret, labels.CA_ROTATE_ANNOTATION, "")  # type: ignore[assignment]
+    twice = _plan(again, keys=CountingKeys(start=8000), now=NOW + dt.timedelta(days=3))
+    assert twice.pki.ca_revision == 3
+    assert set(secret_data(twice.ca_secret)) == {
+        "ca.pem",
+        "ca-key.pem",
+        f"ca-{old_serial}.pem",
+        f"ca-{rotated.pki.ca_serial}.pem",
+    }
+
+
+def test_expired_previous_ca_leaves_the_bundle() -> None:
+    short = Settings(ca_lifetime=dt.timedelta(days=30), leaf_lifetime=dt.timedelta(days=10))
+    first = _plan(settings=short)
+    secrets = plan_secrets(first)
+    secrets["atlas-ca"] = with_annotation(first.ca_secret, labels.CA_ROTATE_ANNOTATION, "1")  # type: ignore[assignment]
+    rotated = _plan(secrets, keys=CountingKeys(start=7000), now=NOW + dt.timedelta(days=1))
+    assert rotated.pki.trust_bundle == rotated.pki.ca.cert_pem + first.pki.ca.cert_pem
+    later = _plan(plan_secrets(rotated), now=NOW + dt.timedelta(days=31))
+    assert later.ca_action == "kept" and later.issued == ()
+    assert set(secret_data(later.ca_secret)) == {"ca.pem", "ca-key.pem"}
+    assert later.pki.trust_bundle == rotated.pki.ca.cert_pem
+
+
+def test_ca_past_its_renew_fraction_rotates_itself() -> None:
+    first = _plan()
+    later = _plan(plan_secrets(first), now=NOW + S.ca_lifetime * 0.7)
+    assert later.ca_action == "rotated" and later.pki.ca_revision == 2
+    assert first.pki.ca.cert_pem in later.pki.trust_bundle
+
+
+def test_leaf_validity_is_capped_at_the_ca() -> None:
+    settings = Settings(ca_lifetime=dt.timedelta(days=100), leaf_lifetime=dt.timedelta(days=365))
+    plan = _plan(settings=settings)
+    ca = _cert(plan.pki.ca.cert_pem)
+    for pem in _leaf_pems(plan).values():
+        assert _cert(pem).not_valid_after_utc == ca.not_valid_after_utc
+
+
+def test_adopts_the_originals_rsa_ca_and_signs_with_it() -> None:
+    secret, cert_pem, key_pem = original_ca(NOW)
+    plan = _plan({"atlas-ca": secret})
+    assert plan.ca_action == "adopted"
+    assert plan.pki.ca.cert_pem == cert_pem and plan.pki.ca.key_pem == key_pem
+    assert plan.pki.ca_serial == "1" and plan.pki.ca_revision == 1
+    data = secret_data(plan.ca_secret)
+    assert data["ca.pem"] == cert_pem and data["ca-key.pem"] == key_pem
+    assert data["ca-key.pem"].startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    meta = plan.ca_secret["metadata"]
+    assert meta["annotations"] == {"objectset.rio.cattle.io/id": "atlas-ca"}
+    assert meta["labels"][labels.MANAGED_BY_LABEL] == "atlasd"
+    ca = _cert(cert_pem)
+    assert isinstance(ca.public_key(), rsa.RSAPublicKey)
+    for pem in _leaf_pems(plan).values():
+        leaf = _cert(pem)
+        leaf.verify_directly_issued_by(ca)
+        assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
+    # Next pass: the adopted CA is now ours and nothing is re-issued.
+    again = _plan(plan_secrets(plan))
+    assert again.ca_action == "kept" and again.issued == ()
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"ca.pem": b"not a cert", "ca-key.pem": b"x"}, "ca.pem is not a PEM certificate"),
+        (
+            {
+                "ca.pem": None,
+                "ca-key.pem": b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            },
+            "ca-key.pem is not",
+        ),
+        ({"ca.pem": None, "ca-key.pem": "other"}, "does not belong"),
+        ({"ca.pem": None}, "only one of"),
+    ],
+)
+def test_unusable_ca_is_an_error_not_a_replacement(data: dict[str, Any], words: str) -> None:
+    good = _plan()
+    good_data = secret_data(good.ca_secret)
+    other = secret_data(_plan(keys=CountingKeys(pool=3)).ca_secret)
+    resolved = {}
+    for k, v in data.items():
+        if v is None:
+            resolved[k] = good_data[k]
+        elif v == "other":
+            resolved[k] = other["ca-key.pem"]
+        else:
+            resolved[k] = v
+    secret = secret_object(name="atlas-ca", namespace="monitoring", data=resolved, obj_labels={})
+    with pytest.raises(PKIError) as info:
+        _plan({"atlas-ca": secret})
+    assert words in str(info.value)
+    assert "PRIVATE KEY" not in str(info.value)
+    assert info.value.__cause__ is None
+
+
+def test_keys_never_show_in_reprs() -> None:
+    plan = _plan()
+    text = repr(plan.pki)
+    assert "PRIVATE KEY" not in text and "redacted" in text
