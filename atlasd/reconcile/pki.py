@@ -547,8 +547,12 @@ def plan_pki(
     force = action == "rotated"
 
     def leaf(name: str, current: CertKey | None, spec: LeafSpec) -> CertKey:
-        if not force and leaf_is_current(
-            current, spec, ca=ca, now=now, renew_fraction=settings.renew_fraction
+        if (
+            current is not None
+            and not force
+            and leaf_is_current(
+                current, spec, ca=ca, now=now, renew_fraction=settings.renew_fraction
+            )
         ):
             return current
         issued.append(name)
