@@ -1,0 +1,121 @@
+"""Keys go only where they belong: an Envoy holding cluster A's certificate cannot get
+cluster B's configuration; a direct caller cannot claim a downstream node; TLS listeners
+refuse clients without a (suitable) certificate."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from atlasd import model
+from tests.harness.wait import wait_until_async
+from tests.unit.xds import helpers
+from tests.unit.xds.world import World, xds_world
+
+pytestmark = pytest.mark.integration
+
+
+def _denied(w: World) -> float:
+    for metric in w.registry.collect():
+        if metric.name == "atlasd_xds_denied_streams":
+            return sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    return 0.0
+
+
+def _dynamic(dump: dict[str, Any]) -> list[str]:
+    """Names of everything an Envoy received over xDS (clusters, listeners, secrets)."""
+    names: list[str] = []
+    for cfg in dump["configs"]:
+        for key in ("dynamic_active_clusters", "dynamic_warming_clusters"):
+            names += [c["cluster"]["name"] for c in cfg.get(key, [])]
+        names += [lst["name"] for lst in cfg.get("dynamic_listeners", [])]
+        for key in ("dynamic_active_secrets", "dynamic_warming_secrets"):
+            names += [s["name"] for s in cfg.get(key, [])]
+    return names
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_cert_of_a_cannot_fetch_b(envoy_factory: Any, delta: bool) -> None:
+    async with xds_world(envoy_factory, delta=delta) as w:
+        await w.start_envoy("atlas")
+        await w.wait_acked("atlas")
+        await w.wait_envoy_ready("atlas")
+        impostor = await w.start_envoy("east", as_node="west")
+        await wait_until_async(lambda: _denied(w) >= 1, timeout=20, what="the impostor refused")
+        dump = await trio.to_thread.run_sync(impostor.config_dump)
+        assert _dynamic(dump) == []
+        assert not any(s.node == "west" for s in w.cache.status())
+        # The honest east Envoy is served.
+        await w.start_envoy("east")
+        await w.wait_acked("east")
+
+
+async def test_direct_caller_cannot_claim_a_downstream_node(envoy_factory: Any) -> None:
+    async with xds_world(envoy_factory) as w:
+        boot = helpers.atlas_bootstrap(w.ads_port)
+        boot["node"] = {"id": "east", "cluster": "east"}
+        envoy = await trio.to_thread.run_sync(w.envoy_factory, boot, "direct-east")
+        await wait_until_async(lambda: _denied(w) >= 1, timeout=20, what="direct east refused")
+        dump = await trio.to_thread.run_sync(envoy.config_dump)
+        assert _dynamic(dump) == []
+
+
+def _tls_exchange(port: int, ca: bytes, tmp: Path, cert: model.CertKey | None) -> bytes:
+    """TLS to 127.0.0.1:port (optionally with a client cert), send a request, return what
+    came back; b"" or an SSL error means the server refused."""
+    ctx = ssl.create_default_context(cadata=ca.decode())
+    ctx.check_hostname = False
+    if cert is not None:
+        c, k = tmp / "c.pem", tmp / "k.pem"
+        c.write_bytes(cert.cert_pem)
+        k.write_bytes(cert.key_pem)
+        ctx.load_cert_chain(c, k)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="atlas") as s,
+        ):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            return s.recv(64)
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return b""
+
+
+async def test_tls_listeners_refuse_clients_without_certificate(
+    envoy_factory: Any, alertmanager_factory: Any, tmp_path: Path
+) -> None:
+    am = await trio.to_thread.run_sync(
+        alertmanager_factory, 'route:\n  receiver: "null"\nreceivers:\n  - name: "null"\n'
+    )
+    local = [model.LocalAlertmanager("am0", "monitoring", am.port)]
+    async with xds_world(envoy_factory, alertmanagers=local, clusters=("east",)) as w:
+        for n in ("atlas", "east"):
+            await w.start_envoy(n)
+        for n in ("atlas", "east"):
+            await w.wait_acked(n)
+            await w.wait_envoy_ready(n)
+        obs = w.plan.observability
+        east = w.plan.ports_for("east")
+        ca = w.pki.trust_bundle
+        atlas_id = w.pki.identity("atlas")
+        east_id = w.pki.identity("east")
+        assert atlas_id is not None and east_id is not None
+
+        async def exchange(port: int, cert: model.CertKey | None) -> bytes:
+            return await trio.to_thread.run_sync(_tls_exchange, port, ca, tmp_path, cert)
+
+        for port in (obs.xds, obs.alertmanager, east.thanos, east.prometheus):
+            assert await exchange(port, None) == b"", (
+                f"port {port} accepted a client without a cert"
+            )
+        # Positive controls: the right certificate gets an HTTP answer.
+        assert (await exchange(obs.alertmanager, east_id.client)).startswith(b"HTTP/")
+        assert (await exchange(east.prometheus, atlas_id.client)).startswith(b"HTTP/")
+        # A CA-signed certificate of the wrong node is refused by the SAN check.
+        assert await exchange(east.prometheus, east_id.client) == b""
+        assert await exchange(obs.alertmanager, atlas_id.client) == b""

@@ -1,0 +1,81 @@
+"""Clusters come and go live: a new cluster reaches the observability Envoy without a
+restart; a removed one loses its routes and clusters there, and its node gets nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from tests.harness.wait import wait_until_async
+from tests.unit.xds import helpers
+from tests.unit.xds.world import World, xds_world
+
+pytestmark = pytest.mark.integration
+
+
+async def _dump(w: World, name: str) -> str:
+    envoy = w.envoys[name]
+    return str(await trio.to_thread.run_sync(envoy.config_dump))
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_add_then_remove_cluster(envoy_factory: Any, delta: bool) -> None:
+    async with xds_world(envoy_factory, delta=delta, clusters=("east",)) as w:
+        await w.start_envoy("atlas")
+        await w.start_envoy("east")
+        for n in ("atlas", "east"):
+            await w.wait_acked(n)
+
+        # Add west: the running observability Envoy gets its routes and clusters.
+        w.add_cluster(helpers.cluster("west"))
+        assert w.publish() == {"atlas", "west"}  # east's snapshot is unchanged
+        await wait_until_async(
+            lambda: _contains(w, "atlas", ("/prom/west/", "west-thanos", "west-prom")),
+            timeout=20,
+            what="west in the observability Envoy",
+        )
+        await w.start_envoy("west")
+        await w.wait_acked("west")
+        await w.wait_acked("atlas")
+
+        # Remove east: routes and clusters go; east's stream is closed and gets nothing.
+        pushes_before = _pushes(w)
+        w.remove_cluster("east")
+        assert w.publish() == {"atlas", "east"}
+        assert w.cache.get("east") is None
+        await wait_until_async(
+            lambda: _lacks(w, "atlas", ("/prom/east/", "east-thanos", "east-prom")),
+            timeout=20,
+            what="east gone from the observability Envoy",
+        )
+        await w.wait_acked("atlas")
+        await wait_until_async(
+            lambda: all(not s.acked for s in w.cache.status() if s.node == "east"),
+            timeout=20,
+            what="east's old stream closed",
+        )
+        # The reconnected east Envoy (if any) holds a stream that is sent nothing.
+        east_streams = [s for s in w.cache.status() if s.node == "east"]
+        assert all(not s.acked for s in east_streams)
+        # Only atlas pushes happened since (east got none, west unchanged).
+        assert _pushes(w) > pushes_before
+
+
+async def _contains(w: World, name: str, needles: tuple[str, ...]) -> bool:
+    text = await _dump(w, name)
+    return all(n in text for n in needles)
+
+
+async def _lacks(w: World, name: str, needles: tuple[str, ...]) -> bool:
+    text = await _dump(w, name)
+    return not any(n in text for n in needles)
+
+
+def _pushes(w: World) -> float:
+    total = 0.0
+    for metric in w.registry.collect():
+        if metric.name == "atlasd_xds_pushes":
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    return total
