@@ -196,6 +196,8 @@ class WritePlan:
     ca_replace: Mapping[str, Any] | None
     apply: tuple[Mapping[str, Any], ...]
     delete: tuple[tuple[Resource, str], ...]
+    # Desired Services not written because a cluster Service already has the name.
+    clashes: tuple[Mapping[str, Any], ...] = ()
 
 
 def _owner(obj: Mapping[str, Any]) -> str | None:
@@ -245,8 +247,15 @@ def plan_writes(
         want = _with_observed_type(secret, obs)
         if differs(want, obs):
             apply.append(want)
-    for _name, svc in sorted(desired.services.items()):
-        if differs(svc, observed.owned_services.get(_name)):
+    # Never overwrite an operator's cluster Service (e.g. one named like another
+    # cluster's sidecar Service). Other same-named objects atlasd does not own yet are
+    # taken over: that is how an installation of the original is adopted.
+    cluster_names = {str(s["metadata"]["name"]) for s in observed.cluster_services}
+    clashes: list[Mapping[str, Any]] = []
+    for name, svc in sorted(desired.services.items()):
+        if name in cluster_names:
+            clashes.append(svc)
+        elif differs(svc, observed.owned_services.get(name)):
             apply.append(svc)
 
     delete: list[tuple[Resource, str]] = []
@@ -259,7 +268,7 @@ def plan_writes(
             if owner is None or owner in protected or name in wanted:
                 continue
             delete.append((res, name))
-    return WritePlan(ca_create, ca_replace, tuple(apply), tuple(delete))
+    return WritePlan(ca_create, ca_replace, tuple(apply), tuple(delete), tuple(clashes))
 
 
 def _ca_differs(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> bool:
@@ -386,6 +395,18 @@ class Reconciler:
                         log.error("apply of %s %s rejected: %s", obj.get("kind"), name, e.reason)
                     return
                 applied += 1
+
+        for obj in writes.clashes:
+            cluster = by_cluster.get(_owner(obj) or "")
+            if cluster is not None and cluster.source is not None:
+                problems.append(
+                    Problem(
+                        source=cluster.source,
+                        field=f"Service {obj['metadata']['name']}",
+                        message="a cluster Service already has this name; not overwritten",
+                        reason="NameClash",
+                    )
+                )
 
         async with trio.open_nursery() as nursery:
             for obj in writes.apply:

@@ -177,3 +177,14 @@ def test_existing_secret_type_is_kept() -> None:
     observed.secrets["atlas-server"]["type"] = "Opaque"  # type: ignore[index]
     writes = plan_writes(state, observed, protected=frozenset())
     assert writes.apply == ()
+
+
+def test_a_cluster_service_is_never_overwritten_by_a_sidecar_service() -> None:
+    plan, state = _desired()
+    observed = _observed_from(state, plan)
+    clash = {"metadata": {"name": "east-thanos-sidecar1", "labels": {labels.CLUSTER_LABEL: "true"}}}
+    observed = Observed([clash], [], {}, observed.secrets)
+    writes = plan_writes(state, observed, protected=frozenset())
+    assert [s["metadata"]["name"] for s in writes.clashes] == ["east-thanos-sidecar1"]
+    applied = {s["metadata"]["name"] for s in writes.apply}
+    assert applied == {"east-thanos-sidecar0", "west-thanos-sidecar0"}
