@@ -13,6 +13,7 @@ bootstrap the real Envoy binary accepts.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,6 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
+from atlasd import labels
+from atlasd.cli import cli, run
+from atlasd.model import DownstreamCluster, LocalAlertmanager, ServicePort, Settings
+from atlasd.reconcile import values_formats
+from atlasd.reconcile.desired import VALUES_KEY, desired_state
+from atlasd.reconcile.objects import secret_data
+from atlasd.reconcile.pki import RandomKeys, plan_pki
 from tests.harness import certs
 from tests.harness.kube import ApiServer
 
@@ -263,7 +271,7 @@ def test_atlasd_default_render(helm: Helm) -> None:
         for p in svc["spec"]["ports"]:
             assert pod_ports[p["targetPort"]]["protocol"] == p["protocol"]
     # The observability Envoy's xDS upstream is the ADS Service's DNS name.
-    assert env["ATLAS_ADS_HOST"] == "atlas-atlasd.monitoring.svc.cluster.local"
+    assert env["ATLAS_ADS_SERVICE"] == "atlas-atlasd.monitoring.svc.cluster.local"
 
 
 def _assert_hardened(pod: Doc) -> None:
@@ -306,7 +314,7 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     assert env["ATLAS_DNS_CM_NAME"] == "my-zone"
     assert env["ATLAS_ALERTMANAGER_SELECTOR"] == "app.kubernetes.io/name=alertmanager"
     assert env["ATLAS_ZONE_FILE"] == "/var/run/zone/atlas.db"
-    assert env["ATLAS_ADS_HOST"] == "obs-atlasd.observability.svc.corp.local"
+    assert env["ATLAS_ADS_SERVICE"] == "obs-atlasd.observability.svc.corp.local"
     assert env["ATLAS_LEASE_NAME"] == "obs-leader"
     assert env["ATLAS_EXTRA"] == "1"
     assert {p["name"]: p["containerPort"] for p in atlasd["ports"]} == {
@@ -397,133 +405,48 @@ def _envoy_custom_values() -> Doc:
     }
 
 
-def _bootstrap(node: str, pki: dict[str, bytes]) -> Doc:
-    """A bootstrap shaped like atlasd's envoy_bootstrap: node id, ADS over mTLS to one
-    static xDS cluster, certificates inline."""
-    return {
-        "node": {"id": node, "cluster": node},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9000}}},
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}],
-            },
-            "cds_config": {"resource_api_version": "V3", "ads": {}},
-            "lds_config": {"resource_api_version": "V3", "ads": {}},
-        },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "xds_cluster",
-                    "type": "STATIC",
-                    "connect_timeout": "5s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "xds_cluster",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "192.0.2.1",
-                                                    "port_value": 10900,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                    "transport_socket": {
-                        "name": "envoy.transport_sockets.tls",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                            "sni": "atlas",
-                            "common_tls_context": {
-                                "tls_certificates": [
-                                    {
-                                        "certificate_chain": {
-                                            "inline_string": pki["client.pem"].decode()
-                                        },
-                                        "private_key": {
-                                            "inline_string": pki["client-key.pem"].decode()
-                                        },
-                                    }
-                                ],
-                                "validation_context": {
-                                    "trusted_ca": {"inline_string": pki["ca.pem"].decode()}
-                                },
-                            },
-                        },
-                    },
-                }
-            ]
-        },
-    }
+SETTINGS = Settings(
+    namespace="monitoring",
+    envoy_ads_address="198.51.100.7",
+    envoy_ads_port=10900,
+    atlasd_ads_host="atlasd.monitoring.svc.cluster.local",
+)
+EAST = DownstreamCluster(
+    name="east",
+    external_ip="203.0.113.1",
+    ports=(ServicePort("thanos", 10901), ServicePort("prometheus", 9090)),
+)
+AMS = (
+    LocalAlertmanager("am-0", "monitoring", 9093),
+    LocalAlertmanager("am-1", "monitoring", 9093),
+)
 
 
-def _cluster_values(cluster: str, *, alertmanagers: int) -> tuple[Doc, str]:
-    """Values shaped like atlasd's `<cluster>-envoy-values` values.yaml (and the
-    bootstrap text in it)."""
-    ca = certs.CA("atlas-test-ca")
-    server = ca.issue(cluster, dns=(cluster,), server=True)
-    client = ca.issue(cluster, dns=(cluster,), client=True)
-    pki = {
-        "ca.pem": ca.cert_pem,
-        "server.pem": server.cert_pem,
-        "server-key.pem": server.key_pem,
-        "client.pem": client.cert_pem,
-        "client-key.pem": client.key_pem,
-    }
-    bootstrap = yaml.safe_dump(_bootstrap(cluster, pki), sort_keys=False)
-    values: Doc = {
-        "atlas": {"alertmanagerCount": alertmanagers},
-        "replicaCount": 1,
-        "args": ["-l", "info", "-c", "/config/envoy.yaml"],
-        "service": {
-            "enabled": True,
-            "ports": {
-                name: {"port": port, "targetPort": name, "protocol": "TCP"}
-                for name, port in (
-                    ("thanos", 11901),
-                    ("alertmanager", 11903),
-                    ("prometheus", 11904),
-                )
-            },
-        },
-        "ports": {
-            "admin": {"containerPort": 9000, "protocol": "TCP"},
-            "thanos": {"containerPort": 11901, "protocol": "TCP", "hostPort": 11901},
-            "alertmanager": {"containerPort": 11903, "protocol": "TCP"},
-            "prometheus": {"containerPort": 11904, "protocol": "TCP", "hostPort": 11904},
-        },
-        "files": {"envoy.yaml": bootstrap, **{k: v.decode() for k, v in pki.items()}},
-    }
-    return values, bootstrap
+def _atlasd_values_secrets(*, alertmanagers: int = 2) -> dict[str, str]:
+    """values.yaml of every values Secret atlasd's own pure functions (PKI plan +
+    desired state) produce for one cluster "east": Secret name -> values text."""
+    plan = plan_pki(
+        secrets={},
+        clusters=(EAST,),
+        settings=SETTINGS,
+        now=dt.datetime.now(dt.UTC),
+        keys=RandomKeys(),
+    )
+    desired = desired_state(
+        clusters=(EAST,), alertmanagers=AMS[:alertmanagers], plan=plan, settings=SETTINGS
+    )
+    out: dict[str, str] = {}
+    for name in (labels.values_secret_name("east"), labels.OBS_VALUES_SECRET):
+        out[name] = secret_data(desired.secrets[name])[VALUES_KEY].decode()
+    return out
 
 
-def _values_secret_yaml(values: Doc) -> str:
-    """values.yaml exactly as atlasd stores it: PEMs and the bootstrap as literal blocks."""
-
-    class _Dumper(yaml.SafeDumper):
-        pass
-
-    def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-        style = "|" if "\n" in data else None
-        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
-
-    _Dumper.add_representer(str, _str)
-    return yaml.dump(values, Dumper=_Dumper, sort_keys=False)
+def _cluster_values_file(tmp_path: Path, *, alertmanagers: int = 2) -> tuple[Path, Doc]:
+    """The values file a user gets from `atlasd cluster values east --format raw`."""
+    text = _atlasd_values_secrets(alertmanagers=alertmanagers)[labels.values_secret_name("east")]
+    path = tmp_path / "east-values.yaml"
+    path.write_text(values_formats.raw(text))
+    return path, yaml.safe_load(text)
 
 
 def test_envoy_default_render(helm: Helm) -> None:
@@ -557,9 +480,7 @@ def _assert_envoy_pod_mounts(deploy: Doc, secret: Doc) -> None:
 
 
 def test_envoy_renders_exactly_the_bootstrap_atlasd_wrote(helm: Helm, tmp_path: Path) -> None:
-    values, bootstrap = _cluster_values("east", alertmanagers=2)
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(_values_secret_yaml(values))
+    values_file, values = _cluster_values_file(tmp_path, alertmanagers=2)
     docs = render(
         helm, ENVOY_CHART, release="atlas-envoy", namespace="monitoring", values=[values_file]
     )
@@ -567,11 +488,23 @@ def test_envoy_renders_exactly_the_bootstrap_atlasd_wrote(helm: Helm, tmp_path: 
     secret = only(docs, "Secret", "atlas-envoy")
     files = secret_files(secret)
     assert files == values["files"], "the mounted files are byte-for-byte the values' files"
-    assert files["envoy.yaml"] == bootstrap
-    assert yaml.safe_load(files["envoy.yaml"])["node"]["id"] == "east"
+    assert set(files) == {
+        "envoy.yaml",
+        "ca.pem",
+        "server.pem",
+        "server-key.pem",
+        "client.pem",
+        "client-key.pem",
+    }
+    bootstrap = yaml.safe_load(files["envoy.yaml"])
+    assert bootstrap["node"]["id"] == "east"
+    [xds] = bootstrap["static_resources"]["clusters"]
+    endpoint = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "198.51.100.7", "port_value": 10900}
     deploy = only(docs, "Deployment")
     _assert_envoy_pod_mounts(deploy, secret)
     envoy = container(deploy, "envoy")
+    assert envoy["args"] == values["args"]
     host_ports = {p["name"]: p.get("hostPort") for p in envoy["ports"]}
     assert host_ports == {"admin": None, "thanos": 11901, "alertmanager": None, "prometheus": 11904}
     svc = only(docs, "Service", "atlas-envoy")
@@ -583,7 +516,7 @@ def test_envoy_renders_exactly_the_bootstrap_atlasd_wrote(helm: Helm, tmp_path: 
     # A changed certificate or bootstrap rolls the pods.
     checksum = deploy["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     values["files"]["ca.pem"] = certs.CA("other").cert_pem.decode()
-    values_file.write_text(_values_secret_yaml(values))
+    values_file.write_text(yaml.safe_dump(values))
     again = only(
         render(helm, ENVOY_CHART, release="atlas-envoy", values=[values_file]), "Deployment"
     )
@@ -618,12 +551,37 @@ def test_envoy_renders_exactly_the_bootstrap_atlasd_wrote(helm: Helm, tmp_path: 
     ]
 
 
+def test_envoy_observability_values_render(helm: Helm, tmp_path: Path) -> None:
+    """atlas-envoy-values installed as release "atlas": node "atlas", plaintext xDS to
+    atlasd's ADS Service, pods matching atlasd's default envoy selector."""
+    text = _atlasd_values_secrets()[labels.OBS_VALUES_SECRET]
+    path = tmp_path / "atlas-values.yaml"
+    path.write_text(text)
+    docs = render(helm, ENVOY_CHART, release="atlas", namespace="monitoring", values=[path])
+    files = secret_files(only(docs, "Secret", "atlas-envoy"))
+    assert files == yaml.safe_load(text)["files"]
+    bootstrap = yaml.safe_load(files["envoy.yaml"])
+    assert bootstrap["node"]["id"] == "atlas"
+    [xds] = bootstrap["static_resources"]["clusters"]
+    assert "transport_socket" not in xds
+    endpoint = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {
+        "address": "atlasd.monitoring.svc.cluster.local",
+        "port_value": 6305,
+    }
+    pod_labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert dict(SETTINGS.default_envoy_selectors).items() <= pod_labels.items()
+    svc = only(docs, "Service", "atlas-envoy")
+    assert sorted(p["port"] for p in svc["spec"]["ports"]) == [10900, 10901, 10903, 10904]
+    assert not [s for s in of_kind(docs, "Service") if s["metadata"]["name"].startswith("alertm")]
+
+
 @pytest.mark.skipif(not ENVOY_BINARY.exists(), reason="no envoy binary in the venv")
 def test_envoy_binary_accepts_the_rendered_bootstrap(helm: Helm, tmp_path: Path) -> None:
-    values, _ = _cluster_values("east", alertmanagers=0)
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(_values_secret_yaml(values))
-    for extra in ([], [values_file]):
+    values_file, _ = _cluster_values_file(tmp_path, alertmanagers=0)
+    obs = tmp_path / "atlas-values.yaml"
+    obs.write_text(_atlasd_values_secrets()[labels.OBS_VALUES_SECRET])
+    for extra in ([], [values_file], [obs]):
         docs = render(helm, ENVOY_CHART, values=extra)
         config = tmp_path / "envoy.yaml"
         config.write_text(secret_files(only(docs, "Secret"))["envoy.yaml"])
@@ -674,10 +632,68 @@ def test_envoy_manifests_pass_server_side_dry_run(
     if which == "custom":
         values = [write_values(tmp_path, "custom.yaml", _envoy_custom_values())]
     elif which == "cluster-values":
-        cluster_values, _ = _cluster_values("east", alertmanagers=2)
-        path = tmp_path / "values.yaml"
-        path.write_text(_values_secret_yaml(cluster_values))
-        values = [path]
+        values = [_cluster_values_file(tmp_path, alertmanagers=2)[0]]
     docs = render(helm, ENVOY_CHART, namespace=namespace, values=values)
     out = server_dry_run(apiserver, namespace, docs)
     assert out.count("serverside-applied (server dry run)") == len(docs), out
+
+
+# ---------------------------------------------------------------- chart <-> `atlasd run`
+
+
+def _cli_envvars() -> set[str]:
+    names: set[str] = set()
+    for ctx_cmd in (cli, run):
+        for param in ctx_cmd.params:
+            env = getattr(param, "envvar", None)
+            if isinstance(env, str):
+                names.add(env)
+            elif env:
+                names.update(env)
+    return names
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["default", "custom"])
+def test_every_env_var_the_chart_sets_is_read_by_atlasd_run(
+    helm: Helm, custom: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = [write_values(tmp_path, "custom.yaml", ATLASD_CUSTOM)] if custom else []
+    docs = render(helm, ATLASD_CHART, release="obs", namespace="observability", values=values)
+    deploy = only(docs, "Deployment")
+    atlasd = container(deploy, "atlasd")
+    known = _cli_envvars()
+    fieldrefs = {"metadata.namespace": "observability", "metadata.name": "obs-atlasd-0"}
+    for e in atlasd["env"]:
+        if e["name"] == "ATLAS_EXTRA":  # the user's own extraEnv
+            continue
+        assert e["name"] in known, f"{e['name']} is set by the chart but atlasd run ignores it"
+        value = e["value"] if "value" in e else fieldrefs[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        monkeypatch.setenv(e["name"], value)
+    # click parses (and validates) the environment exactly as in the pod.
+    ctx = run.make_context("run", list(atlasd["args"][1:]))
+    p = ctx.params
+    assert p["namespace"] == "observability"
+    assert p["identity"] == "obs-atlasd-0"
+    ports = {x["name"]: x["containerPort"] for x in atlasd["ports"]}
+    assert p["ads_listen"] == ("0.0.0.0", ports["ads"])
+    assert p["http_listen"] == ("0.0.0.0", ports["metrics"])
+    ads = only(docs, "Service", deploy["metadata"]["name"])
+    assert p["atlasd_ads_host"] == (
+        f"{ads['metadata']['name']}.observability.svc.{'corp.local' if custom else 'cluster.local'}"
+    )
+    assert p["atlasd_ads_port"] == ads["spec"]["ports"][0]["port"]
+    zone_mount = {m["name"]: m["mountPath"] for m in atlasd["volumeMounts"]}["zone"]
+    assert p["zone_file"].parent == Path(zone_mount)
+    coredns = container(deploy, "coredns")
+    assert str(p["zone_file"]) == env_of(coredns)["ZONE_FILE"]
+    assert p["leader_election"] is True
+    if custom:
+        assert p["envoy_ads_address"] == "xds.obs.example"
+        assert p["envoy_ads_port"] == 443
+        assert p["envoy_address"] == "envoy.obs.example"
+        assert p["dns_configmap"] == "my-zone"
+        assert p["alertmanager_selector"] == (("app.kubernetes.io/name", "alertmanager"),)
+        assert p["lease_name"] == "obs-leader"
+    else:
+        assert p["alertmanager_selector"] == (("app", "kube-prometheus-stack-alertmanager"),)
+        assert p["dns_configmap"] == "atlas-coredns"
