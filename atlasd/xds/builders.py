@@ -244,6 +244,7 @@ def _cluster(
     port: int,
     http2: bool,
     tls_san: str | None = None,
+    max_connection_seconds: int | None = None,
 ) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
     """An upstream cluster with its endpoint inline (no EDS); mTLS when ``tls_san`` is set."""
     c = cluster_pb2.Cluster(
@@ -275,6 +276,11 @@ def _cluster(
                 http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
             )
         )
+        if max_connection_seconds is not None:
+            # Bounds how long a connection authenticated by a rotated-out certificate lives.
+            opts.common_http_protocol_options.max_connection_duration.CopyFrom(
+                duration_pb2.Duration(seconds=max_connection_seconds)
+            )
         c.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].CopyFrom(_any(opts))
     refs: frozenset[tuple[str, str]] = frozenset()
     if tls_san is not None:
@@ -362,10 +368,17 @@ class SnapshotBuilder:
     """
 
     def __init__(
-        self, plan: ListenPlan | None = None, *, forwarder_token: str | None = None
+        self,
+        plan: ListenPlan | None = None,
+        *,
+        forwarder_token: str | None = None,
+        upstream_connection_seconds: int = 600,
     ) -> None:
+        """``upstream_connection_seconds``: mTLS upstream connections are recycled after
+        this long, so certificates rotated out stop being used within that bound."""
         self.plan = plan or ListenPlan()
         self._token = forwarder_token
+        self._conn_seconds = upstream_connection_seconds
         self._memo: dict[tuple[str, str, str], tuple[Hashable, _Piece]] = {}
         self._resources: dict[tuple[str, str, str], tuple[Hashable, Resource]] = {}
         self._snapshots: dict[str, tuple[tuple[tuple[str, str, str], ...], Snapshot]] = {}
@@ -499,7 +512,12 @@ class SnapshotBuilder:
                     cname: str = cname, c: model.DownstreamCluster = c, port: int = port
                 ) -> _Piece:
                     cl, refs = _cluster(
-                        name=cname, host=c.external_ip, port=port, http2=True, tls_san=c.name
+                        name=cname,
+                        host=c.external_ip,
+                        port=port,
+                        http2=True,
+                        tls_san=c.name,
+                        max_connection_seconds=self._conn_seconds,
                     )
                     return _Piece(_ser(cl), refs)
 
@@ -758,6 +776,7 @@ class SnapshotBuilder:
                     port=s.envoy_alertmanager_port,
                     http2=True,
                     tls_san=model.OBSERVABILITY_NODE,
+                    max_connection_seconds=self._conn_seconds,
                 )
                 return _Piece(_ser(cl), refs)
 

@@ -113,13 +113,9 @@ class World:
 
 
 def _current(st: Any, snap: Any) -> bool:
-    """Every non-empty type's ACKed version matches the snapshot (wildcard types) or exists."""
-    from atlasd.xds.snapshot import CLUSTER, LISTENER
-
-    for t in (CLUSTER, LISTENER):
-        if snap.of_type(t) and st.acked_version(t) != snap.version(t):
-            return False
-    return True
+    """Every non-empty type's ACKed version is the snapshot's (an Envoy subscribes to all
+    of a node's routes and secrets, so the SotW named-subscription version equals it)."""
+    return all(st.acked_version(t) == snap.version(t) for t, rs in snap.resources.items() if rs)
 
 
 @asynccontextmanager
@@ -131,6 +127,7 @@ async def xds_world(
     alertmanagers: list[model.LocalAlertmanager] | None = None,
     cluster_factory: Callable[[str], model.DownstreamCluster] = helpers.cluster,
     authorizer: Authorizer | None = None,
+    upstream_connection_seconds: int = 600,
 ) -> AsyncIterator[World]:
     ca, pki = helpers.make_pki([model.OBSERVABILITY_NODE])
     obs = ObservabilityPorts(
@@ -166,7 +163,7 @@ async def xds_world(
             pki=pki,
             settings=settings,
             plan=plan,
-            builder=SnapshotBuilder(plan),
+            builder=SnapshotBuilder(plan, upstream_connection_seconds=upstream_connection_seconds),
             cache=cache,
             registry=registry,
             ads_port=ads_port,
