@@ -1,0 +1,78 @@
+"""Starting ``atlasd run`` as a real process for integration tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.harness.net import free_port
+from tests.harness.procs import Proc
+from tests.harness.wait import wait_until
+
+ATLASD = [sys.executable, "-m", "atlasd"]
+
+
+class Atlasd:
+    """One ``atlasd run`` process with its own ports, zone file and log."""
+
+    def __init__(self, workdir: Path, *args: str, ads_port: int | None = None) -> None:
+        self.workdir = workdir
+        self.http_port = free_port()
+        self.ads_port = ads_port or free_port()
+        self.zone_file = workdir / "atlas.zone"
+        self.args = [
+            *ATLASD,
+            "run",
+            f"--zone-file={self.zone_file}",
+            f"--ads-listen=127.0.0.1:{self.ads_port}",
+            f"--http-listen=127.0.0.1:{self.http_port}",
+            "--atlasd-ads-host=127.0.0.1",
+            f"--atlasd-ads-port={self.ads_port}",
+            *args,
+        ]
+        self.proc = Proc(f"atlasd-{self.http_port}", self.args, log_dir=workdir)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, *, timeout: float = 60) -> Atlasd:
+        self.proc.start()
+        self.wait_ready(timeout=timeout)
+        return self
+
+    def wait_ready(self, *, timeout: float = 60) -> None:
+        def ready() -> bool:
+            self.proc.check_running()
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+
+        wait_until(ready, timeout=timeout, what="atlasd /readyz")
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = httpx.get(f"{self.url}/status", timeout=5).json()
+        return doc
+
+    def log_text(self) -> str:
+        return self.proc.log_text()
+
+
+def cli(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``atlasd`` CLI; returns the completed process (stdout/stderr as text)."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        [*ATLASD, *args], capture_output=True, text=True, timeout=120, env=full_env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"atlasd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
