@@ -1,0 +1,201 @@
+"""The ADS state machines, driven by hand-made requests (no network)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+from google.rpc import status_pb2
+
+from atlasd.xds.protocol import DeltaStream, SotwStream
+from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SECRET, Resource, Snapshot
+
+NODE = base_pb2.Node(id="n")
+
+
+def snap(clusters: dict[str, str], route_to: str = "c1", secret_body: str = "s") -> Snapshot:
+    rs = [Resource.of(CLUSTER, n, f"{n}:{b}".encode()) for n, b in clusters.items()]
+    rs.append(Resource.of(LISTENER, "l", b"l", {(ROUTE, "r"), (SECRET, "server")}))
+    rs.append(Resource.of(ROUTE, "r", f"r->{route_to}".encode(), {(CLUSTER, route_to)}))
+    rs.append(Resource.of(SECRET, "server", secret_body.encode()))
+    return Snapshot.create("n", rs)
+
+
+def req(
+    t: str, names: list[str] | None = None, nonce: str = "", version: str = "", error: str = ""
+) -> Any:
+    r = DiscoveryRequest(
+        type_url=t, resource_names=names or [], response_nonce=nonce, version_info=version
+    )
+    if error:
+        r.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return r
+
+
+def names_of(resp: Any) -> list[str]:
+    return sorted(a.value.decode().split(":")[0] for a in resp.resources)
+
+
+S1 = snap({"c1": "a", "c2": "a"})
+
+
+def test_sotw_wildcard_ack_and_no_resend() -> None:
+    m = SotwStream("n")
+    step = m.on_request(req(CLUSTER), S1, 0)
+    [resp] = step.responses
+    assert resp.version_info == S1.version(CLUSTER) and len(resp.resources) == 2
+    # ACK: nothing new to send.
+    step = m.on_request(req(CLUSTER, nonce=resp.nonce, version=resp.version_info), S1, 0)
+    assert step.responses == [] and [a.version for a in step.acks] == [S1.version(CLUSTER)]
+    # An equal snapshot sends nothing.
+    assert m.on_snapshot(snap({"c1": "a", "c2": "a"}), 0).responses == []
+
+
+def test_sotw_stale_nonce_is_ignored() -> None:
+    m = SotwStream("n")
+    first = m.on_request(req(CLUSTER), S1, 0).responses[0]
+    second = m.on_snapshot(snap({"c1": "b", "c2": "a"}), 0).responses[0]
+    step = m.on_request(req(CLUSTER, nonce=first.nonce, version=first.version_info), S1, 0)
+    assert step.responses == [] and step.acks == []
+    step = m.on_request(req(CLUSTER, nonce=second.nonce, version=second.version_info), S1, 0)
+    assert [a.version for a in step.acks] == [second.version_info]
+
+
+def test_sotw_nack_is_parked_not_resent() -> None:
+    m = SotwStream("n")
+    good = m.on_request(req(CLUSTER), S1, 0).responses[0]
+    m.on_request(req(CLUSTER, nonce=good.nonce, version=good.version_info), S1, 0)
+    bad_snap = snap({"c1": "bad", "c2": "a"})
+    bad = m.on_snapshot(bad_snap, 0).responses[0]
+    step = m.on_request(
+        req(CLUSTER, nonce=bad.nonce, version=good.version_info, error="no"), bad_snap, 0
+    )
+    assert step.responses == []  # not re-sent in reply to the NACK
+    assert [(n.version, n.message) for n in step.nacks] == [(bad.version_info, "no")]
+    assert m.on_snapshot(bad_snap, 0).responses == []  # nor on a re-publish of the same
+    fixed = m.on_snapshot(snap({"c1": "fixed", "c2": "a"}), 0).responses
+    assert len(fixed) == 1  # the next change goes out
+
+
+def test_sotw_named_subscription_waits_for_missing_names() -> None:
+    m = SotwStream("n")
+    assert (
+        m.on_request(req(ROUTE, ["r", "later"]), S1, 0)
+        .responses[0]
+        .resources[0]
+        .value.startswith(b"r->")
+    )
+    m2 = SotwStream("n")
+    assert m2.on_request(req(SECRET, ["missing"]), S1, 0).responses == []
+    with_missing = Snapshot.create(
+        "n",
+        [
+            *[r for rs in S1.resources.values() for r in rs.values()],
+            Resource.of(SECRET, "missing", b"x"),
+            Resource.of(LISTENER, "l2", b"l2", {(SECRET, "missing"), (ROUTE, "r")}),
+        ],
+    )
+    [resp] = m2.on_snapshot(with_missing, 0).responses
+    assert [a.value for a in resp.resources] == [b"x"]
+
+
+def test_sotw_wildcard_ends_once_names_given() -> None:
+    m = SotwStream("n")
+    first = m.on_request(req(CLUSTER), S1, 0).responses[0]
+    assert m.on_request(req(CLUSTER, ["c2"], nonce="x"), S1, 0).responses == []  # stale: ignored
+    [resp] = m.on_request(req(CLUSTER, ["c2"], nonce=first.nonce), S1, 0).responses
+    assert names_of(resp) == ["c2"]
+    # Back to empty names after naming something is "nothing", not wildcard.
+    [empty] = m.on_request(req(CLUSTER, [], nonce=resp.nonce), S1, 0).responses
+    assert names_of(empty) == []
+
+
+def test_sotw_make_before_break_order() -> None:
+    m = SotwStream("n")
+    for t, names in ((CLUSTER, []), (LISTENER, []), (ROUTE, ["r"]), (SECRET, ["server"])):
+        r = m.on_request(req(t, names), S1, 0).responses[0]
+        m.on_request(req(t, names, nonce=r.nonce, version=r.version_info), S1, 0)
+    # c1 goes away, the route moves to c3, the secret rotates.
+    new = snap({"c2": "a", "c3": "a"}, route_to="c3", secret_body="s2")
+    out = m.on_snapshot(new, 0).responses
+    assert [r.type_url for r in out] == [SECRET, CLUSTER, ROUTE, CLUSTER]
+    assert names_of(out[1]) == ["c1", "c2", "c3"]  # union first: c1 kept while routes move
+    assert names_of(out[3]) == ["c2", "c3"]  # then the stale one goes
+
+
+def test_sotw_reconnect_gets_full_state() -> None:
+    m = SotwStream("n")
+    r = m.on_request(req(CLUSTER, version=S1.version(CLUSTER)), S1, 0)
+    assert len(r.responses) == 1  # a new stream always answers its first request
+
+
+def dreq(
+    t: str,
+    sub: list[str] | None = None,
+    unsub: list[str] | None = None,
+    nonce: str = "",
+    initial: dict[str, str] | None = None,
+    error: str = "",
+) -> Any:
+    r = DeltaDiscoveryRequest(
+        node=NODE,
+        type_url=t,
+        resource_names_subscribe=sub or [],
+        resource_names_unsubscribe=unsub or [],
+        response_nonce=nonce,
+        initial_resource_versions=initial or {},
+    )
+    if error:
+        r.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return r
+
+
+def test_delta_sends_only_what_changed() -> None:
+    m = DeltaStream("n")
+    [r] = m.on_request(dreq(CLUSTER), S1, 0).responses
+    assert sorted(x.name for x in r.resources) == ["c1", "c2"]
+    step = m.on_request(dreq(CLUSTER, nonce=r.nonce), S1, 0)
+    assert step.responses == [] and len(step.acks) == 1
+    [r2] = m.on_snapshot(snap({"c1": "a", "c2": "b"}), 0).responses
+    assert [x.name for x in r2.resources] == ["c2"] and list(r2.removed_resources) == []
+
+
+def test_delta_initial_versions_avoid_resend() -> None:
+    m = DeltaStream("n")
+    have = {n: r.version for n, r in S1.of_type(CLUSTER).items()}
+    [r] = m.on_request(dreq(CLUSTER, initial=have), S1, 0).responses
+    assert list(r.resources) == []  # first wildcard answer is sent, but empty
+
+
+def test_delta_removals_come_last() -> None:
+    m = DeltaStream("n")
+    for t, sub in ((CLUSTER, []), (LISTENER, []), (ROUTE, ["r"])):
+        r = m.on_request(dreq(t, sub), S1, 0).responses[0]
+        m.on_request(dreq(t, nonce=r.nonce), S1, 0)
+    out = m.on_snapshot(snap({"c2": "a", "c3": "a"}, route_to="c3"), 0).responses
+    kinds = [(r.type_url, [x.name for x in r.resources], list(r.removed_resources)) for r in out]
+    assert kinds == [(CLUSTER, ["c3"], []), (ROUTE, ["r"], []), (CLUSTER, [], ["c1"])]
+
+
+def test_delta_nack_parks_the_version() -> None:
+    m = DeltaStream("n")
+    r = m.on_request(dreq(CLUSTER), S1, 0).responses[0]
+    m.on_request(dreq(CLUSTER, nonce=r.nonce), S1, 0)
+    bad = snap({"c1": "bad", "c2": "a"})
+    [b] = m.on_snapshot(bad, 0).responses
+    step = m.on_request(dreq(CLUSTER, nonce=b.nonce, error="invalid"), bad, 0)
+    assert step.responses == [] and [n.message for n in step.nacks] == ["invalid"]
+    assert m.on_snapshot(bad, 0).responses == []
+    [fixed] = m.on_snapshot(snap({"c1": "fixed", "c2": "a"}), 0).responses
+    assert [x.name for x in fixed.resources] == ["c1"]
+
+
+def test_delta_subscribe_unsubscribe() -> None:
+    m = DeltaStream("n")
+    [r] = m.on_request(dreq(SECRET, ["server"]), S1, 0).responses
+    assert [x.name for x in r.resources] == ["server"]
+    assert m.on_request(dreq(SECRET, unsub=["server"], nonce=r.nonce), S1, 0).responses == []
+    # Re-subscribing sends it again (the Envoy forgot it).
+    [r2] = m.on_request(dreq(SECRET, ["server"], nonce="stale"), S1, 0).responses
+    assert [x.name for x in r2.resources] == ["server"]
