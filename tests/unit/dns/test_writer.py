@@ -1,0 +1,247 @@
+"""The zone writer: atomic writes, only on change, coalescing, serial across restarts."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from atlasd.dns.writer import (
+    ZONE_KEY,
+    Zone,
+    ZoneState,
+    configmap,
+    run_zone_writer,
+    write_atomic,
+)
+from atlasd.dns.zone import parse_serial
+from atlasd.kube.errors import Forbidden, NotFound, ServerError
+from atlasd.kube.resources import CONFIGMAPS, Resource
+from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
+
+SETTINGS = Settings(namespace="obs")
+NOW = 1_764_000_000.0
+
+
+def fleet(*names: str, replicas: int = 1, group: str | None = None) -> Fleet:
+    return Fleet(
+        settings=SETTINGS,
+        clusters=tuple(
+            DownstreamCluster(
+                name=n,
+                external_ip="192.0.2.1",
+                ports=(ServicePort("thanos", 10901),),
+                replicas=replicas,
+                dns_group=group,
+            )
+            for n in names
+        ),
+    )
+
+
+def api_error(cls: type[Exception], code: int) -> Exception:
+    return cls(status=code, reason=cls.__name__, message="", verb="x", resource="configmaps")  # type: ignore[call-arg]
+
+
+class FakeKube:
+    """Records applies; ``fail`` holds exceptions raised by the next calls, in order."""
+
+    def __init__(self, stored: str | None = None) -> None:
+        self.stored = stored
+        self.applied: list[dict[str, Any]] = []
+        self.fail: list[Exception] = []
+        self.changed = trio.Event()
+
+    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> Any:
+        assert res == CONFIGMAPS
+        assert (name, namespace) == (SETTINGS.dns_configmap_name, SETTINGS.namespace)
+        if self.stored is None:
+            raise api_error(NotFound, 404)
+        return {"data": {ZONE_KEY: self.stored}}
+
+    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> Any:
+        if self.fail:
+            raise self.fail.pop(0)
+        self.applied.append(dict(obj))
+        self.stored = obj["data"][ZONE_KEY]
+        self.changed.set()
+        return obj
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def run_writer(
+    path: Path,
+    fleets_to_send: list[Fleet],
+    *,
+    kube: FakeKube | None = None,
+    clock: Clock | None = None,
+) -> tuple[list[Zone], ZoneState]:
+    """Run a writer over ``fleets_to_send`` (sent as a burst), return what it wrote."""
+    written: list[Zone] = []
+    send, recv = trio.open_memory_channel[Fleet](len(fleets_to_send) + 1)
+    for f in fleets_to_send:
+        send.send_nowait(f)
+    send.close()
+    async with trio.open_nursery() as nursery:
+        state: ZoneState = await nursery.start(
+            lambda task_status: run_zone_writer(
+                fleets=recv,
+                path=path,
+                kube=kube,
+                settings=SETTINGS,
+                clock=clock or Clock(),
+                on_zone=written.append,
+                task_status=task_status,
+            )
+        )
+    return written, state
+
+
+def test_write_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    write_atomic(path, "one\n")
+    write_atomic(path, "two\n")
+    assert path.read_text() == "two\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert os.listdir(tmp_path) == ["atlas.zone"]  # no temp files left behind
+
+
+def test_write_atomic_failure_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    write_atomic(path, "old\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(path, "bad \udcff surrogate\n")
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["atlas.zone"]
+
+
+async def test_burst_is_coalesced_into_one_write(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    burst = [fleet(*(f"c{j}" for j in range(i))) for i in range(1, 101)]
+    written, state = await run_writer(path, burst)
+    assert len(written) == 1
+    assert path.read_text() == written[0].text
+    assert len(written[0].records) == 100
+    assert state.serial == int(NOW)
+
+
+async def test_unchanged_records_do_not_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    written: list[Zone] = []
+    send, recv = trio.open_memory_channel[Fleet](0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_zone_writer(
+                fleets=recv,
+                path=path,
+                kube=None,
+                settings=SETTINGS,
+                clock=Clock(),
+                on_zone=written.append,
+                task_status=task_status,
+            )
+        )
+        async with send:
+            await send.send(fleet("east"))
+            # Same records, different cluster order / external IP: no write.
+            await send.send(fleet("east"))
+            await send.send(fleet("west", "east"))
+            await send.send(fleet("east", "west"))
+            await send.send(fleet("east", "west", replicas=2))
+    assert [len(z.records) for z in written] == [1, 2, 4]
+    assert [z.serial for z in written] == [int(NOW), int(NOW) + 1, int(NOW) + 2]
+
+
+async def test_serial_grows_across_restart(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    first, _ = await run_writer(path, [fleet("east")], clock=Clock(NOW))
+    # Restarted with the clock behind (a different node, a stepped clock): still grows.
+    second, state = await run_writer(path, [fleet("east", "west")], clock=Clock(NOW - 3600))
+    assert second[0].serial == first[0].serial + 1
+    assert parse_serial(path.read_text()) == state.serial == first[0].serial + 1
+
+
+async def test_restart_with_same_records_keeps_file_and_serial(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    first, _ = await run_writer(path, [fleet("east")], clock=Clock(NOW))
+    before = path.stat()
+    second, state = await run_writer(path, [fleet("east")], clock=Clock(NOW + 100))
+    assert second == []
+    assert state.serial == first[0].serial
+    assert path.stat().st_ino == before.st_ino
+
+
+async def test_invalid_fleet_is_skipped_and_last_zone_kept(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    bad = fleet("evil\n@ 60 IN A 192.0.2.66")
+    first, _ = await run_writer(path, [fleet("east")])
+    good_text = path.read_text()
+    written, state = await run_writer(path, [bad])
+    assert written == []
+    assert state.serial == first[0].serial
+    assert path.read_text() == good_text
+    assert "evil" not in good_text
+    # And a writer whose burst ends in a good fleet writes it.
+    written, _ = await run_writer(path, [bad, fleet("west")])
+    assert "west-thanos-sidecar0" in path.read_text()
+
+
+async def test_deletion_rewrites_the_zone(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    await run_writer(path, [fleet("east", "west")])
+    await run_writer(path, [fleet("east")])
+    text = path.read_text()
+    assert "east-thanos-sidecar0" in text
+    assert "west-thanos-sidecar0" not in text
+    await run_writer(path, [fleet()])
+    assert " IN SRV " not in path.read_text()
+
+
+async def test_configmap_mirror_and_serial_from_configmap(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    # The pod restarted with an empty dir; the ConfigMap remembers a larger serial.
+    remembered = f"atlas. 60 IN SOA a. b. {int(NOW) + 500} 1 2 3 4\n"
+    kube = FakeKube(stored=remembered)
+    written, _ = await run_writer(path, [fleet("east")], kube=kube)
+    assert written[0].serial == int(NOW) + 501
+    assert kube.applied == [configmap(SETTINGS, written[0].text)]
+    cm = kube.applied[0]
+    assert cm["metadata"]["name"] == "atlas-coredns"
+    assert cm["metadata"]["namespace"] == "obs"
+    assert cm["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "atlasd"}
+
+
+async def test_configmap_mirror_retries_server_errors(tmp_path: Path, autojump_clock: Any) -> None:
+    path = tmp_path / "atlas.zone"
+    kube = FakeKube()
+    kube.fail = [api_error(ServerError, 500), api_error(ServerError, 503)]
+    written, _ = await run_writer(path, [fleet("east")], kube=kube)
+    assert [a["data"][ZONE_KEY] for a in kube.applied] == [written[0].text]
+
+
+async def test_configmap_mirror_catches_up_when_file_is_current(tmp_path: Path) -> None:
+    path = tmp_path / "atlas.zone"
+    written, _ = await run_writer(path, [fleet("east")])
+    kube = FakeKube(stored=None)  # e.g. the ConfigMap was deleted
+    again, _ = await run_writer(path, [fleet("east")], kube=kube)
+    assert again == []
+    assert kube.stored == written[0].text
+
+
+async def test_configmap_forbidden_propagates(tmp_path: Path) -> None:
+    kube = FakeKube()
+    kube.fail = [api_error(Forbidden, 403)]
+    with pytest.RaisesGroup(Forbidden, flatten_subgroups=True):
+        await run_writer(tmp_path / "atlas.zone", [fleet("east")], kube=kube)
