@@ -470,14 +470,14 @@ class SnapshotBuilder:
         res.append(self._res(node, LISTENER, "xds", (obs,), xds_listener))
 
         def xds_route() -> _Piece:
+            # OVERWRITE_IF_EXISTS_OR_ADD replaces any copy a caller sent. (A virtual-host
+            # level remove would run after this route-level add and drop it.)
             headers = [(FORWARDER_TOKEN_HEADER, self._token)] if self._token else []
             vh = route_components_pb2.VirtualHost(
                 name="xds",
                 domains=["*"],
                 routes=[_route(ADS_FORWARD_CLUSTER, streaming=True, headers_to_add=headers)],
             )
-            if self._token:
-                vh.request_headers_to_remove.append(FORWARDER_TOKEN_HEADER)
             rc = route_pb2.RouteConfiguration(name="xds", virtual_hosts=[vh])
             return _Piece(_ser(rc), frozenset({(CLUSTER, ADS_FORWARD_CLUSTER)}))
 

@@ -45,7 +45,10 @@ async def test_cert_of_a_cannot_fetch_b(envoy_factory: Any, delta: bool) -> None
         await w.start_envoy("atlas")
         await w.wait_acked("atlas")
         await w.wait_envoy_ready("atlas")
-        impostor = await w.start_envoy("east", as_node="west")
+        # It even sends a forged XFCC header naming west: 10900 replaces it (SANITIZE_SET).
+        impostor = await w.start_envoy(
+            "east", as_node="west", metadata=(("x-forwarded-client-cert", "Hash=0;DNS=west"),)
+        )
         await wait_until_async(lambda: _denied(w) >= 1, timeout=20, what="the impostor refused")
         dump = await trio.to_thread.run_sync(impostor.config_dump)
         assert _dynamic(dump) == []
@@ -119,3 +122,18 @@ async def test_tls_listeners_refuse_clients_without_certificate(
         # A CA-signed certificate of the wrong node is refused by the SAN check.
         assert await exchange(east.prometheus, east_id.client) == b""
         assert await exchange(obs.alertmanager, atlas_id.client) == b""
+
+
+async def test_forwarder_token(envoy_factory: Any) -> None:
+    """With a token, the observability Envoy's own stream and the streams it forwards are
+    served; a direct caller without the token is refused even as ``atlas``."""
+    async with xds_world(envoy_factory, clusters=("east",), token="tok-123") as w:
+        await w.start_envoy("atlas")
+        await w.start_envoy("east")
+        for n in ("atlas", "east"):
+            await w.wait_acked(n)
+        boot = helpers.atlas_bootstrap(w.ads_port)  # no token
+        envoy = await trio.to_thread.run_sync(w.envoy_factory, boot, "atlas-without-token")
+        await wait_until_async(lambda: _denied(w) >= 1, timeout=20, what="tokenless atlas refused")
+        dump = await trio.to_thread.run_sync(envoy.config_dump)
+        assert _dynamic(dump) == []

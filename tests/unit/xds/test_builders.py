@@ -228,9 +228,9 @@ def test_forwarder_token_is_added_and_incoming_copies_stripped() -> None:
     atlas = SnapshotBuilder(forwarder_token="s3cret").build(fleet())["atlas"]
     rc = parse(atlas, ROUTE, "xds", route_pb2.RouteConfiguration)
     vh = rc.virtual_hosts[0]
-    assert list(vh.request_headers_to_remove) == [builders.FORWARDER_TOKEN_HEADER]
     hv = vh.routes[0].request_headers_to_add[0]
     assert (hv.header.key, hv.header.value) == (builders.FORWARDER_TOKEN_HEADER, "s3cret")
+    assert hv.append_action == hv.OVERWRITE_IF_EXISTS_OR_ADD  # a caller's copy is replaced
 
 
 def test_downstream_replica_pinning_and_client_san() -> None:

@@ -41,6 +41,7 @@ class World:
     alertmanagers: list[model.LocalAlertmanager]
     envoy_factory: EnvoyFactory
     delta: bool
+    token: str | None = None
     envoys: dict[str, Envoy] = dataclasses.field(default_factory=dict)
 
     def fleet(self) -> model.Fleet:
@@ -70,11 +71,17 @@ class World:
     def remove_cluster(self, name: str) -> None:
         self.clusters = [c for c in self.clusters if c.name != name]
 
-    async def start_envoy(self, node: str, *, as_node: str | None = None) -> Envoy:
+    async def start_envoy(
+        self,
+        node: str,
+        *,
+        as_node: str | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> Envoy:
         """Start the Envoy of ``node`` (bootstrapped with ``node``'s certificate); ``as_node``
         makes it ask for another node id (authorization tests)."""
         if node == model.OBSERVABILITY_NODE:
-            boot = helpers.atlas_bootstrap(self.ads_port, delta=self.delta)
+            boot = helpers.atlas_bootstrap(self.ads_port, delta=self.delta, token=self.token)
         else:
             ident = self.pki.identity(node)
             assert ident is not None
@@ -85,6 +92,9 @@ class World:
                 self.plan.observability.xds,
                 delta=self.delta,
             )
+        if metadata:
+            svc = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]
+            svc["initial_metadata"] = [{"key": k, "value": v} for k, v in metadata]
         name = f"{node}-as-{as_node}" if as_node else node
         envoy = await trio.to_thread.run_sync(self.envoy_factory, boot, name)
         self.envoys[name] = envoy
@@ -126,7 +136,7 @@ async def xds_world(
     clusters: tuple[str, ...] = ("east", "west"),
     alertmanagers: list[model.LocalAlertmanager] | None = None,
     cluster_factory: Callable[[str], model.DownstreamCluster] = helpers.cluster,
-    authorizer: Authorizer | None = None,
+    token: str | None = None,
     upstream_connection_seconds: int = 600,
 ) -> AsyncIterator[World]:
     ca, pki = helpers.make_pki([model.OBSERVABILITY_NODE])
@@ -145,7 +155,7 @@ async def xds_world(
                 cache=cache,
                 host="127.0.0.1",
                 port=0,
-                authorizer=authorizer or Authorizer(),
+                authorizer=Authorizer(forwarder_token=token),
                 task_status=task_status,
             )
         )
@@ -163,7 +173,10 @@ async def xds_world(
             pki=pki,
             settings=settings,
             plan=plan,
-            builder=SnapshotBuilder(plan, upstream_connection_seconds=upstream_connection_seconds),
+            builder=SnapshotBuilder(
+                plan, forwarder_token=token, upstream_connection_seconds=upstream_connection_seconds
+            ),
+            token=token,
             cache=cache,
             registry=registry,
             ads_port=ads_port,
