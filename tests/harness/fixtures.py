@@ -48,8 +48,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if api is not None and "apiserver" in getattr(item, "fixturenames", ()):
             procs.append(_Named("kube-apiserver", api.proc.log_text))
         for proc in procs:
-            tail = "\n".join(proc.log_text().splitlines()[-80:])
-            report.sections.append((f"log of {proc.name} (last 80 lines)", tail))
+            # kube-apiserver's log is chatty and rarely the culprit: keep its tail short.
+            n = 30 if proc.name == "kube-apiserver" else 80
+            tail = "\n".join(proc.log_text().splitlines()[-n:])
+            report.sections.append((f"log of {proc.name} (last {n} lines)", tail))
 
 
 class _Named:
