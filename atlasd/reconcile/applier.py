@@ -55,7 +55,12 @@ from atlasd.model import Fleet, ObjectRef, Problem, Settings
 from atlasd.reconcile.desired import DesiredState, desired_state
 from atlasd.reconcile.objects import secret_data
 from atlasd.reconcile.pki import KeySource, PKIError, RandomKeys, plan_pki
-from atlasd.reconcile.validate import is_cluster_service, select_alertmanagers, validate_all
+from atlasd.reconcile.validate import (
+    is_cluster_service,
+    select_alertmanagers,
+    selector_matches,
+    validate_all,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +153,34 @@ async def observe(kube: KubeApi, settings: Settings) -> Observed:
         alertmanager_services=ams,
         owned_services=_by_name(owned_svcs),
         secrets=secrets,
+    )
+
+
+def observed_from_caches(
+    *,
+    services: Mapping[str, Mapping[str, Any]],
+    secrets: Mapping[str, Mapping[str, Any]],
+    settings: Settings,
+) -> Observed:
+    """``Observed`` from informer caches (name -> object) of the namespace's Services and
+    Secrets — all of them, or at least the cluster, Alertmanager and owned ones and the
+    fixed-name Secrets."""
+
+    def owned(obj: Mapping[str, Any]) -> bool:
+        lbls = (obj.get("metadata") or {}).get("labels") or {}
+        return bool(lbls.get(labels.MANAGED_BY_LABEL) == labels.MANAGED_BY_VALUE)
+
+    selector = settings.alertmanager_selector
+    return Observed(
+        cluster_services=[s for _, s in sorted(services.items()) if is_cluster_service(s)],
+        alertmanager_services=[
+            s
+            for _, s in sorted(services.items())
+            if selector
+            and selector_matches((s.get("metadata") or {}).get("labels") or {}, selector)
+        ],
+        owned_services={n: s for n, s in services.items() if owned(s)},
+        secrets={n: s for n, s in secrets.items() if owned(s) or n in FIXED_SECRETS},
     )
 
 
@@ -327,8 +360,16 @@ class Reconciler:
         self._reported: set[tuple[str, str, str, str, str]] = set()
 
     async def reconcile_once(self, kube: KubeApi, *, now: dt.datetime) -> ReconcileResult:
+        """LIST what a pass needs, then ``reconcile_observed``."""
+        return await self.reconcile_observed(kube, await observe(kube, self.settings), now=now)
+
+    async def reconcile_observed(
+        self, kube: KubeApi, observed: Observed, *, now: dt.datetime
+    ) -> ReconcileResult:
+        """A pass over already observed state (e.g. ``observed_from_caches`` of informer
+        caches). A stale cache costs at most a redundant apply, or a ``Conflict`` on
+        ``atlas-ca`` that the caller answers by retrying."""
         settings = self.settings
-        observed = await observe(kube, settings)
         clusters, problems_t = validate_all(
             observed.cluster_services, settings, allow_loopback=self.allow_loopback
         )

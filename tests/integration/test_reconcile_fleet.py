@@ -17,7 +17,7 @@ from atlasd.kube.errors import NotFound
 from atlasd.kube.events import post_event
 from atlasd.kube.resources import EVENTS, SECRETS, SERVICES
 from atlasd.model import Settings
-from atlasd.reconcile.applier import Reconciler
+from atlasd.reconcile.applier import Reconciler, observed_from_caches
 from atlasd.reconcile.objects import secret_data
 from tests.harness.kube import ApiServer
 from tests.unit.reconcile.builders import cluster_service
@@ -180,6 +180,17 @@ async def test_onboard_three_clusters_then_steady_then_delete(
         third = await restarted.reconcile_once(kube, now=NOW + dt.timedelta(hours=1))
         assert (third.writes, third.issued) == (0, ())
         assert third.fleet is not None and first.fleet.pki == third.fleet.pki
+        # The same pass fed from (informer-like) caches of all Services and Secrets.
+        all_svcs, _ = await kube.list(SERVICES, namespace=namespace)
+        all_secrets, _ = await kube.list(SECRETS, namespace=namespace)
+        cached = observed_from_caches(
+            services={s["metadata"]["name"]: s for s in all_svcs},
+            secrets={s["metadata"]["name"]: s for s in all_secrets},
+            settings=settings,
+        )
+        from_cache = await rec.reconcile_observed(kube, cached, now=NOW + dt.timedelta(hours=1))
+        assert (from_cache.writes, from_cache.issued) == (0, ())
+        assert from_cache.fleet == third.fleet
 
         # Scale west down to 1 replica: its extra sidecars go, nothing else changes.
         west = await kube.get(SERVICES, "west", namespace=namespace)

@@ -12,7 +12,7 @@ import pytest
 from atlasd import labels
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import DownstreamCluster, ObjectRef, ServicePort, Settings
-from atlasd.reconcile.applier import Observed, differs, plan_writes
+from atlasd.reconcile.applier import Observed, differs, observed_from_caches, plan_writes
 from atlasd.reconcile.desired import desired_state
 from atlasd.reconcile.pki import plan_pki
 from tests.unit.reconcile.pkitools import CountingKeys, plan_secrets, with_annotation
@@ -188,3 +188,26 @@ def test_a_cluster_service_is_never_overwritten_by_a_sidecar_service() -> None:
     assert [s["metadata"]["name"] for s in writes.clashes] == ["east-thanos-sidecar1"]
     applied = {s["metadata"]["name"] for s in writes.apply}
     assert applied == {"east-thanos-sidecar0", "west-thanos-sidecar0"}
+
+
+def test_observed_from_caches_filters_what_a_pass_needs() -> None:
+    def obj(name: str, **lbls: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "labels": dict(lbls)}, "spec": {}}
+
+    managed = {labels.MANAGED_BY_LABEL: "atlasd"}
+    services = {
+        "east": obj("east", **{labels.CLUSTER_LABEL: "true"}),
+        "am": obj("am", app="kube-prometheus-stack-alertmanager"),
+        "east-thanos-sidecar0": obj("east-thanos-sidecar0", **managed),
+        "grafana": obj("grafana", app="grafana"),
+    }
+    secrets = {
+        "atlas-ca": obj("atlas-ca"),
+        "east-envoy-values": obj("east-envoy-values", **managed),
+        "helm-release": obj("helm-release"),
+    }
+    observed = observed_from_caches(services=services, secrets=secrets, settings=S)
+    assert [s["metadata"]["name"] for s in observed.cluster_services] == ["east"]
+    assert [s["metadata"]["name"] for s in observed.alertmanager_services] == ["am"]
+    assert set(observed.owned_services) == {"east-thanos-sidecar0"}
+    assert set(observed.secrets) == {"atlas-ca", "east-envoy-values"}
