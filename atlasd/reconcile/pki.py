@@ -21,7 +21,8 @@ labels ``goatlas.io/ca: "true"``, ``goatlas.io/ca-revision``, ``goatlas.io/ca-se
 Serials are decimal (``str(cert.serial_number)``, like Go's ``big.Int.String()``).
 
 Leaves (ECDSA P-256, random unique serials, SHA-256, validity capped at the CA's) are
-re-issued when missing or unparsable, when their key does not match, when not signed by the
+re-issued when missing or unparsable, when their key does not match or is not ECDSA P-256
+(so the original's RSA leaves are replaced once, at adoption), when not signed by the
 current CA, when their SANs or usages differ from the scheme below, or once
 ``renew_fraction`` of their lifetime has passed. Otherwise they are reused byte for byte, so
 a restart re-issues nothing.
