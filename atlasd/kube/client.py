@@ -68,12 +68,15 @@ class KubeClient:
         timeout: float = DEFAULT_TIMEOUT,
         field_manager: str = FIELD_MANAGER,
         user_agent: str = "atlasd",
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.credentials = Credentials(config)
         self.field_manager = field_manager
         self._timeout = timeout
         self._user_agent = user_agent
+        # Tests substitute an in-memory transport; None = real TLS connections.
+        self._transport = transport
         # The httpx client for the current client certificate; replaced (old ones kept
         # open until close, since watches may still be reading them) when an exec
         # plugin hands out a different certificate.
@@ -122,6 +125,7 @@ class KubeClient:
             timeout=self._timeout,
             headers={"User-Agent": self._user_agent, "Accept": "application/json"},
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            transport=self._transport,
         )
         self._http_identity = identity
         return self._http

@@ -1,7 +1,8 @@
 """Reconnect backoff for watches (client-go's ExponentialBackoffManager).
 
 The delay starts at ``initial`` (0.8 s), doubles up to ``cap`` (30 s), and gets
-``jitter`` x delay of random extra. After ``reset_after`` (2 min) without a failure it
+``jitter`` x delay of random extra (the cap applies before the jitter, as in client-go,
+so reconnecting clients stay spread out even at the cap). After ``reset_after`` (2 min) without a failure it
 starts over from ``initial``. Time is trio time, so tests drive it with ``MockClock``.
 """
 

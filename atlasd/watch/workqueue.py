@@ -104,7 +104,9 @@ class WorkQueue(Generic[K]):
                 return key
             if self._shutting_down:
                 raise ShutDown(self.name)
-            self._wakeup = trio.Event()
+            # Every waiting getter shares one Event; whoever finds it spent arms a new one.
+            if self._wakeup.is_set():
+                self._wakeup = trio.Event()
             with trio.move_on_at(deadline):
                 await self._wakeup.wait()
 

@@ -1,0 +1,241 @@
+"""The informer's reflector loop against a scripted fake API (mock clock)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from atlasd.kube.errors import Gone, ServerError, TooManyRequests, TransportError
+from atlasd.kube.resources import SERVICES
+from atlasd.watch.backoff import Backoff
+from atlasd.watch.informer import Change, Informer, all_synced, run_informers
+from atlasd.watch.workqueue import WorkQueue
+
+HANG = object()
+
+
+def obj(name: str, rv: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "m", "resourceVersion": rv},
+        **extra,
+    }
+
+
+def ev(kind: str, name: str, rv: str) -> dict[str, Any]:
+    return {"type": kind, "object": obj(name, rv)}
+
+
+def bookmark(rv: str) -> dict[str, Any]:
+    return {"type": "BOOKMARK", "object": {"kind": "Service", "metadata": {"resourceVersion": rv}}}
+
+
+class FakeKube:
+    """``list`` answers come from ``lists``; each ``watch`` call plays the next script.
+
+    A script item is an event, an exception to raise, or HANG (block forever); an
+    exhausted script ends the stream cleanly; no script left = HANG.
+    """
+
+    def __init__(self, lists: list[Any], watches: list[list[Any]]) -> None:
+        self.lists = lists
+        self.watches = watches
+        self.watch_calls: list[tuple[str, int, float]] = []
+        self.list_calls = 0
+
+    async def list(self, res: Any, **kw: Any) -> tuple[list[dict[str, Any]], str]:
+        self.list_calls += 1
+        await trio.lowlevel.checkpoint()
+        answer = self.lists.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    async def watch(
+        self, res: Any, *, resource_version: str, timeout_seconds: int, **kw: Any
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        self.watch_calls.append((resource_version, timeout_seconds, trio.current_time()))
+        script = self.watches.pop(0) if self.watches else [HANG]
+        for item in script:
+            await trio.lowlevel.checkpoint()
+            if item is HANG:
+                await trio.sleep_forever()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def informer(kube: FakeKube, **kw: Any) -> Informer:
+    kw.setdefault("backoff", Backoff(jitter=0.0))
+    return Informer(kube, SERVICES, namespace="m", watch_timeout=(300, 600), **kw)  # type: ignore[arg-type]
+
+
+async def run_until(inf: Informer, predicate: Any, *, limit: float = 3600) -> None:
+    """Run the informer (mock time) until ``predicate()`` holds, then stop it."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(inf.run)
+        with trio.fail_after(limit):
+            while not predicate():  # noqa: ASYNC110 - polls state the fake API mutates
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
+async def test_list_then_watch_from_list_rv(autojump_clock: trio.testing.MockClock) -> None:
+    kube = FakeKube(
+        lists=[([obj("a", "1"), obj("b", "2")], "10")],
+        watches=[
+            [
+                ev("ADDED", "c", "11"),
+                ev("MODIFIED", "a", "12"),
+                ev("DELETED", "b", "13"),
+                bookmark("20"),
+                HANG,
+            ]
+        ],
+    )
+    inf = informer(kube)
+    changes: list[tuple[str, str]] = []
+    inf.subscribe(lambda ch: changes.append((ch.type, ch.key)))
+    await run_until(inf, lambda: inf.resource_version == "20")
+    assert kube.watch_calls[0][0] == "10"
+    assert 300 <= kube.watch_calls[0][1] <= 600
+    assert {k: v["metadata"]["resourceVersion"] for k, v in inf.items().items()} == {
+        "a": "12",
+        "c": "11",
+    }
+    assert changes == [
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+        ("ADDED", "c"),
+        ("MODIFIED", "a"),
+        ("DELETED", "b"),
+    ]
+    assert inf.has_synced and kube.list_calls == 1
+
+
+@pytest.mark.parametrize("gone_at_start", [True, False])
+async def test_gone_relists_and_missing_objects_become_deletions(
+    autojump_clock: trio.testing.MockClock, gone_at_start: bool
+) -> None:
+    gone = Gone(status=410, reason="Expired", message="too old", verb="watch", resource="services")
+    first_watch = [gone] if gone_at_start else [ev("ADDED", "c", "11"), gone]
+    kube = FakeKube(
+        lists=[
+            ([obj("a", "1"), obj("b", "2")], "10"),
+            ([obj("b", "2"), obj("c", "30"), obj("d", "31")], "40"),
+        ],
+        watches=[first_watch, [HANG]],
+    )
+    inf = informer(kube)
+    changes: list[Change] = []
+    inf.subscribe(changes.append)
+    await run_until(inf, lambda: kube.list_calls == 2 and len(kube.watch_calls) == 2)
+    assert sorted(inf.items()) == ["b", "c", "d"]
+    assert kube.watch_calls[1][0] == "40"
+    after_relist = [(c.type, c.key) for c in changes[2 + (0 if gone_at_start else 1) :]]
+    expected_c = "ADDED" if gone_at_start else "MODIFIED"
+    assert after_relist == [("DELETED", "a"), (expected_c, "c"), ("ADDED", "d")]
+    deleted = next(c for c in changes if c.type == "DELETED")
+    assert deleted.obj["metadata"]["name"] == "a"  # the last known state
+
+
+async def test_clean_end_rewatches_from_last_rv_without_relist(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kube = FakeKube(
+        lists=[([], "10")],
+        watches=[[ev("ADDED", "a", "11"), bookmark("15")], [ev("ADDED", "b", "16")], [HANG]],
+    )
+    inf = informer(kube)
+    await run_until(inf, lambda: len(kube.watch_calls) == 3)
+    assert [c[0] for c in kube.watch_calls] == ["10", "15", "16"]
+    assert kube.list_calls == 1 and sorted(inf.items()) == ["a", "b"]
+
+
+async def test_errors_back_off_and_resume_from_last_rv(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    refused = TransportError("watch services: ConnectError: connection refused")
+    boom = ServerError(
+        status=500, reason="InternalError", message="", verb="watch", resource="services"
+    )
+    kube = FakeKube(
+        lists=[([], "10")], watches=[[ev("ADDED", "a", "11"), refused], [refused], [boom], [HANG]]
+    )
+    inf = informer(kube)
+    await run_until(inf, lambda: len(kube.watch_calls) == 4)
+    times = [c[2] for c in kube.watch_calls]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert gaps == [0.8, 1.6, 3.2]
+    assert [c[0] for c in kube.watch_calls] == ["10", "11", "11", "11"]
+    assert kube.list_calls == 1 and inf.errors == 3
+
+
+async def test_too_many_requests_waits_for_retry_after(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    busy = TooManyRequests(
+        status=429,
+        reason="TooManyRequests",
+        message="",
+        verb="watch",
+        resource="services",
+        retry_after=7.0,
+    )
+    kube = FakeKube(lists=[([], "10")], watches=[[busy], [HANG]])
+    inf = informer(kube)
+    await run_until(inf, lambda: len(kube.watch_calls) == 2)
+    assert kube.watch_calls[1][2] - kube.watch_calls[0][2] == pytest.approx(7.0)
+
+
+async def test_quick_empty_watch_counts_as_failure(autojump_clock: trio.testing.MockClock) -> None:
+    kube = FakeKube(lists=[([], "10")], watches=[[], [], [HANG]])
+    inf = informer(kube)
+    await run_until(inf, lambda: len(kube.watch_calls) == 3)
+    times = [c[2] for c in kube.watch_calls]
+    assert times[1] - times[0] == pytest.approx(0.8) and times[2] - times[1] == pytest.approx(1.6)
+
+
+async def test_inactivity_deadline_restarts_a_silent_watch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kube = FakeKube(lists=[([], "10")], watches=[[ev("ADDED", "a", "11"), HANG], [HANG]])
+    inf = informer(kube, inactivity_grace=30.0)
+    await run_until(inf, lambda: len(kube.watch_calls) == 2)
+    first_timeout = kube.watch_calls[0][1]
+    gap = kube.watch_calls[1][2] - kube.watch_calls[0][2]
+    assert gap == pytest.approx(first_timeout + 30.0 + 0.8)
+    assert kube.watch_calls[1][0] == "11"
+
+
+async def test_list_failure_backs_off_and_readiness_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    refused = TransportError("list services: ConnectError")
+    kube = FakeKube(lists=[refused, refused, ([obj("a", "1")], "5")], watches=[])
+    inf = informer(kube)
+    other = informer(FakeKube(lists=[([], "1")], watches=[]))
+    assert not all_synced([inf, other])
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_informers, [inf, other])
+        assert trio.current_time() - start == pytest.approx(0.8 + 1.6)
+        assert all_synced([inf, other]) and list(inf.items()) == ["a"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_change_feed_into_a_work_queue(autojump_clock: trio.testing.MockClock) -> None:
+    events = [ev("MODIFIED", "a", str(i)) for i in range(11, 1011)]
+    kube = FakeKube(lists=[([obj("a", "1")], "10")], watches=[[*events, HANG]])
+    inf = informer(kube)
+    queue: WorkQueue[str] = WorkQueue()
+    unsubscribe = inf.subscribe_queue(queue)
+    await run_until(inf, lambda: inf.resource_version == "1010")
+    assert queue.drain_ready() == ["a"]  # 1001 changes, one work item
+    unsubscribe()
