@@ -194,6 +194,23 @@ def test_helm_lint_default_and_custom_values(helm: Helm, chart: Path, tmp_path: 
     assert "0 chart(s) failed" in out
 
 
+@pytest.mark.parametrize(
+    ("chart", "bad", "where"),
+    [
+        (ENVOY_CHART, "atlas.alertmanagerCount=two", "/atlas/alertmanagerCount"),
+        (ENVOY_CHART, "files.envoy\\.yaml.node=x", "/files/envoy.yaml"),
+        (ENVOY_CHART, "ports.thanos.containerPort=70000", "/ports/thanos/containerPort"),
+        (ATLASD_CHART, "coredns.port=53", "/coredns/port"),
+        (ATLASD_CHART, "atlas.logLevel=verbose", "/atlas/logLevel"),
+        (ATLASD_CHART, "controller.envoy.adsPort=0", "/controller/envoy/adsPort"),
+    ],
+)
+def test_values_schema_rejects_wrong_values(helm: Helm, chart: Path, bad: str, where: str) -> None:
+    with pytest.raises(RuntimeError, match="schema") as err:
+        render(helm, chart, sets=[bad])
+    assert where in str(err.value)
+
+
 # ---------------------------------------------------------------- atlasd chart
 
 
