@@ -331,6 +331,8 @@ class ReconcileResult:
     issued: tuple[str, ...] = ()
     ca_action: str = ""
     write_errors: tuple[str, ...] = field(default=())
+    # Run a pass again by then at the latest (certificate renewal; see PKIPlan).
+    next_renewal: dt.datetime | None = None
 
     @property
     def writes(self) -> int:
@@ -480,6 +482,7 @@ class Reconciler:
             issued=plan.issued,
             ca_action=plan.ca_action,
             write_errors=tuple(errors),
+            next_renewal=plan.next_renewal,
         )
 
     async def _report(self, kube: KubeApi, problems: Sequence[Problem]) -> int:

@@ -148,6 +148,9 @@ class PKIPlan:
     identity_secrets: Mapping[str, SecretObject]
     # Names of the certificates issued by this plan ("atlas-server", "<c>/client", ...).
     issued: tuple[str, ...]
+    # When the next pass must run at the latest for a time-based change: a leaf or the CA
+    # reaching ``renew_fraction``, or an earlier CA leaving the bundle at its expiry.
+    next_renewal: dt.datetime | None = None
 
 
 # --- helpers ---
@@ -181,6 +184,14 @@ def _sign(
     if isinstance(key, rsa.RSAPrivateKey):
         return builder.sign(key, hashes.SHA256())
     return builder.sign(key, None)  # ed25519/ed448 take no hash
+
+
+@functools.lru_cache(maxsize=16384)
+def renew_at(cert_pem: bytes, fraction: float) -> dt.datetime:
+    """When a certificate reaches ``fraction`` of its lifetime."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * fraction
 
 
 def _past_fraction(cert: x509.Certificate, now: dt.datetime, fraction: float) -> bool:
@@ -621,6 +632,12 @@ def plan_pki(
         ca_revision=ca.revision,
         identities=tuple(identities),
     )
+    deadlines = [renew_at(ca.material.cert_pem, settings.renew_fraction)]
+    deadlines += [renew_at(pem, 1.0) for _, pem in ca.previous]
+    for _, ident in identities:
+        deadlines.append(renew_at(ident.server.cert_pem, settings.renew_fraction))
+        deadlines.append(renew_at(ident.client.cert_pem, settings.renew_fraction))
+    deadlines.append(renew_at(tls[labels.TLS_SECRET].cert_pem, settings.renew_fraction))
     return PKIPlan(
         pki=pki,
         ca=ca,
@@ -629,4 +646,5 @@ def plan_pki(
         tls_secrets=tuple(tls_secrets),
         identity_secrets=identity_secrets,
         issued=tuple(issued),
+        next_renewal=min(deadlines),
     )

@@ -328,3 +328,25 @@ def test_keys_never_show_in_reprs() -> None:
     plan = _plan()
     text = repr(plan.pki)
     assert "PRIVATE KEY" not in text and "redacted" in text
+
+
+def test_next_renewal_is_when_the_first_leaf_must_be_renewed() -> None:
+    first = _plan()
+    assert first.next_renewal is not None
+    start = NOW - dt.timedelta(minutes=5)
+    assert first.next_renewal == start + (NOW + LIFE - start) * S.renew_fraction
+    just_before = _plan(plan_secrets(first), now=first.next_renewal - dt.timedelta(seconds=1))
+    assert just_before.issued == ()
+    at = _plan(plan_secrets(first), now=first.next_renewal)
+    assert len(at.issued) == 7
+    assert at.next_renewal is not None and at.next_renewal > first.next_renewal
+
+
+def test_next_renewal_includes_an_earlier_cas_expiry() -> None:
+    short = Settings(ca_lifetime=dt.timedelta(days=30))
+    first = _plan(settings=short)
+    secrets = plan_secrets(first)
+    secrets["atlas-ca"] = with_annotation(first.ca_secret, labels.CA_ROTATE_ANNOTATION, "1")  # type: ignore[assignment]
+    rotated = _plan(secrets, keys=CountingKeys(start=7000), now=NOW + dt.timedelta(days=1))
+    old_ca = _cert(first.pki.ca.cert_pem)
+    assert rotated.next_renewal == old_ca.not_valid_after_utc
