@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -176,6 +177,7 @@ ATLASD_CUSTOM: Doc = {
         "service": {"clusterIP": "10.0.0.53", "port": 53},
     },
     "podAnnotations": {"example.com/scrape": "true"},
+    "podDisruptionBudget": {"minAvailable": 1},
     "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
@@ -349,12 +351,31 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     assert dns["spec"]["clusterIP"] == "10.0.0.53"
     assert only(docs, "Service", "obs-atlasd")["spec"]["ports"][0]["port"] == 7305
     assert only(docs, "Service", "obs-atlasd-metrics")["metadata"]["annotations"] == {"a": "b"}
+    pdb = only(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
     binding = only(docs, "RoleBinding")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "atlasd-sa", "namespace": "observability"}
     ]
     assert binding["roleRef"]["name"] == only(docs, "Role")["metadata"]["name"]
     _assert_hardened(pod)
+
+
+def test_atlasd_chart_uses_files_corefile_when_present(helm: Helm, tmp_path: Path) -> None:
+    """files/Corefile (the DNS module's) is what CoreDNS gets; coredns.corefile overrides it."""
+    chart = tmp_path / "atlasd"
+    shutil.copytree(ATLASD_CHART, chart)
+    corefile = "atlas.:{$DNS_PORT} {\n    file {$ZONE_FILE} atlas. {\n        reload 1s\n    }\n}\n"
+    (chart / "files").mkdir(exist_ok=True)
+    (chart / "files" / "Corefile").write_text(corefile)
+    docs = render(helm, chart)
+    assert only(docs, "ConfigMap")["data"]["Corefile"] == corefile
+    annotations = only(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    docs = render(helm, chart, sets=["coredns.corefile=. {}"])
+    assert only(docs, "ConfigMap")["data"]["Corefile"] == ". {}\n"
+    again = only(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert again["checksum/corefile"] != annotations["checksum/corefile"], "a new Corefile rolls"
 
 
 def test_atlasd_optional_parts_can_be_turned_off(helm: Helm) -> None:

@@ -88,7 +88,9 @@ def test_chart_corefile_serves_the_zone_atlasd_writes(
     conf_dir = tmp_path / "etc"
     conf_dir.mkdir()
     corefile = conf_dir / "Corefile"
-    corefile.write_text(_loopback_only(cm["data"]["Corefile"]))
+    # A Corefile may name the zone by {$ZONE_FILE} or by its path in the pod.
+    text = cm["data"]["Corefile"].replace(env["ZONE_FILE"], str(zone_file))
+    corefile.write_text(_loopback_only(text))
 
     port = free_port(udp_too=True)
     args = [a if a != env["DNS_PORT"] else str(port) for a in coredns["args"]]
