@@ -140,8 +140,8 @@ class AdsService:
                     if msg is None:
                         break
                     queue.put_nowait(msg)
-            except _GONE as exc:
-                queue.put_nowait(_Ended(exc))
+            except Exception as exc:  # handed to the stream loop, which re-raises
+                queue.put_nowait(_Ended(exc))  # anything but a departed peer
             else:
                 queue.put_nowait(_Ended(None))
 
@@ -156,6 +156,8 @@ class AdsService:
             while True:
                 item = await queue.get()
                 if isinstance(item, _Ended):
+                    if item.error is not None and not isinstance(item.error, _GONE):
+                        raise item.error
                     return
                 if item is _CHANGED:
                     wake_pending = False

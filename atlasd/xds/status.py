@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 from dataclasses import dataclass, field, replace
+from typing import TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -27,6 +28,26 @@ class Nack:
     version: str
     message: str
     at: dt.datetime
+
+
+class NackDict(TypedDict):
+    type: str
+    version: str
+    message: str
+    at: str
+
+
+class EnvoyStatusDict(TypedDict):
+    """The JSON shape of one ``EnvoyStatus`` (status endpoint, CLI)."""
+
+    stream_id: int
+    node: str
+    kind: str
+    peer: str
+    connected_since: str
+    acked: dict[str, str]
+    last_nack: NackDict | None
+    nacks: int
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,27 @@ class EnvoyStatus:
     def acked_version(self, type_url: str) -> str | None:
         short = SHORT_NAMES.get(type_url, type_url)
         return dict(self.acked).get(short)
+
+    def as_dict(self) -> EnvoyStatusDict:
+        nack: NackDict | None = None
+        if self.last_nack is not None:
+            n = self.last_nack
+            nack = {
+                "type": SHORT_NAMES.get(n.type_url, n.type_url),
+                "version": n.version,
+                "message": n.message,
+                "at": n.at.isoformat(),
+            }
+        return {
+            "stream_id": self.stream_id,
+            "node": self.node,
+            "kind": self.kind,
+            "peer": self.peer,
+            "connected_since": self.connected_since.isoformat(),
+            "acked": dict(self.acked),
+            "last_nack": nack,
+            "nacks": self.nacks,
+        }
 
 
 @dataclass

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
+from atlasd import model
+from tests.harness.net import free_port
 from tests.unit.xds.world import xds_world
 
 pytestmark = pytest.mark.integration
@@ -15,7 +18,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_every_envoy_acks(envoy_factory: Any, delta: bool) -> None:
-    async with xds_world(envoy_factory, delta=delta) as w:
+    # With a local Alertmanager, so 10903 and 11903 are configured too.
+    am = [model.LocalAlertmanager("am0", "monitoring", free_port())]
+    async with xds_world(envoy_factory, delta=delta, alertmanagers=am) as w:
         await w.start_envoy("atlas")
         await w.wait_acked("atlas")
         await w.wait_envoy_ready("atlas")
@@ -30,5 +35,10 @@ async def test_every_envoy_acks(envoy_factory: Any, delta: bool) -> None:
         for name, envoy in w.envoys.items():
             log = await trio.to_thread.run_sync(envoy.log_text)
             assert "deprecated" not in log.lower(), f"{name}: {log}"
-            assert "rejected" not in log.lower() or True
+            assert "rejected" not in log.lower(), f"{name}: {log}"
+        for name in ("atlas", "east", "west"):
+            listeners = await trio.to_thread.run_sync(
+                lambda n=name: httpx.get(f"{w.envoys[n].admin_url}/listeners", timeout=5).text
+            )
+            assert "alertmanager::" in listeners, f"{name}: {listeners}"
         assert all(s.last_nack is None for s in w.cache.status())

@@ -121,3 +121,18 @@ def test_watch_cancel() -> None:
 def test_snapshot_node_must_match() -> None:
     with pytest.raises(ValueError, match="published as"):
         SnapshotCache().set_snapshot("a", Snapshot.create("b", good()))
+
+
+def test_status_board_json_shape() -> None:
+    cache = SnapshotCache()
+    sid = cache.board.open(node="east", kind="delta", peer="1.2.3.4:5")
+    cache.board.acked(sid, CLUSTER, "v1")
+    cache.board.nacked(sid, LISTENER, "v2", "bad listener")
+    [d] = [s.as_dict() for s in cache.status()]
+    assert d["node"] == "east" and d["kind"] == "delta"
+    assert d["acked"] == {"cds": "v1"}
+    assert d["last_nack"] is not None
+    assert (d["last_nack"]["type"], d["last_nack"]["message"]) == ("lds", "bad listener")
+    assert d["nacks"] == 1
+    cache.board.close(sid)
+    assert cache.status() == []
