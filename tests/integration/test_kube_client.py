@@ -5,6 +5,13 @@ from __future__ import annotations
 import pytest
 import trio
 
+from atlasd.kube.apply import (
+    apply_if_needed,
+    managed_selector,
+    needs_apply,
+    ownership_labels,
+    with_ownership,
+)
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.errors import AlreadyExists, Conflict, Invalid, NotFound
@@ -107,3 +114,53 @@ async def test_invalid_secret_message_does_not_echo_data(
     text = str(exc_info.value)
     assert "apply secrets" in text and "Invalid (422)" in text
     assert "c2VjcmV0LXZhbHVl" not in text and "secret-value" not in text
+
+
+async def test_needs_apply_agrees_with_the_server(apiserver: ApiServer, namespace: str) -> None:
+    svc = with_ownership(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "east-thanos-sidecar0",
+                "namespace": namespace,
+                "labels": {"goatlas.io/thanos-sidecar": "0"},
+            },
+            "spec": {
+                "clusterIP": "None",
+                "selector": {"app": "envoy"},
+                "ports": [{"name": "thanos", "port": 10901}, {"name": "prometheus", "port": 9090}],
+            },
+        },
+        cluster="east",
+    )
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "east-envoy-values", "namespace": namespace},
+        "stringData": {"values.yaml": "a: 1\n"},
+    }
+    async with KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube:
+        for desired, res in ((svc, SERVICES), (secret, SECRETS)):
+            name = desired["metadata"]["name"]
+            assert await apply_if_needed(kube, desired, None) is not None
+            observed = await kube.get(res, name, namespace=namespace)
+            assert not needs_apply(desired, observed)
+            assert await apply_if_needed(kube, desired, observed) is None
+        # Dropping a label atlasd applied is a change, and applying removes it.
+        observed = await kube.get(SERVICES, "east-thanos-sidecar0", namespace=namespace)
+        owner = await kube.get(SERVICES, "east-thanos-sidecar0", namespace=namespace)
+        trimmed = {**svc, "metadata": {**svc["metadata"], "labels": ownership_labels("east")}}
+        assert needs_apply(trimmed, observed)
+        stored = await kube.apply(trimmed)
+        assert "goatlas.io/thanos-sidecar" not in stored["metadata"]["labels"]
+        assert not needs_apply(trimmed, stored)
+        # Ownership: an ownerReference to a real object is accepted.
+        child = with_ownership(_cm(namespace, "child", {"k": "v"}), owner=owner)
+        stored = await kube.apply(child)
+        assert stored["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+        assert not needs_apply(child, stored)
+        items, _ = await kube.list(
+            CONFIGMAPS, namespace=namespace, label_selector=managed_selector()
+        )
+        assert [i["metadata"]["name"] for i in items] == ["child"]
