@@ -20,6 +20,10 @@ The client and the Event poster are handed in (``KubeApi``, ``EventPoster``: the
 passes ``atlasd.kube.client.KubeClient`` and ``atlasd.kube.events.post_event``): the
 import contract keeps httpx — and so the client module — out of this layer.
 
+A sidecar Service is never written over a cluster Service of the same name (reason
+``NameClash`` on the cluster that wanted it); any other same-named object atlasd does not own
+yet is taken over, which is how an installation of the original is adopted.
+
 A cluster Service that exists but is invalid is *protected*: its existing objects are
 neither rewritten nor pruned (a typo in an annotation must not revoke a working cluster's
 identity), and it is left out of the Fleet until fixed.
