@@ -75,6 +75,7 @@ class Ack:
     type_url: str
     version: str
     stamp: float  # caller-provided time the acknowledged content was published
+    pushed: bool = True  # False: the Envoy already had it (no push to time)
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ class DeltaStream:
         step = Step()
         t = req.type_url
         st = self._types.get(t)
+        first = st is None
         if st is None:
             st = self._types[t] = _DeltaType()
             st.known = dict(req.initial_resource_versions)
@@ -281,7 +283,13 @@ class DeltaStream:
                 else:
                     self._acked[t] = sent.system_version
                     step.acks.append(Ack(t, sent.system_version, sent.stamp))
+        sent_before = len(step.responses)
         self._respond(t, st, snap, stamp, step, upserts=True, removals=True)
+        if first and snap is not None and len(step.responses) == sent_before:
+            # A reconnecting Envoy already holds exactly the current resources (its
+            # initial_resource_versions said so): nothing to send, and it is up to date.
+            self._acked[t] = snap.version(t)
+            step.acks.append(Ack(t, snap.version(t), stamp, pushed=False))
         return step
 
     def on_snapshot(self, snap: Snapshot | None, stamp: float) -> Step:

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +153,9 @@ class AdsService:
         had_snapshot = self.cache.get(node) is not None
         log.info("xds: %s stream %d opened for node %r from %s (%s)", kind, sid, node, peer, who)
         try:
-            await self._apply(stream, sid, node, machine.on_request(first, *self._state(node)))
+            await self._apply(
+                stream, sid, node, machine.on_request(first, *self._state(node, asked=True))
+            )
             while True:
                 item = await queue.get()
                 if isinstance(item, _Ended):
@@ -174,7 +177,7 @@ class AdsService:
                         raise grpclib.exceptions.GRPCError(
                             grpclib.const.Status.INVALID_ARGUMENT, "node id changed on the stream"
                         )
-                    step = machine.on_request(item, *self._state(node))
+                    step = machine.on_request(item, *self._state(node, asked=True))
                 await self._apply(stream, sid, node, step)
         except _GONE:
             return
@@ -185,16 +188,23 @@ class AdsService:
             self.cache.metrics.connected.labels(kind).dec()
             log.info("xds: %s stream %d for node %r closed", kind, sid, node)
 
-    def _state(self, node: str) -> tuple[Any, float]:
+    def _state(self, node: str, *, asked: bool = False) -> tuple[Any, float]:
+        """The node's snapshot and the push-latency start: when it was published, or,
+        for an answer to a request (a new stream, a new subscription), now."""
         snap = self.cache.get(node)
         stamp = self.cache.published_at(node)
-        return snap, stamp if stamp is not None else time.monotonic()
+        now = time.monotonic()
+        if stamp is None or asked:
+            return snap, now
+        return snap, stamp
 
     async def _apply(self, stream: Any, sid: int, node: str, step: Step) -> None:
         m = self.cache.metrics
         now = time.monotonic()
         for ack in step.acks:
             self.cache.board.acked(sid, ack.type_url, ack.version)
+            if not ack.pushed:
+                continue
             m.push_latency.labels(SHORT_NAMES.get(ack.type_url, ack.type_url)).observe(
                 max(0.0, now - ack.stamp)
             )
@@ -212,6 +222,30 @@ class AdsService:
         for resp in step.responses:
             await stream.send_message(resp)
             m.pushes.labels(SHORT_NAMES.get(resp.type_url, resp.type_url)).inc()
+
+
+class _Server(grpclib.server.Server):
+    """grpclib's Server, remembering its connections so that shutdown closes them.
+
+    ``Server.close()`` cancels the request handlers and stops listening but leaves the
+    HTTP/2 connections open; with the event loop gone, an Envoy would keep a dead
+    stream and never reconnect.
+    """
+
+    def __init__(self, handlers: list[Any]) -> None:
+        super().__init__(handlers)
+        self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> Any:
+        proto = super()._protocol_factory()
+        self._protocols.add(proto)
+        return proto
+
+    def close_connections(self) -> None:
+        for proto in list(self._protocols):
+            conn = getattr(proto, "connection", None)
+            if conn is not None:
+                conn.close()
 
 
 def _peer(stream: Any) -> str:
@@ -234,20 +268,22 @@ async def run_ads_server(
 ) -> None:
     """Serve ADS on ``host:port`` until cancelled; ``started()`` with the bound port."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    bound = int(sock.getsockname()[1])
-    async with trio_asyncio.open_loop():
-        server = grpclib.server.Server([AdsService(cache, authorizer)])
-        await trio_asyncio.aio_as_trio(server.start)(sock=sock)
-        log.info("xds: ADS server listening on %s:%d", host, bound)
-        task_status.started(bound)
-        try:
-            await trio.sleep_forever()
-        finally:
-            server.close()
-            with trio.move_on_after(5) as scope:
-                scope.shield = True
-                await trio_asyncio.aio_as_trio(server.wait_closed)()
+    with sock:  # closed on every exit (the asyncio server closes it too once it owns it)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        bound = int(sock.getsockname()[1])
+        async with trio_asyncio.open_loop():
+            server = _Server([AdsService(cache, authorizer)])
+            await trio_asyncio.aio_as_trio(server.start)(sock=sock)
+            log.info("xds: ADS server listening on %s:%d", host, bound)
+            task_status.started(bound)
+            try:
+                await trio.sleep_forever()
+            finally:
+                server.close()
+                server.close_connections()
+                with trio.move_on_after(5) as scope:
+                    scope.shield = True
+                    await trio_asyncio.aio_as_trio(server.wait_closed)()

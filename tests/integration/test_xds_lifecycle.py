@@ -79,3 +79,26 @@ def _pushes(w: World) -> float:
         if metric.name == "atlasd_xds_pushes":
             total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
     return total
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_envoys_reconnect_and_get_full_state(envoy_factory: Any, delta: bool) -> None:
+    """atlasd restarts (new streams, no memory of old ones): the Envoys keep serving their
+    config meanwhile, reconnect, and converge on the current state including a change."""
+    async with xds_world(envoy_factory, delta=delta, clusters=("east",)) as w:
+        await w.start_envoy("atlas")
+        await w.start_envoy("east")
+        for n in ("atlas", "east"):
+            await w.wait_acked(n)
+        before = {s.stream_id for s in w.cache.status()}
+        await w.restart_server()
+        w.add_cluster(helpers.cluster("west"))
+        w.publish()
+        for n in ("atlas", "east"):
+            await w.wait_acked(n)
+        assert {s.stream_id for s in w.cache.status()}.isdisjoint(before)
+        await wait_until_async(
+            lambda: _contains(w, "atlas", ("/prom/west/", "west-thanos")),
+            timeout=20,
+            what="the change after reconnecting",
+        )

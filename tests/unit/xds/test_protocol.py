@@ -199,3 +199,15 @@ def test_delta_subscribe_unsubscribe() -> None:
     # Re-subscribing sends it again (the Envoy forgot it).
     [r2] = m.on_request(dreq(SECRET, ["server"], nonce="stale"), S1, 0).responses
     assert [x.name for x in r2.resources] == ["server"]
+
+
+def test_delta_reconnect_with_current_named_resources_counts_as_acked() -> None:
+    m = DeltaStream("n")
+    have = {"server": S1.of_type(SECRET)["server"].version}
+    step = m.on_request(dreq(SECRET, ["server"], initial=have), S1, 0)
+    assert step.responses == []
+    assert [(a.version, a.pushed) for a in step.acks] == [(S1.version(SECRET), False)]
+    # With an outdated version it is sent, and only the real ACK counts.
+    m2 = DeltaStream("n")
+    step = m2.on_request(dreq(SECRET, ["server"], initial={"server": "old"}), S1, 0)
+    assert len(step.responses) == 1 and step.acks == []

@@ -4,7 +4,7 @@ the observability Envoy and downstream Envoys on loopback, each with its own por
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,6 +27,10 @@ from tests.unit.xds import helpers
 EnvoyFactory = Callable[[dict[str, Any], str], Envoy]
 
 
+async def _no_restart() -> None:
+    raise RuntimeError("server not running")
+
+
 @dataclasses.dataclass
 class World:
     ca: CA
@@ -42,6 +46,7 @@ class World:
     envoy_factory: EnvoyFactory
     delta: bool
     token: str | None = None
+    restart_server: Callable[[], Awaitable[None]] = dataclasses.field(default=_no_restart)
     envoys: dict[str, Envoy] = dataclasses.field(default_factory=dict)
 
     def fleet(self) -> model.Fleet:
@@ -150,15 +155,24 @@ async def xds_world(
     registry = CollectorRegistry()
     cache = SnapshotCache(metrics=XdsMetrics(registry))
     async with trio.open_nursery() as nursery:
-        ads_port = await nursery.start(
-            lambda task_status: run_ads_server(
-                cache=cache,
-                host="127.0.0.1",
-                port=0,
-                authorizer=Authorizer(forwarder_token=token),
-                task_status=task_status,
-            )
-        )
+
+        async def serve(port: int, task_status: trio.TaskStatus[int]) -> None:
+            stopped = trio.Event()
+            try:
+                with trio.CancelScope() as scope:
+                    world_scopes.append((scope, stopped))
+                    await run_ads_server(
+                        cache=cache,
+                        host="127.0.0.1",
+                        port=port,
+                        authorizer=Authorizer(forwarder_token=token),
+                        task_status=task_status,
+                    )
+            finally:
+                stopped.set()
+
+        world_scopes: list[tuple[trio.CancelScope, trio.Event]] = []
+        ads_port = await nursery.start(serve, 0)
         settings = model.Settings(
             atlasd_ads_host="127.0.0.1",
             atlasd_ads_port=ads_port,
@@ -185,6 +199,14 @@ async def xds_world(
             envoy_factory=envoy_factory,
             delta=delta,
         )
+
+        async def restart_server() -> None:
+            scope, stopped = world_scopes.pop()
+            scope.cancel()
+            await stopped.wait()
+            await nursery.start(serve, ads_port)
+
+        world.restart_server = restart_server
         for name in clusters:
             world.add_cluster(cluster_factory(name))
         world.publish()
