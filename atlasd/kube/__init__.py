@@ -1,0 +1,11 @@
+"""The Kubernetes access layer: the only code that speaks HTTP to the API server.
+
+- ``config``: kubeconfig / in-cluster configuration and credentials (tokenFile, exec).
+- ``client``: ``KubeClient``, the async verbs (get, list, apply, create, replace, delete,
+  watch) on raw httpx.
+- ``errors``: the error tree every failure is translated into.
+- ``resources``: the API resources atlasd uses and their URL paths.
+- ``apply``: ``needs_apply`` (no-op passes write nothing) and ownership helpers.
+- ``events``: core/v1 Events, best effort.
+- ``lease``: leader election on a coordination.k8s.io/v1 Lease.
+"""

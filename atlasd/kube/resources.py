@@ -112,3 +112,15 @@ def resource_for(api_version: str, kind: str) -> Resource:
     if found is not None:
         return found
     return Resource(api_version, kind, _plural(kind))
+
+
+# What atlasd itself calls in its own namespace, as (apiGroup, resource, verb): the
+# chart's Role should grant exactly these. Writes are server-side apply (patch), create,
+# update (PUT with a resourceVersion) and delete; Events are created, then patched to
+# bump ``count``; the Lease is read, created and updated (never listed or watched).
+_OBJECT_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
+REQUIRED_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
+    {("", r.plural, v) for r in (SERVICES, SECRETS, CONFIGMAPS) for v in _OBJECT_VERBS}
+    | {("", EVENTS.plural, v) for v in ("create", "patch")}
+    | {(LEASES.group, LEASES.plural, v) for v in ("get", "create", "update")}
+)
