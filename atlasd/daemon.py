@@ -46,6 +46,7 @@ from atlasd.http import StatusApp, run_http
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.errors import Conflict, KubeError
+from atlasd.kube.lease import run_leader_election
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Fleet, Problem, Settings
 from atlasd.reconcile.applier import Reconciler, ReconcileResult
@@ -422,8 +423,6 @@ class Daemon:
         self._leading_changed = trio.Event()
 
     async def _election(self, kube: KubeClient) -> None:
-        from atlasd.kube.lease import run_leader_election
-
         await run_leader_election(
             kube,
             name=self.options.lease_name,

@@ -164,3 +164,43 @@ def test_demo_serves_through_the_envoy_chain_and_stops_cleanly(tmp_path: Path) -
     # No process of the demo is left behind.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(workdir) not in ps
+
+
+def test_two_replicas_one_leader_both_serve_and_handover(
+    apiserver: ApiServer, namespace: str, tmp_path: Path
+) -> None:
+    kube = (f"--kubeconfig={apiserver.admin_kubeconfig}", f"--namespace={namespace}")
+    a = Atlasd(tmp_path / "a", *kube, "--identity=replica-a").start()
+    b = Atlasd(tmp_path / "b", *kube, "--identity=replica-b").start()
+    try:
+        with apiserver.admin() as c:
+            assert (
+                c.post(f"/api/v1/namespaces/{namespace}/services", json=CLUSTER).status_code == 201
+            )
+
+        def both_serve_east() -> bool:
+            return all(
+                [c["name"] for c in r.status().get("clusters") or []] == ["east"] for r in (a, b)
+            )
+
+        wait_until(both_serve_east, timeout=60, what="both replicas serve east from their caches")
+        leaders = [r for r in (a, b) if r.status()["leader"]]
+        assert len(leaders) == 1, "exactly one replica leads"
+        leader = leaders[0]
+        follower = b if leader is a else a
+        leader.proc.kill()
+        # client-go timings: a lease of 15 s; the follower takes over once it expires.
+        wait_until(lambda: follower.status()["leader"], timeout=30, what="the follower takes over")
+        # ... and, leading now, it reconciles a change.
+        with apiserver.admin() as c:
+            west = {**CLUSTER, "metadata": {**CLUSTER["metadata"], "name": "west"}}  # type: ignore[dict-item]
+            west["spec"] = {**CLUSTER["spec"], "externalIPs": ["192.0.2.11"]}  # type: ignore[dict-item]
+            assert c.post(f"/api/v1/namespaces/{namespace}/services", json=west).status_code == 201
+        wait_until(
+            lambda: "west-envoy-values" in _secrets(apiserver, namespace),
+            timeout=30,
+            what="the new leader writes west's values",
+        )
+    finally:
+        a.proc.stop()
+        b.proc.stop()
