@@ -31,328 +31,47 @@ concatenating their encoded bytes (protobuf repeated fields may be encoded piece
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2 as hcm_pb2,
-)
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import (  # type: ignore[import-untyped]
-    any_pb2,
-    duration_pb2,
-    message,
-    wrappers_pb2,
-)
 
 from atlasd import model
+from atlasd.xds.messages import (
+    ADS_FORWARD_CLUSTER,
+    ATLAS_ALERTMANAGER_CLUSTER,
+    CLIENT_SECRET,
+    FORWARDER_TOKEN_HEADER,
+    ROUTES_FIELD,
+    SERVER_SECRET,
+    VALIDATION_SECRET,
+    VHOSTS_FIELD,
+    XFCC_HEADER,
+    Piece,
+    downstream_tls_chain,
+    host_domains,
+    make_cluster,
+    make_hcm,
+    make_listener,
+    make_route,
+    repeated_field,
+    serialize,
+    tls_secret,
+    validation_secret,
+)
 from atlasd.xds.plan import ListenPlan
 from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SECRET, Resource, Snapshot
 
-VALIDATION_SECRET = "validation"
-SERVER_SECRET = "server"
-CLIENT_SECRET = "client"
-# Dynamic cluster behind 10900. Must differ from the static ADS cluster of the
-# observability Envoy's bootstrap (Envoy refuses a CDS cluster shadowing a static one).
-ADS_FORWARD_CLUSTER = "atlasd-ads-forward"
-ATLAS_ALERTMANAGER_CLUSTER = "atlas-alertmanager"
-FORWARDER_TOKEN_HEADER = "x-atlasd-forwarder-token"
-XFCC_HEADER = "x-forwarded-client-cert"
-
-_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-
-
-# ---------------------------------------------------------------------------------------
-# protobuf helpers
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A cached serialized fragment (a resource body or a route/virtual host)."""
-
-    body: bytes
-    refs: frozenset[tuple[str, str]]
-
-
-def _any(msg: message.Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
-
-
-def _ser(msg: message.Message) -> bytes:
-    return bytes(msg.SerializeToString(deterministic=True))
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _repeated(field_number: int, items: Iterable[bytes]) -> bytes:
-    """Encode already-serialized messages as occurrences of a length-delimited field."""
-    tag = _varint((field_number << 3) | 2)
-    return b"".join(tag + _varint(len(b)) + b for b in items)
-
-
-_VHOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["virtual_hosts"].number
-_ROUTES_FIELD = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["routes"].number
-
-
-def _sds(name: str) -> secret_pb2.SdsSecretConfig:
-    return secret_pb2.SdsSecretConfig(
-        name=name,
-        sds_config=config_source_pb2.ConfigSource(
-            ads=config_source_pb2.AggregatedConfigSource(),
-            resource_api_version=config_source_pb2.ApiVersion.V3,
-        ),
-    )
-
-
-def _san_matchers(names: Sequence[str]) -> list[common_pb2.SubjectAltNameMatcher]:
-    return [
-        common_pb2.SubjectAltNameMatcher(
-            san_type=common_pb2.SubjectAltNameMatcher.DNS,
-            matcher=string_pb2.StringMatcher(exact=n),
-        )
-        for n in names
-    ]
-
-
-def _validation(
-    san: Sequence[str],
-) -> tls_pb2.CommonTlsContext.CombinedCertificateValidationContext:
-    return tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
-        default_validation_context=common_pb2.CertificateValidationContext(
-            match_typed_subject_alt_names=_san_matchers(san)
-        ),
-        validation_context_sds_secret_config=_sds(VALIDATION_SECRET),
-    )
-
-
-def _downstream_tls(
-    *, client_sans: Sequence[str] | None
-) -> tuple[listener_components_pb2.FilterChain, frozenset[tuple[str, str]]]:
-    """A TLS filter chain requiring a client certificate (``client_sans`` None: any SAN)."""
-    common = tls_pb2.CommonTlsContext(
-        tls_certificate_sds_secret_configs=[_sds(SERVER_SECRET)],
-        alpn_protocols=["h2", "http/1.1"],
-    )
-    if client_sans is None:
-        common.validation_context_sds_secret_config.CopyFrom(_sds(VALIDATION_SECRET))
-    else:
-        common.combined_validation_context.CopyFrom(_validation(client_sans))
-    ctx = tls_pb2.DownstreamTlsContext(
-        common_tls_context=common,
-        require_client_certificate=wrappers_pb2.BoolValue(value=True),
-    )
-    chain = listener_components_pb2.FilterChain(
-        transport_socket=base_pb2.TransportSocket(
-            name="envoy.transport_sockets.tls", typed_config=_any(ctx)
-        )
-    )
-    return chain, frozenset({(SECRET, SERVER_SECRET), (SECRET, VALIDATION_SECRET)})
-
-
-def _hcm(
-    *,
-    stat_prefix: str,
-    route_name: str,
-    streaming: bool = False,
-    forward_client_cert: bool = False,
-) -> hcm_pb2.HttpConnectionManager:
-    hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix=stat_prefix,
-        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(
-            config_source=config_source_pb2.ConfigSource(
-                ads=config_source_pb2.AggregatedConfigSource(),
-                resource_api_version=config_source_pb2.ApiVersion.V3,
-            ),
-            route_config_name=route_name,
-        ),
-        http_filters=[
-            hcm_pb2.HttpFilter(
-                name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
-            )
-        ],
-    )
-    if streaming:
-        # gRPC streams (xDS, Thanos StoreAPI series) may stay quiet for long.
-        hcm.stream_idle_timeout.CopyFrom(duration_pb2.Duration(seconds=0))
-    if forward_client_cert:
-        hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
-        hcm.set_current_client_cert_details.CopyFrom(
-            hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(dns=True, uri=True)
-        )
-    return hcm
-
-
-def _listener(
-    *,
-    name: str,
-    address: str,
-    port: int,
-    hcm: hcm_pb2.HttpConnectionManager,
-    tls_chain: listener_components_pb2.FilterChain | None,
-) -> listener_pb2.Listener:
-    chain = listener_components_pb2.FilterChain()
-    if tls_chain is not None:
-        chain.CopyFrom(tls_chain)
-    chain.filters.append(
-        listener_components_pb2.Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm)
-        )
-    )
-    return listener_pb2.Listener(
-        name=name,
-        address=address_pb2.Address(
-            socket_address=address_pb2.SocketAddress(address=address, port_value=port)
-        ),
-        filter_chains=[chain],
-    )
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _cluster(
-    *,
-    name: str,
-    host: str,
-    port: int,
-    http2: bool,
-    tls_san: str | None = None,
-    max_connection_seconds: int | None = None,
-) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
-    """An upstream cluster with its endpoint inline (no EDS); mTLS when ``tls_san`` is set."""
-    c = cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.STATIC if _is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
-        connect_timeout=duration_pb2.Duration(seconds=5),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=address_pb2.Address(
-                                    socket_address=address_pb2.SocketAddress(
-                                        address=host, port_value=port
-                                    )
-                                )
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
-    )
-    if http2:
-        opts = http_protocol_options_pb2.HttpProtocolOptions(
-            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-            )
-        )
-        if max_connection_seconds is not None:
-            # Bounds how long a connection authenticated by a rotated-out certificate lives.
-            opts.common_http_protocol_options.max_connection_duration.CopyFrom(
-                duration_pb2.Duration(seconds=max_connection_seconds)
-            )
-        c.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].CopyFrom(_any(opts))
-    refs: frozenset[tuple[str, str]] = frozenset()
-    if tls_san is not None:
-        ctx = tls_pb2.UpstreamTlsContext(
-            common_tls_context=tls_pb2.CommonTlsContext(
-                tls_certificate_sds_secret_configs=[_sds(CLIENT_SECRET)],
-                combined_validation_context=_validation([tls_san]),
-                alpn_protocols=["h2"] if http2 else ["http/1.1"],
-            ),
-            sni=tls_san,
-        )
-        c.transport_socket.CopyFrom(
-            base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
-        )
-        refs = frozenset({(SECRET, CLIENT_SECRET), (SECRET, VALIDATION_SECRET)})
-    return c, refs
-
-
-def _route(
-    cluster: str,
-    *,
-    prefix: str = "/",
-    rewrite: str | None = None,
-    host_rewrite: str | None = None,
-    streaming: bool = False,
-    headers_to_add: Sequence[tuple[str, str]] = (),
-) -> route_components_pb2.Route:
-    action = route_components_pb2.RouteAction(cluster=cluster)
-    if rewrite is not None:
-        action.prefix_rewrite = rewrite
-    if host_rewrite is not None:
-        action.host_rewrite_literal = host_rewrite
-    if streaming:
-        action.timeout.CopyFrom(duration_pb2.Duration(seconds=0))
-    r = route_components_pb2.Route(
-        match=route_components_pb2.RouteMatch(prefix=prefix),
-        route=action,
-    )
-    for k, v in headers_to_add:
-        r.request_headers_to_add.append(
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=k, value=v),
-                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
-        )
-    return r
-
-
-def _host_domains(host: str) -> list[str]:
-    """The authority with and without a port (``host:*`` is an Envoy prefix wildcard)."""
-    return [host, f"{host}:*"]
-
-
-def _tls_secret(name: str, ck: model.CertKey) -> _Piece:
-    s = secret_pb2.Secret(
-        name=name,
-        tls_certificate=common_pb2.TlsCertificate(
-            certificate_chain=base_pb2.DataSource(inline_bytes=ck.cert_pem),
-            private_key=base_pb2.DataSource(inline_bytes=ck.key_pem),
-        ),
-    )
-    return _Piece(_ser(s), frozenset())
-
-
-def _validation_secret(bundle: bytes) -> _Piece:
-    s = secret_pb2.Secret(
-        name=VALIDATION_SECRET,
-        validation_context=common_pb2.CertificateValidationContext(
-            trusted_ca=base_pb2.DataSource(inline_bytes=bundle)
-        ),
-    )
-    return _Piece(_ser(s), frozenset())
+__all__ = [
+    "ADS_FORWARD_CLUSTER",
+    "ATLAS_ALERTMANAGER_CLUSTER",
+    "CLIENT_SECRET",
+    "FORWARDER_TOKEN_HEADER",
+    "SERVER_SECRET",
+    "VALIDATION_SECRET",
+    "XFCC_HEADER",
+    "SnapshotBuilder",
+    "build_snapshots",
+]
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,7 +98,7 @@ class SnapshotBuilder:
         self.plan = plan or ListenPlan()
         self._token = forwarder_token
         self._conn_seconds = upstream_connection_seconds
-        self._memo: dict[tuple[str, str, str], tuple[Hashable, _Piece]] = {}
+        self._memo: dict[tuple[str, str, str], tuple[Hashable, Piece]] = {}
         self._resources: dict[tuple[str, str, str], tuple[Hashable, Resource]] = {}
         self._snapshots: dict[str, tuple[tuple[tuple[str, str, str], ...], Snapshot]] = {}
         # Keys used while building the current downstream node (None: not tracking).
@@ -392,8 +111,8 @@ class SnapshotBuilder:
         self.reused = 0
 
     def _piece(
-        self, key: tuple[str, str, str], inputs: Hashable, make: Callable[[], _Piece]
-    ) -> _Piece:
+        self, key: tuple[str, str, str], inputs: Hashable, make: Callable[[], Piece]
+    ) -> Piece:
         self._used.add(key)
         if self._node_keys is not None:
             self._node_keys.add(key)
@@ -407,7 +126,7 @@ class SnapshotBuilder:
         return piece
 
     def _res(
-        self, node: str, type_url: str, name: str, inputs: Hashable, make: Callable[[], _Piece]
+        self, node: str, type_url: str, name: str, inputs: Hashable, make: Callable[[], Piece]
     ) -> Resource:
         key = (node, type_url, name)
         self._used.add(key)
@@ -498,35 +217,37 @@ class SnapshotBuilder:
         res: list[Resource] = []
 
         # 10900: xDS for downstream Envoys, forwarded to atlasd with the client cert.
-        def xds_listener() -> _Piece:
-            chain, refs = _downstream_tls(client_sans=None)
-            hcm = _hcm(
+        def xds_listener() -> Piece:
+            chain, refs = downstream_tls_chain(client_sans=None)
+            hcm = make_hcm(
                 stat_prefix="xds", route_name="xds", streaming=True, forward_client_cert=True
             )
-            lst = _listener(name="xds", address=obs.address, port=obs.xds, hcm=hcm, tls_chain=chain)
-            return _Piece(_ser(lst), refs | {(ROUTE, "xds")})
+            lst = make_listener(
+                name="xds", address=obs.address, port=obs.xds, hcm=hcm, tls_chain=chain
+            )
+            return Piece(serialize(lst), refs | {(ROUTE, "xds")})
 
         res.append(self._res(node, LISTENER, "xds", (obs,), xds_listener))
 
-        def xds_route() -> _Piece:
+        def xds_route() -> Piece:
             # OVERWRITE_IF_EXISTS_OR_ADD replaces any copy a caller sent. (A virtual-host
             # level remove would run after this route-level add and drop it.)
             headers = [(FORWARDER_TOKEN_HEADER, self._token)] if self._token else []
             vh = route_components_pb2.VirtualHost(
                 name="xds",
                 domains=["*"],
-                routes=[_route(ADS_FORWARD_CLUSTER, streaming=True, headers_to_add=headers)],
+                routes=[make_route(ADS_FORWARD_CLUSTER, streaming=True, headers_to_add=headers)],
             )
             rc = route_pb2.RouteConfiguration(name="xds", virtual_hosts=[vh])
-            return _Piece(_ser(rc), frozenset({(CLUSTER, ADS_FORWARD_CLUSTER)}))
+            return Piece(serialize(rc), frozenset({(CLUSTER, ADS_FORWARD_CLUSTER)}))
 
         res.append(self._res(node, ROUTE, "xds", (self._token,), xds_route))
 
-        def ads_cluster() -> _Piece:
-            c, refs = _cluster(
+        def ads_cluster() -> Piece:
+            c, refs = make_cluster(
                 name=ADS_FORWARD_CLUSTER, host=s.atlasd_ads_host, port=s.atlasd_ads_port, http2=True
             )
-            return _Piece(_ser(c), refs)
+            return Piece(serialize(c), refs)
 
         res.append(
             self._res(
@@ -549,8 +270,8 @@ class SnapshotBuilder:
 
                 def up(
                     cname: str = cname, c: model.DownstreamCluster = c, port: int = port
-                ) -> _Piece:
-                    cl, refs = _cluster(
+                ) -> Piece:
+                    cl, refs = make_cluster(
                         name=cname,
                         host=c.external_ip,
                         port=port,
@@ -558,23 +279,23 @@ class SnapshotBuilder:
                         tls_san=c.name,
                         max_connection_seconds=self._conn_seconds,
                     )
-                    return _Piece(_ser(cl), refs)
+                    return Piece(serialize(cl), refs)
 
                 res.append(self._res(node, CLUSTER, cname, (c.name, c.external_ip, port), up))
                 route_refs.add((CLUSTER, cname))
 
-            def thanos_vh(c: model.DownstreamCluster = c) -> _Piece:
+            def thanos_vh(c: model.DownstreamCluster = c) -> Piece:
                 domains = [
                     d
                     for svc in c.sidecar_services()
-                    for d in _host_domains(f"{svc}.{s.namespace}.svc.{s.cluster_domain}")
+                    for d in host_domains(f"{svc}.{s.namespace}.svc.{s.cluster_domain}")
                 ]
                 vh = route_components_pb2.VirtualHost(
                     name=f"{c.name}-thanos",
                     domains=domains,
-                    routes=[_route(f"{c.name}-thanos", streaming=True)],
+                    routes=[make_route(f"{c.name}-thanos", streaming=True)],
                 )
-                return _Piece(_ser(vh), frozenset())
+                return Piece(serialize(vh), frozenset())
 
             thanos_vhosts.append(
                 self._piece(
@@ -584,22 +305,22 @@ class SnapshotBuilder:
                 ).body
             )
 
-            def prom_route(c: model.DownstreamCluster = c) -> _Piece:
-                r = _route(f"{c.name}-prom", prefix=f"/prom/{c.name}/", rewrite="/")
-                return _Piece(_ser(r), frozenset())
+            def prom_route(c: model.DownstreamCluster = c) -> Piece:
+                r = make_route(f"{c.name}-prom", prefix=f"/prom/{c.name}/", rewrite="/")
+                return Piece(serialize(r), frozenset())
 
             prom_routes.append(self._piece((node, "route/prom", c.name), c.name, prom_route).body)
 
         res.append(self._plain_listener(node, "thanos", obs.address, obs.thanos, streaming=True))
         res.append(self._plain_listener(node, "prometheus", obs.address, obs.prometheus))
-        thanos_rc = _ser(route_pb2.RouteConfiguration(name="thanos")) + _repeated(
-            _VHOSTS_FIELD, thanos_vhosts
+        thanos_rc = serialize(route_pb2.RouteConfiguration(name="thanos")) + repeated_field(
+            VHOSTS_FIELD, thanos_vhosts
         )
-        prom_vh = _ser(
+        prom_vh = serialize(
             route_components_pb2.VirtualHost(name="prometheus", domains=["*"])
-        ) + _repeated(_ROUTES_FIELD, prom_routes)
-        prom_rc = _ser(route_pb2.RouteConfiguration(name="prometheus")) + _repeated(
-            _VHOSTS_FIELD, [prom_vh]
+        ) + repeated_field(ROUTES_FIELD, prom_routes)
+        prom_rc = serialize(route_pb2.RouteConfiguration(name="prometheus")) + repeated_field(
+            VHOSTS_FIELD, [prom_vh]
         )
         thanos_refs = {r for r in route_refs if r[1].endswith("-thanos")}
         res.append(Resource.of(ROUTE, "thanos", thanos_rc, thanos_refs))
@@ -610,17 +331,17 @@ class SnapshotBuilder:
         if fleet.alertmanagers and fleet.clusters:
             names = tuple(c.name for c in fleet.clusters)
 
-            def am_listener() -> _Piece:
-                chain, refs = _downstream_tls(client_sans=names)
-                hcm = _hcm(stat_prefix="alertmanager", route_name="alertmanager")
-                lst = _listener(
+            def am_listener() -> Piece:
+                chain, refs = downstream_tls_chain(client_sans=names)
+                hcm = make_hcm(stat_prefix="alertmanager", route_name="alertmanager")
+                lst = make_listener(
                     name="alertmanager",
                     address=obs.address,
                     port=obs.alertmanager,
                     hcm=hcm,
                     tls_chain=chain,
                 )
-                return _Piece(_ser(lst), refs | {(ROUTE, "alertmanager")})
+                return Piece(serialize(lst), refs | {(ROUTE, "alertmanager")})
 
             res.append(self._res(node, LISTENER, "alertmanager", (obs, names), am_listener))
             vhosts = []
@@ -631,21 +352,21 @@ class SnapshotBuilder:
                     name=am.name, namespace=am.namespace, domain=s.cluster_domain
                 )
 
-                def am_cluster(cname: str = cname, host: str = host, port: int = am.port) -> _Piece:
-                    cl, refs = _cluster(name=cname, host=host, port=port, http2=False)
-                    return _Piece(_ser(cl), refs)
+                def am_cluster(cname: str = cname, host: str = host, port: int = am.port) -> Piece:
+                    cl, refs = make_cluster(name=cname, host=host, port=port, http2=False)
+                    return Piece(serialize(cl), refs)
 
                 res.append(self._res(node, CLUSTER, cname, (host, am.port), am_cluster))
                 am_refs.add((CLUSTER, cname))
                 vhosts.append(
                     route_components_pb2.VirtualHost(
                         name=cname,
-                        domains=_host_domains(f"{cname}.{s.namespace}.svc.{s.cluster_domain}"),
-                        routes=[_route(cname)],
+                        domains=host_domains(f"{cname}.{s.namespace}.svc.{s.cluster_domain}"),
+                        routes=[make_route(cname)],
                     )
                 )
             rc = route_pb2.RouteConfiguration(name="alertmanager", virtual_hosts=vhosts)
-            res.append(Resource.of(ROUTE, "alertmanager", _ser(rc), am_refs))
+            res.append(Resource.of(ROUTE, "alertmanager", serialize(rc), am_refs))
 
         res.extend(self._referenced_secrets(node, res, pki, ident))
         return res
@@ -653,10 +374,10 @@ class SnapshotBuilder:
     def _plain_listener(
         self, node: str, name: str, address: str, port: int, *, streaming: bool = False
     ) -> Resource:
-        def make() -> _Piece:
-            hcm = _hcm(stat_prefix=name, route_name=name, streaming=streaming)
-            lst = _listener(name=name, address=address, port=port, hcm=hcm, tls_chain=None)
-            return _Piece(_ser(lst), frozenset({(ROUTE, name)}))
+        def make() -> Piece:
+            hcm = make_hcm(stat_prefix=name, route_name=name, streaming=streaming)
+            lst = make_listener(name=name, address=address, port=port, hcm=hcm, tls_chain=None)
+            return Piece(serialize(lst), frozenset({(ROUTE, name)}))
 
         return self._res(node, LISTENER, name, (address, port, streaming), make)
 
@@ -669,14 +390,14 @@ class SnapshotBuilder:
             bundle = pki.trust_bundle
             out.append(
                 self._res(
-                    node, SECRET, VALIDATION_SECRET, bundle, lambda: _validation_secret(bundle)
+                    node, SECRET, VALIDATION_SECRET, bundle, lambda: validation_secret(bundle)
                 )
             )
         for name, ck in ((SERVER_SECRET, ident.server), (CLIENT_SECRET, ident.client)):
             if name in wanted:
 
-                def make(name: str = name, ck: model.CertKey = ck) -> _Piece:
-                    return _tls_secret(name, ck)
+                def make(name: str = name, ck: model.CertKey = ck) -> Piece:
+                    return tls_secret(name, ck)
 
                 out.append(self._res(node, SECRET, name, ck, make))
         return out
@@ -694,30 +415,32 @@ class SnapshotBuilder:
 
         for name, port in (("thanos", ports.thanos), ("prometheus", ports.prometheus)):
 
-            def mtls_listener(name: str = name, port: int = port) -> _Piece:
-                chain, refs = _downstream_tls(client_sans=atlas)
-                hcm = _hcm(stat_prefix=name, route_name=name, streaming=name == "thanos")
-                lst = _listener(
+            def mtls_listener(name: str = name, port: int = port) -> Piece:
+                chain, refs = downstream_tls_chain(client_sans=atlas)
+                hcm = make_hcm(stat_prefix=name, route_name=name, streaming=name == "thanos")
+                lst = make_listener(
                     name=name, address=ports.address, port=port, hcm=hcm, tls_chain=chain
                 )
-                return _Piece(_ser(lst), refs | {(ROUTE, name)})
+                return Piece(serialize(lst), refs | {(ROUTE, name)})
 
             res.append(self._res(node, LISTENER, name, (ports.address, port), mtls_listener))
 
         # Replica pinning: the authority names the sidecar Service of replica i.
-        def thanos_routes() -> _Piece:
+        def thanos_routes() -> Piece:
             vhosts = [
                 route_components_pb2.VirtualHost(
                     name=f"thanos{i}",
-                    domains=_host_domains(
+                    domains=host_domains(
                         f"{c.sidecar_service(i)}.{s.namespace}.svc.{s.cluster_domain}"
                     ),
-                    routes=[_route(f"thanos{i}", streaming=True)],
+                    routes=[make_route(f"thanos{i}", streaming=True)],
                 )
                 for i in range(c.replicas)
             ]
             rc = route_pb2.RouteConfiguration(name="thanos", virtual_hosts=vhosts)
-            return _Piece(_ser(rc), frozenset((CLUSTER, f"thanos{i}") for i in range(c.replicas)))
+            return Piece(
+                serialize(rc), frozenset((CLUSTER, f"thanos{i}") for i in range(c.replicas))
+            )
 
         res.append(
             self._res(
@@ -731,26 +454,26 @@ class SnapshotBuilder:
         for i in range(c.replicas):
             up = c.thanos_upstream(i)
 
-            def thanos_cluster(i: int = i, up: model.Upstream = up) -> _Piece:
-                cl, refs = _cluster(name=f"thanos{i}", host=up.host, port=up.port, http2=True)
-                return _Piece(_ser(cl), refs)
+            def thanos_cluster(i: int = i, up: model.Upstream = up) -> Piece:
+                cl, refs = make_cluster(name=f"thanos{i}", host=up.host, port=up.port, http2=True)
+                return Piece(serialize(cl), refs)
 
             res.append(self._res(node, CLUSTER, f"thanos{i}", up, thanos_cluster))
 
-        def prom_routes() -> _Piece:
+        def prom_routes() -> Piece:
             vh = route_components_pb2.VirtualHost(
-                name="prometheus", domains=["*"], routes=[_route("prometheus")]
+                name="prometheus", domains=["*"], routes=[make_route("prometheus")]
             )
             rc = route_pb2.RouteConfiguration(name="prometheus", virtual_hosts=[vh])
-            return _Piece(_ser(rc), frozenset({(CLUSTER, "prometheus")}))
+            return Piece(serialize(rc), frozenset({(CLUSTER, "prometheus")}))
 
         res.append(self._res(node, ROUTE, "prometheus", (), prom_routes))
 
-        def prom_cluster() -> _Piece:
-            cl, refs = _cluster(
+        def prom_cluster() -> Piece:
+            cl, refs = make_cluster(
                 name="prometheus", host=c.prometheus.host, port=c.prometheus.port, http2=False
             )
-            return _Piece(_ser(cl), refs)
+            return Piece(serialize(cl), refs)
 
         res.append(self._res(node, CLUSTER, "prometheus", c.prometheus, prom_cluster))
 
@@ -759,16 +482,16 @@ class SnapshotBuilder:
         if fleet.alertmanagers:
             n_am = len(fleet.alertmanagers)
 
-            def relay_listener() -> _Piece:
-                hcm = _hcm(stat_prefix="alertmanager", route_name="alertmanager")
-                lst = _listener(
+            def relay_listener() -> Piece:
+                hcm = make_hcm(stat_prefix="alertmanager", route_name="alertmanager")
+                lst = make_listener(
                     name="alertmanager",
                     address=ports.address,
                     port=ports.alertmanager,
                     hcm=hcm,
                     tls_chain=None,
                 )
-                return _Piece(_ser(lst), frozenset({(ROUTE, "alertmanager")}))
+                return Piece(serialize(lst), frozenset({(ROUTE, "alertmanager")}))
 
             res.append(
                 self._res(
@@ -780,15 +503,15 @@ class SnapshotBuilder:
                 )
             )
 
-            def relay_routes() -> _Piece:
+            def relay_routes() -> Piece:
                 hosts = [
                     f"alertmanager{i}.{s.namespace}.svc.{s.cluster_domain}" for i in range(n_am)
                 ]
                 vhosts = [
                     route_components_pb2.VirtualHost(
                         name=f"alertmanager{i}",
-                        domains=_host_domains(h),
-                        routes=[_route(ATLAS_ALERTMANAGER_CLUSTER)],
+                        domains=host_domains(h),
+                        routes=[make_route(ATLAS_ALERTMANAGER_CLUSTER)],
                     )
                     for i, h in enumerate(hosts)
                 ]
@@ -796,11 +519,11 @@ class SnapshotBuilder:
                     route_components_pb2.VirtualHost(
                         name="default",
                         domains=["*"],
-                        routes=[_route(ATLAS_ALERTMANAGER_CLUSTER, host_rewrite=hosts[0])],
+                        routes=[make_route(ATLAS_ALERTMANAGER_CLUSTER, host_rewrite=hosts[0])],
                     )
                 )
                 rc = route_pb2.RouteConfiguration(name="alertmanager", virtual_hosts=vhosts)
-                return _Piece(_ser(rc), frozenset({(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER)}))
+                return Piece(serialize(rc), frozenset({(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER)}))
 
             res.append(
                 self._res(
@@ -808,8 +531,8 @@ class SnapshotBuilder:
                 )
             )
 
-            def relay_cluster() -> _Piece:
-                cl, refs = _cluster(
+            def relay_cluster() -> Piece:
+                cl, refs = make_cluster(
                     name=ATLAS_ALERTMANAGER_CLUSTER,
                     host=s.envoy_address,
                     port=s.envoy_alertmanager_port,
@@ -817,7 +540,7 @@ class SnapshotBuilder:
                     tls_san=model.OBSERVABILITY_NODE,
                     max_connection_seconds=self._conn_seconds,
                 )
-                return _Piece(_ser(cl), refs)
+                return Piece(serialize(cl), refs)
 
             res.append(
                 self._res(

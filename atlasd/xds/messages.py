@@ -1,0 +1,331 @@
+"""Constructors of the Envoy v3 messages the builders assemble (pure, no state).
+
+Only non-deprecated fields are used (``tests/unit/xds/test_builders.py`` walks every
+built resource for deprecated fields and enum values). TLS material is always named
+through SDS over ADS (``validation``, ``server``, ``client``); only ``tls_secret`` and
+``validation_secret`` carry certificates and keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import (  # type: ignore[import-untyped]
+    any_pb2,
+    duration_pb2,
+    message,
+    wrappers_pb2,
+)
+
+from atlasd import model
+from atlasd.xds.snapshot import SECRET
+
+VALIDATION_SECRET = "validation"
+SERVER_SECRET = "server"
+CLIENT_SECRET = "client"
+# Dynamic cluster behind 10900. Must differ from the static ADS cluster of the
+# observability Envoy's bootstrap (Envoy refuses a CDS cluster shadowing a static one).
+ADS_FORWARD_CLUSTER = "atlasd-ads-forward"
+ATLAS_ALERTMANAGER_CLUSTER = "atlas-alertmanager"
+FORWARDER_TOKEN_HEADER = "x-atlasd-forwarder-token"
+XFCC_HEADER = "x-forwarded-client-cert"
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+# ---------------------------------------------------------------------------------------
+# protobuf helpers
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A cached serialized fragment (a resource body or a route/virtual host)."""
+
+    body: bytes
+    refs: frozenset[tuple[str, str]]
+
+
+def pack(msg: message.Message) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def serialize(msg: message.Message) -> bytes:
+    return bytes(msg.SerializeToString(deterministic=True))
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def repeated_field(field_number: int, items: Iterable[bytes]) -> bytes:
+    """Encode already-serialized messages as occurrences of a length-delimited field."""
+    tag = varint((field_number << 3) | 2)
+    return b"".join(tag + varint(len(b)) + b for b in items)
+
+
+VHOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["virtual_hosts"].number
+ROUTES_FIELD = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["routes"].number
+
+
+def sds_ref(name: str) -> secret_pb2.SdsSecretConfig:
+    return secret_pb2.SdsSecretConfig(
+        name=name,
+        sds_config=config_source_pb2.ConfigSource(
+            ads=config_source_pb2.AggregatedConfigSource(),
+            resource_api_version=config_source_pb2.ApiVersion.V3,
+        ),
+    )
+
+
+def san_matchers(names: Sequence[str]) -> list[common_pb2.SubjectAltNameMatcher]:
+    return [
+        common_pb2.SubjectAltNameMatcher(
+            san_type=common_pb2.SubjectAltNameMatcher.DNS,
+            matcher=string_pb2.StringMatcher(exact=n),
+        )
+        for n in names
+    ]
+
+
+def validation_with_sans(
+    san: Sequence[str],
+) -> tls_pb2.CommonTlsContext.CombinedCertificateValidationContext:
+    return tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+        default_validation_context=common_pb2.CertificateValidationContext(
+            match_typed_subject_alt_names=san_matchers(san)
+        ),
+        validation_context_sds_secret_config=sds_ref(VALIDATION_SECRET),
+    )
+
+
+def downstream_tls_chain(
+    *, client_sans: Sequence[str] | None
+) -> tuple[listener_components_pb2.FilterChain, frozenset[tuple[str, str]]]:
+    """A TLS filter chain requiring a client certificate (``client_sans`` None: any SAN)."""
+    common = tls_pb2.CommonTlsContext(
+        tls_certificate_sds_secret_configs=[sds_ref(SERVER_SECRET)],
+        alpn_protocols=["h2", "http/1.1"],
+    )
+    if client_sans is None:
+        common.validation_context_sds_secret_config.CopyFrom(sds_ref(VALIDATION_SECRET))
+    else:
+        common.combined_validation_context.CopyFrom(validation_with_sans(client_sans))
+    ctx = tls_pb2.DownstreamTlsContext(
+        common_tls_context=common,
+        require_client_certificate=wrappers_pb2.BoolValue(value=True),
+    )
+    chain = listener_components_pb2.FilterChain(
+        transport_socket=base_pb2.TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=pack(ctx)
+        )
+    )
+    return chain, frozenset({(SECRET, SERVER_SECRET), (SECRET, VALIDATION_SECRET)})
+
+
+def make_hcm(
+    *,
+    stat_prefix: str,
+    route_name: str,
+    streaming: bool = False,
+    forward_client_cert: bool = False,
+) -> hcm_pb2.HttpConnectionManager:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(
+            config_source=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(),
+                resource_api_version=config_source_pb2.ApiVersion.V3,
+            ),
+            route_config_name=route_name,
+        ),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
+            )
+        ],
+    )
+    if streaming:
+        # gRPC streams (xDS, Thanos StoreAPI series) may stay quiet for long.
+        hcm.stream_idle_timeout.CopyFrom(duration_pb2.Duration(seconds=0))
+    if forward_client_cert:
+        hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+        hcm.set_current_client_cert_details.CopyFrom(
+            hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(dns=True, uri=True)
+        )
+    return hcm
+
+
+def make_listener(
+    *,
+    name: str,
+    address: str,
+    port: int,
+    hcm: hcm_pb2.HttpConnectionManager,
+    tls_chain: listener_components_pb2.FilterChain | None,
+) -> listener_pb2.Listener:
+    chain = listener_components_pb2.FilterChain()
+    if tls_chain is not None:
+        chain.CopyFrom(tls_chain)
+    chain.filters.append(
+        listener_components_pb2.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm)
+        )
+    )
+    return listener_pb2.Listener(
+        name=name,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=address, port_value=port)
+        ),
+        filter_chains=[chain],
+    )
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def make_cluster(
+    *,
+    name: str,
+    host: str,
+    port: int,
+    http2: bool,
+    tls_san: str | None = None,
+    max_connection_seconds: int | None = None,
+) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
+    """An upstream cluster with its endpoint inline (no EDS); mTLS when ``tls_san`` is set."""
+    c = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC if is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=duration_pb2.Duration(seconds=5),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=address_pb2.Address(
+                                    socket_address=address_pb2.SocketAddress(
+                                        address=host, port_value=port
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    if http2:
+        opts = http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            )
+        )
+        if max_connection_seconds is not None:
+            # Bounds how long a connection authenticated by a rotated-out certificate lives.
+            opts.common_http_protocol_options.max_connection_duration.CopyFrom(
+                duration_pb2.Duration(seconds=max_connection_seconds)
+            )
+        c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(opts))
+    refs: frozenset[tuple[str, str]] = frozenset()
+    if tls_san is not None:
+        ctx = tls_pb2.UpstreamTlsContext(
+            common_tls_context=tls_pb2.CommonTlsContext(
+                tls_certificate_sds_secret_configs=[sds_ref(CLIENT_SECRET)],
+                combined_validation_context=validation_with_sans([tls_san]),
+                alpn_protocols=["h2"] if http2 else ["http/1.1"],
+            ),
+            sni=tls_san,
+        )
+        c.transport_socket.CopyFrom(
+            base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
+        )
+        refs = frozenset({(SECRET, CLIENT_SECRET), (SECRET, VALIDATION_SECRET)})
+    return c, refs
+
+
+def make_route(
+    cluster: str,
+    *,
+    prefix: str = "/",
+    rewrite: str | None = None,
+    host_rewrite: str | None = None,
+    streaming: bool = False,
+    headers_to_add: Sequence[tuple[str, str]] = (),
+) -> route_components_pb2.Route:
+    action = route_components_pb2.RouteAction(cluster=cluster)
+    if rewrite is not None:
+        action.prefix_rewrite = rewrite
+    if host_rewrite is not None:
+        action.host_rewrite_literal = host_rewrite
+    if streaming:
+        action.timeout.CopyFrom(duration_pb2.Duration(seconds=0))
+    r = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix=prefix),
+        route=action,
+    )
+    for k, v in headers_to_add:
+        r.request_headers_to_add.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, value=v),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        )
+    return r
+
+
+def host_domains(host: str) -> list[str]:
+    """The authority with and without a port (``host:*`` is an Envoy prefix wildcard)."""
+    return [host, f"{host}:*"]
+
+
+def tls_secret(name: str, ck: model.CertKey) -> Piece:
+    s = secret_pb2.Secret(
+        name=name,
+        tls_certificate=common_pb2.TlsCertificate(
+            certificate_chain=base_pb2.DataSource(inline_bytes=ck.cert_pem),
+            private_key=base_pb2.DataSource(inline_bytes=ck.key_pem),
+        ),
+    )
+    return Piece(serialize(s), frozenset())
+
+
+def validation_secret(bundle: bytes) -> Piece:
+    s = secret_pb2.Secret(
+        name=VALIDATION_SECRET,
+        validation_context=common_pb2.CertificateValidationContext(
+            trusted_ca=base_pb2.DataSource(inline_bytes=bundle)
+        ),
+    )
+    return Piece(serialize(s), frozenset())
