@@ -148,7 +148,7 @@ async def _supervise(
     delay = 0.5
     first = True
     while True:
-        started_at = time.monotonic()
+        started_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 if first:
@@ -159,16 +159,31 @@ async def _supervise(
                     nursery.start_soon(fn)
                 hub.subsystem(name, "running")
         except RETRIABLE as exc:
-            if time.monotonic() - started_at > 120:
-                delay = 0.5
-            log.warning(
-                "%s failed (%s: %s); restarting in %.1fs", name, type(exc).__name__, exc, delay
-            )
-            hub.subsystem(name, f"restarting: {type(exc).__name__}: {exc}")
-            await trio.sleep(delay * (1 + random.random() / 2))
-            delay = min(delay * 2, 30.0)
-            continue
-        return
+            failure: BaseException = exc
+        except BaseExceptionGroup as group:
+            # Nurseries wrap errors in groups: restart only if every leaf is retriable
+            # (a Cancelled or a bug among them propagates unchanged).
+            retriable, rest = group.split(RETRIABLE)
+            if rest is not None or retriable is None:
+                raise
+            failure = _first_leaf(retriable)
+        else:
+            return
+        if trio.current_time() - started_at > 120:
+            delay = 0.5
+        log.warning(
+            "%s failed (%s: %s); restarting in %.1fs", name, type(failure).__name__, failure, delay
+        )
+        hub.subsystem(name, f"restarting: {type(failure).__name__}: {failure}")
+        await trio.sleep(delay * (1 + random.random() / 2))
+        delay = min(delay * 2, 30.0)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _cert_not_after(pem: bytes) -> float | None:
