@@ -269,18 +269,18 @@ class Daemon:
         opts = self.options
         hub = self.hub
         hub.expect_ready("cache", "ads", "fleet")
-        async with trio.open_nursery() as root:
+        kube: Any
+        if opts.store is not None:
+            kube = FileStore(opts.store, namespace=self.settings.namespace)
+        else:
+            kube = KubeClient(load_config(opts.kubeconfig, opts.context))
+        async with kube, trio.open_nursery() as root:
             self.http_port = await root.start(_run_http, self.app, opts.http_host, opts.http_port)
             if opts.store is not None:
-                kube: Any = FileStore(opts.store, namespace=self.settings.namespace)
                 await root.start(self._poll_store, kube)
             else:
-                kube = KubeClient(load_config(opts.kubeconfig, opts.context))
                 await root.start(
-                    _supervise,
-                    "informers",
-                    hub,
-                    lambda task_status: self._informers(kube, task_status=task_status),
+                    _supervise, "informers", hub, functools.partial(self._informers, kube)
                 )
             hub.set_ready("cache", True)
             self.ads_port = await root.start(
@@ -289,11 +289,17 @@ class Daemon:
             hub.set_ready("ads", True)
             root.start_soon(self._status_loop)
             await root.start(self._fleet_loop)
-            root.start_soon(self._zone_loop, kube)
+            root.start_soon(
+                functools.partial(_supervise, "zone", hub, functools.partial(self._zone_loop, kube))
+            )
             if opts.store is not None or not opts.leader_election:
                 root.start_soon(self._lead, kube)
             else:
-                root.start_soon(self._election, kube)
+                root.start_soon(
+                    functools.partial(
+                        _supervise, "election", hub, functools.partial(self._election, kube)
+                    )
+                )
             task_status.started(self)
         # Only reached when every task ended (they do not, unless cancelled).
 
@@ -385,8 +391,11 @@ class Daemon:
                 self.hub.set_ready("fleet", True)
                 task_status.started()
 
-    async def _zone_loop(self, kube: Any) -> None:
+    async def _zone_loop(
+        self, kube: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """The zone writer; restarted with the ConfigMap mirror while this replica leads."""
+        task_status.started()
 
         def on_zone(zone: Zone) -> None:
             self.last_zone = zone
@@ -437,7 +446,10 @@ class Daemon:
         self._leading_changed.set()
         self._leading_changed = trio.Event()
 
-    async def _election(self, kube: KubeClient) -> None:
+    async def _election(
+        self, kube: KubeClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
         await run_leader_election(
             kube,
             name=self.options.lease_name,
@@ -449,11 +461,7 @@ class Daemon:
     async def _lead(self, kube: Any) -> None:
         self._set_leading(True)
         try:
-            await _supervise(
-                "reconcile",
-                self.hub,
-                lambda task_status: self._reconcile_loop(kube, task_status=task_status),
-            )
+            await _supervise("reconcile", self.hub, functools.partial(self._reconcile_loop, kube))
         finally:
             self._set_leading(False)
 
