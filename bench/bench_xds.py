@@ -2,13 +2,15 @@
 
 Usage::
 
-    .venv/bin/python bench/bench_xds.py [build] [ack] [streams]   (default: all three)
+    .venv/bin/python bench/bench_xds.py [build] [ack] [scale] [streams]   (default: all)
     .venv/bin/python bench/bench_xds.py load-client PORT N KIND    (internal: the load process)
 
 - build: ``SnapshotBuilder.build`` for 10/100/1,000/5,000 clusters, from scratch ("full")
   and after changing one cluster ("one change", same builder: memoized pieces reused).
 - ack: a real Envoy (node ``atlas``, SotW and Delta) holding 100 clusters; one cluster
   changes, time until the Envoy ACKs the new CDS version (median and p99 over runs).
+- scale: a real Envoy fetching node ``atlas`` for 5,000 clusters (10,000 Envoy clusters)
+  from scratch, start -> CDS ACK.
 - streams: a load client in a separate process holds 1,000 ADS streams (one node each,
   over 10 HTTP/2 connections); a change that touches every node is published; time until
   every stream has received it, with this process's (atlasd's) CPU time and RSS.
@@ -177,6 +179,54 @@ def bench_ack() -> None:
         )
 
 
+def bench_scale(n: int = 5000) -> None:
+    import trio
+
+    from atlasd.xds.server import run_ads_server
+    from tests.harness.envoy import Envoy
+    from tests.harness.wait import wait_until_async
+    from tests.unit.xds import helpers
+
+    async def run(delta: bool) -> tuple[int, int, float]:
+        cache = SnapshotCache()
+        snap = SnapshotBuilder().build(_fleet(n))["atlas"]
+        size = sum(len(r.body) for rs in snap.resources.values() for r in rs.values())
+        cache.publish({"atlas": snap})
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: run_ads_server(
+                    cache=cache,
+                    host="127.0.0.1",
+                    port=0,
+                    authorizer=Authorizer(),
+                    task_status=task_status,
+                )
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                envoy = Envoy(
+                    helpers.atlas_bootstrap(port, delta=delta), "scale", workdir=Path(tmp)
+                )
+                t0 = time.perf_counter()
+                await trio.to_thread.run_sync(envoy.start)
+                await wait_until_async(
+                    lambda: any(s.acked_version(CDS) == snap.version(CDS) for s in cache.status()),
+                    timeout=300,
+                    what="CDS ACK",
+                )
+                elapsed = time.perf_counter() - t0
+                envoy.stop()
+            nursery.cancel_scope.cancel()
+        return len(snap.of_type(CDS)), size, elapsed
+
+    print(f"== a real Envoy takes node atlas for {n} clusters from scratch ==")
+    for delta in (False, True):
+        clusters, size, elapsed = trio.run(run, delta)
+        print(
+            f"{'delta' if delta else 'sotw':>6}: {clusters} Envoy clusters, {size / 1e6:.1f} MB of "
+            f"resources, Envoy start -> CDS ACK {elapsed:.2f} s"
+        )
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -336,12 +386,14 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "load-client":
         asyncio.run(_load_client(int(argv[1]), int(argv[2]), argv[3]))
         return
-    which = set(argv) or {"build", "ack", "streams"}
+    which = set(argv) or {"build", "ack", "scale", "streams"}
     print(f"cpus={os.cpu_count()} python={sys.version.split()[0]}")
     if "build" in which:
         bench_build()
     if "ack" in which:
         bench_ack()
+    if "scale" in which:
+        bench_scale()
     if "streams" in which:
         bench_streams()
 

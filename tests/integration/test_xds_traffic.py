@@ -49,7 +49,10 @@ def _standin(tmp_path: Path, ident: str, host: str, port: int) -> Proc:
     ).start()
 
 
-async def test_prometheus_by_path_through_mtls(envoy_factory: Any, prometheus_factory: Any) -> None:
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_prometheus_by_path_through_mtls(
+    envoy_factory: Any, prometheus_factory: Any, delta: bool
+) -> None:
     prom = await trio.to_thread.run_sync(prometheus_factory, "global:\n  scrape_interval: 15s\n")
 
     def cluster(name: str) -> model.DownstreamCluster:
