@@ -31,6 +31,7 @@ concatenating their encoded bytes (protobuf repeated fields may be encoded piece
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -59,7 +60,17 @@ from atlasd.xds.messages import (
     validation_secret,
 )
 from atlasd.xds.plan import ListenPlan
-from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SECRET, Resource, Snapshot
+from atlasd.xds.snapshot import (
+    CLUSTER,
+    LISTENER,
+    ROUTE,
+    SECRET,
+    InconsistentSnapshot,
+    Resource,
+    Snapshot,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ADS_FORWARD_CLUSTER",
@@ -106,6 +117,8 @@ class SnapshotBuilder:
         # node -> (inputs, memo keys it used): the downstream fast path.
         self._node_inputs: dict[str, tuple[Hashable, frozenset[tuple[str, str, str]]]] = {}
         self._used: set[tuple[str, str, str]] = set()
+        # Inconsistencies found in the last build (builder bugs; see ``_snapshot``).
+        self.problems: list[str] = []
         # Counters for tests and the benchmark: pieces built vs reused in the last build.
         self.built = 0
         self.reused = 0
@@ -142,13 +155,20 @@ class SnapshotBuilder:
         self.built += 1
         return r
 
-    def _snapshot(self, node: str, resources: list[Resource]) -> Snapshot:
+    def _snapshot(self, node: str, resources: list[Resource]) -> Snapshot | None:
         """Reuse the previous snapshot object when every resource is unchanged."""
         sig = tuple((r.type_url, r.name, r.version) for r in resources)
         prev = self._snapshots.get(node)
         if prev is not None and prev[0] == sig:
             return prev[1]
-        snap = Snapshot.create(node, resources)
+        try:
+            snap = Snapshot.create(node, resources)
+        except InconsistentSnapshot as exc:
+            # A builder bug, not bad input: never publish it; keep serving the last good
+            # snapshot of this node (or nothing yet), and say so.
+            self.problems.append(str(exc))
+            log.error("xds: not publishing node %r: %s", node, exc)
+            return None if prev is None else prev[1]
         self._snapshots[node] = (sig, snap)
         return snap
 
@@ -156,20 +176,25 @@ class SnapshotBuilder:
         """One snapshot per node; none at all without a PKI (Envoy cannot do TLS)."""
         self._used = set()
         self.built = self.reused = 0
+        self.problems = []
         out: dict[str, Snapshot] = {}
         pki = fleet.pki
         if pki is not None:
             idents = dict(pki.identities)
             atlas_ident = idents.get(model.OBSERVABILITY_NODE)
             if atlas_ident is not None:
-                out[model.OBSERVABILITY_NODE] = self._snapshot(
+                snap = self._snapshot(
                     model.OBSERVABILITY_NODE, self._atlas(fleet, pki, atlas_ident)
                 )
+                if snap is not None:
+                    out[model.OBSERVABILITY_NODE] = snap
             for c in fleet.clusters:
                 ident = idents.get(c.name)
                 if ident is None or c.name == model.OBSERVABILITY_NODE:
                     continue
-                out[c.name] = self._downstream_snapshot(fleet, c, pki, ident)
+                snap = self._downstream_snapshot(fleet, c, pki, ident)
+                if snap is not None:
+                    out[c.name] = snap
         for k in set(self._memo) - self._used:
             del self._memo[k]
         for k in set(self._resources) - self._used:
@@ -182,7 +207,7 @@ class SnapshotBuilder:
 
     def _downstream_snapshot(
         self, fleet: model.Fleet, c: model.DownstreamCluster, pki: model.PKI, ident: model.Identity
-    ) -> Snapshot:
+    ) -> Snapshot | None:
         """A downstream node's snapshot depends only on these inputs: when they are equal
         to last time, reuse the snapshot without visiting its pieces."""
         inputs = (
@@ -201,9 +226,11 @@ class SnapshotBuilder:
             self.reused += 1
             return snap[1]
         self._node_keys = set()
+        problems = len(self.problems)
         try:
             snapshot = self._snapshot(c.name, self._downstream(fleet, c, pki, ident))
-            self._node_inputs[c.name] = (inputs, frozenset(self._node_keys))
+            if len(self.problems) == problems:
+                self._node_inputs[c.name] = (inputs, frozenset(self._node_keys))
         finally:
             self._node_keys = None
         return snapshot

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
@@ -55,8 +55,8 @@ HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 class Piece:
     """A cached serialized fragment (a resource body or a route/virtual host)."""
 
-    body: bytes
-    refs: frozenset[tuple[str, str]]
+    body: bytes = field(repr=False)  # may hold a private key
+    refs: frozenset[tuple[str, str]] = frozenset()
 
 
 def pack(msg: message.Message) -> any_pb2.Any:

@@ -386,3 +386,21 @@ def test_deprecation_walker_finds_a_deprecated_field() -> None:
     packed = any_pb2.Any()
     packed.Pack(old)
     assert list(_walk(packed, "x")) == ["x<Cluster>.http2_protocol_options"]
+
+
+def test_an_inconsistent_snapshot_is_never_published(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = SnapshotBuilder()
+    good = b.build(fleet())
+    real = SnapshotBuilder._downstream
+
+    def broken(self: SnapshotBuilder, *args: Any) -> Any:
+        res = real(self, *args)
+        return [r for r in res if r.type_url != ROUTE]  # listeners now name missing routes
+
+    monkeypatch.setattr(SnapshotBuilder, "_downstream", broken)
+    changed = fleet(clusters=(helpers.cluster("east", prom_port=1234),))
+    out = b.build(changed)
+    assert out["east"] is good["east"]  # the last good snapshot stays
+    assert b.problems and "missing rds" in b.problems[0]
+    # A node that never had a good snapshot is left out.
+    assert "east" not in SnapshotBuilder().build(changed)
