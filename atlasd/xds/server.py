@@ -14,6 +14,7 @@ and sends what the pure machines in ``protocol`` decide. Per stream:
 Errors::
 
     grpclib GRPCError(INVALID_ARGUMENT)   first request without a node id / node changed
+    grpclib GRPCError(DEADLINE_EXCEEDED)  no first request within FIRST_REQUEST_TIMEOUT
     grpclib GRPCError(PERMISSION_DENIED)  authz.Denied
 """
 
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 _SERVICE = "/envoy.service.discovery.v3.AggregatedDiscoveryService"
 SOTW_METHOD = f"{_SERVICE}/StreamAggregatedResources"
 DELTA_METHOD = f"{_SERVICE}/DeltaAggregatedResources"
+
+# A stream must name its node this soon (an Envoy sends its first request at once);
+# otherwise an idle caller could hold streams without ever being authorized.
+FIRST_REQUEST_TIMEOUT = 30.0
 
 # Errors that mean "the peer went away"; anything else is a bug and propagates.
 _GONE = (
@@ -105,7 +110,12 @@ class AdsService:
         await self._serve(stream, DeltaStream)
 
     async def _serve(self, stream: Any, machine_cls: Callable[[str], Any]) -> None:
-        first = await stream.recv_message()
+        try:
+            first = await asyncio.wait_for(stream.recv_message(), FIRST_REQUEST_TIMEOUT)
+        except TimeoutError:
+            raise grpclib.exceptions.GRPCError(
+                grpclib.const.Status.DEADLINE_EXCEEDED, "no first request"
+            ) from None
         if first is None:
             return
         node: str = first.node.id

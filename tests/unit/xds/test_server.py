@@ -8,10 +8,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import pytest
 import trio
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 
+from atlasd.xds import server
 from atlasd.xds.authz import Authorizer
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.server import SOTW_METHOD, run_ads_server
@@ -120,4 +122,24 @@ async def test_refuses_a_direct_downstream_node() -> None:
         await wait_until_async(lambda: len(c2.responses) == 1, timeout=10, what="allowed")
         c.close()
         c2.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_caller_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "FIRST_REQUEST_TIMEOUT", 0.2)
+    cache = SnapshotCache()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            lambda task_status: run_ads_server(
+                cache=cache,
+                host="127.0.0.1",
+                port=0,
+                authorizer=Authorizer(),
+                task_status=task_status,
+            )
+        )
+        c = Client(port)  # never sends a request
+        await wait_until_async(c.done.is_set, timeout=10, what="the silent stream dropped")
+        assert c.error is not None and c.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        c.close()
         nursery.cancel_scope.cancel()
