@@ -360,10 +360,12 @@ async def run_demo(options: DemoOptions) -> int:
 
 
 def _print_banner(options: DemoOptions, with_prometheus: bool, workdir: Path) -> None:
+    # The command as the user typed it (".venv/bin/atlasd" when run through make).
+    me = sys.argv[0] if "/" in sys.argv[0] and sys.argv[0].endswith("atlasd") else "atlasd"
     lines = [
         "",
         "atlasd demo is up (Ctrl-C stops everything):",
-        f"  status         atlasd status --url http://{OBS_IP}:{options.http_port}   (or --watch)",
+        f"  status         {me} status --url http://{OBS_IP}:{options.http_port}   (or --watch)",
         f"  metrics        http://{OBS_IP}:{options.http_port}/metrics",
         f"  envoy admin    http://{OBS_IP}:9000/  (observability)",
     ]
@@ -375,7 +377,7 @@ def _print_banner(options: DemoOptions, with_prometheus: bool, workdir: Path) ->
         lines.append(f"  {name + ' envoy':<14} http://{ip}:9000/")
     lines += [
         f"  zone file      {workdir / 'atlas.zone'}",
-        f"  add a cluster  atlasd cluster add NAME --external-ip 127.0.0.4 --store {workdir / 'store'} --allow-loopback",
+        f"  add a cluster  {me} cluster add NAME --external-ip 127.0.0.4 --store {workdir / 'store'} --allow-loopback",
         "",
     ]
     print("\n".join(lines), flush=True)
