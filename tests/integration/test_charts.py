@@ -25,6 +25,7 @@ import yaml
 
 from atlasd import labels
 from atlasd.cli import cli, run
+from atlasd.kube.resources import REQUIRED_PERMISSIONS
 from atlasd.model import DownstreamCluster, LocalAlertmanager, ServicePort, Settings
 from atlasd.reconcile import values_formats
 from atlasd.reconcile.desired import VALUES_KEY, desired_state
@@ -43,17 +44,9 @@ ENVOY_BINARY = ROOT / ".venv" / "bin" / "envoy"
 Helm = Callable[..., str]
 Doc = dict[str, Any]
 
-# What atlasd calls in its namespace, as (apiGroup, resource, verb).
-# TODO(lead): once atlasd declares its required permissions in code (e.g. a constant
-# next to atlasd.kube.resources), compare the Role against that instead of this copy.
-ALL_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
-ATLASD_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
-    {("", "services", v) for v in ALL_VERBS}
-    | {("", "secrets", v) for v in ALL_VERBS}
-    | {("", "configmaps", v) for v in ALL_VERBS}
-    | {("", "events", v) for v in ("create", "patch")}
-    | {("coordination.k8s.io", "leases", v) for v in ("get", "list", "watch", "create", "update")}
-)
+# What atlasd calls in its namespace, as (apiGroup, resource, verb): declared by the
+# daemon's kube layer (and proven sufficient there); the chart's Role must equal it.
+ATLASD_PERMISSIONS = REQUIRED_PERMISSIONS
 
 ATLASD_ENV = (
     "NAMESPACE",

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -26,11 +28,15 @@ from atlasd.kube.errors import Forbidden
 from atlasd.kube.events import post_event
 from atlasd.model import ObjectRef
 from tests.harness.kube import ApiServer
+from tests.harness.net import free_port
+from tests.harness.procs import Proc
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ATLASD_CHART = ROOT / "charts" / "atlasd"
+ENVOY_CHART = ROOT / "charts" / "envoy"
 RELEASE = "atlasd"
 
 Helm = Callable[..., str]
@@ -145,26 +151,18 @@ async def test_chart_role_covers_every_call_atlasd_makes_and_nothing_else(
         ours = [e for e in events["items"] if e["involvedObject"]["name"] == "east"]
         assert [e.get("count") for e in ours] == [2], "create then patch both allowed"
 
-        # The leader Lease: created, read, listed, watched, renewed.
+        # The leader Lease: created, read, renewed (never listed or watched).
         lease = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": "atlasd-leader", "namespace": namespace},
+            "metadata": {"name": "atlasd", "namespace": namespace},
             "spec": {"holderIdentity": "pod-a", "leaseDurationSeconds": 15},
         }
         await kube.create(lease)
-        leases, rv = await kube.list(r.LEASES, namespace=namespace)
-        assert [x["metadata"]["name"] for x in leases] == ["atlasd-leader"]
-        got = await kube.get(r.LEASES, "atlasd-leader", namespace=namespace)
+        got = await kube.get(r.LEASES, "atlasd", namespace=namespace)
         got["spec"]["holderIdentity"] = "pod-b"
-        await kube.replace(got)
-        seen = [
-            ev
-            async for ev in kube.watch(
-                r.LEASES, namespace=namespace, resource_version=rv, timeout_seconds=1
-            )
-        ]
-        assert any(ev["type"] == "MODIFIED" for ev in seen)
+        renewed = await kube.replace(got)
+        assert renewed["spec"]["holderIdentity"] == "pod-b"
 
         # Nothing beyond: other resources, other namespaces, cluster scope, unused verbs.
         forbidden: list[Callable[[], Awaitable[object]]] = [
@@ -176,7 +174,8 @@ async def test_chart_role_covers_every_call_atlasd_makes_and_nothing_else(
             lambda: kube.list(r.ROLES, namespace=namespace),
             lambda: kube.list(r.EVENTS, namespace=namespace),
             lambda: kube.list(r.DEPLOYMENTS, namespace=namespace),
-            lambda: kube.delete(r.LEASES, "atlasd-leader", namespace=namespace),
+            lambda: kube.delete(r.LEASES, "atlasd", namespace=namespace),
+            lambda: kube.list(r.LEASES, namespace=namespace),
             lambda: kube.create(
                 {
                     "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -190,3 +189,143 @@ async def test_chart_role_covers_every_call_atlasd_makes_and_nothing_else(
         for call in forbidden:
             with pytest.raises(Forbidden):
                 await call()
+
+
+# ---------------------------------------------------------------- end to end: atlasd run
+
+
+def _atlasd_env_from_release(helm: Helm, namespace: str) -> dict[str, str]:
+    """The atlasd container's environment as installed (literal values only)."""
+    manifest = helm("get", "manifest", RELEASE, "--namespace", namespace)
+    [deploy] = [d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Deployment"]
+    [atlasd] = [
+        c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "atlasd"
+    ]
+    return {e["name"]: e["value"] for e in atlasd["env"] if "value" in e}
+
+
+def test_atlasd_run_onboards_a_cluster_with_only_the_chart_role(
+    helm: Helm, apiserver: ApiServer, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    _install(helm, namespace)
+    kubeconfig = _sa_kubeconfig(apiserver, namespace, RELEASE, tmp_path / "sa.kubeconfig")
+    env = _atlasd_env_from_release(helm, namespace)
+    # The pod's environment, except what only makes sense inside the pod: loopback
+    # listeners on free ports, the zone in the test's directory, the SA token by file.
+    http_port, ads_port = free_port(), free_port()
+    zone = tmp_path / "zone" / "atlas.zone"
+    zone.parent.mkdir()
+    env.update(
+        {
+            "NAMESPACE": namespace,
+            "POD_NAME": "atlasd-test-0",
+            "ATLAS_KUBECONFIG": str(kubeconfig),
+            "ATLAS_ADS_LISTEN": f"127.0.0.1:{ads_port}",
+            "ATLAS_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+            "ATLAS_ZONE_FILE": str(zone),
+            "KUBECONFIG": "",
+        }
+    )
+    proc = Proc(
+        "atlasd-run", [sys.executable, "-m", "atlasd", "run"], log_dir=tmp_path, env=env, cwd=ROOT
+    )
+    proc.start()
+    request.addfinalizer(proc.stop)
+
+    def ready() -> bool:
+        proc.check_running()
+        try:
+            return httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, timeout=60, what="atlasd /readyz")
+
+    def admin_get(kind: str, name: str) -> dict[str, Any] | None:
+        out = apiserver.kubectl(
+            "get", kind, name, "-n", namespace, "-o", "json", "--ignore-not-found"
+        )
+        return json.loads(out) if out.strip() else None
+
+    cluster = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "east",
+            "labels": {"goatlas.io/cluster": "true", "goatlas.io/replicas": "2"},
+        },
+        "spec": {
+            "externalIPs": ["203.0.113.10"],
+            "ports": [
+                {"name": "thanos", "port": 10901},
+                {"name": "prometheus", "port": 9090},
+            ],
+        },
+    }
+    bad = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "broken", "labels": {"goatlas.io/cluster": "true"}},
+        "spec": {"ports": [{"name": "thanos", "port": 10901}]},
+    }
+    for obj in (cluster, bad):
+        apiserver.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
+
+    # Leader: the Lease is held by this replica.
+    def leading() -> bool:
+        lease = admin_get("lease", env["ATLAS_LEASE_NAME"])
+        return bool(lease) and lease["spec"].get("holderIdentity") == "atlasd-test-0"
+
+    wait_until(leading, timeout=60, what="atlasd holding its Lease")
+
+    # Onboarded (despite the malformed "broken" beside it): sidecar Services, the values
+    # Secret, the PKI, the zone and its ConfigMap mirror.
+    def onboarded() -> bool:
+        proc.check_running()
+        cm = admin_get("configmap", env["ATLAS_DNS_CM_NAME"])
+        return (
+            all(admin_get("service", f"east-thanos-sidecar{i}") for i in range(2))
+            and admin_get("secret", "east-envoy-values") is not None
+            and admin_get("secret", "atlas-ca") is not None
+            and cm is not None
+            and "east-thanos-sidecar1" in cm["data"].get("atlas.zone", "")
+            and zone.exists()
+            and "east-thanos-sidecar1" in zone.read_text()
+        )
+
+    wait_until(onboarded, timeout=90, what="cluster east onboarded by atlasd")
+
+    # The values Secret atlasd wrote, fed to the Envoy chart, mounts exactly its files.
+    secret = admin_get("secret", "east-envoy-values")
+    assert secret is not None
+    values_text = base64.b64decode(secret["data"]["values.yaml"]).decode()
+    values_file = tmp_path / "east-values.yaml"
+    values_file.write_text(values_text)
+    rendered = helm(
+        "template", "atlas-envoy", str(ENVOY_CHART), "-n", "monitoring", "-f", str(values_file)
+    )
+    [files_secret] = [
+        d
+        for d in yaml.safe_load_all(rendered)
+        if d and d["kind"] == "Secret" and d["metadata"]["name"] == "atlas-envoy"
+    ]
+    files = {k: base64.b64decode(v).decode() for k, v in files_secret["data"].items()}
+    assert files == yaml.safe_load(values_text)["files"]
+    assert yaml.safe_load(files["envoy.yaml"])["node"]["id"] == "east"
+
+    # (The malformed cluster "broken" did not stop "east". That it is reported as an
+    # Event is not checked here yet: `atlasd run` does not hand post_event to its
+    # Reconciler so far; the Role's events create+patch are proven above.)
+
+    # Removing the cluster removes what atlasd made for it (delete allowed).
+    apiserver.kubectl("delete", "service", "east", "-n", namespace)
+
+    def removed() -> bool:
+        proc.check_running()
+        return admin_get("service", "east-thanos-sidecar0") is None and (
+            admin_get("secret", "east-envoy-values") is None
+        )
+
+    wait_until(removed, timeout=90, what="cluster east's objects removed")
+    log = proc.log_text()
+    assert "Forbidden" not in log and " 403" not in log, log[-3000:]

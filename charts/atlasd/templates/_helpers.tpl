@@ -75,8 +75,8 @@ atlas.:{$DNS_PORT} {
 {{- end -}}
 
 {{/*
-The Role's rules: exactly what atlasd calls in its own namespace (tests compare them
-with the list the daemon declares; see docs/charts.md).
+The Role's rules: exactly what atlasd calls in its own namespace, i.e.
+atlasd.kube.resources.REQUIRED_PERMISSIONS (a test compares the two both ways).
 */}}
 {{- define "atlasd.rules" -}}
 - apiGroups: [""]
@@ -93,5 +93,5 @@ with the list the daemon declares; see docs/charts.md).
   verbs: ["create", "patch"]
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
-  verbs: ["get", "list", "watch", "create", "update"]
+  verbs: ["get", "create", "update"]
 {{- end -}}
