@@ -49,32 +49,33 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _env_option(*decls: str, env: str, **kwargs: Any) -> Callable[[Any], Any]:
+    """A click option read from ``env`` too, with its default and variable in --help."""
+    return click.option(*decls, envvar=env, show_envvar=True, show_default=True, **kwargs)
+
+
 def _common_settings(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options that shape Settings, shared by ``run`` and the cluster commands."""
     opts = [
-        click.option(
+        _env_option(
             "--namespace",
             "-n",
-            envvar="NAMESPACE",
+            env="NAMESPACE",
             default="monitoring",
-            show_default=True,
-            show_envvar=True,
             help="atlasd's namespace (where cluster Services live).",
         ),
-        click.option(
+        _env_option(
             "--kubeconfig",
-            envvar="ATLAS_KUBECONFIG",
+            env="ATLAS_KUBECONFIG",
             default=None,
-            show_envvar=True,
             help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster).",
         ),
         click.option("--context", default=None, help="kubeconfig context to use."),
-        click.option(
+        _env_option(
             "--store",
             type=click.Path(file_okay=False, path_type=Path),
-            envvar="ATLAS_STORE",
+            env="ATLAS_STORE",
             default=None,
-            show_envvar=True,
             help="Standalone mode: no Kubernetes; clusters and state in this directory.",
         ),
     ]
@@ -133,144 +134,111 @@ def version() -> None:
 
 @cli.command()
 @_common_settings
-@click.option(
+@_env_option(
     "--zone-file",
     type=click.Path(dir_okay=False, path_type=Path),
-    envvar="ATLAS_ZONE_FILE",
+    env="ATLAS_ZONE_FILE",
     default="atlas.zone",
-    show_default=True,
-    show_envvar=True,
     help="Where the DNS zone is written (CoreDNS reads it).",
 )
-@click.option(
+@_env_option(
     "--ads-listen",
-    envvar="ATLAS_ADS_LISTEN",
+    env="ATLAS_ADS_LISTEN",
     default="0.0.0.0:6305",
-    show_default=True,
-    show_envvar=True,
     callback=_hostport,
     help="The ADS gRPC server's address.",
 )
-@click.option(
+@_env_option(
     "--http-listen",
-    envvar="ATLAS_HTTP_LISTEN",
+    env="ATLAS_HTTP_LISTEN",
     default="0.0.0.0:6309",
-    show_default=True,
-    show_envvar=True,
     callback=_hostport,
     help="Metrics, health and status address.",
 )
-@click.option(
+@_env_option(
     "--envoy-ads-address",
-    envvar="ATLAS_ENVOY_ADS_ADDRESS",
+    env="ATLAS_ENVOY_ADS_ADDRESS",
     default="127.0.0.1",
-    show_default=True,
-    show_envvar=True,
     help="Address downstream Envoys reach xDS at (the observability Envoy).",
 )
-@click.option(
+@_env_option(
     "--envoy-ads-port",
-    envvar="ATLAS_ENVOY_ADS_PORT",
+    env="ATLAS_ENVOY_ADS_PORT",
     default=10900,
-    show_default=True,
-    show_envvar=True,
     type=click.IntRange(1, 65535),
 )
-@click.option(
+@_env_option(
     "--envoy-address",
-    envvar="ATLAS_ENVOY_ADDRESS",
+    env="ATLAS_ENVOY_ADDRESS",
     default="127.0.0.1",
-    show_default=True,
-    show_envvar=True,
     help="Address downstream Envoys forward alerts to (observability Envoy :10903).",
 )
-@click.option(
+@_env_option(
     "--atlasd-ads-host",
-    envvar="ATLAS_ADS_SERVICE",
+    env="ATLAS_ADS_SERVICE",
     default="atlasd.monitoring.svc.cluster.local",
-    show_default=True,
-    show_envvar=True,
     help="Where the observability Envoy reaches this ADS server.",
 )
-@click.option(
+@_env_option(
     "--atlasd-ads-port",
-    envvar="ATLAS_ADS_SERVICE_PORT",
+    env="ATLAS_ADS_SERVICE_PORT",
     default=6305,
-    show_default=True,
-    show_envvar=True,
     type=click.IntRange(1, 65535),
 )
-@click.option(
+@_env_option(
     "--dns-configmap",
-    envvar="ATLAS_DNS_CM_NAME",
+    env="ATLAS_DNS_CM_NAME",
     default="atlas-coredns",
-    show_default=True,
-    show_envvar=True,
     help="ConfigMap mirroring the zone.",
 )
-@click.option(
+@_env_option(
     "--alertmanager-selector",
-    envvar="ATLAS_ALERTMANAGER_SELECTOR",
+    env="ATLAS_ALERTMANAGER_SELECTOR",
     default="app=kube-prometheus-stack-alertmanager",
-    show_default=True,
-    show_envvar=True,
     callback=_selector,
     help="Label selector of the local Alertmanager Services.",
 )
-@click.option(
+@_env_option(
     "--cluster-domain",
-    envvar="ATLAS_CLUSTER_DOMAIN",
+    env="ATLAS_CLUSTER_DOMAIN",
     default="cluster.local",
-    show_default=True,
-    show_envvar=True,
 )
-@click.option(
+@_env_option(
     "--leaf-days",
-    envvar="ATLAS_LEAF_DAYS",
+    env="ATLAS_LEAF_DAYS",
     default=365,
-    show_default=True,
-    show_envvar=True,
     type=click.IntRange(1, 3650),
     help="Lifetime of leaf certificates; renewed after 2/3 of it.",
 )
-@click.option(
+@_env_option(
     "--leader-election/--no-leader-election",
-    envvar="ATLAS_LEADER_ELECTION",
+    env="ATLAS_LEADER_ELECTION",
     default=True,
-    show_default=True,
-    show_envvar=True,
 )
-@click.option(
-    "--lease-name", envvar="ATLAS_LEASE_NAME", default="atlasd", show_default=True, show_envvar=True
-)
-@click.option(
+@_env_option("--lease-name", env="ATLAS_LEASE_NAME", default="atlasd")
+@_env_option(
     "--identity",
-    envvar="POD_NAME",
+    env="POD_NAME",
     default=None,
-    show_envvar=True,
     help="Leader election identity (default: host name).",
 )
-@click.option(
+@_env_option(
     "--allow-loopback",
     is_flag=True,
-    envvar="ATLAS_ALLOW_LOOPBACK",
-    show_envvar=True,
+    env="ATLAS_ALLOW_LOOPBACK",
     help="Accept loopback external IPs (local demos and tests).",
 )
-@click.option(
+@_env_option(
     "--forwarder-token-file",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    envvar="ATLAS_FORWARDER_TOKEN_FILE",
+    env="ATLAS_FORWARDER_TOKEN_FILE",
     default=None,
-    show_envvar=True,
     help="Shared secret the observability Envoy adds to forwarded xDS streams.",
 )
-@click.option(
+@_env_option(
     "--shutdown-grace",
-    envvar="ATLAS_SHUTDOWN_GRACE",
+    env="ATLAS_SHUTDOWN_GRACE",
     default=10.0,
-    show_default=True,
-    show_envvar=True,
     type=click.FloatRange(1, 300),
     help="Seconds allowed for a clean stop after SIGTERM.",
 )
@@ -600,12 +568,10 @@ def cluster_values(
 
 
 @cli.command()
-@click.option(
+@_env_option(
     "--url",
-    envvar="ATLAS_STATUS_URL",
+    env="ATLAS_STATUS_URL",
     default="http://127.0.0.1:6309",
-    show_default=True,
-    show_envvar=True,
     help="atlasd's metrics/status address.",
 )
 @click.option(
