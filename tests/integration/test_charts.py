@@ -480,6 +480,14 @@ def _cluster_values_file(tmp_path: Path, *, alertmanagers: int = 2) -> tuple[Pat
     return path, yaml.safe_load(text)
 
 
+def test_envoy_chart_lints_with_atlasd_values(helm: Helm, tmp_path: Path) -> None:
+    values_file, _ = _cluster_values_file(tmp_path)
+    obs = tmp_path / "atlas-values.yaml"
+    obs.write_text(_atlasd_values_secrets()[labels.OBS_VALUES_SECRET])
+    for path in (values_file, obs):
+        assert "0 chart(s) failed" in helm("lint", "--strict", str(ENVOY_CHART), "-f", str(path))
+
+
 def test_envoy_default_render(helm: Helm) -> None:
     docs = render(helm, ENVOY_CHART, release="atlas")
     assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret", "Service"]
