@@ -9,9 +9,9 @@ Node ``atlas`` (the observability Envoy):
   (with or without a port) -> ``<cluster>-thanos`` (mTLS, HTTP/2, SAN = cluster name).
 - ``prometheus`` (10904): plaintext; ``/prom/<cluster>/`` rewritten to ``/`` ->
   ``<cluster>-prom`` (mTLS, SAN = cluster name).
-- ``alertmanager`` (10903, only with local Alertmanagers and at least one cluster): TLS,
-  client certificate of a current cluster required; authority ``alertmanager<i>...``
-  -> ``alertmanager<i>``, each its own local Service.
+- ``alertmanager`` (10903, only with local Alertmanagers): TLS, CA-signed client
+  certificate required, and per-route RBAC allows only certificates naming a current
+  cluster; authority ``alertmanager<i>...`` -> ``alertmanager<i>``, each its own Service.
 
 Node ``<cluster>``: ``thanos`` (11901) and ``prometheus`` (11904) terminate mTLS (client
 SAN must be ``atlas``) and forward to the local components, one Thanos cluster per
@@ -42,6 +42,7 @@ from atlasd.xds.messages import (
     ATLAS_ALERTMANAGER_CLUSTER,
     CLIENT_SECRET,
     FORWARDER_TOKEN_HEADER,
+    RBAC_FILTER,
     ROUTES_FIELD,
     SERVER_SECRET,
     VALIDATION_SECRET,
@@ -54,6 +55,7 @@ from atlasd.xds.messages import (
     make_hcm,
     make_listener,
     make_route,
+    rbac_allow_principals,
     repeated_field,
     serialize,
     tls_secret,
@@ -353,14 +355,18 @@ class SnapshotBuilder:
         res.append(Resource.of(ROUTE, "thanos", thanos_rc, thanos_refs))
         res.append(Resource.of(ROUTE, "prometheus", prom_rc, route_refs - thanos_refs))
 
-        # 10903: alerts from downstream Envoys (client cert of a current cluster) to the
-        # i-th local Alertmanager, each to its own Service.
-        if fleet.alertmanagers and fleet.clusters:
+        # 10903: alerts from downstream Envoys to the i-th local Alertmanager, each to its
+        # own Service. TLS requires a CA-signed client certificate; which clusters may
+        # call is per-route RBAC in RDS, so adding or removing a cluster changes the
+        # route configuration only (a listener update would drain its connections).
+        if fleet.alertmanagers:
             names = tuple(c.name for c in fleet.clusters)
 
             def am_listener() -> Piece:
-                chain, refs = downstream_tls_chain(client_sans=names)
-                hcm = make_hcm(stat_prefix="alertmanager", route_name="alertmanager")
+                chain, refs = downstream_tls_chain(client_sans=None)
+                hcm = make_hcm(
+                    stat_prefix="alertmanager", route_name="alertmanager", rbac_deny_by_default=True
+                )
                 lst = make_listener(
                     name="alertmanager",
                     address=obs.address,
@@ -370,7 +376,8 @@ class SnapshotBuilder:
                 )
                 return Piece(serialize(lst), refs | {(ROUTE, "alertmanager")})
 
-            res.append(self._res(node, LISTENER, "alertmanager", (obs, names), am_listener))
+            res.append(self._res(node, LISTENER, "alertmanager", (obs,), am_listener))
+            allow = rbac_allow_principals(names)
             vhosts = []
             am_refs = set()
             for i, am in enumerate(fleet.alertmanagers):
@@ -385,13 +392,13 @@ class SnapshotBuilder:
 
                 res.append(self._res(node, CLUSTER, cname, (host, am.port), am_cluster))
                 am_refs.add((CLUSTER, cname))
-                vhosts.append(
-                    route_components_pb2.VirtualHost(
-                        name=cname,
-                        domains=host_domains(f"{cname}.{s.namespace}.svc.{s.cluster_domain}"),
-                        routes=[make_route(cname)],
-                    )
+                vh = route_components_pb2.VirtualHost(
+                    name=cname,
+                    domains=host_domains(f"{cname}.{s.namespace}.svc.{s.cluster_domain}"),
+                    routes=[make_route(cname)],
                 )
+                vh.typed_per_filter_config[RBAC_FILTER].CopyFrom(allow)
+                vhosts.append(vh)
             rc = route_pb2.RouteConfiguration(name="alertmanager", virtual_hosts=vhosts)
             res.append(Resource.of(ROUTE, "alertmanager", serialize(rc), am_refs))
 

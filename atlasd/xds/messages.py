@@ -16,7 +16,9 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -42,6 +44,7 @@ CLIENT_SECRET = "client"
 ADS_FORWARD_CLUSTER = "atlasd-ads-forward"
 ATLAS_ALERTMANAGER_CLUSTER = "atlas-alertmanager"
 FORWARDER_TOKEN_HEADER = "x-atlasd-forwarder-token"
+RBAC_FILTER = "envoy.filters.http.rbac"
 XFCC_HEADER = "x-forwarded-client-cert"
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -152,7 +155,14 @@ def make_hcm(
     route_name: str,
     streaming: bool = False,
     forward_client_cert: bool = False,
+    rbac_deny_by_default: bool = False,
 ) -> hcm_pb2.HttpConnectionManager:
+    """An HTTP connection manager taking its routes from RDS over ADS.
+
+    ``rbac_deny_by_default``: an RBAC filter that allows nothing unless the route's
+    virtual host overrides it (``rbac_allow_principals``), so who may call lives in
+    RDS and changes without a listener update (no drain).
+    """
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -169,6 +179,11 @@ def make_hcm(
             )
         ],
     )
+    if rbac_deny_by_default:
+        deny_all = rbac_filter_pb2.RBAC(rules=rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW))
+        hcm.http_filters.insert(
+            0, hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=pack(deny_all))
+        )
     if streaming:
         # gRPC streams (xDS, Thanos StoreAPI series) may stay quiet for long.
         hcm.stream_idle_timeout.CopyFrom(duration_pb2.Duration(seconds=0))
@@ -178,6 +193,26 @@ def make_hcm(
             hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(dns=True, uri=True)
         )
     return hcm
+
+
+def rbac_allow_principals(names: Sequence[str]) -> any_pb2.Any:
+    """Per-route RBAC: allow only callers whose verified certificate names one of ``names``
+    (Envoy matches ``principal_name`` against the URI SANs, then the DNS SANs)."""
+    policy = rbac_pb2.Policy(
+        permissions=[rbac_pb2.Permission(any=True)],
+        principals=[
+            rbac_pb2.Principal(
+                authenticated=rbac_pb2.Principal.Authenticated(
+                    principal_name=string_pb2.StringMatcher(exact=n)
+                )
+            )
+            for n in names
+        ],
+    )
+    rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
+    if names:  # an ALLOW rule set without policies allows nobody
+        rules.policies["current-clusters"].CopyFrom(policy)
+    return pack(rbac_filter_pb2.RBACPerRoute(rbac=rbac_filter_pb2.RBAC(rules=rules)))
 
 
 def make_listener(

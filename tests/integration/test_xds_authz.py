@@ -68,7 +68,9 @@ async def test_direct_caller_cannot_claim_a_downstream_node(envoy_factory: Any) 
         assert _dynamic(dump) == []
 
 
-def _tls_exchange(port: int, ca: bytes, tmp: Path, cert: model.CertKey | None) -> bytes:
+def _tls_exchange(
+    port: int, ca: bytes, tmp: Path, cert: model.CertKey | None, host: str = "x"
+) -> bytes:
     """TLS to 127.0.0.1:port (optionally with a client cert), send a request, return what
     came back; b"" or an SSL error means the server refused."""
     ctx = ssl.create_default_context(cadata=ca.decode())
@@ -83,7 +85,7 @@ def _tls_exchange(port: int, ca: bytes, tmp: Path, cert: model.CertKey | None) -
             socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
             ctx.wrap_socket(raw, server_hostname="atlas") as s,
         ):
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(f"GET /-/ready HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             return s.recv(64)
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
         return b""
@@ -109,19 +111,26 @@ async def test_tls_listeners_refuse_clients_without_certificate(
         east_id = w.pki.identity("east")
         assert atlas_id is not None and east_id is not None
 
-        async def exchange(port: int, cert: model.CertKey | None) -> bytes:
-            return await trio.to_thread.run_sync(_tls_exchange, port, ca, tmp_path, cert)
+        async def exchange(port: int, cert: model.CertKey | None, host: str = "x") -> bytes:
+            return await trio.to_thread.run_sync(_tls_exchange, port, ca, tmp_path, cert, host)
 
+        am0 = "alertmanager0.monitoring.svc.cluster.local"
         for port in (obs.xds, obs.alertmanager, east.thanos, east.prometheus):
             assert await exchange(port, None) == b"", (
                 f"port {port} accepted a client without a cert"
             )
-        # Positive controls: the right certificate gets an HTTP answer.
-        assert (await exchange(obs.alertmanager, east_id.client)).startswith(b"HTTP/")
+        # Positive controls: the right certificate gets through.
+        assert (await exchange(obs.alertmanager, east_id.client, am0)).startswith(b"HTTP/1.1 200")
         assert (await exchange(east.prometheus, atlas_id.client)).startswith(b"HTTP/")
-        # A CA-signed certificate of the wrong node is refused by the SAN check.
+        # A CA-signed certificate of the wrong node is refused: by the SAN check on
+        # 11904, by RBAC (403) on 10903 (only current clusters may send alerts).
         assert await exchange(east.prometheus, east_id.client) == b""
-        assert await exchange(obs.alertmanager, atlas_id.client) == b""
+        assert (await exchange(obs.alertmanager, atlas_id.client, am0)).startswith(b"HTTP/1.1 403")
+        # Removing the cluster revokes its certificate at 10903 at once.
+        w.remove_cluster("east")
+        w.publish()
+        await w.wait_acked("atlas")
+        assert (await exchange(obs.alertmanager, east_id.client, am0)).startswith(b"HTTP/1.1 403")
 
 
 async def test_forwarder_token(envoy_factory: Any) -> None:

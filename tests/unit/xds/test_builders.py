@@ -10,6 +10,7 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -82,13 +83,13 @@ def tls_of(lst: Any) -> Any:
             },
         ),
         (
-            "no clusters: no client secret, no 10903",
+            "no clusters: no client secret; 10903 allows nobody",
             fleet(clusters=(), alertmanagers=AMS),
             {
                 "atlas": {
-                    LISTENER: {"xds", "thanos", "prometheus"},
-                    CLUSTER: {"atlasd-ads-forward"},
-                    ROUTE: {"xds", "thanos", "prometheus"},
+                    LISTENER: {"xds", "thanos", "prometheus", "alertmanager"},
+                    CLUSTER: {"atlasd-ads-forward", "alertmanager0", "alertmanager1"},
+                    ROUTE: {"xds", "thanos", "prometheus", "alertmanager"},
                     SECRET: {"validation", "server"},
                 },
             },
@@ -204,12 +205,43 @@ def test_each_alertmanager_gets_its_own_service() -> None:
         ("am-a.monitoring.svc.cluster.local", 9093),
         ("am-b.other.svc.cluster.local", 9094),
     ]
-    # 10903 requires a client certificate naming a current cluster.
+    # 10903 requires a client certificate, and RBAC allows only current clusters.
     lst = parse(atlas, LISTENER, "alertmanager", listener_pb2.Listener)
-    tls = tls_of(lst)
-    assert tls.require_client_certificate.value is True
-    vc = tls.common_tls_context.combined_validation_context.default_validation_context
-    assert [m.matcher.exact for m in vc.match_typed_subject_alt_names] == ["east"]
+    assert tls_of(lst).require_client_certificate.value is True
+    hcm = hcm_of(lst)
+    assert [f.name for f in hcm.http_filters] == [
+        "envoy.filters.http.rbac",
+        "envoy.filters.http.router",
+    ]
+    deny = rbac_filter_pb2.RBAC.FromString(hcm.http_filters[0].typed_config.value)
+    assert deny.rules.action == deny.rules.ALLOW and not deny.rules.policies  # nobody by default
+    for vh in rc.virtual_hosts:
+        assert allowed(vh) == ["east"]
+
+
+def allowed(vh: Any) -> list[str]:
+    per = rbac_filter_pb2.RBACPerRoute.FromString(
+        vh.typed_per_filter_config["envoy.filters.http.rbac"].value
+    )
+    return [
+        p.authenticated.principal_name.exact
+        for pol in per.rbac.rules.policies.values()
+        for p in pol.principals
+    ]
+
+
+def test_adding_a_cluster_changes_10903_routes_not_the_listener() -> None:
+    b = SnapshotBuilder()
+    one = b.build(fleet(alertmanagers=AMS))["atlas"]
+    two = b.build(
+        fleet(clusters=(helpers.cluster("east"), helpers.cluster("west")), alertmanagers=AMS)
+    )["atlas"]
+    assert one.get(LISTENER, "alertmanager") == two.get(LISTENER, "alertmanager")
+    rc = parse(two, ROUTE, "alertmanager", route_pb2.RouteConfiguration)
+    assert allowed(rc.virtual_hosts[0]) == ["east", "west"]
+    none = b.build(fleet(clusters=(), alertmanagers=AMS))["atlas"]
+    rc = parse(none, ROUTE, "alertmanager", route_pb2.RouteConfiguration)
+    assert allowed(rc.virtual_hosts[0]) == []
 
 
 def test_xds_listener_requires_cert_and_forwards_it() -> None:
