@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 
@@ -736,3 +738,36 @@ def test_every_env_var_the_chart_sets_is_read_by_atlasd_run(
     else:
         assert p["alertmanager_selector"] == (("app", "kube-prometheus-stack-alertmanager"),)
         assert p["dns_configmap"] == "atlas-coredns"
+
+
+def _parse_cli(argv: list[str]) -> click.Context:
+    """Parse (and validate) one `atlasd ...` command line without running it."""
+    cmd: click.Command = cli
+    name = "atlasd"
+    while argv and isinstance(cmd, click.Group) and argv[0] in cmd.commands:
+        name = argv.pop(0)
+        cmd = cmd.commands[name]
+    assert not isinstance(cmd, click.Group), f"incomplete command: {name}"
+    return cmd.make_context(name, argv)
+
+
+def test_notes_commands_are_real_atlasd_commands(helm: Helm, namespace: str) -> None:
+    notes = helm(
+        "install", "obs", str(ATLASD_CHART), "--namespace", namespace, "--dry-run=client"
+    ).split("NOTES:", 1)[1]
+    commands = []
+    for line in notes.splitlines():
+        # Commands are the indented lines (the first line names atlasd too).
+        if not (line[:1].isspace() and line.strip().startswith("atlasd ")):
+            continue
+        words = shlex.split(line.strip(), comments=True)
+        if words[:1] == ["atlasd"]:
+            cut = [i for i, w in enumerate(words) if w in (">", "|", "&")]
+            commands.append(words[1 : cut[0] if cut else None])
+    verbs = {tuple(c[:2]) for c in commands}
+    assert {("cluster", "add"), ("cluster", "values")} <= verbs, notes
+    for argv in commands:
+        _parse_cli(list(argv))
+    assert "atlasd cluster values east --format raw" in notes
+    assert "dnssrvnoa+_thanos._tcp.sidecars.thanos.atlas." in notes
+    assert "goatlas.io/cluster" in notes
