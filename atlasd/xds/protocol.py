@@ -4,7 +4,7 @@ The server feeds each stream's machine the requests it receives (``on_request``)
 every change of the node's snapshot (``on_snapshot``); the machine answers with a
 ``Step``: the responses to send, in order, and the ACKs and NACKs it saw.
 
-Rules (Envoy xds_protocol; see docs/notes in shared/notes/xds.md):
+Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg/server):
 
 - Nonces: each response carries a fresh nonce. SotW ignores a request whose nonce is not
   the latest one sent for its type; Delta tracks every outstanding nonce and honours
