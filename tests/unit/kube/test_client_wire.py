@@ -223,3 +223,16 @@ async def test_delete_of_missing_object_raises_not_found() -> None:
     async with _client(handler) as kube:
         with pytest.raises(NotFound, match=r"^delete services monitoring/x: NotFound \(404\)"):
             await kube.delete(SERVICES, "x")
+
+
+async def test_server_url_with_a_path_prefix_is_kept() -> None:
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(200, json={"metadata": {"name": "x"}})
+
+    config = KubeConfig(server="https://rancher.test/k8s/clusters/c-1", namespace="m")
+    async with KubeClient(config, transport=httpx.MockTransport(handler)) as kube:
+        await kube.get(SERVICES, "x")
+    assert paths == ["/k8s/clusters/c-1/api/v1/namespaces/m/services/x"]
