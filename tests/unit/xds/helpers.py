@@ -13,8 +13,10 @@ from tests.harness.certs import CA
 
 
 def identity(ca: CA, node: str) -> model.Identity:
-    server = ca.issue(node, dns=(node,), server=True)
-    client = ca.issue(node, dns=(node,), client=True)
+    # The SANs atlasd.reconcile.pki issues: the node id first, then <node>.<ns>.atlas.
+    dns = (node, f"{node}.monitoring.atlas")
+    server = ca.issue(node, dns=dns, server=True)
+    client = ca.issue(node, dns=dns, client=True)
     return model.Identity(
         server=model.CertKey(server.cert_pem, server.key_pem),
         client=model.CertKey(client.cert_pem, client.key_pem),
