@@ -19,7 +19,7 @@ replica chosen by authority (replica pinning); ``alertmanager`` (11903, only whe
 observability cluster has Alertmanagers) relays plaintext local alerts over mTLS to the
 observability Envoy's 10903.
 
-Certificates: every identity's SAN DNS is its node id (``atlas`` or the cluster name).
+Certificates: every identity's DNS SANs include its node id (``atlas`` or the cluster name).
 Secrets are served by SDS over ADS under the names ``validation``, ``server``, ``client``;
 only the referenced ones are included.
 

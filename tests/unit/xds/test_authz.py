@@ -75,3 +75,10 @@ def test_rules(
 
 def test_repr_hides_token() -> None:
     assert "s3cret" not in repr(Authorizer(forwarder_token="s3cret"))
+
+
+def test_builders_and_authorizer_agree_on_header_names() -> None:
+    from atlasd.xds import builders
+
+    assert builders.FORWARDER_TOKEN_HEADER == TOKEN_HEADER
+    assert builders.XFCC_HEADER == XFCC_HEADER
