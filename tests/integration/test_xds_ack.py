@@ -42,3 +42,12 @@ async def test_every_envoy_acks(envoy_factory: Any, delta: bool) -> None:
             )
             assert "alertmanager::" in listeners, f"{name}: {listeners}"
         assert all(s.last_nack is None for s in w.cache.status())
+        # Metrics: three connected Envoys of this kind, pushes made, latencies observed.
+        samples = {
+            (sm.name, tuple(sorted(sm.labels.items()))): sm.value
+            for metric in w.registry.collect()
+            for sm in metric.samples
+        }
+        assert samples[("atlasd_xds_connected_envoys", (("kind", want),))] == 3
+        assert samples[("atlasd_xds_pushes_total", (("type", "cds"),))] >= 3
+        assert samples[("atlasd_xds_push_latency_seconds_count", (("type", "cds"),))] >= 3
