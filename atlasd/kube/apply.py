@@ -2,7 +2,8 @@
 
 Owns the pure comparison ``needs_apply(desired, observed)`` that keeps a pass with
 nothing to change from writing anything, and the ownership helpers (labels,
-ownerReferences, prune selection) every applier uses.
+ownerReferences, prune selection) every applier uses. It imports no HTTP code, so
+``atlasd.reconcile`` may use it under the import contract.
 
 ``needs_apply`` answers "would server-side applying ``desired`` change ``observed``?":
 - every field ``desired`` sends must already hold that value in ``observed`` (maps are
@@ -19,9 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
-from atlasd.kube.client import KubeClient
 from atlasd.labels import FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_CLUSTER_LABEL
 
 Obj = Mapping[str, Any]
@@ -190,8 +190,15 @@ def prune(observed: Iterable[Obj], desired_names: Iterable[str]) -> list[str]:
     return sorted(out)
 
 
+class Applier(Protocol):
+    """The one verb of ``atlasd.kube.client.KubeClient`` used here (a Protocol, so this
+    module does not import the client: layers that must not import httpx may use it)."""
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
 async def apply_if_needed(
-    kube: KubeClient, desired: Obj, observed: Obj | None
+    kube: Applier, desired: Obj, observed: Obj | None
 ) -> dict[str, Any] | None:
     """Server-side apply ``desired`` unless ``observed`` already matches; returns the
     stored object, or None when nothing was written."""
