@@ -1,0 +1,253 @@
+"""A real Thanos Query discovers real Thanos sidecars through the zone atlasd writes.
+
+The chain, all real processes on loopback:
+
+    zone writer -> atlas.zone -> CoreDNS (file plugin, reload 1s)
+    Thanos Query --endpoint=dnssrvnoa+_thanos._tcp.sidecars.thanos.atlas.
+        -> <cluster>-thanos-sidecar0.monitoring.svc.cluster.local:<port>
+        -> Thanos sidecar -> Prometheus (external label cluster=<name>)
+
+This is the "direct" variant: in production the sidecar names resolve to the
+observability Envoy, which carries the gRPC over mTLS to each downstream cluster (the
+xDS tests cover that hop). Here the same CoreDNS answers every ``*.cluster.local`` A
+query with 127.0.0.1 (``template`` plugin, standing in for the cluster DNS), and each
+cluster's ``thanos`` port is its sidecar's gRPC port.
+
+Thanos resolves through ``/etc/resolv.conf`` (there is no flag for a DNS server), so
+Thanos Query runs in a private mount namespace (``unshare -m``) where a test
+resolv.conf is bind-mounted over it, naming a CoreDNS on port 53 of a random
+127.x.y.53 address. That needs root (port 53, mount namespace); without it, or
+without a built Thanos, the test is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from atlasd.dns.writer import Zone, run_zone_writer
+from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
+from tests.harness import components
+from tests.harness.net import free_port
+from tests.harness.procs import Proc
+from tests.harness.prom import WebProc
+from tests.harness.wait import wait_until, wait_until_async
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = Settings(namespace="monitoring")
+SRV = "_thanos._tcp.sidecars.thanos.atlas."
+
+
+def thanos_binary() -> Path:
+    slot = components.cache_root() / f"thanos-{components.THANOS_VERSION}"
+    if not (slot / ".done").exists():
+        pytest.skip(
+            f"Thanos {components.THANOS_VERSION} is not built "
+            "(`python tests/harness/components.py install thanos`; see docs/dns.md)"
+        )
+    return slot / "thanos"
+
+
+def dns_address() -> str:
+    """A loopback address whose port 53 is free (needs root to bind)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1): port 53 and a mount namespace for Thanos")
+    for _ in range(20):
+        addr = f"127.{random.randint(1, 254)}.{random.randint(0, 254)}.53"
+        try:
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind((addr, 53))
+        except OSError:
+            continue
+        return addr
+    pytest.skip("no free loopback address for port 53")
+
+
+def corefile(addr: str, zone: Path) -> str:
+    return (
+        f"atlas.:53 {{\n    bind {addr}\n    file {zone} atlas. {{\n        reload 1s\n"
+        f"    }}\n    errors\n}}\n"
+        # Stand-in for the cluster DNS: every sidecar Service name -> loopback.
+        f"cluster.local.:53 {{\n    bind {addr}\n"
+        f"    template IN A cluster.local {{\n"
+        f'        answer "{{{{ .Name }}}} 60 IN A 127.0.0.1"\n    }}\n'
+        f"    template IN AAAA cluster.local {{\n        rcode NOERROR\n    }}\n}}\n"
+    )
+
+
+def prom_config(cluster: str, port_holder: str) -> str:
+    return (
+        "global:\n  scrape_interval: 1s\n"
+        f"  external_labels: {{cluster: {cluster}}}\n"
+        "scrape_configs:\n  - job_name: atlas-test\n"
+        f"    static_configs: [{{targets: ['{port_holder}']}}]\n"
+    )
+
+
+class Sidecar:
+    def __init__(self, thanos: Path, prom: WebProc, workdir: Path, name: str) -> None:
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.proc = Proc(
+            f"sidecar-{name}",
+            [
+                str(thanos),
+                "sidecar",
+                f"--prometheus.url={prom.url}",
+                f"--tsdb.path={workdir / f'sidecar-{name}-tsdb'}",
+                f"--grpc-address=127.0.0.1:{self.grpc_port}",
+                f"--http-address=127.0.0.1:{self.http_port}",
+            ],
+            log_dir=workdir,
+        )
+
+    def start(self) -> Sidecar:
+        self.proc.start()
+        wait_until(self._ready, timeout=60, what=f"{self.proc.name} ready")
+        return self
+
+    def _ready(self) -> bool:
+        self.proc.check_running()
+        url = f"http://127.0.0.1:{self.http_port}/-/ready"
+        return httpx.get(url, timeout=2).status_code == 200
+
+
+def cluster(name: str, sidecar: Sidecar) -> DownstreamCluster:
+    return DownstreamCluster(
+        name=name,
+        external_ip="203.0.113.1",
+        ports=(ServicePort("thanos", sidecar.grpc_port),),
+    )
+
+
+@asynccontextmanager
+async def writer(path: Path) -> AsyncIterator[Callable[[Fleet], Any]]:
+    send, recv = trio.open_memory_channel[Fleet](0)
+    written: list[Zone] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_zone_writer(
+                fleets=recv,
+                path=path,
+                kube=None,
+                settings=SETTINGS,
+                on_zone=written.append,
+                task_status=task_status,
+            )
+        )
+
+        async def push(fl: Fleet) -> None:
+            before = len(written)
+            await send.send(fl)
+            await wait_until_async(lambda: len(written) > before, timeout=10, what="zone write")
+
+        async with send:
+            yield push
+
+
+async def test_thanos_query_discovers_sidecars_through_coredns(
+    tmp_path: Path,
+    prometheus_factory: Callable[[str], WebProc],
+    request: pytest.FixtureRequest,
+) -> None:
+    thanos = thanos_binary()
+    addr = dns_address()
+
+    procs: list[Proc] = []
+
+    def started(proc: Proc) -> Proc:
+        procs.append(proc)
+        request.addfinalizer(proc.stop)
+        return proc.start()
+
+    sidecars: dict[str, Sidecar] = {}
+    for name in ("east", "west"):
+        port = free_port()
+        # Each Prometheus scrapes a target that is down: `up == 0` is a series all the same,
+        # labeled with the cluster (external label) by the sidecar.
+        prom = prometheus_factory(prom_config(name, f"127.0.0.1:{port}"))
+        sidecar = Sidecar(thanos, prom, tmp_path, name)
+        procs.append(sidecar.proc)
+        request.addfinalizer(sidecar.proc.stop)
+        sidecars[name] = await trio.to_thread.run_sync(sidecar.start)
+
+    zone = tmp_path / "atlas.zone"
+    async with writer(zone) as push:
+        await push(Fleet(settings=SETTINGS, clusters=(cluster("east", sidecars["east"]),)))
+
+        (tmp_path / "Corefile").write_text(corefile(addr, zone))
+        started(
+            Proc(
+                "coredns-53",
+                [str(components.coredns()), "-conf", str(tmp_path / "Corefile")],
+                log_dir=tmp_path,
+            )
+        )
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text(f"nameserver {addr}\noptions ndots:1 timeout:1 attempts:2\n")
+        http_port = free_port()
+        query_argv = [
+            str(thanos),
+            "query",
+            f"--http-address=127.0.0.1:{http_port}",
+            f"--grpc-address=127.0.0.1:{free_port()}",
+            f"--endpoint=dnssrvnoa+{SRV}",
+            "--store.sd-dns-interval=1s",
+            "--query.replica-label=replica",
+        ]
+        script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
+        started(
+            Proc(
+                "thanos-query",
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+                 str(resolv), *query_argv],
+                log_dir=tmp_path,
+            )
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{http_port}"
+
+        async def clusters_seen() -> set[str]:
+            async with httpx.AsyncClient(timeout=3) as client:
+                resp = await client.get(f"{url}/api/v1/query", params={"query": "up"})
+            for proc in procs:
+                proc.check_running()
+            body = resp.json()
+            assert body["status"] == "success", body
+            return {r["metric"].get("cluster", "") for r in body["data"]["result"]}
+
+        async def sees(want: set[str]) -> bool:
+            return await clusters_seen() == want
+
+        await wait_until_async(lambda: sees({"east"}), timeout=90, what="Query sees east")
+
+        # Add a cluster: a new SRV record, a new store, its series in the answer.
+        await push(
+            Fleet(
+                settings=SETTINGS,
+                clusters=(cluster("east", sidecars["east"]), cluster("west", sidecars["west"])),
+            )
+        )
+        await wait_until_async(lambda: sees({"east", "west"}), timeout=60, what="east+west")
+
+        # Remove one: Thanos drops the endpoint that left DNS, and its series with it.
+        await push(Fleet(settings=SETTINGS, clusters=(cluster("west", sidecars["west"]),)))
+        await wait_until_async(lambda: sees({"west"}), timeout=60, what="west only")
+
+        async with httpx.AsyncClient(timeout=3) as client:
+            stores = (await client.get(f"{url}/api/v1/stores")).json()["data"]
+        names = [s["name"] for group in stores.values() for s in group]
+        assert names == [
+            f"west-thanos-sidecar0.monitoring.svc.cluster.local:{sidecars['west'].grpc_port}"
+        ]
