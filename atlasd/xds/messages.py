@@ -188,6 +188,14 @@ def make_hcm(
         # gRPC streams (xDS, Thanos StoreAPI series) may stay quiet for long.
         hcm.stream_idle_timeout.CopyFrom(duration_pb2.Duration(seconds=0))
     if forward_client_cert:
+        # Downstream Envoys hold quiet, long-lived streams here: ping them, so a vanished
+        # one ends its stream (and atlasd's) instead of lingering.
+        hcm.http2_protocol_options.connection_keepalive.CopyFrom(
+            protocol_pb2.KeepaliveSettings(
+                interval=duration_pb2.Duration(seconds=30),
+                timeout=duration_pb2.Duration(seconds=20),
+            )
+        )
         hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
         hcm.set_current_client_cert_details.CopyFrom(
             hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(dns=True, uri=True)

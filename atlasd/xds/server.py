@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpclib.config
 import grpclib.const
 import grpclib.exceptions
 import grpclib.server
@@ -58,6 +59,8 @@ DELTA_METHOD = f"{_SERVICE}/DeltaAggregatedResources"
 # A stream must name its node this soon (an Envoy sends its first request at once);
 # otherwise an idle caller could hold streams without ever being authorized.
 FIRST_REQUEST_TIMEOUT = 30.0
+
+KEEPALIVE_SECONDS = 60.0
 
 # Errors that mean "the peer went away"; anything else is a bug and propagates.
 _GONE = (
@@ -243,7 +246,15 @@ class _Server(grpclib.server.Server):
     """
 
     def __init__(self, handlers: list[Any]) -> None:
-        super().__init__(handlers)
+        # HTTP/2 pings on quiet ADS streams, so a peer that vanished without a FIN is
+        # noticed (its stream closes, status and the connected gauge stay true).
+        config = grpclib.config.Configuration(
+            _keepalive_time=KEEPALIVE_SECONDS,
+            _keepalive_timeout=20.0,
+            _http2_max_pings_without_data=0,
+            _http2_min_sent_ping_interval_without_data=KEEPALIVE_SECONDS,
+        )
+        super().__init__(handlers, config=config)
         self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def _protocol_factory(self) -> Any:

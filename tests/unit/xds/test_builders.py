@@ -251,6 +251,7 @@ def test_xds_listener_requires_cert_and_forwards_it() -> None:
     hcm = hcm_of(lst)
     assert hcm.forward_client_cert_details == hcm_pb2.HttpConnectionManager.SANITIZE_SET
     assert hcm.set_current_client_cert_details.dns is True
+    assert hcm.http2_protocol_options.connection_keepalive.interval.ToSeconds() == 30
     rc = parse(atlas, ROUTE, "xds", route_pb2.RouteConfiguration)
     assert rc.virtual_hosts[0].routes[0].route.cluster == builders.ADS_FORWARD_CLUSTER
     assert rc.virtual_hosts[0].routes[0].route.timeout.ToSeconds() == 0
