@@ -235,7 +235,7 @@ def bench_streams(n: int = 1000) -> None:
 
     from atlasd.xds.server import run_ads_server
 
-    async def run(kind: str) -> tuple[float, float, float, float]:
+    async def run(kind: str) -> tuple[float, float, float, float, float]:
         fleet = _fleet(n)
         b = SnapshotBuilder()
         snaps = b.build(fleet)
@@ -249,6 +249,7 @@ def bench_streams(n: int = 1000) -> None:
                     cache=cache, host="127.0.0.1", port=0, authorizer=authz, task_status=task_status
                 )
             )
+            rss_before = _rss_mb()
             proc = await trio.lowlevel.open_process(
                 [sys.executable, __file__, "load-client", str(port), str(n), kind],
                 stdout=subprocess.PIPE,
@@ -293,14 +294,15 @@ def bench_streams(n: int = 1000) -> None:
             proc.kill()
             await proc.wait()
             nursery.cancel_scope.cancel()
-        return connect_s, elapsed, cpu, rss
+        return connect_s, elapsed, cpu, rss_before, rss
 
     print(f"== {n} ADS streams from a separate process (1 node each, CDS+LDS) ==")
     for kind in ("sotw", "delta"):
-        connect_s, elapsed, cpu, rss = trio.run(run, kind)
+        connect_s, elapsed, cpu, rss_before, rss = trio.run(run, kind)
         print(
             f"{kind:>6}: all connected+initial state in {connect_s:.2f} s; change -> all {n} "
-            f"streams have it: {elapsed:.3f} s; atlasd CPU during push {cpu:.3f} s; RSS {rss:.0f} MB"
+            f"streams have it: {elapsed:.3f} s; atlasd CPU during push {cpu:.3f} s; "
+            f"RSS {rss:.0f} MB ({rss_before:.0f} MB before the streams)"
         )
 
 
