@@ -27,7 +27,7 @@ from typing import Any, Self
 import httpx
 
 from atlasd.kube.config import Credential, Credentials, KubeConfig, ssl_context
-from atlasd.kube.errors import ApiError, Gone, TransportError, api_error
+from atlasd.kube.errors import Gone, TransportError, api_error
 from atlasd.kube.resources import Resource, resource_for
 from atlasd.labels import FIELD_MANAGER
 
@@ -459,4 +459,4 @@ class KubeClient:
         return event
 
 
-__all__ = ["ApiError", "KubeClient"]
+__all__ = ["KubeClient"]

@@ -217,6 +217,10 @@ class Informer:
                         self._apply(event)
             except Gone as exc:
                 log.info("watch %s from %s: %s; relisting", self.res, self._rv, exc.reason)
+                if events == 0 and trio.current_time() - began < MIN_WATCH_SECONDS:
+                    # Gone straight after a fresh list: do not spin list/watch in a loop.
+                    self.errors += 1
+                    await self.backoff.sleep()
                 return
             except (KubeError, trio.TooSlowError) as exc:
                 self.errors += 1

@@ -239,3 +239,16 @@ async def test_change_feed_into_a_work_queue(autojump_clock: trio.testing.MockCl
     await run_until(inf, lambda: inf.resource_version == "1010")
     assert queue.drain_ready() == ["a"]  # 1001 changes, one work item
     unsubscribe()
+
+
+async def test_immediate_gone_after_a_list_backs_off_instead_of_spinning(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gone = Gone(status=410, reason="Expired", message="", verb="watch", resource="services")
+    kube = FakeKube(lists=[([], "10"), ([], "11"), ([], "12")], watches=[[gone], [gone], [HANG]])
+    inf = informer(kube)
+    await run_until(inf, lambda: len(kube.watch_calls) == 3)
+    times = [c[2] for c in kube.watch_calls]
+    assert times[1] - times[0] == pytest.approx(0.8, abs=0.05)
+    assert times[2] - times[1] == pytest.approx(1.6, abs=0.05)
+    assert kube.list_calls == 3
