@@ -24,10 +24,14 @@ async def _all_acked(w: World) -> None:
         await w.wait_acked(node)
 
 
-async def test_ca_rotation_under_load(envoy_factory: Any, prometheus_factory: Any) -> None:
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_ca_rotation_under_load(
+    envoy_factory: Any, prometheus_factory: Any, delta: bool
+) -> None:
     prom = await trio.to_thread.run_sync(prometheus_factory, "global:\n  scrape_interval: 15s\n")
     async with xds_world(
         envoy_factory,
+        delta=delta,
         clusters=("east",),
         cluster_factory=lambda n: helpers.cluster(n, prom_port=prom.port),
         # Recycle upstream connections every second, so each phase does fresh handshakes.
