@@ -126,6 +126,7 @@ class KubeClient:
             headers={"User-Agent": self._user_agent, "Accept": "application/json"},
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
             transport=self._transport,
+            proxy=self.config.proxy_url,
         )
         self._http_identity = identity
         return self._http

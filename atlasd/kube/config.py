@@ -59,6 +59,9 @@ class ExecConfig:
     api_version: str = "client.authentication.k8s.io/v1"
     provide_cluster_info: bool = False
     install_hint: str = ""
+    # Never | IfAvailable | Always. atlasd runs plugins without a terminal, so a plugin
+    # that insists on one ("Always") fails with a clear error, as kubectl does without a TTY.
+    interactive_mode: str = "IfAvailable"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class KubeConfig:
     exec: ExecConfig | None = None
     insecure_skip_tls_verify: bool = False
     tls_server_name: str | None = None
+    # clusters[].cluster.proxy-url (http, https or socks5); None = the environment's
+    # HTTPS_PROXY/NO_PROXY, as kubectl.
+    proxy_url: str | None = None
     context: str | None = None
     source: str = "kubeconfig"
     token_reread_seconds: float = TOKEN_REREAD_SECONDS
@@ -238,6 +244,13 @@ def _data_or_file(entry: Mapping[str, Any], key: str, where: str) -> bytes | Non
     return None
 
 
+def _interactive_mode(raw: Mapping[str, Any], where: str) -> str:
+    mode = str(raw.get("interactiveMode") or "IfAvailable")
+    if mode not in ("Never", "IfAvailable", "Always"):
+        raise ConfigError(f"{where}: exec interactiveMode {mode!r} is not valid")
+    return mode
+
+
 def _exec_config(raw: Mapping[str, Any], where: str) -> ExecConfig:
     cmd = raw.get("command")
     if not cmd:
@@ -256,6 +269,7 @@ def _exec_config(raw: Mapping[str, Any], where: str) -> ExecConfig:
         api_version=api_version,
         provide_cluster_info=bool(raw.get("provideClusterInfo", False)),
         install_hint=str(raw.get("installHint") or ""),
+        interactive_mode=_interactive_mode(raw, where),
     )
 
 
@@ -300,6 +314,7 @@ def load_kubeconfig(paths: Sequence[str], *, context: str | None = None) -> Kube
         exec=_exec_config(exec_raw, where_u) if isinstance(exec_raw, Mapping) else None,
         insecure_skip_tls_verify=bool(cluster.get("insecure-skip-tls-verify", False)),
         tls_server_name=str(cluster["tls-server-name"]) if cluster.get("tls-server-name") else None,
+        proxy_url=str(cluster["proxy-url"]) if cluster.get("proxy-url") else None,
         context=ctx_name,
     )
 
@@ -414,6 +429,11 @@ class Credentials:
         env.update(dict(ex.env))
         env["KUBERNETES_EXEC_INFO"] = json.dumps(info)
         hint = f" ({ex.install_hint})" if ex.install_hint else ""
+        if ex.interactive_mode == "Always":
+            raise ConfigError(
+                f"exec plugin {ex.command} needs an interactive terminal (interactiveMode "
+                f"Always); atlasd runs credential plugins without one{hint}"
+            )
         self.exec_runs += 1
         try:
             proc = await trio.run_process(

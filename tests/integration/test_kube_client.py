@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import pytest
 import trio
 
@@ -164,3 +167,53 @@ async def test_needs_apply_agrees_with_the_server(apiserver: ApiServer, namespac
             CONFIGMAPS, namespace=namespace, label_selector=managed_selector()
         )
         assert [i["metadata"]["name"] for i in items] == ["child"]
+
+
+async def _connect_proxy(
+    seen: list[str], *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A minimal HTTP CONNECT proxy on loopback (records each CONNECT target)."""
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await dst.send_eof()
+
+    async def handle(client: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await client.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
+        target = head.split(b" ")[1].decode()
+        seen.append(target)
+        host, port = target.rsplit(":", 1)
+        async with await trio.open_tcp_stream(host, int(port)) as upstream, client:
+            await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_proxy_url_from_the_kubeconfig(apiserver: ApiServer, namespace: str) -> None:
+    seen: list[str] = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(_connect_proxy, seen)
+        config = dataclasses.replace(
+            load_config(str(apiserver.admin_kubeconfig)), proxy_url=f"http://127.0.0.1:{port}"
+        )
+        async with KubeClient(config) as kube:
+            await kube.create(_cm(namespace, "via-proxy", {"k": "v"}))
+            got = await kube.get(CONFIGMAPS, "via-proxy", namespace=namespace)
+        assert got["data"] == {"k": "v"}
+        assert seen and all(t == f"127.0.0.1:{apiserver.port}" for t in seen)
+        nursery.cancel_scope.cancel()

@@ -277,3 +277,27 @@ def test_in_cluster(tmp_path: Path) -> None:
     assert v4.server == "https://10.0.0.1:443"
     with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
         load_in_cluster(sa_dir=tmp_path, environ={})
+
+
+def test_exec_interactive_mode_and_proxy_url(tmp_path: Path) -> None:
+    def doc(mode: str) -> dict[str, Any]:
+        return _cfg(
+            clusters={"c": {"server": "https://x", "proxy-url": "http://127.0.0.1:3128"}},
+            users={
+                "u": {
+                    "exec": {
+                        "apiVersion": "client.authentication.k8s.io/v1",
+                        "command": "p",
+                        "interactiveMode": mode,
+                    }
+                }
+            },
+            contexts={"x": {"cluster": "c", "user": "u"}},
+            current="x",
+        )
+
+    cfg = load_kubeconfig([_write(tmp_path / "ok", doc("Never"))])
+    assert cfg.proxy_url == "http://127.0.0.1:3128"
+    assert cfg.exec is not None and cfg.exec.interactive_mode == "Never"
+    with pytest.raises(ConfigError, match="interactiveMode 'Sometimes'"):
+        load_kubeconfig([_write(tmp_path / "bad", doc("Sometimes"))])

@@ -261,3 +261,14 @@ def test_ssl_context_errors() -> None:
         ssl_context(
             KubeConfig(server="https://x"), Credential(client_cert=cert, client_key=other_key)
         )
+
+
+async def test_exec_plugin_that_needs_a_terminal(tmp_path: Path) -> None:
+    script = _plugin(tmp_path, api_version=V1, expires_in=None)
+    cfg = KubeConfig(
+        server="https://x",
+        exec=ExecConfig(command=sys.executable, args=(str(script),), interactive_mode="Always"),
+    )
+    with pytest.raises(ConfigError, match="interactive terminal"):
+        await Credentials(cfg).get()
+    assert not (tmp_path / "count").exists()  # never started
