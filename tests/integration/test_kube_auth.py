@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from atlasd.kube.client import KubeClient
-from atlasd.kube.config import load_config
+from atlasd.kube.config import load_config, load_in_cluster
 from atlasd.kube.errors import Forbidden, TransportError, Unauthorized
 from atlasd.kube.resources import CONFIGMAPS, SERVICEACCOUNTS, SERVICES
 from tests.harness.kube import ApiServer
@@ -231,3 +231,30 @@ async def test_exec_plugin_client_certificate(apiserver: ApiServer, tmp_path: Pa
         assert await _whoami(kube) == "exec-cert-2"
         assert await _whoami(kube) == "exec-cert-2"
         assert kube.credentials.exec_runs == 2
+
+
+async def test_in_cluster_service_account(
+    apiserver: ApiServer, namespace: str, tmp_path: Path
+) -> None:
+    apiserver.service_account_kubeconfig("incluster", namespace, CM_RULES)
+    sa_dir = tmp_path / "serviceaccount"
+    sa_dir.mkdir()
+    (sa_dir / "token").write_text(apiserver.token_for("incluster", namespace))
+    (sa_dir / "ca.crt").write_bytes(apiserver.serving_ca.cert_pem)
+    (sa_dir / "namespace").write_text(namespace)
+    config = load_in_cluster(
+        sa_dir=sa_dir,
+        environ={
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(apiserver.port),
+        },
+    )
+    async with KubeClient(dataclasses.replace(config, token_reread_seconds=0.0)) as kube:
+        assert kube.namespace == namespace
+        assert await _whoami(kube) == _sa_user(namespace, "incluster")
+        items, _ = await kube.list(CONFIGMAPS)
+        assert isinstance(items, list)
+        # The kubelet rotates the projected token: the new one is read.
+        apiserver.service_account_kubeconfig("incluster2", namespace, CM_RULES)
+        (sa_dir / "token").write_text(apiserver.token_for("incluster2", namespace))
+        assert await _whoami(kube) == _sa_user(namespace, "incluster2")
