@@ -58,7 +58,7 @@ async def test_prometheus_by_path_through_mtls(
     def cluster(name: str) -> model.DownstreamCluster:
         return helpers.cluster(name, prom_port=prom.port if name == "east" else free_port())
 
-    async with xds_world(envoy_factory, cluster_factory=cluster) as w:
+    async with xds_world(envoy_factory, cluster_factory=cluster, delta=delta) as w:
         await _start_all(w)
         url = (
             f"http://127.0.0.1:{w.plan.observability.prometheus}/prom/east/api/v1/status/buildinfo"
@@ -71,7 +71,10 @@ async def test_prometheus_by_path_through_mtls(
         assert r.status_code == 404
 
 
-async def test_thanos_grpc_by_authority_pins_replicas(envoy_factory: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_thanos_grpc_by_authority_pins_replicas(
+    envoy_factory: Any, tmp_path: Path, delta: bool
+) -> None:
     # Replica i of "east" is the stand-in at 127.0.<i>.1 (all of 127/8 is loopback).
     port = free_port()
     procs = [_standin(tmp_path, f"replica{i}", f"127.0.{i}.1", port) for i in range(2)]
@@ -80,7 +83,9 @@ async def test_thanos_grpc_by_authority_pins_replicas(envoy_factory: Any, tmp_pa
         def cluster(name: str) -> model.DownstreamCluster:
             return helpers.cluster(name, replicas=2, thanos_port=port, template="127.0.{replica}.1")
 
-        async with xds_world(envoy_factory, clusters=("east",), cluster_factory=cluster) as w:
+        async with xds_world(
+            envoy_factory, clusters=("east",), cluster_factory=cluster, delta=delta
+        ) as w:
             await _start_all(w)
             obs = w.plan.observability.thanos
             for i in range(2):
@@ -102,12 +107,17 @@ async def test_thanos_grpc_by_authority_pins_replicas(envoy_factory: Any, tmp_pa
             p.stop()
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_alerts_reach_each_alertmanager(
-    envoy_factory: Any, prometheus_factory: Any, alertmanager_factory: Any, tmp_path: Path
+    envoy_factory: Any,
+    prometheus_factory: Any,
+    alertmanager_factory: Any,
+    tmp_path: Path,
+    delta: bool,
 ) -> None:
     ams = [await trio.to_thread.run_sync(alertmanager_factory, AM_CONFIG) for _ in range(2)]
     local = [model.LocalAlertmanager(f"am{i}", "monitoring", am.port) for i, am in enumerate(ams)]
-    async with xds_world(envoy_factory, alertmanagers=local) as w:
+    async with xds_world(envoy_factory, alertmanagers=local, delta=delta) as w:
         await _start_all(w)
         relay = w.plan.ports_for("east").alertmanager
         # A real downstream Prometheus with an always-firing rule, alerting to 11903.
