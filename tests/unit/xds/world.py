@@ -112,9 +112,11 @@ class World:
             snap = self.cache.get(node)
             if snap is None:
                 return False
+            kind = "delta" if self.delta else "sotw"
             for st in self.cache.status():
                 if st.node != node:
                     continue
+                assert st.kind == kind, f"{node} connected {st.kind}, expected {kind}"
                 if all(
                     st.acked_version(t) is not None or not rs for t, rs in snap.resources.items()
                 ) and _current(st, snap):
