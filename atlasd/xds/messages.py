@@ -289,6 +289,10 @@ def make_cluster(
             ],
         ),
     )
+    if not is_ip(host):
+        # Kubernetes Service names resolve to IPv4 first on dual-stack clusters, and a
+        # component listening on 127.0.0.1 only is not reachable through ::1.
+        c.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
     if http2:
         opts = http_protocol_options_pb2.HttpProtocolOptions(
             explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(

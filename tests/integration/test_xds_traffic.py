@@ -38,6 +38,9 @@ async def _start_all(w: World) -> None:
     for name in ("atlas", *(c.name for c in w.clusters)):
         await w.wait_acked(name)
         await w.wait_envoy_ready(name)
+    for name, envoy in w.envoys.items():
+        log = await trio.to_thread.run_sync(envoy.log_text)
+        assert "deprecated" not in log.lower(), f"{name}: {log}"
 
 
 def _standin(tmp_path: Path, ident: str, host: str, port: int) -> Proc:
@@ -56,7 +59,9 @@ async def test_prometheus_by_path_through_mtls(
     prom = await trio.to_thread.run_sync(prometheus_factory, "global:\n  scrape_interval: 15s\n")
 
     def cluster(name: str) -> model.DownstreamCluster:
-        return helpers.cluster(name, prom_port=prom.port if name == "east" else free_port())
+        # A host name, not an IP: the downstream Envoy resolves it (STRICT_DNS).
+        port = prom.port if name == "east" else free_port()
+        return helpers.cluster(name, prom_port=port, host="localhost")
 
     async with xds_world(envoy_factory, cluster_factory=cluster, delta=delta) as w:
         await _start_all(w)
