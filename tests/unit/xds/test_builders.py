@@ -280,6 +280,7 @@ def test_downstream_replica_pinning_and_client_san() -> None:
     for i in range(2):
         cl = parse(east, CLUSTER, f"thanos{i}", cluster_pb2.Cluster)
         assert cl.type == cluster_pb2.Cluster.STRICT_DNS
+        assert cl.dns_lookup_family == cluster_pb2.Cluster.V4_PREFERRED
         a = cl.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
         hosts.append(a.address)
     assert hosts == ["prom-0.prometheus-operated", "prom-1.prometheus-operated"]
