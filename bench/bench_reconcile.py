@@ -26,7 +26,7 @@ from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.events import post_event
 from atlasd.model import Settings
-from atlasd.reconcile import pki
+from atlasd.reconcile import certs
 from atlasd.reconcile.applier import Reconciler
 from tests.harness.kube import ApiServer
 from tests.unit.reconcile.builders import cluster_service
@@ -93,8 +93,7 @@ async def _bench(api: ApiServer, clusters: int, replicas: int, concurrency: int)
             f"atlasd CPU {steady_cpu:.2f} s"
         )
 
-        pki._signed_by.cache_clear()
-        pki._key_matches.cache_clear()
+        certs.clear_caches()
         t0 = time.perf_counter()
         restart = await Reconciler(settings=settings, post_event=post_event).reconcile_once(
             kube, now=now + dt.timedelta(minutes=2)

@@ -5,6 +5,7 @@ Secrets (name -> object) and returns a ``PKIPlan``: the desired Secrets and the
 ``model.PKI`` the xDS side builds Envoy configuration from. Nothing here does I/O; the only
 source of randomness (private keys and serial numbers) is the injectable ``KeySource``, and
 ECDSA signatures are deterministic (RFC 6979), so a plan is a function of its inputs.
+Certificates are made and checked by ``atlasd.reconcile.certs``; this module decides.
 
 CA (Secret ``atlas-ca``: ``ca.pem``, ``ca-key.pem``, earlier CAs as ``ca-<serial>.pem``;
 labels ``goatlas.io/ca: "true"``, ``goatlas.io/ca-revision``, ``goatlas.io/ca-serial``):
@@ -48,21 +49,32 @@ Errors::
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from atlasd import labels
 from atlasd.model import OBSERVABILITY_NODE, PKI, CertKey, DownstreamCluster, Identity, Settings
+from atlasd.reconcile.certs import (
+    CA,
+    KeySource,
+    LeafSpec,
+    RandomKeys,
+    as_utc,
+    issue_leaf,
+    key_pem,
+    leaf_is_current,
+    new_ca,
+    past_fraction,
+    public_der,
+    renew_at,
+)
 from atlasd.reconcile.objects import (
     SecretObject,
     managed_labels,
@@ -73,65 +85,31 @@ from atlasd.reconcile.objects import (
 )
 from atlasd.reconcile.validate import identity_secret_name
 
+# Re-exported: callers plan with ``pki`` alone (``plan_pki(..., keys=RandomKeys())``).
+__all__ = [
+    "CA",
+    "CA_CERT_KEY",
+    "CA_KEY_KEY",
+    "KeySource",
+    "LeafSpec",
+    "PKIError",
+    "PKIPlan",
+    "RandomKeys",
+    "ca_secret",
+    "cluster_specs",
+    "decide_ca",
+    "load_ca",
+    "observability_specs",
+    "plan_pki",
+]
+
 CA_CERT_KEY = "ca.pem"
 CA_KEY_KEY = "ca-key.pem"
-CLOCK_SKEW = dt.timedelta(minutes=5)
-"""Leaves and CAs are back-dated by this much so a peer with a slow clock accepts them."""
-
-Usage = Literal["server", "client", "both"]
 CAAction = Literal["created", "adopted", "kept", "rotated"]
 
 
 class PKIError(Exception):
     """The existing ``atlas-ca`` Secret cannot be used (message never contains key data)."""
-
-
-class KeySource(Protocol):
-    """Where new private keys and serial numbers come from (injectable for tests)."""
-
-    def new_key(self) -> ec.EllipticCurvePrivateKey: ...
-
-    def new_serial(self) -> int: ...
-
-
-class RandomKeys:
-    """The production ``KeySource``: fresh P-256 keys and 159-bit random serials."""
-
-    def new_key(self) -> ec.EllipticCurvePrivateKey:
-        return ec.generate_private_key(ec.SECP256R1())
-
-    def new_serial(self) -> int:
-        return x509.random_serial_number()
-
-
-@dataclass(frozen=True)
-class CA:
-    """The current signing CA and the earlier CAs still in the trust bundle."""
-
-    cert: x509.Certificate
-    key: CertificateIssuerPrivateKeyTypes
-    material: CertKey
-    revision: int
-    # (serial, PEM) of earlier CAs still trusted, newest first.
-    previous: tuple[tuple[str, bytes], ...] = ()
-
-    @property
-    def serial(self) -> str:
-        return str(self.cert.serial_number)
-
-    @property
-    def bundle(self) -> bytes:
-        return self.material.cert_pem + b"".join(pem for _, pem in self.previous)
-
-
-@dataclass(frozen=True)
-class LeafSpec:
-    """What one leaf certificate must say."""
-
-    common_name: str
-    dns: tuple[str, ...]
-    ips: tuple[str, ...] = ()
-    usage: Usage = "server"
 
 
 @dataclass(frozen=True)
@@ -151,52 +129,6 @@ class PKIPlan:
     # When the next pass must run at the latest for a time-based change: a leaf or the CA
     # reaching ``renew_fraction``, or an earlier CA leaving the bundle at its expiry.
     next_renewal: dt.datetime | None = None
-
-
-# --- helpers ---
-
-
-def _now(now: dt.datetime) -> dt.datetime:
-    return now if now.tzinfo else now.replace(tzinfo=dt.UTC)
-
-
-def _key_pem(key: CertificateIssuerPrivateKeyTypes | ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _public_bytes(key: Any) -> bytes:
-    return bytes(
-        key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-
-
-def _sign(
-    builder: x509.CertificateBuilder, key: CertificateIssuerPrivateKeyTypes
-) -> x509.Certificate:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return builder.sign(key, hashes.SHA256(), ecdsa_deterministic=True)
-    if isinstance(key, rsa.RSAPrivateKey):
-        return builder.sign(key, hashes.SHA256())
-    return builder.sign(key, None)  # ed25519/ed448 take no hash
-
-
-@functools.lru_cache(maxsize=16384)
-def renew_at(cert_pem: bytes, fraction: float) -> dt.datetime:
-    """When a certificate reaches ``fraction`` of its lifetime."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * fraction
-
-
-def _past_fraction(cert: x509.Certificate, now: dt.datetime, fraction: float) -> bool:
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return now >= start + (end - start) * fraction or now >= end
 
 
 def _address_san(address: str) -> tuple[str | None, str | None]:
@@ -234,64 +166,6 @@ def cluster_specs(cluster: str, settings: Settings) -> tuple[LeafSpec, LeafSpec]
     return LeafSpec(cluster, dns, (), "server"), LeafSpec(cluster, dns, (), "client")
 
 
-def _eku(usage: Usage) -> list[x509.ObjectIdentifier]:
-    if usage == "server":
-        return [ExtendedKeyUsageOID.SERVER_AUTH]
-    if usage == "client":
-        return [ExtendedKeyUsageOID.CLIENT_AUTH]
-    return [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-
-
-def _sans(spec: LeafSpec) -> list[x509.GeneralName]:
-    out: list[x509.GeneralName] = [x509.DNSName(d) for d in spec.dns]
-    out += [x509.IPAddress(ipaddress.ip_address(i)) for i in spec.ips]
-    return out
-
-
-# --- CA ---
-
-
-def new_ca(
-    *, keys: KeySource, now: dt.datetime, lifetime: dt.timedelta
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A self-signed ECDSA P-256 CA (pathlen 0)."""
-    now = _now(now)
-    key = keys.new_key()
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "atlasd"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "atlas-ca"),
-        ]
-    )
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(keys.new_serial())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + lifetime)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-    )
-    return _sign(builder, key), key
-
-
 def load_ca(
     cert_pem: bytes, key_pem: bytes
 ) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
@@ -305,9 +179,9 @@ def load_ca(
     except (ValueError, TypeError):
         # The underlying message may quote key material; do not chain it.
         raise PKIError(f"{CA_KEY_KEY} is not an unencrypted PEM private key") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or _public_bytes(
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or public_der(
         key.public_key()
-    ) != _public_bytes(cert.public_key()):
+    ) != public_der(cert.public_key()):
         raise PKIError(f"{CA_KEY_KEY} does not belong to the certificate in {CA_CERT_KEY}")
     return cert, key
 
@@ -347,7 +221,7 @@ def decide_ca(
     keys: KeySource,
 ) -> tuple[CA, CAAction]:
     """Create, adopt, keep or rotate the CA (see module docstring)."""
-    now = _now(now)
+    now = as_utc(now)
     data = secret_data(observed)
     lbls = meta_map(observed, "labels")
     anns = meta_map(observed, "annotations")
@@ -355,7 +229,7 @@ def decide_ca(
         if observed is not None and (CA_CERT_KEY in data or CA_KEY_KEY in data):
             raise PKIError(f"atlas-ca holds only one of {CA_CERT_KEY} and {CA_KEY_KEY}")
         cert, key = new_ca(keys=keys, now=now, lifetime=settings.ca_lifetime)
-        material = CertKey(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+        material = CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
         return CA(cert=cert, key=key, material=material, revision=1), "created"
 
     cert, ca_key = load_ca(data[CA_CERT_KEY], data[CA_KEY_KEY])
@@ -365,7 +239,7 @@ def decide_ca(
         revision = 1
     serial = str(cert.serial_number)
     previous = _previous_cas(data, serial, now)
-    rotate = labels.CA_ROTATE_ANNOTATION in anns or _past_fraction(
+    rotate = labels.CA_ROTATE_ANNOTATION in anns or past_fraction(
         cert, now, settings.renew_fraction
     )
     if not rotate:
@@ -382,7 +256,7 @@ def decide_ca(
     if cert.not_valid_after_utc > now:
         previous.append((serial, data[CA_CERT_KEY], cert.not_valid_before_utc))
     new_cert, new_key = new_ca(keys=keys, now=now, lifetime=settings.ca_lifetime)
-    material = CertKey(new_cert.public_bytes(serialization.Encoding.PEM), _key_pem(new_key))
+    material = CertKey(new_cert.public_bytes(serialization.Encoding.PEM), key_pem(new_key))
     ca = CA(
         cert=new_cert,
         key=new_key,
@@ -427,111 +301,6 @@ def ca_secret(ca: CA, observed: Mapping[str, Any] | None, settings: Settings) ->
     )
 
 
-# --- leaves ---
-
-
-def issue_leaf(
-    spec: LeafSpec, *, ca: CA, keys: KeySource, now: dt.datetime, lifetime: dt.timedelta
-) -> CertKey:
-    """A new ECDSA P-256 leaf signed by ``ca``."""
-    now = _now(now)
-    key = keys.new_key()
-    not_after = min(now + lifetime, ca.cert.not_valid_after_utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "atlasd"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, spec.common_name),
-                ]
-            )
-        )
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(keys.new_serial())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(_eku(spec.usage)), critical=False)
-        .add_extension(x509.SubjectAlternativeName(_sans(spec)), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-    )
-    cert = _sign(builder, ca.key)
-    return CertKey(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
-
-
-@functools.lru_cache(maxsize=16384)
-def _signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
-    """Whether ``cert_pem`` was issued by ``ca_pem`` (memoized: verification dominates a
-    steady-state pass over many clusters and its answer never changes for given bytes)."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=16384)
-def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        return False
-    return (
-        isinstance(key, ec.EllipticCurvePrivateKey)
-        and isinstance(key.curve, ec.SECP256R1)
-        and _public_bytes(key.public_key()) == _public_bytes(cert.public_key())
-    )
-
-
-def leaf_is_current(
-    material: CertKey | None, spec: LeafSpec, *, ca: CA, now: dt.datetime, renew_fraction: float
-) -> bool:
-    """Whether an existing leaf can be kept (see module docstring for the rules)."""
-    if material is None:
-        return False
-    try:
-        cert = x509.load_pem_x509_certificate(material.cert_pem)
-    except ValueError:
-        return False
-    if not _signed_by(material.cert_pem, ca.material.cert_pem):
-        return False
-    if not _key_matches(material.cert_pem, material.key_pem):
-        return False
-    if _past_fraction(cert, _now(now), renew_fraction):
-        return False
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return False
-    dns = set(san.get_values_for_type(x509.DNSName))
-    ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
-    return dns == set(spec.dns) and ips == set(spec.ips) and set(eku) == set(_eku(spec.usage))
-
-
 def _material(data: Mapping[str, bytes], cert_key: str, key_key: str) -> CertKey | None:
     if cert_key in data and key_key in data:
         return CertKey(data[cert_key], data[key_key])
@@ -550,7 +319,7 @@ def plan_pki(
 
     Raises ``PKIError`` when ``atlas-ca`` exists but is unusable.
     """
-    now = _now(now)
+    now = as_utc(now)
     ca, action = decide_ca(secrets.get(labels.CA_SECRET), settings=settings, now=now, keys=keys)
     issued: list[str] = []
     bundle = ca.bundle

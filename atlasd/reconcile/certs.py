@@ -1,0 +1,295 @@
+"""X.509 primitives of atlasd's PKI: CAs, leaves, and whether a leaf is still good.
+
+Pure functions over ``cryptography`` objects; the only randomness (private keys, serial
+numbers) comes from a ``KeySource``, and ECDSA signatures are deterministic (RFC 6979), so
+the same inputs give the same bytes. ``atlasd.reconcile.pki`` decides *which* certificates
+should exist; this module makes and checks them.
+
+- CAs made here: ECDSA P-256, self-signed, pathlen 0, back-dated by ``CLOCK_SKEW``.
+- Leaves: ECDSA P-256, random serial from the ``KeySource``, SHA-256, SANs and extended key
+  usage from a ``LeafSpec``, validity capped at the signing CA's, AKI/SKI set.
+- A leaf is current when it parses, its key is P-256 and matches it, the current CA signed
+  it, its SANs and usages are those of its spec, and less than ``renew_fraction`` of its
+  lifetime has passed. Signature and key checks are memoized by PEM bytes (they dominate a
+  steady-state pass over many clusters, and their answer never changes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from atlasd.model import CertKey
+
+CLOCK_SKEW = dt.timedelta(minutes=5)
+"""Leaves and CAs are back-dated by this much so a peer with a slow clock accepts them."""
+
+Usage = Literal["server", "client", "both"]
+
+
+class KeySource(Protocol):
+    """Where new private keys and serial numbers come from (injectable for tests)."""
+
+    def new_key(self) -> ec.EllipticCurvePrivateKey: ...
+
+    def new_serial(self) -> int: ...
+
+
+class RandomKeys:
+    """The production ``KeySource``: fresh P-256 keys and 159-bit random serials."""
+
+    def new_key(self) -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def new_serial(self) -> int:
+        return x509.random_serial_number()
+
+
+@dataclass(frozen=True)
+class CA:
+    """The current signing CA and the earlier CAs still in the trust bundle."""
+
+    cert: x509.Certificate
+    key: CertificateIssuerPrivateKeyTypes
+    material: CertKey
+    revision: int
+    # (serial, PEM) of earlier CAs still trusted, newest first.
+    previous: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def serial(self) -> str:
+        return str(self.cert.serial_number)
+
+    @property
+    def bundle(self) -> bytes:
+        return self.material.cert_pem + b"".join(pem for _, pem in self.previous)
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """What one leaf certificate must say."""
+
+    common_name: str
+    dns: tuple[str, ...]
+    ips: tuple[str, ...] = ()
+    usage: Usage = "server"
+
+
+def as_utc(now: dt.datetime) -> dt.datetime:
+    return now if now.tzinfo else now.replace(tzinfo=dt.UTC)
+
+
+def key_pem(key: CertificateIssuerPrivateKeyTypes | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def public_der(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def sign(
+    builder: x509.CertificateBuilder, key: CertificateIssuerPrivateKeyTypes
+) -> x509.Certificate:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return builder.sign(key, hashes.SHA256(), ecdsa_deterministic=True)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return builder.sign(key, hashes.SHA256())
+    return builder.sign(key, None)  # ed25519/ed448 take no hash
+
+
+@functools.lru_cache(maxsize=16384)
+def renew_at(cert_pem: bytes, fraction: float) -> dt.datetime:
+    """When a certificate reaches ``fraction`` of its lifetime."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * fraction
+
+
+def past_fraction(cert: x509.Certificate, now: dt.datetime, fraction: float) -> bool:
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return now >= start + (end - start) * fraction or now >= end
+
+
+def _eku(usage: Usage) -> list[x509.ObjectIdentifier]:
+    if usage == "server":
+        return [ExtendedKeyUsageOID.SERVER_AUTH]
+    if usage == "client":
+        return [ExtendedKeyUsageOID.CLIENT_AUTH]
+    return [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def _sans(spec: LeafSpec) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = [x509.DNSName(d) for d in spec.dns]
+    out += [x509.IPAddress(ipaddress.ip_address(i)) for i in spec.ips]
+    return out
+
+
+# --- CA ---
+
+
+def new_ca(
+    *, keys: KeySource, now: dt.datetime, lifetime: dt.timedelta
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed ECDSA P-256 CA (pathlen 0)."""
+    now = as_utc(now)
+    key = keys.new_key()
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "atlasd"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "atlas-ca"),
+        ]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(keys.new_serial())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+    )
+    return sign(builder, key), key
+
+
+def issue_leaf(
+    spec: LeafSpec, *, ca: CA, keys: KeySource, now: dt.datetime, lifetime: dt.timedelta
+) -> CertKey:
+    """A new ECDSA P-256 leaf signed by ``ca``."""
+    now = as_utc(now)
+    key = keys.new_key()
+    not_after = min(now + lifetime, ca.cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "atlasd"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, spec.common_name),
+                ]
+            )
+        )
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(keys.new_serial())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(_eku(spec.usage)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_sans(spec)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+    cert = sign(builder, ca.key)
+    return CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
+
+
+@functools.lru_cache(maxsize=16384)
+def _signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
+    """Whether ``cert_pem`` was issued by ``ca_pem`` (memoized: verification dominates a
+    steady-state pass over many clusters and its answer never changes for given bytes)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16384)
+def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return False
+    return (
+        isinstance(key, ec.EllipticCurvePrivateKey)
+        and isinstance(key.curve, ec.SECP256R1)
+        and public_der(key.public_key()) == public_der(cert.public_key())
+    )
+
+
+def leaf_is_current(
+    material: CertKey | None, spec: LeafSpec, *, ca: CA, now: dt.datetime, renew_fraction: float
+) -> bool:
+    """Whether an existing leaf can be kept (see module docstring for the rules)."""
+    if material is None:
+        return False
+    try:
+        cert = x509.load_pem_x509_certificate(material.cert_pem)
+    except ValueError:
+        return False
+    if not _signed_by(material.cert_pem, ca.material.cert_pem):
+        return False
+    if not _key_matches(material.cert_pem, material.key_pem):
+        return False
+    if past_fraction(cert, as_utc(now), renew_fraction):
+        return False
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    dns = set(san.get_values_for_type(x509.DNSName))
+    ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+    return dns == set(spec.dns) and ips == set(spec.ips) and set(eku) == set(_eku(spec.usage))
+
+
+def clear_caches() -> None:
+    """Forget memoized verifications (benchmarks measuring a cold restart use this)."""
+    _signed_by.cache_clear()
+    _key_matches.cache_clear()
+    renew_at.cache_clear()
