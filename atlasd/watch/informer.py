@@ -83,6 +83,7 @@ class Informer:
         watch_timeout: tuple[float, float] = (300.0, 600.0),
         inactivity_grace: float = 60.0,
         backoff: Backoff | None = None,
+        transform: Callable[[Obj], Obj] | None = None,
     ) -> None:
         self.kube = kube
         self.res = res
@@ -91,6 +92,9 @@ class Informer:
         self.watch_timeout = watch_timeout
         self.inactivity_grace = inactivity_grace
         self.backoff = backoff if backoff is not None else Backoff()
+        # Applied to every object before it is cached (client-go SetTransform), e.g.
+        # ``strip_managed_fields`` to save memory when nothing reads managedFields.
+        self.transform = transform
         self._cache: dict[str, Obj] = {}
         self._rv = ""
         self._synced = trio.Event()
@@ -174,6 +178,8 @@ class Informer:
             self.res, namespace=self.namespace, label_selector=self.label_selector
         )
         self.lists += 1
+        if self.transform is not None:
+            items = [self.transform(obj) for obj in items]
         fresh = {self.key(obj): obj for obj in items}
         old = self._cache
         self._cache = fresh
@@ -240,6 +246,8 @@ class Informer:
             if rv:
                 self._rv = str(rv)
             return
+        if self.transform is not None:
+            obj = self.transform(obj)
         key = self.key(obj)
         if kind in ("ADDED", "MODIFIED"):
             before = self._cache.get(key)
@@ -255,6 +263,16 @@ class Informer:
                 self._emit(Change("DELETED", key, obj, before))
         else:
             log.warning("watch %s: ignoring an event of type %r", self.res, kind)
+
+
+def strip_managed_fields(obj: Obj) -> Obj:
+    """A transform dropping ``metadata.managedFields`` (often half of an object's size).
+    Do not use it on caches whose objects feed ``atlasd.kube.apply.needs_apply``: it reads
+    managedFields to notice fields atlasd stopped sending."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and "managedFields" in meta:
+        meta.pop("managedFields")
+    return obj
 
 
 def all_synced(informers: Sequence[Informer]) -> bool:

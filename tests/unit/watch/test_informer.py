@@ -13,7 +13,13 @@ import trio.testing
 from atlasd.kube.errors import Gone, ServerError, TooManyRequests, TransportError
 from atlasd.kube.resources import SERVICES
 from atlasd.watch.backoff import Backoff
-from atlasd.watch.informer import Change, Informer, all_synced, run_informers
+from atlasd.watch.informer import (
+    Change,
+    Informer,
+    all_synced,
+    run_informers,
+    strip_managed_fields,
+)
 from atlasd.watch.workqueue import WorkQueue
 
 HANG = object()
@@ -252,3 +258,20 @@ async def test_immediate_gone_after_a_list_backs_off_instead_of_spinning(
     assert times[1] - times[0] == pytest.approx(0.8, abs=0.05)
     assert times[2] - times[1] == pytest.approx(1.6, abs=0.05)
     assert kube.list_calls == 3
+
+
+async def test_transform_applies_to_listed_and_watched_objects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def with_mf(o: dict[str, Any]) -> dict[str, Any]:
+        o["metadata"]["managedFields"] = [{"manager": "x"}]
+        return o
+
+    kube = FakeKube(
+        lists=[([with_mf(obj("a", "1"))], "10")],
+        watches=[[{"type": "ADDED", "object": with_mf(obj("b", "11"))}, HANG]],
+    )
+    inf = informer(kube, transform=strip_managed_fields)
+    await run_until(inf, lambda: inf.resource_version == "11")
+    assert all("managedFields" not in o["metadata"] for o in inf.items().values())
+    assert sorted(inf.items()) == ["a", "b"]
