@@ -20,30 +20,22 @@ The client and the Event poster are handed in (``KubeApi``, ``EventPoster``: the
 passes ``atlasd.kube.client.KubeClient`` and ``atlasd.kube.events.post_event``): the
 import contract keeps httpx — and so the client module — out of this layer.
 
-A sidecar Service is never written over a cluster Service of the same name (reason
-``NameClash`` on the cluster that wanted it); any other same-named object atlasd does not own
-yet is taken over, which is how an installation of the original is adopted.
-
-A cluster Service that exists but is invalid is *protected*: its existing objects are
-neither rewritten nor pruned (a typo in an annotation must not revoke a working cluster's
-identity), and it is left out of the Fleet until fixed.
-
-"Differs" (``differs``) compares only what atlasd sets: labels and annotations as subsets
-(others may add theirs), Secret ``data`` decoded and exactly, Service ``selector`` exactly,
-lists element-wise, other maps as subsets (the API server adds defaults). A steady-state pass
-therefore writes nothing.
+What is written, pruned, protected or left alone is decided by ``atlasd.reconcile.diff``
+(a cluster Service that exists but is invalid is *protected*: a typo in an annotation must
+not revoke a working cluster's identity; it is left out of the Fleet until fixed). A
+steady-state pass writes nothing.
 
 Errors::
 
     Conflict / AlreadyExists   atlas-ca changed under us: retry the pass
     KubeError (others)         propagate (transport, auth): the caller backs off and retries
     Invalid / BadRequest on one object   become a Problem on its cluster; others continue
+    a sidecar Service named like a cluster Service   not written: Problem ``NameClash``
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
@@ -56,31 +48,46 @@ from atlasd import labels
 from atlasd.kube.errors import BadRequest, Invalid, NotFound
 from atlasd.kube.resources import SECRETS, SERVICES, Resource
 from atlasd.model import Fleet, ObjectRef, Problem, Settings
-from atlasd.reconcile.desired import DesiredState, desired_state
-from atlasd.reconcile.objects import secret_data
+from atlasd.reconcile.desired import desired_state
+from atlasd.reconcile.diff import (
+    CLUSTER_SELECTOR,
+    FIXED_SECRETS,
+    MANAGED_SELECTOR,
+    Observed,
+    WritePlan,
+    differs,
+    observed_from_caches,
+    owner_of,
+    plan_writes,
+)
 from atlasd.reconcile.pki import KeySource, PKIError, RandomKeys, plan_pki
 from atlasd.reconcile.validate import (
     is_cluster_service,
     select_alertmanagers,
-    selector_matches,
     validate_all,
 )
 
+# ``diff`` names re-exported: the applier is the reconcile layer's entry point.
+__all__ = [
+    "MANAGED_SELECTOR",
+    "EventPoster",
+    "KubeApi",
+    "Observed",
+    "ReconcileResult",
+    "Reconciler",
+    "WritePlan",
+    "differs",
+    "log_event",
+    "observe",
+    "observed_from_caches",
+    "plan_writes",
+    "reconcile_once",
+]
+
 log = logging.getLogger(__name__)
 
-FIXED_SECRETS = (
-    labels.CA_SECRET,
-    labels.SERVER_SECRET,
-    labels.CLIENT_SECRET,
-    labels.TLS_SECRET,
-    labels.OBS_VALUES_SECRET,
-)
-MANAGED_SELECTOR = f"{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
 JSON = dict[str, Any]
-CLUSTER_SELECTOR = f"{labels.CLUSTER_LABEL}=true"
 DEFAULT_CONCURRENCY = 32
-# Maps compared exactly (atlasd owns every key); other maps are compared as subsets.
-_EXACT_PATHS = frozenset({("spec", "selector")})
 
 
 # --- the ports this layer is handed (import-linter: reconcile may not import the client,
@@ -123,17 +130,6 @@ async def log_event(
 # --- observed state ---
 
 
-@dataclass(frozen=True)
-class Observed:
-    """What one pass read from the API server."""
-
-    cluster_services: Sequence[Mapping[str, Any]]
-    alertmanager_services: Sequence[Mapping[str, Any]]
-    owned_services: Mapping[str, Mapping[str, Any]]
-    # Owned Secrets plus whichever fixed-name Secrets exist.
-    secrets: Mapping[str, Mapping[str, Any]]
-
-
 def _by_name(items: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     return {str(i["metadata"]["name"]): i for i in items}
 
@@ -158,164 +154,6 @@ async def observe(kube: KubeApi, settings: Settings) -> Observed:
         owned_services=_by_name(owned_svcs),
         secrets=secrets,
     )
-
-
-def observed_from_caches(
-    *,
-    services: Mapping[str, Mapping[str, Any]],
-    secrets: Mapping[str, Mapping[str, Any]],
-    settings: Settings,
-) -> Observed:
-    """``Observed`` from informer caches (name -> object) of the namespace's Services and
-    Secrets — all of them, or at least the cluster, Alertmanager and owned ones and the
-    fixed-name Secrets."""
-
-    def owned(obj: Mapping[str, Any]) -> bool:
-        lbls = (obj.get("metadata") or {}).get("labels") or {}
-        return bool(lbls.get(labels.MANAGED_BY_LABEL) == labels.MANAGED_BY_VALUE)
-
-    selector = settings.alertmanager_selector
-    return Observed(
-        cluster_services=[s for _, s in sorted(services.items()) if is_cluster_service(s)],
-        alertmanager_services=[
-            s
-            for _, s in sorted(services.items())
-            if selector
-            and selector_matches((s.get("metadata") or {}).get("labels") or {}, selector)
-        ],
-        owned_services={n: s for n, s in services.items() if owned(s)},
-        secrets={n: s for n, s in secrets.items() if owned(s) or n in FIXED_SECRETS},
-    )
-
-
-# --- comparison ---
-
-
-def _covers(desired: Any, observed: Any, path: tuple[str, ...]) -> bool:
-    """Whether ``observed`` already says everything ``desired`` says (see module docstring)."""
-    if isinstance(desired, Mapping):
-        if not isinstance(observed, Mapping):
-            return False
-        if path in _EXACT_PATHS and set(desired) != set(observed):
-            return False
-        return all(
-            k in observed and _covers(v, observed[k], (*path, k)) for k, v in desired.items()
-        )
-    if isinstance(desired, list):
-        if not isinstance(observed, list) or len(desired) != len(observed):
-            return False
-        return all(_covers(d, o, path) for d, o in zip(desired, observed, strict=True))
-    return bool(desired == observed)
-
-
-def differs(desired: Mapping[str, Any], observed: Mapping[str, Any] | None) -> bool:
-    """Whether applying ``desired`` would change ``observed`` (None: absent)."""
-    if observed is None:
-        return True
-    if desired.get("kind") == "Secret":
-        if secret_data(desired) != secret_data(observed):
-            return True
-        if set(desired.get("data") or {}) != set(observed.get("data") or {}):
-            return True
-        rest = {k: v for k, v in desired.items() if k != "data"}
-        return not _covers(rest, observed, ())
-    return not _covers(desired, observed, ())
-
-
-# --- the write plan (pure) ---
-
-
-@dataclass(frozen=True)
-class WritePlan:
-    """What one pass writes."""
-
-    ca_create: Mapping[str, Any] | None
-    ca_replace: Mapping[str, Any] | None
-    apply: tuple[Mapping[str, Any], ...]
-    delete: tuple[tuple[Resource, str], ...]
-    # Desired Services not written because a cluster Service already has the name.
-    clashes: tuple[Mapping[str, Any], ...] = ()
-
-
-def _owner(obj: Mapping[str, Any]) -> str | None:
-    lbls = (obj.get("metadata") or {}).get("labels") or {}
-    value = lbls.get(labels.OWNER_CLUSTER_LABEL)
-    return str(value) if value is not None else None
-
-
-def _ca_body(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict[str, Any]:
-    body = copy.deepcopy(dict(observed))
-    meta = body.setdefault("metadata", {})
-    meta.pop("managedFields", None)
-    meta["labels"] = dict(desired["metadata"].get("labels") or {})
-    anns = dict(desired["metadata"].get("annotations") or {})
-    if anns:
-        meta["annotations"] = anns
-    else:
-        meta.pop("annotations", None)
-    body["data"] = dict(desired["data"])
-    body.pop("stringData", None)
-    return body
-
-
-def _with_observed_type(
-    desired: Mapping[str, Any], observed: Mapping[str, Any] | None
-) -> Mapping[str, Any]:
-    # A Secret's type is immutable: keep whatever an existing Secret has.
-    if observed is not None and observed.get("type") and observed["type"] != desired.get("type"):
-        return {**desired, "type": observed["type"]}
-    return desired
-
-
-def plan_writes(
-    desired: DesiredState, observed: Observed, *, protected: frozenset[str]
-) -> WritePlan:
-    """Diff desired against observed: what to create, replace, apply and delete."""
-    ca_obs = observed.secrets.get(labels.CA_SECRET)
-    ca_create = ca_replace = None
-    if ca_obs is None:
-        ca_create = desired.ca_secret
-    elif _ca_differs(desired.ca_secret, ca_obs):
-        ca_replace = _ca_body(desired.ca_secret, ca_obs)
-
-    apply: list[Mapping[str, Any]] = []
-    for name, secret in sorted(desired.secrets.items()):
-        obs = observed.secrets.get(name)
-        want = _with_observed_type(secret, obs)
-        if differs(want, obs):
-            apply.append(want)
-    # Never overwrite an operator's cluster Service (e.g. one named like another
-    # cluster's sidecar Service). Other same-named objects atlasd does not own yet are
-    # taken over: that is how an installation of the original is adopted.
-    cluster_names = {str(s["metadata"]["name"]) for s in observed.cluster_services}
-    clashes: list[Mapping[str, Any]] = []
-    for name, svc in sorted(desired.services.items()):
-        if name in cluster_names:
-            clashes.append(svc)
-        elif differs(svc, observed.owned_services.get(name)):
-            apply.append(svc)
-
-    delete: list[tuple[Resource, str]] = []
-    for res, owned, wanted in (
-        (SERVICES, observed.owned_services, desired.services),
-        (SECRETS, observed.secrets, desired.secrets),
-    ):
-        for name, obj in sorted(owned.items()):
-            owner = _owner(obj)
-            if owner is None or owner in protected or name in wanted:
-                continue
-            delete.append((res, name))
-    return WritePlan(ca_create, ca_replace, tuple(apply), tuple(delete), tuple(clashes))
-
-
-def _ca_differs(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> bool:
-    """The CA Secret is written whole (PUT): its annotations must match exactly, so a
-    ``goatlas.io/ca-rotate`` set by someone else is removed."""
-    if differs(desired, observed):
-        return True
-    want = desired["metadata"].get("annotations") or {}
-    have = (observed.get("metadata") or {}).get("annotations") or {}
-    return dict(want) != dict(have)
 
 
 # --- the pass ---
@@ -425,7 +263,7 @@ class Reconciler:
                 try:
                     await kube.apply(obj)
                 except (Invalid, BadRequest) as e:
-                    owner = _owner(obj)
+                    owner = owner_of(obj)
                     cluster = by_cluster.get(owner) if owner else None
                     name = str(obj["metadata"]["name"])
                     errors.append(f"{obj.get('kind')} {name}: {e.reason}")
@@ -444,7 +282,7 @@ class Reconciler:
                 applied += 1
 
         for obj in writes.clashes:
-            cluster = by_cluster.get(_owner(obj) or "")
+            cluster = by_cluster.get(owner_of(obj) or "")
             if cluster is not None and cluster.source is not None:
                 problems.append(
                     Problem(
