@@ -1,4 +1,4 @@
-"""applier's pure parts: ``differs`` and ``plan_writes`` (no API server)."""
+"""diff: ``differs``, ``plan_writes`` and ``observed_from_caches`` (pure, no API server)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from atlasd import labels
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import DownstreamCluster, ObjectRef, ServicePort, Settings
-from atlasd.reconcile.applier import Observed, differs, observed_from_caches, plan_writes
 from atlasd.reconcile.desired import desired_state
+from atlasd.reconcile.diff import Observed, differs, observed_from_caches, plan_writes
 from atlasd.reconcile.pki import plan_pki
 from tests.unit.reconcile.pkitools import CountingKeys, plan_secrets, with_annotation
 
