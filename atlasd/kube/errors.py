@@ -159,6 +159,11 @@ def api_error(
         code = status_code
     reason = str(status.get("reason") or _default_reason(code))
     message = _safe_message(status, redact=resource.split(".")[0] == "secrets")
+    details = status.get("details")
+    if retry_after is None and isinstance(details, Mapping):
+        seconds = details.get("retryAfterSeconds")
+        if isinstance(seconds, int) and seconds > 0:
+            retry_after = float(seconds)
     cls: type[ApiError]
     if code == 409 and reason == "AlreadyExists":
         cls = AlreadyExists

@@ -131,3 +131,13 @@ def test_resource_paths() -> None:
 )
 def test_resource_for(api_version: str, kind: str, expected: Resource) -> None:
     assert resource_for(api_version, kind) == expected
+
+
+def test_retry_after_from_status_details() -> None:
+    body = _status(429, "TooManyRequests", details={"retryAfterSeconds": 4})
+    err = e.api_error(status_code=429, body=body, verb="list", resource="services")
+    assert err.retry_after == 4.0
+    header_wins = e.api_error(
+        status_code=429, body=body, verb="list", resource="services", retry_after=1.0
+    )
+    assert header_wins.retry_after == 1.0
