@@ -92,12 +92,13 @@ def test_limited_service_account_is_forbidden_outside_its_role(
 
 
 def test_kubectl_and_helm_reach_the_apiserver(
-    apiserver: ApiServer, helm: Callable[..., str]
+    apiserver: ApiServer, namespace: str, helm: Callable[..., str]
 ) -> None:
-    assert "default" in apiserver.kubectl("get", "ns", "-o", "name")
+    assert f"namespace/{namespace}" in apiserver.kubectl("get", "ns", "-o", "name")
     assert "v3." in helm("version", "--short")
-    # helm talks to the cluster too: listing releases needs the API.
-    assert helm("list", "-A", "-o", "json").strip() == "[]"
+    # helm talks to the cluster too: listing releases needs the API (a fresh namespace
+    # has none; other tests install charts elsewhere in the shared apiserver).
+    assert helm("list", "-n", namespace, "-o", "json").strip() == "[]"
 
 
 def test_envoy_reaches_ready_and_serves(
