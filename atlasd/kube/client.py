@@ -168,7 +168,7 @@ class KubeClient:
                 raise TransportError(
                     f"{verb} {res}{' ' + name if name else ''}: {type(exc).__name__}: {exc}"
                 ) from exc
-            if resp.status_code == 401 and attempt == 0 and await self.credentials.refresh():
+            if resp.status_code == 401 and attempt == 0 and await self.credentials.refresh(cred):
                 log.info("401 from the API server; credentials refreshed, retrying %s", verb)
                 continue
             if resp.status_code >= 400:
@@ -416,7 +416,11 @@ class KubeClient:
             except httpx.HTTPError as exc:
                 raise TransportError(f"watch {res}: {type(exc).__name__}: {exc}") from exc
             try:
-                if resp.status_code == 401 and attempt == 0 and await self.credentials.refresh():
+                if (
+                    resp.status_code == 401
+                    and attempt == 0
+                    and await self.credentials.refresh(cred)
+                ):
                     continue
                 if resp.status_code >= 400:
                     await resp.aread()

@@ -364,12 +364,15 @@ class Credentials:
                 self._cached = await self._load()
             return self._cached
 
-    async def refresh(self) -> bool:
-        """Forget the cached credential (after a 401). False if nothing could change."""
+    async def refresh(self, rejected: Credential | None = None) -> bool:
+        """Reload the credential after a 401 (``rejected`` = the one the server refused).
+        False if nothing could change. Many requests failing at once reload only once:
+        if the cache already moved past ``rejected``, that newer credential is kept."""
         if not self.refreshable:
             return False
         async with self._lock:
-            self._cached = await self._load()
+            if rejected is None or self._cached is rejected:
+                self._cached = await self._load()
         return True
 
     def _stale(self, cred: Credential) -> bool:
