@@ -63,6 +63,7 @@ from atlasd import labels
 from atlasd.model import OBSERVABILITY_NODE, PKI, CertKey, DownstreamCluster, Identity, Settings
 from atlasd.reconcile.certs import (
     CA,
+    CLOCK_SKEW,
     KeySource,
     LeafSpec,
     RandomKeys,
@@ -317,8 +318,18 @@ def plan_pki(
 ) -> PKIPlan:
     """Decide the CA and every leaf from the observed Secrets (name -> object).
 
-    Raises ``PKIError`` when ``atlas-ca`` exists but is unusable.
+    Raises ``PKIError`` when ``atlas-ca`` exists but is unusable, ``ValueError`` when the
+    settings would re-issue on every pass (a configuration error, caught at startup).
     """
+    if not 0 < settings.renew_fraction <= 1:
+        raise ValueError(f"renew_fraction must be in (0, 1], not {settings.renew_fraction}")
+    for what, life in (
+        ("leaf_lifetime", settings.leaf_lifetime),
+        ("ca_lifetime", settings.ca_lifetime),
+    ):
+        # Certificates are back-dated by CLOCK_SKEW: a fresh one must not be due already.
+        if (life + CLOCK_SKEW) * settings.renew_fraction <= CLOCK_SKEW:
+            raise ValueError(f"{what} {life} is too short to renew at {settings.renew_fraction}")
     now = as_utc(now)
     ca, action = decide_ca(secrets.get(labels.CA_SECRET), settings=settings, now=now, keys=keys)
     issued: list[str] = []

@@ -350,3 +350,17 @@ def test_next_renewal_includes_an_earlier_cas_expiry() -> None:
     rotated = _plan(secrets, keys=CountingKeys(start=7000), now=NOW + dt.timedelta(days=1))
     old_ca = _cert(first.pki.ca.cert_pem)
     assert rotated.next_renewal == old_ca.not_valid_after_utc
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings(renew_fraction=0),
+        Settings(renew_fraction=1.5),
+        Settings(leaf_lifetime=dt.timedelta(minutes=1)),
+        Settings(ca_lifetime=dt.timedelta(minutes=2)),
+    ],
+)
+def test_settings_that_would_reissue_every_pass_are_refused(settings: Settings) -> None:
+    with pytest.raises(ValueError):
+        _plan(settings=settings)
