@@ -371,6 +371,10 @@ def test_atlasd_chart_uses_files_corefile_when_present(helm: Helm, tmp_path: Pat
     assert only(docs, "ConfigMap")["data"]["Corefile"] == ". {}\n"
     again = only(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert again["checksum/corefile"] != annotations["checksum/corefile"], "a new Corefile rolls"
+    # Without either, the chart refuses to render rather than run CoreDNS unconfigured.
+    (chart / "files" / "Corefile").unlink()
+    with pytest.raises(RuntimeError, match="files/Corefile is missing"):
+        render(helm, chart)
 
 
 def test_atlasd_optional_parts_can_be_turned_off(helm: Helm) -> None:

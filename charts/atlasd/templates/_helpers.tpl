@@ -55,22 +55,13 @@ helm.sh/chart: {{ include "atlasd.chart" . }}
 
 {{/*
 The Corefile: `coredns.corefile` if set, else the chart's files/Corefile (owned by the
-DNS module, kept next to the zone writer's tests). The fallback below is used only
-while that file is absent; it serves the zone file with reload and nothing else.
+DNS module; it reads {$DNS_PORT} and {$ZONE_FILE} from the coredns container's env).
 */}}
 {{- define "atlasd.corefile" -}}
 {{- if .Values.coredns.corefile -}}
 {{- .Values.coredns.corefile -}}
-{{- else if .Files.Get "files/Corefile" -}}
-{{- .Files.Get "files/Corefile" -}}
 {{- else -}}
-atlas.:{$DNS_PORT} {
-    file {$ZONE_FILE} atlas. {
-        reload 5s
-    }
-    errors
-    log
-}
+{{- required "charts/atlasd/files/Corefile is missing (or set coredns.corefile)" (.Files.Get "files/Corefile") -}}
 {{- end -}}
 {{- end -}}
 
