@@ -1,7 +1,7 @@
 """The CoreDNS half of the atlasd pod, run for real from what the chart renders.
 
-The chart's Corefile (charts/atlasd/files/Corefile, or the chart's fallback while that
-file is absent) is rendered by helm, given the environment the chart gives the coredns
+The chart's Corefile (charts/atlasd/files/Corefile, owned by the DNS module) is rendered
+by helm, given the environment the chart gives the coredns
 container (DNS_PORT, ZONE_FILE) and run by the real CoreDNS against a zone atlasd's
 own renderer wrote: Thanos Query's SRV lookup must answer, and a rewritten zone must
 be picked up without a restart (the emptyDir is shared, CoreDNS reloads).
