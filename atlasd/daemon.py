@@ -59,6 +59,7 @@ from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.plan import ListenPlan
 from atlasd.xds.server import run_ads_server
+from atlasd.xds.snapshot import Snapshot
 from atlasd.xds.status import XdsMetrics
 
 log = logging.getLogger(__name__)
@@ -363,14 +364,14 @@ class Daemon:
             await trio.sleep(0.02)
             seen = self.observed.generation
             t0 = time.perf_counter()
-            obs = observed_fleet(
-                services=self.observed.services().values(),
-                secrets=self.observed.secrets(),
-                settings=self.settings,
-                now=dt.datetime.now(dt.UTC),
-                allow_loopback=self.options.allow_loopback,
+            services = list(self.observed.services().values())
+            secrets = dict(self.observed.secrets())
+            # Validation, certificate parsing and the snapshot build are pure and can take
+            # seconds for thousands of clusters: run them off the Trio thread so the ADS
+            # server keeps answering. One build at a time (this loop); publishing stays here.
+            obs, snapshots = await trio.to_thread.run_sync(
+                functools.partial(self._build, services, secrets)
             )
-            snapshots = self.builder.build(obs.fleet)
             changed = self.cache.publish(snapshots)
             FLEET_SECONDS.observe(time.perf_counter() - t0)
             if changed:
@@ -382,6 +383,9 @@ class Daemon:
             CLUSTERS.set(len(obs.fleet.clusters))
             PROBLEMS.set(len(obs.problems))
             status = fleet_status(obs)
+            # Snapshots the builder refused as inconsistent (a bug; the node keeps its last
+            # good snapshot): shown so they are not silent.
+            status["xds_problems"] = list(self.builder.problems)
             for cert in status["certificates"]:
                 if cert["not_after"] is not None:
                     CERT_EXPIRY.labels(cert["name"]).set(cert["not_after"])
@@ -390,6 +394,18 @@ class Daemon:
                 started = True
                 self.hub.set_ready("fleet", True)
                 task_status.started()
+
+    def _build(
+        self, services: list[Mapping[str, Any]], secrets: dict[str, Mapping[str, Any]]
+    ) -> tuple[ObservedFleet, dict[str, Snapshot]]:
+        obs = observed_fleet(
+            services=services,
+            secrets=secrets,
+            settings=self.settings,
+            now=dt.datetime.now(dt.UTC),
+            allow_loopback=self.options.allow_loopback,
+        )
+        return obs, self.builder.build(obs.fleet)
 
     async def _zone_loop(
         self, kube: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
