@@ -41,6 +41,7 @@ Errors::
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -135,27 +136,44 @@ def _absolute(name: str, *, what: str) -> str:
     return name
 
 
-def _service_owners(port: ServicePort, group: str | None, *, cluster: str) -> list[str]:
-    name = _label(port.name, what=f"cluster {cluster!r} port name")
-    proto = _PROTOCOLS.get(port.protocol) if isinstance(port.protocol, str) else None
+@functools.lru_cache(maxsize=4096)
+def _owners(port_name: str, protocol: str, group: str | None) -> tuple[str, ...]:
+    """The SRV owner names of one port (cached: port names and groups repeat a lot).
+
+    Only validated results are cached: a bad value raises and is never stored.
+    """
+    name = _label(port_name, what="port name")
+    proto = _PROTOCOLS.get(protocol)
     if proto is None:
-        raise InvalidZoneInput(
-            f"cluster {cluster!r} port {name!r}: protocol {port.protocol!r} is not TCP/UDP/SCTP"
-        )
+        raise InvalidZoneInput(f"port {name!r}: protocol {protocol!r} is not TCP/UDP/SCTP")
     # "_" + label is still at most 64 bytes; keep every label within 63.
     if len(name) > 62:
-        raise InvalidZoneInput(f"cluster {cluster!r} port name {name!r} is too long")
-    owners = [f"_{name}._{proto}.{SIDECARS_DOMAIN}"]
-    if group is not None:
-        owners.append(f"_{name}._{proto}.{group}.{SIDECARS_DOMAIN}")
-    return owners
+        raise InvalidZoneInput(f"port name {name!r} is too long")
+    if group is None:
+        return (f"_{name}._{proto}.{SIDECARS_DOMAIN}",)
+    return (
+        f"_{name}._{proto}.{SIDECARS_DOMAIN}",
+        f"_{name}._{proto}.{group}.{SIDECARS_DOMAIN}",
+    )
 
 
-def cluster_records(cluster: DownstreamCluster, settings: Settings) -> list[SrvRecord]:
-    """The SRV records one cluster contributes (unsorted); raises ``InvalidZoneInput``."""
-    name = _label(cluster.name, what="cluster name")
+def _service_suffix(settings: Settings) -> str:
+    """``.<ns>.svc.<cluster-domain>.``: what follows a sidecar Service name in a target."""
     namespace = _label(settings.namespace, what="settings.namespace")
     domain = _domain(settings.cluster_domain, what="settings.cluster_domain")
+    return f".{namespace}.svc.{domain}."
+
+
+def cluster_records(
+    cluster: DownstreamCluster, settings: Settings, *, suffix: str | None = None
+) -> list[SrvRecord]:
+    """The SRV records one cluster contributes (unsorted); raises ``InvalidZoneInput``.
+
+    ``suffix`` is ``_service_suffix(settings)``, passed in when rendering many clusters.
+    """
+    if suffix is None:
+        suffix = _service_suffix(settings)
+    name = _label(cluster.name, what="cluster name")
     group = None
     if cluster.dns_group is not None:
         group = _label(cluster.dns_group, what=f"cluster {name!r} dns_group")
@@ -164,16 +182,29 @@ def cluster_records(cluster: DownstreamCluster, settings: Settings) -> list[SrvR
         raise InvalidZoneInput(f"cluster {name!r}: replicas {replicas!r} is not a count")
     if not isinstance(cluster.ports, tuple):
         raise InvalidZoneInput(f"cluster {name!r}: ports is not a tuple")
+    targets = [
+        _absolute(
+            _label(cluster.sidecar_service(i), what=f"cluster {name!r} sidecar Service") + suffix,
+            what="SRV target",
+        )
+        for i in range(replicas)
+    ]
     out: list[SrvRecord] = []
     for port in cluster.ports:
         if not isinstance(port, ServicePort):
             raise InvalidZoneInput(f"cluster {name!r}: {port!r} is not a ServicePort")
         number = _port_number(port.port, what=f"cluster {name!r} port {port.name!r}")
-        owners = _service_owners(port, group, cluster=name)
-        for i in range(replicas):
-            svc = _label(cluster.sidecar_service(i), what=f"cluster {name!r} sidecar Service")
-            target = _absolute(f"{svc}.{namespace}.svc.{domain}.", what="SRV target")
-            out.extend(SrvRecord(owner=o, target=target, port=number) for o in owners)
+        if not isinstance(port.name, str) or not isinstance(port.protocol, str):
+            raise InvalidZoneInput(f"cluster {name!r}: port {port!r} has a non-text field")
+        try:
+            owners = _owners(port.name, port.protocol, group)
+        except InvalidZoneInput as exc:
+            raise InvalidZoneInput(f"cluster {name!r}: {exc}") from None
+        out.extend(
+            SrvRecord(owner=owner, target=target, port=number)
+            for target in targets
+            for owner in owners
+        )
     return out
 
 
@@ -183,9 +214,10 @@ def records(fleet: Fleet) -> tuple[SrvRecord, ...]:
     Two fleets with the same records give equal tuples, whatever the order of their
     clusters: the writer compares these to decide whether the zone changed.
     """
+    suffix = _service_suffix(fleet.settings)
     out: set[SrvRecord] = set()
     for cluster in fleet.clusters:
-        out.update(cluster_records(cluster, fleet.settings))
+        out.update(cluster_records(cluster, fleet.settings, suffix=suffix))
     return tuple(sorted(out, key=SrvRecord.sort_key))
 
 

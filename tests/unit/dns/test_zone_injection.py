@@ -84,6 +84,19 @@ def _cases() -> list[tuple[str, Fleet]]:
         out.append(
             (f"replicas={bad_replicas!r}", fleet(dataclasses.replace(GOOD, replicas=bad_replicas)))  # type: ignore[arg-type]
         )
+    for odd in (["thanos"], None, 7):
+        out.append(
+            (
+                f"port name of type {type(odd).__name__}",
+                fleet(dataclasses.replace(GOOD, ports=(ServicePort(odd, 10901),))),  # type: ignore[arg-type]
+            )
+        )
+        out.append(
+            (
+                f"protocol of type {type(odd).__name__}",
+                fleet(dataclasses.replace(GOOD, ports=(ServicePort("thanos", 1, odd),))),  # type: ignore[arg-type]
+            )
+        )
     # A name that is a label by itself but whose sidecar Service name is too long.
     out.append(("sidecar name too long", fleet(dataclasses.replace(GOOD, name="a" * 60))))
     out.append(("port not a ServicePort", fleet(dataclasses.replace(GOOD, ports=("thanos",)))))  # type: ignore[arg-type]
