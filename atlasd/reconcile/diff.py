@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atlasd import labels
+from atlasd.kube.apply import needs_apply
 from atlasd.kube.resources import SECRETS, SERVICES, Resource
 from atlasd.model import Settings
 from atlasd.reconcile.desired import DesiredState
@@ -108,7 +109,10 @@ def _covers(desired: Any, observed: Any, path: tuple[str, ...]) -> bool:
 
 
 def differs(desired: Mapping[str, Any], observed: Mapping[str, Any] | None) -> bool:
-    """Whether applying ``desired`` would change ``observed`` (None: absent)."""
+    """Whether applying ``desired`` would change ``observed`` (None: absent).
+
+    Also asks ``atlasd.kube.apply.needs_apply``, which reads ``managedFields`` to catch a
+    label, annotation or data key atlasd applied before and no longer sends."""
     if observed is None:
         return True
     if desired.get("kind") == "Secret":
@@ -117,8 +121,11 @@ def differs(desired: Mapping[str, Any], observed: Mapping[str, Any] | None) -> b
         if set(desired.get("data") or {}) != set(observed.get("data") or {}):
             return True
         rest = {k: v for k, v in desired.items() if k != "data"}
-        return not _covers(rest, observed, ())
-    return not _covers(desired, observed, ())
+        if not _covers(rest, observed, ()):
+            return True
+    elif not _covers(desired, observed, ()):
+        return True
+    return needs_apply(desired, observed)
 
 
 # --- the write plan (pure) ---

@@ -211,3 +211,26 @@ def test_observed_from_caches_filters_what_a_pass_needs() -> None:
     assert [s["metadata"]["name"] for s in observed.alertmanager_services] == ["am"]
     assert set(observed.owned_services) == {"east-thanos-sidecar0"}
     assert set(observed.secrets) == {"atlas-ca", "east-envoy-values"}
+
+
+def _applied_labels(obj: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    out = _stored(obj)
+    out["metadata"]["managedFields"] = [
+        {
+            "manager": "atlasd",
+            "operation": "Apply",
+            "fieldsV1": {"f:metadata": {"f:labels": {f"f:{k}": {} for k in keys}}},
+        }
+    ]
+    return out
+
+
+def test_a_label_atlasd_applied_and_no_longer_sends_is_a_difference() -> None:
+    stale = _applied_labels(SVC, ["x", "old"])
+    stale["metadata"]["labels"]["old"] = "y"
+    assert differs(SVC, stale)
+    assert not differs(SVC, _applied_labels(SVC, ["x"]))
+    # Someone else's label is no reason to write.
+    foreign = _applied_labels(SVC, ["x"])
+    foreign["metadata"]["labels"]["theirs"] = "z"
+    assert not differs(SVC, foreign)
