@@ -60,10 +60,10 @@ SOA_RETRY = 3600
 SOA_EXPIRE = 1209600
 SOA_NEGATIVE_TTL = 30
 SOA_RNAME = "hostmaster.atlas."
-# The name server named in SOA and NS: the atlasd Service (CoreDNS runs in atlasd's pod).
+# The name server named in SOA and NS: the DNS Service of charts/atlasd (release "atlasd").
 # Informational only: the zone is served directly or forwarded to by address, never
 # reached by delegation, so nothing resolves this name. Out of zone, so it needs no glue.
-NAME_SERVER_SERVICE = "atlasd"
+NAME_SERVER_SERVICE = "atlasd-dns"
 MAX_SERIAL = 2**32 - 1
 
 # DNS-1123 label as Kubernetes defines it (lower case; what a Service name is).

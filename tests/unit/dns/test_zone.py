@@ -107,10 +107,10 @@ def test_zone_header_soa_and_ns() -> None:
     lines = text.splitlines()
     assert "$ORIGIN atlas." in lines
     assert (
-        "atlas. 60 IN SOA atlasd.monitoring.svc.cluster.local. hostmaster.atlas. "
+        "atlas. 60 IN SOA atlasd-dns.monitoring.svc.cluster.local. hostmaster.atlas. "
         "1764000000 7200 3600 1209600 30"
     ) in lines
-    assert "atlas. 60 IN NS atlasd.monitoring.svc.cluster.local." in lines
+    assert "atlas. 60 IN NS atlasd-dns.monitoring.svc.cluster.local." in lines
     assert text.endswith("\n")
     assert parse_serial(text) == 1764000000
 
