@@ -67,9 +67,15 @@ async def test_verbs_and_error_tree(apiserver: ApiServer, namespace: str) -> Non
 
 async def test_list_pages_through_many_items(apiserver: ApiServer, namespace: str) -> None:
     async with KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube:
+        sem = trio.Semaphore(32)
+
+        async def create(i: int) -> None:
+            async with sem:
+                await kube.create(_cm(namespace, f"cm-{i}", {"i": str(i)}))
+
         async with trio.open_nursery() as nursery:
             for i in range(620):
-                nursery.start_soon(kube.create, _cm(namespace, f"cm-{i}", {"i": str(i)}))
+                nursery.start_soon(create, i)
         items, _ = await kube.list(CONFIGMAPS, namespace=namespace, label_selector="a=b")
         assert len(items) == 620
         assert len({i["metadata"]["name"] for i in items}) == 620
