@@ -68,9 +68,10 @@ from atlasd.model import Fleet, Settings
 log = logging.getLogger(__name__)
 
 ZONE_KEY = "atlas.zone"
-# A ConfigMap holds at most 1 MiB; leave room for metadata. A zone larger than this is
-# written to the file only (about 9,000 SRV records, ~1,000 clusters with 3 ports and
-# 2 replicas plus groups); the mirror logs why it is stale.
+# A ConfigMap holds at most 1 MiB; leave room for metadata. A zone larger than this
+# (about 8,700 SRV records of ~115 bytes: ~2,900 single-replica clusters with 3 ports and
+# no group, fewer with replicas and groups) is written to the file only; the mirror logs
+# why it is stale.
 MAX_CONFIGMAP_ZONE_BYTES = 1_000_000
 RETRIABLE = (TransportError, Conflict, TooManyRequests, ServerError)
 

@@ -5,23 +5,26 @@ The chain, all real processes on loopback:
     zone writer -> atlas.zone -> CoreDNS (file plugin, reload 1s)
     Thanos Query --endpoint=dnssrvnoa+_thanos._tcp.sidecars.thanos.atlas.
         -> <cluster>-thanos-sidecar0.monitoring.svc.cluster.local:<port>
+        -> [observability Envoy -> mTLS -> downstream Envoy]   (second test only)
         -> Thanos sidecar -> Prometheus (external label cluster=<name>)
 
-This is the "direct" variant: in production the sidecar names resolve to the
-observability Envoy, which carries the gRPC over mTLS to each downstream cluster (the
-xDS tests cover that hop). Here the same CoreDNS answers every ``*.cluster.local`` A
-query with 127.0.0.1 (``template`` plugin, standing in for the cluster DNS), and each
-cluster's ``thanos`` port is its sidecar's gRPC port.
+The first test dials the sidecars directly (add and remove clusters); the second goes
+through the Envoy chain configured by atlasd's xDS server, as in production: the SRV
+target names the sidecar Service, which resolves to the observability Envoy, which
+routes by that authority to the downstream cluster. The same CoreDNS answers every
+``*.cluster.local`` A query with 127.0.0.1 (``template`` plugin, standing in for the
+cluster DNS).
 
 Thanos resolves through ``/etc/resolv.conf`` (there is no flag for a DNS server), so
 Thanos Query runs in a private mount namespace (``unshare -m``) where a test
 resolv.conf is bind-mounted over it, naming a CoreDNS on port 53 of a random
 127.x.y.53 address. That needs root (port 53, mount namespace); without it, or
-without a built Thanos, the test is skipped and says why.
+without a built Thanos, the tests are skipped and say why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -42,6 +45,8 @@ from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.prom import WebProc
 from tests.harness.wait import wait_until, wait_until_async
+from tests.unit.xds import helpers as xds_helpers
+from tests.unit.xds.world import xds_world
 
 pytestmark = pytest.mark.integration
 
@@ -157,97 +162,156 @@ async def writer(path: Path) -> AsyncIterator[Callable[[Fleet], Any]]:
             yield push
 
 
-async def test_thanos_query_discovers_sidecars_through_coredns(
-    tmp_path: Path,
-    prometheus_factory: Callable[[str], WebProc],
-    request: pytest.FixtureRequest,
-) -> None:
-    thanos = thanos_binary()
-    addr = dns_address()
+class Rig:
+    """The real processes of one test: Prometheus + sidecar per cluster, CoreDNS on :53,
+    Thanos Query in its own mount namespace. Everything is stopped at test end."""
 
-    procs: list[Proc] = []
+    def __init__(
+        self,
+        tmp_path: Path,
+        prometheus_factory: Callable[[str], WebProc],
+        request: pytest.FixtureRequest,
+    ) -> None:
+        self.thanos = thanos_binary()
+        self.addr = dns_address()
+        self.tmp_path = tmp_path
+        self.prometheus_factory = prometheus_factory
+        self.request = request
+        self.procs: list[Proc] = []
+        self.sidecars: dict[str, Sidecar] = {}
+        self.url = ""
 
-    def started(proc: Proc) -> Proc:
-        procs.append(proc)
-        request.addfinalizer(proc.stop)
-        return proc.start()
+    def _track(self, proc: Proc) -> Proc:
+        self.procs.append(proc)
+        self.request.addfinalizer(proc.stop)
+        return proc
 
-    sidecars: dict[str, Sidecar] = {}
-    for name in ("east", "west"):
-        port = free_port()
-        # Each Prometheus scrapes a target that is down: `up == 0` is a series all the same,
-        # labeled with the cluster (external label) by the sidecar.
-        prom = prometheus_factory(prom_config(name, f"127.0.0.1:{port}"))
-        sidecar = Sidecar(thanos, prom, tmp_path, name)
-        procs.append(sidecar.proc)
-        request.addfinalizer(sidecar.proc.stop)
-        sidecars[name] = await trio.to_thread.run_sync(sidecar.start)
+    async def start_sidecars(self, *names: str) -> None:
+        for name in names:
+            # Each Prometheus scrapes a target that is down: `up == 0` is a series all the
+            # same, labeled with the cluster (external label) by the sidecar.
+            prom = await trio.to_thread.run_sync(
+                self.prometheus_factory, prom_config(name, f"127.0.0.1:{free_port()}")
+            )
+            sidecar = Sidecar(self.thanos, prom, self.tmp_path, name)
+            self._track(sidecar.proc)
+            self.sidecars[name] = await trio.to_thread.run_sync(sidecar.start)
 
-    zone = tmp_path / "atlas.zone"
-    async with writer(zone) as push:
-        await push(Fleet(settings=SETTINGS, clusters=(cluster("east", sidecars["east"]),)))
-
-        (tmp_path / "Corefile").write_text(corefile(addr, zone))
-        started(
+    def start_dns_and_query(self, zone: Path) -> None:
+        (self.tmp_path / "Corefile").write_text(corefile(self.addr, zone))
+        self._track(
             Proc(
                 "coredns-53",
-                [str(components.coredns()), "-conf", str(tmp_path / "Corefile")],
-                log_dir=tmp_path,
+                [str(components.coredns()), "-conf", str(self.tmp_path / "Corefile")],
+                log_dir=self.tmp_path,
             )
-        )
-        resolv = tmp_path / "resolv.conf"
-        resolv.write_text(f"nameserver {addr}\noptions ndots:1 timeout:1 attempts:2\n")
+        ).start()
+        resolv = self.tmp_path / "resolv.conf"
+        resolv.write_text(f"nameserver {self.addr}\noptions ndots:1 timeout:1 attempts:2\n")
         http_port = free_port()
         query_argv = [
-            str(thanos),
+            str(self.thanos),
             "query",
             f"--http-address=127.0.0.1:{http_port}",
             f"--grpc-address=127.0.0.1:{free_port()}",
             f"--endpoint=dnssrvnoa+{SRV}",
             "--store.sd-dns-interval=1s",
-            "--query.replica-label=replica",
         ]
         script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
-        started(
-            Proc(
-                "thanos-query",
-                ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-                 str(resolv), *query_argv],
-                log_dir=tmp_path,
-            )
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{http_port}"
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
+        self._track(
+            Proc("thanos-query", [*argv, str(resolv), *query_argv], log_dir=self.tmp_path)
+        ).start()
+        self.url = f"http://127.0.0.1:{http_port}"
 
-        async def clusters_seen() -> set[str]:
-            async with httpx.AsyncClient(timeout=3) as client:
-                resp = await client.get(f"{url}/api/v1/query", params={"query": "up"})
-            for proc in procs:
-                proc.check_running()
-            body = resp.json()
-            assert body["status"] == "success", body
-            return {r["metric"].get("cluster", "") for r in body["data"]["result"]}
+    async def clusters_seen(self) -> set[str]:
+        async with httpx.AsyncClient(timeout=3) as client:
+            resp = await client.get(f"{self.url}/api/v1/query", params={"query": "up"})
+        for proc in self.procs:
+            proc.check_running()
+        body = resp.json()
+        assert body["status"] == "success", body
+        return {r["metric"].get("cluster", "") for r in body["data"]["result"]}
 
-        async def sees(want: set[str]) -> bool:
-            return await clusters_seen() == want
+    async def wait_sees(self, want: set[str], *, within: float = 60) -> None:
+        async def sees() -> bool:
+            return await self.clusters_seen() == want
 
-        await wait_until_async(lambda: sees({"east"}), timeout=90, what="Query sees east")
+        await wait_until_async(sees, timeout=within, what=f"Thanos Query sees {sorted(want)}")
+
+    async def store_names(self) -> list[str]:
+        async with httpx.AsyncClient(timeout=3) as client:
+            stores = (await client.get(f"{self.url}/api/v1/stores")).json()["data"]
+        return sorted(s["name"] for group in stores.values() for s in group)
+
+
+async def test_thanos_query_discovers_sidecars_through_coredns(
+    tmp_path: Path,
+    prometheus_factory: Callable[[str], WebProc],
+    request: pytest.FixtureRequest,
+) -> None:
+    rig = Rig(tmp_path, prometheus_factory, request)
+    await rig.start_sidecars("east", "west")
+    east, west = cluster("east", rig.sidecars["east"]), cluster("west", rig.sidecars["west"])
+    zone = tmp_path / "atlas.zone"
+    async with writer(zone) as push:
+        await push(Fleet(settings=SETTINGS, clusters=(east,)))
+        rig.start_dns_and_query(zone)
+        await rig.wait_sees({"east"}, within=90)
 
         # Add a cluster: a new SRV record, a new store, its series in the answer.
-        await push(
-            Fleet(
-                settings=SETTINGS,
-                clusters=(cluster("east", sidecars["east"]), cluster("west", sidecars["west"])),
-            )
-        )
-        await wait_until_async(lambda: sees({"east", "west"}), timeout=60, what="east+west")
+        await push(Fleet(settings=SETTINGS, clusters=(east, west)))
+        await rig.wait_sees({"east", "west"})
 
         # Remove one: Thanos drops the endpoint that left DNS, and its series with it.
-        await push(Fleet(settings=SETTINGS, clusters=(cluster("west", sidecars["west"]),)))
-        await wait_until_async(lambda: sees({"west"}), timeout=60, what="west only")
-
-        async with httpx.AsyncClient(timeout=3) as client:
-            stores = (await client.get(f"{url}/api/v1/stores")).json()["data"]
-        names = [s["name"] for group in stores.values() for s in group]
-        assert names == [
-            f"west-thanos-sidecar0.monitoring.svc.cluster.local:{sidecars['west'].grpc_port}"
+        await push(Fleet(settings=SETTINGS, clusters=(west,)))
+        await rig.wait_sees({"west"})
+        port = rig.sidecars["west"].grpc_port
+        assert await rig.store_names() == [
+            f"west-thanos-sidecar0.monitoring.svc.cluster.local:{port}"
         ]
+
+
+async def test_thanos_query_through_coredns_and_the_envoy_chain(
+    tmp_path: Path,
+    prometheus_factory: Callable[[str], WebProc],
+    envoy_factory: Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The production path: SRV -> observability Envoy (route by authority) -> mTLS ->
+    downstream Envoy -> sidecar. Envoy configuration comes from atlasd's xDS server."""
+    rig = Rig(tmp_path, prometheus_factory, request)
+    await rig.start_sidecars("east", "west")
+
+    def downstream(name: str) -> DownstreamCluster:
+        # The downstream Envoy's Thanos upstream is this cluster's real sidecar.
+        return xds_helpers.cluster(name, thanos_port=rig.sidecars[name].grpc_port)
+
+    async with xds_world(
+        envoy_factory, clusters=("east", "west"), cluster_factory=downstream
+    ) as world:
+        for node in ("atlas", "east", "west"):
+            await world.start_envoy(node)
+        for node in ("atlas", "east", "west"):
+            await world.wait_acked(node)
+            await world.wait_envoy_ready(node)
+        # In a cluster, <cluster>-thanos-sidecar<i> is a headless Service on port 10901
+        # selecting the observability Envoy; here the Envoy's Thanos listener has its own
+        # port, so that is the port the sidecar Services (and SRV records) carry.
+        obs_port = world.plan.observability.thanos
+        zone_fleet = Fleet(
+            settings=world.settings,
+            clusters=tuple(
+                dataclasses.replace(c, ports=(ServicePort("thanos", obs_port),))
+                for c in world.clusters
+            ),
+        )
+        zone = tmp_path / "atlas.zone"
+        async with writer(zone) as push:
+            await push(zone_fleet)
+            rig.start_dns_and_query(zone)
+            await rig.wait_sees({"east", "west"}, within=90)
+            assert await rig.store_names() == [
+                f"{n}-thanos-sidecar0.monitoring.svc.cluster.local:{obs_port}"
+                for n in ("east", "west")
+            ]
