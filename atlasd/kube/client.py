@@ -381,10 +381,13 @@ class KubeClient:
         label_selector: str | None = None,
         timeout_seconds: int = 300,
         allow_bookmarks: bool = True,
+        send_initial_events: bool = False,
     ) -> AsyncGenerator[JSON, None]:
         """Yield the ``{type, object}`` events of one watch request from ``resource_version``.
 
-        Ends when the server ends the stream (timeoutSeconds). Raises ``Gone`` on a 410
+        ``send_initial_events`` makes it a streaming list (``resource_version`` "" = the
+        most recent state). Ends when the server ends the stream (timeoutSeconds). Raises
+        ``Gone`` on a 410
         (HTTP or ERROR event), other ``ApiError``s on failure Statuses, ``TransportError``
         when the connection breaks.
         """
@@ -396,6 +399,12 @@ class KubeClient:
         }
         if allow_bookmarks:
             params["allowWatchBookmarks"] = "true"
+        if send_initial_events:
+            # Streaming list: ADDED for every object, then a BOOKMARK annotated
+            # k8s.io/initial-events-end (needs bookmarks and NotOlderThan).
+            params["sendInitialEvents"] = "true"
+            params["allowWatchBookmarks"] = "true"
+            params["resourceVersionMatch"] = "NotOlderThan"
         if label_selector:
             params["labelSelector"] = label_selector
         path = res.path(namespace=ns)

@@ -15,6 +15,11 @@ The algorithm is client-go's reflector (``tools/cache/reflector.go``):
    jitter, reset after 2 min healthy; at least Retry-After) and re-watch from the last
    resourceVersion.
 
+Optionally (``streaming_list=True``) step 1 is a streaming list: a watch with
+``sendInitialEvents`` whose ADDED events up to the BOOKMARK annotated
+``k8s.io/initial-events-end`` replace the cache; the same stream then continues as the
+watch of step 2. A server that refuses it (400/422) gets plain LISTs from then on.
+
 Change feed: ``subscribe(handler)`` registers a synchronous callback that gets a
 ``Change`` for every cache mutation, after the cache holds the new state; a
 ``WorkQueue`` subscribes with ``subscribe_queue`` and gets the object keys (names).
@@ -32,7 +37,14 @@ from typing import Any, Literal
 import trio
 
 from atlasd.kube.client import KubeClient
-from atlasd.kube.errors import Gone, KubeError, TooManyRequests
+from atlasd.kube.errors import (
+    BadRequest,
+    Gone,
+    Invalid,
+    KubeError,
+    TooManyRequests,
+    TransportError,
+)
 from atlasd.kube.resources import Resource
 from atlasd.watch.backoff import Backoff
 from atlasd.watch.workqueue import WorkQueue
@@ -44,6 +56,8 @@ ChangeType = Literal["ADDED", "MODIFIED", "DELETED"]
 
 # client-go: a watch that ends this fast with no events is treated as a failure.
 MIN_WATCH_SECONDS = 1.0
+# The BOOKMARK annotation that ends a streaming list's initial events.
+INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,7 @@ class Informer:
         inactivity_grace: float = 60.0,
         backoff: Backoff | None = None,
         transform: Callable[[Obj], Obj] | None = None,
+        streaming_list: bool = False,
     ) -> None:
         self.kube = kube
         self.res = res
@@ -95,6 +110,9 @@ class Informer:
         # Applied to every object before it is cached (client-go SetTransform), e.g.
         # ``strip_managed_fields`` to save memory when nothing reads managedFields.
         self.transform = transform
+        # Fill the cache with a streaming list (watch + sendInitialEvents) instead of a
+        # LIST; falls back to LIST for good if the server refuses it (400/422).
+        self.streaming_list = streaming_list
         self._cache: dict[str, Obj] = {}
         self._rv = ""
         self._synced = trio.Event()
@@ -157,20 +175,35 @@ class Informer:
     # -- list + watch ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """List and watch forever; ``started()`` after the first successful LIST."""
+        """List and watch forever; ``started()`` once the cache was first filled."""
         started = False
+
+        def synced() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
         while True:
             try:
-                await self._relist()
-            except KubeError as exc:
+                if self.streaming_list:
+                    if await self._stream_list(on_synced=synced):
+                        continue  # its watch part expired (410): list again
+                else:
+                    await self._relist()
+            except (BadRequest, Invalid) as exc:
+                if not self.streaming_list:
+                    raise
+                log.warning("streaming list of %s refused (%s); using LIST", self.res, exc)
+                self.streaming_list = False
+                continue
+            except (KubeError, trio.TooSlowError) as exc:
                 self.errors += 1
                 retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else None
                 delay = await self.backoff.sleep(at_least=retry_after or 0.0)
                 log.warning("list %s failed (%s); retried after %.1fs", self.res, exc, delay)
                 continue
-            if not started:
-                started = True
-                task_status.started()
+            synced()
             await self._watch_until_gone()
 
     async def _relist(self) -> None:
@@ -178,6 +211,60 @@ class Informer:
             self.res, namespace=self.namespace, label_selector=self.label_selector
         )
         self.lists += 1
+        self._replace(items, rv)
+
+    async def _stream_list(self, *, on_synced: Callable[[], None]) -> bool:
+        """Fill the cache from a streaming list (watch with sendInitialEvents), then keep
+        applying that stream's events until it ends; the caller re-watches from ``_rv``.
+        True when the stream went Gone after the cache was filled (relist at once);
+        a failure before that raises (the caller backs off)."""
+        timeout = int(random.uniform(*self.watch_timeout))
+        initial: list[Obj] = []
+        synced = False
+        stream = self.kube.watch(
+            self.res,
+            namespace=self.namespace,
+            resource_version="",
+            label_selector=self.label_selector,
+            timeout_seconds=timeout,
+            send_initial_events=True,
+        )
+        self.watches += 1
+        async with aclosing(stream) as watch:
+            while True:
+                try:
+                    with trio.fail_after(timeout + self.inactivity_grace):
+                        event = await anext(watch)
+                except StopAsyncIteration:
+                    break
+                except (KubeError, trio.TooSlowError) as exc:
+                    if not synced:
+                        raise
+                    if isinstance(exc, Gone):
+                        return True
+                    # Filled already: carry on as a plain watch from the last RV.
+                    self.errors += 1
+                    log.warning("watch %s failed (%s); re-watching", self.res, exc)
+                    return False
+                if synced:
+                    self._apply(event)
+                    continue
+                obj: Obj = event["object"]
+                if event.get("type") == "ADDED":
+                    initial.append(obj)
+                elif event.get("type") == "BOOKMARK":
+                    annotations = _meta(obj).get("annotations") or {}
+                    if annotations.get(INITIAL_EVENTS_END) == "true":
+                        self.lists += 1
+                        self._replace(initial, str(_meta(obj).get("resourceVersion") or ""))
+                        synced = True
+                        on_synced()
+        if not synced:
+            raise TransportError(f"streaming list of {self.res} ended before its initial events")
+        return False
+
+    def _replace(self, items: list[Obj], rv: str) -> None:
+        """Make ``items`` the cache (a full list at ``rv``), emitting the differences."""
         if self.transform is not None:
             items = [self.transform(obj) for obj in items]
         fresh = {self.key(obj): obj for obj in items}

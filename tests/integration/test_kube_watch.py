@@ -213,3 +213,22 @@ async def test_readiness_waits_for_every_informer(apiserver: ApiServer, namespac
             assert all_synced(informers)
             assert list(informers[2].items()) == ["one"]
             nursery.cancel_scope.cancel()
+
+
+async def test_streaming_list_informer(apiserver: ApiServer, namespace: str) -> None:
+    async with KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube:
+        names = [f"s-{i}" for i in range(25)]
+        await _each(10, lambda n: kube.create(_cm(namespace, n, "v1")), names)
+        inf = Informer(kube, CONFIGMAPS, namespace=namespace, streaming_list=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(inf.run)
+            assert inf.streaming_list  # the server accepted it
+            assert sorted(inf.items()) == sorted(names)
+            await kube.create(_cm(namespace, "later", "x"))
+            await kube.delete(CONFIGMAPS, "s-0", namespace=namespace)
+            fresh = await _fresh(kube, CONFIGMAPS, namespace)
+            await wait_until_async(
+                lambda: _rvs(inf.items()) == fresh, timeout=60, what="cache == fresh LIST"
+            )
+            assert inf.lists == 1 and inf.watches == 1  # one stream did it all
+            nursery.cancel_scope.cancel()

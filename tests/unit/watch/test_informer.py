@@ -275,3 +275,89 @@ async def test_transform_applies_to_listed_and_watched_objects(
     await run_until(inf, lambda: inf.resource_version == "11")
     assert all("managedFields" not in o["metadata"] for o in inf.items().values())
     assert sorted(inf.items()) == ["a", "b"]
+
+
+def end_bookmark(rv: str) -> dict[str, Any]:
+    return {
+        "type": "BOOKMARK",
+        "object": {
+            "kind": "Service",
+            "metadata": {
+                "resourceVersion": rv,
+                "annotations": {"k8s.io/initial-events-end": "true"},
+            },
+        },
+    }
+
+
+async def test_streaming_list_fills_then_continues_as_the_watch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kube = FakeKube(
+        lists=[],
+        watches=[
+            [
+                ev("ADDED", "a", "1"),
+                ev("ADDED", "b", "2"),
+                bookmark("5"),
+                end_bookmark("10"),
+                ev("MODIFIED", "a", "11"),
+                HANG,
+            ]
+        ],
+    )
+    inf = informer(kube, streaming_list=True)
+    changes: list[tuple[str, str]] = []
+    inf.subscribe(lambda ch: changes.append((ch.type, ch.key)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(inf.run)
+        assert sorted(inf.items()) == ["a", "b"] and inf.has_synced
+        with trio.fail_after(60):
+            while inf.resource_version != "11":  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert kube.watch_calls[0][0] == "" and kube.list_calls == 0
+    assert changes == [("ADDED", "a"), ("ADDED", "b"), ("MODIFIED", "a")]
+
+
+async def test_streaming_list_refused_falls_back_to_list(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from atlasd.kube.errors import Invalid
+
+    refused = Invalid(
+        status=422,
+        reason="Invalid",
+        message="sendInitialEvents is forbidden",
+        verb="watch",
+        resource="services",
+    )
+    kube = FakeKube(lists=[([obj("a", "1")], "10")], watches=[[refused], [HANG]])
+    inf = informer(kube, streaming_list=True)
+    await run_until(inf, lambda: len(kube.watch_calls) == 2)
+    assert not inf.streaming_list and kube.list_calls == 1
+    assert [c[0] for c in kube.watch_calls] == ["", "10"]
+
+
+async def test_streaming_list_gone_after_fill_refills_and_failure_before_backs_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gone = Gone(status=410, reason="Expired", message="", verb="watch", resource="services")
+    refused = TransportError("connection refused")
+    kube = FakeKube(
+        lists=[],
+        watches=[
+            [ev("ADDED", "a", "1"), end_bookmark("10"), gone],
+            [refused],
+            [ev("ADDED", "b", "20"), end_bookmark("21"), HANG],
+        ],
+    )
+    inf = informer(kube, streaming_list=True)
+    deleted: list[str] = []
+    inf.subscribe(lambda ch: deleted.append(ch.key) if ch.type == "DELETED" else None)
+    await run_until(inf, lambda: inf.resource_version == "21")
+    times = [c[2] for c in kube.watch_calls]
+    assert [c[0] for c in kube.watch_calls] == ["", "", ""]
+    assert times[1] - times[0] == pytest.approx(0.0, abs=0.05)  # Gone after fill: at once
+    assert times[2] - times[1] == pytest.approx(0.8, abs=0.05)  # failure: backoff
+    assert sorted(inf.items()) == ["b"] and deleted == ["a"]
