@@ -280,8 +280,8 @@ def run(
         dns_configmap_name=dns_configmap,
         alertmanager_selector=alertmanager_selector,
         leaf_lifetime=dt.timedelta(days=leaf_days),
+        forwarder_token=forwarder_token_file.read_text().strip() if forwarder_token_file else None,
     )
-    token = forwarder_token_file.read_text().strip() if forwarder_token_file else None
     options = DaemonOptions(
         settings=settings,
         kubeconfig=kubeconfig,
@@ -295,7 +295,6 @@ def run(
         leader_election=leader_election,
         lease_name=lease_name,
         allow_loopback=allow_loopback,
-        forwarder_token=token,
         identity=identity or socket.gethostname(),
     )
     serve_until_signalled(lambda: Daemon(options).run(), grace=shutdown_grace)

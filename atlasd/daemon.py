@@ -46,6 +46,7 @@ from atlasd.http import StatusApp, run_http
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.errors import Conflict, KubeError
+from atlasd.kube.events import post_event
 from atlasd.kube.lease import run_leader_election
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Fleet, Problem, Settings
@@ -104,7 +105,6 @@ class DaemonOptions:
     identity: str = field(default_factory=socket.gethostname)
     allow_loopback: bool = False
     listen_plan: ListenPlan = field(default_factory=ListenPlan)
-    forwarder_token: str | None = field(default=None, repr=False)
     resync_seconds: float = 60.0
     store_poll_seconds: float = 0.5
 
@@ -253,8 +253,10 @@ class Daemon:
         self.app = StatusApp(self.hub)
         self.observed = Observed()
         self.cache = SnapshotCache(metrics=_xds_metrics())
-        self.builder = SnapshotBuilder(options.listen_plan, forwarder_token=options.forwarder_token)
-        self.authorizer = Authorizer(forwarder_token=options.forwarder_token)
+        self.builder = SnapshotBuilder(
+            options.listen_plan, forwarder_token=options.settings.forwarder_token
+        )
+        self.authorizer = Authorizer(forwarder_token=options.settings.forwarder_token)
         self.leading = False
         self._leading_changed = trio.Event()
         self.last_fleet: ObservedFleet | None = None
@@ -484,11 +486,18 @@ class Daemon:
     async def _reconcile_loop(
         self, kube: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        reconciler = Reconciler(settings=self.settings, allow_loopback=self.options.allow_loopback)
+        # Each pass LISTs (a quorum read) rather than trusting the watch cache: a cache that
+        # lags our own writes would make the next pass re-issue certificates it just wrote.
+        reconciler = Reconciler(
+            settings=self.settings,
+            allow_loopback=self.options.allow_loopback,
+            post_event=post_event,
+        )
         task_status.started()
         seen = -1
+        wait = 0.0
         while True:
-            with trio.move_on_after(self.options.resync_seconds):
+            with trio.move_on_after(wait):
                 await self.observed.wait_changed(seen)
             seen = self.observed.generation
             t0 = time.perf_counter()
@@ -500,6 +509,12 @@ class Daemon:
                 continue
             RECONCILE_SECONDS.observe(time.perf_counter() - t0)
             RECONCILE_WRITES.inc(result.writes)
+            # Pass again on the next change, at the periodic resync, or when a certificate
+            # is due for renewal, whichever comes first.
+            wait = self.options.resync_seconds
+            if result.next_renewal is not None:
+                due = (result.next_renewal - dt.datetime.now(dt.UTC)).total_seconds()
+                wait = max(1.0, min(wait, due))
             self.hub.publish(last_reconcile=_result_doc(result, time.perf_counter() - t0))
 
 

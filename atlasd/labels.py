@@ -32,6 +32,10 @@ CLIENT_SECRET = "atlas-client"
 TLS_SECRET = "atlas-tls"
 OBS_VALUES_SECRET = "atlas-envoy-values"
 FIELD_MANAGER = "atlasd"
+# Header carrying the forwarder token on ADS streams (the observability Envoy sends it on
+# its own stream and adds it to the downstream streams it forwards; see
+# docs/xds-authorization.md).
+FORWARDER_TOKEN_HEADER = "x-atlasd-forwarder-token"
 
 
 def values_secret_name(cluster: str) -> str:

@@ -61,6 +61,9 @@ class Settings:
     ca_lifetime: dt.timedelta = dt.timedelta(days=3650)
     # A leaf is renewed once this fraction of its lifetime has passed.
     renew_fraction: float = 2 / 3
+    # Shared secret the observability Envoy presents on ADS streams to atlasd (None: no
+    # token required). Never shown in repr.
+    forwarder_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ def envoy_bootstrap(
     admin_port: int = ENVOY_ADMIN_PORT,
     api_type: str = "GRPC",
     server_san: str = OBSERVABILITY_NODE,
+    forwarder_token: str | None = None,
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap whose only static cluster is the xDS server (see docstring)."""
     xds: dict[str, Any] = {
@@ -172,7 +173,20 @@ def envoy_bootstrap(
                 "api_type": api_type,
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {"cluster_name": XDS_CLUSTER},
+                        **(
+                            {
+                                "initial_metadata": [
+                                    {"key": labels.FORWARDER_TOKEN_HEADER, "value": forwarder_token}
+                                ]
+                            }
+                            if forwarder_token
+                            else {}
+                        ),
+                    }
+                ],
             },
             "cds_config": {"resource_api_version": "V3", "ads": {}},
             "lds_config": {"resource_api_version": "V3", "ads": {}},
@@ -242,6 +256,7 @@ def observability_values(settings: Settings) -> dict[str, Any]:
         xds_port=settings.atlasd_ads_port,
         tls=None,
         ca_bundle=None,
+        forwarder_token=settings.forwarder_token,
     )
     service_ports, ports = _chart_ports(
         [

@@ -28,9 +28,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from atlasd import model
+from atlasd.labels import FORWARDER_TOKEN_HEADER
 
 XFCC_HEADER = "x-forwarded-client-cert"
-TOKEN_HEADER = "x-atlasd-forwarder-token"
+TOKEN_HEADER = FORWARDER_TOKEN_HEADER
 
 
 class Denied(Exception):

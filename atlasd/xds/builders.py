@@ -37,11 +37,11 @@ from collections.abc import Callable, Hashable
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from atlasd import model
+from atlasd.labels import FORWARDER_TOKEN_HEADER
 from atlasd.xds.messages import (
     ADS_FORWARD_CLUSTER,
     ATLAS_ALERTMANAGER_CLUSTER,
     CLIENT_SECRET,
-    FORWARDER_TOKEN_HEADER,
     RBAC_FILTER,
     ROUTES_FIELD,
     SERVER_SECRET,

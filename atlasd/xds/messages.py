@@ -43,7 +43,6 @@ CLIENT_SECRET = "client"
 # observability Envoy's bootstrap (Envoy refuses a CDS cluster shadowing a static one).
 ADS_FORWARD_CLUSTER = "atlasd-ads-forward"
 ATLAS_ALERTMANAGER_CLUSTER = "atlas-alertmanager"
-FORWARDER_TOKEN_HEADER = "x-atlasd-forwarder-token"
 RBAC_FILTER = "envoy.filters.http.rbac"
 XFCC_HEADER = "x-forwarded-client-cert"
 

@@ -1,0 +1,124 @@
+"""The daemon with bad input and with the forwarder token, against real components."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.harness.envoy import Envoy
+from tests.harness.kube import ApiServer
+from tests.harness.wait import wait_until
+from tests.integration.daemon_helpers import Atlasd
+
+pytestmark = pytest.mark.integration
+
+
+def _cluster(name: str, ip: str, **labels: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": {"goatlas.io/cluster": "true", **labels}},
+        "spec": {
+            "clusterIP": "None",
+            "externalIPs": [ip],
+            "ports": [{"name": "thanos", "port": 10901}],
+        },
+    }
+
+
+@pytest.fixture
+def token_daemon(apiserver: ApiServer, namespace: str, tmp_path: Path) -> Iterator[Atlasd]:
+    token = tmp_path / "token"
+    token.write_text("forwarder-s3cret\n")
+    atlasd = Atlasd(
+        tmp_path,
+        f"--kubeconfig={apiserver.admin_kubeconfig}",
+        f"--namespace={namespace}",
+        "--no-leader-election",
+        f"--forwarder-token-file={token}",
+    ).start()
+    try:
+        yield atlasd
+    finally:
+        atlasd.proc.stop()
+
+
+def test_bad_cluster_gets_an_event_and_the_good_one_keeps_working(
+    apiserver: ApiServer, namespace: str, token_daemon: Atlasd
+) -> None:
+    with apiserver.admin() as c:
+        for svc in (
+            _cluster("good", "192.0.2.20"),
+            _cluster("bad", "192.0.2.21", **{"goatlas.io/replicas": "abc"}),
+        ):
+            assert c.post(f"/api/v1/namespaces/{namespace}/services", json=svc).status_code == 201
+
+    def events() -> list[dict[str, Any]]:
+        with apiserver.admin() as c:
+            items: list[dict[str, Any]] = c.get(f"/api/v1/namespaces/{namespace}/events").json()[
+                "items"
+            ]
+        return [e for e in items if e["involvedObject"]["name"] == "bad"]
+
+    found = wait_until(events, timeout=30, what="a Warning Event on the bad cluster Service")
+    assert found[0]["type"] == "Warning"
+    assert 'metadata.labels["goatlas.io/replicas"]' in found[0]["message"]
+    assert found[0]["involvedObject"]["kind"] == "Service"
+    status = wait_until(
+        lambda: (s := token_daemon.status()) and s.get("clusters") and s,
+        timeout=30,
+        what="the good cluster served",
+    )
+    assert [c["name"] for c in status["clusters"]] == ["good"]
+    assert any(p["object"] == "Service/bad" for p in status["problems"])
+    assert token_daemon.proc.running()
+
+
+def test_observability_envoy_presents_the_forwarder_token(
+    apiserver: ApiServer,
+    namespace: str,
+    token_daemon: Atlasd,
+    envoy_factory: Callable[[dict[str, Any], str], Envoy],
+) -> None:
+    def values() -> dict[str, Any] | None:
+        with apiserver.admin() as c:
+            r = c.get(f"/api/v1/namespaces/{namespace}/secrets/atlas-envoy-values")
+        if r.status_code != 200:
+            return None
+        loaded: dict[str, Any] = yaml.safe_load(base64.b64decode(r.json()["data"]["values.yaml"]))
+        return loaded
+
+    bootstrap = yaml.safe_load(
+        wait_until(values, timeout=30, what="atlas values")["files"]["envoy.yaml"]
+    )
+    assert "forwarder-s3cret" not in token_daemon.log_text()
+    envoy_factory(bootstrap, "atlas-with-token")
+
+    def atlas_acked() -> bool:
+        return any(
+            e["node"] == "atlas" and e["acked"] for e in token_daemon.status().get("envoys") or []
+        )
+
+    wait_until(atlas_acked, timeout=30, what="the observability Envoy ACKs with the token")
+
+    # The same bootstrap without the token is refused.
+    stripped = yaml.safe_load(yaml.safe_dump(bootstrap))
+    for svc in stripped["dynamic_resources"]["ads_config"]["grpc_services"]:
+        svc.pop("initial_metadata", None)
+    intruder = envoy_factory(stripped, "atlas-without-token")
+    wait_until(
+        lambda: (
+            "PERMISSION_DENIED" in intruder.log_text()
+            or "7, " in intruder.log_text()
+            or "denied" in intruder.log_text().lower()
+        ),
+        timeout=30,
+        what="the stream without the token refused",
+    )
+    streams = [e for e in token_daemon.status().get("envoys") or [] if e["node"] == "atlas"]
+    assert len(streams) == 1
