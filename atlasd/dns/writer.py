@@ -164,9 +164,10 @@ class ZoneState:
         if self.current is not None and self.current.records == recs:
             return None
         if self.current is None and self._found_text is not None and self.serial is not None:
-            # First fleet after a restart: if the file already says exactly this, keep it.
+            # First fleet after a restart: if the file already says exactly this (and no
+            # mirror remembers a larger serial), keep it as it is.
             found = parse_serial(self._found_text)
-            if found is not None:
+            if found is not None and found >= self.serial:
                 same = render_records(recs, settings=fleet.settings, serial=found)
                 if same == self._found_text:
                     self.current = Zone(recs, found, same)

@@ -223,6 +223,18 @@ async def test_configmap_mirror_and_serial_from_configmap(tmp_path: Path) -> Non
     assert cm["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "atlasd"}
 
 
+async def test_same_records_but_larger_serial_in_configmap_rewrites(tmp_path: Path) -> None:
+    # The file is current but an earlier leader's mirror went further: never hand the
+    # mirror a smaller serial than it had.
+    path = tmp_path / "atlas.zone"
+    first, _ = await run_writer(path, [fleet("east")])
+    ahead = first[0].text.replace(f" {first[0].serial} ", f" {first[0].serial + 9} ")
+    kube = FakeKube(stored=ahead)
+    again, _ = await run_writer(path, [fleet("east")], kube=kube)
+    assert [z.serial for z in again] == [first[0].serial + 10]
+    assert kube.stored == path.read_text() == again[0].text
+
+
 async def test_configmap_mirror_retries_server_errors(tmp_path: Path, autojump_clock: Any) -> None:
     path = tmp_path / "atlas.zone"
     kube = FakeKube()
