@@ -8,6 +8,7 @@ serial growing across a writer restart; and a zone file that is never seen half-
 from __future__ import annotations
 
 import itertools
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ import trio
 from atlasd.dns.writer import Zone, ZoneState, run_zone_writer
 from atlasd.dns.zone import parse_serial, records
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
+from tests.harness import components
 from tests.harness.coredns import CoreDNS
 from tests.harness.wait import wait_until_async
 
@@ -94,6 +96,18 @@ async def zone_writer(path: Path, **kw: Any) -> AsyncIterator[Writer]:
             yield writer
 
 
+def checkzone(path: Path) -> None:
+    """BIND's verdict on the file as written (out-of-zone lookups skipped: "-i local")."""
+    binary = components.apt("named-checkzone")
+    proc = subprocess.run(
+        [str(binary), "-i", "local", "atlas.", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 async def answers(server: CoreDNS, name: str) -> list[str]:
     # TCP: a 40-record answer does not fit a plain 512-byte UDP reply (resolvers, Go's
     # included, retry over TCP when the reply is truncated).
@@ -142,6 +156,7 @@ async def test_answers_follow_add_remove_scale_and_group(
         serials = [w.written[-1].serial]
         for _what, fl in steps:
             await w.push(fl)
+            await trio.to_thread.run_sync(checkzone, path)
             await serves(server, fl, ALL, prom, prod, dev)
             serials.append(w.written[-1].serial)
             soa = await trio.to_thread.run_sync(server.query, "atlas.", "SOA")
