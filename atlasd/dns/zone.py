@@ -234,7 +234,11 @@ def next_serial(previous: int | None, *, now: float) -> int:
 
 
 def render_records(recs: tuple[SrvRecord, ...], *, settings: Settings, serial: int) -> str:
-    """Zone text for ``recs`` (as ``records`` returns them) with SOA serial ``serial``."""
+    """Zone text for ``recs`` with SOA serial ``serial``.
+
+    ``recs`` must come from ``records`` (which validated every name in them); the writer
+    passes them in so a fleet is validated and sorted once per change.
+    """
     namespace = _label(settings.namespace, what="settings.namespace")
     cluster_domain = _domain(settings.cluster_domain, what="settings.cluster_domain")
     if type(serial) is not int or not 1 <= serial <= MAX_SERIAL:
