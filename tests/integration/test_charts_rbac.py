@@ -313,9 +313,15 @@ def test_atlasd_run_onboards_a_cluster_with_only_the_chart_role(
     assert files == yaml.safe_load(values_text)["files"]
     assert yaml.safe_load(files["envoy.yaml"])["node"]["id"] == "east"
 
-    # (The malformed cluster "broken" did not stop "east". That it is reported as an
-    # Event is not checked here yet: `atlasd run` does not hand post_event to its
-    # Reconciler so far; the Role's events create+patch are proven above.)
+    # The malformed cluster is reported as a Warning Event on its Service (events create).
+    def reported() -> bool:
+        events = json.loads(apiserver.kubectl("get", "events", "-n", namespace, "-o", "json"))
+        return any(
+            e["involvedObject"]["name"] == "broken" and e["type"] == "Warning"
+            for e in events["items"]
+        )
+
+    wait_until(reported, timeout=60, what="a Warning Event on the malformed cluster Service")
 
     # Removing the cluster removes what atlasd made for it (delete allowed).
     apiserver.kubectl("delete", "service", "east", "-n", namespace)
