@@ -310,8 +310,9 @@ def serve_until_signalled(
     ``grace`` seconds ends the process hard (exit 1) rather than hang half alive."""
 
     async def supervised() -> None:
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # The receiver must outlive the task reading it: open it around the nursery.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
 
                 async def wait_signal() -> None:
                     async for sig in signals:

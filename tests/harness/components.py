@@ -34,6 +34,7 @@ ETCD_VERSION = "v3.6.4"
 COREDNS_VERSION = "v1.12.4"
 HELM_VERSION = "v3.19.0"
 THANOS_VERSION = "v0.39.2"
+ZENHACK_UTIL = "github.com/zenhack/go-util@v0.0.0-20231005031245-66f5419c2aea"
 
 APT_PACKAGES = {
     "prometheus": ("prometheus", "/usr/bin/prometheus"),
@@ -178,16 +179,15 @@ def thanos() -> Path:
     with tempfile.TemporaryDirectory(prefix="atlasd-gobuild-") as tmp:
         work = Path(tmp)
         _run(["go", "mod", "init", "atlasdbuild"], cwd=work)
-        for line in re.findall(
+        replaces = re.findall(
             r"^\s*(?:replace\s+)?([\w./-]+(?: v[\w.+-]+)?) => ([\w./-]+ v[\w.+-]+)", gomod, re.M
-        ):
+        )
+        # The module proxy refuses zenhack.net/go/util (403: host not on its allowlist);
+        # Thanos >= v0.40 itself replaces it by this GitHub copy of the same code.
+        replaces.append(("zenhack.net/go/util", ZENHACK_UTIL.replace("@", " ")))
+        for old, new in replaces:
             _run(
-                [
-                    "go",
-                    "mod",
-                    "edit",
-                    f"-replace={line[0].replace(' ', '@')}={line[1].replace(' ', '@')}",
-                ],
+                ["go", "mod", "edit", f"-replace={old.replace(' ', '@')}={new.replace(' ', '@')}"],
                 cwd=work,
             )
         _run(["go", "get", f"github.com/thanos-io/thanos@{THANOS_VERSION}"], cwd=work)
