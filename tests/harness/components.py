@@ -222,8 +222,9 @@ BUILDERS = {
     "alertmanager": lambda: apt("alertmanager"),
     "named-checkzone": lambda: apt("named-checkzone"),
     "openssl": lambda: apt("openssl"),
+    "thanos": thanos,
 }
-OPTIONAL = {"thanos": thanos}
+OPTIONAL: dict[str, object] = {}
 
 
 def kubectl() -> Path | None:
