@@ -217,6 +217,7 @@ def test_atlasd_default_render(helm: Helm) -> None:
     assert kinds == [
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
         "Role",
         "RoleBinding",
         "Service",
@@ -225,6 +226,15 @@ def test_atlasd_default_render(helm: Helm) -> None:
         "ServiceAccount",
     ]
     assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
+
+    # Only the observability Envoy pods may reach the plaintext ADS port.
+    policy = only(docs, "NetworkPolicy")["spec"]
+    ads_rule = next(r for r in policy["ingress"] if "from" in r)
+    assert ads_rule["ports"] == [{"port": 6305, "protocol": "TCP"}]
+    assert ads_rule["from"] == [
+        {"podSelector": {"matchLabels": {"app": "envoy", "release": "atlas"}}}
+    ]
+    assert all(p["port"] != 6305 for r in policy["ingress"] if "from" not in r for p in r["ports"])
 
     deploy = only(docs, "Deployment")
     pod = deploy["spec"]["template"]["spec"]
@@ -387,6 +397,7 @@ def test_atlasd_optional_parts_can_be_turned_off(helm: Helm) -> None:
             "serviceAccount.name=existing",
             "metrics.enabled=false",
             "coredns.enabled=false",
+            "networkPolicy.enabled=false",
         ],
     )
     assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
