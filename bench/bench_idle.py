@@ -1,6 +1,6 @@
 """Benchmark: what a running, idle ``atlasd run`` costs — CPU and memory with N clusters.
 
-    .venv/bin/python bench/bench_idle.py [--clusters 100] [--seconds 30] [--envoy]
+    .venv/bin/python bench/bench_idle.py [--clusters 100] [--seconds 30] [--envoy [--changes 20]]
 
 Starts the test harness's etcd + kube-apiserver (loopback), creates N cluster Services,
 starts a real ``atlasd run`` process (leader election on, informers, ADS, zone writer;
@@ -13,7 +13,11 @@ from ``/proc/<pid>/status``.
 With ``--envoy`` an observability Envoy (node ``atlas``, bootstrapped from the
 ``atlas-envoy-values`` Secret atlasd wrote) holds an ADS stream during the window. It
 binds the design's default listener ports (10900/10901/10904 on 0.0.0.0), so it is off by
-default.
+default. After the idle window, ``--changes N`` (with ``--envoy``) measures the whole
+change-to-Envoy path N times: a new cluster Service is created in the API server, and the
+clock stops when the observability Envoy holds both its upstream cluster
+(``<name>-prom``) and its ``/prom/<name>/`` route (watch -> fleet -> snapshot -> ADS push
+-> Envoy applies and ACKs).
 
 The idle window includes whatever atlasd does when nothing changes: Lease renewals
 (every 2 s), watch bookmarks/timeouts and, if the window crosses it, the periodic resync
@@ -24,13 +28,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
+import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -83,7 +91,93 @@ def secrets(api: ApiServer) -> dict[str, Any]:
     return {i["metadata"]["name"]: i for i in items}
 
 
-def run(api: ApiServer, workdir: Path, clusters: int, seconds: float, with_envoy: bool) -> None:
+def _has(envoy: Envoy, name: str) -> bool:
+    url = f"{envoy.admin_url}/config_dump"
+    cds = httpx.get(
+        url, params={"resource": "dynamic_active_clusters", "name_regex": f"^{name}-prom$"}
+    )
+    if f'"{name}-prom"' not in cds.text:
+        return False
+    rds = httpx.get(url, params={"resource": "dynamic_route_configs"})
+    return f'"/prom/{name}/"' in rds.text
+
+
+def _dials(envoy: Envoy, name: str, ip: str) -> bool:
+    cds = httpx.get(
+        f"{envoy.admin_url}/config_dump",
+        params={"resource": "dynamic_active_clusters", "name_regex": f"^{name}-prom$"},
+    )
+    return f'"{ip}"' in cds.text
+
+
+def _report(what: str, took: list[float]) -> None:
+    ordered = sorted(took)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    print(
+        f"{what} ({len(took)} changes): median {1000 * statistics.median(took):.0f} ms,"
+        f" p99 {1000 * p99:.0f} ms, min {1000 * ordered[0]:.0f} ms, max {1000 * ordered[-1]:.0f} ms"
+    )
+
+
+def print_histograms(url: str) -> None:
+    """Mean of atlasd's own latency histograms over the run (where the time went)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        key, value = line.rsplit(" ", 1)
+        for suffix, into in (("_sum", sums), ("_count", counts)):
+            base, _, labels = key.partition("{")
+            if base.endswith(suffix) and base.startswith(
+                ("atlasd_fleet_publish", "atlasd_reconcile_duration", "atlasd_xds_push_latency")
+            ):
+                name = base[: -len(suffix)] + (("{" + labels) if labels else "")
+                into[name] = into.get(name, 0.0) + float(value)
+    for name in sorted(sums):
+        if counts.get(name):
+            print(
+                f"  {name}: mean {1000 * sums[name] / counts[name]:.1f} ms over {counts[name]:.0f}"
+            )
+
+
+def change_to_envoy(api: ApiServer, envoy: Envoy, first: int, changes: int) -> None:
+    created: list[float] = []
+    updated: list[float] = []
+    path = f"/api/v1/namespaces/{NAMESPACE}/services"
+    with api.admin() as c:
+        for i in range(first, first + changes):
+            name = f"c{i:04d}"
+            t0 = time.perf_counter()
+            c.post(path, json=cluster_service(i)).raise_for_status()
+            wait_until(functools.partial(_has, envoy, name), timeout=60, what=name, interval=0.005)
+            created.append(time.perf_counter() - t0)
+        for i in range(changes):
+            name, ip = f"c{i:04d}", f"198.19.{i // 250}.{i % 250 + 1}"
+            t0 = time.perf_counter()
+            c.patch(
+                f"{path}/{name}",
+                content=json.dumps({"spec": {"externalIPs": [ip]}}),
+                headers={"content-type": "application/merge-patch+json"},
+            ).raise_for_status()
+            wait_until(
+                functools.partial(_dials, envoy, name, ip), timeout=60, what=name, interval=0.005
+            )
+            updated.append(time.perf_counter() - t0)
+    # A new cluster is served once the leader has issued its certificates and the
+    # identity Secret came back through the watch (every replica serves stored PKI only).
+    _report("new cluster Service -> observability Envoy holds its cluster and route", created)
+    _report("external IP changed -> observability Envoy dials the new address", updated)
+
+
+def run(
+    api: ApiServer,
+    workdir: Path,
+    clusters: int,
+    seconds: float,
+    with_envoy: bool,
+    changes: int,
+) -> None:
     api.create_namespace(NAMESPACE)
     t0 = time.perf_counter()
     with api.admin() as c:
@@ -107,7 +201,10 @@ def run(api: ApiServer, workdir: Path, clusters: int, seconds: float, with_envoy
             status = atlasd.status()
             last = status.get("last_reconcile") or {}
             done = len(status.get("clusters") or []) == clusters and last.get("writes") == 0
-            return done and all(f"c{i:04d}-envoy-values" in secrets(api) for i in range(clusters))
+            if not done:
+                return False
+            have = secrets(api)
+            return all(f"c{i:04d}-envoy-values" in have for i in range(clusters))
 
         wait_until(converged, timeout=600, what="atlasd converged", interval=0.5)
         print(
@@ -144,6 +241,9 @@ def run(api: ApiServer, workdir: Path, clusters: int, seconds: float, with_envoy
                 f"atlasd CPU {cpu_s:.2f} s = {100 * cpu_s / wall:.2f}% of one core; "
                 f"RSS {mem['VmRSS'] / MIB:.0f} MiB (peak {mem['VmHWM'] / MIB:.0f} MiB)"
             )
+            if envoy is not None and changes:
+                change_to_envoy(api, envoy, clusters, changes)
+                print_histograms(atlasd.url)
         finally:
             if envoy is not None:
                 envoy.stop()
@@ -156,11 +256,14 @@ def main() -> int:
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--envoy", action="store_true", help="connect an observability Envoy")
+    parser.add_argument(
+        "--changes", type=int, default=20, help="with --envoy: change -> Envoy measurements"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp:
         api = ApiServer(Path(tmp) / "apiserver").start()
         try:
-            run(api, Path(tmp), args.clusters, args.seconds, args.envoy)
+            run(api, Path(tmp), args.clusters, args.seconds, args.envoy, args.changes)
         finally:
             api.stop()
     return 0
