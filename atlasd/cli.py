@@ -344,6 +344,15 @@ def _arm_watchdog(grace: float) -> None:
 # -- demo ---------------------------------------------------------------------------------
 
 
+def _loopback_block(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    parts = value.split(".")
+    if len(parts) != 3 or parts[0] != "127" or not all(p.isdigit() and int(p) < 256 for p in parts):
+        raise click.BadParameter(
+            f"{value!r} is not a loopback /24 like 127.0.0", ctx=ctx, param=param
+        )
+    return value
+
+
 @cli.command()
 @click.option(
     "--dir",
@@ -355,11 +364,20 @@ def _arm_watchdog(grace: float) -> None:
 @click.option("--ads-port", default=6305, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--http-port", default=6309, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--check", is_flag=True, help="Start, verify traffic through the Envoy chain, stop.")
-def demo(workdir: Path | None, ads_port: int, http_port: int, check: bool) -> None:
+@click.option(
+    "--loopback",
+    default="127.0.0",
+    show_default=True,
+    callback=_loopback_block,
+    help="The /24 of loopback to use: observability on .1, clusters on .2 and .3.",
+)
+def demo(workdir: Path | None, ads_port: int, http_port: int, check: bool, loopback: str) -> None:
     """Run the whole design locally on loopback: atlasd, real Envoys, real Prometheus."""
     from atlasd.demo import DemoError, DemoOptions, run_demo
 
-    options = DemoOptions(workdir=workdir, ads_port=ads_port, http_port=http_port, check=check)
+    options = DemoOptions(
+        workdir=workdir, ads_port=ads_port, http_port=http_port, check=check, loopback=loopback
+    )
     try:
         serve_until_signalled(lambda: _discard(run_demo(options)), grace=20)
     except DemoError as exc:

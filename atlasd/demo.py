@@ -41,8 +41,8 @@ from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
 
 log = logging.getLogger("atlasd.demo")
 
-DEMO_CLUSTERS: tuple[tuple[str, str], ...] = (("east", "127.0.0.2"), ("west", "127.0.0.3"))
-OBS_IP = "127.0.0.1"
+DEMO_CLUSTERS: tuple[str, ...] = ("east", "west")
+DEFAULT_LOOPBACK = "127.0.0"
 
 
 class DemoError(Exception):
@@ -55,7 +55,19 @@ class DemoOptions:
     ads_port: int = 6305
     http_port: int = 6309
     check: bool = False
-    clusters: tuple[tuple[str, str], ...] = DEMO_CLUSTERS
+    # The demo's /24 of loopback: the observability side on .1, the clusters on .2, .3, ...
+    loopback: str = DEFAULT_LOOPBACK
+    cluster_names: tuple[str, ...] = DEMO_CLUSTERS
+
+    @property
+    def obs_ip(self) -> str:
+        return f"{self.loopback}.1"
+
+    @property
+    def clusters(self) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            (name, f"{self.loopback}.{i + 2}") for i, name in enumerate(self.cluster_names)
+        )
     timeout: float = 90.0
 
 
@@ -242,13 +254,13 @@ async def _workdir(path: Path | None) -> AsyncIterator[Path]:
 async def run_demo(options: DemoOptions) -> int:
     """Run the demo until cancelled (or, with ``check``, until the chain is verified)."""
     for ip, port in [
-        (OBS_IP, options.ads_port),
-        (OBS_IP, options.http_port),
-        (OBS_IP, 10900),
-        (OBS_IP, 10901),
-        (OBS_IP, 10903),
-        (OBS_IP, 10904),
-        (OBS_IP, 9000),
+        (options.obs_ip, options.ads_port),
+        (options.obs_ip, options.http_port),
+        (options.obs_ip, 10900),
+        (options.obs_ip, 10901),
+        (options.obs_ip, 10903),
+        (options.obs_ip, 10904),
+        (options.obs_ip, 9000),
     ] + [(ip, p) for _, ip in options.clusters for p in (9000, 9090, 11901, 11903, 11904)]:
         _check_free(ip, port)
     prometheus = _prometheus_binary()
@@ -262,13 +274,13 @@ async def run_demo(options: DemoOptions) -> int:
             )
         settings = Settings(
             namespace="monitoring",
-            atlasd_ads_host=OBS_IP,
+            atlasd_ads_host=options.obs_ip,
             atlasd_ads_port=options.ads_port,
-            envoy_ads_address=OBS_IP,
-            envoy_address=OBS_IP,
+            envoy_ads_address=options.obs_ip,
+            envoy_address=options.obs_ip,
         )
         plan = ListenPlan(
-            observability=ObservabilityPorts(address=OBS_IP),
+            observability=ObservabilityPorts(address=options.obs_ip),
             downstream=tuple((name, NodePorts(address=ip)) for name, ip in options.clusters),
         )
         daemon = Daemon(
@@ -276,9 +288,9 @@ async def run_demo(options: DemoOptions) -> int:
                 settings=settings,
                 store=store,
                 zone_file=workdir / "atlas.zone",
-                ads_host=OBS_IP,
+                ads_host=options.obs_ip,
                 ads_port=options.ads_port,
-                http_host=OBS_IP,
+                http_host=options.obs_ip,
                 http_port=options.http_port,
                 allow_loopback=True,
                 listen_plan=plan,
@@ -307,7 +319,7 @@ async def run_demo(options: DemoOptions) -> int:
                         await demo.start_prometheus(name, ip, prometheus)
                 values_dir = store / "values"
                 admins = {
-                    "atlas": await demo.start_envoy("atlas", values_dir / "atlas.yaml", OBS_IP)
+                    "atlas": await demo.start_envoy("atlas", values_dir / "atlas.yaml", options.obs_ip)
                 }
                 for name, ip in options.clusters:
                     admins[name] = await demo.start_envoy(name, values_dir / f"{name}.yaml", ip)
@@ -322,7 +334,7 @@ async def run_demo(options: DemoOptions) -> int:
                         )
                     if prometheus is not None:
                         for name, _ in options.clusters:
-                            url = f"http://{OBS_IP}:10904/prom/{name}/api/v1/status/buildinfo"
+                            url = f"http://{options.obs_ip}:10904/prom/{name}/api/v1/status/buildinfo"
 
                             async def through(url: str = url) -> bool:
                                 r = await client.get(url)
@@ -365,14 +377,14 @@ def _print_banner(options: DemoOptions, with_prometheus: bool, workdir: Path) ->
     lines = [
         "",
         "atlasd demo is up (Ctrl-C stops everything):",
-        f"  status         {me} status --url http://{OBS_IP}:{options.http_port}   (or --watch)",
-        f"  metrics        http://{OBS_IP}:{options.http_port}/metrics",
-        f"  envoy admin    http://{OBS_IP}:9000/  (observability)",
+        f"  status         {me} status --url http://{options.obs_ip}:{options.http_port}   (or --watch)",
+        f"  metrics        http://{options.obs_ip}:{options.http_port}/metrics",
+        f"  envoy admin    http://{options.obs_ip}:9000/  (observability)",
     ]
     for name, ip in options.clusters:
         if with_prometheus:
             lines.append(
-                f"  {name:<14} http://{OBS_IP}:10904/prom/{name}/graph  (Prometheus on {ip} via mTLS)"
+                f"  {name:<14} http://{options.obs_ip}:10904/prom/{name}/graph  (Prometheus on {ip} via mTLS)"
             )
         lines.append(f"  {name + ' envoy':<14} http://{ip}:9000/")
     lines += [

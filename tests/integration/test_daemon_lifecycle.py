@@ -4,6 +4,7 @@ nothing and a real Envoy reconnects to the same content; standalone mode; the de
 from __future__ import annotations
 
 import base64
+import random
 import signal
 import stat
 import subprocess
@@ -17,6 +18,7 @@ import yaml
 
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
+from tests.harness.net import free_port
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import ATLASD, Atlasd
 
@@ -152,15 +154,27 @@ def test_standalone_onboarding_through_files(tmp_path: Path) -> None:
 
 def test_demo_serves_through_the_envoy_chain_and_stops_cleanly(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
+    # Its own loopback block and ports, so nothing else on the machine can be in the way.
+    block = f"127.{random.randint(64, 250)}.{random.randint(0, 255)}"
     proc = subprocess.run(
-        [*ATLASD, "demo", "--check", "--dir", str(workdir)],
+        [
+            *ATLASD,
+            "demo",
+            "--check",
+            "--dir",
+            str(workdir),
+            "--loopback",
+            block,
+            f"--ads-port={free_port()}",
+            f"--http-port={free_port()}",
+        ],
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo check passed" in proc.stdout
-    assert "/prom/east/graph" in proc.stdout
+    assert f"http://{block}.1:10904/prom/east/graph" in proc.stdout
     # No process of the demo is left behind.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(workdir) not in ps
