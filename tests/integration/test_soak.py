@@ -641,8 +641,12 @@ class RssSampler:
         self._stop.set()
         self._thread.join(5)
 
-    def at(self, generation: int, phase: str) -> list[int]:
-        return [r for g, p, r in self.samples if g == generation and p == phase]
+    def by_phase(self) -> list[tuple[int, str, int]]:
+        """(process generation, phase, max RSS) in the order the phases ran."""
+        out: dict[tuple[int, str], int] = {}
+        for g, p, r in self.samples:
+            out[(g, p)] = max(r, out.get((g, p), 0))
+        return [(g, p, r) for (g, p), r in out.items()]
 
 
 @dataclass
@@ -938,6 +942,10 @@ def _soak(
         f" (max {max(r for g, _, r in rss.samples if g == 1) / MIB:.1f}); "
         f"process 2 warm {warm_rss_2 / MIB:.1f} -> {end_rss_2 / MIB:.1f}"
         f" (max {max(r for g, _, r in rss.samples if g == 2) / MIB:.1f})"
+    )
+    print(
+        "atlasd max RSS by phase (MiB): "
+        + ", ".join(f"[{g}] {p} {r / MIB:.0f}" for g, p, r in rss.by_phase())
     )
     log = atlasd.log_text()
     relists = [line for line in log.splitlines() if "relisting" in line]
