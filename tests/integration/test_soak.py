@@ -29,8 +29,11 @@ anchors are the clusters whose Envoys run. Anchors 1 and 2 are updated along the
 Order matters in one place: the CA rotation comes after the SIGKILL. A downstream Envoy's
 *bootstrap* (its xDS channel to 10900) trusts the CA its values were rendered with; after
 a rotation the observability Envoy presents a certificate of the new CA, so a downstream
-Envoy that must re-dial xDS needs its new values deployed first (as an operator would).
-The soak keeps the downstream Envoys running on their existing xDS connections instead.
+Envoy that must re-dial xDS needs its new values deployed first (tried by hand: one
+restarted from pre-rotation values never gets its configuration). The soak keeps the
+downstream Envoys on their existing xDS connections through the rotation, then does the
+operator's step for ``anchor-1`` — restart it from its post-rotation values — and checks
+that it comes up configured.
 """
 
 from __future__ import annotations
@@ -921,6 +924,13 @@ def _soak(
         wait_until(converged, timeout=sc.converge_seconds, what="final convergence")
         tl.mark("final state converged")
         end_rss_2 = atlasd.rss()
+        # The operator's step after a rotation: deploy each downstream cluster's new values.
+        # An Envoy (re)started from them dials xDS through 10900 under the new CA.
+        envoys["anchor-1"].stop()
+        envoys["anchor-1"] = envoy_factory(values("anchor-1"), "anchor-1-redeployed")
+        envoys["anchor-1"].wait_ready(60)
+        wait_until(converged, timeout=sc.converge_seconds, what="the redeployed Envoy's config")
+        tl.mark("anchor-1 redeployed from its post-rotation values: ready and configured")
     finally:
         traffic.stop()
         rss.stop()
