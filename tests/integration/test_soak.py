@@ -2,8 +2,9 @@
 world misbehaves — the API server restarted twice, etcd compacted, atlasd SIGKILLed and
 restarted, the CA rotated — and at the end everything equals what the final Services imply.
 
-Scale: ``ATLASD_SOAK_SCALE=short`` (default, CI: 80 live clusters, 6 churn rounds, < 4 min)
-or ``long`` (200 live clusters, 10 rounds; ``bench/soak.py`` runs it).
+Scale: ``ATLASD_SOAK_SCALE=short`` (default, CI: 80 live clusters, 10 adds + 10 updates +
+10 removes per churn step, 3 steady steps at the end; 1.5-3 min on 2 cores) or ``long``
+(200 live clusters, 75 + 75 + 75 per step, 10 steady steps; ``bench/soak.py`` runs it).
 
 What runs (all real programs on loopback):
 
@@ -78,12 +79,15 @@ class Scale:
     rounds: int  # churn rounds per step (each adds, updates and removes ``per_round``)
     per_round: int
     anchors: int  # downstream Envoys
+    steady_steps: int  # churn steps without faults at the end (RSS must stay flat)
     converge_seconds: float
 
 
 SCALES = {
-    "short": Scale(live=80, rounds=1, per_round=10, anchors=3, converge_seconds=90),
-    "long": Scale(live=200, rounds=3, per_round=25, anchors=4, converge_seconds=180),
+    "short": Scale(live=80, rounds=1, per_round=10, anchors=3, steady_steps=3, converge_seconds=90),
+    "long": Scale(
+        live=200, rounds=3, per_round=25, anchors=4, steady_steps=10, converge_seconds=180
+    ),
 }
 
 
@@ -931,6 +935,14 @@ def _soak(
         envoys["anchor-1"].wait_ready(60)
         wait_until(converged, timeout=sc.converge_seconds, what="the redeployed Envoy's config")
         tl.mark("anchor-1 redeployed from its post-rotation values: ready and configured")
+
+        # Sustained churn, no faults: RSS after each convergence must not keep growing.
+        steady_rss = [atlasd.rss()]
+        for step in range(sc.steady_steps):
+            churn(f"steady {step + 1}")
+            wait_until(converged, timeout=sc.converge_seconds, what=f"steady step {step + 1}")
+            steady_rss.append(atlasd.rss())
+        tl.mark(f"{sc.steady_steps} steady churn steps converged")
     finally:
         traffic.stop()
         rss.stop()
@@ -953,6 +965,7 @@ def _soak(
         f"process 2 warm {warm_rss_2 / MIB:.1f} -> {end_rss_2 / MIB:.1f}"
         f" (max {max(r for g, _, r in rss.samples if g == 2) / MIB:.1f})"
     )
+    print(f"atlasd RSS after each steady churn step (MiB): {[round(r / MIB) for r in steady_rss]}")
     print(
         "atlasd max RSS by phase (MiB): "
         + ", ".join(f"[{g}] {p} {r / MIB:.0f}" for g, p, r in rss.by_phase())
@@ -968,9 +981,13 @@ def _soak(
     bad = unexpected_log_lines(log)
     assert bad == [], "unexpected lines in atlasd's log:\n" + "\n".join(bad[:20])
 
-    # Flat after warm-up: each process ends within a generous bound of its warm RSS.
+    # Flat after warm-up: each process ends within a generous bound of its warm RSS, and
+    # sustained churn after the faults does not keep adding to it.
     for warm, end in ((warm_rss_1, end_rss_1), (warm_rss_2, end_rss_2)):
         assert end <= warm * 1.5 + 32 * MIB, f"RSS grew {warm / MIB:.1f} -> {end / MIB:.1f} MiB"
+    assert steady_rss[-1] <= steady_rss[0] * 1.2 + 16 * MIB, (
+        f"RSS kept growing under steady churn: {[round(r / MIB) for r in steady_rss]} MiB"
+    )
 
 
 if __name__ == "__main__":
