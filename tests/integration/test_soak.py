@@ -182,7 +182,8 @@ def _daemon_main(config_path: str) -> None:
 
 @dataclass
 class SoakAtlasd:
-    """The atlasd process; ``restart()`` starts a new one on the same ADS port and zone file."""
+    """The atlasd process. ``start()`` again (after a kill) starts a new one on the same ADS
+    port, zone file and Lease identity; ``generation`` counts the processes."""
 
     workdir: Path
     config: dict[str, Any]
@@ -411,19 +412,24 @@ def check_kube_state(api: ApiServer, ns: str, specs: dict[str, ClusterSpec]) -> 
     ca = _current_ca(secrets)
     serial = str(ca.serial_number)
     for tls in ("atlas-server", "atlas-client", "atlas-tls"):
-        assert secrets[tls]["metadata"]["labels"]["goatlas.io/ca-signed"] == serial, tls
-        assert _signed_by(_b64(secrets[tls]["data"]["tls.crt"]), ca), tls
+        # Locals only in asserts that touch Secrets: a failure must not print key material.
+        signed_label = secrets[tls]["metadata"]["labels"]["goatlas.io/ca-signed"]
+        assert signed_label == serial, tls
+        signed = _signed_by(_b64(secrets[tls]["data"]["tls.crt"]), ca)
+        assert signed, f"{tls} is not signed by the current CA"
     for name, spec in specs.items():
         ident = secrets[f"{name}-atlas-identity"]["data"]
         for key in ("server.crt", "client.crt"):
             leaf = _b64(ident[key])
-            assert _signed_by(leaf, ca), f"{name} {key} is not signed by the current CA"
+            signed = _signed_by(leaf, ca)
+            assert signed, f"{name} {key} is not signed by the current CA"
             sans = x509.load_pem_x509_certificate(leaf).extensions.get_extension_for_class(
                 x509.SubjectAlternativeName
             )
             assert name in sans.value.get_values_for_type(x509.DNSName)
         boot = _values_bootstrap(secrets[f"{name}-envoy-values"])
-        assert boot["node"]["id"] == spec.name
+        node_id = boot["node"]["id"]
+        assert node_id == spec.name, f"{name}-envoy-values names node {node_id}"
     with api.admin() as c:
         items = c.get(f"/api/v1/namespaces/{ns}/services").json()["items"]
     services = {i["metadata"]["name"]: i for i in items}
@@ -698,7 +704,7 @@ def test_soak_churn_and_faults(
             prometheus_factory,
             started,
         )
-    except BaseException:
+    except Exception:
         for a in started:
             tail = "\n".join(a.log_text().splitlines()[-80:])
             print(f"--- atlasd log (last 80 lines)\n{tail}")
@@ -897,7 +903,8 @@ def _soak(
                 leaves = [n for n, s in view["secrets"].items() if _tls_chain(s)]
                 assert "server" in leaves, f"{node} holds no server certificate"
                 for name in leaves:
-                    assert _secret_cert_signed_by(view, name, ca), f"{node}: {name} not new"
+                    new = _secret_cert_signed_by(view, name, ca)
+                    assert new, f"{node}: {name} is not signed by the new CA"
             return True
 
         wait_until(rotated, timeout=sc.converge_seconds, what="the CA rotation reaches every Envoy")
