@@ -68,6 +68,7 @@ class DemoOptions:
         return tuple(
             (name, f"{self.loopback}.{i + 2}") for i, name in enumerate(self.cluster_names)
         )
+
     timeout: float = 90.0
 
 
@@ -319,7 +320,9 @@ async def run_demo(options: DemoOptions) -> int:
                         await demo.start_prometheus(name, ip, prometheus)
                 values_dir = store / "values"
                 admins = {
-                    "atlas": await demo.start_envoy("atlas", values_dir / "atlas.yaml", options.obs_ip)
+                    "atlas": await demo.start_envoy(
+                        "atlas", values_dir / "atlas.yaml", options.obs_ip
+                    )
                 }
                 for name, ip in options.clusters:
                     admins[name] = await demo.start_envoy(name, values_dir / f"{name}.yaml", ip)
@@ -334,7 +337,9 @@ async def run_demo(options: DemoOptions) -> int:
                         )
                     if prometheus is not None:
                         for name, _ in options.clusters:
-                            url = f"http://{options.obs_ip}:10904/prom/{name}/api/v1/status/buildinfo"
+                            url = (
+                                f"http://{options.obs_ip}:10904/prom/{name}/api/v1/status/buildinfo"
+                            )
 
                             async def through(url: str = url) -> bool:
                                 r = await client.get(url)
