@@ -166,7 +166,9 @@ def _daemon_main(config_path: str) -> None:
 
     async def main() -> None:
         daemon = Daemon(options)
-        daemon.builder = NattedBuilder(plan, upstream_connection_seconds=3)
+        daemon.builder = NattedBuilder(
+            plan, forwarder_token=settings.forwarder_token, upstream_connection_seconds=3
+        )
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
 
