@@ -127,6 +127,17 @@ class FileStore:
         meta["resourceVersion"] = _rv(path)
         return obj
 
+    def _not_found(self, verb: str, res: Resource, name: str) -> NotFound:
+        return NotFound(
+            status=404,
+            reason="NotFound",
+            message=f'{res} "{name}" not found',
+            verb=verb,
+            resource=str(res),
+            name=name,
+            namespace=self._namespace,
+        )
+
     def declared_clusters(self) -> dict[str, tuple[JSON, Path]]:
         """Cluster Services declared in ``clusters/`` (name -> (object, file))."""
         out: dict[str, tuple[JSON, Path]] = {}
@@ -158,15 +169,7 @@ class FileStore:
         try:
             obj = yaml.safe_load(path.read_text())
         except FileNotFoundError:
-            raise NotFound(
-                status=404,
-                reason="NotFound",
-                message=f'{res} "{name}" not found',
-                verb="get",
-                resource=str(res),
-                name=name,
-                namespace=self._namespace,
-            ) from None
+            raise self._not_found("get", res, name) from None
         return self._finish(res, obj, path)
 
     async def list(
@@ -283,15 +286,7 @@ class FileStore:
         try:
             path.unlink()
         except FileNotFoundError:
-            raise NotFound(
-                status=404,
-                reason="NotFound",
-                message=f'{res} "{name}" not found',
-                verb="delete",
-                resource=str(res),
-                name=name,
-                namespace=self._namespace,
-            ) from None
+            raise self._not_found("delete", res, name) from None
         if res == SECRETS and name.endswith("-envoy-values"):
             (self.values_dir / f"{name.removesuffix('-envoy-values')}.yaml").unlink(missing_ok=True)
 
