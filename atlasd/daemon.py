@@ -260,6 +260,8 @@ class Daemon:
         self.leading = False
         self._leading_changed = trio.Event()
         self.last_fleet: ObservedFleet | None = None
+        # Label values of CERT_EXPIRY this daemon exported (to remove stale ones).
+        self._expiry_names: set[str] = set()
         self.last_zone: Zone | None = None
         self.http_port: int | None = None
         self.ads_port: int | None = None
@@ -390,14 +392,21 @@ class Daemon:
             # Snapshots the builder refused as inconsistent (a bug; the node keeps its last
             # good snapshot): shown so they are not silent.
             status["xds_problems"] = list(self.builder.problems)
-            for cert in status["certificates"]:
-                if cert["not_after"] is not None:
-                    CERT_EXPIRY.labels(cert["name"]).set(cert["not_after"])
+            self._export_expiry(status["certificates"])
             self.hub.publish(**status)
             if not started:
                 started = True
                 self.hub.set_ready("fleet", True)
                 task_status.started()
+
+    def _export_expiry(self, certs: list[dict[str, Any]]) -> None:
+        """One gauge child per certificate served now; removed clusters' children go."""
+        current = {c["name"]: c["not_after"] for c in certs if c["not_after"] is not None}
+        for name in self._expiry_names - current.keys():
+            CERT_EXPIRY.remove(name)
+        for name, not_after in current.items():
+            CERT_EXPIRY.labels(name).set(not_after)
+        self._expiry_names = set(current)
 
     def _build(
         self, services: list[Mapping[str, Any]], secrets: dict[str, Mapping[str, Any]]

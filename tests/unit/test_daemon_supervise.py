@@ -73,3 +73,25 @@ async def test_observed_generation_wakes_waiters() -> None:
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+def test_certificate_expiry_metric_drops_removed_certificates() -> None:
+    from prometheus_client import REGISTRY
+
+    from atlasd.daemon import Daemon, DaemonOptions
+
+    daemon = Daemon(DaemonOptions())
+
+    def exported() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for metric in REGISTRY.collect():
+            if metric.name == "atlasd_certificate_expiry_timestamp_seconds":
+                out.update({s.labels["name"]: s.value for s in metric.samples})
+        return out
+
+    daemon._export_expiry(
+        [{"name": "east/server", "not_after": 100.0}, {"name": "west/server", "not_after": 200.0}]
+    )
+    assert exported() == {"east/server": 100.0, "west/server": 200.0}
+    daemon._export_expiry([{"name": "west/server", "not_after": 300.0}])
+    assert exported() == {"west/server": 300.0}
