@@ -3,7 +3,7 @@ world misbehaves — the API server restarted twice, etcd compacted, atlasd SIGK
 restarted, the CA rotated — and at the end everything equals what the final Services imply.
 
 Scale: ``ATLASD_SOAK_SCALE=short`` (default, CI: 80 live clusters, 10 adds + 10 updates +
-10 removes per churn step, 3 steady steps at the end; 1.5-3 min on 2 cores) or ``long``
+10 removes per churn step, 3 steady steps at the end; ~1 min on 2 cores, 3 under load) or ``long``
 (200 live clusters, 75 + 75 + 75 per step, 10 steady steps; ``bench/soak.py`` runs it).
 
 What runs (all real programs on loopback):
