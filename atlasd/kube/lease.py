@@ -244,12 +244,12 @@ class LeaderElector:
                         break  # another replica holds it: lost, no point retrying
                     await trio.sleep(t.retry_period)
             if not renewed:
+                if self.leader and not self.is_leader():
+                    why = f"now held by {self.leader!r}"
+                else:
+                    why = f"not renewed within the {t.renew_deadline:g}s renew deadline"
                 log.warning(
-                    "%s lost lease %s/%s (holder now %r)",
-                    self.identity,
-                    self.namespace,
-                    self.name,
-                    self.leader,
+                    "%s lost lease %s/%s: %s", self.identity, self.namespace, self.name, why
                 )
                 return
 
