@@ -34,6 +34,7 @@ from atlasd.reconcile.desired import VALUES_KEY, desired_state
 from atlasd.reconcile.objects import secret_data
 from atlasd.reconcile.pki import RandomKeys, plan_pki
 from tests.harness import certs
+from tests.harness.envoy import envoy_binary
 from tests.harness.kube import ApiServer
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 ATLASD_CHART = ROOT / "charts" / "atlasd"
 ENVOY_CHART = ROOT / "charts" / "envoy"
-ENVOY_BINARY = ROOT / ".venv" / "bin" / "envoy"
 
 Helm = Callable[..., str]
 Doc = dict[str, Any]
@@ -632,7 +632,6 @@ def test_envoy_observability_values_render(helm: Helm, tmp_path: Path) -> None:
     assert not [s for s in of_kind(docs, "Service") if s["metadata"]["name"].startswith("alertm")]
 
 
-@pytest.mark.skipif(not ENVOY_BINARY.exists(), reason="no envoy binary in the venv")
 def test_envoy_binary_accepts_the_rendered_bootstrap(helm: Helm, tmp_path: Path) -> None:
     values_file, _ = _cluster_values_file(tmp_path, alertmanagers=0)
     obs = tmp_path / "atlas-values.yaml"
@@ -642,7 +641,7 @@ def test_envoy_binary_accepts_the_rendered_bootstrap(helm: Helm, tmp_path: Path)
         config = tmp_path / "envoy.yaml"
         config.write_text(secret_files(only(docs, "Secret"))["envoy.yaml"])
         proc = subprocess.run(
-            [str(ENVOY_BINARY), "--mode", "validate", "-c", str(config), "-l", "error"],
+            [envoy_binary(), "--mode", "validate", "-c", str(config), "-l", "error"],
             capture_output=True,
             text=True,
             timeout=120,
