@@ -34,7 +34,7 @@ T = TypeVar("T")
 def _selector(
     ctx: click.Context, param: click.Parameter, value: str
 ) -> tuple[tuple[str, str], ...]:
-    from atlasd.reconcile.validate import parse_selector
+    from atlasd.fleet.validate import parse_selector
 
     try:
         return parse_selector(value)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from atlasd import labels
+from atlasd.fleet.validate import validate_all
 from atlasd.kube.errors import NotFound
 from atlasd.kube.resources import SECRETS, SERVICES, Resource
 from atlasd.model import Settings
-from atlasd.reconcile.validate import validate_all
 from atlasd.reconcile.values_formats import Format, render
 
 DEFAULT_PORTS: tuple[tuple[str, int], ...] = (

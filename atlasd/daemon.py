@@ -1,89 +1,79 @@
-"""``atlasd run``: every subsystem under one Trio nursery.
+"""``atlasd run``: every subsystem under one Trio nursery, wired by explicit channels.
 
 ::
 
-    root nursery
-     ├── http         /metrics /healthz /readyz /status /status/stream       (every replica)
-     ├── source       informers (Kubernetes) or a directory poller (--store)  (every replica)
-     ├── ads          the xDS ADS server                                      (every replica)
-     ├── fleet        watch cache -> observed fleet -> xDS snapshots + zone   (every replica)
-     ├── zone         the zone file (+ its ConfigMap mirror while leading)    (every replica)
-     ├── status       Envoy stream status -> /status                          (every replica)
-     └── election     Lease; while leading: the reconcile loop (writes)       (leader only)
+    root nursery                                                          (every replica)
+     ├── http      /metrics /healthz /readyz /status /status/stream
+     ├── sources   an informer per role ──changes──> FleetState + key queue
+     ├── fleet     key queue ──> FleetFeed (immutable versions + changed keys)
+     ├── ads       the xDS ADS server, reading the SnapshotCache
+     ├── xds       FleetFeed ──> SnapshotBuilder.update ──> SnapshotCache
+     ├── zone      FleetFeed ──> the zone file (+ its ConfigMap mirror while leading)
+     ├── status    FleetFeed ──> /status parts and gauges, key by key; Envoy streams
+     └── leading   Lease election; while leading: reconcile (FleetFeed ──> key workers ──> writes)
 
-Data flows one way: the leader's reconcile loop writes Kubernetes objects; every replica
-(the leader too) serves what its own watch cache holds (``atlasd.reconcile.observed``),
-so all replicas agree on what they serve.
+Data flows one way and by key: a watch change is recorded under its key, the fleet derives
+that key once, and xDS, DNS, status and reconcile each work on the keys that changed. The
+leader writes Kubernetes objects; every replica (the leader too) serves what its own watch
+shows, so all replicas agree on what they serve.
 
-Subsystems are started in dependency order with ``nursery.start`` and report started
-only when really ready. A subsystem failing with a retriable error (the Kubernetes API
-unreachable, a file system hiccup) is restarted with backoff inside its own cancel
-scope, and reported in ``/status``; any other exception ends the process with a non-zero
-exit (never half alive). Readiness (``/readyz``) = the caches have listed, the ADS port
-is bound and the first fleet has been published.
+The backend is a ``KubeApi``: a real API server (``KubeClient``: Lease election, Events,
+the zone's ConfigMap mirror while leading) or, in standalone mode, a directory
+(``FileStore``: always leading, no mirror). The sources and everything after them do not
+know which.
+
+Subsystems are started in dependency order with ``nursery.start`` and report started only
+when really ready. A subsystem failing with a retriable error (the Kubernetes API
+unreachable, a file system hiccup) is restarted with backoff inside its own cancel scope,
+and reported in ``/status``; any other exception ends the process with a non-zero exit
+(never half alive). Readiness (``/readyz``) = the caches have listed, the ADS port is bound
+and the first fleet has been published.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import functools
 import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
-from cryptography import x509
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY
 
-from atlasd.dns.writer import Zone, run_zone_writer
+from atlasd import metrics
+from atlasd.dns.writer import Zone, ZoneUpdate, run_zone_writer
+from atlasd.fleet.feed import FleetFeed
+from atlasd.fleet.keys import FLEET_KEY, Role, roles
+from atlasd.fleet.run import FleetSink, run_fleet
+from atlasd.fleet.state import CertInfo, FleetState, FleetVersion, Member
 from atlasd.http import StatusApp, run_http
-from atlasd.kube.client import KubeClient
-from atlasd.kube.config import load_config
-from atlasd.kube.errors import Conflict, KubeError
+from atlasd.kube.api import KubeApi
+from atlasd.kube.errors import KubeError
 from atlasd.kube.events import post_event
 from atlasd.kube.lease import run_leader_election
-from atlasd.kube.resources import SECRETS, SERVICES
-from atlasd.model import Fleet, Problem, Settings
-from atlasd.reconcile.applier import Reconciler, ReconcileResult
-from atlasd.reconcile.observed import ObservedFleet, observed_fleet
-from atlasd.standalone import FileStore
+from atlasd.model import Problem, Settings
+from atlasd.reconcile.applier import KeyResult, Reconciler
+from atlasd.reconcile.loop import run_reconcile
 from atlasd.status import StatusHub
-from atlasd.watch.informer import Informer, strip_managed_fields
+from atlasd.watch.sources import run_sources
+from atlasd.watch.workqueue import WorkQueue
 from atlasd.xds.authz import Authorizer
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.plan import ListenPlan
 from atlasd.xds.server import run_ads_server
-from atlasd.xds.snapshot import Snapshot
+from atlasd.xds.snapshot import SHORT_NAMES
 from atlasd.xds.status import XdsMetrics
 
 log = logging.getLogger(__name__)
 
 RETRIABLE: tuple[type[Exception], ...] = (KubeError, OSError)
-
-RECONCILE_SECONDS = Histogram(
-    "atlasd_reconcile_duration_seconds", "Duration of one reconcile pass (leader)."
-)
-RECONCILE_WRITES = Counter("atlasd_reconcile_writes_total", "Object writes made by reconcile.")
-RECONCILE_ERRORS = Counter("atlasd_reconcile_errors_total", "Reconcile passes that failed.")
-PROBLEMS = Gauge("atlasd_invalid_clusters", "Cluster Services rejected by validation.")
-CLUSTERS = Gauge("atlasd_clusters", "Downstream clusters being served.")
-LEADER = Gauge("atlasd_leader", "1 while this replica holds the Lease.")
-CERT_EXPIRY = Gauge(
-    "atlasd_certificate_expiry_timestamp_seconds",
-    "notAfter of each certificate atlasd serves (unix time).",
-    ["name"],
-)
-FLEET_SECONDS = Histogram(
-    "atlasd_fleet_publish_duration_seconds",
-    "Watch change to xDS snapshots published (build + publish).",
-)
 
 
 @dataclass(frozen=True)
@@ -105,35 +95,16 @@ class DaemonOptions:
     identity: str = field(default_factory=socket.gethostname)
     allow_loopback: bool = False
     listen_plan: ListenPlan = field(default_factory=ListenPlan)
-    resync_seconds: float = 60.0
+    # The full pass (a quorum LIST compared with the watch cache): a safety net only.
+    resync_seconds: float = 300.0
     store_poll_seconds: float = 0.5
+    reconcile_workers: int = 16
 
 
-class Observed:
-    """The replica's watch cache of Services and Secrets, with change notification.
-
-    Invariant: ``generation`` grows on every change; ``_changed`` is set (and replaced)
-    exactly when it grows.
-    """
-
-    def __init__(self) -> None:
-        self.services: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
-        self.secrets: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
-        self.generation = 0
-        self._changed = trio.Event()
-
-    def bump(self, *_: object) -> None:
-        self.generation += 1
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_changed(self, seen: int) -> int:
-        while self.generation <= seen:
-            await self._changed.wait()
-        return self.generation
+# -- supervision ------------------------------------------------------------------------------
 
 
-async def _supervise(
+async def supervise(
     name: str,
     hub: StatusHub,
     fn: Callable[..., Awaitable[None]],
@@ -187,11 +158,99 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc
 
 
-def _cert_not_after(pem: bytes) -> float | None:
-    try:
-        return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
-    except ValueError:
-        return None
+class Leadership:
+    """Whether this replica leads, observable: ``wait_changed`` wakes on every change."""
+
+    def __init__(self) -> None:
+        self.leading = False
+        self._changed = trio.Event()
+
+    def set(self, leading: bool, hub: StatusHub) -> None:
+        self.leading = leading
+        metrics.LEADER.set(1 if leading else 0)
+        hub.publish(leader=leading)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+
+# -- the subsystems ---------------------------------------------------------------------------
+
+
+async def run_xds(
+    *,
+    feed: FleetFeed,
+    builder: SnapshotBuilder,
+    cache: SnapshotCache,
+    hub: StatusHub,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Fleet versions -> snapshots of the nodes they touch -> the cache the ADS server reads."""
+    sub = feed.subscribe()
+    started = False
+    async for update in sub:
+        # A start or a CA rotation touches every node: let the ADS server answer meanwhile.
+        if len(update.changed) > 200:
+            result = await trio.to_thread.run_sync(
+                builder.update, update.version.model, update.changed
+            )
+        else:
+            result = builder.update(update.version.model, update.changed)
+        changed = cache.update(result.changed)
+        if changed and len(changed) <= 20:
+            log.info("xds: published snapshots for %s", ", ".join(sorted(changed)))
+        elif changed:
+            log.info("xds: published snapshots for %d nodes", len(changed))
+        if builder.problems:
+            # Snapshots the builder refused as inconsistent (a bug; the node keeps its last
+            # good snapshot): shown so they are not silent.
+            hub.publish(xds_problems=list(builder.problems))
+        if not started:
+            started = True
+            task_status.started()
+
+
+async def run_zone(
+    *,
+    feed: FleetFeed,
+    path: Path,
+    settings: Settings,
+    hub: StatusHub,
+    leadership: Leadership,
+    mirror: KubeApi | None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The zone writer; restarted with the ConfigMap mirror while this replica leads."""
+    task_status.started()
+
+    def on_zone(zone: Zone) -> None:
+        hub.publish(zone={"serial": zone.serial, "records": zone.count})
+
+    while True:
+        leading = leadership.leading
+        send, recv = trio.open_memory_channel[Any](64)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(
+                    run_zone_writer,
+                    fleets=recv,
+                    path=path,
+                    kube=mirror if leading else None,
+                    settings=settings,
+                    on_zone=on_zone,
+                )
+            )
+
+            async def forward(send: trio.MemorySendChannel[Any] = send) -> None:
+                async with send:
+                    async for update in feed.subscribe():
+                        await send.send(ZoneUpdate(update.version.model, update.changed))
+
+            nursery.start_soon(forward)
+            await leadership.wait_changed()
+            nursery.cancel_scope.cancel()
 
 
 def _problem_doc(p: Problem) -> dict[str, str]:
@@ -203,335 +262,153 @@ def _problem_doc(p: Problem) -> dict[str, str]:
     }
 
 
-def fleet_status(observed: ObservedFleet) -> dict[str, Any]:
-    """The ``clusters``, ``pending``, ``problems`` and ``certificates`` parts of /status."""
-    fleet = observed.fleet
-    certs: list[dict[str, Any]] = []
-    expiry_by_node: dict[str, float | None] = {}
-    if fleet.pki is not None:
-        ca_after = _cert_not_after(fleet.pki.ca.cert_pem)
-        certs.append({"name": "ca", "serial": fleet.pki.ca_serial, "not_after": ca_after})
-        for node, ident in fleet.pki.identities:
-            for kind, ck in (("server", ident.server), ("client", ident.client)):
-                after = _cert_not_after(ck.cert_pem)
-                certs.append({"name": f"{node}/{kind}", "not_after": after})
-                if after is not None:
-                    prev = expiry_by_node.get(node)
-                    expiry_by_node[node] = after if prev is None else min(prev, after)
-    clusters = [
-        {
-            "name": c.name,
-            "external_ip": c.external_ip,
-            "replicas": c.replicas,
-            "dns_group": c.dns_group,
-            "sidecars": list(c.sidecar_services()),
-            "certificate_expiry": expiry_by_node.get(c.name),
-        }
-        for c in fleet.clusters
-    ]
-    return {
-        "clusters": clusters,
-        "pending": list(observed.pending),
-        "problems": [_problem_doc(p) for p in observed.problems],
-        "certificates": certs,
-    }
+def _cert_docs(certs: tuple[CertInfo, ...], serial: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    for c in certs:
+        doc: dict[str, Any] = {"name": c.name, "not_after": c.not_after}
+        if c.name == "ca" and serial is not None:
+            doc["serial"] = serial
+        out.append(doc)
+    return out
+
+
+class FleetReport:
+    """/status parts and gauges, kept key by key (a change of one cluster costs that
+    cluster). Invariants: ``_states[key]`` is the state last reported for ``key``;
+    ``_certs[key]`` the certificate names it exported."""
+
+    def __init__(self, hub: StatusHub) -> None:
+        self.hub = hub
+        self._states: dict[str, str] = {}
+        self._certs: dict[str, set[str]] = {}
+
+    def update(self, version: FleetVersion, keys: frozenset[str]) -> None:
+        hub = self.hub
+        for key in keys:
+            if key == FLEET_KEY:
+                fw = version.fleetwide
+                serial = fw.ca.serial if fw.ca is not None else None
+                hub.publish_keyed("certificates", "", _cert_docs(fw.certificates, serial))
+                hub.publish_keyed("problems", "", [_problem_doc(p) for p in fw.problems])
+                self._export(key, fw.certificates)
+                continue
+            m = version.members.get(key)
+            self._member(key, m)
+        counts = {"served": 0, "pending": 0, "invalid": 0}
+        for state in self._states.values():
+            if state in counts:
+                counts[state] += 1
+        metrics.CLUSTERS.set(counts["served"])
+        metrics.PENDING.set(counts["pending"])
+        metrics.INVALID.set(counts["invalid"])
+
+    def _member(self, key: str, m: Member | None) -> None:
+        hub = self.hub
+        if m is None:
+            self._states.pop(key, None)
+            for section in ("clusters", "pending", "problems", "certificates"):
+                hub.publish_keyed(section, key, None)
+            self._export(key, ())
+            return
+        state = m.state
+        if state == "absent" and m.problems:
+            state = "invalid"  # a Service whose cluster label is not exactly "true"
+        self._states[key] = state
+        served = m.state == "served" and m.cluster is not None
+        certs = m.certificates if served else ()
+        c = m.cluster
+        expiry = [x.not_after for x in certs if x.not_after is not None]
+        hub.publish_keyed(
+            "clusters",
+            key,
+            [
+                {
+                    "name": c.name,
+                    "external_ip": c.external_ip,
+                    "replicas": c.replicas,
+                    "dns_group": c.dns_group,
+                    "sidecars": list(c.sidecar_services()),
+                    "certificate_expiry": min(expiry) if expiry else None,
+                }
+            ]
+            if served and c is not None
+            else None,
+        )
+        hub.publish_keyed("pending", key, [key] if m.state == "pending" else None)
+        hub.publish_keyed("problems", key, [_problem_doc(p) for p in m.problems])
+        hub.publish_keyed("certificates", key, _cert_docs(certs))
+        self._export(key, certs)
+
+    def _export(self, key: str, certs: tuple[CertInfo, ...]) -> None:
+        names = set()
+        for c in certs:
+            if c.not_after is not None:
+                metrics.CERT_EXPIRY.labels(c.name).set(c.not_after)
+            if c.renew_at is not None:
+                metrics.CERT_RENEWAL.labels(c.name).set(c.renew_at)
+            names.add(c.name)
+        for gone in self._certs.get(key, set()) - names:
+            for gauge in (metrics.CERT_EXPIRY, metrics.CERT_RENEWAL):
+                with suppress(KeyError):
+                    gauge.remove(gone)
+        if names:
+            self._certs[key] = names
+        else:
+            self._certs.pop(key, None)
+
+
+async def run_status(
+    *,
+    feed: FleetFeed,
+    hub: StatusHub,
+    cache: SnapshotCache,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Fleet versions -> /status parts and gauges; Envoy streams -> /status ``envoys``."""
+    report = FleetReport(hub)
+    task_status.started()
+
+    async def envoys() -> None:
+        last: object = None
+        while True:
+            docs = [_envoy_doc(s) for s in cache.status()]
+            if docs != last:
+                last = docs
+                hub.publish(envoys=docs)
+            await trio.sleep(0.5)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(envoys)
+        async for update in feed.subscribe():
+            report.update(update.version, update.changed)
 
 
 def _envoy_doc(status: Any) -> dict[str, Any]:
     doc = asdict(status)
     doc["acked"] = dict(status.acked)
+    doc["acked_at"] = dict(status.acked_at)
     return doc
 
 
-class Daemon:
-    """One atlasd process: build it with options, then ``await run()``."""
-
-    def __init__(self, options: DaemonOptions) -> None:
-        self.options = options
-        self.settings = options.settings
-        self.hub = StatusHub()
-        self.app = StatusApp(self.hub)
-        self.observed = Observed()
-        self.cache = SnapshotCache(metrics=_xds_metrics())
-        self.builder = SnapshotBuilder(
-            options.listen_plan, forwarder_token=options.settings.forwarder_token
-        )
-        self.authorizer = Authorizer(forwarder_token=options.settings.forwarder_token)
-        self.leading = False
-        self._leading_changed = trio.Event()
-        self.last_fleet: ObservedFleet | None = None
-        # Label values of CERT_EXPIRY this daemon exported (to remove stale ones).
-        self._expiry_names: set[str] = set()
-        self.last_zone: Zone | None = None
-        self.http_port: int | None = None
-        self.ads_port: int | None = None
-        # Fleets for the zone writer: newest wins (the writer coalesces the backlog).
-        self._zone_send, self._zone_recv = trio.open_memory_channel[Fleet](64)
-
-    # -- entry point -------------------------------------------------------------------
-
-    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        opts = self.options
-        hub = self.hub
-        hub.expect_ready("cache", "ads", "fleet")
-        kube: Any
-        if opts.store is not None:
-            kube = FileStore(opts.store, namespace=self.settings.namespace)
-        else:
-            kube = KubeClient(load_config(opts.kubeconfig, opts.context))
-        async with kube, trio.open_nursery() as root:
-            self.http_port = await root.start(_run_http, self.app, opts.http_host, opts.http_port)
-            if opts.store is not None:
-                await root.start(self._poll_store, kube)
-            else:
-                await root.start(
-                    _supervise, "informers", hub, functools.partial(self._informers, kube)
-                )
-            hub.set_ready("cache", True)
-            self.ads_port = await root.start(
-                _run_ads, self.cache, opts.ads_host, opts.ads_port, self.authorizer
-            )
-            hub.set_ready("ads", True)
-            root.start_soon(self._status_loop)
-            await root.start(self._fleet_loop)
-            root.start_soon(
-                functools.partial(_supervise, "zone", hub, functools.partial(self._zone_loop, kube))
-            )
-            if opts.store is not None or not opts.leader_election:
-                root.start_soon(self._lead, kube)
-            else:
-                root.start_soon(
-                    functools.partial(
-                        _supervise, "election", hub, functools.partial(self._election, kube)
-                    )
-                )
-            task_status.started(self)
-        # Only reached when every task ended (they do not, unless cancelled).
-
-    # -- sources -----------------------------------------------------------------------
-
-    async def _informers(
-        self, kube: KubeClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        ns = self.settings.namespace
-        # These caches feed only the pure fleet functions (reconcile LISTs for itself), so
-        # managedFields, about half of each object's size, are dropped.
-        services = Informer(kube, SERVICES, namespace=ns, transform=strip_managed_fields)
-        secrets = Informer(kube, SECRETS, namespace=ns, transform=strip_managed_fields)
-        services.subscribe(self.observed.bump)
-        secrets.subscribe(self.observed.bump)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(services.run)
-            await nursery.start(secrets.run)
-            self.observed.services = services.items
-            self.observed.secrets = secrets.items
-            self.observed.bump()
-            task_status.started()
-
-    async def _poll_store(
-        self, store: FileStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        cache: dict[str, dict[str, Mapping[str, Any]]] = {"services": {}, "secrets": {}}
-        self.observed.services = lambda: cache["services"]
-        self.observed.secrets = lambda: cache["secrets"]
-        fingerprint: object = None
-        started = False
-        while True:
-            current = store.fingerprint()
-            if current != fingerprint:
-                fingerprint = current
-                try:
-                    services, _ = await store.list(SERVICES)
-                    secrets, _ = await store.list(SECRETS)
-                except KubeError as exc:
-                    # A malformed manifest: keep serving the last good view.
-                    log.error("standalone store: %s", exc)
-                    self.hub.publish(store_error=str(exc))
-                else:
-                    self.hub.publish(store_error=None)
-                    cache["services"] = {s["metadata"]["name"]: s for s in services}
-                    cache["secrets"] = {s["metadata"]["name"]: s for s in secrets}
-                    self.observed.bump()
-            if not started:
-                started = True
-                task_status.started()
-            await trio.sleep(self.options.store_poll_seconds)
-
-    # -- every replica: serve what the cache holds -------------------------------------
-
-    async def _fleet_loop(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        seen = -1
-        started = False
-        while True:
-            seen = await self.observed.wait_changed(seen)
-            # Let a burst of watch events land before building (they coalesce).
-            await trio.sleep(0.02)
-            seen = self.observed.generation
-            t0 = time.perf_counter()
-            services = list(self.observed.services().values())
-            secrets = dict(self.observed.secrets())
-            # Validation, certificate parsing and the snapshot build are pure and can take
-            # seconds for thousands of clusters: run them off the Trio thread so the ADS
-            # server keeps answering. One build at a time (this loop); publishing stays here.
-            obs, snapshots = await trio.to_thread.run_sync(
-                functools.partial(self._build, services, secrets)
-            )
-            changed = self.cache.publish(snapshots)
-            FLEET_SECONDS.observe(time.perf_counter() - t0)
-            if changed:
-                log.info("xds: published snapshots for %s", ", ".join(sorted(changed)))
-            self.last_fleet = obs
-            # When the writer is behind, drop: it renders only the newest fleet anyway.
-            with contextlib.suppress(trio.WouldBlock):
-                self._zone_send.send_nowait(obs.fleet)
-            CLUSTERS.set(len(obs.fleet.clusters))
-            PROBLEMS.set(len(obs.problems))
-            status = fleet_status(obs)
-            # Snapshots the builder refused as inconsistent (a bug; the node keeps its last
-            # good snapshot): shown so they are not silent.
-            status["xds_problems"] = list(self.builder.problems)
-            self._export_expiry(status["certificates"])
-            self.hub.publish(**status)
-            if not started:
-                started = True
-                self.hub.set_ready("fleet", True)
-                task_status.started()
-
-    def _export_expiry(self, certs: list[dict[str, Any]]) -> None:
-        """One gauge child per certificate served now; removed clusters' children go."""
-        current = {c["name"]: c["not_after"] for c in certs if c["not_after"] is not None}
-        for name in self._expiry_names - current.keys():
-            CERT_EXPIRY.remove(name)
-        for name, not_after in current.items():
-            CERT_EXPIRY.labels(name).set(not_after)
-        self._expiry_names = set(current)
-
-    def _build(
-        self, services: list[Mapping[str, Any]], secrets: dict[str, Mapping[str, Any]]
-    ) -> tuple[ObservedFleet, dict[str, Snapshot]]:
-        obs = observed_fleet(
-            services=services,
-            secrets=secrets,
-            settings=self.settings,
-            now=dt.datetime.now(dt.UTC),
-            allow_loopback=self.options.allow_loopback,
-        )
-        return obs, self.builder.build(obs.fleet)
-
-    async def _zone_loop(
-        self, kube: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """The zone writer; restarted with the ConfigMap mirror while this replica leads."""
-        task_status.started()
-
-        def on_zone(zone: Zone) -> None:
-            self.last_zone = zone
-            self.hub.publish(zone={"serial": zone.serial, "records": len(zone.records)})
-
-        while True:
-            leading = self.leading
-            changed = self._leading_changed
-            mirror = kube if (leading and self.options.store is None) else None
-            send, recv = trio.open_memory_channel[Fleet](64)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._forward_fleets, send)
-                await nursery.start(
-                    functools.partial(
-                        run_zone_writer,
-                        fleets=recv,
-                        path=self.options.zone_file,
-                        kube=mirror,
-                        settings=self.settings,
-                        on_zone=on_zone,
-                    )
-                )
-                if self.last_fleet is not None:
-                    await send.send(self.last_fleet.fleet)
-                await changed.wait()
-                nursery.cancel_scope.cancel()
-
-    async def _forward_fleets(self, send: trio.MemorySendChannel[Fleet]) -> None:
-        async with send:
-            async for fleet in self._zone_recv:
-                await send.send(fleet)
-
-    async def _status_loop(self) -> None:
-        last: object = None
-        while True:
-            envoys = [_envoy_doc(s) for s in self.cache.status()]
-            if envoys != last:
-                last = envoys
-                self.hub.publish(envoys=envoys)
-            await trio.sleep(0.5)
-
-    # -- the leader: write ------------------------------------------------------------
-
-    def _set_leading(self, leading: bool) -> None:
-        self.leading = leading
-        LEADER.set(1 if leading else 0)
-        self.hub.publish(leader=leading)
-        self._leading_changed.set()
-        self._leading_changed = trio.Event()
-
-    async def _election(
-        self, kube: KubeClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        await run_leader_election(
-            kube,
-            name=self.options.lease_name,
-            namespace=self.settings.namespace,
-            identity=self.options.identity,
-            on_leading=lambda: self._lead(kube),
-        )
-
-    async def _lead(self, kube: Any) -> None:
-        self._set_leading(True)
-        try:
-            await _supervise("reconcile", self.hub, functools.partial(self._reconcile_loop, kube))
-        finally:
-            self._set_leading(False)
-
-    async def _reconcile_loop(
-        self, kube: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        # Each pass LISTs (a quorum read) rather than trusting the watch cache: a cache that
-        # lags our own writes would make the next pass re-issue certificates it just wrote.
-        reconciler = Reconciler(
-            settings=self.settings,
-            allow_loopback=self.options.allow_loopback,
-            post_event=post_event,
-        )
-        task_status.started()
-        seen = -1
-        wait = 0.0
-        while True:
-            with trio.move_on_after(wait):
-                await self.observed.wait_changed(seen)
-            seen = self.observed.generation
-            t0 = time.perf_counter()
-            try:
-                result = await reconciler.reconcile_once(kube, now=dt.datetime.now(dt.UTC))
-            except Conflict:
-                RECONCILE_ERRORS.inc()
-                seen = -1  # something changed under us: pass again at once
-                continue
-            RECONCILE_SECONDS.observe(time.perf_counter() - t0)
-            RECONCILE_WRITES.inc(result.writes)
-            # Pass again on the next change, at the periodic resync, or when a certificate
-            # is due for renewal, whichever comes first.
-            wait = self.options.resync_seconds
-            if result.next_renewal is not None:
-                due = (result.next_renewal - dt.datetime.now(dt.UTC)).total_seconds()
-                wait = max(1.0, min(wait, due))
-            self.hub.publish(last_reconcile=_result_doc(result, time.perf_counter() - t0))
+def envoys_now(cache: SnapshotCache) -> dict[str, Any]:
+    """``/status/envoys``: every open ADS stream and, for each node streaming, the versions
+    it should be at (its current snapshot). Read at request time; small whatever the fleet's
+    size (benchmarks poll it)."""
+    docs = [_envoy_doc(s) for s in cache.status()]
+    snapshots = {}
+    for node in {d["node"] for d in docs}:
+        snap = cache.get(node)
+        if snap is not None:
+            snapshots[node] = {
+                SHORT_NAMES.get(t, t): v for t, v in snap.versions.items() if snap.of_type(t)
+            }
+    return {"envoys": docs, "snapshots": snapshots}
 
 
-def _result_doc(result: ReconcileResult, seconds: float) -> dict[str, Any]:
+def _result_doc(result: KeyResult, seconds: float) -> dict[str, Any]:
     return {
         "at": time.time(),
+        "key": result.key,
         "seconds": round(seconds, 4),
         "writes": result.writes,
         "events": result.events,
@@ -540,6 +417,9 @@ def _result_doc(result: ReconcileResult, seconds: float) -> dict[str, Any]:
         "problems": len(result.problems),
         "write_errors": list(result.write_errors),
     }
+
+
+# -- the daemon ---------------------------------------------------------------------------------
 
 
 _METRICS: XdsMetrics | None = None
@@ -553,24 +433,182 @@ def _xds_metrics() -> XdsMetrics:
     return _METRICS
 
 
-async def _run_http(
-    app: StatusApp,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await run_http(app, host=host, port=port, task_status=task_status)
+class Daemon:
+    """One atlasd process: build it with options, then ``await run()``.
 
+    Holds the wiring only (the hub, the feed, the cache: what tests and the demo look at);
+    the subsystems keep their state to themselves.
+    """
 
-async def _run_ads(
-    cache: SnapshotCache,
-    host: str,
-    port: int,
-    authorizer: Authorizer,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    await run_ads_server(
-        cache=cache, host=host, port=port, authorizer=authorizer, task_status=task_status
-    )
+    def __init__(self, options: DaemonOptions, *, builder: SnapshotBuilder | None = None) -> None:
+        self.options = options
+        self.settings = options.settings
+        self.hub = StatusHub()
+        self.feed = FleetFeed()
+        self.cache = SnapshotCache(metrics=_xds_metrics())
+        self.app = StatusApp(self.hub, envoys=functools.partial(envoys_now, self.cache))
+        self.builder = builder or SnapshotBuilder(
+            options.listen_plan, forwarder_token=options.settings.forwarder_token
+        )
+        self.http_port: int | None = None
+        self.ads_port: int | None = None
+
+    @property
+    def fleet(self) -> FleetVersion | None:
+        """The latest fleet version (None before the first)."""
+        return self.feed.latest
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        opts = self.options
+        hub = self.hub
+        hub.expect_ready("cache", "ads", "fleet")
+        standalone = opts.store is not None
+        async with AsyncExitStack() as stack:
+            api: KubeApi
+            if opts.store is not None:
+                from atlasd.standalone import FileStore
+
+                api = FileStore(
+                    opts.store,
+                    namespace=self.settings.namespace,
+                    poll_seconds=opts.store_poll_seconds,
+                )
+            else:
+                from atlasd.kube.client import KubeClient
+                from atlasd.kube.config import load_config
+
+                api = await stack.enter_async_context(
+                    KubeClient(load_config(opts.kubeconfig, opts.context))
+                )
+            await self._run(api, standalone=standalone, task_status=task_status)
+
+    async def _run(
+        self, api: KubeApi, *, standalone: bool, task_status: trio.TaskStatus[Daemon]
+    ) -> None:
+        opts = self.options
+        hub = self.hub
+        settings = self.settings
+        leadership = Leadership()
+        state = FleetState(settings, allow_loopback=opts.allow_loopback)
+        queue: WorkQueue[str] = WorkQueue(name="fleet")
+        reconcilers: list[Reconciler] = []
+
+        def relisted(role: Role) -> None:
+            for r in reconcilers:
+                r.expectations.clear(role.resource.kind)
+
+        sink = FleetSink(state, queue, on_relist=relisted)
+
+        listed = False
+
+        def source_error(role: Role, exc: Exception | None) -> None:
+            # Before the first list, why the caches are not ready; afterwards the last good
+            # view keeps being served (readiness stays: the Envoys need the ADS port).
+            if not listed and exc is not None:
+                hub.set_ready("cache", False, reason=f"{role.name}: {exc}")
+            if standalone:
+                hub.publish(store_error=None if exc is None else str(exc))
+
+        async with trio.open_nursery() as root:
+            self.http_port = await root.start(
+                functools.partial(run_http, self.app, host=opts.http_host, port=opts.http_port)
+            )
+            await root.start(
+                supervise,
+                "sources",
+                hub,
+                functools.partial(
+                    run_sources,
+                    api,
+                    roles(settings),
+                    namespace=settings.namespace,
+                    sink=sink,
+                    on_error=source_error,
+                ),
+            )
+            listed = True
+            hub.set_ready("cache", True)
+            await root.start(functools.partial(run_fleet, state=state, queue=queue, feed=self.feed))
+            hub.set_ready("fleet", True)
+            await root.start(
+                functools.partial(
+                    run_xds, feed=self.feed, builder=self.builder, cache=self.cache, hub=hub
+                )
+            )
+            self.ads_port = await root.start(
+                functools.partial(
+                    run_ads_server,
+                    cache=self.cache,
+                    host=opts.ads_host,
+                    port=opts.ads_port,
+                    authorizer=Authorizer(forwarder_token=settings.forwarder_token),
+                )
+            )
+            hub.set_ready("ads", True)
+            await root.start(
+                functools.partial(run_status, feed=self.feed, hub=hub, cache=self.cache)
+            )
+            root.start_soon(
+                supervise,
+                "zone",
+                hub,
+                functools.partial(
+                    run_zone,
+                    feed=self.feed,
+                    path=opts.zone_file,
+                    settings=settings,
+                    hub=hub,
+                    leadership=leadership,
+                    mirror=None if standalone else api,
+                ),
+            )
+
+            async def lead() -> None:
+                reconciler = Reconciler(
+                    settings=settings,
+                    allow_loopback=opts.allow_loopback,
+                    post_event=post_event,
+                )
+                reconcilers.append(reconciler)
+                leadership.set(True, hub)
+                try:
+                    await supervise(
+                        "reconcile",
+                        hub,
+                        functools.partial(
+                            run_reconcile,
+                            api=api,
+                            feed=self.feed,
+                            reconciler=reconciler,
+                            resync_seconds=opts.resync_seconds,
+                            workers=opts.reconcile_workers,
+                            on_result=self._on_result,
+                            on_pass=lambda doc: hub.publish(last_reconcile=doc),
+                        ),
+                    )
+                finally:
+                    reconcilers.remove(reconciler)
+                    leadership.set(False, hub)
+
+            if standalone or not opts.leader_election:
+                root.start_soon(lead)
+            else:
+
+                async def election(
+                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                ) -> None:
+                    task_status.started()
+                    await run_leader_election(
+                        api,  # type: ignore[arg-type]
+                        name=opts.lease_name,
+                        namespace=settings.namespace,
+                        identity=opts.identity,
+                        on_leading=lead,
+                    )
+
+                root.start_soon(supervise, "election", hub, election)
+            task_status.started(self)
+
+    def _on_result(self, result: KeyResult) -> None:
+        if result.writes or result.write_errors or result.issued:
+            self.hub.publish(last_key_reconcile=_result_doc(result, 0.0))

@@ -303,8 +303,8 @@ async def run_demo(options: DemoOptions) -> int:
                 names = {n for n, _ in options.clusters}
 
                 async def values_ready() -> bool:
-                    fleet = daemon.last_fleet
-                    return fleet is not None and {c.name for c in fleet.fleet.clusters} == names
+                    fleet = daemon.fleet
+                    return fleet is not None and set(fleet.model.clusters) == names
 
                 await _wait(
                     "atlasd to issue the demo clusters", values_ready, seconds=30, demo=demo

@@ -26,9 +26,17 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class StatusApp:
     """The ASGI application; ``healthy`` is false once a subsystem has failed for good."""
 
-    def __init__(self, hub: StatusHub, *, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(
+        self,
+        hub: StatusHub,
+        *,
+        registry: CollectorRegistry = REGISTRY,
+        envoys: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.hub = hub
         self.registry = registry
+        # ``/status/envoys``: the ADS streams now (small, for polling).
+        self.envoys = envoys
         self.healthy = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,6 +72,9 @@ class StatusApp:
         elif path == "/status":
             body = json.dumps(self.hub.snapshot(), sort_keys=True, default=str).encode()
             await _respond(send, 200, body, "application/json")
+        elif path == "/status/envoys" and self.envoys is not None:
+            body = json.dumps(self.envoys(), sort_keys=True, default=str).encode()
+            await _respond(send, 200, body, "application/json")
         else:
             await _respond(send, 404, b"not found\n")
 
@@ -90,8 +101,9 @@ class StatusApp:
                 seen = doc["generation"]
                 await send({"type": "websocket.send", "text": json.dumps(doc, default=str)})
                 await self.hub.wait_changed(seen)
-                # Coalesce bursts: at most ~10 documents a second per watcher.
-                await trio.sleep(0.1)
+                # Coalesce bursts: at most two documents a second per watcher (a document
+                # of thousands of clusters is large).
+                await trio.sleep(0.5)
 
 
 async def _respond(

@@ -17,9 +17,14 @@ stray log line or assertion message cannot leak a key.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TypeVar
 
-# Ports of the design (SPEC.md "Topology"); all configurable through Settings.
+_V = TypeVar("_V")
+
+# Ports of the design (docs/interface.md, "Topology"); all configurable through Settings.
 ADS_GRPC_PORT = 6305
 METRICS_PORT = 6309
 OBS_XDS_PORT = 10900
@@ -171,37 +176,58 @@ class Identity:
 
 @dataclass(frozen=True)
 class PKI:
-    """The trust material Envoy configuration is built from.
+    """The trust material every node shares.
 
     ``trust_bundle`` holds the current CA first, then every earlier CA still trusted
-    (rotation overlaps old and new until every leaf is re-issued).
-    ``identities`` maps a node id (``atlas`` or a cluster name) to its certificates.
+    (rotation overlaps old and new until every leaf is re-issued). Each node's own
+    certificates are in ``Fleet.identities``.
     """
 
     ca: CertKey
     trust_bundle: bytes
     ca_serial: str
     ca_revision: int
-    identities: tuple[tuple[str, Identity], ...] = ()
-
-    def identity(self, node: str) -> Identity | None:
-        for name, ident in self.identities:
-            if name == node:
-                return ident
-        return None
 
 
-@dataclass(frozen=True)
+def _frozen_map(items: Mapping[str, _V] | Iterable[tuple[str, _V]]) -> Mapping[str, _V]:
+    return MappingProxyType(dict(items))
+
+
+@dataclass(frozen=True, eq=False)
 class Fleet:
-    """Everything the xDS and DNS builders derive their desired state from."""
+    """Everything the xDS and DNS builders derive their desired state from.
+
+    ``clusters`` are the clusters served (valid, unique external IP, certificates
+    issued), by name; ``identities`` the certificates of every node served — ``atlas``
+    and each cluster — by node id. Both are read-only mappings; a new Fleet is made for
+    every change (``atlasd.fleet`` publishes them), so a Fleet never changes once built.
+    Iterating ``clusters`` follows no particular order: builders sort where order shows.
+    """
 
     settings: Settings
-    clusters: tuple[DownstreamCluster, ...]
+    clusters: Mapping[str, DownstreamCluster] = field(default_factory=lambda: _frozen_map({}))
     alertmanagers: tuple[LocalAlertmanager, ...] = ()
     pki: PKI | None = None
+    identities: Mapping[str, Identity] = field(default_factory=lambda: _frozen_map({}))
 
-    def cluster(self, name: str) -> DownstreamCluster | None:
-        for c in self.clusters:
-            if c.name == name:
-                return c
-        return None
+    @classmethod
+    def of(
+        cls,
+        settings: Settings,
+        clusters: Iterable[DownstreamCluster] = (),
+        *,
+        alertmanagers: Iterable[LocalAlertmanager] = (),
+        pki: PKI | None = None,
+        identities: Mapping[str, Identity] | Iterable[tuple[str, Identity]] = (),
+    ) -> Fleet:
+        """A Fleet from plain collections (tests, one-shot builds)."""
+        return cls(
+            settings=settings,
+            clusters=_frozen_map((c.name, c) for c in clusters),
+            alertmanagers=tuple(alertmanagers),
+            pki=pki,
+            identities=_frozen_map(identities),
+        )
+
+    def sorted_clusters(self) -> list[DownstreamCluster]:
+        return [self.clusters[n] for n in sorted(self.clusters)]

@@ -1,9 +1,10 @@
 """Standalone mode: atlasd with no Kubernetes at all, its state in a directory.
 
 ``FileStore`` answers the same verbs as :class:`atlasd.kube.client.KubeClient`
-(``get``, ``list``, ``apply``, ``create``, ``replace``, ``patch_merge``, ``delete``) over
-a directory, so the reconcile applier, the zone writer's ConfigMap mirror and the
-Events code run unchanged::
+(``atlasd.kube.api.KubeApi``: ``get``, ``list``, ``watch``, ``apply``, ``create``,
+``replace``, ``patch_merge``, ``delete``) over a directory, so the informers, the reconcile
+applier, the zone writer's ConfigMap mirror and the Events code run unchanged (``watch``
+polls the directory)::
 
     DIR/clusters/*.yaml          cluster Services declared by the operator (input;
                                  one or more YAML documents per file, same labels and
@@ -25,20 +26,23 @@ the object's kind and name (stable across restarts), so ownerReferences hold.
 from __future__ import annotations
 
 import base64
+import builtins
 import copy
 import json
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
 
+import trio
 import yaml
 
-from atlasd.kube.errors import AlreadyExists, Invalid, NotFound
+from atlasd.kube.errors import AlreadyExists, Gone, Invalid, NotFound
 from atlasd.kube.resources import SECRETS, SERVICES, Resource, resource_for
+from atlasd.kube.selectors import matches
 from atlasd.labels import CLUSTER_LABEL
 
 JSON = dict[str, Any]
@@ -65,35 +69,20 @@ def _rv(path: Path) -> str:
     return f"{st.st_mtime_ns}-{st.st_size}"
 
 
-def _matches(labels: Mapping[str, str], selector: str | None) -> bool:
-    if not selector:
-        return True
-    for term in selector.split(","):
-        term = term.strip()
-        if not term:
-            continue
-        if "!=" in term:
-            k, v = term.split("!=", 1)
-            if labels.get(k.strip()) == v.strip():
-                return False
-        elif "=" in term:
-            k, v = term.replace("==", "=").split("=", 1)
-            if labels.get(k.strip()) != v.strip():
-                return False
-        elif term.startswith("!"):
-            if term[1:] in labels:
-                return False
-        elif term not in labels:
-            return False
-    return True
-
-
 class FileStore:
     """A directory that answers the Kubernetes verbs atlasd uses."""
 
-    def __init__(self, root: Path, *, namespace: str = "monitoring") -> None:
+    def __init__(
+        self, root: Path, *, namespace: str = "monitoring", poll_seconds: float = 0.5
+    ) -> None:
         self.root = root
         self._namespace = namespace
+        # How often ``watch`` looks at the directory.
+        self.poll_seconds = poll_seconds
+        # What recent lists returned, by (plural, selector, rv): where a watch starts.
+        self._lists: dict[
+            tuple[str, str, str], tuple[dict[str, JSON], tuple[tuple[str, int, int], ...]]
+        ] = {}
         self.clusters_dir = root / "clusters"
         self.objects_dir = root / "objects"
         self.values_dir = root / "values"
@@ -180,6 +169,8 @@ class FileStore:
         label_selector: str | None = None,
         field_selector: str | None = None,
     ) -> tuple[list[JSON], str]:
+        # Taken first: a change made while listing shows as a change to the next watch.
+        fingerprint = self.fingerprint()
         items: dict[str, JSON] = {}
         folder = self.objects_dir / res.plural
         if folder.is_dir():
@@ -193,9 +184,79 @@ class FileStore:
         out = [
             o
             for _, o in sorted(items.items())
-            if _matches((o.get("metadata") or {}).get("labels") or {}, label_selector)
+            if matches((o.get("metadata") or {}).get("labels") or {}, label_selector)
         ]
-        return out, str(time.time_ns())
+        rv = str(time.time_ns())
+        self._remember_list(res, label_selector, rv, out, fingerprint)
+        return out, rv
+
+    def _remember_list(
+        self,
+        res: Resource,
+        selector: str | None,
+        rv: str,
+        items: builtins.list[JSON],
+        fingerprint: tuple[tuple[str, int, int], ...],
+    ) -> None:
+        """Keep what a list returned, so a watch can start from its rv."""
+        self._lists[(res.plural, selector or "", rv)] = (
+            {str(o["metadata"]["name"]): o for o in items},
+            fingerprint,
+        )
+        while len(self._lists) > 64:
+            del self._lists[next(iter(self._lists))]
+
+    async def watch(
+        self,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        resource_version: str,
+        label_selector: str | None = None,
+        timeout_seconds: int = 300,
+        allow_bookmarks: bool = True,
+        send_initial_events: bool = False,
+    ) -> AsyncGenerator[JSON, None]:
+        """Watch events by polling the directory every ``poll_seconds``.
+
+        Starts from a resourceVersion this store answered (a list, or a BOOKMARK of an
+        earlier watch); any other is ``Gone``, so an informer relists. Each poll that finds
+        a change yields the differences (ADDED/MODIFIED/DELETED) then a BOOKMARK.
+        """
+        selector = label_selector or ""
+        start = self._lists.get((res.plural, selector, resource_version))
+        if start is None or send_initial_events:
+            raise Gone(
+                status=410,
+                reason="Expired",
+                message=f"resourceVersion {resource_version!r} is not known to this store",
+                verb="watch",
+                resource=str(res),
+            )
+        known, fingerprint = start
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            await trio.sleep(self.poll_seconds)
+            current = self.fingerprint()
+            if current == fingerprint:
+                continue
+            items, rv = await self.list(res, label_selector=label_selector)
+            fingerprint = self._lists[(res.plural, selector, rv)][1]
+            fresh = {str(o["metadata"]["name"]): o for o in items}
+            for name, obj in known.items():
+                if name not in fresh:
+                    yield {"type": "DELETED", "object": obj}
+            for name, obj in fresh.items():
+                before = known.get(name)
+                if before is None:
+                    yield {"type": "ADDED", "object": obj}
+                elif before["metadata"].get("resourceVersion") != obj["metadata"].get(
+                    "resourceVersion"
+                ):
+                    yield {"type": "MODIFIED", "object": obj}
+            known = fresh
+            if allow_bookmarks:
+                yield {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": rv}}}
 
     # -- writing ----------------------------------------------------------------------
     def _write(self, res: Resource, obj: Mapping[str, Any]) -> JSON:

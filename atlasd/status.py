@@ -1,16 +1,20 @@
 """The status hub: what atlasd reports about itself, as one JSON-able document.
 
-Every subsystem publishes its part (``clusters``, ``problems``, ``envoys``,
-``certificates``, ``subsystems``, ``leader`` ...) with :meth:`StatusHub.publish`; the
-HTTP endpoint serves the merged document at ``/status`` and streams it over WebSocket,
-and readiness is derived from it. Publishing never blocks: watchers wait on a
-generation counter and always read the latest document (slow watchers skip
+Every subsystem publishes its part (``envoys``, ``subsystems``, ``leader`` ...) with
+:meth:`StatusHub.publish`; per-key parts (``clusters``, ``problems``, ``certificates``,
+``pending``) are published key by key with :meth:`StatusHub.publish_keyed`, so a change of
+one cluster costs that cluster, and are assembled into lists (in key order) only when the
+document is read. The HTTP endpoint serves the merged document at ``/status`` and streams it
+over WebSocket, and readiness is derived from it. Publishing never blocks: watchers wait on
+a generation counter and always read the latest document (slow watchers skip
 intermediate states rather than queueing them).
+
+Published values are never mutated afterwards (publishers replace them), so reading the
+document copies only its top level.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -34,6 +38,9 @@ class StatusHub:
         self._generation = 0
         self._changed = trio.Event()
         self._ready_parts: dict[str, bool] = {}
+        self._not_ready_reasons: dict[str, str] = {}
+        # section -> key -> the items of that key (a list, concatenated in key order).
+        self._keyed: dict[str, dict[str, list[Any]]] = {}
 
     @property
     def generation(self) -> int:
@@ -44,14 +51,36 @@ class StatusHub:
         self._doc.update(parts)
         self._bump()
 
+    def publish_keyed(self, section: str, key: str, items: list[Any] | None) -> None:
+        """Replace ``key``'s items in ``section`` (None or empty: remove them)."""
+        part = self._keyed.setdefault(section, {})
+        if items:
+            part[key] = items
+        elif part.pop(key, None) is None:
+            return
+        self._bump()
+
+    def keyed(self, section: str) -> list[Any]:
+        part = self._keyed.get(section, {})
+        return [item for key in sorted(part) for item in part[key]]
+
     def subsystem(self, name: str, state: str) -> None:
         """Record a subsystem's state (``starting``, ``running``, ``restarting: ...``)."""
         self._doc["subsystems"] = {**self._doc["subsystems"], name: state}
         self._bump()
 
-    def set_ready(self, part: str, ready: bool) -> None:
-        """Readiness is the AND of every registered part."""
+    def set_ready(self, part: str, ready: bool, reason: str = "") -> None:
+        """Readiness is the AND of every registered part; ``reason`` says why a part is
+        not ready (shown in /status and /readyz)."""
+        if self._ready_parts.get(part) == ready and self._not_ready_reasons.get(part, "") == (
+            "" if ready else reason
+        ):
+            return
         self._ready_parts[part] = ready
+        if ready or not reason:
+            self._not_ready_reasons.pop(part, None)
+        else:
+            self._not_ready_reasons[part] = reason
         self._bump()
 
     def expect_ready(self, *parts: str) -> None:
@@ -64,10 +93,17 @@ class StatusHub:
         return bool(self._ready_parts) and all(self._ready_parts.values())
 
     def not_ready(self) -> list[str]:
-        return sorted(p for p, ok in self._ready_parts.items() if not ok)
+        """The parts not ready, each with its reason when one was given."""
+        return [
+            f"{p} ({self._not_ready_reasons[p]})" if p in self._not_ready_reasons else p
+            for p, ok in sorted(self._ready_parts.items())
+            if not ok
+        ]
 
     def snapshot(self) -> dict[str, Any]:
-        doc = copy.deepcopy(self._doc)
+        doc = dict(self._doc)
+        for section in self._keyed:
+            doc[section] = self.keyed(section)
         doc["ready"] = self.ready
         doc["not_ready"] = self.not_ready()
         doc["generation"] = self._generation

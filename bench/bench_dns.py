@@ -45,9 +45,9 @@ SRV = "_thanos._tcp.sidecars.thanos.atlas."
 
 
 def _fleet(n: int, settings: Settings) -> Fleet:
-    return Fleet(
-        settings=settings,
-        clusters=tuple(
+    return Fleet.of(
+        settings,
+        tuple(
             DownstreamCluster(
                 name=f"c{i:05d}",
                 external_ip="198.18.0.1",
@@ -131,7 +131,7 @@ async def bench_writer_to_coredns(changes: int, reload: str, workdir: Path) -> N
             )
         )
         base = [DownstreamCluster(name="base", external_ip="198.18.0.1", ports=PORTS)]
-        await send.send(Fleet(settings=settings, clusters=tuple(base)))
+        await send.send(Fleet.of(settings, tuple(base)))
         # run_zone_writer hands the fleet on before writing: wait for the file itself.
         while not path.exists():  # noqa: ASYNC110 - polling a file another thread writes
             await trio.sleep(0.001)
@@ -147,7 +147,7 @@ async def bench_writer_to_coredns(changes: int, reload: str, workdir: Path) -> N
                 base.append(DownstreamCluster(name=name, external_ip="198.18.0.1", ports=PORTS))
                 before = len(written)
                 t0 = time.perf_counter()
-                await send.send(Fleet(settings=settings, clusters=tuple(base)))
+                await send.send(Fleet.of(settings, tuple(base)))
                 target = f"{name}-thanos-sidecar0.monitoring.svc.cluster.local."
                 while True:
                     answer = await trio.to_thread.run_sync(

@@ -64,17 +64,23 @@ def _fleet(n: int, *, alert_port: int = model.OBS_ALERTMANAGER_PORT) -> model.Fl
         trust_bundle=ca.cert_pem,
         ca_serial="1",
         ca_revision=1,
-        identities=(("atlas", ident), *((c.name, ident) for c in clusters)),
     )
     settings = model.Settings(envoy_alertmanager_port=alert_port)
     ams = (model.LocalAlertmanager("am", "monitoring", 9093),)
-    return model.Fleet(settings, clusters, ams, pki)
+    return model.Fleet.of(
+        settings,
+        clusters,
+        alertmanagers=ams,
+        pki=pki,
+        identities=(("atlas", ident), *((c.name, ident) for c in clusters)),
+    )
 
 
-def _change_one(fleet: model.Fleet, i: int, port: int) -> model.Fleet:
-    clusters = list(fleet.clusters)
-    clusters[i] = dataclasses.replace(clusters[i], prometheus=model.Upstream("127.0.0.1", port))
-    return dataclasses.replace(fleet, clusters=tuple(clusters))
+def _change_one(fleet: model.Fleet, i: int, port: int) -> tuple[model.Fleet, str]:
+    """``fleet`` with cluster ``i``'s Prometheus upstream moved, and that cluster's name."""
+    name = sorted(fleet.clusters)[i]
+    c = dataclasses.replace(fleet.clusters[name], prometheus=model.Upstream("127.0.0.1", port))
+    return dataclasses.replace(fleet, clusters={**fleet.clusters, name: c}), name
 
 
 def _rss_mb() -> float:
@@ -102,9 +108,9 @@ def bench_build() -> None:
         changes = []
         built = 0
         for k in range(5):
-            f2 = _change_one(fleet, n // 2, 20000 + k)
+            f2, name = _change_one(fleet, n // 2, 20000 + k)
             t0 = time.perf_counter()
-            b.build(f2)
+            b.update(f2, {name})
             changes.append(time.perf_counter() - t0)
             built = b.built
         print(
@@ -154,13 +160,14 @@ def bench_ack() -> None:
                     await acked(cache.get("atlas").version(CDS))  # type: ignore[union-attr]
                 for k in range(60):
                     # A new external IP for one cluster: its two upstream clusters change.
-                    clusters = list(fleet.clusters)
-                    clusters[k % 100] = dataclasses.replace(
-                        clusters[k % 100], external_ip=f"127.0.{1 + k // 250}.{1 + k % 250}"
+                    name = sorted(fleet.clusters)[k % 100]
+                    moved = dataclasses.replace(
+                        fleet.clusters[name], external_ip=f"127.0.{1 + k // 250}.{1 + k % 250}"
                     )
-                    fleet = dataclasses.replace(fleet, clusters=tuple(clusters))
+                    fleet = dataclasses.replace(fleet, clusters={**fleet.clusters, name: moved})
                     t0 = time.perf_counter()
-                    snap = b.build(fleet)["atlas"]
+                    b.update(fleet, {name})
+                    snap = b.snapshots()["atlas"]
                     cache.publish({"atlas": snap})
                     with trio.fail_after(30):
                         await acked(snap.version(CDS))
@@ -239,7 +246,7 @@ def bench_streams(n: int = 1000) -> None:
         fleet = _fleet(n)
         b = SnapshotBuilder()
         snaps = b.build(fleet)
-        nodes = [c.name for c in fleet.clusters]
+        nodes = sorted(fleet.clusters)
         cache = SnapshotCache()
         cache.publish(snaps)
         authz = Authorizer(direct_nodes=frozenset(nodes))

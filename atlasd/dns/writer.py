@@ -18,9 +18,10 @@ What it owns:
   (``atlasd.dns.zone.next_serial``). If the existing file already holds exactly what
   the first fleet renders to, nothing is rewritten and the serial stays.
 
-Fleets arrive on a ``trio.MemoryReceiveChannel``; whatever is queued when the writer
-gets to it is coalesced into one pass (only the newest fleet counts), so a burst of
-a thousand changes is one write. When the channel is closed the writer finishes the
+Fleets arrive on a ``trio.MemoryReceiveChannel`` (plain ``Fleet``s, or ``ZoneUpdate``s
+that also say which keys changed, so only those clusters' records are re-rendered);
+whatever is queued when the writer gets to it is coalesced into one pass (the newest
+fleet, the union of the changed keys), so a burst of a thousand changes is one write. When the channel is closed the writer finishes the
 last write (and the last mirror attempt) and returns.
 
 Errors: a fleet that does not render (``atlasd.dns.zone.ZoneError``: a name that
@@ -39,20 +40,22 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import trio
 
 from atlasd.dns.zone import (
+    Block,
     SrvRecord,
     ZoneError,
+    cluster_block,
     next_serial,
     parse_serial,
-    records,
-    render_records,
+    render_blocks,
 )
 from atlasd.kube.errors import (
     Conflict,
@@ -63,7 +66,7 @@ from atlasd.kube.errors import (
 )
 from atlasd.kube.resources import CONFIGMAPS, Resource
 from atlasd.labels import MANAGED_BY_LABEL, MANAGED_BY_VALUE
-from atlasd.model import Fleet, Settings
+from atlasd.model import DownstreamCluster, Fleet, Settings
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +128,35 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 @dataclass(frozen=True)
-class Zone:
-    """One rendered zone: its records, serial and text."""
+class ZoneUpdate:
+    """A fleet and the keys that changed since the previous one (None: any)."""
 
-    records: tuple[SrvRecord, ...]
+    fleet: Fleet
+    changed: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Zone:
+    """One rendered zone: its per-cluster blocks, serial and text."""
+
+    blocks: Mapping[str, Block]
     serial: int
     text: str
+
+    @property
+    def records(self) -> tuple[SrvRecord, ...]:
+        return tuple(r for name in sorted(self.blocks) for r in self.blocks[name].records)
+
+    @property
+    def count(self) -> int:
+        return sum(len(b.records) for b in self.blocks.values())
 
 
 class ZoneState:
     """What the writer last wrote, and how to get from a fleet to the next zone.
 
-    Plain (non-async) so it can run in a worker thread: rendering 5,000 clusters takes
-    long enough that it should not run on the trio thread.
+    Records are kept per cluster (``Block``): a change re-renders the changed clusters'
+    blocks only, and the zone text is their concatenation in name order. Plain (non-async).
     """
 
     def __init__(
@@ -154,28 +173,59 @@ class ZoneState:
         self._clock = clock
         # The zone as last written (or adopted); None until the first fleet.
         self.current: Zone | None = None
+        # Blocks of the last fleet seen, and its clusters' names sorted.
+        self._blocks: dict[str, Block] = {}
+        self._names: list[str] = []
+        self._inputs: dict[str, DownstreamCluster] = {}
+        self._settings: Settings | None = None
 
-    def next_zone(self, fleet: Fleet) -> Zone | None:
-        """The zone to write for ``fleet``, or ``None`` if the records did not change.
+    def next_zone(self, fleet: Fleet, changed: Iterable[str] | None = None) -> Zone | None:
+        """The zone to write for ``fleet``, or ``None`` if no record changed. ``changed``:
+        the keys that may differ from the previous fleet (None: any).
 
         Raises ``ZoneError`` if the fleet does not render (nothing changes then).
         """
-        recs = records(fleet)
-        if self.current is not None and self.current.records == recs:
+        if changed is None or fleet.settings != self._settings:
+            keys: set[str] = set(fleet.clusters) | set(self._blocks)
+        else:
+            keys = set(changed)
+        blocks = dict(self._blocks)
+        inputs = dict(self._inputs)
+        dirty = self.current is None
+        for key in keys:
+            c = fleet.clusters.get(key)
+            if c is None:
+                if blocks.pop(key, None) is not None:
+                    inputs.pop(key, None)
+                    dirty = True
+                continue
+            if inputs.get(key) == c and fleet.settings == self._settings:
+                continue
+            block = cluster_block(c, fleet.settings)
+            inputs[key] = c
+            if key not in blocks or blocks[key].text != block.text:
+                blocks[key] = block
+                dirty = True
+        # Only now (nothing raised): adopt the new blocks.
+        if set(blocks) != set(self._names):
+            self._names = sorted(blocks)
+        self._blocks, self._inputs, self._settings = blocks, inputs, fleet.settings
+        if not dirty:
             return None
+        body = [blocks[n].text for n in self._names]
+        frozen = MappingProxyType(dict(blocks))
         if self.current is None and self._found_text is not None and self.serial is not None:
             # First fleet after a restart: if the file already says exactly this (and no
             # mirror remembers a larger serial), keep it as it is.
             found = parse_serial(self._found_text)
             if found is not None and found >= self.serial:
-                same = render_records(recs, settings=fleet.settings, serial=found)
+                same = render_blocks(body, settings=fleet.settings, serial=found)
                 if same == self._found_text:
-                    self.current = Zone(recs, found, same)
+                    self.current = Zone(frozen, found, same)
                     self._found_text = None
                     return None
         serial = next_serial(self.serial, now=self._clock())
-        zone = Zone(recs, serial, render_records(recs, settings=fleet.settings, serial=serial))
-        return zone
+        return Zone(frozen, serial, render_blocks(body, settings=fleet.settings, serial=serial))
 
     def committed(self, zone: Zone) -> None:
         """``zone`` is now on disk."""
@@ -283,20 +333,33 @@ async def _mirror(
             log.info("ConfigMap %s updated", settings.dns_configmap_name)
 
 
-def _coalesce(fleets: trio.MemoryReceiveChannel[Fleet], fleet: Fleet) -> tuple[Fleet, bool]:
-    """The newest fleet already queued behind ``fleet``, and whether the channel closed."""
+def _as_update(item: Fleet | ZoneUpdate) -> ZoneUpdate:
+    return item if isinstance(item, ZoneUpdate) else ZoneUpdate(item, None)
+
+
+def _merge(a: ZoneUpdate, b: ZoneUpdate) -> ZoneUpdate:
+    """``b`` (newer) with the keys changed since ``a``'s predecessor."""
+    if a.changed is None or b.changed is None:
+        return ZoneUpdate(b.fleet, None)
+    return ZoneUpdate(b.fleet, a.changed | b.changed)
+
+
+def _coalesce(
+    fleets: trio.MemoryReceiveChannel[Fleet | ZoneUpdate], update: ZoneUpdate
+) -> tuple[ZoneUpdate, bool]:
+    """``update`` merged with everything queued behind it, and whether the channel closed."""
     while True:
         try:
-            fleet = fleets.receive_nowait()
+            update = _merge(update, _as_update(fleets.receive_nowait()))
         except trio.WouldBlock:
-            return fleet, False
+            return update, False
         except trio.EndOfChannel:
-            return fleet, True
+            return update, True
 
 
 async def run_zone_writer(
     *,
-    fleets: trio.MemoryReceiveChannel[Fleet],
+    fleets: trio.MemoryReceiveChannel[Fleet | ZoneUpdate],
     path: Path,
     kube: ConfigMapClient | None,
     settings: Settings,
@@ -329,12 +392,18 @@ async def run_zone_writer(
         closed = False
         while not closed:
             try:
-                fleet = await fleets.receive()
+                item = await fleets.receive()
             except trio.EndOfChannel:
                 break
-            fleet, closed = _coalesce(fleets, fleet)
+            update, closed = _coalesce(fleets, _as_update(item))
             try:
-                zone = await trio.to_thread.run_sync(state.next_zone, fleet)
+                if update.changed is None or len(update.changed) > 100:
+                    # Many clusters to render (a start, a CA rotation): off the Trio thread.
+                    zone = await trio.to_thread.run_sync(
+                        state.next_zone, update.fleet, update.changed
+                    )
+                else:
+                    zone = state.next_zone(update.fleet, update.changed)
             except ZoneError as exc:
                 log.error("zone not rendered, keeping serial %s: %s", state.serial, exc)
                 continue
@@ -344,7 +413,7 @@ async def run_zone_writer(
                 continue
             await trio.to_thread.run_sync(write_atomic, path, zone.text)
             state.committed(zone)
-            log.info("zone written: serial %d, %d SRV records", zone.serial, len(zone.records))
+            log.info("zone written: serial %d, %d SRV records", zone.serial, zone.count)
             latest.put(zone.text)
             if on_zone is not None:
                 on_zone(zone)

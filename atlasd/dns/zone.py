@@ -41,8 +41,8 @@ Errors::
 
 from __future__ import annotations
 
-import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
@@ -136,12 +136,8 @@ def _absolute(name: str, *, what: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=4096)
 def _owners(port_name: str, protocol: str, group: str | None) -> tuple[str, ...]:
-    """The SRV owner names of one port (cached: port names and groups repeat a lot).
-
-    Only validated results are cached: a bad value raises and is never stored.
-    """
+    """The SRV owner names of one port."""
     name = _label(port_name, what="port name")
     proto = _PROTOCOLS.get(protocol)
     if proto is None:
@@ -212,13 +208,27 @@ def records(fleet: Fleet) -> tuple[SrvRecord, ...]:
     """Every SRV record of the fleet, sorted and without duplicates.
 
     Two fleets with the same records give equal tuples, whatever the order of their
-    clusters: the writer compares these to decide whether the zone changed.
+    clusters.
     """
     suffix = _service_suffix(fleet.settings)
     out: set[SrvRecord] = set()
-    for cluster in fleet.clusters:
+    for cluster in fleet.clusters.values():
         out.update(cluster_records(cluster, fleet.settings, suffix=suffix))
     return tuple(sorted(out, key=SrvRecord.sort_key))
+
+
+@dataclass(frozen=True)
+class Block:
+    """One cluster's part of the zone: its records, sorted, and their text lines."""
+
+    records: tuple[SrvRecord, ...]
+    text: str
+
+
+def cluster_block(cluster: DownstreamCluster, settings: Settings) -> Block:
+    """The zone lines of one cluster (validated like ``cluster_records``)."""
+    recs = tuple(sorted(set(cluster_records(cluster, settings)), key=SrvRecord.sort_key))
+    return Block(recs, "".join(r.text() + "\n" for r in recs))
 
 
 def next_serial(previous: int | None, *, now: float) -> int:
@@ -233,12 +243,7 @@ def next_serial(previous: int | None, *, now: float) -> int:
     return candidate
 
 
-def render_records(recs: tuple[SrvRecord, ...], *, settings: Settings, serial: int) -> str:
-    """Zone text for ``recs`` with SOA serial ``serial``.
-
-    ``recs`` must come from ``records`` (which validated every name in them); the writer
-    passes them in so a fleet is validated and sorted once per change.
-    """
+def _header(settings: Settings, serial: int) -> str:
     namespace = _label(settings.namespace, what="settings.namespace")
     cluster_domain = _domain(settings.cluster_domain, what="settings.cluster_domain")
     if type(serial) is not int or not 1 <= serial <= MAX_SERIAL:
@@ -253,13 +258,25 @@ def render_records(recs: tuple[SrvRecord, ...], *, settings: Settings, serial: i
         f"{SOA_EXPIRE} {SOA_NEGATIVE_TTL}",
         f"{ORIGIN} {TTL} IN NS {mname}",
     ]
-    lines.extend(r.text() for r in recs)
     return "\n".join(lines) + "\n"
 
 
+def render_blocks(blocks: Iterable[str], *, settings: Settings, serial: int) -> str:
+    """Zone text: the SOA and NS with serial ``serial``, then ``blocks`` (from
+    ``cluster_block``, which validated every name in them) in the order given."""
+    return _header(settings, serial) + "".join(blocks)
+
+
+def render_records(recs: tuple[SrvRecord, ...], *, settings: Settings, serial: int) -> str:
+    """Zone text for ``recs`` (from ``records``) with SOA serial ``serial``."""
+    return render_blocks((r.text() + "\n" for r in recs), settings=settings, serial=serial)
+
+
 def render_zone(fleet: Fleet, *, serial: int) -> str:
-    """The whole zone text for ``fleet``; raises ``ZoneError`` instead of emitting bad text."""
-    return render_records(records(fleet), settings=fleet.settings, serial=serial)
+    """The whole zone text for ``fleet``, cluster by cluster in name order (what the
+    writer writes); raises ``ZoneError`` instead of emitting bad text."""
+    blocks = [cluster_block(c, fleet.settings).text for c in fleet.sorted_clusters()]
+    return render_blocks(blocks, settings=fleet.settings, serial=serial)
 
 
 _SOA = re.compile(

@@ -30,6 +30,7 @@ from atlasd.kube.config import Credential, Credentials, KubeConfig, ssl_context
 from atlasd.kube.errors import Gone, TransportError, api_error
 from atlasd.kube.resources import Resource, resource_for
 from atlasd.labels import FIELD_MANAGER
+from atlasd.metrics import KUBE_REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +166,11 @@ class KubeClient:
                     extensions=self._extensions,
                 )
             except httpx.HTTPError as exc:
+                KUBE_REQUESTS.labels(verb, res.plural, "error").inc()
                 raise TransportError(
                     f"{verb} {res}{' ' + name if name else ''}: {type(exc).__name__}: {exc}"
                 ) from exc
+            KUBE_REQUESTS.labels(verb, res.plural, str(resp.status_code)).inc()
             if resp.status_code == 401 and attempt == 0 and await self.credentials.refresh(cred):
                 log.info("401 from the API server; credentials refreshed, retrying %s", verb)
                 continue
@@ -423,7 +426,9 @@ class KubeClient:
             try:
                 resp = await client.send(request, stream=True)
             except httpx.HTTPError as exc:
+                KUBE_REQUESTS.labels("watch", res.plural, "error").inc()
                 raise TransportError(f"watch {res}: {type(exc).__name__}: {exc}") from exc
+            KUBE_REQUESTS.labels("watch", res.plural, str(resp.status_code)).inc()
             try:
                 if (
                     resp.status_code == 401

@@ -1,36 +1,37 @@
-"""The reconcile pass: observe, decide (pure), write only what differs, prune, report.
+"""Reconcile one key: decide (pure), write only what differs, expect the echo, report.
 
-``Reconciler.reconcile_once(kube, now=...)`` (or the module-level ``reconcile_once``):
+``Reconciler.reconcile_key(api, version, key, now=...)`` works from a ``FleetVersion``
+(``atlasd.fleet``: the watch cache, validated per key):
 
-1. observe — LIST the cluster Services (``goatlas.io/cluster=true``), the local
-   Alertmanager Services (settings.alertmanager_selector), and the Services and Secrets
-   atlasd owns (``app.kubernetes.io/managed-by=atlasd``); GET the fixed-name Secrets
-   (``atlas-ca``, ``atlas-server``, ...) only when the owned list lacks them (first pass, or
-   an installation adopted from the original);
-2. decide — ``validate_all`` -> ``plan_pki`` -> ``desired_state`` -> ``plan_writes``, all pure;
-3. write — ``atlas-ca`` first and alone: created when absent, else replaced (PUT with the
-   observed resourceVersion) so that removing ``goatlas.io/ca-rotate`` (set by another field
-   manager) works and two writers cannot both rotate: a ``Conflict`` propagates and the
-   caller retries the pass. Then every other differing object by server-side apply (bounded
-   concurrency), then pruning: owned objects of a cluster whose Service is gone.
-4. report — a Warning Event for each Problem not already reported by this Reconciler
-   (a problem that disappears and comes back is reported again).
+- a cluster key: ``plan_identity`` (kept or issued leaves) -> ``cluster_objects`` ->
+  ``plan_key_writes`` against the key's observed objects; server-side apply what differs,
+  delete what is no longer wanted (the cluster is gone: ``absent``); a cluster Service that
+  is present but invalid is *protected*: nothing of it is written or deleted (a typo in an
+  annotation must not revoke a working cluster's identity);
+- the fleet-wide key: ``decide_ca`` (create, adopt, keep or rotate) -> ``atlas-ca`` written
+  first and alone (created, or replaced with the observed resourceVersion so that two
+  writers cannot both rotate: ``Conflict`` propagates, the caller runs a full pass) ->
+  ``atlas-server``/``atlas-client``/``atlas-tls`` and ``atlas-envoy-values``. Fixed-name
+  Secrets missing from the cache are read by name (first start, or an installation of the
+  original whose Secrets atlasd does not own yet).
 
-The client and the Event poster are handed in (``KubeApi``, ``EventPoster``: the daemon
-passes ``atlasd.kube.client.KubeClient`` and ``atlasd.kube.events.post_event``): the
-import contract keeps httpx — and so the client module — out of this layer.
+After writing, the key's ``Expectations`` hold what the cache must come to show; until it
+does (or a deadline passes) the key is not acted on again. Once a key is in sync, the
+Reconciler remembers at which resourceVersions and for which inputs: the next change of the
+key whose inputs and objects are the same costs a comparison, not a re-plan (an external IP
+change writes nothing). Problems (validation, a clash, an object the API server refused)
+become Warning Events, each once while it lasts.
 
-What is written, pruned, protected or left alone is decided by ``atlasd.reconcile.diff``
-(a cluster Service that exists but is invalid is *protected*: a typo in an annotation must
-not revoke a working cluster's identity; it is left out of the Fleet until fixed). A
-steady-state pass writes nothing.
+``Reconciler.reconcile_once(api, now=...)`` is the same work over a fresh LIST of everything,
+in one call: the fleet-wide key first, then every cluster key (tests, benchmarks, one-shot
+tools; the daemon runs keys from its watch, ``atlasd.reconcile.loop``).
 
 Errors::
 
-    Conflict / AlreadyExists   atlas-ca changed under us: retry the pass
+    Conflict / AlreadyExists   atlas-ca changed under us: run a full pass
     KubeError (others)         propagate (transport, auth): the caller backs off and retries
-    Invalid / BadRequest on one object   become a Problem on its cluster; others continue
-    a sidecar Service named like a cluster Service   not written: Problem ``NameClash``
+    Invalid / BadRequest on one object   a Problem on its cluster; the key's other objects
+                                         are still written
 """
 
 from __future__ import annotations
@@ -38,49 +39,44 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
 from atlasd import labels
+from atlasd.fleet.keys import FIXED_SECRETS, FLEET_KEY, key_of, resource_version, roles
+from atlasd.fleet.state import FleetState, FleetVersion, Member
+from atlasd.fleet.validate import identity_secret_name
+from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import BadRequest, Invalid, NotFound
-from atlasd.kube.resources import SECRETS, SERVICES, Resource
+from atlasd.kube.resources import SECRETS, Resource
 from atlasd.model import Fleet, ObjectRef, Problem, Settings
-from atlasd.reconcile.desired import desired_state
-from atlasd.reconcile.diff import (
-    CLUSTER_SELECTOR,
-    FIXED_SECRETS,
-    MANAGED_SELECTOR,
-    Observed,
-    WritePlan,
-    differs,
-    observed_from_caches,
-    owner_of,
-    plan_writes,
-)
-from atlasd.reconcile.pki import KeySource, PKIError, RandomKeys, plan_pki
-from atlasd.reconcile.validate import (
-    is_cluster_service,
-    select_alertmanagers,
-    validate_all,
+from atlasd.reconcile.certs import CA
+from atlasd.reconcile.desired import cluster_objects, objects_inputs, observability_values_secret
+from atlasd.reconcile.diff import KeyWrites, ca_write, plan_key_writes
+from atlasd.reconcile.expectations import Expectations, ObjectId
+from atlasd.reconcile.pki import (
+    KeySource,
+    PKIError,
+    RandomKeys,
+    ca_deadline,
+    ca_secret,
+    check_settings,
+    decide_ca,
+    load_ca,
+    plan_identity,
+    plan_observability,
 )
 
-# ``diff`` names re-exported: the applier is the reconcile layer's entry point.
 __all__ = [
-    "MANAGED_SELECTOR",
     "EventPoster",
-    "KubeApi",
-    "Observed",
+    "KeyResult",
     "ReconcileResult",
     "Reconciler",
-    "WritePlan",
-    "differs",
     "log_event",
     "observe",
-    "observed_from_caches",
-    "plan_writes",
     "reconcile_once",
 ]
 
@@ -88,28 +84,6 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 DEFAULT_CONCURRENCY = 32
-
-
-# --- the ports this layer is handed (import-linter: reconcile may not import the client,
-# which imports httpx; the daemon passes ``KubeClient`` and ``atlasd.kube.events.post_event``)
-
-
-class KubeApi(Protocol):
-    """The subset of ``atlasd.kube.client.KubeClient`` a pass uses."""
-
-    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> JSON: ...
-
-    async def list(
-        self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None
-    ) -> tuple[list[JSON], str]: ...
-
-    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON: ...
-
-    async def create(self, obj: Mapping[str, Any]) -> JSON: ...
-
-    async def replace(self, obj: Mapping[str, Any]) -> JSON: ...
-
-    async def delete(self, res: Resource, name: str, *, namespace: str | None = None) -> None: ...
 
 
 class EventPoster(Protocol):
@@ -127,43 +101,37 @@ async def log_event(
     log.warning("%s %s %s/%s: %s", reason, ref.kind, ref.namespace, ref.name, message)
 
 
-# --- observed state ---
+@dataclass
+class KeyResult:
+    """What reconciling one key decided and did."""
 
+    key: str
+    created: int = 0
+    replaced: int = 0
+    applied: int = 0
+    deleted: int = 0
+    events: int = 0
+    issued: tuple[str, ...] = ()
+    ca_action: str = ""
+    problems: tuple[Problem, ...] = ()
+    write_errors: tuple[str, ...] = ()
+    # Look at the key again by then at the latest (renewal, an earlier CA expiring).
+    next_renewal: dt.datetime | None = None
+    # Not acted on: its previous writes are not in the cache yet (monotonic deadline).
+    waiting_until: float | None = None
+    # Nothing was planned: the key's inputs and objects are as when last in sync.
+    in_sync: bool = False
 
-def _by_name(items: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    return {str(i["metadata"]["name"]): i for i in items}
-
-
-async def observe(kube: KubeApi, settings: Settings) -> Observed:
-    ns = settings.namespace
-    am_selector = ",".join(f"{k}={v}" for k, v in settings.alertmanager_selector)
-    clusters, _ = await kube.list(SERVICES, namespace=ns, label_selector=CLUSTER_SELECTOR)
-    ams: list[dict[str, Any]] = []
-    if am_selector:
-        ams, _ = await kube.list(SERVICES, namespace=ns, label_selector=am_selector)
-    owned_svcs, _ = await kube.list(SERVICES, namespace=ns, label_selector=MANAGED_SELECTOR)
-    owned_secrets, _ = await kube.list(SECRETS, namespace=ns, label_selector=MANAGED_SELECTOR)
-    secrets = _by_name(owned_secrets)
-    for name in FIXED_SECRETS:
-        if name not in secrets:
-            with contextlib.suppress(NotFound):
-                secrets[name] = await kube.get(SECRETS, name, namespace=ns)
-    return Observed(
-        cluster_services=clusters,
-        alertmanager_services=ams,
-        owned_services=_by_name(owned_svcs),
-        secrets=secrets,
-    )
-
-
-# --- the pass ---
+    @property
+    def writes(self) -> int:
+        """Object writes (Events not counted)."""
+        return self.created + self.replaced + self.applied + self.deleted
 
 
 @dataclass(frozen=True)
 class ReconcileResult:
-    """What one pass decided and did."""
+    """What one full pass (every key) decided and did."""
 
-    fleet: Fleet | None
     problems: tuple[Problem, ...]
     created: int = 0
     replaced: int = 0
@@ -173,17 +141,62 @@ class ReconcileResult:
     issued: tuple[str, ...] = ()
     ca_action: str = ""
     write_errors: tuple[str, ...] = field(default=())
-    # Run a pass again by then at the latest (certificate renewal; see PKIPlan).
     next_renewal: dt.datetime | None = None
+    # The fleet as stored after the pass (what every replica then serves).
+    fleet: Fleet | None = None
 
     @property
     def writes(self) -> int:
-        """Object writes (Events not counted)."""
         return self.created + self.replaced + self.applied + self.deleted
+
+    @classmethod
+    def of(cls, results: Sequence[KeyResult], fleet: Fleet | None) -> ReconcileResult:
+        renewals = [r.next_renewal for r in results if r.next_renewal is not None]
+        return cls(
+            problems=tuple(p for r in results for p in r.problems),
+            created=sum(r.created for r in results),
+            replaced=sum(r.replaced for r in results),
+            applied=sum(r.applied for r in results),
+            deleted=sum(r.deleted for r in results),
+            events=sum(r.events for r in results),
+            issued=tuple(i for r in results for i in r.issued),
+            ca_action=next((r.ca_action for r in results if r.ca_action), ""),
+            write_errors=tuple(e for r in results for e in r.write_errors),
+            next_renewal=min(renewals) if renewals else None,
+            fleet=fleet,
+        )
+
+
+@dataclass(frozen=True)
+class _Synced:
+    """A key found (or made) in sync: for these inputs, at these resourceVersions."""
+
+    inputs: Hashable
+    versions: Mapping[ObjectId, str]
+    valid_until: dt.datetime | None
+
+
+def _versions(
+    objects: Iterable[tuple[str, Mapping[str, Mapping[str, Any]]]],
+) -> dict[ObjectId, str]:
+    return {
+        (kind, name): resource_version(obj)
+        for kind, by_name in objects
+        for name, obj in by_name.items()
+    }
+
+
+def _member_versions(m: Member) -> dict[ObjectId, str]:
+    return _versions((("Service", m.services), ("Secret", m.secrets)))
 
 
 class Reconciler:
-    """Runs passes; remembers which Problems it already reported as Events."""
+    """Reconciles keys; remembers expectations, keys in sync and Problems reported.
+
+    Invariants: ``_synced[key]`` describes the last outcome of ``key`` that needed no
+    further write; ``_reported[key]`` the Problems of ``key`` already posted as Events
+    (replaced each time the key is reconciled, so a recurring problem is posted again).
+    """
 
     def __init__(
         self,
@@ -193,164 +206,417 @@ class Reconciler:
         allow_loopback: bool = False,
         concurrency: int = DEFAULT_CONCURRENCY,
         post_event: EventPoster = log_event,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
+        check_settings(settings)
         self.settings = settings
         self.keys: KeySource = keys or RandomKeys()
         self.allow_loopback = allow_loopback
-        self.concurrency = concurrency
         self.post_event = post_event
-        # (namespace, name, uid, field, message) of the Problems already posted as Events;
-        # replaced by the current set each pass, so a recurring problem is posted again.
-        self._reported: set[tuple[str, str, str, str, str]] = set()
+        self.expectations = Expectations()
+        self._clock = clock
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._synced: dict[str, _Synced] = {}
+        self._reported: dict[str, set[tuple[str, str, str, str, str]]] = {}
+        # The parsed signing CA, by the bytes it was parsed from.
+        self._ca: tuple[tuple[bytes, bytes, bytes], CA] | None = None
 
-    async def reconcile_once(self, kube: KubeApi, *, now: dt.datetime) -> ReconcileResult:
-        """LIST what a pass needs, then ``reconcile_observed``."""
-        return await self.reconcile_observed(kube, await observe(kube, self.settings), now=now)
+    def forget_sync(self, key: str | None = None) -> None:
+        """Distrust what is known to be in sync (one key, or all)."""
+        if key is None:
+            self._synced.clear()
+        else:
+            self._synced.pop(key, None)
 
-    async def reconcile_observed(
-        self, kube: KubeApi, observed: Observed, *, now: dt.datetime
-    ) -> ReconcileResult:
-        """A pass over already observed state (e.g. ``observed_from_caches`` of informer
-        caches). A stale cache costs at most a redundant apply, or a ``Conflict`` on
-        ``atlas-ca`` that the caller answers by retrying."""
-        settings = self.settings
-        clusters, problems_t = validate_all(
-            observed.cluster_services, settings, allow_loopback=self.allow_loopback
-        )
-        problems = list(problems_t)
-        valid = {c.name for c in clusters}
-        present = {
-            str(s["metadata"]["name"]) for s in observed.cluster_services if is_cluster_service(s)
-        }
-        protected = frozenset(present - valid)
-        alertmanagers = select_alertmanagers(
-            observed.alertmanager_services, settings.alertmanager_selector
-        )
-        try:
-            plan = plan_pki(
-                secrets=observed.secrets,
-                clusters=clusters,
-                settings=settings,
+    def is_synced(self, key: str, versions: Mapping[ObjectId, str]) -> bool:
+        rec = self._synced.get(key)
+        return rec is not None and rec.versions == versions
+
+    # -- one key -------------------------------------------------------------------------
+
+    async def reconcile_key(
+        self, api: KubeApi, version: FleetVersion, key: str, *, now: dt.datetime
+    ) -> KeyResult:
+        waiting = self.expectations.pending(key, _cached_lookup(version, key), now=self._clock())
+        if waiting is not None:
+            return KeyResult(key=key, waiting_until=waiting)
+        if key == FLEET_KEY:
+            return await self._fleetwide(api, version, now)
+        return await self._cluster(api, version, key, now)
+
+    async def _cluster(
+        self, api: KubeApi, version: FleetVersion, key: str, now: dt.datetime
+    ) -> KeyResult:
+        m = version.members.get(key)
+        result = KeyResult(key=key)
+        if m is None:
+            self._synced.pop(key, None)
+            self._reported.pop(key, None)
+            return result
+        problems = list(m.problems)
+        observed = _member_versions(m)
+        if m.state == "absent":
+            inputs: Hashable = ("absent",)
+            writes = plan_key_writes(
+                services={},
+                secrets={},
+                observed_services=m.services,
+                observed_secrets=m.secrets,
+            )
+            next_renewal = None
+        elif m.state == "invalid" or m.cluster is None:
+            # Protected: its objects stay until it is fixed or deleted.
+            self._synced[key] = _Synced(("invalid", m.problems), observed, None)
+            result.problems = tuple(problems)
+            result.events = await self._report(api, key, problems)
+            result.in_sync = True
+            return result
+        else:
+            ca = self._signing_ca(version, now)
+            if ca is None:
+                return result  # no usable CA yet: the fleet-wide key comes first
+            inputs = (
+                objects_inputs(m.cluster),
+                ca.serial,
+                ca.bundle,
+                len(version.fleetwide.alertmanagers),
+            )
+            rec = self._synced.get(key)
+            if (
+                rec is not None
+                and rec.inputs == inputs
+                and rec.versions == observed
+                and (rec.valid_until is None or now < rec.valid_until)
+            ):
+                result.in_sync = True
+                result.next_renewal = rec.valid_until
+                result.problems = tuple(problems)
+                result.events = await self._report(api, key, problems)
+                return result
+            plan = plan_identity(
+                m.cluster,
+                m.secrets.get(identity_secret_name(key)),
+                ca=ca,
+                settings=self.settings,
                 now=now,
                 keys=self.keys,
             )
-        except PKIError as e:
-            ref = ObjectRef(kind="Secret", name=labels.CA_SECRET, namespace=settings.namespace)
-            problems.append(Problem(source=ref, field="data", message=str(e), reason="InvalidCA"))
-            events = await self._report(kube, problems)
-            return ReconcileResult(fleet=None, problems=tuple(problems), events=events)
-
-        desired = desired_state(
-            clusters=clusters, alertmanagers=alertmanagers, plan=plan, settings=settings
-        )
-        writes = plan_writes(desired, observed, protected=protected)
-        created = replaced = 0
-        if writes.ca_create is not None:
-            await kube.create(writes.ca_create)
-            created = 1
-        elif writes.ca_replace is not None:
-            await kube.replace(writes.ca_replace)
-            replaced = 1
-
-        applied = 0
-        errors: list[str] = []
-        limiter = trio.CapacityLimiter(self.concurrency)
-        by_cluster = {c.name: c for c in clusters}
-
-        async def apply_one(obj: Mapping[str, Any]) -> None:
-            nonlocal applied
-            async with limiter:
-                try:
-                    await kube.apply(obj)
-                except (Invalid, BadRequest) as e:
-                    owner = owner_of(obj)
-                    cluster = by_cluster.get(owner) if owner else None
-                    name = str(obj["metadata"]["name"])
-                    errors.append(f"{obj.get('kind')} {name}: {e.reason}")
-                    if cluster is not None and cluster.source is not None:
-                        problems.append(
-                            Problem(
-                                source=cluster.source,
-                                field=f"{obj.get('kind')} {name}",
-                                message=f"the API server rejected it: {e.reason}",
-                                reason="ApplyFailed",
-                            )
-                        )
-                    else:
-                        log.error("apply of %s %s rejected: %s", obj.get("kind"), name, e.reason)
-                    return
-                applied += 1
-
-        for obj in writes.clashes:
-            cluster = by_cluster.get(owner_of(obj) or "")
-            if cluster is not None and cluster.source is not None:
+            objs = cluster_objects(
+                m.cluster,
+                identity=plan.identity,
+                identity_secret=plan.secrets[0],
+                ca_bundle=ca.bundle,
+                ca_serial=ca.serial,
+                settings=self.settings,
+                alertmanager_count=len(version.fleetwide.alertmanagers),
+            )
+            writes = plan_key_writes(
+                services=objs.services,
+                secrets=objs.secrets,
+                observed_services=m.services,
+                observed_secrets=m.secrets,
+                is_cluster_service=lambda name: _is_cluster_service(version, name),
+            )
+            result.issued = plan.issued
+            next_renewal = plan.next_renewal
+            for obj in writes.clashes:
                 problems.append(
                     Problem(
-                        source=cluster.source,
+                        source=m.cluster.source or _ref(m),
                         field=f"Service {obj['metadata']['name']}",
                         message="a cluster Service already has this name; not overwritten",
                         reason="NameClash",
                     )
                 )
+        versions = await self._write(api, key, writes, result, problems, m)
+        for oid, rv in versions.items():
+            if rv is None:
+                observed.pop(oid, None)
+            else:
+                observed[oid] = rv
+        if not result.write_errors:
+            self._synced[key] = _Synced(inputs, observed, next_renewal)
+        result.next_renewal = next_renewal
+        result.problems = tuple(problems)
+        result.events = await self._report(api, key, problems)
+        return result
 
-        async with trio.open_nursery() as nursery:
-            for obj in writes.apply:
-                nursery.start_soon(apply_one, obj)
+    def _signing_ca(self, version: FleetVersion, now: dt.datetime) -> CA | None:
+        stored = version.fleetwide.ca
+        if stored is None:
+            return None
+        ident = (stored.material.cert_pem, stored.material.key_pem, stored.bundle)
+        if self._ca is not None and self._ca[0] == ident:
+            return self._ca[1]
+        try:
+            cert, key = load_ca(stored.material.cert_pem, stored.material.key_pem)
+        except PKIError:
+            return None
+        ca = CA(
+            cert=cert,
+            key=key,
+            material=stored.material,
+            revision=stored.revision,
+            previous=stored.previous,
+        )
+        self._ca = (ident, ca)
+        return ca
 
-        deleted = 0
+    async def _fleetwide(self, api: KubeApi, version: FleetVersion, now: dt.datetime) -> KeyResult:
+        ns = self.settings.namespace
+        fw = version.fleetwide
+        result = KeyResult(key=FLEET_KEY)
+        observed: dict[str, Mapping[str, Any]] = dict(fw.secrets)
+        if fw.ca_secret is not None:
+            observed[labels.CA_SECRET] = fw.ca_secret
+        for name in FIXED_SECRETS:
+            if name not in observed:
+                # Not watched until atlasd owns it (first start; adopting the original's).
+                with contextlib.suppress(NotFound):
+                    observed[name] = await api.get(SECRETS, name, namespace=ns)
+        versions = {("Secret", n): resource_version(o) for n, o in observed.items()}
+        inputs = (len(fw.alertmanagers),)
+        rec = self._synced.get(FLEET_KEY)
+        if (
+            rec is not None
+            and rec.inputs == inputs
+            and rec.versions == versions
+            and (rec.valid_until is None or now < rec.valid_until)
+        ):
+            result.in_sync = True
+            result.next_renewal = rec.valid_until
+            return result
+        problems: list[Problem] = []
+        try:
+            ca, action = decide_ca(
+                observed.get(labels.CA_SECRET), settings=self.settings, now=now, keys=self.keys
+            )
+        except PKIError as e:
+            ref = ObjectRef(kind="Secret", name=labels.CA_SECRET, namespace=ns)
+            problems.append(Problem(source=ref, field="data", message=str(e), reason="InvalidCA"))
+            self._synced.pop(FLEET_KEY, None)
+            result.problems = tuple(problems)
+            result.events = await self._report(api, FLEET_KEY, problems)
+            return result
+        result.ca_action = action
+        written: dict[ObjectId, str | None] = {}
+        step = ca_write(
+            ca_secret(ca, observed.get(labels.CA_SECRET), self.settings),
+            observed.get(labels.CA_SECRET),
+        )
+        if step is not None:
+            verb, body = step
+            stored = await (api.create(body) if verb == "create" else api.replace(body))
+            if verb == "create":
+                result.created += 1
+            else:
+                result.replaced += 1
+            written[("Secret", labels.CA_SECRET)] = resource_version(stored)
+            if action == "rotated":
+                log.info("CA rotated: serial %s, revision %d", ca.serial, ca.revision)
+        obs = plan_observability(
+            observed,
+            ca=ca,
+            settings=self.settings,
+            now=now,
+            keys=self.keys,
+            force=action == "rotated",
+        )
+        result.issued = obs.issued
+        values = observability_values_secret(self.settings)
+        writes = plan_key_writes(
+            services={},
+            secrets={
+                **{s["metadata"]["name"]: s for s in obs.secrets},
+                labels.OBS_VALUES_SECRET: values,
+            },
+            observed_services={},
+            observed_secrets={n: o for n, o in observed.items() if n != labels.CA_SECRET},
+            prune=False,
+        )
+        self.expectations.expect(FLEET_KEY, written, now=self._clock())
+        versions.update({k: v for k, v in written.items() if v is not None})
+        after = await self._write(api, FLEET_KEY, writes, result, problems, None)
+        versions.update({k: v for k, v in after.items() if v is not None})
+        next_renewal = min(obs.next_renewal, ca_deadline(ca, self.settings))
+        if not result.write_errors:
+            self._synced[FLEET_KEY] = _Synced(inputs, versions, next_renewal)
+        result.next_renewal = next_renewal
+        result.problems = tuple(problems)
+        result.events = await self._report(api, FLEET_KEY, problems)
+        return result
+
+    async def _write(
+        self,
+        api: KubeApi,
+        key: str,
+        writes: KeyWrites,
+        result: KeyResult,
+        problems: list[Problem],
+        member: Member | None,
+    ) -> dict[ObjectId, str | None]:
+        """Apply and delete (bounded concurrency); the resulting versions are expected."""
+        versions: dict[ObjectId, str | None] = {}
+        errors: list[str] = []
+
+        async def apply_one(obj: Mapping[str, Any]) -> None:
+            kind, name = str(obj.get("kind")), str(obj["metadata"]["name"])
+            async with self._limiter:
+                try:
+                    stored = await api.apply(obj)
+                except (Invalid, BadRequest) as e:
+                    errors.append(f"{kind} {name}: {e.reason}")
+                    if member is not None and member.cluster is not None:
+                        problems.append(
+                            Problem(
+                                source=member.cluster.source or _ref(member),
+                                field=f"{kind} {name}",
+                                message=f"the API server rejected it: {e.reason}",
+                                reason="ApplyFailed",
+                            )
+                        )
+                    else:
+                        log.error("apply of %s %s rejected: %s", kind, name, e.reason)
+                    return
+            versions[(kind, name)] = resource_version(stored)
+            result.applied += 1
 
         async def delete_one(res: Resource, name: str) -> None:
-            nonlocal deleted
-            async with limiter:
+            async with self._limiter:
                 try:
-                    await kube.delete(res, name, namespace=settings.namespace)
+                    await api.delete(res, name, namespace=self.settings.namespace)
                 except NotFound:
+                    versions[(res.kind, name)] = None
                     return
-                deleted += 1
+            versions[(res.kind, name)] = None
+            result.deleted += 1
 
-        async with trio.open_nursery() as nursery:
-            for res, name in writes.delete:
-                nursery.start_soon(delete_one, res, name)
+        if writes:
+            async with trio.open_nursery() as nursery:
+                for obj in writes.apply:
+                    nursery.start_soon(apply_one, obj)
+                for res, name in writes.delete:
+                    nursery.start_soon(delete_one, res, name)
+        result.write_errors = (*result.write_errors, *errors)
+        self.expectations.expect(key, versions, now=self._clock())
+        return versions
 
-        events = await self._report(kube, problems)
-        return ReconcileResult(
-            fleet=desired.fleet,
-            problems=tuple(problems),
-            created=created,
-            replaced=replaced,
-            applied=applied,
-            deleted=deleted,
-            events=events,
-            issued=plan.issued,
-            ca_action=plan.ca_action,
-            write_errors=tuple(errors),
-            next_renewal=plan.next_renewal,
-        )
-
-    async def _report(self, kube: KubeApi, problems: Sequence[Problem]) -> int:
+    async def _report(self, api: KubeApi, key: str, problems: Sequence[Problem]) -> int:
         current: set[tuple[str, str, str, str, str]] = set()
+        before = self._reported.get(key, set())
         posted = 0
         for p in problems:
-            key = (p.source.namespace, p.source.name, p.source.uid, p.field, p.message)
-            current.add(key)
-            if key in self._reported:
+            pk = (p.source.namespace, p.source.name, p.source.uid, p.field, p.message)
+            current.add(pk)
+            if pk in before:
                 continue
             await self.post_event(
-                kube, ref=p.source, reason=p.reason, message=f"{p.field}: {p.message}"
+                api, ref=p.source, reason=p.reason, message=f"{p.field}: {p.message}"
             )
             posted += 1
-        self._reported = current
+        if current:
+            self._reported[key] = current
+        else:
+            self._reported.pop(key, None)
         return posted
+
+    # -- everything at once ---------------------------------------------------------------
+
+    async def reconcile_once(self, api: KubeApi, *, now: dt.datetime) -> ReconcileResult:
+        """A full pass from a fresh LIST: the fleet-wide key, then every cluster key."""
+        state = await observe(api, self.settings, allow_loopback=self.allow_loopback)
+        version = state.derive(state.keys(), now=now).version
+        self.expectations.clear()
+        self.forget_sync()
+        first = await self.reconcile_key(api, version, FLEET_KEY, now=now)
+        if first.writes:
+            # See our own fleet-wide writes (a new or rotated CA signs every leaf below).
+            await _reobserve_fixed(api, state, self.settings)
+            version = state.derive({FLEET_KEY}, now=now).version
+        self.expectations.clear()
+        results = [first]
+
+        async def one(key: str) -> None:
+            results.append(await self.reconcile_key(api, version, key, now=now))
+
+        async with trio.open_nursery() as nursery:
+            for key in sorted(version.members):
+                nursery.start_soon(one, key)
+        self.expectations.clear()
+        after = await observe(api, self.settings, allow_loopback=self.allow_loopback)
+        await _reobserve_fixed(api, after, self.settings)
+        return ReconcileResult.of(results, after.derive(after.keys(), now=now).version.model)
+
+
+def _ref(m: Member) -> ObjectRef:
+    meta = (m.service or {}).get("metadata") or {}
+    return ObjectRef(
+        kind="Service",
+        name=m.name,
+        namespace=str(meta.get("namespace") or ""),
+        uid=str(meta.get("uid") or ""),
+    )
+
+
+def _is_cluster_service(version: FleetVersion, name: str) -> bool:
+    m = version.members.get(name)
+    return m is not None and m.service is not None
+
+
+def _cached_lookup(version: FleetVersion, key: str) -> Callable[[ObjectId], str | None]:
+    """The cached resourceVersion of one of ``key``'s objects (None: not cached)."""
+    if key == FLEET_KEY:
+        fw = version.fleetwide
+
+        def fleetwide(oid: ObjectId) -> str | None:
+            _kind, name = oid
+            obj = fw.ca_secret if name == labels.CA_SECRET else fw.secrets.get(name)
+            return resource_version(obj) or None if obj is not None else None
+
+        return fleetwide
+    m = version.members.get(key)
+
+    def member(oid: ObjectId) -> str | None:
+        if m is None:
+            return None
+        kind, name = oid
+        obj = (m.services if kind == "Service" else m.secrets).get(name)
+        return resource_version(obj) or None if obj is not None else None
+
+    return member
+
+
+async def observe(api: KubeApi, settings: Settings, *, allow_loopback: bool = False) -> FleetState:
+    """A ``FleetState`` filled from a LIST of every watched role (quorum reads)."""
+    state = FleetState(settings, allow_loopback=allow_loopback)
+    for role in roles(settings):
+        items, _ = await api.list(
+            role.resource, namespace=settings.namespace, label_selector=role.selector
+        )
+        for obj in items:
+            state.observe(role.name, str(obj["metadata"]["name"]), obj)
+    return state
+
+
+async def _reobserve_fixed(api: KubeApi, state: FleetState, settings: Settings) -> None:
+    """Record the fixed-name Secrets as they are now (after the fleet-wide writes)."""
+    for name in FIXED_SECRETS:
+        try:
+            obj = await api.get(SECRETS, name, namespace=settings.namespace)
+        except NotFound:
+            continue
+        if key_of("owned-secrets", obj) == FLEET_KEY:
+            state.observe("owned-secrets", name, obj)
 
 
 async def reconcile_once(
-    kube: KubeApi,
+    api: KubeApi,
     *,
     settings: Settings,
     now: dt.datetime,
     reconciler: Reconciler | None = None,
     post_event: EventPoster = log_event,
 ) -> ReconcileResult:
-    """One pass. Pass the same ``reconciler`` each time to report each Problem once."""
+    """One full pass. Pass the same ``reconciler`` each time to report each Problem once."""
     rec = reconciler or Reconciler(settings=settings, post_event=post_event)
-    return await rec.reconcile_once(kube, now=now)
+    return await rec.reconcile_once(api, now=now)

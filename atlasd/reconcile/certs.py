@@ -10,14 +10,13 @@ should exist; this module makes and checks them.
   usage from a ``LeafSpec``, validity capped at the signing CA's, AKI/SKI set.
 - A leaf is current when it parses, its key is P-256 and matches it, the current CA signed
   it, its SANs and usages are those of its spec, and less than ``renew_fraction`` of its
-  lifetime has passed. Signature and key checks are memoized by PEM bytes (they dominate a
-  steady-state pass over many clusters, and their answer never changes).
+  lifetime has passed. Nothing is memoized here: callers check a leaf once per change of
+  its Secret (``atlasd.reconcile.applier`` remembers which keys are in sync).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -115,7 +114,6 @@ def sign(
     return builder.sign(key, None)  # ed25519/ed448 take no hash
 
 
-@functools.lru_cache(maxsize=16384)
 def renew_at(cert_pem: bytes, fraction: float) -> dt.datetime:
     """When a certificate reaches ``fraction`` of its lifetime."""
     cert = x509.load_pem_x509_certificate(cert_pem)
@@ -235,20 +233,14 @@ def issue_leaf(
     return CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
 
 
-@functools.lru_cache(maxsize=16384)
-def _signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
-    """Whether ``cert_pem`` was issued by ``ca_pem`` (memoized: verification dominates a
-    steady-state pass over many clusters and its answer never changes for given bytes)."""
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
 
 
-@functools.lru_cache(maxsize=16384)
 def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
@@ -272,7 +264,7 @@ def leaf_is_current(
         cert = x509.load_pem_x509_certificate(material.cert_pem)
     except ValueError:
         return False
-    if not _signed_by(material.cert_pem, ca.material.cert_pem):
+    if not _signed_by(cert, ca.cert):
         return False
     if not _key_matches(material.cert_pem, material.key_pem):
         return False
@@ -286,10 +278,3 @@ def leaf_is_current(
     dns = set(san.get_values_for_type(x509.DNSName))
     ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
     return dns == set(spec.dns) and ips == set(spec.ips) and set(eku) == set(_eku(spec.usage))
-
-
-def clear_caches() -> None:
-    """Forget memoized verifications (benchmarks measuring a cold restart use this)."""
-    _signed_by.cache_clear()
-    _key_matches.cache_clear()
-    renew_at.cache_clear()

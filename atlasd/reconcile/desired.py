@@ -27,9 +27,8 @@ certificates inline so the bootstrap needs no files; admin on 127.0.0.1.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,16 +310,16 @@ def sidecar_services(cluster: DownstreamCluster, settings: Settings) -> list[Ser
     return out
 
 
-@functools.lru_cache(maxsize=4096)
-def _downstream_values_yaml(
+def values_secret(
     cluster: DownstreamCluster,
+    *,
     identity: Identity,
     ca_bundle: bytes,
+    ca_serial: str,
     settings: Settings,
     alertmanager_count: int,
-) -> bytes:
-    """``values.yaml`` text, memoized: a pure function of frozen inputs, and rendering
-    YAML dominates a steady-state pass over many clusters."""
+) -> SecretObject:
+    """``<c>-envoy-values``: the downstream Envoy chart's values for ``cluster``."""
     values = downstream_values(
         cluster,
         identity=identity,
@@ -328,12 +327,77 @@ def _downstream_values_yaml(
         settings=settings,
         alertmanager_count=alertmanager_count,
     )
-    return dump_yaml(values).encode()
+    return secret_object(
+        name=labels.values_secret_name(cluster.name),
+        namespace=settings.namespace,
+        data={VALUES_KEY: dump_yaml(values).encode()},
+        obj_labels=managed_labels(cluster.name, **{labels.CA_SIGNED_LABEL: ca_serial}),
+        owner_refs=owner_references(cluster),
+    )
+
+
+def observability_values_secret(settings: Settings) -> SecretObject:
+    """``atlas-envoy-values``: the observability Envoy chart's values."""
+    return secret_object(
+        name=labels.OBS_VALUES_SECRET,
+        namespace=settings.namespace,
+        data={VALUES_KEY: dump_yaml(observability_values(settings)).encode()},
+        obj_labels=managed_labels(),
+    )
+
+
+def objects_inputs(cluster: DownstreamCluster) -> Hashable:
+    """What of a cluster its desired objects depend on (its external IP and upstreams are
+    served over xDS, not written): equal inputs, equal objects."""
+    return (
+        cluster.name,
+        cluster.ports,
+        cluster.replicas,
+        cluster.envoy_selectors,
+        cluster.source.uid if cluster.source is not None else "",
+    )
+
+
+@dataclass(frozen=True)
+class ClusterObjects:
+    """What atlasd makes exist for one cluster: its sidecar Services and its Secrets
+    (``<c>-envoy-values`` and ``<c>-atlas-identity``), by name."""
+
+    services: Mapping[str, ServiceObject]
+    secrets: Mapping[str, SecretObject]
+
+
+def cluster_objects(
+    cluster: DownstreamCluster,
+    *,
+    identity: Identity,
+    identity_secret: SecretObject,
+    ca_bundle: bytes,
+    ca_serial: str,
+    settings: Settings,
+    alertmanager_count: int,
+) -> ClusterObjects:
+    values = values_secret(
+        cluster,
+        identity=identity,
+        ca_bundle=ca_bundle,
+        ca_serial=ca_serial,
+        settings=settings,
+        alertmanager_count=alertmanager_count,
+    )
+    return ClusterObjects(
+        services={s["metadata"]["name"]: s for s in sidecar_services(cluster, settings)},
+        secrets={
+            values["metadata"]["name"]: values,
+            identity_secret["metadata"]["name"]: identity_secret,
+        },
+    )
 
 
 @dataclass(frozen=True)
 class DesiredState:
-    """Everything the applier makes exist (``atlas-ca`` is written separately, first)."""
+    """Everything the applier makes exist for a whole fleet (``atlas-ca`` is written
+    separately, first)."""
 
     fleet: Fleet
     ca_secret: SecretObject
@@ -348,35 +412,33 @@ def desired_state(
     plan: PKIPlan,
     settings: Settings,
 ) -> DesiredState:
-    """The whole desired state of one pass."""
+    """The whole desired state at once: ``cluster_objects`` of every cluster plus the
+    fleet-wide Secrets (the daemon builds the same objects key by key)."""
     clusters = tuple(sorted(clusters, key=lambda c: c.name))
     services: dict[str, ServiceObject] = {}
     secrets: dict[str, SecretObject] = {}
     for s in plan.tls_secrets:
         secrets[s["metadata"]["name"]] = s
-    secrets[labels.OBS_VALUES_SECRET] = secret_object(
-        name=labels.OBS_VALUES_SECRET,
-        namespace=settings.namespace,
-        data={VALUES_KEY: dump_yaml(observability_values(settings)).encode()},
-        obj_labels=managed_labels(),
-    )
+    secrets[labels.OBS_VALUES_SECRET] = observability_values_secret(settings)
     for cluster in clusters:
-        for svc in sidecar_services(cluster, settings):
-            services[svc["metadata"]["name"]] = svc
-        identity = plan.pki.identity(cluster.name)
-        if identity is None:  # plan_pki covers every cluster it was given
-            raise ValueError(f"no identity planned for cluster {cluster.name!r}")
-        text = _downstream_values_yaml(
-            cluster, identity, plan.pki.trust_bundle, settings, len(alertmanagers)
+        objs = cluster_objects(
+            cluster,
+            identity=plan.identities[cluster.name],
+            identity_secret=plan.identity_secrets[cluster.name],
+            ca_bundle=plan.pki.trust_bundle,
+            ca_serial=plan.pki.ca_serial,
+            settings=settings,
+            alertmanager_count=len(alertmanagers),
         )
-        secrets[labels.values_secret_name(cluster.name)] = secret_object(
-            name=labels.values_secret_name(cluster.name),
-            namespace=settings.namespace,
-            data={VALUES_KEY: text},
-            obj_labels=managed_labels(cluster.name, **{labels.CA_SIGNED_LABEL: plan.pki.ca_serial}),
-            owner_refs=owner_references(cluster),
-        )
-        ident = plan.identity_secrets[cluster.name]
-        secrets[ident["metadata"]["name"]] = ident
-    fleet = Fleet(settings=settings, clusters=clusters, alertmanagers=alertmanagers, pki=plan.pki)
+        services.update(objs.services)
+        secrets.update(objs.secrets)
+    fleet = Fleet.of(
+        settings,
+        clusters,
+        alertmanagers=alertmanagers,
+        pki=plan.pki,
+        identities={
+            n: plan.identities[n] for n in (OBSERVABILITY_NODE, *(c.name for c in clusters))
+        },
+    )
     return DesiredState(fleet=fleet, ca_secret=plan.ca_secret, services=services, secrets=secrets)

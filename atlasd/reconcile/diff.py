@@ -1,91 +1,41 @@
-"""What a pass reads and what it must write: observed state, comparison, the write plan.
+"""What one key must write: comparison of desired with observed, and the write plan.
 
-Pure (no I/O). ``plan_writes(desired, observed, protected=...)`` diffs the desired objects
-against the observed ones:
+Pure (no I/O). ``plan_key_writes(desired, observed, clashes=...)`` diffs one key's desired
+objects against what is observed for it (the watch cache, or a LIST):
 
-- ``atlas-ca``: created when absent, else replaced whole (PUT with the observed
-  resourceVersion) when anything differs, annotations compared exactly — that is how a
-  ``goatlas.io/ca-rotate`` set by another field manager is removed;
-- every other desired object whose observed copy ``differs``: server-side applied;
-- owned objects (``goatlas.io/owner-cluster``) of a cluster that is neither desired nor
-  *protected* (present but invalid: its objects stay until it is fixed or deleted): deleted;
-- a desired sidecar Service whose name a cluster Service already has: not written, a
-  *clash* (any other same-named object atlasd does not own yet is taken over, which is how
-  an installation of the original is adopted).
+- every desired object whose observed copy ``differs``: server-side applied;
+- every observed object of the key that is not desired: deleted (the key's cluster is gone,
+  or wants fewer replicas); a key whose cluster Service is present but invalid is
+  *protected* by its caller, which then passes no desired objects and asks for no deletes;
+- a desired Service whose name a cluster Service already has: not written, a *clash*
+  (any other same-named object atlasd does not own yet is taken over, which is how an
+  installation of the original is adopted).
+
+``atlas-ca`` is written whole (``ca_write``): created when absent, else replaced (PUT with the
+observed resourceVersion) when anything differs, annotations compared exactly — that is how a
+``goatlas.io/ca-rotate`` set by another field manager is removed.
 
 ``differs`` compares only what atlasd sets: labels and annotations as subsets (others may
 add theirs), Secret ``data`` decoded and exactly (with the same keys), Service ``selector``
 exactly, lists element-wise, other maps as subsets (the API server adds defaults). A
-Secret's type is immutable, so an existing Secret keeps its type. A steady-state pass
+Secret's type is immutable, so an existing Secret keeps its type. A steady-state key
 therefore plans no write.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from atlasd import labels
 from atlasd.kube.apply import needs_apply
 from atlasd.kube.resources import SECRETS, SERVICES, Resource
-from atlasd.model import Settings
-from atlasd.reconcile.desired import DesiredState
 from atlasd.reconcile.objects import secret_data
-from atlasd.reconcile.validate import is_cluster_service, selector_matches
 
-FIXED_SECRETS = (
-    labels.CA_SECRET,
-    labels.SERVER_SECRET,
-    labels.CLIENT_SECRET,
-    labels.TLS_SECRET,
-    labels.OBS_VALUES_SECRET,
-)
-"""Secrets atlasd reads by name even before it owns them (adoption of the original)."""
-MANAGED_SELECTOR = f"{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
-CLUSTER_SELECTOR = f"{labels.CLUSTER_LABEL}=true"
 # Maps compared exactly (atlasd owns every key); other maps are compared as subsets.
 _EXACT_PATHS = frozenset({("spec", "selector")})
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What one pass read from the API server."""
-
-    cluster_services: Sequence[Mapping[str, Any]]
-    alertmanager_services: Sequence[Mapping[str, Any]]
-    owned_services: Mapping[str, Mapping[str, Any]]
-    # Owned Secrets plus whichever fixed-name Secrets exist.
-    secrets: Mapping[str, Mapping[str, Any]]
-
-
-def observed_from_caches(
-    *,
-    services: Mapping[str, Mapping[str, Any]],
-    secrets: Mapping[str, Mapping[str, Any]],
-    settings: Settings,
-) -> Observed:
-    """``Observed`` from informer caches (name -> object) of the namespace's Services and
-    Secrets — all of them, or at least the cluster, Alertmanager and owned ones and the
-    fixed-name Secrets."""
-
-    def owned(obj: Mapping[str, Any]) -> bool:
-        lbls = (obj.get("metadata") or {}).get("labels") or {}
-        return bool(lbls.get(labels.MANAGED_BY_LABEL) == labels.MANAGED_BY_VALUE)
-
-    selector = settings.alertmanager_selector
-    return Observed(
-        cluster_services=[s for _, s in sorted(services.items()) if is_cluster_service(s)],
-        alertmanager_services=[
-            s
-            for _, s in sorted(services.items())
-            if selector
-            and selector_matches((s.get("metadata") or {}).get("labels") or {}, selector)
-        ],
-        owned_services={n: s for n, s in services.items() if owned(s)},
-        secrets={n: s for n, s in secrets.items() if owned(s) or n in FIXED_SECRETS},
-    )
 
 
 # --- comparison ---
@@ -132,15 +82,16 @@ def differs(desired: Mapping[str, Any], observed: Mapping[str, Any] | None) -> b
 
 
 @dataclass(frozen=True)
-class WritePlan:
-    """What one pass writes."""
+class KeyWrites:
+    """What one key writes."""
 
-    ca_create: Mapping[str, Any] | None
-    ca_replace: Mapping[str, Any] | None
-    apply: tuple[Mapping[str, Any], ...]
-    delete: tuple[tuple[Resource, str], ...]
+    apply: tuple[Mapping[str, Any], ...] = ()
+    delete: tuple[tuple[Resource, str], ...] = ()
     # Desired Services not written because a cluster Service already has the name.
     clashes: tuple[Mapping[str, Any], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.apply or self.delete)
 
 
 def owner_of(obj: Mapping[str, Any]) -> str | None:
@@ -173,45 +124,51 @@ def _with_observed_type(
     return desired
 
 
-def plan_writes(
-    desired: DesiredState, observed: Observed, *, protected: frozenset[str]
-) -> WritePlan:
-    """Diff desired against observed: what to create, replace, apply and delete."""
-    ca_obs = observed.secrets.get(labels.CA_SECRET)
-    ca_create = ca_replace = None
-    if ca_obs is None:
-        ca_create = desired.ca_secret
-    elif _ca_differs(desired.ca_secret, ca_obs):
-        ca_replace = _ca_body(desired.ca_secret, ca_obs)
+def plan_key_writes(
+    *,
+    services: Mapping[str, Mapping[str, Any]],
+    secrets: Mapping[str, Mapping[str, Any]],
+    observed_services: Mapping[str, Mapping[str, Any]],
+    observed_secrets: Mapping[str, Mapping[str, Any]],
+    is_cluster_service: Callable[[str], bool] = lambda name: False,
+    prune: bool = True,
+) -> KeyWrites:
+    """Diff one key's desired Services and Secrets against its observed ones (by name).
 
+    ``is_cluster_service(name)``: whether a cluster Service of that name exists (it is never
+    overwritten). ``prune``: delete observed objects of the key that are not desired.
+    """
     apply: list[Mapping[str, Any]] = []
-    for name, secret in sorted(desired.secrets.items()):
-        obs = observed.secrets.get(name)
+    for name, secret in sorted(secrets.items()):
+        obs = observed_secrets.get(name)
         want = _with_observed_type(secret, obs)
         if differs(want, obs):
             apply.append(want)
-    # Never overwrite an operator's cluster Service (e.g. one named like another
-    # cluster's sidecar Service). Other same-named objects atlasd does not own yet are
-    # taken over: that is how an installation of the original is adopted.
-    cluster_names = {str(s["metadata"]["name"]) for s in observed.cluster_services}
     clashes: list[Mapping[str, Any]] = []
-    for name, svc in sorted(desired.services.items()):
-        if name in cluster_names:
+    for name, svc in sorted(services.items()):
+        if is_cluster_service(name):
             clashes.append(svc)
-        elif differs(svc, observed.owned_services.get(name)):
+        elif differs(svc, observed_services.get(name)):
             apply.append(svc)
-
     delete: list[tuple[Resource, str]] = []
-    for res, owned, wanted in (
-        (SERVICES, observed.owned_services, desired.services),
-        (SECRETS, observed.secrets, desired.secrets),
-    ):
-        for name, obj in sorted(owned.items()):
-            owner = owner_of(obj)
-            if owner is None or owner in protected or name in wanted:
-                continue
-            delete.append((res, name))
-    return WritePlan(ca_create, ca_replace, tuple(apply), tuple(delete), tuple(clashes))
+    if prune:
+        for res, owned, wanted in (
+            (SERVICES, observed_services, services),
+            (SECRETS, observed_secrets, secrets),
+        ):
+            delete.extend((res, n) for n in sorted(owned) if n not in wanted)
+    return KeyWrites(tuple(apply), tuple(delete), tuple(clashes))
+
+
+def ca_write(
+    desired: Mapping[str, Any], observed: Mapping[str, Any] | None
+) -> tuple[str, Mapping[str, Any]] | None:
+    """How to write ``atlas-ca``: ("create", body), ("replace", body) or None (in sync)."""
+    if observed is None:
+        return "create", desired
+    if _ca_differs(desired, observed):
+        return "replace", _ca_body(desired, observed)
+    return None
 
 
 def _ca_differs(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> bool:

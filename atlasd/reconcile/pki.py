@@ -60,6 +60,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from atlasd import labels
+from atlasd.fleet.trust import (
+    CA_CERT_KEY,
+    CA_KEY_KEY,
+    order_previous,
+    previous_cas,
+    previous_key,
+    revision_of,
+)
+from atlasd.fleet.validate import identity_secret_name
 from atlasd.model import OBSERVABILITY_NODE, PKI, CertKey, DownstreamCluster, Identity, Settings
 from atlasd.reconcile.certs import (
     CA,
@@ -84,7 +93,6 @@ from atlasd.reconcile.objects import (
     secret_data,
     secret_object,
 )
-from atlasd.reconcile.validate import identity_secret_name
 
 # Re-exported: callers plan with ``pki`` alone (``plan_pki(..., keys=RandomKeys())``).
 __all__ = [
@@ -92,20 +100,22 @@ __all__ = [
     "CA_CERT_KEY",
     "CA_KEY_KEY",
     "KeySource",
+    "LeafPlan",
     "LeafSpec",
     "PKIError",
     "PKIPlan",
     "RandomKeys",
     "ca_secret",
+    "check_settings",
     "cluster_specs",
     "decide_ca",
     "load_ca",
     "observability_specs",
+    "plan_identity",
+    "plan_observability",
     "plan_pki",
 ]
 
-CA_CERT_KEY = "ca.pem"
-CA_KEY_KEY = "ca-key.pem"
 CAAction = Literal["created", "adopted", "kept", "rotated"]
 
 
@@ -123,6 +133,8 @@ class PKIPlan:
     ca_secret: SecretObject
     # atlas-server, atlas-client, atlas-tls
     tls_secrets: tuple[SecretObject, ...]
+    # node id (``atlas`` and each cluster) -> its certificates
+    identities: Mapping[str, Identity]
     # cluster name -> <cluster>-atlas-identity
     identity_secrets: Mapping[str, SecretObject]
     # Names of the certificates issued by this plan ("atlas-server", "<c>/client", ...).
@@ -187,31 +199,8 @@ def load_ca(
     return cert, key
 
 
-def _previous_cas(
-    data: Mapping[str, bytes], current_serial: str, now: dt.datetime
-) -> list[tuple[str, bytes, dt.datetime]]:
-    out: list[tuple[str, bytes, dt.datetime]] = []
-    for k, pem in data.items():
-        if not (k.startswith("ca-") and k.endswith(".pem")) or k == CA_KEY_KEY:
-            continue
-        serial = k[3:-4]
-        if serial == current_serial:
-            continue
-        try:
-            cert = x509.load_pem_x509_certificate(pem)
-        except ValueError:
-            continue
-        if cert.not_valid_after_utc <= now or str(cert.serial_number) != serial:
-            continue
-        out.append((serial, pem, cert.not_valid_before_utc))
-    return out
-
-
-def _order_previous(
-    items: Iterable[tuple[str, bytes, dt.datetime]],
-) -> tuple[tuple[str, bytes], ...]:
-    ordered = sorted(items, key=lambda t: (t[2], t[0]), reverse=True)
-    return tuple((s, pem) for s, pem, _ in ordered)
+def _ordered(items: list[tuple[str, bytes, x509.Certificate]]) -> tuple[tuple[str, bytes], ...]:
+    return tuple((serial, pem) for serial, pem, _ in order_previous(items))
 
 
 def decide_ca(
@@ -234,12 +223,9 @@ def decide_ca(
         return CA(cert=cert, key=key, material=material, revision=1), "created"
 
     cert, ca_key = load_ca(data[CA_CERT_KEY], data[CA_KEY_KEY])
-    try:
-        revision = max(int(lbls.get(labels.CA_REVISION_LABEL, "1")), 1)
-    except ValueError:
-        revision = 1
+    revision = revision_of(observed)
     serial = str(cert.serial_number)
-    previous = _previous_cas(data, serial, now)
+    previous = previous_cas(data, serial, now)
     rotate = labels.CA_ROTATE_ANNOTATION in anns or past_fraction(
         cert, now, settings.renew_fraction
     )
@@ -249,13 +235,13 @@ def decide_ca(
             key=ca_key,
             material=CertKey(data[CA_CERT_KEY], data[CA_KEY_KEY]),
             revision=revision,
-            previous=_order_previous(previous),
+            previous=_ordered(previous),
         )
         owned = lbls.get(labels.MANAGED_BY_LABEL) == labels.MANAGED_BY_VALUE
         return ca, ("kept" if owned else "adopted")
 
     if cert.not_valid_after_utc > now:
-        previous.append((serial, data[CA_CERT_KEY], cert.not_valid_before_utc))
+        previous.append((serial, data[CA_CERT_KEY], cert))
     new_cert, new_key = new_ca(keys=keys, now=now, lifetime=settings.ca_lifetime)
     material = CertKey(new_cert.public_bytes(serialization.Encoding.PEM), key_pem(new_key))
     ca = CA(
@@ -263,7 +249,7 @@ def decide_ca(
         key=new_key,
         material=material,
         revision=revision + 1,
-        previous=_order_previous(previous),
+        previous=_ordered(previous),
     )
     return ca, "rotated"
 
@@ -279,7 +265,7 @@ def ca_secret(ca: CA, observed: Mapping[str, Any] | None, settings: Settings) ->
     data[CA_CERT_KEY] = ca.material.cert_pem
     data[CA_KEY_KEY] = ca.material.key_pem
     for serial, pem in ca.previous:
-        data[f"ca-{serial}.pem"] = pem
+        data[previous_key(serial)] = pem
     obj_labels = meta_map(observed, "labels")
     obj_labels.update(
         managed_labels(
@@ -308,19 +294,9 @@ def _material(data: Mapping[str, bytes], cert_key: str, key_key: str) -> CertKey
     return None
 
 
-def plan_pki(
-    *,
-    secrets: Mapping[str, Mapping[str, Any]],
-    clusters: Iterable[DownstreamCluster],
-    settings: Settings,
-    now: dt.datetime,
-    keys: KeySource,
-) -> PKIPlan:
-    """Decide the CA and every leaf from the observed Secrets (name -> object).
-
-    Raises ``PKIError`` when ``atlas-ca`` exists but is unusable, ``ValueError`` when the
-    settings would re-issue on every pass (a configuration error, caught at startup).
-    """
+def check_settings(settings: Settings) -> None:
+    """Raise ``ValueError`` for settings that would re-issue on every pass (a configuration
+    error, caught at startup)."""
     if not 0 < settings.renew_fraction <= 1:
         raise ValueError(f"renew_fraction must be in (0, 1], not {settings.renew_fraction}")
     for what, life in (
@@ -330,100 +306,188 @@ def plan_pki(
         # Certificates are back-dated by CLOCK_SKEW: a fresh one must not be due already.
         if (life + CLOCK_SKEW) * settings.renew_fraction <= CLOCK_SKEW:
             raise ValueError(f"{what} {life} is too short to renew at {settings.renew_fraction}")
-    now = as_utc(now)
-    ca, action = decide_ca(secrets.get(labels.CA_SECRET), settings=settings, now=now, keys=keys)
-    issued: list[str] = []
-    bundle = ca.bundle
 
-    # A rotation re-issues every leaf, even one the new CA would verify (same key reused).
-    force = action == "rotated"
 
-    def leaf(name: str, current: CertKey | None, spec: LeafSpec) -> CertKey:
+@dataclass(frozen=True)
+class LeafPlan:
+    """The leaves of one node: kept or issued, the Secrets holding them, when to renew."""
+
+    identity: Identity
+    secrets: tuple[SecretObject, ...]
+    issued: tuple[str, ...]
+    next_renewal: dt.datetime
+
+
+class _Leaves:
+    """Keeps or issues leaves under one CA, noting what it issued."""
+
+    def __init__(
+        self, *, ca: CA, settings: Settings, now: dt.datetime, keys: KeySource, force: bool
+    ) -> None:
+        self.ca, self.settings, self.now, self.keys, self.force = ca, settings, now, keys, force
+        self.issued: list[str] = []
+
+    def leaf(self, name: str, current: CertKey | None, spec: LeafSpec) -> CertKey:
+        s = self.settings
         if (
             current is not None
-            and not force
+            and not self.force
             and leaf_is_current(
-                current, spec, ca=ca, now=now, renew_fraction=settings.renew_fraction
+                current, spec, ca=self.ca, now=self.now, renew_fraction=s.renew_fraction
             )
         ):
             return current
-        issued.append(name)
-        return issue_leaf(spec, ca=ca, keys=keys, now=now, lifetime=settings.leaf_lifetime)
+        self.issued.append(name)
+        return issue_leaf(spec, ca=self.ca, keys=self.keys, now=self.now, lifetime=s.leaf_lifetime)
 
+
+def plan_observability(
+    secrets: Mapping[str, Mapping[str, Any]],
+    *,
+    ca: CA,
+    settings: Settings,
+    now: dt.datetime,
+    keys: KeySource,
+    force: bool = False,
+) -> LeafPlan:
+    """``atlas-server``, ``atlas-client`` and ``atlas-tls`` (observed by name in ``secrets``);
+    ``force`` re-issues them all (the CA was just rotated)."""
+    leaves = _Leaves(ca=ca, settings=settings, now=as_utc(now), keys=keys, force=force)
     tls: dict[str, CertKey] = {}
-    tls_secrets: list[SecretObject] = []
+    out: list[SecretObject] = []
     for name, spec in observability_specs(settings).items():
         observed = secrets.get(name)
-        material = leaf(name, _material(secret_data(observed), "tls.crt", "tls.key"), spec)
+        material = leaves.leaf(name, _material(secret_data(observed), "tls.crt", "tls.key"), spec)
         tls[name] = material
         obj_labels = meta_map(observed, "labels")
         obj_labels.update(
             managed_labels(**{labels.CERT_LABEL: "true", labels.CA_SIGNED_LABEL: ca.serial})
         )
-        tls_secrets.append(
+        out.append(
             secret_object(
                 name=name,
                 namespace=settings.namespace,
-                data={"ca.crt": bundle, "tls.crt": material.cert_pem, "tls.key": material.key_pem},
+                data={
+                    "ca.crt": ca.bundle,
+                    "tls.crt": material.cert_pem,
+                    "tls.key": material.key_pem,
+                },
                 obj_labels=obj_labels,
                 secret_type=str((observed or {}).get("type") or "kubernetes.io/tls"),
             )
         )
-
-    identities: list[tuple[str, Identity]] = [
-        (
-            OBSERVABILITY_NODE,
-            Identity(server=tls[labels.SERVER_SECRET], client=tls[labels.CLIENT_SECRET]),
-        )
-    ]
-    identity_secrets: dict[str, SecretObject] = {}
-    for cluster in sorted(clusters, key=lambda c: c.name):
-        sname = identity_secret_name(cluster.name)
-        data = secret_data(secrets.get(sname))
-        server_spec, client_spec = cluster_specs(cluster.name, settings)
-        server = leaf(
-            f"{cluster.name}/server", _material(data, "server.crt", "server.key"), server_spec
-        )
-        client = leaf(
-            f"{cluster.name}/client", _material(data, "client.crt", "client.key"), client_spec
-        )
-        identities.append((cluster.name, Identity(server=server, client=client)))
-        identity_secrets[cluster.name] = secret_object(
-            name=sname,
-            namespace=settings.namespace,
-            data={
-                "ca.crt": bundle,
-                "server.crt": server.cert_pem,
-                "server.key": server.key_pem,
-                "client.crt": client.cert_pem,
-                "client.key": client.key_pem,
-            },
-            obj_labels=managed_labels(
-                cluster.name,
-                **{labels.CERT_LABEL: "identity", labels.CA_SIGNED_LABEL: ca.serial},
-            ),
-            owner_refs=owner_references(cluster),
-        )
-
-    pki = PKI(
-        ca=ca.material,
-        trust_bundle=bundle,
-        ca_serial=ca.serial,
-        ca_revision=ca.revision,
-        identities=tuple(identities),
+    identity = Identity(server=tls[labels.SERVER_SECRET], client=tls[labels.CLIENT_SECRET])
+    renewals = [renew_at(m.cert_pem, settings.renew_fraction) for m in tls.values()]
+    return LeafPlan(
+        identity=identity,
+        secrets=tuple(out),
+        issued=tuple(leaves.issued),
+        next_renewal=min(renewals),
     )
+
+
+def plan_identity(
+    cluster: DownstreamCluster,
+    observed: Mapping[str, Any] | None,
+    *,
+    ca: CA,
+    settings: Settings,
+    now: dt.datetime,
+    keys: KeySource,
+    force: bool = False,
+) -> LeafPlan:
+    """One downstream cluster's server and client leaves and ``<c>-atlas-identity``."""
+    leaves = _Leaves(ca=ca, settings=settings, now=as_utc(now), keys=keys, force=force)
+    data = secret_data(observed)
+    server_spec, client_spec = cluster_specs(cluster.name, settings)
+    server = leaves.leaf(
+        f"{cluster.name}/server", _material(data, "server.crt", "server.key"), server_spec
+    )
+    client = leaves.leaf(
+        f"{cluster.name}/client", _material(data, "client.crt", "client.key"), client_spec
+    )
+    secret = secret_object(
+        name=identity_secret_name(cluster.name),
+        namespace=settings.namespace,
+        data={
+            "ca.crt": ca.bundle,
+            "server.crt": server.cert_pem,
+            "server.key": server.key_pem,
+            "client.crt": client.cert_pem,
+            "client.key": client.key_pem,
+        },
+        obj_labels=managed_labels(
+            cluster.name,
+            **{labels.CERT_LABEL: "identity", labels.CA_SIGNED_LABEL: ca.serial},
+        ),
+        owner_refs=owner_references(cluster),
+    )
+    return LeafPlan(
+        identity=Identity(server=server, client=client),
+        secrets=(secret,),
+        issued=tuple(leaves.issued),
+        next_renewal=min(
+            renew_at(server.cert_pem, settings.renew_fraction),
+            renew_at(client.cert_pem, settings.renew_fraction),
+        ),
+    )
+
+
+def ca_deadline(ca: CA, settings: Settings) -> dt.datetime:
+    """When the fleet-wide key must be looked at again for time's sake: the CA reaching
+    ``renew_fraction``, or an earlier CA leaving the bundle at its expiry."""
     deadlines = [renew_at(ca.material.cert_pem, settings.renew_fraction)]
     deadlines += [renew_at(pem, 1.0) for _, pem in ca.previous]
-    for _, ident in identities:
-        deadlines.append(renew_at(ident.server.cert_pem, settings.renew_fraction))
-        deadlines.append(renew_at(ident.client.cert_pem, settings.renew_fraction))
-    deadlines.append(renew_at(tls[labels.TLS_SECRET].cert_pem, settings.renew_fraction))
+    return min(deadlines)
+
+
+def plan_pki(
+    *,
+    secrets: Mapping[str, Mapping[str, Any]],
+    clusters: Iterable[DownstreamCluster],
+    settings: Settings,
+    now: dt.datetime,
+    keys: KeySource,
+) -> PKIPlan:
+    """Decide the CA and every leaf of a whole fleet at once from the observed Secrets
+    (name -> object): ``decide_ca``, ``plan_observability`` and ``plan_identity`` composed
+    (the daemon runs the same steps key by key).
+
+    Raises ``PKIError`` when ``atlas-ca`` exists but is unusable, ``ValueError`` when the
+    settings would re-issue on every pass.
+    """
+    check_settings(settings)
+    now = as_utc(now)
+    ca, action = decide_ca(secrets.get(labels.CA_SECRET), settings=settings, now=now, keys=keys)
+    # A rotation re-issues every leaf, even one the new CA would verify (same key reused).
+    force = action == "rotated"
+    obs = plan_observability(secrets, ca=ca, settings=settings, now=now, keys=keys, force=force)
+    issued = list(obs.issued)
+    deadlines = [obs.next_renewal, ca_deadline(ca, settings)]
+    identities: dict[str, Identity] = {OBSERVABILITY_NODE: obs.identity}
+    identity_secrets: dict[str, SecretObject] = {}
+    for cluster in sorted(clusters, key=lambda c: c.name):
+        plan = plan_identity(
+            cluster,
+            secrets.get(identity_secret_name(cluster.name)),
+            ca=ca,
+            settings=settings,
+            now=now,
+            keys=keys,
+            force=force,
+        )
+        issued += plan.issued
+        deadlines.append(plan.next_renewal)
+        identities[cluster.name] = plan.identity
+        identity_secrets[cluster.name] = plan.secrets[0]
+    pki = PKI(ca=ca.material, trust_bundle=ca.bundle, ca_serial=ca.serial, ca_revision=ca.revision)
     return PKIPlan(
         pki=pki,
         ca=ca,
         ca_action=action,
         ca_secret=ca_secret(ca, secrets.get(labels.CA_SECRET), settings),
-        tls_secrets=tuple(tls_secrets),
+        tls_secrets=obs.secrets,
+        identities=identities,
         identity_secrets=identity_secrets,
         issued=tuple(issued),
         next_renewal=min(deadlines),

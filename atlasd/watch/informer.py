@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import trio
 
-from atlasd.kube.client import KubeClient
+from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import (
     BadRequest,
     Gone,
@@ -89,7 +89,7 @@ class Informer:
 
     def __init__(
         self,
-        kube: KubeClient,
+        kube: KubeApi,
         res: Resource,
         *,
         namespace: str | None,
@@ -117,6 +117,10 @@ class Informer:
         self._rv = ""
         self._synced = trio.Event()
         self._handlers: list[Handler] = []
+        self._relist_handlers: list[Callable[[], None]] = []
+        # Told of each failed LIST (the error) and of the next good one (None): readiness.
+        self.on_error: Callable[[Exception | None], None] | None = None
+        self._failing = False
         # Counters for status pages and tests.
         self.lists = 0
         self.watches = 0
@@ -164,9 +168,20 @@ class Informer:
 
         return unsubscribe
 
+    def subscribe_relists(self, handler: Callable[[], None]) -> None:
+        """Call ``handler`` after every LIST that replaced the cache (its changes were
+        emitted first): the cache is then at least as new as any write that completed
+        before the LIST began."""
+        self._relist_handlers.append(handler)
+
     def subscribe_queue(self, queue: WorkQueue[str]) -> Callable[[], None]:
         """Add the key of every changed object to ``queue``."""
         return self.subscribe(lambda change: queue.add(change.key))
+
+    def _report(self, exc: Exception | None) -> None:
+        self._failing = exc is not None
+        if self.on_error is not None:
+            self.on_error(exc)
 
     def _emit(self, change: Change) -> None:
         for handler in list(self._handlers):
@@ -199,10 +214,12 @@ class Informer:
                 continue
             except (KubeError, trio.TooSlowError) as exc:
                 self.errors += 1
+                self._report(exc)
                 retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else None
                 delay = await self.backoff.sleep(at_least=retry_after or 0.0)
                 log.warning("list %s failed (%s); retried after %.1fs", self.res, exc, delay)
                 continue
+            self._report(None)
             synced()
             await self._watch_until_gone()
 
@@ -281,6 +298,8 @@ class Informer:
                 self._emit(Change("ADDED", key, obj))
             elif _meta(before).get("resourceVersion") != _meta(obj).get("resourceVersion"):
                 self._emit(Change("MODIFIED", key, obj, before))
+        for handler in list(self._relist_handlers):
+            handler()
 
     async def _watch_until_gone(self) -> None:
         """Watch from ``_rv`` until the server says it is too old (410)."""
@@ -308,6 +327,8 @@ class Informer:
                                 break
                         events += 1
                         self._apply(event)
+                        if self._failing:
+                            self._report(None)
             except Gone as exc:
                 log.info("watch %s from %s: %s; relisting", self.res, self._rv, exc.reason)
                 if events == 0 and trio.current_time() - began < MIN_WATCH_SECONDS:
@@ -317,6 +338,7 @@ class Informer:
                 return
             except (KubeError, trio.TooSlowError) as exc:
                 self.errors += 1
+                self._report(exc)
                 retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else None
                 delay = await self.backoff.sleep(at_least=retry_after or 0.0)
                 log.warning("watch %s failed (%s); retried after %.1fs", self.res, exc, delay)

@@ -5,13 +5,16 @@ Guarantees:
 - a key is handed to at most one worker at a time: a key re-added while it is being
   processed is queued again only after ``done(key)``, so it is processed once more
   with the newest state;
-- ``add_after`` delays an add; ``add_rate_limited`` delays it by a per-key exponential
+- ``add_after`` delays an add; a key waiting already keeps the earlier of its two
+  deadlines (client-go's delaying queue), so a key is in the delay heap at most once as
+  far as ``get`` is concerned; ``add_rate_limited`` delays it by a per-key exponential
   backoff until ``forget(key)``.
 
 State (all mutated only from trio tasks, no locks needed):
 ``_queue`` (FIFO of keys ready to hand out), ``_dirty`` (keys that need processing:
 queued or waiting for their in-flight run to finish), ``_processing`` (keys handed out
-and not yet ``done``), ``_delayed`` (heap of (deadline, seq, key)).
+and not yet ``done``), ``_delayed`` (heap of (deadline, seq, key); an entry counts only
+while ``_waiting[key]`` equals its deadline), ``_waiting`` (key -> its earliest deadline).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class WorkQueue(Generic[K]):
         self._dirty: set[K] = set()
         self._processing: set[K] = set()
         self._delayed: list[tuple[float, int, K]] = []
+        self._waiting: dict[K, float] = {}
         self._seq = itertools.count()
         self._failures: dict[K, int] = {}
         self._base_delay = base_delay
@@ -69,7 +73,16 @@ class WorkQueue(Generic[K]):
         if delay <= 0:
             self.add(key)
             return
-        heapq.heappush(self._delayed, (trio.current_time() + delay, next(self._seq), key))
+        deadline = trio.current_time() + delay
+        current = self._waiting.get(key)
+        if current is not None and current <= deadline:
+            return
+        self._waiting[key] = deadline
+        heapq.heappush(self._delayed, (deadline, next(self._seq), key))
+        # Keep stale entries from piling up when deadlines keep moving earlier.
+        if len(self._delayed) > 2 * len(self._waiting) + 64:
+            self._delayed = [e for e in self._delayed if self._waiting.get(e[2]) == e[0]]
+            heapq.heapify(self._delayed)
         self._wakeup.set()
 
     def add_rate_limited(self, key: K) -> None:
@@ -89,8 +102,13 @@ class WorkQueue(Generic[K]):
         """Move due delayed keys to the queue; return the next deadline (inf if none)."""
         now = trio.current_time()
         while self._delayed and self._delayed[0][0] <= now:
-            _, _, key = heapq.heappop(self._delayed)
+            deadline, _, key = heapq.heappop(self._delayed)
+            if self._waiting.get(key) != deadline:
+                continue  # superseded by an earlier deadline, already promoted
+            del self._waiting[key]
             self.add(key)
+        while self._delayed and self._waiting.get(self._delayed[0][2]) != self._delayed[0][0]:
+            heapq.heappop(self._delayed)
         return self._delayed[0][0] if self._delayed else float("inf")
 
     async def get(self) -> K:
@@ -120,6 +138,7 @@ class WorkQueue(Generic[K]):
         """Stop accepting adds; ``get`` raises ShutDown once the queue is drained."""
         self._shutting_down = True
         self._delayed.clear()
+        self._waiting.clear()
         self._wakeup.set()
 
     def drain_ready(self) -> list[K]:

@@ -23,20 +23,24 @@ Certificates: every identity's DNS SANs include its node id (``atlas`` or the cl
 Secrets are served by SDS over ADS under the names ``validation``, ``server``, ``client``;
 only the referenced ones are included.
 
-Work is proportional to change: ``SnapshotBuilder`` memoizes every serialized resource
-keyed by (node, type, name) together with the inputs it was built from, and the large
-route configurations of node ``atlas`` are assembled from cached per-cluster pieces by
+Work is proportional to change: ``SnapshotBuilder.update(fleet, changed)`` rebuilds the
+nodes and pieces of the keys that changed (see the class), and the large route
+configurations of node ``atlas`` are assembled from cached per-cluster pieces by
 concatenating their encoded bytes (protobuf repeated fields may be encoded piecewise).
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from atlasd import model
+from atlasd.fleet.keys import FLEET_KEY
 from atlasd.labels import FORWARDER_TOKEN_HEADER
 from atlasd.xds.messages import (
     ADS_FORWARD_CLUSTER,
@@ -55,7 +59,8 @@ from atlasd.xds.messages import (
     make_hcm,
     make_listener,
     make_route,
-    rbac_allow_principals,
+    principal_bytes,
+    rbac_allow_encoded,
     repeated_field,
     serialize,
     tls_secret,
@@ -70,6 +75,7 @@ from atlasd.xds.snapshot import (
     InconsistentSnapshot,
     Resource,
     Snapshot,
+    content_version,
 )
 
 log = logging.getLogger(__name__)
@@ -88,15 +94,45 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------
-# the memoizing builder
+# the incremental builder
+
+
+@dataclass(frozen=True)
+class _ClusterPieces:
+    """What one downstream cluster contributes to node ``atlas``."""
+
+    clusters: tuple[Resource, Resource]  # <c>-thanos, <c>-prom
+    vhost: bytes  # its virtual host in route configuration "thanos"
+    prom_route: bytes  # its route in route configuration "prometheus"
+    principal: bytes  # its RBAC principal (alertmanager routes)
+
+    @property
+    def digest(self) -> str:
+        return content_version(self.vhost + b"\0" + self.prom_route)
+
+
+@dataclass
+class BuildResult:
+    """Nodes whose snapshot changed (None: the node is gone) and the pieces rebuilt."""
+
+    changed: dict[str, Snapshot | None] = field(default_factory=dict)
+    built: int = 0
 
 
 class SnapshotBuilder:
-    """Builds snapshots for a fleet, reusing every piece whose inputs did not change.
+    """Builds and keeps every node's snapshot, rebuilding only what a change touches.
 
-    The memo maps (node, kind, name) -> (inputs, piece); a piece is rebuilt only when its
-    inputs (frozen model objects) differ. Pieces of nodes or clusters that disappear are
-    dropped at the end of each ``build``.
+    ``update(fleet, changed)`` takes the keys that changed (``atlasd.fleet``; None: all):
+    a downstream node is rebuilt only when its own cluster or the fleet-wide inputs changed;
+    node ``atlas`` keeps one set of pieces per cluster (two upstream clusters, a virtual
+    host, a route, an RBAC principal) and evolves its snapshot with the changed ones only:
+    the route configurations are assembled by concatenating the cached encoded pieces
+    (protobuf repeated fields may be encoded piecewise) and versioned by a sum over the
+    pieces' hashes, so nothing unchanged is re-serialized or re-hashed.
+
+    Invariants: ``_pieces`` holds the pieces of exactly the clusters of the last fleet that
+    are served on node ``atlas``, ``_names`` their names sorted; ``_nodes[n]`` the inputs and
+    snapshot of every downstream node published.
     """
 
     def __init__(
@@ -111,107 +147,98 @@ class SnapshotBuilder:
         self.plan = plan or ListenPlan()
         self._token = forwarder_token
         self._conn_seconds = upstream_connection_seconds
-        self._memo: dict[tuple[str, str, str], tuple[Hashable, Piece]] = {}
-        self._resources: dict[tuple[str, str, str], tuple[Hashable, Resource]] = {}
-        self._snapshots: dict[str, tuple[tuple[tuple[str, str, str], ...], Snapshot]] = {}
-        # Keys used while building the current downstream node (None: not tracking).
-        self._node_keys: set[tuple[str, str, str]] | None = None
-        # node -> (inputs, memo keys it used): the downstream fast path.
-        self._node_inputs: dict[str, tuple[Hashable, frozenset[tuple[str, str, str]]]] = {}
-        self._used: set[tuple[str, str, str]] = set()
-        # Inconsistencies found in the last build (builder bugs; see ``_snapshot``).
+        self._pieces: dict[str, tuple[Hashable, _ClusterPieces]] = {}
+        self._names: list[str] = []
+        self._route_sums = {"thanos": 0, "prometheus": 0}
+        self._principals: bytes | None = None
+        self._nodes: dict[str, tuple[Hashable, Snapshot]] = {}
+        self._atlas: Snapshot | None = None
+        self._fleet_inputs: Hashable = None
+        # Inconsistencies found by the last update (builder bugs; see ``_consistent``).
         self.problems: list[str] = []
-        # Counters for tests and the benchmark: pieces built vs reused in the last build.
+        # Pieces built by the last update (tests and the benchmark).
         self.built = 0
-        self.reused = 0
 
-    def _piece(
-        self, key: tuple[str, str, str], inputs: Hashable, make: Callable[[], Piece]
-    ) -> Piece:
-        self._used.add(key)
-        if self._node_keys is not None:
-            self._node_keys.add(key)
-        hit = self._memo.get(key)
-        if hit is not None and hit[0] == inputs:
-            self.reused += 1
-            return hit[1]
-        piece = make()
-        self._memo[key] = (inputs, piece)
-        self.built += 1
-        return piece
+    # -- the seam the soak test uses to dial its stand-in network -------------------------
 
-    def _res(
-        self, node: str, type_url: str, name: str, inputs: Hashable, make: Callable[[], Piece]
-    ) -> Resource:
-        key = (node, type_url, name)
-        self._used.add(key)
-        if self._node_keys is not None:
-            self._node_keys.add(key)
-        hit = self._resources.get(key)
-        if hit is not None and hit[0] == inputs:
-            self.reused += 1
-            return hit[1]
-        p = make()
-        r = Resource.of(type_url, name, p.body, p.refs)
-        self._resources[key] = (inputs, r)
-        self.built += 1
-        return r
+    def upstream_host(self, cluster: model.DownstreamCluster) -> str:
+        """Where node ``atlas`` dials ``cluster``'s Envoy: its external IP."""
+        return cluster.external_ip
 
-    def _snapshot(self, node: str, resources: list[Resource]) -> Snapshot | None:
-        """Reuse the previous snapshot object when every resource is unchanged."""
-        sig = tuple((r.type_url, r.name, r.version) for r in resources)
-        prev = self._snapshots.get(node)
-        if prev is not None and prev[0] == sig:
-            return prev[1]
-        try:
-            snap = Snapshot.create(node, resources)
-        except InconsistentSnapshot as exc:
-            # A builder bug, not bad input: never publish it; keep serving the last good
-            # snapshot of this node (or nothing yet), and say so.
-            self.problems.append(str(exc))
-            log.error("xds: not publishing node %r: %s", node, exc)
-            return None if prev is None else prev[1]
-        self._snapshots[node] = (sig, snap)
-        return snap
+    # -- public ------------------------------------------------------------------------------
+
+    def snapshots(self) -> dict[str, Snapshot]:
+        out = {n: snap for n, (_, snap) in self._nodes.items()}
+        if self._atlas is not None:
+            out[model.OBSERVABILITY_NODE] = self._atlas
+        return out
 
     def build(self, fleet: model.Fleet) -> dict[str, Snapshot]:
-        """One snapshot per node; none at all without a PKI (Envoy cannot do TLS)."""
-        self._used = set()
-        self.built = self.reused = 0
+        """Every node's snapshot for ``fleet`` (none at all without a PKI)."""
+        self.update(fleet, None)
+        return self.snapshots()
+
+    def update(self, fleet: model.Fleet, changed: Iterable[str] | None) -> BuildResult:
+        """Bring the snapshots up to ``fleet``; ``changed``: the keys that may differ from
+        the previous fleet (None: any)."""
         self.problems = []
-        out: dict[str, Snapshot] = {}
+        self.built = 0
+        result = BuildResult()
         pki = fleet.pki
-        if pki is not None:
-            idents = dict(pki.identities)
-            atlas_ident = idents.get(model.OBSERVABILITY_NODE)
-            if atlas_ident is not None:
-                snap = self._snapshot(
-                    model.OBSERVABILITY_NODE, self._atlas(fleet, pki, atlas_ident)
-                )
-                if snap is not None:
-                    out[model.OBSERVABILITY_NODE] = snap
-            for c in fleet.clusters:
-                ident = idents.get(c.name)
-                if ident is None or c.name == model.OBSERVABILITY_NODE:
-                    continue
-                snap = self._downstream_snapshot(fleet, c, pki, ident)
-                if snap is not None:
-                    out[c.name] = snap
-        for k in set(self._memo) - self._used:
-            del self._memo[k]
-        for k in set(self._resources) - self._used:
-            del self._resources[k]
-        for n in set(self._snapshots) - set(out):
-            del self._snapshots[n]
-        for n in set(self._node_inputs) - set(out):
-            del self._node_inputs[n]
-        return out
+        atlas_ident = fleet.identities.get(model.OBSERVABILITY_NODE)
+        fleet_inputs = (
+            fleet.settings,
+            pki,
+            atlas_ident,
+            fleet.alertmanagers,
+            self.plan,
+            self._token,
+            self._conn_seconds,
+        )
+        if changed is None or fleet_inputs != self._fleet_inputs:
+            keys: set[str] = set(fleet.clusters) | set(self._pieces) | set(self._nodes)
+            everything = True
+        else:
+            keys = {k for k in changed if k != FLEET_KEY}
+            everything = False
+        self._fleet_inputs = fleet_inputs
+        if pki is None or atlas_ident is None:
+            for n in list(self._nodes):
+                result.changed[n] = None
+            if self._atlas is not None:
+                result.changed[model.OBSERVABILITY_NODE] = None
+            self._nodes.clear()
+            self._pieces.clear()
+            self._names = []
+            self._route_sums = {"thanos": 0, "prometheus": 0}
+            self._principals = None
+            self._atlas = None
+            return result
+        # Downstream nodes.
+        for name in sorted(keys):
+            c = fleet.clusters.get(name)
+            ident = fleet.identities.get(name)
+            if c is None or ident is None or name == model.OBSERVABILITY_NODE:
+                if self._nodes.pop(name, None) is not None:
+                    result.changed[name] = None
+                continue
+            snap = self._downstream_snapshot(fleet, c, pki, ident)
+            if snap is not None:
+                result.changed[name] = snap
+        # Node atlas.
+        atlas = self._atlas_update(fleet, pki, atlas_ident, keys, everything)
+        if atlas is not None:
+            result.changed[model.OBSERVABILITY_NODE] = atlas
+        result.built = self.built
+        return result
+
+    # -- downstream nodes ------------------------------------------------------------------
 
     def _downstream_snapshot(
         self, fleet: model.Fleet, c: model.DownstreamCluster, pki: model.PKI, ident: model.Identity
     ) -> Snapshot | None:
-        """A downstream node's snapshot depends only on these inputs: when they are equal
-        to last time, reuse the snapshot without visiting its pieces."""
+        """A downstream node's snapshot depends only on these inputs: when they are equal to
+        last time, nothing is built. Returns the new snapshot, or None if unchanged."""
         inputs = (
             c,
             fleet.settings,
@@ -221,26 +248,188 @@ class SnapshotBuilder:
             len(fleet.alertmanagers),
             self._conn_seconds,
         )
-        prev = self._node_inputs.get(c.name)
-        snap = self._snapshots.get(c.name)
-        if prev is not None and snap is not None and prev[0] == inputs:
-            self._used |= prev[1]
-            self.reused += 1
-            return snap[1]
-        self._node_keys = set()
-        problems = len(self.problems)
+        prev = self._nodes.get(c.name)
+        if prev is not None and prev[0] == inputs:
+            return None
+        resources = self._downstream(fleet, c, pki, ident)
+        self.built += 1
+        snap = self._consistent(c.name, resources, prev[1] if prev is not None else None)
+        if snap is None or (prev is not None and prev[1] is snap):
+            return None
+        self._nodes[c.name] = (inputs, snap)
+        return snap
+
+    def _consistent(
+        self, node: str, resources: list[Resource], prev: Snapshot | None
+    ) -> Snapshot | None:
+        """A snapshot of ``resources``, evolved from ``prev`` where possible; an inconsistent
+        one is never published: the node keeps its last good snapshot (or has none yet)."""
         try:
-            snapshot = self._snapshot(c.name, self._downstream(fleet, c, pki, ident))
-            if len(self.problems) == problems:
-                self._node_inputs[c.name] = (inputs, frozenset(self._node_keys))
-        finally:
-            self._node_keys = None
-        return snapshot
+            snap = Snapshot.create(node, resources)
+        except InconsistentSnapshot as exc:
+            # A builder bug, not bad input: say so, keep serving the last good snapshot.
+            self.problems.append(str(exc))
+            log.error("xds: not publishing node %r: %s", node, exc)
+            return prev
+        if prev is not None:
+            if prev.versions == snap.versions:
+                return prev
+            names = {(r.type_url, r.name) for r in resources}
+            gone = [(t, n) for t, rs in prev.resources.items() for n in rs if (t, n) not in names]
+            return prev.evolve(resources, gone)
+        return snap
 
-    # -- node atlas ------------------------------------------------------------------
+    # -- node atlas: per-cluster pieces -------------------------------------------------------
 
-    def _atlas(self, fleet: model.Fleet, pki: model.PKI, ident: model.Identity) -> list[Resource]:
+    def _cluster_pieces(self, fleet: model.Fleet, c: model.DownstreamCluster) -> _ClusterPieces:
+        s = fleet.settings
+        ports = self.plan.ports_for(c.name)
+        host = self.upstream_host(c)
+        ups: list[Resource] = []
+        for kind, port in (("thanos", ports.thanos), ("prom", ports.prometheus)):
+            cname = f"{c.name}-{kind}"
+            cl, refs = make_cluster(
+                name=cname,
+                host=host,
+                port=port,
+                http2=True,
+                tls_san=c.name,
+                max_connection_seconds=self._conn_seconds,
+            )
+            ups.append(Resource.of(CLUSTER, cname, serialize(cl), refs))
+        domains = [
+            d
+            for svc in c.sidecar_services()
+            for d in host_domains(f"{svc}.{s.namespace}.svc.{s.cluster_domain}")
+        ]
+        vh = route_components_pb2.VirtualHost(
+            name=f"{c.name}-thanos",
+            domains=domains,
+            routes=[make_route(f"{c.name}-thanos", streaming=True)],
+        )
+        prom = make_route(f"{c.name}-prom", prefix=f"/prom/{c.name}/", rewrite="/")
+        self.built += 1
+        return _ClusterPieces(
+            clusters=(ups[0], ups[1]),
+            vhost=serialize(vh),
+            prom_route=serialize(prom),
+            principal=principal_bytes(c.name),
+        )
+
+    def _atlas_update(
+        self,
+        fleet: model.Fleet,
+        pki: model.PKI,
+        ident: model.Identity,
+        keys: set[str],
+        everything: bool,
+    ) -> Snapshot | None:
+        """Node ``atlas`` for ``fleet``: the new snapshot, or None if unchanged."""
         node = model.OBSERVABILITY_NODE
+        upserts: list[Resource] = []
+        removals: list[tuple[str, str]] = []
+        routes_dirty = everything
+        members_changed = everything
+        for name in keys:
+            c = fleet.clusters.get(name)
+            if c is None:
+                old = self._pieces.pop(name, None)
+                if old is not None:
+                    removals += [(CLUSTER, r.name) for r in old[1].clusters]
+                    self._route_sums["thanos"] -= _piece_sum(name, old[1].vhost)
+                    self._route_sums["prometheus"] -= _piece_sum(name, old[1].prom_route)
+                    i = bisect.bisect_left(self._names, name)
+                    del self._names[i]
+                    routes_dirty = members_changed = True
+                continue
+            inputs = (c, self.plan.ports_for(c.name), self.upstream_host(c), fleet.settings)
+            old = self._pieces.get(name)
+            if old is not None and old[0] == inputs:
+                continue
+            pieces = self._cluster_pieces(fleet, c)
+            self._pieces[name] = (inputs, pieces)
+            upserts += pieces.clusters
+            if old is None:
+                bisect.insort(self._names, name)
+                members_changed = True
+            else:
+                self._route_sums["thanos"] -= _piece_sum(name, old[1].vhost)
+                self._route_sums["prometheus"] -= _piece_sum(name, old[1].prom_route)
+            self._route_sums["thanos"] += _piece_sum(name, pieces.vhost)
+            self._route_sums["prometheus"] += _piece_sum(name, pieces.prom_route)
+            if old is None or (old[1].vhost, old[1].prom_route) != (
+                pieces.vhost,
+                pieces.prom_route,
+            ):
+                routes_dirty = True
+        if routes_dirty:
+            upserts += self._route_configs()
+        if members_changed or everything:
+            self._principals = None
+        if everything or self._atlas is None:
+            resources = self._atlas_fixed(fleet, pki, ident)
+            resources += [r for _, p in self._pieces.values() for r in p.clusters]
+            resources += self._route_configs()
+            resources += self._alertmanager_routes(fleet)
+            resources += self._referenced_secrets(node, resources, pki, ident)
+            snap = self._consistent(node, resources, self._atlas)
+        else:
+            if members_changed and fleet.alertmanagers:
+                upserts += self._alertmanager_routes(fleet)
+            # The client certificate is referenced by the upstream clusters only: it comes
+            # with the first cluster and goes with the last.
+            has_client = self._atlas.get(SECRET, CLIENT_SECRET) is not None
+            if self._pieces and not has_client:
+                upserts.append(
+                    _mk(SECRET, CLIENT_SECRET, lambda: tls_secret(CLIENT_SECRET, ident.client))
+                )
+            elif not self._pieces and has_client:
+                removals.append((SECRET, CLIENT_SECRET))
+            if not upserts and not removals:
+                return None
+            try:
+                snap = self._atlas.evolve(upserts, removals)
+            except InconsistentSnapshot as exc:
+                self.problems.append(str(exc))
+                log.error("xds: not publishing node %r: %s", node, exc)
+                return None
+        if snap is None or snap is self._atlas:
+            return None
+        self._atlas = snap
+        return snap
+
+    def _route_configs(self) -> list[Resource]:
+        """Route configurations ``thanos`` and ``prometheus`` from the cached pieces."""
+        names = self._names
+        pieces = [self._pieces[n][1] for n in names]
+        thanos_body = _THANOS_RC_HEAD + repeated_field(VHOSTS_FIELD, [p.vhost for p in pieces])
+        prom_vh = _PROM_VH_HEAD + repeated_field(ROUTES_FIELD, [p.prom_route for p in pieces])
+        prom_body = _PROM_RC_HEAD + repeated_field(VHOSTS_FIELD, [prom_vh])
+        thanos_refs = frozenset((CLUSTER, f"{n}-thanos") for n in names)
+        prom_refs = frozenset((CLUSTER, f"{n}-prom") for n in names)
+        return [
+            Resource(
+                ROUTE,
+                "thanos",
+                thanos_body,
+                thanos_refs,
+                _assembled_version(self._route_sums["thanos"]),
+            ),
+            Resource(
+                ROUTE,
+                "prometheus",
+                prom_body,
+                prom_refs,
+                _assembled_version(self._route_sums["prometheus"]),
+            ),
+        ]
+
+    # -- node atlas: what does not depend on one cluster ------------------------------------
+
+    def _atlas_fixed(
+        self, fleet: model.Fleet, pki: model.PKI, ident: model.Identity
+    ) -> list[Resource]:
+        """Listeners, the xDS forwarding route and cluster, the Alertmanager clusters."""
         s = fleet.settings
         obs = self.plan.observability
         res: list[Resource] = []
@@ -256,7 +445,7 @@ class SnapshotBuilder:
             )
             return Piece(serialize(lst), refs | {(ROUTE, "xds")})
 
-        res.append(self._res(node, LISTENER, "xds", (obs,), xds_listener))
+        res.append(_mk(LISTENER, "xds", xds_listener))
 
         def xds_route() -> Piece:
             # OVERWRITE_IF_EXISTS_OR_ADD replaces any copy a caller sent. (A virtual-host
@@ -270,7 +459,7 @@ class SnapshotBuilder:
             rc = route_pb2.RouteConfiguration(name="xds", virtual_hosts=[vh])
             return Piece(serialize(rc), frozenset({(CLUSTER, ADS_FORWARD_CLUSTER)}))
 
-        res.append(self._res(node, ROUTE, "xds", (self._token,), xds_route))
+        res.append(_mk(ROUTE, "xds", xds_route))
 
         def ads_cluster() -> Piece:
             c, refs = make_cluster(
@@ -278,89 +467,16 @@ class SnapshotBuilder:
             )
             return Piece(serialize(c), refs)
 
-        res.append(
-            self._res(
-                node,
-                CLUSTER,
-                ADS_FORWARD_CLUSTER,
-                (s.atlasd_ads_host, s.atlasd_ads_port),
-                ads_cluster,
-            )
-        )
-
-        # 10901 Thanos and 10904 Prometheus: one upstream pair per downstream cluster.
-        thanos_vhosts: list[bytes] = []
-        prom_routes: list[bytes] = []
-        route_refs: set[tuple[str, str]] = set()
-        for c in fleet.clusters:
-            ports = self.plan.ports_for(c.name)
-            for kind, port in (("thanos", ports.thanos), ("prom", ports.prometheus)):
-                cname = f"{c.name}-{kind}"
-
-                def up(
-                    cname: str = cname, c: model.DownstreamCluster = c, port: int = port
-                ) -> Piece:
-                    cl, refs = make_cluster(
-                        name=cname,
-                        host=c.external_ip,
-                        port=port,
-                        http2=True,
-                        tls_san=c.name,
-                        max_connection_seconds=self._conn_seconds,
-                    )
-                    return Piece(serialize(cl), refs)
-
-                res.append(self._res(node, CLUSTER, cname, (c.name, c.external_ip, port), up))
-                route_refs.add((CLUSTER, cname))
-
-            def thanos_vh(c: model.DownstreamCluster = c) -> Piece:
-                domains = [
-                    d
-                    for svc in c.sidecar_services()
-                    for d in host_domains(f"{svc}.{s.namespace}.svc.{s.cluster_domain}")
-                ]
-                vh = route_components_pb2.VirtualHost(
-                    name=f"{c.name}-thanos",
-                    domains=domains,
-                    routes=[make_route(f"{c.name}-thanos", streaming=True)],
-                )
-                return Piece(serialize(vh), frozenset())
-
-            thanos_vhosts.append(
-                self._piece(
-                    (node, "vhost/thanos", c.name),
-                    (c.name, c.replicas, s.namespace, s.cluster_domain),
-                    thanos_vh,
-                ).body
-            )
-
-            def prom_route(c: model.DownstreamCluster = c) -> Piece:
-                r = make_route(f"{c.name}-prom", prefix=f"/prom/{c.name}/", rewrite="/")
-                return Piece(serialize(r), frozenset())
-
-            prom_routes.append(self._piece((node, "route/prom", c.name), c.name, prom_route).body)
-
-        res.append(self._plain_listener(node, "thanos", obs.address, obs.thanos, streaming=True))
-        res.append(self._plain_listener(node, "prometheus", obs.address, obs.prometheus))
-        thanos_rc = serialize(route_pb2.RouteConfiguration(name="thanos")) + repeated_field(
-            VHOSTS_FIELD, thanos_vhosts
-        )
-        prom_vh = serialize(
-            route_components_pb2.VirtualHost(name="prometheus", domains=["*"])
-        ) + repeated_field(ROUTES_FIELD, prom_routes)
-        prom_rc = serialize(route_pb2.RouteConfiguration(name="prometheus")) + repeated_field(
-            VHOSTS_FIELD, [prom_vh]
-        )
-        thanos_refs = {r for r in route_refs if r[1].endswith("-thanos")}
-        res.append(Resource.of(ROUTE, "thanos", thanos_rc, thanos_refs))
-        res.append(Resource.of(ROUTE, "prometheus", prom_rc, route_refs - thanos_refs))
+        res.append(_mk(CLUSTER, ADS_FORWARD_CLUSTER, ads_cluster))
+        # 10901 Thanos and 10904 Prometheus: routes assembled from per-cluster pieces.
+        res.append(self._plain_listener("thanos", obs.address, obs.thanos, streaming=True))
+        res.append(self._plain_listener("prometheus", obs.address, obs.prometheus))
 
         # 10903: alerts from downstream Envoys to the i-th local Alertmanager, each to its
         # own Service. TLS requires a CA-signed client certificate; which clusters may
-        # call is per-route RBAC in RDS, so adding or removing a cluster changes the
-        # route configuration only (a listener update would drain its connections).
+        # call is per-route RBAC in RDS (``_alertmanager_routes``), so adding or removing a
+        # cluster changes the route configuration only (a listener update would drain).
         if fleet.alertmanagers:
-            names = tuple(c.name for c in fleet.clusters)
 
             def am_listener() -> Piece:
                 chain, refs = downstream_tls_chain(client_sans=None)
@@ -376,10 +492,7 @@ class SnapshotBuilder:
                 )
                 return Piece(serialize(lst), refs | {(ROUTE, "alertmanager")})
 
-            res.append(self._res(node, LISTENER, "alertmanager", (obs,), am_listener))
-            allow = rbac_allow_principals(names)
-            vhosts = []
-            am_refs = set()
+            res.append(_mk(LISTENER, "alertmanager", am_listener))
             for i, am in enumerate(fleet.alertmanagers):
                 cname = f"alertmanager{i}"
                 host = self.plan.service_host(
@@ -390,30 +503,42 @@ class SnapshotBuilder:
                     cl, refs = make_cluster(name=cname, host=host, port=port, http2=False)
                     return Piece(serialize(cl), refs)
 
-                res.append(self._res(node, CLUSTER, cname, (host, am.port), am_cluster))
-                am_refs.add((CLUSTER, cname))
-                vh = route_components_pb2.VirtualHost(
-                    name=cname,
-                    domains=host_domains(f"{cname}.{s.namespace}.svc.{s.cluster_domain}"),
-                    routes=[make_route(cname)],
-                )
-                vh.typed_per_filter_config[RBAC_FILTER].CopyFrom(allow)
-                vhosts.append(vh)
-            rc = route_pb2.RouteConfiguration(name="alertmanager", virtual_hosts=vhosts)
-            res.append(Resource.of(ROUTE, "alertmanager", serialize(rc), am_refs))
-
-        res.extend(self._referenced_secrets(node, res, pki, ident))
+                res.append(_mk(CLUSTER, cname, am_cluster))
         return res
 
+    def _alertmanager_routes(self, fleet: model.Fleet) -> list[Resource]:
+        """Route configuration ``alertmanager``: the i-th host to the i-th Alertmanager,
+        allowed to callers whose certificate names a cluster served now."""
+        if not fleet.alertmanagers:
+            return []
+        s = fleet.settings
+        if self._principals is None:
+            self._principals = b"".join(self._pieces[n][1].principal for n in self._names)
+        allow = rbac_allow_encoded(self._principals)
+        vhosts = []
+        refs = set()
+        for i in range(len(fleet.alertmanagers)):
+            cname = f"alertmanager{i}"
+            refs.add((CLUSTER, cname))
+            vh = route_components_pb2.VirtualHost(
+                name=cname,
+                domains=host_domains(f"{cname}.{s.namespace}.svc.{s.cluster_domain}"),
+                routes=[make_route(cname)],
+            )
+            vh.typed_per_filter_config[RBAC_FILTER].CopyFrom(allow)
+            vhosts.append(vh)
+        rc = route_pb2.RouteConfiguration(name="alertmanager", virtual_hosts=vhosts)
+        return [Resource.of(ROUTE, "alertmanager", serialize(rc), refs)]
+
     def _plain_listener(
-        self, node: str, name: str, address: str, port: int, *, streaming: bool = False
+        self, name: str, address: str, port: int, *, streaming: bool = False
     ) -> Resource:
         def make() -> Piece:
             hcm = make_hcm(stat_prefix=name, route_name=name, streaming=streaming)
             lst = make_listener(name=name, address=address, port=port, hcm=hcm, tls_chain=None)
             return Piece(serialize(lst), frozenset({(ROUTE, name)}))
 
-        return self._res(node, LISTENER, name, (address, port, streaming), make)
+        return _mk(LISTENER, name, make)
 
     def _referenced_secrets(
         self, node: str, res: list[Resource], pki: model.PKI, ident: model.Identity
@@ -422,18 +547,14 @@ class SnapshotBuilder:
         out: list[Resource] = []
         if VALIDATION_SECRET in wanted:
             bundle = pki.trust_bundle
-            out.append(
-                self._res(
-                    node, SECRET, VALIDATION_SECRET, bundle, lambda: validation_secret(bundle)
-                )
-            )
+            out.append(_mk(SECRET, VALIDATION_SECRET, lambda: validation_secret(bundle)))
         for name, ck in ((SERVER_SECRET, ident.server), (CLIENT_SECRET, ident.client)):
             if name in wanted:
 
                 def make(name: str = name, ck: model.CertKey = ck) -> Piece:
                     return tls_secret(name, ck)
 
-                out.append(self._res(node, SECRET, name, ck, make))
+                out.append(_mk(SECRET, name, make))
         return out
 
     # -- node <cluster> --------------------------------------------------------------
@@ -444,6 +565,9 @@ class SnapshotBuilder:
         node = c.name
         s = fleet.settings
         ports = self.plan.ports_for(c.name)
+        if ports.address == "0.0.0.0" and ":" in c.external_ip:
+            # An IPv6 external IP: listen on every IPv6 (and, dual-stack, IPv4) address.
+            ports = dataclasses.replace(ports, address="::")
         res: list[Resource] = []
         atlas = [model.OBSERVABILITY_NODE]
 
@@ -457,7 +581,7 @@ class SnapshotBuilder:
                 )
                 return Piece(serialize(lst), refs | {(ROUTE, name)})
 
-            res.append(self._res(node, LISTENER, name, (ports.address, port), mtls_listener))
+            res.append(_mk(LISTENER, name, mtls_listener))
 
         # Replica pinning: the authority names the sidecar Service of replica i.
         def thanos_routes() -> Piece:
@@ -476,15 +600,7 @@ class SnapshotBuilder:
                 serialize(rc), frozenset((CLUSTER, f"thanos{i}") for i in range(c.replicas))
             )
 
-        res.append(
-            self._res(
-                node,
-                ROUTE,
-                "thanos",
-                (c.name, c.replicas, s.namespace, s.cluster_domain),
-                thanos_routes,
-            )
-        )
+        res.append(_mk(ROUTE, "thanos", thanos_routes))
         for i in range(c.replicas):
             up = c.thanos_upstream(i)
 
@@ -492,7 +608,7 @@ class SnapshotBuilder:
                 cl, refs = make_cluster(name=f"thanos{i}", host=up.host, port=up.port, http2=True)
                 return Piece(serialize(cl), refs)
 
-            res.append(self._res(node, CLUSTER, f"thanos{i}", up, thanos_cluster))
+            res.append(_mk(CLUSTER, f"thanos{i}", thanos_cluster))
 
         def prom_routes() -> Piece:
             vh = route_components_pb2.VirtualHost(
@@ -501,7 +617,7 @@ class SnapshotBuilder:
             rc = route_pb2.RouteConfiguration(name="prometheus", virtual_hosts=[vh])
             return Piece(serialize(rc), frozenset({(CLUSTER, "prometheus")}))
 
-        res.append(self._res(node, ROUTE, "prometheus", (), prom_routes))
+        res.append(_mk(ROUTE, "prometheus", prom_routes))
 
         def prom_cluster() -> Piece:
             cl, refs = make_cluster(
@@ -509,7 +625,7 @@ class SnapshotBuilder:
             )
             return Piece(serialize(cl), refs)
 
-        res.append(self._res(node, CLUSTER, "prometheus", c.prometheus, prom_cluster))
+        res.append(_mk(CLUSTER, "prometheus", prom_cluster))
 
         # 11903: local alerts -> observability Envoy 10903 over mTLS. Authorities naming an
         # Alertmanager are kept; anything else goes to alertmanager0.
@@ -527,15 +643,7 @@ class SnapshotBuilder:
                 )
                 return Piece(serialize(lst), frozenset({(ROUTE, "alertmanager")}))
 
-            res.append(
-                self._res(
-                    node,
-                    LISTENER,
-                    "alertmanager",
-                    (ports.address, ports.alertmanager),
-                    relay_listener,
-                )
-            )
+            res.append(_mk(LISTENER, "alertmanager", relay_listener))
 
             def relay_routes() -> Piece:
                 hosts = [
@@ -559,11 +667,7 @@ class SnapshotBuilder:
                 rc = route_pb2.RouteConfiguration(name="alertmanager", virtual_hosts=vhosts)
                 return Piece(serialize(rc), frozenset({(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER)}))
 
-            res.append(
-                self._res(
-                    node, ROUTE, "alertmanager", (n_am, s.namespace, s.cluster_domain), relay_routes
-                )
-            )
+            res.append(_mk(ROUTE, "alertmanager", relay_routes))
 
             def relay_cluster() -> Piece:
                 cl, refs = make_cluster(
@@ -576,20 +680,32 @@ class SnapshotBuilder:
                 )
                 return Piece(serialize(cl), refs)
 
-            res.append(
-                self._res(
-                    node,
-                    CLUSTER,
-                    ATLAS_ALERTMANAGER_CLUSTER,
-                    (s.envoy_address, s.envoy_alertmanager_port),
-                    relay_cluster,
-                )
-            )
+            res.append(_mk(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER, relay_cluster))
 
         res.extend(self._referenced_secrets(node, res, pki, ident))
         return res
 
 
 def build_snapshots(fleet: model.Fleet, plan: ListenPlan | None = None) -> dict[str, Snapshot]:
-    """One-shot form of ``SnapshotBuilder(plan).build(fleet)`` (no memo kept)."""
+    """One-shot form of ``SnapshotBuilder(plan).build(fleet)``."""
     return SnapshotBuilder(plan).build(fleet)
+
+
+def _mk(type_url: str, name: str, make: Callable[[], Piece]) -> Resource:
+    p = make()
+    return Resource.of(type_url, name, p.body, p.refs)
+
+
+_THANOS_RC_HEAD = serialize(route_pb2.RouteConfiguration(name="thanos"))
+_PROM_RC_HEAD = serialize(route_pb2.RouteConfiguration(name="prometheus"))
+_PROM_VH_HEAD = serialize(route_components_pb2.VirtualHost(name="prometheus", domains=["*"]))
+
+
+def _piece_sum(name: str, body: bytes) -> int:
+    return int(content_version(name.encode() + b"\0" + body), 16)
+
+
+def _assembled_version(total: int) -> str:
+    """The version of a route configuration assembled from pieces: the sum of the pieces'
+    hashes (its fixed head is the same for every version)."""
+    return f"a{total % 2**64:016x}"

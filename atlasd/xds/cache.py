@@ -1,12 +1,14 @@
 """The published snapshots: one per node, with change notification. Trio-agnostic.
 
 Publishing an equal snapshot (same versions for every type) is a no-op: nobody is
-notified and nothing is sent. ``publish`` replaces the whole set at once, so a node
-whose cluster disappeared loses its snapshot in the same step (its streams are told
-and close; see ``server``).
+notified and nothing is sent. ``update`` publishes the nodes that changed (and clears the
+nodes whose snapshot is gone: their streams are told and close; see ``server``), so a
+change of one cluster touches that cluster's node and ``atlas`` only.
 
-Subscribers are plain callables run synchronously in ``set_snapshot``/``clear``; the
-server's callbacks only wake their stream (they never block or raise).
+Watchers are plain callables run synchronously in ``set_snapshot``/``clear`` with what
+changed: per type, the names that differ from the snapshot published before, or None when
+that is not known (a snapshot made from scratch, a removal). The server's callbacks only
+note it and wake their stream (they never block or raise).
 """
 
 from __future__ import annotations
@@ -19,21 +21,26 @@ from prometheus_client import CollectorRegistry
 from atlasd.xds.snapshot import Snapshot
 from atlasd.xds.status import EnvoyStatus, StatusBoard, XdsMetrics
 
-Callback = Callable[[], None]
+Diff = Mapping[str, frozenset[str]] | None
+Callback = Callable[[Diff], None]
 
 
 class SnapshotCache:
-    """Snapshots by node id, watchers by node id, and the status board of live streams."""
+    """Snapshots by node id, watchers by node id, and the status board of live streams.
+
+    Invariants: every snapshot here passed the consistency check; ``_disconnected`` holds
+    exactly the nodes with a snapshot and no open stream (exported as a gauge).
+    """
 
     def __init__(self, *, metrics: XdsMetrics | None = None) -> None:
-        # Invariant: every snapshot here passed ``Snapshot.create``'s consistency check.
         self._snapshots: dict[str, Snapshot] = {}
         # When each node's current snapshot was published (monotonic), for push latency.
         self._published_at: dict[str, float] = {}
         self._watchers: dict[str, dict[int, Callback]] = {}
         self._next_watch = 0
         self.metrics = metrics if metrics is not None else XdsMetrics(CollectorRegistry())
-        self.board = StatusBoard()
+        self._disconnected: set[str] = set()
+        self.board = StatusBoard(on_node=self._on_node, on_nacking=self.metrics.nacked_nodes.set)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -60,7 +67,10 @@ class SnapshotCache:
             return False
         self._snapshots[node] = snapshot
         self._published_at[node] = time.monotonic()
-        self._notify(node)
+        if prev is None and not self.board.has_stream(node):
+            self._disconnected.add(node)
+            self.metrics.disconnected_nodes.set(len(self._disconnected))
+        self._notify(node, snapshot.diff_from(prev))
         return True
 
     def clear(self, node: str) -> bool:
@@ -68,16 +78,28 @@ class SnapshotCache:
         if self._snapshots.pop(node, None) is None:
             return False
         self._published_at.pop(node, None)
-        self._notify(node)
+        if node in self._disconnected:
+            self._disconnected.discard(node)
+            self.metrics.disconnected_nodes.set(len(self._disconnected))
+        self._notify(node, None)
         return True
+
+    def update(self, changes: Mapping[str, Snapshot | None]) -> set[str]:
+        """Publish the nodes in ``changes`` (None: the node is gone); returns those that
+        changed."""
+        changed: set[str] = set()
+        for node, snap in changes.items():
+            if snap is None:
+                if self.clear(node):
+                    changed.add(node)
+            elif self.set_snapshot(node, snap):
+                changed.add(node)
+        return changed
 
     def publish(self, snapshots: Mapping[str, Snapshot]) -> set[str]:
         """Make ``snapshots`` the complete set; returns the nodes that changed."""
-        changed = {n for n in list(self._snapshots) if n not in snapshots and self.clear(n)}
-        for node, snap in snapshots.items():
-            if self.set_snapshot(node, snap):
-                changed.add(node)
-        return changed
+        gone: dict[str, Snapshot | None] = {n: None for n in self._snapshots if n not in snapshots}
+        return self.update({**gone, **snapshots})
 
     # -- watching --------------------------------------------------------------------
 
@@ -96,6 +118,13 @@ class SnapshotCache:
 
         return cancel
 
-    def _notify(self, node: str) -> None:
+    def _notify(self, node: str, diff: Diff) -> None:
         for cb in list(self._watchers.get(node, {}).values()):
-            cb()
+            cb(diff)
+
+    def _on_node(self, node: str, has_stream: bool) -> None:
+        if has_stream:
+            self._disconnected.discard(node)
+        elif node in self._snapshots:
+            self._disconnected.add(node)
+        self.metrics.disconnected_nodes.set(len(self._disconnected))

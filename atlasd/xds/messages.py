@@ -202,24 +202,36 @@ def make_hcm(
     return hcm
 
 
-def rbac_allow_principals(names: Sequence[str]) -> any_pb2.Any:
-    """Per-route RBAC: allow only callers whose verified certificate names one of ``names``
-    (Envoy matches ``principal_name`` against the URI SANs, then the DNS SANs)."""
-    policy = rbac_pb2.Policy(
-        permissions=[rbac_pb2.Permission(any=True)],
-        principals=[
-            rbac_pb2.Principal(
-                authenticated=rbac_pb2.Principal.Authenticated(
-                    principal_name=string_pb2.StringMatcher(exact=n)
-                )
-            )
-            for n in names
-        ],
+_PRINCIPALS_FIELD = rbac_pb2.Policy.DESCRIPTOR.fields_by_name["principals"].number
+_ALLOW_ANY = serialize(rbac_pb2.Policy(permissions=[rbac_pb2.Permission(any=True)]))
+
+
+def principal_bytes(name: str) -> bytes:
+    """One encoded ``principals`` entry of an RBAC policy (tag included): callers whose
+    verified certificate names ``name`` (Envoy matches ``principal_name`` against the URI
+    SANs, then the DNS SANs)."""
+    p = rbac_pb2.Principal(
+        authenticated=rbac_pb2.Principal.Authenticated(
+            principal_name=string_pb2.StringMatcher(exact=name)
+        )
     )
+    return repeated_field(_PRINCIPALS_FIELD, [serialize(p)])
+
+
+def rbac_allow_encoded(principals: bytes) -> any_pb2.Any:
+    """Per-route RBAC allowing the callers of the encoded ``principals`` (``principal_bytes``
+    concatenated): the policy is parsed from its pieces, not built principal by principal."""
     rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW)
-    if names:  # an ALLOW rule set without policies allows nobody
-        rules.policies["current-clusters"].CopyFrom(policy)
+    if principals:  # an ALLOW rule set without policies allows nobody
+        rules.policies["current-clusters"].CopyFrom(
+            rbac_pb2.Policy.FromString(_ALLOW_ANY + principals)
+        )
     return pack(rbac_filter_pb2.RBACPerRoute(rbac=rbac_filter_pb2.RBAC(rules=rules)))
+
+
+def rbac_allow_principals(names: Sequence[str]) -> any_pb2.Any:
+    """Per-route RBAC: allow only callers whose verified certificate names one of ``names``."""
+    return rbac_allow_encoded(b"".join(principal_bytes(n) for n in names))
 
 
 def make_listener(
@@ -248,6 +260,7 @@ def make_listener(
 
 
 def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP literal (else a DNS name)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -26,6 +26,7 @@ Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +45,12 @@ from atlasd.xds.snapshot import (
     PUSH_ORDER,
     Resource,
     Snapshot,
+    extend_version,
     type_version,
 )
+
+# Per type, the names that changed since the snapshot a stream last saw (None: unknown).
+Hint = dict[str, set[str]] | None
 
 __all__ = [
     "Ack",
@@ -151,12 +156,16 @@ class SotwStream:
         self._respond(t, st, snap, stamp, step, force=first)
         return step
 
-    def on_snapshot(self, snap: Snapshot | None, stamp: float) -> Step:
+    def on_snapshot(self, snap: Snapshot | None, stamp: float, hint: Hint = None) -> Step:
+        """A new snapshot; ``hint`` (types -> changed names) lets unchanged types be
+        skipped without looking at them."""
         step = Step()
         if snap is None:
             return step
         final: list[tuple[str, _SotwType]] = []
         for t in self._ordered_types():
+            if hint is not None and t not in hint:
+                continue
             st = self._types[t]
             if t == CLUSTER and st.wildcard and st.sent:
                 stale = {n: r for n, r in st.sent.items() if n not in snap.of_type(t)}
@@ -164,7 +173,8 @@ class SotwStream:
                     # Make before break: keep the stale clusters until routes moved off them.
                     union = dict(snap.of_type(t))
                     union.update(stale)
-                    self._send(t, st, union, type_version(union) + "-mbb", stamp, step)
+                    version = extend_version(snap.version(t), stale) + "-mbb"
+                    self._send(t, st, union, version, stamp, step)
                     final.append((t, st))
                     continue
             self._respond(t, st, snap, stamp, step, force=False)
@@ -292,16 +302,26 @@ class DeltaStream:
             step.acks.append(Ack(t, snap.version(t), stamp, pushed=False))
         return step
 
-    def on_snapshot(self, snap: Snapshot | None, stamp: float) -> Step:
+    def on_snapshot(self, snap: Snapshot | None, stamp: float, hint: Hint = None) -> Step:
+        """A new snapshot; with ``hint`` only the named resources are compared (a change of
+        one cluster costs that cluster, not the whole fleet)."""
         step = Step()
         if snap is None:
             return step
         order = [t for t in PUSH_ORDER if t in self._types]
         order += sorted(t for t in self._types if t not in PUSH_ORDER)
+        if hint is not None:
+            order = [t for t in order if t in hint]
         for t in order:
-            self._respond(t, self._types[t], snap, stamp, step, upserts=True, removals=False)
+            only = hint.get(t) if hint is not None else None
+            self._respond(
+                t, self._types[t], snap, stamp, step, upserts=True, removals=False, only=only
+            )
         for t in reversed(order):
-            self._respond(t, self._types[t], snap, stamp, step, upserts=False, removals=True)
+            only = hint.get(t) if hint is not None else None
+            self._respond(
+                t, self._types[t], snap, stamp, step, upserts=False, removals=True, only=only
+            )
         return step
 
     def _respond(
@@ -314,6 +334,7 @@ class DeltaStream:
         *,
         upserts: bool,
         removals: bool,
+        only: set[str] | None = None,
     ) -> None:
         if snap is None:
             return
@@ -321,12 +342,18 @@ class DeltaStream:
         out: list[Resource] = []
         removed: list[str] = []
         if upserts:
-            interest = available.keys() if st.wildcard else st.names & available.keys()
+            if only is not None:
+                interest: Iterable[str] = (
+                    n for n in only if n in available and (st.wildcard or n in st.names)
+                )
+            else:
+                interest = available.keys() if st.wildcard else st.names & available.keys()
             out = [
                 available[n] for n in sorted(interest) if st.known.get(n) != available[n].version
             ]
         if removals:
-            removed = sorted(n for n in st.known if n not in available)
+            candidates: Iterable[str] = only if only is not None else st.known
+            removed = sorted(n for n in candidates if n in st.known and n not in available)
         first_wildcard = st.wildcard and not st.responded
         if not out and not removed and not first_wildcard:
             return

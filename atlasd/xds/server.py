@@ -25,7 +25,7 @@ import logging
 import socket
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,9 +140,16 @@ class AdsService:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         wake_pending = False
+        # What changed since the stream last looked (None: unknown, compare everything).
+        hint: dict[str, set[str]] | None = {}
 
-        def on_change() -> None:
-            nonlocal wake_pending
+        def on_change(diff: Mapping[str, frozenset[str]] | None) -> None:
+            nonlocal wake_pending, hint
+            if diff is None or hint is None:
+                hint = None
+            else:
+                for t, names in diff.items():
+                    hint.setdefault(t, set()).update(names)
             if not wake_pending:
                 wake_pending = True
                 loop.call_soon_threadsafe(queue.put_nowait, _CHANGED)
@@ -177,6 +184,7 @@ class AdsService:
                     return
                 if item is _CHANGED:
                     wake_pending = False
+                    seen, hint = hint, {}
                     snap, stamp = self._state(node)
                     if snap is None:
                         if had_snapshot:
@@ -184,7 +192,7 @@ class AdsService:
                             return
                         continue
                     had_snapshot = True
-                    step = machine.on_snapshot(snap, stamp)
+                    step = machine.on_snapshot(snap, stamp, seen)
                 else:
                     if item.HasField("node") and item.node.id and item.node.id != node:
                         raise grpclib.exceptions.GRPCError(

@@ -1,13 +1,18 @@
 """Immutable, content-versioned, consistency-checked sets of Envoy resources for one node.
 
 A ``Resource`` is one serialized Envoy message plus what it references. Versions are
-content hashes: a resource's version is the hash of its bytes, a type's version is the
-hash of its (name, version) pairs. Rebuilding an unchanged fleet therefore yields equal
-versions, and the server sends nothing.
+content hashes: a resource's version is the hash of its bytes (or, for a resource assembled
+from cached pieces, a hash of the pieces' hashes); a type's version is an order-independent
+sum of the hashes of its (name, version) pairs, so it is updated in O(changed) when a
+snapshot evolves. Rebuilding an unchanged fleet yields equal versions, and the server
+sends nothing.
 
-``Snapshot.create`` refuses an inconsistent set (``InconsistentSnapshot``): every
-resource a listener, route or cluster names must exist, and secrets must be exactly the
-referenced ones (an unreferenced or missing secret leaves Envoy listeners warming).
+``Snapshot.create`` refuses an inconsistent set (``InconsistentSnapshot``): every resource
+a listener, route or cluster names must exist, and secrets must be exactly the referenced
+ones (an unreferenced or missing secret leaves Envoy listeners warming).
+``Snapshot.evolve(upserts, removals)`` makes the next snapshot from this one, checking only
+what changed (a reference count per named resource keeps the check exact), and records
+which names changed per type, so a Delta stream sends just those.
 
 Errors::
 
@@ -18,6 +23,7 @@ Errors::
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -38,6 +44,9 @@ FULL_STATE_TYPES = frozenset({CLUSTER, LISTENER})
 
 SHORT_NAMES = {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
 
+_MOD = 2**64
+Ref = tuple[str, str]
+
 
 class InconsistentSnapshot(ValueError):
     """A snapshot names a resource it does not hold, or holds an unreferenced secret."""
@@ -47,6 +56,17 @@ def content_version(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 
+def _pair_hash(name: str, version: str) -> int:
+    h = hashlib.blake2b(name.encode(), digest_size=8)
+    h.update(b"\0")
+    h.update(version.encode())
+    return int.from_bytes(h.digest(), "big")
+
+
+def _sum_text(total: int) -> str:
+    return f"{total % _MOD:016x}"
+
+
 @dataclass(frozen=True)
 class Resource:
     """One serialized Envoy resource. ``refs`` = the (type_url, name) pairs it names."""
@@ -54,58 +74,196 @@ class Resource:
     type_url: str
     name: str
     body: bytes = field(repr=False)
-    refs: frozenset[tuple[str, str]] = frozenset()
+    refs: frozenset[Ref] = frozenset()
     version: str = ""
 
     @classmethod
-    def of(
-        cls, type_url: str, name: str, body: bytes, refs: Iterable[tuple[str, str]] = ()
-    ) -> Resource:
+    def of(cls, type_url: str, name: str, body: bytes, refs: Iterable[Ref] = ()) -> Resource:
         return cls(type_url, name, body, frozenset(refs), content_version(body))
 
 
 def type_version(resources: Mapping[str, Resource]) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for name in sorted(resources):
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(resources[name].version.encode())
-        h.update(b"\n")
-    return h.hexdigest()
+    """The version of a set of resources of one type (order-independent)."""
+    return _sum_text(sum(_pair_hash(n, r.version) for n, r in resources.items()))
 
 
-@dataclass(frozen=True)
+def extend_version(base: str, extra: Mapping[str, Resource]) -> str:
+    """The version of a type's set plus ``extra`` resources not in it, from its version."""
+    return _sum_text(int(base, 16) + sum(_pair_hash(n, r.version) for n, r in extra.items()))
+
+
+@dataclass(frozen=True, eq=False)
 class Snapshot:
     """All resources of one node, by type URL then name, with a version per type.
 
-    Invariant: consistent (checked in ``create``); never mutated after creation.
+    Invariants: consistent (checked in ``create`` and ``evolve``); never mutated after
+    creation; ``_sums[t]`` is the sum of the pair hashes of type ``t``; ``_refcount[r]``
+    the number of resources naming ``r``. ``changed`` lists, per type, the names that differ
+    from ``base`` (the snapshot this one evolved from); None when made from scratch.
     """
 
     node: str
     resources: Mapping[str, Mapping[str, Resource]]
     versions: Mapping[str, str]
+    _sums: Mapping[str, int] = field(repr=False, default_factory=dict)
+    _refcount: Mapping[Ref, int] = field(repr=False, default_factory=dict)
+    changed: Mapping[str, frozenset[str]] | None = field(repr=False, default=None)
+    base: weakref.ref[Snapshot] | None = field(repr=False, default=None)
 
     @classmethod
     def create(cls, node: str, resources: Iterable[Resource]) -> Snapshot:
         by_type: dict[str, dict[str, Resource]] = {t: {} for t in PUSH_ORDER}
+        refcount: dict[Ref, int] = {}
         for r in resources:
             bucket = by_type.setdefault(r.type_url, {})
             if r.name in bucket:
                 raise InconsistentSnapshot(f"node {node}: duplicate {r.type_url} {r.name!r}")
             bucket[r.name] = r
+            for ref in r.refs:
+                refcount[ref] = refcount.get(ref, 0) + 1
         check_consistency(node, by_type)
-        frozen = {t: MappingProxyType(rs) for t, rs in by_type.items()}
-        versions = {t: type_version(rs) for t, rs in by_type.items()}
-        return cls(node, MappingProxyType(frozen), MappingProxyType(versions))
+        sums = {
+            t: sum(_pair_hash(n, r.version) for n, r in rs.items()) for t, rs in by_type.items()
+        }
+        return cls._make(node, by_type, sums, refcount, None, None)
+
+    @classmethod
+    def _make(
+        cls,
+        node: str,
+        by_type: Mapping[str, Mapping[str, Resource]],
+        sums: dict[str, int],
+        refcount: dict[Ref, int],
+        changed: Mapping[str, frozenset[str]] | None,
+        base: Snapshot | None,
+    ) -> Snapshot:
+        frozen = {
+            t: rs if isinstance(rs, MappingProxyType) else MappingProxyType(rs)
+            for t, rs in by_type.items()
+        }
+        versions = {t: _sum_text(s) for t, s in sums.items()}
+        return cls(
+            node,
+            MappingProxyType(frozen),
+            MappingProxyType(versions),
+            MappingProxyType(sums),
+            MappingProxyType(refcount),
+            changed,
+            weakref.ref(base) if base is not None else None,
+        )
+
+    def evolve(self, upserts: Iterable[Resource] = (), removals: Iterable[Ref] = ()) -> Snapshot:
+        """The next snapshot: ``upserts`` added or replaced, ``removals`` dropped.
+
+        Only changed types are copied; consistency is checked for what changed. Upserts equal
+        to what is held are ignored, so ``changed`` names real differences only.
+        """
+        by_type: dict[str, Mapping[str, Resource]] = dict(self.resources)
+        copied: set[str] = set()
+        sums = dict(self._sums)
+        refcount = dict(self._refcount)
+        changed: dict[str, set[str]] = {}
+        touched_refs: set[Ref] = set()
+
+        def bucket(t: str) -> dict[str, Resource]:
+            if t not in copied:
+                by_type[t] = dict(by_type.get(t, {}))
+                copied.add(t)
+            b = by_type[t]
+            assert isinstance(b, dict)
+            return b
+
+        def drop(old: Resource) -> None:
+            sums[old.type_url] = sums.get(old.type_url, 0) - _pair_hash(old.name, old.version)
+            for ref in old.refs:
+                n = refcount[ref] - 1
+                if n:
+                    refcount[ref] = n
+                else:
+                    del refcount[ref]
+                touched_refs.add(ref)
+
+        removed: list[Ref] = []
+        for t, name in removals:
+            old = self.resources.get(t, {}).get(name)
+            if old is None:
+                continue
+            del bucket(t)[name]
+            drop(old)
+            changed.setdefault(t, set()).add(name)
+            removed.append((t, name))
+        added: list[Resource] = []
+        for r in upserts:
+            old = by_type.get(r.type_url, {}).get(r.name)
+            if old is not None and old.version == r.version and old.refs == r.refs:
+                continue
+            b = bucket(r.type_url)
+            if old is not None:
+                # Refs of a resource assembled from many pieces differ by a few: apply the
+                # difference rather than dropping and re-adding every one.
+                for ref in old.refs - r.refs:
+                    n = refcount[ref] - 1
+                    if n:
+                        refcount[ref] = n
+                    else:
+                        del refcount[ref]
+                    touched_refs.add(ref)
+                for ref in r.refs - old.refs:
+                    refcount[ref] = refcount.get(ref, 0) + 1
+                sums[r.type_url] = sums.get(r.type_url, 0) - _pair_hash(old.name, old.version)
+            else:
+                for ref in r.refs:
+                    refcount[ref] = refcount.get(ref, 0) + 1
+            b[r.name] = r
+            sums[r.type_url] = sums.get(r.type_url, 0) + _pair_hash(r.name, r.version)
+            changed.setdefault(r.type_url, set()).add(r.name)
+            added.append(r)
+        if not changed:
+            return self
+        # Consistency of what changed.
+        for r in added:
+            for t, name in r.refs:
+                if name not in by_type.get(t, {}):
+                    raise InconsistentSnapshot(
+                        f"node {self.node}: {SHORT_NAMES.get(r.type_url, r.type_url)} "
+                        f"{r.name!r} names missing {SHORT_NAMES.get(t, t)} {name!r}"
+                    )
+        for t, name in removed:
+            if refcount.get((t, name)) and name not in by_type.get(t, {}):
+                raise InconsistentSnapshot(
+                    f"node {self.node}: {SHORT_NAMES.get(t, t)} {name!r} is still named"
+                )
+        secrets = by_type.get(SECRET, {})
+        for r in added:
+            if r.type_url == SECRET and not refcount.get((SECRET, r.name)):
+                raise InconsistentSnapshot(f"node {self.node}: unreferenced secrets {[r.name]}")
+        for t, name in touched_refs:
+            if t == SECRET and name in secrets and not refcount.get((t, name)):
+                raise InconsistentSnapshot(f"node {self.node}: unreferenced secrets {[name]}")
+        return self._make(
+            self.node,
+            by_type,
+            sums,
+            refcount,
+            {t: frozenset(ns) for t, ns in changed.items()},
+            self,
+        )
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, MappingProxyType({}))
 
     def version(self, type_url: str) -> str:
-        return self.versions.get(type_url, "")
+        return self.versions.get(type_url, _sum_text(0))
 
     def get(self, type_url: str, name: str) -> Resource | None:
         return self.of_type(type_url).get(name)
+
+    def diff_from(self, other: Snapshot | None) -> Mapping[str, frozenset[str]] | None:
+        """Names changed per type since ``other``, when this snapshot evolved directly
+        from it; None when unknown (compare everything)."""
+        if other is None or self.base is None or self.base() is not other:
+            return None
+        return self.changed
 
 
 def check_consistency(node: str, by_type: Mapping[str, Mapping[str, Resource]]) -> None:

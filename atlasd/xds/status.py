@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypedDict
 
@@ -46,6 +48,7 @@ class EnvoyStatusDict(TypedDict):
     peer: str
     connected_since: str
     acked: dict[str, str]
+    acked_at: dict[str, float]
     last_nack: NackDict | None
     nacks: int
 
@@ -60,6 +63,7 @@ class EnvoyStatus:
     peer: str
     connected_since: dt.datetime
     acked: tuple[tuple[str, str], ...] = ()  # (type short name, version)
+    acked_at: tuple[tuple[str, float], ...] = ()  # (type short name, unix time of that ACK)
     last_nack: Nack | None = None
     nacks: int = 0
 
@@ -84,6 +88,7 @@ class EnvoyStatus:
             "peer": self.peer,
             "connected_since": self.connected_since.isoformat(),
             "acked": dict(self.acked),
+            "acked_at": dict(self.acked_at),
             "last_nack": nack,
             "nacks": self.nacks,
         }
@@ -95,24 +100,63 @@ class StatusBoard:
 
     _streams: dict[int, EnvoyStatus] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # Open streams per node, and the types each stream last NACKed (not since ACKed).
+    _per_node: dict[str, int] = field(default_factory=dict)
+    _nacking: dict[int, set[str]] = field(default_factory=dict)
+    # Called with (node, has_stream) when a node gains its first or loses its last stream.
+    on_node: Callable[[str, bool], None] | None = None
+    # Called with the number of nodes currently NACKing when it may have changed.
+    on_nacking: Callable[[int], None] | None = None
 
     def open(self, *, node: str, kind: str, peer: str) -> int:
         sid = next(self._ids)
         self._streams[sid] = EnvoyStatus(
             stream_id=sid, node=node, kind=kind, peer=peer, connected_since=dt.datetime.now(dt.UTC)
         )
+        n = self._per_node.get(node, 0)
+        self._per_node[node] = n + 1
+        if n == 0 and self.on_node is not None:
+            self.on_node(node, True)
         return sid
 
     def close(self, sid: int) -> None:
-        self._streams.pop(sid, None)
+        st = self._streams.pop(sid, None)
+        if st is None:
+            return
+        n = self._per_node.get(st.node, 1) - 1
+        if n:
+            self._per_node[st.node] = n
+        else:
+            self._per_node.pop(st.node, None)
+            if self.on_node is not None:
+                self.on_node(st.node, False)
+        if self._nacking.pop(sid, None):
+            self._report_nacking()
+
+    def has_stream(self, node: str) -> bool:
+        return node in self._per_node
+
+    def _report_nacking(self) -> None:
+        if self.on_nacking is not None:
+            nodes = {self._streams[sid].node for sid, ts in self._nacking.items() if ts}
+            self.on_nacking(len(nodes))
 
     def acked(self, sid: int, type_url: str, version: str) -> None:
         st = self._streams.get(sid)
         if st is None:
             return
+        short = SHORT_NAMES.get(type_url, type_url)
         acked = dict(st.acked)
-        acked[SHORT_NAMES.get(type_url, type_url)] = version
-        self._streams[sid] = replace(st, acked=tuple(sorted(acked.items())))
+        acked[short] = version
+        at = dict(st.acked_at)
+        at[short] = time.time()
+        self._streams[sid] = replace(
+            st, acked=tuple(sorted(acked.items())), acked_at=tuple(sorted(at.items()))
+        )
+        types = self._nacking.get(sid)
+        if types and type_url in types:
+            types.discard(type_url)
+            self._report_nacking()
 
     def nacked(self, sid: int, type_url: str, version: str, message: str) -> None:
         st = self._streams.get(sid)
@@ -120,6 +164,8 @@ class StatusBoard:
             return
         nack = Nack(type_url, version, message, dt.datetime.now(dt.UTC))
         self._streams[sid] = replace(st, last_nack=nack, nacks=st.nacks + 1)
+        self._nacking.setdefault(sid, set()).add(type_url)
+        self._report_nacking()
 
     def all(self) -> list[EnvoyStatus]:
         return sorted(self._streams.values(), key=lambda s: (s.node, s.stream_id))
@@ -150,6 +196,16 @@ class XdsMetrics:
         self.denied = Counter(
             "atlasd_xds_denied_streams",
             "ADS streams refused because the caller may not fetch the node it named.",
+            registry=registry,
+        )
+        self.disconnected_nodes = Gauge(
+            "atlasd_xds_disconnected_nodes",
+            "Nodes atlasd has a snapshot for but no open ADS stream from.",
+            registry=registry,
+        )
+        self.nacked_nodes = Gauge(
+            "atlasd_xds_nacked_nodes",
+            "Nodes whose Envoy rejected the latest response of some type (not ACKed since).",
             registry=registry,
         )
         self.push_latency = Histogram(

@@ -48,7 +48,7 @@ def _fleet(*names: str) -> Fleet:
         )
         for n in names
     )
-    return Fleet(settings=SETTINGS, clusters=clusters)
+    return Fleet.of(SETTINGS, clusters)
 
 
 def _srv(port: int, name: str, *, tcp: bool = False) -> list[str]:

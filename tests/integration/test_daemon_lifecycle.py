@@ -63,8 +63,20 @@ def test_sigkill_restart_reissues_nothing_and_envoy_reacks_same_content(
     first = Atlasd(tmp_path / "a", *kube).start()
     with apiserver.admin() as c:
         assert c.post(f"/api/v1/namespaces/{namespace}/services", json=CLUSTER).status_code == 201
+    everything = {
+        "atlas-ca",
+        "atlas-server",
+        "atlas-client",
+        "atlas-tls",
+        "atlas-envoy-values",
+        "east-envoy-values",
+        "east-atlas-identity",
+    }
+    wait_until(lambda: everything <= set(_secrets(apiserver, namespace)), timeout=30, what="values")
     wait_until(
-        lambda: "east-envoy-values" in _secrets(apiserver, namespace), timeout=30, what="values"
+        lambda: [c["name"] for c in first.status()["clusters"]] == ["east"],
+        timeout=30,
+        what="east served",
     )
     before = {
         n: s["metadata"]["resourceVersion"] for n, s in _secrets(apiserver, namespace).items()

@@ -21,11 +21,11 @@ import pytest
 
 from atlasd import labels
 from atlasd.dns.zone import render_zone
+from atlasd.fleet.validate import validate_all
 from atlasd.model import Fleet, Settings
-from atlasd.reconcile.validate import validate_all
 from tests.harness import components
+from tests.unit.fleet.test_validate import MALFORMED
 from tests.unit.reconcile.builders import cluster_service
-from tests.unit.reconcile.test_validate import MALFORMED
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def assert_only_expected_records(text: str, fleet: Fleet) -> None:
     zone = dns.zone.from_text(text, origin="atlas.", relativize=False)
     wanted_targets = {
         f"{svc}.monitoring.svc.cluster.local."
-        for c in fleet.clusters
+        for c in fleet.clusters.values()
         for svc in c.sidecar_services()
     }
     owner_re = re.compile(r"_[a-z0-9-]+\._tcp\.(?:[a-z0-9-]+\.)?sidecars\.thanos\.atlas\.")
@@ -120,7 +120,7 @@ def test_zone_with_hostile_neighbour_passes_checkzone(bad: dict[str, Any], tmp_p
     # The hostile Service is rejected (reported as a Problem); the good clusters stay.
     assert [c.name for c in clusters] == ["east", "west"], [str(p) for p in problems]
     assert problems
-    fleet = Fleet(settings=SETTINGS, clusters=clusters)
+    fleet = Fleet.of(SETTINGS, clusters)
     text = render_zone(fleet, serial=1_764_000_000)
     path = tmp_path / "atlas.zone"
     path.write_text(text)
@@ -142,7 +142,7 @@ def test_fleets_of_every_size_pass_checkzone(n: int, tmp_path: Path) -> None:
     ]
     clusters, problems = validate_all(services, SETTINGS)
     assert not problems and len(clusters) == n
-    fleet = Fleet(settings=SETTINGS, clusters=clusters)
+    fleet = Fleet.of(SETTINGS, clusters)
     path = tmp_path / "atlas.zone"
     path.write_text(render_zone(fleet, serial=4_000_000_000))
     out = checkzone(path)
@@ -154,6 +154,6 @@ def test_default_checkzone_mode_too(tmp_path: Path) -> None:
     """``named-checkzone atlas. <file>`` as an operator would run it (full integrity)."""
     clusters, _ = validate_all([GOOD[0]], SETTINGS)
     path = tmp_path / "atlas.zone"
-    path.write_text(render_zone(Fleet(settings=SETTINGS, clusters=clusters), serial=7))
+    path.write_text(render_zone(Fleet.of(SETTINGS, clusters), serial=7))
     out = checkzone(path, integrity="full")
     assert "loaded serial 7" in out

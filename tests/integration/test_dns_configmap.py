@@ -30,9 +30,9 @@ pytestmark = pytest.mark.integration
 
 
 def fleet(settings: Settings, *names: str) -> Fleet:
-    return Fleet(
-        settings=settings,
-        clusters=tuple(
+    return Fleet.of(
+        settings,
+        tuple(
             DownstreamCluster(
                 name=n, external_ip="203.0.113.1", ports=(ServicePort("thanos", 10901),)
             )

@@ -41,7 +41,7 @@ def cl(name: str, *, replicas: int = 1, group: str | None = None) -> DownstreamC
 
 
 def fleet(*clusters: DownstreamCluster) -> Fleet:
-    return Fleet(settings=SETTINGS, clusters=clusters)
+    return Fleet.of(SETTINGS, clusters)
 
 
 def expected(fl: Fleet, owner: str) -> list[str]:

@@ -249,16 +249,16 @@ async def test_thanos_query_discovers_sidecars_through_coredns(
     east, west = cluster("east", rig.sidecars["east"]), cluster("west", rig.sidecars["west"])
     zone = tmp_path / "atlas.zone"
     async with writer(zone) as push:
-        await push(Fleet(settings=SETTINGS, clusters=(east,)))
+        await push(Fleet.of(SETTINGS, (east,)))
         rig.start_dns_and_query(zone)
         await rig.wait_sees({"east"}, within=90)
 
         # Add a cluster: a new SRV record, a new store, its series in the answer.
-        await push(Fleet(settings=SETTINGS, clusters=(east, west)))
+        await push(Fleet.of(SETTINGS, (east, west)))
         await rig.wait_sees({"east", "west"})
 
         # Remove one: Thanos drops the endpoint that left DNS, and its series with it.
-        await push(Fleet(settings=SETTINGS, clusters=(west,)))
+        await push(Fleet.of(SETTINGS, (west,)))
         await rig.wait_sees({"west"})
         port = rig.sidecars["west"].grpc_port
         assert await rig.store_names() == [
@@ -298,9 +298,9 @@ async def test_thanos_query_through_coredns_and_the_envoy_chain(
         # selecting the observability Envoy; here the Envoy's Thanos listener has its own
         # port, so that is the port the sidecar Services (and SRV records) carry.
         obs_port = world.plan.observability.thanos
-        zone_fleet = Fleet(
-            settings=world.settings,
-            clusters=tuple(
+        zone_fleet = Fleet.of(
+            world.settings,
+            tuple(
                 dataclasses.replace(c, ports=(ServicePort("thanos", obs_port),))
                 for c in world.clusters
             ),

@@ -107,7 +107,7 @@ def test_downstream_envoy_dials_xds_with_its_own_identity(
     envoy_factory: Any, tmp_path: Path
 ) -> None:
     plan = _plan()
-    atlas = plan.pki.identity("atlas")
+    atlas = plan.identities["atlas"]
     assert atlas is not None
     with TLSServer(tmp_path, atlas.server, plan.pki.trust_bundle) as srv:
         envoy = envoy_factory(_values_bootstrap(plan, srv.port), "east")
@@ -120,7 +120,7 @@ def test_downstream_envoy_refuses_a_server_not_named_atlas(
     envoy_factory: Any, tmp_path: Path
 ) -> None:
     plan = _plan()
-    impostor = plan.pki.identity("east")
+    impostor = plan.identities["east"]
     assert impostor is not None
     # A valid certificate of the same CA, but a cluster's, not the observability server's.
     with TLSServer(tmp_path, impostor.server, plan.pki.trust_bundle) as srv:

@@ -11,13 +11,15 @@ import yaml
 from cryptography import x509
 
 from atlasd import labels
+from atlasd.fleet.keys import FLEET_KEY
+from atlasd.fleet.state import fleet_of
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.errors import NotFound
 from atlasd.kube.events import post_event
 from atlasd.kube.resources import EVENTS, SECRETS, SERVICES
 from atlasd.model import Settings
-from atlasd.reconcile.applier import Reconciler, observed_from_caches
+from atlasd.reconcile.applier import Reconciler
 from atlasd.reconcile.objects import secret_data
 from tests.harness.kube import ApiServer
 from tests.unit.reconcile.builders import cluster_service
@@ -93,7 +95,7 @@ async def test_onboard_three_clusters_then_steady_then_delete(
         assert first.created == 1
         assert first.applied == 3 + 1 + 6 + 6
         assert first.fleet is not None
-        assert [c.name for c in first.fleet.clusters] == ["east", "north", "west"]
+        assert sorted(first.fleet.clusters) == ["east", "north", "west"]
         assert len(first.fleet.alertmanagers) == 1
 
         # Sidecar Services
@@ -180,17 +182,19 @@ async def test_onboard_three_clusters_then_steady_then_delete(
         third = await restarted.reconcile_once(kube, now=NOW + dt.timedelta(hours=1))
         assert (third.writes, third.issued) == (0, ())
         assert third.fleet is not None and first.fleet.pki == third.fleet.pki
-        # The same pass fed from (informer-like) caches of all Services and Secrets.
+        # The same keys reconciled one by one from a cache of all Services and Secrets (what
+        # the daemon does from its watches): nothing to write either.
         all_svcs, _ = await kube.list(SERVICES, namespace=namespace)
         all_secrets, _ = await kube.list(SECRETS, namespace=namespace)
-        cached = observed_from_caches(
-            services={s["metadata"]["name"]: s for s in all_svcs},
-            secrets={s["metadata"]["name"]: s for s in all_secrets},
-            settings=settings,
-        )
-        from_cache = await rec.reconcile_observed(kube, cached, now=NOW + dt.timedelta(hours=1))
-        assert (from_cache.writes, from_cache.issued) == (0, ())
-        assert from_cache.fleet == third.fleet
+        later = NOW + dt.timedelta(hours=1)
+        cached = fleet_of(services=all_svcs, secrets=all_secrets, settings=settings, now=later)
+        keyed = [
+            await rec.reconcile_key(kube, cached, key, now=later)
+            for key in (FLEET_KEY, *sorted(cached.members))
+        ]
+        assert sum(r.writes for r in keyed) == 0 and all(r.issued == () for r in keyed)
+        assert dict(cached.model.clusters) == dict(third.fleet.clusters)
+        assert cached.model.pki == third.fleet.pki
 
         # Scale west down to 1 replica: its extra sidecars go, nothing else changes.
         west = await kube.get(SERVICES, "west", namespace=namespace)
@@ -216,7 +220,7 @@ async def test_onboard_three_clusters_then_steady_then_delete(
             after_east["metadata"]["resourceVersion"] == before_east["metadata"]["resourceVersion"]
         )
         assert gone.fleet is not None and gone.fleet.pki is not None
-        assert gone.fleet.pki.identity("west") is None
+        assert "west" not in gone.fleet.identities
         final = await rec.reconcile_once(kube, now=NOW + dt.timedelta(hours=4))
         assert final.writes == 0
         events, _ = await kube.list(EVENTS, namespace=namespace)

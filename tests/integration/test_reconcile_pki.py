@@ -196,7 +196,8 @@ async def test_unusable_ca_is_reported_and_left_alone(apiserver: ApiServer, name
         await kube.create(cluster_service("east", "203.0.113.1", namespace=namespace))
         rec = Reconciler(settings=settings, post_event=post_event)
         result = await rec.reconcile_once(kube, now=NOW)
-        assert result.fleet is None and result.writes == 0
+        assert result.fleet is not None and result.fleet.pki is None and result.writes == 0
+        assert dict(result.fleet.clusters) == {}
         (problem,) = result.problems
         assert problem.source.name == labels.CA_SECRET and problem.reason == "InvalidCA"
         stored = await kube.get(SECRETS, labels.CA_SECRET, namespace=namespace)

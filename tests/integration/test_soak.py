@@ -103,16 +103,14 @@ def scale() -> Scale:
 
 def _daemon_main(config_path: str) -> None:
     """Entry point of the atlasd process (``python -m tests.integration.test_soak CONFIG``)."""
-    import dataclasses
     import signal
 
     import trio
 
     from atlasd.daemon import Daemon, DaemonOptions
-    from atlasd.model import Fleet, Settings
+    from atlasd.model import DownstreamCluster, Settings
     from atlasd.xds.builders import SnapshotBuilder
     from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
-    from atlasd.xds.snapshot import Snapshot
 
     cfg = json.loads(Path(config_path).read_text())
     logging.basicConfig(
@@ -157,17 +155,15 @@ def _daemon_main(config_path: str) -> None:
         external IPs, so anchors get TEST-NET addresses that this shim maps to the
         loopback address their Envoy listens on, for the xDS configuration only."""
 
-        def build(self, fleet: Fleet) -> dict[str, Snapshot]:
-            clusters = tuple(
-                dataclasses.replace(c, external_ip=nat.get(c.external_ip, c.external_ip))
-                for c in fleet.clusters
-            )
-            return super().build(dataclasses.replace(fleet, clusters=clusters))
+        def upstream_host(self, cluster: DownstreamCluster) -> str:
+            return nat.get(cluster.external_ip, cluster.external_ip)
 
     async def main() -> None:
-        daemon = Daemon(options)
-        daemon.builder = NattedBuilder(
-            plan, forwarder_token=settings.forwarder_token, upstream_connection_seconds=3
+        daemon = Daemon(
+            options,
+            builder=NattedBuilder(
+                plan, forwarder_token=settings.forwarder_token, upstream_connection_seconds=3
+            ),
         )
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

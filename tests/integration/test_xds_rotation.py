@@ -66,19 +66,23 @@ async def test_ca_rotation_under_load(
             old_ca = w.ca
             new_ca = CA("atlas-test-ca-2")
             # 1. Trust both (new first), leaves unchanged.
-            w.pki = dataclasses.replace(w.pki, trust_bundle=new_ca.cert_pem + old_ca.cert_pem)
+            w.pki = dataclasses.replace(
+                w.pki,
+                pki=dataclasses.replace(w.pki.pki, trust_bundle=new_ca.cert_pem + old_ca.cert_pem),
+            )
             assert w.publish() == {"atlas", "east"}
             await _all_acked(w)
             # 2. Re-issue every leaf under the new CA.
-            w.pki = dataclasses.replace(
-                w.pki,
-                identities=tuple((n, helpers.identity(new_ca, n)) for n, _ in w.pki.identities),
+            w.pki = w.pki.with_identities(
+                tuple((n, helpers.identity(new_ca, n)) for n, _ in w.pki.identities)
             )
             w.ca = new_ca
             assert w.publish() == {"atlas", "east"}
             await _all_acked(w)
             # 3. Drop the old CA.
-            w.pki = dataclasses.replace(w.pki, trust_bundle=new_ca.cert_pem)
+            w.pki = dataclasses.replace(
+                w.pki, pki=dataclasses.replace(w.pki.pki, trust_bundle=new_ca.cert_pem)
+            )
             assert w.publish() == {"atlas", "east"}
             await _all_acked(w)
             # Keep the loop running past a connection recycle under the final state.

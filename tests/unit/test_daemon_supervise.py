@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from atlasd.daemon import Observed, _supervise
+from atlasd.daemon import supervise
 from atlasd.kube.errors import TransportError
 from atlasd.status import StatusHub
 
@@ -30,7 +30,7 @@ async def test_retriable_failures_restart_with_backoff(
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(_supervise, "informers", hub, flaky)
+        await nursery.start(supervise, "informers", hub, flaky)
         await fourth.wait()
         await trio.testing.wait_all_tasks_blocked()
         state = hub.snapshot()["subsystems"]["informers"]
@@ -51,23 +51,8 @@ async def test_a_bug_propagates_and_ends_the_daemon() -> None:
 
     with pytest.RaisesGroup(ValueError, flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
-            await nursery.start(_supervise, "fleet", hub, buggy)
+            await nursery.start(supervise, "fleet", hub, buggy)
             await trio.sleep_forever()
-
-
-async def test_observed_generation_wakes_waiters() -> None:
-    observed = Observed()
-    woke: list[int] = []
-
-    async def waiter() -> None:
-        woke.append(await observed.wait_changed(0))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(waiter)
-        await trio.testing.wait_all_tasks_blocked()
-        assert woke == []
-        observed.bump()
-    assert woke == [1]
 
 
 @pytest.fixture
@@ -78,20 +63,26 @@ def autojump_clock() -> trio.testing.MockClock:
 def test_certificate_expiry_metric_drops_removed_certificates() -> None:
     from prometheus_client import REGISTRY
 
-    from atlasd.daemon import Daemon, DaemonOptions
+    from atlasd.daemon import FleetReport
+    from atlasd.fleet.state import CertInfo
 
-    daemon = Daemon(DaemonOptions())
+    report = FleetReport(StatusHub())
 
-    def exported() -> dict[str, float]:
+    def exported(name: str) -> dict[str, float]:
         out: dict[str, float] = {}
         for metric in REGISTRY.collect():
-            if metric.name == "atlasd_certificate_expiry_timestamp_seconds":
+            if metric.name == name:
                 out.update({s.labels["name"]: s.value for s in metric.samples})
         return out
 
-    daemon._export_expiry(
-        [{"name": "east/server", "not_after": 100.0}, {"name": "west/server", "not_after": 200.0}]
-    )
-    assert exported() == {"east/server": 100.0, "west/server": 200.0}
-    daemon._export_expiry([{"name": "west/server", "not_after": 300.0}])
-    assert exported() == {"west/server": 300.0}
+    report._export("east", (CertInfo("east/server", 100.0, 50.0),))
+    report._export("west", (CertInfo("west/server", 200.0, 150.0),))
+    assert exported("atlasd_certificate_expiry_timestamp_seconds") == {
+        "east/server": 100.0,
+        "west/server": 200.0,
+    }
+    assert exported("atlasd_certificate_renewal_timestamp_seconds")["east/server"] == 50.0
+    report._export("east", ())
+    report._export("west", (CertInfo("west/server", 300.0, 250.0),))
+    assert exported("atlasd_certificate_expiry_timestamp_seconds") == {"west/server": 300.0}
+    assert exported("atlasd_certificate_renewal_timestamp_seconds") == {"west/server": 250.0}

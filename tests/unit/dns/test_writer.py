@@ -29,9 +29,9 @@ NOW = 1_764_000_000.0
 
 
 def fleet(*names: str, replicas: int = 1, group: str | None = None) -> Fleet:
-    return Fleet(
-        settings=SETTINGS,
-        clusters=tuple(
+    return Fleet.of(
+        SETTINGS,
+        tuple(
             DownstreamCluster(
                 name=n,
                 external_ip="192.0.2.1",

@@ -45,7 +45,7 @@ HOSTILE_LABELS = [
 
 
 def fleet(c: DownstreamCluster, settings: Settings | None = None) -> Fleet:
-    return Fleet(settings=settings or Settings(), clusters=(c,))
+    return Fleet.of(settings or Settings(), (c,))
 
 
 def _cases() -> list[tuple[str, Fleet]]:
@@ -119,7 +119,7 @@ def test_one_bad_cluster_fails_the_whole_render() -> None:
     # The renderer does not silently drop: skipping is the validator's job (with an
     # Event); a bad value this deep means a bug, and no zone beats a wrong zone.
     bad = dataclasses.replace(GOOD, name="evil\n@ 60 IN A 192.0.2.66")
-    fl = Fleet(settings=Settings(), clusters=(GOOD, bad))
+    fl = Fleet.of(Settings(), (GOOD, bad))
     with pytest.raises(ZoneError):
         render_zone(fl, serial=1)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from atlasd.kube.errors import AlreadyExists, ApiError, Conflict, NotFound
 from atlasd.kube.resources import Resource, resource_for
+from atlasd.kube.selectors import object_matches
 from atlasd.model import ObjectRef
 
 
@@ -55,13 +56,16 @@ class FakeKube:
         return copy.deepcopy(obj)
 
     async def list(
-        self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None
+        self,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
     ) -> tuple[list[dict[str, Any]], str]:
-        want = dict(p.split("=", 1) for p in label_selector.split(",")) if label_selector else {}
         out = []
         for (plural, _), obj in sorted(self.objects.items()):
-            lbls = obj["metadata"].get("labels") or {}
-            if plural == res.plural and all(lbls.get(k) == v for k, v in want.items()):
+            if plural == res.plural and object_matches(obj, label_selector):
                 out.append(copy.deepcopy(obj))
         return out, "1"
 

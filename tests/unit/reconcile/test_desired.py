@@ -107,7 +107,7 @@ def test_desired_state_names_every_object() -> None:
         "west-envoy-values",
         "west-atlas-identity",
     }
-    assert [c.name for c in state.fleet.clusters] == ["east", "west"]
+    assert sorted(state.fleet.clusters) == ["east", "west"]
     assert state.fleet.alertmanagers == AMS
     assert state.fleet.pki is plan.pki
     assert state.ca_secret is plan.ca_secret
@@ -144,7 +144,7 @@ def test_downstream_values_keep_the_chart_keys_and_carry_the_clusters_identity()
         "client.pem",
         "client-key.pem",
     }
-    ident = plan.pki.identity("west")
+    ident = plan.identities["west"]
     assert values["files"]["client.pem"].encode() == ident.client.cert_pem
     assert values["files"]["server-key.pem"].encode() == ident.server.key_pem
     assert values["files"]["ca.pem"].encode() == plan.pki.trust_bundle
@@ -202,9 +202,7 @@ def test_values_are_stable_across_builds() -> None:
 def test_mtls_bootstrap_needs_a_bundle() -> None:
     plan, _ = _state()
     with pytest.raises(ValueError, match="bundle"):
-        envoy_bootstrap(
-            "x", xds_host="h", xds_port=1, tls=plan.pki.identity("east"), ca_bundle=None
-        )
+        envoy_bootstrap("x", xds_host="h", xds_port=1, tls=plan.identities["east"], ca_bundle=None)
 
 
 ENVOY = shutil.which("envoy") or str(Path(__file__).parents[3] / ".venv" / "bin" / "envoy")
@@ -225,7 +223,7 @@ def test_bootstraps_pass_envoy_validation(which: str, tmp_path: Path) -> None:
                 "east",
                 xds_host="127.0.0.1",
                 xds_port=10900,
-                tls=plan.pki.identity("east"),
+                tls=plan.identities["east"],
                 ca_bundle=plan.pki.trust_bundle,
                 admin_port=0,
                 api_type="DELTA_GRPC",

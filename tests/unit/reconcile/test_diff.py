@@ -1,4 +1,4 @@
-"""diff: ``differs``, ``plan_writes`` and ``observed_from_caches`` (pure, no API server)."""
+"""diff: ``differs``, ``plan_key_writes`` and ``ca_write`` (pure, no API server)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from atlasd import labels
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import DownstreamCluster, ObjectRef, ServicePort, Settings
 from atlasd.reconcile.desired import desired_state
-from atlasd.reconcile.diff import Observed, differs, observed_from_caches, plan_writes
+from atlasd.reconcile.diff import KeyWrites, ca_write, differs, owner_of, plan_key_writes
 from atlasd.reconcile.pki import plan_pki
 from tests.unit.reconcile.pkitools import CountingKeys, plan_secrets, with_annotation
 
@@ -113,41 +113,78 @@ def _desired(clusters: Any = CLUSTERS, secrets: Any = None) -> Any:
     return plan, desired_state(clusters=clusters, alertmanagers=(), plan=plan, settings=S)
 
 
-def _observed_from(state: Any, plan: Any) -> Observed:
-    secrets = {n: _stored(dict(s)) for n, s in state.secrets.items()}
+Objs = dict[str, dict[str, Any]]
+
+
+def _observed_from(state: Any, plan: Any) -> tuple[Objs, Objs]:
+    """(Services, Secrets) as stored after ``state`` was applied."""
+    secrets = {n: _stored(dict(o)) for n, o in state.secrets.items()}
     secrets["atlas-ca"] = _stored(dict(plan.ca_secret))
-    return Observed(
-        cluster_services=[],
-        alertmanager_services=[],
-        owned_services={n: _stored(dict(s)) for n, s in state.services.items()},
-        secrets=secrets,
-    )
+    return {n: _stored(dict(o)) for n, o in state.services.items()}, secrets
+
+
+def _by_owner(objs: Any) -> dict[str | None, Objs]:
+    out: dict[str | None, Objs] = {}
+    for n, o in objs.items():
+        out.setdefault(owner_of(o), {})[n] = o
+    return out
+
+
+def _plan_all(
+    state: Any,
+    services: Objs,
+    secrets: Objs,
+    *,
+    protected: frozenset[str] = frozenset(),
+    cluster_services: frozenset[str] = frozenset(),
+) -> KeyWrites:
+    """``plan_key_writes`` for every key (what the Reconciler does key by key), merged;
+    ``atlas-ca`` left out (``ca_write``)."""
+    want_svc, want_sec = _by_owner(state.services), _by_owner(state.secrets)
+    have_svc, have_sec = _by_owner(services), _by_owner(secrets)
+    apply: list[Any] = []
+    delete: list[Any] = []
+    clashes: list[Any] = []
+    for key in sorted(set(want_svc) | set(want_sec) | set(have_svc) | set(have_sec), key=str):
+        if key in protected:
+            continue
+        w = plan_key_writes(
+            services=want_svc.get(key, {}),
+            secrets=want_sec.get(key, {}),
+            observed_services=have_svc.get(key, {}),
+            observed_secrets={
+                n: o for n, o in have_sec.get(key, {}).items() if n != labels.CA_SECRET
+            },
+            is_cluster_service=lambda n: n in cluster_services,
+            prune=key is not None,
+        )
+        apply += w.apply
+        delete += w.delete
+        clashes += w.clashes
+    return KeyWrites(tuple(apply), tuple(delete), tuple(clashes))
 
 
 def test_first_pass_creates_everything() -> None:
     plan, state = _desired()
-    writes = plan_writes(state, Observed([], [], {}, {}), protected=frozenset())
-    assert writes.ca_create is plan.ca_secret and writes.ca_replace is None
+    assert ca_write(plan.ca_secret, None) == ("create", plan.ca_secret)
+    writes = _plan_all(state, {}, {})
     assert len(writes.apply) == len(state.secrets) + len(state.services) == 8 + 3
     assert writes.delete == ()
 
 
 def test_steady_state_writes_nothing() -> None:
     plan, state = _desired()
-    writes = plan_writes(state, _observed_from(state, plan), protected=frozenset())
-    assert (writes.ca_create, writes.ca_replace, writes.apply, writes.delete) == (
-        None,
-        None,
-        (),
-        (),
-    )
+    services, secrets = _observed_from(state, plan)
+    assert ca_write(plan.ca_secret, secrets["atlas-ca"]) is None
+    writes = _plan_all(state, services, secrets)
+    assert (writes.apply, writes.delete) == ((), ())
 
 
 def test_prune_gone_cluster_but_not_protected_or_cluster_wide() -> None:
     plan, state = _desired()
-    observed = _observed_from(state, plan)
+    services, secrets = _observed_from(state, plan)
     _plan2, state2 = _desired(clusters=CLUSTERS[:1], secrets=plan_secrets(plan))
-    writes = plan_writes(state2, observed, protected=frozenset())
+    writes = _plan_all(state2, services, secrets)
     assert writes.apply == ()
     assert sorted(writes.delete, key=lambda d: (d[0].plural, d[1])) == [
         (SECRETS, "west-atlas-identity"),
@@ -155,62 +192,34 @@ def test_prune_gone_cluster_but_not_protected_or_cluster_wide() -> None:
         (SERVICES, "west-thanos-sidecar0"),
     ]
     # west still exists but is invalid now: protected, its objects stay.
-    writes = plan_writes(state2, observed, protected=frozenset({"west"}))
+    writes = _plan_all(state2, services, secrets, protected=frozenset({"west"}))
     assert writes.delete == ()
 
 
 def test_ca_rotate_annotation_forces_a_replace_that_drops_it() -> None:
-    plan, state = _desired()
-    observed = _observed_from(state, plan)
+    plan, _state = _desired()
     ann = with_annotation(plan.ca_secret, labels.CA_ROTATE_ANNOTATION, "x")
-    observed.secrets["atlas-ca"] = _stored(ann)  # type: ignore[index]
-    writes = plan_writes(state, observed, protected=frozenset())
-    assert writes.ca_replace is not None
-    meta = writes.ca_replace["metadata"]
+    step = ca_write(plan.ca_secret, _stored(ann))
+    assert step is not None and step[0] == "replace"
+    meta = step[1]["metadata"]
     assert "annotations" not in meta and "managedFields" not in meta
     assert meta["resourceVersion"] == "7"
 
 
 def test_existing_secret_type_is_kept() -> None:
     plan, state = _desired()
-    observed = _observed_from(state, plan)
-    observed.secrets["atlas-server"]["type"] = "Opaque"  # type: ignore[index]
-    writes = plan_writes(state, observed, protected=frozenset())
-    assert writes.apply == ()
+    services, secrets = _observed_from(state, plan)
+    secrets["atlas-server"]["type"] = "Opaque"
+    assert _plan_all(state, services, secrets).apply == ()
 
 
 def test_a_cluster_service_is_never_overwritten_by_a_sidecar_service() -> None:
     plan, state = _desired()
-    observed = _observed_from(state, plan)
-    clash = {"metadata": {"name": "east-thanos-sidecar1", "labels": {labels.CLUSTER_LABEL: "true"}}}
-    observed = Observed([clash], [], {}, observed.secrets)
-    writes = plan_writes(state, observed, protected=frozenset())
+    _services, secrets = _observed_from(state, plan)
+    writes = _plan_all(state, {}, secrets, cluster_services=frozenset({"east-thanos-sidecar1"}))
     assert [s["metadata"]["name"] for s in writes.clashes] == ["east-thanos-sidecar1"]
     applied = {s["metadata"]["name"] for s in writes.apply}
     assert applied == {"east-thanos-sidecar0", "west-thanos-sidecar0"}
-
-
-def test_observed_from_caches_filters_what_a_pass_needs() -> None:
-    def obj(name: str, **lbls: str) -> dict[str, Any]:
-        return {"metadata": {"name": name, "labels": dict(lbls)}, "spec": {}}
-
-    managed = {labels.MANAGED_BY_LABEL: "atlasd"}
-    services = {
-        "east": obj("east", **{labels.CLUSTER_LABEL: "true"}),
-        "am": obj("am", app="kube-prometheus-stack-alertmanager"),
-        "east-thanos-sidecar0": obj("east-thanos-sidecar0", **managed),
-        "grafana": obj("grafana", app="grafana"),
-    }
-    secrets = {
-        "atlas-ca": obj("atlas-ca"),
-        "east-envoy-values": obj("east-envoy-values", **managed),
-        "helm-release": obj("helm-release"),
-    }
-    observed = observed_from_caches(services=services, secrets=secrets, settings=S)
-    assert [s["metadata"]["name"] for s in observed.cluster_services] == ["east"]
-    assert [s["metadata"]["name"] for s in observed.alertmanager_services] == ["am"]
-    assert set(observed.owned_services) == {"east-thanos-sidecar0"}
-    assert set(observed.secrets) == {"atlas-ca", "east-envoy-values"}
 
 
 def _applied_labels(obj: dict[str, Any], keys: list[str]) -> dict[str, Any]:

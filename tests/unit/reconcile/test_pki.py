@@ -43,7 +43,7 @@ def _cert(pem: bytes) -> x509.Certificate:
 
 def _leaf_pems(plan: PKIPlan) -> dict[str, bytes]:
     out = {}
-    for node, ident in plan.pki.identities:
+    for node, ident in plan.identities.items():
         out[f"{node}/server"] = ident.server.cert_pem
         out[f"{node}/client"] = ident.client.cert_pem
     for s in plan.tls_secrets:
@@ -165,7 +165,7 @@ def test_new_cluster_gets_an_identity_removed_cluster_drops_out() -> None:
     first = _plan()
     second = _plan(plan_secrets(first), clusters=(CLUSTERS[0], _cluster("south", "203.0.113.3")))
     assert sorted(second.issued) == ["south/client", "south/server"]
-    assert second.pki.identity("west") is None
+    assert "west" not in second.identities
     assert set(second.identity_secrets) == {"east", "south"}
     ident = second.identity_secrets["south"]
     assert ident["metadata"]["name"] == "south-atlas-identity"

@@ -5,6 +5,8 @@ Envoys from atlasd.reconcile's ``envoy_bootstrap`` (tests may import it; atlasd.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from atlasd import model
@@ -23,9 +25,42 @@ def identity(ca: CA, node: str) -> model.Identity:
     )
 
 
+@dataclass(frozen=True)
+class Trust:
+    """A test PKI: the shared trust material and one identity per node."""
+
+    pki: model.PKI
+    identities: tuple[tuple[str, model.Identity], ...]
+
+    @property
+    def trust_bundle(self) -> bytes:
+        return self.pki.trust_bundle
+
+    def identity(self, node: str) -> model.Identity | None:
+        return dict(self.identities).get(node)
+
+    def with_identities(self, identities: tuple[tuple[str, model.Identity], ...]) -> Trust:
+        return dataclasses.replace(self, identities=identities)
+
+    def fleet(
+        self,
+        clusters: tuple[model.DownstreamCluster, ...] = (),
+        alertmanagers: tuple[model.LocalAlertmanager, ...] = (),
+        settings: model.Settings | None = None,
+    ) -> model.Fleet:
+        """A fleet serving ``clusters`` (those this PKI has an identity for)."""
+        return model.Fleet.of(
+            settings or model.Settings(),
+            clusters,
+            alertmanagers=alertmanagers,
+            pki=self.pki,
+            identities=self.identities,
+        )
+
+
 def make_pki(
     nodes: list[str], *, ca: CA | None = None, extra_trust: bytes = b""
-) -> tuple[CA, model.PKI]:
+) -> tuple[CA, Trust]:
     ca = ca or CA("atlas-test-ca")
     key = b"unused"
     pki = model.PKI(
@@ -33,9 +68,8 @@ def make_pki(
         trust_bundle=ca.cert_pem + extra_trust,
         ca_serial=str(ca.cert.serial_number),
         ca_revision=1,
-        identities=tuple((n, identity(ca, n)) for n in nodes),
     )
-    return ca, pki
+    return ca, Trust(pki, tuple((n, identity(ca, n)) for n in nodes))
 
 
 def cluster(

@@ -34,9 +34,11 @@ AMS = (
 def fleet(
     clusters: tuple[model.DownstreamCluster, ...] = (helpers.cluster("east"),),
     alertmanagers: tuple[model.LocalAlertmanager, ...] = (),
-    pki: model.PKI | None = _PKI,
+    pki: helpers.Trust | None = _PKI,
 ) -> model.Fleet:
-    return model.Fleet(model.Settings(), clusters, alertmanagers, pki)
+    if pki is None:
+        return model.Fleet.of(model.Settings(), clusters, alertmanagers=alertmanagers)
+    return pki.fleet(clusters, alertmanagers)
 
 
 def names(snap: Snapshot, t: str) -> set[str]:

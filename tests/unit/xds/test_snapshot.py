@@ -87,7 +87,7 @@ def test_snapshot_is_immutable() -> None:
 def test_cache_sends_nothing_for_an_equal_snapshot() -> None:
     cache = SnapshotCache()
     calls: list[str] = []
-    cache.watch("n", lambda: calls.append("n"))
+    cache.watch("n", lambda diff: calls.append("n"))
     assert cache.set_snapshot("n", Snapshot.create("n", good()))
     assert not cache.set_snapshot("n", Snapshot.create("n", good()))
     assert calls == ["n"]
@@ -101,7 +101,7 @@ def test_publish_drops_missing_nodes_and_notifies_them() -> None:
     cache = SnapshotCache()
     seen: list[str] = []
     for n in ("a", "b"):
-        cache.watch(n, lambda n=n: seen.append(n))
+        cache.watch(n, lambda diff, n=n: seen.append(n))
     cache.publish({"a": Snapshot.create("a", good()), "b": Snapshot.create("b", good())})
     seen.clear()
     assert cache.publish({"a": Snapshot.create("a", good())}) == {"b"}
@@ -112,7 +112,7 @@ def test_publish_drops_missing_nodes_and_notifies_them() -> None:
 def test_watch_cancel() -> None:
     cache = SnapshotCache()
     seen: list[int] = []
-    cancel = cache.watch("a", lambda: seen.append(1))
+    cancel = cache.watch("a", lambda diff: seen.append(1))
     cancel()
     cache.set_snapshot("a", Snapshot.create("a", good()))
     assert seen == []

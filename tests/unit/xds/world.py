@@ -34,7 +34,7 @@ async def _no_restart() -> None:
 @dataclasses.dataclass
 class World:
     ca: CA
-    pki: model.PKI
+    pki: helpers.Trust
     settings: model.Settings
     plan: ListenPlan
     builder: SnapshotBuilder
@@ -50,7 +50,7 @@ class World:
     envoys: dict[str, Envoy] = dataclasses.field(default_factory=dict)
 
     def fleet(self) -> model.Fleet:
-        return model.Fleet(self.settings, tuple(self.clusters), tuple(self.alertmanagers), self.pki)
+        return self.pki.fleet(tuple(self.clusters), tuple(self.alertmanagers), self.settings)
 
     def publish(self) -> set[str]:
         return self.cache.publish(self.builder.build(self.fleet()))
@@ -58,9 +58,7 @@ class World:
     def add_cluster(self, c: model.DownstreamCluster) -> None:
         ident = self.pki.identity(c.name) or helpers.identity(self.ca, c.name)
         if self.pki.identity(c.name) is None:
-            self.pki = dataclasses.replace(
-                self.pki, identities=(*self.pki.identities, (c.name, ident))
-            )
+            self.pki = self.pki.with_identities((*self.pki.identities, (c.name, ident)))
         ports = NodePorts(
             thanos=free_port(),
             prometheus=free_port(),

@@ -396,7 +396,7 @@ def validate_cluster(
     )
 
 
-def _age_key(service: Mapping[str, Any]) -> tuple[str, str]:
+def age_key(service: Mapping[str, Any]) -> tuple[str, str]:
     meta = service.get("metadata") or {}
     # RFC 3339 UTC timestamps sort lexicographically; a missing one sorts last.
     return (str(meta.get("creationTimestamp") or "~"), str(meta.get("name", "")))
@@ -412,7 +412,7 @@ def validate_all(
     clusters: list[DownstreamCluster] = []
     problems: list[Problem] = []
     ip_owner: dict[str, str] = {}
-    for svc in sorted((s for s in services if is_cluster_service(s)), key=_age_key):
+    for svc in sorted((s for s in services if is_cluster_service(s)), key=age_key):
         result = validate_cluster(svc, settings, allow_loopback=allow_loopback)
         if isinstance(result, list):
             problems.extend(result)

@@ -7,6 +7,13 @@ from typing import Any
 import pytest
 
 from atlasd import labels
+from atlasd.fleet.validate import (
+    MAX_REPLICAS,
+    parse_selector,
+    select_alertmanagers,
+    validate_all,
+    validate_cluster,
+)
 from atlasd.model import (
     DownstreamCluster,
     LocalAlertmanager,
@@ -14,13 +21,6 @@ from atlasd.model import (
     ServicePort,
     Settings,
     Upstream,
-)
-from atlasd.reconcile.validate import (
-    MAX_REPLICAS,
-    parse_selector,
-    select_alertmanagers,
-    validate_all,
-    validate_cluster,
 )
 from tests.unit.reconcile.builders import cluster_service
 

@@ -1,0 +1,95 @@
+"""Which key an observed object belongs to, and which objects are watched at all.
+
+Work flows by key (CONVENTIONS.md, "Concurrency"): a change to one object costs the key it
+belongs to. The keys:
+
+- a cluster name: the cluster Service of that name (any Service labelled
+  ``goatlas.io/cluster``, whatever the value, so a value that is not exactly ``"true"`` can
+  be reported), and every Service and Secret atlasd owns for it (label
+  ``goatlas.io/owner-cluster: <name>``);
+- ``FLEET_KEY``: ``atlas-ca``, the fixed TLS Secrets, ``atlas-envoy-values``, and the local
+  Alertmanager Services (``Settings.alertmanager_selector``).
+
+Objects are watched in ``Role``s, each a label selector the API server filters by, so a
+Service or Secret that has nothing to do with atlasd never reaches it. Fixed-name Secrets
+written by the original Atlas (no ``managed-by`` label yet) are read by name by the leader
+until it has adopted them (``atlasd.reconcile``); after that they are owned and watched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from atlasd import labels
+from atlasd.kube.resources import SECRETS, SERVICES, Resource
+from atlasd.model import Settings
+
+FLEET_KEY = "*fleet*"
+"""The fleet-wide key (never a cluster name: not a DNS label)."""
+
+FIXED_SECRETS = (
+    labels.CA_SECRET,
+    labels.SERVER_SECRET,
+    labels.CLIENT_SECRET,
+    labels.TLS_SECRET,
+    labels.OBS_VALUES_SECRET,
+)
+"""Secrets of the fleet-wide key, read by name even before atlasd owns them."""
+
+MANAGED_SELECTOR = f"{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
+
+Obj = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Role:
+    """One watched set of objects: a resource and the label selector that picks them."""
+
+    name: str
+    resource: Resource
+    selector: str
+
+
+def roles(settings: Settings) -> tuple[Role, ...]:
+    """The object sets atlasd watches, in the order the informers start."""
+    out = [
+        Role("cluster-services", SERVICES, labels.CLUSTER_LABEL),
+        Role("owned-services", SERVICES, MANAGED_SELECTOR),
+        Role("owned-secrets", SECRETS, MANAGED_SELECTOR),
+    ]
+    if settings.alertmanager_selector:
+        am = ",".join(f"{k}={v}" for k, v in settings.alertmanager_selector)
+        out.append(Role("alertmanager-services", SERVICES, am))
+    return tuple(out)
+
+
+def _labels(obj: Obj) -> Mapping[str, Any]:
+    meta = obj.get("metadata") or {}
+    lbls = meta.get("labels") if isinstance(meta, Mapping) else None
+    return lbls if isinstance(lbls, Mapping) else {}
+
+
+def name_of(obj: Obj) -> str:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("name") or "") if isinstance(meta, Mapping) else ""
+
+
+def key_of(role: str, obj: Obj) -> str:
+    """The key an object of ``role`` belongs to."""
+    if role == "cluster-services":
+        return name_of(obj)
+    if role == "alertmanager-services":
+        return FLEET_KEY
+    if role == "owned-secrets" and name_of(obj) in FIXED_SECRETS:
+        return FLEET_KEY
+    owner = _labels(obj).get(labels.OWNER_CLUSTER_LABEL)
+    return str(owner) if isinstance(owner, str) and owner else FLEET_KEY
+
+
+def resource_version(obj: Obj | None) -> str:
+    if obj is None:
+        return ""
+    meta = obj.get("metadata") or {}
+    return str(meta.get("resourceVersion") or "") if isinstance(meta, Mapping) else ""

@@ -1,0 +1,514 @@
+"""The fleet: observed objects, by key, validated once per change into immutable versions.
+
+``FleetState`` is fed every watched object as it changes (``observe``: which role, which
+name, the new object or None) and records it under its key (``atlasd.fleet.keys``). When
+asked (``derive``), it re-derives just the keys that changed since the last version:
+
+- a cluster key: its cluster Service validated (``atlasd.fleet.validate``), its stored
+  identity (``<c>-atlas-identity``) checked against the trusted CAs, its owned objects;
+- the fleet-wide key: the stored CA and trust bundle, the observability identity
+  (``atlas-server`` + ``atlas-client``), the local Alertmanagers.
+
+A key's validation is reused while its cluster Service keeps its resourceVersion, its
+identity while its identity Secret and the trust bundle are unchanged; a new trust bundle
+(a CA rotation) re-checks every identity.
+
+Fleet-wide rule: two valid clusters may not share an external IP. ``FleetState`` keeps the
+claimants of each IP; the oldest (creationTimestamp, then name) serves, later ones get a
+Problem; a change of one cluster re-judges only the claimants of the IPs it left and took.
+
+Each ``derive`` returns a ``FleetUpdate``: a new immutable ``FleetVersion`` (read-only maps
+copied per version, never mutated after) and the keys that changed. Plain synchronous
+code, no I/O: the daemon feeds it from its watches and hands the updates on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Literal
+
+from atlasd import labels
+from atlasd.fleet.keys import FLEET_KEY, Obj, key_of, resource_version
+from atlasd.fleet.trust import StoredCA, not_after, read_ca, renewal_time, trusted_pair
+from atlasd.fleet.validate import (
+    age_key,
+    identity_secret_name,
+    select_alertmanagers,
+    source_ref,
+    validate_cluster,
+)
+from atlasd.kube.apply import decoded_secret_data
+from atlasd.model import (
+    OBSERVABILITY_NODE,
+    PKI,
+    DownstreamCluster,
+    Fleet,
+    Identity,
+    LocalAlertmanager,
+    ObjectRef,
+    Problem,
+    Settings,
+)
+
+log = logging.getLogger(__name__)
+
+MemberState = Literal["served", "pending", "invalid", "absent"]
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """One certificate atlasd serves: for /status and the expiry metrics."""
+
+    name: str  # "ca", "atlas/server", "<cluster>/client", ...
+    not_after: float | None
+    renew_at: float | None
+
+
+def _ro(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d))
+
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One cluster key as observed and judged.
+
+    ``state``: ``served`` (valid, its IP is its own, certificates stored and trusted),
+    ``pending`` (valid, certificates not issued yet), ``invalid`` (a cluster Service that
+    fails validation or lost its IP to an older cluster: its objects are kept until it is
+    fixed or deleted), ``absent`` (no cluster Service labelled exactly "true": what atlasd
+    owns for it is to be removed).
+    """
+
+    name: str
+    service: Obj | None
+    services: Mapping[str, Obj]
+    secrets: Mapping[str, Obj]
+    cluster: DownstreamCluster | None
+    problems: tuple[Problem, ...]
+    identity: Identity | None
+    certificates: tuple[CertInfo, ...]
+    state: MemberState
+    # What the reuse checks compare: the cluster Service's and identity Secret's versions.
+    service_rv: str = ""
+    identity_rv: str = ""
+    trust: bytes = b""
+    # Validation problems only (``problems`` adds the duplicate-IP one).
+    own_problems: tuple[Problem, ...] = ()
+
+    @property
+    def is_cluster(self) -> bool:
+        """A Service labelled exactly ``goatlas.io/cluster: "true"`` exists."""
+        return self.state != "absent"
+
+
+@dataclass(frozen=True, eq=False)
+class FleetWide:
+    """The fleet-wide key: the stored PKI, the observability identity, Alertmanagers."""
+
+    ca_secret: Obj | None = None
+    # Owned fixed-name Secrets other than atlas-ca, by name.
+    secrets: Mapping[str, Obj] = field(default_factory=lambda: _EMPTY)
+    alertmanager_services: Mapping[str, Obj] = field(default_factory=lambda: _EMPTY)
+    ca: StoredCA | None = None
+    atlas_identity: Identity | None = None
+    alertmanagers: tuple[LocalAlertmanager, ...] = ()
+    pki: PKI | None = None
+    problems: tuple[Problem, ...] = ()
+    certificates: tuple[CertInfo, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class FleetVersion:
+    """One immutable version of the fleet.
+
+    ``model`` is what xDS and DNS serve (served clusters and identities only);
+    ``members`` every cluster key with any object, for reconcile and status.
+    """
+
+    number: int
+    settings: Settings
+    fleetwide: FleetWide
+    members: Mapping[str, Member]
+    model: Fleet
+
+    def problems(self) -> list[Problem]:
+        out = list(self.fleetwide.problems)
+        for name in sorted(self.members):
+            out.extend(self.members[name].problems)
+        return out
+
+
+@dataclass(frozen=True)
+class FleetUpdate:
+    """A new version and the keys whose derived state may differ from the previous one."""
+
+    version: FleetVersion
+    changed: frozenset[str]
+
+
+@dataclass
+class _Slots:
+    """The raw objects recorded under one key, by (role, name)."""
+
+    objects: dict[tuple[str, str], Obj] = field(default_factory=dict)
+
+
+class FleetState:
+    """The mutable side: raw objects by key, the IP claims, the latest derived members.
+
+    Invariants: ``_key_of[(role, name)]`` is the key under which that object is recorded in
+    ``_slots``; ``_claims[ip]`` holds the names of members whose validated cluster uses
+    ``ip``; ``_members`` holds the latest derived member of every key with objects.
+    """
+
+    def __init__(self, settings: Settings, *, allow_loopback: bool = False) -> None:
+        self.settings = settings
+        self.allow_loopback = allow_loopback
+        self._slots: dict[str, _Slots] = {}
+        self._key_of: dict[tuple[str, str], str] = {}
+        self._members: dict[str, Member] = {}
+        self._claims: dict[str, set[str]] = {}
+        self._fleetwide = FleetWide()
+        self._served: dict[str, DownstreamCluster] = {}
+        self._identities: dict[str, Identity] = {}
+        self._number = 0
+        self._model = Fleet(settings=settings)
+
+    # -- input ---------------------------------------------------------------------------
+
+    def observe(self, role: str, name: str, obj: Obj | None) -> set[str]:
+        """Record ``obj`` (None: gone) as the current object ``name`` of ``role``; returns
+        the keys it affects (its old and new key, when its labels moved it)."""
+        slot = (role, name)
+        old_key = self._key_of.get(slot)
+        affected: set[str] = set()
+        if old_key is not None:
+            affected.add(old_key)
+            objs = self._slots[old_key].objects
+            objs.pop(slot, None)
+            if not objs:
+                del self._slots[old_key]
+            del self._key_of[slot]
+        if obj is not None:
+            key = key_of(role, obj)
+            self._slots.setdefault(key, _Slots()).objects[slot] = obj
+            self._key_of[slot] = key
+            affected.add(key)
+        return affected
+
+    def keys(self) -> set[str]:
+        """Every key with recorded objects (and every derived member)."""
+        return set(self._slots) | set(self._members) | {FLEET_KEY}
+
+    def objects(self, key: str) -> Mapping[tuple[str, str], Obj]:
+        slots = self._slots.get(key)
+        return MappingProxyType(slots.objects) if slots is not None else _EMPTY  # type: ignore[return-value]
+
+    # -- derive ----------------------------------------------------------------------------
+
+    def derive(self, keys: Iterable[str], *, now: dt.datetime) -> FleetUpdate:
+        """Re-derive ``keys`` and publish a new version."""
+        todo = set(keys)
+        changed: set[str] = set()
+        if FLEET_KEY in todo:
+            todo.discard(FLEET_KEY)
+            before = self._fleetwide
+            self._fleetwide = self._derive_fleetwide(now)
+            changed.add(FLEET_KEY)
+            if _trust(before) != _trust(self._fleetwide):
+                # A new trust bundle: every stored identity is judged again.
+                todo |= set(self._members)
+        ips: set[str] = set()
+        for key in todo:
+            old = self._members.get(key)
+            new = self._derive_member(key, old)
+            changed.add(key)
+            for m in (old, new):
+                if m is not None and m.cluster is not None:
+                    ips.add(m.cluster.external_ip)
+            self._unclaim(old)
+            if new is None:
+                self._members.pop(key, None)
+            else:
+                self._members[key] = new
+                self._claim(new)
+        changed |= self._judge_ips(ips)
+        self._refresh_served(changed)
+        self._number += 1
+        pki = self._fleetwide.pki
+        self._model = Fleet(
+            settings=self.settings,
+            clusters=_ro(self._served) if pki is not None else _EMPTY,
+            alertmanagers=self._fleetwide.alertmanagers,
+            pki=pki,
+            identities=_ro(self._identities) if pki is not None else _EMPTY,
+        )
+        version = FleetVersion(
+            number=self._number,
+            settings=self.settings,
+            fleetwide=self._fleetwide,
+            members=_ro(self._members),
+            model=self._model,
+        )
+        return FleetUpdate(version=version, changed=frozenset(changed))
+
+    def _derive_fleetwide(self, now: dt.datetime) -> FleetWide:
+        ns = self.settings.namespace
+        ca_secret: Obj | None = None
+        secrets: dict[str, Obj] = {}
+        ams: dict[str, Obj] = {}
+        for (role, name), obj in self.objects(FLEET_KEY).items():
+            if role == "alertmanager-services":
+                ams[name] = obj
+            elif role == "owned-secrets" and name == labels.CA_SECRET:
+                ca_secret = obj
+            elif role == "owned-secrets":
+                secrets[name] = obj
+        problems: list[Problem] = []
+        ca = read_ca(ca_secret, now=now) if ca_secret is not None else None
+        if ca_secret is not None and ca is None:
+            problems.append(
+                Problem(
+                    source=ObjectRef(kind="Secret", name=labels.CA_SECRET, namespace=ns),
+                    field="data",
+                    message="ca.pem/ca-key.pem missing or not a PEM certificate",
+                    reason="InvalidCA",
+                )
+            )
+        atlas: Identity | None = None
+        certs: list[CertInfo] = []
+        pki: PKI | None = None
+        fraction = self.settings.renew_fraction
+        if ca is not None:
+            certs.append(
+                CertInfo(
+                    "ca",
+                    not_after(ca.material.cert_pem),
+                    renewal_time(ca.material.cert_pem, fraction),
+                )
+            )
+            server = trusted_pair(
+                decoded_secret_data(secrets.get(labels.SERVER_SECRET) or {}),
+                "tls.crt",
+                "tls.key",
+                ca.trusted,
+            )
+            client = trusted_pair(
+                decoded_secret_data(secrets.get(labels.CLIENT_SECRET) or {}),
+                "tls.crt",
+                "tls.key",
+                ca.trusted,
+            )
+            if server is not None and client is not None:
+                atlas = Identity(server=server, client=client)
+                pki = PKI(
+                    ca=ca.material,
+                    trust_bundle=ca.bundle,
+                    ca_serial=ca.serial,
+                    ca_revision=ca.revision,
+                )
+                certs += _identity_certs(OBSERVABILITY_NODE, atlas, fraction)
+        alertmanagers = select_alertmanagers(
+            [ams[n] for n in sorted(ams)], self.settings.alertmanager_selector
+        )
+        return FleetWide(
+            ca_secret=ca_secret,
+            secrets=_ro(secrets),
+            alertmanager_services=_ro(ams),
+            ca=ca,
+            atlas_identity=atlas,
+            alertmanagers=alertmanagers,
+            pki=pki,
+            problems=tuple(problems),
+            certificates=tuple(certs),
+        )
+
+    def _derive_member(self, key: str, old: Member | None) -> Member | None:
+        objs = self.objects(key)
+        if not objs:
+            return None
+        service: Obj | None = None
+        services: dict[str, Obj] = {}
+        secrets: dict[str, Obj] = {}
+        for (role, name), obj in objs.items():
+            if role == "cluster-services":
+                service = obj
+            elif role == "owned-services":
+                services[name] = obj
+            elif role == "owned-secrets":
+                secrets[name] = obj
+        settings = self.settings
+        svc_rv = resource_version(service)
+        cluster: DownstreamCluster | None = None
+        own_problems: tuple[Problem, ...] = ()
+        state: MemberState = "absent"
+        if service is not None:
+            value = ((service.get("metadata") or {}).get("labels") or {}).get(labels.CLUSTER_LABEL)
+            if value != "true":
+                own_problems = (
+                    Problem(
+                        source=source_ref(service, settings),
+                        field=f'metadata.labels["{labels.CLUSTER_LABEL}"]',
+                        message=(
+                            f'is {value!r}; a cluster Service is labelled exactly "true" '
+                            "(this Service is not served and what atlasd made for it is removed)"
+                        ),
+                        reason="InvalidClusterLabel",
+                    ),
+                )
+            elif (
+                old is not None and old.service is not None and old.service_rv == svc_rv and svc_rv
+            ):
+                cluster, own_problems = old.cluster, old.own_problems
+                state = "invalid" if own_problems else "pending"
+            else:
+                result = validate_cluster(service, settings, allow_loopback=self.allow_loopback)
+                if isinstance(result, list):
+                    own_problems = tuple(result)
+                    state = "invalid"
+                else:
+                    cluster = result
+                    state = "pending"
+        # The stored identity, judged against the current trust bundle.
+        ident_secret = secrets.get(identity_secret_name(key))
+        ident_rv = resource_version(ident_secret)
+        trust = _trust(self._fleetwide)
+        identity: Identity | None = None
+        certs: tuple[CertInfo, ...] = ()
+        if old is not None and old.identity_rv == ident_rv and old.trust == trust and ident_rv:
+            identity, certs = old.identity, old.certificates
+        elif ident_secret is not None and self._fleetwide.ca is not None:
+            data = decoded_secret_data(ident_secret)
+            trusted = self._fleetwide.ca.trusted
+            s = trusted_pair(data, "server.crt", "server.key", trusted)
+            c = trusted_pair(data, "client.crt", "client.key", trusted)
+            if s is not None and c is not None:
+                identity = Identity(server=s, client=c)
+                certs = tuple(_identity_certs(key, identity, settings.renew_fraction))
+        if state == "pending" and identity is not None:
+            state = "served"
+        return Member(
+            name=key,
+            service=service,
+            services=_ro(services),
+            secrets=_ro(secrets),
+            cluster=cluster,
+            problems=own_problems,
+            identity=identity,
+            certificates=certs,
+            state=state,
+            service_rv=svc_rv,
+            identity_rv=ident_rv,
+            trust=trust,
+            own_problems=own_problems,
+        )
+
+    # -- the external-IP rule ----------------------------------------------------------------
+
+    def _claim(self, m: Member) -> None:
+        if m.cluster is not None:
+            self._claims.setdefault(m.cluster.external_ip, set()).add(m.name)
+
+    def _unclaim(self, m: Member | None) -> None:
+        if m is None or m.cluster is None:
+            return
+        names = self._claims.get(m.cluster.external_ip)
+        if names is not None:
+            names.discard(m.name)
+            if not names:
+                del self._claims[m.cluster.external_ip]
+
+    def _judge_ips(self, ips: set[str]) -> set[str]:
+        """Give each IP in ``ips`` to its oldest claimant; returns the members re-judged."""
+        touched: set[str] = set()
+        for ip in ips:
+            names = self._claims.get(ip, set())
+            if not names:
+                continue
+            winner = min(names, key=lambda n: age_key(self._members[n].service or {}))
+            for n in names:
+                m = self._members[n]
+                want = self._judged(m, winner if n != winner else None)
+                if want is not m:
+                    self._members[n] = want
+                    touched.add(n)
+        return touched
+
+    def _judged(self, m: Member, holder: str | None) -> Member:
+        """``m`` with the duplicate-IP verdict applied (``holder``: who owns its IP)."""
+        if m.cluster is None:
+            return m
+        if holder is None:
+            state: MemberState = "served" if m.identity is not None else "pending"
+            problems = m.own_problems
+        else:
+            state = "invalid"
+            problems = (
+                *m.own_problems,
+                Problem(
+                    source=m.cluster.source or source_ref(m.service or {}, self.settings),
+                    field="spec.externalIPs[0]",
+                    message=f"{m.cluster.external_ip} is already used by cluster {holder!r}",
+                ),
+            )
+        if state == m.state and problems == m.problems:
+            return m
+        return replace(m, state=state, problems=problems)
+
+    def _refresh_served(self, keys: set[str]) -> None:
+        for key in keys:
+            if key == FLEET_KEY:
+                continue
+            m = self._members.get(key)
+            if m is not None and m.state == "served" and m.cluster is not None and m.identity:
+                self._served[key] = m.cluster
+                self._identities[key] = m.identity
+            else:
+                self._served.pop(key, None)
+                self._identities.pop(key, None)
+        atlas = self._fleetwide.atlas_identity
+        if atlas is not None:
+            self._identities[OBSERVABILITY_NODE] = atlas
+        else:
+            self._identities.pop(OBSERVABILITY_NODE, None)
+
+
+def _trust(fw: FleetWide) -> bytes:
+    return fw.ca.bundle if fw.ca is not None else b""
+
+
+def _identity_certs(node: str, identity: Identity, fraction: float) -> list[CertInfo]:
+    return [
+        CertInfo(f"{node}/{kind}", not_after(ck.cert_pem), renewal_time(ck.cert_pem, fraction))
+        for kind, ck in (("server", identity.server), ("client", identity.client))
+    ]
+
+
+def fleet_of(
+    *,
+    services: Iterable[Obj],
+    secrets: Iterable[Obj],
+    settings: Settings,
+    now: dt.datetime,
+    allow_loopback: bool = False,
+) -> FleetVersion:
+    """One version from plain object lists (the CLI, tests, one-shot passes): each object
+    is recorded under every role whose selector it matches."""
+    from atlasd.fleet.keys import roles
+    from atlasd.kube.selectors import object_matches
+
+    state = FleetState(settings, allow_loopback=allow_loopback)
+    rs = roles(settings)
+    for kind, items in (("Service", services), ("Secret", secrets)):
+        for obj in items:
+            for role in rs:
+                if role.resource.kind == kind and object_matches(obj, role.selector):
+                    state.observe(role.name, str((obj.get("metadata") or {}).get("name")), obj)
+    return state.derive(state.keys(), now=now).version

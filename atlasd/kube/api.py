@@ -1,0 +1,61 @@
+"""The one interface of a Kubernetes API, as atlasd uses it.
+
+``atlasd.kube.client.KubeClient`` (a real API server) and ``atlasd.standalone.FileStore``
+(a directory) both satisfy it; every layer above takes a ``KubeApi`` and never imports the
+HTTP client, so the import contracts hold and mypy checks both implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any, Protocol
+
+from atlasd.kube.resources import Resource
+
+JSON = dict[str, Any]
+
+
+class KubeApi(Protocol):
+    """The verbs atlasd needs (see ``KubeClient`` for their semantics)."""
+
+    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> JSON: ...
+
+    async def list(
+        self,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> tuple[list[JSON], str]: ...
+
+    def watch(
+        self,
+        res: Resource,
+        *,
+        namespace: str | None = None,
+        resource_version: str,
+        label_selector: str | None = None,
+        timeout_seconds: int = 300,
+        allow_bookmarks: bool = True,
+        send_initial_events: bool = False,
+    ) -> AsyncGenerator[JSON, None]: ...
+
+    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON: ...
+
+    async def create(self, obj: Mapping[str, Any]) -> JSON: ...
+
+    async def replace(self, obj: Mapping[str, Any]) -> JSON: ...
+
+    async def patch_merge(
+        self, res: Resource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
+    ) -> JSON: ...
+
+    async def delete(
+        self,
+        res: Resource,
+        name: str,
+        *,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> None: ...

@@ -1,0 +1,279 @@
+"""The leader's reconcile subsystem: keys from the fleet feed to a pool of workers.
+
+::
+
+    fleet feed ──changed keys──> WorkQueue ──> workers (reconcile_key) ──> API writes
+        ▲                          ▲   ▲
+        │                          │   └── renewal timers (add_after), expectation deadlines
+        └── the watch sees writes  └── full pass: LIST, compare with the cache
+
+- Every key a fleet version marks changed is queued; the queue coalesces bursts and hands a
+  key to one worker at a time (``atlasd.watch.workqueue``). A key whose previous writes the
+  cache does not show yet waits (``Expectations``); a key in sync costs a comparison.
+- A **full pass** LISTs every watched role (quorum reads) and compares each key's objects
+  with the watch cache: a key whose cache lags is given expectations of the LISTed versions
+  and queued; a key the Reconciler knows in sync at exactly those versions is left alone, so
+  a steady-state pass writes nothing and re-plans nothing. It runs at start (every key is
+  queued then: nothing is known in sync), every ``resync_seconds``, and after a Conflict.
+- Retriable API errors re-queue the key with per-key backoff; anything else propagates (the
+  daemon's supervisor restarts the subsystem).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from atlasd.fleet.feed import FleetFeed
+from atlasd.fleet.keys import FLEET_KEY, resource_version
+from atlasd.fleet.state import FleetVersion
+from atlasd.kube.api import KubeApi
+from atlasd.kube.errors import AlreadyExists, Conflict, KubeError
+from atlasd.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILE_WRITES
+from atlasd.reconcile.applier import KeyResult, Reconciler, observe
+from atlasd.reconcile.expectations import ObjectId
+from atlasd.watch.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKERS = 16
+
+
+@dataclass
+class _Pass:
+    """One full pass in progress: the keys it queued that are not done yet."""
+
+    started: float
+    outstanding: set[str]
+    results: list[KeyResult] = field(default_factory=list)
+    lists: int = 0
+
+
+def _key_versions(version: FleetVersion, key: str) -> dict[ObjectId, str]:
+    """The objects of ``key`` in a version, by (kind, name) -> resourceVersion."""
+    out: dict[ObjectId, str] = {}
+    if key == FLEET_KEY:
+        fw = version.fleetwide
+        if fw.ca_secret is not None:
+            out[("Secret", "atlas-ca")] = resource_version(fw.ca_secret)
+        for n, o in fw.secrets.items():
+            out[("Secret", n)] = resource_version(o)
+        for n, o in fw.alertmanager_services.items():
+            out[("Service", n)] = resource_version(o)
+        return out
+    m = version.members.get(key)
+    if m is None:
+        return out
+    if m.service is not None:
+        out[("Service", m.name)] = resource_version(m.service)
+    for n, o in m.services.items():
+        out[("Service", n)] = resource_version(o)
+    for n, o in m.secrets.items():
+        out[("Secret", n)] = resource_version(o)
+    return out
+
+
+def _owned_versions(version: FleetVersion, key: str) -> dict[ObjectId, str]:
+    """What the Reconciler records as in sync for ``key`` (the objects it writes)."""
+    if key == FLEET_KEY:
+        fw = version.fleetwide
+        out = {("Secret", n): resource_version(o) for n, o in fw.secrets.items()}
+        if fw.ca_secret is not None:
+            out[("Secret", "atlas-ca")] = resource_version(fw.ca_secret)
+        return out
+    m = version.members.get(key)
+    if m is None:
+        return {}
+    return {
+        **{("Service", n): resource_version(o) for n, o in m.services.items()},
+        **{("Secret", n): resource_version(o) for n, o in m.secrets.items()},
+    }
+
+
+class ReconcileLoop:
+    """The state of the leader's reconcile subsystem (one per leadership term)."""
+
+    def __init__(
+        self,
+        *,
+        api: KubeApi,
+        feed: FleetFeed,
+        reconciler: Reconciler,
+        resync_seconds: float,
+        workers: int = DEFAULT_WORKERS,
+        on_result: Callable[[KeyResult], None] | None = None,
+        on_pass: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.api = api
+        self.feed = feed
+        self.reconciler = reconciler
+        self.resync_seconds = resync_seconds
+        self.workers = workers
+        self.queue: WorkQueue[str] = WorkQueue(base_delay=0.5, max_delay=60.0, name="reconcile")
+        self._on_result = on_result
+        self._on_pass = on_pass
+        self._pass: _Pass | None = None
+        self._pass_wanted = trio.Event()
+        self.full_passes = 0
+
+    def request_full_pass(self) -> None:
+        self._pass_wanted.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        version = await self.feed.wait_published()
+        sub = self.feed.subscribe()
+        async with trio.open_nursery() as nursery:
+            await self._full_pass(initial=True)
+            nursery.start_soon(self._follow, sub)
+            for _ in range(self.workers):
+                nursery.start_soon(self._worker)
+            nursery.start_soon(self._resync)
+            del version
+            task_status.started()
+
+    async def _follow(self, sub: Any) -> None:
+        async for update in sub:
+            for key in update.changed:
+                self.queue.add(key)
+
+    async def _resync(self) -> None:
+        while True:
+            with trio.move_on_after(self.resync_seconds):
+                await self._pass_wanted.wait()
+            self._pass_wanted = trio.Event()
+            await self._full_pass(initial=False)
+
+    async def _full_pass(self, *, initial: bool) -> None:
+        """LIST everything; queue every key whose cache lags or that is not known in sync."""
+        started = time.perf_counter()
+        listed_state = await observe(self.api, self.reconciler.settings)
+        now = dt.datetime.now(dt.UTC)
+        listed = listed_state.derive(listed_state.keys(), now=now).version
+        cached = self.feed.latest
+        assert cached is not None
+        keys = set(listed.members) | set(cached.members) | {FLEET_KEY}
+        queued: set[str] = set()
+        clock = trio.current_time()
+        for key in keys:
+            want = _key_versions(listed, key)
+            have = _key_versions(cached, key)
+            if want != have:
+                # The cache lags (or leads) the LIST: act once it shows what was listed.
+                expected: dict[ObjectId, str | None] = dict(want)
+                expected.update({oid: None for oid in have if oid not in want})
+                self.reconciler.expectations.expect(key, expected, now=clock)
+                queued.add(key)
+            elif initial or not self.reconciler.is_synced(key, _owned_versions(listed, key)):
+                queued.add(key)
+        self.full_passes += 1
+        self._pass = _Pass(started=started, outstanding=set(queued), lists=1)
+        for key in queued:
+            self.queue.add(key)
+        RECONCILE_SECONDS.labels("full").observe(time.perf_counter() - started)
+        log.info(
+            "reconcile: full pass over %d keys (%d queued)%s",
+            len(keys),
+            len(queued),
+            " at start" if initial else "",
+        )
+        if not queued:
+            self._finish_pass()
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                await self._one(key)
+            finally:
+                self.queue.done(key)
+
+    async def _one(self, key: str) -> None:
+        version = self.feed.latest
+        assert version is not None
+        t0 = time.perf_counter()
+        now = dt.datetime.now(dt.UTC)
+        try:
+            result = await self.reconciler.reconcile_key(self.api, version, key, now=now)
+        except (Conflict, AlreadyExists) as exc:
+            RECONCILE_ERRORS.inc()
+            log.warning("reconcile %s: %s; running a full pass", key, exc.reason)
+            self.queue.add_rate_limited(key)
+            self.request_full_pass()
+            return
+        except KubeError as exc:
+            RECONCILE_ERRORS.inc()
+            log.warning("reconcile %s: %s; retrying", key, exc)
+            self.queue.add_rate_limited(key)
+            return
+        self.queue.forget(key)
+        if result.waiting_until is not None:
+            self.queue.add_after(key, max(0.0, result.waiting_until - trio.current_time()))
+            if self._on_result is not None:
+                self._on_result(result)
+            return
+        RECONCILE_SECONDS.labels("key").observe(time.perf_counter() - t0)
+        if result.writes:
+            RECONCILE_WRITES.inc(result.writes)
+        if result.write_errors:
+            RECONCILE_ERRORS.inc()
+        if result.next_renewal is not None:
+            due = (result.next_renewal - dt.datetime.now(dt.UTC)).total_seconds()
+            self.queue.add_after(key, max(1.0, due))
+        if self._on_result is not None:
+            self._on_result(result)
+        p = self._pass
+        if p is not None and key in p.outstanding:
+            p.outstanding.discard(key)
+            p.results.append(result)
+            if not p.outstanding:
+                self._finish_pass()
+
+    def _finish_pass(self) -> None:
+        p = self._pass
+        if p is None:
+            return
+        self._pass = None
+        doc = {
+            "at": time.time(),
+            "kind": "full",
+            "seconds": round(time.perf_counter() - p.started, 4),
+            "keys": len(p.results),
+            "writes": sum(r.writes for r in p.results),
+            "events": sum(r.events for r in p.results),
+            "issued": [i for r in p.results for i in r.issued],
+            "ca_action": next((r.ca_action for r in p.results if r.ca_action), ""),
+            "problems": sum(len(r.problems) for r in p.results),
+            "write_errors": [e for r in p.results for e in r.write_errors],
+        }
+        if self._on_pass is not None:
+            self._on_pass(doc)
+
+
+async def run_reconcile(
+    *,
+    api: KubeApi,
+    feed: FleetFeed,
+    reconciler: Reconciler,
+    resync_seconds: float,
+    workers: int = DEFAULT_WORKERS,
+    on_result: Callable[[KeyResult], None] | None = None,
+    on_pass: Callable[[dict[str, Any]], None] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the leader's reconcile subsystem until cancelled."""
+    loop = ReconcileLoop(
+        api=api,
+        feed=feed,
+        reconciler=reconciler,
+        resync_seconds=resync_seconds,
+        workers=workers,
+        on_result=on_result,
+        on_pass=on_pass,
+    )
+    await loop.run(task_status=task_status)

@@ -1,0 +1,359 @@
+"""Benchmark: one change, end to end, at fleet scale — API write to the Envoy's ACK.
+
+    .venv/bin/python bench/bench_e2e.py --clusters N [--changes K] [--xds delta|sotw]
+        [--idle-seconds 330] [--json]
+
+Real etcd + kube-apiserver (the test harness's, on loopback), N cluster Services created
+first, then ``atlasd run`` as its own process (leader election on: the command a pod runs)
+and a real observability Envoy (node ``atlas``) on ADS, Delta or State of the World,
+bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
+
+- ``onboard_s``: from starting atlasd until the Envoy has ACKed a configuration holding all
+  N clusters (atlas's snapshot serves N clusters and the Envoy's ACKed CDS and RDS versions
+  are that snapshot's);
+- ``ip_change_ms``, ``new_cluster_ms``, ``remove_ms`` (p50/p99 over K each): from the API
+  write's response to the moment atlasd saw the Envoy ACK the version that carries the
+  change (atlasd's ``/status/envoys`` gives each ACK's time and the snapshot's versions; the
+  first, middle and last change of each kind are also checked in the Envoy's config dump);
+- ``requests_per_change``: atlasd's own API requests (``atlasd_kube_requests_total``) per IP
+  change, by list/get/write (Lease renewals and watch re-connects not counted);
+- ``cpu_ms_per_change``: atlasd's CPU time over the IP changes per change, less its idle rate;
+- ``unrelated_secret_pushes``: xDS pushes caused by creating and editing a Secret atlasd does
+  not own (must be 0), with the requests it caused;
+- ``idle_cpu_pct`` over ``--idle-seconds`` (≥ 300 s spans a full resync pass, every 300 s),
+  ``rss_mib`` at the end, ``load_avg`` (1, 5, 15 min) at the end.
+
+Prints a table; with ``--json`` one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.harness.envoy import Envoy
+from tests.harness.kube import ApiServer
+from tests.harness.wait import wait_until
+from tests.integration.daemon_helpers import Atlasd
+
+NAMESPACE = "bench"
+MIB = 1024 * 1024
+WRITE_VERBS = ("apply", "create", "update", "patch", "delete")
+
+
+def cluster_service(i: int, *, net: int = 18) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"c{i:05d}", "labels": {"goatlas.io/cluster": "true"}},
+        "spec": {
+            "clusterIP": "None",
+            "externalIPs": [f"198.{net}.{i // 250}.{i % 250 + 1}"],
+            "ports": [
+                {"name": "thanos", "port": 10901},
+                {"name": "prometheus", "port": 9090},
+                {"name": "alertmanager", "port": 9093},
+            ],
+        },
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / MIB
+    return 0.0
+
+
+def metric(url: str, name: str) -> dict[str, float]:
+    """Samples of one metric family from atlasd's /metrics, by their label text."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name):
+            key, value = line.rsplit(" ", 1)
+            out[key[len(name) :]] = float(value)
+    return out
+
+
+def requests_by_kind(url: str) -> dict[str, float]:
+    """atlasd's API requests so far: list, get, write (Leases and watches left out)."""
+    out = {"list": 0.0, "get": 0.0, "write": 0.0}
+    for labels, n in metric(url, "atlasd_kube_requests_total").items():
+        if 'resource="leases"' in labels or 'verb="watch"' in labels:
+            continue
+        for verb in ("list", "get"):
+            if f'verb="{verb}"' in labels:
+                out[verb] += n
+        if any(f'verb="{v}"' in labels for v in WRITE_VERBS):
+            out["write"] += n
+    return out
+
+
+def pushes(url: str) -> float:
+    return sum(metric(url, "atlasd_xds_pushes_total").values())
+
+
+class EnvoyView:
+    """The observability Envoy as atlasd sees it: ACKed versions, when, and the target."""
+
+    def __init__(self, atlasd: Atlasd, client: httpx.Client) -> None:
+        self.url = f"{atlasd.url}/status/envoys"
+        self.client = client
+
+    def read(self) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:
+        doc = self.client.get(self.url, timeout=10).json()
+        for e in doc["envoys"]:
+            if e["node"] == "atlas":
+                return e["acked"], e["acked_at"], doc["snapshots"].get("atlas", {})
+        return {}, {}, {}
+
+    def wait_acked(
+        self, types: tuple[str, ...], before: dict[str, str], timeout: float = 120
+    ) -> float:
+        """Wait until the Envoy ACKed, for every type, the snapshot's version and that differs
+        from ``before``; returns the latest of those ACKs' times."""
+        deadline = time.monotonic() + timeout
+        while True:
+            acked, at, want = self.read()
+            if all(t in want and acked.get(t) == want[t] != before.get(t) for t in types):
+                return max(at[t] for t in types)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Envoy did not ACK {types}: acked {acked}, want {want}")
+            time.sleep(0.003)
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"p50": round(statistics.median(ordered), 1), "p99": round(p99, 1)}
+
+
+def _dump_has(envoy: Envoy, name: str, needle: str | None) -> bool:
+    r = httpx.get(
+        f"{envoy.admin_url}/config_dump",
+        params={"resource": "dynamic_active_clusters", "name_regex": f"^{name}-prom$"},
+        timeout=60,
+    )
+    if needle is None:
+        return f'"{name}-prom"' not in r.text
+    return f'"{name}-prom"' in r.text and needle in r.text
+
+
+def measure(
+    kind: str,
+    count: int,
+    write: Callable[[int], None],
+    view: EnvoyView,
+    types: tuple[str, ...],
+    check: Callable[[int], bool],
+) -> list[float]:
+    took: list[float] = []
+    sample = {0, count // 2, count - 1}
+    for i in range(count):
+        before, _, _ = view.read()
+        write(i)
+        t0 = time.time()
+        acked_at = view.wait_acked(types, before)
+        took.append(1000 * max(0.0, acked_at - t0))
+        if i in sample:
+            wait_until(lambda i=i: check(i), timeout=60, what=f"{kind} {i} in the config dump")
+        time.sleep(0.05)  # let the change's echoes (watch events of atlasd's writes) settle
+    return took
+
+
+def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, Any]:
+    n, k = args.clusters, args.changes
+    api.create_namespace(NAMESPACE)
+    path = f"/api/v1/namespaces/{NAMESPACE}/services"
+    t0 = time.perf_counter()
+    with api.admin() as c:
+        for i in range(n):
+            c.post(path, json=cluster_service(i)).raise_for_status()
+    print(f"setup: {n} cluster Services created in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    atlasd = Atlasd(
+        workdir / "atlasd",
+        f"--kubeconfig={api.admin_kubeconfig}",
+        f"--namespace={NAMESPACE}",
+        "--identity=bench-e2e",
+    )
+    started = time.time()
+    atlasd.start(timeout=300)
+    pid = atlasd.proc.pid
+    out: dict[str, Any] = {"clusters": n, "xds": args.xds}
+    envoy: Envoy | None = None
+    client = httpx.Client()
+    try:
+
+        def obs_values() -> dict[str, Any] | None:
+            with api.admin() as c:
+                r = c.get(f"/api/v1/namespaces/{NAMESPACE}/secrets/atlas-envoy-values")
+            if r.status_code != 200:
+                return None
+            return yaml.safe_load(base64.b64decode(r.json()["data"]["values.yaml"]))  # type: ignore[no-any-return]
+
+        values = wait_until(obs_values, timeout=300, what="atlas-envoy-values")
+        boot = yaml.safe_load(values["files"]["envoy.yaml"])
+        boot["dynamic_resources"]["ads_config"]["api_type"] = (
+            "DELTA_GRPC" if args.xds == "delta" else "GRPC"
+        )
+        envoy = Envoy(boot, "atlas", workdir=workdir)
+        envoy.start()
+        view = EnvoyView(atlasd, client)
+
+        def onboarded() -> float | None:
+            served = metric(atlasd.url, "atlasd_clusters").get("", 0)
+            if served < n:
+                return None
+            acked, at, want = view.read()
+            if all(t in want and acked.get(t) == want[t] for t in ("cds", "rds")):
+                return max(at["cds"], at["rds"])
+            return None
+
+        done_at = wait_until(onboarded, timeout=1800, what="all clusters served", interval=0.5)
+        out["onboard_s"] = round(done_at - started, 1)
+        print(
+            f"onboard: {n} clusters served by the Envoy {out['onboard_s']} s after start",
+            flush=True,
+        )
+        assert _dump_has(envoy, f"c{n - 1:05d}", f"198.18.{(n - 1) // 250}.")
+        time.sleep(5)  # the start's echoes and the first full pass settle
+
+        # IP changes.
+        req0, cpu0, wall0 = requests_by_kind(atlasd.url), cpu_seconds(pid), time.monotonic()
+
+        def move(i: int) -> None:
+            with api.admin() as c:
+                c.patch(
+                    f"{path}/c{i:05d}",
+                    content=json.dumps(
+                        {"spec": {"externalIPs": [f"198.19.{i // 250}.{i % 250 + 1}"]}}
+                    ),
+                    headers={"content-type": "application/merge-patch+json"},
+                ).raise_for_status()
+
+        ip = measure(
+            "ip change",
+            k,
+            move,
+            view,
+            ("cds",),
+            lambda i: _dump_has(envoy, f"c{i:05d}", f"198.19.{i // 250}.{i % 250 + 1}"),  # type: ignore[arg-type]
+        )
+        cpu1, wall1 = cpu_seconds(pid), time.monotonic()
+        req1 = requests_by_kind(atlasd.url)
+        out["ip_change_ms"] = _pct(ip)
+        out["requests_per_change"] = {v: round((req1[v] - req0[v]) / k, 2) for v in req0}
+        busy_cpu = cpu1 - cpu0
+
+        # New clusters and removals.
+        def create(i: int) -> None:
+            with api.admin() as c:
+                c.post(path, json=cluster_service(n + i)).raise_for_status()
+
+        def remove(i: int) -> None:
+            with api.admin() as c:
+                c.delete(f"{path}/c{n + i:05d}").raise_for_status()
+
+        out["new_cluster_ms"] = _pct(
+            measure(
+                "new cluster",
+                k,
+                create,
+                view,
+                ("cds", "rds"),
+                lambda i: _dump_has(envoy, f"c{n + i:05d}", "198.18."),  # type: ignore[arg-type]
+            )
+        )
+        out["remove_ms"] = _pct(
+            measure(
+                "removal",
+                k,
+                remove,
+                view,
+                ("cds", "rds"),
+                lambda i: _dump_has(envoy, f"c{n + i:05d}", None),  # type: ignore[arg-type]
+            )
+        )
+
+        # A Secret atlasd does not own.
+        time.sleep(3)
+        p0, r0 = pushes(atlasd.url), requests_by_kind(atlasd.url)
+        with api.admin() as c:
+            secrets = f"/api/v1/namespaces/{NAMESPACE}/secrets"
+            c.post(
+                secrets, json={"metadata": {"name": "unrelated"}, "stringData": {"a": "1"}}
+            ).raise_for_status()
+            c.patch(
+                f"{secrets}/unrelated",
+                content=json.dumps({"stringData": {"a": "2"}}),
+                headers={"content-type": "application/merge-patch+json"},
+            ).raise_for_status()
+        time.sleep(5)  # an observation window: nothing may happen in it
+        out["unrelated_secret_pushes"] = int(pushes(atlasd.url) - p0)
+        r1 = requests_by_kind(atlasd.url)
+        out["unrelated_secret_requests"] = {v: int(r1[v] - r0[v]) for v in r0}
+
+        # Idle.
+        c0, w0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(args.idle_seconds)  # the measurement window: nothing changes, by design
+        c1, w1 = cpu_seconds(pid), time.monotonic()
+        idle_rate = (c1 - c0) / (w1 - w0)
+        out["idle_cpu_pct"] = round(100 * idle_rate, 3)
+        out["cpu_ms_per_change"] = round(
+            1000 * max(0.0, busy_cpu - idle_rate * (wall1 - wall0)) / k, 2
+        )
+        out["rss_mib"] = round(rss_mib(pid), 1)
+    finally:
+        client.close()
+        if envoy is not None:
+            envoy.stop()
+        atlasd.proc.stop()
+    out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--changes", type=int, default=30)
+    parser.add_argument("--xds", choices=("delta", "sotw"), default="delta")
+    parser.add_argument("--idle-seconds", type=float, default=330.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        api = ApiServer(Path(tmp) / "apiserver").start()
+        try:
+            result = run(args, api, Path(tmp))
+        finally:
+            api.stop()
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
