@@ -699,3 +699,24 @@ def test_every_dashboard_query_returns_data_from_a_real_atlasd(
         alert_names(yaml.safe_load(rules.read_text())["groups"])
     )
     assert [(r["name"], r.get("lastError")) for r in evaluated_rules if r["health"] != "ok"] == []
+
+
+def test_notes_name_the_monitoring_objects(
+    helm: Helm, apiserver: ApiServer, namespace: str
+) -> None:
+    install_operator_crds(apiserver)  # helm refuses kinds the API server does not serve
+    args = ["install", "obs", str(ATLASD_CHART), "--namespace", namespace, "--dry-run=client"]
+    notes = helm(*args, *(a for s in EVERY_SWITCH for a in ("--set", s))).split("NOTES:", 1)[1]
+    assert "ServiceMonitor obs-atlasd:" in notes and 'job="atlasd"' in notes
+    assert "PrometheusRule obs-atlasd:" in notes
+    assert 'ConfigMap obs-atlasd-dashboard (grafana_dashboard: "1")' in notes
+    # Without the selector labels, say why Prometheus may not pick them up.
+    assert notes.count("release: kube-prometheus-stack") == 2
+    labelled = [
+        "--set",
+        "serviceMonitor.labels.release=kps",
+        "--set",
+        "prometheusRule.labels.release=kps",
+    ]
+    notes = helm(*args, *(a for s in EVERY_SWITCH for a in ("--set", s)), *labelled)
+    assert "release: kube-prometheus-stack" not in notes.split("NOTES:", 1)[1]
