@@ -46,6 +46,7 @@ from tests.integration.test_charts import (
     ROOT,
     Doc,
     Helm,
+    of_kind,
     only,
     render,
     server_dry_run,
@@ -223,13 +224,9 @@ def test_service_monitor_needs_the_metrics_service(helm: Helm) -> None:
 def test_operator_parts_default_off_where_the_crds_may_be_missing(helm: Helm) -> None:
     docs = render(helm, ATLASD_CHART)
     assert not [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
-    assert len(of_name(docs, "ConfigMap", "atlas-atlasd-dashboard")) == 1
+    assert len(of_kind(docs, "ConfigMap", "atlas-atlasd-dashboard")) == 1
     docs = render(helm, ATLASD_CHART, sets=["grafanaDashboard.enabled=false"])
-    assert not of_name(docs, "ConfigMap", "atlas-atlasd-dashboard")
-
-
-def of_name(docs: list[Doc], kind: str, name: str) -> list[Doc]:
-    return [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert not of_kind(docs, "ConfigMap", "atlas-atlasd-dashboard")
 
 
 @pytest.mark.parametrize(
@@ -325,7 +322,7 @@ def test_dry_run_rejects_a_wrong_service_monitor_field(
 
 def dashboard_configmap(helm: Helm, *sets: str) -> Doc:
     docs = render(helm, ATLASD_CHART, sets=list(sets))
-    [cm] = of_name(docs, "ConfigMap", "atlas-atlasd-dashboard")
+    [cm] = of_kind(docs, "ConfigMap", "atlas-atlasd-dashboard")
     return cm
 
 
