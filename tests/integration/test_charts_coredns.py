@@ -74,7 +74,7 @@ def test_chart_corefile_serves_the_zone_atlasd_writes(
         if d
     ]
     [deploy] = [d for d in docs if d["kind"] == "Deployment"]
-    [cm] = [d for d in docs if d["kind"] == "ConfigMap"]
+    [cm] = [d for d in docs if d["kind"] == "ConfigMap" and "Corefile" in d["data"]]
     [coredns] = [
         c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "coredns"
     ]
