@@ -48,6 +48,7 @@ from atlasd.kube.config import load_config
 from atlasd.kube.errors import Conflict, KubeError
 from atlasd.kube.events import post_event
 from atlasd.kube.lease import run_leader_election
+from atlasd.kube.legacy_lock import LeadershipGate
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Fleet, Problem, Settings
 from atlasd.reconcile.applier import Reconciler, ReconcileResult
@@ -102,6 +103,10 @@ class DaemonOptions:
     http_port: int = 6309
     leader_election: bool = True
     lease_name: str = "atlasd"
+    # Do not lead while the original Atlas holds one of these locks (atlasd.kube.legacy_lock);
+    # serve_only (`atlasd envoy-ads`): never lead.
+    legacy_locks: tuple[str, ...] = ()
+    serve_only: bool = False
     identity: str = field(default_factory=socket.gethostname)
     allow_loopback: bool = False
     listen_plan: ListenPlan = field(default_factory=ListenPlan)
@@ -479,12 +484,22 @@ class Daemon:
         self, kube: KubeClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
+        gate = LeadershipGate(
+            kube,
+            namespace=self.settings.namespace,
+            identity=self.options.identity,
+            legacy_locks=self.options.legacy_locks,
+            own_lease=self.options.lease_name,
+            serve_only=self.options.serve_only,
+            on_change=lambda doc: self.hub.publish(leadership=dict(doc)),
+        )
         await run_leader_election(
             kube,
             name=self.options.lease_name,
             namespace=self.settings.namespace,
             identity=self.options.identity,
             on_leading=lambda: self._lead(kube),
+            gate=gate,
         )
 
     async def _lead(self, kube: Any) -> None:
