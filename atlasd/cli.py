@@ -546,9 +546,10 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
-def _startup_error(exc: BaseException) -> str:
+def _startup_error(exc: BaseException, *also: type[Exception]) -> str:
     """One line for a startup failure that is the user's (a port taken after the check, a
-    credential file gone); anything else is a bug and propagates with its traceback."""
+    credential file gone, or one of ``also``); anything else is a bug and propagates with
+    its traceback."""
     from atlasd.kube.errors import ConfigError
 
     leaves: list[BaseException] = []
@@ -562,7 +563,7 @@ def _startup_error(exc: BaseException) -> str:
 
     walk(exc)
     if not leaves or not all(
-        isinstance(e, ConfigError) or (isinstance(e, OSError) and e.errno) for e in leaves
+        isinstance(e, (ConfigError, *also)) or (isinstance(e, OSError) and e.errno) for e in leaves
     ):
         raise exc
     return "; ".join(str(e) for e in leaves)
@@ -648,8 +649,9 @@ def demo(workdir: Path | None, ads_port: int, http_port: int, check: bool, loopb
     )
     try:
         serve_until_signalled(lambda: _discard(run_demo(options)), grace=20)
-    except DemoError as exc:
-        _fail(str(exc))
+    except (DemoError, BaseExceptionGroup) as exc:
+        # The nursery wraps it in a group: one line all the same.
+        _fail(_startup_error(exc, DemoError))
 
 
 async def _discard(coro: Awaitable[Any]) -> None:

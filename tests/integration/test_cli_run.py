@@ -19,19 +19,9 @@ from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import cli
+from tests.integration.test_daemon_lifecycle import CLUSTER
 
 pytestmark = pytest.mark.integration
-
-CLUSTER = {
-    "apiVersion": "v1",
-    "kind": "Service",
-    "metadata": {"name": "east", "labels": {"goatlas.io/cluster": "true"}},
-    "spec": {
-        "clusterIP": "None",
-        "externalIPs": ["192.0.2.10"],
-        "ports": [{"name": "thanos", "port": 10901}, {"name": "prometheus", "port": 9090}],
-    },
-}
 
 
 def _one_line(out: Any) -> str:

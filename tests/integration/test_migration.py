@@ -207,6 +207,14 @@ files:
 """
 
 
+def _endpoints(cluster: str, host: str, port: int) -> dict[str, Any]:
+    address = {"socket_address": {"address": host, "port_value": port}}
+    return {
+        "cluster_name": cluster,
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+    }
+
+
 def _served_by_the_original(prom_port: int) -> dict[str, Any]:
     """The downstream listener the original's ADS served (TLS with the static ``server``
     and ``validation`` secrets, a client certificate required), and its local cluster."""
@@ -256,25 +264,7 @@ def _served_by_the_original(prom_port: int) -> dict[str, Any]:
             "name": "prometheus",
             "type": "STATIC",
             "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": "prometheus",
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {
-                                "endpoint": {
-                                    "address": {
-                                        "socket_address": {
-                                            "address": "127.0.0.1",
-                                            "port_value": prom_port,
-                                        }
-                                    }
-                                }
-                            }
-                        ]
-                    }
-                ],
-            },
+            "load_assignment": _endpoints("prometheus", "127.0.0.1", prom_port),
         },
     }
 
@@ -306,25 +296,7 @@ def _observability_bootstrap(ads_port: int) -> dict[str, Any]:
                     },
                     "name": "xds_cluster",
                     "type": "STRICT_DNS",
-                    "load_assignment": {
-                        "cluster_name": "xds_cluster",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": ads_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
+                    "load_assignment": _endpoints("xds_cluster", "127.0.0.1", ads_port),
                 }
             ]
         },

@@ -311,3 +311,15 @@ def test_every_command_has_help() -> None:
     for path in walk(cli.cli, []):
         result = _invoke(*path, "--help")
         assert result.exit_code == 0 and "Usage:" in result.output, path
+
+
+def test_a_demo_that_cannot_start_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import atlasd.demo
+
+    async def refuse(options: Any) -> None:
+        raise atlasd.demo.DemoError("127.0.0.1:10900 is in use (Address already in use)")
+
+    monkeypatch.setattr(atlasd.demo, "run_demo", refuse)
+    result = _invoke("demo", "--check")
+    assert result.exit_code == 1
+    assert _one_error_line(result) == ("error: 127.0.0.1:10900 is in use (Address already in use)")
