@@ -4,22 +4,31 @@ click rather than argparse: nested command groups, an environment variable for e
 option (``show_envvar``), and in-process testing with ``CliRunner``. Environment names
 keep the original chart's where they exist (``ATLAS_ENVOY_ADS_ADDRESS``, ...).
 
-Exit codes: 0 success; 1 the request failed (the message says why); 2 bad usage (click).
+Drop-in compatibility with the original Atlas (docs/migration.md): its container
+commands ``controller`` and ``envoy-ads`` (with its flags and environment: ``METRICS_PORT``,
+``GRPC_PORT``, ``LOCKNAME``, ``LOGLEVEL`` ...) and its CLI spellings ``cluster-add --name``
+and ``cluster-values --name`` are accepted.
+
+Every mistake a person can make on the command line ends in one line on stderr naming
+the option or object, never a traceback. Exit codes: 0 success; 1 the request failed (the
+message says why); 2 bad usage (click).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
 import trio
@@ -29,6 +38,26 @@ from atlasd import __version__
 from atlasd.model import Settings
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+# The original's defaults: its controller's lock, and the Service its chart puts in front
+# of its `envoy-ads` pods (release "atlas" of chart "atlas").
+ORIGINAL_CONTROLLER_LOCK = "atlas"
+ORIGINAL_ADS_SERVICE = "atlas-atlas-envoy-ads.{namespace}.svc.{domain}"
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``level`` (``warn`` is the original's spelling of warning)."""
+    name = "WARNING" if level.lower() == "warn" else level.upper()
+    logging.basicConfig(
+        level=getattr(logging, name),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Per-request lines from the HTTP client are noise at info level.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _selector(
@@ -49,39 +78,83 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _env_option(*decls: str, env: str, **kwargs: Any) -> Callable[[Any], Any]:
+def _namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from atlasd.fleet.validate import is_dns_label
+
+    if not is_dns_label(value):
+        raise click.BadParameter(
+            f"{value!r} is not a namespace name (a DNS-1123 label: lowercase letters, "
+            "digits and '-', at most 63 characters)",
+            ctx=ctx,
+            param=param,
+        )
+    return value
+
+
+def _lock_names(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    from atlasd.fleet.validate import is_dns_label
+
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    for n in names:
+        if not is_dns_label(n) and not all(is_dns_label(part) for part in n.split(".")):
+            raise click.BadParameter(f"{n!r} is not an object name", ctx=ctx, param=param)
+    return names
+
+
+def _external_ips(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    # Repeatable, and comma-separated as the original's flag also took it.
+    ips = tuple(ip.strip() for item in value for ip in item.split(",") if ip.strip())
+    if value and not ips:
+        raise click.BadParameter("no address given", ctx=ctx, param=param)
+    return ips
+
+
+Decorator = Callable[[Any], Any]
+
+
+def _env_option(*decls: str, env: str | list[str], **kwargs: Any) -> Decorator:
     """A click option read from ``env`` too, with its default and variable in --help."""
     return click.option(*decls, envvar=env, show_envvar=True, show_default=True, **kwargs)
 
 
-def _common_settings(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that shape Settings, shared by ``run`` and the cluster commands."""
-    opts = [
-        _env_option(
-            "--namespace",
-            "-n",
-            env="NAMESPACE",
-            default="monitoring",
-            help="atlasd's namespace (where cluster Services live).",
-        ),
-        _env_option(
-            "--kubeconfig",
-            env="ATLAS_KUBECONFIG",
-            default=None,
-            help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster).",
-        ),
-        click.option("--context", default=None, help="kubeconfig context to use."),
-        _env_option(
-            "--store",
-            type=click.Path(file_okay=False, path_type=Path),
-            env="ATLAS_STORE",
-            default=None,
-            help="Standalone mode: no Kubernetes; clusters and state in this directory.",
-        ),
-    ]
+def _apply(f: F, opts: list[Decorator]) -> F:
+    out: Any = f
     for opt in reversed(opts):
-        f = opt(f)
-    return f
+        out = opt(out)
+    return cast(F, out)
+
+
+def _common_settings(f: F) -> F:
+    """Options that shape Settings, shared by ``run`` and the cluster commands."""
+    return _apply(
+        f,
+        [
+            _env_option(
+                "--namespace",
+                "-n",
+                env="NAMESPACE",
+                default="monitoring",
+                callback=_namespace,
+                help="atlasd's namespace (where cluster Services live).",
+            ),
+            _env_option(
+                "--kubeconfig",
+                env="ATLAS_KUBECONFIG",
+                default=None,
+                help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then in-cluster).",
+            ),
+            click.option("--context", default=None, help="kubeconfig context to use."),
+            _env_option(
+                "--store",
+                type=click.Path(file_okay=False, path_type=Path),
+                env="ATLAS_STORE",
+                default=None,
+                help="Standalone mode: no Kubernetes; clusters and state in this directory.",
+            ),
+        ],
+    )
 
 
 def _run_trio(fn: Callable[[], Awaitable[T]]) -> T:
@@ -99,28 +172,24 @@ def _api(kubeconfig: str | None, context: str | None, store: Path | None, namesp
     return KubeClient(load_config(kubeconfig, context))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="atlasd", message="%(prog)s %(version)s")
 @click.option(
     "--log-level",
-    envvar="ATLAS_LOG_LEVEL",
+    envvar=["ATLAS_LOG_LEVEL", "LOGLEVEL"],
+    show_envvar=True,
     default="info",
     show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
 )
 def cli(log_level: str) -> None:
     """atlasd: PKI, Envoy xDS and DNS discovery for Thanos across many clusters."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Per-request lines from the HTTP client are noise at info level.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(log_level)
 
 
 @cli.command()
@@ -129,175 +198,375 @@ def version() -> None:
     click.echo(f"atlasd {__version__}")
 
 
-# -- run --------------------------------------------------------------------------------
+# -- run (and the original's controller / envoy-ads) -------------------------------------
+
+
+def _run_options(*, compat: bool) -> Callable[[F], F]:
+    """The options of ``run``; with ``compat`` also the original's flags and variables
+    (``controller`` and ``envoy-ads``), which take precedence where both are given."""
+    opts: list[Decorator] = [
+        _env_option(
+            "--zone-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            env="ATLAS_ZONE_FILE",
+            # The original chart gives its pods no writable working directory.
+            default=(Path(tempfile.gettempdir()) / "atlas.zone") if compat else Path("atlas.zone"),
+            help="Where the DNS zone is written (CoreDNS reads it).",
+        ),
+        _env_option(
+            "--ads-listen",
+            env="ATLAS_ADS_LISTEN",
+            default="0.0.0.0:6305",
+            callback=_hostport,
+            help="The ADS gRPC server's address.",
+        ),
+        _env_option(
+            "--http-listen",
+            env="ATLAS_HTTP_LISTEN",
+            default="0.0.0.0:6309",
+            callback=_hostport,
+            help="Metrics, health and status address.",
+        ),
+        _env_option(
+            "--envoy-ads-address",
+            env="ATLAS_ENVOY_ADS_ADDRESS",
+            default="127.0.0.1",
+            help="Address downstream Envoys reach xDS at (the observability Envoy).",
+        ),
+        _env_option(
+            "--envoy-ads-port",
+            env="ATLAS_ENVOY_ADS_PORT",
+            default=10900,
+            type=click.IntRange(1, 65535),
+        ),
+        _env_option(
+            "--envoy-address",
+            env="ATLAS_ENVOY_ADDRESS",
+            default="127.0.0.1",
+            help="Address downstream Envoys forward alerts to (observability Envoy :10903).",
+        ),
+        _env_option(
+            "--atlasd-ads-host",
+            env="ATLAS_ADS_SERVICE",
+            default=None,
+            help="Where the observability Envoy reaches this ADS server [default: "
+            + (
+                "the original chart's Service, " + ORIGINAL_ADS_SERVICE
+                if compat
+                else "atlasd.{namespace}.svc.{domain}"
+            )
+            + "].",
+        ),
+        _env_option(
+            "--atlasd-ads-port",
+            env="ATLAS_ADS_SERVICE_PORT",
+            default=6305,
+            type=click.IntRange(1, 65535),
+        ),
+        _env_option(
+            "--dns-configmap",
+            *(["--dns-config-map-name"] if compat else []),
+            env="ATLAS_DNS_CM_NAME",
+            default="atlas-coredns",
+            help="ConfigMap mirroring the zone.",
+        ),
+        _env_option(
+            "--alertmanager-selector",
+            env=["ATLAS_ALERTMANAGER_SELECTOR", "ALERTMANAGER_SELECTOR"]
+            if compat
+            else "ATLAS_ALERTMANAGER_SELECTOR",
+            default="app=kube-prometheus-stack-alertmanager",
+            callback=_selector,
+            help="Label selector of the local Alertmanager Services.",
+        ),
+        _env_option("--cluster-domain", env="ATLAS_CLUSTER_DOMAIN", default="cluster.local"),
+        _env_option(
+            "--leaf-days",
+            env="ATLAS_LEAF_DAYS",
+            default=365,
+            type=click.IntRange(1, 3650),
+            help="Lifetime of leaf certificates; renewed after 2/3 of it.",
+        ),
+        _env_option(
+            "--leader-election/--no-leader-election",
+            env="ATLAS_LEADER_ELECTION",
+            default=True,
+        ),
+        _env_option("--lease-name", env="ATLAS_LEASE_NAME", default="atlasd"),
+        _env_option(
+            "--legacy-locks",
+            env="ATLAS_LEGACY_LOCKS",
+            default=ORIGINAL_CONTROLLER_LOCK,
+            callback=_lock_names,
+            help="Comma-separated leader-election locks of the original Atlas (ConfigMap or "
+            "Lease names in the namespace): atlasd does not lead while one is held by a live "
+            "holder. '' turns the check off.",
+        ),
+        _env_option(
+            "--identity",
+            env="POD_NAME",
+            default=None,
+            help="Leader election identity (default: host name).",
+        ),
+        _env_option(
+            "--allow-loopback",
+            is_flag=True,
+            env="ATLAS_ALLOW_LOOPBACK",
+            help="Accept loopback external IPs (local demos and tests).",
+        ),
+        _env_option(
+            "--forwarder-token-file",
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            env="ATLAS_FORWARDER_TOKEN_FILE",
+            default=None,
+            help="Shared secret the observability Envoy adds to forwarded xDS streams.",
+        ),
+        _env_option(
+            "--shutdown-grace",
+            env="ATLAS_SHUTDOWN_GRACE",
+            default=10.0,
+            type=click.FloatRange(1, 300),
+            help="Seconds allowed for a clean stop after SIGTERM.",
+        ),
+    ]
+    if compat:
+        opts += [
+            _env_option(
+                "--metrics-port",
+                env=["METRICS_PORT", "CONTROLLER_METRICS_PORT", "ENVOY_ADS_METRICS_PORT"],
+                default=None,
+                type=click.IntRange(0, 65535),
+                help="The original's name: the port of --http-listen.",
+            ),
+            _env_option(
+                "--grpc-port",
+                env=["GRPC_PORT", "ENVOY_ADS_GRPC_PORT", "ATLAS_ENVOY_ADS_GRPC_PORT"],
+                default=None,
+                type=click.IntRange(0, 65535),
+                help="The original's name: the port of --ads-listen.",
+            ),
+            _env_option(
+                "--lockname",
+                env="LOCKNAME",
+                default=None,
+                help="The original's leader-election lock name: atlasd (a Lease of its own) "
+                "does not lead while the original holds it (`controller`; see --legacy-locks).",
+            ),
+            _env_option(
+                "--node-id",
+                env=["NODE_ID", "ENVOY_ADS_NODE_ID"],
+                default=None,
+                type=click.IntRange(1, 1024),
+                help="Accepted for the original's `envoy-ads` (its snapshot-version generator "
+                "id); atlasd versions snapshots by content and needs none.",
+            ),
+            _env_option(
+                "-l",
+                "--log-level",
+                "compat_log_level",
+                env="LOGLEVEL",
+                default=None,
+                type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            ),
+            click.option("--config", "compat_config", default=None, hidden=True),
+            click.option("--debug-envoy", is_flag=True, hidden=True),
+        ]
+
+    def decorate(f: F) -> F:
+        return _common_settings(_apply(f, opts))
+
+    return decorate
 
 
 @cli.command()
-@_common_settings
-@_env_option(
-    "--zone-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    env="ATLAS_ZONE_FILE",
-    default="atlas.zone",
-    help="Where the DNS zone is written (CoreDNS reads it).",
-)
-@_env_option(
-    "--ads-listen",
-    env="ATLAS_ADS_LISTEN",
-    default="0.0.0.0:6305",
-    callback=_hostport,
-    help="The ADS gRPC server's address.",
-)
-@_env_option(
-    "--http-listen",
-    env="ATLAS_HTTP_LISTEN",
-    default="0.0.0.0:6309",
-    callback=_hostport,
-    help="Metrics, health and status address.",
-)
-@_env_option(
-    "--envoy-ads-address",
-    env="ATLAS_ENVOY_ADS_ADDRESS",
-    default="127.0.0.1",
-    help="Address downstream Envoys reach xDS at (the observability Envoy).",
-)
-@_env_option(
-    "--envoy-ads-port",
-    env="ATLAS_ENVOY_ADS_PORT",
-    default=10900,
-    type=click.IntRange(1, 65535),
-)
-@_env_option(
-    "--envoy-address",
-    env="ATLAS_ENVOY_ADDRESS",
-    default="127.0.0.1",
-    help="Address downstream Envoys forward alerts to (observability Envoy :10903).",
-)
-@_env_option(
-    "--atlasd-ads-host",
-    env="ATLAS_ADS_SERVICE",
-    default="atlasd.monitoring.svc.cluster.local",
-    help="Where the observability Envoy reaches this ADS server.",
-)
-@_env_option(
-    "--atlasd-ads-port",
-    env="ATLAS_ADS_SERVICE_PORT",
-    default=6305,
-    type=click.IntRange(1, 65535),
-)
-@_env_option(
-    "--dns-configmap",
-    env="ATLAS_DNS_CM_NAME",
-    default="atlas-coredns",
-    help="ConfigMap mirroring the zone.",
-)
-@_env_option(
-    "--alertmanager-selector",
-    env="ATLAS_ALERTMANAGER_SELECTOR",
-    default="app=kube-prometheus-stack-alertmanager",
-    callback=_selector,
-    help="Label selector of the local Alertmanager Services.",
-)
-@_env_option(
-    "--cluster-domain",
-    env="ATLAS_CLUSTER_DOMAIN",
-    default="cluster.local",
-)
-@_env_option(
-    "--leaf-days",
-    env="ATLAS_LEAF_DAYS",
-    default=365,
-    type=click.IntRange(1, 3650),
-    help="Lifetime of leaf certificates; renewed after 2/3 of it.",
-)
-@_env_option(
-    "--leader-election/--no-leader-election",
-    env="ATLAS_LEADER_ELECTION",
-    default=True,
-)
-@_env_option("--lease-name", env="ATLAS_LEASE_NAME", default="atlasd")
-@_env_option(
-    "--identity",
-    env="POD_NAME",
-    default=None,
-    help="Leader election identity (default: host name).",
-)
-@_env_option(
-    "--allow-loopback",
-    is_flag=True,
-    env="ATLAS_ALLOW_LOOPBACK",
-    help="Accept loopback external IPs (local demos and tests).",
-)
-@_env_option(
-    "--forwarder-token-file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    env="ATLAS_FORWARDER_TOKEN_FILE",
-    default=None,
-    help="Shared secret the observability Envoy adds to forwarded xDS streams.",
-)
-@_env_option(
-    "--shutdown-grace",
-    env="ATLAS_SHUTDOWN_GRACE",
-    default=10.0,
-    type=click.FloatRange(1, 300),
-    help="Seconds allowed for a clean stop after SIGTERM.",
-)
-def run(
-    namespace: str,
-    kubeconfig: str | None,
-    context: str | None,
-    store: Path | None,
-    zone_file: Path,
-    ads_listen: tuple[str, int],
-    http_listen: tuple[str, int],
-    envoy_ads_address: str,
-    envoy_ads_port: int,
-    envoy_address: str,
-    atlasd_ads_host: str,
-    atlasd_ads_port: int,
-    dns_configmap: str,
-    alertmanager_selector: tuple[tuple[str, str], ...],
-    cluster_domain: str,
-    leaf_days: int,
-    leader_election: bool,
-    lease_name: str,
-    identity: str | None,
-    allow_loopback: bool,
-    forwarder_token_file: Path | None,
-    shutdown_grace: float,
-) -> None:
+@_run_options(compat=False)
+def run(**params: Any) -> None:
     """Run the daemon: watch, reconcile (leader), serve xDS, write the zone."""
-    from atlasd.daemon import Daemon, DaemonOptions
+    _run_daemon(params, mode="run")
 
+
+@cli.command("controller")
+@_run_options(compat=True)
+def controller(**params: Any) -> None:
+    """The original Atlas's `controller` command: runs the whole daemon (it leads and
+    writes; it also serves xDS). Takes the original's flags and environment."""
+    _run_daemon(params, mode="controller")
+
+
+@cli.command("envoy-ads")
+@_run_options(compat=True)
+def envoy_ads(**params: Any) -> None:
+    """The original Atlas's `envoy-ads` command: serves xDS from the watch cache and never
+    writes (another atlasd leads). Takes the original's flags and environment."""
+    _run_daemon(params, mode="envoy-ads")
+
+
+def _run_daemon(p: dict[str, Any], *, mode: str) -> None:
+    from atlasd.daemon import Daemon, DaemonOptions
+    from atlasd.kube.legacy_lock import ORIGINAL_ENVOY_ADS_LOCK
+
+    log = logging.getLogger("atlasd")
+    if p.get("compat_log_level"):
+        configure_logging(p["compat_log_level"])
+    http_host, http_port = p["http_listen"]
+    ads_host, ads_port = p["ads_listen"]
+    if p.get("metrics_port") is not None:
+        http_port = p["metrics_port"]
+    if p.get("grpc_port") is not None:
+        ads_port = p["grpc_port"]
+    legacy: tuple[str, ...] = p["legacy_locks"]
+    lockname = p.get("lockname")
+    if mode == "controller" and lockname and lockname not in legacy:
+        legacy = (lockname, *legacy)
+    if mode == "envoy-ads" and lockname and lockname != ORIGINAL_ENVOY_ADS_LOCK:
+        log.info("LOCKNAME=%s ignored: `envoy-ads` serves on every replica, no lock", lockname)
+    serve_only = mode == "envoy-ads"
+    store: Path | None = p["store"]
+    if serve_only and store is not None:
+        _fail("envoy-ads serves from Kubernetes; --store needs `atlasd run`")
+    namespace: str = p["namespace"]
+    domain: str = p["cluster_domain"]
+    ads_service = p["atlasd_ads_host"] or (
+        ORIGINAL_ADS_SERVICE if mode != "run" else "atlasd.{namespace}.svc.{domain}"
+    ).format(namespace=namespace, domain=domain)
+
+    token = _preflight(
+        store=store,
+        kubeconfig=p["kubeconfig"],
+        context=p["context"],
+        zone_file=p["zone_file"],
+        listen=[("--http-listen", http_host, http_port), ("--ads-listen", ads_host, ads_port)],
+        token_file=p["forwarder_token_file"],
+    )
     settings = Settings(
         namespace=namespace,
-        cluster_domain=cluster_domain,
-        atlasd_ads_host=atlasd_ads_host,
-        atlasd_ads_port=atlasd_ads_port,
-        envoy_ads_address=envoy_ads_address,
-        envoy_ads_port=envoy_ads_port,
-        envoy_address=envoy_address,
-        dns_configmap_name=dns_configmap,
-        alertmanager_selector=alertmanager_selector,
-        leaf_lifetime=dt.timedelta(days=leaf_days),
-        forwarder_token=forwarder_token_file.read_text().strip() if forwarder_token_file else None,
+        cluster_domain=domain,
+        atlasd_ads_host=ads_service,
+        atlasd_ads_port=p["atlasd_ads_port"],
+        envoy_ads_address=p["envoy_ads_address"],
+        envoy_ads_port=p["envoy_ads_port"],
+        envoy_address=p["envoy_address"],
+        dns_configmap_name=p["dns_configmap"],
+        alertmanager_selector=p["alertmanager_selector"],
+        leaf_lifetime=dt.timedelta(days=p["leaf_days"]),
+        forwarder_token=token,
     )
     options = DaemonOptions(
         settings=settings,
-        kubeconfig=kubeconfig,
-        context=context,
+        kubeconfig=p["kubeconfig"],
+        context=p["context"],
         store=store,
-        zone_file=zone_file,
-        ads_host=ads_listen[0],
-        ads_port=ads_listen[1],
-        http_host=http_listen[0],
-        http_port=http_listen[1],
-        leader_election=leader_election,
-        lease_name=lease_name,
-        allow_loopback=allow_loopback,
-        identity=identity or socket.gethostname(),
+        zone_file=p["zone_file"],
+        ads_host=ads_host,
+        ads_port=ads_port,
+        http_host=http_host,
+        http_port=http_port,
+        leader_election=True if serve_only else p["leader_election"],
+        lease_name=p["lease_name"],
+        legacy_locks=legacy,
+        serve_only=serve_only,
+        allow_loopback=p["allow_loopback"],
+        identity=p["identity"] or socket.gethostname(),
     )
-    serve_until_signalled(lambda: Daemon(options).run(), grace=shutdown_grace)
+    if mode != "run":
+        log.info("started as the original's `%s` command (docs/migration.md)", mode)
+    try:
+        serve_until_signalled(lambda: Daemon(options).run(), grace=p["shutdown_grace"])
+    except (OSError, BaseExceptionGroup) as exc:
+        _fail(_startup_error(exc))
+
+
+def _preflight(
+    *,
+    store: Path | None,
+    kubeconfig: str | None,
+    context: str | None,
+    zone_file: Path,
+    listen: list[tuple[str, str, int]],
+    token_file: Path | None,
+) -> str | None:
+    """Check what a person may have got wrong before anything starts (each failure is one
+    line naming the option); returns the forwarder token."""
+    from atlasd.kube.config import load_config
+    from atlasd.kube.errors import ConfigError
+
+    if store is None:
+        try:
+            load_config(kubeconfig, context)
+        except ConfigError as exc:
+            _fail(str(exc))
+    token: str | None = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"--forwarder-token-file {token_file}: cannot read it ({_reason(exc)})")
+        if not token:
+            _fail(f"--forwarder-token-file {token_file} is empty")
+    parent = zone_file.parent if str(zone_file.parent) else Path(".")
+    if not parent.is_dir():
+        _fail(f"--zone-file {zone_file}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (zone_file.exists() and not os.access(zone_file, os.W_OK)):
+        _fail(f"--zone-file {zone_file}: not writable by this user")
+    seen: dict[tuple[str, int], str] = {}
+    for flag, host, port in listen:
+        if port and (host, port) in seen:
+            _fail(f"{flag} {host}:{port} is also {seen[(host, port)]}: pick another port")
+        seen[(host, port)] = flag
+        if port:
+            problem = _bind_problem(host, port)
+            if problem:
+                _fail(f"{flag} {host}:{port}: cannot listen ({problem})")
+    return token
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(
+        exc
+    ).__name__
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (as trio will: SO_REUSEADDR), or None."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        return f"unknown address: {exc.strerror}"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "address already in use"
+            return _reason(exc)
+    return None
+
+
+def _startup_error(exc: BaseException, *also: type[Exception]) -> str:
+    """One line for a startup failure that is the user's (a port taken after the check, a
+    credential file gone, or one of ``also``); anything else is a bug and propagates with
+    its traceback."""
+    from atlasd.kube.errors import ConfigError
+
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    if not leaves or not all(
+        isinstance(e, (ConfigError, *also)) or (isinstance(e, OSError) and e.errno) for e in leaves
+    ):
+        raise exc
+    return "; ".join(str(e) for e in leaves)
 
 
 def serve_until_signalled(
@@ -380,8 +649,9 @@ def demo(workdir: Path | None, ads_port: int, http_port: int, check: bool, loopb
     )
     try:
         serve_until_signalled(lambda: _discard(run_demo(options)), grace=20)
-    except DemoError as exc:
-        _fail(str(exc))
+    except (DemoError, BaseExceptionGroup) as exc:
+        # The nursery wraps it in a group: one line all the same.
+        _fail(_startup_error(exc, DemoError))
 
 
 async def _discard(coro: Awaitable[Any]) -> None:
@@ -414,10 +684,110 @@ def _port_pair(
     return tuple(out)
 
 
+def _cluster_call(
+    fn: Callable[[Any], Awaitable[T]],
+    *,
+    kubeconfig: str | None,
+    context: str | None,
+    store: Path | None,
+    namespace: str,
+) -> T:
+    """Run ``fn(api)`` against Kubernetes or the store; any failure is one line, exit 1."""
+    from atlasd.clusterctl import ClusterError
+    from atlasd.kube.errors import KubeError
+
+    async def go() -> T:
+        async with _api(kubeconfig, context, store, namespace) as api:
+            return await fn(api)
+
+    try:
+        return _run_trio(go)
+    except (ClusterError, KubeError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _cluster_add(
+    *,
+    namespace: str,
+    kubeconfig: str | None,
+    context: str | None,
+    store: Path | None,
+    name: str,
+    external_ips: tuple[str, ...],
+    replicas: int,
+    ports: tuple[tuple[str, int], ...],
+    annotations: dict[str, str],
+    overwrite: bool,
+    allow_loopback: bool,
+) -> None:
+    from atlasd import clusterctl
+
+    service = clusterctl.cluster_service(
+        name=name,
+        external_ips=external_ips,
+        replicas=replicas,
+        namespace=namespace,
+        ports=ports,
+        annotations=annotations,
+    )
+    outcome = _cluster_call(
+        lambda api: clusterctl.add(
+            api,
+            service,
+            settings=Settings(namespace=namespace),
+            overwrite=overwrite,
+            allow_loopback=allow_loopback,
+        ),
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        namespace=namespace,
+    )
+    click.echo(f"cluster {name} {outcome}")
+
+
+def _cluster_values(
+    *,
+    namespace: str,
+    kubeconfig: str | None,
+    context: str | None,
+    store: Path | None,
+    name: str,
+    fmt: str,
+) -> None:
+    from atlasd import clusterctl
+    from atlasd.reconcile.values_formats import Format
+
+    text = _cluster_call(
+        lambda api: clusterctl.values(
+            api,
+            name,
+            settings=Settings(namespace=namespace),
+            fmt=cast(Format, fmt),
+            allow_loopback=store is not None,
+        ),
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        namespace=namespace,
+    )
+    click.echo(text, nl=not text.endswith("\n"))
+
+
+_EXTERNAL_IP_HELP = (
+    "The downstream Envoy's reachable address; repeatable or comma-separated (all are "
+    "validated and stored; the first is the one atlasd dials)."
+)
+_FORMAT = click.Choice(["raw", "helm-chart", "helm-release"])
+
+
 @cluster.command("add")
 @_common_settings
 @click.argument("name")
-@click.option("--external-ip", required=True, help="The downstream Envoy's reachable address.")
+@click.option(
+    "--external-ip", "external_ips", required=True, multiple=True, callback=_external_ips,
+    help=_EXTERNAL_IP_HELP,
+)  # fmt: skip
 @click.option(
     "--replicas",
     default=1,
@@ -446,7 +816,7 @@ def cluster_add(
     context: str | None,
     store: Path | None,
     name: str,
-    external_ip: str,
+    external_ips: tuple[str, ...],
     replicas: int,
     ports: tuple[tuple[str, int], ...],
     annotations: tuple[str, ...],
@@ -454,36 +824,25 @@ def cluster_add(
     allow_loopback: bool,
 ) -> None:
     """Add (or with --overwrite update) the cluster NAME."""
-    from atlasd import clusterctl
-    from atlasd.kube.errors import KubeError
-
     ann: dict[str, str] = {}
     for item in annotations:
         key, eq, val = item.partition("=")
         if not eq:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--annotation")
         ann[key] = val
-    settings = Settings(namespace=namespace)
-    service = clusterctl.cluster_service(
-        name=name,
-        external_ip=external_ip,
-        replicas=replicas,
+    _cluster_add(
         namespace=namespace,
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        name=name,
+        external_ips=external_ips,
+        replicas=replicas,
         ports=ports,
         annotations=ann,
+        overwrite=overwrite,
+        allow_loopback=allow_loopback,
     )
-
-    async def go() -> str:
-        async with _api(kubeconfig, context, store, namespace) as api:
-            return await clusterctl.add(
-                api, service, settings=settings, overwrite=overwrite, allow_loopback=allow_loopback
-            )
-
-    try:
-        outcome = _run_trio(go)
-    except (clusterctl.ClusterError, KubeError) as exc:
-        _fail(str(exc))
-    click.echo(f"cluster {name} {outcome}")
 
 
 @cluster.command("list")
@@ -502,18 +861,16 @@ def cluster_list(
     from dataclasses import asdict
 
     from atlasd import clusterctl
-    from atlasd.kube.errors import KubeError
 
-    async def go() -> list[clusterctl.ClusterRow]:
-        async with _api(kubeconfig, context, store, namespace) as api:
-            return await clusterctl.list_clusters(
-                api, settings=Settings(namespace=namespace), allow_loopback=store is not None
-            )
-
-    try:
-        rows = _run_trio(go)
-    except KubeError as exc:
-        _fail(str(exc))
+    rows = _cluster_call(
+        lambda api: clusterctl.list_clusters(
+            api, settings=Settings(namespace=namespace), allow_loopback=store is not None
+        ),
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        namespace=namespace,
+    )
     if output == "json":
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
     elif output == "yaml":
@@ -533,29 +890,21 @@ def cluster_remove(
 ) -> None:
     """Remove the cluster NAME (atlasd then removes everything it made for it)."""
     from atlasd import clusterctl
-    from atlasd.kube.errors import KubeError
 
-    async def go() -> None:
-        async with _api(kubeconfig, context, store, namespace) as api:
-            await clusterctl.remove(api, name, settings=Settings(namespace=namespace))
-
-    try:
-        _run_trio(go)
-    except (clusterctl.ClusterError, KubeError) as exc:
-        _fail(str(exc))
+    _cluster_call(
+        lambda api: clusterctl.remove(api, name, settings=Settings(namespace=namespace)),
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        namespace=namespace,
+    )
     click.echo(f"cluster {name} removed")
 
 
 @cluster.command("values")
 @_common_settings
 @click.argument("name")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["raw", "helm-chart", "helm-release"]),
-    default="raw",
-    show_default=True,
-)
+@click.option("--format", "fmt", type=_FORMAT, default="raw", show_default=True)
 def cluster_values(
     namespace: str,
     kubeconfig: str | None,
@@ -564,25 +913,124 @@ def cluster_values(
     name: str,
     fmt: str,
 ) -> None:
-    """Print the Envoy chart values for the cluster NAME (they hold its private keys)."""
-    from atlasd import clusterctl
-    from atlasd.kube.errors import KubeError
-    from atlasd.reconcile.values_formats import Format
+    """Print the Envoy chart values for the cluster NAME (they hold its private keys;
+    NAME `atlas`: the observability Envoy's)."""
+    _cluster_values(
+        namespace=namespace, kubeconfig=kubeconfig, context=context, store=store, name=name, fmt=fmt
+    )
 
-    async def go() -> str:
-        async with _api(kubeconfig, context, store, namespace) as api:
-            return await clusterctl.values(
-                api, name, settings=Settings(namespace=namespace), fmt=cast(Format, fmt)
-            )
 
-    try:
-        text = _run_trio(go)
-    except (clusterctl.ClusterError, KubeError) as exc:
-        _fail(str(exc))
-    click.echo(text, nl=not text.endswith("\n"))
+# -- the original's CLI spellings ---------------------------------------------------------
+
+
+def _compat_cluster_options(f: F) -> F:
+    """The original's flags of ``cluster-add`` / ``cluster-values`` (and its global ones)."""
+    return _apply(
+        f,
+        [
+            click.option("--name", required=True, help="The cluster's name."),
+            click.option(
+                "--namespace", default="monitoring", show_default=True, callback=_namespace
+            ),
+            click.option("--kubeconfig", default=None, help="kubeconfig file."),
+            click.option("--context", default=None, help="kubeconfig context to use."),
+            _env_option(
+                "-l",
+                "--log-level",
+                "compat_log_level",
+                env="LOGLEVEL",
+                default=None,
+                type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            ),
+            click.option("--config", "compat_config", default=None, hidden=True),
+        ],
+    )
+
+
+@cli.command("cluster-add")
+@_compat_cluster_options
+@click.option(
+    "--external-ip", "external_ips", required=True, multiple=True, callback=_external_ips,
+    help=_EXTERNAL_IP_HELP,
+)  # fmt: skip
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--overwrite", is_flag=True, help="Replace an existing cluster's settings.")
+def cluster_add_compat(
+    name: str,
+    namespace: str,
+    kubeconfig: str | None,
+    context: str | None,
+    compat_log_level: str | None,
+    compat_config: str | None,
+    external_ips: tuple[str, ...],
+    replicas: int,
+    overwrite: bool,
+) -> None:
+    """The original's spelling of `cluster add NAME` (--name NAME)."""
+    if compat_log_level:
+        configure_logging(compat_log_level)
+    from atlasd.clusterctl import DEFAULT_PORTS
+
+    _cluster_add(
+        namespace=namespace,
+        kubeconfig=kubeconfig,
+        context=context,
+        store=None,
+        name=name,
+        external_ips=external_ips,
+        replicas=replicas,
+        ports=DEFAULT_PORTS,
+        annotations={},
+        overwrite=overwrite,
+        allow_loopback=False,
+    )
+
+
+@cli.command("cluster-values")
+@_compat_cluster_options
+@click.option("--format", "fmt", type=_FORMAT, default="raw", show_default=True)
+def cluster_values_compat(
+    name: str,
+    namespace: str,
+    kubeconfig: str | None,
+    context: str | None,
+    compat_log_level: str | None,
+    compat_config: str | None,
+    fmt: str,
+) -> None:
+    """The original's spelling of `cluster values NAME` (--name NAME)."""
+    if compat_log_level:
+        configure_logging(compat_log_level)
+    _cluster_values(
+        namespace=namespace, kubeconfig=kubeconfig, context=context, store=None, name=name, fmt=fmt
+    )
 
 
 # -- status -------------------------------------------------------------------------------
+
+
+def fetch_status(url: str) -> dict[str, Any]:
+    """GET ``<url>/status``; raises ValueError saying what answered if it is not atlasd."""
+    import httpx
+
+    target = f"{url.rstrip('/')}/status"
+    try:
+        resp = httpx.get(target, timeout=10)
+    except httpx.HTTPError as exc:
+        raise ValueError(f"cannot reach {target}: {exc}") from None
+    server = resp.headers.get("server")
+    who = f" (server: {server})" if server else ""
+    hint = "is --url atlasd's --http-listen address?"
+    if resp.status_code != 200:
+        raise ValueError(f"{target} answered {resp.status_code} {resp.reason_phrase}{who}: {hint}")
+    try:
+        doc = resp.json()
+    except ValueError:
+        kind = resp.headers.get("content-type", "no content type")
+        raise ValueError(f"{target} answered 200 with {kind}, not JSON{who}: {hint}") from None
+    if not isinstance(doc, dict) or "clusters" not in doc:
+        raise ValueError(f"{target} answered JSON that is not atlasd's status{who}: {hint}")
+    return doc
 
 
 @cli.command()
@@ -604,7 +1052,6 @@ def cluster_values(
 )
 def status(url: str, output: str, watch: bool) -> None:
     """Show clusters, each Envoy's sync state, certificate expiry and problems."""
-    import httpx
 
     def show(doc: dict[str, Any]) -> None:
         if output == "json":
@@ -616,9 +1063,9 @@ def status(url: str, output: str, watch: bool) -> None:
 
     if not watch:
         try:
-            doc = httpx.get(f"{url.rstrip('/')}/status", timeout=10).json()
-        except (httpx.HTTPError, ValueError) as exc:
-            _fail(f"cannot read status from {url}: {exc}")
+            doc = fetch_status(url)
+        except ValueError as exc:
+            _fail(str(exc))
         show(doc)
         return
 
@@ -635,7 +1082,7 @@ def status(url: str, output: str, watch: bool) -> None:
 
     try:
         trio.run(stream)
-    except (OSError, HandshakeError, ConnectionClosed) as exc:
+    except (OSError, HandshakeError, ConnectionClosed, ValueError) as exc:
         _fail(f"status stream {ws_url} ended: {exc}")
     except KeyboardInterrupt:
         pass
@@ -674,9 +1121,11 @@ def render_status(doc: dict[str, Any]) -> str:
             if not doc.get("ready")
             else ""
         ),
-        "",
-        "CLUSTERS",
     ]
+    leadership = doc.get("leadership") or {}
+    if leadership.get("reason"):
+        parts.append(f"NOT LEADING: {leadership['reason']}")
+    parts += ["", "CLUSTERS"]
     envoys = doc.get("envoys") or []
     by_node: dict[str, list[dict[str, Any]]] = {}
     for e in envoys:

@@ -1,23 +1,40 @@
 """What ``atlasd cluster add|list|remove|values`` do, against Kubernetes or a store.
 
 The Service built here is the interface of SPEC.md: a Service in atlasd's namespace
-labeled ``goatlas.io/cluster: "true"`` with ``spec.externalIPs[0]`` and named ports.
-It is checked with the daemon's own validator before anything is written, so the CLI
-refuses what the daemon would reject, naming the field.
+labeled ``goatlas.io/cluster: "true"`` with ``spec.externalIPs`` (the first one is the
+downstream Envoy atlasd dials; the others are stored, validated and not used, as the
+daemon does) and named ports. Before anything is written it is checked with the daemon's
+own validator *together with every cluster Service already there*, so the CLI refuses
+what the daemon would reject, fleet-wide rules included (an external IP another cluster
+holds), naming the field.
+
+Its shape: a ``ClusterIP`` Service with an allocated cluster IP, labeled
+``service.kubernetes.io/service-proxy-name: atlasd``. The original made it headless
+(``clusterIP: None``), which the API server answers with the warning
+``spec.externalIPs is ignored for headless services`` on every write; a Service with a
+cluster IP draws no warning, and the service-proxy-name label makes kube-proxy (and the
+service proxies that honour it) leave it alone, so, like the headless one, it routes
+nothing: it is only a declaration. Existing Services keep their shape (``clusterIP`` is
+immutable, and ``--overwrite`` never sends it); the daemon accepts both.
+
+Errors::
+
+    ClusterError   a request that cannot be carried out; the message says why and what to do
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from atlasd import labels
-from atlasd.fleet.validate import validate_all
-from atlasd.kube.errors import NotFound
-from atlasd.kube.resources import SECRETS, SERVICES, Resource
-from atlasd.model import Settings
+from atlasd.fleet.validate import is_cluster_service, validate_all
+from atlasd.kube.client import KubeClient
+from atlasd.kube.errors import ApiError, NotFound
+from atlasd.kube.resources import NAMESPACES, SECRETS, SERVICES, Resource
+from atlasd.model import OBSERVABILITY_NODE, Problem, Settings
 from atlasd.reconcile.values_formats import Format, render
 
 DEFAULT_PORTS: tuple[tuple[str, int], ...] = (
@@ -25,6 +42,9 @@ DEFAULT_PORTS: tuple[tuple[str, int], ...] = (
     ("thanos", 10901),
     ("alertmanager", 9093),
 )
+# kube-proxy skips Services carrying this label (its value names another proxy).
+SERVICE_PROXY_LABEL = "service.kubernetes.io/service-proxy-name"
+SERVICE_PROXY_VALUE = "atlasd"
 
 
 class ClusterError(Exception):
@@ -48,25 +68,29 @@ class ObjectAPI(Protocol):
 def cluster_service(
     *,
     name: str,
-    external_ip: str,
+    external_ips: Sequence[str],
     replicas: int,
     namespace: str,
     ports: Sequence[tuple[str, int]] = DEFAULT_PORTS,
     annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The labeled Service that declares a downstream cluster."""
+    """The labeled Service that declares a downstream cluster (shape: module docstring)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": {labels.CLUSTER_LABEL: "true", labels.REPLICAS_LABEL: str(replicas)},
+            "labels": {
+                labels.CLUSTER_LABEL: "true",
+                labels.REPLICAS_LABEL: str(replicas),
+                SERVICE_PROXY_LABEL: SERVICE_PROXY_VALUE,
+            },
             "annotations": dict(annotations or {}),
         },
         "spec": {
-            "clusterIP": "None",
-            "externalIPs": [external_ip],
+            "type": "ClusterIP",
+            "externalIPs": list(external_ips),
             "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
         },
     }
@@ -80,6 +104,44 @@ class ClusterRow:
     problem: str
 
 
+def _describe(problems: Iterable[Problem]) -> str:
+    return "; ".join(f"{p.field}: {p.message}" for p in problems)
+
+
+async def namespace_missing(api: ObjectAPI, namespace: str) -> bool:
+    """True only if the API server says the namespace does not exist (a user allowed to
+    read only inside it cannot tell, nor can a standalone store: False)."""
+    if not isinstance(api, KubeClient):
+        return False
+    try:
+        await api.get(NAMESPACES, namespace)
+    except NotFound:
+        return True
+    except ApiError:
+        return False
+    return False
+
+
+async def _require_namespace(api: ObjectAPI, namespace: str) -> None:
+    if await namespace_missing(api, namespace):
+        raise ClusterError(f"namespace {namespace!r} does not exist")
+
+
+async def _cluster_services(api: ObjectAPI, settings: Settings) -> list[dict[str, Any]]:
+    items, _ = await api.list(
+        SERVICES, namespace=settings.namespace, label_selector=f"{labels.CLUSTER_LABEL}=true"
+    )
+    return items
+
+
+async def _get_service(api: ObjectAPI, name: str, settings: Settings) -> dict[str, Any] | None:
+    try:
+        svc: dict[str, Any] = await api.get(SERVICES, name, namespace=settings.namespace)
+    except NotFound:
+        return None
+    return svc
+
+
 async def add(
     api: ObjectAPI,
     service: dict[str, Any],
@@ -90,32 +152,48 @@ async def add(
 ) -> str:
     """Create (or with ``overwrite`` replace) a cluster Service; returns "created"/"updated"."""
     name = service["metadata"]["name"]
-    _, problems = validate_all([service], settings, allow_loopback=allow_loopback)
-    if problems:
-        raise ClusterError("; ".join(f"{p.field}: {p.message}" for p in problems))
-    try:
-        await api.get(SERVICES, name, namespace=settings.namespace)
-        exists = True
-    except NotFound:
-        exists = False
-    if exists and not overwrite:
+    existing = await _get_service(api, name, settings)
+    if existing is not None and not overwrite:
         raise ClusterError(
             f"cluster {name!r} already exists; pass --overwrite to replace its settings"
         )
-    await api.apply(service)
-    return "updated" if exists else "created"
+    candidate = service
+    if existing is not None:
+        # Judge it with the age (and uid) it has: the older of two clusters keeps a
+        # contested external IP.
+        old_meta = existing.get("metadata") or {}
+        meta = {**service["metadata"]}
+        for key in ("creationTimestamp", "uid"):
+            if old_meta.get(key):
+                meta[key] = old_meta[key]
+        candidate = {**service, "metadata": meta}
+    others = [
+        s
+        for s in await _cluster_services(api, settings)
+        if (s.get("metadata") or {}).get("name") != name
+    ]
+    _, problems = validate_all([*others, candidate], settings, allow_loopback=allow_loopback)
+    mine = [p for p in problems if p.source.name == name]
+    if mine:
+        raise ClusterError(_describe(mine))
+    try:
+        await api.apply(service)
+    except NotFound:
+        await _require_namespace(api, settings.namespace)
+        raise
+    return "updated" if existing is not None else "created"
 
 
 async def list_clusters(
     api: ObjectAPI, *, settings: Settings, allow_loopback: bool = False
 ) -> list[ClusterRow]:
-    items, _ = await api.list(
-        SERVICES, namespace=settings.namespace, label_selector=f"{labels.CLUSTER_LABEL}=true"
-    )
+    items = await _cluster_services(api, settings)
+    if not items:
+        await _require_namespace(api, settings.namespace)
     _, problems = validate_all(items, settings, allow_loopback=allow_loopback)
-    by_name: dict[str, list[str]] = {}
+    by_name: dict[str, list[Problem]] = {}
     for p in problems:
-        by_name.setdefault(p.source.name, []).append(f"{p.field}: {p.message}")
+        by_name.setdefault(p.source.name, []).append(p)
     rows = []
     for svc in sorted(items, key=lambda s: str(s["metadata"]["name"])):
         meta = svc.get("metadata") or {}
@@ -126,32 +204,79 @@ async def list_clusters(
                 name=str(meta.get("name")),
                 external_ip=str(ips[0]) if ips else "",
                 replicas=str((meta.get("labels") or {}).get(labels.REPLICAS_LABEL, "1")),
-                problem="; ".join(by_name.get(str(meta.get("name")), [])),
+                problem=_describe(by_name.get(str(meta.get("name")), [])),
             )
         )
     return rows
 
 
+def _not_a_cluster(svc: Mapping[str, Any], name: str) -> ClusterError:
+    value = ((svc.get("metadata") or {}).get("labels") or {}).get(labels.CLUSTER_LABEL)
+    why = (
+        f"it has no {labels.CLUSTER_LABEL} label"
+        if value is None
+        else f"its {labels.CLUSTER_LABEL} label is {value!r}"
+    )
+    return ClusterError(
+        f"Service {name!r} is not a cluster: {why} (atlasd serves Services labeled "
+        f"{labels.CLUSTER_LABEL}=true)"
+    )
+
+
+async def _missing_cluster(api: ObjectAPI, name: str, settings: Settings) -> ClusterError:
+    await _require_namespace(api, settings.namespace)
+    return ClusterError(f"no cluster named {name!r} in namespace {settings.namespace}")
+
+
 async def remove(api: ObjectAPI, name: str, *, settings: Settings) -> None:
-    try:
-        svc = await api.get(SERVICES, name, namespace=settings.namespace)
-    except NotFound:
-        raise ClusterError(f"no cluster named {name!r} in namespace {settings.namespace}") from None
-    if (svc.get("metadata", {}).get("labels") or {}).get(labels.CLUSTER_LABEL) != "true":
-        raise ClusterError(f"Service {name!r} is not a cluster (no {labels.CLUSTER_LABEL} label)")
+    svc = await _get_service(api, name, settings)
+    if svc is None:
+        raise await _missing_cluster(api, name, settings)
+    if not is_cluster_service(svc):
+        raise _not_a_cluster(svc, name)
     await api.delete(SERVICES, name, namespace=settings.namespace)
 
 
-async def values(api: ObjectAPI, name: str, *, settings: Settings, fmt: Format) -> str:
-    secret_name = labels.values_secret_name(name)
+async def values(
+    api: ObjectAPI, name: str, *, settings: Settings, fmt: Format, allow_loopback: bool = False
+) -> str:
+    """The Envoy chart values of cluster ``name`` (``atlas``: the observability Envoy's)."""
+    secret_name = (
+        labels.OBS_VALUES_SECRET if name == OBSERVABILITY_NODE else labels.values_secret_name(name)
+    )
     try:
         secret = await api.get(SECRETS, secret_name, namespace=settings.namespace)
     except NotFound:
-        raise ClusterError(
-            f"no values yet for cluster {name!r} (Secret {secret_name} not found): "
-            "is the cluster added and atlasd running?"
-        ) from None
+        raise await _why_no_values(api, name, secret_name, settings, allow_loopback) from None
     data = (secret.get("data") or {}).get("values.yaml")
     if not data:
         raise ClusterError(f"Secret {secret_name} has no values.yaml")
     return render(fmt, base64.b64decode(data).decode(), namespace=settings.namespace)
+
+
+async def _why_no_values(
+    api: ObjectAPI, name: str, secret_name: str, settings: Settings, allow_loopback: bool
+) -> ClusterError:
+    later = (
+        f"its values are not written yet (Secret {secret_name} not found): the leading "
+        "atlasd writes them within seconds; `atlasd status` shows whether atlasd runs "
+        "and leads"
+    )
+    if name == OBSERVABILITY_NODE:
+        await _require_namespace(api, settings.namespace)
+        return ClusterError(f"the observability Envoy's values: {later}")
+    svc = await _get_service(api, name, settings)
+    if svc is None:
+        return await _missing_cluster(api, name, settings)
+    if not is_cluster_service(svc):
+        return _not_a_cluster(svc, name)
+    _, problems = validate_all(
+        await _cluster_services(api, settings), settings, allow_loopback=allow_loopback
+    )
+    mine = [p for p in problems if p.source.name == name]
+    if mine:
+        return ClusterError(
+            f"cluster {name!r} is rejected, so atlasd writes no values for it: "
+            f"{_describe(mine)} (also posted as an Event on Service {name})"
+        )
+    return ClusterError(f"cluster {name!r} is valid, but {later}")

@@ -57,6 +57,7 @@ from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError
 from atlasd.kube.events import post_event
 from atlasd.kube.lease import run_leader_election
+from atlasd.kube.legacy_lock import LeadershipGate
 from atlasd.model import Problem, Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import run_reconcile
@@ -92,6 +93,10 @@ class DaemonOptions:
     http_port: int = 6309
     leader_election: bool = True
     lease_name: str = "atlasd"
+    # Do not lead while the original Atlas holds one of these locks (atlasd.kube.legacy_lock);
+    # serve_only (`atlasd envoy-ads`): never lead.
+    legacy_locks: tuple[str, ...] = ()
+    serve_only: bool = False
     identity: str = field(default_factory=socket.gethostname)
     allow_loopback: bool = False
     listen_plan: ListenPlan = field(default_factory=ListenPlan)
@@ -598,12 +603,22 @@ class Daemon:
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                 ) -> None:
                     task_status.started()
+                    gate = LeadershipGate(
+                        api,
+                        namespace=settings.namespace,
+                        identity=opts.identity,
+                        legacy_locks=opts.legacy_locks,
+                        own_lease=opts.lease_name,
+                        serve_only=opts.serve_only,
+                        on_change=lambda doc: hub.publish(leadership=dict(doc)),
+                    )
                     await run_leader_election(
-                        api,  # type: ignore[arg-type]
+                        api,
                         name=opts.lease_name,
                         namespace=settings.namespace,
                         identity=opts.identity,
                         on_leading=lead,
+                        gate=gate,
                     )
 
                 root.start_soon(supervise, "election", hub, election)

@@ -17,6 +17,11 @@ Rules (client-go's, see ``shared/notes/kube-api.md``):
 - on a clean exit (``on_leading`` returned, raised, or the caller cancelled) the Lease
   is released (empty holder) after the guarded work has stopped, so a successor need
   not wait for expiry.
+
+An optional ``gate`` (an async predicate returning a reason not to lead, or None; see
+``atlasd.kube.legacy_lock``) is asked before every attempt to acquire and at every
+renewal: while it gives a reason this replica does not contend, and a leader it stops
+stops its guarded work and releases the Lease.
 """
 
 from __future__ import annotations
@@ -31,13 +36,16 @@ from typing import Any
 
 import trio
 
-from atlasd.kube.client import KubeClient
+from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import AlreadyExists, Conflict, KubeError, NotFound
 from atlasd.kube.resources import LEASES
 
 log = logging.getLogger(__name__)
 
 JITTER_FACTOR = 1.2
+
+# Why this replica may not lead now (None: it may). Must not raise KubeError.
+Gate = Callable[[], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,14 @@ class LeaseTimings:
             raise ValueError("renew_deadline must be greater than 1.2 x retry_period")
         if self.retry_period <= 0:
             raise ValueError("retry_period must be positive")
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Why leadership ended; ``gated``: the gate stopped it (the Lease is still ours)."""
+
+    reason: str
+    gated: bool
 
 
 @dataclass(frozen=True)
@@ -110,7 +126,7 @@ class LeaderElector:
 
     def __init__(
         self,
-        kube: KubeClient,
+        kube: KubeApi,
         *,
         name: str,
         namespace: str,
@@ -212,24 +228,43 @@ class LeaderElector:
         self._observe(record, stored["metadata"].get("resourceVersion"))
         return True
 
-    async def acquire(self) -> None:
-        """Return once this replica holds the Lease (tries every ~retry period)."""
+    async def acquire(self, gate: Gate | None = None) -> None:
+        """Return once this replica holds the Lease (tries every ~retry period, and only
+        while ``gate`` gives no reason not to). A failure is logged when it first occurs
+        or changes, not on every retry (a missing RBAC rule would flood the log)."""
+        last_error = ""
         while True:
-            try:
-                if await self.try_acquire_or_renew():
-                    log.info("%s acquired lease %s/%s", self.identity, self.namespace, self.name)
-                    return
-            except KubeError as exc:
-                log.warning("acquiring lease %s/%s: %s", self.namespace, self.name, exc)
+            if gate is None or await gate() is None:
+                try:
+                    if await self.try_acquire_or_renew():
+                        log.info(
+                            "%s acquired lease %s/%s", self.identity, self.namespace, self.name
+                        )
+                        return
+                    last_error = ""
+                except KubeError as exc:
+                    if str(exc) != last_error:
+                        last_error = str(exc)
+                        log.warning("acquiring lease %s/%s: %s", self.namespace, self.name, exc)
             period = self.timings.retry_period
             await trio.sleep(period + random.uniform(0, (JITTER_FACTOR - 1) * period))
 
-    async def keep_renewing(self) -> None:
+    async def keep_renewing(self, gate: Gate | None = None) -> Lost:
         """Renew every retry period; return when leadership is lost (a renewal could not
-        succeed within the renew deadline, or another holder took the Lease)."""
+        succeed within the renew deadline, another holder took the Lease, or ``gate``
+        gave a reason to stop)."""
         t = self.timings
         while True:
             await trio.sleep(t.retry_period)
+            if gate is not None and (stop := await gate()) is not None:
+                log.warning(
+                    "%s steps down from lease %s/%s: %s",
+                    self.identity,
+                    self.namespace,
+                    self.name,
+                    stop,
+                )
+                return Lost(stop, gated=True)
             deadline = trio.current_time() + t.renew_deadline
             renewed = False
             with trio.move_on_at(deadline):
@@ -251,11 +286,11 @@ class LeaderElector:
                 log.warning(
                     "%s lost lease %s/%s: %s", self.identity, self.namespace, self.name, why
                 )
-                return
+                return Lost(why, gated=False)
 
 
 async def run_leader_election(
-    kube: KubeClient,
+    kube: KubeApi,
     *,
     name: str,
     namespace: str,
@@ -263,9 +298,11 @@ async def run_leader_election(
     on_leading: Callable[[], Awaitable[None]],
     timings: LeaseTimings = LeaseTimings(),
     release_on_exit: bool = True,
+    gate: Gate | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Contend for the Lease forever; run ``on_leading`` while holding it.
+    """Contend for the Lease forever; run ``on_leading`` while holding it (and while
+    ``gate`` gives no reason not to).
 
     ``on_leading`` is cancelled at once when leadership is lost; then this replica
     contends again. Returns when ``on_leading`` returns; the Lease is released (when
@@ -278,8 +315,9 @@ async def run_leader_election(
     task_status.started()
     try:
         while True:
-            await elector.acquire()
+            await elector.acquire(gate)
             finished = False
+            gated = False
             async with trio.open_nursery() as nursery:
 
                 async def lead(scope: trio.CancelScope = nursery.cancel_scope) -> None:
@@ -289,13 +327,18 @@ async def run_leader_election(
                     scope.cancel()
 
                 async def renew(scope: trio.CancelScope = nursery.cancel_scope) -> None:
-                    await elector.keep_renewing()
+                    nonlocal gated
+                    gated = (await elector.keep_renewing(gate)).gated
                     scope.cancel()  # lost: stop the guarded work now
 
                 nursery.start_soon(lead)
                 nursery.start_soon(renew)
             if finished:
                 return
+            if gated and release_on_exit:
+                # The guarded work has stopped: hand the Lease back at once.
+                with trio.CancelScope(shield=True), trio.move_on_after(timings.retry_period * 2):
+                    await elector.release()
     finally:
         if release_on_exit and elector.is_leader():
             with trio.CancelScope(shield=True), trio.move_on_after(timings.retry_period * 2):
