@@ -1,0 +1,698 @@
+"""A real single-node Kubernetes cluster that runs pods, without a registry.
+
+etcd + kube-apiserver (as ``kube.ApiServer``, bound to the node's address so pods reach
+it through the in-cluster ``kubernetes`` Service) + kube-controller-manager +
+kube-scheduler + kube-proxy (iptables) + kubelet (cgroupfs driver) on containerd + runc,
+with a CNI bridge (Debian's containernetworking-plugins, host-local IPAM) and a cluster
+DNS (the harness's CoreDNS with its ``kubernetes`` plugin, run beside the node like the
+control plane). The images the charts need (``images.py``) are imported into containerd,
+so pods start with ``imagePullPolicy: IfNotPresent`` and no registry.
+
+What the node changes on the machine, and gives back at ``stop()``:
+
+- kernel tunables kubelet, kube-proxy and the bridge plugin set (``SYSCTLS``): recorded
+  before anything starts and written back;
+- the bridge ``BRIDGE`` and the iptables chains kube-proxy and the bridge plugin add
+  (``kube-proxy --cleanup``, then any ``CNI-`` chain left);
+- the cgroups under ``/<CGROUP_ROOT>`` (kubelet's cgroupRoot), every mount under the
+  node's directory and the network namespaces its pods had.
+
+Only one node runs on a machine at a time (a lock file): the bridge, its addresses and
+the cgroup root are fixed. Every program runs in its own process group (``procs.Proc``);
+containerd's shims, which leave containerd's group by design, are found by the socket
+address they were given (unique to this node) and stopped by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import yaml
+
+from tests.harness import components
+from tests.harness.images import Image
+from tests.harness.kube import ApiServer
+from tests.harness.net import free_port
+from tests.harness.procs import Proc
+from tests.harness.wait import wait_until
+
+NODE_NAME = "atlasd-node"
+BRIDGE = "atlasd-cni0"
+# The pod network: the node's own address is the bridge's gateway, so pods reach the
+# API server (and the cluster DNS) there. Addresses above RANGE_END are never handed to
+# pods: tests use them as Services' externalIPs.
+POD_CIDR = "10.244.0.0/24"
+NODE_IP = "10.244.0.1"
+RANGE_START = "10.244.0.10"
+RANGE_END = "10.244.0.200"
+SERVICE_CIDR = "10.96.0.0/24"
+CLUSTER_DOMAIN = "cluster.local"
+CGROUP_ROOT = "atlasd-node"
+LOCK_FILE = Path("/run/lock/atlasd-node.lock")
+
+# Kernel tunables the node's programs may set (kubelet's setupKernelTunables, kube-proxy,
+# the bridge plugin's ip_forward): recorded at start, restored at stop.
+SYSCTLS = (
+    "kernel.panic",
+    "kernel.panic_on_oops",
+    "kernel.keys.root_maxkeys",
+    "kernel.keys.root_maxbytes",
+    "vm.overcommit_memory",
+    "vm.panic_on_oom",
+    "net.ipv4.ip_forward",
+    "net.ipv4.conf.all.forwarding",
+    "net.ipv4.conf.all.route_localnet",
+    "net.bridge.bridge-nf-call-iptables",
+    "net.bridge.bridge-nf-call-ip6tables",
+    "net.netfilter.nf_conntrack_max",
+)
+# What the node needs set (bridged pod-to-Service-to-pod traffic must see iptables).
+REQUIRED_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.bridge.bridge-nf-call-iptables": "1"}
+
+
+def _sysctl_path(name: str) -> Path:
+    return Path("/proc/sys") / name.replace(".", "/")
+
+
+def read_sysctls() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name in SYSCTLS:
+        with contextlib.suppress(OSError):
+            values[name] = _sysctl_path(name).read_text().strip()
+    return values
+
+
+def write_sysctls(values: dict[str, str]) -> list[str]:
+    """Write ``values``; return the names whose value then still differs."""
+    for name, value in values.items():
+        with contextlib.suppress(OSError):
+            if _sysctl_path(name).read_text().strip() != value:
+                _sysctl_path(name).write_text(value + "\n")
+    now = read_sysctls()
+    return [n for n, v in values.items() if now.get(n) != v]
+
+
+def _sh(*cmd: str, check: bool = True, input: str | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, input=input)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _cgroup_hierarchies() -> list[Path]:
+    """Every mounted cgroup hierarchy (v1 controllers, the named systemd one, v2)."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split()[0] in ("cgroup", "cgroup2"):
+            found.append(Path(left.split()[4]))
+    return found
+
+
+class Node:
+    """A single-node cluster; ``admin_kubeconfig`` reaches its API server."""
+
+    def __init__(self, workdir: Path, images: list[Image]) -> None:
+        self.workdir = workdir
+        self.images = images
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.logs = workdir / "logs"
+        self.pod_logs = workdir / "pod-logs"
+        self.api = ApiServer(
+            workdir / "apiserver",
+            address=NODE_IP,
+            service_cidr=SERVICE_CIDR,
+            disable_admission=(),
+            authorization="Node,RBAC",
+            extra_args=("--enable-admission-plugins=NodeRestriction",),
+        )
+        # kube-apiserver reaches kubelet (logs, exec) with the admin client certificate.
+        self.api.proc.argv += [
+            f"--kubelet-client-certificate={self.api.admin_cert}",
+            f"--kubelet-client-key={self.api.admin_key}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+        self.admin_kubeconfig = self.api.admin_kubeconfig
+        self.procs: list[Proc] = []
+        self._saved_sysctls: dict[str, str] = {}
+        self._netns_before: set[str] = set()
+        self._chains_before: set[tuple[str, str, str]] = set()
+        self._lock: IO[str] | None = None
+        self._bridge_made = False
+        self.containerd_sock = workdir / "containerd" / "containerd.sock"
+        self.kube_proxy_config = workdir / "kube-proxy.yaml"
+        self.started = False
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self) -> Node:
+        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise RuntimeError(f"another node holds {LOCK_FILE}: one node per machine") from None
+        self.started = True
+        self._saved_sysctls = read_sysctls()
+        (self.workdir / "sysctls-before.json").write_text(json.dumps(self._saved_sysctls))
+        self._netns_before = set(os.listdir("/run/netns")) if Path("/run/netns").is_dir() else set()
+        self._chains_before = iptables_chains()
+        write_sysctls(REQUIRED_SYSCTLS)
+        self._make_bridge()
+        self._make_cgroup_root()
+        self.api.start()
+        self._start_containerd()
+        self._import_images()
+        self._start_cluster_dns()
+        self._start_controllers()
+        self._start_kube_proxy()
+        self._start_kubelet()
+        self._wait_ready()
+        return self
+
+    def stop(self) -> list[str]:
+        """Tear everything down; return what could not be given back (for the report)."""
+        if not self.started:
+            return []
+        problems: list[str] = []
+        by_name = {p.name: p for p in self.procs}
+        # No new pods: stop the controllers and the scheduler first, then let kubelet
+        # stop every pod the way it does (CNI DEL, unmounts), then stop the rest.
+        for name in ("kube-controller-manager", "kube-scheduler"):
+            if name in by_name:
+                by_name[name].stop(timeout=5)
+        if "kubelet" in by_name and by_name["kubelet"].running():
+            try:
+                self._drain()
+            except Exception as exc:
+                problems.append(f"draining the pods: {exc}")
+        for name in ("kubelet", "kube-proxy", "cluster-dns"):
+            if name in by_name:
+                by_name[name].stop(timeout=10)
+        problems += self._kill_tasks()
+        if "containerd" in by_name:
+            by_name["containerd"].stop(timeout=10)
+        problems += self._kill_shims()
+        problems += self._clean_cgroups()
+        problems += self._unmount()
+        problems += self._clean_network()
+        self.api.stop()
+        left = write_sysctls(self._saved_sysctls)
+        if left:
+            problems.append(f"sysctls not restored: {left}")
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.workdir / "containerd" / "root")
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        self.started = False
+        (self.workdir / "teardown.txt").write_text("\n".join(problems) + "\n")
+        return problems
+
+    # -- pieces -------------------------------------------------------------------
+    def _proc(self, name: str, argv: list[str], **kw: Any) -> Proc:
+        proc = Proc(name, argv, log_dir=self.logs, **kw)
+        self.procs.append(proc)
+        return proc.start()
+
+    def _make_bridge(self) -> None:
+        # The bridge plugin would make it at the first pod; the API server binds to its
+        # address before that, so make it first (the plugin keeps an existing bridge).
+        if _sh("ip", "-o", "link", "show", BRIDGE, check=False):
+            raise RuntimeError(f"{BRIDGE} exists: a node was not torn down (ip link del {BRIDGE})")
+        _sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        self._bridge_made = True
+        prefix = POD_CIDR.split("/")[1]
+        _sh("ip", "addr", "add", f"{NODE_IP}/{prefix}", "dev", BRIDGE)
+        _sh("ip", "link", "set", BRIDGE, "up")
+
+    def _make_cgroup_root(self) -> None:
+        for hierarchy in _cgroup_hierarchies():
+            (hierarchy / CGROUP_ROOT).mkdir(exist_ok=True)
+
+    def _start_containerd(self) -> None:
+        base = self.workdir / "containerd"
+        cni_conf = base / "net.d"
+        cni_conf.mkdir(parents=True, exist_ok=True)
+        (cni_conf / "10-atlasd.conflist").write_text(json.dumps(self._cni_config(), indent=2))
+        pause = next(i for i in self.images if i.name == "pause")
+        config = f"""\
+version = 2
+root = "{base / "root"}"
+state = "{base / "state"}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{self.containerd_sock}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause.ref}"
+  # Lowering oom_score_adj needs CAP_SYS_RESOURCE, which this machine withholds.
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        BinaryName = "{components.apt("runc")}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{components.apt("cni-plugins").parent}"
+    conf_dir = "{cni_conf}"
+"""
+        path = base / "config.toml"
+        path.write_text(config)
+        proc = self._proc("containerd", [str(components.apt("containerd")), f"--config={path}"])
+
+        def up() -> bool:
+            proc.check_running()
+            return self.ctr("version", check=False) != ""
+
+        wait_until(up, timeout=60, what="containerd")
+
+    def _cni_config(self) -> dict[str, Any]:
+        return {
+            "cniVersion": "1.0.0",
+            "name": "atlasd-node",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "ipMasq": True,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": str(self.workdir / "cni-ipam"),
+                        "ranges": [
+                            [
+                                {
+                                    "subnet": POD_CIDR,
+                                    "rangeStart": RANGE_START,
+                                    "rangeEnd": RANGE_END,
+                                    "gateway": NODE_IP,
+                                }
+                            ]
+                        ],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                    },
+                }
+            ],
+        }
+
+    def ctr(self, *args: str, check: bool = True) -> str:
+        return _sh(
+            str(Path(components.apt("containerd")).parent / "ctr"),
+            f"--address={self.containerd_sock}",
+            "--namespace=k8s.io",
+            *args,
+            check=check,
+        )
+
+    def _import_images(self) -> None:
+        for image in self.images:
+            self.ctr("images", "import", str(image.archive))
+        self.ctr("images", "ls", "-q")
+
+    def _start_cluster_dns(self) -> None:
+        kubeconfig = self.api.client_kubeconfig(
+            "cluster-dns", "atlasd-test-admin-dns", orgs=("system:masters",)
+        )
+        corefile = self.workdir / "cluster-dns.Corefile"
+        corefile.write_text(
+            f"""\
+{CLUSTER_DOMAIN}:53 in-addr.arpa:53 {{
+    bind {NODE_IP}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa {{
+        kubeconfig {kubeconfig} harness
+        ttl 5
+    }}
+    errors
+}}
+"""
+        )
+        self._proc("cluster-dns", [str(components.coredns()), "-conf", str(corefile)])
+
+    def _start_controllers(self) -> None:
+        kcm = self.api.client_kubeconfig(
+            "kube-controller-manager", "atlasd-test-admin-kcm", orgs=("system:masters",)
+        )
+        self._proc(
+            "kube-controller-manager",
+            [
+                str(components.kube_node_binary("kube-controller-manager")),
+                f"--kubeconfig={kcm}",
+                "--leader-elect=false",
+                "--secure-port=0",
+                f"--root-ca-file={self.api.serving_ca_path}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--allocate-node-cidrs=false",
+                "--use-service-account-credentials=false",
+                "--v=1",
+            ],
+        )
+        sched = self.api.client_kubeconfig("kube-scheduler", "system:kube-scheduler")
+        self._proc(
+            "kube-scheduler",
+            [
+                str(components.kube_node_binary("kube-scheduler")),
+                f"--kubeconfig={sched}",
+                f"--authentication-kubeconfig={sched}",
+                f"--authorization-kubeconfig={sched}",
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--v=1",
+            ],
+        )
+
+    def _start_kube_proxy(self) -> None:
+        kubeconfig = self.api.client_kubeconfig("kube-proxy", "system:kube-proxy")
+        self.kube_proxy_config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                    "kind": "KubeProxyConfiguration",
+                    "clientConnection": {"kubeconfig": str(kubeconfig)},
+                    "mode": "iptables",
+                    "hostnameOverride": NODE_NAME,
+                    "clusterCIDR": POD_CIDR,
+                    "metricsBindAddress": f"127.0.0.1:{free_port()}",
+                    "healthzBindAddress": f"127.0.0.1:{free_port()}",
+                    "nodePortAddresses": [f"{NODE_IP}/32"],
+                    # Leave the machine's conntrack tunables alone.
+                    "conntrack": {
+                        "maxPerCore": 0,
+                        "min": 0,
+                        "tcpEstablishedTimeout": "0s",
+                        "tcpCloseWaitTimeout": "0s",
+                    },
+                    "iptables": {"localhostNodePorts": False, "syncPeriod": "10s"},
+                }
+            )
+        )
+        self._proc(
+            "kube-proxy",
+            [
+                str(components.kube_node_binary("kube-proxy")),
+                f"--config={self.kube_proxy_config}",
+                "--v=1",
+            ],
+        )
+
+    def _start_kubelet(self) -> None:
+        kubeconfig = self.api.client_kubeconfig(
+            "kubelet", f"system:node:{NODE_NAME}", orgs=("system:nodes",)
+        )
+        config = self.workdir / "kubelet.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kubelet.config.k8s.io/v1beta1",
+                    "kind": "KubeletConfiguration",
+                    "cgroupDriver": "cgroupfs",
+                    "cgroupRoot": f"/{CGROUP_ROOT}",
+                    "failCgroupV1": False,
+                    "containerRuntimeEndpoint": f"unix://{self.containerd_sock}",
+                    "address": NODE_IP,
+                    "port": free_port(),
+                    "readOnlyPort": 0,
+                    "healthzBindAddress": "127.0.0.1",
+                    "healthzPort": free_port(),
+                    "authentication": {
+                        "anonymous": {"enabled": False},
+                        "webhook": {"enabled": False},
+                        "x509": {"clientCAFile": str(self.api.client_ca_path)},
+                    },
+                    "authorization": {"mode": "AlwaysAllow"},
+                    "clusterDNS": [NODE_IP],
+                    "clusterDomain": CLUSTER_DOMAIN,
+                    "resolvConf": "/etc/resolv.conf",
+                    "failSwapOn": False,
+                    "podLogsDir": str(self.pod_logs),
+                    "maxPods": 30,
+                    "serializeImagePulls": False,
+                    "imageGCHighThresholdPercent": 100,
+                    "imageGCLowThresholdPercent": 99,
+                    "evictionHard": {
+                        "memory.available": "100Mi",
+                        "nodefs.available": "1%",
+                        "imagefs.available": "1%",
+                        "nodefs.inodesFree": "1%",
+                    },
+                    "syncFrequency": "10s",
+                    "fileCheckFrequency": "10s",
+                    "nodeStatusUpdateFrequency": "5s",
+                }
+            )
+        )
+        self._proc(
+            "kubelet",
+            [
+                str(components.kube_node_binary("kubelet")),
+                f"--config={config}",
+                f"--kubeconfig={kubeconfig}",
+                f"--root-dir={self.workdir / 'kubelet'}",
+                f"--cert-dir={self.workdir / 'kubelet-pki'}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+                "--v=1",
+            ],
+        )
+
+    def _wait_ready(self) -> None:
+        def node_ready() -> bool:
+            for p in self.procs:
+                p.check_running()
+            with self.api.admin() as c:
+                r = c.get(f"/api/v1/nodes/{NODE_NAME}")
+                if r.status_code != 200:
+                    return False
+                conditions = r.json()["status"].get("conditions", [])
+            return any(x["type"] == "Ready" and x["status"] == "True" for x in conditions)
+
+        wait_until(node_ready, timeout=180, what=f"node {NODE_NAME} Ready", interval=0.5)
+
+        def default_sa() -> bool:
+            with self.api.admin() as c:
+                return (
+                    c.get("/api/v1/namespaces/default/serviceaccounts/default").status_code == 200
+                )
+
+        wait_until(default_sa, timeout=60, what="the default ServiceAccount (controller-manager)")
+
+        def service_routed() -> bool:
+            # The in-cluster `kubernetes` Service through kube-proxy's rules.
+            with httpx.Client(
+                base_url=f"https://{self.api.kubernetes_service_ip}:443",
+                verify=self.api.ssl_context(),
+                timeout=3,
+            ) as c:
+                return c.get("/readyz").status_code == 200
+
+        wait_until(service_routed, timeout=60, what="the kubernetes Service via kube-proxy")
+
+    # -- helpers for tests ---------------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        return self.api.kubectl(*args, input=input, check=check)
+
+    def pod_log_files(self) -> list[Path]:
+        return sorted(self.pod_logs.rglob("*.log")) if self.pod_logs.exists() else []
+
+    def log_sections(self) -> Iterator[tuple[str, str]]:
+        """(name, text) of every log: the node's programs and every container."""
+        yield "kube-apiserver", self.api.proc.log_text()
+        yield "etcd", self.api.etcd.proc.log_text()
+        for proc in self.procs:
+            yield proc.name, proc.log_text()
+        for f in self.pod_log_files():
+            yield f"pod {f.relative_to(self.pod_logs)}", f.read_text(errors="replace")
+
+    # -- teardown -----------------------------------------------------------------
+    def _drain(self) -> None:
+        """Delete every pod now and wait until kubelet has stopped all sandboxes."""
+        self.kubectl(
+            "delete",
+            "pods",
+            "--all",
+            "--all-namespaces",
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+            check=False,
+        )
+
+        def no_sandboxes() -> bool:
+            # Every container, sandboxes included, is a containerd container.
+            return self.ctr("containers", "ls", "-q").strip() == ""
+
+        wait_until(no_sandboxes, timeout=90, what="kubelet stopping every pod", interval=0.5)
+
+    def _kill_tasks(self) -> list[str]:
+        if not self.containerd_sock.exists():
+            return []
+        left = self.ctr("tasks", "ls", "-q", check=False).split()
+        for task in left:
+            self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
+        deadline = time.monotonic() + 10
+        for task in left:
+            while time.monotonic() < deadline:
+                if self.ctr("tasks", "delete", task, check=False) or task not in self.ctr(
+                    "tasks", "ls", "-q", check=False
+                ):
+                    break
+                time.sleep(0.2)
+        for c in self.ctr("containers", "ls", "-q", check=False).split():
+            self.ctr("containers", "delete", c, check=False)
+        return [f"containers left after kubelet stopped: {left}"] if left else []
+
+    def _shim_pids(self) -> list[int]:
+        pids = []
+        needle = str(self.containerd_sock).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes()
+                if b"containerd-shim" in cmdline and needle in cmdline:
+                    pids.append(int(entry.name))
+        return pids
+
+    def _kill_shims(self) -> list[str]:
+        pids = self._shim_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return [f"killed {len(pids)} containerd shim(s) left behind"] if pids else []
+
+    def _clean_cgroups(self) -> list[str]:
+        problems = []
+        killed = 0
+        for hierarchy in _cgroup_hierarchies():
+            root = hierarchy / CGROUP_ROOT
+            if not root.is_dir():
+                continue
+            dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+            for d in [*dirs, root]:
+                with contextlib.suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+                            killed += 1
+            for d in [*dirs, root]:
+                for _ in range(50):
+                    try:
+                        d.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+                else:
+                    problems.append(f"cgroup {d} not removed")
+        if killed:
+            problems.append(f"killed {killed} container process(es) left behind")
+        return problems
+
+    def _unmount(self) -> list[str]:
+        problems = []
+        ours = [str(self.workdir)]
+        netns_dir = Path("/run/netns")
+        # containerd's CRI names its pods' namespaces cni-<uuid>; others are not ours.
+        new_netns = (
+            sorted(
+                n for n in set(os.listdir(netns_dir)) - self._netns_before if n.startswith("cni-")
+            )
+            if netns_dir.is_dir()
+            else []
+        )
+        ours += [str(netns_dir / n) for n in new_netns]
+        for _ in range(3):
+            mounts = [
+                line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            ]
+            targets = [m for m in mounts if any(m == o or m.startswith(o + "/") for o in ours)]
+            if not targets:
+                break
+            for m in sorted(set(targets), key=lambda m: -len(m)):
+                if subprocess.run(["umount", m], capture_output=True).returncode != 0:
+                    subprocess.run(["umount", "-l", m], capture_output=True)
+        else:
+            problems.append(f"mounts left: {targets}")
+        for n in new_netns:
+            with contextlib.suppress(OSError):
+                (netns_dir / n).unlink()
+        if new_netns:
+            problems.append(f"network namespaces left by pods: {new_netns}")
+        return problems
+
+    def _clean_network(self) -> list[str]:
+        problems = []
+        proxy = components.kube_node_binary("kube-proxy")
+        out = subprocess.run(
+            [str(proxy), "--cleanup", f"--config={self.kube_proxy_config}"],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode != 0:
+            problems.append(f"kube-proxy --cleanup: {out.stderr.strip()[-500:]}")
+        problems += drop_chains(self._chains_before)
+        if self._bridge_made:
+            _sh("ip", "link", "del", BRIDGE, check=False)
+            self._bridge_made = False
+        return problems
+
+
+IPTABLES_TABLES = ("filter", "nat", "mangle")
+# Chains kube-proxy, kubelet (KUBE-FIREWALL, KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT) and
+# the bridge plugin's ipMasq (CNI-...) add.
+CHAIN_PREFIXES = ("KUBE-", "CNI-")
+
+
+def iptables_chains() -> set[tuple[str, str, str]]:
+    """(command, table, chain) of every chain with a CHAIN_PREFIXES name."""
+    found: set[tuple[str, str, str]] = set()
+    for cmd in ("iptables", "ip6tables"):
+        for table in IPTABLES_TABLES:
+            saved = _sh(f"{cmd}-save", "-t", table, check=False)
+            for line in saved.splitlines():
+                if line.startswith(":") and line[1:].startswith(CHAIN_PREFIXES):
+                    found.add((cmd, table, line[1:].split()[0]))
+    return found
+
+
+def drop_chains(keep: set[tuple[str, str, str]]) -> list[str]:
+    """Remove the CHAIN_PREFIXES chains not in ``keep`` and every jump to them: what
+    ``kube-proxy --cleanup`` leaves (kubelet's chains, a pod's whose CNI DEL never ran)."""
+    doomed = iptables_chains() - keep
+    for cmd, table in {(c, t) for c, t, _ in doomed}:
+        names = {n for c, t, n in doomed if (c, t) == (cmd, table)}
+        for line in _sh(f"{cmd}-save", "-t", table, check=False).splitlines():
+            words = shlex.split(line)
+            if (
+                len(words) > 3
+                and words[0] == "-A"
+                and "-j" in words
+                and words[words.index("-j") + 1] in names
+                and words[1] not in names
+            ):
+                _sh(cmd, "-t", table, "-D", *words[1:], check=False)
+        for name in names:
+            _sh(cmd, "-t", table, "-F", name, check=False)
+        for name in names:
+            _sh(cmd, "-t", table, "-X", name, check=False)
+    left = iptables_chains() - keep
+    return [f"iptables chains not removed: {sorted(left)}"] if left else []
