@@ -61,6 +61,10 @@ SERVICE_CIDR = "10.96.0.0/24"
 CLUSTER_DOMAIN = "cluster.local"
 CGROUP_ROOT = "atlasd-node"
 LOCK_FILE = Path("/run/lock/atlasd-node.lock")
+# Written while a node is up (what it changed), removed by its teardown: a node that
+# finds it was left by one that died (killed test run) gives those changes back first.
+STATE_FILE = Path("/run/lock/atlasd-node.json")
+LOCK_WAIT = 1200.0  # another run's node: wait for it rather than fail
 
 # Kernel tunables the node's programs may set (kubelet's setupKernelTunables, kube-proxy,
 # the bridge plugin's ip_forward): recorded at start, restored at stop.
@@ -157,19 +161,21 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------
     def start(self) -> Node:
-        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until stop()
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            self._lock = None
-            raise RuntimeError(f"another node holds {LOCK_FILE}: one node per machine") from None
+        self._take_lock()
         self.started = True
+        recover_dead_node()
         self._saved_sysctls = read_sysctls()
-        (self.workdir / "sysctls-before.json").write_text(json.dumps(self._saved_sysctls))
         self._netns_before = set(os.listdir("/run/netns")) if Path("/run/netns").is_dir() else set()
         self._chains_before = iptables_chains()
+        STATE_FILE.write_text(
+            json.dumps(
+                {
+                    "workdir": str(self.workdir),
+                    "sysctls": self._saved_sysctls,
+                    "chains": sorted(self._chains_before),
+                }
+            )
+        )
         write_sysctls(REQUIRED_SYSCTLS)
         self._make_bridge()
         self._make_cgroup_root()
@@ -215,12 +221,32 @@ class Node:
             problems.append(f"sysctls not restored: {left}")
         with contextlib.suppress(OSError):
             shutil.rmtree(self.workdir / "containerd" / "root")
+        STATE_FILE.unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
         self.started = False
         (self.workdir / "teardown.txt").write_text("\n".join(problems) + "\n")
         return problems
+
+    def _take_lock(self) -> None:
+        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until stop()
+
+        def taken() -> bool:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        try:
+            wait_until(taken, timeout=LOCK_WAIT, what=f"{LOCK_FILE} (one node per machine)",
+                       interval=1)  # fmt: skip
+        except BaseException:
+            lock.close()
+            raise
+        self._lock = lock
 
     # -- pieces -------------------------------------------------------------------
     def _proc(self, name: str, argv: list[str], **kw: Any) -> Proc:
@@ -559,85 +585,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.ctr("containers", "delete", c, check=False)
         return [f"containers left after kubelet stopped: {left}"] if left else []
 
-    def _shim_pids(self) -> list[int]:
-        pids = []
-        needle = str(self.containerd_sock).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                cmdline = (entry / "cmdline").read_bytes()
-                if b"containerd-shim" in cmdline and needle in cmdline:
-                    pids.append(int(entry.name))
-        return pids
-
     def _kill_shims(self) -> list[str]:
-        pids = self._shim_pids()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        pids = _kill_mentioning(f"-address {self.containerd_sock}".replace(" ", "\0"))
         return [f"killed {len(pids)} containerd shim(s) left behind"] if pids else []
 
     def _clean_cgroups(self) -> list[str]:
-        problems = []
-        killed = 0
-        for hierarchy in _cgroup_hierarchies():
-            root = hierarchy / CGROUP_ROOT
-            if not root.is_dir():
-                continue
-            dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-            for d in [*dirs, root]:
-                with contextlib.suppress(OSError):
-                    for pid in (d / "cgroup.procs").read_text().split():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGKILL)
-                            killed += 1
-            for d in [*dirs, root]:
-                for _ in range(50):
-                    try:
-                        d.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.1)
-                else:
-                    problems.append(f"cgroup {d} not removed")
-        if killed:
-            problems.append(f"killed {killed} container process(es) left behind")
-        return problems
+        return clean_cgroups()
 
     def _unmount(self) -> list[str]:
-        problems = []
-        ours = [str(self.workdir)]
-        netns_dir = Path("/run/netns")
-        # containerd's CRI names its pods' namespaces cni-<uuid>; others are not ours.
-        new_netns = (
-            sorted(
-                n for n in set(os.listdir(netns_dir)) - self._netns_before if n.startswith("cni-")
-            )
-            if netns_dir.is_dir()
-            else []
-        )
-        ours += [str(netns_dir / n) for n in new_netns]
-        for _ in range(3):
-            mounts = [
-                line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            ]
-            targets = [m for m in mounts if any(m == o or m.startswith(o + "/") for o in ours)]
-            if not targets:
-                break
-            for m in sorted(set(targets), key=lambda m: -len(m)):
-                if subprocess.run(["umount", m], capture_output=True).returncode != 0:
-                    subprocess.run(["umount", "-l", m], capture_output=True)
-        else:
-            problems.append(f"mounts left: {targets}")
-        for n in new_netns:
-            with contextlib.suppress(OSError):
-                (netns_dir / n).unlink()
-        if new_netns:
-            problems.append(f"network namespaces left by pods: {new_netns}")
-        return problems
+        return unmount_under(self.workdir, self._netns_before)
 
     def _clean_network(self) -> list[str]:
         problems = []
@@ -654,6 +610,100 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             _sh("ip", "link", "del", BRIDGE, check=False)
             self._bridge_made = False
         return problems
+
+
+def _kill_mentioning(needle: str) -> list[int]:
+    """SIGKILL every process whose command line mentions ``needle`` (a path unique to
+    one node: its containerd socket, its directory); return their pids."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def recover_dead_node() -> list[str]:
+    """Give back what a node left when its test run died before its teardown (the
+    caller holds the lock, so no node is running)."""
+    if not STATE_FILE.exists():
+        return []
+    state = json.loads(STATE_FILE.read_text())
+    workdir = Path(state["workdir"])
+    done = [f"recovered a node left by a dead run ({workdir})"]
+    _kill_mentioning(f"{workdir}/")
+    done += clean_cgroups()
+    done += unmount_under(workdir, set())
+    done += drop_chains({(c[0], c[1], c[2]) for c in state["chains"]})
+    _sh("ip", "link", "del", BRIDGE, check=False)
+    write_sysctls(state["sysctls"])
+    STATE_FILE.unlink(missing_ok=True)
+    return done
+
+
+def clean_cgroups() -> list[str]:
+    problems = []
+    killed = 0
+    for hierarchy in _cgroup_hierarchies():
+        root = hierarchy / CGROUP_ROOT
+        if not root.is_dir():
+            continue
+        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for d in [*dirs, root]:
+            with contextlib.suppress(OSError):
+                for pid in (d / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                        killed += 1
+        for d in [*dirs, root]:
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                problems.append(f"cgroup {d} not removed")
+    if killed:
+        problems.append(f"killed {killed} container process(es) left behind")
+    return problems
+
+
+def unmount_under(workdir: Path, netns_before: set[str]) -> list[str]:
+    """Unmount everything under ``workdir`` and the pods' new network namespaces."""
+    problems = []
+    ours = [str(workdir)]
+    netns_dir = Path("/run/netns")
+    # containerd's CRI names its pods' namespaces cni-<uuid>; others are not ours.
+    new_netns = (
+        sorted(n for n in set(os.listdir(netns_dir)) - netns_before if n.startswith("cni-"))
+        if netns_dir.is_dir()
+        else []
+    )
+    ours += [str(netns_dir / n) for n in new_netns]
+    for _ in range(3):
+        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        targets = [m for m in mounts if any(m == o or m.startswith(o + "/") for o in ours)]
+        if not targets:
+            break
+        for m in sorted(set(targets), key=lambda m: -len(m)):
+            if subprocess.run(["umount", m], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", m], capture_output=True)
+    else:
+        problems.append(f"mounts left: {targets}")
+    for n in new_netns:
+        with contextlib.suppress(OSError):
+            (netns_dir / n).unlink()
+    if new_netns:
+        problems.append(f"network namespaces left by pods: {new_netns}")
+    return problems
 
 
 IPTABLES_TABLES = ("filter", "nat", "mangle")
