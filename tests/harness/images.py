@@ -148,10 +148,12 @@ def _save(ref: str, slot: Path) -> Path:
     return archive
 
 
-def debian_mirrors() -> list[str]:
+def debian_mirrors(files: list[Path] | None = None) -> list[str]:
     """The machine's apt sources, as one-line ``deb`` entries for ``BASE_SUITE``."""
     entries: list[str] = []
-    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    if files is None:
+        d = Path("/etc/apt/sources.list.d")
+        files = [Path("/etc/apt/sources.list"), *sorted(d.glob("*"))]
     for f in files:
         if not f.is_file():
             continue
