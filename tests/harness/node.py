@@ -86,6 +86,13 @@ SYSCTLS = (
 REQUIRED_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.bridge.bridge-nf-call-iptables": "1"}
 
 
+def containerd_root() -> Path:
+    """containerd's root (content, snapshots, metadata), kept in the components cache
+    across runs so the images are unpacked once; its state (tasks, sockets, mounts)
+    lives in the node's directory. A torn-down node leaves no container in it."""
+    return components.cache_root() / "node-containerd"
+
+
 def _sysctl_path(name: str) -> Path:
     return Path("/proc/sys") / name.replace(".", "/")
 
@@ -176,57 +183,80 @@ class Node:
                 }
             )
         )
-        write_sysctls(REQUIRED_SYSCTLS)
-        self._make_bridge()
-        self._make_cgroup_root()
-        self.api.start()
-        self._start_containerd()
-        self._import_images()
-        self._start_cluster_dns()
-        self._start_controllers()
-        self._start_kube_proxy()
-        self._start_kubelet()
-        self._wait_ready()
+        steps: list[str] = []
+        for name, fn in (
+            ("sysctls", lambda: write_sysctls(REQUIRED_SYSCTLS)),
+            ("bridge, cgroups", lambda: (self._make_bridge(), self._make_cgroup_root())),
+            ("etcd, kube-apiserver", self.api.start),
+            ("containerd", self._start_containerd),
+            ("images imported", self._import_images),
+            ("cluster DNS", self._start_cluster_dns),
+            ("controller-manager, scheduler", self._start_controllers),
+            ("kube-proxy", self._start_kube_proxy),
+            ("kubelet", self._start_kubelet),
+            ("node Ready, Service routed", self._wait_ready),
+        ):
+            t = time.monotonic()
+            fn()
+            steps.append(f"{time.monotonic() - t:6.1f}s {name}")
+        (self.workdir / "startup.txt").write_text("\n".join(steps) + "\n")
         return self
 
     def stop(self) -> list[str]:
-        """Tear everything down; return what could not be given back (for the report)."""
+        """Tear everything down; return what could not be given back (for the report).
+        The time of each step goes to ``teardown.txt`` in the node's directory."""
         if not self.started:
             return []
         problems: list[str] = []
+        steps: list[str] = []
         by_name = {p.name: p for p in self.procs}
-        # No new pods: stop the controllers and the scheduler first, then let kubelet
-        # stop every pod the way it does (CNI DEL, unmounts), then stop the rest.
+        last = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal last
+            now = time.monotonic()
+            steps.append(f"{now - last:6.1f}s {name}")
+            last = now
+
+        # No new pods: stop the controllers and the scheduler first (stateless: a short
+        # grace), then let kubelet stop every pod the way it does (CNI DEL, unmounts),
+        # then stop the rest.
         for name in ("kube-controller-manager", "kube-scheduler"):
             if name in by_name:
-                by_name[name].stop(timeout=5)
+                by_name[name].stop(timeout=2)
+        step("controllers")
         if "kubelet" in by_name and by_name["kubelet"].running():
             try:
                 self._drain()
             except Exception as exc:
                 problems.append(f"draining the pods: {exc}")
+        step("pods drained")
         for name in ("kubelet", "kube-proxy", "cluster-dns"):
             if name in by_name:
-                by_name[name].stop(timeout=10)
+                by_name[name].stop(timeout=5)
+        step("kubelet, kube-proxy, cluster DNS")
         problems += self._kill_tasks()
         if "containerd" in by_name:
             by_name["containerd"].stop(timeout=10)
         problems += self._kill_shims()
+        step("containerd")
         problems += self._clean_cgroups()
         problems += self._unmount()
+        step("cgroups, mounts")
         problems += self._clean_network()
+        step("iptables, bridge")
         self.api.stop()
+        step("apiserver, etcd")
         left = write_sysctls(self._saved_sysctls)
         if left:
             problems.append(f"sysctls not restored: {left}")
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.workdir / "containerd" / "root")
+        step("sysctls")
         STATE_FILE.unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
         self.started = False
-        (self.workdir / "teardown.txt").write_text("\n".join(problems) + "\n")
+        (self.workdir / "teardown.txt").write_text("\n".join([*steps, *problems]) + "\n")
         return problems
 
     def _take_lock(self) -> None:
@@ -277,7 +307,7 @@ class Node:
         pause = next(i for i in self.images if i.name == "pause")
         config = f"""\
 version = 2
-root = "{base / "root"}"
+root = "{containerd_root()}"
 state = "{base / "state"}"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
@@ -302,6 +332,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 """
         path = base / "config.toml"
         path.write_text(config)
+        # The CRI plugin's per-sandbox/container directories of earlier runs (their
+        # containers were deleted at teardown; the directories are not).
+        for stale in ("sandboxes", "containers"):
+            shutil.rmtree(containerd_root() / "io.containerd.grpc.v1.cri" / stale,
+                          ignore_errors=True)  # fmt: skip
         proc = self._proc("containerd", [str(components.apt("containerd")), f"--config={path}"])
 
         def up() -> bool:
@@ -350,9 +385,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         )
 
     def _import_images(self) -> None:
+        """Import the images containerd lacks; drop the ones no longer built."""
+        wanted = {i.ref for i in self.images}
+        present = set(self.ctr("images", "ls", "-q").split())
         for image in self.images:
-            self.ctr("images", "import", str(image.archive))
-        self.ctr("images", "ls", "-q")
+            if image.ref not in present:
+                self.ctr("images", "import", str(image.archive))
+        stale = sorted(present - wanted)
+        if stale:
+            self.ctr("images", "rm", *stale, check=False)
 
     def _start_cluster_dns(self) -> None:
         kubeconfig = self.api.client_kubeconfig(
@@ -561,29 +602,43 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             check=False,
         )
 
-        def no_sandboxes() -> bool:
-            # Every container, sandboxes included, is a containerd container.
-            return self.ctr("containers", "ls", "-q").strip() == ""
+        def all_stopped() -> bool:
+            # kubelet stops every container and sandbox (StopPodSandbox: CNI DEL, the
+            # network namespace removed); it removes their records only at its next
+            # container GC (each minute), so those are deleted below instead.
+            return not self._running_tasks() and not self._pod_netns()
 
-        wait_until(no_sandboxes, timeout=90, what="kubelet stopping every pod", interval=0.5)
+        wait_until(all_stopped, timeout=90, what="kubelet stopping every pod", interval=0.3)
+
+    def _running_tasks(self) -> list[str]:
+        rows = [line.split() for line in self.ctr("tasks", "ls").splitlines()[1:]]
+        return [r[0] for r in rows if len(r) >= 3 and r[2] != "STOPPED"]
+
+    def _pod_netns(self) -> list[str]:
+        netns = Path("/run/netns")
+        if not netns.is_dir():
+            return []
+        return [
+            n for n in os.listdir(netns) if n.startswith("cni-") and n not in self._netns_before
+        ]
 
     def _kill_tasks(self) -> list[str]:
+        """Delete what kubelet stopped; SIGKILL (and report) whatever still runs."""
         if not self.containerd_sock.exists():
             return []
-        left = self.ctr("tasks", "ls", "-q", check=False).split()
-        for task in left:
+        running = self._running_tasks() if self.ctr("version", check=False) else []
+        for task in running:
             self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
         deadline = time.monotonic() + 10
-        for task in left:
+        for task in self.ctr("tasks", "ls", "-q", check=False).split():
             while time.monotonic() < deadline:
-                if self.ctr("tasks", "delete", task, check=False) or task not in self.ctr(
-                    "tasks", "ls", "-q", check=False
-                ):
+                self.ctr("tasks", "delete", task, check=False)
+                if task not in self.ctr("tasks", "ls", "-q", check=False).split():
                     break
                 time.sleep(0.2)
         for c in self.ctr("containers", "ls", "-q", check=False).split():
             self.ctr("containers", "delete", c, check=False)
-        return [f"containers left after kubelet stopped: {left}"] if left else []
+        return [f"containers still running after kubelet stopped: {running}"] if running else []
 
     def _kill_shims(self) -> list[str]:
         pids = _kill_mentioning(f"-address {self.containerd_sock}".replace(" ", "\0"))
@@ -642,6 +697,8 @@ def recover_dead_node() -> list[str]:
     done += drop_chains({(c[0], c[1], c[2]) for c in state["chains"]})
     _sh("ip", "link", "del", BRIDGE, check=False)
     write_sysctls(state["sysctls"])
+    # Its containers' records may outlive it there: start containerd from scratch.
+    shutil.rmtree(containerd_root(), ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
     return done
 

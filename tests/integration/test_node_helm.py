@@ -348,14 +348,24 @@ def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented
     new_pod = wait_until(rolled, timeout=120, what="the upgraded pod Ready, the old one gone")
     env = {e["name"]: e.get("value") for e in new_pod["spec"]["containers"][0]["env"]}
     assert env["ATLAS_LOG_LEVEL"] == "debug"
-    # The new pod read the existing PKI: nothing re-issued, no values rewritten.
+    # The new pod leads and has reconciled since (a cluster added after the roll is
+    # onboarded), yet nothing was re-issued and no values were rewritten.
     wait_until(
-        lambda: "acquired lease" in node.kubectl(
-            "logs", "-n", NS, new_pod["metadata"]["name"], "-c", "atlasd", check=False
+        lambda: (
+            _get(node, "lease", "atlasd")["spec"].get("holderIdentity")
+            == new_pod["metadata"]["name"]
         ),
         timeout=60,
-        what="the new pod leading",
-    )  # fmt: skip
+        what="the new pod holding the Lease",
+    )
+    node.kubectl(
+        "apply", "-f", "-", input=_cluster_service("west", ip="10.244.0.251", annotations={})
+    )
+    wait_until(
+        lambda: _maybe(node, "secret", "west-envoy-values"),
+        timeout=60,
+        what="west onboarded by the upgraded pod",
+    )
     after = {name: _get(node, "secret", name) for name in kept}
     for name in kept:
         assert _digest(after[name]) == _digest(before[name]), f"{name} was re-issued"
