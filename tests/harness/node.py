@@ -34,7 +34,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -210,47 +210,43 @@ class Node:
         problems: list[str] = []
         steps: list[str] = []
         by_name = {p.name: p for p in self.procs}
-        last = time.monotonic()
 
-        def step(name: str) -> None:
-            nonlocal last
-            now = time.monotonic()
-            steps.append(f"{now - last:6.1f}s {name}")
-            last = now
+        def step(name: str, *fns: Callable[[], list[str] | None]) -> None:
+            # Every step runs whatever an earlier one raised: give back all we can.
+            t = time.monotonic()
+            for fn in fns:
+                try:
+                    problems.extend(fn() or [])
+                except Exception as exc:
+                    problems.append(f"{name}: {exc}")
+            steps.append(f"{time.monotonic() - t:6.1f}s {name}")
+
+        def stop(*names: str, timeout: float) -> Callable[[], None]:
+            def run() -> None:
+                for name in names:
+                    if name in by_name:
+                        by_name[name].stop(timeout=timeout)
+
+            return run
 
         # No new pods: stop the controllers and the scheduler first (stateless: a short
         # grace), then let kubelet stop every pod the way it does (CNI DEL, unmounts),
         # then stop the rest.
-        for name in ("kube-controller-manager", "kube-scheduler"):
-            if name in by_name:
-                by_name[name].stop(timeout=2)
-        step("controllers")
+        step("controllers", stop("kube-controller-manager", "kube-scheduler", timeout=2))
         if "kubelet" in by_name and by_name["kubelet"].running():
-            try:
-                self._drain()
-            except Exception as exc:
-                problems.append(f"draining the pods: {exc}")
-        step("pods drained")
-        for name in ("kubelet", "kube-proxy", "cluster-dns"):
-            if name in by_name:
-                by_name[name].stop(timeout=5)
-        step("kubelet, kube-proxy, cluster DNS")
-        problems += self._kill_tasks()
-        if "containerd" in by_name:
-            by_name["containerd"].stop(timeout=10)
-        problems += self._kill_shims()
-        step("containerd")
-        problems += self._clean_cgroups()
-        problems += self._unmount()
-        step("cgroups, mounts")
-        problems += self._clean_network()
-        step("iptables, bridge")
-        self.api.stop()
-        step("apiserver, etcd")
-        left = write_sysctls(self._saved_sysctls)
-        if left:
-            problems.append(f"sysctls not restored: {left}")
-        step("sysctls")
+            step("pods drained", self._drain)
+        step("kubelet, kube-proxy, cluster DNS",
+             stop("kubelet", "kube-proxy", "cluster-dns", timeout=5))  # fmt: skip
+        step("containerd", self._kill_tasks, stop("containerd", timeout=10), self._kill_shims)
+        step("cgroups, mounts", self._clean_cgroups, self._unmount)
+        step("iptables, bridge", self._clean_network)
+        step("apiserver, etcd", self.api.stop)
+
+        def sysctls() -> list[str]:
+            left = write_sysctls(self._saved_sysctls)
+            return [f"sysctls not restored: {left}"] if left else []
+
+        step("sysctls", sysctls)
         STATE_FILE.unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()
@@ -611,7 +607,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         wait_until(all_stopped, timeout=90, what="kubelet stopping every pod", interval=0.3)
 
     def _running_tasks(self) -> list[str]:
-        rows = [line.split() for line in self.ctr("tasks", "ls").splitlines()[1:]]
+        rows = [line.split() for line in self.ctr("tasks", "ls", check=False).splitlines()[1:]]
         return [r[0] for r in rows if len(r) >= 3 and r[2] != "STOPPED"]
 
     def _pod_netns(self) -> list[str]:
@@ -626,7 +622,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """Delete what kubelet stopped; SIGKILL (and report) whatever still runs."""
         if not self.containerd_sock.exists():
             return []
-        running = self._running_tasks() if self.ctr("version", check=False) else []
+        running = self._running_tasks()
         for task in running:
             self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
         deadline = time.monotonic() + 10
