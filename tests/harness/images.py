@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,22 @@ def _slot(name: str, key: str) -> Path:
     return components.cache_root() / f"image-{name}-{key}"
 
 
+def _cached(name: str, repo: str, key: str, make: Callable[[Image, Path], None]) -> Image:
+    """Image ``repo:key`` from its slot, or made by ``make(image, tmpdir)``, saved and
+    marked done; an archive already cached is loaded back into podman if missing."""
+    slot = _slot(name, key)
+    image = Image(name, f"{repo}:{key}", slot / "image.tar")
+    if components._done(slot):
+        return _ensure_loaded(image)
+    slot.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"atlasd-{name}-") as tmp:
+        make(image, Path(tmp))
+    _save(image.ref, slot)
+    components._finish(slot)
+    _log(f"{name}: built {image.ref}")
+    return image
+
+
 def _ensure_loaded(image: Image) -> Image:
     """Put the cached archive back into podman's storage if it is not there."""
     if podman("image", "exists", image.ref, check=False).returncode != 0:
@@ -192,14 +209,10 @@ def debian_mirrors(files: list[Path] | None = None) -> list[str]:
 
 def base() -> Image:
     key = _hash(RECIPE, BASE_SUITE, *BASE_PACKAGES, *BASE_ENV)
-    slot = _slot("base", key)
-    image = Image("base", f"localhost/atlasd-base:{key}", slot / "image.tar")
-    if components._done(slot):
-        return _ensure_loaded(image)
-    components.apt("mmdebstrap")
-    slot.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="atlasd-base-") as tmp:
-        rootfs = Path(tmp) / "rootfs.tar"
+
+    def make(image: Image, tmp: Path) -> None:
+        components.apt("mmdebstrap")
+        rootfs = tmp / "rootfs.tar"
         components._run(
             [
                 "mmdebstrap",
@@ -217,12 +230,11 @@ def base() -> Image:
         )
         changes = [f"--change=ENV {e}" for e in BASE_ENV]
         podman("import", "-q", *changes, "--change=CMD /bin/sh", str(rootfs), image.ref)
-    _save(image.ref, slot)
-    components._finish(slot)
-    return image
+
+    return _cached("base", "localhost/atlasd-base", key, make)
 
 
-def _build(name: str, ref: str, slot: Path, context: Path, *, base_ref: str) -> None:
+def _build(ref: str, context: Path, *, base_ref: str) -> None:
     podman(
         "build",
         "-q",
@@ -237,9 +249,6 @@ def _build(name: str, ref: str, slot: Path, context: Path, *, base_ref: str) -> 
         str(context / "Dockerfile"),
         str(context),
     )
-    _save(ref, slot)
-    components._finish(slot)
-    _log(f"{name}: built {ref}")
 
 
 def _prune(name: str, keep: Image) -> None:
@@ -257,21 +266,17 @@ def atlasd() -> Image:
     """The project's Dockerfile, unchanged, built on the base (``podman build --from``)."""
     b = base()
     inputs = [ROOT / "Dockerfile", ROOT / "pyproject.toml", ROOT / "README.md", ROOT / "atlasd"]
-    key = _hash(RECIPE, b.ref, *inputs)
-    slot = _slot("atlasd", key)
-    image = Image("atlasd", f"localhost/atlasd:{key}", slot / "image.tar")
-    if components._done(slot):
-        return _ensure_loaded(image)
-    slot.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="atlasd-ctx-") as tmp:
-        ctx = Path(tmp)
+
+    def make(image: Image, ctx: Path) -> None:
         for f in inputs[:3]:
             shutil.copy2(f, ctx / f.name)
         for f in _tree(ROOT / "atlasd"):
             dest = ctx / f.relative_to(ROOT)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dest)
-        _build("atlasd", image.ref, slot, ctx, base_ref=b.ref)
+        _build(image.ref, ctx, base_ref=b.ref)
+
+    image = _cached("atlasd", "localhost/atlasd", _hash(RECIPE, b.ref, *inputs), make)
     _prune("atlasd", image)
     return image
 
@@ -279,18 +284,14 @@ def atlasd() -> Image:
 def _binary_image(name: str, binary: Path, target: str, dockerfile_tail: str) -> Image:
     b = base()
     dockerfile = f"FROM {b.ref}\nCOPY {binary.name} {target}\n{dockerfile_tail}"
-    key = _hash(RECIPE, b.ref, dockerfile, binary)
-    slot = _slot(name, key)
-    image = Image(name, f"localhost/atlasd-{name}:{key}", slot / "image.tar")
-    if components._done(slot):
-        return _ensure_loaded(image)
-    slot.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"atlasd-{name}-") as tmp:
-        ctx = Path(tmp)
+
+    def make(image: Image, ctx: Path) -> None:
         shutil.copy2(binary, ctx / binary.name)
         (ctx / "Dockerfile").write_text(dockerfile)
-        _build(name, image.ref, slot, ctx, base_ref=b.ref)
-    return image
+        _build(image.ref, ctx, base_ref=b.ref)
+
+    key = _hash(RECIPE, b.ref, dockerfile, binary)
+    return _cached(name, f"localhost/atlasd-{name}", key, make)
 
 
 def coredns() -> Image:
@@ -333,14 +334,9 @@ def _real_envoy(wrapper: Path) -> Path:
 def pause() -> Image:
     """The pod sandbox image: the static pause binary alone (``podman import``)."""
     binary = components.pause()
-    key = _hash(RECIPE, binary)
-    slot = _slot("pause", key)
-    image = Image("pause", f"localhost/atlasd-pause:{key}", slot / "image.tar")
-    if components._done(slot):
-        return _ensure_loaded(image)
-    slot.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="atlasd-pause-") as tmp:
-        rootfs = Path(tmp) / "rootfs.tar"
+
+    def make(image: Image, tmp: Path) -> None:
+        rootfs = tmp / "rootfs.tar"
         with tarfile.open(rootfs, "w") as tar:
             tar.add(binary, arcname="pause")
         podman(
@@ -351,9 +347,8 @@ def pause() -> Image:
             str(rootfs),
             image.ref,
         )
-    _save(image.ref, slot)
-    components._finish(slot)
-    return image
+
+    return _cached("pause", "localhost/atlasd-pause", _hash(RECIPE, binary), make)
 
 
 BUILDERS = {"atlasd": atlasd, "coredns": coredns, "envoy": envoy, "pause": pause, "base": base}

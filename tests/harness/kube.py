@@ -20,7 +20,7 @@ import httpx
 import yaml
 
 from tests.harness import components
-from tests.harness.certs import CA, signing_key_pair
+from tests.harness.certs import CA, Pair, signing_key_pair
 from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.wait import wait_until
@@ -128,20 +128,7 @@ class ApiServer:
         client_ca_path.write_bytes(self.client_ca.cert_pem)
         self.client_ca_path = client_ca_path
         sa_priv, sa_pub = signing_key_pair(pki)
-        self.admin_kubeconfig = workdir / "admin.kubeconfig"
-        self.admin_kubeconfig.write_text(
-            yaml.safe_dump(
-                _kubeconfig(
-                    server=self.url,
-                    ca_pem=self.serving_ca.cert_pem,
-                    user={
-                        "client-certificate-data": _b64(admin.cert_pem),
-                        "client-key-data": _b64(admin.key_pem),
-                    },
-                )
-            )
-        )
-        self.admin_kubeconfig.chmod(0o600)
+        self.admin_kubeconfig = self._cert_kubeconfig(workdir / "admin.kubeconfig", admin)
         self.proc = Proc(
             "kube-apiserver",
             [
@@ -303,7 +290,9 @@ class ApiServer:
     def client_kubeconfig(self, stem: str, cn: str, *, orgs: tuple[str, ...] = ()) -> Path:
         """A kubeconfig holding a client certificate for user ``cn`` in groups ``orgs``."""
         pair = self.client_ca.issue(cn, orgs=orgs, client=True)
-        path = self.workdir / f"{stem}.kubeconfig"
+        return self._cert_kubeconfig(self.workdir / f"{stem}.kubeconfig", pair)
+
+    def _cert_kubeconfig(self, path: Path, pair: Pair) -> Path:
         path.write_text(
             yaml.safe_dump(
                 _kubeconfig(
