@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # Bump to rebuild every image after a change to how they are made.
 RECIPE = "1"
 KEEP_ATLASD = 3  # atlasd images kept in the cache (the tree changes often)
+KEEP_RECENT = 6 * 3600.0
 
 CONTAINERS_CONF = """\
 # podman for the atlasd image builds (tests/harness/images.py).
@@ -141,6 +143,7 @@ def _cached(name: str, repo: str, key: str, make: Callable[[Image, Path], None])
     slot = _slot(name, key)
     image = Image(name, f"{repo}:{key}", slot / "image.tar")
     if components._done(slot):
+        os.utime(slot / ".done")  # last used: see _prune
         return _ensure_loaded(image)
     slot.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"atlasd-{name}-") as tmp:
@@ -252,10 +255,18 @@ def _build(ref: str, context: Path, *, base_ref: str) -> None:
 
 
 def _prune(name: str, keep: Image) -> None:
-    """Drop all but the newest ``KEEP_ATLASD`` slots (and tags) of image ``name``."""
-    slots = sorted(components.cache_root().glob(f"image-{name}-*"), key=lambda p: p.stat().st_mtime)
+    """Drop the slots (and tags) of image ``name`` beyond the ``KEEP_ATLASD`` last used,
+    unless used within ``KEEP_RECENT`` seconds (another work tree's run may need it)."""
+
+    def used(slot: Path) -> float:
+        try:
+            return (slot / ".done").stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    slots = sorted(components.cache_root().glob(f"image-{name}-*"), key=used)
     for old in slots[:-KEEP_ATLASD]:
-        if old == keep.archive.parent:
+        if old == keep.archive.parent or time.time() - used(old) < KEEP_RECENT:
             continue
         key = old.name.rsplit("-", 1)[1]
         podman("rmi", "-f", f"{keep.ref.rsplit(':', 1)[0]}:{key}", check=False)
