@@ -10,10 +10,10 @@ so pods start with ``imagePullPolicy: IfNotPresent`` and no registry.
 
 What the node changes on the machine, and gives back at ``stop()``:
 
-- kernel tunables kubelet, kube-proxy and the bridge plugin set (``SYSCTLS``): recorded
-  before anything starts and written back;
-- the bridge ``BRIDGE`` and the iptables chains kube-proxy and the bridge plugin add
-  (``kube-proxy --cleanup``, then any ``CNI-`` chain left);
+- kernel tunables kubelet, kube-proxy and the bridge plugin set (``machine.SYSCTLS``):
+  recorded before anything starts and written back;
+- the bridge ``BRIDGE`` and the iptables chains kube-proxy, kubelet and the bridge
+  plugin add (``kube-proxy --cleanup``, then any ``KUBE-``/``CNI-`` chain left);
 - the cgroups under ``/<CGROUP_ROOT>`` (kubelet's cgroupRoot), every mount under the
   node's directory and the network namespaces its pods had.
 
@@ -25,13 +25,10 @@ address they were given (unique to this node) and stopped by pid.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +41,17 @@ import yaml
 from tests.harness import components
 from tests.harness.images import Image
 from tests.harness.kube import ApiServer
+from tests.harness.machine import (
+    cgroup_hierarchies,
+    clean_cgroups,
+    drop_chains,
+    iptables_chains,
+    kill_mentioning,
+    read_sysctls,
+    sh,
+    unmount_under,
+    write_sysctls,
+)
 from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.wait import wait_until
@@ -66,22 +74,6 @@ LOCK_FILE = Path("/run/lock/atlasd-node.lock")
 STATE_FILE = Path("/run/lock/atlasd-node.json")
 LOCK_WAIT = 1200.0  # another run's node: wait for it rather than fail
 
-# Kernel tunables the node's programs may set (kubelet's setupKernelTunables, kube-proxy,
-# the bridge plugin's ip_forward): recorded at start, restored at stop.
-SYSCTLS = (
-    "kernel.panic",
-    "kernel.panic_on_oops",
-    "kernel.keys.root_maxkeys",
-    "kernel.keys.root_maxbytes",
-    "vm.overcommit_memory",
-    "vm.panic_on_oom",
-    "net.ipv4.ip_forward",
-    "net.ipv4.conf.all.forwarding",
-    "net.ipv4.conf.all.route_localnet",
-    "net.bridge.bridge-nf-call-iptables",
-    "net.bridge.bridge-nf-call-ip6tables",
-    "net.netfilter.nf_conntrack_max",
-)
 # What the node needs set (bridged pod-to-Service-to-pod traffic must see iptables).
 REQUIRED_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.bridge.bridge-nf-call-iptables": "1"}
 
@@ -91,45 +83,6 @@ def containerd_root() -> Path:
     across runs so the images are unpacked once; its state (tasks, sockets, mounts)
     lives in the node's directory. A torn-down node leaves no container in it."""
     return components.cache_root() / "node-containerd"
-
-
-def _sysctl_path(name: str) -> Path:
-    return Path("/proc/sys") / name.replace(".", "/")
-
-
-def read_sysctls() -> dict[str, str]:
-    values: dict[str, str] = {}
-    for name in SYSCTLS:
-        with contextlib.suppress(OSError):
-            values[name] = _sysctl_path(name).read_text().strip()
-    return values
-
-
-def write_sysctls(values: dict[str, str]) -> list[str]:
-    """Write ``values``; return the names whose value then still differs."""
-    for name, value in values.items():
-        with contextlib.suppress(OSError):
-            if _sysctl_path(name).read_text().strip() != value:
-                _sysctl_path(name).write_text(value + "\n")
-    now = read_sysctls()
-    return [n for n, v in values.items() if now.get(n) != v]
-
-
-def _sh(*cmd: str, check: bool = True, input: str | None = None) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, input=input)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def _cgroup_hierarchies() -> list[Path]:
-    """Every mounted cgroup hierarchy (v1 controllers, the named systemd one, v2)."""
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        if right.split()[0] in ("cgroup", "cgroup2"):
-            found.append(Path(left.split()[4]))
-    return found
 
 
 class Node:
@@ -283,16 +236,16 @@ class Node:
     def _make_bridge(self) -> None:
         # The bridge plugin would make it at the first pod; the API server binds to its
         # address before that, so make it first (the plugin keeps an existing bridge).
-        if _sh("ip", "-o", "link", "show", BRIDGE, check=False):
+        if sh("ip", "-o", "link", "show", BRIDGE, check=False):
             raise RuntimeError(f"{BRIDGE} exists: a node was not torn down (ip link del {BRIDGE})")
-        _sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
         self._bridge_made = True
         prefix = POD_CIDR.split("/")[1]
-        _sh("ip", "addr", "add", f"{NODE_IP}/{prefix}", "dev", BRIDGE)
-        _sh("ip", "link", "set", BRIDGE, "up")
+        sh("ip", "addr", "add", f"{NODE_IP}/{prefix}", "dev", BRIDGE)
+        sh("ip", "link", "set", BRIDGE, "up")
 
     def _make_cgroup_root(self) -> None:
-        for hierarchy in _cgroup_hierarchies():
+        for hierarchy in cgroup_hierarchies():
             (hierarchy / CGROUP_ROOT).mkdir(exist_ok=True)
 
     def _start_containerd(self) -> None:
@@ -372,7 +325,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         }
 
     def ctr(self, *args: str, check: bool = True) -> str:
-        return _sh(
+        return sh(
             str(Path(components.apt("containerd")).parent / "ctr"),
             f"--address={self.containerd_sock}",
             "--namespace=k8s.io",
@@ -637,11 +590,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         return [f"containers still running after kubelet stopped: {running}"] if running else []
 
     def _kill_shims(self) -> list[str]:
-        pids = _kill_mentioning(f"-address {self.containerd_sock}".replace(" ", "\0"))
+        pids = kill_mentioning(f"-address {self.containerd_sock}".replace(" ", "\0"))
         return [f"killed {len(pids)} containerd shim(s) left behind"] if pids else []
 
     def _clean_cgroups(self) -> list[str]:
-        return clean_cgroups()
+        return clean_cgroups(CGROUP_ROOT)
 
     def _unmount(self) -> list[str]:
         return unmount_under(self.workdir, self._netns_before)
@@ -658,25 +611,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             problems.append(f"kube-proxy --cleanup: {out.stderr.strip()[-500:]}")
         problems += drop_chains(self._chains_before)
         if self._bridge_made:
-            _sh("ip", "link", "del", BRIDGE, check=False)
+            sh("ip", "link", "del", BRIDGE, check=False)
             self._bridge_made = False
         return problems
-
-
-def _kill_mentioning(needle: str) -> list[int]:
-    """SIGKILL every process whose command line mentions ``needle`` (a path unique to
-    one node: its containerd socket, its directory); return their pids."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if needle.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return pids
 
 
 def recover_dead_node() -> list[str]:
@@ -687,115 +624,13 @@ def recover_dead_node() -> list[str]:
     state = json.loads(STATE_FILE.read_text())
     workdir = Path(state["workdir"])
     done = [f"recovered a node left by a dead run ({workdir})"]
-    _kill_mentioning(f"{workdir}/")
-    done += clean_cgroups()
+    kill_mentioning(f"{workdir}/")
+    done += clean_cgroups(CGROUP_ROOT)
     done += unmount_under(workdir, set())
     done += drop_chains({(c[0], c[1], c[2]) for c in state["chains"]})
-    _sh("ip", "link", "del", BRIDGE, check=False)
+    sh("ip", "link", "del", BRIDGE, check=False)
     write_sysctls(state["sysctls"])
     # Its containers' records may outlive it there: start containerd from scratch.
     shutil.rmtree(containerd_root(), ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
     return done
-
-
-def clean_cgroups() -> list[str]:
-    problems = []
-    killed = 0
-    for hierarchy in _cgroup_hierarchies():
-        root = hierarchy / CGROUP_ROOT
-        if not root.is_dir():
-            continue
-        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for d in [*dirs, root]:
-            with contextlib.suppress(OSError):
-                for pid in (d / "cgroup.procs").read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-                        killed += 1
-        for d in [*dirs, root]:
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            else:
-                problems.append(f"cgroup {d} not removed")
-    if killed:
-        problems.append(f"killed {killed} container process(es) left behind")
-    return problems
-
-
-def unmount_under(workdir: Path, netns_before: set[str]) -> list[str]:
-    """Unmount everything under ``workdir`` and the pods' new network namespaces."""
-    problems = []
-    ours = [str(workdir)]
-    netns_dir = Path("/run/netns")
-    # containerd's CRI names its pods' namespaces cni-<uuid>; others are not ours.
-    new_netns = (
-        sorted(n for n in set(os.listdir(netns_dir)) - netns_before if n.startswith("cni-"))
-        if netns_dir.is_dir()
-        else []
-    )
-    ours += [str(netns_dir / n) for n in new_netns]
-    for _ in range(3):
-        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-        targets = [m for m in mounts if any(m == o or m.startswith(o + "/") for o in ours)]
-        if not targets:
-            break
-        for m in sorted(set(targets), key=lambda m: -len(m)):
-            if subprocess.run(["umount", m], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", m], capture_output=True)
-    else:
-        problems.append(f"mounts left: {targets}")
-    for n in new_netns:
-        with contextlib.suppress(OSError):
-            (netns_dir / n).unlink()
-    if new_netns:
-        problems.append(f"network namespaces left by pods: {new_netns}")
-    return problems
-
-
-IPTABLES_TABLES = ("filter", "nat", "mangle")
-# Chains kube-proxy, kubelet (KUBE-FIREWALL, KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT) and
-# the bridge plugin's ipMasq (CNI-...) add.
-CHAIN_PREFIXES = ("KUBE-", "CNI-")
-
-
-def iptables_chains() -> set[tuple[str, str, str]]:
-    """(command, table, chain) of every chain with a CHAIN_PREFIXES name."""
-    found: set[tuple[str, str, str]] = set()
-    for cmd in ("iptables", "ip6tables"):
-        for table in IPTABLES_TABLES:
-            saved = _sh(f"{cmd}-save", "-t", table, check=False)
-            for line in saved.splitlines():
-                if line.startswith(":") and line[1:].startswith(CHAIN_PREFIXES):
-                    found.add((cmd, table, line[1:].split()[0]))
-    return found
-
-
-def drop_chains(keep: set[tuple[str, str, str]]) -> list[str]:
-    """Remove the CHAIN_PREFIXES chains not in ``keep`` and every jump to them: what
-    ``kube-proxy --cleanup`` leaves (kubelet's chains, a pod's whose CNI DEL never ran)."""
-    doomed = iptables_chains() - keep
-    for cmd, table in {(c, t) for c, t, _ in doomed}:
-        names = {n for c, t, n in doomed if (c, t) == (cmd, table)}
-        for line in _sh(f"{cmd}-save", "-t", table, check=False).splitlines():
-            words = shlex.split(line)
-            if (
-                len(words) > 3
-                and words[0] == "-A"
-                and "-j" in words
-                and words[words.index("-j") + 1] in names
-                and words[1] not in names
-            ):
-                _sh(cmd, "-t", table, "-D", *words[1:], check=False)
-        for name in names:
-            _sh(cmd, "-t", table, "-F", name, check=False)
-        for name in names:
-            _sh(cmd, "-t", table, "-X", name, check=False)
-    left = iptables_chains() - keep
-    return [f"iptables chains not removed: {sorted(left)}"] if left else []
