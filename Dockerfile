@@ -1,5 +1,6 @@
 # The atlasd image the chart runs (charts/atlasd: image ghcr.io/atlasd/atlasd, command
-# `atlasd`). Not built in this project's CI: its machines have no container engine.
+# `atlasd`). Built by `make image` (tests/harness/images.py) and run on a real node in
+# `make test`.
 FROM python:3.11-slim
 RUN useradd --uid 65532 --no-create-home --shell /usr/sbin/nologin atlasd
 WORKDIR /src

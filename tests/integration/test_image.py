@@ -175,9 +175,9 @@ def test_coredns_image_serves_the_zone_as_the_sidecar(
     )
     zone = tmp_path / "zone"
     zone.mkdir()
-    fleet = Fleet(
-        settings=Settings(namespace="monitoring"),
-        clusters=(
+    fleet = Fleet.of(
+        Settings(namespace="monitoring"),
+        (
             DownstreamCluster(
                 name="east", external_ip="203.0.113.1", ports=(ServicePort("thanos", 10901),)
             ),
