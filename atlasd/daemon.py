@@ -192,10 +192,17 @@ async def run_xds(
     hub: StatusHub,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Fleet versions -> snapshots of the nodes they touch -> the cache the ADS server reads."""
+    """Fleet versions -> snapshots of the nodes they touch -> the cache the ADS server reads.
+
+    After each build it pauses for up to three times as long as the build took (at most
+    0.25 s): a lone change goes out at once, while a burst (thousands of clusters arriving)
+    is taken in batches, so node ``atlas`` is rebuilt and pushed a few times a second rather
+    than once per cluster (each push of its route configuration is O(fleet) for Envoy).
+    """
     sub = feed.subscribe()
     started = False
     async for update in sub:
+        t0 = time.perf_counter()
         # A start or a CA rotation touches every node: let the ADS server answer meanwhile.
         if len(update.changed) > 200:
             result = await trio.to_thread.run_sync(
@@ -205,7 +212,7 @@ async def run_xds(
             result = builder.update(update.version.model, update.changed)
         changed = cache.update(result.changed)
         if changed and len(changed) <= 20:
-            log.info("xds: published snapshots for %s", ", ".join(sorted(changed)))
+            log.debug("xds: published snapshots for %s", ", ".join(sorted(changed)))
         elif changed:
             log.info("xds: published snapshots for %d nodes", len(changed))
         if builder.problems:
@@ -215,6 +222,7 @@ async def run_xds(
         if not started:
             started = True
             task_status.started()
+        await trio.sleep(min(0.25, 3 * (time.perf_counter() - t0)))
 
 
 async def run_zone(
@@ -285,7 +293,9 @@ class FleetReport:
     def __init__(self, hub: StatusHub) -> None:
         self.hub = hub
         self._states: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
         self._certs: dict[str, set[str]] = {}
+        self._exported: dict[str, tuple[CertInfo, ...]] = {}
 
     def update(self, version: FleetVersion, keys: frozenset[str]) -> None:
         hub = self.hub
@@ -299,18 +309,22 @@ class FleetReport:
                 continue
             m = version.members.get(key)
             self._member(key, m)
-        counts = {"served": 0, "pending": 0, "invalid": 0}
-        for state in self._states.values():
-            if state in counts:
-                counts[state] += 1
-        metrics.CLUSTERS.set(counts["served"])
-        metrics.PENDING.set(counts["pending"])
-        metrics.INVALID.set(counts["invalid"])
+        metrics.CLUSTERS.set(self._counts.get("served", 0))
+        metrics.PENDING.set(self._counts.get("pending", 0))
+        metrics.INVALID.set(self._counts.get("invalid", 0))
+
+    def _set_state(self, key: str, state: str | None) -> None:
+        old = self._states.pop(key, None)
+        if old is not None:
+            self._counts[old] -= 1
+        if state is not None:
+            self._states[key] = state
+            self._counts[state] = self._counts.get(state, 0) + 1
 
     def _member(self, key: str, m: Member | None) -> None:
         hub = self.hub
         if m is None:
-            self._states.pop(key, None)
+            self._set_state(key, None)
             for section in ("clusters", "pending", "problems", "certificates"):
                 hub.publish_keyed(section, key, None)
             self._export(key, ())
@@ -318,7 +332,7 @@ class FleetReport:
         state = m.state
         if state == "absent" and m.problems:
             state = "invalid"  # a Service whose cluster label is not exactly "true"
-        self._states[key] = state
+        self._set_state(key, state)
         served = m.state == "served" and m.cluster is not None
         certs = m.certificates if served else ()
         c = m.cluster
@@ -345,6 +359,12 @@ class FleetReport:
         self._export(key, certs)
 
     def _export(self, key: str, certs: tuple[CertInfo, ...]) -> None:
+        if self._exported.get(key) == certs:
+            return
+        if certs:
+            self._exported[key] = certs
+        else:
+            self._exported.pop(key, None)
         names = set()
         for c in certs:
             if c.not_after is not None:
@@ -396,9 +416,9 @@ def _envoy_doc(status: Any) -> dict[str, Any]:
 
 
 def envoys_now(cache: SnapshotCache) -> dict[str, Any]:
-    """``/status/envoys``: every open ADS stream and, for each node streaming, the versions
-    it should be at (its current snapshot). Read at request time; small whatever the fleet's
-    size (benchmarks poll it)."""
+    """``/status/envoys``: every open ADS stream, for each node streaming the versions it
+    should be at (its current snapshot), and how many nodes have a snapshot. Read at request
+    time; small whatever the fleet's size (benchmarks poll it)."""
     docs = [_envoy_doc(s) for s in cache.status()]
     snapshots = {}
     for node in {d["node"] for d in docs}:
@@ -407,7 +427,7 @@ def envoys_now(cache: SnapshotCache) -> dict[str, Any]:
             snapshots[node] = {
                 SHORT_NAMES.get(t, t): v for t, v in snap.versions.items() if snap.of_type(t)
             }
-    return {"envoys": docs, "snapshots": snapshots}
+    return {"envoys": docs, "snapshots": snapshots, "nodes": len(cache)}
 
 
 def _result_doc(result: KeyResult, seconds: float) -> dict[str, Any]:

@@ -168,6 +168,7 @@ class FileStore:
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
+        metadata_only: bool = False,
     ) -> tuple[list[JSON], str]:
         # Taken first: a change made while listing shows as a change to the next watch.
         fingerprint = self.fingerprint()

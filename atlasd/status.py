@@ -55,6 +55,8 @@ class StatusHub:
         """Replace ``key``'s items in ``section`` (None or empty: remove them)."""
         part = self._keyed.setdefault(section, {})
         if items:
+            if part.get(key) == items:
+                return
             part[key] = items
         elif part.pop(key, None) is None:
             return

@@ -34,13 +34,14 @@ The mirror retries transport failures, conflicts, 429 and 5xx with backoff; othe
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -56,6 +57,7 @@ from atlasd.dns.zone import (
     next_serial,
     parse_serial,
     render_blocks,
+    zone_inputs,
 )
 from atlasd.kube.errors import (
     Conflict,
@@ -66,7 +68,7 @@ from atlasd.kube.errors import (
 )
 from atlasd.kube.resources import CONFIGMAPS, Resource
 from atlasd.labels import MANAGED_BY_LABEL, MANAGED_BY_VALUE
-from atlasd.model import DownstreamCluster, Fleet, Settings
+from atlasd.model import Fleet, Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ ZONE_KEY = "atlas.zone"
 # why it is stale.
 MAX_CONFIGMAP_ZONE_BYTES = 1_000_000
 RETRIABLE = (TransportError, Conflict, TooManyRequests, ServerError)
+MIRROR_INTERVAL = 1.0
 
 
 class ConfigMapClient(Protocol):
@@ -176,7 +179,9 @@ class ZoneState:
         # Blocks of the last fleet seen, and its clusters' names sorted.
         self._blocks: dict[str, Block] = {}
         self._names: list[str] = []
-        self._inputs: dict[str, DownstreamCluster] = {}
+        self._inputs: dict[str, Hashable] = {}
+        # The blocks hold changes not yet on disk (a write failed, or is under way).
+        self._uncommitted = False
         self._settings: Settings | None = None
 
     def next_zone(self, fleet: Fleet, changed: Iterable[str] | None = None) -> Zone | None:
@@ -189,27 +194,38 @@ class ZoneState:
             keys: set[str] = set(fleet.clusters) | set(self._blocks)
         else:
             keys = set(changed)
-        blocks = dict(self._blocks)
-        inputs = dict(self._inputs)
-        dirty = self.current is None
+        # Render first (a ZoneError leaves everything as it was), then adopt.
+        updates: dict[str, tuple[Block, Hashable] | None] = {}
         for key in keys:
             c = fleet.clusters.get(key)
             if c is None:
-                if blocks.pop(key, None) is not None:
-                    inputs.pop(key, None)
-                    dirty = True
+                if key in self._blocks:
+                    updates[key] = None
                 continue
-            if inputs.get(key) == c and fleet.settings == self._settings:
+            inputs: Hashable = zone_inputs(c)
+            if self._inputs.get(key) == inputs and fleet.settings == self._settings:
                 continue
             block = cluster_block(c, fleet.settings)
-            inputs[key] = c
-            if key not in blocks or blocks[key].text != block.text:
-                blocks[key] = block
+            old = self._blocks.get(key)
+            updates[key] = (block if old is None or old.text != block.text else old, inputs)
+        dirty = self.current is None or self._uncommitted
+        for key, update in updates.items():
+            if update is None:
+                del self._blocks[key]
+                del self._inputs[key]
+                del self._names[bisect.bisect_left(self._names, key)]
                 dirty = True
-        # Only now (nothing raised): adopt the new blocks.
-        if set(blocks) != set(self._names):
-            self._names = sorted(blocks)
-        self._blocks, self._inputs, self._settings = blocks, inputs, fleet.settings
+                continue
+            block, key_inputs = update
+            if key not in self._blocks:
+                bisect.insort(self._names, key)
+            if self._blocks.get(key) is not block:
+                dirty = True
+            self._blocks[key] = block
+            self._inputs[key] = key_inputs
+        self._settings = fleet.settings
+        self._uncommitted = dirty
+        blocks = self._blocks
         if not dirty:
             return None
         body = [blocks[n].text for n in self._names]
@@ -223,6 +239,7 @@ class ZoneState:
                 if same == self._found_text:
                     self.current = Zone(frozen, found, same)
                     self._found_text = None
+                    self._uncommitted = False
                     return None
         serial = next_serial(self.serial, now=self._clock())
         return Zone(frozen, serial, render_blocks(body, settings=fleet.settings, serial=serial))
@@ -232,6 +249,7 @@ class ZoneState:
         self.current = zone
         self.serial = zone.serial
         self._found_text = None
+        self._uncommitted = False
 
 
 def configmap(settings: Settings, text: str) -> dict[str, Any]:
@@ -331,6 +349,9 @@ async def _mirror(
                 continue
             applied = text
             log.info("ConfigMap %s updated", settings.dns_configmap_name)
+            # At most one apply a second: a burst of zone changes is one ConfigMap update
+            # (its consumers reload on a timer anyway).
+            await trio.sleep(MIRROR_INTERVAL)
 
 
 def _as_update(item: Fleet | ZoneUpdate) -> ZoneUpdate:
@@ -411,10 +432,14 @@ async def run_zone_writer(
                 if state.current is not None:
                     latest.put(state.current.text)
                 continue
+            t0 = time.perf_counter()
             await trio.to_thread.run_sync(write_atomic, path, zone.text)
             state.committed(zone)
             log.info("zone written: serial %d, %d SRV records", zone.serial, zone.count)
             latest.put(zone.text)
             if on_zone is not None:
                 on_zone(zone)
+            # A burst of changes is written in batches: pause for up to twice what the write
+            # took (at most 0.5 s; CoreDNS reloads on a timer anyway).
+            await trio.sleep(min(0.5, 2 * (time.perf_counter() - t0)))
         latest.close()

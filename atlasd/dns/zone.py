@@ -225,6 +225,11 @@ class Block:
     text: str
 
 
+def zone_inputs(cluster: DownstreamCluster) -> tuple[object, ...]:
+    """What of a cluster its records depend on (not its external IP, nor its upstreams)."""
+    return (cluster.name, cluster.ports, cluster.replicas, cluster.dns_group)
+
+
 def cluster_block(cluster: DownstreamCluster, settings: Settings) -> Block:
     """The zone lines of one cluster (validated like ``cluster_records``)."""
     recs = tuple(sorted(set(cluster_records(cluster, settings)), key=SrvRecord.sort_key))

@@ -17,8 +17,9 @@ Fleet-wide rule: two valid clusters may not share an external IP. ``FleetState``
 claimants of each IP; the oldest (creationTimestamp, then name) serves, later ones get a
 Problem; a change of one cluster re-judges only the claimants of the IPs it left and took.
 
-Each ``derive`` returns a ``FleetUpdate``: a new immutable ``FleetVersion`` (read-only maps
-copied per version, never mutated after) and the keys that changed. Plain synchronous
+Each ``derive`` returns a ``FleetUpdate``: a new immutable ``FleetVersion`` (its maps are
+``immutables.Map``s sharing every unchanged key with the previous version's) and the keys
+that changed. Plain synchronous
 code, no I/O: the daemon feeds it from its watches and hands the updates on.
 """
 
@@ -30,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
+
+import immutables
 
 from atlasd import labels
 from atlasd.fleet.keys import FLEET_KEY, Obj, key_of, resource_version
@@ -173,11 +176,13 @@ class FleetState:
         self.allow_loopback = allow_loopback
         self._slots: dict[str, _Slots] = {}
         self._key_of: dict[tuple[str, str], str] = {}
-        self._members: dict[str, Member] = {}
+        # Immutable maps (shared with the versions published): updated per derive with an
+        # O(log n) mutation each, never copied whole.
+        self._members: immutables.Map[str, Member] = immutables.Map()
         self._claims: dict[str, set[str]] = {}
         self._fleetwide = FleetWide()
-        self._served: dict[str, DownstreamCluster] = {}
-        self._identities: dict[str, Identity] = {}
+        self._served: immutables.Map[str, DownstreamCluster] = immutables.Map()
+        self._identities: immutables.Map[str, Identity] = immutables.Map()
         self._number = 0
         self._model = Fleet(settings=settings)
 
@@ -226,8 +231,9 @@ class FleetState:
                 # A new trust bundle: every stored identity is judged again.
                 todo |= set(self._members)
         ips: set[str] = set()
+        members = self._members.mutate()
         for key in todo:
-            old = self._members.get(key)
+            old = members.get(key)
             new = self._derive_member(key, old)
             changed.add(key)
             for m in (old, new):
@@ -235,26 +241,27 @@ class FleetState:
                     ips.add(m.cluster.external_ip)
             self._unclaim(old)
             if new is None:
-                self._members.pop(key, None)
+                members.pop(key, None)
             else:
-                self._members[key] = new
+                members[key] = new
                 self._claim(new)
-        changed |= self._judge_ips(ips)
+        changed |= self._judge_ips(ips, members)
+        self._members = members.finish()
         self._refresh_served(changed)
         self._number += 1
         pki = self._fleetwide.pki
         self._model = Fleet(
             settings=self.settings,
-            clusters=_ro(self._served) if pki is not None else _EMPTY,
+            clusters=self._served if pki is not None else _EMPTY,
             alertmanagers=self._fleetwide.alertmanagers,
             pki=pki,
-            identities=_ro(self._identities) if pki is not None else _EMPTY,
+            identities=self._identities if pki is not None else _EMPTY,
         )
         version = FleetVersion(
             number=self._number,
             settings=self.settings,
             fleetwide=self._fleetwide,
-            members=_ro(self._members),
+            members=self._members,
             model=self._model,
         )
         return FleetUpdate(version=version, changed=frozenset(changed))
@@ -425,19 +432,19 @@ class FleetState:
             if not names:
                 del self._claims[m.cluster.external_ip]
 
-    def _judge_ips(self, ips: set[str]) -> set[str]:
+    def _judge_ips(self, ips: set[str], members: immutables.MapMutation[str, Member]) -> set[str]:
         """Give each IP in ``ips`` to its oldest claimant; returns the members re-judged."""
         touched: set[str] = set()
         for ip in ips:
             names = self._claims.get(ip, set())
             if not names:
                 continue
-            winner = min(names, key=lambda n: age_key(self._members[n].service or {}))
+            winner = min(names, key=lambda n: age_key(members[n].service or {}))
             for n in names:
-                m = self._members[n]
+                m = members[n]
                 want = self._judged(m, winner if n != winner else None)
                 if want is not m:
-                    self._members[n] = want
+                    members[n] = want
                     touched.add(n)
         return touched
 
@@ -463,21 +470,27 @@ class FleetState:
         return replace(m, state=state, problems=problems)
 
     def _refresh_served(self, keys: set[str]) -> None:
+        served = self._served.mutate()
+        identities = self._identities.mutate()
         for key in keys:
             if key == FLEET_KEY:
                 continue
             m = self._members.get(key)
             if m is not None and m.state == "served" and m.cluster is not None and m.identity:
-                self._served[key] = m.cluster
-                self._identities[key] = m.identity
+                if served.get(key) is not m.cluster:
+                    served[key] = m.cluster
+                if identities.get(key) is not m.identity:
+                    identities[key] = m.identity
             else:
-                self._served.pop(key, None)
-                self._identities.pop(key, None)
+                served.pop(key, None)
+                identities.pop(key, None)
         atlas = self._fleetwide.atlas_identity
         if atlas is not None:
-            self._identities[OBSERVABILITY_NODE] = atlas
+            if identities.get(OBSERVABILITY_NODE) is not atlas:
+                identities[OBSERVABILITY_NODE] = atlas
         else:
-            self._identities.pop(OBSERVABILITY_NODE, None)
+            identities.pop(OBSERVABILITY_NODE, None)
+        self._served, self._identities = served.finish(), identities.finish()
 
 
 def _trust(fw: FleetWide) -> bytes:

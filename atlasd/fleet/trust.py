@@ -12,6 +12,7 @@ earlier ones newest first (by notBefore, then serial).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,11 +45,11 @@ class StoredCA:
     # Every CA certificate a leaf may be signed by (current first).
     trusted: tuple[x509.Certificate, ...]
 
-    @property
+    @functools.cached_property
     def serial(self) -> str:
         return str(self.cert.serial_number)
 
-    @property
+    @functools.cached_property
     def bundle(self) -> bytes:
         return self.material.cert_pem + b"".join(pem for _, pem in self.previous)
 

@@ -27,6 +27,7 @@ class KubeApi(Protocol):
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
+        metadata_only: bool = False,
     ) -> tuple[list[JSON], str]: ...
 
     def watch(

@@ -40,6 +40,8 @@ LIST_PAGE_SIZE = 500
 WATCH_READ_GRACE = 30.0
 
 JSON = dict[str, Any]
+# A LIST answered with only each item's metadata (meta.k8s.io PartialObjectMetadataList).
+_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -148,6 +150,7 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         body: bytes | None = None,
         content_type: str | None = None,
+        accept: str | None = None,
     ) -> object:
         """One request with 401-refresh-retry; returns the decoded JSON body."""
         for attempt in (0, 1):
@@ -156,6 +159,8 @@ class KubeClient:
             headers = self._auth(cred)
             if content_type:
                 headers["Content-Type"] = content_type
+            if accept:
+                headers["Accept"] = accept
             try:
                 resp = await client.request(
                     method,
@@ -216,11 +221,13 @@ class KubeClient:
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
+        metadata_only: bool = False,
     ) -> tuple[list[JSON], str]:
         """All items (kind/apiVersion filled in) and the list's resourceVersion.
 
         Pages of ``LIST_PAGE_SIZE``; if a continue token expires mid-way (410) the list
-        is redone in one request, as client-go's pager does.
+        is redone in one request, as client-go's pager does. ``metadata_only``: the items
+        are ``PartialObjectMetadata`` (metadata, no spec or data): a fraction of the bytes.
         """
         ns = self._ns(res, namespace)
         path = res.path(namespace=ns)
@@ -238,7 +245,14 @@ class KubeClient:
                 if cont:
                     params["continue"] = cont
                 body = await self._send(
-                    "GET", path, verb="list", res=res, name=None, namespace=ns, params=params
+                    "GET",
+                    path,
+                    verb="list",
+                    res=res,
+                    name=None,
+                    namespace=ns,
+                    params=params,
+                    accept=_METADATA_LIST if metadata_only else None,
                 )
                 page_items, meta = self._list_body(res, body)
                 items.extend(page_items)
@@ -251,7 +265,14 @@ class KubeClient:
             if not cont:
                 raise
             body = await self._send(
-                "GET", path, verb="list", res=res, name=None, namespace=ns, params=base
+                "GET",
+                path,
+                verb="list",
+                res=res,
+                name=None,
+                namespace=ns,
+                params=base,
+                accept=_METADATA_LIST if metadata_only else None,
             )
             items, meta = self._list_body(res, body)
             rv = str(meta.get("resourceVersion") or "")

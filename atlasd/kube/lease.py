@@ -43,6 +43,8 @@ from atlasd.kube.resources import LEASES
 log = logging.getLogger(__name__)
 
 JITTER_FACTOR = 1.2
+# While leading, how often the gate (the original Atlas's lock) is consulted.
+GATE_INTERVAL = 15.0
 
 # Why this replica may not lead now (None: it may). Must not raise KubeError.
 Gate = Callable[[], Awaitable[str | None]]
@@ -168,8 +170,34 @@ class LeaderElector:
         return trio.current_time() >= self.observed_at + record.lease_duration_seconds
 
     async def try_acquire_or_renew(self) -> bool:
-        """One attempt; True if this replica holds the Lease afterwards."""
+        """One attempt; True if this replica holds the Lease afterwards.
+
+        While this replica holds an unexpired Lease it renews with one PUT of the record it
+        last wrote (client-go's fast path); a Conflict means someone else wrote, and the
+        slow path (GET, then decide) follows."""
         now = micro_time(self._wall())
+        if (
+            self.is_leader()
+            and self.observed is not None
+            and self.observed_rv
+            and not self._expired(self.observed)
+        ):
+            mine = replace(
+                self.observed, renew_time=now, lease_duration_seconds=self.duration_seconds
+            )
+            body = lease_body(
+                name=self.name,
+                namespace=self.namespace,
+                record=mine,
+                resource_version=self.observed_rv,
+            )
+            try:
+                stored = await self.kube.replace(body)
+            except (Conflict, NotFound):
+                pass
+            else:
+                self._observe(mine, stored["metadata"].get("resourceVersion"))
+                return True
         try:
             lease = await self.kube.get(LEASES, self.name, namespace=self.namespace)
         except NotFound:
@@ -228,13 +256,32 @@ class LeaderElector:
         self._observe(record, stored["metadata"].get("resourceVersion"))
         return True
 
+    async def available(self) -> bool:
+        """Whether the Lease could be taken now (absent, released, expired or ours)."""
+        try:
+            lease = await self.kube.get(LEASES, self.name, namespace=self.namespace)
+        except NotFound:
+            return True
+        record = record_from_lease(lease)
+        self._observe(record, lease["metadata"].get("resourceVersion"))
+        return not record.holder or record.holder == self.identity or self._expired(record)
+
     async def acquire(self, gate: Gate | None = None) -> None:
         """Return once this replica holds the Lease (tries every ~retry period, and only
-        while ``gate`` gives no reason not to). A failure is logged when it first occurs
-        or changes, not on every retry (a missing RBAC rule would flood the log)."""
+        while ``gate`` gives no reason not to; the gate is asked only when the Lease is
+        available, so a follower costs one GET per period). A failure is logged when it
+        first occurs or changes, not on every retry (a missing RBAC rule would flood the
+        log)."""
         last_error = ""
         while True:
-            if gate is None or await gate() is None:
+            try:
+                ready = gate is None or (await self.available() and await gate() is None)
+            except KubeError as exc:
+                ready = False
+                if str(exc) != last_error:
+                    last_error = str(exc)
+                    log.warning("acquiring lease %s/%s: %s", self.namespace, self.name, exc)
+            if ready:
                 try:
                     if await self.try_acquire_or_renew():
                         log.info(
@@ -254,9 +301,15 @@ class LeaderElector:
         succeed within the renew deadline, another holder took the Lease, or ``gate``
         gave a reason to stop)."""
         t = self.timings
+        gate_due = trio.current_time() + GATE_INTERVAL
         while True:
             await trio.sleep(t.retry_period)
-            if gate is not None and (stop := await gate()) is not None:
+            # The gate (the original's lock) is looked at every GATE_INTERVAL while leading.
+            if (
+                gate is not None
+                and trio.current_time() >= gate_due
+                and (stop := await gate()) is not None
+            ):
                 log.warning(
                     "%s steps down from lease %s/%s: %s",
                     self.identity,
@@ -265,6 +318,8 @@ class LeaderElector:
                     stop,
                 )
                 return Lost(stop, gated=True)
+            if trio.current_time() >= gate_due:
+                gate_due = trio.current_time() + GATE_INTERVAL
             deadline = trio.current_time() + t.renew_deadline
             renewed = False
             with trio.move_on_at(deadline):

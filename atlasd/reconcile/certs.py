@@ -17,6 +17,7 @@ should exist; this module makes and checks them.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -65,11 +66,11 @@ class CA:
     # (serial, PEM) of earlier CAs still trusted, newest first.
     previous: tuple[tuple[str, bytes], ...] = ()
 
-    @property
+    @functools.cached_property
     def serial(self) -> str:
         return str(self.cert.serial_number)
 
-    @property
+    @functools.cached_property
     def bundle(self) -> bytes:
         return self.material.cert_pem + b"".join(pem for _, pem in self.previous)
 

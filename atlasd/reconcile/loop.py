@@ -10,8 +10,9 @@
 - Every key a fleet version marks changed is queued; the queue coalesces bursts and hands a
   key to one worker at a time (``atlasd.watch.workqueue``). A key whose previous writes the
   cache does not show yet waits (``Expectations``); a key in sync costs a comparison.
-- A **full pass** LISTs every watched role (quorum reads) and compares each key's objects
-  with the watch cache: a key whose cache lags is given expectations of the LISTed versions
+- A **full pass** LISTs every watched role (quorum reads of metadata only: the
+  resourceVersions are what is compared) and compares each key's objects with the watch
+  cache: a key whose cache lags is given expectations of the LISTed versions
   and queued; a key the Reconciler knows in sync at exactly those versions is left alone, so
   a steady-state pass writes nothing and re-plans nothing. It runs at start (every key is
   queued then: nothing is known in sync), every ``resync_seconds``, and after a Conflict.
@@ -31,12 +32,13 @@ from typing import Any
 import trio
 
 from atlasd.fleet.feed import FleetFeed
-from atlasd.fleet.keys import FLEET_KEY, resource_version
+from atlasd.fleet.keys import FLEET_KEY, key_of, resource_version, roles
 from atlasd.fleet.state import FleetVersion
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import AlreadyExists, Conflict, KubeError
 from atlasd.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILE_WRITES
-from atlasd.reconcile.applier import KeyResult, Reconciler, observe
+from atlasd.model import Settings
+from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.expectations import ObjectId
 from atlasd.watch.workqueue import WorkQueue
 
@@ -76,6 +78,23 @@ def _key_versions(version: FleetVersion, key: str) -> dict[ObjectId, str]:
         out[("Service", n)] = resource_version(o)
     for n, o in m.secrets.items():
         out[("Secret", n)] = resource_version(o)
+    return out
+
+
+async def listed_versions(api: KubeApi, settings: Settings) -> dict[str, dict[ObjectId, str]]:
+    """A quorum LIST of every watched role, metadata only: key -> (kind, name) -> version
+    (what ``_key_versions`` reads from a cached version, so the two compare)."""
+    out: dict[str, dict[ObjectId, str]] = {}
+    for role in roles(settings):
+        items, _ = await api.list(
+            role.resource,
+            namespace=settings.namespace,
+            label_selector=role.selector,
+            metadata_only=True,
+        )
+        for obj in items:
+            oid = (role.resource.kind, str(obj["metadata"]["name"]))
+            out.setdefault(key_of(role.name, obj), {})[oid] = resource_version(obj)
     return out
 
 
@@ -150,18 +169,17 @@ class ReconcileLoop:
             await self._full_pass(initial=False)
 
     async def _full_pass(self, *, initial: bool) -> None:
-        """LIST everything; queue every key whose cache lags or that is not known in sync."""
+        """LIST everything (metadata only); queue every key whose cache lags or that is not
+        known in sync."""
         started = time.perf_counter()
-        listed_state = await observe(self.api, self.reconciler.settings)
-        now = dt.datetime.now(dt.UTC)
-        listed = listed_state.derive(listed_state.keys(), now=now).version
+        listed = await listed_versions(self.api, self.reconciler.settings)
         cached = self.feed.latest
         assert cached is not None
-        keys = set(listed.members) | set(cached.members) | {FLEET_KEY}
+        keys = set(listed) | set(cached.members) | {FLEET_KEY}
         queued: set[str] = set()
         clock = trio.current_time()
         for key in keys:
-            want = _key_versions(listed, key)
+            want = listed.get(key, {})
             have = _key_versions(cached, key)
             if want != have:
                 # The cache lags (or leads) the LIST: act once it shows what was listed.
@@ -169,7 +187,7 @@ class ReconcileLoop:
                 expected.update({oid: None for oid in have if oid not in want})
                 self.reconciler.expectations.expect(key, expected, now=clock)
                 queued.add(key)
-            elif initial or not self.reconciler.is_synced(key, _owned_versions(listed, key)):
+            elif initial or not self.reconciler.is_synced(key, _owned_versions(cached, key)):
                 queued.add(key)
         self.full_passes += 1
         self._pass = _Pass(started=started, outstanding=set(queued), lists=1)

@@ -19,6 +19,7 @@ while ``_waiting[key]`` equals its deadline), ``_waiting`` (key -> its earliest 
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 from collections import deque
@@ -48,7 +49,9 @@ class WorkQueue(Generic[K]):
         self._failures: dict[K, int] = {}
         self._base_delay = base_delay
         self._max_delay = max_delay
-        self._wakeup = trio.Event()
+        # Getters waiting, each on its own Event (oldest first): a new key wakes one of
+        # them, not all (16 workers would otherwise all wake for every key).
+        self._getters: deque[trio.Event] = deque()
         self._shutting_down = False
 
     def __len__(self) -> int:
@@ -65,7 +68,18 @@ class WorkQueue(Generic[K]):
         if key in self._processing:
             return
         self._queue.append(key)
-        self._wakeup.set()
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._getters:
+            ev = self._getters.popleft()
+            if not ev.is_set():
+                ev.set()
+                return
+
+    def _wake_all(self) -> None:
+        while self._getters:
+            self._getters.popleft().set()
 
     def add_after(self, key: K, delay: float) -> None:
         if self._shutting_down:
@@ -83,7 +97,8 @@ class WorkQueue(Generic[K]):
         if len(self._delayed) > 2 * len(self._waiting) + 64:
             self._delayed = [e for e in self._delayed if self._waiting.get(e[2]) == e[0]]
             heapq.heapify(self._delayed)
-        self._wakeup.set()
+        # A getter must re-arm its timer for the new earliest deadline.
+        self._wake_one()
 
     def add_rate_limited(self, key: K) -> None:
         """Re-add ``key`` after its next per-key backoff delay (base x 2^failures)."""
@@ -122,24 +137,32 @@ class WorkQueue(Generic[K]):
                 return key
             if self._shutting_down:
                 raise ShutDown(self.name)
-            # Every waiting getter shares one Event; whoever finds it spent arms a new one.
-            if self._wakeup.is_set():
-                self._wakeup = trio.Event()
-            with trio.move_on_at(deadline):
-                await self._wakeup.wait()
+            ev = trio.Event()
+            self._getters.append(ev)
+            returned = False
+            try:
+                with trio.move_on_at(deadline):
+                    await ev.wait()
+                returned = True
+            finally:
+                if not ev.is_set():
+                    with contextlib.suppress(ValueError):
+                        self._getters.remove(ev)
+                elif not returned:
+                    self._wake_one()  # cancelled after being woken: the key is someone's
 
     def done(self, key: K) -> None:
         self._processing.discard(key)
         if key in self._dirty:
             self._queue.append(key)
-            self._wakeup.set()
+            self._wake_one()
 
     def shut_down(self) -> None:
         """Stop accepting adds; ``get`` raises ShutDown once the queue is drained."""
         self._shutting_down = True
         self._delayed.clear()
         self._waiting.clear()
-        self._wakeup.set()
+        self._wake_all()
 
     def drain_ready(self) -> list[K]:
         """Take every ready key at once (marking them processing): one batched pass."""

@@ -66,7 +66,7 @@ from atlasd.xds.messages import (
     tls_secret,
     validation_secret,
 )
-from atlasd.xds.plan import ListenPlan
+from atlasd.xds.plan import ListenPlan, NodePorts
 from atlasd.xds.snapshot import (
     CLUSTER,
     LISTENER,
@@ -147,7 +147,7 @@ class SnapshotBuilder:
         self.plan = plan or ListenPlan()
         self._token = forwarder_token
         self._conn_seconds = upstream_connection_seconds
-        self._pieces: dict[str, tuple[Hashable, _ClusterPieces]] = {}
+        self._pieces: dict[str, tuple[tuple[Hashable, Hashable], _ClusterPieces]] = {}
         self._names: list[str] = []
         self._route_sums = {"thanos": 0, "prometheus": 0}
         self._principals: bytes | None = None
@@ -239,8 +239,9 @@ class SnapshotBuilder:
     ) -> Snapshot | None:
         """A downstream node's snapshot depends only on these inputs: when they are equal to
         last time, nothing is built. Returns the new snapshot, or None if unchanged."""
+        # Its own config names no external IP, only whether to listen on IPv6.
         inputs = (
-            c,
+            dataclasses.replace(c, external_ip="ipv6" if ":" in c.external_ip else "ipv4"),
             fleet.settings,
             self.plan.ports_for(c.name),
             ident,
@@ -281,9 +282,10 @@ class SnapshotBuilder:
 
     # -- node atlas: per-cluster pieces -------------------------------------------------------
 
-    def _cluster_pieces(self, fleet: model.Fleet, c: model.DownstreamCluster) -> _ClusterPieces:
-        s = fleet.settings
-        ports = self.plan.ports_for(c.name)
+    def _cluster_resources(
+        self, c: model.DownstreamCluster, ports: NodePorts
+    ) -> tuple[Resource, Resource]:
+        """The two upstream clusters node ``atlas`` dials ``c`` with (its IP's business)."""
         host = self.upstream_host(c)
         ups: list[Resource] = []
         for kind, port in (("thanos", ports.thanos), ("prom", ports.prometheus)):
@@ -297,6 +299,14 @@ class SnapshotBuilder:
                 max_connection_seconds=self._conn_seconds,
             )
             ups.append(Resource.of(CLUSTER, cname, serialize(cl), refs))
+        self.built += 1
+        return ups[0], ups[1]
+
+    def _route_pieces(
+        self, c: model.DownstreamCluster, s: model.Settings
+    ) -> tuple[bytes, bytes, bytes]:
+        """``c``'s virtual host (route "thanos"), route (route "prometheus") and RBAC
+        principal: its name's and replicas' business, not its IP's."""
         domains = [
             d
             for svc in c.sidecar_services()
@@ -309,12 +319,7 @@ class SnapshotBuilder:
         )
         prom = make_route(f"{c.name}-prom", prefix=f"/prom/{c.name}/", rewrite="/")
         self.built += 1
-        return _ClusterPieces(
-            clusters=(ups[0], ups[1]),
-            vhost=serialize(vh),
-            prom_route=serialize(prom),
-            principal=principal_bytes(c.name),
-        )
+        return serialize(vh), serialize(prom), principal_bytes(c.name)
 
     def _atlas_update(
         self,
@@ -342,13 +347,23 @@ class SnapshotBuilder:
                     del self._names[i]
                     routes_dirty = members_changed = True
                 continue
-            inputs = (c, self.plan.ports_for(c.name), self.upstream_host(c), fleet.settings)
+            ports = self.plan.ports_for(c.name)
+            cds_in = (c.name, self.upstream_host(c), ports.thanos, ports.prometheus)
+            route_in = (c.name, c.replicas, fleet.settings.namespace, fleet.settings.cluster_domain)
             old = self._pieces.get(name)
-            if old is not None and old[0] == inputs:
+            if old is not None and old[0] == (cds_in, route_in):
                 continue
-            pieces = self._cluster_pieces(fleet, c)
-            self._pieces[name] = (inputs, pieces)
-            upserts += pieces.clusters
+            if old is not None and old[0][0] == cds_in:
+                clusters = old[1].clusters
+            else:
+                clusters = self._cluster_resources(c, ports)
+                upserts += clusters
+            if old is not None and old[0][1] == route_in:
+                vhost, prom_route, principal = old[1].vhost, old[1].prom_route, old[1].principal
+            else:
+                vhost, prom_route, principal = self._route_pieces(c, fleet.settings)
+            pieces = _ClusterPieces(clusters, vhost, prom_route, principal)
+            self._pieces[name] = ((cds_in, route_in), pieces)
             if old is None:
                 bisect.insort(self._names, name)
                 members_changed = True

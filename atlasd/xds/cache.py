@@ -50,6 +50,10 @@ class SnapshotCache:
     def nodes(self) -> list[str]:
         return sorted(self._snapshots)
 
+    def __len__(self) -> int:
+        """How many nodes have a snapshot."""
+        return len(self._snapshots)
+
     def published_at(self, node: str) -> float | None:
         return self._published_at.get(node)
 

@@ -193,8 +193,10 @@ class SotwStream:
             return
         available = snap.of_type(t)
         if st.wildcard:
-            selected = dict(available)
             version = snap.version(t)
+            if version == st.parked or (version == st.sent_version and not force):
+                return  # nothing new (checked before copying a large set)
+            selected = dict(available)
         else:
             selected = {n: available[n] for n in sorted(st.names) if n in available}
             version = type_version(selected)
@@ -294,7 +296,13 @@ class DeltaStream:
                     self._acked[t] = sent.system_version
                     step.acks.append(Ack(t, sent.system_version, sent.stamp))
         sent_before = len(step.responses)
-        self._respond(t, st, snap, stamp, step, upserts=True, removals=True)
+        named = set(req.resource_names_subscribe) | set(req.resource_names_unsubscribe)
+        if first or "*" in named:
+            self._respond(t, st, snap, stamp, step, upserts=True, removals=True)
+        elif named:
+            # Only what the subscription change concerns (an ACK alone asks for nothing:
+            # snapshot changes arrive through ``on_snapshot``).
+            self._respond(t, st, snap, stamp, step, upserts=True, removals=False, only=named)
         if first and snap is not None and len(step.responses) == sent_before:
             # A reconnecting Envoy already holds exactly the current resources (its
             # initial_resource_versions said so): nothing to send, and it is up to date.

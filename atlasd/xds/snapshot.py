@@ -105,8 +105,11 @@ class Snapshot:
     node: str
     resources: Mapping[str, Mapping[str, Resource]]
     versions: Mapping[str, str]
+    # The plain dicts behind ``resources`` and the reference counts: never mutated once the
+    # snapshot exists; ``evolve`` copies them (a C-level copy, unlike a read-only view's).
+    _raw: dict[str, dict[str, Resource]] = field(repr=False, default_factory=dict)
     _sums: Mapping[str, int] = field(repr=False, default_factory=dict)
-    _refcount: Mapping[Ref, int] = field(repr=False, default_factory=dict)
+    _refcount: dict[Ref, int] = field(repr=False, default_factory=dict)
     changed: Mapping[str, frozenset[str]] | None = field(repr=False, default=None)
     base: weakref.ref[Snapshot] | None = field(repr=False, default=None)
 
@@ -131,23 +134,21 @@ class Snapshot:
     def _make(
         cls,
         node: str,
-        by_type: Mapping[str, Mapping[str, Resource]],
+        by_type: dict[str, dict[str, Resource]],
         sums: dict[str, int],
         refcount: dict[Ref, int],
         changed: Mapping[str, frozenset[str]] | None,
         base: Snapshot | None,
     ) -> Snapshot:
-        frozen = {
-            t: rs if isinstance(rs, MappingProxyType) else MappingProxyType(rs)
-            for t, rs in by_type.items()
-        }
+        frozen = {t: MappingProxyType(rs) for t, rs in by_type.items()}
         versions = {t: _sum_text(s) for t, s in sums.items()}
         return cls(
             node,
             MappingProxyType(frozen),
             MappingProxyType(versions),
+            by_type,
             MappingProxyType(sums),
-            MappingProxyType(refcount),
+            refcount,
             changed,
             weakref.ref(base) if base is not None else None,
         )
@@ -158,20 +159,18 @@ class Snapshot:
         Only changed types are copied; consistency is checked for what changed. Upserts equal
         to what is held are ignored, so ``changed`` names real differences only.
         """
-        by_type: dict[str, Mapping[str, Resource]] = dict(self.resources)
+        by_type = dict(self._raw)
         copied: set[str] = set()
         sums = dict(self._sums)
-        refcount = dict(self._refcount)
+        refcount = self._refcount.copy()
         changed: dict[str, set[str]] = {}
         touched_refs: set[Ref] = set()
 
         def bucket(t: str) -> dict[str, Resource]:
             if t not in copied:
-                by_type[t] = dict(by_type.get(t, {}))
+                by_type[t] = by_type[t].copy() if t in by_type else {}
                 copied.add(t)
-            b = by_type[t]
-            assert isinstance(b, dict)
-            return b
+            return by_type[t]
 
         def drop(old: Resource) -> None:
             sums[old.type_url] = sums.get(old.type_url, 0) - _pair_hash(old.name, old.version)

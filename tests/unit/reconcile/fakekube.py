@@ -62,6 +62,7 @@ class FakeKube:
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
+        metadata_only: bool = False,
     ) -> tuple[list[dict[str, Any]], str]:
         out = []
         for (plural, _), obj in sorted(self.objects.items()):

@@ -129,3 +129,36 @@ async def test_shut_down_drains_then_raises() -> None:
     assert await q.get() == "a"
     with pytest.raises(ShutDown):
         await q.get()
+
+
+async def test_a_key_wakes_one_getter_and_a_cancelled_one_passes_it_on() -> None:
+    q: WorkQueue[str] = WorkQueue()
+    got: list[tuple[int, str]] = []
+
+    async def getter(i: int) -> None:
+        key = await q.get()
+        got.append((i, key))
+        q.done(key)
+
+    async with trio.open_nursery() as nursery:
+        scopes = []
+        for i in range(4):
+            scope = trio.CancelScope()
+            scopes.append(scope)
+
+            async def run(i: int = i, scope: trio.CancelScope = scope) -> None:
+                with scope:
+                    await getter(i)
+
+            nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+        q.add("a")
+        # The first getter was woken; cancel it before it runs: the key must reach another.
+        scopes[0].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(got) == 1 and got[0][1] == "a" and got[0][0] != 0
+        assert len(q._getters) == 2  # the other two still wait, nobody else was woken
+        q.add("b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert [k for _, k in got] == ["a", "b"]
+        nursery.cancel_scope.cancel()
