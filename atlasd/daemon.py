@@ -266,6 +266,34 @@ async def run_zone(
             nursery.cancel_scope.cancel()
 
 
+async def run_namespace_check(
+    *,
+    check: Callable[[str], Awaitable[bool]],
+    namespace: str,
+    hub: StatusHub,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Readiness that never lies: a namespace that does not exist lists as empty, so
+    nothing else would notice. Until it exists, not ready (with the reason in /status and
+    /readyz), checked again with backoff and logged once per check. Once it exists, done:
+    its deletion later shows as failing writes and watches."""
+    task_status.started()
+    delay = 2.0
+    while True:
+        try:
+            exists = await check(namespace)
+            reason = f"namespace {namespace!r} does not exist"
+        except KubeError as exc:
+            exists, reason = False, f"cannot tell whether namespace {namespace!r} exists: {exc}"
+        if exists:
+            hub.set_ready("namespace", True)
+            return
+        hub.set_ready("namespace", False, reason=reason)
+        log.warning("not ready: %s (checked again in %.0fs)", reason, delay)
+        await trio.sleep(delay)
+        delay = min(delay * 2, 60.0)
+
+
 def _problem_doc(p: Problem) -> dict[str, str]:
     return {
         "object": f"{p.source.kind}/{p.source.name}",
@@ -488,6 +516,7 @@ class Daemon:
         hub = self.hub
         hub.expect_ready("cache", "ads", "fleet")
         standalone = opts.store is not None
+        namespace_check: Callable[[str], Awaitable[bool]] | None = None
         async with AsyncExitStack() as stack:
             api: KubeApi
             if opts.store is not None:
@@ -502,13 +531,25 @@ class Daemon:
                 from atlasd.kube.client import KubeClient
                 from atlasd.kube.config import load_config
 
-                api = await stack.enter_async_context(
+                client = await stack.enter_async_context(
                     KubeClient(load_config(opts.kubeconfig, opts.context))
                 )
-            await self._run(api, standalone=standalone, task_status=task_status)
+                api = client
+                namespace_check = client.namespace_exists
+            await self._run(
+                api,
+                standalone=standalone,
+                namespace_check=namespace_check,
+                task_status=task_status,
+            )
 
     async def _run(
-        self, api: KubeApi, *, standalone: bool, task_status: trio.TaskStatus[Daemon]
+        self,
+        api: KubeApi,
+        *,
+        standalone: bool,
+        namespace_check: Callable[[str], Awaitable[bool]] | None,
+        task_status: trio.TaskStatus[Daemon],
     ) -> None:
         opts = self.options
         hub = self.hub
@@ -538,6 +579,16 @@ class Daemon:
             self.http_port = await root.start(
                 functools.partial(run_http, self.app, host=opts.http_host, port=opts.http_port)
             )
+            if namespace_check is not None:
+                hub.expect_ready("namespace")
+                root.start_soon(
+                    functools.partial(
+                        run_namespace_check,
+                        check=namespace_check,
+                        namespace=settings.namespace,
+                        hub=hub,
+                    )
+                )
             await root.start(
                 supervise,
                 "sources",

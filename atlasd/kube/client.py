@@ -27,8 +27,8 @@ from typing import Any, Self
 import httpx
 
 from atlasd.kube.config import Credential, Credentials, KubeConfig, ssl_context
-from atlasd.kube.errors import Gone, TransportError, api_error
-from atlasd.kube.resources import Resource, resource_for
+from atlasd.kube.errors import ApiError, Gone, NotFound, TransportError, api_error
+from atlasd.kube.resources import EVENTS, Resource, resource_for
 from atlasd.labels import FIELD_MANAGER
 from atlasd.metrics import KUBE_REQUESTS
 
@@ -337,6 +337,43 @@ class KubeClient:
             content_type="application/json",
         )
         return self._object(res, body)
+
+    async def namespace_exists(self, namespace: str) -> bool:
+        """Whether ``namespace`` exists, asked with only namespaced rights: a dry-run create of
+        an Event there (nothing is stored) answers NotFound for a missing namespace."""
+        probe = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": "atlasd-probe-", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "name": "atlasd",
+                "namespace": namespace,
+            },
+            "reason": "Probe",
+            "message": "namespace existence check (dry run, never stored)",
+            "type": "Normal",
+        }
+        try:
+            await self._send(
+                "POST",
+                EVENTS.path(namespace=namespace),
+                verb="create",
+                res=EVENTS,
+                name=None,
+                namespace=namespace,
+                params={"dryRun": "All", "fieldManager": self.field_manager},
+                body=json.dumps(probe).encode(),
+                content_type="application/json",
+            )
+        except NotFound:
+            return False
+        except ApiError as exc:
+            # Any other answer (Forbidden to create Events, say) comes from a namespace that
+            # is there: only a missing one answers NotFound.
+            log.debug("namespace probe of %s: %s", namespace, exc)
+        return True
 
     async def replace(self, obj: Mapping[str, Any]) -> JSON:
         """PUT ``obj``; it must carry metadata.resourceVersion (stale -> Conflict)."""
