@@ -46,6 +46,7 @@ from atlasd.xds.snapshot import (
     Resource,
     Snapshot,
     extend_version,
+    field_bytes,
     type_version,
 )
 
@@ -73,6 +74,36 @@ def _nonce() -> str:
 
 def _any(r: Resource) -> any_pb2.Any:
     return any_pb2.Any(type_url=r.type_url, value=r.body)
+
+
+class EncodedResponse:
+    """A SotW ``DiscoveryResponse`` kept as its wire bytes, assembled from each resource's
+    cached encoded ``Any`` (``Resource.any_field``): a full CDS of thousands of clusters is
+    one join, not thousands of message objects. The server sends ``data`` as is
+    (``atlasd.xds.server``'s codec); reading any other field parses it (tests, debugging).
+    """
+
+    def __init__(self, *, version_info: str, type_url: str, nonce: str, resources: Any) -> None:
+        self.version_info = version_info
+        self.type_url = type_url
+        self.nonce = nonce
+        self.data = (
+            field_bytes(1, version_info.encode())
+            + b"".join(r.any_field for r in resources)
+            + field_bytes(4, type_url.encode())
+            + field_bytes(5, nonce.encode())
+        )
+        self._parsed: DiscoveryResponse | None = None
+
+    def SerializeToString(self) -> bytes:
+        return self.data
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._parsed is None:
+            self._parsed = DiscoveryResponse.FromString(self.data)
+        return getattr(self._parsed, name)
 
 
 @dataclass(frozen=True)
@@ -222,11 +253,8 @@ class SotwStream:
         st.sent_stamp = stamp
         st.sent = selected
         step.responses.append(
-            DiscoveryResponse(
-                version_info=version,
-                type_url=t,
-                nonce=st.nonce,
-                resources=[_any(r) for r in selected.values()],
+            EncodedResponse(
+                version_info=version, type_url=t, nonce=st.nonce, resources=selected.values()
             )
         )
 

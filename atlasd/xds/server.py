@@ -31,6 +31,7 @@ from typing import Any
 
 import grpclib.config
 import grpclib.const
+import grpclib.encoding.proto
 import grpclib.exceptions
 import grpclib.server
 import h2.exceptions
@@ -45,6 +46,7 @@ from atlasd.xds.protocol import (
     DeltaStream,
     DiscoveryRequest,
     DiscoveryResponse,
+    EncodedResponse,
     SotwStream,
     Step,
 )
@@ -245,6 +247,16 @@ class AdsService:
             m.pushes.labels(SHORT_NAMES.get(resp.type_url, resp.type_url)).inc()
 
 
+class _Codec(grpclib.encoding.proto.ProtoCodec):
+    """grpclib's protobuf codec, sending a response already in wire form (``EncodedResponse``:
+    a large SotW response assembled from cached pieces) as is."""
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, EncodedResponse):
+            return message.data
+        return bytes(super().encode(message, message_type))
+
+
 class _Server(grpclib.server.Server):
     """grpclib's Server, remembering its connections so that shutdown closes them.
 
@@ -262,7 +274,7 @@ class _Server(grpclib.server.Server):
             _http2_max_pings_without_data=0,
             _http2_min_sent_ping_interval_without_data=KEEPALIVE_SECONDS,
         )
-        super().__init__(handlers, config=config)
+        super().__init__(handlers, config=config, codec=_Codec())
         self._protocols: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def _protocol_factory(self) -> Any:

@@ -22,6 +22,7 @@ Errors::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import weakref
 from collections.abc import Iterable, Mapping
@@ -67,6 +68,23 @@ def _sum_text(total: int) -> str:
     return f"{total % _MOD:016x}"
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def field_bytes(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (tag, length, payload)."""
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
 @dataclass(frozen=True)
 class Resource:
     """One serialized Envoy resource. ``refs`` = the (type_url, name) pairs it names."""
@@ -80,6 +98,14 @@ class Resource:
     @classmethod
     def of(cls, type_url: str, name: str, body: bytes, refs: Iterable[Ref] = ()) -> Resource:
         return cls(type_url, name, body, frozenset(refs), content_version(body))
+
+    @functools.cached_property
+    def any_field(self) -> bytes:
+        """This resource as an encoded ``google.protobuf.Any`` in a repeated field number 2
+        (``DiscoveryResponse.resources``): encoded once, reused by every response and every
+        stream that carries it."""
+        packed = field_bytes(1, self.type_url.encode()) + field_bytes(2, self.body)
+        return field_bytes(2, packed)
 
 
 def type_version(resources: Mapping[str, Resource]) -> str:
