@@ -43,13 +43,13 @@ numbering. The port used is the one named ``http``/``web`` if present, else the 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import string
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from atlasd import labels
+from atlasd.addresses import check_remote_address
 from atlasd.model import (
     OBSERVABILITY_NODE,
     DownstreamCluster,
@@ -157,21 +157,9 @@ def parse_selector(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def check_external_ip(value: object, *, allow_loopback: bool) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    try:
-        ip = ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
-    if ip.is_unspecified:
-        raise ValueError(f"{value} is the unspecified address")
-    if ip.is_loopback and not allow_loopback:
-        raise ValueError(f"{value} is a loopback address")
-    if ip.is_link_local:
-        raise ValueError(f"{value} is a link-local address")
-    if ip.is_multicast:
-        raise ValueError(f"{value} is a multicast address")
-    return str(ip)
+    """A downstream Envoy's address, judged by ``atlasd.addresses`` (IPv4 carried inside an
+    IPv6 form is judged as that IPv4); returns its canonical text."""
+    return check_remote_address(value, allow_loopback=allow_loopback)
 
 
 def check_host_template(template: str, replicas: int) -> str:
