@@ -4,10 +4,11 @@ Pure (standard library only). Every place that decides whether a text is an IP l
 or whether an address may be used as a downstream cluster's Envoy address, asks here, so
 a spelling of an address cannot pass one check and fail another.
 
-Parsing (``parse_ip``) accepts exactly the literals Envoy accepts in a ``SocketAddress``
-(dotted-quad IPv4 without leading zeros, RFC 4291 §2.2 IPv6 text): a ``str`` only, ASCII,
-no surrounding space, no zone index (``fe80::1%eth0``: a zone names an interface of one
-host, RFC 4007 §11, and means nothing to another one).
+Parsing (``parse_ip``, ``is_ip_literal``) takes the literals Envoy takes in a
+``SocketAddress`` of a STATIC cluster: a ``str`` only, ASCII, no surrounding space,
+dotted-quad IPv4 without leading zeros, RFC 4291 §2.2 IPv6 text, with or without a zone
+index (``fe80::1%eth0``). A remote address never has a zone index: a zone names an
+interface of one host (RFC 4007 §11), so ``check_remote_address`` refuses one.
 
 Judging (``check_remote_address``). Many IPv6 addresses carry an IPv4 address, and a
 packet sent to them ends up at (or is sent on by a relay to) that IPv4 address. Each
@@ -116,13 +117,9 @@ class Embedded:
 
 
 def parse_ip(value: object) -> IPAddress:
-    """The address a literal names; ``AddressError`` for anything Envoy would not take."""
+    """The address a literal names; ``AddressError`` for anything that is not one."""
     if not isinstance(value, str):
         raise AddressError(f"must be a string, not {type(value).__name__}")
-    if "%" in value:
-        raise AddressError(
-            f"{value!r} has a zone index: it names an interface of one host (RFC 4007 §11)"
-        )
     if not value.isascii() or value != value.strip():
         raise AddressError(f"{value!r} is not an IP address")
     try:
@@ -132,8 +129,8 @@ def parse_ip(value: object) -> IPAddress:
 
 
 def is_ip_literal(value: object) -> bool:
-    """Whether ``value`` is an IP literal (as Envoy's ``SocketAddress`` reads one), i.e. a
-    STATIC endpoint rather than a name to resolve."""
+    """Whether ``value`` is an IP literal, i.e. a STATIC Envoy endpoint rather than a name
+    to resolve (Envoy reads a zone index too: ``fe80::1%eth0`` is a literal)."""
     try:
         parse_ip(value)
     except AddressError:
@@ -205,6 +202,10 @@ def check_remote_address(value: object, *, allow_loopback: bool = False) -> str:
     what the rule refused).
     """
     ip = parse_ip(value)
+    if isinstance(ip, _V6) and ip.scope_id is not None:
+        raise AddressError(
+            f"{value} has a zone index: it names an interface of one host (RFC 4007 §11)"
+        )
     if isinstance(ip, _V6) and ip in _NAT64_LOCAL:
         raise AddressError(
             f"{value} uses the local-use NAT64 prefix 64:ff9b:1::/48 (RFC 8215): which IPv4 "

@@ -190,7 +190,7 @@ def test_embedded_forms_are_named() -> None:
         ("2001:db8::1", True),
         ("::ffff:127.0.0.1", True),
         ("127.0.0.1", True),  # a literal, whatever its judgement
-        ("fe80::1%eth0", False),  # Envoy's SocketAddress takes no zone index
+        ("fe80::1%eth0", True),  # Envoy's STATIC endpoints take a zone index too
         ("atlasd.monitoring.svc.cluster.local", False),
         ("1.2.3", False),
         ("01.2.3.4", False),
