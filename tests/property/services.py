@@ -423,10 +423,12 @@ def carrying_forms(v4: ipaddress.IPv4Address) -> list[str]:
     """Every IPv6 spelling that carries ``v4`` (see atlasd.addresses)."""
     n = int(v4)
     six = ipaddress.IPv6Address
+    # ::0.0.0.0 and ::0.0.0.1 are :: and ::1 themselves, not IPv4-compatible (RFC 4291).
+    compatible = [f"::{v4}"] if n > 1 else []
     return [
         f"::ffff:{v4}",
         str(six((0xFFFF << 32) | n)),
-        f"::{v4}",
+        *compatible,
         f"::ffff:0:{v4}",
         f"64:ff9b::{v4}",
         str(six((0x2002 << 112) | (n << 80) | 1)),

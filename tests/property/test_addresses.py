@@ -30,6 +30,7 @@ def verdict(value: Any, allow_loopback: bool) -> str | None:
 @given(v4=st.ip_addresses(v=4), allow_loopback=st.booleans())
 @example(v4=ipaddress.IPv4Address("127.0.0.1"), allow_loopback=False)  # the bypasses
 @example(v4=ipaddress.IPv4Address("169.254.169.254"), allow_loopback=True)
+@example(v4=ipaddress.IPv4Address("0.0.0.1"), allow_loopback=True)  # ::0.0.0.1 is ::1
 def test_a_carried_ipv4_is_judged_as_itself(
     v4: ipaddress.IPv4Address, allow_loopback: bool
 ) -> None:
