@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.property import profile
 from tests.property.report import RESULTS
 
@@ -26,8 +24,3 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     out = os.environ.get("ATLASD_PROPERTY_REPORT")
     if out:
         Path(out).write_text(json.dumps({"profile": profile.NAME, "tests": RESULTS}, indent=2))
-
-
-@pytest.fixture
-def record() -> Any:
-    return RESULTS
