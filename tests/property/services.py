@@ -86,14 +86,14 @@ NASTY_CHARS = list(
 
 @functools.cache  # building a strategy is costly; each is built once
 def text_with_nasty(base: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
-    """``base`` with one nasty character inserted after its first character (inside, so
-    that no parser's stripping of the ends can undo it)."""
+    """``base`` with one nasty character inserted strictly inside it (after the last
+    character only for a one-character base), so no parser's stripping can undo it."""
 
     @st.composite
     def build(draw: st.DrawFn) -> str:
         s = draw(base)
         c = draw(st.sampled_from(NASTY_CHARS))
-        i = draw(st.integers(1, max(len(s), 1)))
+        i = draw(st.integers(1, max(len(s) - 1, 1)))
         return s[:i] + c + s[i:]
 
     return build()
