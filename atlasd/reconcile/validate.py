@@ -12,7 +12,6 @@ Rules (a Service is a cluster when its label ``goatlas.io/cluster`` is exactly `
   of every label and annotation below is a string (a standalone store's YAML can
   hold a number or a boolean there: that is a Problem, never silently ignored; keys
   atlasd does not read are not looked at).
-
 - ``metadata.name``: a DNS-1123 label; not ``atlas`` (the observability node id); not of the
   form ``<x>-thanos-sidecar<i>`` (it would collide with the sidecar Service of cluster
   ``<x>``); every derived name — ``<name>-thanos-sidecar<replicas-1>``,
