@@ -8,15 +8,22 @@ is wrong); every other cluster keeps working.
 
 Rules (a Service is a cluster when its label ``goatlas.io/cluster`` is exactly ``"true"``):
 
+- ``metadata``, ``spec``, ``metadata.labels``/``annotations`` are objects; the value
+  of every label and annotation below is a string (a standalone store's YAML can
+  hold a number or a boolean there: that is a Problem, never silently ignored; keys
+  atlasd does not read are not looked at).
 - ``metadata.name``: a DNS-1123 label; not ``atlas`` (the observability node id); not of the
   form ``<x>-thanos-sidecar<i>`` (it would collide with the sidecar Service of cluster
   ``<x>``); every derived name — ``<name>-thanos-sidecar<replicas-1>``,
   ``<name>-envoy-values``, ``<name>-atlas-identity`` — must fit a DNS label (63 chars).
-- ``spec.externalIPs``: present, non-empty; every entry a valid IPv4/IPv6 address that is
-  not loopback (unless ``allow_loopback``; the standalone demo runs Envoys on loopback),
-  link-local, multicast or unspecified. Only ``externalIPs[0]`` is used.
-- ``spec.ports``: non-empty; each has a ``name`` (DNS-1123 label, required, unique), an
-  integer ``port`` in 1..65535 and protocol TCP (the Envoys proxy TCP only).
+- ``spec.externalIPs``: present, non-empty; every entry an address ``atlasd.addresses``
+  accepts as remote: not loopback (unless ``allow_loopback``; the standalone demo runs
+  Envoys on loopback), link-local (the metadata service), multicast, unspecified or
+  reserved — judged on the IPv4 address inside IPv4-mapped, 6to4, NAT64, ... forms. Only
+  ``externalIPs[0]`` is used; an IPv4-mapped one is written as the IPv4 address.
+- ``spec.ports``: non-empty; each has a ``name`` (DNS-1123 label of at most 62 characters,
+  so that the SRV label ``_<name>`` fits; required, unique), an integer ``port`` in
+  1..65535 and protocol TCP (the Envoys proxy TCP only).
 - label ``goatlas.io/replicas``: decimal digits without sign or leading zero, 1..``MAX_REPLICAS``
   (64: far above any real Thanos HA setup, and it bounds the objects one Service can create).
 - annotation ``goatlas.io/envoy-selectors``: ``k=v[,k=v...]``; whitespace around an entry is
@@ -32,7 +39,8 @@ Rules (a Service is a cluster when its label ``goatlas.io/cluster`` is exactly `
 Duplicates: two clusters with the same ``externalIPs[0]`` would both dial one Envoy whose
 certificate names only one of them, so only the first (oldest ``creationTimestamp``, then
 name) is accepted; later ones get a Problem naming the cluster that holds the address.
-Duplicate names cannot happen (one namespace).
+Duplicate names cannot happen in one Kubernetes namespace, but a caller's list can hold
+them: the same rule keeps the oldest, and later ones get a Problem at ``metadata.name``.
 
 Local Alertmanagers (``select_alertmanagers``): SPEC keeps Services "that select one pod";
 atlasd does not watch pods (no Endpoints without a controller-manager either), so it keeps
@@ -43,13 +51,13 @@ numbering. The port used is the one named ``http``/``web`` if present, else the 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import string
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from atlasd import labels
+from atlasd.addresses import check_remote_address
 from atlasd.model import (
     OBSERVABILITY_NODE,
     DownstreamCluster,
@@ -66,6 +74,23 @@ DNS_LABEL_MAX = 63
 DNS_NAME_MAX = 253
 IDENTITY_SECRET_SUFFIX = "-atlas-identity"
 SIDECAR_INFIX = "-thanos-sidecar"
+# The labels and annotations validation reads (their values must be strings).
+READ_KEYS = frozenset(
+    {
+        labels.REPLICAS_LABEL,
+        labels.ENVOY_SELECTORS_ANNOTATION,
+        labels.THANOS_SERVICE_ANNOTATION,
+        labels.THANOS_SERVICE_PORT_ANNOTATION,
+        labels.PROMETHEUS_SERVICE_ANNOTATION,
+        labels.PROMETHEUS_SERVICE_PORT_ANNOTATION,
+        labels.ALERTMANAGER_SERVICE_ANNOTATION,
+        labels.ALERTMANAGER_SERVICE_PORT_ANNOTATION,
+        labels.DNS_GROUP_ANNOTATION,
+        labels.REPLICA_HOST_TEMPLATE_ANNOTATION,
+    }
+)
+# A port name becomes the SRV owner label "_<name>", which must fit in 63 characters.
+PORT_NAME_MAX = DNS_LABEL_MAX - 1
 VALUES_SECRET_SUFFIX = "-envoy-values"
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -157,21 +182,9 @@ def parse_selector(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def check_external_ip(value: object, *, allow_loopback: bool) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    try:
-        ip = ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
-    if ip.is_unspecified:
-        raise ValueError(f"{value} is the unspecified address")
-    if ip.is_loopback and not allow_loopback:
-        raise ValueError(f"{value} is a loopback address")
-    if ip.is_link_local:
-        raise ValueError(f"{value} is a link-local address")
-    if ip.is_multicast:
-        raise ValueError(f"{value} is a multicast address")
-    return str(ip)
+    """A downstream Envoy's address, judged by ``atlasd.addresses`` (IPv4 carried inside an
+    IPv6 form is judged as that IPv4); returns its canonical text."""
+    return check_remote_address(value, allow_loopback=allow_loopback)
 
 
 def check_host_template(template: str, replicas: int) -> str:
@@ -202,8 +215,14 @@ def _lbl(name: str) -> str:
     return f'metadata.labels["{name}"]'
 
 
+def _meta(service: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``metadata``, or an empty mapping when it is absent or not an object."""
+    meta = service.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
 def source_ref(service: Mapping[str, Any], settings: Settings) -> ObjectRef:
-    meta = service.get("metadata") or {}
+    meta = _meta(service)
     return ObjectRef(
         kind="Service",
         name=str(meta.get("name", "")),
@@ -213,21 +232,34 @@ def source_ref(service: Mapping[str, Any], settings: Settings) -> ObjectRef:
 
 
 def is_cluster_service(service: Mapping[str, Any]) -> bool:
-    meta = service.get("metadata") or {}
-    lbls = meta.get("labels") or {}
+    lbls = _meta(service).get("labels") or {}
     return isinstance(lbls, Mapping) and lbls.get(labels.CLUSTER_LABEL) == "true"
 
 
-def _str_map(obj: Mapping[str, Any], key: str) -> dict[str, str]:
-    raw = obj.get(key) or {}
-    if not isinstance(raw, Mapping):
+def _str_map(obj: Mapping[str, Any], key: str, add: Any) -> dict[str, str]:
+    """The string entries of ``metadata.<key>``. An entry validation reads that is not a
+    string (a YAML number or boolean in a standalone store) is a Problem, not ignored."""
+    raw = obj.get(key)
+    if raw is None:
         return {}
-    return {str(k): v for k, v in raw.items() if isinstance(v, str)}
+    if not isinstance(raw, Mapping):
+        add(f"metadata.{key}", "must be an object")
+        return {}
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        if isinstance(v, str):
+            out[str(k)] = v
+        elif k in READ_KEYS:
+            add(f'metadata.{key}["{k}"]', f"must be a string, not {type(v).__name__}")
+    return out
 
 
 def _parse_ports(spec: Mapping[str, Any], add: Any) -> tuple[ServicePort, ...]:
     raw = spec.get("ports")
-    if not isinstance(raw, list) or not raw:
+    if raw is not None and not isinstance(raw, list):
+        add("spec.ports", f"must be a list of ports, not {type(raw).__name__}")
+        return ()
+    if not raw:
         add("spec.ports", "at least one named port is required")
         return ()
     ports: list[ServicePort] = []
@@ -247,6 +279,13 @@ def _parse_ports(spec: Mapping[str, Any], add: Any) -> tuple[ServicePort, ...]:
         elif not is_dns_label(name):
             add(f"{where}.name", f"{name!r} is not a DNS-1123 label")
             ok = False
+        elif len(name) > PORT_NAME_MAX:
+            add(
+                f"{where}.name",
+                f"{name!r} is {len(name)} characters; the SRV record's label _<name> "
+                f"leaves room for {PORT_NAME_MAX}",
+            )
+            ok = False
         elif name in names:
             add(f"{where}.name", f"{name!r} is used by another port")
             ok = False
@@ -263,6 +302,27 @@ def _parse_ports(spec: Mapping[str, Any], add: Any) -> tuple[ServicePort, ...]:
     return tuple(ports)
 
 
+def _parse_external_ips(spec: Mapping[str, Any], add: Any, *, allow_loopback: bool) -> str:
+    """``spec.externalIPs``: every entry checked; the first is the downstream Envoy's."""
+    ips = spec.get("externalIPs")
+    if ips is not None and not isinstance(ips, list):
+        add("spec.externalIPs", f"must be a list of addresses, not {type(ips).__name__}")
+        return ""
+    if not ips:
+        add("spec.externalIPs", "at least one external IP (the downstream Envoy) is required")
+        return ""
+    first = ""
+    for i, ip in enumerate(ips):
+        try:
+            checked = check_external_ip(ip, allow_loopback=allow_loopback)
+        except ValueError as e:
+            add(f"spec.externalIPs[{i}]", str(e))
+        else:
+            if i == 0:
+                first = checked
+    return first
+
+
 def validate_cluster(
     service: Mapping[str, Any], settings: Settings, *, allow_loopback: bool = False
 ) -> DownstreamCluster | list[Problem]:
@@ -273,13 +333,16 @@ def validate_cluster(
     def add(field: str, message: str) -> None:
         problems.append(Problem(source=ref, field=field, message=message))
 
-    meta = service.get("metadata") or {}
-    spec = service.get("spec") or {}
-    if not isinstance(meta, Mapping) or not isinstance(spec, Mapping):
-        add("metadata" if not isinstance(meta, Mapping) else "spec", "must be an object")
+    meta = service.get("metadata")
+    spec = service.get("spec")
+    if not isinstance(meta, Mapping):
+        add("metadata", "must be an object")
         return problems
-    lbls = _str_map(meta, "labels")
-    anns = _str_map(meta, "annotations")
+    if spec is not None and not isinstance(spec, Mapping):
+        # Nothing in it can be read; the metadata is still checked below.
+        add("spec", "must be an object")
+    lbls = _str_map(meta, "labels", add)
+    anns = _str_map(meta, "annotations", add)
 
     # replicas first: the derived-name length check depends on it.
     replicas = 1
@@ -290,7 +353,12 @@ def validate_cluster(
             add(_lbl(labels.REPLICAS_LABEL), str(e))
 
     name = ref.name
-    if not is_dns_label(name):
+    raw_name = meta.get("name")
+    if raw_name is None:
+        add("metadata.name", "is required")
+    elif not isinstance(raw_name, str):
+        add("metadata.name", f"must be a string, not {type(raw_name).__name__}")
+    elif not is_dns_label(name):
         add("metadata.name", f"{name!r} is not a DNS-1123 label")
     elif name == OBSERVABILITY_NODE:
         add("metadata.name", f"{name!r} is reserved for the observability Envoy")
@@ -312,20 +380,10 @@ def validate_cluster(
                 break
 
     external_ip = ""
-    ips = spec.get("externalIPs")
-    if not isinstance(ips, list) or not ips:
-        add("spec.externalIPs", "at least one external IP (the downstream Envoy) is required")
-    else:
-        for i, ip in enumerate(ips):
-            try:
-                checked = check_external_ip(ip, allow_loopback=allow_loopback)
-            except ValueError as e:
-                add(f"spec.externalIPs[{i}]", str(e))
-            else:
-                if i == 0:
-                    external_ip = checked
-
-    ports = _parse_ports(spec, add)
+    ports: tuple[ServicePort, ...] = ()
+    if spec is None or isinstance(spec, Mapping):  # else: reported above
+        external_ip = _parse_external_ips(spec or {}, add, allow_loopback=allow_loopback)
+        ports = _parse_ports(spec or {}, add)
 
     selectors = settings.default_envoy_selectors
     if labels.ENVOY_SELECTORS_ANNOTATION in anns:
@@ -397,7 +455,7 @@ def validate_cluster(
 
 
 def age_key(service: Mapping[str, Any]) -> tuple[str, str]:
-    meta = service.get("metadata") or {}
+    meta = _meta(service)
     # RFC 3339 UTC timestamps sort lexicographically; a missing one sorts last.
     return (str(meta.get("creationTimestamp") or "~"), str(meta.get("name", "")))
 
@@ -412,10 +470,20 @@ def validate_all(
     clusters: list[DownstreamCluster] = []
     problems: list[Problem] = []
     ip_owner: dict[str, str] = {}
+    names: set[str] = set()
     for svc in sorted((s for s in services if is_cluster_service(s)), key=age_key):
         result = validate_cluster(svc, settings, allow_loopback=allow_loopback)
         if isinstance(result, list):
             problems.extend(result)
+            continue
+        if result.name in names:
+            problems.append(
+                Problem(
+                    source=source_ref(svc, settings),
+                    field="metadata.name",
+                    message=f"{result.name!r} is declared by an older cluster Service too",
+                )
+            )
             continue
         holder = ip_owner.get(result.external_ip)
         if holder is not None:
@@ -428,6 +496,7 @@ def validate_all(
             )
             continue
         ip_owner[result.external_ip] = result.name
+        names.add(result.name)
         clusters.append(result)
     clusters.sort(key=lambda c: c.name)
     return tuple(clusters), tuple(problems)

@@ -13,7 +13,7 @@ import yaml
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
-from tests.integration.daemon_helpers import Atlasd
+from tests.integration.daemon_helpers import Atlasd, cli
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +119,57 @@ def test_observability_envoy_presents_the_forwarder_token(
     )
     streams = [e for e in token_daemon.status().get("envoys") or [] if e["node"] == "atlas"]
     assert len(streams) == 1
+
+
+# IPv4 carried in an IPv6 spelling is judged as that IPv4 (atlasd.addresses).
+MAPPED_BYPASSES = ["::ffff:127.0.0.1", "::ffff:169.254.169.254"]
+
+
+@pytest.mark.parametrize("ip", MAPPED_BYPASSES)
+def test_cluster_add_to_a_store_refuses_ipv4_mapped_addresses(ip: str, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    out = cli("cluster", "add", "east", "--external-ip", ip, f"--store={store}", check=False)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "spec.externalIPs[0]" in out.stderr and "IPv4-mapped" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not list((store / "clusters").glob("*.yaml"))
+    # The same command with the plain IPv4 spelling is refused the same way.
+    plain = ip.removeprefix("::ffff:")
+    out = cli("cluster", "add", "east", "--external-ip", plain, f"--store={store}", check=False)
+    assert out.returncode == 1 and "spec.externalIPs[0]" in out.stderr, out.stderr
+
+
+def test_standalone_daemon_reports_ipv4_mapped_addresses(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (store / "clusters").mkdir(parents=True)
+    docs = [_cluster("good", "192.0.2.30")] + [
+        _cluster(f"bad{i}", ip) for i, ip in enumerate(MAPPED_BYPASSES)
+    ]
+    (store / "clusters" / "fleet.yaml").write_text(yaml.safe_dump_all(docs))
+    atlasd = Atlasd(tmp_path, f"--store={store}").start()
+    try:
+
+        def problems() -> list[dict[str, str]]:
+            found: list[dict[str, str]] = atlasd.status().get("problems") or []
+            return found if len(found) == len(MAPPED_BYPASSES) else []
+
+        found = wait_until(problems, timeout=30, what="both mapped addresses reported")
+        by_object = {p["object"]: p for p in found}
+        for i, ip in enumerate(MAPPED_BYPASSES):
+            p = by_object[f"Service/bad{i}"]
+            assert p["field"] == "spec.externalIPs[0]"
+            assert f"{ip} is IPv4-mapped {ip.removeprefix('::ffff:')}" in p["message"]
+        served = wait_until(
+            lambda: atlasd.status().get("clusters"), timeout=30, what="the good cluster served"
+        )
+        assert [c["name"] for c in served] == ["good"]
+        wait_until(
+            lambda: "good-thanos-sidecar0" in atlasd.zone_file.read_text(),
+            timeout=30,
+            what="the zone lists the good cluster",
+        )
+        assert "bad" not in atlasd.zone_file.read_text()
+        events = (store / "events.log").read_text()
+        assert "IPv4-mapped 127.0.0.1" in events
+    finally:
+        atlasd.proc.stop()
