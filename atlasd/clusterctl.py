@@ -105,7 +105,7 @@ class ClusterRow:
 
 
 def _describe(problems: Iterable[Problem]) -> str:
-    return "; ".join(f"{p.field}: {p.message}" for p in problems)
+    return "; ".join(f"{p.field}: {p.brief()}" for p in problems)
 
 
 async def namespace_missing(api: ObjectAPI, namespace: str) -> bool:

@@ -298,7 +298,7 @@ def _problem_doc(p: Problem) -> dict[str, str]:
     return {
         "object": f"{p.source.kind}/{p.source.name}",
         "field": p.field,
-        "message": p.message,
+        "message": p.brief(),
         "reason": p.reason,
     }
 

@@ -36,6 +36,9 @@ DOWNSTREAM_ALERTMANAGER_PORT = 11903
 DOWNSTREAM_PROMETHEUS_PORT = 11904
 ENVOY_ADMIN_PORT = 9000
 
+MESSAGE_LIMIT = 1024
+"""The longest Problem message shown anywhere (an Event's limit)."""
+
 OBSERVABILITY_NODE = "atlas"
 """Envoy node id of the observability Envoy; no downstream cluster may use it."""
 
@@ -152,7 +155,14 @@ class Problem:
     reason: str = "InvalidCluster"
 
     def __str__(self) -> str:
-        return f"{self.source.kind} {self.source.namespace}/{self.source.name}: {self.field}: {self.message}"
+        return f"{self.source.kind} {self.source.namespace}/{self.source.name}: {self.field}: {self.brief()}"
+
+    def brief(self, limit: int = MESSAGE_LIMIT) -> str:
+        """The message cut to ``limit`` characters (a hostile value can be 100 KB long;
+        logs, /status and CLI errors show this, as Events do, capped at 1,024)."""
+        if len(self.message) <= limit:
+            return self.message
+        return self.message[: limit - 15] + "... (truncated)"
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,16 @@ class FileStore:
             for doc in docs:
                 if not isinstance(doc, dict) or doc.get("kind") != "Service":
                     continue
-                name = str((doc.get("metadata") or {}).get("name") or "")
+                meta = doc.get("metadata")
+                if not isinstance(meta, dict):
+                    raise Invalid(
+                        status=422,
+                        reason="Invalid",
+                        message=f"{path.name}: metadata is not a mapping",
+                        verb="list",
+                        resource="services",
+                    )
+                name = str(meta.get("name") or "")
                 if name:
                     out[name] = (self._finish(SERVICES, doc, path), path)
         return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atlasd.kube.errors import AlreadyExists, NotFound
+from atlasd.kube.errors import AlreadyExists, Gone, Invalid, NotFound
 from atlasd.kube.resources import CONFIGMAPS, SECRETS, SERVICES
 from atlasd.standalone import FileStore
 
@@ -82,3 +82,28 @@ async def test_selector_create_merge_patch_and_cluster_removal(tmp_path: Path) -
     assert (store.clusters_dir / "east.yaml").exists()
     await store.delete(SERVICES, "east")
     assert not (store.clusters_dir / "east.yaml").exists()
+
+
+async def test_a_manifest_whose_metadata_is_not_a_mapping_is_invalid(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    (store.clusters_dir / "bad.yaml").write_text("kind: Service\nmetadata: [1]\n")
+    with pytest.raises(Invalid, match="bad.yaml: metadata is not a mapping"):
+        await store.list(SERVICES)
+
+
+async def test_the_watch_reports_changes_since_the_list_it_starts_from(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, poll_seconds=0.01)
+    (store.clusters_dir / "c.yaml").write_text(CLUSTER)
+    items, rv = await store.list(SERVICES)
+    assert {i["metadata"]["name"] for i in items} == {"east", "west"}
+    # A change made after the list and before the watch starts is not lost.
+    (store.clusters_dir / "c.yaml").write_text(CLUSTER.split("---")[0])
+    events = []
+    async for event in store.watch(SERVICES, resource_version=rv, timeout_seconds=5):
+        events.append((event["type"], event["object"]["metadata"].get("name")))
+        if event["type"] == "BOOKMARK":
+            break
+    assert ("DELETED", "west") in events and ("MODIFIED", "east") in events
+    with pytest.raises(Gone):
+        async for _ in store.watch(SERVICES, resource_version="unknown", timeout_seconds=1):
+            pass
