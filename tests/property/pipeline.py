@@ -27,6 +27,7 @@ from typing import Any
 from atlasd import labels
 from atlasd.addresses import check_remote_address, parse_ip
 from atlasd.dns.zone import render_zone
+from atlasd.fleet.validate import identity_secret_name, validate_all, validate_cluster
 from atlasd.model import (
     OBSERVABILITY_NODE,
     DownstreamCluster,
@@ -38,7 +39,6 @@ from atlasd.model import (
 from atlasd.reconcile.desired import DesiredState, desired_state
 from atlasd.reconcile.objects import owner_references
 from atlasd.reconcile.pki import PKIPlan, plan_pki
-from atlasd.fleet.validate import identity_secret_name, validate_all, validate_cluster
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SECRET, Snapshot
 from tests.unit.reconcile.pkitools import CountingKeys

@@ -14,9 +14,9 @@ from atlasd.addresses import (
     is_ip_literal,
     parse_ip,
 )
+from atlasd.fleet.validate import validate_all, validate_cluster
 from atlasd.kube.resources import SERVICES
 from atlasd.model import Settings
-from atlasd.fleet.validate import validate_all, validate_cluster
 from atlasd.standalone import FileStore
 from tests.unit.reconcile.builders import cluster_service
 
