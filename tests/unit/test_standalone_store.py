@@ -87,7 +87,7 @@ async def test_selector_create_merge_patch_and_cluster_removal(tmp_path: Path) -
 async def test_a_manifest_whose_metadata_is_not_a_mapping_is_invalid(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     (store.clusters_dir / "bad.yaml").write_text("kind: Service\nmetadata: [1]\n")
-    with pytest.raises(Invalid, match="bad.yaml: metadata is not a mapping"):
+    with pytest.raises(Invalid, match=r"bad\.yaml: metadata is not a mapping"):
         await store.list(SERVICES)
 
 
