@@ -35,6 +35,7 @@ The mirror retries transport failures, conflicts, 429 and 5xx with backoff; othe
 from __future__ import annotations
 
 import bisect
+import functools
 import contextlib
 import logging
 import os
@@ -150,7 +151,7 @@ class Zone:
     def records(self) -> tuple[SrvRecord, ...]:
         return tuple(r for name in sorted(self.blocks) for r in self.blocks[name].records)
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         return sum(len(b.records) for b in self.blocks.values())
 

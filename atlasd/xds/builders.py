@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -105,6 +106,20 @@ class _ClusterPieces:
     vhost: bytes  # its virtual host in route configuration "thanos"
     prom_route: bytes  # its route in route configuration "prometheus"
     principal: bytes  # its RBAC principal (alertmanager routes)
+
+    @functools.cached_property
+    def vhost_field(self) -> bytes:
+        """``vhost`` as one occurrence of ``RouteConfiguration.virtual_hosts``."""
+        return repeated_field(VHOSTS_FIELD, [self.vhost])
+
+    @functools.cached_property
+    def route_field(self) -> bytes:
+        """``prom_route`` as one occurrence of ``VirtualHost.routes``."""
+        return repeated_field(ROUTES_FIELD, [self.prom_route])
+
+    @functools.cached_property
+    def refs(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        return ((CLUSTER, self.clusters[0].name), (CLUSTER, self.clusters[1].name))
 
     @property
     def digest(self) -> str:
@@ -415,13 +430,12 @@ class SnapshotBuilder:
 
     def _route_configs(self) -> list[Resource]:
         """Route configurations ``thanos`` and ``prometheus`` from the cached pieces."""
-        names = self._names
-        pieces = [self._pieces[n][1] for n in names]
-        thanos_body = _THANOS_RC_HEAD + repeated_field(VHOSTS_FIELD, [p.vhost for p in pieces])
-        prom_vh = _PROM_VH_HEAD + repeated_field(ROUTES_FIELD, [p.prom_route for p in pieces])
+        pieces = [self._pieces[n][1] for n in self._names]
+        thanos_body = _THANOS_RC_HEAD + b"".join([p.vhost_field for p in pieces])
+        prom_vh = _PROM_VH_HEAD + b"".join([p.route_field for p in pieces])
         prom_body = _PROM_RC_HEAD + repeated_field(VHOSTS_FIELD, [prom_vh])
-        thanos_refs = frozenset((CLUSTER, f"{n}-thanos") for n in names)
-        prom_refs = frozenset((CLUSTER, f"{n}-prom") for n in names)
+        thanos_refs = frozenset([p.refs[0] for p in pieces])
+        prom_refs = frozenset([p.refs[1] for p in pieces])
         return [
             Resource(
                 ROUTE,
