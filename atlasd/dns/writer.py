@@ -35,8 +35,8 @@ The mirror retries transport failures, conflicts, 429 and 5xx with backoff; othe
 from __future__ import annotations
 
 import bisect
-import functools
 import contextlib
+import functools
 import logging
 import os
 import random
