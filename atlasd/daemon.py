@@ -60,7 +60,7 @@ from atlasd.kube.lease import run_leader_election
 from atlasd.kube.legacy_lock import LeadershipGate
 from atlasd.model import OBSERVABILITY_NODE, Problem, Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
-from atlasd.reconcile.loop import run_reconcile
+from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.status import StatusHub
 from atlasd.watch.sources import run_sources
 from atlasd.watch.workqueue import WorkQueue
@@ -652,20 +652,16 @@ class Daemon:
                 reconcilers.append(reconciler)
                 leadership.set(True, hub)
                 try:
-                    await supervise(
-                        "reconcile",
-                        hub,
-                        functools.partial(
-                            run_reconcile,
-                            api=api,
-                            feed=self.feed,
-                            reconciler=reconciler,
-                            resync_seconds=opts.resync_seconds,
-                            workers=opts.reconcile_workers,
-                            on_result=self._on_result,
-                            on_pass=lambda doc: hub.publish(last_reconcile=doc),
-                        ),
+                    loop = ReconcileLoop(
+                        api=api,
+                        feed=self.feed,
+                        reconciler=reconciler,
+                        resync_seconds=opts.resync_seconds,
+                        workers=opts.reconcile_workers,
+                        on_result=self._on_result,
+                        on_pass=lambda doc: hub.publish(last_reconcile=doc),
                     )
+                    await supervise("reconcile", hub, loop.run)
                 finally:
                     reconcilers.remove(reconciler)
                     leadership.set(False, hub)

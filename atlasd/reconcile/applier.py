@@ -177,6 +177,14 @@ class _Synced:
     versions: Mapping[ObjectId, str]
     valid_until: dt.datetime | None
 
+    def holds(self, inputs: Hashable, versions: Mapping[ObjectId, str], now: dt.datetime) -> bool:
+        """Still in sync: the same inputs, the same objects, and not due for renewal."""
+        return (
+            self.inputs == inputs
+            and self.versions == versions
+            and (self.valid_until is None or now < self.valid_until)
+        )
+
 
 def _versions(
     objects: Iterable[tuple[str, Mapping[str, Mapping[str, Any]]]],
@@ -284,12 +292,7 @@ class Reconciler:
                 len(version.fleetwide.alertmanagers),
             )
             rec = self._synced.get(key)
-            if (
-                rec is not None
-                and rec.inputs == inputs
-                and rec.versions == observed
-                and (rec.valid_until is None or now < rec.valid_until)
-            ):
+            if rec is not None and rec.holds(inputs, observed, now):
                 result.in_sync = True
                 result.next_renewal = rec.valid_until
                 result.problems = tuple(problems)
@@ -379,12 +382,7 @@ class Reconciler:
         versions = {("Secret", n): resource_version(o) for n, o in observed.items()}
         inputs = (len(fw.alertmanagers),)
         rec = self._synced.get(FLEET_KEY)
-        if (
-            rec is not None
-            and rec.inputs == inputs
-            and rec.versions == versions
-            and (rec.valid_until is None or now < rec.valid_until)
-        ):
+        if rec is not None and rec.holds(inputs, versions, now):
             result.in_sync = True
             result.next_renewal = rec.valid_until
             return result

@@ -271,27 +271,3 @@ class ReconcileLoop:
         }
         if self._on_pass is not None:
             self._on_pass(doc)
-
-
-async def run_reconcile(
-    *,
-    api: KubeApi,
-    feed: FleetFeed,
-    reconciler: Reconciler,
-    resync_seconds: float,
-    workers: int = DEFAULT_WORKERS,
-    on_result: Callable[[KeyResult], None] | None = None,
-    on_pass: Callable[[dict[str, Any]], None] | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run the leader's reconcile subsystem until cancelled."""
-    loop = ReconcileLoop(
-        api=api,
-        feed=feed,
-        reconciler=reconciler,
-        resync_seconds=resync_seconds,
-        workers=workers,
-        on_result=on_result,
-        on_pass=on_pass,
-    )
-    await loop.run(task_status=task_status)

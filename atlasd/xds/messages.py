@@ -34,7 +34,7 @@ from google.protobuf import (  # type: ignore[import-untyped]
 )
 
 from atlasd import model
-from atlasd.xds.snapshot import SECRET
+from atlasd.xds.snapshot import SECRET, field_bytes
 
 VALIDATION_SECRET = "validation"
 SERVER_SECRET = "server"
@@ -71,22 +71,9 @@ def serialize(msg: message.Message) -> bytes:
     return bytes(msg.SerializeToString(deterministic=True))
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def repeated_field(field_number: int, items: Iterable[bytes]) -> bytes:
     """Encode already-serialized messages as occurrences of a length-delimited field."""
-    tag = varint((field_number << 3) | 2)
-    return b"".join(tag + varint(len(b)) + b for b in items)
+    return b"".join(field_bytes(field_number, b) for b in items)
 
 
 VHOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["virtual_hosts"].number

@@ -198,15 +198,18 @@ class Snapshot:
                 copied.add(t)
             return by_type[t]
 
-        def drop(old: Resource) -> None:
-            sums[old.type_url] = sums.get(old.type_url, 0) - _pair_hash(old.name, old.version)
-            for ref in old.refs:
+        def unref(refs: Iterable[Ref]) -> None:
+            for ref in refs:
                 n = refcount[ref] - 1
                 if n:
                     refcount[ref] = n
                 else:
                     del refcount[ref]
                 touched_refs.add(ref)
+
+        def drop(old: Resource) -> None:
+            sums[old.type_url] = sums.get(old.type_url, 0) - _pair_hash(old.name, old.version)
+            unref(old.refs)
 
         removed: list[Ref] = []
         for t, name in removals:
@@ -226,13 +229,7 @@ class Snapshot:
             if old is not None:
                 # Refs of a resource assembled from many pieces differ by a few: apply the
                 # difference rather than dropping and re-adding every one.
-                for ref in old.refs - r.refs:
-                    n = refcount[ref] - 1
-                    if n:
-                        refcount[ref] = n
-                    else:
-                        del refcount[ref]
-                    touched_refs.add(ref)
+                unref(old.refs - r.refs)
                 for ref in r.refs - old.refs:
                     refcount[ref] = refcount.get(ref, 0) + 1
                 sums[r.type_url] = sums.get(r.type_url, 0) - _pair_hash(old.name, old.version)

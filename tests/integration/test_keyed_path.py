@@ -34,7 +34,7 @@ from atlasd.kube.config import load_config
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
-from atlasd.reconcile.loop import run_reconcile
+from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.watch.sources import run_sources
 from atlasd.watch.workqueue import WorkQueue
 from tests.harness.envoy import Envoy
@@ -288,17 +288,15 @@ async def test_a_lagging_cache_never_reissues(apiserver: ApiServer, namespace: s
                 state=state, queue=queue, feed=feed, task_status=task_status
             )
         )
-        await nursery.start(
-            lambda task_status: run_reconcile(
-                api=kube,
-                feed=feed,
-                reconciler=reconciler,
-                resync_seconds=3600,
-                workers=4,
-                on_result=results.append,
-                task_status=task_status,
-            )
+        loop = ReconcileLoop(
+            api=kube,
+            feed=feed,
+            reconciler=reconciler,
+            resync_seconds=3600,
+            workers=4,
+            on_result=results.append,
         )
+        await nursery.start(loop.run)
 
         def served(name: str) -> bool:
             v = feed.latest
