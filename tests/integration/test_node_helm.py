@@ -169,10 +169,16 @@ def test_install_brings_up_a_ready_pod_with_the_charts_probes_and_role(
         assert got["httpGet"]["path"] == want["httpGet"]["path"]
         assert got["httpGet"]["port"] == want["httpGet"]["port"] == "metrics"
         assert got["periodSeconds"] == want["periodSeconds"]
-    metrics_ip = _cluster_ip(node, f"{RELEASE}-metrics")
+    # Through the chart's metrics Service: kube-proxy routes to the pod once the
+    # EndpointSlice shows it Ready, a moment after the pod's own condition (until then
+    # its rule for the Service rejects the connection).
+    metrics_url = f"http://{_cluster_ip(node, f'{RELEASE}-metrics')}:{CHART_VALUES['metrics']['port']}"
     for path in ("/readyz", "/healthz"):
-        r = httpx.get(f"http://{metrics_ip}:{CHART_VALUES['metrics']['port']}{path}", timeout=5)
-        assert r.status_code == 200, (path, r.text)
+        wait_until(
+            lambda path=path: httpx.get(f"{metrics_url}{path}", timeout=5).status_code == 200,
+            timeout=30,
+            what=f"{path} answering 200 through the metrics Service",
+        )
 
     # Hardened as the chart says: uid 65532, read-only root filesystem.
     assert spec["securityContext"]["runAsUser"] == 65532
