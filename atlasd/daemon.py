@@ -58,7 +58,7 @@ from atlasd.kube.errors import KubeError
 from atlasd.kube.events import post_event
 from atlasd.kube.lease import run_leader_election
 from atlasd.kube.legacy_lock import LeadershipGate
-from atlasd.model import OBSERVABILITY_NODE, Problem, Settings
+from atlasd.model import Problem, Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.status import StatusHub
@@ -194,11 +194,12 @@ async def run_xds(
 ) -> None:
     """Fleet versions -> snapshots of the nodes they touch -> the cache the ADS server reads.
 
-    After each build that changed node ``atlas`` it pauses: three times as long as the
-    build took, and at least 0.1 s per thousand clusters (at most 1 s). A lone change goes
-    out at once; a burst (thousands of clusters arriving) is taken in batches, so node
-    ``atlas`` is rebuilt and pushed a few times a second rather than once per cluster: each
-    push of its route configurations costs Envoy O(fleet).
+    A lone change goes out at once. In a burst (thousands of clusters arriving) each
+    build is followed by a pause three times as long as the build took (at most 1 s), so
+    building takes at most a quarter of the process while the changes in between
+    coalesce into the next build. The Envoys set their own pace: a stream sends a node's
+    next change only once its Envoy has answered the previous one (``atlasd.xds.protocol``,
+    one round at a time), so an Envoy is never flooded whatever the rate of builds.
     """
     sub = feed.subscribe()
     started = False
@@ -223,10 +224,7 @@ async def run_xds(
         if not started:
             started = True
             task_status.started()
-        took = time.perf_counter() - t0
-        if OBSERVABILITY_NODE in result.changed:
-            size = len(update.version.model.clusters)
-            await trio.sleep(min(1.0, max(3 * took, 0.1 * size / 1000)))
+        await trio.sleep(min(1.0, 3 * (time.perf_counter() - t0)))
 
 
 async def run_zone(

@@ -15,6 +15,12 @@ Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg
   to the Envoy, so only a new version of it goes out.
 - Send only on change: a SotW type is re-sent when the content for its subscription
   changes; Delta sends only resources whose version differs from what the Envoy has.
+- One round at a time (flow control, as go-control-plane's watches give it): a snapshot
+  change is not pushed while an earlier response on the stream is unanswered; changes
+  meanwhile accumulate and go out together once the Envoy has ACKed or NACKed everything
+  sent. An Envoy is never queued more updates than it can take, whatever the rate of
+  change, so no pacing is needed upstream. A response unanswered for ``FLOW_TIMEOUT``
+  seconds no longer holds anything back.
 - Make-before-break: types go out in ``PUSH_ORDER`` (secrets, CDS, EDS, LDS, RDS);
   removals come last. In SotW, a CDS change that drops clusters first sends the union
   of the old and new clusters, then the other types, then the final CDS.
@@ -66,6 +72,7 @@ __all__ = [
 ]
 _nonces = itertools.count(1)
 _MAX_PENDING = 64
+FLOW_TIMEOUT = 10.0
 
 
 def _nonce() -> str:
@@ -129,6 +136,39 @@ class Step:
     acks: list[Ack] = field(default_factory=list)
     nacks: list[Nack] = field(default_factory=list)
 
+    def extend(self, other: Step) -> None:
+        self.responses += other.responses
+        self.acks += other.acks
+        self.nacks += other.nacks
+
+
+class _Held:
+    """Snapshot changes held back while responses are unanswered (one round at a time).
+
+    Invariants: ``hint`` is the union of the held changes' hints (None: compare every
+    type in full); ``stamp`` the publish time of the oldest held change; ``held`` whether
+    any change is held at all.
+    """
+
+    def __init__(self) -> None:
+        self.held = False
+        self.hint: Hint = {}
+        self.stamp = 0.0
+
+    def hold(self, stamp: float, hint: Hint) -> None:
+        if not self.held:
+            self.held, self.hint, self.stamp = True, {}, stamp
+        if hint is None or self.hint is None:
+            self.hint = None
+        else:
+            for t, names in hint.items():
+                self.hint.setdefault(t, set()).update(names)
+
+    def release(self) -> tuple[float, Hint]:
+        self.held = False
+        hint, self.hint = self.hint, {}
+        return self.stamp, hint
+
 
 # ---------------------------------------------------------------------------------------
 # State of the World
@@ -145,6 +185,7 @@ class _SotwType:
     sent: dict[str, Resource] = field(default_factory=dict)  # what that response held
     parked: str = ""  # a version the Envoy NACKed: never re-sent on this stream
     acked_version: str = ""
+    awaiting: bool = False  # the latest response is not ACKed or NACKed yet
 
 
 class SotwStream:
@@ -155,8 +196,23 @@ class SotwStream:
     def __init__(self, node: str) -> None:
         self.node = node
         self._types: dict[str, _SotwType] = {}
+        self._held = _Held()
+        self._sent_at = 0.0  # when the oldest unanswered response went out (approximately)
+
+    def _busy(self, stamp: float) -> bool:
+        """Whether a response is unanswered (and not for longer than FLOW_TIMEOUT)."""
+        return any(st.awaiting for st in self._types.values()) and (
+            stamp - self._sent_at < FLOW_TIMEOUT
+        )
 
     def on_request(self, req: DiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
+        step = self._on_request(req, snap, stamp)
+        if self._held.held and not self._busy(stamp):
+            held_stamp, hint = self._held.release()
+            step.extend(self._push(snap, held_stamp, hint))
+        return step
+
+    def _on_request(self, req: DiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
         step = Step()
         t = req.type_url
         st = self._types.get(t)
@@ -166,6 +222,7 @@ class SotwStream:
         if req.response_nonce:
             if req.response_nonce != st.nonce:
                 return step  # stale: superseded by a later response
+            st.awaiting = False
             if req.HasField("error_detail"):
                 st.parked = st.sent_version
                 step.nacks.append(Nack(t, st.sent_version, req.error_detail.message))
@@ -190,6 +247,12 @@ class SotwStream:
     def on_snapshot(self, snap: Snapshot | None, stamp: float, hint: Hint = None) -> Step:
         """A new snapshot; ``hint`` (types -> changed names) lets unchanged types be
         skipped without looking at them."""
+        if snap is not None and self._busy(stamp):
+            self._held.hold(stamp, hint)
+            return Step()
+        return self._push(snap, stamp, hint)
+
+    def _push(self, snap: Snapshot | None, stamp: float, hint: Hint) -> Step:
         step = Step()
         if snap is None:
             return step
@@ -248,10 +311,13 @@ class SotwStream:
         stamp: float,
         step: Step,
     ) -> None:
+        if not any(x.awaiting for x in self._types.values()):
+            self._sent_at = stamp
         st.nonce = _nonce()
         st.sent_version = version
         st.sent_stamp = stamp
         st.sent = selected
+        st.awaiting = True
         step.responses.append(
             EncodedResponse(
                 version_info=version, type_url=t, nonce=st.nonce, resources=selected.values()
@@ -293,8 +359,24 @@ class DeltaStream:
         self.node = node
         self._types: dict[str, _DeltaType] = {}
         self._acked: dict[str, str] = {}
+        self._held = _Held()
+
+    def _busy(self, stamp: float) -> bool:
+        """Whether a response is unanswered (and not for longer than FLOW_TIMEOUT)."""
+        return any(
+            stamp - sent.stamp < FLOW_TIMEOUT
+            for st in self._types.values()
+            for sent in st.pending.values()
+        )
 
     def on_request(self, req: DeltaDiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
+        step = self._on_request(req, snap, stamp)
+        if self._held.held and not self._busy(stamp):
+            held_stamp, hint = self._held.release()
+            step.extend(self._push(snap, held_stamp, hint))
+        return step
+
+    def _on_request(self, req: DeltaDiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
         step = Step()
         t = req.type_url
         st = self._types.get(t)
@@ -341,6 +423,12 @@ class DeltaStream:
     def on_snapshot(self, snap: Snapshot | None, stamp: float, hint: Hint = None) -> Step:
         """A new snapshot; with ``hint`` only the named resources are compared (a change of
         one cluster costs that cluster, not the whole fleet)."""
+        if snap is not None and self._busy(stamp):
+            self._held.hold(stamp, hint)
+            return Step()
+        return self._push(snap, stamp, hint)
+
+    def _push(self, snap: Snapshot | None, stamp: float, hint: Hint) -> Step:
         step = Step()
         if snap is None:
             return step

@@ -172,7 +172,9 @@ def test_install_brings_up_a_ready_pod_with_the_charts_probes_and_role(
     # Through the chart's metrics Service: kube-proxy routes to the pod once the
     # EndpointSlice shows it Ready, a moment after the pod's own condition (until then
     # its rule for the Service rejects the connection).
-    metrics_url = f"http://{_cluster_ip(node, f'{RELEASE}-metrics')}:{CHART_VALUES['metrics']['port']}"
+    metrics_url = (
+        f"http://{_cluster_ip(node, f'{RELEASE}-metrics')}:{CHART_VALUES['metrics']['port']}"
+    )
     for path in ("/readyz", "/healthz"):
         wait_until(
             lambda path=path: httpx.get(f"{metrics_url}{path}", timeout=5).status_code == 200,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 import pytest
 
@@ -119,14 +120,25 @@ def test_evolve_checks_what_changed() -> None:
     assert nxt.diff_from(fresh) is None
 
 
+def _ack(stream: DeltaStream, step: Any, snap: Any) -> None:
+    for r in step.responses:
+        stream.on_request(
+            DeltaDiscoveryRequest(type_url=r.type_url, response_nonce=r.nonce), snap, 0.0
+        )
+
+
+def _subscribe_and_ack(stream: DeltaStream, snap: Any) -> None:
+    for t in (CLUSTER, LISTENER, ROUTE, SECRET):
+        _ack(stream, stream.on_request(DeltaDiscoveryRequest(type_url=t), snap, 0.0), snap)
+
+
 def test_delta_with_a_hint_sends_only_the_changed_resources() -> None:
     clusters = {n: helpers.cluster(n) for n in NAMES}
     builder = SnapshotBuilder()
     builder.update(_fleet(clusters, False), None)
     first = builder.snapshots()["atlas"]
     stream = DeltaStream("atlas")
-    for t in (CLUSTER, LISTENER, ROUTE, SECRET):
-        stream.on_request(DeltaDiscoveryRequest(type_url=t), first, 0.0)
+    _subscribe_and_ack(stream, first)
     clusters["c5"] = dataclasses.replace(clusters["c5"], external_ip="192.0.2.55")
     second = builder.update(_fleet(clusters, False), {"c5"}).changed["atlas"]
     assert second is not None
@@ -137,13 +149,13 @@ def test_delta_with_a_hint_sends_only_the_changed_resources() -> None:
     ]
     # Without a hint the result is the same, found by comparing everything.
     full = DeltaStream("atlas")
-    for t in (CLUSTER, LISTENER, ROUTE, SECRET):
-        full.on_request(DeltaDiscoveryRequest(type_url=t), first, 0.0)
+    _subscribe_and_ack(full, first)
     unhinted = full.on_snapshot(second, 1.0)
     assert [(r.type_url, sorted(x.name for x in r.resources)) for r in unhinted.responses] == [
         (CLUSTER, ["c5-prom", "c5-thanos"])
     ]
     # A removal reaches the Envoy as a removal.
+    _ack(stream, step, second)
     del clusters["c5"]
     third = builder.update(_fleet(clusters, False), {"c5"}).changed["atlas"]
     assert third is not None

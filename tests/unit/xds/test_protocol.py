@@ -8,7 +8,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 from google.rpc import status_pb2
 
-from atlasd.xds.protocol import DeltaStream, SotwStream
+from atlasd.xds.protocol import FLOW_TIMEOUT, DeltaStream, SotwStream
 from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SECRET, Resource, Snapshot
 
 NODE = base_pb2.Node(id="n")
@@ -55,11 +55,55 @@ def test_sotw_wildcard_ack_and_no_resend() -> None:
 def test_sotw_stale_nonce_is_ignored() -> None:
     m = SotwStream("n")
     first = m.on_request(req(CLUSTER), S1, 0).responses[0]
-    second = m.on_snapshot(snap({"c1": "b", "c2": "a"}), 0).responses[0]
+    # A new subscription answered before the first response was ACKed: the ACK of the
+    # first is stale.
+    second = m.on_request(req(CLUSTER, ["c1"]), S1, 0).responses[0]
     step = m.on_request(req(CLUSTER, nonce=first.nonce, version=first.version_info), S1, 0)
     assert step.responses == [] and step.acks == []
-    step = m.on_request(req(CLUSTER, nonce=second.nonce, version=second.version_info), S1, 0)
+    step = m.on_request(
+        req(CLUSTER, ["c1"], nonce=second.nonce, version=second.version_info), S1, 0
+    )
     assert [a.version for a in step.acks] == [second.version_info]
+
+
+def _acked(m: Any, t: str, names: list[str], snapshot: Snapshot, delta: bool = False) -> Any:
+    """Subscribe to ``t`` and ACK the answer."""
+    first = m.on_request(dreq(t, names) if delta else req(t, names), snapshot, 0).responses[0]
+    if delta:
+        m.on_request(dreq(t, nonce=first.nonce), snapshot, 0)
+    else:
+        m.on_request(req(t, names, nonce=first.nonce, version=first.version_info), snapshot, 0)
+    return first
+
+
+def test_sotw_one_round_at_a_time() -> None:
+    m = SotwStream("n")
+    _acked(m, CLUSTER, [], S1)
+    s2, s3 = snap({"c1": "b", "c2": "a"}), snap({"c1": "c", "c2": "a"})
+    [pushed] = m.on_snapshot(s2, 1.0).responses
+    # Unanswered: later changes wait, however many...
+    assert m.on_snapshot(s3, 2.0).responses == []
+    assert m.on_snapshot(snap({"c1": "d", "c2": "a"}), 3.0).responses == []
+    # ...and go out together, as the newest snapshot, once the Envoy has answered.
+    s4 = snap({"c1": "d", "c2": "a"})
+    step = m.on_request(req(CLUSTER, nonce=pushed.nonce, version=pushed.version_info), s4, 4.0)
+    assert [a.version for a in step.acks] == [s2.version(CLUSTER)]
+    [held] = step.responses
+    assert held.version_info == s4.version(CLUSTER)
+    # A NACK answers too.
+    s5 = snap({"c1": "e", "c2": "a"})
+    assert m.on_snapshot(s5, 5.0).responses == []
+    step = m.on_request(req(CLUSTER, nonce=held.nonce, error="no"), s5, 6.0)
+    assert [r.version_info for r in step.responses] == [s5.version(CLUSTER)]
+
+
+def test_sotw_an_unanswered_response_holds_nothing_back_forever() -> None:
+    m = SotwStream("n")
+    _acked(m, CLUSTER, [], S1)
+    assert len(m.on_snapshot(snap({"c1": "b", "c2": "a"}), 1.0).responses) == 1
+    assert m.on_snapshot(snap({"c1": "c", "c2": "a"}), 2.0).responses == []
+    late = m.on_snapshot(snap({"c1": "d", "c2": "a"}), 1.0 + FLOW_TIMEOUT).responses
+    assert len(late) == 1
 
 
 def test_sotw_nack_is_parked_not_resent() -> None:
@@ -211,3 +255,24 @@ def test_delta_reconnect_with_current_named_resources_counts_as_acked() -> None:
     m2 = DeltaStream("n")
     step = m2.on_request(dreq(SECRET, ["server"], initial={"server": "old"}), S1, 0)
     assert len(step.responses) == 1 and step.acks == []
+
+
+def test_delta_one_round_at_a_time() -> None:
+    m = DeltaStream("n")
+    for t, sub in ((CLUSTER, []), (LISTENER, []), (ROUTE, ["r"])):
+        _acked(m, t, sub, S1, delta=True)
+    [c2] = m.on_snapshot(snap({"c1": "a", "c2": "b"}), 1.0, {CLUSTER: {"c2"}}).responses
+    # While c2's update is unanswered, c1 changes and c3 arrives with a route to it.
+    s3 = snap({"c1": "x", "c2": "b", "c3": "a"}, route_to="c3")
+    assert m.on_snapshot(s3, 2.0, {CLUSTER: {"c1", "c3"}, ROUTE: {"r"}}).responses == []
+    # Once answered, everything held goes out in one round, clusters before routes.
+    step = m.on_request(dreq(CLUSTER, nonce=c2.nonce), s3, 3.0)
+    sent = [(r.type_url, sorted(x.name for x in r.resources)) for r in step.responses]
+    assert sent == [(CLUSTER, ["c1", "c3"]), (ROUTE, ["r"])]
+    # Not answered yet (only the cluster response is): nothing more until the route is.
+    s4 = snap({"c1": "y", "c2": "b", "c3": "a"}, route_to="c3")
+    assert m.on_snapshot(s4, 4.0, {CLUSTER: {"c1"}}).responses == []
+    cds, rds = step.responses
+    assert m.on_request(dreq(CLUSTER, nonce=cds.nonce), s4, 5.0).responses == []
+    [again] = m.on_request(dreq(ROUTE, nonce=rds.nonce), s4, 6.0).responses
+    assert [x.name for x in again.resources] == ["c1"]
