@@ -3,94 +3,26 @@ and TLS on one port, who may fetch what, the certificate renewed without a resta
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import pytest
 import trio
-from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 
 from atlasd import model
 from atlasd.xds import server
 from atlasd.xds.authz import TOKEN_HEADER, XFCC_HEADER, Authorizer
 from atlasd.xds.cache import SnapshotCache
-from atlasd.xds.server import SOTW_METHOD, run_ads_server
+from atlasd.xds.server import run_ads_server
 from atlasd.xds.snapshot import CLUSTER, Snapshot
 from atlasd.xds.tls import ServerTls, TlsMaterial
 from tests.harness.certs import CA, Pair
 from tests.harness.wait import wait_until_async
+from tests.unit.xds.ads_client import ADS_NAME, Client
+from tests.unit.xds.ads_client import request as _req
 from tests.unit.xds.test_snapshot import good
-
-ADS_NAME = model.ADS_SERVER_NAME
-
-
-class Client:
-    """A SotW ADS stream from a thread: ``send`` requests, read ``responses``/``error``.
-    ``tls``: (trusted CA PEM, client certificate or None) for a TLS connection."""
-
-    def __init__(
-        self,
-        port: int,
-        metadata: tuple[tuple[str, str], ...] = (),
-        *,
-        tls: tuple[bytes, Pair | None] | None = None,
-    ) -> None:
-        self._q: queue.Queue[Any] = queue.Queue()
-        self.responses: list[Any] = []
-        self.error: grpc.RpcError | None = None
-        self.done = threading.Event()
-        if tls is None:
-            self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        else:
-            trust, cert = tls
-            creds = grpc.ssl_channel_credentials(
-                trust, cert.key_pem if cert else None, cert.cert_pem if cert else None
-            )
-            self._channel = grpc.secure_channel(
-                f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", ADS_NAME)]
-            )
-        call = self._channel.stream_stream(
-            SOTW_METHOD,
-            request_serializer=DiscoveryRequest.SerializeToString,
-            response_deserializer=DiscoveryResponse.FromString,
-        )
-        self._stream = call(self._requests(), metadata=metadata)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _requests(self) -> Iterator[Any]:
-        while (item := self._q.get()) is not None:
-            yield item
-
-    def _read(self) -> None:
-        try:
-            for r in self._stream:
-                self.responses.append(r)
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def send(self, r: Any) -> None:
-        self._q.put(r)
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._channel.close()
-
-    def code(self) -> grpc.StatusCode | None:
-        return self.error.code() if self.error is not None else None
-
-
-def _req(node: str, nonce: str = "", version: str = "") -> Any:
-    return DiscoveryRequest(
-        node=base_pb2.Node(id=node), type_url=CLUSTER, response_nonce=nonce, version_info=version
-    )
 
 
 @dataclass
@@ -146,13 +78,7 @@ def _cache(*nodes: str) -> SnapshotCache:
 
 async def _outcome(c: Client) -> grpc.StatusCode | int:
     """PERMISSION_DENIED and friends, or the number of responses once one arrived."""
-    await wait_until_async(
-        lambda: c.done.is_set() or c.responses, timeout=10, what="an answer or an error"
-    )
-    code = c.code()
-    outcome = code if code is not None else len(c.responses)
-    c.close()
-    return outcome
+    return await trio.to_thread.run_sync(c.outcome)
 
 
 async def test_serves_acks_and_closes_on_removal() -> None:
