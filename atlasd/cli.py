@@ -218,7 +218,7 @@ def _run_options(*, compat: bool) -> Callable[[F], F]:
             env="ATLAS_ADS_LISTEN",
             default="0.0.0.0:6305",
             callback=_hostport,
-            help="The ADS gRPC server's address.",
+            help="The ADS gRPC server's address (TLS and plaintext on one port).",
         ),
         _env_option(
             "--http-listen",
@@ -319,7 +319,9 @@ def _run_options(*, compat: bool) -> Callable[[F], F]:
             type=click.Path(dir_okay=False, exists=True, path_type=Path),
             env="ATLAS_FORWARDER_TOKEN_FILE",
             default=None,
-            help="Shared secret the observability Envoy adds to forwarded xDS streams.",
+            help="The forwarder token: authenticates the observability Envoy on a plaintext "
+            "ADS connection, the fallback to its client certificate over TLS (without it, "
+            "plaintext callers get nothing).",
         ),
         _env_option(
             "--shutdown-grace",

@@ -6,7 +6,8 @@
      ├── http      /metrics /healthz /readyz /status /status/stream
      ├── sources   an informer per role ──changes──> FleetState + key queue
      ├── fleet     key queue ──> FleetFeed (immutable versions + changed keys)
-     ├── ads       the xDS ADS server, reading the SnapshotCache
+     ├── ads       the xDS ADS server, reading the SnapshotCache; its TLS certificate
+     │             follows the fleet (FleetFeed ──> ServerTls)
      ├── xds       FleetFeed ──> SnapshotBuilder.update ──> SnapshotCache
      ├── zone      FleetFeed ──> the zone file (+ its ConfigMap mirror while leading)
      ├── status    FleetFeed ──> /status parts and gauges, key by key; Envoy streams
@@ -71,6 +72,7 @@ from atlasd.xds.plan import ListenPlan
 from atlasd.xds.server import run_ads_server
 from atlasd.xds.snapshot import SHORT_NAMES
 from atlasd.xds.status import XdsMetrics
+from atlasd.xds.tls import ServerTls, TlsMaterial
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,31 @@ async def run_xds(
             started = True
             task_status.started()
         await trio.sleep(min(1.0, 3 * (time.perf_counter() - t0)))
+
+
+async def run_ads_tls(
+    *,
+    feed: FleetFeed,
+    tls: ServerTls,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Fleet versions -> the ADS server's TLS: atlasd's ADS certificate (``atlasd-ads``),
+    the cross-signed chain and the trust bundle of the stored CA. A renewed or re-issued
+    certificate serves the next handshake; nothing restarts."""
+    sub = feed.subscribe()
+    if feed.latest is not None:
+        tls.update(_tls_material(feed.latest))
+    task_status.started()
+    async for update in sub:
+        if FLEET_KEY in update.changed:
+            tls.update(_tls_material(update.version))
+
+
+def _tls_material(version: FleetVersion) -> TlsMaterial | None:
+    fw = version.fleetwide
+    if fw.ads_server is None or fw.ca is None:
+        return None
+    return TlsMaterial(cert=fw.ads_server, chain=fw.ca.chain, trust=fw.ca.bundle)
 
 
 async def run_zone(
@@ -505,6 +532,7 @@ class Daemon:
         self.builder = builder or SnapshotBuilder(
             options.listen_plan, forwarder_token=options.settings.forwarder_token
         )
+        self.ads_tls = ServerTls()
         self.http_port: int | None = None
         self.ads_port: int | None = None
 
@@ -613,6 +641,7 @@ class Daemon:
                     run_xds, feed=self.feed, builder=self.builder, cache=self.cache, hub=hub
                 )
             )
+            await root.start(functools.partial(run_ads_tls, feed=self.feed, tls=self.ads_tls))
             self.ads_port = await root.start(
                 functools.partial(
                     run_ads_server,
@@ -620,6 +649,7 @@ class Daemon:
                     host=opts.ads_host,
                     port=opts.ads_port,
                     authorizer=Authorizer(forwarder_token=settings.forwarder_token),
+                    tls=self.ads_tls,
                 )
             )
             hub.set_ready("ads", True)

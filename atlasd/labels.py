@@ -30,6 +30,8 @@ CA_SECRET = "atlas-ca"
 SERVER_SECRET = "atlas-server"
 CLIENT_SECRET = "atlas-client"
 TLS_SECRET = "atlas-tls"
+# atlasd's own ADS server certificate (the observability Envoy dials it over TLS).
+ADS_SECRET = "atlasd-ads"
 OBS_VALUES_SECRET = "atlas-envoy-values"
 FIELD_MANAGER = "atlasd"
 # Header carrying the forwarder token on ADS streams (the observability Envoy sends it on

@@ -42,6 +42,11 @@ MESSAGE_LIMIT = 1024
 OBSERVABILITY_NODE = "atlas"
 """Envoy node id of the observability Envoy; no downstream cluster may use it."""
 
+ADS_SERVER_NAME = "atlasd-ads.atlas"
+"""The DNS SAN of atlasd's ADS server certificate, which the observability Envoy pins.
+No node's certificate can carry it: node SANs are ``<node>`` (one DNS label) and
+``<node>.<namespace>.atlas`` (three labels or more)."""
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -49,7 +54,7 @@ class Settings:
 
     namespace: str = "monitoring"
     cluster_domain: str = "cluster.local"
-    # Where the observability Envoy reaches atlasd's ADS server (in-cluster, plaintext).
+    # Where the observability Envoy reaches atlasd's ADS server (in-cluster, over TLS).
     atlasd_ads_host: str = "atlasd.monitoring.svc.cluster.local"
     atlasd_ads_port: int = ADS_GRPC_PORT
     # Where downstream Envoys reach xDS: the observability Envoy's TLS listener
@@ -69,8 +74,9 @@ class Settings:
     ca_lifetime: dt.timedelta = dt.timedelta(days=3650)
     # A leaf is renewed once this fraction of its lifetime has passed.
     renew_fraction: float = 2 / 3
-    # Shared secret the observability Envoy presents on ADS streams to atlasd (None: no
-    # token required). Never shown in repr.
+    # Shared secret that authenticates the observability Envoy on plaintext ADS
+    # connections (the fallback to its client certificate over TLS; None: plaintext
+    # callers are never trusted). Never shown in repr.
     forwarder_token: str | None = field(default=None, repr=False)
 
 
@@ -189,7 +195,12 @@ class PKI:
     """The trust material every node shares.
 
     ``trust_bundle`` holds the current CA first, then every earlier CA still trusted
-    (rotation overlaps old and new until every leaf is re-issued). Each node's own
+    (rotation overlaps old and new until every leaf is re-issued). ``chain`` holds the
+    links from the current CA back to the earlier ones: the current CA's certificate
+    cross-signed by the CA before it, and so on (newest first). Every leaf certificate
+    atlasd hands out is followed by ``chain`` (``with_chain``), so a peer that trusts
+    only an earlier CA (an Envoy restarted from values rendered before a rotation)
+    still verifies leaf -> current CA (cross-signed) -> earlier CA. Each node's own
     certificates are in ``Fleet.identities``.
     """
 
@@ -197,6 +208,11 @@ class PKI:
     trust_bundle: bytes
     ca_serial: str
     ca_revision: int
+    chain: bytes = b""
+
+    def with_chain(self, cert_pem: bytes) -> bytes:
+        """A leaf certificate (PEM) followed by the cross-signed links (see above)."""
+        return cert_pem + self.chain
 
 
 def _frozen_map(items: Mapping[str, _V] | Iterable[tuple[str, _V]]) -> Mapping[str, _V]:

@@ -33,10 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atlasd import model  # noqa: E402
-from atlasd.xds.authz import Authorizer  # noqa: E402
+from atlasd.xds.authz import TOKEN_HEADER, XFCC_HEADER, Authorizer  # noqa: E402
 from atlasd.xds.builders import SnapshotBuilder  # noqa: E402
 from atlasd.xds.cache import SnapshotCache  # noqa: E402
 from atlasd.xds.snapshot import CLUSTER  # noqa: E402
+
+# The benchmarks' Envoys and load client authenticate with the forwarder token (the
+# plaintext fallback), as the observability Envoy does when configured with one.
+BENCH_TOKEN = "bench-forwarder-token"
 
 CDS = CLUSTER
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -140,12 +144,12 @@ def bench_ack() -> None:
                     cache=cache,
                     host="127.0.0.1",
                     port=0,
-                    authorizer=Authorizer(),
+                    authorizer=Authorizer(forwarder_token=BENCH_TOKEN),
                     task_status=task_status,
                 )
             )
             with tempfile.TemporaryDirectory() as tmp:
-                boot = helpers.atlas_bootstrap(port, delta=delta)
+                boot = helpers.atlas_bootstrap(port, delta=delta, token=BENCH_TOKEN)
                 # Listeners on port 0: the bench only measures the control plane round trip.
                 envoy = Envoy(boot, f"bench-{'delta' if delta else 'sotw'}", workdir=Path(tmp))
                 await trio.to_thread.run_sync(envoy.start)
@@ -205,13 +209,15 @@ def bench_scale(n: int = 5000) -> None:
                     cache=cache,
                     host="127.0.0.1",
                     port=0,
-                    authorizer=Authorizer(),
+                    authorizer=Authorizer(forwarder_token=BENCH_TOKEN),
                     task_status=task_status,
                 )
             )
             with tempfile.TemporaryDirectory() as tmp:
                 envoy = Envoy(
-                    helpers.atlas_bootstrap(port, delta=delta), "scale", workdir=Path(tmp)
+                    helpers.atlas_bootstrap(port, delta=delta, token=BENCH_TOKEN),
+                    "scale",
+                    workdir=Path(tmp),
                 )
                 t0 = time.perf_counter()
                 await trio.to_thread.run_sync(envoy.start)
@@ -246,10 +252,11 @@ def bench_streams(n: int = 1000) -> None:
         fleet = _fleet(n)
         b = SnapshotBuilder()
         snaps = b.build(fleet)
-        nodes = sorted(fleet.clusters)
         cache = SnapshotCache()
         cache.publish(snaps)
-        authz = Authorizer(direct_nodes=frozenset(nodes))
+        # Each stream as the observability Envoy forwards it: the token and the XFCC header
+        # naming the downstream node.
+        authz = Authorizer(forwarder_token=BENCH_TOKEN)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(
                 lambda task_status: run_ads_server(
@@ -331,6 +338,9 @@ async def _load_client(port: int, n: int, kind: str) -> None:
     done = asyncio.Event()
     counts = {"ready": 0, "done": 0}
 
+    def forwarded(node: str) -> dict[str, str]:
+        return {TOKEN_HEADER: BENCH_TOKEN, XFCC_HEADER: f"Hash=0;DNS={node}"}
+
     def seen(i: int, version: str) -> None:
         before = len(versions[i])
         versions[i].add(version)
@@ -350,6 +360,7 @@ async def _load_client(port: int, n: int, kind: str) -> None:
             grpclib.const.Cardinality.STREAM_STREAM,
             d.DiscoveryRequest,
             d.DiscoveryResponse,
+            metadata=forwarded(node.id),
         ) as st:
             await st.send_message(d.DiscoveryRequest(node=node, type_url=CDS))
             await st.send_message(d.DiscoveryRequest(type_url=LDS))
@@ -369,6 +380,7 @@ async def _load_client(port: int, n: int, kind: str) -> None:
             grpclib.const.Cardinality.STREAM_STREAM,
             d.DeltaDiscoveryRequest,
             d.DeltaDiscoveryResponse,
+            metadata=forwarded(node.id),
         ) as st:
             await st.send_message(d.DeltaDiscoveryRequest(node=node, type_url=CDS))
             await st.send_message(d.DeltaDiscoveryRequest(type_url=LDS))

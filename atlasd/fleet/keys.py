@@ -7,7 +7,8 @@ belongs to. The keys:
   ``goatlas.io/cluster``, whatever the value, so a value that is not exactly ``"true"`` can
   be reported), and every Service and Secret atlasd owns for it (label
   ``goatlas.io/owner-cluster: <name>``);
-- ``FLEET_KEY``: ``atlas-ca``, the fixed TLS Secrets, ``atlas-envoy-values``, and the local
+- ``FLEET_KEY``: ``atlas-ca``, the fixed TLS Secrets (``atlasd-ads`` included),
+  ``atlas-envoy-values``, and the local
   Alertmanager Services (``Settings.alertmanager_selector``).
 
 Objects are watched in ``Role``s, each a label selector the API server filters by, so a
@@ -34,6 +35,7 @@ FIXED_SECRETS = (
     labels.SERVER_SECRET,
     labels.CLIENT_SECRET,
     labels.TLS_SECRET,
+    labels.ADS_SECRET,
     labels.OBS_VALUES_SECRET,
 )
 """Secrets of the fleet-wide key, read by name even before atlasd owns them."""

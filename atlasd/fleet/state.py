@@ -6,8 +6,9 @@ asked (``derive``), it re-derives just the keys that changed since the last vers
 
 - a cluster key: its cluster Service validated (``atlasd.fleet.validate``), its stored
   identity (``<c>-atlas-identity``) checked against the trusted CAs, its owned objects;
-- the fleet-wide key: the stored CA and trust bundle, the observability identity
-  (``atlas-server`` + ``atlas-client``), the local Alertmanagers.
+- the fleet-wide key: the stored CA, trust bundle and cross-signed chain, the
+  observability identity (``atlas-server`` + ``atlas-client``), atlasd's ADS server
+  certificate (``atlasd-ads``), the local Alertmanagers.
 
 A key's validation is reused while its cluster Service keeps its resourceVersion, its
 identity while its identity Secret and the trust bundle are unchanged; a new trust bundle
@@ -48,6 +49,7 @@ from atlasd.kube.apply import decoded_secret_data
 from atlasd.model import (
     OBSERVABILITY_NODE,
     PKI,
+    CertKey,
     DownstreamCluster,
     Fleet,
     Identity,
@@ -121,6 +123,8 @@ class FleetWide:
     alertmanager_services: Mapping[str, Obj] = field(default_factory=lambda: _EMPTY)
     ca: StoredCA | None = None
     atlas_identity: Identity | None = None
+    # atlasd's ADS server certificate (Secret atlasd-ads), if stored and trusted.
+    ads_server: CertKey | None = None
     alertmanagers: tuple[LocalAlertmanager, ...] = ()
     pki: PKI | None = None
     problems: tuple[Problem, ...] = ()
@@ -290,6 +294,7 @@ class FleetState:
                 )
             )
         atlas: Identity | None = None
+        ads_server: CertKey | None = None
         certs: list[CertInfo] = []
         pki: PKI | None = None
         fraction = self.settings.renew_fraction
@@ -320,8 +325,23 @@ class FleetState:
                     trust_bundle=ca.bundle,
                     ca_serial=ca.serial,
                     ca_revision=ca.revision,
+                    chain=ca.chain,
                 )
                 certs += _identity_certs(OBSERVABILITY_NODE, atlas, fraction)
+            ads_server = trusted_pair(
+                decoded_secret_data(secrets.get(labels.ADS_SECRET) or {}),
+                "tls.crt",
+                "tls.key",
+                ca.trusted,
+            )
+            if ads_server is not None:
+                certs.append(
+                    CertInfo(
+                        labels.ADS_SECRET,
+                        not_after(ads_server.cert_pem),
+                        renewal_time(ads_server.cert_pem, fraction),
+                    )
+                )
         alertmanagers = select_alertmanagers(
             [ams[n] for n in sorted(ams)], self.settings.alertmanager_selector
         )
@@ -331,6 +351,7 @@ class FleetState:
             alertmanager_services=_ro(ams),
             ca=ca,
             atlas_identity=atlas,
+            ads_server=ads_server,
             alertmanagers=alertmanagers,
             pki=pki,
             problems=tuple(problems),

@@ -1,12 +1,20 @@
 """Reading the stored PKI: the ``atlas-ca`` Secret and whether a stored leaf is trusted.
 
 The one loader of ``atlas-ca`` (``ca.pem``, ``ca-key.pem``, earlier CAs as
-``ca-<serial>.pem``; label ``goatlas.io/ca-revision``): the fleet reads it to know what every
-replica trusts, and ``atlasd.reconcile.pki`` starts from the same parse when it decides
-whether to keep, adopt or rotate the CA. Pure; nothing here issues or writes anything.
+``ca-<serial>.pem``, cross-signed links as ``ca-cross-<serial>.pem``; label
+``goatlas.io/ca-revision``): the fleet reads it to know what every replica trusts, and
+``atlasd.reconcile.pki`` starts from the same parse when it decides whether to keep, adopt
+or rotate the CA. Pure; nothing here issues or writes anything.
 
-Earlier CAs stay trusted until they expire; the bundle is the current CA first, then the
-earlier ones newest first (by notBefore, then serial).
+Earlier CAs stay trusted until they expire (or an operator deletes their key from the
+Secret); the bundle is the current CA first, then the earlier ones newest first (by
+notBefore, then serial).
+
+A link ``ca-cross-<serial>.pem`` is the certificate of the CA that followed CA ``<serial>``
+(its name and key), signed by CA ``<serial>`` at the rotation. A link is used only while CA
+``<serial>`` is trusted, its signature and key check out and it has not expired; the chain
+(``chain_of``) follows the links from the current CA back through the earlier ones and
+stops at the first missing one (rotations made before links existed have none).
 """
 
 from __future__ import annotations
@@ -28,9 +36,78 @@ CA_CERT_KEY = "ca.pem"
 CA_KEY_KEY = "ca-key.pem"
 
 
+LINK_PREFIX = "ca-cross-"
+
+
 def previous_key(serial: str) -> str:
     """The data key of an earlier CA kept in ``atlas-ca``."""
     return f"ca-{serial}.pem"
+
+
+def link_key(serial: str) -> str:
+    """The data key of the link from CA ``serial`` to the CA that followed it."""
+    return f"{LINK_PREFIX}{serial}.pem"
+
+
+Serials = tuple[tuple[str, bytes], ...]
+
+
+def chain_of(previous: Serials, links: Serials) -> bytes:
+    """The links from the current CA back through ``previous`` (newest first), as PEM,
+    up to the first earlier CA that has none."""
+    by_serial = dict(links)
+    out: list[bytes] = []
+    for serial, _ in previous:
+        link = by_serial.get(serial)
+        if link is None:
+            break
+        out.append(link)
+    return b"".join(out)
+
+
+def read_links(
+    data: Mapping[str, bytes],
+    current: x509.Certificate,
+    previous: list[tuple[str, bytes, x509.Certificate]],
+    now: dt.datetime,
+) -> Serials:
+    """The usable links in ``data`` for ``previous`` (newest first, as ``order_previous``
+    gives them): each signed by its earlier CA, holding the key of the CA that followed
+    it, and not expired."""
+    out: list[tuple[str, bytes]] = []
+    successor = current
+    for serial, _, cert in previous:
+        pem = data.get(link_key(serial))
+        link = _parse(pem) if pem is not None else None
+        if (
+            pem is not None
+            and link is not None
+            and link.not_valid_after_utc > now
+            and _same_key(link, successor)
+            and _issued_by(link, cert)
+        ):
+            out.append((serial, pem))
+        successor = cert
+    return tuple(out)
+
+
+def _parse(pem: bytes) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return None
+
+
+def _same_key(a: x509.Certificate, b: x509.Certificate) -> bool:
+    return a.public_key() == b.public_key()
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -41,9 +118,11 @@ class StoredCA:
     material: CertKey
     revision: int
     # (serial, PEM) of earlier CAs still trusted, newest first.
-    previous: tuple[tuple[str, bytes], ...]
+    previous: Serials
     # Every CA certificate a leaf may be signed by (current first).
     trusted: tuple[x509.Certificate, ...]
+    # (serial of an earlier CA, PEM of the link it signed): see the module docstring.
+    links: Serials = ()
 
     @functools.cached_property
     def serial(self) -> str:
@@ -52,6 +131,10 @@ class StoredCA:
     @functools.cached_property
     def bundle(self) -> bytes:
         return self.material.cert_pem + b"".join(pem for _, pem in self.previous)
+
+    @functools.cached_property
+    def chain(self) -> bytes:
+        return chain_of(self.previous, self.links)
 
 
 def revision_of(secret: Mapping[str, Any] | None) -> int:
@@ -69,6 +152,8 @@ def previous_cas(
     out: list[tuple[str, bytes, x509.Certificate]] = []
     for k, pem in data.items():
         if not (k.startswith("ca-") and k.endswith(".pem")) or k == CA_KEY_KEY:
+            continue
+        if k.startswith(LINK_PREFIX):
             continue
         serial = k[3:-4]
         if serial == current_serial:
@@ -111,6 +196,7 @@ def read_ca(secret: Mapping[str, Any] | None, *, now: dt.datetime) -> StoredCA |
         revision=revision_of(secret),
         previous=tuple((s, pem) for s, pem, _ in previous),
         trusted=(cert, *(c for _, _, c in previous)),
+        links=read_links(data, cert, previous, now),
     )
 
 
@@ -131,17 +217,8 @@ def trusted_pair(
 
 def signed_by_any(cert_pem: bytes, trusted: tuple[x509.Certificate, ...]) -> bool:
     """Whether the first certificate of ``cert_pem`` was issued by one of ``trusted``."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
-        return False
-    for ca in trusted:
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
+    cert = _parse(cert_pem)
+    return cert is not None and any(_issued_by(cert, ca) for ca in trusted)
 
 
 def not_after(cert_pem: bytes) -> float | None:

@@ -11,7 +11,7 @@
 - the fleet-wide key: ``decide_ca`` (create, adopt, keep or rotate) -> ``atlas-ca`` written
   first and alone (created, or replaced with the observed resourceVersion so that two
   writers cannot both rotate: ``Conflict`` propagates, the caller runs a full pass) ->
-  ``atlas-server``/``atlas-client``/``atlas-tls`` and ``atlas-envoy-values``. Fixed-name
+  ``atlas-server``/``atlas-client``/``atlas-tls``/``atlasd-ads`` and ``atlas-envoy-values``. Fixed-name
   Secrets missing from the cache are read by name (first start, or an installation of the
   original whose Secrets atlasd does not own yet).
 
@@ -289,6 +289,7 @@ class Reconciler:
                 objects_inputs(m.cluster),
                 ca.serial,
                 ca.bundle,
+                ca.chain,
                 len(version.fleetwide.alertmanagers),
             )
             rec = self._synced.get(key)
@@ -311,6 +312,7 @@ class Reconciler:
                 identity=plan.identity,
                 identity_secret=plan.secrets[0],
                 ca_bundle=ca.bundle,
+                chain=ca.chain,
                 ca_serial=ca.serial,
                 settings=self.settings,
                 alertmanager_count=len(version.fleetwide.alertmanagers),
@@ -350,7 +352,7 @@ class Reconciler:
         stored = version.fleetwide.ca
         if stored is None:
             return None
-        ident = (stored.material.cert_pem, stored.material.key_pem, stored.bundle)
+        ident = (stored.material.cert_pem, stored.material.key_pem, stored.bundle + stored.chain)
         if self._ca is not None and self._ca[0] == ident:
             return self._ca[1]
         try:
@@ -363,6 +365,7 @@ class Reconciler:
             material=stored.material,
             revision=stored.revision,
             previous=stored.previous,
+            links=stored.links,
         )
         self._ca = (ident, ca)
         return ca
@@ -423,7 +426,7 @@ class Reconciler:
             force=action == "rotated",
         )
         result.issued = obs.issued
-        values = observability_values_secret(self.settings)
+        values = observability_values_secret(self.settings, identity=obs.identity, pki=ca.pki)
         writes = plan_key_writes(
             services={},
             secrets={

@@ -5,7 +5,10 @@ numbers) comes from a ``KeySource``, and ECDSA signatures are deterministic (RFC
 the same inputs give the same bytes. ``atlasd.reconcile.pki`` decides *which* certificates
 should exist; this module makes and checks them.
 
-- CAs made here: ECDSA P-256, self-signed, pathlen 0, back-dated by ``CLOCK_SKEW``.
+- CAs made here: ECDSA P-256, self-signed, pathlen 0, back-dated by ``CLOCK_SKEW``; a CA
+  that replaces another takes its name, and ``cross_sign`` makes the link (the new CA's
+  name and key, signed by the old CA) that lets peers trusting only the old CA verify
+  what the new one signs.
 - Leaves: ECDSA P-256, random serial from the ``KeySource``, SHA-256, SANs and extended key
   usage from a ``LeafSpec``, validity capped at the signing CA's, AKI/SKI set.
 - A leaf is current when it parses, its key is P-256 and matches it, the current CA signed
@@ -29,7 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from atlasd.model import CertKey
+from atlasd.fleet.trust import Serials, chain_of
+from atlasd.model import PKI, CertKey
 
 CLOCK_SKEW = dt.timedelta(minutes=5)
 """Leaves and CAs are back-dated by this much so a peer with a slow clock accepts them."""
@@ -64,7 +68,9 @@ class CA:
     material: CertKey
     revision: int
     # (serial, PEM) of earlier CAs still trusted, newest first.
-    previous: tuple[tuple[str, bytes], ...] = ()
+    previous: Serials = ()
+    # (serial of an earlier CA, PEM of the link it signed): atlasd.fleet.trust.
+    links: Serials = ()
 
     @functools.cached_property
     def serial(self) -> str:
@@ -73,6 +79,22 @@ class CA:
     @functools.cached_property
     def bundle(self) -> bytes:
         return self.material.cert_pem + b"".join(pem for _, pem in self.previous)
+
+    @functools.cached_property
+    def chain(self) -> bytes:
+        """The links from this CA back to the earlier ones (``model.PKI.chain``)."""
+        return chain_of(self.previous, self.links)
+
+    @functools.cached_property
+    def pki(self) -> PKI:
+        """The trust material the Envoys get (``model.PKI``)."""
+        return PKI(
+            ca=self.material,
+            trust_bundle=self.bundle,
+            ca_serial=self.serial,
+            ca_revision=self.revision,
+            chain=self.chain,
+        )
 
 
 @dataclass(frozen=True)
@@ -144,18 +166,37 @@ def _sans(spec: LeafSpec) -> list[x509.GeneralName]:
 # --- CA ---
 
 
+CA_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "atlasd"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "atlas-ca"),
+    ]
+)
+
+_CA_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def new_ca(
-    *, keys: KeySource, now: dt.datetime, lifetime: dt.timedelta
+    *,
+    keys: KeySource,
+    now: dt.datetime,
+    lifetime: dt.timedelta,
+    name: x509.Name = CA_NAME,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A self-signed ECDSA P-256 CA (pathlen 0)."""
+    """A self-signed ECDSA P-256 CA (pathlen 0) named ``name`` (a rotation passes the old
+    CA's name, see ``cross_sign``)."""
     now = as_utc(now)
     key = keys.new_key()
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "atlasd"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "atlas-ca"),
-        ]
-    )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     builder = (
         x509.CertificateBuilder()
@@ -166,23 +207,55 @@ def new_ca(
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_CA_USAGE, critical=True)
         .add_extension(ski, critical=False)
     )
     return sign(builder, key), key
+
+
+def _key_id(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
+    """A certificate's subject key identifier as it states it (else computed, RFC 5280)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key())
+
+
+def cross_sign(
+    successor: x509.Certificate,
+    *,
+    issuer: x509.Certificate,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
+    keys: KeySource,
+    now: dt.datetime,
+) -> x509.Certificate:
+    """The link from ``issuer`` to ``successor``: ``successor``'s name, key and key
+    identifier, signed by ``issuer`` (its authority key identifier names ``issuer``'s key),
+    valid until the earlier of the two expiries.
+
+    A peer that trusts only ``issuer`` verifies leaf -> link -> ``issuer``. A rotation
+    gives ``successor`` the name of ``issuer``, so the link is self-issued and does not
+    count against ``issuer``'s path length 0 (RFC 5280, 6.1.4 (l)); the differing key
+    identifiers keep it from being taken for a self-signed root.
+    """
+    now = as_utc(now)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(successor.subject)
+        .issuer_name(issuer.subject)
+        .public_key(successor.public_key())
+        .serial_number(keys.new_serial())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(min(successor.not_valid_after_utc, issuer.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_USAGE, critical=True)
+        .add_extension(_key_id(successor), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_key_id(issuer)),
+            critical=False,
+        )
+    )
+    return sign(builder, issuer_key)
 
 
 def issue_leaf(

@@ -15,14 +15,17 @@ Per downstream cluster ``<c>`` (labels ``app.kubernetes.io/managed-by: atlasd`` 
   ``ca.pem``, ``server.pem``, ``server-key.pem``, ``client.pem``, ``client-key.pem``);
 - ``<c>-atlas-identity`` (built by ``pki``).
 
-Cluster-wide: ``atlas-envoy-values`` (observability Envoy, node ``atlas``, plaintext xDS to
-atlasd's ADS service) plus the PKI Secrets from ``pki``.
+Cluster-wide: ``atlas-envoy-values`` (observability Envoy, node ``atlas``: xDS over mTLS
+to atlasd's ADS Service with the ``atlas`` client certificate, atlasd's server pinned to
+SAN ``model.ADS_SERVER_NAME``, plus the forwarder token when one is configured) plus the
+PKI Secrets from ``pki``.
 
 ``envoy_bootstrap`` is the one bootstrap builder (daemon demo and xDS tests use it too):
 node id, ADS (SotW ``GRPC`` by default, V3, node on first message only) to one static
 cluster ``xds_cluster`` over HTTP/2, mTLS when an identity is given (client certificate of
-that identity, server validated against the CA bundle and pinned to SAN DNS ``atlas``),
-certificates inline so the bootstrap needs no files; admin on 127.0.0.1.
+that identity followed by the cross-signed chain, server validated against the CA bundle
+and pinned to a SAN: ``atlas`` by default), certificates inline so the bootstrap needs no
+files; admin on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import yaml
 
 from atlasd import labels
 from atlasd.model import (
+    ADS_SERVER_NAME,
     DOWNSTREAM_ALERTMANAGER_PORT,
     DOWNSTREAM_PROMETHEUS_PORT,
     DOWNSTREAM_THANOS_PORT,
@@ -45,6 +49,7 @@ from atlasd.model import (
     OBS_THANOS_PORT,
     OBS_XDS_PORT,
     OBSERVABILITY_NODE,
+    PKI,
     DownstreamCluster,
     Fleet,
     Identity,
@@ -108,6 +113,7 @@ def envoy_bootstrap(
     api_type: str = "GRPC",
     server_san: str = OBSERVABILITY_NODE,
     forwarder_token: str | None = None,
+    chain: bytes = b"",
 ) -> dict[str, Any]:
     """An Envoy v3 bootstrap whose only static cluster is the xDS server (see docstring)."""
     xds: dict[str, Any] = {
@@ -149,7 +155,9 @@ def envoy_bootstrap(
                     "alpn_protocols": ["h2"],
                     "tls_certificates": [
                         {
-                            "certificate_chain": {"inline_string": tls.client.cert_pem.decode()},
+                            "certificate_chain": {
+                                "inline_string": (tls.client.cert_pem + chain).decode()
+                            },
                             "private_key": {"inline_string": tls.client.key_pem.decode()},
                         }
                     ],
@@ -212,6 +220,7 @@ def downstream_values(
     *,
     identity: Identity,
     ca_bundle: bytes,
+    chain: bytes = b"",
     settings: Settings,
     alertmanager_count: int,
 ) -> dict[str, Any]:
@@ -222,6 +231,7 @@ def downstream_values(
         xds_port=settings.envoy_ads_port,
         tls=identity,
         ca_bundle=ca_bundle,
+        chain=chain,
     )
     service_ports, ports = _chart_ports(
         [
@@ -239,22 +249,26 @@ def downstream_values(
         "files": {
             "envoy.yaml": dump_yaml(bootstrap),
             "ca.pem": ca_bundle.decode(),
-            "server.pem": identity.server.cert_pem.decode(),
+            "server.pem": (identity.server.cert_pem + chain).decode(),
             "server-key.pem": identity.server.key_pem.decode(),
-            "client.pem": identity.client.cert_pem.decode(),
+            "client.pem": (identity.client.cert_pem + chain).decode(),
             "client-key.pem": identity.client.key_pem.decode(),
         },
     }
 
 
-def observability_values(settings: Settings) -> dict[str, Any]:
-    """Helm values for the observability Envoy (node ``atlas``, plaintext xDS to atlasd)."""
+def observability_values(settings: Settings, *, identity: Identity, pki: PKI) -> dict[str, Any]:
+    """Helm values for the observability Envoy: node ``atlas``, xDS over mTLS to atlasd's
+    ADS server with the ``atlas`` client certificate (the forwarder identity, see
+    docs/xds-authorization.md), the server pinned to ``ADS_SERVER_NAME``."""
     bootstrap = envoy_bootstrap(
         OBSERVABILITY_NODE,
         xds_host=settings.atlasd_ads_host,
         xds_port=settings.atlasd_ads_port,
-        tls=None,
-        ca_bundle=None,
+        tls=identity,
+        ca_bundle=pki.trust_bundle,
+        chain=pki.chain,
+        server_san=ADS_SERVER_NAME,
         forwarder_token=settings.forwarder_token,
     )
     service_ports, ports = _chart_ports(
@@ -315,6 +329,7 @@ def values_secret(
     *,
     identity: Identity,
     ca_bundle: bytes,
+    chain: bytes = b"",
     ca_serial: str,
     settings: Settings,
     alertmanager_count: int,
@@ -324,6 +339,7 @@ def values_secret(
         cluster,
         identity=identity,
         ca_bundle=ca_bundle,
+        chain=chain,
         settings=settings,
         alertmanager_count=alertmanager_count,
     )
@@ -336,13 +352,20 @@ def values_secret(
     )
 
 
-def observability_values_secret(settings: Settings) -> SecretObject:
-    """``atlas-envoy-values``: the observability Envoy chart's values."""
+def observability_values_secret(
+    settings: Settings, *, identity: Identity, pki: PKI
+) -> SecretObject:
+    """``atlas-envoy-values``: the observability Envoy chart's values (they hold the
+    ``atlas`` client key)."""
     return secret_object(
         name=labels.OBS_VALUES_SECRET,
         namespace=settings.namespace,
-        data={VALUES_KEY: dump_yaml(observability_values(settings)).encode()},
-        obj_labels=managed_labels(),
+        data={
+            VALUES_KEY: dump_yaml(
+                observability_values(settings, identity=identity, pki=pki)
+            ).encode()
+        },
+        obj_labels=managed_labels(**{labels.CA_SIGNED_LABEL: pki.ca_serial}),
     )
 
 
@@ -373,6 +396,7 @@ def cluster_objects(
     identity: Identity,
     identity_secret: SecretObject,
     ca_bundle: bytes,
+    chain: bytes = b"",
     ca_serial: str,
     settings: Settings,
     alertmanager_count: int,
@@ -381,6 +405,7 @@ def cluster_objects(
         cluster,
         identity=identity,
         ca_bundle=ca_bundle,
+        chain=chain,
         ca_serial=ca_serial,
         settings=settings,
         alertmanager_count=alertmanager_count,
@@ -419,13 +444,16 @@ def desired_state(
     secrets: dict[str, SecretObject] = {}
     for s in plan.tls_secrets:
         secrets[s["metadata"]["name"]] = s
-    secrets[labels.OBS_VALUES_SECRET] = observability_values_secret(settings)
+    secrets[labels.OBS_VALUES_SECRET] = observability_values_secret(
+        settings, identity=plan.identities[OBSERVABILITY_NODE], pki=plan.pki
+    )
     for cluster in clusters:
         objs = cluster_objects(
             cluster,
             identity=plan.identities[cluster.name],
             identity_secret=plan.identity_secrets[cluster.name],
             ca_bundle=plan.pki.trust_bundle,
+            chain=plan.pki.chain,
             ca_serial=plan.pki.ca_serial,
             settings=settings,
             alertmanager_count=len(alertmanagers),

@@ -15,9 +15,12 @@ labels ``goatlas.io/ca: "true"``, ``goatlas.io/ca-revision``, ``goatlas.io/ca-se
   PKCS#1 ``RSA PRIVATE KEY`` — and used to sign; never replaced. If it cannot be parsed or
   its key does not match its certificate, ``PKIError`` is raised and nothing is replaced;
 - annotated ``goatlas.io/ca-rotate`` (any value), expired, or past ``renew_fraction`` of its
-  lifetime: rotated — a new CA, the old one kept as ``ca-<old serial>.pem`` so the trust
-  bundle overlaps both, revision bumped, the annotation removed, every leaf re-issued.
-  Earlier CAs are dropped from the bundle once they expire.
+  lifetime: rotated — a new CA with the old one's name, the old one kept as
+  ``ca-<old serial>.pem`` so the trust bundle overlaps both, the link ``ca-cross-<old
+  serial>.pem`` (the new CA cross-signed by the old one, ``certs.cross_sign``) so that a
+  peer trusting only the old CA verifies what the new one signs, revision bumped, the
+  annotation removed, every leaf re-issued. Earlier CAs and their links are dropped once
+  they expire (or when an operator deletes ``ca-<serial>.pem``).
 
 Serials are decimal (``str(cert.serial_number)``, like Go's ``big.Int.String()``).
 
@@ -35,6 +38,8 @@ SAN scheme (``<ns>`` = settings.namespace):
   (IP SANs for IP literals, DNS SANs otherwise) so clients checking the dialled host pass.
   ``atlas-server`` (serverAuth) and ``atlas-client`` (clientAuth) form identity ``atlas``;
   ``atlas-tls`` (both usages) is kept for the original's ingress.
+- atlasd's ADS server (Secret ``atlasd-ads``, serverAuth): DNS ``model.ADS_SERVER_NAME``
+  (which the observability Envoy pins) and ``settings.atlasd_ads_host`` (IP or DNS).
 - downstream cluster ``<c>``: DNS ``<c>`` and ``<c>.<ns>.atlas``, one server certificate
   (serverAuth) and one client certificate (clientAuth), stored in Secret
   ``<c>-atlas-identity`` (``ca.crt``, ``server.crt``, ``server.key``, ``client.crt``,
@@ -63,13 +68,23 @@ from atlasd import labels
 from atlasd.fleet.trust import (
     CA_CERT_KEY,
     CA_KEY_KEY,
+    link_key,
     order_previous,
     previous_cas,
     previous_key,
+    read_links,
     revision_of,
 )
 from atlasd.fleet.validate import identity_secret_name
-from atlasd.model import OBSERVABILITY_NODE, PKI, CertKey, DownstreamCluster, Identity, Settings
+from atlasd.model import (
+    ADS_SERVER_NAME,
+    OBSERVABILITY_NODE,
+    PKI,
+    CertKey,
+    DownstreamCluster,
+    Identity,
+    Settings,
+)
 from atlasd.reconcile.certs import (
     CA,
     CLOCK_SKEW,
@@ -77,6 +92,7 @@ from atlasd.reconcile.certs import (
     LeafSpec,
     RandomKeys,
     as_utc,
+    cross_sign,
     issue_leaf,
     key_pem,
     leaf_is_current,
@@ -131,7 +147,7 @@ class PKIPlan:
     ca: CA
     ca_action: CAAction
     ca_secret: SecretObject
-    # atlas-server, atlas-client, atlas-tls
+    # atlas-server, atlas-client, atlas-tls, atlasd-ads
     tls_secrets: tuple[SecretObject, ...]
     # node id (``atlas`` and each cluster) -> its certificates
     identities: Mapping[str, Identity]
@@ -142,6 +158,8 @@ class PKIPlan:
     # When the next pass must run at the latest for a time-based change: a leaf or the CA
     # reaching ``renew_fraction``, or an earlier CA leaving the bundle at its expiry.
     next_renewal: dt.datetime | None = None
+    # atlasd's ADS server certificate (Secret atlasd-ads).
+    ads_server: CertKey | None = None
 
 
 def _address_san(address: str) -> tuple[str | None, str | None]:
@@ -166,10 +184,17 @@ def observability_specs(settings: Settings) -> dict[str, LeafSpec]:
             dns.append(d)
         if i and i not in ips:
             ips.append(i)
+    ads_dns, ads_ip = _address_san(settings.atlasd_ads_host)
     return {
         labels.SERVER_SECRET: LeafSpec(OBSERVABILITY_NODE, tuple(dns), tuple(ips), "server"),
         labels.CLIENT_SECRET: LeafSpec(OBSERVABILITY_NODE, base, (), "client"),
         labels.TLS_SECRET: LeafSpec(OBSERVABILITY_NODE, tuple(dns), tuple(ips), "both"),
+        labels.ADS_SECRET: LeafSpec(
+            labels.ADS_SECRET,
+            (ADS_SERVER_NAME, *([ads_dns] if ads_dns and ads_dns != ADS_SERVER_NAME else [])),
+            (ads_ip,) if ads_ip else (),
+            "server",
+        ),
     }
 
 
@@ -225,7 +250,7 @@ def decide_ca(
     cert, ca_key = load_ca(data[CA_CERT_KEY], data[CA_KEY_KEY])
     revision = revision_of(observed)
     serial = str(cert.serial_number)
-    previous = previous_cas(data, serial, now)
+    previous = order_previous(previous_cas(data, serial, now))
     rotate = labels.CA_ROTATE_ANNOTATION in anns or past_fraction(
         cert, now, settings.renew_fraction
     )
@@ -236,13 +261,22 @@ def decide_ca(
             material=CertKey(data[CA_CERT_KEY], data[CA_KEY_KEY]),
             revision=revision,
             previous=_ordered(previous),
+            links=read_links(data, cert, previous, now),
         )
         owned = lbls.get(labels.MANAGED_BY_LABEL) == labels.MANAGED_BY_VALUE
         return ca, ("kept" if owned else "adopted")
 
+    # The new CA takes the old one's name, so the link below is self-issued (certs).
+    new_cert, new_key = new_ca(keys=keys, now=now, lifetime=settings.ca_lifetime, name=cert.subject)
+    links: tuple[tuple[str, bytes], ...] = ()
     if cert.not_valid_after_utc > now:
-        previous.append((serial, data[CA_CERT_KEY], cert))
-    new_cert, new_key = new_ca(keys=keys, now=now, lifetime=settings.ca_lifetime)
+        # An expired CA is neither kept nor linked (nothing would verify through it).
+        link = cross_sign(new_cert, issuer=cert, issuer_key=ca_key, keys=keys, now=now)
+        links = (
+            (serial, link.public_bytes(serialization.Encoding.PEM)),
+            *read_links(data, cert, previous, now),
+        )
+        previous = [(serial, data[CA_CERT_KEY], cert), *previous]
     material = CertKey(new_cert.public_bytes(serialization.Encoding.PEM), key_pem(new_key))
     ca = CA(
         cert=new_cert,
@@ -250,6 +284,7 @@ def decide_ca(
         material=material,
         revision=revision + 1,
         previous=_ordered(previous),
+        links=links,
     )
     return ca, "rotated"
 
@@ -266,6 +301,8 @@ def ca_secret(ca: CA, observed: Mapping[str, Any] | None, settings: Settings) ->
     data[CA_KEY_KEY] = ca.material.key_pem
     for serial, pem in ca.previous:
         data[previous_key(serial)] = pem
+    for serial, pem in ca.links:
+        data[link_key(serial)] = pem
     obj_labels = meta_map(observed, "labels")
     obj_labels.update(
         managed_labels(
@@ -316,6 +353,8 @@ class LeafPlan:
     secrets: tuple[SecretObject, ...]
     issued: tuple[str, ...]
     next_renewal: dt.datetime
+    # The observability plan only: atlasd's ADS server certificate.
+    ads_server: CertKey | None = None
 
 
 class _Leaves:
@@ -350,8 +389,8 @@ def plan_observability(
     keys: KeySource,
     force: bool = False,
 ) -> LeafPlan:
-    """``atlas-server``, ``atlas-client`` and ``atlas-tls`` (observed by name in ``secrets``);
-    ``force`` re-issues them all (the CA was just rotated)."""
+    """``atlas-server``, ``atlas-client``, ``atlas-tls`` and ``atlasd-ads`` (observed by name
+    in ``secrets``); ``force`` re-issues them all (the CA was just rotated)."""
     leaves = _Leaves(ca=ca, settings=settings, now=as_utc(now), keys=keys, force=force)
     tls: dict[str, CertKey] = {}
     out: list[SecretObject] = []
@@ -383,6 +422,7 @@ def plan_observability(
         secrets=tuple(out),
         issued=tuple(leaves.issued),
         next_renewal=min(renewals),
+        ads_server=tls[labels.ADS_SECRET],
     )
 
 
@@ -480,9 +520,8 @@ def plan_pki(
         deadlines.append(plan.next_renewal)
         identities[cluster.name] = plan.identity
         identity_secrets[cluster.name] = plan.secrets[0]
-    pki = PKI(ca=ca.material, trust_bundle=ca.bundle, ca_serial=ca.serial, ca_revision=ca.revision)
     return PKIPlan(
-        pki=pki,
+        pki=ca.pki,
         ca=ca,
         ca_action=action,
         ca_secret=ca_secret(ca, secrets.get(labels.CA_SECRET), settings),
@@ -491,4 +530,5 @@ def plan_pki(
         identity_secrets=identity_secrets,
         issued=tuple(issued),
         next_renewal=min(deadlines),
+        ads_server=obs.ads_server,
     )

@@ -1,19 +1,21 @@
 """Who may fetch which node's resources (SPEC "beyond" 9; docs/xds-authorization.md).
 
-Two ways in:
+A stream's caller is known by what its connection and headers prove:
 
-- **Forwarded** (downstream Envoys): they connect over mTLS to the observability Envoy's
-  10900 listener, which requires a CA-signed client certificate, replaces any incoming
-  ``x-forwarded-client-cert`` by the one it verified (SANITIZE_SET, DNS and URI SANs) and
-  forwards to atlasd. atlasd allows the stream only if a DNS SAN equals the node id the
-  Envoy asks for.
-- **Direct** (the observability Envoy itself, in-cluster, plaintext): no XFCC header;
-  allowed only for the nodes in ``direct_nodes`` (default ``atlas``).
+- **its client certificate** (TLS connections to atlasd's ADS port; ``atlasd.xds.tls``): a
+  certificate of atlasd's CA, verified in the handshake, whose DNS SANs name a node. Such a
+  caller may fetch the node its certificate names.
+- **the forwarder token** (the fallback for plaintext connections): exactly one
+  ``x-atlasd-forwarder-token`` header equal to the configured token.
 
-If a forwarder token is configured, every stream must carry it in
-``x-atlasd-forwarder-token`` (the observability Envoy adds it on both paths; its route
-strips any incoming copy), so a pod that can reach atlasd's plaintext port but is not
-the observability Envoy can neither claim ``atlas`` nor forge an XFCC header.
+The **forwarder** is the observability Envoy: a caller whose verified certificate names
+``atlas`` (its ``atlas-client`` certificate), or that presents the forwarder token. Only
+the forwarder's streams may carry ``x-forwarded-client-cert``: its 10900 listener verified
+a downstream Envoy's client certificate, replaced any incoming XFCC with one describing it
+(SANITIZE_SET, DNS and URI SANs) and forwarded the stream; such a stream may fetch the node
+that certificate names. XFCC from anyone else, a plaintext caller without the token, a
+wrong or repeated token: refused. With no token configured, plaintext callers are never
+trusted.
 
 Errors::
 
@@ -85,16 +87,26 @@ def parse_xfcc(header: str) -> list[list[tuple[str, str]]]:
 
 @dataclass(frozen=True)
 class Authorizer:
-    """Decides, from a stream's request headers, whether it may fetch ``node``."""
+    """Decides, from what a stream's connection and headers prove, whether it may fetch
+    ``node``."""
 
     forwarder_token: str | None = None
-    direct_nodes: frozenset[str] = frozenset({model.OBSERVABILITY_NODE})
+    forwarder: str = model.OBSERVABILITY_NODE
 
     def __repr__(self) -> str:
-        return f"Authorizer(token={'set' if self.forwarder_token else 'unset'}, direct={sorted(self.direct_nodes)})"
+        return f"Authorizer(token={'set' if self.forwarder_token else 'unset'}, forwarder={self.forwarder!r})"
 
-    def authorize(self, node: str, headers: Iterable[tuple[str, str]]) -> str:
-        """Return a description of the verified caller, or raise ``Denied``."""
+    def authorize(
+        self,
+        node: str,
+        headers: Iterable[tuple[str, str]],
+        peer: frozenset[str] = frozenset(),
+    ) -> str:
+        """Return a description of the verified caller, or raise ``Denied``.
+
+        ``peer``: the DNS SANs of the client certificate the connection's TLS handshake
+        verified (empty: plaintext, or TLS without a client certificate).
+        """
         xfcc: list[str] = []
         tokens: list[str] = []
         for k, v in headers:
@@ -103,20 +115,35 @@ class Authorizer:
                 xfcc.append(v)
             elif k == TOKEN_HEADER:
                 tokens.append(v)
-        if self.forwarder_token is not None and not (
-            len(tokens) == 1 and hmac.compare_digest(tokens[0], self.forwarder_token)
-        ):
-            raise Denied("missing or wrong forwarder token")
-        if not xfcc:
-            if node in self.direct_nodes:
-                return f"direct:{node}"
+        by_token = False
+        if tokens and self.forwarder_token is not None:
+            if not (len(tokens) == 1 and hmac.compare_digest(tokens[0], self.forwarder_token)):
+                raise Denied("wrong forwarder token")
+            by_token = True
+        by_cert = self.forwarder in peer
+        how = "certificate" if by_cert else "token"
+        if xfcc:
+            if not (by_cert or by_token):
+                raise Denied(
+                    "x-forwarded-client-cert is honoured only from the observability Envoy "
+                    "(its client certificate over TLS, or the forwarder token)"
+                )
+            elements = parse_xfcc(",".join(xfcc))
+            if len(elements) != 1:
+                raise Denied("expected exactly one forwarded client certificate")
+            dns = [v for k, v in elements[0] if k == "dns"]
+            if node not in dns:
+                raise Denied(f"client certificate does not name node {node!r}")
+            return f"forwarded:{node} (forwarder {how})"
+        if node in peer:
+            return f"certificate:{node}"
+        if by_token and node == self.forwarder:
+            return f"token:{node}"
+        if node == self.forwarder:
             raise Denied(
-                f"node {node!r} must connect through the observability Envoy with its certificate"
+                f"node {node!r} must present its client certificate over TLS "
+                "(or the forwarder token)"
             )
-        elements = parse_xfcc(",".join(xfcc))
-        if len(elements) != 1:
-            raise Denied("expected exactly one forwarded client certificate")
-        dns = [v for k, v in elements[0] if k == "dns"]
-        if node not in dns:
-            raise Denied(f"client certificate does not name node {node!r}")
-        return f"cert:{node}"
+        raise Denied(
+            f"node {node!r} must connect through the observability Envoy with its certificate"
+        )

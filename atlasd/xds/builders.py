@@ -4,7 +4,10 @@ Node ``atlas`` (the observability Envoy):
 
 - ``xds`` (10900): TLS, client certificate required; forwards gRPC to atlasd's ADS port
   with ``x-forwarded-client-cert`` (SANITIZE_SET, DNS and URI SANs) so atlasd can check
-  that the certificate names the node it asks for (see docs/xds-authorization.md).
+  that the certificate names the node it asks for, over mTLS with the ``atlas`` client
+  certificate (the forwarder identity; atlasd's server pinned to
+  ``model.ADS_SERVER_NAME``) and, if configured, the forwarder token (see
+  docs/xds-authorization.md).
 - ``thanos`` (10901): plaintext; authority ``<cluster>-thanos-sidecar<i>.<ns>.svc.<domain>``
   (with or without a port) -> ``<cluster>-thanos`` (mTLS, HTTP/2, SAN = cluster name).
 - ``prometheus`` (10904): plaintext; ``/prom/<cluster>/`` rewritten to ``/`` ->
@@ -21,7 +24,9 @@ observability Envoy's 10903.
 
 Certificates: every identity's DNS SANs include its node id (``atlas`` or the cluster name).
 Secrets are served by SDS over ADS under the names ``validation``, ``server``, ``client``;
-only the referenced ones are included.
+only the referenced ones are included. ``server`` and ``client`` carry the leaf followed by
+the PKI's cross-signed chain (``model.PKI.chain``), so peers that trust only an earlier CA
+still verify them.
 
 Work is proportional to change: ``SnapshotBuilder.update(fleet, changed)`` rebuilds the
 nodes and pieces of the keys that changed (see the class), and the large route
@@ -261,6 +266,7 @@ class SnapshotBuilder:
             self.plan.ports_for(c.name),
             ident,
             pki.trust_bundle,
+            pki.chain,
             len(fleet.alertmanagers),
             self._conn_seconds,
         )
@@ -406,15 +412,6 @@ class SnapshotBuilder:
         else:
             if members_changed and fleet.alertmanagers:
                 upserts += self._alertmanager_routes(fleet)
-            # The client certificate is referenced by the upstream clusters only: it comes
-            # with the first cluster and goes with the last.
-            has_client = self._atlas.get(SECRET, CLIENT_SECRET) is not None
-            if self._pieces and not has_client:
-                upserts.append(
-                    _mk(SECRET, CLIENT_SECRET, lambda: tls_secret(CLIENT_SECRET, ident.client))
-                )
-            elif not self._pieces and has_client:
-                removals.append((SECRET, CLIENT_SECRET))
             if not upserts and not removals:
                 return None
             try:
@@ -491,8 +488,13 @@ class SnapshotBuilder:
         res.append(_mk(ROUTE, "xds", xds_route))
 
         def ads_cluster() -> Piece:
+            # mTLS with the atlas client certificate: atlasd honours XFCC from this peer only.
             c, refs = make_cluster(
-                name=ADS_FORWARD_CLUSTER, host=s.atlasd_ads_host, port=s.atlasd_ads_port, http2=True
+                name=ADS_FORWARD_CLUSTER,
+                host=s.atlasd_ads_host,
+                port=s.atlasd_ads_port,
+                http2=True,
+                tls_san=model.ADS_SERVER_NAME,
             )
             return Piece(serialize(c), refs)
 
@@ -581,7 +583,7 @@ class SnapshotBuilder:
             if name in wanted:
 
                 def make(name: str = name, ck: model.CertKey = ck) -> Piece:
-                    return tls_secret(name, ck)
+                    return tls_secret(name, ck, pki.chain)
 
                 out.append(_mk(SECRET, name, make))
         return out

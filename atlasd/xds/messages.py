@@ -356,11 +356,13 @@ def host_domains(host: str) -> list[str]:
     return [host, f"{host}:*"]
 
 
-def tls_secret(name: str, ck: model.CertKey) -> Piece:
+def tls_secret(name: str, ck: model.CertKey, chain: bytes = b"") -> Piece:
+    """A certificate and its key; ``chain`` (the PKI's cross-signed links) follows the
+    certificate."""
     s = secret_pb2.Secret(
         name=name,
         tls_certificate=common_pb2.TlsCertificate(
-            certificate_chain=base_pb2.DataSource(inline_bytes=ck.cert_pem),
+            certificate_chain=base_pb2.DataSource(inline_bytes=ck.cert_pem + chain),
             private_key=base_pb2.DataSource(inline_bytes=ck.key_pem),
         ),
     )

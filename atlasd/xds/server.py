@@ -1,7 +1,13 @@
 """The ADS gRPC server: grpclib (asyncio) run inside the Trio process via trio-asyncio.
 
 This module is the thin asyncio shell: it receives requests, wakes on snapshot changes,
-and sends what the pure machines in ``protocol`` decide. Per stream:
+and sends what the pure machines in ``protocol`` decide.
+
+One port, two ways in: Trio accepts each connection and peeks at its first byte. A TLS
+handshake (0x16) is completed with the current context of ``tls.ServerTls`` (its verified
+client certificate then identifies the caller); anything else is served as plaintext h2c
+(the fallback, trusted only with the forwarder token). The connection is then handed to
+grpclib on the asyncio loop (``connect_accepted_socket``). Per stream:
 
 1. the first request must name a node; ``Authorizer`` checks the caller may fetch it
    (else PERMISSION_DENIED);
@@ -21,8 +27,10 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -51,6 +59,7 @@ from atlasd.xds.protocol import (
     Step,
 )
 from atlasd.xds.snapshot import SHORT_NAMES
+from atlasd.xds.tls import ServerTls, peer_names
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,16 @@ DELTA_METHOD = f"{_SERVICE}/DeltaAggregatedResources"
 FIRST_REQUEST_TIMEOUT = 30.0
 
 KEEPALIVE_SECONDS = 60.0
+
+# A connection must show what it speaks (its first byte) and finish a TLS handshake this
+# soon, or it is closed.
+FIRST_BYTE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+TLS_RECORD_HANDSHAKE = 0x16
+
+# accept() failures that mean "out of resources for now": wait and accept again (as
+# trio.serve_listeners does); any other error is a bug and propagates.
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 # Errors that mean "the peer went away"; anything else is a bug and propagates.
 _GONE = (
@@ -130,7 +149,9 @@ class AdsService:
             )
         peer = _peer(stream)
         try:
-            who = self.authorizer.authorize(node, list(stream.metadata.items()))
+            who = self.authorizer.authorize(
+                node, list(stream.metadata.items()), peer_names(_peer_cert(stream))
+            )
         except Denied as exc:
             self.cache.metrics.denied.inc()
             log.warning("xds: refused node %r from %s: %s", node, peer, exc)
@@ -288,6 +309,24 @@ class _Server(grpclib.server.Server):
             if conn is not None:
                 conn.close()
 
+    # Connections come from ``_accept_loop``, not from an asyncio server of grpclib's own:
+    # closing cancels the request handlers.
+    def close(self) -> None:
+        for handler in self._handlers:
+            handler.close()
+
+    async def wait_closed(self) -> None:
+        if self._handlers:
+            await asyncio.wait({asyncio.ensure_future(h.wait_closed()) for h in self._handlers})
+
+
+def _peer_cert(stream: Any) -> dict[str, Any] | None:
+    try:
+        cert: dict[str, Any] | None = stream.peer.cert()
+    except (AttributeError, ValueError):
+        return None
+    return cert
+
 
 def _peer(stream: Any) -> str:
     try:
@@ -305,26 +344,103 @@ async def run_ads_server(
     host: str,
     port: int,
     authorizer: Authorizer,
+    tls: ServerTls | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ADS on ``host:port`` until cancelled; ``started()`` with the bound port."""
+    """Serve ADS on ``host:port`` until cancelled; ``started()`` with the bound port.
+
+    TLS connections are served with ``tls``'s current context (refused while it has none,
+    or when ``tls`` is None); plaintext ones as h2c.
+    """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    with sock:  # closed on every exit (the asyncio server closes it too once it owns it)
+    with sock:  # closed on every exit
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(1024)
-        sock.setblocking(False)
         bound = int(sock.getsockname()[1])
-        async with trio_asyncio.open_loop():
+        listener = trio.socket.from_stdlib_socket(sock)
+        async with trio_asyncio.open_loop() as loop:
             server = _Server([AdsService(cache, authorizer)])
-            await trio_asyncio.aio_as_trio(server.start)(sock=sock)
-            log.info("xds: ADS server listening on %s:%d", host, bound)
-            task_status.started(bound)
+            log.info("xds: ADS server listening on %s:%d (TLS and plaintext)", host, bound)
             try:
-                await trio.sleep_forever()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_accept_loop, listener, server, loop, tls, nursery)
+                    task_status.started(bound)
+                    await trio.sleep_forever()
             finally:
                 server.close()
                 server.close_connections()
                 with trio.move_on_after(5) as scope:
                     scope.shield = True
                     await trio_asyncio.aio_as_trio(server.wait_closed)()
+
+
+async def _accept_loop(
+    listener: trio.socket.SocketType,
+    server: _Server,
+    loop: asyncio.AbstractEventLoop,
+    tls: ServerTls | None,
+    nursery: trio.Nursery,
+) -> None:
+    while True:
+        try:
+            conn, _ = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_RETRY:
+                raise
+            log.warning("xds: accept failed (%s); retrying in 0.1s", exc.strerror)
+            await trio.sleep(0.1)
+            continue
+        nursery.start_soon(_hand_over, conn, server, loop, tls)
+
+
+async def _hand_over(
+    conn: trio.socket.SocketType,
+    server: _Server,
+    loop: asyncio.AbstractEventLoop,
+    tls: ServerTls | None,
+) -> None:
+    """Peek at the connection's first byte, then give it to grpclib: over TLS (with the
+    context current now) or as plaintext h2c."""
+    peer = "?"
+    try:
+        addr = conn.getpeername()
+        peer = f"{addr[0]}:{addr[1]}"
+        first = b""
+        with trio.move_on_after(FIRST_BYTE_TIMEOUT):
+            first = await conn.recv(1, socket.MSG_PEEK)
+    except OSError:
+        conn.close()
+        return
+    if not first:
+        conn.close()
+        return
+    context: ssl.SSLContext | None = None
+    if first[0] == TLS_RECORD_HANDSHAKE:
+        context = tls.context if tls is not None else None
+        if context is None:
+            log.warning("xds: TLS connection from %s refused: no ADS server certificate yet", peer)
+            conn.close()
+            return
+    raw = socket.socket(fileno=conn.detach())
+    try:
+        await trio_asyncio.aio_as_trio(loop.connect_accepted_socket)(
+            server._protocol_factory,
+            sock=raw,
+            ssl=context,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,
+        )
+    except (ssl.SSLError, OSError) as exc:
+        # A client that does not trust us, or presents a certificate we do not trust.
+        log.warning("xds: TLS handshake with %s failed: %s", peer, _reason(exc))
+        raw.close()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason}: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__

@@ -211,10 +211,18 @@ def test_atlasd_run_onboards_a_cluster_with_only_the_chart_role(
     kubeconfig = _sa_kubeconfig(apiserver, namespace, RELEASE, tmp_path / "sa.kubeconfig")
     env = _atlasd_env_from_release(helm, namespace)
     # The pod's environment, except what only makes sense inside the pod: loopback
-    # listeners on free ports, the zone in the test's directory, the SA token by file.
+    # listeners on free ports, the zone in the test's directory, the SA token by file,
+    # the forwarder token (the Secret the chart generated) by file.
     http_port, ads_port = free_port(), free_port()
     zone = tmp_path / "zone" / "atlas.zone"
     zone.parent.mkdir()
+    token = json.loads(
+        apiserver.kubectl(
+            "get", "secret", f"{RELEASE}-forwarder-token", "-n", namespace, "-o", "json"
+        )
+    )["data"]["token"]
+    token_file = tmp_path / "forwarder-token"
+    token_file.write_bytes(base64.b64decode(token))
     env.update(
         {
             "NAMESPACE": namespace,
@@ -223,6 +231,7 @@ def test_atlasd_run_onboards_a_cluster_with_only_the_chart_role(
             "ATLAS_ADS_LISTEN": f"127.0.0.1:{ads_port}",
             "ATLAS_HTTP_LISTEN": f"127.0.0.1:{http_port}",
             "ATLAS_ZONE_FILE": str(zone),
+            "ATLAS_FORWARDER_TOKEN_FILE": str(token_file),
             "KUBECONFIG": "",
         }
     )

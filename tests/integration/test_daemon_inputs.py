@@ -104,21 +104,39 @@ def test_observability_envoy_presents_the_forwarder_token(
             e["node"] == "atlas" and e["acked"] for e in token_daemon.status().get("envoys") or []
         )
 
-    wait_until(atlas_acked, timeout=30, what="the observability Envoy ACKs with the token")
+    # Its values dial atlasd over mTLS with the atlas certificate, and carry the token.
+    (xds,) = bootstrap["static_resources"]["clusters"]
+    assert "transport_socket" in xds
+    wait_until(atlas_acked, timeout=30, what="the observability Envoy ACKs")
 
-    # The same bootstrap without the token is refused.
-    stripped = yaml.safe_load(yaml.safe_dump(bootstrap))
-    for svc in stripped["dynamic_resources"]["ads_config"]["grpc_services"]:
+    # The token is the fallback for a plaintext connection: served.
+    plaintext = yaml.safe_load(yaml.safe_dump(bootstrap))
+    for cluster in plaintext["static_resources"]["clusters"]:
+        cluster.pop("transport_socket")
+    envoy_factory(plaintext, "atlas-plaintext-with-token")
+    wait_until(
+        lambda: len(_atlas_streams(token_daemon)) == 2 and all(_atlas_streams(token_daemon)),
+        timeout=30,
+        what="the plaintext stream with the token served",
+    )
+    # Plaintext without the token (an old, token-less bootstrap) is refused.
+    for svc in plaintext["dynamic_resources"]["ads_config"]["grpc_services"]:
         svc.pop("initial_metadata", None)
-    intruder = envoy_factory(stripped, "atlas-without-token")
+    intruder = envoy_factory(plaintext, "atlas-without-token")
     # gRPC status 7 = PERMISSION_DENIED, with atlasd's reason.
     wait_until(
-        lambda: "closed: 7, missing or wrong forwarder token" in intruder.log_text(),
+        lambda: (
+            "closed: 7, node 'atlas' must present its client certificate" in intruder.log_text()
+        ),
         timeout=30,
         what="the stream without the token refused",
     )
-    streams = [e for e in token_daemon.status().get("envoys") or [] if e["node"] == "atlas"]
-    assert len(streams) == 1
+    assert len(_atlas_streams(token_daemon)) == 2
+
+
+def _atlas_streams(daemon: Atlasd) -> list[bool]:
+    """Whether each open stream of node ``atlas`` has ACKed something."""
+    return [bool(e["acked"]) for e in daemon.status().get("envoys") or [] if e["node"] == "atlas"]
 
 
 # IPv4 carried in an IPv6 spelling is judged as that IPv4 (atlasd.addresses).

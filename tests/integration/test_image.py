@@ -10,6 +10,7 @@ directory (`--store`) instead of a Kubernetes API.
 
 from __future__ import annotations
 
+import base64
 import os
 import uuid
 from collections.abc import Iterator
@@ -135,9 +136,23 @@ def test_atlasd_image_runs_as_the_chart_runs_it(
         "ATLAS_ADS_LISTEN": f"127.0.0.1:{ads_port}",
     }
     env_opts = [f"--env={k}={v}" for k, v in sorted(env.items())]
+    # The forwarder token the chart generates, mounted as the chart mounts it: the Secret's
+    # file, root-owned, mode 0440, readable through the pod's fsGroup.
+    secret = next(d for d in rendered["docs"] if d["kind"] == "Secret")
+    volume = next(v for v in pod["volumes"] if v["name"] == "forwarder-token")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["defaultMode"] == 0o440
+    mount = next(m for m in atlasd["volumeMounts"] if m["name"] == "forwarder-token")
+    token_dir = tmp_path / "forwarder-token"
+    token_dir.mkdir()
+    (token_dir / "token").write_bytes(base64.b64decode(secret["data"]["token"]))
+    group = pod["securityContext"]["fsGroup"]
+    os.chown(token_dir / "token", 0, group)
+    (token_dir / "token").chmod(0o440)
+    token_opts = [f"--volume={token_dir}:{mount['mountPath']}:ro", f"--group-add={group}"]
     c = Container(
         images["atlasd"],
-        [*opts, *env_opts, entry],
+        [*opts, *token_opts, *env_opts, entry],
         [*atlasd["args"], "--store", "/tmp/store"],
         log_dir=tmp_path,
     )

@@ -10,7 +10,9 @@ with real Envoys serving a request loop through the chain.
    why) and writes nothing.
 3. The original stops renewing (crashed): one lease duration after the last renewal
    atlasd observed, atlasd leads: it keeps the CA and re-issues the leaves.
-4. The observability Envoy, started from the original chart's bootstrap, takes atlasd's
+4. The observability Envoy, started from the original chart's bootstrap (plaintext, no
+   token), is refused by atlasd (PERMISSION_DENIED: it cannot show it is the forwarder);
+   redeployed from ``atlas-envoy-values`` it dials atlasd over mTLS and takes atlasd's
    configuration. The downstream Envoy still presents the shared certificate, which
    names no cluster: the observability Envoy refuses it (this is the window the guide
    tells you to keep short), while the downstream Envoy itself keeps serving.
@@ -630,8 +632,22 @@ def _migrate(
 
         east_values = wait_until(new_values, timeout=60, what="atlasd rewrites east's values")
 
-        # -- 4. the observability Envoy takes atlasd's configuration ---------------------
-        obs = envoy_factory(_observability_bootstrap(atlasd.ads_port), "atlas")
+        # -- 4. the observability Envoy: refused on the original's bootstrap, served ----
+        # once redeployed from atlas-envoy-values.
+        original_obs = envoy_factory(_observability_bootstrap(atlasd.ads_port), "atlas-original")
+        wait_until(
+            lambda: (
+                "closed: 7, node 'atlas' must present its client certificate"
+                in original_obs.log_text()
+            ),
+            timeout=30,
+            what="the original's plaintext observability bootstrap refused",
+        )
+        original_obs.stop()
+        obs_values = yaml.safe_load(
+            _data(_secrets(apiserver, namespace)["atlas-envoy-values"], "values.yaml")
+        )
+        obs = envoy_factory(yaml.safe_load(obs_values["files"]["envoy.yaml"]), "atlas")
         obs.wait_ready(timeout=60)
         chain = "http://127.0.0.1:10904/prom/east/api/v1/status/buildinfo"
         wait_until(

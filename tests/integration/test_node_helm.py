@@ -21,15 +21,18 @@ from typing import Any
 import dns.message
 import dns.query
 import dns.rdatatype
+import grpc
 import httpx
 import pytest
 import yaml
 
+from tests.harness.certs import Pair
 from tests.harness.envoy import Envoy
 from tests.harness.images import Image
 from tests.harness.node import NODE_IP, Node
 from tests.harness.prom import WebProc
 from tests.harness.wait import wait_until
+from tests.unit.xds import ads_client
 
 pytestmark = pytest.mark.integration
 
@@ -291,6 +294,10 @@ def test_the_envoy_chart_gets_its_config_from_the_pod_and_routes_prometheus(
     # The chart's NetworkPolicy is installed (no controller enforces it on this node).
     assert _maybe(node, "networkpolicy", RELEASE) is not None
 
+    # Its values dial atlasd over mTLS with the atlas client certificate.
+    boot = yaml.safe_load(values["files"]["envoy.yaml"])
+    assert "transport_socket" in boot["static_resources"]["clusters"][0]
+
     # The Envoy pod asked atlasd's pod for its configuration over ADS and got it: its
     # admin interface (loopback inside the pod) reports the control plane connected and
     # the listeners atlasd serves node "atlas".
@@ -336,6 +343,34 @@ def test_the_envoy_chart_gets_its_config_from_the_pod_and_routes_prometheus(
     )
 
 
+def test_the_ads_service_refuses_forged_xfcc_with_the_charts_defaults(
+    node: Node, release: list[str]
+) -> None:
+    """Reaching atlasd's ADS Service proves nothing: a forged XFCC header, on a plaintext
+    connection or on TLS with a downstream cluster's own certificate, gets
+    PERMISSION_DENIED and no resource. The chart's generated token, on plaintext, is what
+    the fallback accepts (positive control)."""
+    ads_ip = _cluster_ip(node, RELEASE)
+    port = CHART_VALUES["controller"]["ports"]["grpc"]
+    east = _get(node, "secret", "east-atlas-identity")["data"]
+    trust = base64.b64decode(east["ca.crt"])
+    east_cert = Pair(base64.b64decode(east["client.crt"]), base64.b64decode(east["client.key"]))
+    forged = (("x-forwarded-client-cert", "Hash=0;DNS=east"),)
+    for what, tls in (("plaintext", None), ("tls as east", (trust, east_cert))):
+        c = ads_client.Client(port, forged, tls=tls, host=ads_ip)
+        c.send(ads_client.request("east"))
+        assert c.outcome(timeout=30) == grpc.StatusCode.PERMISSION_DENIED, what
+        assert c.responses == [], what
+    c = ads_client.Client(port, host=ads_ip)
+    c.send(ads_client.request("atlas"))
+    assert c.outcome(timeout=30) == grpc.StatusCode.PERMISSION_DENIED
+    token_secret = _get(node, "secret", f"{RELEASE}-forwarder-token")["data"]["token"]
+    token = base64.b64decode(token_secret).decode()
+    c = ads_client.Client(port, (("x-atlasd-forwarder-token", token),), host=ads_ip)
+    c.send(ads_client.request("atlas"))
+    assert c.outcome(timeout=30) == 1
+
+
 def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented_objects(
     node: Node, release: list[str], node_helm: Helm
 ) -> None:
@@ -345,6 +380,11 @@ def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented
         "atlas-server",
         "atlas-client",
         "atlas-tls",
+        "atlasd-ads",
+        # The chart's generated forwarder token survives the upgrade (Helm lookup), so
+        # the observability Envoy's values (which carry it) stay as they are.
+        f"{RELEASE}-forwarder-token",
+        "atlas-envoy-values",
         "east-atlas-identity",
         "east-envoy-values",
     )
@@ -397,7 +437,10 @@ def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented
         *(("Service", f"{c}-thanos-sidecar0") for c in onboarded),
         *(("Secret", f"{c}-envoy-values") for c in onboarded),
         *(("Secret", f"{c}-atlas-identity") for c in onboarded),
-        *(("Secret", s) for s in ("atlas-ca", "atlas-server", "atlas-client", "atlas-tls")),
+        *(
+            ("Secret", s)
+            for s in ("atlas-ca", "atlas-server", "atlas-client", "atlas-tls", "atlasd-ads")
+        ),
         ("Secret", "atlas-envoy-values"),
         ("ConfigMap", "atlas-coredns"),
         ("Lease", "atlasd"),

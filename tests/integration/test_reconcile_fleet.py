@@ -91,9 +91,9 @@ async def test_onboard_three_clusters_then_steady_then_delete(
         first = await rec.reconcile_once(kube, now=NOW)
         assert first.problems == ()
         assert first.ca_action == "created"
-        # CA + 3 cluster-wide TLS + obs values + 3x(values + identity) + 6 sidecars
+        # CA + 4 cluster-wide TLS + obs values + 3x(values + identity) + 6 sidecars
         assert first.created == 1
-        assert first.applied == 3 + 1 + 6 + 6
+        assert first.applied == 4 + 1 + 6 + 6
         assert first.fleet is not None
         assert sorted(first.fleet.clusters) == ["east", "north", "west"]
         assert len(first.fleet.alertmanagers) == 1

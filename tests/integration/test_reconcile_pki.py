@@ -38,7 +38,7 @@ def _client(apiserver: ApiServer) -> KubeClient:
 async def _leaves(kube: KubeClient, namespace: str, clusters: list[str]) -> dict[str, bytes]:
     """Every leaf certificate atlasd stored, by '<secret>/<key>'."""
     out = {}
-    for name in (labels.SERVER_SECRET, labels.CLIENT_SECRET, labels.TLS_SECRET):
+    for name in (labels.SERVER_SECRET, labels.CLIENT_SECRET, labels.TLS_SECRET, labels.ADS_SECRET):
         out[f"{name}/tls.crt"] = secret_data(await kube.get(SECRETS, name, namespace=namespace))[
             "tls.crt"
         ]
@@ -56,10 +56,16 @@ async def _leaves(kube: KubeClient, namespace: str, clusters: list[str]) -> dict
     return out
 
 
-def _openssl_verify(tmp: Path, bundle: bytes, leaf: bytes, purpose: str) -> None:
+def _openssl_verify(
+    tmp: Path, bundle: bytes, leaf: bytes, purpose: str, untrusted: bytes = b""
+) -> None:
     assert OPENSSL, "openssl is on the machine"
     (tmp / "bundle.pem").write_bytes(bundle)
     (tmp / "leaf.pem").write_bytes(leaf)
+    extra: list[str] = []
+    if untrusted:
+        (tmp / "untrusted.pem").write_bytes(untrusted)
+        extra = ["-untrusted", str(tmp / "untrusted.pem")]
     proc = subprocess.run(
         [
             OPENSSL,
@@ -68,6 +74,7 @@ def _openssl_verify(tmp: Path, bundle: bytes, leaf: bytes, purpose: str) -> None
             purpose,
             "-CAfile",
             str(tmp / "bundle.pem"),
+            *extra,
             str(tmp / "leaf.pem"),
         ],
         capture_output=True,
@@ -99,7 +106,7 @@ async def test_rotation_overlaps_cas_and_reissues_every_leaf(
             await kube.create(cluster_service(c, f"203.0.113.{i + 1}", namespace=namespace))
         rec = Reconciler(settings=settings, post_event=post_event)
         first = await rec.reconcile_once(kube, now=NOW)
-        assert first.ca_action == "created" and len(first.issued) == 3 + 4
+        assert first.ca_action == "created" and len(first.issued) == 4 + 4
         ca0 = await kube.get(SECRETS, labels.CA_SECRET, namespace=namespace)
         ca0_pem = secret_data(ca0)["ca.pem"]
         serial0 = ca0["metadata"]["labels"][labels.CA_SERIAL_LABEL]
@@ -117,7 +124,7 @@ async def test_rotation_overlaps_cas_and_reissues_every_leaf(
         )
         rotated = await rec.reconcile_once(kube, now=NOW + dt.timedelta(days=1))
         assert rotated.ca_action == "rotated" and rotated.replaced == 1
-        assert len(rotated.issued) == 3 + 4
+        assert len(rotated.issued) == 4 + 4
 
         ca1 = await kube.get(SECRETS, labels.CA_SECRET, namespace=namespace)
         meta = ca1["metadata"]
@@ -126,8 +133,9 @@ async def test_rotation_overlaps_cas_and_reissues_every_leaf(
         serial1 = meta["labels"][labels.CA_SERIAL_LABEL]
         assert serial1 != serial0
         data = secret_data(ca1)
-        assert set(data) == {"ca.pem", "ca-key.pem", f"ca-{serial0}.pem"}
+        assert set(data) == {"ca.pem", "ca-key.pem", f"ca-{serial0}.pem", f"ca-cross-{serial0}.pem"}
         assert data[f"ca-{serial0}.pem"] == ca0_pem
+        link = data[f"ca-cross-{serial0}.pem"]
         ca1_pem = data["ca.pem"]
         assert str(x509.load_pem_x509_certificate(ca1_pem).serial_number) == serial1
 
@@ -143,6 +151,12 @@ async def test_rotation_overlaps_cas_and_reissues_every_leaf(
         # the new bundle, so downstream Envoys keep working until their values are updated.
         for key, pem in before.items():
             _openssl_verify(tmp_path, bundle, pem, _purpose(key))
+        # And the other way round: a peer that trusts only the old CA (a bootstrap rendered
+        # before the rotation) verifies every new leaf through the link served with it.
+        for key, pem in after.items():
+            _openssl_verify(tmp_path, ca0_pem, pem, _purpose(key), untrusted=link)
+            if "values" in key:  # the values' certificate files carry the link themselves
+                assert pem.endswith(link), key
         for name in (labels.SERVER_SECRET, labels.CLIENT_SECRET, labels.TLS_SECRET):
             s = await kube.get(SECRETS, name, namespace=namespace)
             assert s["metadata"]["labels"][labels.CA_SIGNED_LABEL] == serial1

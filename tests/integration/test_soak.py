@@ -15,7 +15,7 @@ What runs (all real programs on loopback):
   address and ports (several Envoys on one host), and a 3 s upstream connection lifetime so
   the CA rotation is crossed by fresh TLS handshakes, not only by pooled connections;
 - the observability Envoy (node ``atlas``) bootstrapped from Secret ``atlas-envoy-values``,
-  dialling atlasd's ADS directly;
+  dialling atlasd's ADS directly over mTLS with the ``atlas`` client certificate;
 - ``anchor-<k>`` downstream Envoys bootstrapped from ``anchor-<k>-envoy-values``: their xDS
   goes through the observability Envoy's TLS listener (10900), with the client certificate
   in those values; ``anchor-0`` fronts a real Prometheus;
@@ -27,14 +27,12 @@ Churn clusters (``c-<n>``) have no Envoy (their external IPs are unroutable test
 anchors are the clusters whose Envoys run. Anchors 1 and 2 are updated along the way
 (replicas, DNS group, ports, Prometheus port annotation), so their Envoys must follow.
 
-Order matters in one place: the CA rotation comes after the SIGKILL. A downstream Envoy's
-*bootstrap* (its xDS channel to 10900) trusts the CA its values were rendered with; after
-a rotation the observability Envoy presents a certificate of the new CA, so a downstream
-Envoy that must re-dial xDS needs its new values deployed first (tried by hand: one
-restarted from pre-rotation values never gets its configuration). The soak keeps the
-downstream Envoys on their existing xDS connections through the rotation, then does the
-operator's step for ``anchor-1`` — restart it from its post-rotation values — and checks
-that it comes up configured.
+The CA rotation needs no operator step: after it, ``anchor-1`` is restarted from the values
+rendered *before* the rotation (its bootstrap trusts only the old CA, its client
+certificate is the old one) and must come up configured and serving, while the traffic
+loop through ``anchor-0`` goes on. It connects because atlasd links the new CA to the old
+one (the new CA cross-signed by the old key, served after every leaf) and keeps trusting
+the old CA until it expires.
 """
 
 from __future__ import annotations
@@ -400,7 +398,8 @@ def _signed_by(pem: bytes, ca: x509.Certificate) -> bool:
 def check_kube_state(api: ApiServer, ns: str, specs: dict[str, ClusterSpec]) -> None:
     """Secrets and sidecar Services equal what ``specs`` implies (raises with the diff)."""
     secrets = _secrets(api, ns)
-    want = {"atlas-ca", "atlas-server", "atlas-client", "atlas-tls", "atlas-envoy-values"}
+    tls_secrets = ("atlas-server", "atlas-client", "atlas-tls", "atlasd-ads")
+    want = {"atlas-ca", "atlas-envoy-values", *tls_secrets}
     for name in specs:
         want |= {f"{name}-envoy-values", f"{name}-atlas-identity"}
     got = set(secrets)
@@ -409,7 +408,7 @@ def check_kube_state(api: ApiServer, ns: str, specs: dict[str, ClusterSpec]) -> 
     assert "goatlas.io/ca-rotate" not in (ca_meta.get("annotations") or {})
     ca = _current_ca(secrets)
     serial = str(ca.serial_number)
-    for tls in ("atlas-server", "atlas-client", "atlas-tls"):
+    for tls in tls_secrets:
         # Locals only in asserts that touch Secrets: a failure must not print key material.
         signed_label = secrets[tls]["metadata"]["labels"]["goatlas.io/ca-signed"]
         assert signed_label == serial, tls
@@ -884,6 +883,7 @@ def _soak(
         traffic.phase = rss.phase = "ca rotation"
         before_rotation = traffic.count("ca rotation")
         old_ca = _current_ca(_secrets(apiserver, ns))
+        pre_rotation = values("anchor-1")  # what anchor-1 was deployed from
         hs = f"listener.{downstream['anchor-0']['address']}_{downstream['anchor-0']['prometheus']}.ssl.handshake"
         handshakes_before = envoys["anchor-0"].stats(hs).get(hs, 0)
         apiserver.kubectl(
@@ -933,13 +933,25 @@ def _soak(
         wait_until(converged, timeout=sc.converge_seconds, what="final convergence")
         tl.mark("final state converged")
         end_rss_2 = atlasd.rss()
-        # The operator's step after a rotation: deploy each downstream cluster's new values.
-        # An Envoy (re)started from them dials xDS through 10900 under the new CA.
+        # No operator step after a rotation: anchor-1 restarts from its PRE-rotation values
+        # (trusting only the old CA) and dials xDS through 10900, now serving a leaf of
+        # the new CA followed by its link to the old one.
+        assert pre_rotation != values("anchor-1"), "the rotation rewrote anchor-1's values"
         envoys["anchor-1"].stop()
-        envoys["anchor-1"] = envoy_factory(values("anchor-1"), "anchor-1-redeployed")
+        envoys["anchor-1"] = envoy_factory(pre_rotation, "anchor-1-restarted")
         envoys["anchor-1"].wait_ready(60)
-        wait_until(converged, timeout=sc.converge_seconds, what="the redeployed Envoy's config")
-        tl.mark("anchor-1 redeployed from its post-rotation values: ready and configured")
+        wait_until(converged, timeout=sc.converge_seconds, what="the restarted Envoy's config")
+        # ... and serves: the observability Envoy's mTLS requests reach its listener.
+        a1 = downstream["anchor-1"]
+        hs1 = f"listener.{a1['address']}_{a1['prometheus']}.ssl.handshake"
+        a1_url = f"http://127.0.0.1:{obs_ports['prometheus']}/prom/anchor-1/-/ready"
+
+        def anchor1_serves() -> bool:
+            httpx.get(a1_url, timeout=5)  # its upstream (port 9090) runs nothing: any answer
+            return envoys["anchor-1"].stats(hs1).get(hs1, 0) >= 1
+
+        wait_until(anchor1_serves, timeout=30, what="mTLS requests reach the restarted anchor-1")
+        tl.mark("anchor-1 restarted from its pre-rotation values: configured and serving")
 
         # Sustained churn, no faults: RSS after each convergence must not keep growing.
         steady_rss = [atlasd.rss()]

@@ -1,6 +1,7 @@
 """Keys go only where they belong: an Envoy holding cluster A's certificate cannot get
-cluster B's configuration; a direct caller cannot claim a downstream node; TLS listeners
-refuse clients without a (suitable) certificate."""
+cluster B's configuration; a direct caller cannot claim a downstream node nor forge XFCC
+(plaintext, or TLS without the forwarder's certificate); TLS listeners refuse clients
+without a (suitable) certificate."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from atlasd import model
+from atlasd.reconcile.desired import envoy_bootstrap
 from tests.harness.wait import wait_until_async
 from tests.unit.xds import helpers
 from tests.unit.xds.world import World, xds_world
@@ -66,6 +68,64 @@ async def test_direct_caller_cannot_claim_a_downstream_node(envoy_factory: Any) 
         await wait_until_async(lambda: _denied(w) >= 1, timeout=20, what="direct east refused")
         dump = await trio.to_thread.run_sync(envoy.config_dump)
         assert _dynamic(dump) == []
+
+
+def _impostor(w: World, node: str, *, cert: model.Identity | None, tls: bool) -> dict[str, Any]:
+    """A bootstrap dialling atlasd's ADS port directly as ``node`` with a forged XFCC header
+    naming it: plaintext, or TLS (trusting atlasd) with ``cert`` as client certificate."""
+    ident = cert if cert is not None else w.pki.identity("east")
+    boot = envoy_bootstrap(
+        node,
+        xds_host="127.0.0.1",
+        xds_port=w.ads_port,
+        tls=ident if tls else None,
+        ca_bundle=w.pki.trust_bundle if tls else None,
+        server_san=model.ADS_SERVER_NAME,
+    )
+    if tls and cert is None:
+        ctx = boot["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]
+        del ctx["common_tls_context"]["tls_certificates"]
+    (svc,) = boot["dynamic_resources"]["ads_config"]["grpc_services"]
+    svc["initial_metadata"] = [{"key": "x-forwarded-client-cert", "value": f"Hash=0;DNS={node}"}]
+    return boot
+
+
+async def test_forged_xfcc_without_the_forwarder_identity_gets_nothing(
+    envoy_factory: Any,
+) -> None:
+    """As the chart runs it (a forwarder token is always configured): a forged XFCC header on
+    a plaintext connection, or on a TLS connection without the forwarder's certificate (a
+    downstream cluster's certificate, or none), gets PERMISSION_DENIED and no resource,
+    while the real observability Envoy still carries the downstream Envoys' xDS."""
+    async with xds_world(envoy_factory, clusters=("east", "west"), token="chart-token") as w:
+        await w.start_envoy("atlas")
+        await w.wait_acked("atlas")
+        east = w.pki.identity("east")
+        impostors = {
+            "plaintext": _impostor(w, "west", cert=None, tls=False),
+            "tls-east-cert": _impostor(w, "west", cert=east, tls=True),
+            "tls-no-cert": _impostor(w, "west", cert=None, tls=True),
+        }
+        started = {
+            name: await trio.to_thread.run_sync(w.envoy_factory, boot, f"impostor-{name}")
+            for name, boot in impostors.items()
+        }
+        for name, envoy in started.items():
+            await wait_until_async(
+                lambda envoy=envoy: "closed: 7, " in envoy.log_text(),
+                timeout=20,
+                what=f"{name}: PERMISSION_DENIED",
+            )
+        assert _denied(w) >= len(started)
+        for envoy in started.values():
+            dump = await trio.to_thread.run_sync(envoy.config_dump)
+            assert _dynamic(dump) == []
+        assert not any(s.node == "west" for s in w.cache.status())
+        # The observability Envoy forwards the honest downstream Envoys' xDS.
+        await w.start_envoy("east")
+        await w.start_envoy("west")
+        await w.wait_acked("east")
+        await w.wait_acked("west")
 
 
 def _tls_exchange(
@@ -135,14 +195,22 @@ async def test_tls_listeners_refuse_clients_without_certificate(
 
 async def test_forwarder_token(envoy_factory: Any) -> None:
     """With a token, the observability Envoy's own stream and the streams it forwards are
-    served; a direct caller without the token is refused even as ``atlas``."""
+    served; a plaintext caller is served as ``atlas`` with the token (the fallback) and
+    refused without it."""
     async with xds_world(envoy_factory, clusters=("east",), token="tok-123") as w:
         await w.start_envoy("atlas")
         await w.start_envoy("east")
         for n in ("atlas", "east"):
             await w.wait_acked(n)
-        boot = helpers.atlas_bootstrap(w.ads_port)  # no token
+        boot = helpers.atlas_bootstrap(w.ads_port)  # plaintext, no token
         envoy = await trio.to_thread.run_sync(w.envoy_factory, boot, "atlas-without-token")
         await wait_until_async(lambda: _denied(w) >= 1, timeout=20, what="tokenless atlas refused")
         dump = await trio.to_thread.run_sync(envoy.config_dump)
         assert _dynamic(dump) == []
+        boot = helpers.atlas_bootstrap(w.ads_port, token="tok-123")  # plaintext, token
+        await trio.to_thread.run_sync(w.envoy_factory, boot, "atlas-plaintext-token")
+        await wait_until_async(
+            lambda: sum(s.node == "atlas" for s in w.cache.status()) == 2,
+            timeout=20,
+            what="the plaintext stream with the token served",
+        )

@@ -74,8 +74,9 @@ def check_desired(out: Outputs, clusters: Sequence[DownstreamCluster]) -> None:
     want_services = {svc for c in clusters for svc in c.sidecar_services()}
     assert set(d.services) == want_services
     assert len(want_services) == sum(c.replicas for c in clusters)  # no name shared
-    # 3 TLS Secrets + atlas-envoy-values + (values, identity) per cluster.
-    assert len(d.secrets) == 4 + 2 * len(clusters), sorted(d.secrets)
+    # 4 TLS Secrets (atlasd-ads included) + atlas-envoy-values + (values, identity) per
+    # cluster.
+    assert len(d.secrets) == 5 + 2 * len(clusters), sorted(d.secrets)
     by_name = {c.name: c for c in clusters}
     for name, svc in d.services.items():
         meta = svc["metadata"]

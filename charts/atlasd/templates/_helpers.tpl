@@ -45,6 +45,11 @@ helm.sh/chart: {{ include "atlasd.chart" . }}
 {{- printf "%s.%s.svc.%s" (include "atlasd.fullname" .) .Release.Namespace .Values.atlas.clusterDomain -}}
 {{- end -}}
 
+{{/* The forwarder token's Secret: the user's, or the one this chart generates. */}}
+{{- define "atlasd.forwarderTokenSecret" -}}
+{{- .Values.atlas.forwarderTokenSecret | default (printf "%s-forwarder-token" (include "atlasd.fullname" .) | trunc 63 | trimSuffix "-") -}}
+{{- end -}}
+
 {{- define "atlasd.dnsServiceName" -}}
 {{- printf "%s-dns" (include "atlasd.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}

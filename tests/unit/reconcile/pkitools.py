@@ -107,3 +107,41 @@ def with_annotation(obj: SecretObject, key: str, value: str) -> dict[str, Any]:
     out: dict[str, Any] = {**obj, "metadata": {**obj["metadata"]}}
     out["metadata"]["annotations"] = {**obj["metadata"].get("annotations", {}), key: value}
     return out
+
+
+def openssl_verdict(chain_pem: bytes, key_pem: bytes, trust_pem: bytes) -> str | None:
+    """Whether OpenSSL, trusting only ``trust_pem``, accepts a server presenting
+    ``chain_pem`` (leaf first): None if it does, else its reason. A TLS handshake in
+    memory, so the chain is built and checked exactly as a TLS peer would."""
+    import ssl
+    import tempfile
+    from pathlib import Path
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+        cert.write_bytes(chain_pem)
+        key.write_bytes(key_pem)
+        server.load_cert_chain(cert, key)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.load_verify_locations(cadata=trust_pem.decode())
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_side=False)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        done = 0
+        for side, out, peer_in in ((c, c_out, s_in), (s, s_out, c_in)):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as exc:
+                return str(exc.verify_message)
+            except ssl.SSLError as exc:
+                return str(exc.reason)
+            peer_in.write(out.read())
+        if done == 2:
+            return None
+    return "handshake did not finish"

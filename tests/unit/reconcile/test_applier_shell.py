@@ -36,7 +36,7 @@ async def test_first_then_steady_pass() -> None:
     )
     rec = _rec(kube)
     first = await rec.reconcile_once(kube, now=NOW)
-    assert (first.created, first.applied) == (1, 4 + 2 * 3)
+    assert (first.created, first.applied) == (1, 5 + 2 * 3)  # 4 TLS + atlas values
     assert kube.writes[0] == ("create", "atlas-ca"), "the CA is written before any leaf"
     kube.writes.clear()
     second = await rec.reconcile_once(kube, now=NOW)
@@ -52,7 +52,7 @@ async def test_one_rejected_object_becomes_a_problem_and_the_rest_is_written() -
     )
     rec = _rec(kube)
     result = await rec.reconcile_once(kube, now=NOW)
-    assert result.applied == 4 + 2 * 3 - 1
+    assert result.applied == 5 + 2 * 3 - 1
     (problem,) = result.problems
     assert (problem.source.name, problem.reason) == ("west", "ApplyFailed")
     assert problem.field == "Service west-thanos-sidecar0"

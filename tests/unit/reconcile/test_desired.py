@@ -14,6 +14,7 @@ from cryptography import x509
 
 from atlasd import labels
 from atlasd.model import (
+    ADS_SERVER_NAME,
     DownstreamCluster,
     LocalAlertmanager,
     ObjectRef,
@@ -101,6 +102,7 @@ def test_desired_state_names_every_object() -> None:
         "atlas-server",
         "atlas-client",
         "atlas-tls",
+        "atlasd-ads",
         "atlas-envoy-values",
         "east-envoy-values",
         "east-atlas-identity",
@@ -174,10 +176,11 @@ def test_downstream_values_keep_the_chart_keys_and_carry_the_clusters_identity()
 
 
 def test_observability_values() -> None:
-    _, state = _state()
+    plan, state = _state()
     values = _values(state, "atlas-envoy-values")
     assert state.secrets["atlas-envoy-values"]["metadata"]["labels"] == {
-        labels.MANAGED_BY_LABEL: "atlasd"
+        labels.MANAGED_BY_LABEL: "atlasd",
+        labels.CA_SIGNED_LABEL: plan.pki.ca_serial,
     }
     boot = yaml.safe_load(values["files"]["envoy.yaml"])
     assert boot["node"]["id"] == "atlas"
@@ -188,9 +191,33 @@ def test_observability_values() -> None:
         "port_value": 6305,
     }
     assert xds["type"] == "STRICT_DNS"
-    assert "transport_socket" not in xds
+    # mTLS to atlasd with the atlas client certificate (the forwarder identity), atlasd's
+    # server certificate pinned.
+    tls = xds["transport_socket"]["typed_config"]
+    assert tls["sni"] == ADS_SERVER_NAME
+    common = tls["common_tls_context"]
+    (pair,) = common["tls_certificates"]
+    atlas = plan.identities["atlas"]
+    assert pair["certificate_chain"]["inline_string"] == atlas.client.cert_pem.decode()
+    assert pair["private_key"]["inline_string"] == atlas.client.key_pem.decode()
+    assert common["validation_context"] == {
+        "trusted_ca": {"inline_string": plan.pki.trust_bundle.decode()},
+        "match_typed_subject_alt_names": [
+            {"san_type": "DNS", "matcher": {"exact": ADS_SERVER_NAME}}
+        ],
+    }
+    assert "initial_metadata" not in boot["dynamic_resources"]["ads_config"]["grpc_services"][0]
     assert set(values["service"]["ports"]) == {"xds", "thanos", "alertmanager", "prometheus"}
-    assert observability_values(S) == values
+    assert observability_values(S, identity=atlas, pki=plan.pki) == values
+
+
+def test_observability_values_carry_the_forwarder_token() -> None:
+    plan, _ = _state()
+    s = Settings(forwarder_token="tok")
+    values = observability_values(s, identity=plan.identities["atlas"], pki=plan.pki)
+    boot = yaml.safe_load(values["files"]["envoy.yaml"])
+    (svc,) = boot["dynamic_resources"]["ads_config"]["grpc_services"]
+    assert svc["initial_metadata"] == [{"key": labels.FORWARDER_TOKEN_HEADER, "value": "tok"}]
 
 
 def test_values_are_stable_across_builds() -> None:

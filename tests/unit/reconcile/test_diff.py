@@ -168,7 +168,7 @@ def test_first_pass_creates_everything() -> None:
     plan, state = _desired()
     assert ca_write(plan.ca_secret, None) == ("create", plan.ca_secret)
     writes = _plan_all(state, {}, {})
-    assert len(writes.apply) == len(state.secrets) + len(state.services) == 8 + 3
+    assert len(writes.apply) == len(state.secrets) + len(state.services) == 9 + 3
     assert writes.delete == ()
 
 

@@ -71,6 +71,7 @@ def test_new_install_creates_p256_ca_and_every_leaf() -> None:
             "atlas-server",
             "atlas-client",
             "atlas-tls",
+            "atlasd-ads",
             "east/server",
             "east/client",
             "west/server",
@@ -79,7 +80,7 @@ def test_new_install_creates_p256_ca_and_every_leaf() -> None:
     )
     leaves = {k: _cert(v) for k, v in _leaf_pems(plan).items()}
     serials = {c.serial_number for c in leaves.values()} | {ca.serial_number}
-    assert len(serials) == 8, "unique serials (atlas identity == atlas-server/client)"
+    assert len(serials) == 9, "unique serials (atlas identity == atlas-server/client)"
     for cert in leaves.values():
         cert.verify_directly_issued_by(ca)
         assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
@@ -101,6 +102,7 @@ def test_new_install_creates_p256_ca_and_every_leaf() -> None:
         ),
         ("atlas-tls", {"atlas", "atlas.monitoring.atlas", "envoy.example.com"}, {"198.51.100.7"}),
         ("atlas-client", {"atlas", "atlas.monitoring.atlas"}, set()),
+        ("atlasd-ads", {"atlasd-ads.atlas", "atlasd.monitoring.svc.cluster.local"}, set()),
         ("east/server", {"east", "east.monitoring.atlas"}, set()),
         ("east/client", {"east", "east.monitoring.atlas"}, set()),
         ("west/client", {"west", "west.monitoring.atlas"}, set()),
@@ -137,7 +139,7 @@ def test_leaves_renew_after_two_thirds_of_their_life(age: dt.timedelta, renewed:
     first = _plan()
     later = _plan(plan_secrets(first), now=NOW + age)
     assert later.ca_action == "kept"
-    assert (len(later.issued) == 7) is renewed
+    assert (len(later.issued) == 8) is renewed
     assert (later.issued == ()) is not renewed
 
 
@@ -145,7 +147,7 @@ def test_renew_fraction_is_configurable() -> None:
     settings = Settings(renew_fraction=0.1)
     first = _plan(settings=settings)
     assert _plan(plan_secrets(first), settings=settings, now=NOW + LIFE * 0.05).issued == ()
-    assert len(_plan(plan_secrets(first), settings=settings, now=NOW + LIFE * 0.2).issued) == 7
+    assert len(_plan(plan_secrets(first), settings=settings, now=NOW + LIFE * 0.2).issued) == 8
 
 
 def test_san_change_reissues_only_the_affected_leaves() -> None:
@@ -157,8 +159,9 @@ def test_san_change_reissues_only_the_affected_leaves() -> None:
 
 def test_namespace_change_reissues_every_leaf() -> None:
     first = _plan()
-    second = _plan(plan_secrets(first), settings=Settings(namespace="obs"))
-    assert len(second.issued) == 7
+    moved = Settings(namespace="obs", atlasd_ads_host="atlasd.obs.svc.cluster.local")
+    second = _plan(plan_secrets(first), settings=moved)
+    assert len(second.issued) == 8
 
 
 def test_new_cluster_gets_an_identity_removed_cluster_drops_out() -> None:
@@ -207,14 +210,20 @@ def test_rotation_keeps_old_ca_in_bundle_bumps_revision_and_reissues_all() -> No
     assert rotated.ca_action == "rotated"
     assert rotated.pki.ca_revision == 2
     assert rotated.pki.ca_serial != old_serial
-    assert len(rotated.issued) == 7
+    assert len(rotated.issued) == 8
     meta = rotated.ca_secret["metadata"]
     assert labels.CA_ROTATE_ANNOTATION not in meta.get("annotations", {})
     assert meta["labels"][labels.CA_REVISION_LABEL] == "2"
     assert meta["labels"][labels.CA_SERIAL_LABEL] == rotated.pki.ca_serial
     data = secret_data(rotated.ca_secret)
-    assert set(data) == {"ca.pem", "ca-key.pem", f"ca-{old_serial}.pem"}
+    assert set(data) == {
+        "ca.pem",
+        "ca-key.pem",
+        f"ca-{old_serial}.pem",
+        f"ca-cross-{old_serial}.pem",
+    }
     assert data[f"ca-{old_serial}.pem"] == first.pki.ca.cert_pem
+    assert rotated.pki.chain == data[f"ca-cross-{old_serial}.pem"]
     assert rotated.pki.trust_bundle == rotated.pki.ca.cert_pem + first.pki.ca.cert_pem
     new_ca = _cert(rotated.pki.ca.cert_pem)
     for pem in _leaf_pems(rotated).values():
@@ -235,6 +244,8 @@ def test_rotation_keeps_old_ca_in_bundle_bumps_revision_and_reissues_all() -> No
         "ca-key.pem",
         f"ca-{old_serial}.pem",
         f"ca-{rotated.pki.ca_serial}.pem",
+        f"ca-cross-{old_serial}.pem",
+        f"ca-cross-{rotated.pki.ca_serial}.pem",
     }
 
 
@@ -338,7 +349,7 @@ def test_next_renewal_is_when_the_first_leaf_must_be_renewed() -> None:
     just_before = _plan(plan_secrets(first), now=first.next_renewal - dt.timedelta(seconds=1))
     assert just_before.issued == ()
     at = _plan(plan_secrets(first), now=first.next_renewal)
-    assert len(at.issued) == 7
+    assert len(at.issued) == 8
     assert at.next_renewal is not None and at.next_renewal > first.next_renewal
 
 

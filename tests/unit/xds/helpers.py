@@ -92,28 +92,45 @@ def cluster(
     )
 
 
+def ads_server_cert(ca: CA, host: str = "127.0.0.1") -> model.CertKey:
+    """atlasd's ADS server certificate as atlasd.reconcile.pki issues it."""
+    pair = ca.issue("atlasd-ads", dns=(model.ADS_SERVER_NAME,), ips=(host,), server=True)
+    return model.CertKey(pair.cert_pem, pair.key_pem)
+
+
 def atlas_bootstrap(
-    ads_port: int, *, delta: bool = False, token: str | None = None
+    ads_port: int,
+    trust: Trust | None = None,
+    *,
+    delta: bool = False,
+    token: str | None = None,
 ) -> dict[str, Any]:
-    """The observability Envoy: ADS straight to atlasd (plaintext, in-cluster), built by
-    the product's bootstrap builder; with ``token``, it sends the forwarder token."""
-    boot = envoy_bootstrap(
+    """The observability Envoy's bootstrap, by the product's bootstrap builder: ADS straight
+    to atlasd over mTLS with the ``atlas`` client certificate of ``trust`` (as
+    ``atlas-envoy-values`` has it), or plaintext without ``trust``; with ``token``, it
+    sends the forwarder token."""
+    ident = trust.identity(model.OBSERVABILITY_NODE) if trust is not None else None
+    return envoy_bootstrap(
         model.OBSERVABILITY_NODE,
         xds_host="127.0.0.1",
         xds_port=ads_port,
-        tls=None,
-        ca_bundle=None,
+        tls=ident,
+        ca_bundle=trust.trust_bundle if trust is not None else None,
+        chain=trust.pki.chain if trust is not None else b"",
+        server_san=model.ADS_SERVER_NAME,
         api_type="DELTA_GRPC" if delta else "GRPC",
+        forwarder_token=token,
     )
-    if token:
-        boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["initial_metadata"] = [
-            {"key": "x-atlasd-forwarder-token", "value": token}
-        ]
-    return boot
 
 
 def downstream_bootstrap(
-    node: str, ident: model.Identity, trust: bytes, xds_port: int, *, delta: bool = False
+    node: str,
+    ident: model.Identity,
+    trust: bytes,
+    xds_port: int,
+    *,
+    delta: bool = False,
+    chain: bytes = b"",
 ) -> dict[str, Any]:
     """A downstream Envoy: ADS over mTLS to the observability Envoy's 10900 (the product's
     bootstrap, as shipped in ``<cluster>-envoy-values``)."""
@@ -123,5 +140,6 @@ def downstream_bootstrap(
         xds_port=xds_port,
         tls=ident,
         ca_bundle=trust,
+        chain=chain,
         api_type="DELTA_GRPC" if delta else "GRPC",
     )

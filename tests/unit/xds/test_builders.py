@@ -85,14 +85,14 @@ def tls_of(lst: Any) -> Any:
             },
         ),
         (
-            "no clusters: no client secret; 10903 allows nobody",
+            "no clusters: the client secret for atlasd only; 10903 allows nobody",
             fleet(clusters=(), alertmanagers=AMS),
             {
                 "atlas": {
                     LISTENER: {"xds", "thanos", "prometheus", "alertmanager"},
                     CLUSTER: {"atlasd-ads-forward", "alertmanager0", "alertmanager1"},
                     ROUTE: {"xds", "thanos", "prometheus", "alertmanager"},
-                    SECRET: {"validation", "server"},
+                    SECRET: {"validation", "server", "client"},
                 },
             },
         ),
@@ -257,6 +257,36 @@ def test_xds_listener_requires_cert_and_forwards_it() -> None:
     rc = parse(atlas, ROUTE, "xds", route_pb2.RouteConfiguration)
     assert rc.virtual_hosts[0].routes[0].route.cluster == builders.ADS_FORWARD_CLUSTER
     assert rc.virtual_hosts[0].routes[0].route.timeout.ToSeconds() == 0
+
+
+def test_xds_is_forwarded_to_atlasd_over_mtls_as_the_forwarder() -> None:
+    atlas = build_snapshots(fleet(clusters=()))["atlas"]
+    cl = parse(atlas, CLUSTER, builders.ADS_FORWARD_CLUSTER, cluster_pb2.Cluster)
+    ctx = tls_pb2.UpstreamTlsContext.FromString(cl.transport_socket.typed_config.value)
+    assert ctx.sni == model.ADS_SERVER_NAME
+    common = ctx.common_tls_context
+    assert [c.name for c in common.tls_certificate_sds_secret_configs] == ["client"]
+    vc = common.combined_validation_context
+    assert vc.validation_context_sds_secret_config.name == "validation"
+    assert [
+        m.matcher.exact for m in vc.default_validation_context.match_typed_subject_alt_names
+    ] == [model.ADS_SERVER_NAME]
+    assert list(common.alpn_protocols) == ["h2"]
+
+
+def test_served_certificates_carry_the_chain() -> None:
+    f = fleet()
+    assert f.pki is not None
+    linked = dataclasses.replace(f, pki=dataclasses.replace(f.pki, chain=b"<link>"))
+    for node, snap in build_snapshots(linked).items():
+        for name in ("server", "client"):
+            r = snap.get(SECRET, name)
+            if r is None:
+                continue
+            chain = secret_pb2.Secret.FromString(r.body).tls_certificate.certificate_chain
+            assert chain.inline_bytes.endswith(b"<link>"), (node, name)
+    plain = build_snapshots(f)
+    assert all(b"<link>" not in r.body for s in plain.values() for r in s.of_type(SECRET).values())
 
 
 def test_forwarder_token_is_added_and_incoming_copies_stripped() -> None:

@@ -1,85 +1,90 @@
-"""The ADS server in this Trio process, driven by a grpcio client on loopback."""
+"""The ADS server in this Trio process, driven by a grpcio client on loopback: plaintext
+and TLS on one port, who may fetch what, the certificate renewed without a restart."""
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import grpc
 import pytest
 import trio
-from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 
+from atlasd import model
 from atlasd.xds import server
-from atlasd.xds.authz import Authorizer
+from atlasd.xds.authz import TOKEN_HEADER, XFCC_HEADER, Authorizer
 from atlasd.xds.cache import SnapshotCache
-from atlasd.xds.server import SOTW_METHOD, run_ads_server
+from atlasd.xds.server import run_ads_server
 from atlasd.xds.snapshot import CLUSTER, Snapshot
+from atlasd.xds.tls import ServerTls, TlsMaterial
+from tests.harness.certs import CA, Pair
 from tests.harness.wait import wait_until_async
+from tests.unit.xds.ads_client import ADS_NAME, Client
+from tests.unit.xds.ads_client import request as _req
 from tests.unit.xds.test_snapshot import good
 
 
-class Client:
-    """A SotW ADS stream from a thread: ``send`` requests, read ``responses``/``error``."""
+@dataclass
+class Pki:
+    ca: CA
+    server: Pair  # atlasd's ADS server certificate
+    atlas: Pair  # the forwarder's client certificate
+    east: Pair  # a downstream client certificate
 
-    def __init__(self, port: int, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self._q: queue.Queue[Any] = queue.Queue()
-        self.responses: list[Any] = []
-        self.error: grpc.RpcError | None = None
-        self.done = threading.Event()
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        call = self._channel.stream_stream(
-            SOTW_METHOD,
-            request_serializer=DiscoveryRequest.SerializeToString,
-            response_deserializer=DiscoveryResponse.FromString,
+    @classmethod
+    def make(cls, name: str = "test-ca") -> Pki:
+        ca = CA(name)
+        return cls(
+            ca=ca,
+            server=ca.issue("atlasd-ads", dns=(ADS_NAME,), server=True),
+            atlas=ca.issue("atlas", dns=("atlas", "atlas.monitoring.atlas"), client=True),
+            east=ca.issue("east", dns=("east",), client=True),
         )
-        self._stream = call(self._requests(), metadata=metadata)
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _requests(self) -> Iterator[Any]:
-        while (item := self._q.get()) is not None:
-            yield item
-
-    def _read(self) -> None:
-        try:
-            for r in self._stream:
-                self.responses.append(r)
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def send(self, r: Any) -> None:
-        self._q.put(r)
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._channel.close()
+    def material(self) -> TlsMaterial:
+        return TlsMaterial(
+            cert=model.CertKey(self.server.cert_pem, self.server.key_pem),
+            chain=b"",
+            trust=self.ca.cert_pem,
+        )
 
 
-def _req(node: str, nonce: str = "", version: str = "") -> Any:
-    return DiscoveryRequest(
-        node=base_pb2.Node(id=node), type_url=CLUSTER, response_nonce=nonce, version_info=version
-    )
-
-
-async def test_serves_acks_and_closes_on_removal() -> None:
-    cache = SnapshotCache()
-    cache.set_snapshot("atlas", Snapshot.create("atlas", good()))
+@asynccontextmanager
+async def ads(
+    cache: SnapshotCache, *, authorizer: Authorizer | None = None, tls: ServerTls | None = None
+) -> AsyncIterator[int]:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             lambda task_status: run_ads_server(
                 cache=cache,
                 host="127.0.0.1",
                 port=0,
-                authorizer=Authorizer(),
+                authorizer=authorizer or Authorizer(),
+                tls=tls,
                 task_status=task_status,
             )
         )
-        c = Client(port)
+        yield port
+        nursery.cancel_scope.cancel()
+
+
+def _cache(*nodes: str) -> SnapshotCache:
+    cache = SnapshotCache()
+    for n in nodes:
+        cache.set_snapshot(n, Snapshot.create(n, good()))
+    return cache
+
+
+async def _outcome(c: Client) -> grpc.StatusCode | int:
+    """PERMISSION_DENIED and friends, or the number of responses once one arrived."""
+    return await trio.to_thread.run_sync(c.outcome)
+
+
+async def test_serves_acks_and_closes_on_removal() -> None:
+    cache = _cache("atlas")
+    async with ads(cache, authorizer=Authorizer(forwarder_token="t")) as port:
+        c = Client(port, metadata=((TOKEN_HEADER, "t"),))
         c.send(_req("atlas"))
         await wait_until_async(lambda: len(c.responses) == 1, timeout=10, what="first response")
         r = c.responses[0]
@@ -95,51 +100,108 @@ async def test_serves_acks_and_closes_on_removal() -> None:
         await wait_until_async(c.done.is_set, timeout=10, what="stream closed on removal")
         await wait_until_async(lambda: cache.status() == [], timeout=10, what="status cleared")
         c.close()
-        nursery.cancel_scope.cancel()
 
 
-async def test_refuses_a_direct_downstream_node() -> None:
-    cache = SnapshotCache()
-    cache.set_snapshot("east", Snapshot.create("east", good()))
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: run_ads_server(
-                cache=cache,
-                host="127.0.0.1",
-                port=0,
-                authorizer=Authorizer(),
-                task_status=task_status,
-            )
-        )
-        c = Client(port)
-        c.send(_req("east"))
-        await wait_until_async(c.done.is_set, timeout=10, what="refusal")
-        assert c.error is not None and c.error.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert c.responses == []
-        # Forwarded with east's certificate: allowed.
-        c2 = Client(port, metadata=(("x-forwarded-client-cert", "Hash=1;DNS=east"),))
-        c2.send(_req("east"))
-        await wait_until_async(lambda: len(c2.responses) == 1, timeout=10, what="allowed")
-        c.close()
-        c2.close()
-        nursery.cancel_scope.cancel()
+async def test_plaintext_callers_without_the_token_get_nothing() -> None:
+    """Secure by default: no certificate and no token, no configuration — neither as
+    ``atlas`` nor with a forged XFCC header."""
+    cache = _cache("atlas", "east")
+    pki = Pki.make()
+    tls = ServerTls()
+    tls.update(pki.material())
+    async with ads(cache, tls=tls) as port:
+        for node, md in (("atlas", ()), ("east", ((XFCC_HEADER, "Hash=1;DNS=east"),))):
+            c = Client(port, metadata=md)
+            c.send(_req(node))
+            assert await _outcome(c) == grpc.StatusCode.PERMISSION_DENIED, node
+            assert c.responses == []
+
+
+async def test_tls_callers_are_known_by_their_certificate() -> None:
+    cache = _cache("atlas", "east", "west")
+    pki = Pki.make()
+    tls = ServerTls()
+    tls.update(pki.material())
+    trust = pki.ca.cert_pem
+    forged = ((XFCC_HEADER, "Hash=1;DNS=west"),)
+    async with ads(cache, tls=tls) as port:
+        cases = [
+            # (certificate, node, metadata, outcome)
+            (pki.atlas, "atlas", (), 1),
+            (pki.atlas, "east", ((XFCC_HEADER, "Hash=1;DNS=east"),), 1),
+            (
+                pki.atlas,
+                "west",
+                ((XFCC_HEADER, "Hash=1;DNS=east"),),
+                grpc.StatusCode.PERMISSION_DENIED,
+            ),
+            (pki.east, "west", forged, grpc.StatusCode.PERMISSION_DENIED),
+            (pki.east, "atlas", (), grpc.StatusCode.PERMISSION_DENIED),
+            (None, "west", forged, grpc.StatusCode.PERMISSION_DENIED),
+            (None, "atlas", (), grpc.StatusCode.PERMISSION_DENIED),
+        ]
+        for cert, node, md, want in cases:
+            c = Client(port, metadata=md, tls=(trust, cert))
+            c.send(_req(node))
+            got = await _outcome(c)
+            assert got == want, (cert and cert.cert_pem[:0], node, md, c.error)
+        # A server certificate is not a client certificate: refused in the handshake.
+        c = Client(port, tls=(trust, pki.server))
+        c.send(_req("atlas"))
+        assert await _outcome(c) == grpc.StatusCode.UNAVAILABLE
+        # A certificate of another CA: refused in the handshake.
+        stranger = Pki.make("other-ca").atlas
+        c = Client(port, tls=(trust, stranger))
+        c.send(_req("atlas"))
+        assert await _outcome(c) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_new_certificate_serves_new_connections_without_a_restart() -> None:
+    cache = _cache("atlas")
+    first, second = Pki.make("ca-1"), Pki.make("ca-2")
+    tls = ServerTls()
+    async with ads(cache, tls=tls) as port:
+        # No certificate yet: TLS is refused (plaintext still answers, with its refusal).
+        c = Client(port, tls=(first.ca.cert_pem, first.atlas))
+        c.send(_req("atlas"))
+        assert await _outcome(c) == grpc.StatusCode.UNAVAILABLE
+        assert tls.update(first.material()) is True
+        assert tls.update(first.material()) is False, "unchanged material: same context"
+        kept = Client(port, tls=(first.ca.cert_pem, first.atlas))
+        kept.send(_req("atlas"))
+        await wait_until_async(lambda: len(kept.responses) == 1, timeout=10, what="served")
+        tls.update(second.material())
+        c = Client(port, tls=(second.ca.cert_pem, second.atlas))
+        c.send(_req("atlas"))
+        assert await _outcome(c) == 1
+        c = Client(port, tls=(first.ca.cert_pem, first.atlas))
+        c.send(_req("atlas"))
+        assert await _outcome(c) == grpc.StatusCode.UNAVAILABLE
+        # The stream opened under the first certificate lives on.
+        assert not kept.done.is_set() and [s.node for s in cache.status()] == ["atlas"]
+        kept.close()
+
+
+def test_unusable_material_keeps_the_previous_context(caplog: pytest.LogCaptureFixture) -> None:
+    pki = Pki.make()
+    tls = ServerTls()
+    tls.update(pki.material())
+    before = tls.context
+    other = Pki.make("other")
+    mismatched = TlsMaterial(
+        cert=model.CertKey(pki.server.cert_pem, other.server.key_pem),
+        chain=b"",
+        trust=pki.ca.cert_pem,
+    )
+    assert tls.update(mismatched) is False
+    assert tls.context is before
+    assert "PRIVATE KEY" not in caplog.text and "cannot serve TLS" in caplog.text
 
 
 async def test_a_silent_caller_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server, "FIRST_REQUEST_TIMEOUT", 0.2)
-    cache = SnapshotCache()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            lambda task_status: run_ads_server(
-                cache=cache,
-                host="127.0.0.1",
-                port=0,
-                authorizer=Authorizer(),
-                task_status=task_status,
-            )
-        )
+    async with ads(SnapshotCache()) as port:
         c = Client(port)  # never sends a request
         await wait_until_async(c.done.is_set, timeout=10, what="the silent stream dropped")
-        assert c.error is not None and c.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert c.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         c.close()
-        nursery.cancel_scope.cancel()

@@ -1,5 +1,6 @@
-"""A running xDS world for integration tests: atlasd's ADS server (in this Trio process),
-the observability Envoy and downstream Envoys on loopback, each with its own ports."""
+"""A running xDS world for integration tests: atlasd's ADS server (in this Trio process,
+TLS and plaintext on one port), the observability Envoy (over mTLS, as its values have it)
+and downstream Envoys on loopback, each with its own ports."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
 from atlasd.xds.server import run_ads_server
 from atlasd.xds.status import XdsMetrics
+from atlasd.xds.tls import ServerTls, TlsMaterial
 from tests.harness.certs import CA
 from tests.harness.envoy import Envoy
 from tests.harness.net import free_port
@@ -45,6 +47,9 @@ class World:
     alertmanagers: list[model.LocalAlertmanager]
     envoy_factory: EnvoyFactory
     delta: bool
+    # atlasd's ADS server certificate and the TLS it serves (follows ``pki`` on publish).
+    ads_cert: model.CertKey
+    ads_tls: ServerTls
     token: str | None = None
     restart_server: Callable[[], Awaitable[None]] = dataclasses.field(default=_no_restart)
     envoys: dict[str, Envoy] = dataclasses.field(default_factory=dict)
@@ -53,6 +58,9 @@ class World:
         return self.pki.fleet(tuple(self.clusters), tuple(self.alertmanagers), self.settings)
 
     def publish(self) -> set[str]:
+        self.ads_tls.update(
+            TlsMaterial(cert=self.ads_cert, chain=self.pki.pki.chain, trust=self.pki.trust_bundle)
+        )
         return self.cache.publish(self.builder.build(self.fleet()))
 
     def add_cluster(self, c: model.DownstreamCluster) -> None:
@@ -84,7 +92,9 @@ class World:
         """Start the Envoy of ``node`` (bootstrapped with ``node``'s certificate); ``as_node``
         makes it ask for another node id (authorization tests)."""
         if node == model.OBSERVABILITY_NODE:
-            boot = helpers.atlas_bootstrap(self.ads_port, delta=self.delta, token=self.token)
+            boot = helpers.atlas_bootstrap(
+                self.ads_port, self.pki, delta=self.delta, token=self.token
+            )
         else:
             ident = self.pki.identity(node)
             assert ident is not None
@@ -94,6 +104,7 @@ class World:
                 self.pki.trust_bundle,
                 self.plan.observability.xds,
                 delta=self.delta,
+                chain=self.pki.pki.chain,
             )
         if metadata:
             svc = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]
@@ -154,6 +165,7 @@ async def xds_world(
     )
     registry = CollectorRegistry()
     cache = SnapshotCache(metrics=XdsMetrics(registry))
+    ads_tls = ServerTls()
     async with trio.open_nursery() as nursery:
 
         async def serve(port: int, task_status: trio.TaskStatus[int]) -> None:
@@ -166,6 +178,7 @@ async def xds_world(
                         host="127.0.0.1",
                         port=port,
                         authorizer=Authorizer(forwarder_token=token),
+                        tls=ads_tls,
                         task_status=task_status,
                     )
             finally:
@@ -198,6 +211,8 @@ async def xds_world(
             alertmanagers=list(alertmanagers or []),
             envoy_factory=envoy_factory,
             delta=delta,
+            ads_cert=helpers.ads_server_cert(ca),
+            ads_tls=ads_tls,
         )
 
         async def restart_server() -> None:
