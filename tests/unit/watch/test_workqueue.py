@@ -152,9 +152,10 @@ async def test_a_key_wakes_one_getter_and_a_cancelled_one_passes_it_on() -> None
 
             nursery.start_soon(run)
         await trio.testing.wait_all_tasks_blocked()
-        q.add("a")
-        # The first getter was woken; cancel it before it runs: the key must reach another.
+        # Getter 0 is cancelled as the key arrives (before it can run): whether or not its
+        # was the getter the key woke, the key must reach another one.
         scopes[0].cancel()
+        q.add("a")
         await trio.testing.wait_all_tasks_blocked()
         assert len(got) == 1 and got[0][1] == "a" and got[0][0] != 0
         assert len(q._getters) == 2  # the other two still wait, nobody else was woken
