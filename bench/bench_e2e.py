@@ -251,8 +251,8 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
             if client.get(view.url, timeout=10).json()["nodes"] < n + 1:
                 return None
             acked, at, want = view.read()
-            if all(t in want and acked.get(t) == want[t] for t in ("cds", "rds")):
-                return max(at["cds"], at["rds"])
+            if all(t in want and acked.get(t) == want[t] for t in ("cds", "srds")):
+                return max(at["cds"], at["srds"])
             return None
 
         done_at = wait_until(onboarded, timeout=1800, what="all clusters served", interval=0.5)
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
                 k,
                 create,
                 view,
-                ("cds", "rds"),
+                ("cds", "srds"),
                 lambda i: _dump_has(envoy, f"c{n + i:05d}", "198.18."),  # type: ignore[arg-type]
             )
         )
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
                 k,
                 remove,
                 view,
-                ("cds", "rds"),
+                ("cds", "srds"),
                 lambda i: _dump_has(envoy, f"c{n + i:05d}", None),  # type: ignore[arg-type]
             )
         )

@@ -98,8 +98,8 @@ def _has(envoy: Envoy, name: str) -> bool:
     )
     if f'"{name}-prom"' not in cds.text:
         return False
-    rds = httpx.get(url, params={"resource": "dynamic_route_configs"})
-    return f'"/prom/{name}/"' in rds.text
+    scopes = httpx.get(url, params={"resource": "dynamic_scoped_route_configs"})
+    return f'"/prom/{name}/"' in scopes.text
 
 
 def _dials(envoy: Envoy, name: str, ip: str) -> bool:

@@ -17,7 +17,7 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, proto
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -76,10 +76,6 @@ def repeated_field(field_number: int, items: Iterable[bytes]) -> bytes:
     return b"".join(field_bytes(field_number, b) for b in items)
 
 
-VHOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["virtual_hosts"].number
-ROUTES_FIELD = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["routes"].number
-
-
 def sds_ref(name: str) -> secret_pb2.SdsSecretConfig:
     return secret_pb2.SdsSecretConfig(
         name=name,
@@ -135,6 +131,23 @@ def downstream_tls_chain(
     return chain, frozenset({(SECRET, SERVER_SECRET), (SECRET, VALIDATION_SECRET)})
 
 
+def _ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.ApiVersion.V3,
+    )
+
+
+@dataclass(frozen=True)
+class HeaderPart:
+    """One fragment of a routing scope's key: element ``index`` of header ``header`` split
+    on ``separator`` (Envoy's ``ScopedRoutes.ScopeKeyBuilder.FragmentBuilder``)."""
+
+    header: str
+    separator: str
+    index: int
+
+
 def make_hcm(
     *,
     stat_prefix: str,
@@ -142,8 +155,14 @@ def make_hcm(
     streaming: bool = False,
     forward_client_cert: bool = False,
     rbac_deny_by_default: bool = False,
+    scope_key: Sequence[HeaderPart] = (),
 ) -> hcm_pb2.HttpConnectionManager:
     """An HTTP connection manager taking its routes from RDS over ADS.
+
+    ``scope_key``: instead, scoped routes over ADS (SRDS): each request's key is built from
+    these header fragments and picks the ``ScopedRouteConfiguration`` holding that key
+    (each carrying its own small route configuration inline); ``route_name`` then names
+    the set. A change of one scope costs Envoy that scope, not every route.
 
     ``rbac_deny_by_default``: an RBAC filter that allows nothing unless the route's
     virtual host overrides it (``rbac_allow_principals``), so who may call lives in
@@ -152,19 +171,35 @@ def make_hcm(
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(
-            config_source=config_source_pb2.ConfigSource(
-                ads=config_source_pb2.AggregatedConfigSource(),
-                resource_api_version=config_source_pb2.ApiVersion.V3,
-            ),
-            route_config_name=route_name,
-        ),
         http_filters=[
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
             )
         ],
     )
+    if scope_key:
+        builder = hcm_pb2.ScopedRoutes.ScopeKeyBuilder
+        hcm.scoped_routes.CopyFrom(
+            hcm_pb2.ScopedRoutes(
+                name=route_name,
+                scope_key_builder=builder(
+                    fragments=[
+                        builder.FragmentBuilder(
+                            header_value_extractor=builder.FragmentBuilder.HeaderValueExtractor(
+                                name=part.header,
+                                element_separator=part.separator,
+                                index=part.index,
+                            )
+                        )
+                        for part in scope_key
+                    ]
+                ),
+                rds_config_source=_ads_source(),
+                scoped_rds=hcm_pb2.ScopedRds(scoped_rds_config_source=_ads_source()),
+            )
+        )
+    else:
+        hcm.rds.CopyFrom(hcm_pb2.Rds(config_source=_ads_source(), route_config_name=route_name))
     if rbac_deny_by_default:
         deny_all = rbac_filter_pb2.RBAC(rules=rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW))
         hcm.http_filters.insert(
@@ -349,6 +384,24 @@ def make_route(
             )
         )
     return r
+
+
+def make_scope(
+    name: str, key: Sequence[str], route: route_components_pb2.Route
+) -> scoped_route_pb2.ScopedRouteConfiguration:
+    """A routing scope: requests whose key is ``key`` take ``route`` (its own route
+    configuration, inline, one virtual host matching any authority)."""
+    scope = scoped_route_pb2.ScopedRouteConfiguration
+    return scope(
+        name=name,
+        key=scope.Key(fragments=[scope.Key.Fragment(string_key=k) for k in key]),
+        route_configuration=route_pb2.RouteConfiguration(
+            name=name,
+            virtual_hosts=[
+                route_components_pb2.VirtualHost(name=name, domains=["*"], routes=[route])
+            ],
+        ),
+    )
 
 
 def host_domains(host: str) -> list[str]:

@@ -34,16 +34,24 @@ CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+SCOPED_ROUTE = _PREFIX + "envoy.config.route.v3.ScopedRouteConfiguration"
 SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 
 # Make-before-break: what is referenced goes out before what references it.
-# Secrets first (clusters and listeners name them), then CDS -> EDS -> LDS -> RDS;
+# Secrets first (clusters and listeners name them), then CDS -> EDS -> LDS -> SRDS -> RDS;
 # removals of stale resources follow in a separate, final step (see ``protocol``).
-PUSH_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
+PUSH_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
 # SotW responses of these types must carry the full set (Envoy treats absence as removal).
-FULL_STATE_TYPES = frozenset({CLUSTER, LISTENER})
+FULL_STATE_TYPES = frozenset({CLUSTER, LISTENER, SCOPED_ROUTE})
 
-SHORT_NAMES = {SECRET: "sds", CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+SHORT_NAMES = {
+    SECRET: "sds",
+    CLUSTER: "cds",
+    ENDPOINT: "eds",
+    LISTENER: "lds",
+    SCOPED_ROUTE: "srds",
+    ROUTE: "rds",
+}
 
 _MOD = 2**64
 Ref = tuple[str, str]

@@ -195,9 +195,9 @@ def test_an_ip_change_costs_one_cluster(apiserver: ApiServer, fleet: dict[str, A
     pushed = {
         t: total(follow1, f'atlasd_xds_pushes_total{{type="{t}"}}')
         - total(follow0, f'atlasd_xds_pushes_total{{type="{t}"}}')
-        for t in ("cds", "lds", "rds", "sds")
+        for t in ("cds", "lds", "rds", "srds", "sds")
     }
-    assert pushed == {"cds": 1, "lds": 0, "rds": 0, "sds": 0}
+    assert pushed == {"cds": 1, "lds": 0, "rds": 0, "srds": 0, "sds": 0}
     # The leader knew the key was in sync at once: one keyed reconcile, no plan, no write.
     assert total(lead1, "atlasd_reconcile_writes_total") == total(
         lead0, "atlasd_reconcile_writes_total"

@@ -493,25 +493,39 @@ def envoy_view(envoy: Envoy) -> dict[str, Any]:
         r["route_config"]["name"]: r["route_config"]
         for r in _dump_part(dump, "RoutesConfigDump").get("dynamic_route_configs", [])
     }
+    # Routing scopes (node atlas's 10901 and 10904): each carries its route configuration.
+    # Every SRDS subscription of the Envoy holds every scope; they are told apart by key.
+    scopes = {
+        sc["name"]: sc
+        for part in _dump_part(dump, "ScopedRoutesConfigDump").get(
+            "dynamic_scoped_route_configs", []
+        )
+        for sc in part.get("scoped_route_configs", [])
+    }
+    routes.update({n: sc["route_configuration"] for n, sc in scopes.items()})
+    scope_keys = {tuple(f["string_key"] for f in sc["key"]["fragments"]) for sc in scopes.values()}
     secrets = {
         s["name"]: s
         for s in _dump_part(dump, "SecretsConfigDump").get("dynamic_active_secrets", [])
     }
     warming = _dump_part(dump, "ClustersConfigDump").get("dynamic_warming_clusters", [])
-    return {"clusters": clusters, "routes": routes, "secrets": secrets, "warming": warming}
+    return {
+        "clusters": clusters,
+        "routes": routes,
+        "scope_keys": scope_keys,
+        "secrets": secrets,
+        "warming": warming,
+    }
 
 
-def _domains_and_prefixes(routes: dict[str, Any]) -> tuple[set[str], set[str]]:
-    domains: set[str] = set()
-    prefixes: set[str] = set()
-    for rc in routes.values():
-        for vh in rc.get("virtual_hosts", []):
-            domains.update(vh.get("domains", []))
-            for r in vh.get("routes", []):
-                prefix = r.get("match", {}).get("prefix")
-                if prefix:
-                    prefixes.add(prefix)
-    return domains, prefixes
+def _route_prefixes(routes: dict[str, Any]) -> set[str]:
+    return {
+        r["match"]["prefix"]
+        for rc in routes.values()
+        for vh in rc.get("virtual_hosts", [])
+        for r in vh.get("routes", [])
+        if r.get("match", {}).get("prefix")
+    }
 
 
 def check_observability_envoy(
@@ -539,7 +553,7 @@ def check_observability_envoy(
         }
         want_ip = nat.get(spec.ip, spec.ip)
         assert addrs == {want_ip}, f"{name}-prom dials {addrs}, want {want_ip}"
-    domains, prefixes = _domains_and_prefixes(view["routes"])
+    prefixes = _route_prefixes(view["routes"])
     want_prefixes = {f"/prom/{name}/" for name in specs}
     got_prefixes = {p for p in prefixes if p.startswith("/prom/")}
     assert got_prefixes == want_prefixes, (
@@ -548,9 +562,9 @@ def check_observability_envoy(
     )
     suffix = f".{ns}.svc.cluster.local"
     want_hosts = {f"{s}{suffix}" for spec in specs.values() for s in spec.sidecars()}
-    got_hosts = {d.rstrip("*").rstrip(":") for d in domains if "-thanos-sidecar" in d}
+    got_hosts = {k[0] for k in view["scope_keys"] if len(k) == 1}
     assert got_hosts == want_hosts, (
-        f"10901 domains: missing {sorted(want_hosts - got_hosts)[:5]}, "
+        f"10901 authorities: missing {sorted(want_hosts - got_hosts)[:5]}, "
         f"extra {sorted(got_hosts - want_hosts)[:5]}"
     )
 

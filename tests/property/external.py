@@ -9,8 +9,9 @@ rejection with the input that produced it.
 
 An Envoy snapshot is checked as a static bootstrap (``static_bootstrap``): its
 listeners, clusters and secrets inline, each HTTP connection manager's RDS reference
-replaced by the route configuration it names, and every SDS reference pointed at the
-static secret of that name. ``envoy --mode validate`` then builds the whole server
+replaced by the route configuration it names (its SRDS subscription by the static list of
+its scopes, ``<name>/...``), and every SDS reference pointed at the static secret of that
+name. ``envoy --mode validate`` then builds the whole server
 (listeners, clusters, TLS contexts from the PEM material) without opening a socket.
 
 The zone check is ``named-checkzone -k fail -i local atlas. FILE``: ``-k fail`` makes a
@@ -35,7 +36,7 @@ from typing import Any
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -44,7 +45,7 @@ from google.protobuf import descriptor_pool, message, message_factory
 
 from tests.harness import components
 from tests.harness.envoy import envoy_binary
-from tests.property.pipeline import CLUSTER, LISTENER, ROUTE, SECRET, Snapshot
+from tests.property.pipeline import CLUSTER, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
 
 _SDS = secret_pb2.SdsSecretConfig.DESCRIPTOR.full_name
 _HCM = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
@@ -56,12 +57,22 @@ def _is_repeated(fd: Any) -> bool:
     return bool(flag) if flag is not None else bool(fd.label == fd.LABEL_REPEATED)
 
 
-def _rewrite(msg: message.Message, routes: Mapping[str, route_pb2.RouteConfiguration]) -> None:
-    """Inline RDS and point SDS at static secrets, everywhere inside ``msg``."""
+Scopes = Mapping[str, scoped_route_pb2.ScopedRouteConfiguration]
+
+
+def _rewrite(
+    msg: message.Message, routes: Mapping[str, route_pb2.RouteConfiguration], scopes: Scopes
+) -> None:
+    """Inline RDS and SRDS and point SDS at static secrets, everywhere inside ``msg``."""
     name = msg.DESCRIPTOR.full_name
     if name == _HCM and msg.HasField("rds"):  # type: ignore[attr-defined]
         rc = routes[msg.rds.route_config_name]  # type: ignore[attr-defined]
         msg.route_config.CopyFrom(rc)  # type: ignore[attr-defined]
+    if name == _HCM and msg.HasField("scoped_routes"):  # type: ignore[attr-defined]
+        sr = msg.scoped_routes  # type: ignore[attr-defined]
+        mine = [s for n, s in sorted(scopes.items()) if n.startswith(f"{sr.name}/")]
+        sr.ClearField("scoped_rds")
+        sr.scoped_route_configurations_list.scoped_route_configurations.extend(mine)
     if name == _SDS:
         msg.ClearField("sds_config")
         return
@@ -81,10 +92,10 @@ def _rewrite(msg: message.Message, routes: Mapping[str, route_pb2.RouteConfigura
                 desc = descriptor_pool.Default().FindMessageTypeByName(type_name)
                 inner = message_factory.GetMessageClass(desc)()
                 item.Unpack(inner)
-                _rewrite(inner, routes)
+                _rewrite(inner, routes, scopes)
                 item.Pack(inner)
             else:
-                _rewrite(item, routes)
+                _rewrite(item, routes, scopes)
 
 
 def static_bootstrap(snapshot: Snapshot) -> bytes:
@@ -93,16 +104,20 @@ def static_bootstrap(snapshot: Snapshot) -> bytes:
         name: route_pb2.RouteConfiguration.FromString(r.body)
         for name, r in snapshot.of_type(ROUTE).items()
     }
+    scopes = {
+        name: scoped_route_pb2.ScopedRouteConfiguration.FromString(r.body)
+        for name, r in snapshot.of_type(SCOPED_ROUTE).items()
+    }
     boot = bootstrap_pb2.Bootstrap()
     boot.node.id = snapshot.node
     boot.node.cluster = "atlas"
     for r in snapshot.of_type(LISTENER).values():
         lst = listener_pb2.Listener.FromString(r.body)
-        _rewrite(lst, routes)
+        _rewrite(lst, routes, scopes)
         boot.static_resources.listeners.append(lst)
     for r in snapshot.of_type(CLUSTER).values():
         cl = cluster_pb2.Cluster.FromString(r.body)
-        _rewrite(cl, routes)
+        _rewrite(cl, routes, scopes)
         boot.static_resources.clusters.append(cl)
     for r in snapshot.of_type(SECRET).values():
         boot.static_resources.secrets.append(secret_pb2.Secret.FromString(r.body))

@@ -6,7 +6,7 @@ sampled checks by the real tools (``external``).
 - the zone: parses (dnspython), SOA + NS + exactly the SRV records of the clusters;
 - the snapshots: one per accepted cluster plus ``atlas``, each resource decodes, the
   upstream of every cluster dials its external IP, virtual-host domains are unique in
-  each route configuration (Envoy refuses duplicates).
+  each route configuration and scope keys unique per node (Envoy refuses duplicates).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import dns.zone
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from tests.property.pipeline import (
@@ -30,6 +30,7 @@ from tests.property.pipeline import (
     LISTENER,
     OBSERVABILITY_NODE,
     ROUTE,
+    SCOPED_ROUTE,
     SECRET,
     DownstreamCluster,
     Outputs,
@@ -43,6 +44,7 @@ _DECODERS = {
     CLUSTER: cluster_pb2.Cluster,
     LISTENER: listener_pb2.Listener,
     ROUTE: route_pb2.RouteConfiguration,
+    SCOPED_ROUTE: scoped_route_pb2.ScopedRouteConfiguration,
     SECRET: secret_pb2.Secret,
 }
 
@@ -157,6 +159,11 @@ def check_snapshots(out: Outputs, clusters: Sequence[DownstreamCluster]) -> None
     assert set(out.snapshots) == {OBSERVABILITY_NODE, *(c.name for c in clusters)}
     decoded: dict[tuple[str, str, str], Any] = {}
     for node, snap in out.snapshots.items():
+        keys = [
+            tuple(f.string_key for f in _DECODERS[SCOPED_ROUTE].FromString(r.body).key.fragments)
+            for r in snap.of_type(SCOPED_ROUTE).values()
+        ]
+        assert len(keys) == len(set(keys)), node
         for type_url, resources in snap.resources.items():
             for name, r in resources.items():
                 msg = _DECODERS[type_url].FromString(r.body)

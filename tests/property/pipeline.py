@@ -40,7 +40,7 @@ from atlasd.reconcile.desired import DesiredState, desired_state
 from atlasd.reconcile.objects import owner_references
 from atlasd.reconcile.pki import PKIPlan, plan_pki
 from atlasd.xds.builders import SnapshotBuilder
-from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SECRET, Snapshot
+from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
 from tests.unit.reconcile.pkitools import CountingKeys
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "LISTENER",
     "OBSERVABILITY_NODE",
     "ROUTE",
+    "SCOPED_ROUTE",
     "SECRET",
     "SETTINGS",
     "DownstreamCluster",

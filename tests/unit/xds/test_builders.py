@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -21,7 +21,7 @@ from atlasd import model
 from atlasd.xds import builders
 from atlasd.xds.builders import SnapshotBuilder, build_snapshots
 from atlasd.xds.plan import ListenPlan, NodePorts
-from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SECRET, Snapshot
+from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
 from tests.unit.xds import helpers
 
 _CA, _PKI = helpers.make_pki(["atlas", "east", "west", "north"])
@@ -39,6 +39,9 @@ def fleet(
     if pki is None:
         return model.Fleet.of(model.Settings(), clusters, alertmanagers=alertmanagers)
     return pki.fleet(clusters, alertmanagers)
+
+
+SIDECAR = "{}-thanos-sidecar{}.monitoring.svc.cluster.local"
 
 
 def names(snap: Snapshot, t: str) -> set[str]:
@@ -73,7 +76,8 @@ def tls_of(lst: Any) -> Any:
                 "atlas": {
                     LISTENER: {"xds", "thanos", "prometheus"},
                     CLUSTER: {"atlasd-ads-forward", "east-thanos", "east-prom"},
-                    ROUTE: {"xds", "thanos", "prometheus"},
+                    ROUTE: {"xds"},
+                    SCOPED_ROUTE: {f"thanos/{SIDECAR.format('east', 0)}", "prometheus/east"},
                     SECRET: {"validation", "server", "client"},
                 },
                 "east": {
@@ -91,7 +95,8 @@ def tls_of(lst: Any) -> Any:
                 "atlas": {
                     LISTENER: {"xds", "thanos", "prometheus", "alertmanager"},
                     CLUSTER: {"atlasd-ads-forward", "alertmanager0", "alertmanager1"},
-                    ROUTE: {"xds", "thanos", "prometheus", "alertmanager"},
+                    ROUTE: {"xds", "alertmanager"},
+                    SCOPED_ROUTE: set(),
                     SECRET: {"validation", "server", "client"},
                 },
             },
@@ -109,7 +114,12 @@ def tls_of(lst: Any) -> Any:
                         "alertmanager0",
                         "alertmanager1",
                     },
-                    ROUTE: {"xds", "thanos", "prometheus", "alertmanager"},
+                    ROUTE: {"xds", "alertmanager"},
+                    SCOPED_ROUTE: {
+                        f"thanos/{SIDECAR.format('east', 0)}",
+                        f"thanos/{SIDECAR.format('east', 1)}",
+                        "prometheus/east",
+                    },
                     SECRET: {"validation", "server", "client"},
                 },
                 "east": {
@@ -133,7 +143,13 @@ def tls_of(lst: Any) -> Any:
                         "nokey-thanos",
                         "nokey-prom",
                     },
-                    ROUTE: {"xds", "thanos", "prometheus"},
+                    ROUTE: {"xds"},
+                    SCOPED_ROUTE: {
+                        f"thanos/{SIDECAR.format('east', 0)}",
+                        f"thanos/{SIDECAR.format('nokey', 0)}",
+                        "prometheus/east",
+                        "prometheus/nokey",
+                    },
                     SECRET: {"validation", "server", "client"},
                 },
                 "east": {
@@ -157,19 +173,50 @@ def test_resources_per_node(
             assert names(snaps[node], t) == expected, (name, node, t)
 
 
+def scopes(snap: Snapshot) -> dict[str, tuple[list[str], list[tuple[str, str, str]]]]:
+    """Each routing scope: its key, and its routes (prefix, rewrite, cluster)."""
+    out = {}
+    for name, r in snap.of_type(SCOPED_ROUTE).items():
+        scope = scoped_route_pb2.ScopedRouteConfiguration.FromString(r.body)
+        assert scope.name == name and not scope.route_configuration_name
+        [vh] = scope.route_configuration.virtual_hosts
+        assert list(vh.domains) == ["*"]
+        out[name] = (
+            [f.string_key for f in scope.key.fragments],
+            [(x.match.prefix, x.route.prefix_rewrite, x.route.cluster) for x in vh.routes],
+        )
+    return out
+
+
+def test_scope_keys_are_built_from_the_authority_and_the_path() -> None:
+    atlas = build_snapshots(fleet())["atlas"]
+    keys = {}
+    for name in ("thanos", "prometheus"):
+        hcm = hcm_of(parse(atlas, LISTENER, name, listener_pb2.Listener))
+        assert hcm.WhichOneof("route_specifier") == "scoped_routes"
+        assert hcm.scoped_routes.scoped_rds.scoped_rds_config_source.HasField("ads")
+        keys[name] = [
+            (f.header_value_extractor.name, f.header_value_extractor.element_separator,
+             f.header_value_extractor.index)
+            for f in hcm.scoped_routes.scope_key_builder.fragments
+        ]  # fmt: skip
+    # The authority without its port; "prom" and the cluster name from /prom/<cluster>/...
+    assert keys == {
+        "thanos": [(":authority", ":", 0)],
+        "prometheus": [(":path", "/", 1), (":path", "/", 2)],
+    }
+
+
 def test_thanos_routes_by_authority_and_upstream_san() -> None:
     snaps = build_snapshots(
         fleet(clusters=(helpers.cluster("east", replicas=2), helpers.cluster("west")))
     )
     atlas = snaps["atlas"]
-    rc = parse(atlas, ROUTE, "thanos", route_pb2.RouteConfiguration)
-    by_vh = {vh.name: (list(vh.domains), vh.routes[0].route.cluster) for vh in rc.virtual_hosts}
-    host = "east-thanos-sidecar{}.monitoring.svc.cluster.local"
-    assert by_vh["east-thanos"] == (
-        [host.format(0), host.format(0) + ":*", host.format(1), host.format(1) + ":*"],
-        "east-thanos",
-    )
-    assert all("east.east" not in d for d, _ in by_vh.values() for d in d)
+    thanos = {n: v for n, v in scopes(atlas).items() if n.startswith("thanos/")}
+    assert thanos == {
+        f"thanos/{SIDECAR.format(c, i)}": ([SIDECAR.format(c, i)], [("/", "", f"{c}-thanos")])
+        for c, i in (("east", 0), ("east", 1), ("west", 0))
+    }
     cl = parse(atlas, CLUSTER, "east-thanos", cluster_pb2.Cluster)
     up = tls_pb2.UpstreamTlsContext.FromString(cl.transport_socket.typed_config.value)
     sans = up.common_tls_context.combined_validation_context.default_validation_context
@@ -181,12 +228,11 @@ def test_thanos_routes_by_authority_and_upstream_san() -> None:
 
 def test_prometheus_prefix_rewrite() -> None:
     snaps = build_snapshots(fleet(clusters=(helpers.cluster("east"), helpers.cluster("west"))))
-    rc = parse(snaps["atlas"], ROUTE, "prometheus", route_pb2.RouteConfiguration)
-    routes = [
-        (r.match.prefix, r.route.prefix_rewrite, r.route.cluster)
-        for r in rc.virtual_hosts[0].routes
-    ]
-    assert routes == [("/prom/east/", "/", "east-prom"), ("/prom/west/", "/", "west-prom")]
+    prom = {n: v for n, v in scopes(snaps["atlas"]).items() if n.startswith("prometheus/")}
+    assert prom == {
+        "prometheus/east": (["prom", "east"], [("/prom/east/", "/", "east-prom")]),
+        "prometheus/west": (["prom", "west"], [("/prom/west/", "/", "west-prom")]),
+    }
 
 
 def test_each_alertmanager_gets_its_own_service() -> None:
@@ -413,18 +459,26 @@ def test_no_deprecated_fields_anywhere() -> None:
     assert found == []
 
 
-def test_piecewise_route_encoding_equals_normal_encoding() -> None:
-    snaps = build_snapshots(
-        fleet(clusters=(helpers.cluster("east"), helpers.cluster("west", replicas=3)))
-    )
-    for name in ("thanos", "prometheus"):
-        body = snaps["atlas"].get(ROUTE, name)
-        assert body is not None
-        parsed = route_pb2.RouteConfiguration.FromString(body.body)
-        rebuilt = route_pb2.RouteConfiguration(name=name)
-        rebuilt.virtual_hosts.extend(parsed.virtual_hosts)
-        assert parsed == rebuilt
-        assert all(isinstance(vh, route_components_pb2.VirtualHost) for vh in parsed.virtual_hosts)
+def test_a_change_of_one_cluster_touches_its_own_scopes_only() -> None:
+    clusters = [helpers.cluster(n) for n in ("east", "west")]
+    b = SnapshotBuilder()
+    first = b.build(fleet(clusters=tuple(clusters)))["atlas"]
+    # Two replicas: a second sidecar scope appears, nothing else of the routes changes.
+    clusters[1] = dataclasses.replace(clusters[1], replicas=2)
+    second = b.update(fleet(clusters=tuple(clusters)), {"west"}).changed["atlas"]
+    assert second is not None
+    assert dict(second.diff_from(first) or {}) == {
+        SCOPED_ROUTE: frozenset({f"thanos/{SIDECAR.format('west', 1)}"})
+    }
+    # Gone: its clusters and every scope of it, removed.
+    third = b.update(fleet(clusters=(clusters[0],)), {"west"}).changed["atlas"]
+    assert third is not None
+    assert dict(third.diff_from(second) or {}) == {
+        CLUSTER: frozenset({"west-thanos", "west-prom"}),
+        SCOPED_ROUTE: frozenset(
+            {f"thanos/{SIDECAR.format('west', i)}" for i in (0, 1)} | {"prometheus/west"}
+        ),
+    }
 
 
 def test_rebuild_is_proportional_to_change() -> None:
