@@ -154,14 +154,12 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 
 def _dump_has(envoy: Envoy, name: str, needle: str | None) -> bool:
-    r = httpx.get(
-        f"{envoy.admin_url}/config_dump",
-        params={"resource": "dynamic_active_clusters", "name_regex": f"^{name}-prom$"},
-        timeout=60,
-    )
+    """Whether the Envoy holds cluster ``<name>-prom`` dialling an address that starts with
+    ``needle`` (None: whether it holds no such cluster)."""
+    addrs = envoy.endpoint_addresses(f"{name}-prom")
     if needle is None:
-        return f'"{name}-prom"' not in r.text
-    return f'"{name}-prom"' in r.text and needle in r.text
+        return addrs is None
+    return addrs is not None and any(a.startswith(needle) for a in addrs)
 
 
 def measure(
@@ -280,7 +278,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
             k,
             move,
             view,
-            ("cds",),
+            ("eds",),
             lambda i: _dump_has(envoy, f"c{i:05d}", f"198.19.{i // 250}.{i % 250 + 1}"),  # type: ignore[arg-type]
         )
         out["ip_change_ms"] = _pct(ip)
@@ -300,7 +298,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
                 k,
                 create,
                 view,
-                ("cds", "srds"),
+                ("cds", "eds", "srds"),
                 lambda i: _dump_has(envoy, f"c{n + i:05d}", "198.18."),  # type: ignore[arg-type]
             )
         )

@@ -92,22 +92,16 @@ def secrets(api: ApiServer) -> dict[str, Any]:
 
 
 def _has(envoy: Envoy, name: str) -> bool:
-    url = f"{envoy.admin_url}/config_dump"
-    cds = httpx.get(
-        url, params={"resource": "dynamic_active_clusters", "name_regex": f"^{name}-prom$"}
-    )
-    if f'"{name}-prom"' not in cds.text:
+    if not envoy.endpoint_addresses(f"{name}-prom"):
         return False
-    scopes = httpx.get(url, params={"resource": "dynamic_scoped_route_configs"})
+    scopes = httpx.get(
+        f"{envoy.admin_url}/config_dump", params={"resource": "dynamic_scoped_route_configs"}
+    )
     return f'"/prom/{name}/"' in scopes.text
 
 
 def _dials(envoy: Envoy, name: str, ip: str) -> bool:
-    cds = httpx.get(
-        f"{envoy.admin_url}/config_dump",
-        params={"resource": "dynamic_active_clusters", "name_regex": f"^{name}-prom$"},
-    )
-    return f'"{ip}"' in cds.text
+    return envoy.endpoint_addresses(f"{name}-prom") == {ip}
 
 
 def _report(what: str, took: list[float]) -> None:

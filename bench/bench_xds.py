@@ -8,7 +8,8 @@ Usage::
 - build: ``SnapshotBuilder.build`` for 10/100/1,000/5,000 clusters, from scratch ("full")
   and after changing one cluster ("one change", same builder: memoized pieces reused).
 - ack: a real Envoy (node ``atlas``, SotW and Delta) holding 100 clusters; one cluster
-  changes, time until the Envoy ACKs the new CDS version (median and p99 over runs).
+  changes its external IP, time until the Envoy ACKs the new EDS version (median and p99
+  over runs).
 - scale: a real Envoy fetching node ``atlas`` for 5,000 clusters (10,000 Envoy clusters)
   from scratch, start -> CDS ACK.
 - streams: a load client in a separate process holds 1,000 ADS streams (one node each,
@@ -36,13 +37,23 @@ from atlasd import model  # noqa: E402
 from atlasd.xds.authz import TOKEN_HEADER, XFCC_HEADER, Authorizer  # noqa: E402
 from atlasd.xds.builders import SnapshotBuilder  # noqa: E402
 from atlasd.xds.cache import SnapshotCache  # noqa: E402
-from atlasd.xds.snapshot import CLUSTER  # noqa: E402
+from atlasd.xds.plan import ListenPlan, ObservabilityPorts  # noqa: E402
+from atlasd.xds.snapshot import CLUSTER, ENDPOINT  # noqa: E402
 
 # The benchmarks' Envoys and load client authenticate with the forwarder token (the
 # plaintext fallback), as the observability Envoy does when configured with one.
 BENCH_TOKEN = "bench-forwarder-token"
+# The benchmarks' observability Envoys listen on ephemeral loopback ports: they measure the
+# control plane round trip, and must not hold the design's fixed ports (10900, ...) that
+# tests and the demo use.
+EPHEMERAL = ListenPlan(
+    observability=ObservabilityPorts(
+        xds=0, thanos=0, alertmanager=0, prometheus=0, address="127.0.0.1"
+    )
+)
 
 CDS = CLUSTER
+EDS = ENDPOINT
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
 
@@ -135,7 +146,7 @@ def bench_ack() -> None:
     async def run(delta: bool) -> list[float]:
         cache = SnapshotCache()
         fleet = _fleet(100)
-        b = SnapshotBuilder()
+        b = SnapshotBuilder(EPHEMERAL)
         cache.publish({"atlas": b.build(fleet)["atlas"]})
         lat: list[float] = []
         async with trio.open_nursery() as nursery:
@@ -150,20 +161,19 @@ def bench_ack() -> None:
             )
             with tempfile.TemporaryDirectory() as tmp:
                 boot = helpers.atlas_bootstrap(port, delta=delta, token=BENCH_TOKEN)
-                # Listeners on port 0: the bench only measures the control plane round trip.
                 envoy = Envoy(boot, f"bench-{'delta' if delta else 'sotw'}", workdir=Path(tmp))
                 await trio.to_thread.run_sync(envoy.start)
 
-                async def acked(version: str) -> None:
+                async def acked(t: str, version: str) -> None:
                     while True:
-                        if any(s.acked_version(CDS) == version for s in cache.status()):
+                        if any(s.acked_version(t) == version for s in cache.status()):
                             return
                         await trio.sleep(0.0005)
 
                 with trio.fail_after(30):
-                    await acked(cache.get("atlas").version(CDS))  # type: ignore[union-attr]
+                    await acked(EDS, cache.get("atlas").version(EDS))  # type: ignore[union-attr]
                 for k in range(60):
-                    # A new external IP for one cluster: its two upstream clusters change.
+                    # A new external IP for one cluster: its two endpoint assignments change.
                     name = sorted(fleet.clusters)[k % 100]
                     moved = dataclasses.replace(
                         fleet.clusters[name], external_ip=f"127.0.{1 + k // 250}.{1 + k % 250}"
@@ -174,7 +184,7 @@ def bench_ack() -> None:
                     snap = b.snapshots()["atlas"]
                     cache.publish({"atlas": snap})
                     with trio.fail_after(30):
-                        await acked(snap.version(CDS))
+                        await acked(EDS, snap.version(EDS))
                     lat.append(time.perf_counter() - t0)
                 envoy.stop()
             nursery.cancel_scope.cancel()
@@ -200,7 +210,7 @@ def bench_scale(n: int = 5000) -> None:
 
     async def run(delta: bool) -> tuple[int, int, float]:
         cache = SnapshotCache()
-        snap = SnapshotBuilder().build(_fleet(n))["atlas"]
+        snap = SnapshotBuilder(EPHEMERAL).build(_fleet(n))["atlas"]
         size = sum(len(r.body) for rs in snap.resources.values() for r in rs.values())
         cache.publish({"atlas": snap})
         async with trio.open_nursery() as nursery:

@@ -19,6 +19,8 @@ Node ``atlas`` (the observability Envoy):
   their own one-route configuration inline. Adding, changing or removing a cluster is an
   update of its own scopes: Envoy's cost does not grow with the fleet (one route
   configuration holding every cluster cost it 0.2-0.5 s per change at 5,000 clusters).
+  The upstream clusters take their one endpoint (the external IP) from EDS, so a new IP
+  changes two endpoint assignments and no cluster.
 - ``alertmanager`` (10903, only with local Alertmanagers): TLS, CA-signed client
   certificate required, and per-route RBAC allows only certificates naming a current
   cluster; authority ``alertmanager<i>...`` -> ``alertmanager<i>``, each its own Service.
@@ -65,6 +67,7 @@ from atlasd.xds.messages import (
     downstream_tls_chain,
     host_domains,
     make_cluster,
+    make_endpoints,
     make_hcm,
     make_listener,
     make_route,
@@ -78,6 +81,7 @@ from atlasd.xds.messages import (
 from atlasd.xds.plan import ListenPlan, NodePorts
 from atlasd.xds.snapshot import (
     CLUSTER,
+    ENDPOINT,
     LISTENER,
     ROUTE,
     SCOPED_ROUTE,
@@ -117,7 +121,7 @@ __all__ = [
 class _ClusterPieces:
     """What one downstream cluster contributes to node ``atlas``."""
 
-    clusters: tuple[Resource, Resource]  # <c>-thanos, <c>-prom
+    clusters: tuple[Resource, ...]  # <c>-thanos, <c>-prom and their endpoints (EDS)
     scopes: tuple[Resource, ...]  # thanos/<authority> per sidecar, prometheus/<c>
     principal: bytes  # its RBAC principal (alertmanager routes)
 
@@ -295,23 +299,26 @@ class SnapshotBuilder:
 
     def _cluster_resources(
         self, c: model.DownstreamCluster, ports: NodePorts
-    ) -> tuple[Resource, Resource]:
-        """The two upstream clusters node ``atlas`` dials ``c`` with (its IP's business)."""
+    ) -> tuple[Resource, ...]:
+        """The two upstream clusters node ``atlas`` dials ``c`` with, and their endpoints
+        (EDS): a new external IP changes the endpoints only, so Envoy keeps the clusters
+        and a State-of-the-World stream sends two endpoint assignments, not every cluster."""
         host = self.upstream_host(c)
         ups: list[Resource] = []
         for kind, port in (("thanos", ports.thanos), ("prom", ports.prometheus)):
             cname = f"{c.name}-{kind}"
             cl, refs = make_cluster(
                 name=cname,
-                host=host,
+                host=None,
                 port=port,
                 http2=True,
                 tls_san=c.name,
                 max_connection_seconds=self._conn_seconds,
             )
             ups.append(Resource.of(CLUSTER, cname, serialize(cl), refs))
+            ups.append(Resource.of(ENDPOINT, cname, serialize(make_endpoints(cname, host, port))))
         self.built += 1
-        return ups[0], ups[1]
+        return tuple(ups)
 
     def _route_pieces(
         self, c: model.DownstreamCluster, s: model.Settings

@@ -34,7 +34,7 @@ from google.protobuf import (  # type: ignore[import-untyped]
 )
 
 from atlasd import model
-from atlasd.xds.snapshot import SECRET, field_bytes
+from atlasd.xds.snapshot import ENDPOINT, SECRET, field_bytes
 
 VALIDATION_SECRET = "validation"
 SERVER_SECRET = "server"
@@ -290,40 +290,55 @@ def is_ip(host: str) -> bool:
     return True
 
 
+def make_endpoints(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+    """Cluster ``name``'s one endpoint, ``host:port`` (inline, or an EDS resource)."""
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(
+                            address=address_pb2.Address(
+                                socket_address=address_pb2.SocketAddress(
+                                    address=host, port_value=port
+                                )
+                            )
+                        )
+                    )
+                ]
+            )
+        ],
+    )
+
+
 def make_cluster(
     *,
     name: str,
-    host: str,
+    host: str | None,
     port: int,
     http2: bool,
     tls_san: str | None = None,
     max_connection_seconds: int | None = None,
 ) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
-    """An upstream cluster with its endpoint inline (no EDS); mTLS when ``tls_san`` is set."""
-    c = cluster_pb2.Cluster(
-        name=name,
-        type=cluster_pb2.Cluster.STATIC if is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
-        connect_timeout=duration_pb2.Duration(seconds=5),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=address_pb2.Address(
-                                    socket_address=address_pb2.SocketAddress(
-                                        address=host, port_value=port
-                                    )
-                                )
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
-    )
-    if not is_ip(host):
+    """An upstream cluster; mTLS when ``tls_san`` is set. With ``host``, its endpoint is
+    inline; without, it comes over EDS (ADS) as the ``ClusterLoadAssignment`` of the same
+    name (``make_endpoints``), so the endpoint's address changes without the cluster."""
+    if host is None:
+        c = cluster_pb2.Cluster(
+            name=name,
+            type=cluster_pb2.Cluster.EDS,
+            connect_timeout=duration_pb2.Duration(seconds=5),
+            eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_source()),
+        )
+    else:
+        c = cluster_pb2.Cluster(
+            name=name,
+            type=cluster_pb2.Cluster.STATIC if is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
+            connect_timeout=duration_pb2.Duration(seconds=5),
+            load_assignment=make_endpoints(name, host, port),
+        )
+    if host is not None and not is_ip(host):
         # Kubernetes Service names resolve to IPv4 first on dual-stack clusters, and a
         # component listening on 127.0.0.1 only is not reachable through ::1.
         c.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
@@ -353,6 +368,8 @@ def make_cluster(
             base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
         )
         refs = frozenset({(SECRET, CLIENT_SECRET), (SECRET, VALIDATION_SECRET)})
+    if host is None:
+        refs |= {(ENDPOINT, name)}
     return c, refs
 
 

@@ -15,6 +15,9 @@ Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg
   to the Envoy, so only a new version of it goes out.
 - Send only on change: a SotW type is re-sent when the content for its subscription
   changes; Delta sends only resources whose version differs from what the Envoy has.
+  SotW endpoints (EDS) go out as only the assignments that changed: the protocol lets every
+  type but listeners and clusters be sent in parts, so a new address of one cluster costs
+  one small response, not every cluster's.
 - One round at a time (flow control, as go-control-plane's watches give it): a snapshot
   change is not pushed while an earlier response on the stream is unanswered; changes
   meanwhile accumulate and go out together once the Envoy has ACKed or NACKed everything
@@ -48,6 +51,7 @@ from google.protobuf import any_pb2  # type: ignore[import-untyped]
 from atlasd.xds.snapshot import (
     CLUSTER,
     FULL_STATE_TYPES,
+    PARTIAL_TYPES,
     PUSH_ORDER,
     Resource,
     Snapshot,
@@ -186,6 +190,11 @@ class _SotwType:
     parked: str = ""  # a version the Envoy NACKed: never re-sent on this stream
     acked_version: str = ""
     awaiting: bool = False  # the latest response is not ACKed or NACKed yet
+    names_gen: int = 0  # bumped whenever ``names`` or ``wildcard`` changes
+    # (snapshot type version, names_gen) when the Envoy was last known to hold all of its
+    # subscription as of that snapshot: answering again from there would send nothing.
+    basis: tuple[str, int] | None = None
+    seen_version: str = ""  # the snapshot type version last looked at
 
 
 class SotwStream:
@@ -230,6 +239,7 @@ class SotwStream:
                 st.acked_version = req.version_info
                 step.acks.append(Ack(t, req.version_info, st.sent_stamp))
         names = set(req.resource_names)
+        wildcard_before = st.wildcard
         if "*" in names:
             names.discard("*")
             st.wildcard = True
@@ -240,6 +250,8 @@ class SotwStream:
             st.wildcard = True
         else:
             st.wildcard = False
+        if names != st.names or wildcard_before != st.wildcard:
+            st.names_gen += 1
         st.names = names
         self._respond(t, st, snap, stamp, step, force=first)
         return step
@@ -271,10 +283,28 @@ class SotwStream:
                     self._send(t, st, union, version, stamp, step)
                     final.append((t, st))
                     continue
+            if hint is not None and t in PARTIAL_TYPES and not st.wildcard:
+                self._send_changed(t, st, snap, hint[t], stamp, step)
+                continue
             self._respond(t, st, snap, stamp, step, force=False)
         for t, st in final:
             self._respond(t, st, snap, stamp, step, force=True)
         return step
+
+    def _send_changed(
+        self, t: str, st: _SotwType, snap: Snapshot, changed: set[str], stamp: float, step: Step
+    ) -> None:
+        """Only the subscribed resources of ``t`` named in ``changed`` (``PARTIAL_TYPES``)."""
+        version = snap.version(t)
+        in_sync = st.basis is not None and st.basis == (st.seen_version, st.names_gen)
+        available = snap.of_type(t)
+        selected = {n: available[n] for n in sorted(changed) if n in st.names and n in available}
+        st.seen_version = version
+        if selected and version != st.parked:
+            self._send(t, st, selected, version, stamp, step)
+        # If the Envoy held all of it before, it holds all of it now (removed names are
+        # unsubscribed by the Envoy itself, with the clusters that named them).
+        st.basis = (version, st.names_gen) if in_sync else None
 
     def _ordered_types(self) -> list[str]:
         known = [t for t in PUSH_ORDER if t in self._types]
@@ -285,6 +315,10 @@ class SotwStream:
     ) -> None:
         if snap is None:
             return
+        basis = (snap.version(t), st.names_gen)
+        if not force and st.basis == basis:
+            return  # answered from this snapshot and subscription already: nothing new
+        st.basis, st.seen_version = basis, basis[0]
         available = snap.of_type(t)
         if st.wildcard:
             version = snap.version(t)

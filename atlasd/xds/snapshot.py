@@ -43,6 +43,9 @@ SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 PUSH_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
 # SotW responses of these types must carry the full set (Envoy treats absence as removal).
 FULL_STATE_TYPES = frozenset({CLUSTER, LISTENER, SCOPED_ROUTE})
+# SotW responses of these types may carry only what changed (the xDS protocol allows it
+# for every type but listeners and clusters; Envoy keeps what a response leaves out).
+PARTIAL_TYPES = frozenset({ENDPOINT})
 
 SHORT_NAMES = {
     SECRET: "sds",

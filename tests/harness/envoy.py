@@ -8,6 +8,7 @@ several Envoys run side by side.
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -96,6 +97,33 @@ class Envoy:
         r.raise_for_status()
         result: dict[str, Any] = r.json()
         return result
+
+    def endpoint_addresses(self, cluster: str) -> set[str] | None:
+        """The addresses cluster ``cluster`` sends to as this Envoy holds them (its
+        assignment from EDS, or inline); None when it has no such active cluster. Reads
+        only that cluster (a full dump of thousands of clusters is too slow to poll)."""
+        url, regex = f"{self.admin_url}/config_dump", f"^{re.escape(cluster)}$"
+
+        def addresses(cla: dict[str, Any]) -> set[str]:
+            return {
+                e["endpoint"]["address"]["socket_address"]["address"]
+                for le in cla.get("endpoints", [])
+                for e in le.get("lb_endpoints", [])
+            }
+
+        r = httpx.get(url, params={"resource": "dynamic_active_clusters", "name_regex": regex})
+        if r.status_code == 404:
+            return None
+        found = [c["cluster"] for c in r.json().get("configs", []) if "cluster" in c]
+        if not found:
+            return None
+        if found[0].get("type") != "EDS":
+            return addresses(found[0].get("load_assignment", {}))
+        params = {"resource": "dynamic_endpoint_configs", "name_regex": regex, "include_eds": "1"}
+        r = httpx.get(url, params=params)
+        if r.status_code == 404:
+            return set()
+        return {a for c in r.json().get("configs", []) for a in addresses(c["endpoint_config"])}
 
     def stats(self, prefix: str = "") -> dict[str, int]:
         r = httpx.get(f"{self.admin_url}/stats", params={"format": "json"}, timeout=10)

@@ -484,10 +484,26 @@ def _dump_part(dump: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def envoy_view(envoy: Envoy) -> dict[str, Any]:
     """Dynamic clusters, route virtual hosts and secrets of one Envoy's config dump."""
-    dump = envoy.config_dump()
+    dump = envoy.config_dump(include_eds=True)
     clusters = {
         c["cluster"]["name"]: c["cluster"]
         for c in _dump_part(dump, "ClustersConfigDump").get("dynamic_active_clusters", [])
+    }
+    # Where each cluster sends: its assignment from EDS, or inline.
+    assignments = {
+        e["endpoint_config"]["cluster_name"]: e["endpoint_config"]
+        for e in _dump_part(dump, "EndpointsConfigDump").get("dynamic_endpoint_configs", [])
+    }
+    assignments.update(
+        {n: c["load_assignment"] for n, c in clusters.items() if "load_assignment" in c}
+    )
+    endpoints = {
+        n: {
+            e["endpoint"]["address"]["socket_address"]["address"]
+            for le in cla.get("endpoints", [])
+            for e in le.get("lb_endpoints", [])
+        }
+        for n, cla in assignments.items()
     }
     routes = {
         r["route_config"]["name"]: r["route_config"]
@@ -513,6 +529,7 @@ def envoy_view(envoy: Envoy) -> dict[str, Any]:
         "clusters": clusters,
         "routes": routes,
         "scope_keys": scope_keys,
+        "endpoints": endpoints,
         "secrets": secrets,
         "warming": warming,
     }
@@ -545,12 +562,7 @@ def check_observability_envoy(
         f"atlas clusters: missing {sorted(want - got)[:5]}, extra {sorted(got - want)[:5]}"
     )
     for name, spec in specs.items():
-        c = view["clusters"][f"{name}-prom"]
-        addrs = {
-            e["endpoint"]["address"]["socket_address"]["address"]
-            for le in c["load_assignment"]["endpoints"]
-            for e in le["lb_endpoints"]
-        }
+        addrs = view["endpoints"].get(f"{name}-prom", set())
         want_ip = nat.get(spec.ip, spec.ip)
         assert addrs == {want_ip}, f"{name}-prom dials {addrs}, want {want_ip}"
     prefixes = _route_prefixes(view["routes"])

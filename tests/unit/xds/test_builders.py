@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
@@ -21,7 +22,15 @@ from atlasd import model
 from atlasd.xds import builders
 from atlasd.xds.builders import SnapshotBuilder, build_snapshots
 from atlasd.xds.plan import ListenPlan, NodePorts
-from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
+from atlasd.xds.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SCOPED_ROUTE,
+    SECRET,
+    Snapshot,
+)
 from tests.unit.xds import helpers
 
 _CA, _PKI = helpers.make_pki(["atlas", "east", "west", "north"])
@@ -46,6 +55,18 @@ SIDECAR = "{}-thanos-sidecar{}.monitoring.svc.cluster.local"
 
 def names(snap: Snapshot, t: str) -> set[str]:
     return set(snap.of_type(t))
+
+
+def endpoint(snap: Snapshot, name: str) -> tuple[str, int]:
+    """Where cluster ``name`` sends: inline, or (type EDS) its ClusterLoadAssignment."""
+    cl = parse(snap, CLUSTER, name, cluster_pb2.Cluster)
+    cla = cl.load_assignment
+    if cl.type == cluster_pb2.Cluster.EDS:
+        assert cl.eds_cluster_config.eds_config.HasField("ads") and not cla.endpoints
+        cla = parse(snap, ENDPOINT, name, endpoint_pb2.ClusterLoadAssignment)
+        assert cla.cluster_name == name
+    addr = cla.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    return addr.address, addr.port_value
 
 
 def parse(snap: Snapshot, t: str, name: str, cls: Any) -> Any:
@@ -222,8 +243,7 @@ def test_thanos_routes_by_authority_and_upstream_san() -> None:
     sans = up.common_tls_context.combined_validation_context.default_validation_context
     assert [m.matcher.exact for m in sans.match_typed_subject_alt_names] == ["east"]
     assert up.common_tls_context.tls_certificate_sds_secret_configs[0].name == "client"
-    addr = cl.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
-    assert (addr.address, addr.port_value) == ("127.0.0.1", model.DOWNSTREAM_THANOS_PORT)
+    assert endpoint(atlas, "east-thanos") == ("127.0.0.1", model.DOWNSTREAM_THANOS_PORT)
 
 
 def test_prometheus_prefix_rewrite() -> None:
@@ -382,12 +402,7 @@ def test_per_node_ports_apply_to_both_ends() -> None:
             return int(
                 parse(snap, t, name, listener_pb2.Listener).address.socket_address.port_value
             )
-        cl = parse(snap, t, name, cluster_pb2.Cluster)
-        return int(
-            cl.load_assignment.endpoints[0]
-            .lb_endpoints[0]
-            .endpoint.address.socket_address.port_value
-        )
+        return endpoint(snap, name)[1]
 
     assert port(snaps["east"], LISTENER, "thanos") == 21901
     assert port(snaps["atlas"], CLUSTER, "east-thanos") == 21901
@@ -475,6 +490,7 @@ def test_a_change_of_one_cluster_touches_its_own_scopes_only() -> None:
     assert third is not None
     assert dict(third.diff_from(second) or {}) == {
         CLUSTER: frozenset({"west-thanos", "west-prom"}),
+        ENDPOINT: frozenset({"west-thanos", "west-prom"}),
         SCOPED_ROUTE: frozenset(
             {f"thanos/{SIDECAR.format('west', i)}" for i in (0, 1)} | {"prometheus/west"}
         ),

@@ -16,9 +16,10 @@ import pytest
 
 from atlasd import model
 from atlasd.xds.builders import SnapshotBuilder, build_snapshots
-from atlasd.xds.protocol import DeltaDiscoveryRequest, DeltaStream
+from atlasd.xds.protocol import DeltaDiscoveryRequest, DeltaStream, DiscoveryRequest, SotwStream
 from atlasd.xds.snapshot import (
     CLUSTER,
+    ENDPOINT,
     LISTENER,
     ROUTE,
     SECRET,
@@ -81,7 +82,7 @@ def test_updates_key_by_key_equal_a_fresh_build(seed: int) -> None:
     assert builder.problems == []
 
 
-def test_an_ip_change_touches_two_clusters_of_atlas_and_nothing_else() -> None:
+def test_an_ip_change_touches_two_endpoints_of_atlas_and_nothing_else() -> None:
     clusters = {n: helpers.cluster(n) for n in NAMES}
     builder = SnapshotBuilder()
     builder.update(_fleet(clusters, True), None)
@@ -91,7 +92,8 @@ def test_an_ip_change_touches_two_clusters_of_atlas_and_nothing_else() -> None:
     assert set(result.changed) == {"atlas"}  # node c3's own config does not name its IP
     atlas = result.changed["atlas"]
     assert atlas is not None
-    assert atlas.diff_from(before["atlas"]) == {CLUSTER: frozenset({"c3-thanos", "c3-prom"})}
+    # The clusters stay (Envoy keeps them and their connection pools); their endpoints move.
+    assert atlas.diff_from(before["atlas"]) == {ENDPOINT: frozenset({"c3-thanos", "c3-prom"})}
     assert atlas.version(ROUTE) == before["atlas"].version(ROUTE)
 
 
@@ -128,7 +130,7 @@ def _ack(stream: DeltaStream, step: Any, snap: Any) -> None:
 
 
 def _subscribe_and_ack(stream: DeltaStream, snap: Any) -> None:
-    for t in (CLUSTER, LISTENER, ROUTE, SECRET):
+    for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET):
         _ack(stream, stream.on_request(DeltaDiscoveryRequest(type_url=t), snap, 0.0), snap)
 
 
@@ -145,14 +147,14 @@ def test_delta_with_a_hint_sends_only_the_changed_resources() -> None:
     hint = {t: set(ns) for t, ns in (second.diff_from(first) or {}).items()}
     step = stream.on_snapshot(second, 1.0, hint)
     assert [(r.type_url, sorted(x.name for x in r.resources)) for r in step.responses] == [
-        (CLUSTER, ["c5-prom", "c5-thanos"])
+        (ENDPOINT, ["c5-prom", "c5-thanos"])
     ]
     # Without a hint the result is the same, found by comparing everything.
     full = DeltaStream("atlas")
     _subscribe_and_ack(full, first)
     unhinted = full.on_snapshot(second, 1.0)
     assert [(r.type_url, sorted(x.name for x in r.resources)) for r in unhinted.responses] == [
-        (CLUSTER, ["c5-prom", "c5-thanos"])
+        (ENDPOINT, ["c5-prom", "c5-thanos"])
     ]
     # A removal reaches the Envoy as a removal.
     _ack(stream, step, second)
@@ -164,4 +166,47 @@ def test_delta_with_a_hint_sends_only_the_changed_resources() -> None:
     removed = {
         r.type_url: sorted(r.removed_resources) for r in step.responses if r.removed_resources
     }
-    assert removed == {CLUSTER: ["c5-prom", "c5-thanos"]}
+    assert removed == {CLUSTER: ["c5-prom", "c5-thanos"], ENDPOINT: ["c5-prom", "c5-thanos"]}
+
+
+def test_sotw_sends_only_the_endpoints_that_changed() -> None:
+    clusters = {n: helpers.cluster(n) for n in NAMES}
+    builder = SnapshotBuilder()
+    first = builder.build(_fleet(clusters, False))["atlas"]
+    stream = SotwStream("atlas")
+    eds = sorted(first.of_type(ENDPOINT))
+    for t, names in ((CLUSTER, []), (ENDPOINT, eds)):
+        [r] = stream.on_request(
+            DiscoveryRequest(type_url=t, resource_names=names), first, 0.0
+        ).responses
+        stream.on_request(
+            DiscoveryRequest(
+                type_url=t,
+                resource_names=names,
+                response_nonce=r.nonce,
+                version_info=r.version_info,
+            ),
+            first,
+            0.0,
+        )
+    clusters["c5"] = dataclasses.replace(clusters["c5"], external_ip="192.0.2.55")
+    second = builder.update(_fleet(clusters, False), {"c5"}).changed["atlas"]
+    assert second is not None
+    hint = {t: set(ns) for t, ns in (second.diff_from(first) or {}).items()}
+    [r] = stream.on_snapshot(second, 1.0, hint).responses
+    # Two assignments, under the snapshot's version of the whole type.
+    assert (r.type_url, sorted(a.value for a in r.resources)) == (
+        ENDPOINT,
+        sorted(second.of_type(ENDPOINT)[n].body for n in ("c5-prom", "c5-thanos")),
+    )
+    assert r.version_info == second.version(ENDPOINT)
+    # Its ACK needs nothing more; without a hint the whole subscription would go out.
+    ack = DiscoveryRequest(
+        type_url=ENDPOINT, resource_names=eds, response_nonce=r.nonce, version_info=r.version_info
+    )
+    assert stream.on_request(ack, second, 2.0).responses == []
+    fresh = SotwStream("atlas")
+    [full] = fresh.on_request(
+        DiscoveryRequest(type_url=ENDPOINT, resource_names=eds), second, 0.0
+    ).responses
+    assert len(full.resources) == len(eds) and full.version_info == r.version_info
