@@ -407,7 +407,12 @@ def make_scope(
     name: str, key: Sequence[str], route: route_components_pb2.Route
 ) -> scoped_route_pb2.ScopedRouteConfiguration:
     """A routing scope: requests whose key is ``key`` take ``route`` (its own route
-    configuration, inline, one virtual host matching any authority)."""
+    configuration, inline, one virtual host matching any authority).
+
+    ``validate_clusters`` is off, as it is for RDS: Envoy checks an inline route
+    configuration's clusters by default, and would refuse a scope whose new cluster is
+    still warming (its endpoints on their way over EDS); such a route answers 503 for that
+    moment instead."""
     scope = scoped_route_pb2.ScopedRouteConfiguration
     return scope(
         name=name,
@@ -417,6 +422,7 @@ def make_scope(
             virtual_hosts=[
                 route_components_pb2.VirtualHost(name=name, domains=["*"], routes=[route])
             ],
+            validate_clusters=wrappers_pb2.BoolValue(value=False),
         ),
     )
 

@@ -10,8 +10,8 @@ rejection with the input that produced it.
 An Envoy snapshot is checked as a static bootstrap (``static_bootstrap``): its
 listeners, clusters and secrets inline, each HTTP connection manager's RDS reference
 replaced by the route configuration it names (its SRDS subscription by the static list of
-its scopes, ``<name>/...``), and every SDS reference pointed at the static secret of that
-name. ``envoy --mode validate`` then builds the whole server
+its scopes, ``<name>/...``), each EDS cluster made static with its endpoint assignment
+inline, and every SDS reference pointed at the static secret of that name. ``envoy --mode validate`` then builds the whole server
 (listeners, clusters, TLS contexts from the PEM material) without opening a socket.
 
 The zone check is ``named-checkzone -k fail -i local atlas. FILE``: ``-k fail`` makes a
@@ -45,7 +45,15 @@ from google.protobuf import descriptor_pool, message, message_factory
 
 from tests.harness import components
 from tests.harness.envoy import envoy_binary
-from tests.property.pipeline import CLUSTER, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
+from tests.property.pipeline import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SCOPED_ROUTE,
+    SECRET,
+    Snapshot,
+)
 
 _SDS = secret_pb2.SdsSecretConfig.DESCRIPTOR.full_name
 _HCM = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
@@ -118,6 +126,11 @@ def static_bootstrap(snapshot: Snapshot) -> bytes:
     for r in snapshot.of_type(CLUSTER).values():
         cl = cluster_pb2.Cluster.FromString(r.body)
         _rewrite(cl, routes, scopes)
+        if cl.type == cluster_pb2.Cluster.EDS:
+            eds = snapshot.of_type(ENDPOINT)[cl.name]
+            cl.ClearField("eds_cluster_config")
+            cl.type = cluster_pb2.Cluster.STATIC
+            cl.load_assignment.ParseFromString(eds.body)
         boot.static_resources.clusters.append(cl)
     for r in snapshot.of_type(SECRET).values():
         boot.static_resources.secrets.append(secret_pb2.Secret.FromString(r.body))

@@ -21,12 +21,14 @@ import dns.rdtypes.IN.SRV
 import dns.zone
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2, scoped_route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from tests.property.pipeline import (
     CLUSTER,
+    ENDPOINT,
     LISTENER,
     OBSERVABILITY_NODE,
     ROUTE,
@@ -42,6 +44,7 @@ _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DECODERS = {
     CLUSTER: cluster_pb2.Cluster,
+    ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
     LISTENER: listener_pb2.Listener,
     ROUTE: route_pb2.RouteConfiguration,
     SCOPED_ROUTE: scoped_route_pb2.ScopedRouteConfiguration,
@@ -167,7 +170,7 @@ def check_snapshots(out: Outputs, clusters: Sequence[DownstreamCluster]) -> None
         for type_url, resources in snap.resources.items():
             for name, r in resources.items():
                 msg = _DECODERS[type_url].FromString(r.body)
-                assert msg.name == name
+                assert (msg.cluster_name if type_url == ENDPOINT else msg.name) == name
                 decoded[(node, type_url, name)] = msg
                 if type_url == ROUTE:
                     domains = [dm for vh in msg.virtual_hosts for dm in vh.domains]
@@ -176,6 +179,6 @@ def check_snapshots(out: Outputs, clusters: Sequence[DownstreamCluster]) -> None
                     assert len(vhosts) == len(set(vhosts)), (node, name)
     for c in clusters:
         for kind in ("thanos", "prom"):
-            up = decoded[(OBSERVABILITY_NODE, CLUSTER, f"{c.name}-{kind}")]
-            [ep] = up.load_assignment.endpoints[0].lb_endpoints
+            up = decoded[(OBSERVABILITY_NODE, ENDPOINT, f"{c.name}-{kind}")]
+            [ep] = up.endpoints[0].lb_endpoints
             assert ep.endpoint.address.socket_address.address == c.external_ip

@@ -40,11 +40,20 @@ from atlasd.reconcile.desired import DesiredState, desired_state
 from atlasd.reconcile.objects import owner_references
 from atlasd.reconcile.pki import PKIPlan, plan_pki
 from atlasd.xds.builders import SnapshotBuilder
-from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
+from atlasd.xds.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SCOPED_ROUTE,
+    SECRET,
+    Snapshot,
+)
 from tests.unit.reconcile.pkitools import CountingKeys
 
 __all__ = [
     "CLUSTER",
+    "ENDPOINT",
     "LISTENER",
     "OBSERVABILITY_NODE",
     "ROUTE",
