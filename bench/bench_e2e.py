@@ -9,14 +9,18 @@ and a real observability Envoy (node ``atlas``) on ADS, Delta or State of the Wo
 bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
 
 - ``onboard_s``: from starting atlasd until the Envoy has ACKed a configuration holding all
-  N clusters (atlas's snapshot serves N clusters and the Envoy's ACKed CDS and RDS versions
+  N clusters (atlas's snapshot serves N clusters and the Envoy's ACKed CDS and SRDS versions
   are that snapshot's);
 - ``ip_change_ms``, ``new_cluster_ms``, ``remove_ms`` (p50/p99 over K each): from the API
   write's response to the moment atlasd saw the Envoy ACK the version that carries the
-  change (atlasd's ``/status/envoys`` gives each ACK's time and the snapshot's versions; the
-  first, middle and last change of each kind are also checked in the Envoy's config dump);
+  change — EDS for an IP change; CDS, EDS and SRDS for a new cluster; CDS and SRDS for a
+  removal (atlasd's ``/status/envoys`` gives each ACK's time and the snapshot's versions;
+  the first, middle and last change of each kind are also checked in the Envoy's config
+  dump). With ``--detect dump`` (any control plane, e.g. an earlier atlasd through
+  ``--atlasd-path``), to the moment the config dump shows it instead;
 - ``requests_per_change``: atlasd's own API requests (``atlasd_kube_requests_total``) per IP
-  change, by list/get/write (Lease renewals and watch re-connects not counted);
+  change, by list/get/write (Lease renewals, the look at the original's lock every 15 s
+  and watch re-connects not counted);
 - ``cpu_ms_per_change``: atlasd's CPU time over K more IP changes made without polling
   atlasd (0.25 s apart), per change, less its idle rate;
 - ``unrelated_secret_pushes``: xDS pushes caused by creating and editing a Secret atlasd does
@@ -97,14 +101,18 @@ def metric(url: str, name: str) -> dict[str, float]:
 
 
 def requests_by_kind(url: str) -> dict[str, float] | None:
-    """atlasd's API requests so far: list, get, write (Leases and watches left out); None
-    when this atlasd does not count them (before the request metric existed)."""
+    """atlasd's API requests so far: list, get, write; None when this atlasd does not count
+    them (before the request metric existed). Left out: watches and what the leader does
+    on a clock whatever changes (Lease renewals; the look at the original Atlas's lock,
+    a GET of ConfigMap and Lease ``atlas`` every 15 s)."""
     out = {"list": 0.0, "get": 0.0, "write": 0.0}
     samples = metric(url, "atlasd_kube_requests_total")
     if not samples:
         return None
     for labels, n in samples.items():
         if 'resource="leases"' in labels or 'verb="watch"' in labels:
+            continue
+        if 'verb="get"' in labels and 'resource="configmaps"' in labels:
             continue
         for verb in ("list", "get"):
             if f'verb="{verb}"' in labels:
