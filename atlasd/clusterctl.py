@@ -1,6 +1,6 @@
 """What ``atlasd cluster add|list|remove|values`` do, against Kubernetes or a store.
 
-The Service built here is the interface of SPEC.md: a Service in atlasd's namespace
+The Service built here is the one of docs/interface.md: a Service in atlasd's namespace
 labeled ``goatlas.io/cluster: "true"`` with ``spec.externalIPs`` (the first one is the
 downstream Envoy atlasd dials; the others are stored, validated and not used, as the
 daemon does) and named ports. Before anything is written it is checked with the daemon's

@@ -1,10 +1,11 @@
 """Strict validation of cluster Services: raw Service dicts -> ``DownstreamCluster`` or ``Problem``s.
 
 This module is pure (no I/O). It owns the parsing rules of every label and annotation of
-SPEC.md "The interface", so that bad input never reaches a builder and never stops the
-daemon: a Service that fails any rule is skipped and described by one ``Problem`` per
-failing field (the field path, e.g. ``metadata.labels["goatlas.io/replicas"]``, and what
-is wrong); every other cluster keeps working.
+docs/interface.md ("Rules for the rest of the Service", "Annotations"), so that bad input
+never reaches a builder and never stops the daemon: a Service that fails any rule is
+skipped and described by one ``Problem`` per failing field (the field path, e.g.
+``metadata.labels["goatlas.io/replicas"]``, and what is wrong); every other cluster keeps
+working.
 
 Rules (a Service is a cluster when its label ``goatlas.io/cluster`` is exactly ``"true"``):
 
@@ -42,7 +43,8 @@ name) is accepted; later ones get a Problem naming the cluster that holds the ad
 Duplicate names cannot happen in one Kubernetes namespace, but a caller's list can hold
 them: the same rule keeps the oldest, and later ones get a Problem at ``metadata.name``.
 
-Local Alertmanagers (``select_alertmanagers``): SPEC keeps Services "that select one pod";
+Local Alertmanagers (``select_alertmanagers``, docs/interface.md "The Envoy configuration
+served over ADS"): the original design keeps Services "that select one pod";
 atlasd does not watch pods (no Endpoints without a controller-manager either), so it keeps
 every Service whose labels match the selector and that has a ``spec.selector`` (it selects
 pods at all) and at least one port, ordered by name for a stable ``alertmanager<i>``
