@@ -40,7 +40,19 @@ from atlasd.model import Settings
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+# Python's level names, and logrus's (the original's logger: its LOGLEVEL may say `trace`,
+# `warn`, `fatal` or `panic`), each mapped onto the nearest Python level.
+_LEVELS = {
+    "trace": "DEBUG",
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warn": "WARNING",
+    "warning": "WARNING",
+    "error": "ERROR",
+    "fatal": "CRITICAL",
+    "panic": "CRITICAL",
+}
+LOG_LEVELS = tuple(_LEVELS)
 # The original's defaults: its controller's lock, and the Service its chart puts in front
 # of its `envoy-ads` pods (release "atlas" of chart "atlas").
 ORIGINAL_CONTROLLER_LOCK = "atlas"
@@ -48,10 +60,9 @@ ORIGINAL_ADS_SERVICE = "atlas-atlas-envoy-ads.{namespace}.svc.{domain}"
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr at ``level`` (``warn`` is the original's spelling of warning)."""
-    name = "WARNING" if level.lower() == "warn" else level.upper()
+    """Log to stderr at ``level`` (one of ``LOG_LEVELS``, any case)."""
     logging.basicConfig(
-        level=getattr(logging, name),
+        level=getattr(logging, _LEVELS[level.lower()]),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,

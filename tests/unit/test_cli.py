@@ -4,6 +4,7 @@ original Atlas's commands, flags and environment map onto atlasd's options."""
 from __future__ import annotations
 
 import http.server
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -139,11 +140,30 @@ def test_namespace_names_are_validated(value: str) -> None:
     assert "--namespace" in result.output and "not a namespace name" in result.output
 
 
-def test_log_levels_take_the_originals_spelling(kubeconfig: Path) -> None:
-    assert _invoke("--log-level", "warn", "version").exit_code == 0
-    assert _invoke("version", env={"LOGLEVEL": "warn"}).exit_code == 0
+@pytest.mark.parametrize(
+    ("value", "level"),
+    [
+        ("trace", logging.DEBUG),
+        ("debug", logging.DEBUG),
+        ("INFO", logging.INFO),
+        ("warn", logging.WARNING),
+        ("warning", logging.WARNING),
+        ("error", logging.ERROR),
+        ("fatal", logging.CRITICAL),
+        ("panic", logging.CRITICAL),
+    ],
+)
+def test_log_levels_take_the_originals_spelling(value: str, level: int) -> None:
+    """The original logs with logrus: its LOGLEVEL may name any logrus level."""
+    assert _invoke("--log-level", value, "version").exit_code == 0
+    assert logging.getLogger().level == level
+    assert _invoke("version", env={"LOGLEVEL": value}).exit_code == 0
+    assert logging.getLogger().level == level
+
+
+def test_an_unknown_log_level_is_refused_naming_the_variable() -> None:
     bad = _invoke("version", env={"LOGLEVEL": "loud"})
-    assert bad.exit_code == 2 and "LOGLEVEL" in bad.output
+    assert bad.exit_code == 2 and "LOGLEVEL" in bad.output and "'loud'" in bad.output
 
 
 def test_startup_errors_of_the_user_are_one_line_and_bugs_propagate() -> None:
