@@ -238,6 +238,28 @@ def is_cluster_service(service: Mapping[str, Any]) -> bool:
     return isinstance(lbls, Mapping) and lbls.get(labels.CLUSTER_LABEL) == "true"
 
 
+def cluster_label_problem(service: Mapping[str, Any], settings: Settings) -> Problem | None:
+    """The Problem of a Service that carries the cluster label with a value other than
+    exactly ``"true"`` (``"True"``, ``"false"``, ...): it is not a cluster, and if it was
+    one, what atlasd made for it is removed. None for a cluster Service or an unlabelled
+    one."""
+    lbls = _meta(service).get("labels") or {}
+    if not isinstance(lbls, Mapping) or labels.CLUSTER_LABEL not in lbls:
+        return None
+    value = lbls[labels.CLUSTER_LABEL]
+    if value == "true":
+        return None
+    return Problem(
+        source=source_ref(service, settings),
+        field=f'metadata.labels["{labels.CLUSTER_LABEL}"]',
+        message=(
+            f'is {value!r}; a cluster Service is labelled exactly "true" '
+            "(this Service is not served and what atlasd made for it is removed)"
+        ),
+        reason="InvalidClusterLabel",
+    )
+
+
 def _str_map(obj: Mapping[str, Any], key: str, add: Any) -> dict[str, str]:
     """The string entries of ``metadata.<key>``. An entry validation reads that is not a
     string (a YAML number or boolean in a standalone store) is a Problem, not ignored."""
