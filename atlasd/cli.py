@@ -125,6 +125,19 @@ def _external_ips(
 Decorator = Callable[[Any], Any]
 
 
+class _EmptyEnvIsAValue(click.Option):
+    """An option whose environment variable counts when it is set but empty (click takes
+    an empty variable for an unset one): ``ATLAS_LEGACY_LOCKS=""`` means "no locks", as
+    ``--legacy-locks ''`` does, not the default."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        names = [self.envvar] if isinstance(self.envvar, str) else list(self.envvar or ())
+        for name in names:
+            if name in os.environ:
+                return os.environ[name]
+        return super().resolve_envvar_value(ctx)
+
+
 def _env_option(*decls: str, env: str | list[str], **kwargs: Any) -> Decorator:
     """A click option read from ``env`` too, with its default and variable in --help."""
     return click.option(*decls, envvar=env, show_envvar=True, show_default=True, **kwargs)
@@ -306,12 +319,13 @@ def _run_options(*, compat: bool) -> Callable[[F], F]:
         _env_option("--lease-name", env="ATLAS_LEASE_NAME", default="atlasd"),
         _env_option(
             "--legacy-locks",
+            cls=_EmptyEnvIsAValue,
             env="ATLAS_LEGACY_LOCKS",
             default=ORIGINAL_CONTROLLER_LOCK,
             callback=_lock_names,
             help="Comma-separated leader-election locks of the original Atlas (ConfigMap or "
             "Lease names in the namespace): atlasd does not lead while one is held by a live "
-            "holder. '' turns the check off.",
+            "holder. '' (also an empty ATLAS_LEGACY_LOCKS) turns the check off.",
         ),
         _env_option(
             "--identity",

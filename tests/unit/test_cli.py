@@ -202,6 +202,18 @@ def test_run_options_reach_the_daemon(
         "--legacy-locks=",
     )
     assert off.exit_code == 0 and captured[-1].legacy_locks == ()
+    # The same from the environment (what a chart sets): empty means none, not the default.
+    for value, locks in (("", ()), ("atlas,atlas-old", ("atlas", "atlas-old"))):
+        env = _invoke(
+            "run",
+            "--kubeconfig",
+            str(kubeconfig),
+            f"--zone-file={tmp_path / 'z'}",
+            "--http-listen=127.0.0.1:0",
+            "--ads-listen=127.0.0.1:0",
+            env={"ATLAS_LEGACY_LOCKS": value},
+        )
+        assert env.exit_code == 0 and captured[-1].legacy_locks == locks, value
 
 
 # The environment the original chart (charts/atlas) gives its two Deployments, plus the
