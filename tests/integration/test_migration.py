@@ -610,14 +610,20 @@ def _migrate(
         assert atlasd.status()["leadership"]["blocked_by"] is None
         assert "no longer blocked from leading" in atlasd.log_text()
 
-        def issued() -> dict[str, dict[str, Any]] | None:
-            s = _secrets(apiserver, namespace)
-            return s if "east-atlas-identity" in s else None
+        originals = {"atlas-server": server, "atlas-client": client, "atlas-tls": server}
 
-        secrets = wait_until(issued, timeout=60, what="atlasd issues east's identity")
+        def issued() -> dict[str, dict[str, Any]] | None:
+            # East's identity and the shared leaves are written by different keys of the
+            # reconcile, in no set order: wait for both.
+            s = _secrets(apiserver, namespace)
+            reissued = all(_data(s[n], "tls.crt") != cert for n, cert in originals.items())
+            return s if "east-atlas-identity" in s and reissued else None
+
+        secrets = wait_until(
+            issued, timeout=60, what="atlasd issues east's identity and re-issues the leaves"
+        )
         assert _data(secrets["atlas-ca"], "ca.pem") == ca_cert, "the CA was not kept"
         assert _data(secrets["atlas-ca"], "ca-key.pem") == ca_key
-        assert _data(secrets["atlas-server"], "tls.crt") != server, "leaves not re-issued"
         with apiserver.admin() as c:
             cm = c.get(f"/api/v1/namespaces/{namespace}/configmaps/atlas").json()
         assert json.loads(cm["metadata"]["annotations"][LEADER_ANNOTATION])["holderIdentity"] == (
