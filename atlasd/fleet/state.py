@@ -41,6 +41,7 @@ from atlasd.fleet.validate import (
     age_key,
     cluster_label_problem,
     identity_secret_name,
+    is_cluster_service,
     select_alertmanagers,
     source_ref,
     validate_cluster,
@@ -358,9 +359,11 @@ class FleetState:
         own_problems: tuple[Problem, ...] = ()
         state: MemberState = "absent"
         if service is not None:
-            label_problem = cluster_label_problem(service, settings)
-            if label_problem is not None:
-                own_problems = (label_problem,)
+            if not is_cluster_service(service):
+                # Not labelled exactly "true": absent (what atlasd made for it goes),
+                # with the Problem that says so when the label has another value.
+                label_problem = cluster_label_problem(service, settings)
+                own_problems = (label_problem,) if label_problem is not None else ()
             elif (
                 old is not None and old.service is not None and old.service_rv == svc_rv and svc_rv
             ):
