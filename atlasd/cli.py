@@ -40,7 +40,19 @@ from atlasd.model import Settings
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+# Python's level names, and logrus's (the original's logger: its LOGLEVEL may say `trace`,
+# `warn`, `fatal` or `panic`), each mapped onto the nearest Python level.
+_LEVELS = {
+    "trace": "DEBUG",
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warn": "WARNING",
+    "warning": "WARNING",
+    "error": "ERROR",
+    "fatal": "CRITICAL",
+    "panic": "CRITICAL",
+}
+LOG_LEVELS = tuple(_LEVELS)
 # The original's defaults: its controller's lock, and the Service its chart puts in front
 # of its `envoy-ads` pods (release "atlas" of chart "atlas").
 ORIGINAL_CONTROLLER_LOCK = "atlas"
@@ -48,10 +60,9 @@ ORIGINAL_ADS_SERVICE = "atlas-atlas-envoy-ads.{namespace}.svc.{domain}"
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr at ``level`` (``warn`` is the original's spelling of warning)."""
-    name = "WARNING" if level.lower() == "warn" else level.upper()
+    """Log to stderr at ``level`` (one of ``LOG_LEVELS``, any case)."""
     logging.basicConfig(
-        level=getattr(logging, name),
+        level=getattr(logging, _LEVELS[level.lower()]),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,
@@ -112,6 +123,19 @@ def _external_ips(
 
 
 Decorator = Callable[[Any], Any]
+
+
+class _EmptyEnvIsAValue(click.Option):
+    """An option whose environment variable counts when it is set but empty (click takes
+    an empty variable for an unset one): ``ATLAS_LEGACY_LOCKS=""`` means "no locks", as
+    ``--legacy-locks ''`` does, not the default."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        names = [self.envvar] if isinstance(self.envvar, str) else list(self.envvar or ())
+        for name in names:
+            if name in os.environ:
+                return os.environ[name]
+        return super().resolve_envvar_value(ctx)
 
 
 def _env_option(*decls: str, env: str | list[str], **kwargs: Any) -> Decorator:
@@ -295,12 +319,13 @@ def _run_options(*, compat: bool) -> Callable[[F], F]:
         _env_option("--lease-name", env="ATLAS_LEASE_NAME", default="atlasd"),
         _env_option(
             "--legacy-locks",
+            cls=_EmptyEnvIsAValue,
             env="ATLAS_LEGACY_LOCKS",
             default=ORIGINAL_CONTROLLER_LOCK,
             callback=_lock_names,
             help="Comma-separated leader-election locks of the original Atlas (ConfigMap or "
             "Lease names in the namespace): atlasd does not lead while one is held by a live "
-            "holder. '' turns the check off.",
+            "holder. '' (also an empty ATLAS_LEGACY_LOCKS) turns the check off.",
         ),
         _env_option(
             "--identity",

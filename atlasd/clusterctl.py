@@ -1,12 +1,18 @@
 """What ``atlasd cluster add|list|remove|values`` do, against Kubernetes or a store.
 
-The Service built here is the interface of SPEC.md: a Service in atlasd's namespace
+The Service built here is the one of docs/interface.md: a Service in atlasd's namespace
 labeled ``goatlas.io/cluster: "true"`` with ``spec.externalIPs`` (the first one is the
 downstream Envoy atlasd dials; the others are stored, validated and not used, as the
 daemon does) and named ports. Before anything is written it is checked with the daemon's
 own validator *together with every cluster Service already there*, so the CLI refuses
 what the daemon would reject, fleet-wide rules included (an external IP another cluster
 holds), naming the field.
+
+What each command says about a Service that is not a served cluster: ``list`` shows the
+Services labelled ``goatlas.io/cluster`` with another value than ``"true"`` too, with that
+as their problem; ``values`` of a rejected cluster prints the problem, never the values
+kept from before it was rejected; ``add`` never turns a Service without the cluster label
+(someone else's) into a cluster, even with ``--overwrite``.
 
 Its shape: a ``ClusterIP`` Service with an allocated cluster IP, labeled
 ``service.kubernetes.io/service-proxy-name: atlasd``. The original made it headless
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from atlasd import labels
-from atlasd.fleet.validate import is_cluster_service, validate_all
+from atlasd.fleet.validate import cluster_label_problem, is_cluster_service, validate_all
 from atlasd.kube.client import KubeClient
 from atlasd.kube.errors import ApiError, NotFound
 from atlasd.kube.resources import NAMESPACES, SECRETS, SERVICES, Resource
@@ -134,6 +140,21 @@ async def _cluster_services(api: ObjectAPI, settings: Settings) -> list[dict[str
     return items
 
 
+async def _labelled_services(api: ObjectAPI, settings: Settings) -> list[dict[str, Any]]:
+    """Services carrying the cluster label with any value (``"True"`` is a mistake to show,
+    not a Service to hide)."""
+    items, _ = await api.list(
+        SERVICES, namespace=settings.namespace, label_selector=labels.CLUSTER_LABEL
+    )
+    return items
+
+
+def _label_value(svc: Mapping[str, Any]) -> str | None:
+    lbls = (svc.get("metadata") or {}).get("labels") or {}
+    value = lbls.get(labels.CLUSTER_LABEL) if isinstance(lbls, Mapping) else None
+    return None if value is None else str(value)
+
+
 async def _get_service(api: ObjectAPI, name: str, settings: Settings) -> dict[str, Any] | None:
     try:
         svc: dict[str, Any] = await api.get(SERVICES, name, namespace=settings.namespace)
@@ -153,10 +174,22 @@ async def add(
     """Create (or with ``overwrite`` replace) a cluster Service; returns "created"/"updated"."""
     name = service["metadata"]["name"]
     existing = await _get_service(api, name, settings)
-    if existing is not None and not overwrite:
-        raise ClusterError(
-            f"cluster {name!r} already exists; pass --overwrite to replace its settings"
-        )
+    if existing is not None:
+        value = _label_value(existing)
+        if value is None:
+            # Someone else's Service: never turned into a cluster by --overwrite.
+            raise ClusterError(
+                f"a Service named {name!r} already exists in namespace {settings.namespace} "
+                f"and is not a cluster (no {labels.CLUSTER_LABEL} label); pick another name"
+            )
+        if not overwrite:
+            what = (
+                f"cluster {name!r} already exists"
+                if value == "true"
+                else f"Service {name!r} already exists with {labels.CLUSTER_LABEL}={value!r} "
+                '(not "true", so not served)'
+            )
+            raise ClusterError(f"{what}; pass --overwrite to replace its settings")
     candidate = service
     if existing is not None:
         # Judge it with the age (and uid) it has: the older of two clusters keeps a
@@ -187,12 +220,13 @@ async def add(
 async def list_clusters(
     api: ObjectAPI, *, settings: Settings, allow_loopback: bool = False
 ) -> list[ClusterRow]:
-    items = await _cluster_services(api, settings)
+    items = await _labelled_services(api, settings)
     if not items:
         await _require_namespace(api, settings.namespace)
     _, problems = validate_all(items, settings, allow_loopback=allow_loopback)
+    label_problems = [p for s in items if (p := cluster_label_problem(s, settings)) is not None]
     by_name: dict[str, list[Problem]] = {}
-    for p in problems:
+    for p in (*problems, *label_problems):
         by_name.setdefault(p.source.name, []).append(p)
     rows = []
     for svc in sorted(items, key=lambda s: str(s["metadata"]["name"])):
@@ -241,42 +275,50 @@ async def values(
     api: ObjectAPI, name: str, *, settings: Settings, fmt: Format, allow_loopback: bool = False
 ) -> str:
     """The Envoy chart values of cluster ``name`` (``atlas``: the observability Envoy's)."""
+    if name != OBSERVABILITY_NODE:
+        # A rejected cluster may still have values from before it was rejected (atlasd
+        # keeps its objects until it is fixed or deleted) but is served nothing: say why
+        # instead of printing values that would start an Envoy with no configuration.
+        await _require_valid_cluster(api, name, settings, allow_loopback)
     secret_name = (
         labels.OBS_VALUES_SECRET if name == OBSERVABILITY_NODE else labels.values_secret_name(name)
     )
     try:
         secret = await api.get(SECRETS, secret_name, namespace=settings.namespace)
     except NotFound:
-        raise await _why_no_values(api, name, secret_name, settings, allow_loopback) from None
+        later = (
+            f"its values are not written yet (Secret {secret_name} not found): the leading "
+            "atlasd writes them within seconds; `atlasd status` shows whether atlasd runs "
+            "and leads"
+        )
+        if name == OBSERVABILITY_NODE:
+            await _require_namespace(api, settings.namespace)
+            raise ClusterError(f"the observability Envoy's values: {later}") from None
+        raise ClusterError(f"cluster {name!r} is valid, but {later}") from None
     data = (secret.get("data") or {}).get("values.yaml")
     if not data:
         raise ClusterError(f"Secret {secret_name} has no values.yaml")
     return render(fmt, base64.b64decode(data).decode(), namespace=settings.namespace)
 
 
-async def _why_no_values(
-    api: ObjectAPI, name: str, secret_name: str, settings: Settings, allow_loopback: bool
-) -> ClusterError:
-    later = (
-        f"its values are not written yet (Secret {secret_name} not found): the leading "
-        "atlasd writes them within seconds; `atlasd status` shows whether atlasd runs "
-        "and leads"
-    )
-    if name == OBSERVABILITY_NODE:
-        await _require_namespace(api, settings.namespace)
-        return ClusterError(f"the observability Envoy's values: {later}")
+async def _require_valid_cluster(
+    api: ObjectAPI, name: str, settings: Settings, allow_loopback: bool
+) -> None:
+    """Raise the ClusterError that says why ``name`` is not a served cluster, if it is not:
+    no such Service (or namespace), not labelled a cluster, or rejected by the daemon's
+    rules over the whole fleet."""
     svc = await _get_service(api, name, settings)
     if svc is None:
-        return await _missing_cluster(api, name, settings)
+        raise await _missing_cluster(api, name, settings)
     if not is_cluster_service(svc):
-        return _not_a_cluster(svc, name)
+        raise _not_a_cluster(svc, name)
     _, problems = validate_all(
         await _cluster_services(api, settings), settings, allow_loopback=allow_loopback
     )
     mine = [p for p in problems if p.source.name == name]
     if mine:
-        return ClusterError(
-            f"cluster {name!r} is rejected, so atlasd writes no values for it: "
-            f"{_describe(mine)} (also posted as an Event on Service {name})"
+        raise ClusterError(
+            f"cluster {name!r} is rejected, so atlasd serves it nothing and keeps no "
+            f"current values for it: {_describe(mine)} (also posted as an Event on "
+            f"Service {name})"
         )
-    return ClusterError(f"cluster {name!r} is valid, but {later}")

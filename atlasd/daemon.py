@@ -694,7 +694,23 @@ class Daemon:
                     reconcilers.remove(reconciler)
                     leadership.set(False, hub)
 
-            if standalone or not opts.leader_election:
+            def leadership_gate() -> LeadershipGate:
+                return LeadershipGate(
+                    api,
+                    namespace=settings.namespace,
+                    identity=opts.identity,
+                    legacy_locks=opts.legacy_locks,
+                    own_lease=opts.lease_name,
+                    serve_only=opts.serve_only,
+                    on_change=lambda doc: hub.publish(leadership=dict(doc)),
+                )
+
+            if opts.serve_only:
+                # `envoy-ads`: never leads, so it never reads or writes a Lease (the
+                # original's envoy-ads ServiceAccount may not); /status and the log say
+                # why it does not lead, once.
+                root.start_soon(leadership_gate())
+            elif standalone or not opts.leader_election:
                 root.start_soon(lead)
             else:
 
@@ -702,15 +718,7 @@ class Daemon:
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                 ) -> None:
                     task_status.started()
-                    gate = LeadershipGate(
-                        api,
-                        namespace=settings.namespace,
-                        identity=opts.identity,
-                        legacy_locks=opts.legacy_locks,
-                        own_lease=opts.lease_name,
-                        serve_only=opts.serve_only,
-                        on_change=lambda doc: hub.publish(leadership=dict(doc)),
-                    )
+                    gate = leadership_gate()
                     await run_leader_election(
                         api,
                         name=opts.lease_name,

@@ -1,4 +1,4 @@
-"""The labels and annotations that are atlasd's public interface (SPEC.md)."""
+"""The labels and annotations that are atlasd's public interface (docs/interface.md)."""
 
 CLUSTER_LABEL = "goatlas.io/cluster"
 REPLICAS_LABEL = "goatlas.io/replicas"

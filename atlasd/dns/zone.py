@@ -4,7 +4,7 @@ Everything here is pure (no I/O, no clock): the writer (``atlasd.dns.writer``) p
 the fleet, the previous serial and the current time in, and gets records, a serial and
 text back.
 
-Records (SPEC.md "Cluster-wide"; "beyond" item 6):
+Records (docs/interface.md "The DNS zone"; "beyond" item 6; docs/dns.md):
 
 - for every sidecar Service ``<cluster>-thanos-sidecar<i>`` and every port of the
   cluster Service, ``_<port-name>._<proto>.sidecars.thanos.atlas. 60 IN SRV 10 100

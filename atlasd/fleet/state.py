@@ -40,7 +40,9 @@ from atlasd.fleet.keys import FLEET_KEY, Obj, key_of, resource_version
 from atlasd.fleet.trust import StoredCA, not_after, read_ca, renewal_time, trusted_pair
 from atlasd.fleet.validate import (
     age_key,
+    cluster_label_problem,
     identity_secret_name,
+    is_cluster_service,
     select_alertmanagers,
     source_ref,
     validate_cluster,
@@ -378,19 +380,11 @@ class FleetState:
         own_problems: tuple[Problem, ...] = ()
         state: MemberState = "absent"
         if service is not None:
-            value = ((service.get("metadata") or {}).get("labels") or {}).get(labels.CLUSTER_LABEL)
-            if value != "true":
-                own_problems = (
-                    Problem(
-                        source=source_ref(service, settings),
-                        field=f'metadata.labels["{labels.CLUSTER_LABEL}"]',
-                        message=(
-                            f'is {value!r}; a cluster Service is labelled exactly "true" '
-                            "(this Service is not served and what atlasd made for it is removed)"
-                        ),
-                        reason="InvalidClusterLabel",
-                    ),
-                )
+            if not is_cluster_service(service):
+                # Not labelled exactly "true": absent (what atlasd made for it goes),
+                # with the Problem that says so when the label has another value.
+                label_problem = cluster_label_problem(service, settings)
+                own_problems = (label_problem,) if label_problem is not None else ()
             elif (
                 old is not None and old.service is not None and old.service_rv == svc_rv and svc_rv
             ):

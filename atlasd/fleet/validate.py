@@ -1,10 +1,11 @@
 """Strict validation of cluster Services: raw Service dicts -> ``DownstreamCluster`` or ``Problem``s.
 
 This module is pure (no I/O). It owns the parsing rules of every label and annotation of
-SPEC.md "The interface", so that bad input never reaches a builder and never stops the
-daemon: a Service that fails any rule is skipped and described by one ``Problem`` per
-failing field (the field path, e.g. ``metadata.labels["goatlas.io/replicas"]``, and what
-is wrong); every other cluster keeps working.
+docs/interface.md ("Rules for the rest of the Service", "Annotations"), so that bad input
+never reaches a builder and never stops the daemon: a Service that fails any rule is
+skipped and described by one ``Problem`` per failing field (the field path, e.g.
+``metadata.labels["goatlas.io/replicas"]``, and what is wrong); every other cluster keeps
+working.
 
 Rules (a Service is a cluster when its label ``goatlas.io/cluster`` is exactly ``"true"``):
 
@@ -42,7 +43,8 @@ name) is accepted; later ones get a Problem naming the cluster that holds the ad
 Duplicate names cannot happen in one Kubernetes namespace, but a caller's list can hold
 them: the same rule keeps the oldest, and later ones get a Problem at ``metadata.name``.
 
-Local Alertmanagers (``select_alertmanagers``): SPEC keeps Services "that select one pod";
+Local Alertmanagers (``select_alertmanagers``, docs/interface.md "The Envoy configuration
+served over ADS"): the original design keeps Services "that select one pod";
 atlasd does not watch pods (no Endpoints without a controller-manager either), so it keeps
 every Service whose labels match the selector and that has a ``spec.selector`` (it selects
 pods at all) and at least one port, ordered by name for a stable ``alertmanager<i>``
@@ -234,6 +236,28 @@ def source_ref(service: Mapping[str, Any], settings: Settings) -> ObjectRef:
 def is_cluster_service(service: Mapping[str, Any]) -> bool:
     lbls = _meta(service).get("labels") or {}
     return isinstance(lbls, Mapping) and lbls.get(labels.CLUSTER_LABEL) == "true"
+
+
+def cluster_label_problem(service: Mapping[str, Any], settings: Settings) -> Problem | None:
+    """The Problem of a Service that carries the cluster label with a value other than
+    exactly ``"true"`` (``"True"``, ``"false"``, ...): it is not a cluster, and if it was
+    one, what atlasd made for it is removed. None for a cluster Service or an unlabelled
+    one."""
+    lbls = _meta(service).get("labels") or {}
+    if not isinstance(lbls, Mapping) or labels.CLUSTER_LABEL not in lbls:
+        return None
+    value = lbls[labels.CLUSTER_LABEL]
+    if value == "true":
+        return None
+    return Problem(
+        source=source_ref(service, settings),
+        field=f'metadata.labels["{labels.CLUSTER_LABEL}"]',
+        message=(
+            f'is {value!r}; a cluster Service is labelled exactly "true" '
+            "(this Service is not served and what atlasd made for it is removed)"
+        ),
+        reason="InvalidClusterLabel",
+    )
 
 
 def _str_map(obj: Mapping[str, Any], key: str, add: Any) -> dict[str, str]:

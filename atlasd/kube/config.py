@@ -187,9 +187,16 @@ def _resolve(base: Path, value: Any) -> Any:
 def _read_file(base: Path, doc_path: str) -> dict[str, Any]:
     try:
         text = Path(doc_path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"cannot read kubeconfig {doc_path}: {why}") from exc
+    try:
         doc = yaml.safe_load(text) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read kubeconfig {doc_path}: {type(exc).__name__}") from exc
+    except yaml.YAMLError as exc:
+        # Where, never what: the text around a mistake may be a token or a key.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"kubeconfig {doc_path} is not valid YAML{where}") from exc
     if not isinstance(doc, dict):
         raise ConfigError(f"kubeconfig {doc_path} is not a mapping")
     return doc

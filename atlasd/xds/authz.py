@@ -1,4 +1,4 @@
-"""Who may fetch which node's resources (SPEC "beyond" 9; docs/xds-authorization.md).
+"""Who may fetch which node's resources (docs/xds-authorization.md; docs/interface.md, "beyond" 9).
 
 A stream's caller is known by what its connection and headers prove:
 

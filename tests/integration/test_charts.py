@@ -170,7 +170,7 @@ ATLASD_CUSTOM: Doc = {
         "ports": {"grpc": 7305},
         "envoy": {"host": "envoy.obs.example", "adsAddress": "xds.obs.example", "adsPort": 443},
     },
-    "leaderElection": {"leaseName": "obs-leader"},
+    "leaderElection": {"leaseName": "obs-leader", "legacyLocks": ""},
     "zone": {"mountPath": "/var/run/zone", "fileName": "atlas.db"},
     "coredns": {
         "port": 1053,
@@ -788,7 +788,9 @@ def test_every_env_var_the_chart_sets_is_read_by_atlasd_run(
         assert p["dns_configmap"] == "my-zone"
         assert p["alertmanager_selector"] == (("app.kubernetes.io/name", "alertmanager"),)
         assert p["lease_name"] == "obs-leader"
+        assert p["legacy_locks"] == ()  # "" is "none", not the default
     else:
+        assert p["legacy_locks"] == ("atlas",)
         assert p["alertmanager_selector"] == (("app", "kube-prometheus-stack-alertmanager"),)
         assert p["dns_configmap"] == "atlas-coredns"
 

@@ -4,6 +4,7 @@ written, and the Service ``cluster add`` makes draws no API warning."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -143,6 +144,19 @@ def test_values_of_a_rejected_cluster_shows_the_problem(
     assert "cluster 'east' is rejected" in line
     assert 'metadata.labels["goatlas.io/replicas"]' in line and "'many'" in line
     assert "is atlasd running" not in line
+    # Values kept from before it was rejected (atlasd keeps its objects until it is fixed
+    # or deleted) are not printed as if it were served.
+    stale = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "east-envoy-values"},
+        "data": {"values.yaml": base64.b64encode(b"files: {}\n").decode()},
+    }
+    with apiserver.admin() as c:
+        assert c.post(f"/api/v1/namespaces/{namespace}/secrets", json=stale).status_code == 201
+    out = cli("cluster", "values", "east", *kube, check=False)
+    assert out.returncode == 1 and out.stdout == ""
+    assert "cluster 'east' is rejected" in _one_line(out)
     # A valid cluster whose values are not written yet (no atlasd here) says so.
     cli("cluster", "add", "west", "--external-ip", "192.0.2.11", *kube)
     later = cli("cluster-values", "--name", "west", *kube, check=False)
@@ -195,3 +209,53 @@ def test_remove_of_a_service_that_is_not_a_cluster_says_why(
     out = cli("cluster", "remove", "web", *kube, check=False)
     assert "it has no goatlas.io/cluster label" in _one_line(out)
     assert set(_services(apiserver, namespace)) == {"east", "web"}
+
+
+def test_list_shows_a_cluster_label_that_is_not_exactly_true(
+    apiserver: ApiServer, namespace: str
+) -> None:
+    kube = _kube(apiserver, namespace)
+    cli("cluster", "add", "east", "--external-ip", "192.0.2.10", *kube)
+    typo = _original_headless("west", "192.0.2.11", namespace)
+    typo["metadata"]["labels"]["goatlas.io/cluster"] = "True"
+    with apiserver.admin() as c:
+        assert c.post(f"/api/v1/namespaces/{namespace}/services", json=typo).status_code == 201
+    rows = json.loads(cli("cluster", "list", "-o", "json", *kube).stdout)
+    assert [(r["name"], r["external_ip"]) for r in rows] == [
+        ("east", "192.0.2.10"),
+        ("west", "192.0.2.11"),
+    ]
+    assert rows[0]["problem"] == ""
+    assert rows[1]["problem"].startswith("metadata.labels[\"goatlas.io/cluster\"]: is 'True'")
+    table = cli("cluster", "list", *kube).stdout
+    assert 'labelled exactly "true"' in table
+    # add names what is there; --overwrite fixes the label.
+    out = cli("cluster", "add", "west", "--external-ip", "192.0.2.11", *kube, check=False)
+    assert out.returncode == 1
+    assert "goatlas.io/cluster='True'" in _one_line(out) and "--overwrite" in _one_line(out)
+    cli("cluster", "add", "west", "--external-ip", "192.0.2.11", "--overwrite", *kube)
+    svc = _services(apiserver, namespace)["west"]
+    assert svc["metadata"]["labels"]["goatlas.io/cluster"] == "true"
+    assert svc["spec"]["clusterIP"] == "None"  # the original's shape is kept
+
+
+def test_add_never_turns_someone_elses_service_into_a_cluster(
+    apiserver: ApiServer, namespace: str
+) -> None:
+    kube = _kube(apiserver, namespace)
+    web = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "labels": {"app": "web"}},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80}]},
+    }
+    with apiserver.admin() as c:
+        assert c.post(f"/api/v1/namespaces/{namespace}/services", json=web).status_code == 201
+    for extra in ([], ["--overwrite"]):
+        out = cli("cluster", "add", "web", "--external-ip", "192.0.2.10", *extra, *kube,
+                  check=False)  # fmt: skip
+        assert out.returncode == 1
+        line = _one_line(out)
+        assert "a Service named 'web' already exists" in line and "is not a cluster" in line
+    svc = _services(apiserver, namespace)["web"]
+    assert svc["metadata"]["labels"] == {"app": "web"} and "externalIPs" not in svc["spec"]

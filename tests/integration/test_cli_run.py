@@ -158,3 +158,104 @@ def test_the_original_charts_controller_and_envoy_ads_run_atlasd(
     # LOGLEVEL=warn: no info lines.
     for o in (ctl, ads):
         assert " INFO " not in o.proc.log_text(), o.proc.log_text()
+
+
+# The original chart's RBAC (charts/atlas/templates/rbac-roles.yaml of goatlas-io/atlas),
+# as Roles in the namespace (its ClusterRoles grant the same verbs cluster-wide).
+ORIGINAL_CONTROLLER_RULES: list[dict[str, Any]] = [
+    {
+        "apiGroups": [""],
+        "resources": [
+            "pods",
+            "events",
+            "configmaps",
+            "secrets",
+            "services",
+            "serviceaccounts",
+            "endpoints",
+            "persistentvolumeclaims",
+        ],
+        "verbs": ["*"],
+    },
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["list", "get", "watch", "update"],
+    },
+]
+ORIGINAL_ENVOY_ADS_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [""], "resources": ["services", "secrets"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "verbs": ["update", "delete", "patch"],
+        "resourceNames": ["atlas-envoy-ads"],
+    },
+]
+
+
+def test_the_originals_rbac_and_one_more_verb_are_enough_for_an_image_swap(
+    apiserver: ApiServer, namespace: str, tmp_path: Path, originals: list[Original]
+) -> None:
+    """docs/migration.md, "Before you start": with the original chart's ServiceAccounts
+    and rules, `atlasd envoy-ads` serves as it is; `atlasd controller` serves, says it
+    may not create its Lease, and leads once given that one verb."""
+    with apiserver.admin() as c:
+        assert c.post(f"/api/v1/namespaces/{namespace}/services", json=CLUSTER).status_code == 201
+    ctl_sa = "atlas-atlas-controller"
+    ctl_kubeconfig = apiserver.service_account_kubeconfig(
+        ctl_sa, namespace, ORIGINAL_CONTROLLER_RULES
+    )
+    ads_kubeconfig = apiserver.service_account_kubeconfig(
+        "atlas-atlas-envoy-ads", namespace, ORIGINAL_ENVOY_ADS_RULES
+    )
+
+    env = {**_chart_env(apiserver, namespace), "LOGLEVEL": "info"}
+    ctl = Original(
+        tmp_path / "ctl",
+        ["controller"],
+        {**env, "KUBECONFIG": str(ctl_kubeconfig), "GRPC_PORT": str(free_port())},
+    ).start()
+    originals.append(ctl)
+    wait_until(
+        lambda: (
+            f"acquiring lease {namespace}/atlasd" in ctl.proc.log_text()
+            and "Forbidden" in ctl.proc.log_text()
+        ),
+        timeout=30,
+        what="the controller says it may not create its Lease",
+    )
+    assert ctl.status()["leader"] is False
+    assert _secret(apiserver, namespace, "east-envoy-values") is None
+
+    # What the guide tells you to run: kubectl create role/rolebinding atlasd-lease.
+    apiserver.kubectl(
+        "-n", namespace, "create", "role", "atlasd-lease", "--verb=create",
+        "--resource=leases.coordination.k8s.io",
+    )  # fmt: skip
+    apiserver.kubectl(
+        "-n", namespace, "create", "rolebinding", "atlasd-lease", "--role=atlasd-lease",
+        f"--serviceaccount={namespace}:{ctl_sa}",
+    )  # fmt: skip
+    wait_until(lambda: ctl.status()["leader"], timeout=60, what="the controller leads")
+    wait_until(
+        lambda: _secret(apiserver, namespace, "east-envoy-values"),
+        timeout=60,
+        what="east's values written with the original's rights",
+    )
+    problems = [p for p in ctl.status()["problems"] if "Forbidden" in p["message"]]
+    assert problems == []
+
+    ads = Original(
+        tmp_path / "ads",
+        ["envoy-ads", f"--grpc-port={free_port()}"],
+        {**env, "KUBECONFIG": str(ads_kubeconfig), "METRICS_PORT": str(free_port())},
+    ).start()
+    originals.append(ads)
+    wait_until(
+        lambda: [c["name"] for c in ads.status().get("clusters") or []] == ["east"],
+        timeout=30,
+        what="envoy-ads serves east with the original's envoy-ads rights",
+    )
+    assert "Forbidden" not in ads.proc.log_text(), ads.proc.log_text()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -29,6 +31,22 @@ def _cluster(name: str, ip: str, **labels: str) -> dict[str, Any]:
             "ports": [{"name": "thanos", "port": 10901}],
         },
     }
+
+
+def _merge_patch(apiserver: ApiServer, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    with apiserver.admin() as c:
+        c.patch(
+            f"/api/v1/namespaces/{namespace}/services/{name}",
+            content=json.dumps(patch),
+            headers={"content-type": "application/merge-patch+json"},
+        ).raise_for_status()
+
+
+def _gauge(daemon: Atlasd, name: str) -> float | None:
+    for line in httpx.get(f"{daemon.url}/metrics", timeout=5).text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.split(" ")[1])
+    return None
 
 
 @pytest.fixture
@@ -77,6 +95,94 @@ def test_bad_cluster_gets_an_event_and_the_good_one_keeps_working(
     assert [c["name"] for c in status["clusters"]] == ["good"]
     assert any(p["object"] == "Service/bad" for p in status["problems"])
     assert token_daemon.proc.running()
+    # The log says it once (it is not only in Events and /status) ...
+    line = f'rejected: Service {namespace}/bad: metadata.labels["goatlas.io/replicas"]'
+    assert token_daemon.log_text().count(line) == 1, token_daemon.log_text()
+    # ... and not again when the Service is written with the same mistake. A second
+    # Service with two mistakes, created after that write, marks when it was seen.
+    _merge_patch(apiserver, namespace, "bad", {"metadata": {"annotations": {"edited": "1"}}})
+    worse = _cluster("worse", "192.0.2.22", **{"goatlas.io/replicas": "0"})
+    worse["metadata"]["annotations"] = {"goatlas.io/prometheus-service-port": "0"}
+    with apiserver.admin() as c:
+        assert c.post(f"/api/v1/namespaces/{namespace}/services", json=worse).status_code == 201
+    wait_until(
+        lambda: (
+            f"rejected: Service {namespace}/worse: metadata.annotations" in token_daemon.log_text()
+        ),
+        timeout=30,
+        what="the second Service's problems logged",
+    )
+    assert token_daemon.log_text().count(line) == 1, token_daemon.log_text()
+    # Three Problems, two Services: the gauge counts Services.
+    wait_until(
+        lambda: len(token_daemon.status()["problems"]) == 3, timeout=30, what="three problems"
+    )
+    assert _gauge(token_daemon, "atlasd_invalid_clusters") == 2
+
+
+def test_a_cluster_label_that_is_not_exactly_true_is_said_and_what_was_served_goes(
+    apiserver: ApiServer, namespace: str, token_daemon: Atlasd
+) -> None:
+    """docs/interface.md, "The label value must be exactly "true"": a served cluster
+    whose label becomes "True" is removed like a deleted one, and the Service gets a
+    Warning Event saying why; so does a Service that was never served ("false")."""
+    ns_path = f"/api/v1/namespaces/{namespace}"
+    with apiserver.admin() as c:
+        assert c.post(f"{ns_path}/services", json=_cluster("east", "192.0.2.40")).status_code == 201
+        off = _cluster("west", "192.0.2.41")
+        off["metadata"]["labels"]["goatlas.io/cluster"] = "false"
+        assert c.post(f"{ns_path}/services", json=off).status_code == 201
+    made = (
+        "secrets/east-envoy-values",
+        "secrets/east-atlas-identity",
+        "services/east-thanos-sidecar0",
+    )
+
+    def present() -> set[str]:
+        with apiserver.admin() as c:
+            return {p for p in made if c.get(f"{ns_path}/{p}").status_code == 200}
+
+    wait_until(lambda: present() == set(made), timeout=60, what="east onboarded")
+
+    def label_events(name: str) -> list[dict[str, Any]]:
+        with apiserver.admin() as c:
+            items = c.get(f"{ns_path}/events").json()["items"]
+        return [
+            e
+            for e in items
+            if e["involvedObject"]["name"] == name and e["reason"] == "InvalidClusterLabel"
+        ]
+
+    [never] = wait_until(lambda: label_events("west"), timeout=30, what="west's Event")
+    assert never["type"] == "Warning" and never["involvedObject"]["kind"] == "Service"
+    assert "is 'false'" in never["message"] and 'labelled exactly "true"' in never["message"]
+
+    _merge_patch(
+        apiserver, namespace, "east", {"metadata": {"labels": {"goatlas.io/cluster": "True"}}}
+    )
+    [event] = wait_until(lambda: label_events("east"), timeout=30, what="east's Event")
+    assert "is 'True'" in event["message"]
+    wait_until(lambda: not present(), timeout=60, what="what atlasd made for east removed")
+    doc = token_daemon.status()
+    assert doc["clusters"] == [] and "east" not in json.dumps(doc["certificates"])
+    assert {(p["object"], p["reason"]) for p in doc["problems"]} == {
+        ("Service/east", "InvalidClusterLabel"),
+        ("Service/west", "InvalidClusterLabel"),
+    }
+    assert _gauge(token_daemon, "atlasd_invalid_clusters") == 2
+    assert _gauge(token_daemon, "atlasd_clusters") == 0
+    assert token_daemon.log_text().count(f"rejected: Service {namespace}/east:") == 1
+
+    # Set back to "true": onboarded afresh.
+    _merge_patch(
+        apiserver, namespace, "east", {"metadata": {"labels": {"goatlas.io/cluster": "true"}}}
+    )
+    wait_until(lambda: present() == set(made), timeout=60, what="east onboarded again")
+    wait_until(
+        lambda: [c["name"] for c in token_daemon.status()["clusters"]] == ["east"],
+        timeout=30,
+        what="east served again",
+    )
 
 
 def test_observability_envoy_presents_the_forwarder_token(

@@ -612,14 +612,17 @@ def _migrate(
         assert atlasd.status()["leadership"]["blocked_by"] is None
         assert "no longer blocked from leading" in atlasd.log_text()
 
+        originals = {"atlas-server": server, "atlas-client": client, "atlas-tls": server}
+
         def issued() -> dict[str, dict[str, Any]] | None:
-            # The fleet-wide key and east's are reconciled independently, in any order.
+            # East's identity and the shared leaves are written by different keys of the
+            # reconcile, in no set order: wait for both.
             s = _secrets(apiserver, namespace)
-            leaves = "east-atlas-identity" in s and _data(s["atlas-server"], "tls.crt") != server
-            return s if leaves else None
+            reissued = all(_data(s[n], "tls.crt") != cert for n, cert in originals.items())
+            return s if "east-atlas-identity" in s and reissued else None
 
         secrets = wait_until(
-            issued, timeout=60, what="atlasd issues east's identity and re-issues atlas-server"
+            issued, timeout=60, what="atlasd issues east's identity and re-issues the leaves"
         )
         # Locals, not expressions over the Secrets: a failure must not print key material.
         kept = _data(secrets["atlas-ca"], "ca.pem") == ca_cert

@@ -1,14 +1,14 @@
 """Hypothesis strategies for cluster Services as an operator — or an attacker — writes them.
 
 A drawn Service is the raw Kubernetes JSON shape (``metadata.name/labels/annotations``,
-``spec.externalIPs``, ``spec.ports``; every ``goatlas.io`` label and annotation of SPEC.md
-and of ``atlasd.fleet.validate``), each field either valid or hostile: unicode,
+``spec.externalIPs``, ``spec.ports``; every ``goatlas.io`` label and annotation of
+docs/interface.md and of ``atlasd.fleet.validate``), each field either valid or hostile: unicode,
 control characters, zone-file metacharacters, huge strings, wrong types, boundary
 numbers. The generator records which field paths it made hostile (``Drawn.tainted``),
 written the way a ``Problem.field`` names them, so a test can require that the Problems
 name exactly those fields.
 
-"Valid" and "hostile" follow SPEC.md and the validate module's docstring, with the
+"Valid" and "hostile" follow docs/interface.md and the validate module's docstring, with the
 limits the outputs impose (a port name must fit ``_<name>`` in one DNS label, so 62
 characters). A value whose verdict depends on another field (a name near the derived-
 name limit, whose sidecar names grow with the replica count) is judged by

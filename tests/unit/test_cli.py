@@ -4,6 +4,7 @@ original Atlas's commands, flags and environment map onto atlasd's options."""
 from __future__ import annotations
 
 import http.server
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -139,11 +140,30 @@ def test_namespace_names_are_validated(value: str) -> None:
     assert "--namespace" in result.output and "not a namespace name" in result.output
 
 
-def test_log_levels_take_the_originals_spelling(kubeconfig: Path) -> None:
-    assert _invoke("--log-level", "warn", "version").exit_code == 0
-    assert _invoke("version", env={"LOGLEVEL": "warn"}).exit_code == 0
+@pytest.mark.parametrize(
+    ("value", "level"),
+    [
+        ("trace", logging.DEBUG),
+        ("debug", logging.DEBUG),
+        ("INFO", logging.INFO),
+        ("warn", logging.WARNING),
+        ("warning", logging.WARNING),
+        ("error", logging.ERROR),
+        ("fatal", logging.CRITICAL),
+        ("panic", logging.CRITICAL),
+    ],
+)
+def test_log_levels_take_the_originals_spelling(value: str, level: int) -> None:
+    """The original logs with logrus: its LOGLEVEL may name any logrus level."""
+    assert _invoke("--log-level", value, "version").exit_code == 0
+    assert logging.getLogger().level == level
+    assert _invoke("version", env={"LOGLEVEL": value}).exit_code == 0
+    assert logging.getLogger().level == level
+
+
+def test_an_unknown_log_level_is_refused_naming_the_variable() -> None:
     bad = _invoke("version", env={"LOGLEVEL": "loud"})
-    assert bad.exit_code == 2 and "LOGLEVEL" in bad.output
+    assert bad.exit_code == 2 and "LOGLEVEL" in bad.output and "'loud'" in bad.output
 
 
 def test_startup_errors_of_the_user_are_one_line_and_bugs_propagate() -> None:
@@ -182,6 +202,18 @@ def test_run_options_reach_the_daemon(
         "--legacy-locks=",
     )
     assert off.exit_code == 0 and captured[-1].legacy_locks == ()
+    # The same from the environment (what a chart sets): empty means none, not the default.
+    for value, locks in (("", ()), ("atlas,atlas-old", ("atlas", "atlas-old"))):
+        env = _invoke(
+            "run",
+            "--kubeconfig",
+            str(kubeconfig),
+            f"--zone-file={tmp_path / 'z'}",
+            "--http-listen=127.0.0.1:0",
+            "--ads-listen=127.0.0.1:0",
+            env={"ATLAS_LEGACY_LOCKS": value},
+        )
+        assert env.exit_code == 0 and captured[-1].legacy_locks == locks, value
 
 
 # The environment the original chart (charts/atlas) gives its two Deployments, plus the

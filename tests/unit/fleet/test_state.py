@@ -115,6 +115,17 @@ def test_a_label_that_is_not_exactly_true_is_reported_and_not_served() -> None:
     assert p.reason == "InvalidClusterLabel" and p.field == 'metadata.labels["goatlas.io/cluster"]'
 
 
+def test_a_service_without_the_cluster_label_is_no_cluster_and_no_problem() -> None:
+    """The watch filters by the label, but a cache may still hand over a Service that
+    lost it: it is absent (what atlasd made for it goes), never validated as a cluster."""
+    state = FleetState(S)
+    svc = cluster_service("east", "203.0.113.1")
+    del svc["metadata"]["labels"][labels.CLUSTER_LABEL]
+    state.observe("cluster-services", "east", stored(svc))
+    m = state.derive(state.keys(), now=NOW).version.members["east"]
+    assert m.state == "absent" and m.cluster is None and m.problems == ()
+
+
 def test_validation_is_reused_while_the_service_is_unchanged() -> None:
     state = FleetState(S)
     svc = stored(cluster_service("east", "203.0.113.1"))

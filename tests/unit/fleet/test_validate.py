@@ -1,4 +1,4 @@
-"""validate: the SPEC defaults, the accepted variants and the malformed-Service matrix."""
+"""validate: the defaults of docs/interface.md, the accepted variants and the malformed-Service matrix."""
 
 from __future__ import annotations
 

@@ -236,6 +236,17 @@ def test_configuration_errors_say_what_is_wrong(
         load_kubeconfig([path], context=context)
 
 
+def test_a_kubeconfig_that_is_not_yaml_says_where_and_never_echoes_it(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    path.write_text("users:\n- name: u\n  user: {token: s3cret-token\n")
+    with pytest.raises(ConfigError) as err:
+        load_kubeconfig([str(path)], context=None)
+    assert str(err.value) == f"kubeconfig {path} is not valid YAML (line 4, column 1)"
+    with pytest.raises(ConfigError) as err:
+        load_kubeconfig([str(tmp_path)], context=None)
+    assert str(err.value) == f"cannot read kubeconfig {tmp_path}: Is a directory"
+
+
 def test_kubeconfig_env_merges_and_ignores_missing_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

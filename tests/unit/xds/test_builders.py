@@ -540,3 +540,28 @@ def test_an_inconsistent_snapshot_is_never_published(monkeypatch: pytest.MonkeyP
     assert b.problems and "missing rds" in b.problems[0]
     # A node that never had a good snapshot is left out.
     assert "east" not in SnapshotBuilder().build(changed)
+
+
+@pytest.mark.parametrize(
+    ("external_ip", "bind"),
+    [("2001:db8::10", "::"), ("192.0.2.10", "0.0.0.0")],
+    ids=["ipv6", "ipv4"],
+)
+def test_a_downstream_envoy_listens_on_the_family_of_its_external_ip(
+    external_ip: str, bind: str
+) -> None:
+    """docs/interface.md, "IPv6": a downstream Envoy reached over IPv6 binds ``::``, one
+    reached over IPv4 ``0.0.0.0``; the observability Envoy dials the address as given."""
+    east = dataclasses.replace(helpers.cluster("east"), external_ip=external_ip)
+    snaps = build_snapshots(fleet(clusters=(east,), alertmanagers=AMS))
+    listeners = names(snaps["east"], LISTENER)
+    assert listeners == {"thanos", "prometheus", "alertmanager"}
+    for name in listeners:
+        lst = parse(snaps["east"], LISTENER, name, listener_pb2.Listener)
+        assert lst.address.socket_address.address == bind, name
+    for name in ("east-thanos", "east-prom"):
+        assert endpoint(snaps["atlas"], name)[0] == external_ip, name
+    # The observability Envoy's own listeners do not depend on a cluster's address family.
+    for name in names(snaps["atlas"], LISTENER):
+        lst = parse(snaps["atlas"], LISTENER, name, listener_pb2.Listener)
+        assert lst.address.socket_address.address == "0.0.0.0", name
