@@ -47,7 +47,7 @@ from atlasd.fleet.validate import (
     source_ref,
     validate_cluster,
 )
-from atlasd.kube.apply import decoded_secret_data
+from atlasd.kube.secrets import secret_data
 from atlasd.model import (
     OBSERVABILITY_NODE,
     PKI,
@@ -309,13 +309,13 @@ class FleetState:
                 )
             )
             server = trusted_pair(
-                decoded_secret_data(secrets.get(labels.SERVER_SECRET) or {}),
+                secret_data(secrets.get(labels.SERVER_SECRET) or {}),
                 "tls.crt",
                 "tls.key",
                 ca.trusted,
             )
             client = trusted_pair(
-                decoded_secret_data(secrets.get(labels.CLIENT_SECRET) or {}),
+                secret_data(secrets.get(labels.CLIENT_SECRET) or {}),
                 "tls.crt",
                 "tls.key",
                 ca.trusted,
@@ -331,7 +331,7 @@ class FleetState:
                 )
                 certs += _identity_certs(OBSERVABILITY_NODE, atlas, fraction)
             ads_server = trusted_pair(
-                decoded_secret_data(secrets.get(labels.ADS_SECRET) or {}),
+                secret_data(secrets.get(labels.ADS_SECRET) or {}),
                 "tls.crt",
                 "tls.key",
                 ca.trusted,
@@ -407,7 +407,7 @@ class FleetState:
         if old is not None and old.identity_rv == ident_rv and old.trust == trust and ident_rv:
             identity, certs = old.identity, old.certificates
         elif ident_secret is not None and self._fleetwide.ca is not None:
-            data = decoded_secret_data(ident_secret)
+            data = secret_data(ident_secret)
             trusted = self._fleetwide.ca.trusted
             s = trusted_pair(data, "server.crt", "server.key", trusted)
             c = trusted_pair(data, "client.crt", "client.key", trusted)

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from atlasd import labels
-from atlasd.kube.apply import decoded_secret_data
+from atlasd.kube.secrets import secret_data
 from atlasd.model import CertKey
 
 CA_CERT_KEY = "ca.pem"
@@ -181,7 +181,7 @@ def read_ca(secret: Mapping[str, Any] | None, *, now: dt.datetime) -> StoredCA |
     Whether ``ca-key.pem`` belongs to the certificate is checked where the key is used to
     sign (``atlasd.reconcile.pki.load_ca``); reading what is trusted needs only certificates.
     """
-    data = decoded_secret_data(secret or {})
+    data = secret_data(secret or {})
     if CA_CERT_KEY not in data or CA_KEY_KEY not in data:
         return None
     try:

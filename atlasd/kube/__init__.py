@@ -5,7 +5,8 @@
   watch) on raw httpx.
 - ``errors``: the error tree every failure is translated into.
 - ``resources``: the API resources atlasd uses and their URL paths.
-- ``apply``: ``needs_apply`` (no-op passes write nothing) and ownership helpers.
+- ``apply``: ``needs_apply`` (no-op passes write nothing).
+- ``secrets``: Secret data decoded and encoded.
 - ``events``: core/v1 Events, best effort.
 - ``lease``: leader election on a coordination.k8s.io/v1 Lease.
 """

@@ -32,50 +32,20 @@ from typing import Any
 from atlasd import labels
 from atlasd.kube.apply import needs_apply
 from atlasd.kube.resources import SECRETS, SERVICES, Resource
-from atlasd.reconcile.objects import secret_data
 
 # Maps compared exactly (atlasd owns every key); other maps are compared as subsets.
-_EXACT_PATHS = frozenset({("spec", "selector")})
+_WHOLE = frozenset({("spec", "selector"), ("data",)})
 
 
 # --- comparison ---
 
 
-def _covers(desired: Any, observed: Any, path: tuple[str, ...]) -> bool:
-    """Whether ``observed`` already says everything ``desired`` says (see module docstring)."""
-    if isinstance(desired, Mapping):
-        if not isinstance(observed, Mapping):
-            return False
-        if path in _EXACT_PATHS and set(desired) != set(observed):
-            return False
-        return all(
-            k in observed and _covers(v, observed[k], (*path, k)) for k, v in desired.items()
-        )
-    if isinstance(desired, list):
-        if not isinstance(observed, list) or len(desired) != len(observed):
-            return False
-        return all(_covers(d, o, path) for d, o in zip(desired, observed, strict=True))
-    return bool(desired == observed)
-
-
 def differs(desired: Mapping[str, Any], observed: Mapping[str, Any] | None) -> bool:
-    """Whether applying ``desired`` would change ``observed`` (None: absent).
-
-    Also asks ``atlasd.kube.apply.needs_apply``, which reads ``managedFields`` to catch a
-    label, annotation or data key atlasd applied before and no longer sends."""
-    if observed is None:
-        return True
-    if desired.get("kind") == "Secret":
-        if secret_data(desired) != secret_data(observed):
-            return True
-        if set(desired.get("data") or {}) != set(observed.get("data") or {}):
-            return True
-        rest = {k: v for k, v in desired.items() if k != "data"}
-        if not _covers(rest, observed, ()):
-            return True
-    elif not _covers(desired, observed, ()):
-        return True
-    return needs_apply(desired, observed)
+    """Whether applying ``desired`` would change ``observed`` (None: absent): the one
+    comparison (``atlasd.kube.apply.needs_apply``, which also reads ``managedFields`` to
+    catch a label, annotation or data key atlasd applied before and no longer sends), with
+    the maps atlasd owns whole (``_WHOLE``)."""
+    return needs_apply(desired, observed, whole=_WHOLE)
 
 
 # --- the write plan (pure) ---

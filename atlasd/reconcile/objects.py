@@ -1,6 +1,7 @@
 """Wire shapes of the Kubernetes objects atlasd writes, and helpers to build and read them.
 
-Pure: builds plain dicts (what the API server takes as JSON) and decodes Secret data.
+Pure: builds plain dicts (what the API server takes as JSON); Secret data is encoded and
+decoded by ``atlasd.kube.secrets``.
 Every object atlasd owns carries ``app.kubernetes.io/managed-by: atlasd``; an object that
 belongs to one downstream cluster also carries ``goatlas.io/owner-cluster: <cluster>`` and
 (when the cluster Service's uid is known) an ownerReference to that Service. The applier
@@ -9,12 +10,11 @@ prunes by those labels.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
 from typing import Any, NotRequired, TypedDict
 
 from atlasd import labels
+from atlasd.kube.secrets import encode_secret_data
 from atlasd.model import DownstreamCluster
 
 
@@ -70,10 +70,6 @@ def owner_references(cluster: DownstreamCluster) -> list[dict[str, Any]]:
     ]
 
 
-def encode(data: Mapping[str, bytes]) -> dict[str, str]:
-    return {k: base64.b64encode(v).decode("ascii") for k, v in sorted(data.items())}
-
-
 def secret_object(
     *,
     name: str,
@@ -94,26 +90,8 @@ def secret_object(
         "kind": "Secret",
         "metadata": meta,
         "type": secret_type,
-        "data": encode(data),
+        "data": encode_secret_data(data),
     }
-
-
-def secret_data(obj: Mapping[str, Any] | None) -> dict[str, bytes]:
-    """Decoded ``data`` of an observed Secret (undecodable entries are dropped)."""
-    if not obj:
-        return {}
-    raw = obj.get("data") or {}
-    out: dict[str, bytes] = {}
-    if not isinstance(raw, Mapping):
-        return out
-    for k, v in raw.items():
-        if not isinstance(v, str):
-            continue
-        try:
-            out[str(k)] = base64.b64decode(v, validate=True)
-        except (binascii.Error, ValueError):
-            continue
-    return out
 
 
 def meta_map(obj: Mapping[str, Any] | None, key: str) -> dict[str, str]:

@@ -76,6 +76,7 @@ from atlasd.fleet.trust import (
     revision_of,
 )
 from atlasd.fleet.validate import identity_secret_name
+from atlasd.kube.secrets import secret_data
 from atlasd.model import (
     ADS_SERVER_NAME,
     OBSERVABILITY_NODE,
@@ -106,7 +107,6 @@ from atlasd.reconcile.objects import (
     managed_labels,
     meta_map,
     owner_references,
-    secret_data,
     secret_object,
 )
 

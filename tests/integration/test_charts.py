@@ -28,6 +28,7 @@ import yaml
 from atlasd import labels
 from atlasd.cli import cli, run
 from atlasd.kube.resources import REQUIRED_PERMISSIONS
+from atlasd.kube.secrets import secret_data
 from atlasd.model import (
     ADS_SERVER_NAME,
     DownstreamCluster,
@@ -37,7 +38,6 @@ from atlasd.model import (
 )
 from atlasd.reconcile import values_formats
 from atlasd.reconcile.desired import VALUES_KEY, desired_state
-from atlasd.reconcile.objects import secret_data
 from atlasd.reconcile.pki import RandomKeys, plan_pki
 from tests.harness import certs
 from tests.harness.envoy import envoy_binary

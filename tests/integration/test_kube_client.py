@@ -8,17 +8,13 @@ import dataclasses
 import pytest
 import trio
 
-from atlasd.kube.apply import (
-    apply_if_needed,
-    managed_selector,
-    needs_apply,
-    ownership_labels,
-    with_ownership,
-)
+from atlasd import labels
+from atlasd.kube.apply import needs_apply
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.errors import AlreadyExists, Conflict, Invalid, NotFound
 from atlasd.kube.resources import CONFIGMAPS, SECRETS, SERVICES
+from atlasd.reconcile.objects import managed_labels
 from tests.harness.kube import ApiServer
 
 pytestmark = pytest.mark.integration
@@ -126,23 +122,20 @@ async def test_invalid_secret_message_does_not_echo_data(
 
 
 async def test_needs_apply_agrees_with_the_server(apiserver: ApiServer, namespace: str) -> None:
-    svc = with_ownership(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {
-                "name": "east-thanos-sidecar0",
-                "namespace": namespace,
-                "labels": {"goatlas.io/thanos-sidecar": "0"},
-            },
-            "spec": {
-                "clusterIP": "None",
-                "selector": {"app": "envoy"},
-                "ports": [{"name": "thanos", "port": 10901}, {"name": "prometheus", "port": 9090}],
-            },
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "east-thanos-sidecar0",
+            "namespace": namespace,
+            "labels": managed_labels("east", **{"goatlas.io/thanos-sidecar": "0"}),
         },
-        cluster="east",
-    )
+        "spec": {
+            "clusterIP": "None",
+            "selector": {"app": "envoy"},
+            "ports": [{"name": "thanos", "port": 10901}, {"name": "prometheus", "port": 9090}],
+        },
+    }
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -152,25 +145,45 @@ async def test_needs_apply_agrees_with_the_server(apiserver: ApiServer, namespac
     async with KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube:
         for desired, res in ((svc, SERVICES), (secret, SECRETS)):
             name = desired["metadata"]["name"]
-            assert await apply_if_needed(kube, desired, None) is not None
+            assert needs_apply(desired, None)
+            await kube.apply(desired)
             observed = await kube.get(res, name, namespace=namespace)
             assert not needs_apply(desired, observed)
-            assert await apply_if_needed(kube, desired, observed) is None
         # Dropping a label atlasd applied is a change, and applying removes it.
         observed = await kube.get(SERVICES, "east-thanos-sidecar0", namespace=namespace)
         owner = await kube.get(SERVICES, "east-thanos-sidecar0", namespace=namespace)
-        trimmed = {**svc, "metadata": {**svc["metadata"], "labels": ownership_labels("east")}}
+        trimmed = {**svc, "metadata": {**svc["metadata"], "labels": managed_labels("east")}}
         assert needs_apply(trimmed, observed)
         stored = await kube.apply(trimmed)
         assert "goatlas.io/thanos-sidecar" not in stored["metadata"]["labels"]
         assert not needs_apply(trimmed, stored)
         # Ownership: an ownerReference to a real object is accepted.
-        child = with_ownership(_cm(namespace, "child", {"k": "v"}), owner=owner)
+        owner_ref = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        child = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "child",
+                "namespace": namespace,
+                "labels": {"a": "b", **managed_labels()},
+                "ownerReferences": [owner_ref],
+            },
+            "data": {"k": "v"},
+        }
         stored = await kube.apply(child)
         assert stored["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
         assert not needs_apply(child, stored)
         items, _ = await kube.list(
-            CONFIGMAPS, namespace=namespace, label_selector=managed_selector()
+            CONFIGMAPS,
+            namespace=namespace,
+            label_selector=f"{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}",
         )
         assert [i["metadata"]["name"] for i in items] == ["child"]
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from cryptography import x509
 
+from atlasd.kube.secrets import secret_data
 from atlasd.model import CertKey, DownstreamCluster, ServicePort, Settings
 from atlasd.reconcile.desired import desired_state
-from atlasd.reconcile.objects import secret_data
 from atlasd.reconcile.pki import PKIPlan, RandomKeys, plan_pki
 from tests.harness.wait import wait_until
 

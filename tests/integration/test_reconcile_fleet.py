@@ -18,9 +18,9 @@ from atlasd.kube.config import load_config
 from atlasd.kube.errors import NotFound
 from atlasd.kube.events import post_event
 from atlasd.kube.resources import EVENTS, SECRETS, SERVICES
+from atlasd.kube.secrets import secret_data
 from atlasd.model import Settings
 from atlasd.reconcile.applier import Reconciler
-from atlasd.reconcile.objects import secret_data
 from tests.harness.kube import ApiServer
 from tests.unit.reconcile.builders import cluster_service
 

@@ -1,4 +1,5 @@
-"""needs_apply: a pass with nothing to change writes nothing; ownership helpers."""
+"""needs_apply: a pass with nothing to change writes nothing; Secret data round trip;
+ownership labels and references (``atlasd.reconcile.objects``)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,10 @@ from typing import Any
 
 import pytest
 
-from atlasd.kube.apply import (
-    decoded_secret_data,
-    encode_secret_data,
-    managed_keys,
-    managed_selector,
-    needs_apply,
-    owner_reference,
-    ownership_labels,
-    prune,
-    with_ownership,
-)
+from atlasd.kube.apply import managed_keys, needs_apply
+from atlasd.kube.secrets import encode_secret_data, secret_data
+from atlasd.model import DownstreamCluster, ObjectRef
+from atlasd.reconcile.objects import managed_labels, owner_references
 
 
 def b64(s: str) -> str:
@@ -191,43 +185,34 @@ def test_managed_keys_ignores_update_operations() -> None:
 
 def test_secret_data_round_trip() -> None:
     data = encode_secret_data({"a": b"\x00\x01", "b": "text"})
-    assert decoded_secret_data({"data": data}) == {"a": b"\x00\x01", "b": b"text"}
-    both = decoded_secret_data({"data": {"k": b64("old")}, "stringData": {"k": "new"}})
+    assert secret_data({"data": data}) == {"a": b"\x00\x01", "b": b"text"}
+    both = secret_data({"data": {"k": b64("old")}, "stringData": {"k": "new"}})
     assert both == {"k": b"new"}
 
 
+def test_secret_data_leaves_out_what_is_not_base64() -> None:
+    assert secret_data({"data": {"ok": b64("v"), "bad": "not base64!", "n": 1}}) == {"ok": b"v"}
+    assert secret_data(None) == {}
+
+
 def test_ownership() -> None:
-    assert ownership_labels() == {"app.kubernetes.io/managed-by": "atlasd"}
-    assert ownership_labels("east")["goatlas.io/owner-cluster"] == "east"
-    assert managed_selector("east") == (
-        "app.kubernetes.io/managed-by=atlasd,goatlas.io/owner-cluster=east"
+    assert managed_labels() == {"app.kubernetes.io/managed-by": "atlasd"}
+    assert managed_labels("east")["goatlas.io/owner-cluster"] == "east"
+    east = DownstreamCluster(
+        name="east",
+        external_ip="203.0.113.1",
+        ports=(),
+        source=ObjectRef("Service", "east", "m", uid="u-1"),
     )
-    owner = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "east", "uid": "u-1"}}
-    assert owner_reference(owner) == {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "name": "east",
-        "uid": "u-1",
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-    with pytest.raises(ValueError, match="no uid"):
-        owner_reference({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}})
-    obj = with_ownership(
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "labels": {"a": "b"}}},
-        cluster="east",
-        owner=owner,
-    )
-    assert obj["metadata"]["labels"] == {
-        "a": "b",
-        "app.kubernetes.io/managed-by": "atlasd",
-        "goatlas.io/owner-cluster": "east",
-    }
-    assert obj["metadata"]["ownerReferences"][0]["uid"] == "u-1"
-
-
-def test_prune_only_owned_and_undesired() -> None:
-    observed = [
-        {"metadata": {"name": n, "labels": ownership_labels()}} for n in ("a", "b", "c")
-    ] + [{"metadata": {"name": "foreign", "labels": {}}}]
-    assert prune(observed, {"b"}) == ["a", "c"]
+    assert owner_references(east) == [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "name": "east",
+            "uid": "u-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    # No uid yet: no ownerReference (the next pass adds it).
+    assert owner_references(DownstreamCluster("x", "203.0.113.2", ())) == []

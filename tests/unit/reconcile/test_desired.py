@@ -13,6 +13,7 @@ import yaml
 from cryptography import x509
 
 from atlasd import labels
+from atlasd.kube.secrets import secret_data
 from atlasd.model import (
     ADS_SERVER_NAME,
     DownstreamCluster,
@@ -27,7 +28,6 @@ from atlasd.reconcile.desired import (
     observability_values,
     sidecar_services,
 )
-from atlasd.reconcile.objects import secret_data
 from atlasd.reconcile.pki import plan_pki
 from tests.unit.reconcile.pkitools import CountingKeys
 

@@ -10,8 +10,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from atlasd import labels
+from atlasd.kube.secrets import secret_data
 from atlasd.model import DownstreamCluster, ServicePort, Settings
-from atlasd.reconcile.objects import secret_data, secret_object
+from atlasd.reconcile.objects import secret_object
 from atlasd.reconcile.pki import PKIError, PKIPlan, plan_pki
 from tests.unit.reconcile.pkitools import CountingKeys, original_ca, plan_secrets, with_annotation
 

@@ -9,8 +9,9 @@ import datetime as dt
 from cryptography import x509
 
 from atlasd import labels
+from atlasd.kube.secrets import secret_data
 from atlasd.model import Settings
-from atlasd.reconcile.objects import secret_data, secret_object
+from atlasd.reconcile.objects import secret_object
 from atlasd.reconcile.pki import PKIPlan
 from tests.unit.reconcile.pkitools import (
     CountingKeys,

@@ -1,0 +1,54 @@
+"""The data of a Secret: the one place it is decoded and encoded.
+
+Pure. ``data`` holds base64 text; ``stringData`` (write-only: the API server merges it into
+``data`` and never returns it) holds text. Both readers of stored PKI material
+(``atlasd.fleet``, ``atlasd.reconcile.pki``) and the comparison that decides whether a
+write is needed (``atlasd.kube.apply``) read Secrets through ``secret_data``, so a value
+that is not base64 means the same everywhere: it is absent (an API server never returns
+one; a hand-edited standalone store might). ``needs_apply`` counts a desired value that does
+not decode as a difference, so a write (and its error) happens rather than a silent skip.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+
+def _decode(value: object) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def secret_data(obj: Mapping[str, Any] | None) -> dict[str, bytes]:
+    """A Secret's content as bytes: ``data`` decoded, ``stringData`` encoded, the latter
+    winning on a shared key (as the API server merges them). A ``data`` value that is not
+    base64 text is left out."""
+    out: dict[str, bytes] = {}
+    if not obj:
+        return out
+    raw = obj.get("data") or {}
+    if isinstance(raw, Mapping):
+        for key, value in raw.items():
+            decoded = _decode(value)
+            if decoded is not None:
+                out[str(key)] = decoded
+    text = obj.get("stringData") or {}
+    if isinstance(text, Mapping):
+        for key, value in text.items():
+            out[str(key)] = str(value).encode()
+    return out
+
+
+def encode_secret_data(values: Mapping[str, bytes | str]) -> dict[str, str]:
+    """``data`` for a Secret: every value base64-encoded, keys sorted."""
+    return {
+        k: base64.b64encode(v if isinstance(v, bytes) else v.encode()).decode("ascii")
+        for k, v in sorted(values.items())
+    }
