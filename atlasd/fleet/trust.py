@@ -4,7 +4,8 @@ The one loader of ``atlas-ca`` (``ca.pem``, ``ca-key.pem``, earlier CAs as
 ``ca-<serial>.pem``, cross-signed links as ``ca-cross-<serial>.pem``; label
 ``goatlas.io/ca-revision``): the fleet reads it to know what every replica trusts, and
 ``atlasd.reconcile.pki`` starts from the same parse when it decides whether to keep, adopt
-or rotate the CA. Pure; nothing here issues or writes anything.
+or rotate the CA (``read_ca``, then ``signing_ca`` adds the checked key). Pure; nothing
+here issues or writes anything.
 
 Earlier CAs stay trusted until they expire (or an operator deletes their key from the
 Secret); the bundle is the current CA first, then the earlier ones newest first (by
@@ -110,19 +111,18 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class StoredCA:
-    """``atlas-ca`` as stored: the current CA and the earlier ones still trusted."""
+class CAChain:
+    """What a CA and the earlier ones it keeps trusted give the Envoys: the serial, the
+    bundle (current first, then earlier newest first) and the chain of links. Shared by
+    ``StoredCA`` (read here) and ``atlasd.reconcile.certs.CA`` (the one that signs)."""
 
     cert: x509.Certificate
     material: CertKey
     revision: int
     # (serial, PEM) of earlier CAs still trusted, newest first.
     previous: Serials
-    # Every CA certificate a leaf may be signed by (current first).
-    trusted: tuple[x509.Certificate, ...]
     # (serial of an earlier CA, PEM of the link it signed): see the module docstring.
-    links: Serials = ()
+    links: Serials
 
     @functools.cached_property
     def serial(self) -> str:
@@ -134,7 +134,26 @@ class StoredCA:
 
     @functools.cached_property
     def chain(self) -> bytes:
+        """The links from this CA back to the earlier ones (``model.PKI.chain``)."""
         return chain_of(self.previous, self.links)
+
+
+@dataclass(frozen=True)
+class StoredCA(CAChain):
+    """``atlas-ca`` as stored: the current CA and the earlier ones still trusted."""
+
+    cert: x509.Certificate
+    material: CertKey
+    revision: int
+    previous: Serials
+    # Every CA certificate a leaf may be signed by (current first).
+    trusted: tuple[x509.Certificate, ...]
+    links: Serials = ()
+
+    @property
+    def earlier(self) -> list[tuple[str, bytes, x509.Certificate]]:
+        """(serial, PEM, certificate) of the earlier CAs, newest first."""
+        return [(s, pem, c) for (s, pem), c in zip(self.previous, self.trusted[1:], strict=True)]
 
 
 def revision_of(secret: Mapping[str, Any] | None) -> int:
@@ -179,7 +198,7 @@ def read_ca(secret: Mapping[str, Any] | None, *, now: dt.datetime) -> StoredCA |
     """The stored CA, or None when ``atlas-ca`` is absent or its certificate unusable.
 
     Whether ``ca-key.pem`` belongs to the certificate is checked where the key is used to
-    sign (``atlasd.reconcile.pki.load_ca``); reading what is trusted needs only certificates.
+    sign (``atlasd.reconcile.pki.signing_ca``); reading what is trusted needs only certificates.
     """
     data = secret_data(secret or {})
     if CA_CERT_KEY not in data or CA_KEY_KEY not in data:

@@ -65,9 +65,9 @@ from atlasd.reconcile.pki import (
     ca_secret,
     check_settings,
     decide_ca,
-    load_ca,
     plan_identity,
     plan_observability,
+    signing_ca,
 )
 
 __all__ = [
@@ -356,17 +356,9 @@ class Reconciler:
         if self._ca is not None and self._ca[0] == ident:
             return self._ca[1]
         try:
-            cert, key = load_ca(stored.material.cert_pem, stored.material.key_pem)
+            ca = signing_ca(stored)
         except PKIError:
             return None
-        ca = CA(
-            cert=cert,
-            key=key,
-            material=stored.material,
-            revision=stored.revision,
-            previous=stored.previous,
-            links=stored.links,
-        )
         self._ca = (ident, ca)
         return ca
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from atlasd.fleet.trust import Serials, chain_of
+from atlasd.fleet.trust import CAChain, Serials
 from atlasd.model import PKI, CertKey
 
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -60,30 +60,15 @@ class RandomKeys:
 
 
 @dataclass(frozen=True)
-class CA:
+class CA(CAChain):
     """The current signing CA and the earlier CAs still in the trust bundle."""
 
     cert: x509.Certificate
     key: CertificateIssuerPrivateKeyTypes
     material: CertKey
     revision: int
-    # (serial, PEM) of earlier CAs still trusted, newest first.
     previous: Serials = ()
-    # (serial of an earlier CA, PEM of the link it signed): atlasd.fleet.trust.
     links: Serials = ()
-
-    @functools.cached_property
-    def serial(self) -> str:
-        return str(self.cert.serial_number)
-
-    @functools.cached_property
-    def bundle(self) -> bytes:
-        return self.material.cert_pem + b"".join(pem for _, pem in self.previous)
-
-    @functools.cached_property
-    def chain(self) -> bytes:
-        """The links from this CA back to the earlier ones (``model.PKI.chain``)."""
-        return chain_of(self.previous, self.links)
 
     @functools.cached_property
     def pki(self) -> PKI:

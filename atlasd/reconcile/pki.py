@@ -62,18 +62,16 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from atlasd import labels
 from atlasd.fleet.trust import (
     CA_CERT_KEY,
     CA_KEY_KEY,
+    StoredCA,
     link_key,
     order_previous,
-    previous_cas,
     previous_key,
-    read_links,
-    revision_of,
+    read_ca,
 )
 from atlasd.fleet.validate import identity_secret_name
 from atlasd.kube.secrets import secret_data
@@ -125,11 +123,11 @@ __all__ = [
     "check_settings",
     "cluster_specs",
     "decide_ca",
-    "load_ca",
     "observability_specs",
     "plan_identity",
     "plan_observability",
     "plan_pki",
+    "signing_ca",
 ]
 
 CAAction = Literal["created", "adopted", "kept", "rotated"]
@@ -204,24 +202,26 @@ def cluster_specs(cluster: str, settings: Settings) -> tuple[LeafSpec, LeafSpec]
     return LeafSpec(cluster, dns, (), "server"), LeafSpec(cluster, dns, (), "client")
 
 
-def load_ca(
-    cert_pem: bytes, key_pem: bytes
-) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
-    """Parse an existing CA (any key type cryptography signs with; PKCS#1 or PKCS#8 PEM)."""
+def signing_ca(stored: StoredCA) -> CA:
+    """The stored CA (``atlasd.fleet.trust.read_ca``) with its key, which must belong to the
+    certificate (any key type cryptography signs with; PKCS#1 or PKCS#8 PEM)."""
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
-        raise PKIError(f"{CA_CERT_KEY} is not a PEM certificate") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        key = serialization.load_pem_private_key(stored.material.key_pem, password=None)
     except (ValueError, TypeError):
         # The underlying message may quote key material; do not chain it.
         raise PKIError(f"{CA_KEY_KEY} is not an unencrypted PEM private key") from None
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or public_der(
         key.public_key()
-    ) != public_der(cert.public_key()):
+    ) != public_der(stored.cert.public_key()):
         raise PKIError(f"{CA_KEY_KEY} does not belong to the certificate in {CA_CERT_KEY}")
-    return cert, key
+    return CA(
+        cert=stored.cert,
+        key=key,
+        material=stored.material,
+        revision=stored.revision,
+        previous=stored.previous,
+        links=stored.links,
+    )
 
 
 def _ordered(items: list[tuple[str, bytes, x509.Certificate]]) -> tuple[tuple[str, bytes], ...]:
@@ -247,42 +247,33 @@ def decide_ca(
         material = CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
         return CA(cert=cert, key=key, material=material, revision=1), "created"
 
-    cert, ca_key = load_ca(data[CA_CERT_KEY], data[CA_KEY_KEY])
-    revision = revision_of(observed)
-    serial = str(cert.serial_number)
-    previous = order_previous(previous_cas(data, serial, now))
+    stored = read_ca(observed, now=now)
+    if stored is None:
+        raise PKIError(f"{CA_CERT_KEY} is not a PEM certificate")
+    current = signing_ca(stored)
     rotate = labels.CA_ROTATE_ANNOTATION in anns or past_fraction(
-        cert, now, settings.renew_fraction
+        stored.cert, now, settings.renew_fraction
     )
     if not rotate:
-        ca = CA(
-            cert=cert,
-            key=ca_key,
-            material=CertKey(data[CA_CERT_KEY], data[CA_KEY_KEY]),
-            revision=revision,
-            previous=_ordered(previous),
-            links=read_links(data, cert, previous, now),
-        )
         owned = lbls.get(labels.MANAGED_BY_LABEL) == labels.MANAGED_BY_VALUE
-        return ca, ("kept" if owned else "adopted")
+        return current, ("kept" if owned else "adopted")
 
     # The new CA takes the old one's name, so the link below is self-issued (certs).
+    cert = stored.cert
     new_cert, new_key = new_ca(keys=keys, now=now, lifetime=settings.ca_lifetime, name=cert.subject)
     links: tuple[tuple[str, bytes], ...] = ()
+    previous = stored.earlier
     if cert.not_valid_after_utc > now:
         # An expired CA is neither kept nor linked (nothing would verify through it).
-        link = cross_sign(new_cert, issuer=cert, issuer_key=ca_key, keys=keys, now=now)
-        links = (
-            (serial, link.public_bytes(serialization.Encoding.PEM)),
-            *read_links(data, cert, previous, now),
-        )
-        previous = [(serial, data[CA_CERT_KEY], cert), *previous]
+        link = cross_sign(new_cert, issuer=cert, issuer_key=current.key, keys=keys, now=now)
+        links = ((stored.serial, link.public_bytes(serialization.Encoding.PEM)), *stored.links)
+        previous = [(stored.serial, stored.material.cert_pem, cert), *previous]
     material = CertKey(new_cert.public_bytes(serialization.Encoding.PEM), key_pem(new_key))
     ca = CA(
         cert=new_cert,
         key=new_key,
         material=material,
-        revision=revision + 1,
+        revision=stored.revision + 1,
         previous=_ordered(previous),
         links=links,
     )
