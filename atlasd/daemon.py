@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -63,6 +62,7 @@ from atlasd.model import Problem, Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.status import StatusHub
+from atlasd.watch.backoff import Backoff
 from atlasd.watch.sources import run_sources
 from atlasd.watch.workqueue import WorkQueue
 from atlasd.xds.authz import Authorizer
@@ -76,7 +76,9 @@ from atlasd.xds.tls import ServerTls, TlsMaterial
 
 log = logging.getLogger(__name__)
 
-RETRIABLE: tuple[type[Exception], ...] = (KubeError, OSError)
+# What restarts a subsystem: any Kubernetes failure (kube.errors: a loop that starts over
+# retries every KubeError) or a file system one (standalone's store, the zone file).
+RESTARTS: tuple[type[Exception], ...] = (KubeError, OSError)
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ async def supervise(
     everything the subsystem started. ``task_status.started()`` is passed through on
     the first run only.
     """
-    delay = 0.5
+    # Starts over after a run that lasted two minutes (below), not after a quiet while.
+    backoff = Backoff(initial=0.5, jitter=0.5, reset_after=float("inf"))
     first = True
     while True:
         started_at = trio.current_time()
@@ -137,25 +140,25 @@ async def supervise(
                 else:
                     nursery.start_soon(fn)
                 hub.subsystem(name, "running")
-        except RETRIABLE as exc:
+        except RESTARTS as exc:
             failure: BaseException = exc
         except BaseExceptionGroup as group:
             # Nurseries wrap errors in groups: restart only if every leaf is retriable
             # (a Cancelled or a bug among them propagates unchanged).
-            retriable, rest = group.split(RETRIABLE)
+            retriable, rest = group.split(RESTARTS)
             if rest is not None or retriable is None:
                 raise
             failure = _first_leaf(retriable)
         else:
             return
         if trio.current_time() - started_at > 120:
-            delay = 0.5
+            backoff.reset()
+        delay = backoff.next_delay(trio.current_time())
         log.warning(
             "%s failed (%s: %s); restarting in %.1fs", name, type(failure).__name__, failure, delay
         )
         hub.subsystem(name, f"restarting: {type(failure).__name__}: {failure}")
-        await trio.sleep(delay * (1 + random.random() / 2))
-        delay = min(delay * 2, 30.0)
+        await trio.sleep(delay)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -307,7 +310,7 @@ async def run_namespace_check(
     /readyz), checked again with backoff and logged once per check. Once it exists, done:
     its deletion later shows as failing writes and watches."""
     task_status.started()
-    delay = 2.0
+    backoff = Backoff(initial=2.0, cap=60.0, jitter=0.0, reset_after=float("inf"))
     while True:
         try:
             exists = await check(namespace)
@@ -318,9 +321,9 @@ async def run_namespace_check(
             hub.set_ready("namespace", True)
             return
         hub.set_ready("namespace", False, reason=reason)
+        delay = backoff.next_delay(trio.current_time())
         log.warning("not ready: %s (checked again in %.0fs)", reason, delay)
         await trio.sleep(delay)
-        delay = min(delay * 2, 60.0)
 
 
 def _problem_doc(p: Problem) -> dict[str, str]:

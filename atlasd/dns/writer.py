@@ -28,7 +28,8 @@ Errors: a fleet that does not render (``atlasd.dns.zone.ZoneError``: a name that
 must not reach the zone; the validator should have rejected it) is logged and
 skipped — the last good zone stays served and the next fleet is tried. OSError from
 the file system propagates (a zone that cannot be written is not something to hide).
-The mirror retries transport failures, conflicts, 429 and 5xx with backoff; other
+The mirror retries the retriable errors (``KubeError.retriable``: transport failures,
+conflicts, 429 and 5xx) with backoff (``atlasd.watch.backoff``); other
 ``KubeError`` (403 from missing RBAC, 422) propagate.
 """
 
@@ -39,7 +40,6 @@ import contextlib
 import functools
 import logging
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -60,16 +60,11 @@ from atlasd.dns.zone import (
     render_blocks,
     zone_inputs,
 )
-from atlasd.kube.errors import (
-    Conflict,
-    NotFound,
-    ServerError,
-    TooManyRequests,
-    TransportError,
-)
+from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import CONFIGMAPS, Resource
 from atlasd.labels import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from atlasd.model import Fleet, Settings
+from atlasd.watch.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +74,6 @@ ZONE_KEY = "atlas.zone"
 # no group, fewer with replicas and groups) is written to the file only; the mirror logs
 # why it is stale.
 MAX_CONFIGMAP_ZONE_BYTES = 1_000_000
-RETRIABLE = (TransportError, Conflict, TooManyRequests, ServerError)
 MIRROR_INTERVAL = 1.0
 
 
@@ -299,13 +293,13 @@ class _Latest:
             self._event = trio.Event()
 
 
-async def _backoff_sleep(attempt: int, *, at_least: float = 0.0) -> None:
-    delay = min(30.0, 0.5 * 2**attempt) * (1 + random.random())
-    await trio.sleep(max(delay, at_least))
+def _backoff() -> Backoff:
+    # Starts over for every read and every new zone text, not after a quiet while.
+    return Backoff(initial=0.5, reset_after=float("inf"))
 
 
 async def _read_configmap_text(kube: ConfigMapClient, settings: Settings) -> str | None:
-    attempt = 0
+    backoff = _backoff()
     while True:
         try:
             obj = await kube.get(
@@ -313,10 +307,11 @@ async def _read_configmap_text(kube: ConfigMapClient, settings: Settings) -> str
             )
         except NotFound:
             return None
-        except RETRIABLE as exc:
+        except KubeError as exc:
+            if not exc.retriable:
+                raise
             log.warning("reading ConfigMap %s: %s; retrying", settings.dns_configmap_name, exc)
-            await _backoff_sleep(attempt, at_least=getattr(exc, "retry_after", None) or 0.0)
-            attempt += 1
+            await backoff.sleep(at_least=exc.retry_after or 0.0)
             continue
         data = obj.get("data") if isinstance(obj, dict) else None
         text = data.get(ZONE_KEY) if isinstance(data, dict) else None
@@ -332,7 +327,7 @@ async def _mirror(
             text = await latest.wait()
         except trio.EndOfChannel:
             return
-        attempt = 0
+        backoff = _backoff()
         while text != applied:
             if len(text.encode("utf-8")) > MAX_CONFIGMAP_ZONE_BYTES:
                 log.error(
@@ -343,10 +338,11 @@ async def _mirror(
                 break
             try:
                 await kube.apply(configmap(settings, text))
-            except RETRIABLE as exc:
+            except KubeError as exc:
+                if not exc.retriable:
+                    raise
                 log.warning("applying ConfigMap %s: %s; retrying", settings.dns_configmap_name, exc)
-                await _backoff_sleep(attempt, at_least=getattr(exc, "retry_after", None) or 0.0)
-                attempt += 1
+                await backoff.sleep(at_least=exc.retry_after or 0.0)
                 continue
             applied = text
             log.info("ConfigMap %s updated", settings.dns_configmap_name)

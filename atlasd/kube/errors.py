@@ -19,6 +19,14 @@ chained with ``raise ... from``::
           ├── TooManyRequests   429 (``retry_after`` seconds, if the server said)
           └── ServerError       5xx
 
+``retriable`` answers "may the same request succeed if simply sent again later?" (as
+httpx classifies on its exceptions): yes for TransportError, Conflict (AlreadyExists
+included: re-read, then write), TooManyRequests and ServerError; no for the rest, which a
+retry of the same request would only repeat. A loop that reads again from scratch (a
+watch, a supervised subsystem, a reconcile worker's rate-limited requeue) retries any
+KubeError with backoff (``atlasd.watch.backoff``): RBAC may be granted, a namespace
+created. ``retry_after`` is the server's Retry-After, when it gave one.
+
 Messages name the verb, the resource, the object and the Status reason. They carry the
 Status message too, except for Secrets, whose Status messages are replaced by the
 reason and the field paths of the causes: an echoed value could be key material.
@@ -27,11 +35,16 @@ reason and the field paths of the causes: an echoed value could be key material.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 
 class KubeError(Exception):
     """Anything that went wrong talking to Kubernetes."""
+
+    # Whether the same request may succeed when sent again later (module docstring).
+    retriable: ClassVar[bool] = False
+    # Seconds the API server asked to wait (Retry-After), if it said.
+    retry_after: float | None = None
 
 
 class ConfigError(KubeError):
@@ -40,6 +53,8 @@ class ConfigError(KubeError):
 
 class TransportError(KubeError):
     """The API server could not be reached or the connection broke."""
+
+    retriable = True
 
 
 class ApiError(KubeError):
@@ -93,7 +108,7 @@ class NotFound(ApiError):
 
 
 class Conflict(ApiError):
-    pass
+    retriable = True
 
 
 class AlreadyExists(Conflict):
@@ -109,11 +124,11 @@ class Invalid(ApiError):
 
 
 class TooManyRequests(ApiError):
-    pass
+    retriable = True
 
 
 class ServerError(ApiError):
-    pass
+    retriable = True
 
 
 _BY_CODE: dict[int, type[ApiError]] = {

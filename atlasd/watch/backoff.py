@@ -1,4 +1,6 @@
-"""Reconnect backoff for watches (client-go's ExponentialBackoffManager).
+"""The one backoff (client-go's ExponentialBackoffManager): watches reconnecting, the
+daemon's supervisor restarting a subsystem, the zone writer's ConfigMap retries and the
+namespace readiness check each keep one ``Backoff`` with their own numbers.
 
 The delay starts at ``initial`` (0.8 s), doubles up to ``cap`` (30 s), and gets
 ``jitter`` x delay of random extra (the cap applies before the jitter, as in client-go,

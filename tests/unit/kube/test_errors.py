@@ -141,3 +141,26 @@ def test_retry_after_from_status_details() -> None:
         status_code=429, body=body, verb="list", resource="services", retry_after=1.0
     )
     assert header_wins.retry_after == 1.0
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "retriable"),
+    [
+        (400, "BadRequest", False),
+        (401, "Unauthorized", False),
+        (403, "Forbidden", False),
+        (404, "NotFound", False),
+        (409, "Conflict", True),
+        (409, "AlreadyExists", True),
+        (410, "Expired", False),
+        (422, "Invalid", False),
+        (429, "TooManyRequests", True),
+        (503, "ServiceUnavailable", True),
+    ],
+)
+def test_the_tree_says_what_is_worth_retrying(code: int, reason: str, retriable: bool) -> None:
+    exc = e.api_error(status_code=code, body={"reason": reason}, verb="get", resource="configmaps")
+    assert exc.retriable is retriable
+    assert e.TransportError("connect").retriable
+    assert not e.ConfigError("no kubeconfig").retriable
+    assert e.TransportError("connect").retry_after is None
