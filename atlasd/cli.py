@@ -28,7 +28,7 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
 import trio
@@ -36,6 +36,10 @@ import yaml
 
 from atlasd import __version__
 from atlasd.model import Settings
+
+if TYPE_CHECKING:
+    from atlasd.kube.client import KubeClient
+    from atlasd.standalone import FileStore
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -185,7 +189,10 @@ def _run_trio(fn: Callable[[], Awaitable[T]]) -> T:
     return trio.run(fn)
 
 
-def _api(kubeconfig: str | None, context: str | None, store: Path | None, namespace: str) -> Any:
+def _api(
+    kubeconfig: str | None, context: str | None, store: Path | None, namespace: str
+) -> KubeClient | FileStore:
+    """The backend of a CLI command: both satisfy ``atlasd.kube.api.KubeApi``."""
     if store is not None:
         from atlasd.standalone import FileStore
 

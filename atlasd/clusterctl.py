@@ -33,13 +33,14 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from atlasd import labels
 from atlasd.fleet.validate import cluster_label_problem, is_cluster_service, validate_all
+from atlasd.kube.api import KubeApi
 from atlasd.kube.client import KubeClient
 from atlasd.kube.errors import ApiError, NotFound
-from atlasd.kube.resources import NAMESPACES, SECRETS, SERVICES, Resource
+from atlasd.kube.resources import NAMESPACES, SECRETS, SERVICES
 from atlasd.model import OBSERVABILITY_NODE, Problem, Settings
 from atlasd.reconcile.values_formats import Format, render
 
@@ -55,20 +56,6 @@ SERVICE_PROXY_VALUE = "atlasd"
 
 class ClusterError(Exception):
     """A CLI request that cannot be carried out; the message says why and how to fix it."""
-
-
-class ObjectAPI(Protocol):
-    """The verbs the CLI needs (KubeClient and FileStore both have them)."""
-
-    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> Any: ...
-
-    async def list(
-        self, res: Resource, *, namespace: str | None = None, label_selector: str | None = None
-    ) -> tuple[list[dict[str, Any]], str]: ...
-
-    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> Any: ...
-
-    async def delete(self, res: Resource, name: str, *, namespace: str | None = None) -> None: ...
 
 
 def cluster_service(
@@ -114,7 +101,7 @@ def _describe(problems: Iterable[Problem]) -> str:
     return "; ".join(f"{p.field}: {p.brief()}" for p in problems)
 
 
-async def namespace_missing(api: ObjectAPI, namespace: str) -> bool:
+async def namespace_missing(api: KubeApi, namespace: str) -> bool:
     """True only if the API server says the namespace does not exist (a user allowed to
     read only inside it cannot tell, nor can a standalone store: False)."""
     if not isinstance(api, KubeClient):
@@ -128,19 +115,19 @@ async def namespace_missing(api: ObjectAPI, namespace: str) -> bool:
     return False
 
 
-async def _require_namespace(api: ObjectAPI, namespace: str) -> None:
+async def _require_namespace(api: KubeApi, namespace: str) -> None:
     if await namespace_missing(api, namespace):
         raise ClusterError(f"namespace {namespace!r} does not exist")
 
 
-async def _cluster_services(api: ObjectAPI, settings: Settings) -> list[dict[str, Any]]:
+async def _cluster_services(api: KubeApi, settings: Settings) -> list[dict[str, Any]]:
     items, _ = await api.list(
         SERVICES, namespace=settings.namespace, label_selector=f"{labels.CLUSTER_LABEL}=true"
     )
     return items
 
 
-async def _labelled_services(api: ObjectAPI, settings: Settings) -> list[dict[str, Any]]:
+async def _labelled_services(api: KubeApi, settings: Settings) -> list[dict[str, Any]]:
     """Services carrying the cluster label with any value (``"True"`` is a mistake to show,
     not a Service to hide)."""
     items, _ = await api.list(
@@ -155,7 +142,7 @@ def _label_value(svc: Mapping[str, Any]) -> str | None:
     return None if value is None else str(value)
 
 
-async def _get_service(api: ObjectAPI, name: str, settings: Settings) -> dict[str, Any] | None:
+async def _get_service(api: KubeApi, name: str, settings: Settings) -> dict[str, Any] | None:
     try:
         svc: dict[str, Any] = await api.get(SERVICES, name, namespace=settings.namespace)
     except NotFound:
@@ -164,7 +151,7 @@ async def _get_service(api: ObjectAPI, name: str, settings: Settings) -> dict[st
 
 
 async def add(
-    api: ObjectAPI,
+    api: KubeApi,
     service: dict[str, Any],
     *,
     settings: Settings,
@@ -218,7 +205,7 @@ async def add(
 
 
 async def list_clusters(
-    api: ObjectAPI, *, settings: Settings, allow_loopback: bool = False
+    api: KubeApi, *, settings: Settings, allow_loopback: bool = False
 ) -> list[ClusterRow]:
     items = await _labelled_services(api, settings)
     if not items:
@@ -257,12 +244,12 @@ def _not_a_cluster(svc: Mapping[str, Any], name: str) -> ClusterError:
     )
 
 
-async def _missing_cluster(api: ObjectAPI, name: str, settings: Settings) -> ClusterError:
+async def _missing_cluster(api: KubeApi, name: str, settings: Settings) -> ClusterError:
     await _require_namespace(api, settings.namespace)
     return ClusterError(f"no cluster named {name!r} in namespace {settings.namespace}")
 
 
-async def remove(api: ObjectAPI, name: str, *, settings: Settings) -> None:
+async def remove(api: KubeApi, name: str, *, settings: Settings) -> None:
     svc = await _get_service(api, name, settings)
     if svc is None:
         raise await _missing_cluster(api, name, settings)
@@ -272,7 +259,7 @@ async def remove(api: ObjectAPI, name: str, *, settings: Settings) -> None:
 
 
 async def values(
-    api: ObjectAPI, name: str, *, settings: Settings, fmt: Format, allow_loopback: bool = False
+    api: KubeApi, name: str, *, settings: Settings, fmt: Format, allow_loopback: bool = False
 ) -> str:
     """The Envoy chart values of cluster ``name`` (``atlas``: the observability Envoy's)."""
     if name != OBSERVABILITY_NODE:
@@ -302,7 +289,7 @@ async def values(
 
 
 async def _require_valid_cluster(
-    api: ObjectAPI, name: str, settings: Settings, allow_loopback: bool
+    api: KubeApi, name: str, settings: Settings, allow_loopback: bool
 ) -> None:
     """Raise the ClusterError that says why ``name`` is not a served cluster, if it is not:
     no such Service (or namespace), not labelled a cluster, or rejected by the daemon's

@@ -46,7 +46,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
@@ -60,8 +60,9 @@ from atlasd.dns.zone import (
     render_blocks,
     zone_inputs,
 )
+from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError, NotFound
-from atlasd.kube.resources import CONFIGMAPS, Resource
+from atlasd.kube.resources import CONFIGMAPS
 from atlasd.labels import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from atlasd.model import Fleet, Settings
 from atlasd.watch.backoff import Backoff
@@ -75,17 +76,6 @@ ZONE_KEY = "atlas.zone"
 # why it is stale.
 MAX_CONFIGMAP_ZONE_BYTES = 1_000_000
 MIRROR_INTERVAL = 1.0
-
-
-class ConfigMapClient(Protocol):
-    """The two verbs of ``atlasd.kube.client.KubeClient`` the mirror uses.
-
-    A Protocol (not the class) so ``atlasd.dns`` does not import the HTTP client.
-    """
-
-    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> Any: ...
-
-    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> Any: ...
 
 
 # -- the file ------------------------------------------------------------------------------
@@ -298,7 +288,7 @@ def _backoff() -> Backoff:
     return Backoff(initial=0.5, reset_after=float("inf"))
 
 
-async def _read_configmap_text(kube: ConfigMapClient, settings: Settings) -> str | None:
+async def _read_configmap_text(kube: KubeApi, settings: Settings) -> str | None:
     backoff = _backoff()
     while True:
         try:
@@ -318,9 +308,7 @@ async def _read_configmap_text(kube: ConfigMapClient, settings: Settings) -> str
         return text if isinstance(text, str) else None
 
 
-async def _mirror(
-    kube: ConfigMapClient, settings: Settings, latest: _Latest, applied: str | None
-) -> None:
+async def _mirror(kube: KubeApi, settings: Settings, latest: _Latest, applied: str | None) -> None:
     """Apply the newest zone text to the ConfigMap whenever it differs from what is there."""
     while True:
         try:
@@ -379,7 +367,7 @@ async def run_zone_writer(
     *,
     fleets: trio.MemoryReceiveChannel[Fleet | ZoneUpdate],
     path: Path,
-    kube: ConfigMapClient | None,
+    kube: KubeApi | None,
     settings: Settings,
     clock: Callable[[], float] = time.time,
     on_zone: Callable[[Zone], None] | None = None,

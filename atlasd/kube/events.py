@@ -21,7 +21,7 @@ from atlasd.kube.resources import EVENTS
 from atlasd.model import ObjectRef
 
 if TYPE_CHECKING:
-    from atlasd.kube.client import KubeClient
+    from atlasd.kube.api import KubeApi
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class EventRecorder:
     for the last ``_CACHE_SIZE`` distinct events this process posted.
     """
 
-    def __init__(self, kube: KubeClient, *, component: str = COMPONENT) -> None:
+    def __init__(self, kube: KubeApi, *, component: str = COMPONENT) -> None:
         self.kube = kube
         self.component = component
         self._recent: OrderedDict[tuple[ObjectRef, str, str, str], tuple[str, dt.datetime, int]]
@@ -159,11 +159,11 @@ class EventRecorder:
             self._recent.popitem(last=False)
 
 
-_recorders: weakref.WeakKeyDictionary[KubeClient, EventRecorder] = weakref.WeakKeyDictionary()
+_recorders: weakref.WeakKeyDictionary[KubeApi, EventRecorder] = weakref.WeakKeyDictionary()
 
 
 async def post_event(
-    kube: KubeClient, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
+    kube: KubeApi, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
 ) -> None:
     """Post an Event about ``ref``; never raises (failures are logged)."""
     recorder = _recorders.get(kube)

@@ -37,10 +37,11 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
+from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import Forbidden, KubeError, NotFound, Unauthorized
 from atlasd.kube.resources import CONFIGMAPS, LEASES, Resource
 
@@ -49,10 +50,6 @@ log = logging.getLogger(__name__)
 LEADER_ANNOTATION = "control-plane.alpha.kubernetes.io/leader"
 ORIGINAL_CONTROLLER_LOCK = "atlas"
 ORIGINAL_ENVOY_ADS_LOCK = "atlas-envoy-ads"
-
-
-class _Reader(Protocol):
-    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,7 @@ class LeadershipGate:
 
     def __init__(
         self,
-        kube: _Reader,
+        kube: KubeApi,
         *,
         namespace: str,
         identity: str,

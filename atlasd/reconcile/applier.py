@@ -92,12 +92,12 @@ class EventPoster(Protocol):
     """``atlasd.kube.events.post_event``: posts a Warning Event, never raises."""
 
     async def __call__(
-        self, kube: Any, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
+        self, kube: KubeApi, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
     ) -> None: ...
 
 
 async def log_event(
-    kube: Any, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
+    kube: KubeApi, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
 ) -> None:
     """The fallback ``EventPoster`` (no Events, just a log line)."""
     log.warning("%s %s %s/%s: %s", reason, ref.kind, ref.namespace, ref.name, message)
