@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from atlasd.addresses import parse_ip
 from atlasd.fleet.trust import CAChain, Serials
 from atlasd.model import PKI, CertKey
 
@@ -144,7 +144,7 @@ def _eku(usage: Usage) -> list[x509.ObjectIdentifier]:
 
 def _sans(spec: LeafSpec) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = [x509.DNSName(d) for d in spec.dns]
-    out += [x509.IPAddress(ipaddress.ip_address(i)) for i in spec.ips]
+    out += [x509.IPAddress(parse_ip(i)) for i in spec.ips]
     return out
 
 

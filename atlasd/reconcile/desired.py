@@ -30,7 +30,6 @@ files; admin on 127.0.0.1.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import yaml
 
 from atlasd import labels
+from atlasd.addresses import is_ip_literal
 from atlasd.model import (
     ADS_SERVER_NAME,
     DOWNSTREAM_ALERTMANAGER_PORT,
@@ -94,14 +94,6 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def envoy_bootstrap(
     node: str,
     *,
@@ -118,7 +110,7 @@ def envoy_bootstrap(
     """An Envoy v3 bootstrap whose only static cluster is the xDS server (see docstring)."""
     xds: dict[str, Any] = {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+        "type": "STATIC" if is_ip_literal(xds_host) else "STRICT_DNS",
         "connect_timeout": "5s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

@@ -54,7 +54,6 @@ Errors::
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -64,6 +63,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from atlasd import labels
+from atlasd.addresses import AddressError, parse_ip
 from atlasd.fleet.trust import (
     CA_CERT_KEY,
     CA_KEY_KEY,
@@ -165,8 +165,8 @@ def _address_san(address: str) -> tuple[str | None, str | None]:
     if not address:
         return None, None
     try:
-        return None, str(ipaddress.ip_address(address))
-    except ValueError:
+        return None, str(parse_ip(address))
+    except AddressError:
         return address, None
 
 

@@ -8,7 +8,6 @@ through SDS over ADS (``validation``, ``server``, ``client``); only ``tls_secret
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from google.protobuf import (  # type: ignore[import-untyped]
 )
 
 from atlasd import model
+from atlasd.addresses import is_ip_literal
 from atlasd.xds.snapshot import ENDPOINT, SECRET, field_bytes
 
 VALIDATION_SECRET = "validation"
@@ -281,15 +281,6 @@ def make_listener(
     )
 
 
-def is_ip(host: str) -> bool:
-    """Whether ``host`` is an IP literal (else a DNS name)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def make_endpoints(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
     """Cluster ``name``'s one endpoint, ``host:port`` (inline, or an EDS resource)."""
     return endpoint_pb2.ClusterLoadAssignment(
@@ -334,11 +325,13 @@ def make_cluster(
     else:
         c = cluster_pb2.Cluster(
             name=name,
-            type=cluster_pb2.Cluster.STATIC if is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
+            type=cluster_pb2.Cluster.STATIC
+            if is_ip_literal(host)
+            else cluster_pb2.Cluster.STRICT_DNS,
             connect_timeout=duration_pb2.Duration(seconds=5),
             load_assignment=make_endpoints(name, host, port),
         )
-    if host is not None and not is_ip(host):
+    if host is not None and not is_ip_literal(host):
         # Kubernetes Service names resolve to IPv4 first on dual-stack clusters, and a
         # component listening on 127.0.0.1 only is not reachable through ::1.
         c.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED

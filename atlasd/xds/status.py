@@ -21,15 +21,8 @@ from typing import TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from atlasd.xds.protocol import Nack
 from atlasd.xds.snapshot import SHORT_NAMES
-
-
-@dataclass(frozen=True)
-class Nack:
-    type_url: str
-    version: str
-    message: str
-    at: dt.datetime
 
 
 class NackDict(TypedDict):
@@ -65,6 +58,7 @@ class EnvoyStatus:
     acked: tuple[tuple[str, str], ...] = ()  # (type short name, version)
     acked_at: tuple[tuple[str, float], ...] = ()  # (type short name, unix time of that ACK)
     last_nack: Nack | None = None
+    last_nack_at: dt.datetime | None = None
     nacks: int = 0
 
     def acked_version(self, type_url: str) -> str | None:
@@ -73,13 +67,13 @@ class EnvoyStatus:
 
     def as_dict(self) -> EnvoyStatusDict:
         nack: NackDict | None = None
-        if self.last_nack is not None:
+        if self.last_nack is not None and self.last_nack_at is not None:
             n = self.last_nack
             nack = {
                 "type": SHORT_NAMES.get(n.type_url, n.type_url),
                 "version": n.version,
                 "message": n.message,
-                "at": n.at.isoformat(),
+                "at": self.last_nack_at.isoformat(),
             }
         return {
             "stream_id": self.stream_id,
@@ -162,8 +156,9 @@ class StatusBoard:
         st = self._streams.get(sid)
         if st is None:
             return
-        nack = Nack(type_url, version, message, dt.datetime.now(dt.UTC))
-        self._streams[sid] = replace(st, last_nack=nack, nacks=st.nacks + 1)
+        nack = Nack(type_url, version, message)
+        at = dt.datetime.now(dt.UTC)
+        self._streams[sid] = replace(st, last_nack=nack, last_nack_at=at, nacks=st.nacks + 1)
         self._nacking.setdefault(sid, set()).add(type_url)
         self._report_nacking()
 
