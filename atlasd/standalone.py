@@ -41,7 +41,7 @@ import trio
 import yaml
 
 from atlasd.kube.errors import AlreadyExists, Gone, Invalid, NotFound
-from atlasd.kube.resources import SECRETS, SERVICES, Resource, resource_for
+from atlasd.kube.resources import SECRETS, SERVICES, ApiResource, resource_for
 from atlasd.kube.selectors import matches
 from atlasd.labels import CLUSTER_LABEL
 
@@ -104,10 +104,10 @@ class FileStore:
         return None
 
     # -- reading ----------------------------------------------------------------------
-    def _object_path(self, res: Resource, name: str) -> Path:
+    def _object_path(self, res: ApiResource, name: str) -> Path:
         return self.objects_dir / res.plural / f"{name}.yaml"
 
-    def _finish(self, res: Resource, obj: JSON, path: Path) -> JSON:
+    def _finish(self, res: ApiResource, obj: JSON, path: Path) -> JSON:
         obj.setdefault("apiVersion", res.api_version)
         obj.setdefault("kind", res.kind)
         meta = obj.setdefault("metadata", {})
@@ -116,7 +116,7 @@ class FileStore:
         meta["resourceVersion"] = _rv(path)
         return obj
 
-    def _not_found(self, verb: str, res: Resource, name: str) -> NotFound:
+    def _not_found(self, verb: str, res: ApiResource, name: str) -> NotFound:
         return NotFound(
             status=404,
             reason="NotFound",
@@ -158,7 +158,7 @@ class FileStore:
                     out[name] = (self._finish(SERVICES, doc, path), path)
         return out
 
-    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> JSON:
+    async def get(self, res: ApiResource, name: str, *, namespace: str | None = None) -> JSON:
         if res == SERVICES:
             declared = self.declared_clusters().get(name)
             if declared is not None:
@@ -172,7 +172,7 @@ class FileStore:
 
     async def list(
         self,
-        res: Resource,
+        res: ApiResource,
         *,
         namespace: str | None = None,
         label_selector: str | None = None,
@@ -202,7 +202,7 @@ class FileStore:
 
     def _remember_list(
         self,
-        res: Resource,
+        res: ApiResource,
         selector: str | None,
         rv: str,
         items: builtins.list[JSON],
@@ -218,7 +218,7 @@ class FileStore:
 
     async def watch(
         self,
-        res: Resource,
+        res: ApiResource,
         *,
         namespace: str | None = None,
         resource_version: str,
@@ -269,7 +269,7 @@ class FileStore:
                 yield {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": rv}}}
 
     # -- writing ----------------------------------------------------------------------
-    def _write(self, res: Resource, obj: Mapping[str, Any]) -> JSON:
+    def _write(self, res: ApiResource, obj: Mapping[str, Any]) -> JSON:
         body = json.loads(json.dumps(obj))
         meta = body.setdefault("metadata", {})
         name = str(meta.get("name") or "")
@@ -333,7 +333,7 @@ class FileStore:
             f.write(json.dumps(obj, sort_keys=True) + "\n")
 
     async def patch_merge(
-        self, res: Resource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
+        self, res: ApiResource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
     ) -> JSON:
         if res.kind == "Event":
             return await self.create({**patch, "apiVersion": "v1", "kind": "Event"})
@@ -342,7 +342,7 @@ class FileStore:
 
     async def delete(
         self,
-        res: Resource,
+        res: ApiResource,
         name: str,
         *,
         namespace: str | None = None,

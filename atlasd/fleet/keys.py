@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from atlasd import labels
-from atlasd.kube.resources import SECRETS, SERVICES, Resource
+from atlasd.kube.resources import SECRETS, SERVICES, ApiResource
 from atlasd.model import Settings
 
 FLEET_KEY = "*fleet*"
@@ -50,7 +50,7 @@ class Role:
     """One watched set of objects: a resource and the label selector that picks them."""
 
     name: str
-    resource: Resource
+    resource: ApiResource
     selector: str
 
 

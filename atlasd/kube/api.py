@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Protocol
 
-from atlasd.kube.resources import Resource
+from atlasd.kube.resources import ApiResource
 
 JSON = dict[str, Any]
 
@@ -18,11 +18,11 @@ JSON = dict[str, Any]
 class KubeApi(Protocol):
     """The verbs atlasd needs (see ``KubeClient`` for their semantics)."""
 
-    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> JSON: ...
+    async def get(self, res: ApiResource, name: str, *, namespace: str | None = None) -> JSON: ...
 
     async def list(
         self,
-        res: Resource,
+        res: ApiResource,
         *,
         namespace: str | None = None,
         label_selector: str | None = None,
@@ -32,7 +32,7 @@ class KubeApi(Protocol):
 
     def watch(
         self,
-        res: Resource,
+        res: ApiResource,
         *,
         namespace: str | None = None,
         resource_version: str,
@@ -49,12 +49,12 @@ class KubeApi(Protocol):
     async def replace(self, obj: Mapping[str, Any]) -> JSON: ...
 
     async def patch_merge(
-        self, res: Resource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
+        self, res: ApiResource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
     ) -> JSON: ...
 
     async def delete(
         self,
-        res: Resource,
+        res: ApiResource,
         name: str,
         *,
         namespace: str | None = None,

@@ -28,7 +28,7 @@ import httpx
 
 from atlasd.kube.config import Credential, Credentials, KubeConfig, ssl_context
 from atlasd.kube.errors import ApiError, Gone, NotFound, TransportError, api_error
-from atlasd.kube.resources import EVENTS, Resource, resource_for
+from atlasd.kube.resources import EVENTS, ApiResource, resource_for
 from atlasd.labels import FIELD_MANAGER
 from atlasd.metrics import KUBE_REQUESTS
 
@@ -144,7 +144,7 @@ class KubeClient:
         path: str,
         *,
         verb: str,
-        res: Resource,
+        res: ApiResource,
         name: str | None,
         namespace: str | None,
         params: Mapping[str, str] | None = None,
@@ -192,13 +192,13 @@ class KubeClient:
             return _body(resp)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _ns(self, res: Resource, namespace: str | None) -> str | None:
+    def _ns(self, res: ApiResource, namespace: str | None) -> str | None:
         if not res.namespaced:
             return None
         return namespace or self.config.namespace
 
     @staticmethod
-    def _object(res: Resource, body: object) -> JSON:
+    def _object(res: ApiResource, body: object) -> JSON:
         if not isinstance(body, dict):
             raise TransportError(f"{res}: the API server sent no object")
         body.setdefault("apiVersion", res.api_version)
@@ -207,7 +207,7 @@ class KubeClient:
 
     # -- verbs --------------------------------------------------------------------------
 
-    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> JSON:
+    async def get(self, res: ApiResource, name: str, *, namespace: str | None = None) -> JSON:
         ns = self._ns(res, namespace)
         body = await self._send(
             "GET", res.path(namespace=ns, name=name), verb="get", res=res, name=name, namespace=ns
@@ -216,7 +216,7 @@ class KubeClient:
 
     async def list(
         self,
-        res: Resource,
+        res: ApiResource,
         *,
         namespace: str | None = None,
         label_selector: str | None = None,
@@ -279,7 +279,7 @@ class KubeClient:
         return items, rv
 
     def _list_body(
-        self, res: Resource, body: object
+        self, res: ApiResource, body: object
     ) -> tuple[builtins.list[JSON], Mapping[str, Any]]:
         if not isinstance(body, dict):
             raise TransportError(f"list {res}: the API server sent no list")
@@ -290,7 +290,7 @@ class KubeClient:
 
     def _target(
         self, obj: Mapping[str, Any], *, need_name: bool = True
-    ) -> tuple[Resource, str, str | None]:
+    ) -> tuple[ApiResource, str, str | None]:
         res = resource_for(str(obj.get("apiVersion") or ""), str(obj.get("kind") or ""))
         meta = obj.get("metadata") or {}
         name = str(meta.get("name") or "")
@@ -392,7 +392,7 @@ class KubeClient:
         return self._object(res, body)
 
     async def patch_merge(
-        self, res: Resource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
+        self, res: ApiResource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
     ) -> JSON:
         """A JSON merge patch (e.g. to remove one annotation without owning the field)."""
         ns = self._ns(res, namespace)
@@ -411,7 +411,7 @@ class KubeClient:
 
     async def delete(
         self,
-        res: Resource,
+        res: ApiResource,
         name: str,
         *,
         namespace: str | None = None,
@@ -435,7 +435,7 @@ class KubeClient:
 
     async def watch(
         self,
-        res: Resource,
+        res: ApiResource,
         *,
         namespace: str | None = None,
         resource_version: str,
@@ -514,7 +514,7 @@ class KubeClient:
             finally:
                 await resp.aclose()
 
-    def _event(self, res: Resource, ns: str | None, line: str) -> JSON:
+    def _event(self, res: ApiResource, ns: str | None, line: str) -> JSON:
         try:
             event = json.loads(line)
         except ValueError as exc:

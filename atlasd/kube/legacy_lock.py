@@ -43,7 +43,7 @@ import trio
 
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import Forbidden, KubeError, NotFound, Unauthorized
-from atlasd.kube.resources import CONFIGMAPS, LEASES, Resource
+from atlasd.kube.resources import CONFIGMAPS, LEASES, ApiResource
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ class LeadershipGate:
         self._last: Blocker | None = None
         self._reported = False
 
-    def _targets(self) -> list[tuple[Resource, str]]:
-        out: list[tuple[Resource, str]] = []
+    def _targets(self) -> list[tuple[ApiResource, str]]:
+        out: list[tuple[ApiResource, str]] = []
         for name in self.locks:
             out.append((CONFIGMAPS, name))
             if name != self.own_lease:
@@ -186,7 +186,7 @@ class LeadershipGate:
         self._report(blocker)
         return blocker
 
-    async def _check_one(self, res: Resource, name: str) -> Blocker | None:
+    async def _check_one(self, res: ApiResource, name: str) -> Blocker | None:
         key = (res.kind, name)
         seen = self._seen.setdefault(key, _Observed())
         where = f"{res.kind} {self.namespace}/{name}"

@@ -1,7 +1,7 @@
 """Which Kubernetes resources atlasd speaks to, and the URL paths that reach them.
 
-A ``Resource`` names one API resource (group/version, kind, plural) the way a REST
-mapper would; atlasd uses a fixed, small set of them, so there is no discovery:
+An ``ApiResource`` names one API resource (group/version, kind, plural) the way a REST
+mapper would (``atlasd.xds.snapshot.Resource`` is an Envoy resource); atlasd uses a fixed, small set of them, so there is no discovery:
 ``resource_for`` maps an object's ``apiVersion``/``kind`` to one of the constants
 below (or derives the plural the way Kubernetes names its built-in types).
 """
@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 
 @dataclass(frozen=True)
-class Resource:
-    """One API resource, e.g. ``Resource("v1", "Service", "services")``."""
+class ApiResource:
+    """One API resource, e.g. ``ApiResource("v1", "Service", "services")``."""
 
     api_version: str
     kind: str
@@ -49,28 +49,28 @@ class Resource:
         return self.plural if not self.group else f"{self.plural}.{self.group}"
 
 
-SERVICES = Resource("v1", "Service", "services")
-SECRETS = Resource("v1", "Secret", "secrets")
-CONFIGMAPS = Resource("v1", "ConfigMap", "configmaps")
-EVENTS = Resource("v1", "Event", "events")
-PODS = Resource("v1", "Pod", "pods")
-ENDPOINTS = Resource("v1", "Endpoints", "endpoints")
-NAMESPACES = Resource("v1", "Namespace", "namespaces", namespaced=False)
-SERVICEACCOUNTS = Resource("v1", "ServiceAccount", "serviceaccounts")
-LEASES = Resource("coordination.k8s.io/v1", "Lease", "leases")
-ROLES = Resource("rbac.authorization.k8s.io/v1", "Role", "roles")
-ROLEBINDINGS = Resource("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
-CLUSTERROLES = Resource("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", False)
-CLUSTERROLEBINDINGS = Resource(
+SERVICES = ApiResource("v1", "Service", "services")
+SECRETS = ApiResource("v1", "Secret", "secrets")
+CONFIGMAPS = ApiResource("v1", "ConfigMap", "configmaps")
+EVENTS = ApiResource("v1", "Event", "events")
+PODS = ApiResource("v1", "Pod", "pods")
+ENDPOINTS = ApiResource("v1", "Endpoints", "endpoints")
+NAMESPACES = ApiResource("v1", "Namespace", "namespaces", namespaced=False)
+SERVICEACCOUNTS = ApiResource("v1", "ServiceAccount", "serviceaccounts")
+LEASES = ApiResource("coordination.k8s.io/v1", "Lease", "leases")
+ROLES = ApiResource("rbac.authorization.k8s.io/v1", "Role", "roles")
+ROLEBINDINGS = ApiResource("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
+CLUSTERROLES = ApiResource("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", False)
+CLUSTERROLEBINDINGS = ApiResource(
     "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", False
 )
-ENDPOINTSLICES = Resource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
-DEPLOYMENTS = Resource("apps/v1", "Deployment", "deployments")
-SELFSUBJECTREVIEWS = Resource(
+ENDPOINTSLICES = ApiResource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
+DEPLOYMENTS = ApiResource("apps/v1", "Deployment", "deployments")
+SELFSUBJECTREVIEWS = ApiResource(
     "authentication.k8s.io/v1", "SelfSubjectReview", "selfsubjectreviews", False
 )
 
-KNOWN: tuple[Resource, ...] = (
+KNOWN: tuple[ApiResource, ...] = (
     SERVICES,
     SECRETS,
     CONFIGMAPS,
@@ -88,7 +88,7 @@ KNOWN: tuple[Resource, ...] = (
     DEPLOYMENTS,
     SELFSUBJECTREVIEWS,
 )
-_BY_KIND: dict[tuple[str, str], Resource] = {(r.api_version, r.kind): r for r in KNOWN}
+_BY_KIND: dict[tuple[str, str], ApiResource] = {(r.api_version, r.kind): r for r in KNOWN}
 
 
 def _plural(kind: str) -> str:
@@ -100,7 +100,7 @@ def _plural(kind: str) -> str:
     return lower + "s"
 
 
-def resource_for(api_version: str, kind: str) -> Resource:
+def resource_for(api_version: str, kind: str) -> ApiResource:
     """The resource of an object with this ``apiVersion`` and ``kind``.
 
     Known resources come from the table above; any other kind is assumed namespaced,
@@ -111,7 +111,7 @@ def resource_for(api_version: str, kind: str) -> Resource:
     found = _BY_KIND.get((api_version, kind))
     if found is not None:
         return found
-    return Resource(api_version, kind, _plural(kind))
+    return ApiResource(api_version, kind, _plural(kind))
 
 
 # What atlasd itself calls in its own namespace, as (apiGroup, resource, verb): the

@@ -51,7 +51,7 @@ from atlasd.fleet.state import FleetState, FleetVersion, Member
 from atlasd.fleet.validate import identity_secret_name
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import BadRequest, Invalid, NotFound
-from atlasd.kube.resources import SECRETS, Resource
+from atlasd.kube.resources import SECRETS, ApiResource
 from atlasd.model import Fleet, ObjectRef, Problem, Settings
 from atlasd.reconcile.certs import CA
 from atlasd.reconcile.desired import cluster_objects, objects_inputs, observability_values_secret
@@ -476,7 +476,7 @@ class Reconciler:
             versions[(kind, name)] = resource_version(stored)
             result.applied += 1
 
-        async def delete_one(res: Resource, name: str) -> None:
+        async def delete_one(res: ApiResource, name: str) -> None:
             async with self._limiter:
                 try:
                     await api.delete(res, name, namespace=self.settings.namespace)

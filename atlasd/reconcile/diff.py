@@ -31,7 +31,7 @@ from typing import Any
 
 from atlasd import labels
 from atlasd.kube.apply import needs_apply
-from atlasd.kube.resources import SECRETS, SERVICES, Resource
+from atlasd.kube.resources import SECRETS, SERVICES, ApiResource
 
 # Maps compared exactly (atlasd owns every key); other maps are compared as subsets.
 _WHOLE = frozenset({("spec", "selector"), ("data",)})
@@ -56,7 +56,7 @@ class KeyWrites:
     """What one key writes."""
 
     apply: tuple[Mapping[str, Any], ...] = ()
-    delete: tuple[tuple[Resource, str], ...] = ()
+    delete: tuple[tuple[ApiResource, str], ...] = ()
     # Desired Services not written because a cluster Service already has the name.
     clashes: tuple[Mapping[str, Any], ...] = ()
 
@@ -120,7 +120,7 @@ def plan_key_writes(
             clashes.append(svc)
         elif differs(svc, observed_services.get(name)):
             apply.append(svc)
-    delete: list[tuple[Resource, str]] = []
+    delete: list[tuple[ApiResource, str]] = []
     if prune:
         for res, owned, wanted in (
             (SERVICES, observed_services, services),

@@ -45,7 +45,7 @@ from atlasd.kube.errors import (
     TooManyRequests,
     TransportError,
 )
-from atlasd.kube.resources import Resource
+from atlasd.kube.resources import ApiResource
 from atlasd.watch.backoff import Backoff
 from atlasd.watch.workqueue import WorkQueue
 
@@ -90,7 +90,7 @@ class Informer:
     def __init__(
         self,
         kube: KubeApi,
-        res: Resource,
+        res: ApiResource,
         *,
         namespace: str | None,
         label_selector: str | None = None,

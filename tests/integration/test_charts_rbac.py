@@ -85,7 +85,7 @@ def _obj(kind: str, name: str, namespace: str, **body: Any) -> dict[str, Any]:
     }
 
 
-async def _crud(kube: KubeClient, res: r.Resource, obj: dict[str, Any], namespace: str) -> None:
+async def _crud(kube: KubeClient, res: r.ApiResource, obj: dict[str, Any], namespace: str) -> None:
     """Every verb atlasd uses on Services, Secrets and ConfigMaps."""
     name = obj["metadata"]["name"]
     items, rv = await kube.list(res, namespace=namespace, label_selector="t=1")

@@ -10,7 +10,7 @@ import trio
 
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
-from atlasd.kube.resources import CONFIGMAPS, SECRETS, SERVICES, Resource
+from atlasd.kube.resources import CONFIGMAPS, SECRETS, SERVICES, ApiResource
 from atlasd.watch.backoff import Backoff
 from atlasd.watch.informer import Change, Informer, all_synced, run_informers
 from tests.harness.kube import ApiServer
@@ -32,7 +32,7 @@ def _rvs(objs: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {k: v["metadata"]["resourceVersion"] for k, v in objs.items()}
 
 
-async def _fresh(kube: KubeClient, res: Resource, namespace: str) -> dict[str, str]:
+async def _fresh(kube: KubeClient, res: ApiResource, namespace: str) -> dict[str, str]:
     items, _ = await kube.list(res, namespace=namespace)
     return {i["metadata"]["name"]: i["metadata"]["resourceVersion"] for i in items}
 

@@ -21,7 +21,7 @@ from atlasd.dns.writer import (
 )
 from atlasd.dns.zone import parse_serial
 from atlasd.kube.errors import Forbidden, NotFound, ServerError
-from atlasd.kube.resources import CONFIGMAPS, Resource
+from atlasd.kube.resources import CONFIGMAPS, ApiResource
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
 
 SETTINGS = Settings(namespace="obs")
@@ -57,7 +57,7 @@ class FakeKube:
         self.fail: list[Exception] = []
         self.changed = trio.Event()
 
-    async def get(self, res: Resource, name: str, *, namespace: str | None = None) -> Any:
+    async def get(self, res: ApiResource, name: str, *, namespace: str | None = None) -> Any:
         assert res == CONFIGMAPS
         assert (name, namespace) == (SETTINGS.dns_configmap_name, SETTINGS.namespace)
         if self.stored is None:

@@ -12,7 +12,7 @@ from atlasd.kube.resources import (
     NAMESPACES,
     SECRETS,
     SERVICES,
-    Resource,
+    ApiResource,
     resource_for,
 )
 
@@ -118,18 +118,18 @@ def test_resource_paths() -> None:
         (
             "helm.cattle.io/v1",
             "HelmChart",
-            Resource("helm.cattle.io/v1", "HelmChart", "helmcharts"),
+            ApiResource("helm.cattle.io/v1", "HelmChart", "helmcharts"),
         ),
         (
             "helm.toolkit.fluxcd.io/v2",
             "HelmRelease",
-            Resource("helm.toolkit.fluxcd.io/v2", "HelmRelease", "helmreleases"),
+            ApiResource("helm.toolkit.fluxcd.io/v2", "HelmRelease", "helmreleases"),
         ),
-        ("x/v1", "Policy", Resource("x/v1", "Policy", "policies")),
-        ("x/v1", "Ingress", Resource("x/v1", "Ingress", "ingresses")),
+        ("x/v1", "Policy", ApiResource("x/v1", "Policy", "policies")),
+        ("x/v1", "Ingress", ApiResource("x/v1", "Ingress", "ingresses")),
     ],
 )
-def test_resource_for(api_version: str, kind: str, expected: Resource) -> None:
+def test_resource_for(api_version: str, kind: str, expected: ApiResource) -> None:
     assert resource_for(api_version, kind) == expected
 
 

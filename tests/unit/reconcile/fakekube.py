@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from atlasd.kube.errors import AlreadyExists, ApiError, Conflict, NotFound
-from atlasd.kube.resources import Resource, resource_for
+from atlasd.kube.resources import ApiResource, resource_for
 from atlasd.kube.selectors import object_matches
 from atlasd.model import ObjectRef
 
@@ -48,7 +48,7 @@ class FakeKube:
 
     # -- KubeApi --
     async def get(
-        self, res: Resource, name: str, *, namespace: str | None = None
+        self, res: ApiResource, name: str, *, namespace: str | None = None
     ) -> dict[str, Any]:
         obj = self.objects.get((res.plural, name))
         if obj is None:
@@ -57,7 +57,7 @@ class FakeKube:
 
     async def list(
         self,
-        res: Resource,
+        res: ApiResource,
         *,
         namespace: str | None = None,
         label_selector: str | None = None,
@@ -95,7 +95,7 @@ class FakeKube:
         self.writes.append(("replace", key[1]))
         return self._store(key, obj)
 
-    async def delete(self, res: Resource, name: str, *, namespace: str | None = None) -> None:
+    async def delete(self, res: ApiResource, name: str, *, namespace: str | None = None) -> None:
         key = (res.plural, name)
         self._check_fail("delete", key)
         if key not in self.objects:
