@@ -1,8 +1,8 @@
 """Which Kubernetes resources atlasd speaks to, and the URL paths that reach them.
 
 An ``ApiResource`` names one API resource (group/version, kind, plural) the way a REST
-mapper would (``atlasd.xds.snapshot.Resource`` is an Envoy resource); atlasd uses a fixed, small set of them, so there is no discovery:
-``resource_for`` maps an object's ``apiVersion``/``kind`` to one of the constants
+mapper would (``atlasd.xds.snapshot.Resource`` is an Envoy resource); atlasd uses a
+fixed, small set of them, so there is no discovery: ``resource_for`` maps an object's ``apiVersion``/``kind`` to one of the constants
 below (or derives the plural the way Kubernetes names its built-in types).
 """
 
