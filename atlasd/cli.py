@@ -34,7 +34,7 @@ import click
 import trio
 import yaml
 
-from atlasd import __version__
+from atlasd import __version__, model
 from atlasd.model import Settings
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def _common_settings(f: F) -> F:
                 "--namespace",
                 "-n",
                 env="NAMESPACE",
-                default="monitoring",
+                default=model.DEFAULT_NAMESPACE,
                 callback=_namespace,
                 help="atlasd's namespace (where cluster Services live).",
             ),
@@ -247,14 +247,14 @@ def _run_options(*, compat: bool) -> Callable[[F], F]:
         _env_option(
             "--ads-listen",
             env="ATLAS_ADS_LISTEN",
-            default="0.0.0.0:6305",
+            default=f"0.0.0.0:{model.ADS_GRPC_PORT}",
             callback=_hostport,
             help="The ADS gRPC server's address (TLS and plaintext on one port).",
         ),
         _env_option(
             "--http-listen",
             env="ATLAS_HTTP_LISTEN",
-            default="0.0.0.0:6309",
+            default=f"0.0.0.0:{model.METRICS_PORT}",
             callback=_hostport,
             help="Metrics, health and status address.",
         ),
@@ -267,7 +267,7 @@ def _run_options(*, compat: bool) -> Callable[[F], F]:
         _env_option(
             "--envoy-ads-port",
             env="ATLAS_ENVOY_ADS_PORT",
-            default=10900,
+            default=model.OBS_XDS_PORT,
             type=click.IntRange(1, 65535),
         ),
         _env_option(
@@ -291,7 +291,7 @@ def _run_options(*, compat: bool) -> Callable[[F], F]:
         _env_option(
             "--atlasd-ads-port",
             env="ATLAS_ADS_SERVICE_PORT",
-            default=6305,
+            default=model.ADS_GRPC_PORT,
             type=click.IntRange(1, 65535),
         ),
         _env_option(
@@ -310,7 +310,7 @@ def _run_options(*, compat: bool) -> Callable[[F], F]:
             callback=_selector,
             help="Label selector of the local Alertmanager Services.",
         ),
-        _env_option("--cluster-domain", env="ATLAS_CLUSTER_DOMAIN", default="cluster.local"),
+        _env_option("--cluster-domain", env="ATLAS_CLUSTER_DOMAIN", default=model.CLUSTER_DOMAIN),
         _env_option(
             "--leaf-days",
             env="ATLAS_LEAF_DAYS",
@@ -664,8 +664,12 @@ def _loopback_block(ctx: click.Context, param: click.Parameter, value: str) -> s
     default=None,
     help="Keep the demo's state here (default: a temporary directory, removed at exit).",
 )
-@click.option("--ads-port", default=6305, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--http-port", default=6309, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--ads-port", default=model.ADS_GRPC_PORT, show_default=True, type=click.IntRange(1, 65535)
+)
+@click.option(
+    "--http-port", default=model.METRICS_PORT, show_default=True, type=click.IntRange(1, 65535)
+)
 @click.option("--check", is_flag=True, help="Start, verify traffic through the Envoy chain, stop.")
 @click.option(
     "--loopback",
@@ -703,10 +707,9 @@ def cluster() -> None:
 def _port_pair(
     ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
 ) -> tuple[tuple[str, int], ...]:
-    from atlasd.clusterctl import DEFAULT_PORTS
 
     if not value:
-        return DEFAULT_PORTS
+        return model.DEFAULT_CLUSTER_PORTS
     out = []
     for item in value:
         name, eq, port = item.partition("=")
@@ -834,7 +837,9 @@ _FORMAT = click.Choice(["raw", "helm-chart", "helm-release"])
     "ports",
     multiple=True,
     callback=_port_pair,
-    help="NAME=PORT, repeatable (default prometheus=9090, thanos=10901, alertmanager=9093).",
+    help="NAME=PORT, repeatable (default "
+    + ", ".join(f"{n}={p}" for n, p in model.DEFAULT_CLUSTER_PORTS)
+    + ").",
 )
 @click.option(
     "--annotation",
@@ -964,7 +969,10 @@ def _compat_cluster_options(f: F) -> F:
         [
             click.option("--name", required=True, help="The cluster's name."),
             click.option(
-                "--namespace", default="monitoring", show_default=True, callback=_namespace
+                "--namespace",
+                default=model.DEFAULT_NAMESPACE,
+                show_default=True,
+                callback=_namespace,
             ),
             click.option("--kubeconfig", default=None, help="kubeconfig file."),
             click.option("--context", default=None, help="kubeconfig context to use."),
@@ -1003,7 +1011,6 @@ def cluster_add_compat(
     """The original's spelling of `cluster add NAME` (--name NAME)."""
     if compat_log_level:
         configure_logging(compat_log_level)
-    from atlasd.clusterctl import DEFAULT_PORTS
 
     _cluster_add(
         namespace=namespace,
@@ -1013,7 +1020,7 @@ def cluster_add_compat(
         name=name,
         external_ips=external_ips,
         replicas=replicas,
-        ports=DEFAULT_PORTS,
+        ports=model.DEFAULT_CLUSTER_PORTS,
         annotations={},
         overwrite=overwrite,
         allow_loopback=False,
@@ -1071,7 +1078,7 @@ def fetch_status(url: str) -> dict[str, Any]:
 @_env_option(
     "--url",
     env="ATLAS_STATUS_URL",
-    default="http://127.0.0.1:6309",
+    default=f"http://127.0.0.1:{model.METRICS_PORT}",
     help="atlasd's metrics/status address.",
 )
 @click.option(

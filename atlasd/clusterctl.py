@@ -41,14 +41,9 @@ from atlasd.kube.api import KubeApi
 from atlasd.kube.client import KubeClient
 from atlasd.kube.errors import ApiError, NotFound
 from atlasd.kube.resources import NAMESPACES, SECRETS, SERVICES
-from atlasd.model import OBSERVABILITY_NODE, Problem, Settings
+from atlasd.model import DEFAULT_CLUSTER_PORTS, OBSERVABILITY_NODE, Problem, Settings
 from atlasd.reconcile.values_formats import Format, render
 
-DEFAULT_PORTS: tuple[tuple[str, int], ...] = (
-    ("prometheus", 9090),
-    ("thanos", 10901),
-    ("alertmanager", 9093),
-)
 # kube-proxy skips Services carrying this label (its value names another proxy).
 SERVICE_PROXY_LABEL = "service.kubernetes.io/service-proxy-name"
 SERVICE_PROXY_VALUE = "atlasd"
@@ -64,7 +59,7 @@ def cluster_service(
     external_ips: Sequence[str],
     replicas: int,
     namespace: str,
-    ports: Sequence[tuple[str, int]] = DEFAULT_PORTS,
+    ports: Sequence[tuple[str, int]] = DEFAULT_CLUSTER_PORTS,
     annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The labeled Service that declares a downstream cluster (shape: module docstring)."""

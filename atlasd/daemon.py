@@ -58,7 +58,7 @@ from atlasd.kube.errors import KubeError
 from atlasd.kube.events import post_event
 from atlasd.kube.lease import run_leader_election
 from atlasd.kube.legacy_lock import LeadershipGate
-from atlasd.model import Problem, Settings
+from atlasd.model import ADS_GRPC_PORT, METRICS_PORT, Problem, Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.status import StatusHub
@@ -92,9 +92,9 @@ class DaemonOptions:
     store: Path | None = None
     zone_file: Path = Path("atlas.zone")
     ads_host: str = "0.0.0.0"
-    ads_port: int = 6305
+    ads_port: int = ADS_GRPC_PORT
     http_host: str = "0.0.0.0"
-    http_port: int = 6309
+    http_port: int = METRICS_PORT
     leader_election: bool = True
     lease_name: str = "atlasd"
     # Do not lead while the original Atlas holds one of these locks (atlasd.kube.legacy_lock);

@@ -36,7 +36,7 @@ import trio
 import yaml
 
 from atlasd.daemon import Daemon, DaemonOptions
-from atlasd.model import Settings
+from atlasd.model import ADS_GRPC_PORT, DEFAULT_NAMESPACE, METRICS_PORT, Settings
 from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
 
 log = logging.getLogger("atlasd.demo")
@@ -52,8 +52,8 @@ class DemoError(Exception):
 @dataclass
 class DemoOptions:
     workdir: Path | None = None
-    ads_port: int = 6305
-    http_port: int = 6309
+    ads_port: int = ADS_GRPC_PORT
+    http_port: int = METRICS_PORT
     check: bool = False
     # The demo's /24 of loopback: the observability side on .1, the clusters on .2, .3, ...
     loopback: str = DEFAULT_LOOPBACK
@@ -274,7 +274,7 @@ async def run_demo(options: DemoOptions) -> int:
                 yaml.safe_dump(cluster_manifest(name, ip), sort_keys=False)
             )
         settings = Settings(
-            namespace="monitoring",
+            namespace=DEFAULT_NAMESPACE,
             atlasd_ads_host=options.obs_ip,
             atlasd_ads_port=options.ads_port,
             envoy_ads_address=options.obs_ip,

@@ -35,6 +35,28 @@ DOWNSTREAM_THANOS_PORT = 11901
 DOWNSTREAM_ALERTMANAGER_PORT = 11903
 DOWNSTREAM_PROMETHEUS_PORT = 11904
 ENVOY_ADMIN_PORT = 9000
+# What a downstream Envoy forwards to by default: the usual kube-prometheus components.
+THANOS_SIDECAR_PORT = 10901
+PROMETHEUS_PORT = 9090
+ALERTMANAGER_PORT = 9093
+# The named ports of a cluster Service made by `atlasd cluster add` without --port.
+DEFAULT_CLUSTER_PORTS: tuple[tuple[str, int], ...] = (
+    ("prometheus", PROMETHEUS_PORT),
+    ("thanos", THANOS_SIDECAR_PORT),
+    ("alertmanager", ALERTMANAGER_PORT),
+)
+
+DEFAULT_NAMESPACE = "monitoring"
+"""atlasd's namespace by default, and where a downstream cluster's Prometheus runs."""
+CLUSTER_DOMAIN = "cluster.local"
+
+
+def service_host(
+    name: str, namespace: str = DEFAULT_NAMESPACE, domain: str = CLUSTER_DOMAIN
+) -> str:
+    """The in-cluster DNS name of Service ``name``."""
+    return f"{name}.{namespace}.svc.{domain}"
+
 
 MESSAGE_LIMIT = 1024
 """The longest Problem message shown anywhere (an Event's limit)."""
@@ -52,10 +74,10 @@ No node's certificate can carry it: node SANs are ``<node>`` (one DNS label) and
 class Settings:
     """How this installation is configured (CLI flags / environment / chart values)."""
 
-    namespace: str = "monitoring"
-    cluster_domain: str = "cluster.local"
+    namespace: str = DEFAULT_NAMESPACE
+    cluster_domain: str = CLUSTER_DOMAIN
     # Where the observability Envoy reaches atlasd's ADS server (in-cluster, over TLS).
-    atlasd_ads_host: str = "atlasd.monitoring.svc.cluster.local"
+    atlasd_ads_host: str = service_host("atlasd")
     atlasd_ads_port: int = ADS_GRPC_PORT
     # Where downstream Envoys reach xDS: the observability Envoy's TLS listener
     # (ATLAS_ENVOY_ADS_ADDRESS / ATLAS_ENVOY_ADS_PORT of the original chart).
@@ -117,9 +139,9 @@ class DownstreamCluster:
     ports: tuple[ServicePort, ...]
     replicas: int = 1
     envoy_selectors: tuple[tuple[str, str], ...] = (("app", "envoy"), ("release", "atlas"))
-    thanos: Upstream = Upstream("prometheus-operated.monitoring.svc.cluster.local", 10901)
-    prometheus: Upstream = Upstream("prometheus-operated.monitoring.svc.cluster.local", 9090)
-    alertmanager: Upstream = Upstream("alertmanager-operated.monitoring.svc.cluster.local", 9093)
+    thanos: Upstream = Upstream(service_host("prometheus-operated"), THANOS_SIDECAR_PORT)
+    prometheus: Upstream = Upstream(service_host("prometheus-operated"), PROMETHEUS_PORT)
+    alertmanager: Upstream = Upstream(service_host("alertmanager-operated"), ALERTMANAGER_PORT)
     # goatlas.io/dns-group: also published under _<port>._tcp.<group>.sidecars.thanos.atlas.
     dns_group: str | None = None
     # Per-replica host template for replica pinning, e.g.

@@ -44,6 +44,7 @@ from atlasd.kube.errors import AlreadyExists, Gone, Invalid, NotFound
 from atlasd.kube.resources import SECRETS, SERVICES, ApiResource, resource_for
 from atlasd.kube.selectors import matches
 from atlasd.labels import CLUSTER_LABEL
+from atlasd.model import DEFAULT_NAMESPACE
 
 JSON = dict[str, Any]
 _UID_NAMESPACE = uuid.UUID("5b0b8a4e-8f0e-4f7e-9a55-2f1d7f0a7c11")
@@ -73,7 +74,7 @@ class FileStore:
     """A directory that answers the Kubernetes verbs atlasd uses."""
 
     def __init__(
-        self, root: Path, *, namespace: str = "monitoring", poll_seconds: float = 0.5
+        self, root: Path, *, namespace: str = DEFAULT_NAMESPACE, poll_seconds: float = 0.5
     ) -> None:
         self.root = root
         self._namespace = namespace

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from atlasd.model import DEFAULT_NAMESPACE
 from atlasd.reconcile.desired import dump_yaml
 
 Format = Literal["raw", "helm-chart", "helm-release"]
@@ -48,7 +49,7 @@ def helm_chart(
     *,
     name: str = DEFAULT_RELEASE,
     namespace: str = "kube-system",
-    target_namespace: str = "monitoring",
+    target_namespace: str = DEFAULT_NAMESPACE,
     repo_url: str = DEFAULT_REPO_URL,
     chart: str = DEFAULT_CHART,
     version: str | None = None,
@@ -73,7 +74,7 @@ def helm_release(
     values_yaml: str,
     *,
     name: str = DEFAULT_RELEASE,
-    namespace: str = "monitoring",
+    namespace: str = DEFAULT_NAMESPACE,
     repository: str = "atlas",
     repo_url: str = DEFAULT_REPO_URL,
     chart: str = DEFAULT_CHART,
@@ -106,7 +107,7 @@ def helm_release(
     return "---\n" + dump_yaml(repo) + "---\n" + dump_yaml(release)
 
 
-def render(fmt: Format, values_yaml: str, *, namespace: str = "monitoring") -> str:
+def render(fmt: Format, values_yaml: str, *, namespace: str = DEFAULT_NAMESPACE) -> str:
     """Dispatch by format name (what ``atlasd values --format`` calls)."""
     if fmt == "raw":
         return raw(values_yaml)
