@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 
 import atlasd.daemon
 from atlasd import __version__, cli
+from atlasd.cli import compat, process, status
 from atlasd.daemon import DaemonOptions
 
 
@@ -63,7 +64,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list[DaemonOptions]:
             return None
 
     monkeypatch.setattr(atlasd.daemon, "Daemon", Recorder)
-    monkeypatch.setattr(cli, "serve_until_signalled", lambda main, grace: main())
+    monkeypatch.setattr(process, "serve_until_signalled", lambda main, grace: main())
     return seen
 
 
@@ -169,10 +170,10 @@ def test_an_unknown_log_level_is_refused_naming_the_variable() -> None:
 def test_startup_errors_of_the_user_are_one_line_and_bugs_propagate() -> None:
     bind = OSError(98, "error while attempting to bind on address ('0.0.0.0', 6309)")
     group = BaseExceptionGroup("nursery", [BaseExceptionGroup("inner", [bind])])
-    assert cli._startup_error(group) == str(bind)
+    assert process.startup_error(group) == str(bind)
     bug = BaseExceptionGroup("nursery", [bind, KeyError("x")])
     with pytest.raises(BaseExceptionGroup):
-        cli._startup_error(bug)
+        process.startup_error(bug)
 
 
 def test_run_options_reach_the_daemon(
@@ -270,8 +271,8 @@ def test_the_originals_envoy_ads_command_and_flags(
 
 def test_the_originals_cluster_spellings_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(cli, "_cluster_add", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(cli, "_cluster_values", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(compat, "add_cluster", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(compat, "print_cluster_values", lambda **kw: calls.append(kw))
     args = ["cluster-add", "--name", "east", "--external-ip", "192.0.2.1,192.0.2.2"]
     assert _invoke(*args, "--external-ip", "192.0.2.3", "--replicas", "2").exit_code == 0
     assert calls[0]["name"] == "east" and calls[0]["replicas"] == 2
@@ -322,7 +323,7 @@ def test_status_says_what_answered_when_it_is_not_atlasd(web: str) -> None:
 
 
 def test_status_shows_why_it_does_not_lead() -> None:
-    text = cli.render_status(
+    text = status.render_status(
         {
             "version": "x",
             "leader": False,

@@ -1,0 +1,269 @@
+"""``atlasd cluster add|list|remove|values``: downstream clusters in Kubernetes or a
+store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import click
+import yaml
+
+from atlasd import model
+from atlasd.cli.app import cli
+from atlasd.cli.options import (
+    T,
+    backend,
+    common_settings,
+    external_ip_option,
+    fail,
+    output_option,
+    overwrite_option,
+    replicas_option,
+    run_trio,
+    values_format_option,
+)
+from atlasd.cli.status import print_table
+from atlasd.model import Settings
+
+# -- cluster ------------------------------------------------------------------------------
+
+
+@cli.group()
+def cluster() -> None:
+    """Add, list, remove downstream clusters and print their Helm values."""
+
+
+def _port_pair(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[tuple[str, int], ...]:
+
+    if not value:
+        return model.DEFAULT_CLUSTER_PORTS
+    out = []
+    for item in value:
+        name, eq, port = item.partition("=")
+        if not eq or not port.isdigit() or not 1 <= int(port) <= 65535 or not name:
+            raise click.BadParameter(
+                f"{item!r} is not NAME=PORT (e.g. thanos=10901)", ctx=ctx, param=param
+            )
+        out.append((name, int(port)))
+    return tuple(out)
+
+
+def _cluster_call(
+    fn: Callable[[Any], Awaitable[T]],
+    *,
+    kubeconfig: str | None,
+    context: str | None,
+    store: Path | None,
+    namespace: str,
+) -> T:
+    """Run ``fn(api)`` against Kubernetes or the store; any failure is one line, exit 1."""
+    from atlasd.clusterctl import ClusterError
+    from atlasd.kube.errors import KubeError
+
+    async def go() -> T:
+        async with backend(kubeconfig, context, store, namespace) as api:
+            return await fn(api)
+
+    try:
+        return run_trio(go)
+    except (ClusterError, KubeError, ValueError) as exc:
+        fail(str(exc))
+
+
+def add_cluster(
+    *,
+    namespace: str,
+    kubeconfig: str | None,
+    context: str | None,
+    store: Path | None,
+    name: str,
+    external_ips: tuple[str, ...],
+    replicas: int,
+    ports: tuple[tuple[str, int], ...],
+    annotations: dict[str, str],
+    overwrite: bool,
+    allow_loopback: bool,
+) -> None:
+    from atlasd import clusterctl
+
+    service = clusterctl.cluster_service(
+        name=name,
+        external_ips=external_ips,
+        replicas=replicas,
+        namespace=namespace,
+        ports=ports,
+        annotations=annotations,
+    )
+    outcome = _cluster_call(
+        lambda api: clusterctl.add(
+            api,
+            service,
+            settings=Settings(namespace=namespace),
+            overwrite=overwrite,
+            allow_loopback=allow_loopback,
+        ),
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        namespace=namespace,
+    )
+    click.echo(f"cluster {name} {outcome}")
+
+
+def print_cluster_values(
+    *,
+    namespace: str,
+    kubeconfig: str | None,
+    context: str | None,
+    store: Path | None,
+    name: str,
+    fmt: str,
+) -> None:
+    from atlasd import clusterctl
+    from atlasd.reconcile.values_formats import Format
+
+    text = _cluster_call(
+        lambda api: clusterctl.values(
+            api,
+            name,
+            settings=Settings(namespace=namespace),
+            fmt=cast(Format, fmt),
+            allow_loopback=store is not None,
+        ),
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        namespace=namespace,
+    )
+    click.echo(text, nl=not text.endswith("\n"))
+
+
+@cluster.command("add")
+@common_settings
+@click.argument("name")
+@external_ip_option
+@replicas_option
+@click.option(
+    "--port",
+    "ports",
+    multiple=True,
+    callback=_port_pair,
+    help="NAME=PORT, repeatable (default "
+    + ", ".join(f"{n}={p}" for n, p in model.DEFAULT_CLUSTER_PORTS)
+    + ").",
+)
+@click.option(
+    "--annotation",
+    "annotations",
+    multiple=True,
+    help="KEY=VALUE annotation for the cluster Service (goatlas.io/...), repeatable.",
+)
+@overwrite_option
+@click.option("--allow-loopback", is_flag=True, hidden=True)
+def cluster_add(
+    namespace: str,
+    kubeconfig: str | None,
+    context: str | None,
+    store: Path | None,
+    name: str,
+    external_ips: tuple[str, ...],
+    replicas: int,
+    ports: tuple[tuple[str, int], ...],
+    annotations: tuple[str, ...],
+    overwrite: bool,
+    allow_loopback: bool,
+) -> None:
+    """Add (or with --overwrite update) the cluster NAME."""
+    ann: dict[str, str] = {}
+    for item in annotations:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--annotation")
+        ann[key] = val
+    add_cluster(
+        namespace=namespace,
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        name=name,
+        external_ips=external_ips,
+        replicas=replicas,
+        ports=ports,
+        annotations=ann,
+        overwrite=overwrite,
+        allow_loopback=allow_loopback,
+    )
+
+
+@cluster.command("list")
+@common_settings
+@output_option
+def cluster_list(
+    namespace: str, kubeconfig: str | None, context: str | None, store: Path | None, output: str
+) -> None:
+    """List the clusters (and what is wrong with any that are rejected)."""
+    from dataclasses import asdict
+
+    from atlasd import clusterctl
+
+    rows = _cluster_call(
+        lambda api: clusterctl.list_clusters(
+            api, settings=Settings(namespace=namespace), allow_loopback=store is not None
+        ),
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        namespace=namespace,
+    )
+    if output == "json":
+        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump([asdict(r) for r in rows], sort_keys=False), nl=False)
+    else:
+        print_table(
+            ["NAME", "EXTERNAL-IP", "REPLICAS", "PROBLEM"],
+            [[r.name, r.external_ip, r.replicas, r.problem or "-"] for r in rows],
+        )
+
+
+@cluster.command("remove")
+@common_settings
+@click.argument("name")
+def cluster_remove(
+    namespace: str, kubeconfig: str | None, context: str | None, store: Path | None, name: str
+) -> None:
+    """Remove the cluster NAME (atlasd then removes everything it made for it)."""
+    from atlasd import clusterctl
+
+    _cluster_call(
+        lambda api: clusterctl.remove(api, name, settings=Settings(namespace=namespace)),
+        kubeconfig=kubeconfig,
+        context=context,
+        store=store,
+        namespace=namespace,
+    )
+    click.echo(f"cluster {name} removed")
+
+
+@cluster.command("values")
+@common_settings
+@click.argument("name")
+@values_format_option
+def cluster_values(
+    namespace: str,
+    kubeconfig: str | None,
+    context: str | None,
+    store: Path | None,
+    name: str,
+    fmt: str,
+) -> None:
+    """Print the Envoy chart values for the cluster NAME (they hold its private keys;
+    NAME `atlas`: the observability Envoy's)."""
+    print_cluster_values(
+        namespace=namespace, kubeconfig=kubeconfig, context=context, store=store, name=name, fmt=fmt
+    )

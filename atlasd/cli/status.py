@@ -1,0 +1,181 @@
+"""``atlasd status``: what a running atlasd says at ``/status``, as tables or JSON."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import click
+import trio
+import yaml
+
+from atlasd import model
+from atlasd.cli.app import cli
+from atlasd.cli.options import env_option, fail, output_option
+
+# -- status -------------------------------------------------------------------------------
+
+
+def fetch_status(url: str) -> dict[str, Any]:
+    """GET ``<url>/status``; raises ValueError saying what answered if it is not atlasd."""
+    import httpx
+
+    target = f"{url.rstrip('/')}/status"
+    try:
+        resp = httpx.get(target, timeout=10)
+    except httpx.HTTPError as exc:
+        raise ValueError(f"cannot reach {target}: {exc}") from None
+    server = resp.headers.get("server")
+    who = f" (server: {server})" if server else ""
+    hint = "is --url atlasd's --http-listen address?"
+    if resp.status_code != 200:
+        raise ValueError(f"{target} answered {resp.status_code} {resp.reason_phrase}{who}: {hint}")
+    try:
+        doc = resp.json()
+    except ValueError:
+        kind = resp.headers.get("content-type", "no content type")
+        raise ValueError(f"{target} answered 200 with {kind}, not JSON{who}: {hint}") from None
+    if not isinstance(doc, dict) or "clusters" not in doc:
+        raise ValueError(f"{target} answered JSON that is not atlasd's status{who}: {hint}")
+    return doc
+
+
+@cli.command()
+@env_option(
+    "--url",
+    env="ATLAS_STATUS_URL",
+    default=f"http://127.0.0.1:{model.METRICS_PORT}",
+    help="atlasd's metrics/status address.",
+)
+@output_option
+@click.option(
+    "--watch", "-w", is_flag=True, help="Keep printing as the status changes (WebSocket stream)."
+)
+def status(url: str, output: str, watch: bool) -> None:
+    """Show clusters, each Envoy's sync state, certificate expiry and problems."""
+
+    def show(doc: dict[str, Any]) -> None:
+        if output == "json":
+            click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+        elif output == "yaml":
+            click.echo(yaml.safe_dump(doc, sort_keys=True), nl=False)
+        else:
+            click.echo(render_status(doc))
+
+    if not watch:
+        try:
+            doc = fetch_status(url)
+        except ValueError as exc:
+            fail(str(exc))
+        show(doc)
+        return
+
+    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+    ws_url = (
+        url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + "/status/stream"
+    )
+
+    async def stream() -> None:
+        async with open_websocket_url(ws_url) as ws:
+            while True:
+                show(json.loads(await ws.get_message()))
+
+    try:
+        trio.run(stream)
+    except (OSError, HandshakeError, ConnectionClosed, ValueError) as exc:
+        fail(f"status stream {ws_url} ended: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+def _ago(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    days = (ts - dt.datetime.now(dt.UTC).timestamp()) / 86400
+    return f"{days:.0f}d" if days >= 0 else "EXPIRED"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    click.echo(_table_text(header, rows))
+
+
+def _table_text(header: list[str], rows: list[list[str]]) -> str:
+    widths = (
+        [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+        if rows
+        else [len(h) for h in header]
+    )
+    lines = [
+        "   ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """The human-readable ``atlasd status`` (tables of clusters, Envoys, problems)."""
+    parts = [
+        f"atlasd {doc.get('version')}  leader={doc.get('leader')}  ready={doc.get('ready')}"
+        + (
+            f"  (waiting for: {', '.join(doc.get('not_ready') or [])})"
+            if not doc.get("ready")
+            else ""
+        ),
+    ]
+    leadership = doc.get("leadership") or {}
+    if leadership.get("reason"):
+        parts.append(f"NOT LEADING: {leadership['reason']}")
+    parts += ["", "CLUSTERS"]
+    envoys = doc.get("envoys") or []
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for e in envoys:
+        by_node.setdefault(str(e.get("node")), []).append(e)
+    rows = []
+    for c in doc.get("clusters") or []:
+        streams = by_node.get(c["name"], [])
+        sync = (
+            ", ".join(f"{e['kind']}:{'NACK' if e.get('last_nack') else 'ok'}" for e in streams)
+            or "not connected"
+        )
+        rows.append(
+            [
+                c["name"],
+                c["external_ip"],
+                str(c["replicas"]),
+                c.get("dns_group") or "-",
+                sync,
+                _ago(c.get("certificate_expiry")),
+            ]
+        )
+    parts.append(
+        _table_text(["NAME", "EXTERNAL-IP", "REPLICAS", "DNS-GROUP", "ENVOY", "CERT-EXPIRES"], rows)
+    )
+    if doc.get("pending"):
+        parts += ["", "PENDING (certificates not issued yet): " + ", ".join(doc["pending"])]
+    parts += ["", "ENVOYS"]
+    erows = []
+    for e in envoys:
+        acked = e.get("acked") or {}
+        nack = e.get("last_nack")
+        erows.append(
+            [
+                str(e.get("node")),
+                str(e.get("kind")),
+                str(e.get("peer")),
+                " ".join(f"{k}={str(v)[:8]}" for k, v in sorted(acked.items())) or "-",
+                (nack or {}).get("message", "-")[:60] if nack else "-",
+            ]
+        )
+    parts.append(_table_text(["NODE", "KIND", "PEER", "ACKED", "LAST-NACK"], erows))
+    problems = doc.get("problems") or []
+    if problems:
+        parts += ["", "PROBLEMS"]
+        parts.append(
+            _table_text(
+                ["OBJECT", "FIELD", "MESSAGE"],
+                [[p["object"], p["field"], p["message"]] for p in problems],
+            )
+        )
+    return "\n".join(parts)
