@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,9 @@ from atlasd.dns.writer import (
     write_atomic,
 )
 from atlasd.dns.zone import parse_serial
-from atlasd.kube.errors import Forbidden, NotFound, ServerError
-from atlasd.kube.resources import CONFIGMAPS, ApiResource
+from atlasd.kube.errors import Forbidden, ServerError
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
+from tests.unit.fakekube import FakeKube
 
 SETTINGS = Settings(namespace="obs")
 NOW = 1_764_000_000.0
@@ -48,29 +47,17 @@ def api_error(cls: type[Exception], code: int) -> Exception:
     return cls(status=code, reason=cls.__name__, message="", verb="x", resource="configmaps")  # type: ignore[call-arg]
 
 
-class FakeKube:
-    """Records applies; ``fail`` holds exceptions raised by the next calls, in order."""
+def with_zone(text: str | None = None) -> FakeKube:
+    """A fake API whose zone ConfigMap holds ``text`` (None: there is none)."""
+    kube = FakeKube()
+    if text is not None:
+        kube.put(configmap(SETTINGS, text))
+    return kube
 
-    def __init__(self, stored: str | None = None) -> None:
-        self.stored = stored
-        self.applied: list[dict[str, Any]] = []
-        self.fail: list[Exception] = []
-        self.changed = trio.Event()
 
-    async def get(self, res: ApiResource, name: str, *, namespace: str | None = None) -> Any:
-        assert res == CONFIGMAPS
-        assert (name, namespace) == (SETTINGS.dns_configmap_name, SETTINGS.namespace)
-        if self.stored is None:
-            raise api_error(NotFound, 404)
-        return {"data": {ZONE_KEY: self.stored}}
-
-    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> Any:
-        if self.fail:
-            raise self.fail.pop(0)
-        self.applied.append(dict(obj))
-        self.stored = obj["data"][ZONE_KEY]
-        self.changed.set()
-        return obj
+def stored_zone(kube: FakeKube) -> str | None:
+    cm = kube.get_stored("configmaps", SETTINGS.dns_configmap_name)
+    return None if cm is None else str(cm["data"][ZONE_KEY])
 
 
 class Clock:
@@ -106,6 +93,10 @@ async def run_writer(
                 task_status=task_status,
             )
         )
+    if kube is not None:
+        # The mirror reads and writes only its ConfigMap, in atlasd's namespace.
+        where = {(plural, ns, name) for _, plural, ns, name in kube.calls}
+        assert where <= {("configmaps", SETTINGS.namespace, SETTINGS.dns_configmap_name)}
     return written, state
 
 
@@ -213,7 +204,7 @@ async def test_configmap_mirror_and_serial_from_configmap(tmp_path: Path) -> Non
     path = tmp_path / "atlas.zone"
     # The pod restarted with an empty dir; the ConfigMap remembers a larger serial.
     remembered = f"atlas. 60 IN SOA a. b. {int(NOW) + 500} 1 2 3 4\n"
-    kube = FakeKube(stored=remembered)
+    kube = with_zone(remembered)
     written, _ = await run_writer(path, [fleet("east")], kube=kube)
     assert written[0].serial == int(NOW) + 501
     assert kube.applied == [configmap(SETTINGS, written[0].text)]
@@ -229,16 +220,16 @@ async def test_same_records_but_larger_serial_in_configmap_rewrites(tmp_path: Pa
     path = tmp_path / "atlas.zone"
     first, _ = await run_writer(path, [fleet("east")])
     ahead = first[0].text.replace(f" {first[0].serial} ", f" {first[0].serial + 9} ")
-    kube = FakeKube(stored=ahead)
+    kube = with_zone(ahead)
     again, _ = await run_writer(path, [fleet("east")], kube=kube)
     assert [z.serial for z in again] == [first[0].serial + 10]
-    assert kube.stored == path.read_text() == again[0].text
+    assert stored_zone(kube) == path.read_text() == again[0].text
 
 
 async def test_configmap_mirror_retries_server_errors(tmp_path: Path, autojump_clock: Any) -> None:
     path = tmp_path / "atlas.zone"
     kube = FakeKube()
-    kube.fail = [api_error(ServerError, 500), api_error(ServerError, 503)]
+    kube.fail_next = [api_error(ServerError, 500), api_error(ServerError, 503)]
     written, _ = await run_writer(path, [fleet("east")], kube=kube)
     assert [a["data"][ZONE_KEY] for a in kube.applied] == [written[0].text]
 
@@ -246,14 +237,14 @@ async def test_configmap_mirror_retries_server_errors(tmp_path: Path, autojump_c
 async def test_configmap_mirror_catches_up_when_file_is_current(tmp_path: Path) -> None:
     path = tmp_path / "atlas.zone"
     written, _ = await run_writer(path, [fleet("east")])
-    kube = FakeKube(stored=None)  # e.g. the ConfigMap was deleted
+    kube = with_zone(None)  # e.g. the ConfigMap was deleted
     again, _ = await run_writer(path, [fleet("east")], kube=kube)
     assert again == []
-    assert kube.stored == written[0].text
+    assert stored_zone(kube) == written[0].text
 
 
 async def test_configmap_forbidden_propagates(tmp_path: Path) -> None:
     kube = FakeKube()
-    kube.fail = [api_error(Forbidden, 403)]
+    kube.fail_next = [api_error(Forbidden, 403)]
     with pytest.RaisesGroup(Forbidden, flatten_subgroups=True):
         await run_writer(tmp_path / "atlas.zone", [fleet("east")], kube=kube)

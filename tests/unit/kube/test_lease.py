@@ -9,7 +9,6 @@ import pytest
 import trio
 import trio.testing
 
-from atlasd.kube.errors import AlreadyExists, Conflict, NotFound, TransportError
 from atlasd.kube.lease import (
     LeaderElector,
     LeaseTimings,
@@ -17,63 +16,28 @@ from atlasd.kube.lease import (
     record_from_lease,
     run_leader_election,
 )
+from atlasd.kube.resources import LEASES
+from tests.unit.fakekube import FakeKube
 
 FAST = LeaseTimings(lease_duration=15.0, renew_deadline=10.0, retry_period=2.0)
 
 
-def _err(cls: type[Any], code: int) -> Any:
-    return cls(status=code, reason=cls.__name__, message="", verb="x", resource="leases")
+def lease(store: FakeKube, name: str | None = None) -> dict[str, Any] | None:
+    """The stored Lease named ``name`` (default: the only one)."""
+    return store.only("leases") if name is None else store.get_stored("leases", name)
 
 
-class FakeLeases:
-    """Enough of KubeClient for leases: get/create/replace with resourceVersion checks."""
+def holder(store: FakeKube, name: str | None = None) -> str:
+    return record_from_lease(lease(store, name) or {}).holder
 
-    def __init__(self) -> None:
-        self.lease: dict[str, Any] | None = None
-        self.rv = 0
-        self.down = False
-        self.writes: list[tuple[float, str]] = []
 
-    def _check(self) -> None:
-        if self.down:
-            raise TransportError("connection refused")
-
-    async def get(self, res: Any, name: str, *, namespace: str) -> dict[str, Any]:
-        await trio.lowlevel.checkpoint()
-        self._check()
-        if self.lease is None:
-            raise _err(NotFound, 404)
-        return copy.deepcopy(self.lease)
-
-    def _store(self, obj: dict[str, Any]) -> dict[str, Any]:
-        self.rv += 1
-        obj = copy.deepcopy(obj)
-        obj["metadata"]["resourceVersion"] = str(self.rv)
-        self.lease = obj
-        self.writes.append((trio.current_time(), obj["spec"]["holderIdentity"]))
-        return copy.deepcopy(obj)
-
-    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        await trio.lowlevel.checkpoint()
-        self._check()
-        if self.lease is not None:
-            raise _err(AlreadyExists, 409)
-        return self._store(obj)
-
-    async def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
-        await trio.lowlevel.checkpoint()
-        self._check()
-        assert self.lease is not None
-        if obj["metadata"].get("resourceVersion") != self.lease["metadata"]["resourceVersion"]:
-            raise _err(Conflict, 409)
-        return self._store(obj)
-
-    def holder(self) -> str:
-        return record_from_lease(self.lease or {}).holder
+def lease_writes(store: FakeKube) -> list[tuple[float, str]]:
+    """(trio time, holder) of each Lease write."""
+    return [(t, o["spec"]["holderIdentity"]) for t, _, o in store.log if o["kind"] == "Lease"]
 
 
 class Candidate:
-    def __init__(self, store: FakeLeases, identity: str, *, release: bool = True) -> None:
+    def __init__(self, store: FakeKube, identity: str, *, release: bool = True) -> None:
         self.store = store
         self.identity = identity
         self.release = release
@@ -136,7 +100,7 @@ def test_micro_time() -> None:
 async def test_exactly_one_leads_and_a_crash_hands_over_within_the_lease(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = FakeLeases()
+    store = FakeKube()
     leading: list[str] = []
     a, b = Candidate(store, "a", release=False), Candidate(store, "b", release=False)
     async with trio.open_nursery() as nursery:
@@ -145,24 +109,24 @@ async def test_exactly_one_leads_and_a_crash_hands_over_within_the_lease(
         nursery.start_soon(b.run, leading)
         await trio.sleep(60)  # a keeps renewing; b never leads
         assert leading == ["a"] and b.leading_since is None
-        assert {h for _, h in store.writes} == {"a"}  # the loser never wrote
+        assert {h for _, h in lease_writes(store)} == {"a"}  # the loser never wrote
         killed_at = trio.current_time()
         a.scope.cancel()  # a crash: no release
-        last_renewal = store.writes[-1][0]
+        last_renewal = lease_writes(store)[-1][0]
         took_over = await _until(lambda: b.leading_since is not None)
         # Expiry counts from when b *saw* a's last renewal (b polls every ~retry period)
         # and b notices it at its next poll: lease + 2 polls after a's last renewal.
         assert took_over - last_renewal <= FAST.lease_duration + 2 * FAST.retry_period * 1.2
         assert took_over - killed_at >= FAST.lease_duration - FAST.retry_period
-        assert store.holder() == "b"
-        assert record_from_lease(store.lease or {}).transitions == 1
+        assert holder(store) == "b"
+        assert record_from_lease(lease(store) or {}).transitions == 1
         nursery.cancel_scope.cancel()
 
 
 async def test_clean_shutdown_releases_after_work_stopped(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = FakeLeases()
+    store = FakeKube()
     leading: list[str] = []
     a, b = Candidate(store, "a"), Candidate(store, "b")
     async with trio.open_nursery() as nursery:
@@ -171,10 +135,10 @@ async def test_clean_shutdown_releases_after_work_stopped(
         nursery.start_soon(b.run, leading)
         await trio.sleep(10)
         a.scope.cancel()
-        await _until(lambda: store.holder() != "a")
+        await _until(lambda: holder(store) != "a")
         assert a.stopped_at is not None
-        release_time, holder = store.writes[-1]
-        assert holder == "" and release_time >= a.stopped_at
+        release_time, last_holder = lease_writes(store)[-1]
+        assert last_holder == "" and release_time >= a.stopped_at
         released = trio.current_time()
         took_over = await _until(lambda: b.leading_since is not None)
         assert took_over - released <= FAST.retry_period * 1.2 + 0.1  # no expiry wait
@@ -184,14 +148,14 @@ async def test_clean_shutdown_releases_after_work_stopped(
 async def test_renewal_failure_cancels_work_before_the_lease_expires(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = FakeLeases()
+    store = FakeKube()
     leading: list[str] = []
     a = Candidate(store, "a")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.run, leading)
         await _until(lambda: a.leading_since is not None)
         await trio.sleep(7)
-        last_renewal = store.writes[-1][0]
+        last_renewal = lease_writes(store)[-1][0]
         store.down = True
         stopped = await _until(lambda: a.stopped_at is not None)
         # Cancelled once the renew deadline passed, and before anyone could take over.
@@ -204,15 +168,15 @@ async def test_renewal_failure_cancels_work_before_the_lease_expires(
 async def test_another_holder_cancels_work_at_the_next_renewal(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = FakeLeases()
+    store = FakeKube()
     a = Candidate(store, "a")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.run, [])
         await _until(lambda: a.leading_since is not None)
-        assert store.lease is not None
-        stolen = copy.deepcopy(store.lease)
+        assert lease(store) is not None
+        stolen = copy.deepcopy(lease(store))
         stolen["spec"]["holderIdentity"] = "intruder"
-        store._store(stolen)
+        store.put(stolen)
         t0 = trio.current_time()
         stopped = await _until(lambda: a.stopped_at is not None)
         assert stopped - t0 <= FAST.retry_period + 0.1
@@ -222,10 +186,10 @@ async def test_another_holder_cancels_work_at_the_next_renewal(
 async def test_expiry_is_judged_by_local_observation_not_renew_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = FakeLeases()
+    store = FakeKube()
     # Held by a peer whose clock is far behind: renewTime looks ancient, but we have
     # only just seen the record, so it is not expired for another lease duration.
-    store._store(
+    store.put(
         {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -243,18 +207,18 @@ async def test_expiry_is_judged_by_local_observation_not_renew_time(
     assert not await elector.try_acquire_or_renew()
     await elector.acquire()
     assert trio.current_time() - t0 >= 15.0
-    record = record_from_lease(store.lease or {})
+    record = record_from_lease(lease(store) or {})
     assert record.holder == "me" and record.transitions == 5
     first_acquire = record.acquire_time
     assert await elector.try_acquire_or_renew()  # a renewal keeps acquireTime
-    again = record_from_lease(store.lease or {})
+    again = record_from_lease(lease(store) or {})
     assert again.acquire_time == first_acquire and again.transitions == 5
 
 
 async def test_a_renewing_peer_is_never_taken_over(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = FakeLeases()
+    store = FakeKube()
     peer = LeaderElector(store, name="atlasd", namespace="m", identity="peer", timings=FAST)  # type: ignore[arg-type]
     me = LeaderElector(store, name="atlasd", namespace="m", identity="me", timings=FAST)  # type: ignore[arg-type]
     assert await peer.try_acquire_or_renew()
@@ -262,19 +226,19 @@ async def test_a_renewing_peer_is_never_taken_over(
         await trio.sleep(2)
         assert await peer.try_acquire_or_renew()
         assert not await me.try_acquire_or_renew()
-    assert store.holder() == "peer"
+    assert holder(store) == "peer"
 
 
 async def test_losing_a_race_is_a_conflict_not_an_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = FakeLeases()
+    store = FakeKube()
     a = LeaderElector(store, name="l", namespace="m", identity="a", timings=FAST)  # type: ignore[arg-type]
     b = LeaderElector(store, name="l", namespace="m", identity="b", timings=FAST)  # type: ignore[arg-type]
     assert await a.try_acquire_or_renew()
     assert await a.release()
     # b saw the released record; a re-acquires in between; b's PUT carries a stale RV.
-    lease = await store.get(None, "l", namespace="m")
+    lease = await store.get(LEASES, "l", namespace="m")
     b._observe(record_from_lease(lease), lease["metadata"]["resourceVersion"])
     assert await a.try_acquire_or_renew()
     original_get = store.get
@@ -285,13 +249,13 @@ async def test_losing_a_race_is_a_conflict_not_an_error(
     store.get = stale_get  # type: ignore[method-assign]
     assert not await b.try_acquire_or_renew()
     store.get = original_get  # type: ignore[method-assign]
-    assert store.holder() == "a"
+    assert holder(store) == "a"
 
 
 async def test_on_leading_returning_ends_election_and_releases(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    store = FakeLeases()
+    store = FakeKube()
     ran = []
 
     async def once() -> None:
@@ -305,4 +269,4 @@ async def test_on_leading_returning_ends_election_and_releases(
         on_leading=once,
         timings=FAST,  # type: ignore[arg-type]
     )
-    assert len(ran) == 1 and store.holder() == ""
+    assert len(ran) == 1 and holder(store) == ""

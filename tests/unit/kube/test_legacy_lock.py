@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
@@ -10,14 +9,10 @@ import pytest
 import trio
 import trio.testing
 
-from atlasd.kube.errors import Forbidden, NotFound
 from atlasd.kube.lease import GATE_INTERVAL, LeaseTimings, run_leader_election
 from atlasd.kube.legacy_lock import LEADER_ANNOTATION, LeadershipGate, configmap_record
-from tests.unit.kube.test_lease import FakeLeases
-
-
-def _err(cls: type[Any], code: int, resource: str) -> Any:
-    return cls(status=code, reason=cls.__name__, message="", verb="get", resource=resource)
+from tests.unit.fakekube import FakeKube
+from tests.unit.kube.test_lease import holder, lease
 
 
 def _record(holder: str, renew: str, duration: int = 45) -> str:
@@ -33,39 +28,18 @@ def _record(holder: str, renew: str, duration: int = 45) -> str:
     )
 
 
-class FakeKube(FakeLeases):
-    """Leases (for atlasd's own election) plus ConfigMaps/legacy Leases by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.configmaps: dict[str, dict[str, Any]] = {}
-        self.legacy_leases: dict[str, dict[str, Any]] = {}
-        self.forbidden: set[str] = set()
-        self.gets: list[str] = []
-
-    async def get(self, res: Any, name: str, *, namespace: str) -> dict[str, Any]:
-        await trio.lowlevel.checkpoint()
-        self.gets.append(f"{res.kind}/{name}")
-        if res.kind in self.forbidden:
-            raise _err(Forbidden, 403, res.plural)
-        if res.kind == "ConfigMap":
-            self._check()
-            if name not in self.configmaps:
-                raise _err(NotFound, 404, "configmaps")
-            return copy.deepcopy(self.configmaps[name])
-        if name in self.legacy_leases:
-            return copy.deepcopy(self.legacy_leases[name])
-        if name != "atlasd":
-            raise _err(NotFound, 404, "leases")
-        return await super().get(res, name, namespace=namespace)
-
-    def hold(self, name: str, holder: str, renew: str, duration: int = 45) -> None:
-        self.configmaps[name] = {
+def hold(kube: FakeKube, name: str, holder: str, renew: str, duration: int = 45) -> None:
+    """The original holds (or renews) its ConfigMap lock ``name``."""
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
             "metadata": {
                 "name": name,
                 "annotations": {LEADER_ANNOTATION: _record(holder, renew, duration)},
-            }
+            },
         }
+    )
 
 
 def _gate(kube: FakeKube, **kw: Any) -> tuple[LeadershipGate, list[Any]]:
@@ -95,13 +69,13 @@ async def test_a_renewing_holder_blocks_and_a_stopped_one_expires_after_the_leas
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     kube = FakeKube()
-    kube.hold("atlas", "atlas-controller-5c6", "2021-03-01T10:00:00Z")
+    hold(kube, "atlas", "atlas-controller-5c6", "2021-03-01T10:00:00Z")
     gate, changes = _gate(kube)
     start = trio.current_time()
     # It renews every 2 s for a minute: blocked the whole time, reported once.
     last_change = start
     for i in range(30):
-        kube.hold("atlas", "atlas-controller-5c6", f"2021-03-01T10:00:{i:02d}Z")
+        hold(kube, "atlas", "atlas-controller-5c6", f"2021-03-01T10:00:{i:02d}Z")
         last_change = trio.current_time()
         assert await gate() is not None
         await trio.sleep(2)
@@ -124,7 +98,7 @@ async def test_renew_time_is_never_compared_with_our_clock(
     kube = FakeKube()
     gate, _ = _gate(kube)
     for i in range(40):
-        kube.hold("atlas", "old-clock", f"2001-01-01T00:00:{i:02d}Z")
+        hold(kube, "atlas", "old-clock", f"2001-01-01T00:00:{i:02d}Z")
         assert await gate() is not None
         await trio.sleep(2)
 
@@ -135,11 +109,17 @@ async def test_released_and_missing_locks_and_our_own_identity_do_not_block(
     kube = FakeKube()
     gate, changes = _gate(kube)
     assert await gate() is None  # no ConfigMap, no Lease
-    kube.hold("atlas", "", "2021-03-01T10:00:00Z", duration=1)  # ReleaseOnCancel
+    hold(kube, "atlas", "", "2021-03-01T10:00:00Z", duration=1)  # ReleaseOnCancel
     assert await gate() is None
-    kube.hold("atlas", "atlasd-0", "2021-03-01T10:00:00Z")  # this pod's previous life
+    hold(kube, "atlas", "atlasd-0", "2021-03-01T10:00:00Z")  # this pod's previous life
     assert await gate() is None
-    kube.configmaps["atlas"] = {"metadata": {"annotations": {LEADER_ANNOTATION: "garbage"}}}
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "atlas", "annotations": {LEADER_ANNOTATION: "garbage"}},
+        }
+    )
     assert await gate() is None
     assert changes == [{"blocked_by": None, "holder": None, "reason": None}]
 
@@ -148,9 +128,14 @@ async def test_a_lease_lock_of_the_same_name_blocks_too(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     kube = FakeKube()
-    kube.legacy_leases["atlas"] = {
-        "spec": {"holderIdentity": "atlas-controller-1", "leaseDurationSeconds": 45}
-    }
+    kube.put(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "atlas"},
+            "spec": {"holderIdentity": "atlas-controller-1", "leaseDurationSeconds": 45},
+        }
+    )
     gate, _ = _gate(kube)
     reason = await gate()
     assert reason is not None and "Lease monitoring/atlas" in reason
@@ -169,12 +154,12 @@ async def test_rbac_blocks_with_a_reason_and_a_passing_failure_keeps_the_verdict
     reason = await gate()
     assert reason is not None and "Forbidden" in reason and "--legacy-locks" in reason
     kube.forbidden.clear()
-    kube.hold("atlas", "atlas-controller-1", "t0")
+    hold(kube, "atlas", "atlas-controller-1", "t0")
     assert await gate() is not None
     kube.down = True  # TransportError from now on: keep "blocked"
     assert await gate() is not None
     kube.down = False
-    kube.configmaps.clear()
+    del kube.objects[("configmaps", "atlas")]
     assert await gate() is None
     kube.down = True  # and keep "not blocked"
     assert await gate() is None
@@ -199,7 +184,7 @@ async def test_election_waits_for_the_original_then_steps_down_when_it_returns(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     kube = FakeKube()
-    kube.hold("atlas", "original", "t0")
+    hold(kube, "atlas", "original", "t0")
     gate, _ = _gate(kube)
     leading: list[tuple[float, bool]] = []
 
@@ -226,16 +211,16 @@ async def test_election_waits_for_the_original_then_steps_down_when_it_returns(
         )
         t0 = trio.current_time()
         await trio.sleep(30)
-        assert leading == [] and kube.lease is None  # never touched its own Lease
+        assert leading == [] and lease(kube, "atlasd") is None  # never touched its own Lease
         await trio.sleep(20)  # the record has not changed for 45 s: expired
         assert leading and leading[0][1] and 45 <= leading[0][0] - t0 <= 50
-        assert kube.holder() == "atlasd-0"
+        assert holder(kube, "atlasd") == "atlasd-0"
         # The original comes back and takes its lock: atlasd stops its work and
         # releases its Lease when it next looks at the lock (every GATE_INTERVAL).
-        kube.hold("atlas", "original-2", "t1")
+        hold(kube, "atlas", "original-2", "t1")
         returned = trio.current_time()
         await trio.sleep(GATE_INTERVAL + 5)
         assert leading[-1][1] is False
         assert leading[-1][0] - returned <= GATE_INTERVAL + timings.retry_period + 0.5
-        assert kube.holder() == ""
+        assert holder(kube, "atlasd") == ""
         nursery.cancel_scope.cancel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
@@ -21,8 +20,7 @@ from atlasd.watch.informer import (
     strip_managed_fields,
 )
 from atlasd.watch.workqueue import WorkQueue
-
-HANG = object()
+from tests.unit.fakekube import HANG, FakeKube
 
 
 def obj(name: str, rv: str, **extra: Any) -> dict[str, Any]:
@@ -40,41 +38,6 @@ def ev(kind: str, name: str, rv: str) -> dict[str, Any]:
 
 def bookmark(rv: str) -> dict[str, Any]:
     return {"type": "BOOKMARK", "object": {"kind": "Service", "metadata": {"resourceVersion": rv}}}
-
-
-class FakeKube:
-    """``list`` answers come from ``lists``; each ``watch`` call plays the next script.
-
-    A script item is an event, an exception to raise, or HANG (block forever); an
-    exhausted script ends the stream cleanly; no script left = HANG.
-    """
-
-    def __init__(self, lists: list[Any], watches: list[list[Any]]) -> None:
-        self.lists = lists
-        self.watches = watches
-        self.watch_calls: list[tuple[str, int, float]] = []
-        self.list_calls = 0
-
-    async def list(self, res: Any, **kw: Any) -> tuple[list[dict[str, Any]], str]:
-        self.list_calls += 1
-        await trio.lowlevel.checkpoint()
-        answer = self.lists.pop(0)
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer  # type: ignore[no-any-return]
-
-    async def watch(
-        self, res: Any, *, resource_version: str, timeout_seconds: int, **kw: Any
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        self.watch_calls.append((resource_version, timeout_seconds, trio.current_time()))
-        script = self.watches.pop(0) if self.watches else [HANG]
-        for item in script:
-            await trio.lowlevel.checkpoint()
-            if item is HANG:
-                await trio.sleep_forever()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
 
 def informer(kube: FakeKube, **kw: Any) -> Informer:
