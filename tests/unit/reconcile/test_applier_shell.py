@@ -10,8 +10,8 @@ from atlasd import labels
 from atlasd.kube.errors import Conflict, Invalid
 from atlasd.model import Settings
 from atlasd.reconcile.applier import Reconciler, reconcile_once
-from tests.unit.reconcile.builders import cluster_service
 from tests.unit.fakekube import FakeKube
+from tests.unit.reconcile.builders import cluster_service
 from tests.unit.reconcile.pkitools import CountingKeys
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
