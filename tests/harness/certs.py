@@ -1,5 +1,10 @@
 """Throwaway X.509 material for the harness's own processes (apiserver serving and
-client certificates). atlasd's PKI lives in atlasd.reconcile; this only feeds tests."""
+client certificates). atlasd's PKI lives in atlasd.reconcile; this only feeds tests.
+
+It differs from atlasd's issuing on purpose: the API server's client certificates carry
+their groups as Organizations (``system:masters``) and its serving certificate names the
+harness's addresses; none of it is atlasd's PKI. Certificates of atlasd's PKI in tests are
+made by the product's functions (``tests/unit/xds/helpers.py``)."""
 
 from __future__ import annotations
 

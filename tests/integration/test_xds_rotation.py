@@ -17,7 +17,6 @@ import yaml
 from atlasd import labels, model
 from atlasd.reconcile.desired import downstream_values, observability_values
 from atlasd.reconcile.pki import PKIPlan, RandomKeys, plan_pki
-from tests.harness.certs import CA
 from tests.harness.envoy import Envoy
 from tests.harness.wait import wait_until_async
 from tests.unit.reconcile.pkitools import plan_secrets, with_annotation
@@ -72,11 +71,11 @@ async def test_ca_rotation_under_load(
         thread.start()
         try:
             old_ca = w.ca
-            new_ca = CA("atlas-test-ca-2")
+            new_ca = helpers.make_ca("atlas-test-ca-2")
             # 1. Trust both (new first), leaves unchanged.
             w.pki = dataclasses.replace(
                 w.pki,
-                pki=dataclasses.replace(w.pki.pki, trust_bundle=new_ca.cert_pem + old_ca.cert_pem),
+                pki=dataclasses.replace(w.pki.pki, trust_bundle=new_ca.bundle + old_ca.bundle),
             )
             assert w.publish() == {"atlas", "east"}
             await _all_acked(w)
@@ -89,7 +88,7 @@ async def test_ca_rotation_under_load(
             await _all_acked(w)
             # 3. Drop the old CA.
             w.pki = dataclasses.replace(
-                w.pki, pki=dataclasses.replace(w.pki.pki, trust_bundle=new_ca.cert_pem)
+                w.pki, pki=dataclasses.replace(w.pki.pki, trust_bundle=new_ca.bundle)
             )
             assert w.publish() == {"atlas", "east"}
             await _all_acked(w)

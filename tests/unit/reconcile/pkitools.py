@@ -1,4 +1,7 @@
-"""Deterministic key sources and a CA made the way the original made one (tests only)."""
+"""Deterministic key sources and a CA made the way the original made one (tests only).
+
+``original_ca`` differs from ``atlasd.reconcile.certs.new_ca`` on purpose: it builds the
+ORIGINAL Atlas's ``atlas-ca`` (RSA 4096, PKCS#1, serial 1), which atlasd must adopt."""
 
 from __future__ import annotations
 

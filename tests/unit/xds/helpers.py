@@ -1,28 +1,49 @@
-"""Test material for the xDS tests: a PKI (ECDSA P-256 CA, one identity per node with
-SAN DNS = node id), fleets, and Envoy bootstraps for the observability and downstream
-Envoys from atlasd.reconcile's ``envoy_bootstrap`` (tests may import it; atlasd.xds may not).
+"""Test material for the xDS tests, made by the product's own functions (tests may import
+atlasd.reconcile; atlasd.xds may not): a CA as ``atlasd.reconcile.certs.new_ca`` makes one,
+identities and the ADS server certificate issued by ``issue_leaf`` from the specs
+``atlasd.reconcile.pki`` uses, fleets, and Envoy bootstraps from ``envoy_bootstrap``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from atlasd import model
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from atlasd import labels, model
+from atlasd.reconcile.certs import CA, RandomKeys, issue_leaf, key_pem, new_ca
 from atlasd.reconcile.desired import envoy_bootstrap
-from tests.harness.certs import CA
+from atlasd.reconcile.pki import LeafSpec, cluster_specs, observability_specs
+
+LIFETIME = dt.timedelta(days=2)
+
+
+def make_ca(name: str = "atlas-test-ca") -> CA:
+    """A CA as atlasd makes one, named ``name`` (so two test CAs are told apart)."""
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert, key = new_ca(keys=RandomKeys(), now=now, lifetime=LIFETIME, name=subject)
+    material = model.CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
+    return CA(cert=cert, key=key, material=material, revision=1)
+
+
+def issue(ca: CA, spec: LeafSpec) -> model.CertKey:
+    return issue_leaf(
+        spec, ca=ca, keys=RandomKeys(), now=dt.datetime.now(dt.UTC), lifetime=LIFETIME
+    )
 
 
 def identity(ca: CA, node: str) -> model.Identity:
-    # The SANs atlasd.reconcile.pki issues: the node id first, then <node>.<ns>.atlas.
-    dns = (node, f"{node}.monitoring.atlas")
-    server = ca.issue(node, dns=dns, server=True)
-    client = ca.issue(node, dns=dns, client=True)
-    return model.Identity(
-        server=model.CertKey(server.cert_pem, server.key_pem),
-        client=model.CertKey(client.cert_pem, client.key_pem),
-    )
+    """``node``'s identity with the SANs atlasd.reconcile.pki issues a cluster: the node
+    id first, then <node>.<namespace>.atlas (the observability node gets the same here:
+    the xDS tests need no Envoy addresses in its server certificate)."""
+    server, client = cluster_specs(node, model.Settings())
+    return model.Identity(server=issue(ca, server), client=issue(ca, client))
 
 
 @dataclass(frozen=True)
@@ -61,14 +82,8 @@ class Trust:
 def make_pki(
     nodes: list[str], *, ca: CA | None = None, extra_trust: bytes = b""
 ) -> tuple[CA, Trust]:
-    ca = ca or CA("atlas-test-ca")
-    key = b"unused"
-    pki = model.PKI(
-        ca=model.CertKey(ca.cert_pem, key),
-        trust_bundle=ca.cert_pem + extra_trust,
-        ca_serial=str(ca.cert.serial_number),
-        ca_revision=1,
-    )
+    ca = ca or make_ca()
+    pki = dataclasses.replace(ca.pki, trust_bundle=ca.bundle + extra_trust)
     return ca, Trust(pki, tuple((n, identity(ca, n)) for n in nodes))
 
 
@@ -93,9 +108,9 @@ def cluster(
 
 
 def ads_server_cert(ca: CA, host: str = "127.0.0.1") -> model.CertKey:
-    """atlasd's ADS server certificate as atlasd.reconcile.pki issues it."""
-    pair = ca.issue("atlasd-ads", dns=(model.ADS_SERVER_NAME,), ips=(host,), server=True)
-    return model.CertKey(pair.cert_pem, pair.key_pem)
+    """atlasd's ADS server certificate as atlasd.reconcile.pki issues it for ``host``."""
+    spec = observability_specs(model.Settings(atlasd_ads_host=host))[labels.ADS_SECRET]
+    return issue(ca, spec)
 
 
 def atlas_bootstrap(

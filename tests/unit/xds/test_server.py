@@ -12,42 +12,45 @@ import pytest
 import trio
 
 from atlasd import model
+from atlasd.reconcile.certs import CA
 from atlasd.xds import server
 from atlasd.xds.authz import TOKEN_HEADER, XFCC_HEADER, Authorizer
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.server import run_ads_server
 from atlasd.xds.snapshot import CLUSTER, Snapshot
 from atlasd.xds.tls import ServerTls, TlsMaterial
-from tests.harness.certs import CA, Pair
 from tests.harness.wait import wait_until_async
-from tests.unit.xds.ads_client import ADS_NAME, Client
+from tests.unit.xds import helpers
+from tests.unit.xds.ads_client import Client
 from tests.unit.xds.ads_client import request as _req
 from tests.unit.xds.test_snapshot import good
 
 
 @dataclass
 class Pki:
+    """Certificates as atlasd issues them (``tests.unit.xds.helpers``)."""
+
     ca: CA
-    server: Pair  # atlasd's ADS server certificate
-    atlas: Pair  # the forwarder's client certificate
-    east: Pair  # a downstream client certificate
+    server: model.CertKey  # atlasd's ADS server certificate
+    atlas: model.CertKey  # the forwarder's client certificate
+    east: model.CertKey  # a downstream client certificate
 
     @classmethod
     def make(cls, name: str = "test-ca") -> Pki:
-        ca = CA(name)
+        ca = helpers.make_ca(name)
         return cls(
             ca=ca,
-            server=ca.issue("atlasd-ads", dns=(ADS_NAME,), server=True),
-            atlas=ca.issue("atlas", dns=("atlas", "atlas.monitoring.atlas"), client=True),
-            east=ca.issue("east", dns=("east",), client=True),
+            server=helpers.ads_server_cert(ca),
+            atlas=helpers.identity(ca, "atlas").client,
+            east=helpers.identity(ca, "east").client,
         )
 
+    @property
+    def trust(self) -> bytes:
+        return self.ca.bundle
+
     def material(self) -> TlsMaterial:
-        return TlsMaterial(
-            cert=model.CertKey(self.server.cert_pem, self.server.key_pem),
-            chain=b"",
-            trust=self.ca.cert_pem,
-        )
+        return TlsMaterial(cert=self.server, chain=b"", trust=self.trust)
 
 
 @asynccontextmanager
@@ -122,7 +125,7 @@ async def test_tls_callers_are_known_by_their_certificate() -> None:
     pki = Pki.make()
     tls = ServerTls()
     tls.update(pki.material())
-    trust = pki.ca.cert_pem
+    trust = pki.trust
     forged = ((XFCC_HEADER, "Hash=1;DNS=west"),)
     async with ads(cache, tls=tls) as port:
         cases = [
@@ -162,19 +165,19 @@ async def test_a_new_certificate_serves_new_connections_without_a_restart() -> N
     tls = ServerTls()
     async with ads(cache, tls=tls) as port:
         # No certificate yet: TLS is refused (plaintext still answers, with its refusal).
-        c = Client(port, tls=(first.ca.cert_pem, first.atlas))
+        c = Client(port, tls=(first.trust, first.atlas))
         c.send(_req("atlas"))
         assert await _outcome(c) == grpc.StatusCode.UNAVAILABLE
         assert tls.update(first.material()) is True
         assert tls.update(first.material()) is False, "unchanged material: same context"
-        kept = Client(port, tls=(first.ca.cert_pem, first.atlas))
+        kept = Client(port, tls=(first.trust, first.atlas))
         kept.send(_req("atlas"))
         await wait_until_async(lambda: len(kept.responses) == 1, timeout=10, what="served")
         tls.update(second.material())
-        c = Client(port, tls=(second.ca.cert_pem, second.atlas))
+        c = Client(port, tls=(second.trust, second.atlas))
         c.send(_req("atlas"))
         assert await _outcome(c) == 1
-        c = Client(port, tls=(first.ca.cert_pem, first.atlas))
+        c = Client(port, tls=(first.trust, first.atlas))
         c.send(_req("atlas"))
         assert await _outcome(c) == grpc.StatusCode.UNAVAILABLE
         # The stream opened under the first certificate lives on.
@@ -191,7 +194,7 @@ def test_unusable_material_keeps_the_previous_context(caplog: pytest.LogCaptureF
     mismatched = TlsMaterial(
         cert=model.CertKey(pki.server.cert_pem, other.server.key_pem),
         chain=b"",
-        trust=pki.ca.cert_pem,
+        trust=pki.trust,
     )
     assert tls.update(mismatched) is False
     assert tls.context is before

@@ -13,6 +13,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from atlasd import model
+from atlasd.reconcile.certs import CA
 from atlasd.xds.authz import Authorizer
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import SnapshotCache
@@ -20,7 +21,6 @@ from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
 from atlasd.xds.server import run_ads_server
 from atlasd.xds.status import XdsMetrics
 from atlasd.xds.tls import ServerTls, TlsMaterial
-from tests.harness.certs import CA
 from tests.harness.envoy import Envoy
 from tests.harness.net import free_port
 from tests.harness.wait import wait_until_async
