@@ -42,11 +42,11 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -68,6 +68,8 @@ from atlasd.model import Fleet, Settings
 from atlasd.watch.backoff import Backoff
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 ZONE_KEY = "atlas.zone"
 # A ConfigMap holds at most 1 MiB; leave room for metadata. A zone larger than this
@@ -288,55 +290,57 @@ def _backoff() -> Backoff:
     return Backoff(initial=0.5, reset_after=float("inf"))
 
 
-async def _read_configmap_text(kube: KubeApi, settings: Settings) -> str | None:
+async def _retrying(what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+    """``call()`` until it succeeds, retrying the retriable errors with backoff."""
     backoff = _backoff()
     while True:
         try:
-            obj = await kube.get(
-                CONFIGMAPS, settings.dns_configmap_name, namespace=settings.namespace
-            )
-        except NotFound:
-            return None
+            return await call()
         except KubeError as exc:
             if not exc.retriable:
                 raise
-            log.warning("reading ConfigMap %s: %s; retrying", settings.dns_configmap_name, exc)
+            log.warning("%s: %s; retrying", what, exc)
             await backoff.sleep(at_least=exc.retry_after or 0.0)
-            continue
-        data = obj.get("data") if isinstance(obj, dict) else None
-        text = data.get(ZONE_KEY) if isinstance(data, dict) else None
-        return text if isinstance(text, str) else None
+
+
+async def _read_configmap_text(kube: KubeApi, settings: Settings) -> str | None:
+    name = settings.dns_configmap_name
+    try:
+        obj = await _retrying(
+            f"reading ConfigMap {name}",
+            lambda: kube.get(CONFIGMAPS, name, namespace=settings.namespace),
+        )
+    except NotFound:
+        return None
+    data = obj.get("data") if isinstance(obj, dict) else None
+    text = data.get(ZONE_KEY) if isinstance(data, dict) else None
+    return text if isinstance(text, str) else None
 
 
 async def _mirror(kube: KubeApi, settings: Settings, latest: _Latest, applied: str | None) -> None:
     """Apply the newest zone text to the ConfigMap whenever it differs from what is there."""
+    name = settings.dns_configmap_name
     while True:
         try:
             text = await latest.wait()
         except trio.EndOfChannel:
             return
-        backoff = _backoff()
-        while text != applied:
-            if len(text.encode("utf-8")) > MAX_CONFIGMAP_ZONE_BYTES:
-                log.error(
-                    "zone is %d bytes, more than a ConfigMap holds; ConfigMap %s not updated",
-                    len(text.encode("utf-8")),
-                    settings.dns_configmap_name,
-                )
-                break
-            try:
-                await kube.apply(configmap(settings, text))
-            except KubeError as exc:
-                if not exc.retriable:
-                    raise
-                log.warning("applying ConfigMap %s: %s; retrying", settings.dns_configmap_name, exc)
-                await backoff.sleep(at_least=exc.retry_after or 0.0)
-                continue
-            applied = text
-            log.info("ConfigMap %s updated", settings.dns_configmap_name)
-            # At most one apply a second: a burst of zone changes is one ConfigMap update
-            # (its consumers reload on a timer anyway).
-            await trio.sleep(MIRROR_INTERVAL)
+        if text == applied:
+            continue
+        if len(text.encode("utf-8")) > MAX_CONFIGMAP_ZONE_BYTES:
+            log.error(
+                "zone is %d bytes, more than a ConfigMap holds; ConfigMap %s not updated",
+                len(text.encode("utf-8")),
+                name,
+            )
+            continue
+        apply = functools.partial(kube.apply, configmap(settings, text))
+        await _retrying(f"applying ConfigMap {name}", apply)
+        applied = text
+        log.info("ConfigMap %s updated", name)
+        # At most one apply a second: a burst of zone changes is one ConfigMap update
+        # (its consumers reload on a timer anyway).
+        await trio.sleep(MIRROR_INTERVAL)
 
 
 def _as_update(item: Fleet | ZoneUpdate) -> ZoneUpdate:
