@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, cast
 
 import click
@@ -14,9 +13,9 @@ import yaml
 from atlasd import model
 from atlasd.cli.app import cli
 from atlasd.cli.options import (
+    Backend,
     T,
-    backend,
-    common_settings,
+    backend_options,
     external_ip_option,
     fail,
     output_option,
@@ -26,7 +25,6 @@ from atlasd.cli.options import (
     values_format_option,
 )
 from atlasd.cli.status import print_table
-from atlasd.model import Settings
 
 # -- cluster ------------------------------------------------------------------------------
 
@@ -53,20 +51,13 @@ def _port_pair(
     return tuple(out)
 
 
-def _cluster_call(
-    fn: Callable[[Any], Awaitable[T]],
-    *,
-    kubeconfig: str | None,
-    context: str | None,
-    store: Path | None,
-    namespace: str,
-) -> T:
+def _cluster_call(fn: Callable[[Any], Awaitable[T]], backend: Backend) -> T:
     """Run ``fn(api)`` against Kubernetes or the store; any failure is one line, exit 1."""
     from atlasd.clusterctl import ClusterError
     from atlasd.kube.errors import KubeError
 
     async def go() -> T:
-        async with backend(kubeconfig, context, store, namespace) as api:
+        async with backend.open() as api:
             return await fn(api)
 
     try:
@@ -77,10 +68,7 @@ def _cluster_call(
 
 def add_cluster(
     *,
-    namespace: str,
-    kubeconfig: str | None,
-    context: str | None,
-    store: Path | None,
+    backend: Backend,
     name: str,
     external_ips: tuple[str, ...],
     replicas: int,
@@ -95,7 +83,7 @@ def add_cluster(
         name=name,
         external_ips=external_ips,
         replicas=replicas,
-        namespace=namespace,
+        namespace=backend.namespace,
         ports=ports,
         annotations=annotations,
     )
@@ -103,27 +91,16 @@ def add_cluster(
         lambda api: clusterctl.add(
             api,
             service,
-            settings=Settings(namespace=namespace),
+            settings=backend.settings,
             overwrite=overwrite,
             allow_loopback=allow_loopback,
         ),
-        kubeconfig=kubeconfig,
-        context=context,
-        store=store,
-        namespace=namespace,
+        backend,
     )
     click.echo(f"cluster {name} {outcome}")
 
 
-def print_cluster_values(
-    *,
-    namespace: str,
-    kubeconfig: str | None,
-    context: str | None,
-    store: Path | None,
-    name: str,
-    fmt: str,
-) -> None:
+def print_cluster_values(*, backend: Backend, name: str, fmt: str) -> None:
     from atlasd import clusterctl
     from atlasd.reconcile.values_formats import Format
 
@@ -131,20 +108,17 @@ def print_cluster_values(
         lambda api: clusterctl.values(
             api,
             name,
-            settings=Settings(namespace=namespace),
+            settings=backend.settings,
             fmt=cast(Format, fmt),
-            allow_loopback=store is not None,
+            allow_loopback=backend.store is not None,
         ),
-        kubeconfig=kubeconfig,
-        context=context,
-        store=store,
-        namespace=namespace,
+        backend,
     )
     click.echo(text, nl=not text.endswith("\n"))
 
 
 @cluster.command("add")
-@common_settings
+@backend_options
 @click.argument("name")
 @external_ip_option
 @replicas_option
@@ -166,10 +140,7 @@ def print_cluster_values(
 @overwrite_option
 @click.option("--allow-loopback", is_flag=True, hidden=True)
 def cluster_add(
-    namespace: str,
-    kubeconfig: str | None,
-    context: str | None,
-    store: Path | None,
+    backend: Backend,
     name: str,
     external_ips: tuple[str, ...],
     replicas: int,
@@ -186,10 +157,7 @@ def cluster_add(
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--annotation")
         ann[key] = val
     add_cluster(
-        namespace=namespace,
-        kubeconfig=kubeconfig,
-        context=context,
-        store=store,
+        backend=backend,
         name=name,
         external_ips=external_ips,
         replicas=replicas,
@@ -201,11 +169,9 @@ def cluster_add(
 
 
 @cluster.command("list")
-@common_settings
+@backend_options
 @output_option
-def cluster_list(
-    namespace: str, kubeconfig: str | None, context: str | None, store: Path | None, output: str
-) -> None:
+def cluster_list(backend: Backend, output: str) -> None:
     """List the clusters (and what is wrong with any that are rejected)."""
     from dataclasses import asdict
 
@@ -213,12 +179,9 @@ def cluster_list(
 
     rows = _cluster_call(
         lambda api: clusterctl.list_clusters(
-            api, settings=Settings(namespace=namespace), allow_loopback=store is not None
+            api, settings=backend.settings, allow_loopback=backend.store is not None
         ),
-        kubeconfig=kubeconfig,
-        context=context,
-        store=store,
-        namespace=namespace,
+        backend,
     )
     if output == "json":
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
@@ -232,38 +195,21 @@ def cluster_list(
 
 
 @cluster.command("remove")
-@common_settings
+@backend_options
 @click.argument("name")
-def cluster_remove(
-    namespace: str, kubeconfig: str | None, context: str | None, store: Path | None, name: str
-) -> None:
+def cluster_remove(backend: Backend, name: str) -> None:
     """Remove the cluster NAME (atlasd then removes everything it made for it)."""
     from atlasd import clusterctl
 
-    _cluster_call(
-        lambda api: clusterctl.remove(api, name, settings=Settings(namespace=namespace)),
-        kubeconfig=kubeconfig,
-        context=context,
-        store=store,
-        namespace=namespace,
-    )
+    _cluster_call(lambda api: clusterctl.remove(api, name, settings=backend.settings), backend)
     click.echo(f"cluster {name} removed")
 
 
 @cluster.command("values")
-@common_settings
+@backend_options
 @click.argument("name")
 @values_format_option
-def cluster_values(
-    namespace: str,
-    kubeconfig: str | None,
-    context: str | None,
-    store: Path | None,
-    name: str,
-    fmt: str,
-) -> None:
+def cluster_values(backend: Backend, name: str, fmt: str) -> None:
     """Print the Envoy chart values for the cluster NAME (they hold its private keys;
     NAME `atlas`: the observability Envoy's)."""
-    print_cluster_values(
-        namespace=namespace, kubeconfig=kubeconfig, context=context, store=store, name=name, fmt=fmt
-    )
+    print_cluster_values(backend=backend, name=name, fmt=fmt)

@@ -12,6 +12,7 @@ from atlasd import model
 from atlasd.cli.app import cli
 from atlasd.cli.cluster import add_cluster, print_cluster_values
 from atlasd.cli.options import (
+    Backend,
     F,
     apply_options,
     compat_logging_options,
@@ -84,10 +85,7 @@ def cluster_add_compat(
         configure_logging(compat_log_level)
 
     add_cluster(
-        namespace=namespace,
-        kubeconfig=kubeconfig,
-        context=context,
-        store=None,
+        backend=Backend(namespace, kubeconfig, context),
         name=name,
         external_ips=external_ips,
         replicas=replicas,
@@ -113,6 +111,4 @@ def cluster_values_compat(
     """The original's spelling of `cluster values NAME` (--name NAME)."""
     if compat_log_level:
         configure_logging(compat_log_level)
-    print_cluster_values(
-        namespace=namespace, kubeconfig=kubeconfig, context=context, store=None, name=name, fmt=fmt
-    )
+    print_cluster_values(backend=Backend(namespace, kubeconfig, context), name=name, fmt=fmt)

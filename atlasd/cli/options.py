@@ -4,10 +4,12 @@ failure."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
@@ -15,6 +17,7 @@ import click
 import trio
 
 from atlasd import model
+from atlasd.model import Settings
 
 if TYPE_CHECKING:
     from atlasd.kube.client import KubeClient
@@ -169,18 +172,47 @@ def run_trio(fn: Callable[[], Awaitable[T]]) -> T:
     return trio.run(fn)
 
 
-def backend(
-    kubeconfig: str | None, context: str | None, store: Path | None, namespace: str
-) -> KubeClient | FileStore:
-    """The backend of a CLI command: both satisfy ``atlasd.kube.api.KubeApi``."""
-    if store is not None:
-        from atlasd.standalone import FileStore
+@dataclass(frozen=True)
+class Backend:
+    """Where a command works: Kubernetes (kubeconfig, context) or a store, in a namespace."""
 
-        return FileStore(store, namespace=namespace)
-    from atlasd.kube.client import KubeClient
-    from atlasd.kube.config import load_config
+    namespace: str
+    kubeconfig: str | None = None
+    context: str | None = None
+    store: Path | None = None
 
-    return KubeClient(load_config(kubeconfig, context))
+    @property
+    def settings(self) -> Settings:
+        return Settings(namespace=self.namespace)
+
+    def open(self) -> KubeClient | FileStore:
+        """The API: both satisfy ``atlasd.kube.api.KubeApi``."""
+        if self.store is not None:
+            from atlasd.standalone import FileStore
+
+            return FileStore(self.store, namespace=self.namespace)
+        from atlasd.kube.client import KubeClient
+        from atlasd.kube.config import load_config
+
+        return KubeClient(load_config(self.kubeconfig, self.context))
+
+
+def backend_options(f: F) -> F:
+    """``common_settings`` for a command that only needs its ``Backend``: the command gets
+    ``backend=`` instead of the four options."""
+
+    @functools.wraps(f)
+    def wrapper(
+        *,
+        namespace: str,
+        kubeconfig: str | None,
+        context: str | None,
+        store: Path | None,
+        **kw: Any,
+    ) -> Any:
+        return f(backend=Backend(namespace, kubeconfig, context, store), **kw)
+
+    return common_settings(cast(F, wrapper))
 
 
 def fail(message: str) -> NoReturn:
