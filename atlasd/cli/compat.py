@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, cast
 
 import click
 
@@ -46,9 +47,25 @@ def envoy_ads(**params: Any) -> None:
 
 
 def _compat_cluster_options(f: F) -> F:
-    """The original's flags of ``cluster-add`` / ``cluster-values`` (and its global ones)."""
+    """The original's flags of ``cluster-add`` / ``cluster-values`` (and its global ones);
+    the command gets ``name`` and ``backend=``, the log level already applied."""
+
+    @functools.wraps(f)
+    def wrapper(
+        *,
+        namespace: str,
+        kubeconfig: str | None,
+        context: str | None,
+        compat_log_level: str | None,
+        compat_config: str | None,
+        **kw: Any,
+    ) -> Any:
+        if compat_log_level:
+            configure_logging(compat_log_level)
+        return f(backend=Backend(namespace, kubeconfig, context), **kw)
+
     return apply_options(
-        f,
+        cast(F, wrapper),
         [
             click.option("--name", required=True, help="The cluster's name."),
             click.option(
@@ -70,22 +87,15 @@ def _compat_cluster_options(f: F) -> F:
 @replicas_option
 @overwrite_option
 def cluster_add_compat(
+    backend: Backend,
     name: str,
-    namespace: str,
-    kubeconfig: str | None,
-    context: str | None,
-    compat_log_level: str | None,
-    compat_config: str | None,
     external_ips: tuple[str, ...],
     replicas: int,
     overwrite: bool,
 ) -> None:
     """The original's spelling of `cluster add NAME` (--name NAME)."""
-    if compat_log_level:
-        configure_logging(compat_log_level)
-
     add_cluster(
-        backend=Backend(namespace, kubeconfig, context),
+        backend=backend,
         name=name,
         external_ips=external_ips,
         replicas=replicas,
@@ -99,16 +109,6 @@ def cluster_add_compat(
 @cli.command("cluster-values")
 @_compat_cluster_options
 @values_format_option
-def cluster_values_compat(
-    name: str,
-    namespace: str,
-    kubeconfig: str | None,
-    context: str | None,
-    compat_log_level: str | None,
-    compat_config: str | None,
-    fmt: str,
-) -> None:
+def cluster_values_compat(backend: Backend, name: str, fmt: str) -> None:
     """The original's spelling of `cluster values NAME` (--name NAME)."""
-    if compat_log_level:
-        configure_logging(compat_log_level)
-    print_cluster_values(backend=Backend(namespace, kubeconfig, context), name=name, fmt=fmt)
+    print_cluster_values(backend=backend, name=name, fmt=fmt)
