@@ -39,6 +39,9 @@ from atlasd.model import Settings
 
 # -- run (and the original's controller / envoy-ads) -------------------------------------
 
+# The options' defaults are Settings' (one source: atlasd.model).
+DEFAULTS = Settings()
+
 
 def run_options(*, compat: bool) -> Callable[[F], F]:
     """The options of ``run``; with ``compat`` also the original's flags and variables
@@ -69,19 +72,19 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
         env_option(
             "--envoy-ads-address",
             env="ATLAS_ENVOY_ADS_ADDRESS",
-            default="127.0.0.1",
+            default=DEFAULTS.envoy_ads_address,
             help="Address downstream Envoys reach xDS at (the observability Envoy).",
         ),
         env_option(
             "--envoy-ads-port",
             env="ATLAS_ENVOY_ADS_PORT",
-            default=model.OBS_XDS_PORT,
+            default=DEFAULTS.envoy_ads_port,
             type=click.IntRange(1, 65535),
         ),
         env_option(
             "--envoy-address",
             env="ATLAS_ENVOY_ADDRESS",
-            default="127.0.0.1",
+            default=DEFAULTS.envoy_address,
             help="Address downstream Envoys forward alerts to (observability Envoy :10903).",
         ),
         env_option(
@@ -99,14 +102,14 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
         env_option(
             "--atlasd-ads-port",
             env="ATLAS_ADS_SERVICE_PORT",
-            default=model.ADS_GRPC_PORT,
+            default=DEFAULTS.atlasd_ads_port,
             type=click.IntRange(1, 65535),
         ),
         env_option(
             "--dns-configmap",
             *(["--dns-config-map-name"] if compat else []),
             env="ATLAS_DNS_CM_NAME",
-            default="atlas-coredns",
+            default=DEFAULTS.dns_configmap_name,
             help="ConfigMap mirroring the zone.",
         ),
         env_option(
@@ -114,15 +117,15 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             env=["ATLAS_ALERTMANAGER_SELECTOR", "ALERTMANAGER_SELECTOR"]
             if compat
             else "ATLAS_ALERTMANAGER_SELECTOR",
-            default="app=kube-prometheus-stack-alertmanager",
+            default=",".join(f"{k}={v}" for k, v in DEFAULTS.alertmanager_selector),
             callback=selector_param,
             help="Label selector of the local Alertmanager Services.",
         ),
-        env_option("--cluster-domain", env="ATLAS_CLUSTER_DOMAIN", default=model.CLUSTER_DOMAIN),
+        env_option("--cluster-domain", env="ATLAS_CLUSTER_DOMAIN", default=DEFAULTS.cluster_domain),
         env_option(
             "--leaf-days",
             env="ATLAS_LEAF_DAYS",
-            default=365,
+            default=DEFAULTS.leaf_lifetime.days,
             type=click.IntRange(1, 3650),
             help="Lifetime of leaf certificates; renewed after 2/3 of it.",
         ),
