@@ -449,13 +449,24 @@ async def run_status(
     cache: SnapshotCache,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Fleet versions -> /status parts and gauges; Envoy streams -> /status ``envoys``."""
+    """Fleet versions -> /status parts and gauges; Envoy streams -> /status ``envoys``
+    (woken by the streams' changes, published at most twice a second; nothing while idle)."""
     report = FleetReport(hub)
     task_status.started()
+    wake = trio.Event()
+    wake.set()  # publish the first (empty) list at once
+
+    def changed() -> None:
+        wake.set()
+
+    cache.board.on_change = changed
 
     async def envoys() -> None:
+        nonlocal wake
         last: object = None
         while True:
+            await wake.wait()
+            wake = trio.Event()
             docs = [_envoy_doc(s) for s in cache.status()]
             if docs != last:
                 last = docs

@@ -101,6 +101,12 @@ class StatusBoard:
     on_node: Callable[[str, bool], None] | None = None
     # Called with the number of nodes currently NACKing when it may have changed.
     on_nacking: Callable[[int], None] | None = None
+    # Called after any change of any stream's status (so a reader need not poll).
+    on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def open(self, *, node: str, kind: str, peer: str) -> int:
         sid = next(self._ids)
@@ -111,6 +117,7 @@ class StatusBoard:
         self._per_node[node] = n + 1
         if n == 0 and self.on_node is not None:
             self.on_node(node, True)
+        self._changed()
         return sid
 
     def close(self, sid: int) -> None:
@@ -126,6 +133,7 @@ class StatusBoard:
                 self.on_node(st.node, False)
         if self._nacking.pop(sid, None):
             self._report_nacking()
+        self._changed()
 
     def has_stream(self, node: str) -> bool:
         return node in self._per_node
@@ -151,6 +159,7 @@ class StatusBoard:
         if types and type_url in types:
             types.discard(type_url)
             self._report_nacking()
+        self._changed()
 
     def nacked(self, sid: int, type_url: str, version: str, message: str) -> None:
         st = self._streams.get(sid)
@@ -161,6 +170,7 @@ class StatusBoard:
         self._streams[sid] = replace(st, last_nack=nack, last_nack_at=at, nacks=st.nacks + 1)
         self._nacking.setdefault(sid, set()).add(type_url)
         self._report_nacking()
+        self._changed()
 
     def all(self) -> list[EnvoyStatus]:
         return sorted(self._streams.values(), key=lambda s: (s.node, s.stream_id))
