@@ -37,7 +37,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.discovery.v3.discovery_pb2 import (
@@ -62,6 +62,7 @@ from atlasd.xds.snapshot import (
 
 # Per type, the names that changed since the snapshot a stream last saw (None: unknown).
 Hint = dict[str, set[str]] | None
+Req = TypeVar("Req", DiscoveryRequest, DeltaDiscoveryRequest)
 
 __all__ = [
     "Ack",
@@ -174,6 +175,44 @@ class _Held:
         return self.stamp, hint
 
 
+class _Stream(Generic[Req]):
+    """What both stream kinds share: one round at a time (flow control).
+
+    A subclass says when a response is unanswered (``_busy``), answers a request
+    (``_on_request``) and pushes a snapshot change (``_push``); this class holds changes back
+    while the Envoy has not answered and releases them with the request that answers.
+    """
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._held = _Held()
+
+    def _busy(self, stamp: float) -> bool:
+        raise NotImplementedError
+
+    def _on_request(self, req: Req, snap: Snapshot | None, stamp: float) -> Step:
+        raise NotImplementedError
+
+    def _push(self, snap: Snapshot | None, stamp: float, hint: Hint) -> Step:
+        raise NotImplementedError
+
+    def on_request(self, req: Req, snap: Snapshot | None, stamp: float) -> Step:
+        step = self._on_request(req, snap, stamp)
+        if self._held.held and not self._busy(stamp):
+            held_stamp, hint = self._held.release()
+            step.extend(self._push(snap, held_stamp, hint))
+        return step
+
+    def on_snapshot(self, snap: Snapshot | None, stamp: float, hint: Hint = None) -> Step:
+        """A new snapshot; ``hint`` (types -> changed names) lets unchanged types and
+        resources be skipped without looking at them (a change of one cluster costs that
+        cluster, not the whole fleet)."""
+        if snap is not None and self._busy(stamp):
+            self._held.hold(stamp, hint)
+            return Step()
+        return self._push(snap, stamp, hint)
+
+
 # ---------------------------------------------------------------------------------------
 # State of the World
 
@@ -197,15 +236,14 @@ class _SotwType:
     seen_version: str = ""  # the snapshot type version last looked at
 
 
-class SotwStream:
+class SotwStream(_Stream[DiscoveryRequest]):
     """One SotW ADS stream. Invariant: ``_types`` holds only types the Envoy requested."""
 
     kind = "sotw"
 
     def __init__(self, node: str) -> None:
-        self.node = node
+        super().__init__(node)
         self._types: dict[str, _SotwType] = {}
-        self._held = _Held()
         self._sent_at = 0.0  # when the oldest unanswered response went out (approximately)
 
     def _busy(self, stamp: float) -> bool:
@@ -213,13 +251,6 @@ class SotwStream:
         return any(st.awaiting for st in self._types.values()) and (
             stamp - self._sent_at < FLOW_TIMEOUT
         )
-
-    def on_request(self, req: DiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
-        step = self._on_request(req, snap, stamp)
-        if self._held.held and not self._busy(stamp):
-            held_stamp, hint = self._held.release()
-            step.extend(self._push(snap, held_stamp, hint))
-        return step
 
     def _on_request(self, req: DiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
         step = Step()
@@ -255,14 +286,6 @@ class SotwStream:
         st.names = names
         self._respond(t, st, snap, stamp, step, force=first)
         return step
-
-    def on_snapshot(self, snap: Snapshot | None, stamp: float, hint: Hint = None) -> Step:
-        """A new snapshot; ``hint`` (types -> changed names) lets unchanged types be
-        skipped without looking at them."""
-        if snap is not None and self._busy(stamp):
-            self._held.hold(stamp, hint)
-            return Step()
-        return self._push(snap, stamp, hint)
 
     def _push(self, snap: Snapshot | None, stamp: float, hint: Hint) -> Step:
         step = Step()
@@ -384,16 +407,15 @@ class _DeltaType:
     responded: bool = False
 
 
-class DeltaStream:
+class DeltaStream(_Stream[DeltaDiscoveryRequest]):
     """One Delta ADS stream."""
 
     kind = "delta"
 
     def __init__(self, node: str) -> None:
-        self.node = node
+        super().__init__(node)
         self._types: dict[str, _DeltaType] = {}
         self._acked: dict[str, str] = {}
-        self._held = _Held()
 
     def _busy(self, stamp: float) -> bool:
         """Whether a response is unanswered (and not for longer than FLOW_TIMEOUT)."""
@@ -402,13 +424,6 @@ class DeltaStream:
             for st in self._types.values()
             for sent in st.pending.values()
         )
-
-    def on_request(self, req: DeltaDiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
-        step = self._on_request(req, snap, stamp)
-        if self._held.held and not self._busy(stamp):
-            held_stamp, hint = self._held.release()
-            step.extend(self._push(snap, held_stamp, hint))
-        return step
 
     def _on_request(self, req: DeltaDiscoveryRequest, snap: Snapshot | None, stamp: float) -> Step:
         step = Step()
@@ -453,14 +468,6 @@ class DeltaStream:
             self._acked[t] = snap.version(t)
             step.acks.append(Ack(t, snap.version(t), stamp, pushed=False))
         return step
-
-    def on_snapshot(self, snap: Snapshot | None, stamp: float, hint: Hint = None) -> Step:
-        """A new snapshot; with ``hint`` only the named resources are compared (a change of
-        one cluster costs that cluster, not the whole fleet)."""
-        if snap is not None and self._busy(stamp):
-            self._held.hold(stamp, hint)
-            return Step()
-        return self._push(snap, stamp, hint)
 
     def _push(self, snap: Snapshot | None, stamp: float, hint: Hint) -> Step:
         step = Step()
