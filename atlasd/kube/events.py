@@ -104,23 +104,13 @@ class EventRecorder:
         try:
             seen = self._recent.get(key)
             if seen is not None:
+                # A repeat: the Event posted before counts it (its other fields are as then).
                 name, first, count = seen
-                body = build_event(
-                    ref=ref,
-                    reason=reason,
-                    message=message,
-                    type=type,
-                    name=name,
-                    now=now,
-                    component=self.component,
-                    count=count + 1,
-                    first=first,
-                )
                 try:
                     await self.kube.patch_merge(
                         EVENTS,
                         name,
-                        {"count": count + 1, "lastTimestamp": body["lastTimestamp"]},
+                        {"count": count + 1, "lastTimestamp": _timestamp(now)},
                         namespace=ref.namespace,
                     )
                     self._remember(key, (name, first, count + 1))

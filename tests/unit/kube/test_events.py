@@ -93,3 +93,4 @@ async def test_repeats_bump_count() -> None:
     name = seen[0][2]["metadata"]["name"]  # type: ignore[index]
     assert seen[1][1] == f"/api/v1/namespaces/monitoring/events/{name}"
     assert [b.get("count") for _, _, b in seen[1:3]] == [2, 3]
+    assert all(str(b.get("lastTimestamp", "")).endswith("Z") for _, _, b in seen[1:3])
