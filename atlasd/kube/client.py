@@ -299,6 +299,35 @@ class KubeClient:
         ns = self._ns(res, meta.get("namespace"))
         return res, name, ns
 
+    async def _write(
+        self,
+        method: str,
+        verb: str,
+        res: ApiResource,
+        name: str | None,
+        ns: str | None,
+        payload: Mapping[str, Any],
+        content_type: str,
+        params: Mapping[str, str] | None = None,
+        *,
+        collection: bool = False,
+    ) -> JSON:
+        """One write as atlasd's field manager: ``payload`` to the object ``name`` (to the
+        collection with ``collection``, ``name`` then only naming it in errors); returns
+        the stored object."""
+        body = await self._send(
+            method,
+            res.path(namespace=ns, name=None if collection else name),
+            verb=verb,
+            res=res,
+            name=name,
+            namespace=ns,
+            params={"fieldManager": self.field_manager, **(params or {})},
+            body=json.dumps(payload).encode(),
+            content_type=content_type,
+        )
+        return self._object(res, body)
+
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON:
         """Server-side apply ``obj`` (creates it if missing); returns the stored object."""
         res, name, ns = self._target(obj)
@@ -306,37 +335,23 @@ class KubeClient:
         if ns is not None:
             meta["namespace"] = ns
         payload = {**obj, "metadata": meta}
-        params = {"fieldManager": self.field_manager}
-        if force:
-            params["force"] = "true"
-        body = await self._send(
+        return await self._write(
             "PATCH",
-            res.path(namespace=ns, name=name),
-            verb="apply",
-            res=res,
-            name=name,
-            namespace=ns,
-            params=params,
-            body=json.dumps(payload).encode(),
-            content_type="application/apply-patch+yaml",
+            "apply",
+            res,
+            name,
+            ns,
+            payload,
+            "application/apply-patch+yaml",
+            {"force": "true"} if force else None,
         )
-        return self._object(res, body)
 
     async def create(self, obj: Mapping[str, Any]) -> JSON:
         """POST ``obj`` (it may use generateName, or be nameless like a review)."""
         res, name, ns = self._target(obj, need_name=False)
-        body = await self._send(
-            "POST",
-            res.path(namespace=ns),
-            verb="create",
-            res=res,
-            name=name or None,
-            namespace=ns,
-            params={"fieldManager": self.field_manager},
-            body=json.dumps(obj).encode(),
-            content_type="application/json",
+        return await self._write(
+            "POST", "create", res, name or None, ns, obj, "application/json", collection=True
         )
-        return self._object(res, body)
 
     async def namespace_exists(self, namespace: str) -> bool:
         """Whether ``namespace`` exists, asked with only namespaced rights: a dry-run create of
@@ -356,16 +371,16 @@ class KubeClient:
             "type": "Normal",
         }
         try:
-            await self._send(
+            await self._write(
                 "POST",
-                EVENTS.path(namespace=namespace),
-                verb="create",
-                res=EVENTS,
-                name=None,
-                namespace=namespace,
-                params={"dryRun": "All", "fieldManager": self.field_manager},
-                body=json.dumps(probe).encode(),
-                content_type="application/json",
+                "create",
+                EVENTS,
+                None,
+                namespace,
+                probe,
+                "application/json",
+                {"dryRun": "All"},
+                collection=True,
             )
         except NotFound:
             return False
@@ -378,36 +393,16 @@ class KubeClient:
     async def replace(self, obj: Mapping[str, Any]) -> JSON:
         """PUT ``obj``; it must carry metadata.resourceVersion (stale -> Conflict)."""
         res, name, ns = self._target(obj)
-        body = await self._send(
-            "PUT",
-            res.path(namespace=ns, name=name),
-            verb="update",
-            res=res,
-            name=name,
-            namespace=ns,
-            params={"fieldManager": self.field_manager},
-            body=json.dumps(obj).encode(),
-            content_type="application/json",
-        )
-        return self._object(res, body)
+        return await self._write("PUT", "update", res, name, ns, obj, "application/json")
 
     async def patch_merge(
         self, res: ApiResource, name: str, patch: Mapping[str, Any], *, namespace: str | None = None
     ) -> JSON:
         """A JSON merge patch (e.g. to remove one annotation without owning the field)."""
         ns = self._ns(res, namespace)
-        body = await self._send(
-            "PATCH",
-            res.path(namespace=ns, name=name),
-            verb="patch",
-            res=res,
-            name=name,
-            namespace=ns,
-            params={"fieldManager": self.field_manager},
-            body=json.dumps(patch).encode(),
-            content_type="application/merge-patch+json",
+        return await self._write(
+            "PATCH", "patch", res, name, ns, patch, "application/merge-patch+json"
         )
-        return self._object(res, body)
 
     async def delete(
         self,
