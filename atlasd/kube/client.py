@@ -236,6 +236,21 @@ class KubeClient:
             base["labelSelector"] = label_selector
         if field_selector:
             base["fieldSelector"] = field_selector
+        accept = _METADATA_LIST if metadata_only else None
+
+        async def page(params: Mapping[str, str]) -> tuple[builtins.list[JSON], Mapping[str, Any]]:
+            body = await self._send(
+                "GET",
+                path,
+                verb="list",
+                res=res,
+                name=None,
+                namespace=ns,
+                params=params,
+                accept=accept,
+            )
+            return self._list_body(res, body)
+
         items: list[JSON] = []
         rv = ""
         cont = ""
@@ -244,17 +259,7 @@ class KubeClient:
                 params = {**base, "limit": str(LIST_PAGE_SIZE)}
                 if cont:
                     params["continue"] = cont
-                body = await self._send(
-                    "GET",
-                    path,
-                    verb="list",
-                    res=res,
-                    name=None,
-                    namespace=ns,
-                    params=params,
-                    accept=_METADATA_LIST if metadata_only else None,
-                )
-                page_items, meta = self._list_body(res, body)
+                page_items, meta = await page(params)
                 items.extend(page_items)
                 if not rv:
                     rv = str(meta.get("resourceVersion") or "")
@@ -264,17 +269,7 @@ class KubeClient:
         except Gone:
             if not cont:
                 raise
-            body = await self._send(
-                "GET",
-                path,
-                verb="list",
-                res=res,
-                name=None,
-                namespace=ns,
-                params=base,
-                accept=_METADATA_LIST if metadata_only else None,
-            )
-            items, meta = self._list_body(res, body)
+            items, meta = await page(base)
             rv = str(meta.get("resourceVersion") or "")
         return items, rv
 
