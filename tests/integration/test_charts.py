@@ -26,7 +26,8 @@ import pytest
 import yaml
 
 from atlasd import labels
-from atlasd.cli import cli, run
+from atlasd.cli import cli
+from atlasd.cli.run import run
 from atlasd.kube.resources import REQUIRED_PERMISSIONS
 from atlasd.kube.secrets import secret_data
 from atlasd.model import (
