@@ -102,3 +102,24 @@ async def test_envoys_reconnect_and_get_full_state(envoy_factory: Any, delta: bo
             timeout=20,
             what="the change after reconnecting",
         )
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_no_cluster_yet_then_the_first(envoy_factory: Any, delta: bool) -> None:
+    """A fresh install: the observability Envoy's scoped routes have no scope at all (a
+    static list of scopes may not be empty; SRDS may), it ACKs, then takes the first cluster.
+    (Found by the property tests' long profile, whose static form of an empty fleet failed.)"""
+    async with xds_world(envoy_factory, delta=delta, clusters=()) as w:
+        await w.start_envoy("atlas")
+        await w.wait_acked("atlas")
+        await w.wait_envoy_ready("atlas")
+        assert not any(s.last_nack for s in w.cache.status() if s.node == "atlas")
+        w.add_cluster(helpers.cluster("east"))
+        assert "atlas" in w.publish()
+        await wait_until_async(
+            lambda: _contains(w, "atlas", ("/prom/east/", "east-thanos", "east-prom")),
+            timeout=20,
+            what="the first cluster in the observability Envoy",
+        )
+        await w.wait_acked("atlas")
+        assert not any(s.last_nack for s in w.cache.status() if s.node == "atlas")

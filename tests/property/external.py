@@ -79,8 +79,14 @@ def _rewrite(
     if name == _HCM and msg.HasField("scoped_routes"):  # type: ignore[attr-defined]
         sr = msg.scoped_routes  # type: ignore[attr-defined]
         mine = [s for n, s in sorted(scopes.items()) if n.startswith(f"{sr.name}/")]
-        sr.ClearField("scoped_rds")
-        sr.scoped_route_configurations_list.scoped_route_configurations.extend(mine)
+        if mine:
+            sr.ClearField("scoped_rds")
+            sr.scoped_route_configurations_list.scoped_route_configurations.extend(mine)
+        else:
+            # No scope yet (no cluster): over SRDS every request finds none and gets a
+            # 404. A static list must hold at least one scope, so the static form of
+            # that is a route configuration with no virtual host.
+            msg.route_config.name = sr.name  # type: ignore[attr-defined]
     if name == _SDS:
         msg.ClearField("sds_config")
         return
