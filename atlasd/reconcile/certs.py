@@ -158,7 +158,8 @@ CA_NAME = x509.Name(
     ]
 )
 
-_CA_USAGE = x509.KeyUsage(
+# A CA certificate's key usage (the test harness's CAs use it too).
+CA_KEY_USAGE = x509.KeyUsage(
     digital_signature=True,
     content_commitment=False,
     key_encipherment=False,
@@ -192,7 +193,7 @@ def new_ca(
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_CA_USAGE, critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(ski, critical=False)
     )
     return sign(builder, key), key
@@ -233,7 +234,7 @@ def cross_sign(
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(min(successor.not_valid_after_utc, issuer.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_CA_USAGE, critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(_key_id(successor), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_key_id(issuer)),
