@@ -34,7 +34,7 @@ lint: setup
 
 typecheck: setup
 	$(BIN)/mypy
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-cache
 
 unit: setup
 	$(BIN)/pytest tests/unit -q

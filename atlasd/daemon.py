@@ -49,7 +49,7 @@ from prometheus_client import REGISTRY
 from atlasd import metrics
 from atlasd.dns.writer import Zone, ZoneUpdate, run_zone_writer
 from atlasd.fleet.feed import FleetFeed
-from atlasd.fleet.keys import FLEET_KEY, Role, roles
+from atlasd.fleet.keys import FLEET_KEY, roles
 from atlasd.fleet.run import FleetSink, run_fleet
 from atlasd.fleet.state import CertInfo, FleetState, FleetVersion, Member
 from atlasd.http import StatusApp, run_http
@@ -63,6 +63,7 @@ from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.status import StatusHub
 from atlasd.watch.backoff import Backoff
+from atlasd.watch.role import Role
 from atlasd.watch.sources import run_sources
 from atlasd.watch.workqueue import WorkQueue
 from atlasd.xds.authz import Authorizer

@@ -20,12 +20,12 @@ until it has adopted them (``atlasd.reconcile``); after that they are owned and 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from atlasd import labels
-from atlasd.kube.resources import SECRETS, SERVICES, ApiResource
+from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Settings
+from atlasd.watch.role import Role
 
 FLEET_KEY = "*fleet*"
 """The fleet-wide key (never a cluster name: not a DNS label)."""
@@ -43,15 +43,6 @@ FIXED_SECRETS = (
 MANAGED_SELECTOR = f"{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
 
 Obj = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Role:
-    """One watched set of objects: a resource and the label selector that picks them."""
-
-    name: str
-    resource: ApiResource
-    selector: str
 
 
 def roles(settings: Settings) -> tuple[Role, ...]:

@@ -18,10 +18,11 @@ import trio
 import trio.lowlevel
 
 from atlasd.fleet.feed import FleetFeed
-from atlasd.fleet.keys import FLEET_KEY, Role
+from atlasd.fleet.keys import FLEET_KEY
 from atlasd.fleet.state import FleetState, FleetUpdate, FleetVersion
 from atlasd.metrics import FLEET_SECONDS
 from atlasd.model import Problem
+from atlasd.watch.role import Role
 from atlasd.watch.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)

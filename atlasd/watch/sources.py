@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import trio
 
-from atlasd.fleet.keys import Role
 from atlasd.kube.api import KubeApi
 from atlasd.labels import FIELD_MANAGER
 from atlasd.watch.informer import Change, Informer
+from atlasd.watch.role import Role
 
 log = logging.getLogger(__name__)
 

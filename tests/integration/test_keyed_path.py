@@ -26,7 +26,7 @@ import trio
 import yaml
 
 from atlasd.fleet.feed import FleetFeed
-from atlasd.fleet.keys import Role, roles
+from atlasd.fleet.keys import roles
 from atlasd.fleet.run import FleetSink, run_fleet
 from atlasd.fleet.state import FleetState
 from atlasd.kube.client import KubeClient
@@ -35,6 +35,7 @@ from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import ReconcileLoop
+from atlasd.watch.role import Role
 from atlasd.watch.sources import run_sources
 from atlasd.watch.workqueue import WorkQueue
 from tests.harness.envoy import Envoy

@@ -1,0 +1,20 @@
+"""A watched set of objects: the resource and the label selector the API server filters by.
+
+Pure (no trio, no httpx), so the fleet's decisions (``atlasd.fleet.keys.roles``) can name
+the sets the informers of ``atlasd.watch.sources`` watch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atlasd.kube.resources import ApiResource
+
+
+@dataclass(frozen=True)
+class Role:
+    """One watched set of objects: a resource and the label selector that picks them."""
+
+    name: str
+    resource: ApiResource
+    selector: str
