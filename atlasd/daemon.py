@@ -46,12 +46,13 @@ from typing import Any
 import trio
 from prometheus_client import REGISTRY
 
-from atlasd import metrics
+from atlasd import heap, metrics
 from atlasd.dns.writer import Zone, ZoneUpdate, run_zone_writer
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import FLEET_KEY, roles
 from atlasd.fleet.run import FleetSink, run_fleet
 from atlasd.fleet.state import CertInfo, FleetState, FleetVersion, Member
+from atlasd.heap import Heap
 from atlasd.http import StatusApp, run_http
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError
@@ -109,6 +110,11 @@ class DaemonOptions:
     resync_seconds: float = 300.0
     store_poll_seconds: float = 0.5
     reconcile_workers: int = 16
+    # Settle the heap (atlasd.heap: collect, freeze the survivors) once serving, after
+    # each full pass and every settle_seconds. A process-wide decision: on for the
+    # `atlasd run` process, off for a daemon that shares its process (tests, the demo).
+    settle_heap: bool = False
+    settle_seconds: float = 600.0
 
 
 # -- supervision ------------------------------------------------------------------------------
@@ -297,6 +303,17 @@ async def run_zone(
             nursery.start_soon(forward)
             await leadership.wait_changed()
             nursery.cancel_scope.cancel()
+
+
+async def run_heap(
+    *, heap: Heap, every: float, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Settle the heap now (the daemon has its first fleet served) and every ``every`` s."""
+    heap.settle("serving")
+    task_status.started()
+    while True:
+        await trio.sleep(every)
+        heap.settle("timer")
 
 
 async def run_namespace_check(
@@ -550,6 +567,9 @@ class Daemon:
         self.ads_tls = ServerTls()
         self.http_port: int | None = None
         self.ads_port: int | None = None
+        self.heap = Heap() if options.settle_heap else None
+        if self.heap is not None:
+            heap.register()
 
     @property
     def fleet(self) -> FleetVersion | None:
@@ -702,7 +722,7 @@ class Daemon:
                         resync_seconds=opts.resync_seconds,
                         workers=opts.reconcile_workers,
                         on_result=self._on_result,
-                        on_pass=lambda doc: hub.publish(last_reconcile=doc),
+                        on_pass=self._on_pass,
                     )
                     await supervise("reconcile", hub, loop.run)
                 finally:
@@ -744,7 +764,17 @@ class Daemon:
                     )
 
                 root.start_soon(supervise, "election", hub, election)
+            if self.heap is not None:
+                await root.start(
+                    functools.partial(run_heap, heap=self.heap, every=opts.settle_seconds)
+                )
             task_status.started(self)
+
+    def _on_pass(self, doc: dict[str, Any]) -> None:
+        self.hub.publish(last_reconcile=doc)
+        if self.heap is not None:
+            # A full pass (start, resync, conflict) replaces much of the cache.
+            self.heap.settle("full pass")
 
     def _on_result(self, result: KeyResult) -> None:
         if result.writes or result.write_errors or result.issued:

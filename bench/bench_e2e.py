@@ -26,7 +26,9 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
 - ``unrelated_secret_pushes``: xDS pushes caused by creating and editing a Secret atlasd does
   not own (must be 0), with the requests it caused;
 - ``idle_cpu_pct`` over ``--idle-seconds`` (≥ 300 s spans a full resync pass, every 300 s),
-  ``rss_mib`` at the end, ``load_avg`` (1, 5, 15 min) at the end.
+  ``rss_mib`` at the end, ``load_avg`` (1, 5, 15 min) at the end;
+- ``gc_pause_max_ms`` and ``gc_pauses_over_100ms``: the garbage collector's pauses over
+  the whole run (``atlasd_gc_pause_seconds``; the event loop stands still meanwhile).
 
 Prints a table; with ``--json`` one JSON object on its last line.
 """
@@ -98,6 +100,25 @@ def metric(url: str, name: str) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             out[key[len(name) :]] = float(value)
     return out
+
+
+def gc_pauses(url: str) -> dict[str, Any]:
+    """The collector's pauses over the whole run (atlasd.heap): the longest, in ms, and how
+    many stood the event loop still over 100 ms; None from an atlasd that does not time
+    them."""
+    longest = metric(url, "atlasd_gc_pause_max_seconds")
+    if not longest:
+        return {"gc_pause_max_ms": None, "gc_pauses_over_100ms": None}
+    counts = metric(url, "atlasd_gc_pause_seconds_count")
+    under = {
+        k.replace(',le="0.1"', ""): v
+        for k, v in metric(url, "atlasd_gc_pause_seconds_bucket").items()
+        if ',le="0.1"' in k
+    }
+    return {
+        "gc_pause_max_ms": round(1000 * max(longest.values()), 1),
+        "gc_pauses_over_100ms": int(sum(counts[k] - under.get(k, 0.0) for k in counts)),
+    }
 
 
 def requests_by_kind(url: str) -> dict[str, float] | None:
@@ -367,6 +388,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
             1000 * max(0.0, (cpu1 - cpu0) - idle_rate * (wall1 - wall0)) / k, 2
         )
         out["rss_mib"] = round(rss_mib(pid), 1)
+        out.update(gc_pauses(atlasd.url))
     finally:
         client.close()
         if envoy is not None:

@@ -288,6 +288,8 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         serve_only=serve_only,
         allow_loopback=p["allow_loopback"],
         identity=p["identity"] or socket.gethostname(),
+        # This process is atlasd's alone: keep its collector's pauses short (atlasd.heap).
+        settle_heap=True,
     )
     if mode != "run":
         log.info("started as the original's `%s` command (docs/migration.md)", mode)

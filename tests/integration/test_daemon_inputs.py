@@ -297,3 +297,24 @@ def test_standalone_daemon_reports_ipv4_mapped_addresses(tmp_path: Path) -> None
         assert "IPv4-mapped 127.0.0.1" in events
     finally:
         atlasd.proc.stop()
+
+
+def test_the_run_process_settles_its_heap_and_times_its_collector(
+    apiserver: ApiServer, namespace: str, token_daemon: Atlasd
+) -> None:
+    """atlasd.heap: `atlasd run` freezes what survives its first served fleet, and
+    /metrics says how long the collector stood the event loop still."""
+    with apiserver.admin() as c:
+        svc = _cluster("east", "192.0.2.50")
+        assert c.post(f"/api/v1/namespaces/{namespace}/services", json=svc).status_code == 201
+    wait_until(
+        lambda: [c["name"] for c in token_daemon.status().get("clusters", ())] == ["east"],
+        timeout=30,
+        what="the cluster served",
+    )
+    frozen = _gauge(token_daemon, "atlasd_gc_frozen_objects")
+    assert frozen is not None and frozen > 10_000
+    full = _gauge(token_daemon, 'atlasd_gc_pause_seconds_count{generation="2"}')
+    assert full is not None and full >= 1
+    longest = _gauge(token_daemon, 'atlasd_gc_pause_max_seconds{generation="2"}')
+    assert longest is not None and longest > 0

@@ -1,0 +1,95 @@
+"""atlasd.heap: settling freezes what survives; a frozen cycle waits for the full settle."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from atlasd.heap import GcPauses, Heap
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen() -> Iterator[None]:
+    yield
+    gc.unfreeze()
+    gc.collect()
+
+
+def _cycle() -> weakref.ref[_Node]:
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    ref = weakref.ref(a)
+    holder.append(a)
+    return ref
+
+
+holder: list[_Node] = []
+
+
+def test_settle_freezes_the_survivors_and_the_next_collections_skip_them() -> None:
+    now = [0.0]
+    heap = Heap(full_seconds=100.0, clock=lambda: now[0])
+    ref = _cycle()
+    heap.settle("test")
+    assert gc.get_freeze_count() > 0
+    # Frozen, then dead: an ordinary collection does not walk it ...
+    holder.clear()
+    gc.collect()
+    assert ref() is not None
+    # ... a settle before full_seconds does not either ...
+    now[0] = 50.0
+    heap.settle("test")
+    assert ref() is not None
+    # ... the full settle does.
+    now[0] = 100.0
+    heap.settle("test")
+    assert ref() is None
+    assert heap.settles == 3
+
+
+def test_an_unfrozen_cycle_is_collected_by_the_settle() -> None:
+    heap = Heap(full_seconds=100.0, clock=lambda: 0.0)
+    heap.settle("first")
+    ref = _cycle()
+    holder.clear()
+    heap.settle("second")  # not full: collects only what is not frozen
+    assert ref() is None
+
+
+def test_pauses_are_timed_by_generation_and_exported() -> None:
+    pauses = GcPauses(buckets=(0.5, 10.0))
+    registry = CollectorRegistry()
+    registry.register(pauses)
+    pauses.install()
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        pauses.uninstall()
+
+    def count(gen: int) -> float | None:
+        return registry.get_sample_value("atlasd_gc_pause_seconds_count", {"generation": str(gen)})
+
+    timed = count(2)
+    assert timed is not None and timed >= 1.0
+    assert (count(0) or 0.0) >= 1.0
+    gc.collect(2)
+    assert count(2) == timed  # not timed once uninstalled
+    assert (
+        registry.get_sample_value(
+            "atlasd_gc_pause_seconds_bucket", {"generation": "2", "le": "+Inf"}
+        )
+        == timed
+    )
+    longest = registry.get_sample_value("atlasd_gc_pause_max_seconds", {"generation": "2"})
+    assert longest is not None and 0.0 < longest == pauses.longest(2)
+    assert registry.get_sample_value("atlasd_gc_frozen_objects") == float(gc.get_freeze_count())
