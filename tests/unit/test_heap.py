@@ -93,3 +93,15 @@ def test_pauses_are_timed_by_generation_and_exported() -> None:
     longest = registry.get_sample_value("atlasd_gc_pause_max_seconds", {"generation": "2"})
     assert longest is not None and 0.0 < longest == pauses.longest(2)
     assert registry.get_sample_value("atlasd_gc_frozen_objects") == float(gc.get_freeze_count())
+
+
+def test_the_c_allocator_is_trimmed_where_it_is_glibc() -> None:
+    import platform
+
+    from atlasd.heap import _malloc_trim
+
+    trim = _malloc_trim()
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert trim is not None
+    assert trim() in (0, 1)  # 1: memory was released
