@@ -21,6 +21,12 @@ which write or remove ``clusters/<name>.yaml``.
 
 ``resourceVersion`` is derived from a file's modification time and size; ``uid`` from
 the object's kind and name (stable across restarts), so ownerReferences hold.
+
+A change costs the files it touched: each file is parsed once per version of it (inode,
+modification time, size; atlasd's writes replace the file, so each is a new inode), lists
+and watches hand out those parsed objects (shared, as an informer's cache shares the API
+server's; never mutate them) and a watch parses only the files that changed. Only the
+directory listing and a ``stat`` per file are repeated on every poll.
 """
 
 from __future__ import annotations
@@ -47,6 +53,16 @@ from atlasd.labels import CLUSTER_LABEL
 from atlasd.model import DEFAULT_NAMESPACE
 
 JSON = dict[str, Any]
+
+try:  # libyaml's parser and emitter are ~10x faster than PyYAML's own
+    from yaml import CSafeDumper as _Dumper
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml import SafeDumper as _Dumper  # type: ignore[assignment]
+    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+# A file's version: (inode, mtime_ns, size).
+_Version = tuple[int, int, int]
 _UID_NAMESPACE = uuid.UUID("5b0b8a4e-8f0e-4f7e-9a55-2f1d7f0a7c11")
 
 
@@ -84,6 +100,8 @@ class FileStore:
         self._lists: dict[
             tuple[str, str, str], tuple[dict[str, JSON], tuple[tuple[str, int, int], ...]]
         ] = {}
+        # Each file's documents as last parsed, with the version of the file they are of.
+        self._parsed: dict[Path, tuple[_Version, list[Any]]] = {}
         self.clusters_dir = root / "clusters"
         self.objects_dir = root / "objects"
         self.values_dir = root / "values"
@@ -105,16 +123,43 @@ class FileStore:
         return None
 
     # -- reading ----------------------------------------------------------------------
+    def _load(self, path: Path, res: ApiResource) -> list[Any]:
+        """The YAML documents in ``path``, parsed once per version of the file, the objects
+        of kind ``res`` among them finished (``_finish``) with that version's
+        resourceVersion. ``FileNotFoundError`` if it is gone; ``yaml.YAMLError`` if it does
+        not parse."""
+        st = path.stat()
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._parsed.get(path)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        docs = list(yaml.load_all(path.read_text(), Loader=_Loader))
+        rv = f"{st.st_mtime_ns}-{st.st_size}"
+        for doc in docs:
+            # A declared Service must say its kind; what atlasd stored is of ``res``.
+            declared = path.parent == self.clusters_dir
+            kind = (
+                doc.get("kind", None if declared else res.kind) if isinstance(doc, dict) else None
+            )
+            if kind == res.kind and isinstance(doc.get("metadata"), dict):
+                self._finish(res, doc, rv)
+        self._parsed[path] = (version, docs)
+        return docs
+
+    def _forget_missing(self, folder: Path, seen: set[Path]) -> None:
+        for path in [p for p in self._parsed if p.parent == folder and p not in seen]:
+            del self._parsed[path]
+
     def _object_path(self, res: ApiResource, name: str) -> Path:
         return self.objects_dir / res.plural / f"{name}.yaml"
 
-    def _finish(self, res: ApiResource, obj: JSON, path: Path) -> JSON:
+    def _finish(self, res: ApiResource, obj: JSON, rv: str) -> JSON:
         obj.setdefault("apiVersion", res.api_version)
         obj.setdefault("kind", res.kind)
         meta = obj.setdefault("metadata", {})
         meta.setdefault("namespace", self._namespace)
         meta.setdefault("uid", str(uuid.uuid5(_UID_NAMESPACE, f"{res.kind}/{meta.get('name')}")))
-        meta["resourceVersion"] = _rv(path)
+        meta["resourceVersion"] = rv
         return obj
 
     def _not_found(self, verb: str, res: ApiResource, name: str) -> NotFound:
@@ -131,9 +176,13 @@ class FileStore:
     def declared_clusters(self) -> dict[str, tuple[JSON, Path]]:
         """Cluster Services declared in ``clusters/`` (name -> (object, file))."""
         out: dict[str, tuple[JSON, Path]] = {}
-        for path in sorted(self.clusters_dir.glob("*.y*ml")):
+        paths = sorted(self.clusters_dir.glob("*.y*ml"))
+        self._forget_missing(self.clusters_dir, set(paths))
+        for path in paths:
             try:
-                docs = list(yaml.safe_load_all(path.read_text()))
+                docs = self._load(path, SERVICES)
+            except FileNotFoundError:
+                continue  # removed since the directory was listed
             except (OSError, yaml.YAMLError) as exc:
                 raise Invalid(
                     status=422,
@@ -156,7 +205,7 @@ class FileStore:
                     )
                 name = str(meta.get("name") or "")
                 if name:
-                    out[name] = (self._finish(SERVICES, doc, path), path)
+                    out[name] = (doc, path)
         return out
 
     async def get(self, res: ApiResource, name: str, *, namespace: str | None = None) -> JSON:
@@ -164,12 +213,19 @@ class FileStore:
             declared = self.declared_clusters().get(name)
             if declared is not None:
                 return copy.deepcopy(declared[0])
-        path = self._object_path(res, name)
+        obj = self._object(res, self._object_path(res, name))
+        if obj is None:
+            raise self._not_found("get", res, name)
+        return copy.deepcopy(obj)
+
+    def _object(self, res: ApiResource, path: Path) -> JSON | None:
+        """The object atlasd stored at ``path`` (parsed once per version; shared)."""
         try:
-            obj = yaml.safe_load(path.read_text())
+            docs = self._load(path, res)
         except FileNotFoundError:
-            raise self._not_found("get", res, name) from None
-        return self._finish(res, obj, path)
+            return None
+        obj = docs[0] if docs else None
+        return obj if isinstance(obj, dict) else None
 
     async def list(
         self,
@@ -185,10 +241,12 @@ class FileStore:
         items: dict[str, JSON] = {}
         folder = self.objects_dir / res.plural
         if folder.is_dir():
-            for path in sorted(folder.glob("*.yaml")):
-                obj = yaml.safe_load(path.read_text())
-                if isinstance(obj, dict):
-                    items[path.stem] = self._finish(res, obj, path)
+            paths = sorted(folder.glob("*.yaml"))
+            self._forget_missing(folder, set(paths))
+            for path in paths:
+                obj = self._object(res, path)
+                if obj is not None:
+                    items[path.stem] = obj
         if res == SERVICES:
             for name, (obj, _) in self.declared_clusters().items():
                 items[name] = obj
@@ -290,7 +348,7 @@ class FileStore:
         else:
             path = self._object_path(res, name)
             mode = 0o600 if res == SECRETS else 0o644
-        _atomic_write(path, yaml.safe_dump(body, sort_keys=True), mode=mode)
+        _atomic_write(path, yaml.dump(body, Dumper=_Dumper, sort_keys=True), mode=mode)
         if (
             res == SECRETS
             and name.endswith("-envoy-values")
@@ -299,7 +357,7 @@ class FileStore:
             values = base64.b64decode(body["data"]["values.yaml"]).decode()
             cluster = name.removesuffix("-envoy-values")
             _atomic_write(self.values_dir / f"{cluster}.yaml", values, mode=0o600)
-        return self._finish(res, body, path)
+        return self._finish(res, body, _rv(path))
 
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON:
         res = resource_for(str(obj.get("apiVersion")), str(obj.get("kind")))

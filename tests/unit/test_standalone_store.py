@@ -107,3 +107,55 @@ async def test_the_watch_reports_changes_since_the_list_it_starts_from(tmp_path:
     with pytest.raises(Gone):
         async for _ in store.watch(SERVICES, resource_version="unknown", timeout_seconds=1):
             pass
+
+
+async def test_a_change_costs_the_files_it_touched(tmp_path: Path) -> None:
+    """Each file is parsed once per version: a list after a write hands out the same
+    objects for the files that did not change, a new one for the file that did, and
+    forgets files that are gone."""
+    store = FileStore(tmp_path / "s")
+    for name in ("a", "b", "c"):
+        await store.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": name, "labels": {"x": "y"}},
+                "data": {"k": base64.b64encode(name.encode()).decode()},
+            }
+        )
+    first, _ = await store.list(SECRETS, label_selector="x=y")
+    again, _ = await store.list(SECRETS, label_selector="x=y")
+    assert [o["metadata"]["name"] for o in again] == ["a", "b", "c"]
+    assert all(x is y for x, y in zip(first, again, strict=True))
+    await store.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "b", "labels": {"x": "y"}},
+            "data": {"k": base64.b64encode(b"changed").decode()},
+        }
+    )
+    await store.delete(SECRETS, "c")
+    after, _ = await store.list(SECRETS, label_selector="x=y")
+    assert [o["metadata"]["name"] for o in after] == ["a", "b"]
+    assert after[0] is first[0]
+    assert after[1] is not first[1]
+    assert base64.b64decode(after[1]["data"]["k"]) == b"changed"
+    assert after[1]["metadata"]["resourceVersion"] != first[1]["metadata"]["resourceVersion"]
+    assert len(store._parsed) == 2
+    # get hands out a copy: the caller may change it.
+    got = await store.get(SECRETS, "a")
+    got["data"]["k"] = "eA=="
+    assert (await store.get(SECRETS, "a"))["data"]["k"] == first[0]["data"]["k"] != "eA=="
+
+
+async def test_a_declared_service_without_a_kind_is_not_a_cluster(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s")
+    (store.clusters_dir / "odd.yaml").write_text(
+        "metadata: {name: nokind, labels: {goatlas.io/cluster: 'true'}}\n---\n" + CLUSTER
+    )
+    items, _ = await store.list(SERVICES, label_selector="goatlas.io/cluster=true")
+    assert [i["metadata"]["name"] for i in items] == ["east", "west"]
+    (store.clusters_dir / "odd.yaml").write_text("kind: Service\nmetadata: [1]\n")
+    with pytest.raises(Invalid, match="metadata is not a mapping"):
+        await store.list(SERVICES)
