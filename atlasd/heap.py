@@ -40,22 +40,30 @@ log = logging.getLogger(__name__)
 BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+CAUSES = ("allocation", "settle")
+"""Why a collection ran: allocation crossed a threshold (any moment), or a settle did it."""
+
+
 class GcPauses(Collector):
     """Times every collection through ``gc.callbacks``; a Prometheus collector.
 
     The callback only does arithmetic on preallocated lists: it may run inside any
     allocation, so it must neither take a lock (a metric's would deadlock if the
     collection started inside that metric's own update) nor allocate containers.
+    Collections are told apart by cause: ``settling`` is set while a settle collects.
     """
 
     def __init__(self, buckets: Sequence[float] = BUCKETS) -> None:
         self.buckets = tuple(buckets)
-        # Per generation: cumulative count per bucket (+Inf last), sum, count, max.
-        self._counts = [[0] * (len(self.buckets) + 1) for _ in range(3)]
-        self._sums = [0.0, 0.0, 0.0]
-        self._maxes = [0.0, 0.0, 0.0]
+        n = len(CAUSES) * 3
+        # Per (cause, generation), at index cause * 3 + generation: cumulative count per
+        # bucket (+Inf last), sum, max.
+        self._counts = [[0] * (len(self.buckets) + 1) for _ in range(n)]
+        self._sums = [0.0] * n
+        self._maxes = [0.0] * n
         self._started = 0.0
         self._installed = False
+        self.settling = False
 
     def install(self) -> None:
         if not self._installed:
@@ -72,39 +80,39 @@ class GcPauses(Collector):
             self._started = time.perf_counter()
             return
         seconds = time.perf_counter() - self._started
-        gen = info.get("generation", 2)
-        counts = self._counts[gen]
+        at = (3 if self.settling else 0) + info.get("generation", 2)
+        counts = self._counts[at]
         for i, bound in enumerate(self.buckets):
             if seconds <= bound:
                 counts[i] += 1
         counts[-1] += 1
-        self._sums[gen] += seconds
-        if seconds > self._maxes[gen]:
-            self._maxes[gen] = seconds
+        self._sums[at] += seconds
+        if seconds > self._maxes[at]:
+            self._maxes[at] = seconds
 
-    def longest(self, generation: int = 2) -> float:
-        return self._maxes[generation]
+    def longest(self, generation: int = 2, cause: str = "allocation") -> float:
+        return self._maxes[CAUSES.index(cause) * 3 + generation]
 
     def collect(self) -> Iterator[HistogramMetricFamily | GaugeMetricFamily]:
         hist = HistogramMetricFamily(
             "atlasd_gc_pause_seconds",
-            "Garbage-collector pauses (the event loop stands still), by generation.",
-            labels=["generation"],
+            "Garbage-collector pauses (the event loop stands still), by generation and "
+            "cause (allocation: at any moment; settle: atlasd.heap's, on its schedule).",
+            labels=["generation", "cause"],
         )
         longest = GaugeMetricFamily(
             "atlasd_gc_pause_max_seconds",
-            "The longest garbage-collector pause since start, by generation.",
-            labels=["generation"],
+            "The longest garbage-collector pause since start, by generation and cause.",
+            labels=["generation", "cause"],
         )
-        for gen in range(3):
-            counts = self._counts[gen]
-            bounds = [str(b) for b in self.buckets] + ["+Inf"]
-            hist.add_metric(
-                [str(gen)],
-                list(zip(bounds, (float(c) for c in counts), strict=True)),
-                self._sums[gen],
-            )
-            longest.add_metric([str(gen)], self._maxes[gen])
+        bounds = [str(b) for b in self.buckets] + ["+Inf"]
+        for c, cause in enumerate(CAUSES):
+            for gen in range(3):
+                at = c * 3 + gen
+                labels = [str(gen), cause]
+                cumulative = [(b, float(n)) for b, n in zip(bounds, self._counts[at], strict=True)]
+                hist.add_metric(labels, cumulative, self._sums[at])
+                longest.add_metric(labels, self._maxes[at])
         yield hist
         yield longest
         frozen = GaugeMetricFamily(
@@ -154,7 +162,11 @@ class Heap:
         if full:
             gc.unfreeze()
             self._last_full = now
-        gc.collect()
+        PAUSES.settling = True
+        try:
+            gc.collect()
+        finally:
+            PAUSES.settling = False
         gc.freeze()
         if self._trim is not None:
             self._trim()

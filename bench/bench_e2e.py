@@ -11,7 +11,7 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
 - ``onboard_s``: from starting atlasd until the Envoy has ACKed a configuration holding all
   N clusters (atlas's snapshot serves N clusters and the Envoy's ACKed CDS and SRDS versions
   are that snapshot's);
-- ``ip_change_ms``, ``new_cluster_ms``, ``remove_ms`` (p50/p99 over K each): from the API
+- ``ip_change_ms``, ``new_cluster_ms``, ``remove_ms`` (p50/p99 over K each, with the max and which change it was): from the API
   write's response to the moment atlasd saw the Envoy ACK the version that carries the
   change — EDS for an IP change; CDS, EDS and SRDS for a new cluster; CDS and SRDS for a
   removal (atlasd's ``/status/envoys`` gives each ACK's time and the snapshot's versions;
@@ -27,8 +27,10 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
   not own (must be 0), with the requests it caused;
 - ``idle_cpu_pct`` over ``--idle-seconds`` (≥ 300 s spans a full resync pass, every 300 s),
   ``rss_mib`` at the end, ``load_avg`` (1, 5, 15 min) at the end;
-- ``gc_pause_max_ms`` and ``gc_pauses_over_100ms``: the garbage collector's pauses over
-  the whole run (``atlasd_gc_pause_seconds``; the event loop stands still meanwhile).
+- ``gc_pause_max_ms`` and ``gc_pauses_over_100ms``: the garbage collector's pauses that
+  allocation caused over the whole run (``atlasd_gc_pause_seconds``; the event loop
+  stands still meanwhile), and ``gc_settle_max_ms``, the longest of atlasd's own heap
+  settles (``atlasd.heap``: a full one at start and hourly).
 
 Prints a table; with ``--json`` one JSON object on its last line.
 """
@@ -92,10 +94,13 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def metric(url: str, name: str) -> dict[str, float]:
-    """Samples of one metric family from atlasd's /metrics, by their label text."""
+def metric(url: str, name: str, text: str | None = None) -> dict[str, float]:
+    """Samples of one metric family from atlasd's /metrics (or from ``text``, one scrape
+    of it), by their label text."""
+    if text is None:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
     out: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+    for line in text.splitlines():
         if line.startswith(name):
             key, value = line.rsplit(" ", 1)
             out[key[len(name) :]] = float(value)
@@ -103,21 +108,28 @@ def metric(url: str, name: str) -> dict[str, float]:
 
 
 def gc_pauses(url: str) -> dict[str, Any]:
-    """The collector's pauses over the whole run (atlasd.heap): the longest, in ms, and how
-    many stood the event loop still over 100 ms; None from an atlasd that does not time
-    them."""
-    longest = metric(url, "atlasd_gc_pause_max_seconds")
+    """The collector's pauses over the whole run (atlasd.heap), from one scrape: the
+    longest that allocation caused (at any moment, a change's included), in ms, how many
+    of those stood the event loop still over 100 ms, and the longest of the heap settles
+    (on atlasd's schedule). None from an atlasd that does not time them."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    longest = metric(url, "atlasd_gc_pause_max_seconds", text)
     if not longest:
-        return {"gc_pause_max_ms": None, "gc_pauses_over_100ms": None}
-    counts = metric(url, "atlasd_gc_pause_seconds_count")
+        return {"gc_pause_max_ms": None, "gc_pauses_over_100ms": None, "gc_settle_max_ms": None}
+    counts = metric(url, "atlasd_gc_pause_seconds_count", text)
     under = {
         k.replace(',le="0.1"', ""): v
-        for k, v in metric(url, "atlasd_gc_pause_seconds_bucket").items()
+        for k, v in metric(url, "atlasd_gc_pause_seconds_bucket", text).items()
         if ',le="0.1"' in k
     }
+
+    def caused(by: str) -> list[str]:
+        return [k for k in longest if f'cause="{by}"' in k]
+
     return {
-        "gc_pause_max_ms": round(1000 * max(longest.values()), 1),
-        "gc_pauses_over_100ms": int(sum(counts[k] - under.get(k, 0.0) for k in counts)),
+        "gc_pause_max_ms": round(1000 * max(longest[k] for k in caused("allocation")), 1),
+        "gc_pauses_over_100ms": int(sum(counts[k] - under[k] for k in caused("allocation"))),
+        "gc_settle_max_ms": round(1000 * max(longest[k] for k in caused("settle")), 1),
     }
 
 
@@ -177,9 +189,15 @@ class EnvoyView:
 
 
 def _pct(values: list[float]) -> dict[str, float]:
+    """p50 and p99, and which change was the slowest (0-based, in the order made)."""
     ordered = sorted(values)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return {"p50": round(statistics.median(ordered), 1), "p99": round(p99, 1)}
+    return {
+        "p50": round(statistics.median(ordered), 1),
+        "p99": round(p99, 1),
+        "max": round(ordered[-1], 1),
+        "slowest": values.index(ordered[-1]),
+    }
 
 
 def _dump_has(envoy: Envoy, name: str, needle: str | None) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from atlasd.heap import GcPauses, Heap
+from atlasd.heap import PAUSES, GcPauses, Heap, register
 
 
 class _Node:
@@ -76,8 +76,10 @@ def test_pauses_are_timed_by_generation_and_exported() -> None:
     finally:
         pauses.uninstall()
 
-    def count(gen: int) -> float | None:
-        return registry.get_sample_value("atlasd_gc_pause_seconds_count", {"generation": str(gen)})
+    def count(gen: int, cause: str = "allocation") -> float | None:
+        return registry.get_sample_value(
+            "atlasd_gc_pause_seconds_count", {"generation": str(gen), "cause": cause}
+        )
 
     timed = count(2)
     assert timed is not None and timed >= 1.0
@@ -86,12 +88,16 @@ def test_pauses_are_timed_by_generation_and_exported() -> None:
     assert count(2) == timed  # not timed once uninstalled
     assert (
         registry.get_sample_value(
-            "atlasd_gc_pause_seconds_bucket", {"generation": "2", "le": "+Inf"}
+            "atlasd_gc_pause_seconds_bucket",
+            {"generation": "2", "cause": "allocation", "le": "+Inf"},
         )
         == timed
     )
-    longest = registry.get_sample_value("atlasd_gc_pause_max_seconds", {"generation": "2"})
+    longest = registry.get_sample_value(
+        "atlasd_gc_pause_max_seconds", {"generation": "2", "cause": "allocation"}
+    )
     assert longest is not None and 0.0 < longest == pauses.longest(2)
+    assert count(2, "settle") == 0.0
     assert registry.get_sample_value("atlasd_gc_frozen_objects") == float(gc.get_freeze_count())
 
 
@@ -105,3 +111,22 @@ def test_the_c_allocator_is_trimmed_where_it_is_glibc() -> None:
         pytest.skip("malloc_trim is glibc's")
     assert trim is not None
     assert trim() in (0, 1)  # 1: memory was released
+
+
+def test_a_settle_s_own_collection_is_told_apart() -> None:
+    registry = CollectorRegistry()
+    assert register(registry) is PAUSES
+    try:
+
+        def count(cause: str) -> float | None:
+            return registry.get_sample_value(
+                "atlasd_gc_pause_seconds_count", {"generation": "2", "cause": cause}
+            )
+
+        settles, others = count("settle"), count("allocation")
+        Heap(clock=lambda: 0.0).settle("test")
+        assert count("settle") == (settles or 0.0) + 1
+        assert count("allocation") == others
+        assert PAUSES.longest(2, "settle") > 0.0
+    finally:
+        PAUSES.uninstall()
