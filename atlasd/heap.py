@@ -18,8 +18,10 @@ Each settle also hands the C allocator's free pages back to the system (glibc's
 ``malloc_trim``; elsewhere nothing): onboarding a large fleet leaves much memory freed
 (LIST pages, API responses) that the allocator would otherwise keep in the RSS.
 
-``GcPauses`` is the evidence: a histogram of every collection's pause by generation on
-``/metrics`` (``atlasd_gc_pause_seconds``) and the frozen object count.
+``GcPauses`` is the evidence: a histogram of every collection's pause on ``/metrics``
+(``atlasd_gc_pause_seconds``) by generation and cause (``allocation``: at any moment, a
+change's included; ``settle``: a settle's own, on atlasd's schedule), the longest of each
+and the frozen object count.
 """
 
 from __future__ import annotations
