@@ -110,11 +110,12 @@ class DaemonOptions:
     resync_seconds: float = 300.0
     store_poll_seconds: float = 0.5
     reconcile_workers: int = 16
-    # Settle the heap (atlasd.heap: collect, freeze the survivors) once serving, after
-    # each full pass and every settle_seconds. A process-wide decision: on for the
-    # `atlasd run` process, off for a daemon that shares its process (tests, the demo).
+    # atlasd.heap: no full collection but scheduled settles (collect, freeze the
+    # survivors) once serving, after each full pass and every settle_seconds. A
+    # process-wide decision: on for the `atlasd run` process, off for a daemon that
+    # shares its process (tests, the demo).
     settle_heap: bool = False
-    settle_seconds: float = 600.0
+    settle_seconds: float = 60.0
 
 
 # -- supervision ------------------------------------------------------------------------------
@@ -308,12 +309,17 @@ async def run_zone(
 async def run_heap(
     *, heap: Heap, every: float, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Settle the heap now (the daemon has its first fleet served) and every ``every`` s."""
-    heap.settle("serving")
-    task_status.started()
-    while True:
-        await trio.sleep(every)
-        heap.settle("timer")
+    """Take the full collections over, settle the heap now (the daemon has its first
+    fleet served) and every ``every`` s."""
+    heap.take_over()
+    try:
+        heap.settle("serving")
+        task_status.started()
+        while True:
+            await trio.sleep(every)
+            heap.settle("timer")
+    finally:
+        heap.release()
 
 
 async def run_namespace_check(

@@ -6,13 +6,18 @@ snapshots. At 5,000 clusters one full collection stopped the event loop for 0.37
 and since allocation is what triggers collections, they fell on changes: each was the p99
 of a change reaching Envoy.
 
-``Heap.settle()`` collects what is garbage now and freezes the rest (``gc.freeze``: moved
-to a permanent generation no collection walks), so the collections that allocation
-triggers afterwards walk only what was made since. The daemon settles once it serves,
-after each full reconcile pass, and on a timer. A frozen object is still freed when its
-last reference goes; only a cycle of frozen objects that dies waits, for the next full
-settle (``gc.unfreeze`` first), at most ``full_seconds`` later: the one long pause then
-comes on a timer, not with a change.
+So atlasd schedules its full collections itself. ``Heap.take_over()`` turns off the
+full collections allocation would trigger (generation 2's threshold out of reach; the
+young generations are collected as before), and ``Heap.settle()`` collects what is
+garbage now and freezes the rest (``gc.freeze``: moved to a permanent generation no
+collection walks), so each settle walks only what was made since the one before. The
+daemon settles once it serves, after each full reconcile pass and every minute: a
+settle in steady state walks a minute's survivors, not the fleet. A frozen object is
+still freed when its last reference goes; only a cycle of frozen objects that dies waits,
+for the next full settle (``gc.unfreeze`` first), at most ``full_seconds`` later: the one
+long pause (the whole heap walked) then comes hourly on a timer, not with a change.
+Nothing in the Python ecosystem packages this; it is CPython's own ``gc`` API, used the
+way large services (Instagram's, for one) use it.
 
 Each settle also hands the C allocator's free pages back to the system (glibc's
 ``malloc_trim``; elsewhere nothing): onboarding a large fleet leaves much memory freed
@@ -125,6 +130,10 @@ class GcPauses(Collector):
         yield frozen
 
 
+# Generation 2's threshold counts generation-1 collections: this many never come.
+_NEVER = 2**30
+
+
 def _malloc_trim() -> Callable[[], object] | None:
     name = ctypes.util.find_library("c")
     if name is None:
@@ -151,7 +160,21 @@ class Heap:
         self._clock = clock
         self._last_full: float | None = None
         self._trim = _malloc_trim()
+        self._thresholds: tuple[int, int, int] | None = None
         self.settles = 0
+
+    def take_over(self) -> None:
+        """No full collection but a settle's from now on (the young ones go on)."""
+        if self._thresholds is None:
+            self._thresholds = gc.get_threshold()
+            young, middle, _ = self._thresholds
+            gc.set_threshold(young, middle, _NEVER)
+
+    def release(self) -> None:
+        """Full collections as CPython schedules them again."""
+        if self._thresholds is not None:
+            gc.set_threshold(*self._thresholds)
+            self._thresholds = None
 
     def settle(self, reason: str) -> float:
         """Collect and freeze; a full settle (unfreeze first) every ``full_seconds``.

@@ -130,3 +130,30 @@ def test_a_settle_s_own_collection_is_told_apart() -> None:
         assert PAUSES.longest(2, "settle") > 0.0
     finally:
         PAUSES.uninstall()
+
+
+def _automatic_full_collections() -> int:
+    """How many full collections allocating (and keeping) 200,000 lists triggers."""
+    gc.freeze()
+    gc.collect()  # the unfrozen heap is now nearly empty: the next ones are due soon
+    before = gc.get_stats()[2]["collections"]
+    kept = [[i] for i in range(200_000)]
+    after = gc.get_stats()[2]["collections"]
+    del kept
+    return after - before
+
+
+def test_take_over_leaves_full_collections_to_the_settles() -> None:
+    heap = Heap(clock=lambda: 0.0)
+    thresholds = gc.get_threshold()
+    assert _automatic_full_collections() > 0  # as CPython schedules them
+    heap.take_over()
+    try:
+        assert _automatic_full_collections() == 0
+        settled = gc.get_stats()[2]["collections"]
+        heap.settle("test")
+        assert gc.get_stats()[2]["collections"] == settled + 1
+    finally:
+        heap.release()
+    assert gc.get_threshold() == thresholds
+    assert _automatic_full_collections() > 0
