@@ -115,7 +115,7 @@ class DaemonOptions:
     # process-wide decision: on for the `atlasd run` process, off for a daemon that
     # shares its process (tests, the demo).
     settle_heap: bool = False
-    settle_seconds: float = 60.0
+    settle_seconds: float = 10.0
 
 
 # -- supervision ------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ full collections allocation would trigger (generation 2's threshold out of reach
 young generations are collected as before), and ``Heap.settle()`` collects what is
 garbage now and freezes the rest (``gc.freeze``: moved to a permanent generation no
 collection walks), so each settle walks only what was made since the one before. The
-daemon settles once it serves, after each full reconcile pass and every minute: a
-settle in steady state walks a minute's survivors, not the fleet. A frozen object is
+daemon settles once it serves, after each full reconcile pass and every 10 s: a
+settle walks the last seconds' survivors, not the fleet. A frozen object is
 still freed when its last reference goes; only a cycle of frozen objects that dies waits,
 for the next full settle (``gc.unfreeze`` first), at most ``full_seconds`` later: the one
 long pause (the whole heap walked) then comes hourly on a timer, not with a change.
