@@ -25,8 +25,8 @@ Each settle also hands the C allocator's free pages back to the system (glibc's
 
 ``GcPauses`` is the evidence: a histogram of every collection's pause on ``/metrics``
 (``atlasd_gc_pause_seconds``) by generation and cause (``allocation``: at any moment, a
-change's included; ``settle``: a settle's own, on atlasd's schedule), the longest of each
-and the frozen object count.
+change's included; ``settle``: a settle's own, on atlasd's schedule) and the longest of
+each.
 """
 
 from __future__ import annotations
@@ -122,12 +122,8 @@ class GcPauses(Collector):
                 longest.add_metric(labels, self._maxes[at])
         yield hist
         yield longest
-        frozen = GaugeMetricFamily(
-            "atlasd_gc_frozen_objects",
-            "Objects in the permanent generation (frozen by a settle; never walked).",
-        )
-        frozen.add_metric([], float(gc.get_freeze_count()))
-        yield frozen
+        # No frozen-object gauge: gc.get_freeze_count() walks every frozen object (~25 ms
+        # per 3 million), a pause on every scrape.
 
 
 # Generation 2's threshold counts generation-1 collections: this many never come.
@@ -197,13 +193,14 @@ class Heap:
             self._trim()
         took = time.perf_counter() - started
         self.settles += 1
-        log.debug(
-            "heap settled (%s%s): %d objects frozen in %.3fs",
-            reason,
-            ", full" if full else "",
-            gc.get_freeze_count(),
-            took,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # counting the frozen objects walks them all
+            log.debug(
+                "heap settled (%s%s) in %.3fs: %d objects frozen",
+                reason,
+                ", full" if full else "",
+                took,
+                gc.get_freeze_count(),
+            )
         return took
 
 

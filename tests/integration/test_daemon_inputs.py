@@ -312,8 +312,6 @@ def test_the_run_process_settles_its_heap_and_times_its_collector(
         timeout=30,
         what="the cluster served",
     )
-    frozen = _gauge(token_daemon, "atlasd_gc_frozen_objects")
-    assert frozen is not None and frozen > 10_000
     full = _gauge(token_daemon, 'atlasd_gc_pause_seconds_count{generation="2",cause="settle"}')
     assert full is not None and full >= 1
     longest = _gauge(token_daemon, 'atlasd_gc_pause_max_seconds{generation="2",cause="settle"}')
