@@ -312,7 +312,7 @@ def test_the_run_process_settles_its_heap_and_times_its_collector(
         timeout=30,
         what="the cluster served",
     )
-    full = _gauge(token_daemon, 'atlasd_gc_pause_seconds_count{generation="2",cause="settle"}')
+    full = _gauge(token_daemon, 'atlasd_gc_pause_seconds_count{cause="settle",generation="2"}')
     assert full is not None and full >= 1
-    longest = _gauge(token_daemon, 'atlasd_gc_pause_max_seconds{generation="2",cause="settle"}')
+    longest = _gauge(token_daemon, 'atlasd_gc_pause_max_seconds{cause="settle",generation="2"}')
     assert longest is not None and longest > 0
