@@ -228,6 +228,7 @@ class FleetState:
         """Re-derive ``keys`` and publish a new version."""
         todo = set(keys)
         changed: set[str] = set()
+        had_pki = self._fleetwide.pki is not None
         if FLEET_KEY in todo:
             todo.discard(FLEET_KEY)
             before = self._fleetwide
@@ -256,6 +257,10 @@ class FleetState:
         self._refresh_served(changed)
         self._number += 1
         pki = self._fleetwide.pki
+        if (pki is not None) != had_pki:
+            # The model shows the served clusters only with a whole PKI: all of them
+            # appear (or go) with it, whichever key changed.
+            changed |= set(self._served)
         self._model = Fleet(
             settings=self.settings,
             clusters=self._served if pki is not None else _EMPTY,

@@ -88,6 +88,31 @@ def test_no_ca_means_no_pki_and_nothing_served() -> None:
     assert v.members["east"].state == "pending"
 
 
+def test_the_clusters_a_fleet_wide_change_shows_or_hides_are_changed_keys() -> None:
+    """A cluster's identity can be stored (and verified against the CA) before atlas's
+    own certificates are: the model shows no cluster until the PKI is whole. When the
+    last fixed Secret then arrives, the trust bundle is unchanged, yet every served
+    cluster appears in the model: its key is a changed key, or a reader that follows
+    changed keys (the zone writer) never sees it (a soak run found this)."""
+    state = FleetState(S)
+    secrets = _pki_secrets("east")
+    server = secrets.pop(labels.SERVER_SECRET)
+    _observe_secrets(state, secrets)
+    state.observe("cluster-services", "east", stored(cluster_service("east", "203.0.113.1")))
+    v = state.derive(state.keys(), now=NOW).version
+    assert v.model.pki is None and dict(v.model.clusters) == {}
+    keys = state.observe("owned-secrets", labels.SERVER_SECRET, server)
+    assert keys == {FLEET_KEY}
+    update = state.derive(keys, now=NOW)
+    assert set(update.version.model.clusters) == {"east"}
+    assert update.changed == {FLEET_KEY, "east"}
+    # ... and the same when the PKI goes again.
+    gone = state.observe("owned-secrets", labels.SERVER_SECRET, None)
+    update = state.derive(gone, now=NOW)
+    assert dict(update.version.model.clusters) == {}
+    assert update.changed == {FLEET_KEY, "east"}
+
+
 def test_a_new_trust_bundle_rejudges_every_identity() -> None:
     state = FleetState(S)
     old = _pki_secrets("east")
