@@ -46,13 +46,13 @@ from typing import Any
 import trio
 from prometheus_client import REGISTRY
 
-from atlasd import heap, metrics
+from atlasd import metrics
 from atlasd.dns.writer import Zone, ZoneUpdate, run_zone_writer
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import FLEET_KEY, roles
 from atlasd.fleet.run import FleetSink, run_fleet
 from atlasd.fleet.state import CertInfo, FleetState, FleetVersion, Member
-from atlasd.heap import Heap
+from atlasd.heap import Heap, export_pauses
 from atlasd.http import StatusApp, run_http
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError
@@ -111,7 +111,7 @@ class DaemonOptions:
     store_poll_seconds: float = 0.5
     reconcile_workers: int = 16
     # atlasd.heap: no full collection but scheduled settles (collect, freeze the
-    # survivors) once serving, after each full pass and every settle_seconds. A
+    # survivors) once serving and every settle_seconds. A
     # process-wide decision: on for the `atlasd run` process, off for a daemon that
     # shares its process (tests, the demo).
     settle_heap: bool = False
@@ -575,7 +575,7 @@ class Daemon:
         self.ads_port: int | None = None
         self.heap = Heap() if options.settle_heap else None
         if self.heap is not None:
-            heap.register()
+            export_pauses()
 
     @property
     def fleet(self) -> FleetVersion | None:
@@ -728,7 +728,7 @@ class Daemon:
                         resync_seconds=opts.resync_seconds,
                         workers=opts.reconcile_workers,
                         on_result=self._on_result,
-                        on_pass=self._on_pass,
+                        on_pass=lambda doc: hub.publish(last_reconcile=doc),
                     )
                     await supervise("reconcile", hub, loop.run)
                 finally:
@@ -775,12 +775,6 @@ class Daemon:
                     functools.partial(run_heap, heap=self.heap, every=opts.settle_seconds)
                 )
             task_status.started(self)
-
-    def _on_pass(self, doc: dict[str, Any]) -> None:
-        self.hub.publish(last_reconcile=doc)
-        if self.heap is not None:
-            # A full pass (start, resync, conflict) replaces much of the cache.
-            self.heap.settle("full pass")
 
     def _on_result(self, result: KeyResult) -> None:
         if result.writes or result.write_errors or result.issued:

@@ -11,8 +11,9 @@ full collections allocation would trigger (generation 2's threshold out of reach
 young generations are collected as before), and ``Heap.settle()`` collects what is
 garbage now and freezes the rest (``gc.freeze``: moved to a permanent generation no
 collection walks), so each settle walks only what was made since the one before. The
-daemon settles once it serves, after each full reconcile pass and every 10 s: a
-settle walks the last seconds' survivors, not the fleet. A frozen object is
+daemon settles once it serves and every 10 s (what a full reconcile pass or an onboarding
+burst leaves is settled within 10 s): a settle walks the last seconds' survivors, not
+the fleet. A frozen object is
 still freed when its last reference goes; only a cycle of frozen objects that dies waits,
 for the next full settle (``gc.unfreeze`` first), at most ``full_seconds`` later: the one
 long pause (the whole heap walked) then comes hourly on a timer, not with a change.
@@ -208,7 +209,7 @@ PAUSES = GcPauses()
 _registered: set[int] = set()
 
 
-def register(registry: CollectorRegistry = REGISTRY) -> GcPauses:
+def export_pauses(registry: CollectorRegistry = REGISTRY) -> GcPauses:
     """Time collections and export them on ``registry`` (once per registry)."""
     PAUSES.install()
     if id(registry) not in _registered:

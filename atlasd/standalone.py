@@ -135,9 +135,9 @@ class FileStore:
             return hit[1]
         docs = list(yaml.load_all(path.read_text(), Loader=_Loader))
         rv = f"{st.st_mtime_ns}-{st.st_size}"
+        # A declared Service must say its kind; what atlasd stored is of ``res``.
+        declared = path.parent == self.clusters_dir
         for doc in docs:
-            # A declared Service must say its kind; what atlasd stored is of ``res``.
-            declared = path.parent == self.clusters_dir
             kind = (
                 doc.get("kind", None if declared else res.kind) if isinstance(doc, dict) else None
             )
