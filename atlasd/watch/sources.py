@@ -7,15 +7,22 @@ cache change to ``sink.changed(role, name, obj)`` (``obj`` None: gone), and ever
 real API server (``KubeClient``) or a directory (``atlasd.standalone.FileStore``, whose
 watch polls): the same code either way.
 
-Cached objects keep, of ``metadata.managedFields``, only atlasd's own entries: those are
-what ``atlasd.kube.apply.needs_apply`` reads to notice fields atlasd stopped sending; the
-other managers' entries are about half of an object's size and nothing reads them.
+Cached objects are compacted (``Compactor``): of ``metadata.managedFields`` they keep only
+atlasd's own ``Apply`` entries and, of those, only what ``atlasd.kube.apply.needs_apply``
+reads to notice fields atlasd stopped sending (the keys under labels, annotations, data and
+stringData); the other managers' entries and the rest are about half of an object's size
+and nothing reads them. What is left of those entries is the same for every cluster and is
+stored once, and so is every map key and short string (JSON decoding makes new strings for
+each object). A cluster's four cached objects (its Service, sidecar Service and two
+Secrets) take 24 KB instead of 43 KB; at 5,000 clusters that is 95 MB.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -37,20 +44,81 @@ class Sink(Protocol):
     def relisted(self, role: Role) -> None: ...
 
 
-def keep_own_managed_fields(obj: Obj) -> Obj:
-    """Drop the ``managedFields`` entries of every manager but atlasd."""
-    meta = obj.get("metadata")
-    if isinstance(meta, dict) and "managedFields" in meta:
-        own = [
-            e
-            for e in meta["managedFields"] or ()
-            if isinstance(e, dict) and e.get("manager") == FIELD_MANAGER
+# The parts of a fieldsV1 tree that ``atlasd.kube.apply.managed_keys`` reads.
+_READ_FIELDS: dict[str, Any] = {
+    "f:metadata": {"f:labels": None, "f:annotations": None},
+    "f:data": None,
+    "f:stringData": None,
+}
+# Distinct managedFields entries kept; beyond it the table starts over (sharing is only a
+# saving: atlasd applies a handful of shapes).
+_SHARED_MAX = 4096
+# Short strings (names, label values, ports' names, "TCP", the CA serial) recur from object
+# to object: stored once. Longer ones (certificates, values) are left as they are.
+_INTERN_MAX = 64
+
+
+def _prune(fields: object, keep: dict[str, Any]) -> dict[str, Any]:
+    """The parts of ``fields`` that ``keep`` names (None: the whole subtree)."""
+    if not isinstance(fields, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, sub in keep.items():
+        if k in fields:
+            out[k] = fields[k] if sub is None else _prune(fields[k], sub)
+    return out
+
+
+def _interned(value: Any) -> Any:
+    """``value`` with every map key and short string interned (lists and maps rebuilt)."""
+    if isinstance(value, dict):
+        return {sys.intern(k) if type(k) is str else k: _interned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    if isinstance(value, str) and len(value) <= _INTERN_MAX:
+        return sys.intern(value)
+    return value
+
+
+class Compactor:
+    """The transform the informers apply before caching (see the module docstring). The
+    objects it returns share parts with each other: nothing may change them in place (no
+    one does; writers build new bodies)."""
+
+    def __init__(self) -> None:
+        self._shared: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, obj: Obj) -> Obj:
+        meta = obj.get("metadata")
+        fields: list[Any] = []
+        if isinstance(meta, dict) and "managedFields" in meta:
+            fields = meta["managedFields"] or []
+            obj = {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+        out: Obj = _interned(obj)
+        entries = [
+            self._entry(e)
+            for e in fields
+            if isinstance(e, dict)
+            and e.get("manager") == FIELD_MANAGER
+            and e.get("operation") == "Apply"
         ]
-        if own:
-            meta["managedFields"] = own
-        else:
-            del meta["managedFields"]
-    return obj
+        if entries:
+            out["metadata"]["managedFields"] = entries
+        return out
+
+    def _entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+        pruned = {
+            "manager": FIELD_MANAGER,
+            "operation": "Apply",
+            "fieldsV1": _prune(entry.get("fieldsV1"), _READ_FIELDS),
+        }
+        text = json.dumps(pruned["fieldsV1"], sort_keys=True)
+        shared = self._shared.get(text)
+        if shared is None:
+            if len(self._shared) >= _SHARED_MAX:
+                self._shared.clear()
+            shared = self._shared[text] = _interned(pruned)
+        return shared
 
 
 def _handler(role: Role, sink: Sink) -> Callable[[Change], None]:
@@ -71,13 +139,14 @@ async def run_sources(
 ) -> None:
     """Run an informer per role until cancelled; started once all have listed."""
     informers: list[tuple[Role, Informer]] = []
+    compact = Compactor()
     for role in roles:
         inf = Informer(
             api,
             role.resource,
             namespace=namespace,
             label_selector=role.selector,
-            transform=keep_own_managed_fields,
+            transform=compact,
         )
         inf.subscribe(_handler(role, sink))
         inf.subscribe_relists(functools.partial(sink.relisted, role))
