@@ -60,6 +60,7 @@ from atlasd.kube.events import post_event
 from atlasd.kube.lease import run_leader_election
 from atlasd.kube.legacy_lock import LeadershipGate
 from atlasd.model import ADS_GRPC_PORT, METRICS_PORT, Problem, Settings
+from atlasd.pacing import burst_pause, cpu_timed
 from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.status import StatusHub
@@ -208,24 +209,22 @@ async def run_xds(
     """Fleet versions -> snapshots of the nodes they touch -> the cache the ADS server reads.
 
     A lone change goes out at once. In a burst (thousands of clusters arriving) each
-    build is followed by a pause three times as long as the build took (at most 1 s), so
-    building takes at most a quarter of the process while the changes in between
-    coalesce into the next build. The Envoys set their own pace: a stream sends a node's
-    next change only once its Envoy has answered the previous one (``atlasd.xds.protocol``,
-    one round at a time), so an Envoy is never flooded whatever the rate of builds.
+    build is followed by a pause (``atlasd.pacing``) so that building takes at most a
+    quarter of the process (each pause at most 1 s) while the changes in between coalesce
+    into the next build. The Envoys set their own pace: a stream sends a node's next change
+    only once its Envoy has answered the previous one (``atlasd.xds.protocol``, one round at
+    a time), so an Envoy is never flooded whatever the rate of builds.
     """
     sub = feed.subscribe()
     started = False
     async for update in sub:
-        t0 = time.perf_counter()
+        build = functools.partial(builder.update, update.version.model, update.changed)
         # A start or a CA rotation touches every node: let the ADS server answer meanwhile.
         if len(update.changed) > 200:
-            result = await trio.to_thread.run_sync(
-                builder.update, update.version.model, update.changed
-            )
+            result, cpu = await trio.to_thread.run_sync(cpu_timed, build)
         else:
-            result = builder.update(update.version.model, update.changed)
-        changed = cache.update(result.changed)
+            result, cpu = cpu_timed(build)
+        changed, spent = cpu_timed(functools.partial(cache.update, result.changed))
         if changed and len(changed) <= 20:
             log.debug("xds: published snapshots for %s", ", ".join(sorted(changed)))
         elif changed:
@@ -237,7 +236,7 @@ async def run_xds(
         if not started:
             started = True
             task_status.started()
-        await trio.sleep(min(1.0, 3 * (time.perf_counter() - t0)))
+        await trio.sleep(burst_pause(cpu + spent, share=0.25, cap=1.0))
 
 
 async def run_ads_tls(

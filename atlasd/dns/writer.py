@@ -65,6 +65,7 @@ from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import CONFIGMAPS
 from atlasd.labels import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from atlasd.model import Fleet, Settings
+from atlasd.pacing import burst_pause, cpu_timed
 from atlasd.watch.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -343,13 +344,6 @@ async def _mirror(kube: KubeApi, settings: Settings, latest: _Latest, applied: s
         await trio.sleep(MIRROR_INTERVAL)
 
 
-def _cpu_timed(call: Callable[[], _T]) -> tuple[_T, float]:
-    """``call()``'s result and the CPU time the calling thread spent in it."""
-    t0 = time.thread_time()
-    result = call()
-    return result, time.thread_time() - t0
-
-
 def _as_update(item: Fleet | ZoneUpdate) -> ZoneUpdate:
     return item if isinstance(item, ZoneUpdate) else ZoneUpdate(item, None)
 
@@ -417,9 +411,9 @@ async def run_zone_writer(
             try:
                 if update.changed is None or len(update.changed) > 100:
                     # Many clusters to render (a start, a CA rotation): off the Trio thread.
-                    zone, cpu = await trio.to_thread.run_sync(_cpu_timed, render)
+                    zone, cpu = await trio.to_thread.run_sync(cpu_timed, render)
                 else:
-                    zone, cpu = _cpu_timed(render)
+                    zone, cpu = cpu_timed(render)
             except ZoneError as exc:
                 log.error("zone not rendered, keeping serial %s: %s", state.serial, exc)
                 continue
@@ -428,17 +422,15 @@ async def run_zone_writer(
                     latest.put(state.current.text)
                 continue
             _, spent = await trio.to_thread.run_sync(
-                _cpu_timed, functools.partial(write_atomic, path, zone.text)
+                cpu_timed, functools.partial(write_atomic, path, zone.text)
             )
             state.committed(zone)
             log.info("zone written: serial %d, %d SRV records", zone.serial, zone.count)
             latest.put(zone.text)
             if on_zone is not None:
                 on_zone(zone)
-            # A burst of changes is written in batches: pause for nine times the CPU time
-            # rendering and writing took (at most 1 s; CoreDNS reloads on a timer anyway), so
-            # that the zone costs at most a tenth of the process (onboarding 5,000 clusters:
-            # it was a third). CPU time, not wall time: waiting for the disk or for a busy
-            # interpreter costs nothing. A lone change is written at once.
-            await trio.sleep(min(1.0, 9 * (cpu + spent)))
+            # A burst of changes is written in batches (atlasd.pacing): the zone takes at
+            # most a tenth of the process (onboarding 5,000 clusters it took a third), the
+            # pause at most 1 s (CoreDNS reloads on a timer anyway).
+            await trio.sleep(burst_pause(cpu + spent, share=0.1, cap=1.0))
         latest.close()
