@@ -112,9 +112,8 @@ class DaemonOptions:
     store_poll_seconds: float = 0.5
     reconcile_workers: int = 16
     # atlasd.heap: no full collection but scheduled settles (collect, freeze the
-    # survivors) once serving and every settle_seconds. A
-    # process-wide decision: on for the `atlasd run` process, off for a daemon that
-    # shares its process (tests, the demo).
+    # survivors) once serving and every settle_seconds. A process-wide decision: on for
+    # the `atlasd run` process, off for a daemon that shares its process (tests, the demo).
     settle_heap: bool = False
     settle_seconds: float = 10.0
 

@@ -50,6 +50,32 @@ def _covers(desired: object, observed: object, path: Path, whole: Collection[Pat
     return bool(desired == observed)
 
 
+# The maps whose applied keys ``needs_apply`` reads from managedFields (its calls of
+# ``managed_keys``): all that a watch cache needs to keep of atlasd's entries.
+READ_PATHS: tuple[Path, ...] = (
+    ("metadata", "labels"),
+    ("metadata", "annotations"),
+    ("data",),
+    ("stringData",),
+)
+
+
+def read_fields(fields: object) -> dict[str, Any]:
+    """Of a fieldsV1 tree, only the maps under ``READ_PATHS`` (what ``managed_keys`` is
+    asked for)."""
+    out: dict[str, Any] = {}
+    for path in READ_PATHS:
+        node = fields
+        for part in path:
+            node = node.get(f"f:{part}") if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping):
+            parent = out
+            for part in path[:-1]:
+                parent = parent.setdefault(f"f:{part}", {})
+            parent[f"f:{path[-1]}"] = node
+    return out
+
+
 def managed_keys(observed: Obj, *path: str, manager: str = FIELD_MANAGER) -> set[str]:
     """The map keys under ``path`` (e.g. "metadata", "labels") that ``manager`` applied,
     read from ``metadata.managedFields`` (fieldsV1)."""

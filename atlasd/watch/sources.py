@@ -9,12 +9,13 @@ watch polls): the same code either way.
 
 Cached objects are compacted (``Compactor``): of ``metadata.managedFields`` they keep only
 atlasd's own ``Apply`` entries and, of those, only what ``atlasd.kube.apply.needs_apply``
-reads to notice fields atlasd stopped sending (the keys under labels, annotations, data and
-stringData); the other managers' entries and the rest are about half of an object's size
-and nothing reads them. What is left of those entries is the same for every cluster and is
-stored once, and so is every map key and short string (JSON decoding makes new strings for
-each object). A cluster's four cached objects (its Service, sidecar Service and two
-Secrets) take 24 KB instead of 43 KB; at 5,000 clusters that is 95 MB.
+reads to notice fields atlasd stopped sending (``atlasd.kube.apply.read_fields``: the keys
+under labels, annotations, data and stringData); the other managers' entries and the rest
+are about half of an object's size and nothing reads them. What is left of those entries
+is the same for every cluster and is stored once, and so is every map key and short string
+(JSON decoding makes new strings for each object). A cluster's four cached objects (its
+Service, sidecar Service and two Secrets) take 24 KB instead of 43 KB; at 5,000 clusters
+that is 95 MB.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import trio
 
 from atlasd.kube.api import KubeApi
+from atlasd.kube.apply import read_fields
 from atlasd.labels import FIELD_MANAGER
 from atlasd.watch.informer import Change, Informer
 from atlasd.watch.role import Role
@@ -44,29 +46,12 @@ class Sink(Protocol):
     def relisted(self, role: Role) -> None: ...
 
 
-# The parts of a fieldsV1 tree that ``atlasd.kube.apply.managed_keys`` reads.
-_READ_FIELDS: dict[str, Any] = {
-    "f:metadata": {"f:labels": None, "f:annotations": None},
-    "f:data": None,
-    "f:stringData": None,
-}
 # Distinct managedFields entries kept; beyond it the table starts over (sharing is only a
 # saving: atlasd applies a handful of shapes).
 _SHARED_MAX = 4096
 # Short strings (names, label values, ports' names, "TCP", the CA serial) recur from object
 # to object: stored once. Longer ones (certificates, values) are left as they are.
 _INTERN_MAX = 64
-
-
-def _prune(fields: object, keep: dict[str, Any]) -> dict[str, Any]:
-    """The parts of ``fields`` that ``keep`` names (None: the whole subtree)."""
-    if not isinstance(fields, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for k, sub in keep.items():
-        if k in fields:
-            out[k] = fields[k] if sub is None else _prune(fields[k], sub)
-    return out
 
 
 def _interned(value: Any) -> Any:
@@ -110,7 +95,7 @@ class Compactor:
         pruned = {
             "manager": FIELD_MANAGER,
             "operation": "Apply",
-            "fieldsV1": _prune(entry.get("fieldsV1"), _READ_FIELDS),
+            "fieldsV1": read_fields(entry.get("fieldsV1")),
         }
         text = json.dumps(pruned["fieldsV1"], sort_keys=True)
         shared = self._shared.get(text)
