@@ -188,6 +188,10 @@ class EnvoyView:
             time.sleep(0.003)
 
 
+SLOW_MS = 100.0
+"""A change slower than this is printed with its wall-clock time."""
+
+
 def _pct(values: list[float]) -> dict[str, float]:
     """p50 and p99, and which change was the slowest (0-based, in the order made)."""
     ordered = sorted(values)
@@ -229,6 +233,8 @@ def measure(
         if view is not None:
             acked_at = view.wait_acked(types, before)
             took.append(1000 * max(0.0, acked_at - t0))
+            if took[-1] > SLOW_MS:  # when, so a trace of atlasd can be lined up with it
+                print(f"slow: {kind} {i} written at {t0:.3f} took {took[-1]:.1f} ms", flush=True)
             if i in sample:
                 wait_until(lambda i=i: check(i), timeout=60, what=f"{kind} {i} in the dump")
         else:
