@@ -133,14 +133,12 @@ class Zone:
     blocks: Mapping[str, Block]
     serial: int
     text: str
+    # How many SRV records (kept by ZoneState as blocks come and go: counting walks them).
+    count: int
 
     @property
     def records(self) -> tuple[SrvRecord, ...]:
         return tuple(r for name in sorted(self.blocks) for r in self.blocks[name].records)
-
-    @functools.cached_property
-    def count(self) -> int:
-        return sum(len(b.records) for b in self.blocks.values())
 
 
 class ZoneState:
@@ -167,6 +165,10 @@ class ZoneState:
         # Blocks of the last fleet seen, and its clusters' names sorted.
         self._blocks: dict[str, Block] = {}
         self._names: list[str] = []
+        # The blocks' texts in ``_names`` order (the zone's body), and their record count:
+        # kept as keys change, so a change does not walk every cluster.
+        self._texts: list[str] = []
+        self._count = 0
         self._inputs: dict[str, Hashable] = {}
         # The blocks hold changes not yet on disk (a write failed, or is under way).
         self._uncommitted = False
@@ -199,15 +201,24 @@ class ZoneState:
         dirty = self.current is None or self._uncommitted
         for key, update in updates.items():
             if update is None:
-                del self._blocks[key]
+                self._count -= len(self._blocks.pop(key).records)
                 del self._inputs[key]
-                del self._names[bisect.bisect_left(self._names, key)]
+                at = bisect.bisect_left(self._names, key)
+                del self._names[at]
+                del self._texts[at]
                 dirty = True
                 continue
             block, key_inputs = update
-            if key not in self._blocks:
-                bisect.insort(self._names, key)
-            if self._blocks.get(key) is not block:
+            old = self._blocks.get(key)
+            if old is not block:
+                at = bisect.bisect_left(self._names, key)
+                if old is None:
+                    self._names.insert(at, key)
+                    self._texts.insert(at, block.text)
+                else:
+                    self._count -= len(old.records)
+                    self._texts[at] = block.text
+                self._count += len(block.records)
                 dirty = True
             self._blocks[key] = block
             self._inputs[key] = key_inputs
@@ -216,7 +227,7 @@ class ZoneState:
         blocks = self._blocks
         if not dirty:
             return None
-        body = [blocks[n].text for n in self._names]
+        body = self._texts
         frozen = MappingProxyType(dict(blocks))
         if self.current is None and self._found_text is not None and self.serial is not None:
             # First fleet after a restart: if the file already says exactly this (and no
@@ -225,12 +236,13 @@ class ZoneState:
             if found is not None and found >= self.serial:
                 same = render_blocks(body, settings=fleet.settings, serial=found)
                 if same == self._found_text:
-                    self.current = Zone(frozen, found, same)
+                    self.current = Zone(frozen, found, same, self._count)
                     self._found_text = None
                     self._uncommitted = False
                     return None
         serial = next_serial(self.serial, now=self._clock())
-        return Zone(frozen, serial, render_blocks(body, settings=fleet.settings, serial=serial))
+        text = render_blocks(body, settings=fleet.settings, serial=serial)
+        return Zone(frozen, serial, text, self._count)
 
     def committed(self, zone: Zone) -> None:
         """``zone`` is now on disk."""

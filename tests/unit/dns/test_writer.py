@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from atlasd.dns.writer import (
     ZONE_KEY,
@@ -18,7 +20,7 @@ from atlasd.dns.writer import (
     run_zone_writer,
     write_atomic,
 )
-from atlasd.dns.zone import parse_serial
+from atlasd.dns.zone import parse_serial, records, render_zone
 from atlasd.kube.errors import Forbidden, ServerError
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
 from tests.unit.fakekube import FakeKube
@@ -248,3 +250,44 @@ async def test_configmap_forbidden_propagates(tmp_path: Path) -> None:
     kube.fail_next = [api_error(Forbidden, 403)]
     with pytest.RaisesGroup(Forbidden, flatten_subgroups=True):
         await run_writer(tmp_path / "atlas.zone", [fleet("east")], kube=kube)
+
+
+_SIZES = st.dictionaries(
+    st.sampled_from([f"c{i}" for i in range(8)]),
+    st.tuples(st.integers(1, 3), st.sampled_from([None, "g1", "g2"])),
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(_SIZES, st.booleans()), min_size=1, max_size=8))
+def test_kept_body_and_count_match_a_full_render(
+    steps: list[tuple[dict[str, tuple[int, str | None]], bool]],
+) -> None:
+    """Clusters come, go and change their record count (replicas, a group); whether told
+    which keys changed or not, each zone is what rendering the whole fleet gives."""
+    state = ZoneState(previous_text=None, previous_serial=None, clock=Clock())
+    before: dict[str, tuple[int, str | None]] = {}
+    for sizes, told in steps:
+        f = Fleet.of(
+            SETTINGS,
+            tuple(
+                DownstreamCluster(
+                    name=n,
+                    external_ip="192.0.2.1",
+                    ports=(ServicePort("thanos", 10901), ServicePort("prometheus", 9090)),
+                    replicas=r,
+                    dns_group=g,
+                )
+                for n, (r, g) in sorted(sizes.items())
+            ),
+        )
+        changed = {k for k in sizes.keys() | before.keys() if sizes.get(k) != before.get(k)}
+        zone = state.next_zone(f, changed if told else None)
+        if zone is not None:
+            assert zone.text == render_zone(f, serial=zone.serial)
+            assert zone.count == len(records(f)) == len(zone.records)
+            state.committed(zone)
+        else:
+            assert state.current is not None and state.current.count == len(records(f))
+        before = sizes
