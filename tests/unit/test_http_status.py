@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import httpx
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from trio_websocket import open_websocket_url
 
 from atlasd.http import StatusApp, run_http
@@ -59,3 +63,43 @@ async def test_status_stream_pushes_each_change() -> None:
             assert second["clusters"] == [{"name": "east"}]
             assert second["generation"] > first["generation"]
         nursery.cancel_scope.cancel()
+
+
+async def test_large_answers_are_encoded_off_the_event_loop() -> None:
+    """/metrics is formatted and /status encoded in a worker thread: at 5,000 clusters
+    either takes ~0.1-0.2 s of CPU, which on the loop would hold back every change."""
+    on_loop: list[bool] = []
+
+    def loop_thread() -> bool:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return False
+        return True
+
+    class Probe(Collector):
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            on_loop.append(loop_thread())
+            yield GaugeMetricFamily("probe", "where the scrape ran", value=1.0)
+
+    class Doc:
+        """A status value whose encoding records where it ran (json ``default=str``)."""
+
+        def __str__(self) -> str:
+            on_loop.append(loop_thread())
+            return "doc"
+
+    registry = CollectorRegistry()
+    registry.register(Probe())
+    hub = StatusHub()
+    hub.publish(clusters=[{"name": "east", "probe": Doc()}])
+    app = StatusApp(hub, registry=registry)
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, app)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            assert "probe 1.0" in (await c.get("/metrics")).text
+            assert (await c.get("/status")).json()["clusters"] == [{"name": "east", "probe": "doc"}]
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/status/stream") as ws:
+            assert json.loads(await ws.get_message())["clusters"][0]["probe"] == "doc"
+        nursery.cancel_scope.cancel()
+    assert on_loop == [False, False, False]
