@@ -333,20 +333,29 @@ async def _read_configmap_text(kube: KubeApi, settings: Settings) -> str | None:
 async def _mirror(kube: KubeApi, settings: Settings, latest: _Latest, applied: str | None) -> None:
     """Apply the newest zone text to the ConfigMap whenever it differs from what is there."""
     name = settings.dns_configmap_name
+    # The last text found too large, so that the writer's every fleet (it hands over the
+    # current text even when the zone did not change) neither measures it again nor
+    # logs again: once per stretch of too-large zones is enough.
+    too_large: str | None = None
     while True:
         try:
             text = await latest.wait()
         except trio.EndOfChannel:
             return
-        if text == applied:
+        if text == applied or text is too_large:
             continue
-        if len(text.encode("utf-8")) > MAX_CONFIGMAP_ZONE_BYTES:
-            log.error(
-                "zone is %d bytes, more than a ConfigMap holds; ConfigMap %s not updated",
-                len(text.encode("utf-8")),
-                name,
-            )
+        size = len(text.encode("utf-8"))
+        if size > MAX_CONFIGMAP_ZONE_BYTES:
+            if too_large is None:
+                log.error(
+                    "zone is %d bytes, more than a ConfigMap holds; ConfigMap %s not updated "
+                    "while it is this large (the zone file is)",
+                    size,
+                    name,
+                )
+            too_large = text
             continue
+        too_large = None
         apply = functools.partial(kube.apply, configmap(settings, text))
         await _retrying(f"applying ConfigMap {name}", apply)
         applied = text

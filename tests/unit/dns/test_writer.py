@@ -12,6 +12,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from atlasd.dns import writer
 from atlasd.dns.writer import (
     ZONE_KEY,
     Zone,
@@ -243,6 +244,29 @@ async def test_configmap_mirror_catches_up_when_file_is_current(tmp_path: Path) 
     again, _ = await run_writer(path, [fleet("east")], kube=kube)
     assert again == []
     assert stored_zone(kube) == written[0].text
+
+
+async def test_a_zone_too_large_for_a_configmap_is_reported_once_per_stretch(
+    tmp_path: Path, autojump_clock: Any, caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
+    """Above a ConfigMap's size the mirror is skipped with one error, not one per fleet (the
+    writer hands over the current text on every fleet, changed or not); once the zone fits
+    again it is applied, and a later too-large zone is reported again."""
+    small = ZoneState(previous_text=None, previous_serial=None).next_zone(fleet("a"))
+    big = ZoneState(previous_text=None, previous_serial=None).next_zone(fleet(*"abcdefgh"))
+    assert small is not None and big is not None
+    monkeypatch.setattr(writer, "MAX_CONFIGMAP_ZONE_BYTES", len(small.text) + 10)
+    kube = FakeKube()
+    latest = writer._Latest()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer._mirror, kube, SETTINGS, latest, None)
+        for text in (big.text, big.text, big.text + "\n", small.text, big.text):
+            latest.put(text)
+            await trio.sleep(2 * writer.MIRROR_INTERVAL)
+        latest.close()
+    assert [a["data"][ZONE_KEY] for a in kube.applied] == [small.text]
+    errors = [r for r in caplog.records if "more than a ConfigMap holds" in r.getMessage()]
+    assert len(errors) == 2
 
 
 async def test_configmap_forbidden_propagates(tmp_path: Path) -> None:
