@@ -342,7 +342,10 @@ async def _mirror(kube: KubeApi, settings: Settings, latest: _Latest, applied: s
             text = await latest.wait()
         except trio.EndOfChannel:
             return
-        if text == applied or text is too_large:
+        if text == applied:
+            too_large = None  # the ConfigMap holds the zone again: a stretch ended
+            continue
+        if text is too_large:
             continue
         size = len(text.encode("utf-8"))
         if size > MAX_CONFIGMAP_ZONE_BYTES:
