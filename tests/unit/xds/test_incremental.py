@@ -120,6 +120,12 @@ def test_evolve_checks_what_changed() -> None:
     fresh = Snapshot.create("n", [r for rs in nxt.resources.values() for r in rs.values()])
     assert dict(nxt.versions) == dict(fresh.versions)
     assert nxt.diff_from(fresh) is None
+    # The reference counts are the base's until a change moves a reference, then a copy:
+    # the route stops naming cluster c, which is then free to go in the new snapshot only.
+    moved = nxt.evolve([Resource.of(ROUTE, "r", b"r3")])
+    assert moved.evolve(removals=[(CLUSTER, "c")]).of_type(CLUSTER) == {}
+    with pytest.raises(InconsistentSnapshot, match="still named"):
+        nxt.evolve(removals=[(CLUSTER, "c")])
 
 
 def _ack(stream: DeltaStream, step: Any, snap: Any) -> None:
