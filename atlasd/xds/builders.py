@@ -121,12 +121,13 @@ __all__ = [
 class _ClusterPieces:
     """What one downstream cluster contributes to node ``atlas``."""
 
-    clusters: tuple[Resource, ...]  # <c>-thanos, <c>-prom and their endpoints (EDS)
+    clusters: tuple[Resource, ...]  # <c>-thanos, <c>-prom
+    endpoints: tuple[Resource, ...]  # their endpoints (EDS): the external IP
     scopes: tuple[Resource, ...]  # thanos/<authority> per sidecar, prometheus/<c>
     principal: bytes  # its RBAC principal (alertmanager routes)
 
     def resources(self) -> tuple[Resource, ...]:
-        return (*self.clusters, *self.scopes)
+        return (*self.clusters, *self.endpoints, *self.scopes)
 
 
 @dataclass
@@ -163,7 +164,8 @@ class SnapshotBuilder:
         self.plan = plan or ListenPlan()
         self._token = forwarder_token
         self._conn_seconds = upstream_connection_seconds
-        self._pieces: dict[str, tuple[tuple[Hashable, Hashable], _ClusterPieces]] = {}
+        # Per cluster: the inputs of its clusters, endpoints and routes, and the pieces.
+        self._pieces: dict[str, tuple[tuple[Hashable, Hashable, Hashable], _ClusterPieces]] = {}
         self._names: list[str] = []
         self._principals: bytes | None = None
         self._nodes: dict[str, tuple[Hashable, Snapshot]] = {}
@@ -300,10 +302,10 @@ class SnapshotBuilder:
     def _cluster_resources(
         self, c: model.DownstreamCluster, ports: NodePorts
     ) -> tuple[Resource, ...]:
-        """The two upstream clusters node ``atlas`` dials ``c`` with, and their endpoints
-        (EDS): a new external IP changes the endpoints only, so Envoy keeps the clusters
-        and a State-of-the-World stream sends two endpoint assignments, not every cluster."""
-        host = self.upstream_host(c)
+        """The two upstream clusters node ``atlas`` dials ``c`` with. They name no address
+        (their endpoints come by EDS): a new external IP rebuilds the endpoints only, so
+        Envoy keeps the clusters and a State-of-the-World stream sends two endpoint
+        assignments, not every cluster."""
         ups: list[Resource] = []
         for kind, port in (("thanos", ports.thanos), ("prom", ports.prometheus)):
             cname = f"{c.name}-{kind}"
@@ -316,9 +318,23 @@ class SnapshotBuilder:
                 max_connection_seconds=self._conn_seconds,
             )
             ups.append(Resource.of(CLUSTER, cname, serialize(cl), refs))
-            ups.append(Resource.of(ENDPOINT, cname, serialize(make_endpoints(cname, host, port))))
         self.built += 1
         return tuple(ups)
+
+    def _endpoint_resources(
+        self, c: model.DownstreamCluster, ports: NodePorts
+    ) -> tuple[Resource, ...]:
+        """The endpoints (EDS) of ``c``'s two upstream clusters: its external IP."""
+        host = self.upstream_host(c)
+        eps = tuple(
+            Resource.of(ENDPOINT, cname, serialize(make_endpoints(cname, host, port)))
+            for cname, port in (
+                (f"{c.name}-thanos", ports.thanos),
+                (f"{c.name}-prom", ports.prometheus),
+            )
+        )
+        self.built += 1
+        return eps
 
     def _route_pieces(
         self, c: model.DownstreamCluster, s: model.Settings
@@ -363,17 +379,23 @@ class SnapshotBuilder:
                     members_changed = True
                 continue
             ports = self.plan.ports_for(c.name)
-            cds_in = (c.name, self.upstream_host(c), ports.thanos, ports.prometheus)
+            cds_in = (c.name, ports.thanos, ports.prometheus)
+            eds_in = (c.name, self.upstream_host(c), ports.thanos, ports.prometheus)
             route_in = (c.name, c.replicas, fleet.settings.namespace, fleet.settings.cluster_domain)
             old = self._pieces.get(name)
-            if old is not None and old[0] == (cds_in, route_in):
+            if old is not None and old[0] == (cds_in, eds_in, route_in):
                 continue
             if old is not None and old[0][0] == cds_in:
                 clusters = old[1].clusters
             else:
                 clusters = self._cluster_resources(c, ports)
                 upserts += clusters
-            if old is not None and old[0][1] == route_in:
+            if old is not None and old[0][1] == eds_in:
+                endpoints = old[1].endpoints
+            else:
+                endpoints = self._endpoint_resources(c, ports)
+                upserts += endpoints
+            if old is not None and old[0][2] == route_in:
                 scopes, principal = old[1].scopes, old[1].principal
             else:
                 scopes, principal = self._route_pieces(c, fleet.settings)
@@ -383,7 +405,10 @@ class SnapshotBuilder:
                     removals += [
                         (SCOPED_ROUTE, r.name) for r in old[1].scopes if r.name not in kept
                     ]
-            self._pieces[name] = ((cds_in, route_in), _ClusterPieces(clusters, scopes, principal))
+            self._pieces[name] = (
+                (cds_in, eds_in, route_in),
+                _ClusterPieces(clusters, endpoints, scopes, principal),
+            )
             if old is None:
                 bisect.insort(self._names, name)
                 members_changed = True

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from atlasd import model
+from atlasd.xds import builders
 from atlasd.xds.builders import SnapshotBuilder, build_snapshots
 from atlasd.xds.protocol import DeltaDiscoveryRequest, DeltaStream, DiscoveryRequest, SotwStream
 from atlasd.xds.snapshot import (
@@ -82,13 +83,24 @@ def test_updates_key_by_key_equal_a_fresh_build(seed: int) -> None:
     assert builder.problems == []
 
 
-def test_an_ip_change_touches_two_endpoints_of_atlas_and_nothing_else() -> None:
+def test_an_ip_change_touches_two_endpoints_of_atlas_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     clusters = {n: helpers.cluster(n) for n in NAMES}
     builder = SnapshotBuilder()
     builder.update(_fleet(clusters, True), None)
     before = builder.snapshots()
     clusters["c3"] = dataclasses.replace(clusters["c3"], external_ip="192.0.2.77")
+    made: list[str] = []
+    make_cluster = builders.make_cluster
+
+    def counting(**kw: Any) -> Any:
+        made.append(kw["name"])
+        return make_cluster(**kw)
+
+    monkeypatch.setattr(builders, "make_cluster", counting)
     result = builder.update(_fleet(clusters, True), {"c3"})
+    assert made == []  # only the endpoints are built, not the clusters again
     assert set(result.changed) == {"atlas"}  # node c3's own config does not name its IP
     atlas = result.changed["atlas"]
     assert atlas is not None
