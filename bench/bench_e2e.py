@@ -167,13 +167,15 @@ def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
     big: list[float] = []
 
     def read_big() -> None:
-        with httpx.Client(timeout=60) as c:
-            for _ in range(rounds):
-                for path in ("/metrics", "/status"):
-                    t = time.perf_counter()
-                    c.get(f"{url}{path}").raise_for_status()
-                    big.append(1000 * (time.perf_counter() - t))
-        busy.clear()
+        try:
+            with httpx.Client(timeout=60) as c:
+                for _ in range(rounds):
+                    for path in ("/metrics", "/status"):
+                        t = time.perf_counter()
+                        c.get(f"{url}{path}").raise_for_status()
+                        big.append(1000 * (time.perf_counter() - t))
+        finally:
+            busy.clear()  # a failed read ends the polling too (its error shows below)
 
     small: list[float] = []
     with httpx.Client(timeout=60) as c:
@@ -187,6 +189,8 @@ def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
             small.append(1000 * (time.perf_counter() - t))
             time.sleep(0.005)
         reader.join()
+    if len(big) < 2 * rounds:
+        raise RuntimeError("reading /metrics or /status failed (see the thread's traceback)")
     return {
         "small_max": round(max(small), 1),
         "small_p50": round(statistics.median(small), 1),
@@ -266,6 +270,7 @@ def measure(
     checked on a sample), without (``--detect dump``: any control plane) to the moment the
     Envoy's config dump shows the change (polled every 5 ms)."""
     took: list[float] = []
+    slow = 0  # changes over SLOW_MS so far
     sample = {0, count // 2, count - 1}
     for i in range(count):
         before = view.read()[0] if view is not None else {}
@@ -274,17 +279,18 @@ def measure(
         if view is not None:
             acked_at = view.wait_acked(types, before)
             took.append(1000 * max(0.0, acked_at - t0))
-            slow = sum(1 for t in took if t > SLOW_MS)
-            if took[-1] > SLOW_MS and slow <= SLOW_SHOWN:  # when: to line up with a trace
-                print(f"slow: {kind} {i} written at {t0:.3f} took {took[-1]:.1f} ms", flush=True)
             if i in sample:
                 wait_until(lambda i=i: check(i), timeout=60, what=f"{kind} {i} in the dump")
         else:
             wait_until(lambda i=i: check(i), timeout=120, what=f"{kind} {i}", interval=0.005)
             took.append(1000 * (time.time() - t0))
+        if took[-1] > SLOW_MS:
+            slow += 1
+            if slow <= SLOW_SHOWN:  # when it was written: to line up with a trace of atlasd
+                print(f"slow: {kind} {i} written at {t0:.3f} took {took[-1]:.1f} ms", flush=True)
         time.sleep(0.05)  # let the change's echoes (watch events of atlasd's writes) settle
-    if sum(1 for t in took if t > SLOW_MS) > SLOW_SHOWN:
-        print(f"slow: {kind}: {sum(1 for t in took if t > SLOW_MS)} in all", flush=True)
+    if slow > SLOW_SHOWN:
+        print(f"slow: {kind}: {slow} in all", flush=True)
     return took
 
 

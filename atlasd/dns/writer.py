@@ -224,11 +224,10 @@ class ZoneState:
             self._inputs[key] = key_inputs
         self._settings = fleet.settings
         self._uncommitted = dirty
-        blocks = self._blocks
         if not dirty:
             return None
         body = self._texts
-        frozen = MappingProxyType(dict(blocks))
+        frozen = MappingProxyType(dict(self._blocks))
         if self.current is None and self._found_text is not None and self.serial is not None:
             # First fleet after a restart: if the file already says exactly this (and no
             # mirror remembers a larger serial), keep it as it is.
