@@ -246,6 +246,12 @@ def test_values_schema_rejects_wrong_operator_values(helm: Helm, bad: str, where
 # ---------------------------------------------------------------- dry-run with the CRDs
 
 
+def _established(apiserver: ApiServer, crd: str) -> bool:
+    doc = json.loads(apiserver.kubectl("get", f"crd/{crd}", "-o", "json"))
+    conditions = (doc.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+
 def install_operator_crds(apiserver: ApiServer) -> None:
     crds = components.prometheus_operator_crds()
     for plural in components.PROMETHEUS_OPERATOR_CRDS:
@@ -256,11 +262,12 @@ def install_operator_crds(apiserver: ApiServer) -> None:
             "-f",
             str(crds / f"monitoring.coreos.com_{plural}.yaml"),
         )
-        apiserver.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            f"crd/{plural}.monitoring.coreos.com",
+        # Polled here, not with `kubectl wait --for=condition=Established`: that fails at
+        # once ("accessor error: <nil>") when it reads the CRD before it has any status.
+        wait_until(
+            lambda plural=plural: _established(apiserver, f"{plural}.monitoring.coreos.com"),
+            timeout=60,
+            what=f"CRD {plural} established",
         )
     # Established comes a moment before the group is in discovery (what kubectl maps
     # kinds with): wait until the resources can be listed.
