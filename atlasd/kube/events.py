@@ -3,8 +3,12 @@
 Owns: turning "this Service is malformed" into an Event on that Service that
 ``kubectl describe`` shows. Posting is best effort: a failure is logged and swallowed
 (an Event must never stop a reconcile). Repeats of the same (object, reason, message)
-from this process update the earlier Event's ``count`` and ``lastTimestamp`` instead of
-creating a new one, as client-go's recorder does.
+update the earlier Event's ``count`` and ``lastTimestamp`` instead of creating a new one,
+as client-go's EventCorrelator does -- and, unlike client-go's, across restarts: the first
+Event a process posts in a namespace reads the Events atlasd posted there before (one LIST,
+``source=atlasd``; the API server keeps Events for an hour by default), so a restart that
+finds the same 24 invalid Services counts 24 repeats instead of posting 24 new Events. A
+Role without ``list`` on events only loses that (logged once).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import time
 import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import EVENTS
@@ -27,7 +33,9 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "atlasd"
 MAX_MESSAGE = 1024
-_CACHE_SIZE = 512
+# Distinct (object, reason, message, type) remembered: more than a large fleet's invalid
+# Services (each entry is a few hundred bytes).
+_CACHE_SIZE = 20_000
 
 
 def event_name(obj_name: str, *, now_ns: int | None = None) -> str:
@@ -38,6 +46,46 @@ def event_name(obj_name: str, *, now_ns: int | None = None) -> str:
 
 def _timestamp(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_timestamp(value: object) -> dt.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+_Key = tuple[ObjectRef, str, str, str]
+_Seen = tuple[str, dt.datetime, int]
+
+
+def posted_before(event: dict[str, Any]) -> tuple[_Key, _Seen, dt.datetime] | None:
+    """An Event as listed -> (its correlation key, (name, first time, count), last time);
+    None for one that is not an Event this module could have posted (pure)."""
+    inv = event.get("involvedObject")
+    meta = event.get("metadata")
+    if not isinstance(inv, dict) or not isinstance(meta, dict):
+        return None
+    name, count = meta.get("name"), event.get("count")
+    first = _parse_timestamp(event.get("firstTimestamp"))
+    last = _parse_timestamp(event.get("lastTimestamp"))
+    fields = (inv.get("kind"), inv.get("name"), inv.get("namespace"), event.get("reason"))
+    message, type_ = event.get("message"), event.get("type")
+    if not all(isinstance(f, str) and f for f in (name, *fields, message, type_)):
+        return None
+    if not isinstance(count, int) or first is None or last is None:
+        return None
+    ref = ObjectRef(
+        kind=str(inv["kind"]),
+        name=str(inv["name"]),
+        namespace=str(inv["namespace"]),
+        uid=str(inv.get("uid") or ""),
+        api_version=str(inv.get("apiVersion") or "v1"),
+    )
+    key = (ref, str(event["reason"]), str(message), str(type_))
+    return key, (str(name), first, count), last
 
 
 def truncate_message(message: str) -> str:
@@ -95,13 +143,50 @@ class EventRecorder:
     def __init__(self, kube: KubeApi, *, component: str = COMPONENT) -> None:
         self.kube = kube
         self.component = component
-        self._recent: OrderedDict[tuple[ObjectRef, str, str, str], tuple[str, dt.datetime, int]]
-        self._recent = OrderedDict()
+        self._recent: OrderedDict[_Key, _Seen] = OrderedDict()
+        # Namespaces whose earlier Events have been read (set once the read is done, so
+        # that concurrent first posts wait for it instead of each listing).
+        self._primed: dict[str, trio.Event] = {}
+
+    async def _prime(self, namespace: str) -> None:
+        """Remember the Events this component posted in ``namespace`` before this process
+        (the newest of each key), once per namespace."""
+        done = self._primed.get(namespace)
+        if done is not None:
+            await done.wait()
+            return
+        done = self._primed[namespace] = trio.Event()
+        try:
+            items, _ = await self.kube.list(
+                EVENTS, namespace=namespace, field_selector=f"source={self.component}"
+            )
+        except KubeError as exc:
+            log.info(
+                "cannot read earlier Events in namespace %s (%s): repeats of Events posted "
+                "before this start are posted anew",
+                namespace,
+                exc,
+            )
+            items = []
+        finally:
+            done.set()
+        newest: dict[_Key, tuple[_Seen, dt.datetime]] = {}
+        for item in items:
+            found = posted_before(item)
+            if found is None:
+                continue
+            key, seen, last = found
+            if key not in newest or newest[key][1] < last:
+                newest[key] = (seen, last)
+        for key, (seen, _) in sorted(newest.items(), key=lambda kv: kv[1][1]):
+            if key not in self._recent:
+                self._remember(key, seen)
 
     async def post(self, *, ref: ObjectRef, reason: str, message: str, type: str) -> None:
         key = (ref, reason, truncate_message(message), type)
         now = dt.datetime.now(dt.UTC)
         try:
+            await self._prime(ref.namespace)
             seen = self._recent.get(key)
             if seen is not None:
                 # A repeat: the Event posted before counts it (its other fields are as then).
@@ -140,9 +225,7 @@ class EventRecorder:
                 exc,
             )
 
-    def _remember(
-        self, key: tuple[ObjectRef, str, str, str], value: tuple[str, dt.datetime, int]
-    ) -> None:
+    def _remember(self, key: _Key, value: _Seen) -> None:
         self._recent[key] = value
         self._recent.move_to_end(key)
         while len(self._recent) > _CACHE_SIZE:

@@ -121,6 +121,6 @@ def resource_for(api_version: str, kind: str) -> ApiResource:
 _OBJECT_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
 REQUIRED_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
     {("", r.plural, v) for r in (SERVICES, SECRETS, CONFIGMAPS) for v in _OBJECT_VERBS}
-    | {("", EVENTS.plural, v) for v in ("create", "patch")}
+    | {("", EVENTS.plural, v) for v in ("create", "patch", "list")}
     | {(LEASES.group, LEASES.plural, v) for v in ("get", "create", "update")}
 )

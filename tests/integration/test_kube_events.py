@@ -56,3 +56,21 @@ async def test_forbidden_event_is_logged_not_raised(
         with caplog.at_level(logging.WARNING, logger="atlasd.kube.events"):
             await post_event(kube, ref=ref, reason="InvalidCluster", message="m")
     assert "create events" in caplog.text and "Forbidden (403)" in caplog.text
+
+
+async def test_repeats_after_a_restart_count_on_the_same_event(
+    apiserver: ApiServer, namespace: str
+) -> None:
+    """Two clients stand for two processes (a restart): the second one's repeat of what the
+    first posted bumps that Event's count instead of creating a second Event."""
+    ref = ObjectRef(kind="Service", name="west", namespace=namespace, uid="uid-west")
+    for _ in range(2):
+        async with KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube:
+            await post_event(kube, ref=ref, reason="InvalidCluster", message="no externalIPs")
+            await post_event(kube, ref=ref, reason="InvalidCluster", message="another message")
+    async with KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube:
+        items, _ = await kube.list(
+            EVENTS, namespace=namespace, field_selector="involvedObject.name=west"
+        )
+    counts = sorted((e["message"], e["count"]) for e in items)
+    assert counts == [("another message", 2), ("no externalIPs", 2)]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 
 import httpx
 import pytest
+import trio
 
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import KubeConfig
-from atlasd.kube.events import MAX_MESSAGE, build_event, event_name, post_event
+from atlasd.kube.events import MAX_MESSAGE, build_event, event_name, post_event, posted_before
 from atlasd.model import ObjectRef
 
 REF = ObjectRef(kind="Service", name="east", namespace="monitoring", uid="u-1")
@@ -80,6 +82,8 @@ async def test_repeats_bump_count() -> None:
     seen: list[tuple[str, str, dict[str, object]]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":  # the earlier Events: none
+            return httpx.Response(200, json={"items": [], "metadata": {"resourceVersion": "1"}})
         body = json.loads(request.content)
         seen.append((request.method, request.url.path, body))
         return httpx.Response(201 if request.method == "POST" else 200, json=body)
@@ -94,3 +98,93 @@ async def test_repeats_bump_count() -> None:
     assert seen[1][1] == f"/api/v1/namespaces/monitoring/events/{name}"
     assert [b.get("count") for _, _, b in seen[1:3]] == [2, 3]
     assert all(str(b.get("lastTimestamp", "")).endswith("Z") for _, _, b in seen[1:3])
+
+
+def _listed(name: str, *, count: int, last: str, message: str = "m") -> dict[str, object]:
+    body = build_event(
+        ref=REF, reason="InvalidCluster", message=message, type="Warning", name=name, now=NOW
+    )
+    return {**body, "count": count, "lastTimestamp": last}
+
+
+async def test_repeats_across_restarts_count_on_the_earlier_event() -> None:
+    """A new process (a new client, so a new recorder) that posts what an earlier one
+    posted bumps that Event (the newest of its kind) instead of creating one."""
+    requests: list[tuple[str, str, str]] = []
+    earlier = [
+        _listed("east.1", count=4, last="2026-01-02T03:00:00Z"),
+        _listed("east.2", count=7, last="2026-01-02T03:04:00Z"),
+        _listed("east.3", count=1, last="2026-01-02T03:05:00Z", message="another"),
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append((request.method, request.url.path, request.url.query.decode()))
+        if request.method == "GET":
+            return httpx.Response(
+                200, json={"items": earlier, "metadata": {"resourceVersion": "9"}}
+            )
+        body = json.loads(request.content)
+        return httpx.Response(201 if request.method == "POST" else 200, json=body)
+
+    kube = KubeClient(KubeConfig(server="https://api.test"), transport=httpx.MockTransport(handler))
+    async with kube, trio.open_nursery() as nursery:
+        for _ in range(3):  # concurrent first posts read the earlier Events once
+            nursery.start_soon(
+                functools.partial(post_event, kube, ref=REF, reason="InvalidCluster", message="m")
+            )
+    gets = [r for r in requests if r[0] == "GET"]
+    assert len(gets) == 1 and "source%3Datlasd" in gets[0][2]
+    writes = [(m, p) for m, p, _ in requests if m != "GET"]
+    assert writes == [("PATCH", "/api/v1/namespaces/monitoring/events/east.2")] * 3
+
+
+async def test_repeats_across_restarts_count_up_from_the_listed_count() -> None:
+    patches: list[dict[str, object]] = []
+    earlier = [_listed("east.2", count=7, last="2026-01-02T03:04:00Z")]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(
+                200, json={"items": earlier, "metadata": {"resourceVersion": "9"}}
+            )
+        body = json.loads(request.content)
+        patches.append(body)
+        return httpx.Response(200, json=body)
+
+    kube = KubeClient(KubeConfig(server="https://api.test"), transport=httpx.MockTransport(handler))
+    async with kube:
+        await post_event(kube, ref=REF, reason="InvalidCluster", message="m")
+        await post_event(kube, ref=REF, reason="InvalidCluster", message="m")
+    assert [p["count"] for p in patches] == [8, 9]
+
+
+async def test_without_list_permission_events_are_still_posted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    methods: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        methods.append(request.method)
+        if request.method == "GET":
+            return httpx.Response(
+                403, json={"kind": "Status", "reason": "Forbidden", "message": "no list"}
+            )
+        return httpx.Response(201, json=json.loads(request.content))
+
+    kube = KubeClient(KubeConfig(server="https://api.test"), transport=httpx.MockTransport(handler))
+    async with kube:
+        with caplog.at_level(logging.INFO, logger="atlasd.kube.events"):
+            await post_event(kube, ref=REF, reason="InvalidCluster", message="m")
+            await post_event(kube, ref=REF, reason="InvalidCluster", message="m")
+    assert methods == ["GET", "POST", "PATCH"]
+    assert caplog.text.count("cannot read earlier Events") == 1
+
+
+def test_posted_before_skips_what_is_not_ours() -> None:
+    assert posted_before({"metadata": {"name": "x"}}) is None
+    listed = _listed("east.2", count=7, last="2026-01-02T03:04:00Z")
+    found = posted_before(listed)
+    assert found is not None
+    key, (name, _, count), _ = found
+    assert key == (REF, "InvalidCluster", "m", "Warning") and (name, count) == ("east.2", 7)
+    assert posted_before({**listed, "count": "7"}) is None
