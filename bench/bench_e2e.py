@@ -11,6 +11,9 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
 - ``onboard_s``: from starting atlasd until the Envoy has ACKed a configuration holding all
   N clusters (atlas's snapshot serves N clusters and the Envoy's ACKed CDS and SRDS versions
   are that snapshot's);
+- ``onboard_cpu_ms_per_cluster``: atlasd's CPU from its start until then, per cluster; with
+  ``--floor``, ``floor_s`` (bench_floor.py: a bare writer of the same objects, measured first
+  in the same run) and ``onboard_over_floor``;
 - ``ip_change_ms``, ``new_cluster_ms``, ``remove_ms`` (p50/p99 over K each, with the max and which change it was): from the API
   write's response to the moment atlasd saw the Envoy ACK the version that carries the
   change — EDS for an IP change; CDS, EDS and SRDS for a new cluster; CDS and SRDS for a
@@ -58,6 +61,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_floor import measure_floor
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
@@ -296,6 +300,9 @@ def measure(
 
 def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, Any]:
     n, k = args.clusters, args.changes
+    floor = measure_floor(api, n) if args.floor else None
+    if floor is not None:
+        print(f"floor: {floor}", flush=True)
     api.create_namespace(NAMESPACE)
     path = f"/api/v1/namespaces/{NAMESPACE}/services"
     t0 = time.perf_counter()
@@ -358,6 +365,11 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
 
         done_at = wait_until(onboarded, timeout=1800, what="all clusters served", interval=0.5)
         out["onboard_s"] = round(done_at - started, 1)
+        # All of atlasd's CPU from its start (read once it is done: includes its start-up).
+        out["onboard_cpu_ms_per_cluster"] = round(cpu_seconds(pid) * 1000 / n, 2)
+        if floor is not None:
+            out["floor_s"] = floor["floor_s"]
+            out["onboard_over_floor"] = round(out["onboard_s"] / floor["floor_s"], 2)
         print(
             f"onboard: {n} clusters served by the Envoy {out['onboard_s']} s after start",
             flush=True,
@@ -493,6 +505,12 @@ def main() -> int:
         "--atlasd-path",
         default=None,
         help="run the atlasd package found in this directory (another checkout)",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="first measure the API server's floor for the same N (bench_floor.py, in "
+        "another namespace) and print onboard_s as a ratio of it",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
