@@ -143,13 +143,16 @@ async def test_chart_role_covers_every_call_atlasd_makes_and_nothing_else(
             namespace,
         )
 
-        # Events: created, then patched (count) when the same problem repeats.
+        # Events: created, then patched (count) when the same problem repeats; listed (the
+        # earlier Events of atlasd, read once per start to count repeats across restarts).
         ref = ObjectRef(kind="Service", name="east", namespace=namespace)
         for _ in range(2):
             await post_event(kube, ref=ref, reason="InvalidCluster", message="no externalIPs")
         events = json.loads(apiserver.kubectl("get", "events", "-n", namespace, "-o", "json"))
         ours = [e for e in events["items"] if e["involvedObject"]["name"] == "east"]
         assert [e.get("count") for e in ours] == [2], "create then patch both allowed"
+        listed, _ = await kube.list(r.EVENTS, namespace=namespace, field_selector="source=atlasd")
+        assert [e["involvedObject"]["name"] for e in listed] == ["east"]
 
         # The leader Lease: created, read, renewed (never listed or watched).
         lease = {
@@ -172,7 +175,7 @@ async def test_chart_role_covers_every_call_atlasd_makes_and_nothing_else(
             lambda: kube.list(r.SERVICES, namespace=other),
             lambda: kube.list(r.NAMESPACES),
             lambda: kube.list(r.ROLES, namespace=namespace),
-            lambda: kube.list(r.EVENTS, namespace=namespace),
+            lambda: kube.list(r.EVENTS, namespace=other),
             lambda: kube.list(r.DEPLOYMENTS, namespace=namespace),
             lambda: kube.delete(r.LEASES, "atlasd", namespace=namespace),
             lambda: kube.list(r.LEASES, namespace=namespace),
