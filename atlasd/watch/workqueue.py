@@ -83,7 +83,7 @@ class _Metrics(Generic[K]):
         self._work = WORKQUEUE_WORK_SECONDS.labels(name)
         # key -> clock at the add that made it wait (dropped when it is handed out).
         self._added_at: dict[K, float] = {}
-        # key -> clock when it was handed out (dropped at done); insertion order.
+        # key -> clock when it was handed out (dropped at done).
         self._started_at: dict[K, float] = {}
         # The newest queue of a name is the one its gauges read (a leader's reconcile queue
         # is made anew each term); a queue that is gone reads as empty.
