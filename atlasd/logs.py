@@ -2,10 +2,11 @@
 shippers parse (``--log-format``, ``ATLAS_LOG_FORMAT``), and the per-line fields (the key a
 line concerns) both carry.
 
-JSON is one object per line, as klog's JSON format and logrus's JSONFormatter write it::
+JSON is one object per line, shaped like logrus's JSONFormatter and klog's JSON format
+(fixed fields, then the line's own), e.g. (one line)::
 
-    {"time": "2026-12-05T01:20:33.123Z", "level": "warning", "logger": "atlasd.reconcile.loop",
-     "message": "reconcile east: ...; retrying", "key": "east"}
+    {"time":"2026-12-05T01:20:33.123Z","level":"warning","logger":"atlasd.reconcile.loop",
+     "message":"reconcile east: ...; retrying","key":"east"}
 
 - ``time`` is RFC 3339 in UTC (milliseconds), ``level`` the lowercase Python level name
   (debug, info, warning, error, critical), ``logger`` the logger's dotted name, ``message``
