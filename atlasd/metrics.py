@@ -51,3 +51,52 @@ FLEET_SECONDS = Histogram(
     "Deriving one fleet version from watch changes (validation, trust checks).",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+
+# -- work queues: client-go's workqueue metrics (k8s.io/client-go/util/workqueue/metrics.go,
+# registered as k8s.io/component-base registers them), same names, meanings and buckets, so
+# dashboards and alerts made for Kubernetes controllers read atlasd's queues too. Label
+# ``name``: the queue (``fleet``: watch changes to fleet versions; ``reconcile``: the
+# leader's writes). ``atlasd.watch.workqueue`` keeps them.
+_QUEUE_BUCKETS = tuple(1e-8 * 10**i for i in range(10))  # 10 ns .. 10 s, client-go's
+WORKQUEUE_DEPTH = Gauge(
+    "workqueue_depth",
+    "Current depth of workqueue: keys added and not yet handed to a worker (a key re-added "
+    "while a worker has it counts until it is handed out again).",
+    ["name"],
+)
+WORKQUEUE_ADDS = Counter(
+    "workqueue_adds",
+    "Total number of adds handled by workqueue (an add of a key already waiting coalesces "
+    "and is not counted).",
+    ["name"],
+)
+WORKQUEUE_QUEUE_SECONDS = Histogram(
+    "workqueue_queue_duration_seconds",
+    "How long in seconds an item stays in workqueue before being requested.",
+    ["name"],
+    buckets=_QUEUE_BUCKETS,
+)
+WORKQUEUE_WORK_SECONDS = Histogram(
+    "workqueue_work_duration_seconds",
+    "How long in seconds processing an item from workqueue takes.",
+    ["name"],
+    buckets=_QUEUE_BUCKETS,
+)
+WORKQUEUE_UNFINISHED_SECONDS = Gauge(
+    "workqueue_unfinished_work_seconds",
+    "How many seconds of work has done that is in progress and hasn't been observed by "
+    "work_duration. Large values indicate stuck threads. One can deduce the number of stuck "
+    "threads by observing the rate at which this increases.",
+    ["name"],
+)
+WORKQUEUE_LONGEST_SECONDS = Gauge(
+    "workqueue_longest_running_processor_seconds",
+    "How many seconds has the longest running processor for workqueue been running.",
+    ["name"],
+)
+WORKQUEUE_RETRIES = Counter(
+    "workqueue_retries",
+    "Total number of retries handled by workqueue: delayed adds (add_after, "
+    "add_rate_limited), as client-go counts them.",
+    ["name"],
+)

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from atlasd import model
+from atlasd import logs, model
 from atlasd.cli import process
 from atlasd.cli.app import cli
 from atlasd.cli.options import (
@@ -173,6 +173,13 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             type=click.FloatRange(1, 300),
             help="Seconds allowed for a clean stop after SIGTERM.",
         ),
+        env_option(
+            "--log-format",
+            env="ATLAS_LOG_FORMAT",
+            default="text",
+            type=click.Choice(logs.LOG_FORMATS),
+            help="text, or json: one object per line (time, level, logger, message, key).",
+        ),
     ]
     if compat:
         opts += [
@@ -229,6 +236,7 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
     log = logging.getLogger("atlasd")
     if p.get("compat_log_level"):
         configure_logging(p["compat_log_level"])
+    logs.use_format(p["log_format"])
     http_host, http_port = p["http_listen"]
     ads_host, ads_port = p["ads_listen"]
     if p.get("metrics_port") is not None:

@@ -165,6 +165,7 @@ ATLASD_CUSTOM: Doc = {
         "alertmanagerSelector": "app.kubernetes.io/name=alertmanager",
         "dnsConfigMapName": "my-zone",
         "clusterDomain": "corp.local",
+        "logFormat": "text",
         "extraEnv": [{"name": "ATLAS_EXTRA", "value": "1"}],
     },
     "controller": {
@@ -206,6 +207,7 @@ def test_helm_lint_default_and_custom_values(helm: Helm, chart: Path, tmp_path: 
         (ENVOY_CHART, "ports.thanos.containerPort=70000", "/ports/thanos/containerPort"),
         (ATLASD_CHART, "coredns.port=53", "/coredns/port"),
         (ATLASD_CHART, "atlas.logLevel=verbose", "/atlas/logLevel"),
+        (ATLASD_CHART, "atlas.logFormat=yaml", "/atlas/logFormat"),
         (ATLASD_CHART, "controller.envoy.adsPort=0", "/controller/envoy/adsPort"),
     ],
 )
@@ -782,6 +784,8 @@ def test_every_env_var_the_chart_sets_is_read_by_atlasd_run(
     coredns = container(deploy, "coredns")
     assert str(p["zone_file"]) == env_of(coredns)["ZONE_FILE"]
     assert p["leader_election"] is True
+    # Logs a shipper can parse by default (docs/operations.md, "Logs").
+    assert p["log_format"] == ("text" if custom else "json")
     if custom:
         assert p["envoy_ads_address"] == "xds.obs.example"
         assert p["envoy_ads_port"] == 443

@@ -8,12 +8,13 @@ install whose Envoys listen where nothing dials, so both are read from one place
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from atlasd import model
+from atlasd import logs, model
 from atlasd.xds.plan import ListenPlan
 
 CHARTS = Path(__file__).resolve().parents[2] / "charts"
@@ -52,3 +53,10 @@ def test_envoy_chart_listens_where_the_snapshots_say() -> None:
     assert yaml.safe_load(admin)["admin"]["address"]["socket_address"]["port_value"] == (
         model.ENVOY_ADMIN_PORT
     )
+
+
+def test_atlasd_chart_logs_json_and_offers_the_daemons_formats() -> None:
+    assert _values("atlasd")["atlas"]["logFormat"] == "json"
+    schema = json.loads((CHARTS / "atlasd" / "values.schema.json").read_text(encoding="utf-8"))
+    offered = schema["properties"]["atlas"]["properties"]["logFormat"]["enum"]
+    assert sorted(offered) == sorted(logs.LOG_FORMATS)

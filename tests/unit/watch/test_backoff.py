@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from atlasd.watch.backoff import Backoff
+from atlasd.watch.backoff import Backoff, exponential
 
 
 def test_doubles_to_the_cap_without_jitter() -> None:
@@ -49,3 +49,17 @@ async def test_sleep_honours_retry_after(autojump_clock: trio.testing.MockClock)
     assert await b.sleep(at_least=5.0) == 5.0
     assert trio.current_time() - start == pytest.approx(5.0)
     assert await b.sleep() == pytest.approx(1.6)
+
+
+def test_delay_for_is_the_curve_without_the_state() -> None:
+    """The work queue counts failures per key and asks for the delay of the n-th."""
+    b = Backoff(initial=0.5, cap=60.0, jitter=0.0)
+    assert [b.delay_for(n) for n in range(9)] == pytest.approx(
+        [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    )
+    assert b.next_delay(now=0.0) == pytest.approx(0.5)  # delay_for kept no state
+    assert Backoff(initial=1.0, rand=lambda: 0.5).delay_for(2) == pytest.approx(6.0)
+
+
+def test_a_key_failing_forever_stays_at_the_cap() -> None:
+    assert exponential(10**6, initial=0.005, factor=2.0, cap=300.0) == 300.0

@@ -6,6 +6,7 @@ import pytest
 import trio
 import trio.testing
 
+from atlasd import logs
 from atlasd.watch.workqueue import ShutDown, WorkQueue
 
 
@@ -163,3 +164,43 @@ async def test_a_key_wakes_one_getter_and_a_cancelled_one_passes_it_on() -> None
         await trio.testing.wait_all_tasks_blocked()
         assert [k for _, k in got] == ["a", "b"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_s_log_lines_name_the_key_it_holds() -> None:
+    q: WorkQueue[str] = WorkQueue()
+    seen: list[tuple[str, object]] = []
+
+    async def worker() -> None:
+        while True:
+            try:
+                key = await q.get()
+            except ShutDown:
+                return
+            seen.append((key, logs.bound_fields().get("key")))
+            q.done(key)
+            seen.append(("after done", logs.bound_fields().get("key")))
+
+    q.add("east")
+    q.add("west")
+    q.shut_down()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+    assert seen == [("east", "east"), ("after done", None), ("west", "west"), ("after done", None)]
+    assert logs.bound_fields() == {}  # the test's own task was never bound
+
+
+async def test_a_task_holding_several_keys_names_none() -> None:
+    """The fleet takes one key, then every ready one: its lines name no single key."""
+    q: WorkQueue[str] = WorkQueue()
+    q.add("a")
+    first = await q.get()
+    assert logs.bound_fields().get("key") == "a"
+    assert q.drain_ready() == []  # still just "a"
+    assert logs.bound_fields().get("key") == "a"
+    q.add("b")
+    q.add("c")
+    assert q.drain_ready() == ["b", "c"]
+    assert logs.bound_fields().get("key") is None
+    for key in (first, "b", "c"):
+        q.done(key)
+    assert q.processing == frozenset()
