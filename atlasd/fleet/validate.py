@@ -60,6 +60,10 @@ from typing import Any
 
 from atlasd import labels
 from atlasd.addresses import check_remote_address
+
+# Re-exported for the modules that import it from here (atlasd.fleet.state,
+# atlasd.reconcile.applier); its owner is atlasd.labels.
+from atlasd.labels import identity_secret_name as identity_secret_name
 from atlasd.model import (
     OBSERVABILITY_NODE,
     DownstreamCluster,
@@ -74,7 +78,6 @@ from atlasd.model import (
 MAX_REPLICAS = 64
 DNS_LABEL_MAX = 63
 DNS_NAME_MAX = 253
-IDENTITY_SECRET_SUFFIX = "-atlas-identity"
 SIDECAR_INFIX = "-thanos-sidecar"
 # The labels and annotations validation reads (their values must be strings).
 READ_KEYS = frozenset(
@@ -93,7 +96,6 @@ READ_KEYS = frozenset(
 )
 # A port name becomes the SRV owner label "_<name>", which must fit in 63 characters.
 PORT_NAME_MAX = DNS_LABEL_MAX - 1
-VALUES_SECRET_SUFFIX = "-envoy-values"
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
@@ -102,11 +104,6 @@ _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 _REPLICAS = re.compile(r"[1-9][0-9]*")
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 _SIDECAR_NAME = re.compile(r".+-thanos-sidecar[0-9]+")
-
-
-def identity_secret_name(cluster: str) -> str:
-    """Secret holding a cluster's own server and client certificates (reloaded on restart)."""
-    return f"{cluster}{IDENTITY_SECRET_SUFFIX}"
 
 
 # --- small predicates and parsers (each raises ValueError with a user-facing message) ---
@@ -391,8 +388,8 @@ def validate_cluster(
     else:
         derived = (
             f"{name}{SIDECAR_INFIX}{max(replicas - 1, 0)}",
-            f"{name}{VALUES_SECRET_SUFFIX}",
-            identity_secret_name(name),
+            labels.values_secret_name(name),
+            labels.identity_secret_name(name),
         )
         for d in derived:
             if len(d) > DNS_LABEL_MAX:

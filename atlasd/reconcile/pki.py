@@ -73,7 +73,6 @@ from atlasd.fleet.trust import (
     previous_key,
     read_ca,
 )
-from atlasd.fleet.validate import identity_secret_name
 from atlasd.kube.secrets import secret_data
 from atlasd.model import (
     ADS_SERVER_NAME,
@@ -438,7 +437,7 @@ def plan_identity(
         f"{cluster.name}/client", _material(data, "client.crt", "client.key"), client_spec
     )
     secret = secret_object(
-        name=identity_secret_name(cluster.name),
+        name=labels.identity_secret_name(cluster.name),
         namespace=settings.namespace,
         data={
             "ca.crt": ca.bundle,
@@ -500,7 +499,7 @@ def plan_pki(
     for cluster in sorted(clusters, key=lambda c: c.name):
         plan = plan_identity(
             cluster,
-            secrets.get(identity_secret_name(cluster.name)),
+            secrets.get(labels.identity_secret_name(cluster.name)),
             ca=ca,
             settings=settings,
             now=now,
