@@ -64,6 +64,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from atlasd import labels
 from atlasd.addresses import AddressError, parse_ip
+from atlasd.certpolicy import is_due, key_belongs_to, load_key, renew_at
 from atlasd.fleet.trust import (
     CA_CERT_KEY,
     CA_KEY_KEY,
@@ -95,9 +96,6 @@ from atlasd.reconcile.certs import (
     key_pem,
     leaf_is_current,
     new_ca,
-    past_fraction,
-    public_der,
-    renew_at,
 )
 from atlasd.reconcile.objects import (
     SecretObject,
@@ -204,14 +202,12 @@ def cluster_specs(cluster: str, settings: Settings) -> tuple[LeafSpec, LeafSpec]
 def signing_ca(stored: StoredCA) -> CA:
     """The stored CA (``atlasd.fleet.trust.read_ca``) with its key, which must belong to the
     certificate (any key type cryptography signs with; PKCS#1 or PKCS#8 PEM)."""
-    try:
-        key = serialization.load_pem_private_key(stored.material.key_pem, password=None)
-    except (ValueError, TypeError):
-        # The underlying message may quote key material; do not chain it.
-        raise PKIError(f"{CA_KEY_KEY} is not an unencrypted PEM private key") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or public_der(
-        key.public_key()
-    ) != public_der(stored.cert.public_key()):
+    key = load_key(stored.material.key_pem)
+    if key is None:
+        raise PKIError(f"{CA_KEY_KEY} is not an unencrypted PEM private key")
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or not key_belongs_to(
+        key, stored.cert
+    ):
         raise PKIError(f"{CA_KEY_KEY} does not belong to the certificate in {CA_CERT_KEY}")
     return CA(
         cert=stored.cert,
@@ -250,7 +246,7 @@ def decide_ca(
     if stored is None:
         raise PKIError(f"{CA_CERT_KEY} is not a PEM certificate")
     current = signing_ca(stored)
-    rotate = labels.CA_ROTATE_ANNOTATION in anns or past_fraction(
+    rotate = labels.CA_ROTATE_ANNOTATION in anns or is_due(
         stored.cert, now, settings.renew_fraction
     )
     if not rotate:
