@@ -13,9 +13,10 @@ should exist; this module makes and checks them.
   usage from a ``LeafSpec``, validity capped at the signing CA's, AKI/SKI set.
 - A leaf is current when it parses, its key is P-256 and matches it, the current CA signed
   it, its SANs and usages are those of its spec, and less than ``renew_fraction`` of its
-  lifetime has passed (the rules of PEM parsing, issuer, key and renewal time are
-  ``atlasd.certpolicy``'s; this module applies them to a ``LeafSpec``). Nothing is memoized here: callers check a leaf once per change of
-  its Secret (``atlasd.reconcile.applier`` remembers which keys are in sync).
+  lifetime has passed (how PEM is read, an issuer or a key checked and the renewal time
+  computed is ``atlasd.certpolicy``'s; this module applies it to a ``LeafSpec``). Nothing
+  is memoized here: callers check a leaf once per change of its Secret
+  (``atlasd.reconcile.applier`` remembers which keys are in sync).
 """
 
 from __future__ import annotations
