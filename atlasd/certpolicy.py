@@ -87,10 +87,15 @@ def key_belongs_to(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
 # --- renewal time ---
 
 
+def renewal_offset(lifetime: dt.timedelta, fraction: float) -> dt.timedelta:
+    """How long after its notBefore a certificate valid for ``lifetime`` is due."""
+    return lifetime * fraction
+
+
 def renewal_at(cert: x509.Certificate, fraction: float) -> dt.datetime:
     """When ``cert`` reaches ``fraction`` of its lifetime (1.0: its notAfter)."""
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * fraction
+    return start + renewal_offset(end - start, fraction)
 
 
 def is_due(cert: x509.Certificate, now: dt.datetime, fraction: float) -> bool:

@@ -201,16 +201,21 @@ def read_ca(secret: Mapping[str, Any] | None, *, now: dt.datetime) -> StoredCA |
     )
 
 
+def stored_pair(data: Mapping[str, bytes], cert_key: str, key_key: str) -> CertKey | None:
+    """The (certificate, key) stored under ``cert_key``/``key_key``; None unless both are."""
+    if cert_key in data and key_key in data:
+        return CertKey(data[cert_key], data[key_key])
+    return None
+
+
 def trusted_pair(
     data: Mapping[str, bytes],
     cert_key: str,
     key_key: str,
     trusted: tuple[x509.Certificate, ...],
 ) -> CertKey | None:
-    """The (certificate, key) stored under ``cert_key``/``key_key`` if a trusted CA signed
-    the certificate; None otherwise."""
-    if cert_key not in data or key_key not in data:
+    """``stored_pair`` if a trusted CA signed the certificate; None otherwise."""
+    pair = stored_pair(data, cert_key, key_key)
+    if pair is None or not issued_by_any(pair.cert_pem, trusted):
         return None
-    if not issued_by_any(data[cert_key], trusted):
-        return None
-    return CertKey(data[cert_key], data[key_key])
+    return pair

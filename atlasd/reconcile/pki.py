@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from atlasd import labels
 from atlasd.addresses import AddressError, parse_ip
-from atlasd.certpolicy import is_due, key_belongs_to, load_key, renew_at
+from atlasd.certpolicy import is_due, key_belongs_to, load_key, renew_at, renewal_offset
 from atlasd.fleet.trust import (
     CA_CERT_KEY,
     CA_KEY_KEY,
@@ -73,6 +73,7 @@ from atlasd.fleet.trust import (
     order_previous,
     previous_key,
     read_ca,
+    stored_pair,
 )
 from atlasd.kube.secrets import secret_data
 from atlasd.model import (
@@ -311,12 +312,6 @@ def ca_secret(ca: CA, observed: Mapping[str, Any] | None, settings: Settings) ->
     )
 
 
-def _material(data: Mapping[str, bytes], cert_key: str, key_key: str) -> CertKey | None:
-    if cert_key in data and key_key in data:
-        return CertKey(data[cert_key], data[key_key])
-    return None
-
-
 def check_settings(settings: Settings) -> None:
     """Raise ``ValueError`` for settings that would re-issue on every pass (a configuration
     error, caught at startup)."""
@@ -327,7 +322,7 @@ def check_settings(settings: Settings) -> None:
         ("ca_lifetime", settings.ca_lifetime),
     ):
         # Certificates are back-dated by CLOCK_SKEW: a fresh one must not be due already.
-        if (life + CLOCK_SKEW) * settings.renew_fraction <= CLOCK_SKEW:
+        if renewal_offset(life + CLOCK_SKEW, settings.renew_fraction) <= CLOCK_SKEW:
             raise ValueError(f"{what} {life} is too short to renew at {settings.renew_fraction}")
 
 
@@ -382,7 +377,7 @@ def plan_observability(
     out: list[SecretObject] = []
     for name, spec in observability_specs(settings).items():
         observed = secrets.get(name)
-        material = leaves.leaf(name, _material(secret_data(observed), "tls.crt", "tls.key"), spec)
+        material = leaves.leaf(name, stored_pair(secret_data(observed), "tls.crt", "tls.key"), spec)
         tls[name] = material
         obj_labels = meta_map(observed, "labels")
         obj_labels.update(
@@ -427,10 +422,10 @@ def plan_identity(
     data = secret_data(observed)
     server_spec, client_spec = cluster_specs(cluster.name, settings)
     server = leaves.leaf(
-        f"{cluster.name}/server", _material(data, "server.crt", "server.key"), server_spec
+        f"{cluster.name}/server", stored_pair(data, "server.crt", "server.key"), server_spec
     )
     client = leaves.leaf(
-        f"{cluster.name}/client", _material(data, "client.crt", "client.key"), client_spec
+        f"{cluster.name}/client", stored_pair(data, "client.crt", "client.key"), client_spec
     )
     secret = secret_object(
         name=labels.identity_secret_name(cluster.name),
