@@ -30,7 +30,6 @@ Errors::
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from atlasd.kube.api import KubeApi
 from atlasd.kube.client import KubeClient
 from atlasd.kube.errors import ApiError, NotFound
 from atlasd.kube.resources import NAMESPACES, SECRETS, SERVICES
+from atlasd.kube.secrets import secret_data
 from atlasd.model import DEFAULT_CLUSTER_PORTS, OBSERVABILITY_NODE, Problem, Settings
 from atlasd.reconcile.values_formats import Format, render
 
@@ -277,10 +277,10 @@ async def values(
             await _require_namespace(api, settings.namespace)
             raise ClusterError(f"the observability Envoy's values: {later}") from None
         raise ClusterError(f"cluster {name!r} is valid, but {later}") from None
-    data = (secret.get("data") or {}).get("values.yaml")
-    if not data:
+    values = secret_data(secret).get("values.yaml")
+    if not values:
         raise ClusterError(f"Secret {secret_name} has no values.yaml")
-    return render(fmt, base64.b64decode(data).decode(), namespace=settings.namespace)
+    return render(fmt, values.decode(), namespace=settings.namespace)
 
 
 async def _require_valid_cluster(

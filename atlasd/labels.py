@@ -39,6 +39,17 @@ FIELD_MANAGER = "atlasd"
 # docs/xds-authorization.md).
 FORWARDER_TOKEN_HEADER = "x-atlasd-forwarder-token"
 
+# The Secrets atlasd writes per downstream cluster are named <cluster><suffix>.
+VALUES_SECRET_SUFFIX = "-envoy-values"
+IDENTITY_SECRET_SUFFIX = "-atlas-identity"
+
 
 def values_secret_name(cluster: str) -> str:
-    return f"{cluster}-envoy-values"
+    """The Secret holding the downstream Envoy chart's values for ``cluster``."""
+    return f"{cluster}{VALUES_SECRET_SUFFIX}"
+
+
+def identity_secret_name(cluster: str) -> str:
+    """The Secret holding a cluster's own server and client certificates (reloaded on
+    restart)."""
+    return f"{cluster}{IDENTITY_SECRET_SUFFIX}"

@@ -1,7 +1,7 @@
 """Which key an observed object belongs to, and which objects are watched at all.
 
-Work flows by key (CONVENTIONS.md, "Concurrency"): a change to one object costs the key it
-belongs to. The keys:
+Work flows by key, as through client-go's ``util/workqueue``: a change to one object costs
+the key it belongs to. The keys:
 
 - a cluster name: the cluster Service of that name (any Service labelled
   ``goatlas.io/cluster``, whatever the value, so a value that is not exactly ``"true"`` can

@@ -16,6 +16,9 @@ A link ``ca-cross-<serial>.pem`` is the certificate of the CA that followed CA `
 ``<serial>`` is trusted, its signature and key check out and it has not expired; the chain
 (``chain_of``) follows the links from the current CA back through the earlier ones and
 stops at the first missing one (rotations made before links existed have none).
+
+What a certificate is (PEM parsing, who issued it, when it is due) is ``atlasd.certpolicy``'s;
+this module applies it to the layout of ``atlas-ca``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from atlasd import labels
+from atlasd.certpolicy import issued_by, issued_by_any, load_cert, same_key
+from atlasd.certpolicy import not_after as not_after  # re-exported (atlasd.fleet.state)
+from atlasd.certpolicy import renewal_time as renewal_time  # re-exported (atlasd.fleet.state)
 from atlasd.kube.secrets import secret_data
 from atlasd.model import CertKey
 
@@ -79,36 +84,17 @@ def read_links(
     successor = current
     for serial, _, cert in previous:
         pem = data.get(link_key(serial))
-        link = _parse(pem) if pem is not None else None
+        link = load_cert(pem) if pem is not None else None
         if (
             pem is not None
             and link is not None
             and link.not_valid_after_utc > now
-            and _same_key(link, successor)
-            and _issued_by(link, cert)
+            and same_key(link, successor)
+            and issued_by(link, cert)
         ):
             out.append((serial, pem))
         successor = cert
     return tuple(out)
-
-
-def _parse(pem: bytes) -> x509.Certificate | None:
-    try:
-        return x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        return None
-
-
-def _same_key(a: x509.Certificate, b: x509.Certificate) -> bool:
-    return a.public_key() == b.public_key()
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 class CAChain:
@@ -177,11 +163,8 @@ def previous_cas(
         serial = k[3:-4]
         if serial == current_serial:
             continue
-        try:
-            cert = x509.load_pem_x509_certificate(pem)
-        except ValueError:
-            continue
-        if cert.not_valid_after_utc <= now or str(cert.serial_number) != serial:
+        cert = load_cert(pem)
+        if cert is None or cert.not_valid_after_utc <= now or str(cert.serial_number) != serial:
             continue
         out.append((serial, pem, cert))
     return out
@@ -203,9 +186,8 @@ def read_ca(secret: Mapping[str, Any] | None, *, now: dt.datetime) -> StoredCA |
     data = secret_data(secret or {})
     if CA_CERT_KEY not in data or CA_KEY_KEY not in data:
         return None
-    try:
-        cert = x509.load_pem_x509_certificate(data[CA_CERT_KEY])
-    except ValueError:
+    cert = load_cert(data[CA_CERT_KEY])
+    if cert is None:
         return None
     serial = str(cert.serial_number)
     previous = order_previous(previous_cas(data, serial, now))
@@ -219,40 +201,21 @@ def read_ca(secret: Mapping[str, Any] | None, *, now: dt.datetime) -> StoredCA |
     )
 
 
+def stored_pair(data: Mapping[str, bytes], cert_key: str, key_key: str) -> CertKey | None:
+    """The (certificate, key) stored under ``cert_key``/``key_key``; None unless both are."""
+    if cert_key in data and key_key in data:
+        return CertKey(data[cert_key], data[key_key])
+    return None
+
+
 def trusted_pair(
     data: Mapping[str, bytes],
     cert_key: str,
     key_key: str,
     trusted: tuple[x509.Certificate, ...],
 ) -> CertKey | None:
-    """The (certificate, key) stored under ``cert_key``/``key_key`` if a trusted CA signed
-    the certificate; None otherwise."""
-    if cert_key not in data or key_key not in data:
+    """``stored_pair`` if a trusted CA signed the certificate; None otherwise."""
+    pair = stored_pair(data, cert_key, key_key)
+    if pair is None or not issued_by_any(pair.cert_pem, trusted):
         return None
-    if not signed_by_any(data[cert_key], trusted):
-        return None
-    return CertKey(data[cert_key], data[key_key])
-
-
-def signed_by_any(cert_pem: bytes, trusted: tuple[x509.Certificate, ...]) -> bool:
-    """Whether the first certificate of ``cert_pem`` was issued by one of ``trusted``."""
-    cert = _parse(cert_pem)
-    return cert is not None and any(_issued_by(cert, ca) for ca in trusted)
-
-
-def not_after(cert_pem: bytes) -> float | None:
-    """notAfter of a PEM certificate as Unix time (None if it does not parse)."""
-    try:
-        return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
-    except ValueError:
-        return None
-
-
-def renewal_time(cert_pem: bytes, fraction: float) -> float | None:
-    """When a certificate reaches ``fraction`` of its lifetime (Unix time)."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
-        return None
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return (start + (end - start) * fraction).timestamp()
+    return pair

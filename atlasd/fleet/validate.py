@@ -27,8 +27,9 @@ Rules (a Service is a cluster when its label ``goatlas.io/cluster`` is exactly `
   1..65535 and protocol TCP (the Envoys proxy TCP only).
 - label ``goatlas.io/replicas``: decimal digits without sign or leading zero, 1..``MAX_REPLICAS``
   (64: far above any real Thanos HA setup, and it bounds the objects one Service can create).
-- annotation ``goatlas.io/envoy-selectors``: ``k=v[,k=v...]``; whitespace around an entry is
-  tolerated, each key a qualified label key, each value a non-empty label value, no key twice.
+- annotation ``goatlas.io/envoy-selectors``: ``k=v[,k=v...]`` as ``atlasd.kube.selectors``
+  parses it: whitespace (spaces, tabs, newlines) around an entry is tolerated, each key a
+  qualified label key, each value a non-empty label value, no key twice.
 - annotations ``goatlas.io/{thanos,prometheus,alertmanager}-service``: DNS names (letters,
   digits, ``-`` and ``.``; labels of 1..63 chars; at most 253 chars) — so no spaces, quotes,
   newlines or ``;`` can reach the Envoy configuration or the zone.
@@ -60,6 +61,13 @@ from typing import Any
 
 from atlasd import labels
 from atlasd.addresses import check_remote_address
+from atlasd.kube.selectors import pairs_match
+
+# Re-exported for the modules that import them from here (identity_secret_name:
+# atlasd.fleet.state, atlasd.reconcile.applier; parse_selector: atlasd.cli.options); their
+# owners are atlasd.labels and atlasd.kube.selectors.
+from atlasd.kube.selectors import parse_selector as parse_selector
+from atlasd.labels import identity_secret_name as identity_secret_name
 from atlasd.model import (
     OBSERVABILITY_NODE,
     DownstreamCluster,
@@ -74,7 +82,6 @@ from atlasd.model import (
 MAX_REPLICAS = 64
 DNS_LABEL_MAX = 63
 DNS_NAME_MAX = 253
-IDENTITY_SECRET_SUFFIX = "-atlas-identity"
 SIDECAR_INFIX = "-thanos-sidecar"
 # The labels and annotations validation reads (their values must be strings).
 READ_KEYS = frozenset(
@@ -93,20 +100,12 @@ READ_KEYS = frozenset(
 )
 # A port name becomes the SRV owner label "_<name>", which must fit in 63 characters.
 PORT_NAME_MAX = DNS_LABEL_MAX - 1
-VALUES_SECRET_SUFFIX = "-envoy-values"
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
-_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _REPLICAS = re.compile(r"[1-9][0-9]*")
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 _SIDECAR_NAME = re.compile(r".+-thanos-sidecar[0-9]+")
-
-
-def identity_secret_name(cluster: str) -> str:
-    """Secret holding a cluster's own server and client certificates (reloaded on restart)."""
-    return f"{cluster}{IDENTITY_SECRET_SUFFIX}"
 
 
 # --- small predicates and parsers (each raises ValueError with a user-facing message) ---
@@ -144,43 +143,6 @@ def parse_replicas(value: str) -> int:
     if n > MAX_REPLICAS:
         raise ValueError(f"{n} is above the maximum of {MAX_REPLICAS}")
     return n
-
-
-def check_label_key(key: str) -> str:
-    prefix, slash, name = key.rpartition("/")
-    if slash and (
-        not prefix or len(prefix) > DNS_NAME_MAX or _DNS1123_SUBDOMAIN.fullmatch(prefix) is None
-    ):
-        raise ValueError(f"{key!r} has an invalid prefix (must be a DNS subdomain)")
-    if not name or len(name) > DNS_LABEL_MAX or _LABEL_NAME.fullmatch(name) is None:
-        raise ValueError(f"{key!r} is not a valid label key")
-    return key
-
-
-def check_label_value(value: str) -> str:
-    if not value or len(value) > DNS_LABEL_MAX or _LABEL_NAME.fullmatch(value) is None:
-        raise ValueError(f"{value!r} is not a valid, non-empty label value")
-    return value
-
-
-def parse_selector(text: str) -> tuple[tuple[str, str], ...]:
-    """``k=v,k=v`` -> ((k, v), ...) in the given order; raises ValueError on any defect."""
-    if not text.strip():
-        raise ValueError("must not be empty (an empty selector would match every pod)")
-    pairs: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for raw in text.split(","):
-        entry = raw.strip(" ")
-        key, eq, value = entry.partition("=")
-        if not eq:
-            raise ValueError(f"entry {entry!r} is not of the form key=value")
-        check_label_key(key)
-        check_label_value(value)
-        if key in seen:
-            raise ValueError(f"key {key!r} appears twice")
-        seen.add(key)
-        pairs.append((key, value))
-    return tuple(pairs)
 
 
 def check_external_ip(value: object, *, allow_loopback: bool) -> str:
@@ -391,8 +353,8 @@ def validate_cluster(
     else:
         derived = (
             f"{name}{SIDECAR_INFIX}{max(replicas - 1, 0)}",
-            f"{name}{VALUES_SECRET_SUFFIX}",
-            identity_secret_name(name),
+            labels.values_secret_name(name),
+            labels.identity_secret_name(name),
         )
         for d in derived:
             if len(d) > DNS_LABEL_MAX:
@@ -526,10 +488,6 @@ def validate_all(
     return tuple(clusters), tuple(problems)
 
 
-def selector_matches(lbls: Mapping[str, Any], selector: Iterable[tuple[str, str]]) -> bool:
-    return all(lbls.get(k) == v for k, v in selector)
-
-
 def select_alertmanagers(
     services: Iterable[Mapping[str, Any]], selector: Iterable[tuple[str, str]]
 ) -> tuple[LocalAlertmanager, ...]:
@@ -541,7 +499,7 @@ def select_alertmanagers(
         spec = svc.get("spec") or {}
         if not isinstance(meta, Mapping) or not isinstance(spec, Mapping):
             continue
-        if not sel or not selector_matches(meta.get("labels") or {}, sel):
+        if not sel or not pairs_match(meta.get("labels") or {}, sel):
             continue
         if not spec.get("selector"):
             continue

@@ -4,7 +4,7 @@ Owns: deciding which atlasd replica writes. Every replica runs
 ``run_leader_election``; the one holding the Lease runs ``on_leading`` (the guarded
 work), the others keep trying.
 
-Rules (client-go's, see ``shared/notes/kube-api.md``):
+Rules (client-go's ``tools/leaderelection/leaderelection.go``):
 - timings: lease 15 s > renew deadline 10 s > 1.2 x retry period 2 s (configurable);
 - a Lease held by someone else is expired when *our local time when we last saw its
   record change* plus its ``leaseDurationSeconds`` has passed; ``renewTime`` is never

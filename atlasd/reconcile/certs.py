@@ -13,8 +13,10 @@ should exist; this module makes and checks them.
   usage from a ``LeafSpec``, validity capped at the signing CA's, AKI/SKI set.
 - A leaf is current when it parses, its key is P-256 and matches it, the current CA signed
   it, its SANs and usages are those of its spec, and less than ``renew_fraction`` of its
-  lifetime has passed. Nothing is memoized here: callers check a leaf once per change of
-  its Secret (``atlasd.reconcile.applier`` remembers which keys are in sync).
+  lifetime has passed (how PEM is read, an issuer or a key checked and the renewal time
+  computed is ``atlasd.certpolicy``'s; this module applies it to a ``LeafSpec``). Nothing
+  is memoized here: callers check a leaf once per change of its Secret
+  (``atlasd.reconcile.applier`` remembers which keys are in sync).
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from atlasd.addresses import parse_ip
+from atlasd.certpolicy import is_due, issued_by, key_belongs_to, load_cert, load_key
 from atlasd.fleet.trust import CAChain, Serials
 from atlasd.model import PKI, CertKey
 
@@ -104,14 +106,6 @@ def key_pem(key: CertificateIssuerPrivateKeyTypes | ec.EllipticCurvePrivateKey) 
     )
 
 
-def public_der(key: Any) -> bytes:
-    return bytes(
-        key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-
-
 def sign(
     builder: x509.CertificateBuilder, key: CertificateIssuerPrivateKeyTypes
 ) -> x509.Certificate:
@@ -120,18 +114,6 @@ def sign(
     if isinstance(key, rsa.RSAPrivateKey):
         return builder.sign(key, hashes.SHA256())
     return builder.sign(key, None)  # ed25519/ed448 take no hash
-
-
-def renew_at(cert_pem: bytes, fraction: float) -> dt.datetime:
-    """When a certificate reaches ``fraction`` of its lifetime."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * fraction
-
-
-def past_fraction(cert: x509.Certificate, now: dt.datetime, fraction: float) -> bool:
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return now >= start + (end - start) * fraction or now >= end
 
 
 def _eku(usage: Usage) -> list[x509.ObjectIdentifier]:
@@ -293,24 +275,13 @@ def issue_leaf(
     return CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
 
 
-def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        return False
+def _p256_key_of(cert: x509.Certificate, key_pem: bytes) -> bool:
+    """Whether ``key_pem`` is an ECDSA P-256 key and ``cert``'s (a leaf's key rule)."""
+    key = load_key(key_pem)
     return (
         isinstance(key, ec.EllipticCurvePrivateKey)
         and isinstance(key.curve, ec.SECP256R1)
-        and public_der(key.public_key()) == public_der(cert.public_key())
+        and key_belongs_to(key, cert)
     )
 
 
@@ -320,15 +291,12 @@ def leaf_is_current(
     """Whether an existing leaf can be kept (see module docstring for the rules)."""
     if material is None:
         return False
-    try:
-        cert = x509.load_pem_x509_certificate(material.cert_pem)
-    except ValueError:
+    cert = load_cert(material.cert_pem)
+    if cert is None or not issued_by(cert, ca.cert):
         return False
-    if not _signed_by(cert, ca.cert):
+    if not _p256_key_of(cert, material.key_pem):
         return False
-    if not _key_matches(material.cert_pem, material.key_pem):
-        return False
-    if past_fraction(cert, as_utc(now), renew_fraction):
+    if is_due(cert, as_utc(now), renew_fraction):
         return False
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

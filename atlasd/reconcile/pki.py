@@ -64,6 +64,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from atlasd import labels
 from atlasd.addresses import AddressError, parse_ip
+from atlasd.certpolicy import is_due, key_belongs_to, load_key, renew_at, renewal_offset
 from atlasd.fleet.trust import (
     CA_CERT_KEY,
     CA_KEY_KEY,
@@ -72,8 +73,8 @@ from atlasd.fleet.trust import (
     order_previous,
     previous_key,
     read_ca,
+    stored_pair,
 )
-from atlasd.fleet.validate import identity_secret_name
 from atlasd.kube.secrets import secret_data
 from atlasd.model import (
     ADS_SERVER_NAME,
@@ -96,9 +97,6 @@ from atlasd.reconcile.certs import (
     key_pem,
     leaf_is_current,
     new_ca,
-    past_fraction,
-    public_der,
-    renew_at,
 )
 from atlasd.reconcile.objects import (
     SecretObject,
@@ -205,14 +203,12 @@ def cluster_specs(cluster: str, settings: Settings) -> tuple[LeafSpec, LeafSpec]
 def signing_ca(stored: StoredCA) -> CA:
     """The stored CA (``atlasd.fleet.trust.read_ca``) with its key, which must belong to the
     certificate (any key type cryptography signs with; PKCS#1 or PKCS#8 PEM)."""
-    try:
-        key = serialization.load_pem_private_key(stored.material.key_pem, password=None)
-    except (ValueError, TypeError):
-        # The underlying message may quote key material; do not chain it.
-        raise PKIError(f"{CA_KEY_KEY} is not an unencrypted PEM private key") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or public_der(
-        key.public_key()
-    ) != public_der(stored.cert.public_key()):
+    key = load_key(stored.material.key_pem)
+    if key is None:
+        raise PKIError(f"{CA_KEY_KEY} is not an unencrypted PEM private key")
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or not key_belongs_to(
+        key, stored.cert
+    ):
         raise PKIError(f"{CA_KEY_KEY} does not belong to the certificate in {CA_CERT_KEY}")
     return CA(
         cert=stored.cert,
@@ -251,7 +247,7 @@ def decide_ca(
     if stored is None:
         raise PKIError(f"{CA_CERT_KEY} is not a PEM certificate")
     current = signing_ca(stored)
-    rotate = labels.CA_ROTATE_ANNOTATION in anns or past_fraction(
+    rotate = labels.CA_ROTATE_ANNOTATION in anns or is_due(
         stored.cert, now, settings.renew_fraction
     )
     if not rotate:
@@ -316,12 +312,6 @@ def ca_secret(ca: CA, observed: Mapping[str, Any] | None, settings: Settings) ->
     )
 
 
-def _material(data: Mapping[str, bytes], cert_key: str, key_key: str) -> CertKey | None:
-    if cert_key in data and key_key in data:
-        return CertKey(data[cert_key], data[key_key])
-    return None
-
-
 def check_settings(settings: Settings) -> None:
     """Raise ``ValueError`` for settings that would re-issue on every pass (a configuration
     error, caught at startup)."""
@@ -332,7 +322,7 @@ def check_settings(settings: Settings) -> None:
         ("ca_lifetime", settings.ca_lifetime),
     ):
         # Certificates are back-dated by CLOCK_SKEW: a fresh one must not be due already.
-        if (life + CLOCK_SKEW) * settings.renew_fraction <= CLOCK_SKEW:
+        if renewal_offset(life + CLOCK_SKEW, settings.renew_fraction) <= CLOCK_SKEW:
             raise ValueError(f"{what} {life} is too short to renew at {settings.renew_fraction}")
 
 
@@ -387,7 +377,7 @@ def plan_observability(
     out: list[SecretObject] = []
     for name, spec in observability_specs(settings).items():
         observed = secrets.get(name)
-        material = leaves.leaf(name, _material(secret_data(observed), "tls.crt", "tls.key"), spec)
+        material = leaves.leaf(name, stored_pair(secret_data(observed), "tls.crt", "tls.key"), spec)
         tls[name] = material
         obj_labels = meta_map(observed, "labels")
         obj_labels.update(
@@ -432,13 +422,13 @@ def plan_identity(
     data = secret_data(observed)
     server_spec, client_spec = cluster_specs(cluster.name, settings)
     server = leaves.leaf(
-        f"{cluster.name}/server", _material(data, "server.crt", "server.key"), server_spec
+        f"{cluster.name}/server", stored_pair(data, "server.crt", "server.key"), server_spec
     )
     client = leaves.leaf(
-        f"{cluster.name}/client", _material(data, "client.crt", "client.key"), client_spec
+        f"{cluster.name}/client", stored_pair(data, "client.crt", "client.key"), client_spec
     )
     secret = secret_object(
-        name=identity_secret_name(cluster.name),
+        name=labels.identity_secret_name(cluster.name),
         namespace=settings.namespace,
         data={
             "ca.crt": ca.bundle,
@@ -500,7 +490,7 @@ def plan_pki(
     for cluster in sorted(clusters, key=lambda c: c.name):
         plan = plan_identity(
             cluster,
-            secrets.get(identity_secret_name(cluster.name)),
+            secrets.get(labels.identity_secret_name(cluster.name)),
             ca=ca,
             settings=settings,
             now=now,

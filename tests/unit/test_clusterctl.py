@@ -77,6 +77,22 @@ def test_values_of_a_rejected_cluster_say_why_even_with_values_from_before(
     assert out == "files: {}\n"
 
 
+def test_values_that_are_not_base64_are_reported_as_missing(tmp_path: Path) -> None:
+    """The values Secret is read as every Secret is (``atlasd.kube.secrets``): a ``data``
+    value that is not base64 (a hand-edited store) is absent, not a crash."""
+    _declare(tmp_path, cluster_service("east", "203.0.113.1"))
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "east-envoy-values", "namespace": S.namespace},
+        "data": {"values.yaml": "not base64!"},
+    }
+    (tmp_path / "objects" / "secrets").mkdir(parents=True)
+    (tmp_path / "objects" / "secrets" / "east-envoy-values.yaml").write_text(yaml.safe_dump(secret))
+    with pytest.raises(ClusterError, match=r"Secret east-envoy-values has no values\.yaml"):
+        _call(tmp_path, lambda api: clusterctl.values(api, "east", settings=S, fmt="raw"))
+
+
 def test_values_of_a_cluster_that_loses_its_address_to_an_older_one(tmp_path: Path) -> None:
     older = cluster_service("east", "203.0.113.1")
     older["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"

@@ -361,6 +361,7 @@ def test_problem_str_names_object_and_field() -> None:
     [
         ("app=envoy,release=atlas", (("app", "envoy"), ("release", "atlas"))),
         (" app=envoy ", (("app", "envoy"),)),
+        ("\tapp=envoy,\nrelease=atlas\t", (("app", "envoy"), ("release", "atlas"))),
         ("a.b/c-d=e_f.g", (("a.b/c-d", "e_f.g"),)),
     ],
 )

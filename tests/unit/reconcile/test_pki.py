@@ -376,3 +376,26 @@ def test_next_renewal_includes_an_earlier_cas_expiry() -> None:
 def test_settings_that_would_reissue_every_pass_are_refused(settings: Settings) -> None:
     with pytest.raises(ValueError):
         _plan(settings=settings)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error"),
+    [
+        ({"renew_fraction": 0.0}, "renew_fraction must be in"),
+        ({"renew_fraction": 1.5}, "renew_fraction must be in"),
+        # Back-dated by 5 minutes, a 5-minute leaf renewed at half its life is due at once.
+        ({"renew_fraction": 0.5, "leaf_lifetime": dt.timedelta(minutes=5)}, "leaf_lifetime"),
+        ({"renew_fraction": 0.5, "ca_lifetime": dt.timedelta(minutes=5)}, "ca_lifetime"),
+        ({"renew_fraction": 0.5, "leaf_lifetime": dt.timedelta(minutes=5, seconds=1)}, None),
+    ],
+)
+def test_settings_that_would_reissue_on_every_pass_are_refused(
+    kw: dict[str, Any], error: str | None
+) -> None:
+    settings = Settings(**kw)
+    if error is None:
+        plan = _plan(settings=settings)
+        assert _plan(plan_secrets(plan), settings=settings).issued == ()
+        return
+    with pytest.raises(ValueError, match=error):
+        _plan(settings=settings)
