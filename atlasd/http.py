@@ -25,7 +25,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from atlasd.status import StatusHub
+from atlasd.hub import StatusHub
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -33,7 +33,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class StatusApp:
-    """The ASGI application; ``healthy`` is false once a subsystem has failed for good."""
+    """The ASGI application. ``/healthz`` answers 503 while the hub says a subsystem keeps
+    failing (``StatusHub.unhealthy``), naming it."""
 
     def __init__(
         self,
@@ -46,7 +47,6 @@ class StatusApp:
         self.registry = registry
         # ``/status/envoys``: the ADS streams now (small, for polling).
         self.envoys = envoys
-        self.healthy = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -71,8 +71,9 @@ class StatusApp:
             body = await trio.to_thread.run_sync(generate_latest, self.registry)
             await _respond(send, 200, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            ok = self.healthy
-            await _respond(send, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n")
+            why = self.hub.unhealthy()
+            text = "ok\n" if not why else "unhealthy: " + "; ".join(why) + "\n"
+            await _respond(send, 503 if why else 200, text.encode())
         elif path == "/readyz":
             if self.hub.ready:
                 await _respond(send, 200, b"ok\n")

@@ -1,7 +1,7 @@
 """atlasd's own Prometheus metrics (served on ``/metrics``), in one place.
 
 Registered once per process on the default registry. The xDS server's metrics live with it
-(``atlasd.xds.status.XdsMetrics``: they take a registry so its tests stay isolated).
+(``atlasd.xds.streams.XdsMetrics``: they take a registry so its tests stay isolated).
 Names are an interface: the chart's alert rules and dashboard query them.
 """
 

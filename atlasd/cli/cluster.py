@@ -11,9 +11,9 @@ import click
 import yaml
 
 from atlasd import model
+from atlasd.backend import BackendSpec
 from atlasd.cli.app import cli
 from atlasd.cli.options import (
-    Backend,
     T,
     backend_options,
     external_ip_option,
@@ -51,14 +51,14 @@ def _port_pair(
     return tuple(out)
 
 
-def _cluster_call(fn: Callable[[Any], Awaitable[T]], backend: Backend) -> T:
+def _cluster_call(fn: Callable[[Any], Awaitable[T]], backend: BackendSpec) -> T:
     """Run ``fn(api)`` against Kubernetes or the store; any failure is one line, exit 1."""
     from atlasd.clusterctl import ClusterError
     from atlasd.kube.errors import KubeError
 
     async def go() -> T:
-        async with backend.open() as api:
-            return await fn(api)
+        async with backend.open() as opened:
+            return await fn(opened.api)
 
     try:
         return run_trio(go)
@@ -68,7 +68,7 @@ def _cluster_call(fn: Callable[[Any], Awaitable[T]], backend: Backend) -> T:
 
 def add_cluster(
     *,
-    backend: Backend,
+    backend: BackendSpec,
     name: str,
     external_ips: tuple[str, ...],
     replicas: int,
@@ -100,7 +100,9 @@ def add_cluster(
     click.echo(f"cluster {name} {outcome}")
 
 
-def print_cluster_values(*, backend: Backend, name: str, fmt: str) -> None:
+def print_cluster_values(
+    *, backend: BackendSpec, name: str, fmt: str, allow_loopback: bool = False
+) -> None:
     from atlasd import clusterctl
     from atlasd.reconcile.values_formats import Format
 
@@ -110,7 +112,7 @@ def print_cluster_values(*, backend: Backend, name: str, fmt: str) -> None:
             name,
             settings=backend.settings,
             fmt=cast(Format, fmt),
-            allow_loopback=backend.store is not None,
+            allow_loopback=allow_loopback,
         ),
         backend,
     )
@@ -140,7 +142,7 @@ def print_cluster_values(*, backend: Backend, name: str, fmt: str) -> None:
 @overwrite_option
 @click.option("--allow-loopback", is_flag=True, hidden=True)
 def cluster_add(
-    backend: Backend,
+    backend: BackendSpec,
     name: str,
     external_ips: tuple[str, ...],
     replicas: int,
@@ -171,7 +173,8 @@ def cluster_add(
 @cluster.command("list")
 @backend_options
 @output_option
-def cluster_list(backend: Backend, output: str) -> None:
+@click.option("--allow-loopback", is_flag=True, hidden=True)
+def cluster_list(backend: BackendSpec, output: str, allow_loopback: bool) -> None:
     """List the clusters (and what is wrong with any that are rejected)."""
     from dataclasses import asdict
 
@@ -179,7 +182,7 @@ def cluster_list(backend: Backend, output: str) -> None:
 
     rows = _cluster_call(
         lambda api: clusterctl.list_clusters(
-            api, settings=backend.settings, allow_loopback=backend.store is not None
+            api, settings=backend.settings, allow_loopback=allow_loopback
         ),
         backend,
     )
@@ -197,7 +200,7 @@ def cluster_list(backend: Backend, output: str) -> None:
 @cluster.command("remove")
 @backend_options
 @click.argument("name")
-def cluster_remove(backend: Backend, name: str) -> None:
+def cluster_remove(backend: BackendSpec, name: str) -> None:
     """Remove the cluster NAME (atlasd then removes everything it made for it)."""
     from atlasd import clusterctl
 
@@ -209,7 +212,8 @@ def cluster_remove(backend: Backend, name: str) -> None:
 @backend_options
 @click.argument("name")
 @values_format_option
-def cluster_values(backend: Backend, name: str, fmt: str) -> None:
+@click.option("--allow-loopback", is_flag=True, hidden=True)
+def cluster_values(backend: BackendSpec, name: str, fmt: str, allow_loopback: bool) -> None:
     """Print the Envoy chart values for the cluster NAME (they hold its private keys;
     NAME `atlas`: the observability Envoy's)."""
-    print_cluster_values(backend=backend, name=name, fmt=fmt)
+    print_cluster_values(backend=backend, name=name, fmt=fmt, allow_loopback=allow_loopback)

@@ -10,10 +10,10 @@ from typing import Any, cast
 import click
 
 from atlasd import model
+from atlasd.backend import BackendSpec
 from atlasd.cli.app import cli
 from atlasd.cli.cluster import add_cluster, print_cluster_values
 from atlasd.cli.options import (
-    Backend,
     F,
     apply_options,
     compat_logging_options,
@@ -62,7 +62,7 @@ def _compat_cluster_options(f: F) -> F:
     ) -> Any:
         if compat_log_level:
             configure_logging(compat_log_level)
-        return f(backend=Backend(namespace, kubeconfig, context), **kw)
+        return f(backend=BackendSpec(namespace, kubeconfig, context), **kw)
 
     return apply_options(
         cast(F, wrapper),
@@ -87,7 +87,7 @@ def _compat_cluster_options(f: F) -> F:
 @replicas_option
 @overwrite_option
 def cluster_add_compat(
-    backend: Backend,
+    backend: BackendSpec,
     name: str,
     external_ips: tuple[str, ...],
     replicas: int,
@@ -109,6 +109,6 @@ def cluster_add_compat(
 @cli.command("cluster-values")
 @_compat_cluster_options
 @values_format_option
-def cluster_values_compat(backend: Backend, name: str, fmt: str) -> None:
+def cluster_values_compat(backend: BackendSpec, name: str, fmt: str) -> None:
     """The original's spelling of `cluster values NAME` (--name NAME)."""
     print_cluster_values(backend=backend, name=name, fmt=fmt)

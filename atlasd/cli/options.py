@@ -9,20 +9,14 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
 import trio
 
 from atlasd import model
-from atlasd.model import Settings
-
-if TYPE_CHECKING:
-    from atlasd.kube.client import KubeClient
-    from atlasd.standalone import FileStore
-
+from atlasd.backend import BackendSpec
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -172,33 +166,8 @@ def run_trio(fn: Callable[[], Awaitable[T]]) -> T:
     return trio.run(fn)
 
 
-@dataclass(frozen=True)
-class Backend:
-    """Where a command works: Kubernetes (kubeconfig, context) or a store, in a namespace."""
-
-    namespace: str
-    kubeconfig: str | None = None
-    context: str | None = None
-    store: Path | None = None
-
-    @property
-    def settings(self) -> Settings:
-        return Settings(namespace=self.namespace)
-
-    def open(self) -> KubeClient | FileStore:
-        """The API: both satisfy ``atlasd.kube.api.KubeApi``."""
-        if self.store is not None:
-            from atlasd.standalone import FileStore
-
-            return FileStore(self.store, namespace=self.namespace)
-        from atlasd.kube.client import KubeClient
-        from atlasd.kube.config import load_config
-
-        return KubeClient(load_config(self.kubeconfig, self.context))
-
-
 def backend_options(f: F) -> F:
-    """``common_settings`` for a command that only needs its ``Backend``: the command gets
+    """``common_settings`` for a command that only needs its ``BackendSpec``: the command gets
     ``backend=`` instead of the four options."""
 
     @functools.wraps(f)
@@ -210,7 +179,7 @@ def backend_options(f: F) -> F:
         store: Path | None,
         **kw: Any,
     ) -> Any:
-        return f(backend=Backend(namespace, kubeconfig, context, store), **kw)
+        return f(backend=BackendSpec(namespace, kubeconfig, context, store), **kw)
 
     return common_settings(cast(F, wrapper))
 

@@ -318,14 +318,11 @@ def _preflight(
 ) -> str | None:
     """Check what a person may have got wrong before anything starts (each failure is one
     line naming the option); returns the forwarder token."""
-    from atlasd.kube.config import load_config
-    from atlasd.kube.errors import ConfigError
+    from atlasd.backend import BackendSpec
 
-    if store is None:
-        try:
-            load_config(kubeconfig, context)
-        except ConfigError as exc:
-            fail(str(exc))
+    problem = BackendSpec("", kubeconfig, context, store).problem()
+    if problem is not None:
+        fail(problem)
     token: str | None = None
     if token_file is not None:
         try:

@@ -1,10 +1,11 @@
 """The fleet subsystem: watched objects in, keyed fleet versions out.
 
-``FleetSink`` is what the sources call: each change is recorded in the ``FleetState`` at
-once and its keys are queued (``atlasd.watch.workqueue``: bursts coalesce). ``run_fleet``
-takes whatever keys are ready, derives them in chunks (so that a start with thousands of
-clusters never holds the event loop for long) and publishes each version on the
-``FleetFeed``. Each Problem is logged once, when it appears.
+``FleetRunner`` owns the ``FleetState`` and its key queue; nothing else touches them. The
+sources deliver into it (``changed``: the change is recorded in the state at once and its
+keys are queued, ``atlasd.watch.workqueue``: bursts coalesce; ``relisted``: the leader's
+expectations of that kind are met). ``run`` takes whatever keys are ready, derives them in
+chunks (so that a start with thousands of clusters never holds the event loop for long) and
+publishes each version on the ``FleetFeed``. Each Problem is logged once, when it appears.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 import trio
 import trio.lowlevel
@@ -21,7 +22,7 @@ from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import FLEET_KEY
 from atlasd.fleet.state import FleetState, FleetUpdate, FleetVersion
 from atlasd.metrics import FLEET_SECONDS
-from atlasd.model import Problem
+from atlasd.model import Problem, Settings
 from atlasd.watch.role import Role
 from atlasd.watch.workqueue import WorkQueue
 
@@ -30,28 +31,47 @@ log = logging.getLogger(__name__)
 CHUNK = 250
 
 
-class FleetSink:
-    """Where the sources deliver: into the state, keys onto the queue."""
+class Relists(Protocol):
+    """What a relist meets: ``atlasd.reconcile.expectations.Expectations`` (the leader's)."""
+
+    def clear(self, kind: str | None = None) -> None: ...
+
+
+class FleetRunner:
+    """The fleet: its state and key queue, fed by the sources, derived by ``run``.
+
+    Invariant: every key whose objects changed since the last published version is in the
+    queue (or being derived)."""
 
     def __init__(
         self,
-        state: FleetState,
-        queue: WorkQueue[str],
+        settings: Settings,
         *,
-        on_relist: Callable[[Role], None] | None = None,
+        feed: FleetFeed,
+        allow_loopback: bool = False,
+        expectations: Relists | None = None,
     ) -> None:
-        self.state = state
-        self.queue = queue
-        # Told when a role relisted (the leader's expectations of that kind are met).
-        self.on_relist = on_relist
+        self._state = FleetState(settings, allow_loopback=allow_loopback)
+        self._queue: WorkQueue[str] = WorkQueue(name="fleet")
+        self.feed = feed
+        # The leader's expectations (one object for every leadership term): a relist meets
+        # those of its kind (a LIST is at least as new as any write before it).
+        self._expectations = expectations
 
     def changed(self, role: Role, name: str, obj: dict[str, object] | None) -> None:
-        for key in self.state.observe(role.name, name, obj):
-            self.queue.add(key)
+        for key in self._state.observe(role.name, name, obj):
+            self._queue.add(key)
 
     def relisted(self, role: Role) -> None:
-        if self.on_relist is not None:
-            self.on_relist(role)
+        if self._expectations is not None:
+            self._expectations.clear(role.resource.kind)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Derive and publish until cancelled; started once the first version (everything
+        the sources listed) is published."""
+        await run_fleet(
+            state=self._state, queue=self._queue, feed=self.feed, task_status=task_status
+        )
 
 
 def _problem_keys(version: FleetVersion | None, key: str) -> set[Problem]:

@@ -217,13 +217,15 @@ class Reconciler:
         concurrency: int = DEFAULT_CONCURRENCY,
         post_event: EventPoster = log_event,
         clock: Callable[[], float] = trio.current_time,
+        expectations: Expectations | None = None,
     ) -> None:
         check_settings(settings)
         self.settings = settings
         self.keys: KeySource = keys or RandomKeys()
         self.allow_loopback = allow_loopback
         self.post_event = post_event
-        self.expectations = Expectations()
+        # Shared with the fleet (its relists meet them) when the daemon hands them in.
+        self.expectations = expectations if expectations is not None else Expectations()
         self._clock = clock
         self._limiter = trio.CapacityLimiter(concurrency)
         self._synced: dict[str, _Synced] = {}

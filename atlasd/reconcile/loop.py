@@ -34,6 +34,7 @@ import trio
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import FLEET_KEY, key_of, resource_version, roles
 from atlasd.fleet.state import FleetVersion
+from atlasd.hub import ResultDoc
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import AlreadyExists, Conflict, KubeError
 from atlasd.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILE_WRITES
@@ -126,8 +127,8 @@ class ReconcileLoop:
         reconciler: Reconciler,
         resync_seconds: float,
         workers: int = DEFAULT_WORKERS,
-        on_result: Callable[[KeyResult], None] | None = None,
-        on_pass: Callable[[dict[str, Any]], None] | None = None,
+        on_result: Callable[[KeyResult, float], None] | None = None,
+        on_pass: Callable[[ResultDoc], None] | None = None,
     ) -> None:
         self.api = api
         self.feed = feed
@@ -232,8 +233,7 @@ class ReconcileLoop:
         self.queue.forget(key)
         if result.waiting_until is not None:
             self.queue.add_after(key, max(0.0, result.waiting_until - trio.current_time()))
-            if self._on_result is not None:
-                self._on_result(result)
+            self._report(result, time.perf_counter() - t0)
             return
         RECONCILE_SECONDS.labels("key").observe(time.perf_counter() - t0)
         if result.writes:
@@ -243,8 +243,7 @@ class ReconcileLoop:
         if result.next_renewal is not None:
             due = (result.next_renewal - dt.datetime.now(dt.UTC)).total_seconds()
             self.queue.add_after(key, max(1.0, due))
-        if self._on_result is not None:
-            self._on_result(result)
+        self._report(result, time.perf_counter() - t0)
         p = self._pass
         if p is not None and key in p.outstanding:
             p.outstanding.discard(key)
@@ -252,22 +251,41 @@ class ReconcileLoop:
             if not p.outstanding:
                 self._finish_pass()
 
+    def _report(self, result: KeyResult, seconds: float) -> None:
+        if self._on_result is not None:
+            self._on_result(result, seconds)
+
     def _finish_pass(self) -> None:
         p = self._pass
         if p is None:
             return
         self._pass = None
-        doc = {
-            "at": time.time(),
-            "kind": "full",
-            "seconds": round(time.perf_counter() - p.started, 4),
-            "keys": len(p.results),
-            "writes": sum(r.writes for r in p.results),
-            "events": sum(r.events for r in p.results),
-            "issued": [i for r in p.results for i in r.issued],
-            "ca_action": next((r.ca_action for r in p.results if r.ca_action), ""),
-            "problems": sum(len(r.problems) for r in p.results),
-            "write_errors": [e for r in p.results for e in r.write_errors],
-        }
+        doc = result_doc(p.results, time.perf_counter() - p.started)
+        doc["kind"] = "full"
+        doc["keys"] = len(p.results)
         if self._on_pass is not None:
             self._on_pass(doc)
+
+
+def result_doc(results: list[KeyResult], seconds: float) -> ResultDoc:
+    """What ``/status`` shows of one key's reconcile or of a full pass (their sum)."""
+    return {
+        "at": time.time(),
+        "seconds": round(seconds, 4),
+        "writes": sum(r.writes for r in results),
+        "events": sum(r.events for r in results),
+        "issued": [i for r in results for i in r.issued],
+        "ca_action": next((r.ca_action for r in results if r.ca_action), ""),
+        "problems": sum(len(r.problems) for r in results),
+        "write_errors": [e for r in results for e in r.write_errors],
+    }
+
+
+def key_result_doc(result: KeyResult, seconds: float) -> ResultDoc | None:
+    """``last_key_reconcile`` in ``/status``: a key's reconcile that wrote, issued or failed
+    to write something (None for one that changed nothing)."""
+    if not (result.writes or result.write_errors or result.issued):
+        return None
+    doc = result_doc([result], seconds)
+    doc["key"] = result.key
+    return doc

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from prometheus_client import CollectorRegistry
 
 from atlasd.xds.snapshot import Snapshot
-from atlasd.xds.status import EnvoyStatus, StatusBoard, XdsMetrics
+from atlasd.xds.streams import EnvoyStatus, StatusBoard, XdsMetrics
 
 Diff = Mapping[str, frozenset[str]] | None
 Callback = Callable[[Diff], None]

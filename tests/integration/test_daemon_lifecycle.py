@@ -145,6 +145,9 @@ def test_standalone_onboarding_through_files(tmp_path: Path) -> None:
             timeout=30,
             what="the zone lists east",
         )
+        # /status says what the last reconcile that wrote did, and how long it took.
+        last = atlasd.status()["last_key_reconcile"]
+        assert last["writes"] > 0 and last["seconds"] > 0, last
         # A broken manifest is reported and loses nothing.
         (store / "clusters" / "broken.yaml").write_text("kind: Service\nmetadata: [\n")
         wait_until(

@@ -27,8 +27,7 @@ import yaml
 
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import roles
-from atlasd.fleet.run import FleetSink, run_fleet
-from atlasd.fleet.state import FleetState
+from atlasd.fleet.run import FleetRunner
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.resources import SECRETS, SERVICES
@@ -37,7 +36,6 @@ from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.watch.role import Role
 from atlasd.watch.sources import run_sources
-from atlasd.watch.workqueue import WorkQueue
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until, wait_until_async
@@ -244,7 +242,7 @@ def test_handover_keeps_the_envoy_served(apiserver: ApiServer, fleet: dict[str, 
 # -- cache lag ---------------------------------------------------------------------------------
 
 
-class GatedSink(FleetSink):
+class GatedSink(FleetRunner):
     """Delivers watch changes, except that while ``held`` those of one role wait."""
 
     def __init__(self, *args: Any, held_role: str, **kw: Any) -> None:
@@ -268,11 +266,9 @@ class GatedSink(FleetSink):
 
 async def test_a_lagging_cache_never_reissues(apiserver: ApiServer, namespace: str) -> None:
     settings = Settings(namespace=namespace)
-    state = FleetState(settings)
-    queue: WorkQueue[str] = WorkQueue(name="fleet")
     feed = FleetFeed()
     reconciler = Reconciler(settings=settings)
-    sink = GatedSink(state, queue, held_role="owned-secrets")
+    sink = GatedSink(settings, feed=feed, held_role="owned-secrets")
     results: list[KeyResult] = []
     async with (
         KubeClient(load_config(str(apiserver.admin_kubeconfig), None)) as kube,
@@ -283,18 +279,14 @@ async def test_a_lagging_cache_never_reissues(apiserver: ApiServer, namespace: s
                 kube, roles(settings), namespace=namespace, sink=sink, task_status=task_status
             )
         )
-        await nursery.start(
-            lambda task_status: run_fleet(
-                state=state, queue=queue, feed=feed, task_status=task_status
-            )
-        )
+        await nursery.start(sink.run)
         loop = ReconcileLoop(
             api=kube,
             feed=feed,
             reconciler=reconciler,
             resync_seconds=3600,
             workers=4,
-            on_result=results.append,
+            on_result=lambda result, _seconds: results.append(result),
         )
         await nursery.start(loop.run)
 

@@ -4,7 +4,7 @@
   have (``SPEC.md``): the interface is docs/interface.md.
 - Every relative link between the Markdown documents points at a file that exists.
 - Every metric the alert rules and the Grafana dashboard query is one atlasd exports
-  (``atlasd/metrics.py``, ``atlasd/xds/status.py``; ``atlasd_*`` and client-go's
+  (``atlasd/metrics.py``, ``atlasd/xds/streams.py``; ``atlasd_*`` and client-go's
   ``workqueue_*``), with the suffix its type gives it.
 """
 
@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 import atlasd.metrics
-from atlasd.xds.status import XdsMetrics
+from atlasd.xds.streams import XdsMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_FILES = ROOT / "charts" / "atlasd" / "files"

@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 from trio_websocket import open_websocket_url
 
 from atlasd.http import StatusApp, run_http
-from atlasd.status import StatusHub
+from atlasd.hub import UNHEALTHY_FAILURES, StatusHub
 
 
 async def _serve(nursery: trio.Nursery, app: StatusApp) -> int:
@@ -39,8 +39,15 @@ async def test_readyz_follows_every_part_and_healthz_reports_failure() -> None:
             hub.set_ready("ads", True)
             assert (await c.get("/readyz")).status_code == 200
             assert (await c.get("/healthz")).status_code == 200
-            app.healthy = False
-            assert (await c.get("/healthz")).status_code == 503
+            for _ in range(UNHEALTHY_FAILURES - 1):
+                hub.subsystem_failed("sources", "TransportError: refused")
+            assert (await c.get("/healthz")).status_code == 200, "a few restarts are hiccups"
+            hub.subsystem_failed("sources", "TransportError: refused")
+            r = await c.get("/healthz")
+            assert r.status_code == 503 and "sources failed 5 times in a row" in r.text
+            assert hub.snapshot()["unhealthy"] == ["sources failed 5 times in a row"]
+            hub.subsystem_stable("sources")
+            assert (await c.get("/healthz")).status_code == 200
             metrics = await c.get("/metrics")
             assert metrics.status_code == 200 and "# TYPE" in metrics.text
             status = (await c.get("/status")).json()

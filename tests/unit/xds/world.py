@@ -19,7 +19,7 @@ from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
 from atlasd.xds.server import run_ads_server
-from atlasd.xds.status import XdsMetrics
+from atlasd.xds.streams import XdsMetrics
 from atlasd.xds.tls import ServerTls, TlsMaterial
 from tests.harness.envoy import Envoy
 from tests.harness.net import free_port

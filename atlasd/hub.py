@@ -11,16 +11,109 @@ intermediate states rather than queueing them).
 
 Published values are never mutated afterwards (publishers replace them), so reading the
 document copies only its top level.
+
+The document's schema is ``StatusDocument`` below: ``publish`` takes only its top-level
+parts (mypy checks each call), ``publish_keyed`` only its keyed sections.
+
+Health (``/healthz``) is kept here too, beside readiness: a subsystem the supervisor
+(``atlasd.supervise``) restarts ``UNHEALTHY_FAILURES`` times in a row, without a run that
+lasted ``STABLE_SECONDS`` in between, makes atlasd unhealthy until one of its runs does.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, Unpack
 
 import trio
 
 from atlasd import __version__
+
+# A subsystem failing this many times in a row (no run of STABLE_SECONDS between) is not
+# a hiccup: /healthz answers 503 (a liveness probe then restarts the pod).
+UNHEALTHY_FAILURES = 5
+STABLE_SECONDS = 120.0
+
+
+class ProblemDoc(TypedDict):
+    object: str
+    field: str
+    message: str
+    reason: str
+
+
+class CertDoc(TypedDict):
+    name: str
+    not_after: float | None
+    serial: NotRequired[str]
+
+
+class ClusterDoc(TypedDict):
+    name: str
+    external_ip: str
+    replicas: int
+    dns_group: str | None
+    sidecars: list[str]
+    certificate_expiry: float | None
+
+
+class ZoneDoc(TypedDict):
+    serial: int
+    records: int
+
+
+class ResultDoc(TypedDict):
+    """One reconcile (``last_key_reconcile``) or a full pass (``last_reconcile``)."""
+
+    at: float
+    seconds: float
+    writes: int
+    events: int
+    issued: list[str]
+    ca_action: str
+    problems: int
+    write_errors: list[str]
+    key: NotRequired[str]
+    kind: NotRequired[str]
+    keys: NotRequired[int]
+
+
+class StoreProblemDoc(TypedDict):
+    file: str
+    message: str
+
+
+class StatusParts(TypedDict, total=False):
+    """The top-level parts a subsystem publishes (``StatusHub.publish``)."""
+
+    leader: bool
+    leadership: dict[str, str | None]
+    envoys: list[dict[str, Any]]
+    zone: ZoneDoc
+    xds_problems: list[str]
+    last_reconcile: ResultDoc
+    last_key_reconcile: ResultDoc
+    store_error: str | None
+
+
+KeyedSection = Literal["clusters", "pending", "problems", "certificates", "store_problems"]
+
+
+class StatusDocument(StatusParts, total=False):
+    """``/status``: what ``StatusHub.snapshot`` returns (and ``/status/stream`` sends)."""
+
+    version: str
+    started_at: float
+    subsystems: dict[str, str]
+    unhealthy: list[str]
+    ready: bool
+    not_ready: list[str]
+    generation: int
+    clusters: list[ClusterDoc]
+    pending: list[str]
+    problems: list[ProblemDoc]
+    certificates: list[CertDoc]
+    store_problems: list[StoreProblemDoc]
 
 
 class StatusHub:
@@ -34,6 +127,7 @@ class StatusHub:
             "started_at": time.time(),
             "leader": False,
             "subsystems": {},
+            "unhealthy": [],
         }
         self._generation = 0
         self._changed = trio.Event()
@@ -41,17 +135,19 @@ class StatusHub:
         self._not_ready_reasons: dict[str, str] = {}
         # section -> key -> the items of that key (a list, concatenated in key order).
         self._keyed: dict[str, dict[str, list[Any]]] = {}
+        # subsystem -> failed runs in a row (no run of STABLE_SECONDS since).
+        self._failures: dict[str, int] = {}
 
     @property
     def generation(self) -> int:
         return self._generation
 
-    def publish(self, **parts: Any) -> None:
+    def publish(self, **parts: Unpack[StatusParts]) -> None:
         """Replace the named top-level parts of the status document."""
         self._doc.update(parts)
         self._bump()
 
-    def publish_keyed(self, section: str, key: str, items: list[Any] | None) -> None:
+    def publish_keyed(self, section: KeyedSection, key: str, items: list[Any] | None) -> None:
         """Replace ``key``'s items in ``section`` (None or empty: remove them)."""
         part = self._keyed.setdefault(section, {})
         if items:
@@ -70,6 +166,35 @@ class StatusHub:
         """Record a subsystem's state (``starting``, ``running``, ``restarting: ...``)."""
         self._doc["subsystems"] = {**self._doc["subsystems"], name: state}
         self._bump()
+
+    def subsystem_failed(self, name: str, why: str) -> None:
+        """A run of ``name`` failed (it is being restarted)."""
+        self._failures[name] = self._failures.get(name, 0) + 1
+        self.subsystem(name, f"restarting: {why}")
+        self._health_changed()
+
+    def subsystem_stable(self, name: str) -> None:
+        """A run of ``name`` has lasted STABLE_SECONDS: its earlier failures are behind it."""
+        if self._failures.pop(name, 0):
+            self._health_changed()
+
+    def unhealthy(self) -> list[str]:
+        """Why atlasd is not healthy (empty: healthy): each subsystem failing for good."""
+        return [
+            f"{name} failed {n} times in a row"
+            for name, n in sorted(self._failures.items())
+            if n >= UNHEALTHY_FAILURES
+        ]
+
+    def _health_changed(self) -> None:
+        unhealthy = self.unhealthy()
+        if unhealthy != self._doc["unhealthy"]:
+            self._doc["unhealthy"] = unhealthy
+            self._bump()
+
+    def is_ready(self, part: str) -> bool:
+        """Whether the readiness part ``part`` has reported ready."""
+        return self._ready_parts.get(part, False)
 
     def set_ready(self, part: str, ready: bool, reason: str = "") -> None:
         """Readiness is the AND of every registered part; ``reason`` says why a part is
@@ -102,14 +227,15 @@ class StatusHub:
             if not ok
         ]
 
-    def snapshot(self) -> dict[str, Any]:
-        doc = dict(self._doc)
+    def snapshot(self) -> StatusDocument:
+        doc: Any = dict(self._doc)
         for section in self._keyed:
             doc[section] = self.keyed(section)
         doc["ready"] = self.ready
         doc["not_ready"] = self.not_ready()
         doc["generation"] = self._generation
-        return doc
+        out: StatusDocument = doc
+        return out
 
     async def wait_changed(self, seen: int) -> int:
         """Wait until the generation is past ``seen``; return the new generation."""

@@ -14,12 +14,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from atlasd import labels
-from atlasd.daemon import FleetReport
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.run import _log_new_problems
 from atlasd.fleet.state import FleetState
+from atlasd.hub import StatusHub
 from atlasd.model import Settings
-from atlasd.status import StatusHub
+from atlasd.report import FleetReport
 from tests.unit.reconcile.builders import cluster_service
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)

@@ -9,9 +9,9 @@ import pytest
 import trio
 import trio.testing
 
-from atlasd.daemon import supervise
+from atlasd.hub import STABLE_SECONDS, UNHEALTHY_FAILURES, StatusHub
 from atlasd.kube.errors import TransportError
-from atlasd.status import StatusHub
+from atlasd.supervise import supervise
 
 
 async def test_retriable_failures_restart_with_backoff(
@@ -42,6 +42,34 @@ async def test_retriable_failures_restart_with_backoff(
     assert gaps[0] >= 0.5 and gaps[1] >= 1.0 and gaps[2] >= 2.0
 
 
+async def test_a_subsystem_that_keeps_failing_is_unhealthy_until_a_run_lasts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = StatusHub()
+    runs = 0
+    recovered = trio.Event()
+    healthy_run = trio.Event()
+
+    async def flaky(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal runs
+        runs += 1
+        task_status.started()
+        if runs <= UNHEALTHY_FAILURES:
+            raise TransportError("the API server went away")
+        healthy_run.set()
+        await trio.sleep(STABLE_SECONDS + 1)
+        recovered.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervise, "sources", hub, flaky)
+        await healthy_run.wait()
+        assert hub.unhealthy() == [f"sources failed {UNHEALTHY_FAILURES} times in a row"]
+        await recovered.wait()
+        assert hub.unhealthy() == [], "a run that lasted STABLE_SECONDS clears it"
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_bug_propagates_and_ends_the_daemon() -> None:
     hub = StatusHub()
 
@@ -63,8 +91,8 @@ def autojump_clock() -> trio.testing.MockClock:
 def test_certificate_expiry_metric_drops_removed_certificates() -> None:
     from prometheus_client import REGISTRY
 
-    from atlasd.daemon import FleetReport
     from atlasd.fleet.state import CertInfo
+    from atlasd.report import FleetReport
 
     report = FleetReport(StatusHub())
 

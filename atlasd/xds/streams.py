@@ -101,12 +101,25 @@ class StatusBoard:
     on_node: Callable[[str, bool], None] | None = None
     # Called with the number of nodes currently NACKing when it may have changed.
     on_nacking: Callable[[int], None] | None = None
-    # Called after any change of any stream's status (so a reader need not poll).
-    on_change: Callable[[], None] | None = None
+    # Told after any change of any stream's status (so a reader need not poll); see
+    # ``listen``.
+    _listeners: dict[int, Callable[[], None]] = field(default_factory=dict)
+    _listener_ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    def listen(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn()`` after every change of any stream's status (it must not block or
+        raise); returns the function that stops it."""
+        token = next(self._listener_ids)
+        self._listeners[token] = fn
+
+        def stop() -> None:
+            self._listeners.pop(token, None)
+
+        return stop
 
     def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
+        for fn in list(self._listeners.values()):
+            fn()
 
     def open(self, *, node: str, kind: str, peer: str) -> int:
         sid = next(self._ids)

@@ -1,0 +1,201 @@
+"""What atlasd reports about the fleet: the ``/status`` parts kept key by key, the
+certificate gauges, and the ADS streams (``/status/envoys``).
+
+``run_status`` is the subsystem: fleet versions in, per-key status parts and gauges out
+(a change of one cluster costs that cluster), plus the list of Envoy streams, woken by the
+stream board's changes. The document's schema is ``atlasd.hub.StatusDocument``.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from dataclasses import asdict
+from typing import Any
+
+import trio
+
+from atlasd import metrics
+from atlasd.fleet.feed import FleetFeed
+from atlasd.fleet.keys import FLEET_KEY
+from atlasd.fleet.state import CertInfo, FleetVersion, Member
+from atlasd.hub import CertDoc, ProblemDoc, StatusHub
+from atlasd.model import Problem
+from atlasd.xds.cache import SnapshotCache
+from atlasd.xds.snapshot import SHORT_NAMES
+
+
+def _problem_doc(p: Problem) -> ProblemDoc:
+    return {
+        "object": f"{p.source.kind}/{p.source.name}",
+        "field": p.field,
+        "message": p.brief(),
+        "reason": p.reason,
+    }
+
+
+def _cert_docs(certs: tuple[CertInfo, ...], serial: str | None = None) -> list[CertDoc]:
+    out: list[CertDoc] = []
+    for c in certs:
+        doc: CertDoc = {"name": c.name, "not_after": c.not_after}
+        if c.name == "ca" and serial is not None:
+            doc["serial"] = serial
+        out.append(doc)
+    return out
+
+
+class FleetReport:
+    """/status parts and gauges, kept key by key (a change of one cluster costs that
+    cluster). Invariants: ``_states[key]`` is the state last reported for ``key``;
+    ``_certs[key]`` the certificate names it exported."""
+
+    def __init__(self, hub: StatusHub) -> None:
+        self.hub = hub
+        self._states: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+        self._certs: dict[str, set[str]] = {}
+        self._exported: dict[str, tuple[CertInfo, ...]] = {}
+
+    def update(self, version: FleetVersion, keys: frozenset[str]) -> None:
+        hub = self.hub
+        for key in keys:
+            if key == FLEET_KEY:
+                fw = version.fleetwide
+                serial = fw.ca.serial if fw.ca is not None else None
+                hub.publish_keyed("certificates", "", _cert_docs(fw.certificates, serial))
+                hub.publish_keyed("problems", "", [_problem_doc(p) for p in fw.problems])
+                self._export(key, fw.certificates)
+                continue
+            m = version.members.get(key)
+            self._member(key, m)
+        metrics.CLUSTERS.set(self._counts.get("served", 0))
+        metrics.PENDING.set(self._counts.get("pending", 0))
+        metrics.INVALID.set(self._counts.get("invalid", 0))
+
+    def _set_state(self, key: str, state: str | None) -> None:
+        old = self._states.pop(key, None)
+        if old is not None:
+            self._counts[old] -= 1
+        if state is not None:
+            self._states[key] = state
+            self._counts[state] = self._counts.get(state, 0) + 1
+
+    def _member(self, key: str, m: Member | None) -> None:
+        hub = self.hub
+        if m is None:
+            self._set_state(key, None)
+            for section in ("clusters", "pending", "problems", "certificates"):
+                hub.publish_keyed(section, key, None)
+            self._export(key, ())
+            return
+        state = m.state
+        if state == "absent" and m.problems:
+            state = "invalid"  # a Service whose cluster label is not exactly "true"
+        self._set_state(key, state)
+        served = m.state == "served" and m.cluster is not None
+        certs = m.certificates if served else ()
+        c = m.cluster
+        expiry = [x.not_after for x in certs if x.not_after is not None]
+        hub.publish_keyed(
+            "clusters",
+            key,
+            [
+                {
+                    "name": c.name,
+                    "external_ip": c.external_ip,
+                    "replicas": c.replicas,
+                    "dns_group": c.dns_group,
+                    "sidecars": list(c.sidecar_services()),
+                    "certificate_expiry": min(expiry) if expiry else None,
+                }
+            ]
+            if served and c is not None
+            else None,
+        )
+        hub.publish_keyed("pending", key, [key] if m.state == "pending" else None)
+        hub.publish_keyed("problems", key, [_problem_doc(p) for p in m.problems])
+        hub.publish_keyed("certificates", key, _cert_docs(certs))
+        self._export(key, certs)
+
+    def _export(self, key: str, certs: tuple[CertInfo, ...]) -> None:
+        if self._exported.get(key) == certs:
+            return
+        if certs:
+            self._exported[key] = certs
+        else:
+            self._exported.pop(key, None)
+        names = set()
+        for c in certs:
+            if c.not_after is not None:
+                metrics.CERT_EXPIRY.labels(c.name).set(c.not_after)
+            if c.renew_at is not None:
+                metrics.CERT_RENEWAL.labels(c.name).set(c.renew_at)
+            names.add(c.name)
+        for gone in self._certs.get(key, set()) - names:
+            for gauge in (metrics.CERT_EXPIRY, metrics.CERT_RENEWAL):
+                with suppress(KeyError):
+                    gauge.remove(gone)
+        if names:
+            self._certs[key] = names
+        else:
+            self._certs.pop(key, None)
+
+
+async def run_status(
+    *,
+    feed: FleetFeed,
+    hub: StatusHub,
+    cache: SnapshotCache,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Fleet versions -> /status parts and gauges; Envoy streams -> /status ``envoys``
+    (woken by the streams' changes, published at most twice a second; nothing while idle)."""
+    report = FleetReport(hub)
+    task_status.started()
+    wake = trio.Event()
+    wake.set()  # publish the first (empty) list at once
+
+    def changed() -> None:
+        wake.set()
+
+    async def envoys() -> None:
+        nonlocal wake
+        last: object = None
+        while True:
+            await wake.wait()
+            wake = trio.Event()
+            docs = [_envoy_doc(s) for s in cache.status()]
+            if docs != last:
+                last = docs
+                hub.publish(envoys=docs)
+            await trio.sleep(0.5)
+
+    stop_listening = cache.board.listen(changed)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(envoys)
+            async for update in feed.subscribe():
+                report.update(update.version, update.changed)
+    finally:
+        stop_listening()
+
+
+def _envoy_doc(status: Any) -> dict[str, Any]:
+    doc = asdict(status)
+    doc["acked"] = dict(status.acked)
+    doc["acked_at"] = dict(status.acked_at)
+    return doc
+
+
+def envoys_now(cache: SnapshotCache) -> dict[str, Any]:
+    """``/status/envoys``: every open ADS stream, for each node streaming the versions it
+    should be at (its current snapshot), and how many nodes have a snapshot. Read at request
+    time; small whatever the fleet's size (benchmarks poll it)."""
+    docs = [_envoy_doc(s) for s in cache.status()]
+    snapshots = {}
+    for node in {d["node"] for d in docs}:
+        snap = cache.get(node)
+        if snap is not None:
+            snapshots[node] = {
+                SHORT_NAMES.get(t, t): v for t, v in snap.versions.items() if snap.of_type(t)
+            }
+    return {"envoys": docs, "snapshots": snapshots, "nodes": len(cache)}
