@@ -4,6 +4,7 @@ original Atlas's commands, flags and environment map onto atlasd's options."""
 from __future__ import annotations
 
 import http.server
+import json
 import logging
 import socket
 import threading
@@ -356,3 +357,20 @@ def test_a_demo_that_cannot_start_is_one_line(monkeypatch: pytest.MonkeyPatch) -
     result = _invoke("demo", "--check")
     assert result.exit_code == 1
     assert _one_error_line(result) == ("error: 127.0.0.1:10900 is in use (Address already in use)")
+
+
+def test_cluster_list_with_a_store_judges_loopback_addresses_as_the_daemon_does(
+    tmp_path: Path,
+) -> None:
+    """The daemon refuses a loopback external IP unless run with --allow-loopback; so does
+    `cluster list` against the same store (it used to accept any address with --store)."""
+    store = str(tmp_path / "store")
+    add = _invoke(
+        "cluster", "add", "east", "--external-ip", "127.0.0.5", "--store", store,
+        "--allow-loopback",
+    )  # fmt: skip
+    assert add.exit_code == 0, add.output
+    rows = json.loads(_invoke("cluster", "list", "--store", store, "-o", "json").output)
+    assert len(rows) == 1 and "loopback" in (rows[0]["problem"] or ""), rows
+    allowed = _invoke("cluster", "list", "--store", store, "-o", "json", "--allow-loopback")
+    assert not json.loads(allowed.output)[0]["problem"]
