@@ -86,10 +86,11 @@ async def open_backend(
         from atlasd.standalone import FileStore
 
         store = FileStore(
-            spec.store, namespace=spec.namespace, poll_seconds=spec.store_poll_seconds
+            spec.store,
+            namespace=spec.namespace,
+            poll_seconds=spec.store_poll_seconds,
+            on_problem=on_store_problem,
         )
-        # TODO(merge): FileStore(..., on_problem=on_store_problem) once it reports bad files.
-        del on_store_problem
         async with store:
             yield Backend(
                 api=store, kind="directory", leases=False, zone_mirror=False, namespace_exists=None

@@ -52,7 +52,7 @@ from atlasd.fleet.run import FleetRunner
 from atlasd.fleet.state import FleetVersion
 from atlasd.heap import Heap, export_pauses
 from atlasd.http import StatusApp, run_http
-from atlasd.hub import StatusHub
+from atlasd.hub import StatusHub, StoreProblemDoc
 from atlasd.model import ADS_GRPC_PORT, METRICS_PORT, Settings
 from atlasd.reconcile.expectations import Expectations
 from atlasd.report import envoys_now, run_status
@@ -236,6 +236,10 @@ class Daemon:
         if backend.kind == "directory":  # the operator's files: say what is wrong there
             self.hub.publish(store_error=None if exc is None else str(exc))
 
+    def _store_problem(self, file: str, message: str | None) -> None:
+        doc = [StoreProblemDoc(file=file, message=message)] if message is not None else None
+        self.hub.publish_keyed("store_problems", file, doc)
+
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         o = self.options
         spec = BackendSpec(
@@ -245,7 +249,8 @@ class Daemon:
             store=o.store,
             store_poll_seconds=o.store_poll_seconds,
         )
-        async with spec.open() as backend, trio.open_nursery() as root:
+        opened = spec.open(on_store_problem=self._store_problem)
+        async with opened as backend, trio.open_nursery() as root:
             subs = self.subsystems(backend)
             self._leader_only = [sub for sub in subs if sub.leader_only]
             self.hub.expect_ready(*(sub.ready for sub in subs if sub.ready))

@@ -19,6 +19,13 @@ Objects declared in ``clusters/`` are read-only to atlasd except through
 ``apply``/``delete`` of a cluster Service (what ``atlasd cluster add/remove`` does),
 which write or remove ``clusters/<name>.yaml``.
 
+A declared file that does not parse is one problem of that file, never of the store: it is
+reported once per version of it (``on_problem``, ``problems()``; the daemon shows it as
+``store_problems`` in ``/status``) and, while it stays bad, what it declared when it last
+parsed keeps being served (a typo must not remove, and so revoke, a cluster); every other
+file keeps flowing. Every verb speaks the ``KubeError`` tree (a file system failure is a
+retriable ``ServerError``) and does its file work in a worker thread, one at a time.
+
 ``resourceVersion`` is derived from a file's modification time and size; ``uid`` from
 the object's kind and name (stable across restarts), so ownerReferences hold.
 
@@ -35,24 +42,27 @@ import base64
 import builtins
 import copy
 import json
-import os
-import tempfile
+import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 import yaml
 
-from atlasd.kube.errors import AlreadyExists, Gone, Invalid, NotFound
+from atlasd.files import write_atomic
+from atlasd.kube.errors import AlreadyExists, Gone, Invalid, KubeError, NotFound, ServerError
 from atlasd.kube.resources import SECRETS, SERVICES, ApiResource, resource_for
 from atlasd.kube.selectors import matches
 from atlasd.labels import CLUSTER_LABEL
 from atlasd.model import DEFAULT_NAMESPACE
 
 JSON = dict[str, Any]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 try:  # libyaml's parser and emitter are ~10x faster than PyYAML's own
     from yaml import CSafeDumper as _Dumper
@@ -66,21 +76,6 @@ _Version = tuple[int, int, int]
 _UID_NAMESPACE = uuid.UUID("5b0b8a4e-8f0e-4f7e-9a55-2f1d7f0a7c11")
 
 
-def _atomic_write(path: Path, text: str, *, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _rv(path: Path) -> str:
     st = path.stat()
     return f"{st.st_mtime_ns}-{st.st_size}"
@@ -90,9 +85,24 @@ class FileStore:
     """A directory that answers the Kubernetes verbs atlasd uses."""
 
     def __init__(
-        self, root: Path, *, namespace: str = DEFAULT_NAMESPACE, poll_seconds: float = 0.5
+        self,
+        root: Path,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        poll_seconds: float = 0.5,
+        on_problem: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.root = root
+        # Told (file relative to ``root``, what is wrong or None once fixed) when a declared
+        # file turns bad, changes how it is bad, or is fixed or removed.
+        self.on_problem = on_problem
+        # Declared files that do not parse: (the file's version, the one-line message).
+        self._bad: dict[Path, tuple[_Version, str]] = {}
+        # Each declared file's documents as last parsed well: served while it is bad.
+        self._good: dict[Path, list[Any]] = {}
+        # Problems found in a worker thread, told on the caller's (``_tell``).
+        self._to_tell: list[tuple[str, str | None]] = []
+        self._limiter = trio.CapacityLimiter(1)
         self._namespace = namespace
         # How often ``watch`` looks at the directory.
         self.poll_seconds = poll_seconds
@@ -112,6 +122,42 @@ class FileStore:
     @property
     def namespace(self) -> str:
         return self._namespace
+
+    async def _io(self, verb: str, res: ApiResource, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` (the verb's file work) in a worker thread, one at a time (the caches
+        are this store's alone), and speak the ``KubeError`` tree: a file system failure is
+        retriable (``ServerError``), an unusable object is ``Invalid``. Problems found on
+        the way are told afterwards, on the caller's thread."""
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except KubeError:
+            raise
+        except OSError as exc:
+            raise ServerError(
+                status=500,
+                reason="StoreError",
+                message=f"{self.root}: {exc.strerror or exc}",
+                verb=verb,
+                resource=str(res),
+                namespace=self._namespace,
+            ) from exc
+        except ValueError as exc:
+            raise Invalid(
+                status=422,
+                reason="Invalid",
+                message=str(exc),
+                verb=verb,
+                resource=str(res),
+                namespace=self._namespace,
+            ) from exc
+        finally:
+            self._tell()
+
+    def _tell(self) -> None:
+        told, self._to_tell = self._to_tell, []
+        if self.on_problem is not None:
+            for rel, message in told:
+                self.on_problem(rel, message)
 
     async def __aenter__(self) -> FileStore:
         return self
@@ -149,6 +195,11 @@ class FileStore:
     def _forget_missing(self, folder: Path, seen: set[Path]) -> None:
         for path in [p for p in self._parsed if p.parent == folder and p not in seen]:
             del self._parsed[path]
+        for path in [p for p in self._good if p.parent == folder and p not in seen]:
+            del self._good[path]
+        for path in [p for p in self._bad if p.parent == folder and p not in seen]:
+            del self._bad[path]
+            self._to_tell.append((self._rel(path), None))
 
     def _object_path(self, res: ApiResource, name: str) -> Path:
         return self.objects_dir / res.plural / f"{name}.yaml"
@@ -174,41 +225,79 @@ class FileStore:
         )
 
     def declared_clusters(self) -> dict[str, tuple[JSON, Path]]:
-        """Cluster Services declared in ``clusters/`` (name -> (object, file))."""
+        """Cluster Services declared in ``clusters/`` (name -> (object, file)).
+
+        A file that does not parse (or whose documents are not objects) is one problem of
+        that file (``problems``, ``on_problem``, logged once per version of it); meanwhile
+        what it declared when it last parsed keeps being served, so a typo never removes a
+        cluster, and every other file keeps flowing."""
         out: dict[str, tuple[JSON, Path]] = {}
         paths = sorted(self.clusters_dir.glob("*.y*ml"))
         self._forget_missing(self.clusters_dir, set(paths))
         for path in paths:
             try:
-                docs = self._load(path, SERVICES)
+                docs = self._declared_docs(path)
             except FileNotFoundError:
                 continue  # removed since the directory was listed
-            except (OSError, yaml.YAMLError) as exc:
-                raise Invalid(
-                    status=422,
-                    reason="Invalid",
-                    message=f"{path.name}: not valid YAML: {exc}",
-                    verb="list",
-                    resource="services",
-                ) from exc
             for doc in docs:
-                if not isinstance(doc, dict) or doc.get("kind") != "Service":
-                    continue
-                meta = doc.get("metadata")
-                if not isinstance(meta, dict):
-                    raise Invalid(
-                        status=422,
-                        reason="Invalid",
-                        message=f"{path.name}: metadata is not a mapping",
-                        verb="list",
-                        resource="services",
-                    )
-                name = str(meta.get("name") or "")
-                if name:
-                    out[name] = (doc, path)
+                if isinstance(doc, dict) and doc.get("kind") == "Service":
+                    name = str(doc["metadata"].get("name") or "")
+                    if name:
+                        out[name] = (doc, path)
         return out
 
+    def problems(self) -> dict[str, str]:
+        """The declared files that are bad now: file (relative to the store) -> why."""
+        return {self._rel(p): msg for p, (_, msg) in sorted(self._bad.items())}
+
+    def _rel(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def _declared_docs(self, path: Path) -> list[Any]:
+        """``path``'s documents, or its last good ones while it is bad."""
+        st = path.stat()
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        bad = self._bad.get(path)
+        if bad is not None and bad[0] == version:
+            return self._good.get(path, [])
+        try:
+            docs = self._load(path, SERVICES)
+            for i, doc in enumerate(docs):
+                if (
+                    isinstance(doc, dict)
+                    and doc.get("kind") == "Service"
+                    and not isinstance(doc.get("metadata"), dict)
+                ):
+                    raise ValueError(f"document {i + 1}: metadata is not a mapping")
+        except (yaml.YAMLError, ValueError) as exc:
+            self._parsed.pop(path, None)
+            self._report(path, version, _describe(exc))
+            return self._good.get(path, [])
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            self._report(path, version, f"cannot read it: {exc.strerror or exc}")
+            return self._good.get(path, [])
+        self._good[path] = docs
+        if self._bad.pop(path, None) is not None:
+            log.info("%s: fixed", self._rel(path))
+            self._to_tell.append((self._rel(path), None))
+        return docs
+
+    def _report(self, path: Path, version: _Version, why: str) -> None:
+        message = f"{self._rel(path)}: {why}"
+        before = self._bad.get(path)
+        self._bad[path] = (version, message)
+        if before is not None and before[1] == message:
+            return
+        kept = "; its earlier clusters are kept" if path in self._good else ""
+        log.warning("%s (ignored until fixed%s)", message, kept)
+        self._to_tell.append((self._rel(path), message))
+
     async def get(self, res: ApiResource, name: str, *, namespace: str | None = None) -> JSON:
+        return await self._io("get", res, lambda: self._get(res, name))
+
+    def _get(self, res: ApiResource, name: str) -> JSON:
         if res == SERVICES:
             declared = self.declared_clusters().get(name)
             if declared is not None:
@@ -236,6 +325,11 @@ class FileStore:
         field_selector: str | None = None,
         metadata_only: bool = False,
     ) -> tuple[list[JSON], str]:
+        return await self._io("list", res, lambda: self._list(res, label_selector))
+
+    def _list(
+        self, res: ApiResource, label_selector: str | None
+    ) -> tuple[builtins.list[JSON], str]:
         # Taken first: a change made while listing shows as a change to the next watch.
         fingerprint = self.fingerprint()
         items: dict[str, JSON] = {}
@@ -306,7 +400,7 @@ class FileStore:
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             await trio.sleep(self.poll_seconds)
-            current = self.fingerprint()
+            current = await self._io("watch", res, self.fingerprint)
             if current == fingerprint:
                 continue
             items, rv = await self.list(res, label_selector=label_selector)
@@ -348,7 +442,9 @@ class FileStore:
         else:
             path = self._object_path(res, name)
             mode = 0o600 if res == SECRETS else 0o644
-        _atomic_write(path, yaml.dump(body, Dumper=_Dumper, sort_keys=True), mode=mode)
+        write_atomic(
+            path, yaml.dump(body, Dumper=_Dumper, sort_keys=True), mode=mode, make_parents=True
+        )
         if (
             res == SECRETS
             and name.endswith("-envoy-values")
@@ -356,24 +452,27 @@ class FileStore:
         ):
             values = base64.b64decode(body["data"]["values.yaml"]).decode()
             cluster = name.removesuffix("-envoy-values")
-            _atomic_write(self.values_dir / f"{cluster}.yaml", values, mode=0o600)
+            write_atomic(self.values_dir / f"{cluster}.yaml", values, mode=0o600)
         return self._finish(res, body, _rv(path))
 
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON:
         res = resource_for(str(obj.get("apiVersion")), str(obj.get("kind")))
-        return self._write(res, obj)
+        return await self._io("apply", res, lambda: self._write(res, obj))
 
     async def replace(self, obj: Mapping[str, Any]) -> JSON:
         return await self.apply(obj)
 
     async def create(self, obj: Mapping[str, Any]) -> JSON:
         res = resource_for(str(obj.get("apiVersion")), str(obj.get("kind")))
+        return await self._io("create", res, lambda: self._create(res, obj))
+
+    def _create(self, res: ApiResource, obj: Mapping[str, Any]) -> JSON:
         name = str((obj.get("metadata") or {}).get("name") or "")
         if res.kind == "Event":
             self._append_event(obj)
             return dict(obj)
         try:
-            await self.get(res, name)
+            self._get(res, name)
         except NotFound:
             return self._write(res, obj)
         raise AlreadyExists(
@@ -387,7 +486,6 @@ class FileStore:
         )
 
     def _append_event(self, obj: Mapping[str, Any]) -> None:
-        # Local files are small; blocking I/O here is bounded and brief (as for reads).
         with open(self.root / "events.log", "a") as f:
             f.write(json.dumps(obj, sort_keys=True) + "\n")
 
@@ -396,8 +494,9 @@ class FileStore:
     ) -> JSON:
         if res.kind == "Event":
             return await self.create({**patch, "apiVersion": "v1", "kind": "Event"})
-        current = await self.get(res, name)
-        return self._write(res, _merge(current, patch))
+        return await self._io(
+            "patch", res, lambda: self._write(res, _merge(self._get(res, name), patch))
+        )
 
     async def delete(
         self,
@@ -407,6 +506,9 @@ class FileStore:
         namespace: str | None = None,
         resource_version: str | None = None,
     ) -> None:
+        await self._io("delete", res, lambda: self._delete(res, name))
+
+    def _delete(self, res: ApiResource, name: str) -> None:
         if res == SERVICES:
             declared = self.declared_clusters().get(name)
             if declared is not None:
@@ -444,3 +546,14 @@ def _merge(base: JSON, patch: Mapping[str, Any]) -> JSON:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def _describe(exc: Exception) -> str:
+    """One line saying what is wrong with a file, never quoting its content."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = exc.problem or exc.context or "not valid"
+        return f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+    if isinstance(exc, yaml.YAMLError):
+        return "not valid YAML"
+    return str(exc)

@@ -32,8 +32,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atlasd.dns.writer import Zone, ZoneState, run_zone_writer, write_atomic
+from atlasd.dns.writer import Zone, ZoneState, run_zone_writer
 from atlasd.dns.zone import records, render_records
+from atlasd.files import write_atomic
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
 from tests.harness.coredns import CoreDNS
 from tests.harness.kube import ApiServer

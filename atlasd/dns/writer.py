@@ -36,11 +36,8 @@ conflicts, 429 and 5xx) with backoff (``atlasd.watch.backoff``); other
 from __future__ import annotations
 
 import bisect
-import contextlib
 import functools
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
@@ -60,6 +57,7 @@ from atlasd.dns.zone import (
     render_blocks,
     zone_inputs,
 )
+from atlasd.files import write_atomic
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import CONFIGMAPS
@@ -90,29 +88,6 @@ def read_zone_file(path: Path) -> str | None:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: temp file, fsync, rename, fsync the directory."""
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(text.encode("utf-8"))
-            tmp.flush()
-            # CoreDNS may run as another user (a sidecar container): world-readable.
-            os.fchmod(tmp.fileno(), 0o644)
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # -- deciding what to write -----------------------------------------------------------------
@@ -445,7 +420,9 @@ async def run_zone_writer(
                     latest.put(state.current.text)
                 continue
             _, spent = await trio.to_thread.run_sync(
-                cpu_timed, functools.partial(write_atomic, path, zone.text)
+                # World-readable: CoreDNS may run as another user (a sidecar container).
+                cpu_timed,
+                functools.partial(write_atomic, path, zone.text, mode=0o644),
             )
             state.committed(zone)
             log.info("zone written: serial %d, %d SRV records", zone.serial, zone.count)

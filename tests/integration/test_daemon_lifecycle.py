@@ -148,13 +148,29 @@ def test_standalone_onboarding_through_files(tmp_path: Path) -> None:
         # /status says what the last reconcile that wrote did, and how long it took.
         last = atlasd.status()["last_key_reconcile"]
         assert last["writes"] > 0 and last["seconds"] > 0, last
-        # A broken manifest is reported and loses nothing.
+        # A broken manifest is one problem of that file and loses nothing: another cluster
+        # added meanwhile (as `atlasd cluster add --store` does) is served.
         (store / "clusters" / "broken.yaml").write_text("kind: Service\nmetadata: [\n")
         wait_until(
-            lambda: atlasd.status().get("store_error"), timeout=30, what="store_error reported"
+            lambda: atlasd.status().get("store_problems"), timeout=30, what="the file reported"
         )
-        assert [c["name"] for c in atlasd.status()["clusters"]] == ["east"]
+        [problem] = atlasd.status()["store_problems"]
+        assert problem["file"] == "clusters/broken.yaml" and "line 3" in problem["message"]
+        west = {**CLUSTER, "metadata": {**CLUSTER["metadata"], "name": "west"}}
+        west["spec"] = {**CLUSTER["spec"], "externalIPs": ["192.0.2.77"]}
+        (store / "clusters" / "west.yaml").write_text(yaml.safe_dump(west))
+        wait_until(
+            lambda: [c["name"] for c in atlasd.status()["clusters"]] == ["east", "west"],
+            timeout=30,
+            what="west served beside the broken file",
+        )
+        assert atlasd.status().get("store_error") is None
         (store / "clusters" / "broken.yaml").unlink()
+        (store / "clusters" / "west.yaml").unlink()
+        wait_until(
+            lambda: not atlasd.status().get("store_problems"), timeout=30, what="problem cleared"
+        )
+        assert atlasd.log_text().count("broken.yaml: not valid YAML") == 1
         # Removing the manifest removes the cluster everywhere.
         (store / "clusters" / "east.yaml").unlink()
         wait_until(lambda: not values.exists(), timeout=30, what="values removed")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import logging
 import stat
 from pathlib import Path
 
 import pytest
 import yaml
 
-from atlasd.kube.errors import AlreadyExists, Gone, Invalid, NotFound
+from atlasd.kube.errors import AlreadyExists, Gone, Invalid, NotFound, ServerError
 from atlasd.kube.resources import CONFIGMAPS, SECRETS, SERVICES
 from atlasd.standalone import FileStore
 
@@ -84,11 +85,64 @@ async def test_selector_create_merge_patch_and_cluster_removal(tmp_path: Path) -
     assert not (store.clusters_dir / "east.yaml").exists()
 
 
-async def test_a_manifest_whose_metadata_is_not_a_mapping_is_invalid(tmp_path: Path) -> None:
-    store = FileStore(tmp_path)
+async def test_a_bad_file_is_one_problem_and_every_other_file_keeps_flowing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    told: list[tuple[str, str | None]] = []
+    store = FileStore(tmp_path, on_problem=lambda f, m: told.append((f, m)))
+    (store.clusters_dir / "c.yaml").write_text(CLUSTER)
     (store.clusters_dir / "bad.yaml").write_text("kind: Service\nmetadata: [1]\n")
-    with pytest.raises(Invalid, match=r"bad\.yaml: metadata is not a mapping"):
-        await store.list(SERVICES)
+    (store.clusters_dir / "worse.yaml").write_text("kind: Service\nmetadata: [\n")
+    with caplog.at_level(logging.WARNING, logger="atlasd.standalone"):
+        for _ in range(3):  # every poll lists: each problem is told and logged once
+            items, _ = await store.list(SERVICES)
+            assert {i["metadata"]["name"] for i in items} == {"east", "west"}
+    assert told == [
+        ("clusters/bad.yaml", "clusters/bad.yaml: document 1: metadata is not a mapping"),
+        (
+            "clusters/worse.yaml",
+            "clusters/worse.yaml: not valid YAML at line 3, column 1: "
+            "did not find expected node content",
+        ),
+    ]
+    assert caplog.text.count("bad.yaml") == 1 and caplog.text.count("worse.yaml") == 1
+    assert set(store.problems()) == {"clusters/bad.yaml", "clusters/worse.yaml"}
+    # Another cluster can still be added and read back.
+    added = await store.apply(
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "north",
+         "labels": {"goatlas.io/cluster": "true"}}}
+    )  # fmt: skip
+    assert (await store.get(SERVICES, "north"))["metadata"]["uid"] == added["metadata"]["uid"]
+    # Fixed or removed: the problem clears.
+    (store.clusters_dir / "bad.yaml").write_text("kind: Service\nmetadata: {name: south}\n")
+    (store.clusters_dir / "worse.yaml").unlink()
+    items, _ = await store.list(SERVICES)
+    assert {i["metadata"]["name"] for i in items} == {"east", "west", "north", "south"}
+    assert told[2:] == [("clusters/worse.yaml", None), ("clusters/bad.yaml", None)]
+    assert store.problems() == {}
+
+
+async def test_a_file_that_turns_bad_keeps_its_clusters(tmp_path: Path) -> None:
+    """A typo in a file that declared clusters removes none of them (it would revoke them)."""
+    store = FileStore(tmp_path)
+    (store.clusters_dir / "c.yaml").write_text(CLUSTER)
+    items, _ = await store.list(SERVICES)
+    assert {i["metadata"]["name"] for i in items} == {"east", "west"}
+    (store.clusters_dir / "c.yaml").write_text(CLUSTER + "\n  : [oops\n")
+    items, _ = await store.list(SERVICES)
+    assert {i["metadata"]["name"] for i in items} == {"east", "west"}
+    assert list(store.problems()) == ["clusters/c.yaml"]
+
+
+async def test_file_system_failures_are_retriable_kube_errors(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    (store.objects_dir / "secrets").mkdir()
+    (store.objects_dir / "secrets" / "x.yaml").mkdir()  # a directory where a file should be
+    with pytest.raises(ServerError) as err:
+        await store.get(SECRETS, "x")
+    assert err.value.retriable
+    with pytest.raises(Invalid, match=r"no metadata\.name"):
+        await store.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {}})
 
 
 async def test_the_watch_reports_changes_since_the_list_it_starts_from(tmp_path: Path) -> None:
@@ -157,5 +211,8 @@ async def test_a_declared_service_without_a_kind_is_not_a_cluster(tmp_path: Path
     items, _ = await store.list(SERVICES, label_selector="goatlas.io/cluster=true")
     assert [i["metadata"]["name"] for i in items] == ["east", "west"]
     (store.clusters_dir / "odd.yaml").write_text("kind: Service\nmetadata: [1]\n")
-    with pytest.raises(Invalid, match="metadata is not a mapping"):
-        await store.list(SERVICES)
+    items, _ = await store.list(SERVICES)  # the file's last good clusters, and its problem
+    assert [i["metadata"]["name"] for i in items] == ["east", "west"]
+    assert store.problems() == {
+        "clusters/odd.yaml": "clusters/odd.yaml: document 1: metadata is not a mapping"
+    }

@@ -19,9 +19,9 @@ from atlasd.dns.writer import (
     ZoneState,
     configmap,
     run_zone_writer,
-    write_atomic,
 )
 from atlasd.dns.zone import parse_serial, records, render_zone
+from atlasd.files import write_atomic
 from atlasd.kube.errors import Forbidden, ServerError
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
 from tests.unit.fakekube import FakeKube
