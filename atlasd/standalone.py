@@ -38,7 +38,6 @@ directory listing and a ``stat`` per file are repeated on every poll.
 
 from __future__ import annotations
 
-import base64
 import builtins
 import copy
 import json
@@ -55,8 +54,9 @@ import yaml
 from atlasd.files import write_atomic
 from atlasd.kube.errors import AlreadyExists, Gone, Invalid, KubeError, NotFound, ServerError
 from atlasd.kube.resources import SECRETS, SERVICES, ApiResource, resource_for
+from atlasd.kube.secrets import encode_secret_data, secret_data
 from atlasd.kube.selectors import matches
-from atlasd.labels import CLUSTER_LABEL
+from atlasd.labels import CLUSTER_LABEL, VALUES_SECRET_SUFFIX
 from atlasd.model import DEFAULT_NAMESPACE
 
 JSON = dict[str, Any]
@@ -433,8 +433,7 @@ class FileStore:
         meta["namespace"] = self._namespace
         if res == SECRETS and "stringData" in body:
             data = body.setdefault("data", {})
-            for k, v in body.pop("stringData").items():
-                data[k] = base64.b64encode(str(v).encode()).decode()
+            data.update(encode_secret_data({k: str(v) for k, v in body.pop("stringData").items()}))
         labels = meta.get("labels") or {}
         if res == SERVICES and labels.get(CLUSTER_LABEL) == "true":
             path = self.clusters_dir / f"{name}.yaml"
@@ -445,14 +444,10 @@ class FileStore:
         write_atomic(
             path, yaml.dump(body, Dumper=_Dumper, sort_keys=True), mode=mode, make_parents=True
         )
-        if (
-            res == SECRETS
-            and name.endswith("-envoy-values")
-            and "values.yaml" in body.get("data", {})
-        ):
-            values = base64.b64decode(body["data"]["values.yaml"]).decode()
-            cluster = name.removesuffix("-envoy-values")
-            write_atomic(self.values_dir / f"{cluster}.yaml", values, mode=0o600)
+        values = secret_data(body).get("values.yaml") if res == SECRETS else None
+        if values is not None and name.endswith(VALUES_SECRET_SUFFIX):
+            cluster = name.removesuffix(VALUES_SECRET_SUFFIX)
+            write_atomic(self.values_dir / f"{cluster}.yaml", values.decode(), mode=0o600)
         return self._finish(res, body, _rv(path))
 
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON:
@@ -519,8 +514,9 @@ class FileStore:
             path.unlink()
         except FileNotFoundError:
             raise self._not_found("delete", res, name) from None
-        if res == SECRETS and name.endswith("-envoy-values"):
-            (self.values_dir / f"{name.removesuffix('-envoy-values')}.yaml").unlink(missing_ok=True)
+        if res == SECRETS and name.endswith(VALUES_SECRET_SUFFIX):
+            cluster = name.removesuffix(VALUES_SECRET_SUFFIX)
+            (self.values_dir / f"{cluster}.yaml").unlink(missing_ok=True)
 
     def fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         """Changes to any input or state file change this (the standalone watch polls it)."""
