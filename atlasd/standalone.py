@@ -52,14 +52,13 @@ import trio
 import yaml
 
 from atlasd.files import write_atomic
+from atlasd.kube.api import JSON
 from atlasd.kube.errors import AlreadyExists, Gone, Invalid, KubeError, NotFound, ServerError
 from atlasd.kube.resources import SECRETS, SERVICES, ApiResource, resource_for
 from atlasd.kube.secrets import encode_secret_data, secret_data
 from atlasd.kube.selectors import matches
 from atlasd.labels import CLUSTER_LABEL, VALUES_SECRET_SUFFIX
 from atlasd.model import DEFAULT_NAMESPACE
-
-JSON = dict[str, Any]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

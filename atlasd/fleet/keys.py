@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from atlasd import labels
+from atlasd.kube.api import Obj
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Settings
 from atlasd.watch.role import Role
@@ -41,8 +42,6 @@ FIXED_SECRETS = (
 """Secrets of the fleet-wide key, read by name even before atlasd owns them."""
 
 MANAGED_SELECTOR = f"{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
-
-Obj = Mapping[str, Any]
 
 
 def roles(settings: Settings) -> tuple[Role, ...]:

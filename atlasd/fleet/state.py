@@ -36,7 +36,7 @@ from typing import Any, Literal
 import immutables
 
 from atlasd import labels
-from atlasd.fleet.keys import FLEET_KEY, Obj, key_of, resource_version
+from atlasd.fleet.keys import FLEET_KEY, key_of, resource_version
 from atlasd.fleet.trust import StoredCA, not_after, read_ca, renewal_time, trusted_pair
 from atlasd.fleet.validate import (
     age_key,
@@ -47,6 +47,7 @@ from atlasd.fleet.validate import (
     source_ref,
     validate_cluster,
 )
+from atlasd.kube.api import Obj
 from atlasd.kube.secrets import secret_data
 from atlasd.model import (
     OBSERVABILITY_NODE,

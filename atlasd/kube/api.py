@@ -12,7 +12,10 @@ from typing import Any, Protocol
 
 from atlasd.kube.resources import ApiResource
 
+# The one home of these aliases: an object as decoded from the API (or a file), and a
+# read-only view of one (what the pure decisions take).
 JSON = dict[str, Any]
+Obj = Mapping[str, Any]
 
 
 class KubeApi(Protocol):

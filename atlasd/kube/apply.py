@@ -23,10 +23,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from atlasd.kube.api import Obj
 from atlasd.kube.secrets import secret_data
 from atlasd.labels import FIELD_MANAGER
-
-Obj = Mapping[str, Any]
 
 Path = tuple[str, ...]
 

@@ -26,6 +26,7 @@ from typing import Any, Self
 
 import httpx
 
+from atlasd.kube.api import JSON
 from atlasd.kube.config import Credential, Credentials, KubeConfig, ssl_context
 from atlasd.kube.errors import ApiError, Gone, NotFound, TransportError, api_error
 from atlasd.kube.resources import EVENTS, ApiResource, resource_for
@@ -39,7 +40,6 @@ LIST_PAGE_SIZE = 500
 # Extra read time on top of a watch's timeoutSeconds before the client gives up.
 WATCH_READ_GRACE = 30.0
 
-JSON = dict[str, Any]
 # A LIST answered with only each item's metadata (meta.k8s.io PartialObjectMetadataList).
 _METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 

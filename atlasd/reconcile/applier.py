@@ -82,7 +82,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-JSON = dict[str, Any]
 # Concurrent writes: beyond ~8 the HTTP client's own cost per request grows (its pool is
 # scanned per request) and the API server answers no faster (bench/README.md).
 DEFAULT_CONCURRENCY = 8

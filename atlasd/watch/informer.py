@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import trio
 
-from atlasd.kube.api import KubeApi
+from atlasd.kube.api import JSON, KubeApi
 from atlasd.kube.errors import (
     BadRequest,
     Gone,
@@ -51,7 +51,6 @@ from atlasd.watch.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
 ChangeType = Literal["ADDED", "MODIFIED", "DELETED"]
 
 # client-go: a watch that ends this fast with no events is treated as a failure.
@@ -66,14 +65,14 @@ class Change:
 
     type: ChangeType
     key: str
-    obj: Obj
-    old: Obj | None = None
+    obj: JSON
+    old: JSON | None = None
 
 
 Handler = Callable[[Change], None]
 
 
-def _meta(obj: Obj) -> dict[str, Any]:
+def _meta(obj: JSON) -> dict[str, Any]:
     meta = obj.get("metadata")
     return meta if isinstance(meta, dict) else {}
 
@@ -97,7 +96,7 @@ class Informer:
         watch_timeout: tuple[float, float] = (300.0, 600.0),
         inactivity_grace: float = 60.0,
         backoff: Backoff | None = None,
-        transform: Callable[[Obj], Obj] | None = None,
+        transform: Callable[[JSON], JSON] | None = None,
         streaming_list: bool = False,
     ) -> None:
         self.kube = kube
@@ -113,7 +112,7 @@ class Informer:
         # Fill the cache with a streaming list (watch + sendInitialEvents) instead of a
         # LIST; falls back to LIST for good if the server refuses it (400/422).
         self.streaming_list = streaming_list
-        self._cache: dict[str, Obj] = {}
+        self._cache: dict[str, JSON] = {}
         self._rv = ""
         self._synced = trio.Event()
         self._handlers: list[Handler] = []
@@ -128,11 +127,11 @@ class Informer:
 
     # -- cache ---------------------------------------------------------------------------
 
-    def items(self) -> dict[str, Obj]:
+    def items(self) -> dict[str, JSON]:
         """A snapshot (shallow copy) of the cache: key -> object."""
         return dict(self._cache)
 
-    def get(self, key: str) -> Obj | None:
+    def get(self, key: str) -> JSON | None:
         return self._cache.get(key)
 
     def __len__(self) -> int:
@@ -149,7 +148,7 @@ class Informer:
     async def wait_synced(self) -> None:
         await self._synced.wait()
 
-    def key(self, obj: Obj) -> str:
+    def key(self, obj: JSON) -> str:
         meta = _meta(obj)
         name = str(meta.get("name") or "")
         if self.res.namespaced and self.namespace is None:
@@ -236,7 +235,7 @@ class Informer:
         True when the stream went Gone after the cache was filled (relist at once);
         a failure before that raises (the caller backs off)."""
         timeout = int(random.uniform(*self.watch_timeout))
-        initial: list[Obj] = []
+        initial: list[JSON] = []
         synced = False
         stream = self.kube.watch(
             self.res,
@@ -266,7 +265,7 @@ class Informer:
                 if synced:
                     self._apply(event)
                     continue
-                obj: Obj = event["object"]
+                obj: JSON = event["object"]
                 if event.get("type") == "ADDED":
                     initial.append(obj)
                 elif event.get("type") == "BOOKMARK":
@@ -280,7 +279,7 @@ class Informer:
             raise TransportError(f"streaming list of {self.res} ended before its initial events")
         return False
 
-    def _replace(self, items: list[Obj], rv: str) -> None:
+    def _replace(self, items: list[JSON], rv: str) -> None:
         """Make ``items`` the cache (a full list at ``rv``), emitting the differences."""
         if self.transform is not None:
             items = [self.transform(obj) for obj in items]
@@ -349,7 +348,7 @@ class Informer:
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        obj: Obj = event["object"]
+        obj: JSON = event["object"]
         rv = _meta(obj).get("resourceVersion")
         if kind == "BOOKMARK":
             if rv:
@@ -374,7 +373,7 @@ class Informer:
             log.warning("watch %s: ignoring an event of type %r", self.res, kind)
 
 
-def strip_managed_fields(obj: Obj) -> Obj:
+def strip_managed_fields(obj: JSON) -> JSON:
     """A transform dropping ``metadata.managedFields`` (often half of an object's size).
     Do not use it on caches whose objects feed ``atlasd.kube.apply.needs_apply``: it reads
     managedFields to notice fields atlasd stopped sending."""

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import trio
 
-from atlasd.kube.api import KubeApi
+from atlasd.kube.api import JSON, KubeApi
 from atlasd.kube.apply import read_fields
 from atlasd.labels import FIELD_MANAGER
 from atlasd.watch.informer import Change, Informer
@@ -37,11 +37,9 @@ from atlasd.watch.role import Role
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
-
 
 class Sink(Protocol):
-    def changed(self, role: Role, name: str, obj: Obj | None) -> None: ...
+    def changed(self, role: Role, name: str, obj: JSON | None) -> None: ...
 
     def relisted(self, role: Role) -> None: ...
 
@@ -73,13 +71,13 @@ class Compactor:
     def __init__(self) -> None:
         self._shared: dict[str, dict[str, Any]] = {}
 
-    def __call__(self, obj: Obj) -> Obj:
+    def __call__(self, obj: JSON) -> JSON:
         meta = obj.get("metadata")
         fields: list[Any] = []
         if isinstance(meta, dict) and "managedFields" in meta:
             fields = meta["managedFields"] or []
             obj = {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
-        out: Obj = _interned(obj)
+        out: JSON = _interned(obj)
         entries = [
             self._entry(e)
             for e in fields
