@@ -21,8 +21,9 @@ Optionally (``streaming_list=True``) step 1 is a streaming list: a watch with
 watch of step 2. A server that refuses it (400/422) gets plain LISTs from then on.
 
 Change feed: ``subscribe(handler)`` registers a synchronous callback that gets a
-``Change`` for every cache mutation, after the cache holds the new state; a
-``WorkQueue`` subscribes with ``subscribe_queue`` and gets the object keys (names).
+``Change`` for every cache mutation, after the cache holds the new state (the sources,
+``atlasd.watch.sources``, hand each to the fleet). ``run_informers`` starts a set of them
+and reports started once every one has listed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from atlasd.kube.errors import (
 )
 from atlasd.kube.resources import ApiResource
 from atlasd.watch.backoff import Backoff
-from atlasd.watch.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Informer:
         self.inactivity_grace = inactivity_grace
         self.backoff = backoff if backoff is not None else Backoff()
         # Applied to every object before it is cached (client-go SetTransform), e.g.
-        # ``strip_managed_fields`` to save memory when nothing reads managedFields.
+        # ``atlasd.watch.sources.Compactor`` to save memory.
         self.transform = transform
         # Fill the cache with a streaming list (watch + sendInitialEvents) instead of a
         # LIST; falls back to LIST for good if the server refuses it (400/422).
@@ -172,10 +172,6 @@ class Informer:
         emitted first): the cache is then at least as new as any write that completed
         before the LIST began."""
         self._relist_handlers.append(handler)
-
-    def subscribe_queue(self, queue: WorkQueue[str]) -> Callable[[], None]:
-        """Add the key of every changed object to ``queue``."""
-        return self.subscribe(lambda change: queue.add(change.key))
 
     def _report(self, exc: Exception | None) -> None:
         self._failing = exc is not None
@@ -371,16 +367,6 @@ class Informer:
                 self._emit(Change("DELETED", key, obj, before))
         else:
             log.warning("watch %s: ignoring an event of type %r", self.res, kind)
-
-
-def strip_managed_fields(obj: JSON) -> JSON:
-    """A transform dropping ``metadata.managedFields`` (often half of an object's size).
-    Do not use it on caches whose objects feed ``atlasd.kube.apply.needs_apply``: it reads
-    managedFields to notice fields atlasd stopped sending."""
-    meta = obj.get("metadata")
-    if isinstance(meta, dict) and "managedFields" in meta:
-        meta.pop("managedFields")
-    return obj
 
 
 def all_synced(informers: Sequence[Informer]) -> bool:

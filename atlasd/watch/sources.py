@@ -32,7 +32,7 @@ import trio
 from atlasd.kube.api import JSON, KubeApi
 from atlasd.kube.apply import read_fields
 from atlasd.labels import FIELD_MANAGER
-from atlasd.watch.informer import Change, Informer
+from atlasd.watch.informer import Change, Informer, run_informers
 from atlasd.watch.role import Role
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,6 @@ async def run_sources(
             inf.on_error = functools.partial(on_error, role)
         informers.append((role, inf))
     async with trio.open_nursery() as nursery:
-        for _, inf in informers:
-            nursery.start_soon(inf.run)
-        for _, inf in informers:
-            await inf.wait_synced()
+        await nursery.start(run_informers, [inf for _, inf in informers])
         log.info("watching %s", ", ".join(f"{r.name} ({r.selector})" for r, _ in informers))
         task_status.started()

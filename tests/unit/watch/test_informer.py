@@ -17,7 +17,6 @@ from atlasd.watch.informer import (
     Informer,
     all_synced,
     run_informers,
-    strip_managed_fields,
 )
 from atlasd.watch.workqueue import WorkQueue
 from tests.unit.fakekube import HANG, FakeKube
@@ -204,7 +203,7 @@ async def test_change_feed_into_a_work_queue(autojump_clock: trio.testing.MockCl
     kube = FakeKube(lists=[([obj("a", "1")], "10")], watches=[[*events, HANG]])
     inf = informer(kube)
     queue: WorkQueue[str] = WorkQueue()
-    unsubscribe = inf.subscribe_queue(queue)
+    unsubscribe = inf.subscribe(lambda change: queue.add(change.key))
     await run_until(inf, lambda: inf.resource_version == "1010")
     assert queue.drain_ready() == ["a"]  # 1001 changes, one work item
     unsubscribe()
@@ -234,7 +233,12 @@ async def test_transform_applies_to_listed_and_watched_objects(
         lists=[([with_mf(obj("a", "1"))], "10")],
         watches=[[{"type": "ADDED", "object": with_mf(obj("b", "11"))}, HANG]],
     )
-    inf = informer(kube, transform=strip_managed_fields)
+
+    def strip(o: dict[str, Any]) -> dict[str, Any]:
+        o["metadata"].pop("managedFields")
+        return o
+
+    inf = informer(kube, transform=strip)
     await run_until(inf, lambda: inf.resource_version == "11")
     assert all("managedFields" not in o["metadata"] for o in inf.items().values())
     assert sorted(inf.items()) == ["a", "b"]
