@@ -57,9 +57,17 @@ class ClusterDoc(TypedDict):
     certificate_expiry: float | None
 
 
+class AnswerDoc(TypedDict):
+    name: str
+    records: int
+    bytes: int
+
+
 class ZoneDoc(TypedDict):
     serial: int
     records: int
+    # SRV names whose answer no longer fits in one DNS message (atlasd.dns.answer).
+    too_large: list[AnswerDoc]
 
 
 class ResultDoc(TypedDict):

@@ -36,6 +36,13 @@ PENDING = Gauge(
     "atlasd_pending_clusters", "Valid cluster Services whose certificates are not stored yet."
 )
 LEADER = Gauge("atlasd_leader", "1 while this replica holds the Lease.")
+# One series per SRV name the zone serves: the port names (thanos, ...) times the DNS groups
+# plus one; a handful, whatever the number of clusters.
+DNS_ANSWER_BYTES = Gauge(
+    "atlasd_dns_srv_answer_bytes",
+    "Size of the DNS answer for each SRV name of the zone (at most 65535 fit in one message).",
+    ["name"],
+)
 CERT_EXPIRY = Gauge(
     "atlasd_certificate_expiry_timestamp_seconds",
     "notAfter of each certificate atlasd serves (unix time).",

@@ -30,7 +30,7 @@ from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import FLEET_KEY
 from atlasd.fleet.state import FleetVersion
 from atlasd.heap import Heap
-from atlasd.hub import StatusHub
+from atlasd.hub import AnswerDoc, StatusHub
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError
 from atlasd.kube.events import post_event
@@ -163,9 +163,7 @@ async def run_zone(
 ) -> None:
     """The zone writer; restarted with the ConfigMap mirror while this replica leads."""
     task_status.started()
-
-    def on_zone(zone: Zone) -> None:
-        hub.publish(zone={"serial": zone.serial, "records": zone.count})
+    report = ZoneReport(hub)
 
     while True:
         leading = leadership.leading
@@ -178,7 +176,7 @@ async def run_zone(
                     path=path,
                     kube=mirror if leading else None,
                     settings=settings,
-                    on_zone=on_zone,
+                    on_zone=report.update,
                 )
             )
 
@@ -190,6 +188,42 @@ async def run_zone(
             nursery.start_soon(forward)
             await leadership.wait_changed()
             nursery.cancel_scope.cancel()
+
+
+class ZoneReport:
+    """The zone in /status and the metrics: its serial, records and each SRV answer's size;
+    an answer that stops fitting in one DNS message is logged once (until it fits again).
+    Invariant: ``_too_large`` holds the names last logged as too large."""
+
+    def __init__(self, hub: StatusHub) -> None:
+        self._hub = hub
+        self._names: set[str] = set()
+        self._too_large: set[str] = set()
+
+    def update(self, zone: Zone) -> None:
+        for a in zone.answers:
+            metrics.DNS_ANSWER_BYTES.labels(a.name).set(a.bytes)
+        names = {a.name for a in zone.answers}
+        for gone in self._names - names:
+            metrics.DNS_ANSWER_BYTES.remove(gone)
+        self._names = names
+        too_large = zone.too_large
+        for a in too_large:
+            if a.name not in self._too_large:
+                log.error(
+                    "the SRV answer for %s holds %d records, %d bytes: more than one DNS "
+                    "message (65535); CoreDNS truncates it and Thanos Query fails every "
+                    "lookup of it. Split the clusters into DNS groups, one Thanos Query per "
+                    "group (docs/dns.md)",
+                    a.name,
+                    a.records,
+                    a.bytes,
+                )
+        self._too_large = {a.name for a in too_large}
+        docs: list[AnswerDoc] = [
+            {"name": a.name, "records": a.records, "bytes": a.bytes} for a in too_large
+        ]
+        self._hub.publish(zone={"serial": zone.serial, "records": zone.count, "too_large": docs})
 
 
 async def run_heap(

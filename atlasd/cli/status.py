@@ -127,6 +127,14 @@ def render_status(doc: dict[str, Any]) -> str:
     leadership = doc.get("leadership") or {}
     if leadership.get("reason"):
         parts.append(f"NOT LEADING: {leadership['reason']}")
+    for a in (doc.get("zone") or {}).get("too_large") or []:
+        parts.append(
+            f"DNS ANSWER TOO LARGE: {a['name']} holds {a['records']} sidecars, {a['bytes']} "
+            "bytes (at most 65535 fit in one DNS message): Thanos Query cannot resolve it; "
+            "split the clusters into DNS groups (docs/dns.md)"
+        )
+    for why in doc.get("unhealthy") or []:
+        parts.append(f"UNHEALTHY: {why}")
     parts += ["", "CLUSTERS"]
     envoys = doc.get("envoys") or []
     by_node: dict[str, list[dict[str, Any]]] = {}

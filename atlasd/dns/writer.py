@@ -47,11 +47,13 @@ from typing import Any, TypeVar
 
 import trio
 
+from atlasd.dns.answer import Answer, AnswerSizes
 from atlasd.dns.zone import (
     Block,
     SrvRecord,
     ZoneError,
     cluster_block,
+    name_server,
     next_serial,
     parse_serial,
     render_blocks,
@@ -110,6 +112,13 @@ class Zone:
     text: str
     # How many SRV records (kept by ZoneState as blocks come and go: counting walks them).
     count: int
+    # Each SRV name's answer (atlasd.dns.answer), largest first.
+    answers: tuple[Answer, ...] = ()
+
+    @property
+    def too_large(self) -> tuple[Answer, ...]:
+        """The names whose answer no longer fits in one DNS message."""
+        return tuple(a for a in self.answers if a.too_large)
 
     @property
     def records(self) -> tuple[SrvRecord, ...]:
@@ -144,6 +153,7 @@ class ZoneState:
         # kept as keys change, so a change does not walk every cluster.
         self._texts: list[str] = []
         self._count = 0
+        self._sizes = AnswerSizes()
         self._inputs: dict[str, Hashable] = {}
         # The blocks hold changes not yet on disk (a write failed, or is under way).
         self._uncommitted = False
@@ -176,7 +186,9 @@ class ZoneState:
         dirty = self.current is None or self._uncommitted
         for key, update in updates.items():
             if update is None:
-                self._count -= len(self._blocks.pop(key).records)
+                gone = self._blocks.pop(key).records
+                self._count -= len(gone)
+                self._sizes.remove(gone)
                 del self._inputs[key]
                 at = bisect.bisect_left(self._names, key)
                 del self._names[at]
@@ -192,8 +204,10 @@ class ZoneState:
                     self._texts.insert(at, block.text)
                 else:
                     self._count -= len(old.records)
+                    self._sizes.remove(old.records)
                     self._texts[at] = block.text
                 self._count += len(block.records)
+                self._sizes.add(block.records)
                 dirty = True
             self._blocks[key] = block
             self._inputs[key] = key_inputs
@@ -210,13 +224,15 @@ class ZoneState:
             if found is not None and found >= self.serial:
                 same = render_blocks(body, settings=fleet.settings, serial=found)
                 if same == self._found_text:
-                    self.current = Zone(frozen, found, same, self._count)
+                    answers = self._sizes.answers(name_server=name_server(fleet.settings))
+                    self.current = Zone(frozen, found, same, self._count, answers)
                     self._found_text = None
                     self._uncommitted = False
                     return None
         serial = next_serial(self.serial, now=self._clock())
         text = render_blocks(body, settings=fleet.settings, serial=serial)
-        return Zone(frozen, serial, text, self._count)
+        answers = self._sizes.answers(name_server=name_server(fleet.settings))
+        return Zone(frozen, serial, text, self._count, answers)
 
     def committed(self, zone: Zone) -> None:
         """``zone`` is now on disk."""

@@ -248,12 +248,17 @@ def next_serial(previous: int | None, *, now: float) -> int:
     return candidate
 
 
-def _header(settings: Settings, serial: int) -> str:
+def name_server(settings: Settings) -> str:
+    """The zone's name server (its SOA MNAME and NS record)."""
     namespace = _label(settings.namespace, what="settings.namespace")
     cluster_domain = _domain(settings.cluster_domain, what="settings.cluster_domain")
+    return f"{NAME_SERVER_SERVICE}.{namespace}.svc.{cluster_domain}."
+
+
+def _header(settings: Settings, serial: int) -> str:
+    mname = name_server(settings)
     if type(serial) is not int or not 1 <= serial <= MAX_SERIAL:
         raise SerialError(f"serial {serial!r} is not a 32-bit serial")
-    mname = f"{NAME_SERVER_SERVICE}.{namespace}.svc.{cluster_domain}."
     lines = [
         "; The atlas. zone, written by atlasd: SRV records Thanos Query discovers its",
         "; sidecars from. Rewritten (atomically) whenever the clusters change; do not edit.",

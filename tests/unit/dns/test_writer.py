@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atlasd.dns import writer
+from atlasd.dns.answer import Answer, answer_bytes
 from atlasd.dns.writer import (
     ZONE_KEY,
     Zone,
@@ -20,7 +21,7 @@ from atlasd.dns.writer import (
     configmap,
     run_zone_writer,
 )
-from atlasd.dns.zone import parse_serial, records, render_zone
+from atlasd.dns.zone import SrvRecord, name_server, parse_serial, records, render_zone
 from atlasd.files import write_atomic
 from atlasd.kube.errors import Forbidden, ServerError
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
@@ -312,7 +313,18 @@ def test_kept_body_and_count_match_a_full_render(
         if zone is not None:
             assert zone.text == render_zone(f, serial=zone.serial)
             assert zone.count == len(records(f)) == len(zone.records)
+            assert zone.answers == _full_answers(records(f))
             state.committed(zone)
         else:
             assert state.current is not None and state.current.count == len(records(f))
+            assert state.current.answers == _full_answers(records(f))
         before = sizes
+
+
+def _full_answers(recs: tuple[SrvRecord, ...]) -> tuple[Answer, ...]:
+    by_name: dict[str, list[SrvRecord]] = {}
+    for r in recs:
+        by_name.setdefault(r.owner, []).append(r)
+    ns = name_server(SETTINGS)
+    out = [Answer(n, len(rs), answer_bytes(n, rs, name_server=ns)) for n, rs in by_name.items()]
+    return tuple(sorted(out, key=lambda a: (-a.bytes, a.name)))
