@@ -86,7 +86,7 @@ def _log_new_problems(before: FleetVersion | None, update: FleetUpdate) -> None:
     for key in sorted(update.changed):
         new = _problem_keys(update.version, key) - _problem_keys(before, key)
         for p in sorted(new, key=str):
-            log.warning("rejected: %s (%s)", p, p.reason)
+            log.warning("rejected: %s (%s)", p, p.reason, extra={"key": key})
 
 
 async def run_fleet(

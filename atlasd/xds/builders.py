@@ -287,7 +287,7 @@ class SnapshotBuilder:
         except InconsistentSnapshot as exc:
             # A builder bug, not bad input: say so, keep serving the last good snapshot.
             self.problems.append(str(exc))
-            log.error("xds: not publishing node %r: %s", node, exc)
+            log.error("xds: not publishing node %r: %s", node, exc, extra={"key": node})
             return prev
         if prev is not None:
             if prev.versions == snap.versions:
@@ -429,7 +429,7 @@ class SnapshotBuilder:
                 snap = self._atlas.evolve(upserts, removals)
             except InconsistentSnapshot as exc:
                 self.problems.append(str(exc))
-                log.error("xds: not publishing node %r: %s", node, exc)
+                log.error("xds: not publishing node %r: %s", node, exc, extra={"key": node})
                 return None
         if snap is None or snap is self._atlas:
             return None

@@ -46,6 +46,7 @@ import h2.exceptions
 import trio
 import trio_asyncio
 
+from atlasd import logs
 from atlasd.xds.authz import Authorizer, Denied
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.protocol import (
@@ -148,6 +149,9 @@ class AdsService:
                 grpclib.const.Status.INVALID_ARGUMENT, "the first request must carry node.id"
             )
         peer = _peer(stream)
+        # This stream's lines carry its node (each grpclib stream is its own asyncio task,
+        # with its own context).
+        logs.bind(key=node)
         try:
             who = self.authorizer.authorize(
                 node, list(stream.metadata.items()), peer_names(_peer_cert(stream))

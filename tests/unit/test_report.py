@@ -112,6 +112,8 @@ def test_each_problem_is_logged_once_when_it_appears(caplog: pytest.LogCaptureFi
         fleet.observe("east", stored(bad, created="2026-01-01T00:00:00Z"))
         [line] = logged()
         assert "Service" in line and "east" in line and "goatlas.io/replicas" in line
+        # The key the line concerns is a field of its own (--log-format json shows it).
+        assert [getattr(r, "key", None) for r in caplog.records] == ["east"]
         assert "'many'" in line and "(InvalidCluster)" in line
         # The same Service written again (new resourceVersion, same problem), and other
         # clusters coming and going: nothing new to say.
