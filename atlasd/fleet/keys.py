@@ -43,17 +43,24 @@ FIXED_SECRETS = (
 
 MANAGED_SELECTOR = f"{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
 
+# The role names: the one place they are spelled (state, keys and the reconciler compare
+# against these).
+CLUSTER_SERVICES = "cluster-services"
+OWNED_SERVICES = "owned-services"
+OWNED_SECRETS = "owned-secrets"
+ALERTMANAGER_SERVICES = "alertmanager-services"
+
 
 def roles(settings: Settings) -> tuple[Role, ...]:
     """The object sets atlasd watches, in the order the informers start."""
     out = [
-        Role("cluster-services", SERVICES, labels.CLUSTER_LABEL),
-        Role("owned-services", SERVICES, MANAGED_SELECTOR),
-        Role("owned-secrets", SECRETS, MANAGED_SELECTOR),
+        Role(CLUSTER_SERVICES, SERVICES, labels.CLUSTER_LABEL),
+        Role(OWNED_SERVICES, SERVICES, MANAGED_SELECTOR),
+        Role(OWNED_SECRETS, SECRETS, MANAGED_SELECTOR),
     ]
     if settings.alertmanager_selector:
         am = ",".join(f"{k}={v}" for k, v in settings.alertmanager_selector)
-        out.append(Role("alertmanager-services", SERVICES, am))
+        out.append(Role(ALERTMANAGER_SERVICES, SERVICES, am))
     return tuple(out)
 
 
@@ -70,11 +77,11 @@ def name_of(obj: Obj) -> str:
 
 def key_of(role: str, obj: Obj) -> str:
     """The key an object of ``role`` belongs to."""
-    if role == "cluster-services":
+    if role == CLUSTER_SERVICES:
         return name_of(obj)
-    if role == "alertmanager-services":
+    if role == ALERTMANAGER_SERVICES:
         return FLEET_KEY
-    if role == "owned-secrets" and name_of(obj) in FIXED_SECRETS:
+    if role == OWNED_SECRETS and name_of(obj) in FIXED_SECRETS:
         return FLEET_KEY
     owner = _labels(obj).get(labels.OWNER_CLUSTER_LABEL)
     return str(owner) if isinstance(owner, str) and owner else FLEET_KEY

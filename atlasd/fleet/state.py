@@ -36,7 +36,15 @@ from typing import Any, Literal
 import immutables
 
 from atlasd import labels
-from atlasd.fleet.keys import FLEET_KEY, key_of, resource_version
+from atlasd.fleet.keys import (
+    ALERTMANAGER_SERVICES,
+    CLUSTER_SERVICES,
+    FLEET_KEY,
+    OWNED_SECRETS,
+    OWNED_SERVICES,
+    key_of,
+    resource_version,
+)
 from atlasd.fleet.trust import StoredCA, not_after, read_ca, renewal_time, trusted_pair
 from atlasd.fleet.validate import (
     age_key,
@@ -284,11 +292,11 @@ class FleetState:
         secrets: dict[str, Obj] = {}
         ams: dict[str, Obj] = {}
         for (role, name), obj in self.objects(FLEET_KEY).items():
-            if role == "alertmanager-services":
+            if role == ALERTMANAGER_SERVICES:
                 ams[name] = obj
-            elif role == "owned-secrets" and name == labels.CA_SECRET:
+            elif role == OWNED_SECRETS and name == labels.CA_SECRET:
                 ca_secret = obj
-            elif role == "owned-secrets":
+            elif role == OWNED_SECRETS:
                 secrets[name] = obj
         problems: list[Problem] = []
         ca = read_ca(ca_secret, now=now) if ca_secret is not None else None
@@ -374,11 +382,11 @@ class FleetState:
         services: dict[str, Obj] = {}
         secrets: dict[str, Obj] = {}
         for (role, name), obj in objs.items():
-            if role == "cluster-services":
+            if role == CLUSTER_SERVICES:
                 service = obj
-            elif role == "owned-services":
+            elif role == OWNED_SERVICES:
                 services[name] = obj
-            elif role == "owned-secrets":
+            elif role == OWNED_SECRETS:
                 secrets[name] = obj
         settings = self.settings
         svc_rv = resource_version(service)

@@ -46,7 +46,14 @@ from typing import Any, Protocol
 import trio
 
 from atlasd import labels
-from atlasd.fleet.keys import FIXED_SECRETS, FLEET_KEY, key_of, resource_version, roles
+from atlasd.fleet.keys import (
+    FIXED_SECRETS,
+    FLEET_KEY,
+    OWNED_SECRETS,
+    key_of,
+    resource_version,
+    roles,
+)
 from atlasd.fleet.state import FleetState, FleetVersion, Member
 from atlasd.fleet.validate import identity_secret_name
 from atlasd.kube.api import KubeApi
@@ -601,8 +608,8 @@ async def _reobserve_fixed(api: KubeApi, state: FleetState, settings: Settings) 
             obj = await api.get(SECRETS, name, namespace=settings.namespace)
         except NotFound:
             continue
-        if key_of("owned-secrets", obj) == FLEET_KEY:
-            state.observe("owned-secrets", name, obj)
+        if key_of(OWNED_SECRETS, obj) == FLEET_KEY:
+            state.observe(OWNED_SECRETS, name, obj)
 
 
 async def reconcile_once(
