@@ -61,7 +61,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_floor import measure_floor
+from bench.bench_floor import measure_floor, print_result
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
@@ -520,11 +520,7 @@ def main() -> int:
             result = run(args, api, Path(tmp))
         finally:
             api.stop()
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
+    print_result(result, as_json=args.json)
     return 0
 
 

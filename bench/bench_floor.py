@@ -142,12 +142,17 @@ def main() -> int:
             api.stop()
     result["load_avg"] = [round(x, 2) for x in os.getloadavg()]
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print_result(result, as_json=args.json)
+    return 0
+
+
+def print_result(result: dict[str, Any], *, as_json: bool) -> None:
+    """A benchmark's figures as a table; with ``as_json``, one JSON object last."""
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
-    if args.json:
+    if as_json:
         print(json.dumps(result, sort_keys=True))
-    return 0
 
 
 if __name__ == "__main__":

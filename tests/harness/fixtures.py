@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+import yaml
 
 from tests.harness import components
 from tests.harness.coredns import CoreDNS
@@ -224,3 +225,23 @@ def helm_runner(kubeconfig: Path, home: Path) -> Callable[..., str]:
         return proc.stdout
 
     return run
+
+
+@pytest.fixture
+def unreachable_kubeconfig(tmp_path: Path) -> Path:
+    """A valid kubeconfig whose API server is not there (127.0.0.1:1): for what a command
+    says when it cannot reach Kubernetes, or for commands that never dial it."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    return path

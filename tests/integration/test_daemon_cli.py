@@ -147,20 +147,8 @@ def test_bad_arguments_name_the_field(
     assert items == []
 
 
-def test_unreachable_api_server_is_a_clear_error(tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
+def test_unreachable_api_server_is_a_clear_error(unreachable_kubeconfig: Path) -> None:
+    kubeconfig = unreachable_kubeconfig
     out = cli("cluster", "list", f"--kubeconfig={kubeconfig}", check=False)
     assert out.returncode == 1
     assert out.stderr.startswith("error:") and "Traceback" not in out.stderr

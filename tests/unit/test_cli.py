@@ -14,7 +14,6 @@ from typing import Any
 
 import click
 import pytest
-import yaml
 from click.testing import CliRunner, Result
 
 import atlasd.daemon
@@ -35,21 +34,8 @@ def _one_error_line(result: Result) -> str:
 
 
 @pytest.fixture
-def kubeconfig(tmp_path: Path) -> Path:
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-    return path
+def kubeconfig(unreachable_kubeconfig: Path) -> Path:
+    return unreachable_kubeconfig
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-import yaml
 from click.testing import CliRunner
 
 import atlasd.daemon
@@ -159,21 +158,8 @@ def test_text_lines_are_as_before(text_lines: _Lines) -> None:
 
 
 @pytest.fixture
-def kubeconfig(tmp_path: Path) -> Path:
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "x",
-            }
-        )
-    )
-    return path
+def kubeconfig(unreachable_kubeconfig: Path) -> Path:
+    return unreachable_kubeconfig
 
 
 @pytest.fixture
