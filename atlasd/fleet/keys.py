@@ -43,6 +43,9 @@ FIXED_SECRETS = (
 
 MANAGED_SELECTOR = f"{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
 
+# One object of a key: (kind, name).
+ObjectId = tuple[str, str]
+
 # The role names: the one place they are spelled (state, keys and the reconciler compare
 # against these).
 CLUSTER_SERVICES = "cluster-services"

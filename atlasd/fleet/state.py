@@ -42,6 +42,7 @@ from atlasd.fleet.keys import (
     FLEET_KEY,
     OWNED_SECRETS,
     OWNED_SERVICES,
+    ObjectId,
     key_of,
     resource_version,
 )
@@ -160,6 +161,33 @@ class FleetVersion:
         out = list(self.fleetwide.problems)
         for name in sorted(self.members):
             out.extend(self.members[name].problems)
+        return out
+
+    def object_versions(self, key: str, *, owned: bool = False) -> dict[ObjectId, str]:
+        """What belongs to ``key`` in this version: (kind, name) -> resourceVersion. With
+        ``owned``, only what atlasd writes for it (not the cluster Service or the
+        Alertmanager Services it reads). A LIST yields the same map (``listed_versions``),
+        so the two compare."""
+        out: dict[ObjectId, str] = {}
+        if key == FLEET_KEY:
+            fw = self.fleetwide
+            if fw.ca_secret is not None:
+                out[("Secret", labels.CA_SECRET)] = resource_version(fw.ca_secret)
+            for n, o in fw.secrets.items():
+                out[("Secret", n)] = resource_version(o)
+            if not owned:
+                for n, o in fw.alertmanager_services.items():
+                    out[("Service", n)] = resource_version(o)
+            return out
+        m = self.members.get(key)
+        if m is None:
+            return out
+        if m.service is not None and not owned:
+            out[("Service", m.name)] = resource_version(m.service)
+        for n, o in m.services.items():
+            out[("Service", n)] = resource_version(o)
+        for n, o in m.secrets.items():
+            out[("Secret", n)] = resource_version(o)
         return out
 
 

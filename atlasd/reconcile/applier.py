@@ -50,6 +50,7 @@ from atlasd.fleet.keys import (
     FIXED_SECRETS,
     FLEET_KEY,
     OWNED_SECRETS,
+    ObjectId,
     key_of,
     resource_version,
     roles,
@@ -63,7 +64,7 @@ from atlasd.model import Fleet, ObjectRef, Problem, Settings
 from atlasd.reconcile.certs import CA
 from atlasd.reconcile.desired import cluster_objects, objects_inputs, observability_values_secret
 from atlasd.reconcile.diff import KeyWrites, ca_write, plan_key_writes
-from atlasd.reconcile.expectations import Expectations, ObjectId
+from atlasd.reconcile.expectations import Expectations
 from atlasd.reconcile.pki import (
     KeySource,
     PKIError,
@@ -255,7 +256,10 @@ class Reconciler:
     async def reconcile_key(
         self, api: KubeApi, version: FleetVersion, key: str, *, now: dt.datetime
     ) -> KeyResult:
-        waiting = self.expectations.pending(key, _cached_lookup(version, key), now=self._clock())
+        cached = version.object_versions(key, owned=True)
+        waiting = self.expectations.pending(
+            key, lambda oid: cached.get(oid) or None, now=self._clock()
+        )
         if waiting is not None:
             return KeyResult(key=key, waiting_until=waiting)
         if key == FLEET_KEY:
@@ -564,29 +568,6 @@ def _ref(m: Member) -> ObjectRef:
 def _is_cluster_service(version: FleetVersion, name: str) -> bool:
     m = version.members.get(name)
     return m is not None and m.service is not None
-
-
-def _cached_lookup(version: FleetVersion, key: str) -> Callable[[ObjectId], str | None]:
-    """The cached resourceVersion of one of ``key``'s objects (None: not cached)."""
-    if key == FLEET_KEY:
-        fw = version.fleetwide
-
-        def fleetwide(oid: ObjectId) -> str | None:
-            _kind, name = oid
-            obj = fw.ca_secret if name == labels.CA_SECRET else fw.secrets.get(name)
-            return resource_version(obj) or None if obj is not None else None
-
-        return fleetwide
-    m = version.members.get(key)
-
-    def member(oid: ObjectId) -> str | None:
-        if m is None:
-            return None
-        kind, name = oid
-        obj = (m.services if kind == "Service" else m.secrets).get(name)
-        return resource_version(obj) or None if obj is not None else None
-
-    return member
 
 
 async def observe(api: KubeApi, settings: Settings, *, allow_loopback: bool = False) -> FleetState:

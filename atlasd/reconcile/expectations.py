@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-# (kind, name) of an object, and what is expected of it: a resourceVersion, or None: gone.
-ObjectId = tuple[str, str]
+from atlasd.fleet.keys import ObjectId
+
+# What is expected of an object (kind, name): a resourceVersion, or None: gone.
 
 
 @dataclass(frozen=True)

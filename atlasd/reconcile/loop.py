@@ -32,15 +32,13 @@ from typing import Any
 import trio
 
 from atlasd.fleet.feed import FleetFeed
-from atlasd.fleet.keys import FLEET_KEY, key_of, resource_version, roles
-from atlasd.fleet.state import FleetVersion
+from atlasd.fleet.keys import FLEET_KEY, ObjectId, key_of, resource_version, roles
 from atlasd.hub import ResultDoc
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import AlreadyExists, Conflict, KubeError
 from atlasd.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILE_WRITES
 from atlasd.model import Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
-from atlasd.reconcile.expectations import ObjectId
 from atlasd.watch.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -58,33 +56,9 @@ class _Pass:
     lists: int = 0
 
 
-def _key_versions(version: FleetVersion, key: str) -> dict[ObjectId, str]:
-    """The objects of ``key`` in a version, by (kind, name) -> resourceVersion."""
-    out: dict[ObjectId, str] = {}
-    if key == FLEET_KEY:
-        fw = version.fleetwide
-        if fw.ca_secret is not None:
-            out[("Secret", "atlas-ca")] = resource_version(fw.ca_secret)
-        for n, o in fw.secrets.items():
-            out[("Secret", n)] = resource_version(o)
-        for n, o in fw.alertmanager_services.items():
-            out[("Service", n)] = resource_version(o)
-        return out
-    m = version.members.get(key)
-    if m is None:
-        return out
-    if m.service is not None:
-        out[("Service", m.name)] = resource_version(m.service)
-    for n, o in m.services.items():
-        out[("Service", n)] = resource_version(o)
-    for n, o in m.secrets.items():
-        out[("Secret", n)] = resource_version(o)
-    return out
-
-
 async def listed_versions(api: KubeApi, settings: Settings) -> dict[str, dict[ObjectId, str]]:
     """A quorum LIST of every watched role, metadata only: key -> (kind, name) -> version
-    (what ``_key_versions`` reads from a cached version, so the two compare)."""
+    (what ``FleetVersion.object_versions`` reads from a cached version, so the two compare)."""
     out: dict[str, dict[ObjectId, str]] = {}
     for role in roles(settings):
         items, _ = await api.list(
@@ -97,23 +71,6 @@ async def listed_versions(api: KubeApi, settings: Settings) -> dict[str, dict[Ob
             oid = (role.resource.kind, str(obj["metadata"]["name"]))
             out.setdefault(key_of(role.name, obj), {})[oid] = resource_version(obj)
     return out
-
-
-def _owned_versions(version: FleetVersion, key: str) -> dict[ObjectId, str]:
-    """What the Reconciler records as in sync for ``key`` (the objects it writes)."""
-    if key == FLEET_KEY:
-        fw = version.fleetwide
-        out = {("Secret", n): resource_version(o) for n, o in fw.secrets.items()}
-        if fw.ca_secret is not None:
-            out[("Secret", "atlas-ca")] = resource_version(fw.ca_secret)
-        return out
-    m = version.members.get(key)
-    if m is None:
-        return {}
-    return {
-        **{("Service", n): resource_version(o) for n, o in m.services.items()},
-        **{("Secret", n): resource_version(o) for n, o in m.secrets.items()},
-    }
 
 
 class ReconcileLoop:
@@ -181,14 +138,16 @@ class ReconcileLoop:
         clock = trio.current_time()
         for key in keys:
             want = listed.get(key, {})
-            have = _key_versions(cached, key)
+            have = cached.object_versions(key)
             if want != have:
                 # The cache lags (or leads) the LIST: act once it shows what was listed.
                 expected: dict[ObjectId, str | None] = dict(want)
                 expected.update({oid: None for oid in have if oid not in want})
                 self.reconciler.expectations.expect(key, expected, now=clock)
                 queued.add(key)
-            elif initial or not self.reconciler.is_synced(key, _owned_versions(cached, key)):
+            elif initial or not self.reconciler.is_synced(
+                key, cached.object_versions(key, owned=True)
+            ):
                 queued.add(key)
         self.full_passes += 1
         self._pass = _Pass(started=started, outstanding=set(queued), lists=1)
