@@ -3,15 +3,18 @@
 ::
 
     root nursery                                                          (every replica)
-     ├── http      /metrics /healthz /readyz /status /status/stream
-     ├── sources   an informer per role ──changes──> FleetState + key queue
-     ├── fleet     key queue ──> FleetFeed (immutable versions + changed keys)
-     ├── ads       the xDS ADS server, reading the SnapshotCache; its TLS certificate
-     │             follows the fleet (FleetFeed ──> ServerTls)
+     ├── http      /metrics /healthz /readyz /status /status/stream /status/envoys
+     ├── namespace readiness: does atlasd's namespace exist (Kubernetes only)
+     ├── sources   an informer per role ──changes──> FleetRunner (owns FleetState + key queue)
+     ├── fleet     FleetRunner ──> FleetFeed (immutable versions + changed keys)
      ├── xds       FleetFeed ──> SnapshotBuilder.update ──> SnapshotCache
-     ├── zone      FleetFeed ──> the zone file (+ its ConfigMap mirror while leading)
+     ├── ads-tls   FleetFeed ──> ServerTls (the ADS server's certificate and trust)
+     ├── ads       the xDS ADS server, reading the SnapshotCache
      ├── status    FleetFeed ──> /status parts and gauges, key by key; Envoy streams
-     └── leading   Lease election; while leading: reconcile (FleetFeed ──> key workers ──> writes)
+     ├── zone      FleetFeed ──> the zone file (+ its ConfigMap mirror while leading)
+     ├── election  Lease election (or leads at once, alone); for each term:
+     │    └── reconcile   FleetFeed ──> key workers ──> writes           (leader only)
+     └── heap      the collector's settles (the `atlasd run` process only)
 
 Data flows one way and by key: a watch change is recorded under its key, the fleet derives
 that key once, and xDS, DNS, status and reconcile each work on the keys that changed. The
