@@ -71,8 +71,8 @@ from atlasd.subsystems import (
     run_zone,
 )
 from atlasd.supervise import supervise
-from atlasd.watch.role import Role
 from atlasd.watch.sources import run_sources
+from atlasd.watch.watched import WatchedSet
 from atlasd.xds.authz import Authorizer
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import SnapshotCache
@@ -231,7 +231,7 @@ class Daemon:
             serve_only=o.serve_only,
         )
 
-    def _source_error(self, backend: Backend, role: Role, exc: Exception | None) -> None:
+    def _source_error(self, backend: Backend, role: WatchedSet, exc: Exception | None) -> None:
         # Before the first list, why the caches are not ready; afterwards the last good
         # view keeps being served (readiness stays: the Envoys need the ADS port).
         if exc is not None and not self.hub.is_ready("cache"):

@@ -11,7 +11,7 @@ the key it belongs to. The keys:
   ``atlas-envoy-values``, and the local
   Alertmanager Services (``Settings.alertmanager_selector``).
 
-Objects are watched in ``Role``s, each a label selector the API server filters by, so a
+Objects are watched in ``WatchedSet``s, each a label selector the API server filters by, so a
 Service or Secret that has nothing to do with atlasd never reaches it. Fixed-name Secrets
 written by the original Atlas (no ``managed-by`` label yet) are read by name by the leader
 until it has adopted them (``atlasd.reconcile``); after that they are owned and watched.
@@ -26,7 +26,7 @@ from atlasd import labels
 from atlasd.kube.api import Obj
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Settings
-from atlasd.watch.role import Role
+from atlasd.watch.watched import WatchedSet
 
 FLEET_KEY = "*fleet*"
 """The fleet-wide key (never a cluster name: not a DNS label)."""
@@ -54,16 +54,16 @@ OWNED_SECRETS = "owned-secrets"
 ALERTMANAGER_SERVICES = "alertmanager-services"
 
 
-def roles(settings: Settings) -> tuple[Role, ...]:
+def roles(settings: Settings) -> tuple[WatchedSet, ...]:
     """The object sets atlasd watches, in the order the informers start."""
     out = [
-        Role(CLUSTER_SERVICES, SERVICES, labels.CLUSTER_LABEL),
-        Role(OWNED_SERVICES, SERVICES, MANAGED_SELECTOR),
-        Role(OWNED_SECRETS, SECRETS, MANAGED_SELECTOR),
+        WatchedSet(CLUSTER_SERVICES, SERVICES, labels.CLUSTER_LABEL),
+        WatchedSet(OWNED_SERVICES, SERVICES, MANAGED_SELECTOR),
+        WatchedSet(OWNED_SECRETS, SECRETS, MANAGED_SELECTOR),
     ]
     if settings.alertmanager_selector:
         am = ",".join(f"{k}={v}" for k, v in settings.alertmanager_selector)
-        out.append(Role(ALERTMANAGER_SERVICES, SERVICES, am))
+        out.append(WatchedSet(ALERTMANAGER_SERVICES, SERVICES, am))
     return tuple(out)
 
 

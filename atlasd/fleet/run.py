@@ -23,7 +23,7 @@ from atlasd.fleet.keys import FLEET_KEY
 from atlasd.fleet.state import FleetState, FleetUpdate, FleetVersion
 from atlasd.metrics import FLEET_SECONDS
 from atlasd.model import Problem, Settings
-from atlasd.watch.role import Role
+from atlasd.watch.watched import WatchedSet
 from atlasd.watch.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,11 @@ class FleetRunner:
         # those of its kind (a LIST is at least as new as any write before it).
         self._expectations = expectations
 
-    def changed(self, role: Role, name: str, obj: dict[str, object] | None) -> None:
+    def changed(self, role: WatchedSet, name: str, obj: dict[str, object] | None) -> None:
         for key in self._state.observe(role.name, name, obj):
             self._queue.add(key)
 
-    def relisted(self, role: Role) -> None:
+    def relisted(self, role: WatchedSet) -> None:
         if self._expectations is not None:
             self._expectations.clear(role.resource.kind)
 

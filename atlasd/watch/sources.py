@@ -1,6 +1,6 @@
 """The watched object sets, as one subsystem: an informer per role, feeding one sink.
 
-``run_sources(api, roles, sink=...)`` lists and watches each ``Role`` (a resource and the
+``run_sources(api, roles, sink=...)`` lists and watches each ``WatchedSet`` (a resource and the
 label selector the API server filters by; ``atlasd.fleet.keys.roles``) and hands every
 cache change to ``sink.changed(role, name, obj)`` (``obj`` None: gone), and every relist to
 ``sink.relisted(role)``. It reports started once every informer has listed. The API may be a
@@ -33,15 +33,15 @@ from atlasd.kube.api import JSON, KubeApi
 from atlasd.kube.apply import read_fields
 from atlasd.labels import FIELD_MANAGER
 from atlasd.watch.informer import Change, Informer, run_informers
-from atlasd.watch.role import Role
+from atlasd.watch.watched import WatchedSet
 
 log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
-    def changed(self, role: Role, name: str, obj: JSON | None) -> None: ...
+    def changed(self, role: WatchedSet, name: str, obj: JSON | None) -> None: ...
 
-    def relisted(self, role: Role) -> None: ...
+    def relisted(self, role: WatchedSet) -> None: ...
 
 
 # Distinct managedFields entries kept; beyond it the table starts over (sharing is only a
@@ -104,7 +104,7 @@ class Compactor:
         return shared
 
 
-def _handler(role: Role, sink: Sink) -> Callable[[Change], None]:
+def _handler(role: WatchedSet, sink: Sink) -> Callable[[Change], None]:
     def on_change(change: Change) -> None:
         sink.changed(role, change.key, None if change.type == "DELETED" else change.obj)
 
@@ -113,15 +113,15 @@ def _handler(role: Role, sink: Sink) -> Callable[[Change], None]:
 
 async def run_sources(
     api: KubeApi,
-    roles: Sequence[Role],
+    roles: Sequence[WatchedSet],
     *,
     namespace: str,
     sink: Sink,
-    on_error: Callable[[Role, Exception | None], None] | None = None,
+    on_error: Callable[[WatchedSet, Exception | None], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run an informer per role until cancelled; started once all have listed."""
-    informers: list[tuple[Role, Informer]] = []
+    informers: list[tuple[WatchedSet, Informer]] = []
     compact = Compactor()
     for role in roles:
         inf = Informer(

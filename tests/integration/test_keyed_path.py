@@ -34,8 +34,8 @@ from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Settings
 from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.loop import ReconcileLoop
-from atlasd.watch.role import Role
 from atlasd.watch.sources import run_sources
+from atlasd.watch.watched import WatchedSet
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until, wait_until_async
@@ -249,9 +249,9 @@ class GatedSink(FleetRunner):
         super().__init__(*args, **kw)
         self.held_role = held_role
         self.held = False
-        self.backlog: list[tuple[Role, str, dict[str, object] | None]] = []
+        self.backlog: list[tuple[WatchedSet, str, dict[str, object] | None]] = []
 
-    def changed(self, role: Role, name: str, obj: dict[str, object] | None) -> None:
+    def changed(self, role: WatchedSet, name: str, obj: dict[str, object] | None) -> None:
         if self.held and role.name == self.held_role:
             self.backlog.append((role, name, obj))
             return

@@ -12,8 +12,9 @@ from atlasd.kube.resources import ApiResource
 
 
 @dataclass(frozen=True)
-class Role:
-    """One watched set of objects: a resource and the label selector that picks them."""
+class WatchedSet:
+    """One watched set of objects (a "role" of the fleet's objects, not the RBAC kind): its
+    name, a resource and the label selector that picks them."""
 
     name: str
     resource: ApiResource
