@@ -427,6 +427,9 @@ class FileStore:
         name = str(meta.get("name") or "")
         if not name:
             raise ValueError(f"{res}: the object has no metadata.name")
+        if "/" in name or name.startswith("."):
+            # A file name under the store: never a path out of it, never a hidden file.
+            raise ValueError(f"{res}: metadata.name {name!r} is not a valid object name")
         meta.pop("resourceVersion", None)
         meta.pop("managedFields", None)
         meta["namespace"] = self._namespace

@@ -143,6 +143,10 @@ async def test_file_system_failures_are_retriable_kube_errors(tmp_path: Path) ->
     assert err.value.retriable
     with pytest.raises(Invalid, match=r"no metadata\.name"):
         await store.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {}})
+    for name in ("../../escape", ".hidden"):
+        with pytest.raises(Invalid, match="not a valid object name"):
+            await store.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}})
+    assert not (tmp_path.parent / "escape.yaml").exists()
 
 
 async def test_the_watch_reports_changes_since_the_list_it_starts_from(tmp_path: Path) -> None:
