@@ -127,9 +127,15 @@ def test_the_original_charts_controller_and_envoy_ads_run_atlasd(
         lambda: _secret(apiserver, namespace, "east-envoy-values"), timeout=30, what="values"
     )
     assert values is not None
-    with apiserver.admin() as c:
-        cm = c.get(f"/api/v1/namespaces/{namespace}/configmaps/atlas-atlas-coredns")
-    assert cm.status_code == 200 and "atlas.zone" in cm.json()["data"]  # ATLAS_DNS_CM_NAME
+
+    # The zone's ConfigMap mirror (named by ATLAS_DNS_CM_NAME) is applied at most once a
+    # second, on its own schedule: wait for it rather than read it once after the values.
+    def mirrored() -> bool:
+        with apiserver.admin() as c:
+            cm = c.get(f"/api/v1/namespaces/{namespace}/configmaps/atlas-atlas-coredns")
+        return cm.status_code == 200 and "atlas.zone" in cm.json()["data"]
+
+    wait_until(mirrored, timeout=30, interval=0.2, what="the zone's ConfigMap mirror")
     obs = cli("cluster-values", "--name", "atlas", f"--namespace={namespace}",
               f"--kubeconfig={apiserver.admin_kubeconfig}").stdout  # fmt: skip
     boot = yaml.safe_load(yaml.safe_load(obs)["files"]["envoy.yaml"])
