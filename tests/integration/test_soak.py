@@ -991,6 +991,7 @@ def _soak(
         rss.stop()
 
     assert _soa_serial(dns) > first_serial, "the zone's serial only grows"
+
     # The zone file and its ConfigMap mirror agree. The mirror follows the file by design:
     # it applies at most once per MIRROR_INTERVAL (a burst is one ConfigMap update), so
     # right after the last write it may still hold the zone before it (a flake seen once:
