@@ -16,9 +16,15 @@ measured against the real CoreDNS in ``tests/integration/test_dns_answer_size.py
 - compressed, every SRV owner is a 2-byte pointer to the question; the SRV target is
   never compressed (RFC 2782), so a record is ``2 + 10 (type, class, TTL, length) + 6
   (priority, weight, port) + wire length of the target``;
-- header 12 bytes, question ``wire length of the name + 4``.
+- header 12 bytes, question ``wire length of the name + 4``;
+- CoreDNS's ``file`` plugin adds the zone's NS record in the authority section: owner
+  ``atlas.`` (a pointer), the name server ``atlasd-dns.<ns>.svc.<domain>.`` as its first
+  label and a pointer to the targets' ``<ns>.svc.<domain>.``: 25 bytes;
+- TC is set when any record of any section is left out (``Msg.Truncate`` sets it for
+  the authority section too), so the authority record counts: 922 records of 71 bytes
+  (65,514 bytes) are all sent, but with TC set, because the NS record no longer fits.
 
-So ``answer_bytes = 12 + (wire(name) + 4) + sum(18 + wire(target))`` and the answer is
+So ``bytes = 12 + (wire(name) + 4) + sum(18 + wire(target)) + 25`` and the answer is
 truncated exactly when that exceeds 65,535. Over UDP every answer larger than 512 bytes
 (or the client's EDNS buffer) is truncated too, which is harmless: the resolver retries
 over TCP. An OPT record (11 bytes) is added only if the client sent EDNS; ``fits`` keeps
@@ -31,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from atlasd.dns.zone import SrvRecord
+from atlasd.dns.zone import NAME_SERVER_SERVICE, SrvRecord
 
 MAX_MESSAGE = 65_535
 HEADER = 12
@@ -43,6 +49,9 @@ SRV_FIXED = 6
 POINTER = 2
 # An OPT pseudo-record (EDNS0) with no options.
 EDNS_RESERVE = 11
+# The authority NS record: owner pointer, fixed fields, the name server's first label,
+# a pointer to "<ns>.svc.<domain>." (every SRV target of the zone ends so).
+AUTHORITY = POINTER + RR_FIXED + 1 + len(NAME_SERVER_SERVICE) + POINTER
 
 
 def wire_length(name: str) -> int:
@@ -69,7 +78,13 @@ class AnswerSize:
 
     name: str
     records: int
-    bytes: int
+    # Header, question and answer section (what the records cost).
+    answer_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        """The whole reply with the authority record: what decides truncation."""
+        return self.answer_bytes + AUTHORITY
 
     @property
     def truncated(self) -> bool:

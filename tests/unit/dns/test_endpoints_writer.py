@@ -149,16 +149,16 @@ async def test_forbidden_configmap_stops_the_writer(tmp_path: Path) -> None:
 
 async def test_srv_answer_size_metrics(tmp_path: Path) -> None:
     w = Writer(tmp_path / "e", None)
-    # Targets c00000-thanos-sidecar0.obs.svc.cluster.local. (47 bytes): 52 + 64 * n bytes,
-    # so 1,023 records fit one message and 1,024 do not.
-    big = fleet(*(cluster(f"c{i:05d}") for i in range(1024)))
+    # Targets c00000-thanos-sidecar0.obs.svc.cluster.local. (46 bytes on the wire):
+    # 52 + 64 * n + 25 bytes, so 1,022 records fit one message and 1,023 do not.
+    big = fleet(*(cluster(f"c{i:05d}") for i in range(1023)))
     async with trio.open_nursery() as nursery:
         await w.start(nursery)
         await w.put(big)
         assert REGISTRY.get_sample_value("atlasd_dns_srv_answer_truncated", {"name": OWNER}) == 1
-        assert REGISTRY.get_sample_value("atlasd_dns_srv_answer_records", {"name": OWNER}) == 1024
-        assert REGISTRY.get_sample_value("atlasd_thanos_endpoints", {"file": ALL_KEY}) == 1024
-        await w.put(ZoneUpdate(fleet(*(cluster(f"c{i:05d}") for i in range(1023))), None))
+        assert REGISTRY.get_sample_value("atlasd_dns_srv_answer_records", {"name": OWNER}) == 1023
+        assert REGISTRY.get_sample_value("atlasd_thanos_endpoints", {"file": ALL_KEY}) == 1023
+        await w.put(ZoneUpdate(fleet(*(cluster(f"c{i:05d}") for i in range(1022))), None))
         assert REGISTRY.get_sample_value("atlasd_dns_srv_answer_truncated", {"name": OWNER}) == 0
         await w.put(fleet())
         assert REGISTRY.get_sample_value("atlasd_dns_srv_answer_bytes", {"name": OWNER}) is None
