@@ -4,7 +4,7 @@
   have (``SPEC.md``): the interface is docs/interface.md.
 - Every relative link between the Markdown documents points at a file that exists.
 - Every metric the alert rules and the Grafana dashboard query is one atlasd exports
-  (``atlasd/metrics.py``, ``atlasd/xds/status.py``), with the suffix its type gives it.
+  (``atlasd/metrics.py``, ``atlasd/dns/discovery_metrics.py``, ``atlasd/xds/status.py``), with the suffix its type gives it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+import atlasd.dns.discovery_metrics
 import atlasd.metrics
 from atlasd.xds.status import XdsMetrics
 
@@ -61,7 +62,8 @@ def _exported_series() -> set[str]:
     """Every series name atlasd's metrics give Prometheus."""
     registry = CollectorRegistry()
     XdsMetrics(registry)
-    metrics = [m for m in vars(atlasd.metrics).values() if isinstance(m, MetricWrapperBase)]
+    modules = (atlasd.metrics, atlasd.dns.discovery_metrics)
+    metrics = [m for mod in modules for m in vars(mod).values() if isinstance(m, MetricWrapperBase)]
     names: set[str] = set()
     families = [f for m in metrics for f in m.describe()]
     families += list(registry.collect())
