@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup components image demo test lint typecheck unit integration clean
+.PHONY: setup components image demo test lint typecheck unit integration proto clean
 
 $(BIN)/atlasd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,17 @@ unit: setup
 
 test: components image lint typecheck
 	bash scripts/pytest-all
+
+# Python types and the grpclib service of Thanos's Info API (proto/, vendored from Thanos
+# v0.39.2) for the downstream-fleet simulator, generated with betterproto and checked in.
+PROTO_INCLUDE = $(shell $(BIN)/python -c "import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__) + '/_proto')")
+proto: setup
+	$(BIN)/pip install -q 'betterproto[compiler]==2.0.0b7' 'grpcio-tools>=1.60'
+	rm -rf tests/harness/thanospb && mkdir -p tests/harness/thanospb
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc \
+	  -Iproto/thanos -Iproto -I$(PROTO_INCLUDE) \
+	  --python_betterproto_out=tests/harness/thanospb \
+	  info/infopb/rpc.proto store/labelpb/types.proto
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -43,6 +43,17 @@ DNS_ANSWER_BYTES = Gauge(
     "Size of the DNS answer for each SRV name of the zone (at most 65535 fit in one message).",
     ["name"],
 )
+THANOS_ENDPOINTS = Gauge(
+    "atlasd_thanos_endpoints",
+    "Endpoints listed in each file of Thanos Query's endpoint configuration.",
+    ["file"],
+)
+ENDPOINTS_CONFIGMAP_TOO_LARGE = Gauge(
+    "atlasd_thanos_endpoints_configmap_too_large",
+    "1 while the endpoint configuration is larger than a ConfigMap holds (the ConfigMap "
+    "is not updated; the files are).",
+    ["configmap"],
+)
 CERT_EXPIRY = Gauge(
     "atlasd_certificate_expiry_timestamp_seconds",
     "notAfter of each certificate atlasd serves (unix time).",

@@ -88,6 +88,11 @@ class Settings:
     envoy_address: str = "127.0.0.1"
     envoy_alertmanager_port: int = OBS_ALERTMANAGER_PORT
     dns_configmap_name: str = "atlas-coredns"
+    # Thanos Query's endpoint configuration (atlasd.dns.endpoints): the ConfigMap holding
+    # the fleet-wide list (the per-group lists go to "<name>-groups"), and the cluster
+    # Service port whose SRV records it lists (the StoreAPI port).
+    thanos_endpoints_configmap_name: str = "atlas-thanos-endpoints"
+    thanos_endpoints_port_name: str = "thanos"
     alertmanager_selector: tuple[tuple[str, str], ...] = (
         ("app", "kube-prometheus-stack-alertmanager"),
     )

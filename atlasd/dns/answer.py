@@ -10,8 +10,12 @@ list, a fresh one sees no cluster. With atlasd's names that is ~935 sidecars.
 EDNS): the header, the question, per record its owner (a compression pointer to the
 question), type, class, TTL, length, priority, weight, port and target, and the zone's NS
 record CoreDNS adds as authority. Targets are written out in full: CoreDNS (miekg/dns)
-does not compress SRV targets, as RFC 2782 asks.
-tests/integration/test_dns_answer_size.py checks the figure against the real CoreDNS.
+does not compress SRV targets, as RFC 2782 asks. This is the size of the compressed
+answer, the one CoreDNS (miekg/dns ``Msg.Truncate``) decides truncation by: a reply is
+sent uncompressed only while that fits, and TC is set as soon as any record of any
+section, the authority NS record included, is left out.
+tests/integration/test_dns_answer_size.py checks the figure byte for byte against the
+real CoreDNS's reply just below and above the limit, for short, long and grouped names.
 
 ``AnswerSizes`` keeps the size of every name as records come and go (a change of one
 cluster costs that cluster's records), for the zone writer.
@@ -43,9 +47,13 @@ def record_bytes(record: SrvRecord) -> int:
 
 
 def _frame(name: str, name_server: str) -> int:
-    # Header, question (name, type, class), and the authority NS record (owner pointer,
-    # type, class, TTL, length, its name server in full).
-    return _HEADER + wire_length(name) + 4 + 12 + wire_length(name_server)
+    # Header, question (name, type, class), and the authority NS record: owner pointer,
+    # type, class, TTL, length, and its name server as its first label plus a pointer to
+    # the rest ("<ns>.svc.<domain>.", which every SRV target of the zone ends with: miekg/dns
+    # compresses the NS target against them, though it leaves the SRV targets themselves
+    # uncompressed).
+    first = name_server.split(".", 1)[0]
+    return _HEADER + wire_length(name) + 4 + 12 + 1 + len(first.encode("ascii")) + 2
 
 
 def answer_bytes(name: str, records: Iterable[SrvRecord], *, name_server: str) -> int:

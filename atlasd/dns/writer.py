@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -259,17 +259,18 @@ def configmap(settings: Settings, text: str) -> dict[str, Any]:
 # -- the tasks ------------------------------------------------------------------------------
 
 
-class _Latest:
-    """A single-slot mailbox: ``put`` overwrites, ``wait`` returns the newest value once."""
+class Latest(Generic[_T]):
+    """A single-slot mailbox: ``put`` overwrites, ``wait`` returns the newest value once
+    (the zone's mirror and the endpoint configuration's ConfigMaps take only the newest)."""
 
     def __init__(self) -> None:
-        self._value: str | None = None
+        self._value: _T | None = None
         # Set when ``_value`` holds something ``wait`` has not returned yet.
         self._event = trio.Event()
         # No more values will come; ``wait`` raises EndOfChannel once drained.
         self._closed = False
 
-    def put(self, value: str) -> None:
+    def put(self, value: _T) -> None:
         self._value = value
         self._event.set()
 
@@ -277,7 +278,7 @@ class _Latest:
         self._closed = True
         self._event.set()
 
-    async def wait(self) -> str:
+    async def wait(self) -> _T:
         while True:
             if self._value is not None:
                 value, self._value = self._value, None
@@ -293,7 +294,7 @@ def _backoff() -> Backoff:
     return Backoff(initial=0.5, reset_after=float("inf"))
 
 
-async def _retrying(what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+async def retrying(what: str, call: Callable[[], Awaitable[_T]]) -> _T:
     """``call()`` until it succeeds, retrying the retriable errors with backoff."""
     backoff = _backoff()
     while True:
@@ -309,7 +310,7 @@ async def _retrying(what: str, call: Callable[[], Awaitable[_T]]) -> _T:
 async def _read_configmap_text(kube: KubeApi, settings: Settings) -> str | None:
     name = settings.dns_configmap_name
     try:
-        obj = await _retrying(
+        obj = await retrying(
             f"reading ConfigMap {name}",
             lambda: kube.get(CONFIGMAPS, name, namespace=settings.namespace),
         )
@@ -320,7 +321,9 @@ async def _read_configmap_text(kube: KubeApi, settings: Settings) -> str | None:
     return text if isinstance(text, str) else None
 
 
-async def _mirror(kube: KubeApi, settings: Settings, latest: _Latest, applied: str | None) -> None:
+async def _mirror(
+    kube: KubeApi, settings: Settings, latest: Latest[str], applied: str | None
+) -> None:
     """Apply the newest zone text to the ConfigMap whenever it differs from what is there."""
     name = settings.dns_configmap_name
     # The last text found too large, so that the writer's every fleet (it hands over the
@@ -350,7 +353,7 @@ async def _mirror(kube: KubeApi, settings: Settings, latest: _Latest, applied: s
             continue
         too_large = None
         apply = functools.partial(kube.apply, configmap(settings, text))
-        await _retrying(f"applying ConfigMap {name}", apply)
+        await retrying(f"applying ConfigMap {name}", apply)
         applied = text
         log.info("ConfigMap %s updated", name)
         # At most one apply a second: a burst of zone changes is one ConfigMap update
@@ -358,7 +361,7 @@ async def _mirror(kube: KubeApi, settings: Settings, latest: _Latest, applied: s
         await trio.sleep(MIRROR_INTERVAL)
 
 
-def _as_update(item: Fleet | ZoneUpdate) -> ZoneUpdate:
+def as_update(item: Fleet | ZoneUpdate) -> ZoneUpdate:
     return item if isinstance(item, ZoneUpdate) else ZoneUpdate(item, None)
 
 
@@ -369,13 +372,13 @@ def _merge(a: ZoneUpdate, b: ZoneUpdate) -> ZoneUpdate:
     return ZoneUpdate(b.fleet, a.changed | b.changed)
 
 
-def _coalesce(
+def coalesce(
     fleets: trio.MemoryReceiveChannel[Fleet | ZoneUpdate], update: ZoneUpdate
 ) -> tuple[ZoneUpdate, bool]:
     """``update`` merged with everything queued behind it, and whether the channel closed."""
     while True:
         try:
-            update = _merge(update, _as_update(fleets.receive_nowait()))
+            update = _merge(update, as_update(fleets.receive_nowait()))
         except trio.WouldBlock:
             return update, False
         except trio.EndOfChannel:
@@ -409,7 +412,7 @@ async def run_zone_writer(
     state = ZoneState(
         previous_text=previous_text, previous_serial=max(known) if known else None, clock=clock
     )
-    latest = _Latest()
+    latest = Latest[str]()
     async with trio.open_nursery() as nursery:
         if kube is not None:
             nursery.start_soon(_mirror, kube, settings, latest, mirrored)
@@ -420,7 +423,7 @@ async def run_zone_writer(
                 item = await fleets.receive()
             except trio.EndOfChannel:
                 break
-            update, closed = _coalesce(fleets, _as_update(item))
+            update, closed = coalesce(fleets, as_update(item))
             render = functools.partial(state.next_zone, update.fleet, update.changed)
             try:
                 if update.changed is None or len(update.changed) > 100:

@@ -258,7 +258,7 @@ async def test_a_zone_too_large_for_a_configmap_is_reported_once_per_stretch(
     assert small is not None and big is not None
     monkeypatch.setattr(writer, "MAX_CONFIGMAP_ZONE_BYTES", len(small.text) + 10)
     kube = FakeKube()
-    latest = writer._Latest()
+    latest = writer.Latest[str]()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer._mirror, kube, SETTINGS, latest, None)
         texts = (big.text, big.text, big.text + "\n", small.text, big.text, small.text, big.text)
