@@ -5,6 +5,7 @@ task_status)`` the daemon declares (``atlasd.daemon``) and wires with the values
   server reads;
 - ``run_ads_tls``: fleet versions -> the ADS server's TLS material;
 - ``run_zone``: the zone writer, restarted with the ConfigMap mirror while leading;
+- ``run_endpoints``: Thanos Query's endpoint configuration, the same way;
 - ``run_namespace_check``: readiness says whether the namespace exists;
 - ``run_heap``: the process's collector settles (``atlasd.heap``);
 - ``run_election``: who leads, and the leader-only subsystems while this replica does;
@@ -24,7 +25,9 @@ from typing import Any
 
 import trio
 
-from atlasd import metrics
+from atlasd import labels, metrics
+from atlasd.dns.answer import Answer
+from atlasd.dns.endpoints_writer import run_endpoints_writer
 from atlasd.dns.writer import Zone, ZoneUpdate, run_zone_writer
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import FLEET_KEY
@@ -36,7 +39,7 @@ from atlasd.kube.errors import KubeError
 from atlasd.kube.events import post_event
 from atlasd.kube.lease import run_leader_election
 from atlasd.kube.legacy_lock import LeadershipGate
-from atlasd.model import Settings
+from atlasd.model import ObjectRef, Settings
 from atlasd.pacing import burst_pause, cpu_timed
 from atlasd.reconcile.applier import KeyResult, Reconciler
 from atlasd.reconcile.expectations import Expectations
@@ -78,8 +81,12 @@ class Leadership:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait_changed(self) -> None:
-        await self._changed.wait()
+    async def wait_changed(self, leading: bool) -> None:
+        """Return once ``leading`` is no longer what this replica's leadership is (at once
+        if it already changed: a change between reading ``leading`` and waiting is not
+        missed)."""
+        while self._leading == leading:
+            await self._changed.wait()
 
 
 # -- the subsystems ---------------------------------------------------------------------------
@@ -161,24 +168,79 @@ async def run_zone(
     mirror: KubeApi | None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The zone writer; restarted with the ConfigMap mirror while this replica leads."""
-    task_status.started()
+    """The zone writer; restarted with the ConfigMap mirror while this replica leads. While
+    it leads, an SRV answer that stops fitting in one DNS message is also a Warning Event
+    on the fleet's CA Secret (``SrvAnswerTooLarge``)."""
     report = ZoneReport(hub)
 
+    async def writer(
+        fleets: trio.MemoryReceiveChannel[Any],
+        kube: KubeApi | None,
+        *,
+        task_status: trio.TaskStatus[Any],
+    ) -> None:
+        # The names this term has posted an Event for (a new leader says it again; the
+        # Event recorder counts a repeat on the existing Event).
+        warned: set[str] = set()
+        async with trio.open_nursery() as events:
+
+            def on_zone(zone: Zone) -> None:
+                nonlocal warned
+                report.update(zone)
+                if kube is None:
+                    return
+                for answer in zone.too_large:
+                    if answer.name not in warned:
+                        events.start_soon(_warn_too_large, kube, settings, answer)
+                warned = {a.name for a in zone.too_large}
+
+            await run_zone_writer(fleets=fleets, path=path, kube=kube, settings=settings,
+                                  on_zone=on_zone, task_status=task_status)  # fmt: skip
+
+    await _per_term(feed, leadership, mirror, writer, task_status=task_status)
+
+
+async def run_endpoints(
+    *,
+    feed: FleetFeed,
+    path: Path,
+    settings: Settings,
+    leadership: Leadership,
+    configmaps: KubeApi | None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Thanos Query's endpoint configuration (``atlasd.dns.endpoints_writer``): the files
+    in ``path`` on every replica, the ConfigMaps too while this replica leads."""
+
+    async def writer(
+        fleets: trio.MemoryReceiveChannel[Any],
+        kube: KubeApi | None,
+        *,
+        task_status: trio.TaskStatus[Any],
+    ) -> None:
+        await run_endpoints_writer(fleets=fleets, path=path, kube=kube, settings=settings,
+                                   task_status=task_status)  # fmt: skip
+
+    await _per_term(feed, leadership, configmaps, writer, task_status=task_status)
+
+
+async def _per_term(
+    feed: FleetFeed,
+    leadership: Leadership,
+    kube: KubeApi | None,
+    writer: Callable[..., Awaitable[Any]],
+    *,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Run ``writer(fleets, kube or None)`` fed the fleet's updates, restarted whenever
+    leadership changes: only the leader writes Kubernetes objects (``kube``); every replica
+    writes its files."""
+    task_status.started()
     while True:
         leading = leadership.leading
         send, recv = trio.open_memory_channel[Any](64)
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(
-                    run_zone_writer,
-                    fleets=recv,
-                    path=path,
-                    kube=mirror if leading else None,
-                    settings=settings,
-                    on_zone=report.update,
-                )
-            )
+            await nursery.start(writer, recv, kube if leading else None)
 
             async def forward(send: trio.MemorySendChannel[Any] = send) -> None:
                 async with send:
@@ -186,8 +248,19 @@ async def run_zone(
                         await send.send(ZoneUpdate(update.version.model, update.changed))
 
             nursery.start_soon(forward)
-            await leadership.wait_changed()
+            await leadership.wait_changed(leading)
             nursery.cancel_scope.cancel()
+
+
+async def _warn_too_large(kube: KubeApi, settings: Settings, answer: Answer) -> None:
+    ref = ObjectRef(kind="Secret", name=labels.CA_SECRET, namespace=settings.namespace)
+    message = (
+        f"the SRV answer for {answer.name} holds {answer.records} records, {answer.bytes} "
+        "bytes: more than one DNS message (65535). Thanos Query pointed at it fails every "
+        "lookup; point it at the endpoint configuration (--endpoint.sd-config-file) or split "
+        "the clusters into DNS groups (docs/dns.md)"
+    )
+    await post_event(kube, ref=ref, reason="SrvAnswerTooLarge", message=message)
 
 
 class ZoneReport:
@@ -209,16 +282,17 @@ class ZoneReport:
         self._names = names
         too_large = zone.too_large
         for a in too_large:
-            if a.name not in self._too_large:
-                log.error(
-                    "the SRV answer for %s holds %d records, %d bytes: more than one DNS "
-                    "message (65535); CoreDNS truncates it and Thanos Query fails every "
-                    "lookup of it. Split the clusters into DNS groups, one Thanos Query per "
-                    "group (docs/dns.md)",
-                    a.name,
-                    a.records,
-                    a.bytes,
-                )
+            if a.name in self._too_large:
+                continue
+            log.error(
+                "the SRV answer for %s holds %d records, %d bytes: more than one DNS "
+                "message (65535); CoreDNS truncates it and Thanos Query fails every "
+                "lookup of it. Point Thanos Query at the endpoint configuration, or split "
+                "the clusters into DNS groups, one Thanos Query per group (docs/dns.md)",
+                a.name,
+                a.records,
+                a.bytes,
+            )
         self._too_large = {a.name for a in too_large}
         docs: list[AnswerDoc] = [
             {"name": a.name, "records": a.records, "bytes": a.bytes} for a in too_large
