@@ -71,8 +71,9 @@ class Backend:
     kind: str  # "kubernetes" or "directory": for messages
     # Leader election over a Lease (else this process always leads).
     leases: bool
-    # The zone's ConfigMap mirror.
-    zone_mirror: bool
+    # ConfigMaps for what is also written to files: the zone's mirror, the endpoint
+    # configuration (the directory backend has only the files).
+    configmaps: bool
     # Whether the namespace exists (None: nothing to check).
     namespace_exists: Callable[[str], Awaitable[bool]] | None
 
@@ -93,7 +94,7 @@ async def open_backend(
         )
         async with store:
             yield Backend(
-                api=store, kind="directory", leases=False, zone_mirror=False, namespace_exists=None
+                api=store, kind="directory", leases=False, configmaps=False, namespace_exists=None
             )
         return
     from atlasd.kube.client import KubeClient
@@ -104,6 +105,6 @@ async def open_backend(
             api=client,
             kind="kubernetes",
             leases=True,
-            zone_mirror=True,
+            configmaps=True,
             namespace_exists=client.namespace_exists,
         )

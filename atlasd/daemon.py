@@ -12,6 +12,7 @@
      ├── ads       the xDS ADS server, reading the SnapshotCache
      ├── status    FleetFeed ──> /status parts and gauges, key by key; Envoy streams
      ├── zone      FleetFeed ──> the zone file (+ its ConfigMap mirror while leading)
+     ├── endpoints FleetFeed ──> Thanos Query's endpoint files (+ ConfigMaps while leading)
      ├── election  Lease election (or leads at once, alone); for each term:
      │    └── reconcile   FleetFeed ──> key workers ──> writes           (leader only)
      └── heap      the collector's settles (the `atlasd run` process only)
@@ -64,6 +65,7 @@ from atlasd.subsystems import (
     Leadership,
     run_ads_tls,
     run_election,
+    run_endpoints,
     run_heap,
     run_namespace_check,
     run_reconcile,
@@ -92,6 +94,9 @@ class DaemonOptions:
     # Standalone mode: no Kubernetes, state in this directory.
     store: Path | None = None
     zone_file: Path = Path("atlas.zone")
+    # Thanos Query's endpoint configuration files (atlasd.dns.endpoints); None: the
+    # directory "thanos-endpoints" beside the zone file.
+    endpoints_dir: Path | None = None
     ads_host: str = "0.0.0.0"
     ads_port: int = ADS_GRPC_PORT
     http_host: str = "0.0.0.0"
@@ -171,6 +176,12 @@ class Daemon:
             export_pauses()
 
     @property
+    def endpoints_dir(self) -> Path:
+        """Where Thanos Query's endpoint configuration files are written."""
+        o = self.options
+        return o.endpoints_dir or o.zone_file.parent / "thanos-endpoints"
+
+    @property
     def fleet(self) -> FleetVersion | None:
         """The latest fleet version (None before the first)."""
         return self.feed.latest
@@ -204,7 +215,11 @@ class Daemon:
             Subsystem("status", P(run_status, feed=feed, hub=hub, cache=cache)),
             Subsystem("zone", P(run_zone, feed=feed, path=o.zone_file, settings=s, hub=hub,
                                 leadership=self.leadership,
-                                mirror=backend.api if backend.zone_mirror else None),
+                                mirror=backend.api if backend.configmaps else None),
+                      supervised=True),
+            Subsystem("endpoints", P(run_endpoints, feed=feed, path=self.endpoints_dir,
+                                     settings=s, leadership=self.leadership,
+                                     configmaps=backend.api if backend.configmaps else None),
                       supervised=True),
             Subsystem("reconcile", P(run_reconcile, api=backend.api, feed=feed, settings=s,
                                      expectations=self.expectations,

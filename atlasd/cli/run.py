@@ -113,6 +113,21 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             help="ConfigMap mirroring the zone.",
         ),
         env_option(
+            "--endpoints-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            env="ATLAS_ENDPOINTS_DIR",
+            default=None,
+            help="Where Thanos Query's endpoint configuration files are written "
+            "(--endpoint.sd-config-file; default: thanos-endpoints beside the zone file).",
+        ),
+        env_option(
+            "--endpoints-configmap",
+            env="ATLAS_ENDPOINTS_CM_NAME",
+            default=DEFAULTS.thanos_endpoints_configmap_name,
+            help="ConfigMap holding the endpoint configuration (all.yaml; the DNS groups' "
+            "files go to <name>-groups).",
+        ),
+        env_option(
             "--alertmanager-selector",
             env=["ATLAS_ALERTMANAGER_SELECTOR", "ALERTMANAGER_SELECTOR"]
             if compat
@@ -264,6 +279,7 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         kubeconfig=p["kubeconfig"],
         context=p["context"],
         zone_file=p["zone_file"],
+        endpoints_dir=p["endpoints_dir"],
         listen=[("--http-listen", http_host, http_port), ("--ads-listen", ads_host, ads_port)],
         token_file=p["forwarder_token_file"],
     )
@@ -276,6 +292,7 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         envoy_ads_port=p["envoy_ads_port"],
         envoy_address=p["envoy_address"],
         dns_configmap_name=p["dns_configmap"],
+        thanos_endpoints_configmap_name=p["endpoints_configmap"],
         alertmanager_selector=p["alertmanager_selector"],
         leaf_lifetime=dt.timedelta(days=p["leaf_days"]),
         forwarder_token=token,
@@ -286,6 +303,7 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         context=p["context"],
         store=store,
         zone_file=p["zone_file"],
+        endpoints_dir=p["endpoints_dir"],
         ads_host=ads_host,
         ads_port=ads_port,
         http_host=http_host,
@@ -313,6 +331,7 @@ def _preflight(
     kubeconfig: str | None,
     context: str | None,
     zone_file: Path,
+    endpoints_dir: Path | None,
     listen: list[tuple[str, str, int]],
     token_file: Path | None,
 ) -> str | None:
@@ -336,6 +355,14 @@ def _preflight(
         fail(f"--zone-file {zone_file}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (zone_file.exists() and not os.access(zone_file, os.W_OK)):
         fail(f"--zone-file {zone_file}: not writable by this user")
+    if endpoints_dir is not None:
+        base = endpoints_dir if endpoints_dir.exists() else endpoints_dir.parent
+        if endpoints_dir.exists() and not endpoints_dir.is_dir():
+            fail(f"--endpoints-dir {endpoints_dir}: not a directory")
+        if not base.is_dir():
+            fail(f"--endpoints-dir {endpoints_dir}: directory {base} does not exist")
+        if not os.access(base, os.W_OK):
+            fail(f"--endpoints-dir {endpoints_dir}: not writable by this user")
     seen: dict[tuple[str, int], str] = {}
     for flag, host, port in listen:
         if port and (host, port) in seen:

@@ -399,7 +399,8 @@ async def run_zone_writer(
 
     Reports started — with the ``ZoneState``, for status and tests — once the previous
     serial has been read back from the file and (with ``kube``) the ConfigMap.
-    ``on_zone`` is called after each write with what was written.
+    ``on_zone`` is called after each write with what was written (and once with the zone
+    found on disk, if the first fleet needs no write).
     """
     previous_text = await trio.to_thread.run_sync(read_zone_file, path)
     serials = [parse_serial(previous_text)] if previous_text is not None else []
@@ -418,6 +419,8 @@ async def run_zone_writer(
             nursery.start_soon(_mirror, kube, settings, latest, mirrored)
         task_status.started(state)
         closed = False
+        # Whether on_zone has been told a zone yet.
+        reported = False
         while not closed:
             try:
                 item = await fleets.receive()
@@ -437,6 +440,10 @@ async def run_zone_writer(
             if zone is None:
                 if state.current is not None:
                     latest.put(state.current.text)
+                    if not reported and on_zone is not None:
+                        # The file already held this zone (a restart): report it once.
+                        on_zone(state.current)
+                    reported = True
                 continue
             _, spent = await trio.to_thread.run_sync(
                 # World-readable: CoreDNS may run as another user (a sidecar container).
@@ -448,6 +455,7 @@ async def run_zone_writer(
             latest.put(zone.text)
             if on_zone is not None:
                 on_zone(zone)
+            reported = True
             # A burst of changes is written in batches (atlasd.pacing): the zone takes at
             # most a tenth of the process (onboarding 5,000 clusters it took a third), the
             # pause at most 1 s (CoreDNS reloads on a timer anyway).

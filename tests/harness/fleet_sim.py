@@ -22,7 +22,7 @@ refused before binding), and the process exits after ``--duration`` seconds (at 
 ``MAX_DURATION``) or on SIGTERM/SIGINT. It writes ``<spec>.ready`` once every listener is
 bound, and counts the Info calls it answered per cluster into ``<spec>.stats`` at exit.
 
-Run: ``python -m tests.harness.fleet_sim SPEC.json --duration 600``; the spec is
+Run: ``python -m tests.harness.fleet_sim FLEET.json --duration 600``; the spec is
 ``{"ca": "<CA bundle PEM path>", "port": 11901, "clusters": [{"name": ..., "address":
 "127.0.1.1", "cert": "<server cert PEM path>", "key": "<key PEM path>"}, ...]}``.
 ``FleetSim`` runs it as a child process of a test.

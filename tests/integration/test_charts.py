@@ -164,6 +164,7 @@ ATLASD_CUSTOM: Doc = {
     "atlas": {
         "alertmanagerSelector": "app.kubernetes.io/name=alertmanager",
         "dnsConfigMapName": "my-zone",
+        "thanosEndpointsConfigMapName": "my-endpoints",
         "clusterDomain": "corp.local",
         "logFormat": "text",
         "extraEnv": [{"name": "ATLAS_EXTRA", "value": "1"}],
@@ -364,6 +365,7 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     assert env["ATLAS_ENVOY_ADS_PORT"] == "443"
     assert env["ATLAS_ENVOY_ADDRESS"] == "envoy.obs.example"
     assert env["ATLAS_DNS_CM_NAME"] == "my-zone"
+    assert env["ATLAS_ENDPOINTS_CM_NAME"] == "my-endpoints"
     assert env["ATLAS_ALERTMANAGER_SELECTOR"] == "app.kubernetes.io/name=alertmanager"
     assert env["ATLAS_ZONE_FILE"] == "/var/run/zone/atlas.db"
     assert env["ATLAS_ADS_SERVICE"] == "obs-atlasd.observability.svc.corp.local"
@@ -791,6 +793,7 @@ def test_every_env_var_the_chart_sets_is_read_by_atlasd_run(
         assert p["envoy_ads_port"] == 443
         assert p["envoy_address"] == "envoy.obs.example"
         assert p["dns_configmap"] == "my-zone"
+        assert p["endpoints_configmap"] == "my-endpoints"
         assert p["alertmanager_selector"] == (("app.kubernetes.io/name", "alertmanager"),)
         assert p["lease_name"] == "obs-leader"
         assert p["legacy_locks"] == ()  # "" is "none", not the default

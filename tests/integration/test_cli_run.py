@@ -58,7 +58,9 @@ class Original:
             f"{args[0]}-{self.http_port}",
             [sys.executable, "-m", "atlasd", *args],
             log_dir=workdir,
-            env=env,
+            # The original chart's commands write the zone (and the endpoint files beside
+            # it) to the temporary directory: this test's own.
+            env={**env, "TMPDIR": str(workdir)},
         )
 
     @property
@@ -136,6 +138,19 @@ def test_the_original_charts_controller_and_envoy_ads_run_atlasd(
         return cm.status_code == 200 and "atlas.zone" in cm.json()["data"]
 
     wait_until(mirrored, timeout=30, interval=0.2, what="the zone's ConfigMap mirror")
+
+    # Thanos Query's endpoint configuration: its ConfigMap (the leader's) and its file
+    # (beside the zone file: the original chart's pods write to the temporary directory).
+    want = f"- address: east-thanos-sidecar0.{namespace}.svc.cluster.local:10901\n"
+
+    def endpoints() -> str | None:
+        with apiserver.admin() as c:
+            cm = c.get(f"/api/v1/namespaces/{namespace}/configmaps/atlas-thanos-endpoints")
+        listed = cm.json()["data"].get("all.yaml") if cm.status_code == 200 else None
+        return listed if listed is not None and want in listed else None
+
+    listed = wait_until(endpoints, timeout=30, interval=0.2, what="east in the endpoints")
+    assert (tmp_path / "ctl" / "thanos-endpoints" / "all.yaml").read_text() == listed
     obs = cli("cluster-values", "--name", "atlas", f"--namespace={namespace}",
               f"--kubeconfig={apiserver.admin_kubeconfig}").stdout  # fmt: skip
     boot = yaml.safe_load(yaml.safe_load(obs)["files"]["envoy.yaml"])

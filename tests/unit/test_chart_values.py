@@ -32,6 +32,9 @@ def test_atlasd_chart_ports_are_the_daemons_defaults() -> None:
     assert values["atlas"]["clusterDomain"] == model.CLUSTER_DOMAIN
     settings = model.Settings()
     assert values["atlas"]["dnsConfigMapName"] == settings.dns_configmap_name
+    assert values["atlas"]["thanosEndpointsConfigMapName"] == (
+        settings.thanos_endpoints_configmap_name
+    )
     selector = ",".join(f"{k}={v}" for k, v in settings.alertmanager_selector)
     assert values["atlas"]["alertmanagerSelector"] == selector
 
