@@ -833,4 +833,6 @@ def test_notes_commands_are_real_atlasd_commands(helm: Helm, namespace: str) -> 
         _parse_cli(list(argv))
     assert "atlasd cluster values east --format raw" in notes
     assert "dnssrvnoa+_thanos._tcp.sidecars.thanos.atlas." in notes
+    assert "--endpoint.sd-config-file=/etc/atlas-endpoints/all.yaml" in notes
+    assert "atlas-thanos-endpoints" in notes
     assert "goatlas.io/cluster" in notes

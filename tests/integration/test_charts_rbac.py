@@ -118,6 +118,8 @@ async def test_chart_role_covers_every_call_atlasd_makes_and_nothing_else(
     assert "goatlas.io/cluster" in notes
     assert "atlasd cluster values east --format raw" in notes
     assert "dnssrvnoa+_thanos._tcp.sidecars.thanos.atlas." in notes
+    assert "--endpoint.sd-config-file=/etc/atlas-endpoints/all.yaml" in notes
+    assert "atlas-thanos-endpoints" in notes
 
     kubeconfig = _sa_kubeconfig(apiserver, namespace, RELEASE, tmp_path / "sa.kubeconfig")
     other = f"{namespace}-other"
