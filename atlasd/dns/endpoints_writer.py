@@ -44,7 +44,7 @@ from atlasd.dns.endpoints import (
     data_bytes,
     is_endpoints_key,
 )
-from atlasd.dns.writer import Latest, ZoneUpdate, as_update, coalesce, retrying
+from atlasd.dns.writer import Latest, ZoneUpdate, coalesced, render_update, retrying
 from atlasd.dns.zone import ZoneError
 from atlasd.files import write_atomic
 from atlasd.kube.api import KubeApi
@@ -146,20 +146,10 @@ async def run_endpoints_writer(
         task_status.started(state)
         try:
             first = True
-            closed = False
-            while not closed:
-                try:
-                    item = await fleets.receive()
-                except trio.EndOfChannel:
-                    break
-                update, closed = coalesce(fleets, as_update(item))
+            async for update in coalesced(fleets):
                 render = functools.partial(state.update, update.fleet, update.changed)
                 try:
-                    if update.changed is None or len(update.changed) > 100:
-                        # Many clusters (a start, a settings change): off the Trio thread.
-                        dirty = await trio.to_thread.run_sync(render)
-                    else:
-                        dirty = render()
+                    dirty, _ = await render_update(update, render)
                 except ZoneError as exc:
                     log.error("endpoint configuration not rendered, keeping the last: %s", exc)
                     continue

@@ -39,7 +39,7 @@ import bisect
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -385,6 +385,30 @@ def coalesce(
             return update, True
 
 
+async def coalesced(
+    fleets: trio.MemoryReceiveChannel[Fleet | ZoneUpdate],
+) -> AsyncIterator[ZoneUpdate]:
+    """Each update as it comes, merged with whatever queued behind it (a burst is one);
+    ends when ``fleets`` is closed (after the last)."""
+    while True:
+        try:
+            item = await fleets.receive()
+        except trio.EndOfChannel:
+            return
+        update, closed = coalesce(fleets, as_update(item))
+        yield update
+        if closed:
+            return
+
+
+async def render_update(update: ZoneUpdate, render: Callable[[], _T]) -> tuple[_T, float]:
+    """``render()`` and its CPU time; in a worker thread when many clusters changed (a
+    start, a CA rotation), so the event loop keeps serving meanwhile."""
+    if update.changed is None or len(update.changed) > 100:
+        return await trio.to_thread.run_sync(cpu_timed, render)
+    return cpu_timed(render)
+
+
 async def run_zone_writer(
     *,
     fleets: trio.MemoryReceiveChannel[Fleet | ZoneUpdate],
@@ -418,22 +442,12 @@ async def run_zone_writer(
         if kube is not None:
             nursery.start_soon(_mirror, kube, settings, latest, mirrored)
         task_status.started(state)
-        closed = False
         # Whether on_zone has been told a zone yet.
         reported = False
-        while not closed:
-            try:
-                item = await fleets.receive()
-            except trio.EndOfChannel:
-                break
-            update, closed = coalesce(fleets, as_update(item))
+        async for update in coalesced(fleets):
             render = functools.partial(state.next_zone, update.fleet, update.changed)
             try:
-                if update.changed is None or len(update.changed) > 100:
-                    # Many clusters to render (a start, a CA rotation): off the Trio thread.
-                    zone, cpu = await trio.to_thread.run_sync(cpu_timed, render)
-                else:
-                    zone, cpu = cpu_timed(render)
+                zone, cpu = await render_update(update, render)
             except ZoneError as exc:
                 log.error("zone not rendered, keeping serial %s: %s", state.serial, exc)
                 continue
