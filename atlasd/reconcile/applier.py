@@ -256,7 +256,9 @@ class Reconciler:
     async def reconcile_key(
         self, api: KubeApi, version: FleetVersion, key: str, *, now: dt.datetime
     ) -> KeyResult:
-        cached = version.object_versions(key, owned=True)
+        # Every object of the key, not only atlasd's: a full pass also expects the cache to
+        # show the cluster Service (or an Alertmanager Service) it LISTed.
+        cached = version.object_versions(key)
         waiting = self.expectations.pending(
             key, lambda oid: cached.get(oid) or None, now=self._clock()
         )
