@@ -46,9 +46,10 @@ from typing import Any, Protocol
 import trio
 
 from atlasd import labels
-from atlasd.fleet.keys import FIXED_SECRETS, FLEET_KEY, ObjectId, resource_version
+from atlasd.fleet.keys import FIXED_SECRETS, FLEET_KEY, ObjectId
 from atlasd.fleet.state import FleetVersion, Member
 from atlasd.fleet.validate import identity_secret_name
+from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import BadRequest, Invalid, NotFound
 from atlasd.kube.resources import SECRETS, ApiResource
@@ -168,7 +169,7 @@ def _versions(
     objects: Iterable[tuple[str, Mapping[str, Mapping[str, Any]]]],
 ) -> dict[ObjectId, str]:
     return {
-        (kind, name): resource_version(obj)
+        (kind, name): bodies.resource_version(obj)
         for kind, by_name in objects
         for name, obj in by_name.items()
     }
@@ -306,7 +307,7 @@ class Reconciler:
                 problems.append(
                     Problem(
                         source=m.cluster.source or _ref(m),
-                        field=f"Service {obj['metadata']['name']}",
+                        field=f"Service {bodies.name(obj)}",
                         message="a cluster Service already has this name; not overwritten",
                         reason="NameClash",
                     )
@@ -352,7 +353,7 @@ class Reconciler:
                 # Not watched until atlasd owns it (first start; adopting the original's).
                 with contextlib.suppress(NotFound):
                     observed[name] = await api.get(SECRETS, name, namespace=ns)
-        versions = {("Secret", n): resource_version(o) for n, o in observed.items()}
+        versions = {("Secret", n): bodies.resource_version(o) for n, o in observed.items()}
         inputs = (len(fw.alertmanagers),)
         rec = self._synced.get(FLEET_KEY)
         if rec is not None and rec.holds(inputs, versions, now):
@@ -384,7 +385,7 @@ class Reconciler:
                 result.created += 1
             else:
                 result.replaced += 1
-            written[("Secret", labels.CA_SECRET)] = resource_version(stored)
+            written[("Secret", labels.CA_SECRET)] = bodies.resource_version(stored)
             if action == "rotated":
                 log.info("CA rotated: serial %s, revision %d", ca.serial, ca.revision)
         obs = plan_observability(
@@ -400,7 +401,7 @@ class Reconciler:
         writes = plan_key_writes(
             services={},
             secrets={
-                **{s["metadata"]["name"]: s for s in obs.secrets},
+                **{bodies.name(s): s for s in obs.secrets},
                 labels.OBS_VALUES_SECRET: values,
             },
             observed_services={},
@@ -433,7 +434,7 @@ class Reconciler:
         errors: list[str] = []
 
         async def apply_one(obj: Mapping[str, Any]) -> None:
-            kind, name = str(obj.get("kind")), str(obj["metadata"]["name"])
+            kind, name = str(obj.get("kind")), bodies.name(obj)
             async with self._limiter:
                 try:
                     stored = await api.apply(obj)
@@ -451,7 +452,7 @@ class Reconciler:
                     else:
                         log.error("apply of %s %s rejected: %s", kind, name, e.reason)
                     return
-            versions[(kind, name)] = resource_version(stored)
+            versions[(kind, name)] = bodies.resource_version(stored)
             result.applied += 1
 
         async def delete_one(res: ApiResource, name: str) -> None:
@@ -495,12 +496,11 @@ class Reconciler:
 
 
 def _ref(m: Member) -> ObjectRef:
-    meta = (m.service or {}).get("metadata") or {}
     return ObjectRef(
         kind="Service",
         name=m.name,
-        namespace=str(meta.get("namespace") or ""),
-        uid=str(meta.get("uid") or ""),
+        namespace=bodies.namespace(m.service),
+        uid=bodies.uid(m.service),
     )
 
 

@@ -32,8 +32,9 @@ from typing import Any
 import trio
 
 from atlasd.fleet.feed import FleetFeed
-from atlasd.fleet.keys import FLEET_KEY, ObjectId, key_of, resource_version, roles
+from atlasd.fleet.keys import FLEET_KEY, ObjectId, key_of, roles
 from atlasd.hub import ResultDoc
+from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import AlreadyExists, Conflict, KubeError
 from atlasd.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILE_WRITES
@@ -68,8 +69,8 @@ async def listed_versions(api: KubeApi, settings: Settings) -> dict[str, dict[Ob
             metadata_only=True,
         )
         for obj in items:
-            oid = (role.resource.kind, str(obj["metadata"]["name"]))
-            out.setdefault(key_of(role.name, obj), {})[oid] = resource_version(obj)
+            oid = (role.resource.kind, bodies.name(obj))
+            out.setdefault(key_of(role.name, obj), {})[oid] = bodies.resource_version(obj)
     return out
 
 
