@@ -37,6 +37,15 @@ def _str(value: Any) -> str:
     return value if type(value) is str else ("" if value is None else str(value))
 
 
+def _meta_str(obj: Obj | None, key: str) -> str:
+    # ``meta`` inlined: ``name`` and ``resource_version`` are read for every object the
+    # watch delivers (the fleet's key_of, the reconcile's version maps).
+    m = None if obj is None else obj.get("metadata")
+    if type(m) is not dict and not isinstance(m, Mapping):
+        return ""
+    return _str(m.get(key))
+
+
 # -- metadata ---------------------------------------------------------------------------------
 
 
@@ -48,52 +57,38 @@ def meta(obj: Obj | None) -> Mapping[str, Any]:
 
 def name(obj: Obj | None) -> str:
     """``metadata.name``."""
-    # Inlined (here, in resource_version and labels): read for every object the watch
-    # delivers, by the fleet's key_of and the reconcile's version maps.
-    m = None if obj is None else obj.get("metadata")
-    if type(m) is not dict and not isinstance(m, Mapping):
-        return ""
-    v = m.get("name")
-    return v if type(v) is str else ("" if v is None else str(v))
+    return _meta_str(obj, "name")
 
 
 def namespace(obj: Obj | None) -> str:
     """``metadata.namespace``."""
-    return _str(meta(obj).get("namespace"))
+    return _meta_str(obj, "namespace")
 
 
 def uid(obj: Obj | None) -> str:
     """``metadata.uid``."""
-    return _str(meta(obj).get("uid"))
+    return _meta_str(obj, "uid")
 
 
 def resource_version(obj: Obj | None) -> str:
     """``metadata.resourceVersion`` (opaque: compare for equality only); of a list, the
     version it was read at."""
-    m = None if obj is None else obj.get("metadata")
-    if type(m) is not dict and not isinstance(m, Mapping):
-        return ""
-    v = m.get("resourceVersion")
-    return v if type(v) is str else ("" if v is None else str(v))
+    return _meta_str(obj, "resourceVersion")
 
 
 def list_continue(obj: Obj | None) -> str:
     """A list page's ``metadata.continue`` ("" on the last page)."""
-    return _str(meta(obj).get("continue"))
+    return _meta_str(obj, "continue")
 
 
 def creation_timestamp(obj: Obj | None) -> str:
     """``metadata.creationTimestamp`` as the API wrote it (RFC 3339, UTC: sorts as text)."""
-    return _str(meta(obj).get("creationTimestamp"))
+    return _meta_str(obj, "creationTimestamp")
 
 
 def labels(obj: Obj | None) -> Mapping[str, Any]:
     """``metadata.labels`` (values as stored: a standalone store's may not be strings)."""
-    m = None if obj is None else obj.get("metadata")
-    if type(m) is not dict and not isinstance(m, Mapping):
-        return EMPTY
-    v = m.get("labels")
-    return v if type(v) is dict or isinstance(v, Mapping) else EMPTY
+    return _map(meta(obj).get("labels"))
 
 
 def annotations(obj: Obj | None) -> Mapping[str, Any]:
