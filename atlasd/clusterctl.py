@@ -36,6 +36,7 @@ from typing import Any
 
 from atlasd import labels
 from atlasd.fleet.validate import cluster_label_problem, is_cluster_service, validate_all
+from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.client import KubeClient
 from atlasd.kube.errors import ApiError, NotFound
@@ -131,12 +132,6 @@ async def _labelled_services(api: KubeApi, settings: Settings) -> list[dict[str,
     return items
 
 
-def _label_value(svc: Mapping[str, Any]) -> str | None:
-    lbls = (svc.get("metadata") or {}).get("labels") or {}
-    value = lbls.get(labels.CLUSTER_LABEL) if isinstance(lbls, Mapping) else None
-    return None if value is None else str(value)
-
-
 async def _get_service(api: KubeApi, name: str, settings: Settings) -> dict[str, Any] | None:
     try:
         svc: dict[str, Any] = await api.get(SERVICES, name, namespace=settings.namespace)
@@ -154,10 +149,10 @@ async def add(
     allow_loopback: bool = False,
 ) -> str:
     """Create (or with ``overwrite`` replace) a cluster Service; returns "created"/"updated"."""
-    name = service["metadata"]["name"]
+    name = bodies.name(service)
     existing = await _get_service(api, name, settings)
     if existing is not None:
-        value = _label_value(existing)
+        value = bodies.label(existing, labels.CLUSTER_LABEL)
         if value is None:
             # Someone else's Service: never turned into a cluster by --overwrite.
             raise ClusterError(
@@ -176,17 +171,14 @@ async def add(
     if existing is not None:
         # Judge it with the age (and uid) it has: the older of two clusters keeps a
         # contested external IP.
-        old_meta = existing.get("metadata") or {}
-        meta = {**service["metadata"]}
-        for key in ("creationTimestamp", "uid"):
-            if old_meta.get(key):
-                meta[key] = old_meta[key]
+        meta = dict(bodies.meta(service))
+        kept = (
+            ("creationTimestamp", bodies.creation_timestamp(existing)),
+            ("uid", bodies.uid(existing)),
+        )
+        meta.update((key, value) for key, value in kept if value)
         candidate = {**service, "metadata": meta}
-    others = [
-        s
-        for s in await _cluster_services(api, settings)
-        if (s.get("metadata") or {}).get("name") != name
-    ]
+    others = [s for s in await _cluster_services(api, settings) if bodies.name(s) != name]
     _, problems = validate_all([*others, candidate], settings, allow_loopback=allow_loopback)
     mine = [p for p in problems if p.source.name == name]
     if mine:
@@ -211,23 +203,23 @@ async def list_clusters(
     for p in (*problems, *label_problems):
         by_name.setdefault(p.source.name, []).append(p)
     rows = []
-    for svc in sorted(items, key=lambda s: str(s["metadata"]["name"])):
-        meta = svc.get("metadata") or {}
-        spec = svc.get("spec") or {}
-        ips = spec.get("externalIPs") or []
+    for svc in sorted(items, key=bodies.name):
+        name = bodies.name(svc)
+        ips = bodies.spec(svc).get("externalIPs") or []
+        replicas = bodies.label(svc, labels.REPLICAS_LABEL)
         rows.append(
             ClusterRow(
-                name=str(meta.get("name")),
+                name=name,
                 external_ip=str(ips[0]) if ips else "",
-                replicas=str((meta.get("labels") or {}).get(labels.REPLICAS_LABEL, "1")),
-                problem=_describe(by_name.get(str(meta.get("name")), [])),
+                replicas="1" if replicas is None else replicas,
+                problem=_describe(by_name.get(name, [])),
             )
         )
     return rows
 
 
 def _not_a_cluster(svc: Mapping[str, Any], name: str) -> ClusterError:
-    value = ((svc.get("metadata") or {}).get("labels") or {}).get(labels.CLUSTER_LABEL)
+    value = bodies.labels(svc).get(labels.CLUSTER_LABEL)
     why = (
         f"it has no {labels.CLUSTER_LABEL} label"
         if value is None

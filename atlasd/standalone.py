@@ -52,6 +52,7 @@ import trio
 import yaml
 
 from atlasd.files import write_atomic
+from atlasd.kube import bodies
 from atlasd.kube.api import JSON
 from atlasd.kube.errors import AlreadyExists, Gone, Invalid, KubeError, NotFound, ServerError
 from atlasd.kube.resources import SECRETS, SERVICES, ApiResource, resource_for
@@ -208,7 +209,7 @@ class FileStore:
         obj.setdefault("kind", res.kind)
         meta = obj.setdefault("metadata", {})
         meta.setdefault("namespace", self._namespace)
-        meta.setdefault("uid", str(uuid.uuid5(_UID_NAMESPACE, f"{res.kind}/{meta.get('name')}")))
+        meta.setdefault("uid", str(uuid.uuid5(_UID_NAMESPACE, f"{res.kind}/{bodies.name(obj)}")))
         meta["resourceVersion"] = rv
         return obj
 
@@ -240,7 +241,7 @@ class FileStore:
                 continue  # removed since the directory was listed
             for doc in docs:
                 if isinstance(doc, dict) and doc.get("kind") == "Service":
-                    name = str(doc["metadata"].get("name") or "")
+                    name = bodies.name(doc)
                     if name:
                         out[name] = (doc, path)
         return out
@@ -343,11 +344,7 @@ class FileStore:
         if res == SERVICES:
             for name, (obj, _) in self.declared_clusters().items():
                 items[name] = obj
-        out = [
-            o
-            for _, o in sorted(items.items())
-            if matches((o.get("metadata") or {}).get("labels") or {}, label_selector)
-        ]
+        out = [o for _, o in sorted(items.items()) if matches(bodies.labels(o), label_selector)]
         rv = str(time.time_ns())
         self._remember_list(res, label_selector, rv, out, fingerprint)
         return out, rv
@@ -362,7 +359,7 @@ class FileStore:
     ) -> None:
         """Keep what a list returned, so a watch can start from its rv."""
         self._lists[(res.plural, selector or "", rv)] = (
-            {str(o["metadata"]["name"]): o for o in items},
+            {bodies.name(o): o for o in items},
             fingerprint,
         )
         while len(self._lists) > 64:
@@ -404,7 +401,7 @@ class FileStore:
                 continue
             items, rv = await self.list(res, label_selector=label_selector)
             fingerprint = self._lists[(res.plural, selector, rv)][1]
-            fresh = {str(o["metadata"]["name"]): o for o in items}
+            fresh = {bodies.name(o): o for o in items}
             for name, obj in known.items():
                 if name not in fresh:
                     yield {"type": "DELETED", "object": obj}
@@ -412,9 +409,7 @@ class FileStore:
                 before = known.get(name)
                 if before is None:
                     yield {"type": "ADDED", "object": obj}
-                elif before["metadata"].get("resourceVersion") != obj["metadata"].get(
-                    "resourceVersion"
-                ):
+                elif bodies.resource_version(before) != bodies.resource_version(obj):
                     yield {"type": "MODIFIED", "object": obj}
             known = fresh
             if allow_bookmarks:
@@ -424,7 +419,7 @@ class FileStore:
     def _write(self, res: ApiResource, obj: Mapping[str, Any]) -> JSON:
         body = json.loads(json.dumps(obj))
         meta = body.setdefault("metadata", {})
-        name = str(meta.get("name") or "")
+        name = bodies.name(body)
         if not name:
             raise ValueError(f"{res}: the object has no metadata.name")
         if "/" in name or name.startswith("."):
@@ -436,8 +431,7 @@ class FileStore:
         if res == SECRETS and "stringData" in body:
             data = body.setdefault("data", {})
             data.update(encode_secret_data({k: str(v) for k, v in body.pop("stringData").items()}))
-        labels = meta.get("labels") or {}
-        if res == SERVICES and labels.get(CLUSTER_LABEL) == "true":
+        if res == SERVICES and bodies.label(body, CLUSTER_LABEL) == "true":
             path = self.clusters_dir / f"{name}.yaml"
             mode = 0o644
         else:
@@ -464,7 +458,7 @@ class FileStore:
         return await self._io("create", res, lambda: self._create(res, obj))
 
     def _create(self, res: ApiResource, obj: Mapping[str, Any]) -> JSON:
-        name = str((obj.get("metadata") or {}).get("name") or "")
+        name = bodies.name(obj)
         if res.kind == "Event":
             self._append_event(obj)
             return dict(obj)

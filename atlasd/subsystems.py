@@ -41,7 +41,7 @@ from atlasd.kube.lease import run_leader_election
 from atlasd.kube.legacy_lock import LeadershipGate
 from atlasd.model import ObjectRef, Settings
 from atlasd.pacing import burst_pause, cpu_timed
-from atlasd.reconcile.applier import KeyResult, Reconciler
+from atlasd.reconcile.applier import Reconciler, ReconcileResult
 from atlasd.reconcile.expectations import Expectations
 from atlasd.reconcile.loop import ReconcileLoop, key_result_doc
 from atlasd.supervise import supervise
@@ -402,6 +402,8 @@ async def run_reconcile(
     feed: FleetFeed,
     settings: Settings,
     expectations: Expectations,
+    # Unused: the fleet (FleetRunner) judges loopback addresses, the reconciler works from
+    # its versions. Still passed by atlasd.daemon; goes with the next change to its wiring.
     allow_loopback: bool,
     resync_seconds: float,
     workers: int,
@@ -413,7 +415,6 @@ async def run_reconcile(
     expectations.clear()  # a new term trusts nothing an earlier one expected
     reconciler = Reconciler(
         settings=settings,
-        allow_loopback=allow_loopback,
         post_event=post_event,
         expectations=expectations,
     )
@@ -429,7 +430,7 @@ async def run_reconcile(
     await supervise("reconcile", hub, loop.run, task_status=task_status)
 
 
-def _publish_key_result(hub: StatusHub, result: KeyResult, seconds: float) -> None:
+def _publish_key_result(hub: StatusHub, result: ReconcileResult, seconds: float) -> None:
     doc = key_result_doc(result, seconds)
     if doc is not None:
         hub.publish(last_key_reconcile=doc)

@@ -15,14 +15,16 @@ Objects are watched in ``WatchedSet``s, each a label selector the API server fil
 Service or Secret that has nothing to do with atlasd never reaches it. Fixed-name Secrets
 written by the original Atlas (no ``managed-by`` label yet) are read by name by the leader
 until it has adopted them (``atlasd.reconcile``); after that they are owned and watched.
+
+The object fields read here (name, labels) and by every other module are read through
+``atlasd.kube.bodies``, which sits below the fleet so that the Kubernetes layer reads them
+the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from atlasd import labels
+from atlasd.kube import bodies
 from atlasd.kube.api import Obj
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Settings
@@ -67,31 +69,13 @@ def roles(settings: Settings) -> tuple[WatchedSet, ...]:
     return tuple(out)
 
 
-def _labels(obj: Obj) -> Mapping[str, Any]:
-    meta = obj.get("metadata") or {}
-    lbls = meta.get("labels") if isinstance(meta, Mapping) else None
-    return lbls if isinstance(lbls, Mapping) else {}
-
-
-def name_of(obj: Obj) -> str:
-    meta = obj.get("metadata") or {}
-    return str(meta.get("name") or "") if isinstance(meta, Mapping) else ""
-
-
 def key_of(role: str, obj: Obj) -> str:
     """The key an object of ``role`` belongs to."""
     if role == CLUSTER_SERVICES:
-        return name_of(obj)
+        return bodies.name(obj)
     if role == ALERTMANAGER_SERVICES:
         return FLEET_KEY
-    if role == OWNED_SECRETS and name_of(obj) in FIXED_SECRETS:
+    if role == OWNED_SECRETS and bodies.name(obj) in FIXED_SECRETS:
         return FLEET_KEY
-    owner = _labels(obj).get(labels.OWNER_CLUSTER_LABEL)
-    return str(owner) if isinstance(owner, str) and owner else FLEET_KEY
-
-
-def resource_version(obj: Obj | None) -> str:
-    if obj is None:
-        return ""
-    meta = obj.get("metadata") or {}
-    return str(meta.get("resourceVersion") or "") if isinstance(meta, Mapping) else ""
+    owner = bodies.labels(obj).get(labels.OWNER_CLUSTER_LABEL)
+    return owner if isinstance(owner, str) and owner else FLEET_KEY

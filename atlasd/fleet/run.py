@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -50,13 +51,16 @@ class FleetRunner:
         feed: FleetFeed,
         allow_loopback: bool = False,
         expectations: Relists | None = None,
+        wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
+        """``wall_clock``: the time stored certificates are judged at (tests pin it)."""
         self._state = FleetState(settings, allow_loopback=allow_loopback)
         self._queue: WorkQueue[str] = WorkQueue(name="fleet")
         self.feed = feed
         # The leader's expectations (one object for every leadership term): a relist meets
         # those of its kind (a LIST is at least as new as any write before it).
         self._expectations = expectations
+        self._wall_clock = wall_clock
 
     def changed(self, role: WatchedSet, name: str, obj: dict[str, object] | None) -> None:
         for key in self._state.observe(role.name, name, obj):
@@ -70,7 +74,11 @@ class FleetRunner:
         """Derive and publish until cancelled; started once the first version (everything
         the sources listed) is published."""
         await run_fleet(
-            state=self._state, queue=self._queue, feed=self.feed, task_status=task_status
+            state=self._state,
+            queue=self._queue,
+            feed=self.feed,
+            wall_clock=self._wall_clock,
+            task_status=task_status,
         )
 
 
@@ -94,6 +102,7 @@ async def run_fleet(
     state: FleetState,
     queue: WorkQueue[str],
     feed: FleetFeed,
+    wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Derive and publish until cancelled; started once the first version (everything the
@@ -112,7 +121,7 @@ async def run_fleet(
         for i in range(0, len(keys), CHUNK):
             chunk = keys[i : i + CHUNK]
             t0 = time.perf_counter()
-            update = state.derive(chunk, now=dt.datetime.now(dt.UTC))
+            update = state.derive(chunk, now=wall_clock())
             FLEET_SECONDS.observe(time.perf_counter() - t0)
             before = feed.latest
             feed.publish(update)

@@ -44,7 +44,6 @@ from atlasd.fleet.keys import (
     OWNED_SERVICES,
     ObjectId,
     key_of,
-    resource_version,
 )
 from atlasd.fleet.trust import StoredCA, not_after, read_ca, renewal_time, trusted_pair
 from atlasd.fleet.validate import (
@@ -56,6 +55,7 @@ from atlasd.fleet.validate import (
     source_ref,
     validate_cluster,
 )
+from atlasd.kube import bodies
 from atlasd.kube.api import Obj
 from atlasd.kube.secrets import secret_data
 from atlasd.model import (
@@ -172,22 +172,22 @@ class FleetVersion:
         if key == FLEET_KEY:
             fw = self.fleetwide
             if fw.ca_secret is not None:
-                out[("Secret", labels.CA_SECRET)] = resource_version(fw.ca_secret)
+                out[("Secret", labels.CA_SECRET)] = bodies.resource_version(fw.ca_secret)
             for n, o in fw.secrets.items():
-                out[("Secret", n)] = resource_version(o)
+                out[("Secret", n)] = bodies.resource_version(o)
             if not owned:
                 for n, o in fw.alertmanager_services.items():
-                    out[("Service", n)] = resource_version(o)
+                    out[("Service", n)] = bodies.resource_version(o)
             return out
         m = self.members.get(key)
         if m is None:
             return out
         if m.service is not None and not owned:
-            out[("Service", m.name)] = resource_version(m.service)
+            out[("Service", m.name)] = bodies.resource_version(m.service)
         for n, o in m.services.items():
-            out[("Service", n)] = resource_version(o)
+            out[("Service", n)] = bodies.resource_version(o)
         for n, o in m.secrets.items():
-            out[("Secret", n)] = resource_version(o)
+            out[("Secret", n)] = bodies.resource_version(o)
         return out
 
 
@@ -417,7 +417,7 @@ class FleetState:
             elif role == OWNED_SECRETS:
                 secrets[name] = obj
         settings = self.settings
-        svc_rv = resource_version(service)
+        svc_rv = bodies.resource_version(service)
         cluster: DownstreamCluster | None = None
         own_problems: tuple[Problem, ...] = ()
         state: MemberState = "absent"
@@ -442,7 +442,7 @@ class FleetState:
                     state = "pending"
         # The stored identity, judged against the current trust bundle.
         ident_secret = secrets.get(identity_secret_name(key))
-        ident_rv = resource_version(ident_secret)
+        ident_rv = bodies.resource_version(ident_secret)
         trust = _trust(self._fleetwide)
         identity: Identity | None = None
         certs: tuple[CertInfo, ...] = ()
@@ -580,5 +580,5 @@ def fleet_of(
         for obj in items:
             for role in rs:
                 if role.resource.kind == kind and object_matches(obj, role.selector):
-                    state.observe(role.name, str((obj.get("metadata") or {}).get("name")), obj)
+                    state.observe(role.name, bodies.name(obj), obj)
     return state.derive(state.keys(), now=now).version

@@ -35,6 +35,7 @@ from atlasd import labels
 from atlasd.certpolicy import issued_by, issued_by_any, load_cert, same_key
 from atlasd.certpolicy import not_after as not_after  # re-exported (atlasd.fleet.state)
 from atlasd.certpolicy import renewal_time as renewal_time  # re-exported (atlasd.fleet.state)
+from atlasd.kube import bodies
 from atlasd.kube.secrets import secret_data
 from atlasd.model import CertKey
 
@@ -144,9 +145,7 @@ class StoredCA(CAChain):
 
 def revision_of(secret: Mapping[str, Any] | None) -> int:
     """``goatlas.io/ca-revision`` as a positive integer (1 when absent or malformed)."""
-    meta = (secret or {}).get("metadata") or {}
-    raw = (meta.get("labels") or {}).get(labels.CA_REVISION_LABEL, "1")
-    text = str(raw)
+    text = bodies.label(secret, labels.CA_REVISION_LABEL) or "1"
     return max(int(text), 1) if text.isdigit() else 1
 
 

@@ -61,6 +61,7 @@ from typing import Any
 
 from atlasd import labels
 from atlasd.addresses import check_remote_address
+from atlasd.kube import bodies
 from atlasd.kube.selectors import pairs_match
 
 # Re-exported for the modules that import them from here (identity_secret_name:
@@ -179,25 +180,17 @@ def _lbl(name: str) -> str:
     return f'metadata.labels["{name}"]'
 
 
-def _meta(service: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``metadata``, or an empty mapping when it is absent or not an object."""
-    meta = service.get("metadata")
-    return meta if isinstance(meta, Mapping) else {}
-
-
 def source_ref(service: Mapping[str, Any], settings: Settings) -> ObjectRef:
-    meta = _meta(service)
     return ObjectRef(
         kind="Service",
-        name=str(meta.get("name", "")),
-        namespace=str(meta.get("namespace") or settings.namespace),
-        uid=str(meta.get("uid") or ""),
+        name=bodies.name(service),
+        namespace=bodies.namespace(service) or settings.namespace,
+        uid=bodies.uid(service),
     )
 
 
 def is_cluster_service(service: Mapping[str, Any]) -> bool:
-    lbls = _meta(service).get("labels") or {}
-    return isinstance(lbls, Mapping) and lbls.get(labels.CLUSTER_LABEL) == "true"
+    return bodies.labels(service).get(labels.CLUSTER_LABEL) == "true"
 
 
 def cluster_label_problem(service: Mapping[str, Any], settings: Settings) -> Problem | None:
@@ -205,8 +198,8 @@ def cluster_label_problem(service: Mapping[str, Any], settings: Settings) -> Pro
     exactly ``"true"`` (``"True"``, ``"false"``, ...): it is not a cluster, and if it was
     one, what atlasd made for it is removed. None for a cluster Service or an unlabelled
     one."""
-    lbls = _meta(service).get("labels") or {}
-    if not isinstance(lbls, Mapping) or labels.CLUSTER_LABEL not in lbls:
+    lbls = bodies.labels(service)
+    if labels.CLUSTER_LABEL not in lbls:
         return None
     value = lbls[labels.CLUSTER_LABEL]
     if value == "true":
@@ -319,6 +312,7 @@ def validate_cluster(
     def add(field: str, message: str) -> None:
         problems.append(Problem(source=ref, field=field, message=message))
 
+    # Raw: "absent" and "not an object" are reported here, not read as empty.
     meta = service.get("metadata")
     spec = service.get("spec")
     if not isinstance(meta, Mapping):
@@ -441,9 +435,8 @@ def validate_cluster(
 
 
 def age_key(service: Mapping[str, Any]) -> tuple[str, str]:
-    meta = _meta(service)
     # RFC 3339 UTC timestamps sort lexicographically; a missing one sorts last.
-    return (str(meta.get("creationTimestamp") or "~"), str(meta.get("name", "")))
+    return (bodies.creation_timestamp(service) or "~", bodies.name(service))
 
 
 def validate_all(
@@ -495,11 +488,8 @@ def select_alertmanagers(
     sel = tuple(selector)
     found: list[LocalAlertmanager] = []
     for svc in services:
-        meta = svc.get("metadata") or {}
-        spec = svc.get("spec") or {}
-        if not isinstance(meta, Mapping) or not isinstance(spec, Mapping):
-            continue
-        if not sel or not pairs_match(meta.get("labels") or {}, sel):
+        spec = bodies.spec(svc)
+        if not sel or not pairs_match(bodies.labels(svc), sel):
             continue
         if not spec.get("selector"):
             continue
@@ -513,8 +503,8 @@ def select_alertmanagers(
         if not ports:
             continue
         chosen = next((p for p in ports if p.get("name") in ("http", "web")), ports[0])
-        name = str(meta.get("name", ""))
-        namespace = str(meta.get("namespace", ""))
+        name = bodies.name(svc)
+        namespace = bodies.namespace(svc)
         if not is_dns_label(name) or not is_dns_label(namespace):
             continue
         found.append(LocalAlertmanager(name=name, namespace=namespace, port=int(chosen["port"])))

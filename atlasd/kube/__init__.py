@@ -5,6 +5,7 @@
   watch) on raw httpx.
 - ``errors``: the error tree every failure is translated into.
 - ``resources``: the API resources atlasd uses and their URL paths.
+- ``bodies``: typed reads of the object fields atlasd reads (name, labels, data, ...).
 - ``apply``: ``needs_apply`` (no-op passes write nothing).
 - ``secrets``: Secret data decoded and encoded.
 - ``events``: core/v1 Events, best effort.

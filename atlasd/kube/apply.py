@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from atlasd.kube import bodies
 from atlasd.kube.api import Obj
 from atlasd.kube.secrets import secret_data
 from atlasd.labels import FIELD_MANAGER
@@ -79,11 +80,7 @@ def managed_keys(observed: Obj, *path: str, manager: str = FIELD_MANAGER) -> set
     """The map keys under ``path`` (e.g. "metadata", "labels") that ``manager`` applied,
     read from ``metadata.managedFields`` (fieldsV1)."""
     keys: set[str] = set()
-    for entry in (observed.get("metadata") or {}).get("managedFields") or ():
-        if not isinstance(entry, Mapping) or entry.get("manager") != manager:
-            continue
-        if entry.get("operation") != "Apply":
-            continue
+    for entry in bodies.applied_fields(observed, manager):
         node: object = entry.get("fieldsV1") or {}
         for part in path:
             node = node.get(f"f:{part}") if isinstance(node, Mapping) else None
@@ -100,20 +97,21 @@ def needs_apply(desired: Obj, observed: Obj | None, *, whole: Collection[Path] =
     """Would server-side applying ``desired`` change ``observed``? (pure; see module doc)"""
     if observed is None:
         return True
-    d_meta: Mapping[str, Any] = desired.get("metadata") or {}
-    for field in ("labels", "annotations"):
-        sent = set((d_meta.get(field) or {}).keys())
-        if managed_keys(observed, "metadata", field) - sent:
+    for field, sent_map in (
+        ("labels", bodies.labels(desired)),
+        ("annotations", bodies.annotations(desired)),
+    ):
+        if managed_keys(observed, "metadata", field) - set(sent_map):
             return True
     if _is_secret(desired):
-        sent = set(desired.get("data") or {}) | set(desired.get("stringData") or {})
+        sent = set(bodies.data(desired)) | set(bodies.string_data(desired))
         want = secret_data(desired)
         if sent - set(want):
             return True  # a value that is not base64 is never in sync
-        have = secret_data({"data": observed.get("data") or {}})
+        have = secret_data({"data": bodies.data(observed)})
         if any(have.get(k) != v for k, v in want.items()):
             return True
-        if ("data",) in whole and sent != set(observed.get("data") or {}):
+        if ("data",) in whole and sent != set(bodies.data(observed)):
             return True
         owned = managed_keys(observed, "data") | managed_keys(observed, "stringData")
         if (owned & set(have)) - set(want):
@@ -123,6 +121,6 @@ def needs_apply(desired: Obj, observed: Obj | None, *, whole: Collection[Path] =
         rest = dict(desired)
         if "data" in desired and isinstance(desired["data"], Mapping):
             sent = set(desired["data"])
-            if (managed_keys(observed, "data") & set(observed.get("data") or {})) - sent:
+            if (managed_keys(observed, "data") & set(bodies.data(observed))) - sent:
                 return True
     return not _covers(rest, observed, (), whole)

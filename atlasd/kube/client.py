@@ -26,6 +26,7 @@ from typing import Any, Self
 
 import httpx
 
+from atlasd.kube import bodies
 from atlasd.kube.api import JSON
 from atlasd.kube.config import Credential, Credentials, KubeConfig, ssl_context
 from atlasd.kube.errors import ApiError, Gone, NotFound, TransportError, api_error
@@ -259,18 +260,18 @@ class KubeClient:
                 params = {**base, "limit": str(LIST_PAGE_SIZE)}
                 if cont:
                     params["continue"] = cont
-                page_items, meta = await page(params)
+                page_items, body = await page(params)
                 items.extend(page_items)
                 if not rv:
-                    rv = str(meta.get("resourceVersion") or "")
-                cont = str(meta.get("continue") or "")
+                    rv = bodies.resource_version(body)
+                cont = bodies.list_continue(body)
                 if not cont:
                     break
         except Gone:
             if not cont:
                 raise
-            items, meta = await page(base)
-            rv = str(meta.get("resourceVersion") or "")
+            items, body = await page(base)
+            rv = bodies.resource_version(body)
         return items, rv
 
     def _list_body(
@@ -280,18 +281,16 @@ class KubeClient:
             raise TransportError(f"list {res}: the API server sent no list")
         raw = body.get("items") or []
         items = [self._object(res, i) for i in raw if isinstance(i, dict)]
-        meta = body.get("metadata") or {}
-        return items, meta if isinstance(meta, Mapping) else {}
+        return items, body
 
     def _target(
         self, obj: Mapping[str, Any], *, need_name: bool = True
     ) -> tuple[ApiResource, str, str | None]:
         res = resource_for(str(obj.get("apiVersion") or ""), str(obj.get("kind") or ""))
-        meta = obj.get("metadata") or {}
-        name = str(meta.get("name") or "")
+        name = bodies.name(obj)
         if not name and need_name:
             raise ValueError(f"{res}: the object has no metadata.name")
-        ns = self._ns(res, meta.get("namespace"))
+        ns = self._ns(res, bodies.namespace(obj))
         return res, name, ns
 
     async def _write(
@@ -326,7 +325,7 @@ class KubeClient:
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON:
         """Server-side apply ``obj`` (creates it if missing); returns the stored object."""
         res, name, ns = self._target(obj)
-        meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+        meta = {k: v for k, v in bodies.meta(obj).items() if k != "managedFields"}
         if ns is not None:
             meta["namespace"] = ns
         payload = {**obj, "metadata": meta}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from atlasd.kube import bodies
 from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import EVENTS
 from atlasd.model import ObjectRef
@@ -65,10 +66,9 @@ def posted_before(event: dict[str, Any]) -> tuple[_Key, _Seen, dt.datetime] | No
     """An Event as listed -> (its correlation key, (name, first time, count), last time);
     None for one that is not an Event this module could have posted (pure)."""
     inv = event.get("involvedObject")
-    meta = event.get("metadata")
-    if not isinstance(inv, dict) or not isinstance(meta, dict):
+    if not isinstance(inv, dict):
         return None
-    name, count = meta.get("name"), event.get("count")
+    name, count = bodies.name(event), event.get("count")
     first = _parse_timestamp(event.get("firstTimestamp"))
     last = _parse_timestamp(event.get("lastTimestamp"))
     fields = (inv.get("kind"), inv.get("name"), inv.get("namespace"), event.get("reason"))

@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 
+from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import AlreadyExists, Conflict, KubeError, NotFound
 from atlasd.kube.resources import LEASES
@@ -90,7 +91,7 @@ def micro_time(now: dt.datetime) -> str:
 
 
 def record_from_lease(lease: Mapping[str, Any]) -> LeaderRecord:
-    spec = lease.get("spec") or {}
+    spec = bodies.spec(lease)
     return LeaderRecord(
         holder=str(spec.get("holderIdentity") or ""),
         lease_duration_seconds=int(spec.get("leaseDurationSeconds") or 0),
@@ -196,7 +197,7 @@ class LeaderElector:
             except (Conflict, NotFound):
                 pass
             else:
-                self._observe(mine, stored["metadata"].get("resourceVersion"))
+                self._observe(mine, bodies.resource_version(stored))
                 return True
         try:
             lease = await self.kube.get(LEASES, self.name, namespace=self.namespace)
@@ -209,10 +210,10 @@ class LeaderElector:
                 created = await self.kube.create(body)
             except (AlreadyExists, Conflict):
                 return False
-            self._observe(mine, created["metadata"].get("resourceVersion"))
+            self._observe(mine, bodies.resource_version(created))
             return True
         record = record_from_lease(lease)
-        self._observe(record, lease["metadata"].get("resourceVersion"))
+        self._observe(record, bodies.resource_version(lease))
         if record.holder and record.holder != self.identity and not self._expired(record):
             return False
         if record.holder == self.identity:
@@ -228,7 +229,7 @@ class LeaderElector:
             stored = await self.kube.replace(body)
         except Conflict:
             return False  # someone else wrote first: lost this round
-        self._observe(mine, stored["metadata"].get("resourceVersion"))
+        self._observe(mine, bodies.resource_version(stored))
         return True
 
     async def release(self) -> bool:
@@ -253,7 +254,7 @@ class LeaderElector:
         except KubeError as exc:
             log.warning("could not release lease %s/%s: %s", self.namespace, self.name, exc)
             return False
-        self._observe(record, stored["metadata"].get("resourceVersion"))
+        self._observe(record, bodies.resource_version(stored))
         return True
 
     async def available(self) -> bool:
@@ -263,7 +264,7 @@ class LeaderElector:
         except NotFound:
             return True
         record = record_from_lease(lease)
-        self._observe(record, lease["metadata"].get("resourceVersion"))
+        self._observe(record, bodies.resource_version(lease))
         return not record.holder or record.holder == self.identity or self._expired(record)
 
     async def acquire(self, gate: Gate | None = None) -> None:

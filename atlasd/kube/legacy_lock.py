@@ -41,6 +41,7 @@ from typing import Any
 
 import trio
 
+from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import Forbidden, KubeError, NotFound, Unauthorized
 from atlasd.kube.resources import CONFIGMAPS, LEASES, ApiResource
@@ -65,8 +66,7 @@ def configmap_record(configmap: Mapping[str, Any]) -> tuple[str, LockRecord] | N
 
     Raises ValueError if the annotation is not a LeaderElectionRecord.
     """
-    annotations = (configmap.get("metadata") or {}).get("annotations") or {}
-    raw = annotations.get(LEADER_ANNOTATION)
+    raw = bodies.annotations(configmap).get(LEADER_ANNOTATION)
     if raw is None:
         return None
     try:

@@ -16,6 +16,8 @@ import binascii
 from collections.abc import Mapping
 from typing import Any
 
+from atlasd.kube import bodies
+
 
 def _decode(value: object) -> bytes | None:
     if not isinstance(value, str):
@@ -33,16 +35,12 @@ def secret_data(obj: Mapping[str, Any] | None) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     if not obj:
         return out
-    raw = obj.get("data") or {}
-    if isinstance(raw, Mapping):
-        for key, value in raw.items():
-            decoded = _decode(value)
-            if decoded is not None:
-                out[str(key)] = decoded
-    text = obj.get("stringData") or {}
-    if isinstance(text, Mapping):
-        for key, value in text.items():
-            out[str(key)] = str(value).encode()
+    for key, value in bodies.data(obj).items():
+        decoded = _decode(value)
+        if decoded is not None:
+            out[str(key)] = decoded
+    for key, value in bodies.string_data(obj).items():
+        out[str(key)] = str(value).encode()
     return out
 
 

@@ -24,6 +24,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+from atlasd.kube import bodies
+
 # Kubernetes' limits on a label key's name part and a label value (63) and on a key's
 # prefix (a DNS subdomain, 253).
 LABEL_NAME_MAX = 63
@@ -89,9 +91,7 @@ def matches(labels: Mapping[str, Any], selector: str | None) -> bool:
 
 def object_matches(obj: Mapping[str, Any], selector: str | None) -> bool:
     """``matches`` on an object's ``metadata.labels``."""
-    meta = obj.get("metadata") or {}
-    lbls = meta.get("labels") if isinstance(meta, Mapping) else None
-    return matches(lbls if isinstance(lbls, Mapping) else {}, selector)
+    return matches(bodies.labels(obj), selector)
 
 
 # --- atlasd's strict k=v selectors ---

@@ -22,9 +22,9 @@ key whose inputs and objects are the same costs a comparison, not a re-plan (an 
 change writes nothing). Problems (validation, a clash, an object the API server refused)
 become Warning Events, each once while it lasts.
 
-``Reconciler.reconcile_once(api, now=...)`` is the same work over a fresh LIST of everything,
-in one call: the fleet-wide key first, then every cluster key (tests, benchmarks, one-shot
-tools; the daemon runs keys from its watch, ``atlasd.reconcile.loop``).
+The keys are handed in by ``atlasd.reconcile.loop`` (from the daemon's watch; tests and
+benchmarks run that same loop). What one reconcile, or several summed, decided and did is a
+``ReconcileResult``.
 
 Errors::
 
@@ -40,27 +40,20 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
 from atlasd import labels
-from atlasd.fleet.keys import (
-    FIXED_SECRETS,
-    FLEET_KEY,
-    OWNED_SECRETS,
-    ObjectId,
-    key_of,
-    resource_version,
-    roles,
-)
-from atlasd.fleet.state import FleetState, FleetVersion, Member
+from atlasd.fleet.keys import FIXED_SECRETS, FLEET_KEY, ObjectId
+from atlasd.fleet.state import FleetVersion, Member
 from atlasd.fleet.validate import identity_secret_name
+from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import BadRequest, Invalid, NotFound
 from atlasd.kube.resources import SECRETS, ApiResource
-from atlasd.model import Fleet, ObjectRef, Problem, Settings
+from atlasd.model import ObjectRef, Problem, Settings
 from atlasd.reconcile.certs import CA
 from atlasd.reconcile.desired import cluster_objects, objects_inputs, observability_values_secret
 from atlasd.reconcile.diff import KeyWrites, ca_write, plan_key_writes
@@ -78,15 +71,7 @@ from atlasd.reconcile.pki import (
     signing_ca,
 )
 
-__all__ = [
-    "EventPoster",
-    "KeyResult",
-    "ReconcileResult",
-    "Reconciler",
-    "log_event",
-    "observe",
-    "reconcile_once",
-]
+__all__ = ["EventPoster", "ReconcileResult", "Reconciler", "log_event"]
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +96,8 @@ async def log_event(
 
 
 @dataclass
-class KeyResult:
-    """What reconciling one key decided and did."""
+class ReconcileResult:
+    """What reconciling one key decided and did, or several summed (``combine``)."""
 
     key: str
     created: int = 0
@@ -136,33 +121,20 @@ class KeyResult:
         """Object writes (Events not counted)."""
         return self.created + self.replaced + self.applied + self.deleted
 
-
-@dataclass(frozen=True)
-class ReconcileResult:
-    """What one full pass (every key) decided and did."""
-
-    problems: tuple[Problem, ...]
-    created: int = 0
-    replaced: int = 0
-    applied: int = 0
-    deleted: int = 0
-    events: int = 0
-    issued: tuple[str, ...] = ()
-    ca_action: str = ""
-    write_errors: tuple[str, ...] = field(default=())
-    next_renewal: dt.datetime | None = None
-    # The fleet as stored after the pass (what every replica then serves).
-    fleet: Fleet | None = None
-
-    @property
-    def writes(self) -> int:
-        return self.created + self.replaced + self.applied + self.deleted
-
     @classmethod
-    def of(cls, results: Sequence[KeyResult], fleet: Fleet | None) -> ReconcileResult:
+    def combine(cls, results: Iterable[ReconcileResult]) -> ReconcileResult:
+        """The sum of ``results`` (in the order they were made), as one result with no
+        key: what was done adds up (writes, Events, certificates issued, write errors);
+        the problems are those each key's latest look found (a result that only waited
+        did not look), since a problem is a state, not a deed."""
+        results = list(results)
+        latest: dict[str, ReconcileResult] = {}
+        for r in results:
+            if r.waiting_until is None:
+                latest[r.key] = r
         renewals = [r.next_renewal for r in results if r.next_renewal is not None]
         return cls(
-            problems=tuple(p for r in results for p in r.problems),
+            key="",
             created=sum(r.created for r in results),
             replaced=sum(r.replaced for r in results),
             applied=sum(r.applied for r in results),
@@ -170,9 +142,9 @@ class ReconcileResult:
             events=sum(r.events for r in results),
             issued=tuple(i for r in results for i in r.issued),
             ca_action=next((r.ca_action for r in results if r.ca_action), ""),
+            problems=tuple(p for r in latest.values() for p in r.problems),
             write_errors=tuple(e for r in results for e in r.write_errors),
             next_renewal=min(renewals) if renewals else None,
-            fleet=fleet,
         )
 
 
@@ -197,7 +169,7 @@ def _versions(
     objects: Iterable[tuple[str, Mapping[str, Mapping[str, Any]]]],
 ) -> dict[ObjectId, str]:
     return {
-        (kind, name): resource_version(obj)
+        (kind, name): bodies.resource_version(obj)
         for kind, by_name in objects
         for name, obj in by_name.items()
     }
@@ -220,7 +192,6 @@ class Reconciler:
         *,
         settings: Settings,
         keys: KeySource | None = None,
-        allow_loopback: bool = False,
         concurrency: int = DEFAULT_CONCURRENCY,
         post_event: EventPoster = log_event,
         clock: Callable[[], float] = trio.current_time,
@@ -229,7 +200,6 @@ class Reconciler:
         check_settings(settings)
         self.settings = settings
         self.keys: KeySource = keys or RandomKeys()
-        self.allow_loopback = allow_loopback
         self.post_event = post_event
         # Shared with the fleet (its relists meet them) when the daemon hands them in.
         self.expectations = expectations if expectations is not None else Expectations()
@@ -240,13 +210,6 @@ class Reconciler:
         # The parsed signing CA, by the bytes it was parsed from.
         self._ca: tuple[tuple[bytes, bytes, bytes], CA] | None = None
 
-    def forget_sync(self, key: str | None = None) -> None:
-        """Distrust what is known to be in sync (one key, or all)."""
-        if key is None:
-            self._synced.clear()
-        else:
-            self._synced.pop(key, None)
-
     def is_synced(self, key: str, versions: Mapping[ObjectId, str]) -> bool:
         rec = self._synced.get(key)
         return rec is not None and rec.versions == versions
@@ -255,22 +218,24 @@ class Reconciler:
 
     async def reconcile_key(
         self, api: KubeApi, version: FleetVersion, key: str, *, now: dt.datetime
-    ) -> KeyResult:
-        cached = version.object_versions(key, owned=True)
+    ) -> ReconcileResult:
+        # Every object of the key, not only atlasd's: a full pass also expects the cache to
+        # show the cluster Service (or an Alertmanager Service) it LISTed.
+        cached = version.object_versions(key)
         waiting = self.expectations.pending(
             key, lambda oid: cached.get(oid) or None, now=self._clock()
         )
         if waiting is not None:
-            return KeyResult(key=key, waiting_until=waiting)
+            return ReconcileResult(key=key, waiting_until=waiting)
         if key == FLEET_KEY:
             return await self._fleetwide(api, version, now)
         return await self._cluster(api, version, key, now)
 
     async def _cluster(
         self, api: KubeApi, version: FleetVersion, key: str, now: dt.datetime
-    ) -> KeyResult:
+    ) -> ReconcileResult:
         m = version.members.get(key)
-        result = KeyResult(key=key)
+        result = ReconcileResult(key=key)
         if m is None:
             self._synced.pop(key, None)
             self._reported.pop(key, None)
@@ -342,7 +307,7 @@ class Reconciler:
                 problems.append(
                     Problem(
                         source=m.cluster.source or _ref(m),
-                        field=f"Service {obj['metadata']['name']}",
+                        field=f"Service {bodies.name(obj)}",
                         message="a cluster Service already has this name; not overwritten",
                         reason="NameClash",
                     )
@@ -374,10 +339,12 @@ class Reconciler:
         self._ca = (ident, ca)
         return ca
 
-    async def _fleetwide(self, api: KubeApi, version: FleetVersion, now: dt.datetime) -> KeyResult:
+    async def _fleetwide(
+        self, api: KubeApi, version: FleetVersion, now: dt.datetime
+    ) -> ReconcileResult:
         ns = self.settings.namespace
         fw = version.fleetwide
-        result = KeyResult(key=FLEET_KEY)
+        result = ReconcileResult(key=FLEET_KEY)
         observed: dict[str, Mapping[str, Any]] = dict(fw.secrets)
         if fw.ca_secret is not None:
             observed[labels.CA_SECRET] = fw.ca_secret
@@ -386,7 +353,7 @@ class Reconciler:
                 # Not watched until atlasd owns it (first start; adopting the original's).
                 with contextlib.suppress(NotFound):
                     observed[name] = await api.get(SECRETS, name, namespace=ns)
-        versions = {("Secret", n): resource_version(o) for n, o in observed.items()}
+        versions = {("Secret", n): bodies.resource_version(o) for n, o in observed.items()}
         inputs = (len(fw.alertmanagers),)
         rec = self._synced.get(FLEET_KEY)
         if rec is not None and rec.holds(inputs, versions, now):
@@ -418,7 +385,7 @@ class Reconciler:
                 result.created += 1
             else:
                 result.replaced += 1
-            written[("Secret", labels.CA_SECRET)] = resource_version(stored)
+            written[("Secret", labels.CA_SECRET)] = bodies.resource_version(stored)
             if action == "rotated":
                 log.info("CA rotated: serial %s, revision %d", ca.serial, ca.revision)
         obs = plan_observability(
@@ -434,7 +401,7 @@ class Reconciler:
         writes = plan_key_writes(
             services={},
             secrets={
-                **{s["metadata"]["name"]: s for s in obs.secrets},
+                **{bodies.name(s): s for s in obs.secrets},
                 labels.OBS_VALUES_SECRET: values,
             },
             observed_services={},
@@ -458,7 +425,7 @@ class Reconciler:
         api: KubeApi,
         key: str,
         writes: KeyWrites,
-        result: KeyResult,
+        result: ReconcileResult,
         problems: list[Problem],
         member: Member | None,
     ) -> dict[ObjectId, str | None]:
@@ -467,7 +434,7 @@ class Reconciler:
         errors: list[str] = []
 
         async def apply_one(obj: Mapping[str, Any]) -> None:
-            kind, name = str(obj.get("kind")), str(obj["metadata"]["name"])
+            kind, name = str(obj.get("kind")), bodies.name(obj)
             async with self._limiter:
                 try:
                     stored = await api.apply(obj)
@@ -485,7 +452,7 @@ class Reconciler:
                     else:
                         log.error("apply of %s %s rejected: %s", kind, name, e.reason)
                     return
-            versions[(kind, name)] = resource_version(stored)
+            versions[(kind, name)] = bodies.resource_version(stored)
             result.applied += 1
 
         async def delete_one(res: ApiResource, name: str) -> None:
@@ -527,80 +494,16 @@ class Reconciler:
             self._reported.pop(key, None)
         return posted
 
-    # -- everything at once ---------------------------------------------------------------
-
-    async def reconcile_once(self, api: KubeApi, *, now: dt.datetime) -> ReconcileResult:
-        """A full pass from a fresh LIST: the fleet-wide key, then every cluster key."""
-        state = await observe(api, self.settings, allow_loopback=self.allow_loopback)
-        version = state.derive(state.keys(), now=now).version
-        self.expectations.clear()
-        self.forget_sync()
-        first = await self.reconcile_key(api, version, FLEET_KEY, now=now)
-        if first.writes:
-            # See our own fleet-wide writes (a new or rotated CA signs every leaf below).
-            await _reobserve_fixed(api, state, self.settings)
-            version = state.derive({FLEET_KEY}, now=now).version
-        self.expectations.clear()
-        results = [first]
-
-        async def one(key: str) -> None:
-            results.append(await self.reconcile_key(api, version, key, now=now))
-
-        async with trio.open_nursery() as nursery:
-            for key in sorted(version.members):
-                nursery.start_soon(one, key)
-        self.expectations.clear()
-        after = await observe(api, self.settings, allow_loopback=self.allow_loopback)
-        await _reobserve_fixed(api, after, self.settings)
-        return ReconcileResult.of(results, after.derive(after.keys(), now=now).version.model)
-
 
 def _ref(m: Member) -> ObjectRef:
-    meta = (m.service or {}).get("metadata") or {}
     return ObjectRef(
         kind="Service",
         name=m.name,
-        namespace=str(meta.get("namespace") or ""),
-        uid=str(meta.get("uid") or ""),
+        namespace=bodies.namespace(m.service),
+        uid=bodies.uid(m.service),
     )
 
 
 def _is_cluster_service(version: FleetVersion, name: str) -> bool:
     m = version.members.get(name)
     return m is not None and m.service is not None
-
-
-async def observe(api: KubeApi, settings: Settings, *, allow_loopback: bool = False) -> FleetState:
-    """A ``FleetState`` filled from a LIST of every watched role (quorum reads)."""
-    state = FleetState(settings, allow_loopback=allow_loopback)
-    for role in roles(settings):
-        items, _ = await api.list(
-            role.resource, namespace=settings.namespace, label_selector=role.selector
-        )
-        for obj in items:
-            state.observe(role.name, str(obj["metadata"]["name"]), obj)
-    return state
-
-
-async def _reobserve_fixed(api: KubeApi, state: FleetState, settings: Settings) -> None:
-    """Record the fixed-name Secrets as they are now (after the fleet-wide writes)."""
-    for name in FIXED_SECRETS:
-        try:
-            obj = await api.get(SECRETS, name, namespace=settings.namespace)
-        except NotFound:
-            continue
-        if key_of(OWNED_SECRETS, obj) == FLEET_KEY:
-            state.observe(OWNED_SECRETS, name, obj)
-
-
-async def reconcile_once(
-    api: KubeApi,
-    *,
-    settings: Settings,
-    now: dt.datetime,
-    reconciler: Reconciler | None = None,
-    post_event: EventPoster = log_event,
-) -> ReconcileResult:
-    """One full pass. Pass the same ``reconciler`` each time to report each Problem once."""
-    rec = reconciler or Reconciler(settings=settings, post_event=post_event)
-    return await rec.reconcile_once(api, now=now)

@@ -38,6 +38,7 @@ import yaml
 
 from atlasd import labels
 from atlasd.addresses import is_ip_literal
+from atlasd.kube import bodies
 from atlasd.model import (
     ADS_SERVER_NAME,
     DOWNSTREAM_ALERTMANAGER_PORT,
@@ -408,11 +409,8 @@ def cluster_objects(
         alertmanager_count=alertmanager_count,
     )
     return ClusterObjects(
-        services={s["metadata"]["name"]: s for s in sidecar_services(cluster, settings)},
-        secrets={
-            values["metadata"]["name"]: values,
-            identity_secret["metadata"]["name"]: identity_secret,
-        },
+        services={bodies.name(s): s for s in sidecar_services(cluster, settings)},
+        secrets={bodies.name(values): values, bodies.name(identity_secret): identity_secret},
     )
 
 
@@ -440,7 +438,7 @@ def desired_state(
     services: dict[str, ServiceObject] = {}
     secrets: dict[str, SecretObject] = {}
     for s in plan.tls_secrets:
-        secrets[s["metadata"]["name"]] = s
+        secrets[bodies.name(s)] = s
     secrets[labels.OBS_VALUES_SECRET] = observability_values_secret(
         settings, identity=plan.identities[OBSERVABILITY_NODE], pki=plan.pki
     )

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from atlasd import labels
+from atlasd.kube import bodies
 from atlasd.kube.apply import needs_apply
 from atlasd.kube.resources import SECRETS, SERVICES, ApiResource
 
@@ -64,18 +64,12 @@ class KeyWrites:
         return bool(self.apply or self.delete)
 
 
-def owner_of(obj: Mapping[str, Any]) -> str | None:
-    lbls = (obj.get("metadata") or {}).get("labels") or {}
-    value = lbls.get(labels.OWNER_CLUSTER_LABEL)
-    return str(value) if value is not None else None
-
-
 def _ca_body(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> dict[str, Any]:
     body = copy.deepcopy(dict(observed))
     meta = body.setdefault("metadata", {})
     meta.pop("managedFields", None)
-    meta["labels"] = dict(desired["metadata"].get("labels") or {})
-    anns = dict(desired["metadata"].get("annotations") or {})
+    meta["labels"] = dict(bodies.labels(desired))
+    anns = dict(bodies.annotations(desired))
     if anns:
         meta["annotations"] = anns
     else:
@@ -146,6 +140,4 @@ def _ca_differs(desired: Mapping[str, Any], observed: Mapping[str, Any]) -> bool
     ``goatlas.io/ca-rotate`` set by someone else is removed."""
     if differs(desired, observed):
         return True
-    want = desired["metadata"].get("annotations") or {}
-    have = (observed.get("metadata") or {}).get("annotations") or {}
-    return dict(want) != dict(have)
+    return dict(bodies.annotations(desired)) != dict(bodies.annotations(observed))

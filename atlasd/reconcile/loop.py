@@ -32,13 +32,14 @@ from typing import Any
 import trio
 
 from atlasd.fleet.feed import FleetFeed
-from atlasd.fleet.keys import FLEET_KEY, ObjectId, key_of, resource_version, roles
+from atlasd.fleet.keys import FLEET_KEY, ObjectId, key_of, roles
 from atlasd.hub import ResultDoc
+from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import AlreadyExists, Conflict, KubeError
 from atlasd.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILE_WRITES
 from atlasd.model import Settings
-from atlasd.reconcile.applier import KeyResult, Reconciler
+from atlasd.reconcile.applier import Reconciler, ReconcileResult
 from atlasd.watch.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class _Pass:
 
     started: float
     outstanding: set[str]
-    results: list[KeyResult] = field(default_factory=list)
+    results: list[ReconcileResult] = field(default_factory=list)
     lists: int = 0
 
 
@@ -68,8 +69,8 @@ async def listed_versions(api: KubeApi, settings: Settings) -> dict[str, dict[Ob
             metadata_only=True,
         )
         for obj in items:
-            oid = (role.resource.kind, str(obj["metadata"]["name"]))
-            out.setdefault(key_of(role.name, obj), {})[oid] = resource_version(obj)
+            oid = (role.resource.kind, bodies.name(obj))
+            out.setdefault(key_of(role.name, obj), {})[oid] = bodies.resource_version(obj)
     return out
 
 
@@ -84,9 +85,11 @@ class ReconcileLoop:
         reconciler: Reconciler,
         resync_seconds: float,
         workers: int = DEFAULT_WORKERS,
-        on_result: Callable[[KeyResult, float], None] | None = None,
+        on_result: Callable[[ReconcileResult, float], None] | None = None,
         on_pass: Callable[[ResultDoc], None] | None = None,
+        wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
+        """``wall_clock``: the time certificates are judged and issued at (tests pin it)."""
         self.api = api
         self.feed = feed
         self.reconciler = reconciler
@@ -97,7 +100,22 @@ class ReconcileLoop:
         self._on_pass = on_pass
         self._pass: _Pass | None = None
         self._pass_wanted = trio.Event()
+        self._wall_clock = wall_clock
         self.full_passes = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do until something changes: no full pass outstanding, no key queued,
+        worked on or retrying after an error, and every write made seen by the watch cache
+        (no expectation pending). Keys waiting only for their renewal time do not count."""
+        q = self.queue
+        return (
+            self._pass is None
+            and len(q) == 0
+            and not q.processing
+            and not q.retrying
+            and len(self.reconciler.expectations) == 0
+        )
 
     def request_full_pass(self) -> None:
         self._pass_wanted.set()
@@ -175,7 +193,7 @@ class ReconcileLoop:
         version = self.feed.latest
         assert version is not None
         t0 = time.perf_counter()
-        now = dt.datetime.now(dt.UTC)
+        now = self._wall_clock()
         try:
             result = await self.reconciler.reconcile_key(self.api, version, key, now=now)
         except (Conflict, AlreadyExists) as exc:
@@ -200,7 +218,7 @@ class ReconcileLoop:
         if result.write_errors:
             RECONCILE_ERRORS.inc()
         if result.next_renewal is not None:
-            due = (result.next_renewal - dt.datetime.now(dt.UTC)).total_seconds()
+            due = (result.next_renewal - self._wall_clock()).total_seconds()
             self.queue.add_after(key, max(1.0, due))
         self._report(result, time.perf_counter() - t0)
         p = self._pass
@@ -210,7 +228,7 @@ class ReconcileLoop:
             if not p.outstanding:
                 self._finish_pass()
 
-    def _report(self, result: KeyResult, seconds: float) -> None:
+    def _report(self, result: ReconcileResult, seconds: float) -> None:
         if self._on_result is not None:
             self._on_result(result, seconds)
 
@@ -219,32 +237,32 @@ class ReconcileLoop:
         if p is None:
             return
         self._pass = None
-        doc = result_doc(p.results, time.perf_counter() - p.started)
+        doc = result_doc(ReconcileResult.combine(p.results), time.perf_counter() - p.started)
         doc["kind"] = "full"
         doc["keys"] = len(p.results)
         if self._on_pass is not None:
             self._on_pass(doc)
 
 
-def result_doc(results: list[KeyResult], seconds: float) -> ResultDoc:
-    """What ``/status`` shows of one key's reconcile or of a full pass (their sum)."""
+def result_doc(result: ReconcileResult, seconds: float) -> ResultDoc:
+    """What ``/status`` shows of one key's reconcile or of a full pass (combined)."""
     return {
         "at": time.time(),
         "seconds": round(seconds, 4),
-        "writes": sum(r.writes for r in results),
-        "events": sum(r.events for r in results),
-        "issued": [i for r in results for i in r.issued],
-        "ca_action": next((r.ca_action for r in results if r.ca_action), ""),
-        "problems": sum(len(r.problems) for r in results),
-        "write_errors": [e for r in results for e in r.write_errors],
+        "writes": result.writes,
+        "events": result.events,
+        "issued": list(result.issued),
+        "ca_action": result.ca_action,
+        "problems": len(result.problems),
+        "write_errors": list(result.write_errors),
     }
 
 
-def key_result_doc(result: KeyResult, seconds: float) -> ResultDoc | None:
+def key_result_doc(result: ReconcileResult, seconds: float) -> ResultDoc | None:
     """``last_key_reconcile`` in ``/status``: a key's reconcile that wrote, issued or failed
     to write something (None for one that changed nothing)."""
     if not (result.writes or result.write_errors or result.issued):
         return None
-    doc = result_doc([result], seconds)
+    doc = result_doc(result, seconds)
     doc["key"] = result.key
     return doc

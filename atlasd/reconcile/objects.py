@@ -11,9 +11,10 @@ prunes by those labels.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from atlasd import labels
+from atlasd.kube import bodies
 from atlasd.kube.secrets import encode_secret_data
 from atlasd.model import DownstreamCluster
 
@@ -94,12 +95,10 @@ def secret_object(
     }
 
 
-def meta_map(obj: Mapping[str, Any] | None, key: str) -> dict[str, str]:
-    """``metadata.labels`` / ``metadata.annotations`` of an observed object as a plain dict."""
-    if not obj:
-        return {}
-    meta = obj.get("metadata") or {}
-    raw = meta.get(key) or {} if isinstance(meta, Mapping) else {}
-    if not isinstance(raw, Mapping):
-        return {}
+def meta_map(
+    obj: Mapping[str, Any] | None, key: Literal["labels", "annotations"]
+) -> dict[str, str]:
+    """``metadata.labels`` / ``metadata.annotations`` of an observed object as a new dict of
+    strings (to build the object written back)."""
+    raw = bodies.labels(obj) if key == "labels" else bodies.annotations(obj)
     return {str(k): str(v) for k, v in raw.items()}

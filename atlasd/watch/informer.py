@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import trio
 
+from atlasd.kube import bodies
 from atlasd.kube.api import JSON, KubeApi
 from atlasd.kube.errors import (
     BadRequest,
@@ -70,11 +71,6 @@ class Change:
 
 
 Handler = Callable[[Change], None]
-
-
-def _meta(obj: JSON) -> dict[str, Any]:
-    meta = obj.get("metadata")
-    return meta if isinstance(meta, dict) else {}
 
 
 class Informer:
@@ -149,10 +145,9 @@ class Informer:
         await self._synced.wait()
 
     def key(self, obj: JSON) -> str:
-        meta = _meta(obj)
-        name = str(meta.get("name") or "")
+        name = bodies.name(obj)
         if self.res.namespaced and self.namespace is None:
-            return f"{meta.get('namespace', '')}/{name}"
+            return f"{bodies.namespace(obj)}/{name}"
         return name
 
     # -- change feed ---------------------------------------------------------------------
@@ -264,13 +259,14 @@ class Informer:
                 obj: JSON = event["object"]
                 if event.get("type") == "ADDED":
                     initial.append(obj)
-                elif event.get("type") == "BOOKMARK":
-                    annotations = _meta(obj).get("annotations") or {}
-                    if annotations.get(INITIAL_EVENTS_END) == "true":
-                        self.lists += 1
-                        self._replace(initial, str(_meta(obj).get("resourceVersion") or ""))
-                        synced = True
-                        on_synced()
+                elif (
+                    event.get("type") == "BOOKMARK"
+                    and bodies.annotations(obj).get(INITIAL_EVENTS_END) == "true"
+                ):
+                    self.lists += 1
+                    self._replace(initial, bodies.resource_version(obj))
+                    synced = True
+                    on_synced()
         if not synced:
             raise TransportError(f"streaming list of {self.res} ended before its initial events")
         return False
@@ -291,7 +287,7 @@ class Informer:
             before = old.get(key)
             if before is None:
                 self._emit(Change("ADDED", key, obj))
-            elif _meta(before).get("resourceVersion") != _meta(obj).get("resourceVersion"):
+            elif bodies.resource_version(before) != bodies.resource_version(obj):
                 self._emit(Change("MODIFIED", key, obj, before))
         for handler in list(self._relist_handlers):
             handler()
@@ -345,10 +341,10 @@ class Informer:
     def _apply(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         obj: JSON = event["object"]
-        rv = _meta(obj).get("resourceVersion")
+        rv = bodies.resource_version(obj)
         if kind == "BOOKMARK":
             if rv:
-                self._rv = str(rv)
+                self._rv = rv
             return
         if self.transform is not None:
             obj = self.transform(obj)
@@ -357,12 +353,12 @@ class Informer:
             before = self._cache.get(key)
             self._cache[key] = obj
             if rv:
-                self._rv = str(rv)
+                self._rv = rv
             self._emit(Change("ADDED" if before is None else "MODIFIED", key, obj, before))
         elif kind == "DELETED":
             before = self._cache.pop(key, None)
             if rv:
-                self._rv = str(rv)
+                self._rv = rv
             if before is not None:
                 self._emit(Change("DELETED", key, obj, before))
         else:

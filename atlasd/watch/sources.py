@@ -72,6 +72,8 @@ class Compactor:
         self._shared: dict[str, dict[str, Any]] = {}
 
     def __call__(self, obj: JSON) -> JSON:
+        # The boundary: this rewrites the wire shape before anything reads it, so it reads
+        # it raw (through ``atlasd.kube.bodies`` it costs 5% more per watched object).
         meta = obj.get("metadata")
         fields: list[Any] = []
         if isinstance(meta, dict) and "managedFields" in meta:

@@ -230,6 +230,11 @@ class WorkQueue(Generic[K]):
     def num_requeues(self, key: K) -> int:
         return self._failures.get(key, 0)
 
+    @property
+    def retrying(self) -> int:
+        """Keys re-added after a failure (``add_rate_limited``) and not forgotten since."""
+        return len(self._failures)
+
     def _promote_due(self) -> float:
         """Move due delayed keys to the queue; return the next deadline (inf if none)."""
         now = trio.current_time()

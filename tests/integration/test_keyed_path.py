@@ -32,7 +32,7 @@ from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import Settings
-from atlasd.reconcile.applier import KeyResult, Reconciler
+from atlasd.reconcile.applier import Reconciler, ReconcileResult
 from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.watch.sources import run_sources
 from atlasd.watch.watched import WatchedSet
@@ -269,7 +269,7 @@ async def test_a_lagging_cache_never_reissues(apiserver: ApiServer, namespace: s
     feed = FleetFeed()
     reconciler = Reconciler(settings=settings)
     sink = GatedSink(settings, feed=feed, held_role="owned-secrets")
-    results: list[KeyResult] = []
+    results: list[ReconcileResult] = []
     async with (
         KubeClient(load_config(str(apiserver.admin_kubeconfig), None)) as kube,
         trio.open_nursery() as nursery,

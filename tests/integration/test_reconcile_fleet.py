@@ -1,5 +1,6 @@
-"""Reconcile against a real kube-apiserver: onboarding, deletion, steady state, restart,
-and malformed cluster Services that must never disturb the healthy ones."""
+"""Reconcile against a real kube-apiserver, by the daemon's reconcile loop (its clock pinned):
+onboarding, deletion, steady state, restart, and malformed cluster Services that must never
+disturb the healthy ones."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from atlasd.kube.secrets import secret_data
 from atlasd.model import Settings
 from atlasd.reconcile.applier import Reconciler
 from tests.harness.kube import ApiServer
+from tests.harness.reconcile import leader
 from tests.unit.reconcile.builders import cluster_service
 
 pytestmark = pytest.mark.integration
@@ -87,16 +89,20 @@ async def test_onboard_three_clusters_then_steady_then_delete(
             }
         )
 
-        rec = Reconciler(settings=settings, post_event=post_event)
-        first = await rec.reconcile_once(kube, now=NOW)
+        async with leader(kube, settings, now=NOW, post_event=post_event) as run:
+            first = await run.settle()
+            first_fleet = run.fleet
+            # Steady state: zero writes.
+            run.now = NOW + dt.timedelta(minutes=1)
+            second = await run.settle()
+            assert (second.writes, second.issued, second.events) == (0, (), 0)
         assert first.problems == ()
         assert first.ca_action == "created"
         # CA + 4 cluster-wide TLS + obs values + 3x(values + identity) + 6 sidecars
         assert first.created == 1
         assert first.applied == 4 + 1 + 6 + 6
-        assert first.fleet is not None
-        assert sorted(first.fleet.clusters) == ["east", "north", "west"]
-        assert len(first.fleet.alertmanagers) == 1
+        assert sorted(first_fleet.clusters) == ["east", "north", "west"]
+        assert len(first_fleet.alertmanagers) == 1
 
         # Sidecar Services
         sidecars = await _names(kube, namespace, SERVICES, labels.THANOS_SIDECAR_LABEL)
@@ -175,53 +181,56 @@ async def test_onboard_three_clusters_then_steady_then_delete(
         )
         assert yaml.safe_load(obs["files"]["envoy.yaml"])["node"]["id"] == "atlas"
 
-        # Steady state: zero writes, and a fresh Reconciler (a restart) issues nothing.
-        second = await rec.reconcile_once(kube, now=NOW + dt.timedelta(minutes=1))
-        assert (second.writes, second.issued, second.events) == (0, (), 0)
-        restarted = Reconciler(settings=settings, post_event=post_event)
-        third = await restarted.reconcile_once(kube, now=NOW + dt.timedelta(hours=1))
-        assert (third.writes, third.issued) == (0, ())
-        assert third.fleet is not None and first.fleet.pki == third.fleet.pki
-        # The same keys reconciled one by one from a cache of all Services and Secrets (what
-        # the daemon does from its watches): nothing to write either.
-        all_svcs, _ = await kube.list(SERVICES, namespace=namespace)
-        all_secrets, _ = await kube.list(SECRETS, namespace=namespace)
+        # A restart issues nothing.
         later = NOW + dt.timedelta(hours=1)
-        cached = fleet_of(services=all_svcs, secrets=all_secrets, settings=settings, now=later)
-        keyed = [
-            await rec.reconcile_key(kube, cached, key, now=later)
-            for key in (FLEET_KEY, *sorted(cached.members))
-        ]
-        assert sum(r.writes for r in keyed) == 0 and all(r.issued == () for r in keyed)
-        assert dict(cached.model.clusters) == dict(third.fleet.clusters)
-        assert cached.model.pki == third.fleet.pki
+        async with leader(kube, settings, now=later, post_event=post_event) as run:
+            third = await run.settle()
+            assert (third.writes, third.issued) == (0, ())
+            assert first_fleet.pki == run.fleet.pki
+            # The same keys reconciled one by one, by a reconciler that knows nothing, from a
+            # plain LIST of all Services and Secrets: nothing to write either.
+            all_svcs, _ = await kube.list(SERVICES, namespace=namespace)
+            all_secrets, _ = await kube.list(SECRETS, namespace=namespace)
+            cached = fleet_of(services=all_svcs, secrets=all_secrets, settings=settings, now=later)
+            fresh = Reconciler(settings=settings, post_event=post_event)
+            keyed = [
+                await fresh.reconcile_key(kube, cached, key, now=later)
+                for key in (FLEET_KEY, *sorted(cached.members))
+            ]
+            assert sum(r.writes for r in keyed) == 0 and all(r.issued == () for r in keyed)
+            assert dict(cached.model.clusters) == dict(run.fleet.clusters)
+            assert cached.model.pki == run.fleet.pki
 
-        # Scale west down to 1 replica: its extra sidecars go, nothing else changes.
-        west = await kube.get(SERVICES, "west", namespace=namespace)
-        west["metadata"]["labels"][labels.REPLICAS_LABEL] = "1"
-        await kube.replace(west)
-        scaled = await rec.reconcile_once(kube, now=NOW + dt.timedelta(hours=2))
-        assert (scaled.applied, scaled.deleted, scaled.issued) == (0, 2, ())
+            # Scale west down to 1 replica: its extra sidecars go, nothing else changes.
+            run.now = NOW + dt.timedelta(hours=2)
+            west = await kube.get(SERVICES, "west", namespace=namespace)
+            west["metadata"]["labels"][labels.REPLICAS_LABEL] = "1"
+            await kube.replace(west)
+            scaled = await run.settle()
+            assert (scaled.applied, scaled.deleted, scaled.issued) == (0, 2, ())
 
-        # Delete a cluster: nothing of it is left, others untouched.
-        before_east = await kube.get(SECRETS, "east-envoy-values", namespace=namespace)
-        await kube.delete(SERVICES, "west", namespace=namespace)
-        gone = await rec.reconcile_once(kube, now=NOW + dt.timedelta(hours=3))
-        assert gone.deleted == 3  # 1 sidecar + values + identity
-        assert gone.applied == 0
-        assert await _owned_by(kube, namespace, "west") == set()
-        for name in ("west-thanos-sidecar0", "west-envoy-values", "west-atlas-identity"):
-            with pytest.raises(NotFound):
-                await kube.get(
-                    SECRETS if "sidecar" not in name else SERVICES, name, namespace=namespace
-                )
-        after_east = await kube.get(SECRETS, "east-envoy-values", namespace=namespace)
-        assert (
-            after_east["metadata"]["resourceVersion"] == before_east["metadata"]["resourceVersion"]
-        )
-        assert gone.fleet is not None and gone.fleet.pki is not None
-        assert "west" not in gone.fleet.identities
-        final = await rec.reconcile_once(kube, now=NOW + dt.timedelta(hours=4))
-        assert final.writes == 0
+            # Delete a cluster: nothing of it is left, others untouched.
+            run.now = NOW + dt.timedelta(hours=3)
+            before_east = await kube.get(SECRETS, "east-envoy-values", namespace=namespace)
+            await kube.delete(SERVICES, "west", namespace=namespace)
+            gone = await run.settle()
+            assert gone.deleted == 3  # 1 sidecar + values + identity
+            assert gone.applied == 0
+            assert await _owned_by(kube, namespace, "west") == set()
+            for name in ("west-thanos-sidecar0", "west-envoy-values", "west-atlas-identity"):
+                with pytest.raises(NotFound):
+                    await kube.get(
+                        SECRETS if "sidecar" not in name else SERVICES, name, namespace=namespace
+                    )
+            after_east = await kube.get(SECRETS, "east-envoy-values", namespace=namespace)
+            assert (
+                after_east["metadata"]["resourceVersion"]
+                == before_east["metadata"]["resourceVersion"]
+            )
+            assert run.fleet.pki is not None
+            assert "west" not in run.fleet.identities
+            run.now = NOW + dt.timedelta(hours=4)
+            final = await run.settle()
+            assert final.writes == 0
         events, _ = await kube.list(EVENTS, namespace=namespace)
         assert events == []

@@ -1,6 +1,6 @@
-"""Malformed cluster Services against a real kube-apiserver: every one the API server
-accepts gets a Warning Event naming the field, nothing crashes, no object is made for it,
-and the healthy clusters' objects are not written at all."""
+"""Malformed cluster Services against a real kube-apiserver and the daemon's reconcile loop:
+every one the API server accepts gets a Warning Event naming the field, nothing crashes, no
+object is made for it, and the healthy clusters' objects are not written at all."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from atlasd.kube.config import load_config
 from atlasd.kube.events import post_event
 from atlasd.kube.resources import EVENTS, SECRETS, SERVICES
 from atlasd.model import Settings
-from atlasd.reconcile.applier import Reconciler
 from tests.harness.kube import ApiServer
+from tests.harness.reconcile import leader
 from tests.unit.reconcile.builders import cluster_service
 
 pytestmark = pytest.mark.integration
@@ -114,13 +114,15 @@ async def test_malformed_matrix_gets_events_and_leaves_healthy_clusters_alone(
     apiserver: ApiServer, namespace: str
 ) -> None:
     settings = Settings(namespace=namespace)
-    async with KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube:
+    async with (
+        KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube,
+        leader(kube, settings, now=NOW, post_event=post_event) as run,
+    ):
         await kube.create(cluster_service("healthy1", HEALTHY_IP, namespace=namespace))
         await kube.create(
             cluster_service("healthy2", "203.0.113.2", namespace=namespace, replicas="2")
         )
-        rec = Reconciler(settings=settings, post_event=post_event)
-        first = await rec.reconcile_once(kube, now=NOW)
+        first = await run.settle()
         assert first.problems == () and first.writes > 0
         before = await _owned(kube, namespace)
 
@@ -129,9 +131,9 @@ async def test_malformed_matrix_gets_events_and_leaves_healthy_clusters_alone(
         for svc, _field in matrix:
             await kube.create(svc)  # the API server accepts every one of them
 
-        result = await rec.reconcile_once(kube, now=NOW + dt.timedelta(minutes=1))
-        assert result.fleet is not None
-        assert sorted(result.fleet.clusters) == ["healthy1", "healthy2"]
+        run.now = NOW + dt.timedelta(minutes=1)
+        result = await run.settle()
+        assert sorted(run.fleet.clusters) == ["healthy1", "healthy2"]
         assert result.writes == 0, "the healthy clusters' objects were rewritten"
         assert await _owned(kube, namespace) == before
 
@@ -154,21 +156,22 @@ async def test_malformed_matrix_gets_events_and_leaves_healthy_clusters_alone(
         assert result.events == len(events)
 
         # The next pass reports nothing new and writes nothing.
-        again = await rec.reconcile_once(kube, now=NOW + dt.timedelta(minutes=2))
+        run.now = NOW + dt.timedelta(minutes=2)
+        again = await run.settle()
         assert (again.writes, again.events) == (0, 0)
         events_after, _ = await kube.list(EVENTS, namespace=namespace)
         assert len(events_after) == len(events)
 
         # Fixing one onboards it; breaking a healthy one keeps its objects (protected).
+        run.now = NOW + dt.timedelta(minutes=3)
         fixed = await kube.get(SERVICES, "bad3", namespace=namespace)
         fixed["metadata"]["labels"][labels.REPLICAS_LABEL] = "2"
         await kube.replace(fixed)
         broken = await kube.get(SERVICES, "healthy2", namespace=namespace)
         broken["metadata"]["annotations"] = {labels.ENVOY_SELECTORS_ANNOTATION: "oops"}
         await kube.replace(broken)
-        later = await rec.reconcile_once(kube, now=NOW + dt.timedelta(minutes=3))
-        assert later.fleet is not None
-        assert sorted(later.fleet.clusters) == ["bad3", "healthy1"]
+        later = await run.settle()
+        assert sorted(run.fleet.clusters) == ["bad3", "healthy1"]
         assert later.deleted == 0
         owned = await _owned(kube, namespace)
         for name, rv in before.items():

@@ -16,13 +16,16 @@ under ``MockClock``:
 - scripted reads for informers: ``lists`` (answers to LIST in order: (items, rv) or an
   exception) and ``watches`` (one script per WATCH: events, exceptions, ``HANG``; an
   exhausted script ends the stream, no script left hangs). Without ``lists``, LIST
-  answers from the objects.
+  answers from the objects;
+- ``live=True``: with no script left, a WATCH streams every change of the objects after
+  its resourceVersion, as the API server does (a change that moves an object out of the
+  label selector is a DELETED), and LIST answers at the current resourceVersion: the
+  informers of the daemon's reconcile path see their own writes (``tests.harness.reconcile``).
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -60,7 +63,11 @@ def api_error(cls: type[ApiError], verb: str, key: Key) -> ApiError:
 
 class FakeKube:
     def __init__(
-        self, *, lists: list[Any] | None = None, watches: list[list[Any]] | None = None
+        self,
+        *,
+        lists: list[Any] | None = None,
+        watches: list[list[Any]] | None = None,
+        live: bool = False,
     ) -> None:
         self.objects: dict[Key, dict[str, Any]] = {}
         self.down = False
@@ -77,7 +84,11 @@ class FakeKube:
         self.watches = watches if watches is not None else []
         self.list_calls = 0
         self.watch_calls: list[tuple[str, int, float]] = []
-        self._rv = itertools.count(1)
+        self.live = live
+        self._rv = 0
+        # Every change, in resourceVersion order: (rv, plural, before, after); None: absent.
+        self._history: list[tuple[int, str, dict[str, Any] | None, dict[str, Any] | None]] = []
+        self._changed = trio.lowlevel.ParkingLot()
 
     # -- for tests --
 
@@ -101,12 +112,26 @@ class FakeKube:
 
     # -- internals --
 
+    def _next_rv(self) -> int:
+        self._rv += 1
+        return self._rv
+
+    def _record(
+        self, rv: int, plural: str, before: dict[str, Any] | None, after: dict[str, Any] | None
+    ) -> None:
+        if self.live:
+            self._history.append((rv, plural, copy.deepcopy(before), copy.deepcopy(after)))
+            self._changed.unpark_all()
+
     def _store(self, key: Key, obj: Mapping[str, Any]) -> dict[str, Any]:
         stored = copy.deepcopy(dict(obj))
         meta = stored.setdefault("metadata", {})
-        meta["resourceVersion"] = str(next(self._rv))
+        rv = self._next_rv()
+        meta["resourceVersion"] = str(rv)
         meta.setdefault("uid", f"uid-{key[1]}")
+        before = self.objects.get(key)
         self.objects[key] = stored
+        self._record(rv, key[0], before, stored)
         return copy.deepcopy(stored)
 
     def _wrote(self, verb: str, key: Key, stored: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +186,7 @@ class FakeKube:
             for (plural, _), obj in sorted(self.objects.items())
             if plural == res.plural and object_matches(obj, label_selector)
         ]
-        return out, "1"
+        return out, str(self._rv) if self.live else "1"
 
     async def watch(
         self,
@@ -175,6 +200,10 @@ class FakeKube:
         send_initial_events: bool = False,
     ) -> AsyncGenerator[dict[str, Any], None]:
         self.watch_calls.append((resource_version, timeout_seconds, trio.current_time()))
+        if self.live and not self.watches:
+            async for event in self._live_watch(res, int(resource_version or 0), label_selector):
+                yield event
+            return
         script = self.watches.pop(0) if self.watches else [HANG]
         for item in script:
             await trio.lowlevel.checkpoint()
@@ -183,6 +212,26 @@ class FakeKube:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    async def _live_watch(
+        self, res: ApiResource, after: int, label_selector: str | None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        i = next((n for n, h in enumerate(self._history) if h[0] > after), len(self._history))
+        while True:
+            await trio.lowlevel.checkpoint()
+            while i < len(self._history):
+                _, plural, before, now = self._history[i]
+                i += 1
+                if plural != res.plural:
+                    continue
+                was = before is not None and object_matches(before, label_selector)
+                is_ = now is not None and object_matches(now, label_selector)
+                if is_:
+                    yield {"type": "MODIFIED" if was else "ADDED", "object": copy.deepcopy(now)}
+                elif was:
+                    gone = now if now is not None else before
+                    yield {"type": "DELETED", "object": copy.deepcopy(gone)}
+            await self._changed.park()
 
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
         key = self.key_of(obj)
@@ -230,7 +279,10 @@ class FakeKube:
         if key not in self.objects:
             raise api_error(NotFound, "delete", key)
         self.writes.append(("delete", name))
-        del self.objects[key]
+        gone = self.objects.pop(key)
+        rv = self._next_rv()
+        gone["metadata"]["resourceVersion"] = str(rv)
+        self._record(rv, res.plural, gone, None)
 
     async def post_event(
         self, kube: Any, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"

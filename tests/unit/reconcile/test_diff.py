@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from atlasd import labels
+from atlasd.kube import bodies
 from atlasd.kube.resources import SECRETS, SERVICES
 from atlasd.model import DownstreamCluster, ObjectRef, ServicePort, Settings
 from atlasd.reconcile.desired import desired_state
-from atlasd.reconcile.diff import KeyWrites, ca_write, differs, owner_of, plan_key_writes
+from atlasd.reconcile.diff import KeyWrites, ca_write, differs, plan_key_writes
 from atlasd.reconcile.pki import plan_pki
 from tests.unit.reconcile.pkitools import CountingKeys, plan_secrets, with_annotation
 
@@ -126,7 +127,7 @@ def _observed_from(state: Any, plan: Any) -> tuple[Objs, Objs]:
 def _by_owner(objs: Any) -> dict[str | None, Objs]:
     out: dict[str | None, Objs] = {}
     for n, o in objs.items():
-        out.setdefault(owner_of(o), {})[n] = o
+        out.setdefault(bodies.label(o, labels.OWNER_CLUSTER_LABEL), {})[n] = o
     return out
 
 
