@@ -223,7 +223,6 @@ class Daemon:
                       supervised=True),
             Subsystem("reconcile", P(run_reconcile, api=backend.api, feed=feed, settings=s,
                                      expectations=self.expectations,
-                                     allow_loopback=o.allow_loopback,
                                      resync_seconds=o.resync_seconds,
                                      workers=o.reconcile_workers, hub=hub), leader_only=True),
             Subsystem("election", P(run_election, election=self._election(backend),

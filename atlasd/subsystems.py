@@ -402,9 +402,6 @@ async def run_reconcile(
     feed: FleetFeed,
     settings: Settings,
     expectations: Expectations,
-    # Unused: the fleet (FleetRunner) judges loopback addresses, the reconciler works from
-    # its versions. Still passed by atlasd.daemon; goes with the next change to its wiring.
-    allow_loopback: bool,
     resync_seconds: float,
     workers: int,
     hub: StatusHub,

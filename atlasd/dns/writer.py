@@ -60,6 +60,7 @@ from atlasd.dns.zone import (
     zone_inputs,
 )
 from atlasd.files import write_atomic
+from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import CONFIGMAPS
@@ -316,8 +317,7 @@ async def _read_configmap_text(kube: KubeApi, settings: Settings) -> str | None:
         )
     except NotFound:
         return None
-    data = obj.get("data") if isinstance(obj, dict) else None
-    text = data.get(ZONE_KEY) if isinstance(data, dict) else None
+    text = bodies.data(obj if isinstance(obj, dict) else None).get(ZONE_KEY)
     return text if isinstance(text, str) else None
 
 
