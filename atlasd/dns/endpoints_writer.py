@@ -49,6 +49,7 @@ from atlasd.dns.zone import ZoneError
 from atlasd.files import write_atomic
 from atlasd.kube.api import KubeApi
 from atlasd.model import Fleet, Settings
+from atlasd.pacing import burst_pause, cpu_timed
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ async def run_endpoints_writer(
             async for update in coalesced(fleets):
                 render = functools.partial(state.update, update.fleet, update.changed)
                 try:
-                    dirty, _ = await render_update(update, render)
+                    dirty, cpu = await render_update(update, render)
                 except ZoneError as exc:
                     log.error("endpoint configuration not rendered, keeping the last: %s", exc)
                     continue
@@ -167,7 +168,10 @@ async def run_endpoints_writer(
                     elif written.get(key) != text:
                         write[key] = text
                 if write or remove:
-                    await trio.to_thread.run_sync(apply_files, path, write, remove)
+                    _, spent = await trio.to_thread.run_sync(
+                        cpu_timed, functools.partial(apply_files, path, write, remove)
+                    )
+                    cpu += spent
                     written.update(write)
                     for key in remove:
                         del written[key]
@@ -185,5 +189,9 @@ async def run_endpoints_writer(
                         newest.put(files)
                     if on_files is not None:
                         on_files(files)
+                # Like the zone: a burst of changes is written in batches, the files taking
+                # at most a tenth of the process, each pause at most 1 s (Thanos re-reads
+                # on a timer anyway).
+                await trio.sleep(burst_pause(cpu, share=0.1, cap=1.0))
         finally:
             newest.close()
