@@ -13,6 +13,7 @@
      ├── status    FleetFeed ──> /status parts and gauges, key by key; Envoy streams
      ├── zone      FleetFeed ──> the zone file (+ its ConfigMap mirror while leading)
      ├── endpoints FleetFeed ──> Thanos Query's endpoint files (+ ConfigMaps while leading)
+     ├── query     Thanos Query's stores joined with the fleet (--thanos-query-url; optional)
      ├── election  Lease election (or leads at once, alone); for each term:
      │    └── reconcile   FleetFeed ──> key workers ──> writes           (leader only)
      └── heap      the collector's settles (the `atlasd run` process only)
@@ -58,6 +59,7 @@ from atlasd.heap import Heap, export_pauses
 from atlasd.http import StatusApp, run_http
 from atlasd.hub import StatusHub, StoreProblemDoc
 from atlasd.model import ADS_GRPC_PORT, METRICS_PORT, Settings
+from atlasd.query.observer import run_query_observer
 from atlasd.reconcile.expectations import Expectations
 from atlasd.report import envoys_now, run_status
 from atlasd.subsystems import (
@@ -97,6 +99,9 @@ class DaemonOptions:
     # Thanos Query's endpoint configuration files (atlasd.dns.endpoints); None: the
     # directory "thanos-endpoints" beside the zone file.
     endpoints_dir: Path | None = None
+    # Thanos Query to observe (atlasd.query; None: off), and how often.
+    thanos_query_url: str | None = None
+    thanos_query_interval: float = 30.0
     ads_host: str = "0.0.0.0"
     ads_port: int = ADS_GRPC_PORT
     http_host: str = "0.0.0.0"
@@ -229,6 +234,11 @@ class Daemon:
                                     lead=self._lead, hub=hub),
                       supervised=not o.serve_only and backend.leases),
         ]  # fmt: skip
+        if o.thanos_query_url:
+            latest = lambda: feed.latest.model if feed.latest is not None else None  # noqa: E731
+            subs.append(Subsystem("query", P(run_query_observer, url=o.thanos_query_url,
+                                             interval=o.thanos_query_interval, fleet=latest,
+                                             hub=hub)))  # fmt: skip
         if self.heap is not None:
             subs.append(Subsystem("heap", P(run_heap, heap=self.heap, every=o.settle_seconds)))
         return subs

@@ -91,6 +91,35 @@ class StoreProblemDoc(TypedDict):
     message: str
 
 
+class QueryClusterDoc(TypedDict):
+    seen: bool
+    since: float
+    error: str | None
+    stores: list[str]
+    labels: list[dict[str, str]]
+    min_time: int | None
+    max_time: int | None
+    duplicate_of: list[str]
+
+
+class QueryStoreDoc(TypedDict):
+    store: str
+    cluster: list[str]
+
+
+class QueryDoc(TypedDict):
+    """What Thanos Query sees (``atlasd.query``): per served cluster, and the stores it
+    sees that atlasd does not serve."""
+
+    url: str
+    up: bool
+    error: str | None
+    at: float
+    counts: dict[str, int]
+    clusters: dict[str, QueryClusterDoc]
+    unknown: list[QueryStoreDoc]
+
+
 class StatusParts(TypedDict, total=False):
     """The top-level parts a subsystem publishes (``StatusHub.publish``)."""
 
@@ -98,6 +127,7 @@ class StatusParts(TypedDict, total=False):
     leadership: dict[str, str | None]
     envoys: list[dict[str, Any]]
     zone: ZoneDoc
+    query: QueryDoc
     xds_problems: list[str]
     last_reconcile: ResultDoc
     last_key_reconcile: ResultDoc

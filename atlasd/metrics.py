@@ -54,6 +54,16 @@ ENDPOINTS_CONFIGMAP_TOO_LARGE = Gauge(
     "is not updated; the files are).",
     ["configmap"],
 )
+QUERY_UP = Gauge(
+    "atlasd_query_up", "1 when the last read of Thanos Query's stores (--thanos-query-url) worked."
+)
+QUERY_CLUSTERS = Gauge(
+    "atlasd_query_clusters",
+    "Clusters by what Thanos Query sees: seen, unseen (served by atlasd, no healthy store "
+    "in Query), unknown (stores in Query atlasd does not serve), duplicate (a cluster whose "
+    "external labels another cluster's store announces too).",
+    ["state"],
+)
 CERT_EXPIRY = Gauge(
     "atlasd_certificate_expiry_timestamp_seconds",
     "notAfter of each certificate atlasd serves (unix time).",

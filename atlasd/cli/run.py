@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import tempfile
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ from atlasd.model import Settings
 
 # The options' defaults are Settings' (one source: atlasd.model).
 DEFAULTS = Settings()
+
+
+def _query_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise click.BadParameter(f"{value!r} is not an http(s) URL", ctx, param)
+    return value
 
 
 def run_options(*, compat: bool) -> Callable[[F], F]:
@@ -119,6 +129,21 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             default=None,
             help="Where Thanos Query's endpoint configuration files are written "
             "(--endpoint.sd-config-file; default: thanos-endpoints beside the zone file).",
+        ),
+        env_option(
+            "--thanos-query-url",
+            env="ATLAS_THANOS_QUERY_URL",
+            default=None,
+            callback=_query_url,
+            help="Thanos Query's HTTP address (http://host:10902): atlasd reads its stores "
+            "and reports which clusters it sees (default: off).",
+        ),
+        env_option(
+            "--thanos-query-interval",
+            env="ATLAS_THANOS_QUERY_INTERVAL",
+            default=30.0,
+            type=click.FloatRange(1, 3600),
+            help="Seconds between two reads of Thanos Query's stores.",
         ),
         env_option(
             "--endpoints-configmap",
@@ -304,6 +329,8 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         store=store,
         zone_file=p["zone_file"],
         endpoints_dir=p["endpoints_dir"],
+        thanos_query_url=p["thanos_query_url"],
+        thanos_query_interval=p["thanos_query_interval"],
         ads_host=ads_host,
         ads_port=ads_port,
         http_host=http_host,

@@ -114,6 +114,17 @@ def _table_text(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _query_cell(sight: dict[str, Any] | None) -> str:
+    """What Thanos Query sees of one cluster, in one cell."""
+    if sight is None:
+        return "not observed yet"
+    dup = sight.get("duplicate_of") or []
+    extra = f"; labels also announced by {', '.join(dup)}" if dup else ""
+    if sight.get("seen"):
+        return "seen" + extra
+    return f"NOT SEEN: {str(sight.get('error') or '')[:80]}{extra}"
+
+
 def render_status(doc: dict[str, Any]) -> str:
     """The human-readable ``atlasd status`` (tables of clusters, Envoys, problems)."""
     parts = [
@@ -135,6 +146,20 @@ def render_status(doc: dict[str, Any]) -> str:
         )
     for why in doc.get("unhealthy") or []:
         parts.append(f"UNHEALTHY: {why}")
+    query = doc.get("query")
+    if query:
+        counts = query.get("counts") or {}
+        parts.append(
+            f"THANOS QUERY {query.get('url')}: "
+            + (f"NOT READ ({query.get('error')}); last view: " if query.get("error") else "")
+            + f"{counts.get('seen', 0)} seen, {counts.get('unseen', 0)} not seen, "
+            f"{counts.get('unknown', 0)} unknown stores, {counts.get('duplicate', 0)} duplicate"
+        )
+        for u in query.get("unknown") or []:
+            parts.append(
+                f"QUERY SEES A STORE ATLASD DOES NOT SERVE: {u['store']}"
+                + (f" (cluster={','.join(u['cluster'])})" if u.get("cluster") else "")
+            )
     parts += ["", "CLUSTERS"]
     envoys = doc.get("envoys") or []
     by_node: dict[str, list[dict[str, Any]]] = {}
@@ -147,19 +172,19 @@ def render_status(doc: dict[str, Any]) -> str:
             ", ".join(f"{e['kind']}:{'NACK' if e.get('last_nack') else 'ok'}" for e in streams)
             or "not connected"
         )
-        rows.append(
-            [
-                c["name"],
-                c["external_ip"],
-                str(c["replicas"]),
-                c.get("dns_group") or "-",
-                sync,
-                _ago(c.get("certificate_expiry")),
-            ]
-        )
-    parts.append(
-        _table_text(["NAME", "EXTERNAL-IP", "REPLICAS", "DNS-GROUP", "ENVOY", "CERT-EXPIRES"], rows)
-    )
+        row = [
+            c["name"],
+            c["external_ip"],
+            str(c["replicas"]),
+            c.get("dns_group") or "-",
+            sync,
+            _ago(c.get("certificate_expiry")),
+        ]
+        if query:
+            row.append(_query_cell((query.get("clusters") or {}).get(c["name"])))
+        rows.append(row)
+    header = ["NAME", "EXTERNAL-IP", "REPLICAS", "DNS-GROUP", "ENVOY", "CERT-EXPIRES"]
+    parts.append(_table_text([*header, "QUERY"] if query else header, rows))
     if doc.get("pending"):
         parts += ["", "PENDING (certificates not issued yet): " + ", ".join(doc["pending"])]
     parts += ["", "ENVOYS"]

@@ -45,6 +45,7 @@ from typing import Any
 
 from atlasd.dns.zone import (
     SIDECARS_DOMAIN,
+    ZoneError,
     cluster_block,
     zone_inputs,
 )
@@ -95,6 +96,22 @@ def cluster_endpoints(cluster: DownstreamCluster, settings: Settings) -> Cluster
     group = cluster.dns_group
     keys = (ALL_KEY, UNGROUPED_KEY) if group is None else (ALL_KEY, group_key(group))
     return ClusterEndpoints(lines, keys)
+
+
+def sidecar_addresses(fleet: Fleet) -> dict[str, str]:
+    """Every StoreAPI address the endpoint configuration lists -> its cluster (what Thanos
+    Query names its stores by). Clusters that do not render are left out."""
+    owner = _port_owner(fleet.settings)
+    out: dict[str, str] = {}
+    for cluster in fleet.clusters.values():
+        try:
+            recs = cluster_block(cluster, fleet.settings).records
+        except ZoneError:
+            continue
+        for r in recs:
+            if r.owner == owner:
+                out[f"{r.target[:-1]}:{r.port}"] = cluster.name
+    return out
 
 
 def render(pieces: Iterable[str]) -> str:

@@ -165,6 +165,7 @@ ATLASD_CUSTOM: Doc = {
         "alertmanagerSelector": "app.kubernetes.io/name=alertmanager",
         "dnsConfigMapName": "my-zone",
         "thanosEndpointsConfigMapName": "my-endpoints",
+        "thanosQueryUrl": "http://thanos-query.monitoring:10902",
         "clusterDomain": "corp.local",
         "logFormat": "text",
         "extraEnv": [{"name": "ATLAS_EXTRA", "value": "1"}],
@@ -366,6 +367,7 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     assert env["ATLAS_ENVOY_ADDRESS"] == "envoy.obs.example"
     assert env["ATLAS_DNS_CM_NAME"] == "my-zone"
     assert env["ATLAS_ENDPOINTS_CM_NAME"] == "my-endpoints"
+    assert env["ATLAS_THANOS_QUERY_URL"] == "http://thanos-query.monitoring:10902"
     assert env["ATLAS_ALERTMANAGER_SELECTOR"] == "app.kubernetes.io/name=alertmanager"
     assert env["ATLAS_ZONE_FILE"] == "/var/run/zone/atlas.db"
     assert env["ATLAS_ADS_SERVICE"] == "obs-atlasd.observability.svc.corp.local"
@@ -788,6 +790,7 @@ def test_every_env_var_the_chart_sets_is_read_by_atlasd_run(
     assert p["leader_election"] is True
     # Logs a shipper can parse by default (docs/operations.md, "Logs").
     assert p["log_format"] == ("text" if custom else "json")
+    assert p["thanos_query_url"] == ("http://thanos-query.monitoring:10902" if custom else None)
     if custom:
         assert p["envoy_ads_address"] == "xds.obs.example"
         assert p["envoy_ads_port"] == 443

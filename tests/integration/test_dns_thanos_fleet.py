@@ -22,9 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from atlasd.dns.endpoints import ALL_KEY
+from atlasd.hub import StatusHub
 from atlasd.model import DownstreamCluster, Fleet, ServicePort
+from atlasd.query.observer import run_query_observer
 from tests.harness.procs import Proc
 from tests.harness.prom import WebProc
 from tests.harness.wait import wait_until, wait_until_async
@@ -131,6 +134,33 @@ async def test_thanos_query_sees_a_simulated_fleet_through_envoy_from_the_endpoi
             await wait_until_async(
                 lambda: sees(want), timeout=120, what=f"Thanos Query sees all {N} clusters"
             )
+
+            # atlasd's observer of Thanos Query, reading the real Query: every simulated
+            # cluster seen with its label, and a served cluster Query has no store for
+            # reported as not seen.
+            ghost = DownstreamCluster(
+                name="ghost", external_ip="192.0.2.99", ports=(ServicePort("thanos", obs_port),)
+            )
+            served = Fleet.of(world.settings, [*clusters, ghost])
+            hub = StatusHub()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: run_query_observer(
+                        url=rig.url, interval=0.5, fleet=lambda: served, hub=hub,
+                        task_status=task_status,
+                    )
+                )  # fmt: skip
+
+                def observed() -> dict[str, int] | None:
+                    doc = hub.snapshot().get("query")
+                    return doc["counts"] if doc and doc["counts"].get("seen") == N else None
+
+                counts = await wait_until_async(observed, timeout=30, what="the observer")
+                nursery.cancel_scope.cancel()
+            assert counts == {"seen": N, "unseen": 1, "unknown": 0, "duplicate": 0}
+            doc = hub.snapshot()["query"]
+            assert doc["up"] and doc["clusters"]["ghost"]["error"] == "no store in Thanos Query"
+            assert doc["clusters"]["sim01"]["labels"] == [{"cluster": "sim01"}]
 
             # One cluster leaves: it leaves the file, and Thanos Query's stores.
             gone = clusters[0]
