@@ -13,7 +13,7 @@ Every mistake a person can make on the command line ends in one line on stderr n
 the option or object, never a traceback. Exit codes: 0 success; 1 the request failed (the
 message says why); 2 bad usage (click).
 
-Commands by group, one module each: ``run``, ``demo``, ``cluster``, ``status`` and
+Commands by group, one module each: ``run``, ``demo``, ``cluster``, ``status``, ``check`` and
 ``compat`` (the original's spellings), on the root group of ``app``; what they share
 (the click options, the backend, logging) is declared once in ``options``, and how a
 command runs its Trio main in ``process``.
@@ -22,7 +22,7 @@ command runs its Trio main in ``process``.
 from __future__ import annotations
 
 # Importing a command module registers its commands on the root group.
-from atlasd.cli import cluster, compat, demo, run, status  # noqa: F401
+from atlasd.cli import check, cluster, compat, demo, run, status  # noqa: F401
 from atlasd.cli.app import cli
 
 __all__ = ["cli", "main"]

@@ -1,4 +1,4 @@
-"""`atlasd run --thanos-query-url`: the observer is one subsystem of the daemon; a Query it
+"""`atlasd run --thanos-query-url` and `atlasd check`: the observer is one subsystem of the daemon; a Query it
 cannot read is reported in /status and `atlasd status`, the daemon keeps serving; a URL
 that is not one is a one-line CLI error."""
 
@@ -48,9 +48,22 @@ def test_an_unreadable_query_is_reported_and_the_fleet_is_served(tmp_path: Path)
         assert f"THANOS QUERY {url}: NOT READ" in out
         assert "NOT SEEN: no store in Thanos Query" not in out  # no view yet, none invented
         assert "not observed yet" in out  # the QUERY column, before a first read worked
+        # `atlasd check` judges the same daemon: no Envoy connected, Query not read.
+        checked = cli("check", f"--url={atlasd.url}", check=False)
+        assert checked.returncode == 1, checked.stdout
+        assert "FAIL every Envoy is connected: not connected: atlas, east" in checked.stdout
+        assert "FAIL Thanos Query sees every cluster: Query not read" in checked.stdout
+        assert "ok   no cluster Service is invalid" in checked.stdout
         assert atlasd.proc.running()
     finally:
         atlasd.proc.stop()
+
+
+def test_check_says_when_atlasd_cannot_be_reached() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    out = cli("check", f"--url={url}", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "cannot reach" in out.stderr
 
 
 def test_a_query_url_that_is_not_one_is_a_one_line_error(tmp_path: Path) -> None:
