@@ -67,7 +67,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlasd.xds.plan import ListenPlan
-from tests.harness import components
+from tests.harness import components, objects
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.net import free_port
@@ -178,16 +178,7 @@ def srv_over_tcp(addr: str) -> tuple[int, bool]:
 
 
 def cluster_service(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "labels": {"goatlas.io/cluster": "true"}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [ip],
-            "ports": [{"name": "thanos", "port": THANOS_PORT}],
-        },
-    }
+    return objects.cluster_service(name, ip, ports=(("thanos", THANOS_PORT),))
 
 
 def values_secrets(api: ApiServer) -> dict[str, dict[str, Any]]:

@@ -15,9 +15,8 @@ from typing import Any
 
 import click
 
-from atlasd import model
 from atlasd.cli.app import cli
-from atlasd.cli.options import env_option, fail
+from atlasd.cli.options import fail, status_url_option
 from atlasd.cli.status import fetch_status
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -158,12 +157,7 @@ def checks(doc: dict[str, Any], *, fail_within: float, now: float) -> list[Check
 
 
 @cli.command()
-@env_option(
-    "--url",
-    env="ATLAS_STATUS_URL",
-    default=f"http://127.0.0.1:{model.METRICS_PORT}",
-    help="atlasd's metrics/status address.",
-)
+@status_url_option
 @click.option(
     "--fail-within",
     default="30d",

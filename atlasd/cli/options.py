@@ -191,6 +191,14 @@ def fail(message: str) -> NoReturn:
 
 # -- options more than one command takes (declared once) -------------------------------------
 
+# Where a running atlasd answers /status (`status`, `check`).
+status_url_option = env_option(
+    "--url",
+    env="ATLAS_STATUS_URL",
+    default=f"http://127.0.0.1:{model.METRICS_PORT}",
+    help="atlasd's metrics/status address.",
+)
+
 EXTERNAL_IP_HELP = (
     "The downstream Envoy's reachable address; repeatable or comma-separated (all are "
     "validated and stored; the first is the one atlasd dials)."

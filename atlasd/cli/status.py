@@ -10,9 +10,8 @@ import click
 import trio
 import yaml
 
-from atlasd import model
 from atlasd.cli.app import cli
-from atlasd.cli.options import env_option, fail, output_option
+from atlasd.cli.options import fail, output_option, status_url_option
 
 # -- status -------------------------------------------------------------------------------
 
@@ -42,12 +41,7 @@ def fetch_status(url: str) -> dict[str, Any]:
 
 
 @cli.command()
-@env_option(
-    "--url",
-    env="ATLAS_STATUS_URL",
-    default=f"http://127.0.0.1:{model.METRICS_PORT}",
-    help="atlasd's metrics/status address.",
-)
+@status_url_option
 @output_option
 @click.option(
     "--watch", "-w", is_flag=True, help="Keep printing as the status changes (WebSocket stream)."

@@ -34,7 +34,7 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.cog.runtime import UnknownDataquery
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
-from tests.harness import components
+from tests.harness import components, objects
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.prom import WebProc
@@ -505,16 +505,7 @@ def substitute(expr: str, namespace: str) -> str:
 
 
 def cluster_service(name: str, ip: str) -> Doc:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "labels": {"goatlas.io/cluster": "true"}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [ip],
-            "ports": [{"name": "thanos", "port": 10901}, {"name": "prometheus", "port": 9090}],
-        },
-    }
+    return objects.cluster_service(name, ip, ports=objects.THANOS_PROMETHEUS)
 
 
 class Prom:

@@ -14,6 +14,7 @@ import yaml
 
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
+from tests.harness.objects import cluster_service
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd, cli
 
@@ -21,16 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def _cluster(name: str, ip: str, **labels: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "labels": {"goatlas.io/cluster": "true", **labels}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [ip],
-            "ports": [{"name": "thanos", "port": 10901}],
-        },
-    }
+    return cluster_service(name, ip, labels=labels)
 
 
 def _merge_patch(apiserver: ApiServer, namespace: str, name: str, patch: dict[str, Any]) -> None:

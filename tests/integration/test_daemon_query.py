@@ -10,21 +10,13 @@ from typing import Any
 import yaml
 
 from tests.harness.net import free_port
+from tests.harness.objects import cluster_service
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd, cli
 
 
 def _cluster(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "labels": {"goatlas.io/cluster": "true"}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [ip],
-            "ports": [{"name": "thanos", "port": 10901}],
-        },
-    }
+    return cluster_service(name, ip)
 
 
 def test_an_unreadable_query_is_reported_and_the_fleet_is_served(tmp_path: Path) -> None:

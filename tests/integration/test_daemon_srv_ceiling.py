@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from tests.harness.kube import ApiServer
+from tests.harness.objects import cluster_service
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd
 
@@ -20,19 +21,7 @@ NAMES = [f"c{i}-" + "x" * 37 for i in range(10)]
 
 
 def _cluster(name: str, i: int, replicas: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": name,
-            "labels": {"goatlas.io/cluster": "true", "goatlas.io/replicas": str(replicas)},
-        },
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [f"192.0.2.{i + 1}"],
-            "ports": [{"name": "thanos", "port": 10901}],
-        },
-    }
+    return cluster_service(name, f"192.0.2.{i + 1}", labels={"goatlas.io/replicas": str(replicas)})
 
 
 def _answer_bytes(daemon: Atlasd) -> float | None:

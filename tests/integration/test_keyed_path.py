@@ -36,6 +36,7 @@ from atlasd.reconcile.applier import Reconciler, ReconcileResult
 from atlasd.reconcile.loop import ReconcileLoop
 from atlasd.watch.sources import run_sources
 from atlasd.watch.watched import WatchedSet
+from tests.harness import objects
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until, wait_until_async
@@ -47,16 +48,8 @@ N = 200
 
 
 def cluster_service(i: int, ip: str | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": f"k{i:03d}", "labels": {"goatlas.io/cluster": "true"}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [ip or f"198.18.{i // 250}.{i % 250 + 1}"],
-            "ports": [{"name": "thanos", "port": 10901}, {"name": "prometheus", "port": 9090}],
-        },
-    }
+    ip = ip or f"198.18.{i // 250}.{i % 250 + 1}"
+    return objects.cluster_service(f"k{i:03d}", ip, ports=objects.THANOS_PROMETHEUS)
 
 
 def owned_versions(api: ApiServer, ns: str) -> dict[str, str]:
