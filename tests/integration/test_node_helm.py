@@ -429,7 +429,7 @@ def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented
     node_helm("uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s")
     node_helm("uninstall", "atlas", "-n", NS, "--wait", "--timeout", "120s")
     # Left, and only that, as docs/charts.md says: what atlasd wrote (the PKI, the
-    # values, the sidecar Services, the zone ConfigMap, the Lease), the cluster Services
+    # values, the sidecar Services, the zone and endpoint ConfigMaps, the Lease), the cluster Services
     # the user made, and what the cluster itself puts in every namespace.
     clusters = ("east", "broken", "west")
     onboarded = ("east", "west")
@@ -444,6 +444,8 @@ def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented
         ),
         ("Secret", "atlas-envoy-values"),
         ("ConfigMap", "atlas-coredns"),
+        ("ConfigMap", "atlas-thanos-endpoints"),
+        ("ConfigMap", "atlas-thanos-endpoints-groups"),
         ("Lease", "atlasd"),
         ("ConfigMap", "kube-root-ca.crt"),
         ("ServiceAccount", "default"),
