@@ -219,8 +219,6 @@ class Reconciler:
     async def reconcile_key(
         self, api: KubeApi, version: FleetVersion, key: str, *, now: dt.datetime
     ) -> ReconcileResult:
-        # Every object of the key, not only atlasd's: a full pass also expects the cache to
-        # show the cluster Service (or an Alertmanager Service) it LISTed.
         cached = version.object_versions(key)
         waiting = self.expectations.pending(
             key, lambda oid: cached.get(oid) or None, now=self._clock()

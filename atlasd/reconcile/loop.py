@@ -12,9 +12,10 @@
   cache does not show yet waits (``Expectations``); a key in sync costs a comparison.
 - A **full pass** LISTs every watched role (quorum reads of metadata only: the
   resourceVersions are what is compared) and compares each key's objects with the watch
-  cache: a key whose cache lags is given expectations of the LISTed versions
-  and queued; a key the Reconciler knows in sync at exactly those versions is left alone, so
-  a steady-state pass writes nothing and re-plans nothing. It runs at start (every key is
+  cache: a key whose cache lags is queued, with expectations of the LISTed versions of
+  atlasd's own objects (never of what users write, never older than the cache shows); a
+  key the Reconciler knows in sync at exactly those versions is left alone, so a
+  steady-state pass writes nothing and re-plans nothing. It runs at start (every key is
   queued then: nothing is known in sync), every ``resync_seconds``, and after a Conflict.
 - Retriable API errors re-queue the key with per-key backoff; anything else propagates (the
   daemon's supervisor restarts the subsystem).
@@ -32,7 +33,7 @@ from typing import Any
 import trio
 
 from atlasd.fleet.feed import FleetFeed
-from atlasd.fleet.keys import FLEET_KEY, ObjectId, key_of, roles
+from atlasd.fleet.keys import FLEET_KEY, OWNED_SECRETS, OWNED_SERVICES, ObjectId, key_of, roles
 from atlasd.hub import ResultDoc
 from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
@@ -45,6 +46,8 @@ from atlasd.watch.workqueue import WorkQueue
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 16
+# The roles whose objects atlasd writes: one LIST per kind.
+OWNED_ROLES = frozenset({OWNED_SERVICES, OWNED_SECRETS})
 
 
 @dataclass
@@ -57,21 +60,71 @@ class _Pass:
     lists: int = 0
 
 
-async def listed_versions(api: KubeApi, settings: Settings) -> dict[str, dict[ObjectId, str]]:
-    """A quorum LIST of every watched role, metadata only: key -> (kind, name) -> version
-    (what ``FleetVersion.object_versions`` reads from a cached version, so the two compare)."""
+@dataclass(frozen=True)
+class Listed:
+    """A full pass's LIST. ``versions``: key -> (kind, name) -> version over every role;
+    ``owned``: the same over what atlasd writes (its Services and Secrets), and ``owned_at``
+    the collection resourceVersion each kind's LIST of those was served at."""
+
+    versions: dict[str, dict[ObjectId, str]]
+    owned: dict[str, dict[ObjectId, str]]
+    owned_at: dict[str, str]
+
+    def cache_leads(self, oid: ObjectId, cached: str | None) -> bool:
+        """Whether the cache's ``cached`` version of the owned object ``oid`` is newer than
+        the LIST of its kind (written after that LIST was served): nothing to wait for.
+        ResourceVersions are opaque to clients; the API server's are etcd revisions, which
+        order writes, and a version that is not a number is never judged newer."""
+        listed = self.owned_at.get(oid[0], "")
+        if cached is None or not (cached.isdigit() and listed.isdigit()):
+            return False
+        return int(cached) > int(listed)
+
+    def expected(self, key: str, cached: dict[ObjectId, str]) -> dict[ObjectId, str | None]:
+        """What the cache of ``key``'s owned objects (``cached``) must come to show before
+        the key is acted on: each object at the LISTed version, each object the LIST did not
+        show gone; except where the cache already shows a later write."""
+        want = self.owned.get(key, {})
+        out: dict[ObjectId, str | None] = {
+            oid: rv
+            for oid, rv in want.items()
+            if cached.get(oid) != rv and not self.cache_leads(oid, cached.get(oid))
+        }
+        out.update(
+            {
+                oid: None
+                for oid, rv in cached.items()
+                if oid not in want and not self.cache_leads(oid, rv)
+            }
+        )
+        return out
+
+
+async def listed_versions(api: KubeApi, settings: Settings) -> Listed:
+    """A quorum LIST of every watched role, metadata only (what
+    ``FleetVersion.object_versions`` reads from a cached version, so the two compare)."""
     out: dict[str, dict[ObjectId, str]] = {}
+    owned: dict[str, dict[ObjectId, str]] = {}
+    at: dict[str, str] = {}
     for role in roles(settings):
-        items, _ = await api.list(
+        items, rv = await api.list(
             role.resource,
             namespace=settings.namespace,
             label_selector=role.selector,
             metadata_only=True,
         )
+        kind = role.resource.kind
+        mine = role.name in OWNED_ROLES
+        if mine:
+            at[kind] = rv
         for obj in items:
-            oid = (role.resource.kind, bodies.name(obj))
-            out.setdefault(key_of(role.name, obj), {})[oid] = bodies.resource_version(obj)
-    return out
+            oid = (kind, bodies.name(obj))
+            key = key_of(role.name, obj)
+            version = bodies.resource_version(obj)
+            out.setdefault(key, {})[oid] = version
+            if mine:
+                owned.setdefault(key, {})[oid] = version
+    return Listed(out, owned, at)
 
 
 class ReconcileLoop:
@@ -151,22 +204,26 @@ class ReconcileLoop:
         listed = await listed_versions(self.api, self.reconciler.settings)
         cached = self.feed.latest
         assert cached is not None
-        keys = set(listed) | set(cached.members) | {FLEET_KEY}
+        keys = set(listed.versions) | set(cached.members) | {FLEET_KEY}
         queued: set[str] = set()
         clock = trio.current_time()
         for key in keys:
-            want = listed.get(key, {})
+            want = listed.versions.get(key, {})
             have = cached.object_versions(key)
-            if want != have:
-                # The cache lags (or leads) the LIST: act once it shows what was listed.
-                expected: dict[ObjectId, str | None] = dict(want)
-                expected.update({oid: None for oid in have if oid not in want})
-                self.reconciler.expectations.expect(key, expected, now=clock)
-                queued.add(key)
-            elif initial or not self.reconciler.is_synced(
-                key, cached.object_versions(key, owned=True)
-            ):
-                queued.add(key)
+            owned = cached.object_versions(key, owned=True)
+            if want == have and not initial and self.reconciler.is_synced(key, owned):
+                continue
+            queued.add(key)
+            if want != have and (key == FLEET_KEY or key in cached.members):
+                # The cache lags the LIST: act once it shows what atlasd's own objects were
+                # listed at (what a second issue of a certificate would follow from). Not
+                # for what users write (a cluster Service the LIST missed or shows older is
+                # simply reconciled again when its event arrives), and only for a key the
+                # fleet holds (of a rejected Service's key the cache shows nothing).
+                expected = listed.expected(key, owned)
+                if expected:
+                    log.debug("reconcile: full pass waits for the cache of %s: %s", key, expected)
+                    self.reconciler.expectations.expect(key, expected, now=clock)
         self.full_passes += 1
         self._pass = _Pass(started=started, outstanding=set(queued), lists=1)
         for key in queued:
