@@ -197,6 +197,34 @@ def kube_node_binary(name: str) -> Path:
     return kube_node() / name
 
 
+# kind's node image also wants kubeadm and kubectl, built from the same module and pins.
+KUBE_TOOLS_BINARIES = ("kubeadm", "kubectl")
+KIND_VERSION = "v0.33.0"
+
+
+def kube_tools() -> Path:
+    """kubeadm and kubectl (one directory), for kind's node image (tests/harness/kind.py)."""
+    slot = _slot("kube-tools", KUBERNETES_VERSION)
+    if _done(slot):
+        return slot
+    pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_TOOLS_BINARIES]
+    _throwaway_build(
+        module="k8s.io/kubernetes",
+        version=KUBERNETES_VERSION,
+        pkg=pkgs[0],
+        more=tuple(pkgs[1:]),
+        out=slot,
+        pins=_kubernetes_pins(),
+    )
+    _finish(slot)
+    return slot
+
+
+def kind() -> Path:
+    """kind itself: a plain ``go install`` of ``sigs.k8s.io/kind``."""
+    return _go_install("kind", KIND_VERSION, "sigs.k8s.io/kind")
+
+
 def pause() -> Path:
     """The pod sandbox's pause program, from the module's own build/pause/linux/pause.c
     compiled static (the pause image is otherwise pulled from a registry)."""
@@ -364,7 +392,7 @@ BUILDERS = {
     "kube-node": kube_node,
     "pause": pause,
 }
-OPTIONAL: dict[str, object] = {}
+OPTIONAL: dict[str, object] = {"kube-tools": kube_tools, "kind": kind}
 
 
 def kubectl() -> Path | None:
