@@ -120,6 +120,7 @@ def _throwaway_build(
     out: Path,
     pins: dict[str, str],
     more: tuple[str, ...] = (),
+    ldflags: str = "",
 ) -> None:
     """Build ``pkg`` from ``module@version`` in a fresh module with ``pins`` as replaces.
 
@@ -135,12 +136,13 @@ def _throwaway_build(
         imports = "".join(f'import _ "{p}"\n' for p in (pkg, *more))
         (work / "tools.go").write_text(f"//go:build tools\n\npackage tools\n\n{imports}")
         _run(["go", "mod", "tidy"], cwd=work)
+        flags = [f"-ldflags={ldflags}"] if ldflags else []
         if more:
             out.mkdir(parents=True, exist_ok=True)
-            _run(["go", "build", "-o", f"{out}/", pkg, *more], cwd=work)
+            _run(["go", "build", *flags, "-o", f"{out}/", pkg, *more], cwd=work)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
-            _run(["go", "build", "-o", str(out), pkg], cwd=work)
+            _run(["go", "build", *flags, "-o", str(out), pkg], cwd=work)
 
 
 def _kubernetes_pins() -> dict[str, str]:
@@ -202,8 +204,27 @@ KUBE_TOOLS_BINARIES = ("kubeadm", "kubectl")
 KIND_VERSION = "v0.33.0"
 
 
+def _kube_version_ldflags() -> str:
+    """Stamp the release into the binaries, as the Kubernetes release build does.
+
+    Without it they report ``v0.0.0-master+$Format:%H$``; kubeadm compares its own
+    version and the kubelet's with the control plane's, so the kind node needs them.
+    """
+    major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+    pkg = "k8s.io/component-base/version"
+    return " ".join(
+        f"-X {pkg}.{k}={v}"
+        for k, v in (
+            ("gitVersion", KUBERNETES_VERSION),
+            ("gitMajor", major),
+            ("gitMinor", minor),
+            ("gitTreeState", "clean"),
+        )
+    )
+
+
 def kube_tools() -> Path:
-    """kubeadm and kubectl (one directory), for kind's node image (tests/harness/kind.py)."""
+    """kubeadm and kubectl (one directory), for kind's node image, version-stamped."""
     slot = _slot("kube-tools", KUBERNETES_VERSION)
     if _done(slot):
         return slot
@@ -215,6 +236,7 @@ def kube_tools() -> Path:
         more=tuple(pkgs[1:]),
         out=slot,
         pins=_kubernetes_pins(),
+        ldflags=_kube_version_ldflags(),
     )
     _finish(slot)
     return slot
