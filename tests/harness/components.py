@@ -16,6 +16,9 @@ is redone and a finished one costs nothing on the next run.
   compiled static with the machine's C compiler.
 - etcd: ``go.etcd.io/etcd/server/v3`` built the same way (its siblings pinned).
 - coredns, helm: plain ``go install``.
+- kube-release (optional, for kind's node image): kubeadm, kubectl, kubelet and the
+  control plane from the same module and pins, version-stamped and stripped.
+- kind (optional): ``go install sigs.k8s.io/kind`` (``kind.py`` builds its node image).
 - prometheus, alertmanager: Debian packages (binaries are run directly).
 - node-packages: podman, mmdebstrap, runc, containerd, the CNI plugins, iptables and
   conntrack from Debian (the images and the node: ``images.py``, ``node.py``).
@@ -199,8 +202,20 @@ def kube_node_binary(name: str) -> Path:
     return kube_node() / name
 
 
-# kind's node image also wants kubeadm and kubectl, built from the same module and pins.
-KUBE_TOOLS_BINARIES = ("kubeadm", "kubectl")
+# kind's node image: every Kubernetes binary of a release (kubeadm and kubectl too),
+# from the same module and pins, version-stamped and stripped as the release build makes
+# them. Separate from kube-apiserver/kube-node (unstamped, with symbols, for the
+# harness's node) so that neither cache slot changes under the other; the compile cache
+# is shared, only the link is redone.
+KUBE_RELEASE_BINARIES = (
+    "kubeadm",
+    "kubectl",
+    "kubelet",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+)
 KIND_VERSION = "v0.33.0"
 
 
@@ -209,10 +224,11 @@ def _kube_version_ldflags() -> str:
 
     Without it they report ``v0.0.0-master+$Format:%H$``; kubeadm compares its own
     version and the kubelet's with the control plane's, so the kind node needs them.
+    ``-s -w`` drops the symbol table and DWARF (a third of each binary's size).
     """
     major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
     pkg = "k8s.io/component-base/version"
-    return " ".join(
+    stamps = " ".join(
         f"-X {pkg}.{k}={v}"
         for k, v in (
             ("gitVersion", KUBERNETES_VERSION),
@@ -221,14 +237,15 @@ def _kube_version_ldflags() -> str:
             ("gitTreeState", "clean"),
         )
     )
+    return f"-s -w {stamps}"
 
 
-def kube_tools() -> Path:
-    """kubeadm and kubectl (one directory), for kind's node image, version-stamped."""
-    slot = _slot("kube-tools", KUBERNETES_VERSION)
+def kube_release() -> Path:
+    """The release's binaries (one directory), for kind's node image (``kind.py``)."""
+    slot = _slot("kube-release", KUBERNETES_VERSION)
     if _done(slot):
         return slot
-    pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_TOOLS_BINARIES]
+    pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_RELEASE_BINARIES]
     _throwaway_build(
         module="k8s.io/kubernetes",
         version=KUBERNETES_VERSION,
@@ -414,7 +431,7 @@ BUILDERS = {
     "kube-node": kube_node,
     "pause": pause,
 }
-OPTIONAL: dict[str, object] = {"kube-tools": kube_tools, "kind": kind}
+OPTIONAL: dict[str, object] = {"kube-release": kube_release, "kind": kind}
 
 
 def kubectl() -> Path | None:
