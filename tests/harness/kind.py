@@ -330,7 +330,10 @@ def node_image() -> Image:
         )
         images._build(image.ref, ctx, base_ref=rootfs.ref)
 
-    return images._cached("kind-node", "localhost/atlasd-kind-node", images._hash(*inputs), make)
+    key = images._hash(*inputs)
+    image = images._cached("kind-node", "localhost/atlasd-kind-node", key, make)
+    images._prune("kind-node", image)  # about 1.3 GB each: keep the last few
+    return image
 
 
 def cluster_config() -> str:
