@@ -16,9 +16,9 @@ is redone and a finished one costs nothing on the next run.
   compiled static with the machine's C compiler.
 - etcd: ``go.etcd.io/etcd/server/v3`` built the same way (its siblings pinned).
 - coredns, helm: plain ``go install``.
-- kube-release (optional, for kind's node image): kubeadm, kubectl, kubelet and the
+- kube-release (for kind's node image): kubeadm, kubectl, kubelet and the
   control plane from the same module and pins, version-stamped and stripped.
-- kind (optional): ``go install sigs.k8s.io/kind`` (``kind.py`` builds its node image).
+- kind: ``go install sigs.k8s.io/kind`` (``kind.py`` builds its node image).
 - prometheus, alertmanager: Debian packages (binaries are run directly).
 - node-packages: podman, mmdebstrap, runc, containerd, the CNI plugins, iptables and
   conntrack from Debian (the images and the node: ``images.py``, ``node.py``).
@@ -430,8 +430,9 @@ BUILDERS = {
     "node-packages": node_packages,
     "kube-node": kube_node,
     "pause": pause,
+    "kube-release": kube_release,
+    "kind": kind,
 }
-OPTIONAL: dict[str, object] = {"kube-release": kube_release, "kind": kind}
 
 
 def kubectl() -> Path | None:
@@ -444,11 +445,9 @@ def main(argv: list[str]) -> int:
     names = argv[1:] or list(BUILDERS)
     if cmd == "install":
         for name in names:
-            builder = BUILDERS.get(name) or OPTIONAL.get(name)
+            builder = BUILDERS.get(name)
             if builder is None:
-                raise SystemExit(
-                    f"unknown component {name!r}; known: {sorted(BUILDERS | OPTIONAL)}"
-                )
+                raise SystemExit(f"unknown component {name!r}; known: {sorted(BUILDERS)}")
             _log(f"{name}: {builder()}")
         return 0
     if cmd == "paths":
