@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup components image demo test lint typecheck unit integration proto clean
+.PHONY: setup components image kind kind-down demo test lint typecheck unit integration proto clean
 
 $(BIN)/atlasd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,20 @@ components: setup
 	$(BIN)/python tests/harness/components.py install
 
 # The images the charts run (atlasd from the Dockerfile, CoreDNS, Envoy, pause), built
-# with podman on a Debian base and cached by content (tests/harness/images.py).
+# with podman on a Debian base and cached by content (tests/harness/images.py), and the
+# kind node image (tests/harness/kind.py).
 image: components
 	$(BIN)/python tests/harness/images.py build
+	$(BIN)/python tests/harness/kind.py image
+
+# A kind cluster (`atlasd-dev`) from a node image built here (tests/harness/kind.py), the
+# atlasd and CoreDNS images loaded into it and the chart installed in `monitoring`; see
+# docs/operations.md, "Develop against kind". `make kind-down` deletes it.
+kind: image
+	$(BIN)/python tests/harness/kind.py up
+
+kind-down: setup
+	$(BIN)/python tests/harness/kind.py down
 
 demo: setup
 	@$(BIN)/python tests/harness/components.py install prometheus || \

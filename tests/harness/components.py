@@ -16,6 +16,9 @@ is redone and a finished one costs nothing on the next run.
   compiled static with the machine's C compiler.
 - etcd: ``go.etcd.io/etcd/server/v3`` built the same way (its siblings pinned).
 - coredns, helm: plain ``go install``.
+- kube-release (for kind's node image): kubeadm, kubectl, kubelet and the
+  control plane from the same module and pins, version-stamped and stripped.
+- kind: ``go install sigs.k8s.io/kind`` (``kind.py`` builds its node image).
 - prometheus, alertmanager: Debian packages (binaries are run directly).
 - node-packages: podman, mmdebstrap, runc, containerd, the CNI plugins, iptables and
   conntrack from Debian (the images and the node: ``images.py``, ``node.py``).
@@ -120,6 +123,7 @@ def _throwaway_build(
     out: Path,
     pins: dict[str, str],
     more: tuple[str, ...] = (),
+    ldflags: str = "",
 ) -> None:
     """Build ``pkg`` from ``module@version`` in a fresh module with ``pins`` as replaces.
 
@@ -135,12 +139,13 @@ def _throwaway_build(
         imports = "".join(f'import _ "{p}"\n' for p in (pkg, *more))
         (work / "tools.go").write_text(f"//go:build tools\n\npackage tools\n\n{imports}")
         _run(["go", "mod", "tidy"], cwd=work)
+        flags = [f"-ldflags={ldflags}"] if ldflags else []
         if more:
             out.mkdir(parents=True, exist_ok=True)
-            _run(["go", "build", "-o", f"{out}/", pkg, *more], cwd=work)
+            _run(["go", "build", *flags, "-o", f"{out}/", pkg, *more], cwd=work)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
-            _run(["go", "build", "-o", str(out), pkg], cwd=work)
+            _run(["go", "build", *flags, "-o", str(out), pkg], cwd=work)
 
 
 def _kubernetes_pins() -> dict[str, str]:
@@ -195,6 +200,68 @@ def kube_node_binary(name: str) -> Path:
     if name not in KUBE_NODE_BINARIES:
         raise ValueError(f"not a node binary: {name}")
     return kube_node() / name
+
+
+# kind's node image: every Kubernetes binary of a release (kubeadm and kubectl too),
+# from the same module and pins, version-stamped and stripped as the release build makes
+# them. Separate from kube-apiserver/kube-node (unstamped, with symbols, for the
+# harness's node) so that neither cache slot changes under the other; the compile cache
+# is shared, only the link is redone.
+KUBE_RELEASE_BINARIES = (
+    "kubeadm",
+    "kubectl",
+    "kubelet",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+)
+KIND_VERSION = "v0.33.0"
+
+
+def _kube_version_ldflags() -> str:
+    """Stamp the release into the binaries, as the Kubernetes release build does.
+
+    Without it they report ``v0.0.0-master+$Format:%H$``; kubeadm compares its own
+    version and the kubelet's with the control plane's, so the kind node needs them.
+    ``-s -w`` drops the symbol table and DWARF (a third of each binary's size).
+    """
+    major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+    pkg = "k8s.io/component-base/version"
+    stamps = " ".join(
+        f"-X {pkg}.{k}={v}"
+        for k, v in (
+            ("gitVersion", KUBERNETES_VERSION),
+            ("gitMajor", major),
+            ("gitMinor", minor),
+            ("gitTreeState", "clean"),
+        )
+    )
+    return f"-s -w {stamps}"
+
+
+def kube_release() -> Path:
+    """The release's binaries (one directory), for kind's node image (``kind.py``)."""
+    slot = _slot("kube-release", KUBERNETES_VERSION)
+    if _done(slot):
+        return slot
+    pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_RELEASE_BINARIES]
+    _throwaway_build(
+        module="k8s.io/kubernetes",
+        version=KUBERNETES_VERSION,
+        pkg=pkgs[0],
+        more=tuple(pkgs[1:]),
+        out=slot,
+        pins=_kubernetes_pins(),
+        ldflags=_kube_version_ldflags(),
+    )
+    _finish(slot)
+    return slot
+
+
+def kind() -> Path:
+    """kind itself: a plain ``go install`` of ``sigs.k8s.io/kind``."""
+    return _go_install("kind", KIND_VERSION, "sigs.k8s.io/kind")
 
 
 def pause() -> Path:
@@ -363,8 +430,9 @@ BUILDERS = {
     "node-packages": node_packages,
     "kube-node": kube_node,
     "pause": pause,
+    "kube-release": kube_release,
+    "kind": kind,
 }
-OPTIONAL: dict[str, object] = {}
 
 
 def kubectl() -> Path | None:
@@ -377,11 +445,9 @@ def main(argv: list[str]) -> int:
     names = argv[1:] or list(BUILDERS)
     if cmd == "install":
         for name in names:
-            builder = BUILDERS.get(name) or OPTIONAL.get(name)
+            builder = BUILDERS.get(name)
             if builder is None:
-                raise SystemExit(
-                    f"unknown component {name!r}; known: {sorted(BUILDERS | OPTIONAL)}"
-                )
+                raise SystemExit(f"unknown component {name!r}; known: {sorted(BUILDERS)}")
             _log(f"{name}: {builder()}")
         return 0
     if cmd == "paths":
