@@ -30,6 +30,13 @@ Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg
 - Wildcard: an empty first subscription (or ``*``) is a wildcard until the Envoy names
   something. Requested names that do not exist yet are remembered and sent once they do.
 - A new stream (a reconnect) starts with no state, so it receives the full current state.
+- Warming: a cluster that a CDS response changes becomes a new cluster instance in the
+  Envoy, which is not used until it has its ClusterLoadAssignment, and the Envoy ACKs that
+  CDS response only then. Its assignment may be unchanged, already held, and its EDS
+  request (if any) asks for nothing new: left alone, it warms for Envoy's initial fetch
+  timeout (15 s) and then runs with cached or no endpoints (go-control-plane#1035,
+  istio/istio#28402). So a CDS response that changes clusters is followed at once by
+  their assignments (the Envoy takes them in order: after the new instances exist).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from google.protobuf import any_pb2  # type: ignore[import-untyped]
 
 from atlasd.xds.snapshot import (
     CLUSTER,
+    ENDPOINT,
     FULL_STATE_TYPES,
     PARTIAL_TYPES,
     PUSH_ORDER,
@@ -234,6 +242,7 @@ class _SotwType:
     # subscription as of that snapshot: answering again from there would send nothing.
     basis: tuple[str, int] | None = None
     seen_version: str = ""  # the snapshot type version last looked at
+    changed: set[str] = field(default_factory=set)  # CDS: held before, changed by the last send
 
 
 class SotwStream(_Stream[DiscoveryRequest]):
@@ -304,6 +313,7 @@ class SotwStream(_Stream[DiscoveryRequest]):
                     union.update(stale)
                     version = extend_version(snap.version(t), stale) + "-mbb"
                     self._send(t, st, union, version, stamp, step)
+                    self._rewarm(snap, stamp, step)
                     final.append((t, st))
                     continue
             if hint is not None and t in PARTIAL_TYPES and not st.wildcard:
@@ -358,6 +368,21 @@ class SotwStream(_Stream[DiscoveryRequest]):
         if version == st.sent_version and not force:
             return
         self._send(t, st, selected, version, stamp, step)
+        if t == CLUSTER:
+            self._rewarm(snap, stamp, step)
+
+    def _rewarm(self, snap: Snapshot, stamp: float, step: Step) -> None:
+        """After a CDS response: the assignments of the subscribed clusters it changed (see
+        "Warming" above)."""
+        cds, st = self._types[CLUSTER], self._types.get(ENDPOINT)
+        changed, cds.changed = cds.changed, set()
+        if st is None or not changed:
+            return
+        available = snap.of_type(ENDPOINT)
+        selected = {n: available[n] for n in sorted(changed & st.names) if n in available}
+        version = snap.version(ENDPOINT)
+        if selected and version != st.parked:
+            self._send(ENDPOINT, st, selected, version, stamp, step)
 
     def _send(
         self,
@@ -370,6 +395,10 @@ class SotwStream(_Stream[DiscoveryRequest]):
     ) -> None:
         if not any(x.awaiting for x in self._types.values()):
             self._sent_at = stamp
+        if t == CLUSTER:
+            st.changed = {
+                n for n, r in selected.items() if n in st.sent and st.sent[n].version != r.version
+            }
         st.nonce = _nonce()
         st.sent_version = version
         st.sent_stamp = stamp
@@ -500,7 +529,9 @@ class DeltaStream(_Stream[DeltaDiscoveryRequest]):
         upserts: bool,
         removals: bool,
         only: set[str] | None = None,
+        resend: bool = False,
     ) -> None:
+        """``resend``: upserts go out even where the Envoy holds that version already."""
         if snap is None:
             return
         available = snap.of_type(t)
@@ -514,7 +545,9 @@ class DeltaStream(_Stream[DeltaDiscoveryRequest]):
             else:
                 interest = available.keys() if st.wildcard else st.names & available.keys()
             out = [
-                available[n] for n in sorted(interest) if st.known.get(n) != available[n].version
+                available[n]
+                for n in sorted(interest)
+                if resend or st.known.get(n) != available[n].version
             ]
         if removals:
             candidates: Iterable[str] = only if only is not None else st.known
@@ -524,6 +557,7 @@ class DeltaStream(_Stream[DeltaDiscoveryRequest]):
             return
         nonce = _nonce()
         versions: dict[str, str | None] = {}
+        changed = {r.name for r in out if r.name in st.known} if t == CLUSTER else set()
         for r in out:
             st.known[r.name] = r.version
             versions[r.name] = r.version
@@ -546,6 +580,19 @@ class DeltaStream(_Stream[DeltaDiscoveryRequest]):
                 removed_resources=removed,
             )
         )
+        if changed and ENDPOINT in self._types:
+            # See "Warming" above: the changed clusters' assignments follow.
+            self._respond(
+                ENDPOINT,
+                self._types[ENDPOINT],
+                snap,
+                stamp,
+                step,
+                upserts=True,
+                removals=False,
+                only=changed,
+                resend=True,
+            )
 
     def acked_versions(self) -> dict[str, str]:
         return dict(self._acked)

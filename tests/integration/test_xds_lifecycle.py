@@ -3,11 +3,15 @@ restart; a removed one loses its routes and clusters there, and its node gets no
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 import trio
+from envoy.config.cluster.v3 import cluster_pb2
+from google.protobuf import duration_pb2  # type: ignore[import-untyped]
 
+from atlasd.xds.snapshot import CLUSTER, Resource, Snapshot
 from tests.harness.wait import wait_until_async
 from tests.unit.xds import helpers
 from tests.unit.xds.world import World, xds_world
@@ -123,3 +127,53 @@ async def test_no_cluster_yet_then_the_first(envoy_factory: Any, delta: bool) ->
         )
         await w.wait_acked("atlas")
         assert not any(s.last_nack for s in w.cache.status() if s.node == "atlas")
+
+
+def _warming(dump: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for section in dump.get("configs", []):
+        for c in section.get("dynamic_warming_clusters", []):
+            names.append(c["cluster"]["name"])
+    return names
+
+
+def _connect_timeout(dump: dict[str, Any], name: str) -> str | None:
+    for section in dump.get("configs", []):
+        for c in section.get("dynamic_active_clusters", []):
+            if c["cluster"]["name"] == name:
+                return str(c["cluster"].get("connect_timeout"))
+    return None
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_a_cluster_changed_by_cds_alone_is_warm_at_once(
+    envoy_factory: Any, delta: bool
+) -> None:
+    """A CDS change of a cluster whose assignment stays the same makes a new cluster
+    instance in the Envoy that waits for that assignment; atlasd sends it when the Envoy
+    ACKs the CDS response, so the change takes effect now, not after Envoy's initial fetch
+    timeout (15 s: go-control-plane#1035) with no endpoints or cached ones."""
+    async with xds_world(envoy_factory, delta=delta, clusters=("east",)) as w:
+        await w.start_envoy("atlas")
+        await w.wait_acked("atlas")
+        await w.wait_envoy_ready("atlas")
+        snap = w.cache.get("atlas")
+        assert snap is not None
+        old = snap.resources[CLUSTER]["east-prom"]
+        cl = cluster_pb2.Cluster.FromString(old.body)
+        cl.connect_timeout.CopyFrom(duration_pb2.Duration(seconds=7))
+        changed = Resource.of(CLUSTER, old.name, cl.SerializeToString(), old.refs)
+        resources = [r for rs in snap.resources.values() for r in rs.values() if r is not old]
+        started = time.monotonic()
+        assert w.cache.set_snapshot("atlas", Snapshot.create("atlas", [*resources, changed]))
+
+        def applied() -> bool:
+            dump = w.envoys["atlas"].config_dump()
+            return _connect_timeout(dump, "east-prom") == "7s" and not _warming(dump)
+
+        await wait_until_async(
+            lambda: trio.to_thread.run_sync(applied),
+            timeout=10,  # under Envoy's 15 s initial fetch timeout
+            what="east-prom's new instance warm (its assignment received)",
+        )
+        assert time.monotonic() - started < 10

@@ -9,7 +9,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, Disc
 from google.rpc import status_pb2
 
 from atlasd.xds.protocol import FLOW_TIMEOUT, DeltaStream, SotwStream
-from atlasd.xds.snapshot import CLUSTER, LISTENER, ROUTE, SECRET, Resource, Snapshot
+from atlasd.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Snapshot
 
 NODE = base_pb2.Node(id="n")
 
@@ -276,3 +276,61 @@ def test_delta_one_round_at_a_time() -> None:
     assert m.on_request(dreq(CLUSTER, nonce=cds.nonce), s4, 5.0).responses == []
     [again] = m.on_request(dreq(ROUTE, nonce=rds.nonce), s4, 6.0).responses
     assert [x.name for x in again.resources] == ["c1"]
+
+
+# -- warming: a cluster added or changed by CDS waits for its assignment ---------------------
+
+
+def eds_snap(clusters: dict[str, str], endpoints: dict[str, str]) -> Snapshot:
+    """EDS clusters (body per name) and their assignments (body per name)."""
+    rs = [
+        Resource.of(CLUSTER, n, f"{n}:{b}".encode(), {(ENDPOINT, n)}) for n, b in clusters.items()
+    ]
+    rs += [Resource.of(ENDPOINT, n, f"{n}:{b}".encode()) for n, b in endpoints.items()]
+    return Snapshot.create("n", rs)
+
+
+def _sotw_holding(s: Snapshot, eds_names: list[str]) -> SotwStream:
+    """A SotW stream that ACKed CDS (wildcard) and EDS ``eds_names``."""
+    m = SotwStream("n")
+    cds = m.on_request(req(CLUSTER), s, 0).responses[0]
+    eds = m.on_request(req(ENDPOINT, eds_names), s, 0).responses[0]
+    m.on_request(req(CLUSTER, nonce=cds.nonce, version=cds.version_info), s, 0)
+    m.on_request(req(ENDPOINT, eds_names, nonce=eds.nonce, version=eds.version_info), s, 0)
+    return m
+
+
+def test_sotw_a_changed_cluster_is_followed_by_its_unchanged_assignment() -> None:
+    s1 = eds_snap({"c1": "a", "c2": "a", "c3": "a"}, {"c1": "e", "c2": "e", "c3": "e"})
+    m = _sotw_holding(s1, ["c1", "c2"])
+    # c1's and c3's clusters change, their assignments do not; c3 is not subscribed.
+    s2 = eds_snap({"c1": "b", "c2": "a", "c3": "b"}, {"c1": "e", "c2": "e", "c3": "e"})
+    cds, eds = m.on_snapshot(s2, 1, {CLUSTER: {"c1", "c3"}}).responses
+    assert cds.type_url == CLUSTER and eds.type_url == ENDPOINT
+    assert names_of(eds) == ["c1"]
+    # An added cluster is named by the Envoy's next EDS request (answered then): nothing
+    # follows the CDS response that adds it.
+    m.on_request(req(CLUSTER, nonce=cds.nonce, version=cds.version_info), s2, 1)
+    m.on_request(req(ENDPOINT, ["c1", "c2"], nonce=eds.nonce, version=eds.version_info), s2, 1)
+    s3 = eds_snap(
+        {"c1": "b", "c2": "a", "c3": "b", "c4": "a"}, {n: "e" for n in ("c1", "c2", "c3", "c4")}
+    )
+    [cds] = m.on_snapshot(s3, 2, {CLUSTER: {"c4"}, ENDPOINT: {"c4"}}).responses
+    assert cds.type_url == CLUSTER
+
+
+def test_delta_a_changed_cluster_is_followed_by_its_assignment_again() -> None:
+    s1 = eds_snap({"c1": "a", "c2": "a"}, {"c1": "e", "c2": "e"})
+    m = DeltaStream("n")
+    _acked(m, CLUSTER, [], s1, delta=True)
+    _acked(m, ENDPOINT, ["c1", "c2"], s1, delta=True)
+    s2 = eds_snap({"c1": "b", "c2": "a"}, {"c1": "e", "c2": "e"})
+    cds, eds = m.on_snapshot(s2, 1, {CLUSTER: {"c1"}}).responses
+    assert [r.name for r in cds.resources] == ["c1"]
+    assert eds.type_url == ENDPOINT and [r.name for r in eds.resources] == ["c1"]
+    m.on_request(dreq(CLUSTER, nonce=cds.nonce), s2, 1)
+    m.on_request(dreq(ENDPOINT, nonce=eds.nonce), s2, 1)
+    # An added cluster is subscribed by name (answered then): nothing follows.
+    s3 = eds_snap({"c1": "b", "c2": "a", "c3": "a"}, {"c1": "e", "c2": "e", "c3": "e"})
+    [cds] = m.on_snapshot(s3, 2, {CLUSTER: {"c3"}, ENDPOINT: {"c3"}}).responses
+    assert cds.type_url == CLUSTER
