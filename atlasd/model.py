@@ -101,6 +101,10 @@ class Settings:
     ca_lifetime: dt.timedelta = dt.timedelta(days=3650)
     # A leaf is renewed once this fraction of its lifetime has passed.
     renew_fraction: float = 2 / 3
+    # A Thanos StoreAPI call through the observability Envoy that carries no bytes either
+    # way for this long is reset (Envoy's route idle timeout; 0: never), so one stalled
+    # cluster costs a query at most this long (docs/operations.md, "Slow and dead clusters").
+    thanos_idle_seconds: int = 30
     # Shared secret that authenticates the observability Envoy on plaintext ADS
     # connections (the fallback to its client certificate over TLS; None: plaintext
     # callers are never trusted). Never shown in repr.

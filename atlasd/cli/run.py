@@ -146,6 +146,15 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             help="Seconds between two reads of Thanos Query's stores.",
         ),
         env_option(
+            "--thanos-idle-timeout",
+            env="ATLAS_THANOS_IDLE_TIMEOUT",
+            default=DEFAULTS.thanos_idle_seconds,
+            type=click.IntRange(0, 3600),
+            help="Seconds a Thanos StoreAPI call through the observability Envoy may carry no "
+            "bytes before the Envoy resets it, so one stalled cluster cannot hold a query "
+            "longer (0: never).",
+        ),
+        env_option(
             "--endpoints-configmap",
             env="ATLAS_ENDPOINTS_CM_NAME",
             default=DEFAULTS.thanos_endpoints_configmap_name,
@@ -318,6 +327,7 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         envoy_address=p["envoy_address"],
         dns_configmap_name=p["dns_configmap"],
         thanos_endpoints_configmap_name=p["endpoints_configmap"],
+        thanos_idle_seconds=p["thanos_idle_timeout"],
         alertmanager_selector=p["alertmanager_selector"],
         leaf_lifetime=dt.timedelta(days=p["leaf_days"]),
         forwarder_token=token,

@@ -346,7 +346,8 @@ class SnapshotBuilder:
         for svc in c.sidecar_services():
             host = f"{svc}.{s.namespace}.svc.{s.cluster_domain}"
             name = f"{THANOS_SCOPES}/{host}"
-            scope = make_scope(name, [host], make_route(thanos, streaming=True))
+            route = make_route(thanos, streaming=True, idle_seconds=s.thanos_idle_seconds)
+            scope = make_scope(name, [host], route)
             scopes.append(Resource.of(SCOPED_ROUTE, name, serialize(scope), {(CLUSTER, thanos)}))
         name = f"{PROM_SCOPES}/{c.name}"
         route = make_route(prom, prefix=f"{PROM_PREFIX}{c.name}/", rewrite="/")
@@ -381,7 +382,8 @@ class SnapshotBuilder:
             ports = self.plan.ports_for(c.name)
             cds_in = (c.name, ports.thanos, ports.prometheus)
             eds_in = (c.name, self.upstream_host(c), ports.thanos, ports.prometheus)
-            route_in = (c.name, c.replicas, fleet.settings.namespace, fleet.settings.cluster_domain)
+            st = fleet.settings
+            route_in = (c.name, c.replicas, st.namespace, st.cluster_domain, st.thanos_idle_seconds)
             old = self._pieces.get(name)
             if old is not None and old[0] == (cds_in, eds_in, route_in):
                 continue

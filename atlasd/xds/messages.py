@@ -373,8 +373,11 @@ def make_route(
     rewrite: str | None = None,
     host_rewrite: str | None = None,
     streaming: bool = False,
+    idle_seconds: int | None = None,
     headers_to_add: Sequence[tuple[str, str]] = (),
 ) -> route_components_pb2.Route:
+    """``idle_seconds``: reset a request that carries no bytes either way for this long
+    (0: never; None: the connection manager's stream idle timeout applies)."""
     action = route_components_pb2.RouteAction(cluster=cluster)
     if rewrite is not None:
         action.prefix_rewrite = rewrite
@@ -382,6 +385,8 @@ def make_route(
         action.host_rewrite_literal = host_rewrite
     if streaming:
         action.timeout.CopyFrom(duration_pb2.Duration(seconds=0))
+    if idle_seconds is not None:
+        action.idle_timeout.CopyFrom(duration_pb2.Duration(seconds=idle_seconds))
     r = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix=prefix),
         route=action,

@@ -565,3 +565,22 @@ def test_a_downstream_envoy_listens_on_the_family_of_its_external_ip(
     for name in names(snaps["atlas"], LISTENER):
         lst = parse(snaps["atlas"], LISTENER, name, listener_pb2.Listener)
         assert lst.address.socket_address.address == "0.0.0.0", name
+
+
+def test_thanos_calls_are_reset_after_the_idle_bound_and_prometheus_keeps_its_timeout() -> None:
+    def routes(settings: model.Settings) -> dict[str, Any]:
+        snap = build_snapshots(_PKI.fleet((helpers.cluster("east"),), settings=settings))["atlas"]
+        out = {}
+        for name, r in snap.of_type(SCOPED_ROUTE).items():
+            scope = scoped_route_pb2.ScopedRouteConfiguration.FromString(r.body)
+            out[name.split("/")[0]] = scope.route_configuration.virtual_hosts[0].routes[0].route
+        return out
+
+    default = routes(model.Settings())
+    assert default["thanos"].idle_timeout.seconds == 30
+    assert default["thanos"].HasField("timeout") and default["thanos"].timeout.seconds == 0
+    assert not default["prometheus"].HasField("idle_timeout")
+    assert routes(model.Settings(thanos_idle_seconds=7))["thanos"].idle_timeout.seconds == 7
+    # 0: never reset (Envoy reads an explicit 0 as "off", whatever the listener's default).
+    off = routes(model.Settings(thanos_idle_seconds=0))["thanos"]
+    assert off.HasField("idle_timeout") and off.idle_timeout.seconds == 0
