@@ -58,10 +58,10 @@ test: components image lint typecheck
 PROTO_INCLUDE = $(shell $(BIN)/python -c "import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__) + '/_proto')")
 proto: setup
 	$(BIN)/pip install -q 'betterproto[compiler]==2.0.0b7' 'grpcio-tools>=1.60'
-	rm -rf tests/harness/thanospb && mkdir -p tests/harness/thanospb
+	rm -rf atlasd/thanospb && mkdir -p atlasd/thanospb
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc \
 	  -Iproto/thanos -Iproto -I$(PROTO_INCLUDE) \
-	  --python_betterproto_out=tests/harness/thanospb \
+	  --python_betterproto_out=atlasd/thanospb \
 	  info/infopb/rpc.proto store/labelpb/types.proto
 
 clean:

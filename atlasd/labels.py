@@ -38,6 +38,10 @@ FIELD_MANAGER = "atlasd"
 # its own stream and adds it to the downstream streams it forwards; see
 # docs/xds-authorization.md).
 FORWARDER_TOKEN_HEADER = "x-atlasd-forwarder-token"
+# Set by a downstream Envoy on every Thanos answer through it, its own replies included
+# (the cluster's name): `atlasd probe` tells "the downstream Envoy answered, its sidecar
+# did not" from "the observability Envoy could not reach the cluster" by it.
+CLUSTER_HEADER = "x-atlas-cluster"
 
 # The Secrets atlasd writes per downstream cluster are named <cluster><suffix>.
 VALUES_SECRET_SUFFIX = "-envoy-values"

@@ -49,11 +49,12 @@ import logging
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
+from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from atlasd import model
 from atlasd.fleet.keys import FLEET_KEY
-from atlasd.labels import FORWARDER_TOKEN_HEADER
+from atlasd.labels import CLUSTER_HEADER, FORWARDER_TOKEN_HEADER
 from atlasd.xds.messages import (
     ADS_FORWARD_CLUSTER,
     ATLAS_ALERTMANAGER_CLUSTER,
@@ -630,6 +631,14 @@ class SnapshotBuilder:
                 for i in range(c.replicas)
             ]
             rc = route_pb2.RouteConfiguration(name="thanos", virtual_hosts=vhosts)
+            # Every answer through this Envoy says whose it is, its own replies too (a
+            # sidecar it cannot reach): `atlasd probe` tells the hops apart by it.
+            rc.response_headers_to_add.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=CLUSTER_HEADER, value=c.name),
+                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                )
+            )
             return Piece(
                 serialize(rc), frozenset((CLUSTER, f"thanos{i}") for i in range(c.replicas))
             )

@@ -15,7 +15,7 @@ and there:
   ``cluster=<name>`` and a StoreAPI time range, as a Thanos sidecar does.
 
 Types and the grpclib server come from Thanos's own ``.proto`` files (``proto/``),
-generated with betterproto into ``tests/harness/thanospb`` (``make proto``).
+generated with betterproto into ``atlasd/thanospb`` (``make proto``).
 
 Bounds: at most ``MAX_CLUSTERS`` listeners, loopback addresses only (127/8, or the benchmark
 network 198.18/15 inside a network namespace that routes it to loopback and has no other
@@ -132,8 +132,8 @@ def _info_service(name: str, calls: dict[str, int]) -> Any:
     import grpclib.const
     from grpclib.exceptions import GRPCError
 
-    from tests.harness.thanospb import thanos
-    from tests.harness.thanospb.thanos import info
+    from atlasd.thanospb import thanos
+    from atlasd.thanospb.thanos import info
 
     labels = thanos.ZLabelSet(labels=[thanos.Label(name="cluster", value=name)])
     now_ms = int(time.time() * 1000)

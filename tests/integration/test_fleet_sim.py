@@ -16,9 +16,9 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from atlasd.model import Identity
+from atlasd.thanospb.thanos import info
 from tests.harness.net import free_port
 from tests.harness.procs import Proc
-from tests.harness.thanospb.thanos import info
 from tests.harness.wait import wait_until
 from tests.unit.xds.helpers import identity, make_ca
 

@@ -41,8 +41,14 @@ def _typed(kind: str, **fields: Any) -> dict[str, Any]:
     return {"@type": f"type.googleapis.com/{kind}", **fields}
 
 
-def fault_envoy(listen_port: int, sidecar_port: int) -> dict[str, Any]:
-    """An Envoy in front of a sidecar that holds every StoreAPI Series call for HELD s."""
+def fault_envoy(
+    listen_port: int, sidecar_port: int, *, delay: int = HELD, path: str | None = "/Series"
+) -> dict[str, Any]:
+    """An Envoy in front of a sidecar that holds every StoreAPI call whose path ends in
+    ``path`` (None: every call) for ``delay`` seconds."""
+    match = (
+        {} if path is None else {"headers": [{"name": ":path", "string_match": {"suffix": path}}]}
+    )
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="fault",
@@ -65,10 +71,10 @@ def fault_envoy(listen_port: int, sidecar_port: int) -> dict[str, Any]:
                 "typed_config": _typed(
                     "envoy.extensions.filters.http.fault.v3.HTTPFault",
                     delay={
-                        "fixed_delay": f"{HELD}s",
+                        "fixed_delay": f"{delay}s",
                         "percentage": {"numerator": 100, "denominator": "HUNDRED"},
                     },
-                    headers=[{"name": ":path", "string_match": {"suffix": "/Series"}}],
+                    **match,
                 ),
             },
             {

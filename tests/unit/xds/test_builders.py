@@ -374,6 +374,10 @@ def test_downstream_replica_pinning_and_client_san() -> None:
         ("east-thanos-sidecar0.monitoring.svc.cluster.local", "thanos0"),
         ("east-thanos-sidecar1.monitoring.svc.cluster.local", "thanos1"),
     ]
+    # Every answer through east's Envoy names east (atlasd probe tells the hops apart).
+    assert [(h.header.key, h.header.value) for h in rc.response_headers_to_add] == [
+        ("x-atlas-cluster", "east")
+    ]
     hosts = []
     for i in range(2):
         cl = parse(east, CLUSTER, f"thanos{i}", cluster_pb2.Cluster)

@@ -1,0 +1,105 @@
+"""``atlasd probe``: which hop of a cluster's Thanos path is broken.
+
+Calls Thanos's StoreAPI ``Info`` as Thanos Query does, through the observability Envoy by
+the cluster's sidecar authority (``atlasd.query.probe``), and prints one line per cluster:
+the hop it stopped at and what to do. Run it where Thanos Query runs (in the cluster:
+``kubectl -n monitoring exec deploy/atlasd -- atlasd probe east``), or anywhere with
+``--via`` naming the observability Envoy's Thanos listener. Exit 0 when every cluster
+answers, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import click
+import trio
+
+from atlasd import model
+from atlasd.cli.app import cli
+from atlasd.cli.options import env_option, fail, namespace_param
+from atlasd.fleet.validate import is_dns_label
+from atlasd.query.probe import Finding, probe
+
+
+def _host_port(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not host:port")
+    return value
+
+
+async def _probe_all(
+    names: tuple[str, ...], *, via: str | None, ns: str, domain: str, replica: int,
+    within: float, slow_after: float,
+) -> list[Finding]:  # fmt: skip
+    out: list[Finding | None] = [None] * len(names)
+
+    async def one(i: int, name: str) -> None:
+        authority = f"{name}-thanos-sidecar{replica}.{ns}.svc.{domain}"
+        address = via or f"{authority}:{model.OBS_THANOS_PORT}"
+        out[i] = await probe(
+            name, address=address, authority=authority, within=within, slow_after=slow_after
+        )
+
+    async with trio.open_nursery() as nursery:
+        for i, name in enumerate(names):
+            nursery.start_soon(one, i, name)
+    return [f for f in out if f is not None]
+
+
+@cli.command("probe")
+@click.argument("clusters", nargs=-1, required=True)
+@env_option(
+    "--namespace", "-n", env="NAMESPACE", default=model.DEFAULT_NAMESPACE,
+    callback=namespace_param, help="atlasd's namespace (the sidecar Services').",
+)  # fmt: skip
+@env_option("--cluster-domain", env="ATLAS_CLUSTER_DOMAIN", default="cluster.local")
+@click.option(
+    "--via",
+    callback=_host_port,
+    default=None,
+    help="host:port of the observability Envoy's Thanos listener (default: each cluster's "
+    "sidecar Service, <c>-thanos-sidecar<i>.<ns>.svc.<domain>:10901, as Thanos Query dials).",
+)
+@click.option("--replica", default=0, show_default=True, type=click.IntRange(0, 63))
+@click.option("--within", default=10.0, show_default=True, type=click.FloatRange(0.1, 300),
+              help="Seconds to wait for an answer.")  # fmt: skip
+@click.option("--slow-after", default=2.0, show_default=True, type=click.FloatRange(0, 300),
+              help="An answer later than this many seconds is reported slow.")  # fmt: skip
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+def probe_command(
+    clusters: tuple[str, ...], namespace: str, cluster_domain: str, via: str | None,
+    replica: int, within: float, slow_after: float, output: str,
+) -> None:  # fmt: skip
+    """Call each cluster's Thanos sidecar as Thanos Query does; name the hop that fails."""
+    for name in clusters:
+        if not is_dns_label(name):
+            fail(f"{name!r} is not a cluster name (a DNS-1123 label)")
+    findings = trio.run(
+        lambda: _probe_all(
+            clusters, via=via, ns=namespace, domain=cluster_domain, replica=replica,
+            within=within, slow_after=slow_after,
+        )
+    )  # fmt: skip
+    if output == "json":
+        docs = [{**asdict(f), "labels": [dict(ls) for ls in f.labels], "fix": f.fix}
+                for f in findings]  # fmt: skip
+        click.echo(json.dumps(docs, indent=2))
+    else:
+        for f in findings:
+            took = f"{f.seconds * 1000:.0f} ms"
+            if f.ok or f.hop == "slow":
+                labels = ", ".join(
+                    "{" + ",".join(f'{k}="{v}"' for k, v in sorted(ls.items())) + "}"
+                    for ls in f.labels
+                )
+                click.echo(f"{f.cluster}: {f.hop} (Info in {took}; labels {labels or 'none'})")
+            else:
+                click.echo(f"{f.cluster}: {f.hop} after {took}: {f.detail}")
+            if f.fix:
+                click.echo(f"    -> {f.fix}")
+    raise SystemExit(0 if all(f.ok for f in findings) else 1)
