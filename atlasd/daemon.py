@@ -102,6 +102,9 @@ class DaemonOptions:
     # Thanos Query to observe (atlasd.query; None: off), and how often.
     thanos_query_url: str | None = None
     thanos_query_interval: float = 30.0
+    # Where clusters Query does not see are probed (host:port of the observability Envoy's
+    # Thanos listener; None: each cluster's sidecar Service, as Query dials it).
+    probe_via: str | None = None
     ads_host: str = "0.0.0.0"
     ads_port: int = ADS_GRPC_PORT
     http_host: str = "0.0.0.0"
@@ -238,7 +241,7 @@ class Daemon:
             latest = lambda: feed.latest.model if feed.latest is not None else None  # noqa: E731
             subs.append(Subsystem("query", P(run_query_observer, url=o.thanos_query_url,
                                              interval=o.thanos_query_interval, fleet=latest,
-                                             hub=hub)))  # fmt: skip
+                                             hub=hub, probe_via=o.probe_via)))  # fmt: skip
         if self.heap is not None:
             subs.append(Subsystem("heap", P(run_heap, heap=self.heap, every=o.settle_seconds)))
         return subs

@@ -100,6 +100,9 @@ class QueryClusterDoc(TypedDict):
     min_time: int | None
     max_time: int | None
     duplicate_of: list[str]
+    # For a cluster Query does not see: where atlasd's probe of its path stopped
+    # (atlasd.query.probe: hop, what it saw, what to do, when), None before the first.
+    probe: dict[str, str | float] | None
 
 
 class QueryStoreDoc(TypedDict):

@@ -64,6 +64,12 @@ QUERY_CLUSTERS = Gauge(
     "external labels another cluster's store announces too).",
     ["state"],
 )
+QUERY_PROBES = Gauge(
+    "atlasd_query_probe_clusters",
+    "Clusters Thanos Query does not see, by the hop atlasd's last probe of their path "
+    "stopped at (atlasd probe's hops: a handful of series, whatever the fleet's size).",
+    ["hop"],
+)
 CERT_EXPIRY = Gauge(
     "atlasd_certificate_expiry_timestamp_seconds",
     "notAfter of each certificate atlasd serves (unix time).",

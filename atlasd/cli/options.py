@@ -184,6 +184,17 @@ def backend_options(f: F) -> F:
     return common_settings(cast(F, wrapper))
 
 
+def dial_param(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An optional ``host:port`` to dial: ``hostport_param``'s rules, with a host and a
+    port that are not left for the system to choose."""
+    if value is None:
+        return None
+    _, port = hostport_param(ctx, param, value)
+    if not value.rpartition(":")[0].strip("[]") or port == 0:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT to dial", ctx=ctx, param=param)
+    return value
+
+
 def fail(message: str) -> NoReturn:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(1)

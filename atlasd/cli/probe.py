@@ -18,18 +18,9 @@ import trio
 
 from atlasd import model
 from atlasd.cli.app import cli
-from atlasd.cli.options import env_option, fail, namespace_param
+from atlasd.cli.options import dial_param, env_option, fail, namespace_param
 from atlasd.fleet.validate import is_dns_label
 from atlasd.query.probe import Finding, probe
-
-
-def _host_port(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is None:
-        return None
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{value!r} is not host:port")
-    return value
 
 
 async def _probe_all(
@@ -39,7 +30,7 @@ async def _probe_all(
     out: list[Finding | None] = [None] * len(names)
 
     async def one(i: int, name: str) -> None:
-        authority = f"{name}-thanos-sidecar{replica}.{ns}.svc.{domain}"
+        authority = model.service_host(f"{name}-thanos-sidecar{replica}", ns, domain)
         address = via or f"{authority}:{model.OBS_THANOS_PORT}"
         out[i] = await probe(
             name, address=address, authority=authority, within=within, slow_after=slow_after
@@ -60,7 +51,7 @@ async def _probe_all(
 @env_option("--cluster-domain", env="ATLAS_CLUSTER_DOMAIN", default="cluster.local")
 @click.option(
     "--via",
-    callback=_host_port,
+    callback=dial_param,
     default=None,
     help="host:port of the observability Envoy's Thanos listener (default: each cluster's "
     "sidecar Service, <c>-thanos-sidecar<i>.<ns>.svc.<domain>:10901, as Thanos Query dials).",

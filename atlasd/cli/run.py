@@ -29,6 +29,7 @@ from atlasd.cli.options import (
     common_settings,
     compat_logging_options,
     configure_logging,
+    dial_param,
     env_option,
     fail,
     hostport_param,
@@ -144,6 +145,15 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             default=30.0,
             type=click.FloatRange(1, 3600),
             help="Seconds between two reads of Thanos Query's stores.",
+        ),
+        env_option(
+            "--probe-via",
+            env="ATLAS_PROBE_VIA",
+            default=None,
+            callback=dial_param,
+            help="host:port of the observability Envoy's Thanos listener, where clusters "
+            "Thanos Query does not see are probed (default: each cluster's sidecar Service, "
+            "as Thanos Query dials it).",
         ),
         env_option(
             "--thanos-idle-timeout",
@@ -341,6 +351,7 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         endpoints_dir=p["endpoints_dir"],
         thanos_query_url=p["thanos_query_url"],
         thanos_query_interval=p["thanos_query_interval"],
+        probe_via=p["probe_via"],
         ads_host=ads_host,
         ads_port=ads_port,
         http_host=http_host,

@@ -116,7 +116,9 @@ def _query_cell(sight: dict[str, Any] | None) -> str:
     extra = f"; labels also announced by {', '.join(dup)}" if dup else ""
     if sight.get("seen"):
         return "seen" + extra
-    return f"NOT SEEN: {str(sight.get('error') or '')[:80]}{extra}"
+    probe = sight.get("probe") or {}
+    hop = f" [path: {probe['hop']}]" if probe.get("hop") else ""
+    return f"NOT SEEN{hop}: {str(sight.get('error') or '')[:80]}{extra}"
 
 
 def render_status(doc: dict[str, Any]) -> str:

@@ -6,6 +6,12 @@ Off unless ``--thanos-query-url`` is given. Each round reads ``GET <url>/api/v1/
 (``atlasd.query.view``). A Query that cannot be read is reported (``query.error``,
 ``atlasd_query_up`` 0; logged once per stretch) and the last join is kept, marked stale:
 the observer never ends the daemon.
+
+A cluster Query does not see is probed along Query's own path (``atlasd.query.probe``:
+StoreAPI ``Info`` through the observability Envoy by the cluster's sidecar authority) and
+the hop where it stops is shown with it. Probes cost nothing at rest (only unseen
+clusters are probed) and are bounded when many are unseen: at most ``PROBES_PER_ROUND``
+per round, ``PROBE_CONCURRENCY`` at a time, taking turns (the longest-unprobed first).
 """
 
 from __future__ import annotations
@@ -20,18 +26,31 @@ import trio
 from atlasd import metrics
 from atlasd.dns.endpoints import sidecar_addresses
 from atlasd.hub import QueryClusterDoc, QueryDoc, StatusHub
-from atlasd.model import Fleet
+from atlasd.model import OBS_THANOS_PORT, Fleet, service_host
+from atlasd.query.probe import HOPS, Finding, probe
 from atlasd.query.view import QueryAnswerError, QueryView, join, parse_stores
 
 log = logging.getLogger(__name__)
 
 STATES = ("seen", "unseen", "unknown", "duplicate")
+PROBES_PER_ROUND = 32
+PROBE_CONCURRENCY = 4
+PROBE_WITHIN = 5.0
 
 
-def query_doc(url: str, view: QueryView | None, *, at: float, error: str | None) -> QueryDoc:
+def query_doc(
+    url: str,
+    view: QueryView | None,
+    *,
+    at: float,
+    error: str | None,
+    probes: dict[str, tuple[Finding, float]] | None = None,
+) -> QueryDoc:
     clusters: dict[str, QueryClusterDoc] = {}
+    probes = probes or {}
     if view is not None:
         for name, c in view.clusters.items():
+            found = probes.get(name)
             clusters[name] = {
                 "seen": c.seen,
                 "since": c.since,
@@ -41,6 +60,14 @@ def query_doc(url: str, view: QueryView | None, *, at: float, error: str | None)
                 "min_time": c.min_time,
                 "max_time": c.max_time,
                 "duplicate_of": list(c.duplicate_of),
+                "probe": None
+                if found is None or c.seen
+                else {
+                    "hop": found[0].hop,
+                    "detail": found[0].detail,
+                    "fix": found[0].fix,
+                    "at": found[1],
+                },
             }
     return {
         "url": url,
@@ -56,17 +83,62 @@ def query_doc(url: str, view: QueryView | None, *, at: float, error: str | None)
     }
 
 
+async def probe_unseen(
+    fleet: Fleet,
+    view: QueryView,
+    probes: dict[str, tuple[Finding, float]],
+    *,
+    via: str | None,
+    now: float,
+    limit: int = PROBES_PER_ROUND,
+) -> None:
+    """Probe up to ``limit`` clusters ``view`` has not seen, the longest-unprobed first;
+    record each finding (and forget clusters that are seen or gone) in ``probes``."""
+    unseen = [n for n, c in view.clusters.items() if not c.seen and n in fleet.clusters]
+    for name in [n for n in probes if n not in unseen]:
+        del probes[name]
+    turn = sorted(unseen, key=lambda n: (probes[n][1] if n in probes else 0.0, n))[:limit]
+    s = fleet.settings
+    limiter = trio.CapacityLimiter(PROBE_CONCURRENCY)
+
+    async def one(name: str) -> None:
+        authority = service_host(
+            fleet.clusters[name].sidecar_service(0), s.namespace, s.cluster_domain
+        )
+        async with limiter:
+            found = await probe(
+                name,
+                address=via or f"{authority}:{OBS_THANOS_PORT}",
+                authority=authority,
+                within=PROBE_WITHIN,
+            )
+        probes[name] = (found, now)
+
+    async with trio.open_nursery() as nursery:
+        for name in turn:
+            nursery.start_soon(one, name)
+    hops = dict.fromkeys(HOPS, 0)
+    for found, _ in probes.values():
+        hops[found.hop] += 1
+    for hop, count in hops.items():
+        metrics.QUERY_PROBES.labels(hop).set(count)
+
+
 async def run_query_observer(
     *,
     url: str,
     interval: float,
     fleet: Callable[[], Fleet | None],
     hub: StatusHub,
+    probe_via: str | None = None,
     clock: Callable[[], float] = time.time,
     transport: httpx.AsyncBaseTransport | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Observe Thanos Query at ``url`` until cancelled."""
+    """Observe Thanos Query at ``url`` until cancelled. ``probe_via``: where unseen
+    clusters are probed (host:port of the observability Envoy's Thanos listener; None:
+    each cluster's sidecar Service, as Thanos Query dials it)."""
+    probes: dict[str, tuple[Finding, float]] = {}
     stores_url = url.rstrip("/") + "/api/v1/stores"
     view: QueryView | None = None
     failing: str | None = None
@@ -98,5 +170,9 @@ async def run_query_observer(
                 counts = view.counts() if view is not None else {}
                 for state in STATES:
                     metrics.QUERY_CLUSTERS.labels(state).set(counts.get(state, 0))
-                hub.publish(query=query_doc(url, view, at=now, error=error))
+                if view is not None and error is None:
+                    # Shown at once, then with where each unseen cluster's path stops.
+                    hub.publish(query=query_doc(url, view, at=now, error=error, probes=probes))
+                    await probe_unseen(current, view, probes, via=probe_via, now=clock())
+                hub.publish(query=query_doc(url, view, at=now, error=error, probes=probes))
             await trio.sleep(interval)

@@ -345,7 +345,7 @@ class SnapshotBuilder:
         thanos, prom = f"{c.name}-thanos", f"{c.name}-prom"
         scopes = []
         for svc in c.sidecar_services():
-            host = f"{svc}.{s.namespace}.svc.{s.cluster_domain}"
+            host = model.service_host(svc, s.namespace, s.cluster_domain)
             name = f"{THANOS_SCOPES}/{host}"
             route = make_route(thanos, streaming=True, idle_seconds=s.thanos_idle_seconds)
             scope = make_scope(name, [host], route)
@@ -624,7 +624,7 @@ class SnapshotBuilder:
                 route_components_pb2.VirtualHost(
                     name=f"thanos{i}",
                     domains=host_domains(
-                        f"{c.sidecar_service(i)}.{s.namespace}.svc.{s.cluster_domain}"
+                        model.service_host(c.sidecar_service(i), s.namespace, s.cluster_domain)
                     ),
                     routes=[make_route(f"thanos{i}", streaming=True)],
                 )

@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
+from tests.harness import components
 from tests.harness.net import free_port
 from tests.harness.objects import cluster_service
+from tests.harness.procs import Proc
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd, cli
 
@@ -63,3 +66,51 @@ def test_a_query_url_that_is_not_one_is_a_one_line_error(tmp_path: Path) -> None
     assert out.returncode != 0
     assert "--thanos-query-url" in out.stderr and "is not an http(s) URL" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_cluster_query_does_not_see_is_probed_and_its_broken_hop_shown(
+    tmp_path: Path,
+) -> None:
+    """A real Thanos Query with no stores: east is not seen, atlasd probes east's path
+    (here the observability Envoy's Thanos listener is not there) and shows the hop in
+    /status, `atlasd status` and the metrics."""
+    store = tmp_path / "store"
+    (store / "clusters").mkdir(parents=True)
+    (store / "clusters" / "east.yaml").write_text(yaml.safe_dump(_cluster("east", "192.0.2.5")))
+    query_port = free_port()
+    query = Proc(
+        "thanos-query",
+        [
+            str(components.thanos()),
+            "query",
+            f"--http-address=127.0.0.1:{query_port}",
+            f"--grpc-address=127.0.0.1:{free_port()}",
+        ],
+        log_dir=tmp_path,
+    )
+    query.start()
+    via = f"127.0.0.1:{free_port()}"  # no observability Envoy listens there
+    atlasd = Atlasd(
+        tmp_path,
+        f"--store={store}",
+        f"--thanos-query-url=http://127.0.0.1:{query_port}",
+        "--thanos-query-interval=1",
+        f"--probe-via={via}",
+    ).start()
+    try:
+
+        def probed() -> dict[str, Any] | None:
+            east = ((atlasd.status().get("query") or {}).get("clusters") or {}).get("east")
+            return east.get("probe") if east and not east["seen"] else None
+
+        found = wait_until(probed, timeout=60, what="east probed")
+        assert found["hop"] == "envoy-unreachable", found
+        assert via in str(found["detail"]) and found["fix"]
+        out = cli("status", f"--url={atlasd.url}").stdout
+        assert "NOT SEEN [path: envoy-unreachable]" in out, out
+        metrics = httpx.get(f"{atlasd.url}/metrics", timeout=10).text
+        assert 'atlasd_query_probe_clusters{hop="envoy-unreachable"} 1.0' in metrics
+        assert 'atlasd_query_probe_clusters{hop="ok"} 0.0' in metrics
+    finally:
+        atlasd.proc.stop()
+        query.stop()
