@@ -34,10 +34,14 @@ kind: image
 kind-down: setup
 	$(BIN)/python tests/harness/kind.py down
 
+# Thanos (built from its Go module once, a few minutes) for the demo's sidecars and Query.
 demo: setup
 	@$(BIN)/python tests/harness/components.py install prometheus || \
 	  echo "note: could not install Prometheus; the demo runs without it"
-	$(BIN)/atlasd demo
+	@out=$$($(BIN)/python tests/harness/components.py path thanos) && \
+	  thanos=$$(printf '%s\n' "$$out" | tail -n 1) || \
+	  { echo "note: could not build Thanos; the demo runs without Thanos Query"; thanos=; }; \
+	$(BIN)/atlasd demo $${thanos:+--thanos "$$thanos"}
 
 lint: setup
 	$(BIN)/ruff check atlasd tests bench

@@ -9,7 +9,14 @@
   observability Envoy's 10900 with its own client certificate);
 - per downstream cluster a real Prometheus (Debian's ``prometheus``) on
   ``<ip>:9090``, reached from the observability side at
-  ``http://127.0.0.1:10904/prom/<cluster>/`` through the mTLS chain.
+  ``http://127.0.0.1:10904/prom/<cluster>/`` through the mTLS chain;
+- with ``--thanos`` (``make demo`` builds one): per cluster a Thanos sidecar on
+  ``<ip>:10911``, and a Thanos Query on ``127.0.0.1:10902`` that discovers them from the
+  endpoint configuration atlasd writes (``thanos-endpoints/all.yaml``) and reaches them
+  through the observability Envoy's 10901, as in a cluster; atlasd observes it
+  (``--thanos-query-url``), so ``atlasd status`` shows what Query sees. The sidecar names in
+  that file are cluster DNS names: Query runs in its own user and mount namespace
+  (``unshare``, no root needed) with a hosts file naming the observability Envoy for them.
 
 Every child process runs in its own process group and is stopped when the demo ends
 (Ctrl-C, SIGTERM, or after ``--check`` verified the chain).
@@ -36,13 +43,17 @@ import trio
 import yaml
 
 from atlasd.daemon import Daemon, DaemonOptions
-from atlasd.model import ADS_GRPC_PORT, DEFAULT_NAMESPACE, METRICS_PORT, Settings
+from atlasd.model import ADS_GRPC_PORT, DEFAULT_NAMESPACE, METRICS_PORT, Settings, service_host
 from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
 
 log = logging.getLogger("atlasd.demo")
 
 DEMO_CLUSTERS: tuple[str, ...] = ("east", "west")
 DEFAULT_LOOPBACK = "127.0.0"
+SIDECAR_GRPC_PORT = 10911  # the demo cluster Services' goatlas.io/thanos-service-port
+SIDECAR_HTTP_PORT = 10912
+QUERY_HTTP_PORT = 10902
+QUERY_GRPC_PORT = 10906
 
 
 class DemoError(Exception):
@@ -58,6 +69,7 @@ class DemoOptions:
     # The demo's /24 of loopback: the observability side on .1, the clusters on .2, .3, ...
     loopback: str = DEFAULT_LOOPBACK
     cluster_names: tuple[str, ...] = DEMO_CLUSTERS
+    thanos: Path | None = None
 
     @property
     def obs_ip(self) -> str:
@@ -175,6 +187,45 @@ class Demo:
             ],
         )
 
+    async def start_sidecar(self, cluster: str, ip: str, thanos: Path) -> str:
+        d = self.workdir / "thanos" / cluster
+        d.mkdir(parents=True, exist_ok=True)
+        await self.spawn(
+            f"thanos-sidecar-{cluster}",
+            [
+                str(thanos),
+                "sidecar",
+                f"--prometheus.url=http://{ip}:9090",
+                f"--tsdb.path={self.workdir / 'prometheus' / cluster / 'data'}",
+                f"--grpc-address={ip}:{SIDECAR_GRPC_PORT}",
+                f"--http-address={ip}:{SIDECAR_HTTP_PORT}",
+            ],
+        )
+        return f"http://{ip}:{SIDECAR_HTTP_PORT}"
+
+    async def start_query(self, thanos: Path, endpoints: Path, hosts: list[str]) -> str:
+        """Thanos Query reading ``endpoints``, in a user+mount namespace whose /etc/hosts
+        names the observability Envoy for ``hosts`` (the sidecar Services' DNS names)."""
+        ip = self.options.obs_ip
+        hosts_file = self.workdir / "thanos" / "hosts"
+        hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{ip} {h}\n" for h in hosts))
+        query = [
+            str(thanos),
+            "query",
+            f"--http-address={ip}:{QUERY_HTTP_PORT}",
+            f"--grpc-address={ip}:{QUERY_GRPC_PORT}",
+            f"--endpoint.sd-config-file={endpoints}",
+            "--endpoint.sd-config-reload-interval=5s",
+        ]
+        script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
+        await self.spawn(
+            "thanos-query",
+            ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh",
+             str(hosts_file), *query],
+        )  # fmt: skip
+        return f"http://{ip}:{QUERY_HTTP_PORT}"
+
 
 def _envoy_binary() -> str:
     beside = Path(sys.executable).parent / "envoy"
@@ -264,7 +315,18 @@ async def run_demo(options: DemoOptions) -> int:
         (options.obs_ip, 9000),
     ] + [(ip, p) for _, ip in options.clusters for p in (9000, 9090, 11901, 11903, 11904)]:
         _check_free(ip, port)
+    thanos = options.thanos
+    if thanos is not None:
+        for ip, port in [(options.obs_ip, QUERY_HTTP_PORT), (options.obs_ip, QUERY_GRPC_PORT)] + [
+            (ip, p) for _, ip in options.clusters for p in (SIDECAR_GRPC_PORT, SIDECAR_HTTP_PORT)
+        ]:
+            _check_free(ip, port)
+        if shutil.which("unshare") is None:
+            raise DemoError("--thanos needs unshare(1) (util-linux) to run Thanos Query")
     prometheus = _prometheus_binary()
+    if thanos is not None and prometheus is None:
+        raise DemoError("--thanos needs Prometheus (`apt-get install prometheus`)")
+    query_url = f"http://{options.obs_ip}:{QUERY_HTTP_PORT}" if thanos is not None else None
     async with _workdir(options.workdir) as workdir:
         demo = Demo(options, workdir)
         store = workdir / "store"
@@ -295,6 +357,9 @@ async def run_demo(options: DemoOptions) -> int:
                 http_port=options.http_port,
                 allow_loopback=True,
                 listen_plan=plan,
+                thanos_query_url=query_url,
+                thanos_query_interval=2,
+                probe_via=f"{options.obs_ip}:10901",
             )
         )
         try:
@@ -351,10 +416,13 @@ async def run_demo(options: DemoOptions) -> int:
                                 seconds=options.timeout,
                                 demo=demo,
                             )
+                    if thanos is not None and prometheus is not None:
+                        await _start_thanos(demo, daemon, thanos, workdir, client)
                 _print_banner(options, prometheus is not None, workdir)
                 if options.check:
                     print(
                         "demo check passed: every Envoy is ready and traffic crosses the mTLS chain"
+                        + ("; Thanos Query sees every cluster" if thanos is not None else "")
                     )
                     nursery.cancel_scope.cancel()
                     return 0
@@ -376,6 +444,47 @@ async def run_demo(options: DemoOptions) -> int:
     return 0
 
 
+async def _start_thanos(
+    demo: Demo, daemon: Daemon, thanos: Path, workdir: Path, client: httpx.AsyncClient
+) -> None:
+    """Sidecars, Thanos Query, and the outcome: Query returns every cluster's series and
+    atlasd sees Query see them."""
+    options = demo.options
+    names = [n for n, _ in options.clusters]
+    for name, ip in options.clusters:
+        ready_url = await demo.start_sidecar(name, ip, thanos)
+
+        async def sidecar_ready(url: str = f"{ready_url}/-/ready") -> bool:
+            return (await client.get(url)).status_code == 200
+
+        await _wait(f"thanos sidecar {name}", sidecar_ready, seconds=options.timeout, demo=demo)
+    fleet = daemon.fleet
+    assert fleet is not None
+    s = fleet.model.settings
+    hosts = [
+        service_host(c.sidecar_service(i), s.namespace, s.cluster_domain)
+        for c in fleet.model.clusters.values()
+        for i in range(c.replicas)
+    ]
+    url = await demo.start_query(thanos, workdir / "thanos-endpoints" / "all.yaml", hosts)
+
+    async def query_sees_all() -> bool:
+        r = await client.get(f"{url}/api/v1/query", params={"query": "up"})
+        seen = {x["metric"].get("cluster") for x in r.json()["data"]["result"]}
+        return seen >= set(names)
+
+    await _wait("Thanos Query to return every cluster's series", query_sees_all,
+                seconds=options.timeout, demo=demo)  # fmt: skip
+
+    async def atlasd_sees_query_see_all() -> bool:
+        query = daemon.hub.snapshot().get("query")
+        clusters = query["clusters"] if query else {}
+        return all(n in clusters and clusters[n]["seen"] for n in names)
+
+    await _wait("atlasd to see Thanos Query see every cluster", atlasd_sees_query_see_all,
+                seconds=options.timeout, demo=demo)  # fmt: skip
+
+
 def _print_banner(options: DemoOptions, with_prometheus: bool, workdir: Path) -> None:
     # The command as the user typed it (".venv/bin/atlasd" when run through make).
     me = sys.argv[0] if "/" in sys.argv[0] and sys.argv[0].endswith("atlasd") else "atlasd"
@@ -392,6 +501,11 @@ def _print_banner(options: DemoOptions, with_prometheus: bool, workdir: Path) ->
                 f"  {name:<14} http://{options.obs_ip}:10904/prom/{name}/graph  (Prometheus on {ip} via mTLS)"
             )
         lines.append(f"  {name + ' envoy':<14} http://{ip}:9000/")
+    if options.thanos is not None:
+        lines.append(
+            f"  thanos query   http://{options.obs_ip}:{QUERY_HTTP_PORT}/graph?g0.expr=up&g0.tab=1"
+            f"  (every cluster's series; atlasd status shows QUERY seen)"
+        )
     lines += [
         f"  zone file      {workdir / 'atlas.zone'}",
         f"  add a cluster  {me} cluster add NAME --external-ip 127.0.0.4 --store {workdir / 'store'} --allow-loopback",

@@ -48,13 +48,26 @@ def _loopback_block(ctx: click.Context, param: click.Parameter, value: str) -> s
     callback=_loopback_block,
     help="The /24 of loopback to use: observability on .1, clusters on .2 and .3.",
 )
-def demo(workdir: Path | None, ads_port: int, http_port: int, check: bool, loopback: str) -> None:
+@click.option(
+    "--thanos",
+    envvar="ATLAS_DEMO_THANOS",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A thanos binary: a sidecar per cluster and a Thanos Query that discovers them from "
+    "atlasd's endpoint configuration, through the Envoy chain (make demo builds one).",
+)
+def demo(
+    workdir: Path | None, ads_port: int, http_port: int, check: bool, loopback: str,
+    thanos: Path | None,
+) -> None:  # fmt: skip
     """Run the whole design locally on loopback: atlasd, real Envoys, real Prometheus."""
     from atlasd.demo import DemoError, DemoOptions, run_demo
 
     options = DemoOptions(
-        workdir=workdir, ads_port=ads_port, http_port=http_port, check=check, loopback=loopback
-    )
+        workdir=workdir, ads_port=ads_port, http_port=http_port, check=check, loopback=loopback,
+        thanos=thanos,
+    )  # fmt: skip
     try:
         process.serve_until_signalled(lambda: _discard(run_demo(options)), grace=20)
     except (DemoError, BaseExceptionGroup) as exc:

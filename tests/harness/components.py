@@ -1,6 +1,6 @@
 """Install or build the real programs the tests run, cached by version.
 
-Usage: ``python tests/harness/components.py [install|paths] [NAME ...]``
+Usage: ``python tests/harness/components.py [install|paths] [NAME ...]`` or ``path NAME``
 
 Every component lands in ``$ATLASD_COMPONENTS_DIR`` (default
 ``$XDG_CACHE_HOME/atlasd-components`` or ``~/.cache/atlasd-components``) under
@@ -453,7 +453,10 @@ def main(argv: list[str]) -> int:
     if cmd == "paths":
         print(json.dumps({n: str(b()) for n, b in BUILDERS.items() if n in names}, indent=2))
         return 0
-    raise SystemExit(f"usage: {sys.argv[0]} [install|paths] [NAME ...]")
+    if cmd == "path" and len(names) == 1 and names[0] in BUILDERS:
+        print(BUILDERS[names[0]]())  # built first if missing (make demo: thanos)
+        return 0
+    raise SystemExit(f"usage: {sys.argv[0]} [install|paths] [NAME ...] | path NAME")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness import components
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.net import free_port
@@ -198,13 +199,18 @@ def test_demo_serves_through_the_envoy_chain_and_stops_cleanly(tmp_path: Path) -
             block,
             f"--ads-port={free_port()}",
             f"--http-port={free_port()}",
+            f"--thanos={components.thanos()}",
         ],
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The outcome: Thanos Query returns both clusters' series through the chain, and atlasd
+    # sees Query see them (the demo checks both before it says so).
     assert "demo check passed" in proc.stdout
+    assert "Thanos Query sees every cluster" in proc.stdout
+    assert f"http://{block}.1:10902/graph" in proc.stdout
     assert f"http://{block}.1:10904/prom/east/graph" in proc.stdout
     # No process of the demo is left behind.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
