@@ -178,12 +178,12 @@ def kube_apiserver() -> Path:
 KUBE_NODE_BINARIES = ("kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy")
 
 
-def kube_node() -> Path:
-    """kubelet, kube-controller-manager, kube-scheduler and kube-proxy (one directory)."""
-    slot = _slot("kube-node", KUBERNETES_VERSION)
+def _kubernetes_binaries(slot_name: str, names: tuple[str, ...], ldflags: str = "") -> Path:
+    """Binaries of the pinned Kubernetes release, built in one go into one slot."""
+    slot = _slot(slot_name, KUBERNETES_VERSION)
     if _done(slot):
         return slot
-    pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_NODE_BINARIES]
+    pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in names]
     _throwaway_build(
         module="k8s.io/kubernetes",
         version=KUBERNETES_VERSION,
@@ -191,9 +191,15 @@ def kube_node() -> Path:
         more=tuple(pkgs[1:]),
         out=slot,
         pins=_kubernetes_pins(),
+        ldflags=ldflags,
     )
     _finish(slot)
     return slot
+
+
+def kube_node() -> Path:
+    """kubelet, kube-controller-manager, kube-scheduler and kube-proxy (one directory)."""
+    return _kubernetes_binaries("kube-node", KUBE_NODE_BINARIES)
 
 
 def kube_node_binary(name: str) -> Path:
@@ -242,21 +248,7 @@ def _kube_version_ldflags() -> str:
 
 def kube_release() -> Path:
     """The release's binaries (one directory), for kind's node image (``kind.py``)."""
-    slot = _slot("kube-release", KUBERNETES_VERSION)
-    if _done(slot):
-        return slot
-    pkgs = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_RELEASE_BINARIES]
-    _throwaway_build(
-        module="k8s.io/kubernetes",
-        version=KUBERNETES_VERSION,
-        pkg=pkgs[0],
-        more=tuple(pkgs[1:]),
-        out=slot,
-        pins=_kubernetes_pins(),
-        ldflags=_kube_version_ldflags(),
-    )
-    _finish(slot)
-    return slot
+    return _kubernetes_binaries("kube-release", KUBE_RELEASE_BINARIES, _kube_version_ldflags())
 
 
 def kind() -> Path:

@@ -37,9 +37,8 @@ from grafana_foundation_sdk.models.dashboard import Dashboard
 from tests.harness import components, objects
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
-from tests.harness.net import free_port
-from tests.harness.procs import Proc
 from tests.harness.prom import WebProc
+from tests.harness.thanos import start_query
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd
 from tests.integration.test_charts import (
@@ -548,24 +547,13 @@ def _port_blocker(port: int) -> socket.socket:
 def atlasd(apiserver: ApiServer, namespace: str, tmp_path: Path) -> Iterator[Atlasd]:
     """A real ``atlasd run`` (leader election on) against the harness API server,
     observing a real Thanos Query (with no stores: the clusters count as unseen)."""
-    query_port = free_port()
-    query = Proc(
-        "thanos-query",
-        [
-            str(components.thanos()),
-            "query",
-            f"--http-address=127.0.0.1:{query_port}",
-            f"--grpc-address=127.0.0.1:{free_port()}",
-        ],
-        log_dir=tmp_path,
-    )
-    query.start()
+    query, query_url = start_query(tmp_path)
     daemon = Atlasd(
         tmp_path / "atlasd",
         f"--kubeconfig={apiserver.admin_kubeconfig}",
         f"--namespace={namespace}",
         "--identity=atlasd-0",
-        f"--thanos-query-url=http://127.0.0.1:{query_port}",
+        f"--thanos-query-url={query_url}",
         "--thanos-query-interval=1",
     )
     try:

@@ -10,10 +10,9 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.harness import components
 from tests.harness.net import free_port
 from tests.harness.objects import cluster_service
-from tests.harness.procs import Proc
+from tests.harness.thanos import start_query
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd, cli
 
@@ -77,23 +76,12 @@ def test_a_cluster_query_does_not_see_is_probed_and_its_broken_hop_shown(
     store = tmp_path / "store"
     (store / "clusters").mkdir(parents=True)
     (store / "clusters" / "east.yaml").write_text(yaml.safe_dump(_cluster("east", "192.0.2.5")))
-    query_port = free_port()
-    query = Proc(
-        "thanos-query",
-        [
-            str(components.thanos()),
-            "query",
-            f"--http-address=127.0.0.1:{query_port}",
-            f"--grpc-address=127.0.0.1:{free_port()}",
-        ],
-        log_dir=tmp_path,
-    )
-    query.start()
+    query, query_url = start_query(tmp_path)
     via = f"127.0.0.1:{free_port()}"  # no observability Envoy listens there
     atlasd = Atlasd(
         tmp_path,
         f"--store={store}",
-        f"--thanos-query-url=http://127.0.0.1:{query_port}",
+        f"--thanos-query-url={query_url}",
         "--thanos-query-interval=1",
         f"--probe-via={via}",
     ).start()

@@ -156,6 +156,18 @@ async def writer(path: Path) -> AsyncIterator[Callable[[Fleet], Any]]:
             yield push
 
 
+def chain_fleet(world: Any) -> Fleet:
+    """The fleet of an xDS test world as the zone publishes it for the Envoy chain. In a
+    cluster, <cluster>-thanos-sidecar<i> is a headless Service on port 10901 selecting the
+    observability Envoy; here the Envoy's Thanos listener has its own port, so that is the
+    port the sidecar Services (and SRV records) carry."""
+    port = world.plan.observability.thanos
+    return Fleet.of(
+        world.settings,
+        tuple(dataclasses.replace(c, ports=(ServicePort("thanos", port),)) for c in world.clusters),
+    )
+
+
 class Rig:
     """The real processes of one test: Prometheus + sidecar per cluster, CoreDNS on :53,
     Thanos Query in its own mount namespace. Everything is stopped at test end."""
@@ -289,25 +301,11 @@ async def test_thanos_query_through_coredns_and_the_envoy_chain(
     async with xds_world(
         envoy_factory, clusters=("east", "west"), cluster_factory=downstream
     ) as world:
-        for node in ("atlas", "east", "west"):
-            await world.start_envoy(node)
-        for node in ("atlas", "east", "west"):
-            await world.wait_acked(node)
-            await world.wait_envoy_ready(node)
-        # In a cluster, <cluster>-thanos-sidecar<i> is a headless Service on port 10901
-        # selecting the observability Envoy; here the Envoy's Thanos listener has its own
-        # port, so that is the port the sidecar Services (and SRV records) carry.
+        await world.start_ready("atlas", "east", "west")
         obs_port = world.plan.observability.thanos
-        zone_fleet = Fleet.of(
-            world.settings,
-            tuple(
-                dataclasses.replace(c, ports=(ServicePort("thanos", obs_port),))
-                for c in world.clusters
-            ),
-        )
         zone = tmp_path / "atlas.zone"
         async with writer(zone) as push:
-            await push(zone_fleet)
+            await push(chain_fleet(world))
             rig.start_dns_and_query(zone)
             await rig.wait_sees({"east", "west"}, within=90)
             assert await rig.store_names() == [

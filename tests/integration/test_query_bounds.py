@@ -25,11 +25,11 @@ import httpx
 import pytest
 import trio
 
-from atlasd.model import DownstreamCluster, Fleet, ServicePort
+from atlasd.model import DownstreamCluster
 from tests.harness.net import free_port
 from tests.harness.prom import WebProc
 from tests.harness.wait import wait_until_async
-from tests.integration.test_dns_thanos import Rig, writer
+from tests.integration.test_dns_thanos import Rig, chain_fleet, writer
 
 pytestmark = pytest.mark.integration
 
@@ -165,21 +165,10 @@ async def test_a_stalled_cluster_costs_a_query_at_most_the_idle_bound(
     ) as world:
         world.settings = dataclasses.replace(world.settings, thanos_idle_seconds=IDLE)
         world.publish()
-        for node in ("atlas", "east", "west"):
-            await world.start_envoy(node)
-        for node in ("atlas", "east", "west"):
-            await world.wait_acked(node)
-            await world.wait_envoy_ready(node)
+        await world.start_ready("atlas", "east", "west")
         obs_port = world.plan.observability.thanos
-        zone_fleet = Fleet.of(
-            world.settings,
-            tuple(
-                dataclasses.replace(c, ports=(ServicePort("thanos", obs_port),))
-                for c in world.clusters
-            ),
-        )
         async with writer(tmp_path / "atlas.zone") as push:
-            await push(zone_fleet)
+            await push(chain_fleet(world))
             rig.start_dns_and_query(tmp_path / "atlas.zone")
             # Both are healthy stores to Query (Info answers); east's series arrive.
             want = [

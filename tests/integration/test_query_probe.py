@@ -51,11 +51,7 @@ async def test_each_broken_hop_is_named(
 
     names = ("east", "west", "north", "south")
     async with xds_world(envoy_factory, clusters=names, cluster_factory=downstream) as w:
-        for node in ("atlas", "east", "west", "south"):
-            await w.start_envoy(node)
-        for node in ("atlas", "east", "west", "south"):
-            await w.wait_acked(node)
-            await w.wait_envoy_ready(node)
+        await w.start_ready("atlas", "east", "west", "south")
         address = f"127.0.0.1:{w.plan.observability.thanos}"
         s = w.settings
 

@@ -21,14 +21,8 @@ async def test_every_envoy_acks(envoy_factory: Any, delta: bool) -> None:
     # With a local Alertmanager, so 10903 and 11903 are configured too.
     am = [model.LocalAlertmanager("am0", "monitoring", free_port())]
     async with xds_world(envoy_factory, delta=delta, alertmanagers=am) as w:
-        await w.start_envoy("atlas")
-        await w.wait_acked("atlas")
-        await w.wait_envoy_ready("atlas")
-        for node in ("east", "west"):
-            await w.start_envoy(node)
-        for node in ("east", "west"):
-            await w.wait_acked(node)
-            await w.wait_envoy_ready(node)
+        await w.start_ready("atlas")
+        await w.start_ready("east", "west")
         kinds = {(s.node, s.kind) for s in w.cache.status()}
         want = "delta" if delta else "sotw"
         assert kinds == {("atlas", want), ("east", want), ("west", want)}

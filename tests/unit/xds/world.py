@@ -137,6 +137,14 @@ class World:
     async def wait_envoy_ready(self, name: str, within: float = 30) -> None:
         await trio.to_thread.run_sync(lambda: self.envoys[name].wait_ready(within))
 
+    async def start_ready(self, *nodes: str) -> None:
+        """Start the Envoys of ``nodes``; return once each ACKed its snapshot and is ready."""
+        for node in nodes:
+            await self.start_envoy(node)
+        for node in nodes:
+            await self.wait_acked(node)
+            await self.wait_envoy_ready(node)
+
 
 def _current(st: Any, snap: Any) -> bool:
     """Every non-empty type's ACKed version is the snapshot's (an Envoy subscribes to all
