@@ -1,7 +1,7 @@
 """Benchmark: does Thanos Query see every cluster? (issue 23's outcome, end to end)
 
     .venv/bin/python bench/bench_outcome.py --clusters N [--changes K] [--refresh 5]
-                                            [--extra M] [--json]
+                                            [--extra M] [--observer] [--json]
 
 Real processes, as a user runs them, in a network namespace of the benchmark's own (root;
 its loopback also holds 198.18.0.0/15, the clusters' external IPs): etcd + kube-apiserver
@@ -33,6 +33,17 @@ mount namespace whose resolv.conf points at that CoreDNS; root needed).
    (``srv_query_sees``), ``srv_answer_records`` (what one TCP lookup of CoreDNS returns, and
    ``srv_answer_tc``), and atlasd's own verdict from ``/status`` (``srv_flagged``: the
    name in ``zone.too_large``) with ``srv_event``: the Warning Event on ``atlas-ca``.
+
+3. **Observer** (``--observer``; issue 22): two more ``atlasd run`` replicas (followers,
+   serving from their caches), one observing pass 1's Thanos Query
+   (``--thanos-query-url``, ``--thanos-query-interval`` = ``--query-interval``, probing
+   through the observability Envoy), one not: ``observer_rest_cpu_pct`` (each replica's CPU
+   over ``--rest-seconds`` with every cluster seen, % of one core, measured side by side)
+   and ``observer_extra_pct_of_core`` (the difference); then one cluster's external IP
+   becomes unreachable (an ``unreachable`` route in the namespace's local table) and
+   ``unreachable_reported_s``: until ``/status`` says Query does not see it,
+   ``unreachable_metric_s``: until ``atlasd_query_clusters{state="unseen"}`` is 1, and
+   ``unreachable_hop``: where the probe says its path stops, with ``unreachable_probed_s``.
 
 ``--info-timeout S`` is Thanos Query's ``--endpoint.info-timeout``: it asks every endpoint
 for its Info that often (5 s by default, i.e. 1,000 Info calls a second at 5,000 clusters,
@@ -330,6 +341,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         out["new_cluster_seen_s"] = summary(new_s)
         out["new_cluster_in_file_s"] = summary(file_s)
 
+        # -- pass 3: the observer (issue 22) -------------------------------------------
+        if args.observer:
+            obs_thanos = f"127.0.0.1:{THANOS_PORT}"
+            out.update(await observer_pass(args, api, workdir, url, ips, obs_thanos))
+            print(f"pass 3: {out}", file=sys.stderr, flush=True)
+
         # -- pass 2: the SRV name -----------------------------------------------------
         doc = (await client.get(f"{daemon.url}/status")).json()
         flagged = [a for a in doc["zone"]["too_large"] if a["name"] == SRV]
@@ -373,6 +390,80 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             daemon.proc.stop()
         api.stop()
     out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+async def observer_pass(
+    args: argparse.Namespace,
+    api: ApiServer,
+    workdir: Path,
+    query_url: str,
+    ips: dict[str, str],
+    obs_thanos: str,
+) -> dict[str, Any]:
+    """Two follower replicas, observer on and off, side by side; then one cluster becomes
+    unreachable and the observing one must say so (see the module docstring, pass 3)."""
+    n = len(ips)
+    kube = (f"--kubeconfig={api.admin_kubeconfig}", f"--namespace={NAMESPACE}")
+    off = Atlasd(workdir / "atlasd-off", *kube, "--identity=bench-observer-off")
+    on = Atlasd(
+        workdir / "atlasd-on", *kube, "--identity=bench-observer-on",
+        f"--thanos-query-url={query_url}", f"--thanos-query-interval={args.query_interval}",
+        f"--probe-via={obs_thanos}",
+    )  # fmt: skip
+    out: dict[str, Any] = {"query_interval_s": args.query_interval}
+    try:
+        for replica in (off, on):
+            await trio.to_thread.run_sync(lambda r=replica: r.start(timeout=600))
+
+        async def query_section() -> dict[str, Any]:
+            doc = await trio.to_thread.run_sync(on.status)
+            q: dict[str, Any] = doc.get("query") or {}
+            return q
+
+        async def all_seen() -> bool:
+            return ((await query_section()).get("counts") or {}).get("seen") == n
+
+        if await wait_for(all_seen, within=args.query_interval * 3 + 120, interval=1) is None:
+            raise RuntimeError("the observing replica never saw Query see every cluster")
+        await trio.sleep(args.query_interval)  # past a round that saw everything
+        before = {"off": cpu_seconds(off.proc.pid), "on": cpu_seconds(on.proc.pid)}
+        await trio.sleep(args.rest_seconds)
+        after = {"off": cpu_seconds(off.proc.pid), "on": cpu_seconds(on.proc.pid)}
+        pct_core = {r: round((after[r] - before[r]) / args.rest_seconds * 100, 2) for r in after}
+        out["observer_rest_cpu_pct"] = pct_core
+        out["observer_extra_pct_of_core"] = round(pct_core["on"] - pct_core["off"], 2)
+
+        victim = sorted(ips)[0]
+        route = ["ip", "route", "add", "unreachable", f"{ips[victim]}/32", "table", "local"]
+        t = time.monotonic()
+        await trio.run_process(route)
+        out["unreachable_cluster"] = victim
+
+        async def reported() -> bool:
+            c = ((await query_section()).get("clusters") or {}).get(victim) or {}
+            return c.get("seen") is False
+
+        async def in_metric() -> bool:
+            text = (await trio.to_thread.run_sync(lambda: httpx.get(f"{on.url}/metrics"))).text
+            return 'atlasd_query_clusters{state="unseen"} 1.0' in text
+
+        async def probed() -> bool:
+            c = ((await query_section()).get("clusters") or {}).get(victim) or {}
+            return bool(c.get("probe"))
+
+        bound = args.query_interval * 4 + args.info_timeout * 4 + 60
+        for key, check in (("unreachable_reported_s", reported),
+                           ("unreachable_metric_s", in_metric),
+                           ("unreachable_probed_s", probed)):  # fmt: skip
+            s = await wait_for(check, within=bound, interval=0.5)
+            out[key] = round(time.monotonic() - t, 1) if s is not None else None
+        c = ((await query_section()).get("clusters") or {}).get(victim) or {}
+        out["unreachable_hop"] = (c.get("probe") or {}).get("hop")
+        await trio.run_process(["ip", "route", "del", *route[3:]], check=False)
+    finally:
+        for replica in (off, on):
+            replica.proc.stop()
     return out
 
 
@@ -420,6 +511,9 @@ def main() -> int:
         help="Thanos Query's --endpoint.info-timeout, s: also how often it asks every "
         "endpoint for its Info (Thanos's default 5)",
     )
+    parser.add_argument("--observer", action="store_true", help="pass 3 (issue 22)")
+    parser.add_argument("--query-interval", type=int, default=30, help="pass 3, s")
+    parser.add_argument("--rest-seconds", type=int, default=60, help="pass 3, s")
     parser.add_argument("--max-seconds", type=int, default=3600)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
