@@ -132,7 +132,11 @@ def checks(doc: dict[str, Any], *, fail_within: float, now: float) -> list[Check
     query = doc.get("query")
     if query:
         sights = query.get("clusters") or {}
-        unseen = sorted(n for n, s in sights.items() if not s.get("seen"))
+        unseen = sorted(
+            f"{n} ({(s.get('probe') or {})['hop']})" if (s.get("probe") or {}).get("hop") else n
+            for n, s in sights.items()
+            if not s.get("seen")
+        )
         dup = sorted(n for n, s in sights.items() if s.get("duplicate_of"))
         up = bool(query.get("up"))
         out.append(
@@ -142,7 +146,9 @@ def checks(doc: dict[str, Any], *, fail_within: float, now: float) -> list[Check
                 (f"Query not read: {query.get('error')}" if not up else "")
                 + (("; " if not up else "") + "not seen: " + _names(unseen) if unseen else "")
                 or f"{len(sights)} seen",
-                "" if up and not unseen else "`atlasd status` gives Query's error per cluster",
+                ""
+                if up and not unseen
+                else "`atlasd status` gives Query's error per cluster, `atlasd probe <c>` the hop",
             )
         )
         out.append(

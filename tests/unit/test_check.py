@@ -100,3 +100,19 @@ def test_exit_codes_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     assert out.exit_code == 1 and doc["ok"] is False
     usage = runner.invoke(cli, ["check", "--fail-within", "soon"])
     assert usage.exit_code == 1 and "--fail-within" in usage.output
+
+
+def test_a_cluster_query_does_not_see_is_named_with_its_broken_hop() -> None:
+    doc = {
+        **good(),
+        "query": {
+            "up": True,
+            "clusters": {
+                "east": {"seen": False, "probe": {"hop": "upstream-down"}},
+                "west": {"seen": False, "probe": None},
+            },
+        },
+    }
+    [c] = [c for c in checks(doc, fail_within=30 * DAY, now=NOW) if not c.ok]
+    assert c.detail == "not seen: east (upstream-down), west"
+    assert "atlasd probe" in c.hint
