@@ -20,21 +20,26 @@ from atlasd import model
 from atlasd.cli.app import cli
 from atlasd.cli.options import dial_param, env_option, fail, namespace_param
 from atlasd.fleet.validate import is_dns_label
-from atlasd.query.probe import Finding, probe
+from atlasd.query.probe import THANOS, Finding, probe, probe_prometheus
 
 
 async def _probe_all(
-    names: tuple[str, ...], *, via: str | None, ns: str, domain: str, replica: int,
-    within: float, slow_after: float,
+    names: tuple[str, ...], *, via: str | None, prometheus_via: str | None, ns: str,
+    domain: str, replica: int, within: float, slow_after: float,
 ) -> list[Finding]:  # fmt: skip
-    out: list[Finding | None] = [None] * len(names)
+    """Each cluster's Thanos path, then (with ``prometheus_via``) its Prometheus path."""
+    out: list[Finding | None] = [None] * (len(names) * 2)
 
     async def one(i: int, name: str) -> None:
         authority = model.service_host(f"{name}-thanos-sidecar{replica}", ns, domain)
         address = via or f"{authority}:{model.OBS_THANOS_PORT}"
-        out[i] = await probe(
+        out[2 * i] = await probe(
             name, address=address, authority=authority, within=within, slow_after=slow_after
         )
+        if prometheus_via is not None:
+            out[2 * i + 1] = await probe_prometheus(
+                name, address=prometheus_via, within=within, slow_after=slow_after
+            )
 
     async with trio.open_nursery() as nursery:
         for i, name in enumerate(names):
@@ -56,6 +61,13 @@ async def _probe_all(
     help="host:port of the observability Envoy's Thanos listener (default: each cluster's "
     "sidecar Service, <c>-thanos-sidecar<i>.<ns>.svc.<domain>:10901, as Thanos Query dials).",
 )
+@click.option(
+    "--prometheus-via",
+    callback=dial_param,
+    default=None,
+    help="host:port of the observability Envoy's Prometheus listener (10904): also GET "
+    "/prom/<c>/-/ready through it, the path Grafana takes to the cluster's Prometheus.",
+)
 @click.option("--replica", default=0, show_default=True, type=click.IntRange(0, 63))
 @click.option("--within", default=10.0, show_default=True, type=click.FloatRange(0.1, 300),
               help="Seconds to wait for an answer.")  # fmt: skip
@@ -64,7 +76,7 @@ async def _probe_all(
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def probe_command(
     clusters: tuple[str, ...], namespace: str, cluster_domain: str, via: str | None,
-    replica: int, within: float, slow_after: float, output: str,
+    prometheus_via: str | None, replica: int, within: float, slow_after: float, output: str,
 ) -> None:  # fmt: skip
     """Call each cluster's Thanos sidecar as Thanos Query does; name the hop that fails."""
     for name in clusters:
@@ -72,7 +84,8 @@ def probe_command(
             fail(f"{name!r} is not a cluster name (a DNS-1123 label)")
     findings = trio.run(
         lambda: _probe_all(
-            clusters, via=via, ns=namespace, domain=cluster_domain, replica=replica,
+            clusters, via=via, prometheus_via=prometheus_via, ns=namespace,
+            domain=cluster_domain, replica=replica,
             within=within, slow_after=slow_after,
         )
     )  # fmt: skip
@@ -83,14 +96,17 @@ def probe_command(
     else:
         for f in findings:
             took = f"{f.seconds * 1000:.0f} ms"
-            if f.ok or f.hop == "slow":
+            who = f.cluster if f.via == THANOS else f"{f.cluster} ({f.via})"
+            if (f.ok or f.hop == "slow") and f.via == THANOS:
                 labels = ", ".join(
                     "{" + ",".join(f'{k}="{v}"' for k, v in sorted(ls.items())) + "}"
                     for ls in f.labels
                 )
-                click.echo(f"{f.cluster}: {f.hop} (Info in {took}; labels {labels or 'none'})")
+                click.echo(f"{who}: {f.hop} (Info in {took}; labels {labels or 'none'})")
+            elif f.ok or f.hop == "slow":
+                click.echo(f"{who}: {f.hop} (ready in {took})")
             else:
-                click.echo(f"{f.cluster}: {f.hop} after {took}: {f.detail}")
+                click.echo(f"{who}: {f.hop} after {took}: {f.detail}")
             if f.fix:
                 click.echo(f"    -> {f.fix}")
     raise SystemExit(0 if all(f.ok for f in findings) else 1)

@@ -33,6 +33,10 @@ hop                    seen as
 ``error``              anything else (the detail says what)
 =====================  ==============================================================
 
+``probe_prometheus`` does the same for the Prometheus path (``GET /prom/<c>/-/ready`` on
+the observability Envoy's 10904, as Grafana reaches the cluster's Prometheus), with the
+same hops.
+
 Uses Thanos's own Info protobuf (``atlasd.thanospb``, generated from ``proto/`` with
 betterproto); the HTTP/2 exchange goes through ``httpx`` (cleartext, prior knowledge), as
 it gives the response headers a classification needs.
@@ -40,6 +44,7 @@ it gives the response headers a classification needs.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 from dataclasses import dataclass, field
@@ -72,21 +77,27 @@ _FIX = {
     "is its downstream Envoy running, and the IP (Service externalIPs) right and routable?",
     "tls-refused": "the downstream Envoy's certificates: install the cluster's current values "
     "(atlasd cluster values <c>) so both ends share atlasd's CA",
-    "upstream-down": "the downstream Envoy is up; its Thanos sidecar is not answering",
+    "upstream-down": "the downstream Envoy is up; its upstream (the Thanos sidecar, or "
+    "Prometheus for the prometheus path) is not answering",
     "timeout": "nothing answered in time: a firewall dropping packets on the path?",
     "error": "",
 }
 
 
+THANOS = "thanos"  # StoreAPI Info by the sidecar's authority (Thanos Query's path)
+PROMETHEUS = "prometheus"  # /prom/<c>/-/ready on the observability Envoy's 10904
+
+
 @dataclass(frozen=True)
 class Finding:
-    """What one probe found."""
+    """What one probe found (``via``: which path was probed)."""
 
     cluster: str
     hop: str
     detail: str = ""
     seconds: float = 0.0
     labels: tuple[dict[str, str], ...] = field(default=())
+    via: str = THANOS
 
     @property
     def ok(self) -> bool:
@@ -95,6 +106,46 @@ class Finding:
     @property
     def fix(self) -> str:
         return _FIX.get(self.hop, "")
+
+
+def _answered_by(cluster: str, headers: httpx.Headers) -> tuple[bool, Finding | None]:
+    """Whether an answer passed through the downstream Envoy (it names itself on every
+    answer, labels.CLUSTER_HEADER, its own replies included; Envoy's upstream service time
+    is not always passed on with them), and a Finding when another cluster's Envoy did."""
+    by = headers.get(CLUSTER_HEADER)
+    if by is not None and by != cluster:
+        return True, Finding(cluster, "error", f"answered by cluster {by!r}'s Envoy: misrouted")
+    return by is not None or "x-envoy-upstream-service-time" in headers, None
+
+
+def _failure(
+    cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float, via: str,
+    from_downstream: bool,
+) -> Finding:  # fmt: skip
+    """The hop an answer that is not a success stopped at (pure)."""
+    grpc_status = headers.get("grpc-status")
+    text = headers.get("grpc-message", "") or body.decode("utf-8", "replace").strip()[:300]
+    low = text.lower()
+    said = f"HTTP {status}" + (f", grpc-status {grpc_status}" if grpc_status else "")
+    detail = f"{said}: {text}" if text else said
+
+    def found(hop: str) -> Finding:
+        return Finding(cluster, hop, detail, seconds, via=via)
+
+    if not from_downstream and (
+        status == 404 or grpc_status == "12" or "route not found" in low or "no route" in low
+    ):
+        # An Envoy without the route answers 404; to a gRPC caller, UNIMPLEMENTED (12).
+        return found("no-route")
+    if "tls" in low or "ssl" in low or "certificate" in low or "handshake" in low:
+        return found("tls-refused")
+    unavailable = status in (502, 503) or grpc_status == "14"
+    timed_out = status == 504 or grpc_status == "4" or "timeout" in low
+    if "upstream connect error" in low or "no healthy upstream" in low or unavailable or timed_out:
+        # The observability Envoy's own reply: it could not reach the downstream Envoy.
+        # Passed on from further down: the downstream Envoy could not reach its upstream.
+        return found("upstream-down" if from_downstream else "cluster-unreachable")
+    return found("error")
 
 
 def classify(
@@ -106,18 +157,11 @@ def classify(
     seconds: float,
     slow_after: float,
 ) -> Finding:
-    """The hop a completed HTTP exchange stopped at (pure)."""
-    grpc_status = headers.get("grpc-status")
-    message = headers.get("grpc-message", "")
-    # The downstream Envoy names itself on every answer (labels.CLUSTER_HEADER), its own
-    # replies included; Envoy's upstream service time is not always passed on with them.
-    answered_by = headers.get(CLUSTER_HEADER)
-    from_downstream = answered_by is not None or "x-envoy-upstream-service-time" in headers
-    if answered_by is not None and answered_by != cluster:
-        return Finding(
-            cluster, "error", f"answered by cluster {answered_by!r}'s Envoy: misrouted", seconds
-        )
-    if status == 200 and grpc_status in (None, "0") and len(body) >= 5:
+    """The hop a StoreAPI Info exchange stopped at (pure)."""
+    from_downstream, misrouted = _answered_by(cluster, headers)
+    if misrouted is not None:
+        return dataclasses.replace(misrouted, seconds=seconds)
+    if status == 200 and headers.get("grpc-status") in (None, "0") and len(body) >= 5:
         (length,) = struct.unpack(">I", body[1:5])
         if body[0] != 0 or len(body) < 5 + length:
             return Finding(cluster, "error", "Info answer not understood: a broken frame", seconds)
@@ -130,33 +174,57 @@ def classify(
         )
         hop = "slow" if seconds > slow_after else "ok"
         return Finding(cluster, hop, "", seconds, labels)
-    text = message or body.decode("utf-8", "replace").strip()[:300]
-    low = text.lower()
-    said = f"HTTP {status}" + (f", grpc-status {grpc_status}" if grpc_status else "")
-    detail = f"{said}: {text}" if text else said
-    no_route = status == 404 or (grpc_status == "12" and not from_downstream)
-    if no_route or "route not found" in low or "no route" in low:
-        # An Envoy without the route answers 404; to a gRPC caller, UNIMPLEMENTED (12).
-        return Finding(cluster, "no-route", detail, seconds)
-    if "tls" in low or "ssl" in low or "certificate" in low or "handshake" in low:
-        return Finding(cluster, "tls-refused", detail, seconds)
-    unavailable = status == 503 or grpc_status == "14"
-    if "upstream connect error" in low or "no healthy upstream" in low or unavailable:
-        # The observability Envoy's own reply: it could not reach the downstream Envoy.
-        # Passed through from further down: the downstream Envoy could not reach its
-        # sidecar.
-        hop = "upstream-down" if from_downstream else "cluster-unreachable"
-        return Finding(cluster, hop, detail, seconds)
-    if status == 504 or grpc_status == "4" or "timeout" in low:
-        hop = "upstream-down" if from_downstream else "cluster-unreachable"
-        return Finding(cluster, hop, detail, seconds)
-    return Finding(cluster, "error", detail, seconds)
+    return _failure(
+        cluster, status=status, headers=headers, body=body, seconds=seconds, via=THANOS,
+        from_downstream=from_downstream,
+    )  # fmt: skip
+
+
+def classify_prometheus(
+    cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float,
+    slow_after: float,
+) -> Finding:  # fmt: skip
+    """The hop a GET of ``/prom/<c>/-/ready`` through the observability Envoy stopped at."""
+    from_downstream, misrouted = _answered_by(cluster, headers)
+    if misrouted is not None:
+        return dataclasses.replace(misrouted, seconds=seconds, via=PROMETHEUS)
+    if status == 200 and from_downstream:
+        hop = "slow" if seconds > slow_after else "ok"
+        return Finding(cluster, hop, "", seconds, via=PROMETHEUS)
+    return _failure(
+        cluster, status=status, headers=headers, body=body, seconds=seconds, via=PROMETHEUS,
+        from_downstream=from_downstream,
+    )  # fmt: skip
 
 
 def info_request_body() -> bytes:
     """One gRPC message frame: not compressed, length, the encoded InfoRequest."""
     payload = bytes(InfoRequest())
     return struct.pack(">BI", 0, len(payload)) + payload
+
+
+async def _exchange(
+    cluster: str, via: str, request: httpx.Request, *, within: float,
+    client: httpx.AsyncClient | None, http2: bool,
+) -> httpx.Response | Finding:  # fmt: skip
+    own = client is None
+    http = client or httpx.AsyncClient(http1=not http2, http2=http2)
+    started = time.perf_counter()
+    address = request.url.netloc.decode()
+    try:
+        return await http.send(request)
+    except httpx.ConnectError as exc:
+        return Finding(cluster, "envoy-unreachable", f"{address}: {exc}",
+                       time.perf_counter() - started, via=via)  # fmt: skip
+    except httpx.TimeoutException:
+        return Finding(cluster, "timeout", f"no answer within {within:g} s",
+                       time.perf_counter() - started, via=via)  # fmt: skip
+    except httpx.HTTPError as exc:
+        return Finding(cluster, "error", f"{type(exc).__name__}: {exc}",
+                       time.perf_counter() - started, via=via)  # fmt: skip
+    finally:
+        if own:
+            await http.aclose()
 
 
 async def probe(
@@ -170,39 +238,49 @@ async def probe(
 ) -> Finding:
     """Call Info at ``address`` (host:port of the observability Envoy's Thanos listener, or
     the sidecar Service Thanos Query dials) with ``authority``; classify what happens."""
-    own = client is None
-    http = client or httpx.AsyncClient(http1=False, http2=True)
-    started = time.perf_counter()
-    try:
-        resp = await http.post(
-            f"http://{address}{INFO_PATH}",
-            content=info_request_body(),
-            headers={
-                "host": authority,
-                "content-type": "application/grpc",
-                "te": "trailers",
-                "grpc-timeout": f"{max(1, int(within * 1000))}m",
-            },
-            timeout=within,
-        )
-    except httpx.ConnectError as exc:
-        took = time.perf_counter() - started
-        return Finding(cluster, "envoy-unreachable", f"{address}: {exc}", took)
-    except httpx.TimeoutException:
-        took = time.perf_counter() - started
-        return Finding(cluster, "timeout", f"no answer within {within:g} s", took)
-    except httpx.HTTPError as exc:
-        took = time.perf_counter() - started
-        return Finding(cluster, "error", f"{type(exc).__name__}: {exc}", took)
-    finally:
-        if own:
-            await http.aclose()
-    took = time.perf_counter() - started
-    return classify(
-        cluster,
-        status=resp.status_code,
-        headers=resp.headers,
-        body=resp.content,
-        seconds=took,
-        slow_after=slow_after,
+    request = httpx.Request(
+        "POST",
+        f"http://{address}{INFO_PATH}",
+        content=info_request_body(),
+        headers={
+            "host": authority,
+            "content-type": "application/grpc",
+            "te": "trailers",
+            "grpc-timeout": f"{max(1, int(within * 1000))}m",
+        },
+        extensions={"timeout": httpx.Timeout(within).as_dict()},
     )
+    started = time.perf_counter()
+    got = await _exchange(cluster, THANOS, request, within=within, client=client, http2=True)
+    if isinstance(got, Finding):
+        return got
+    return classify(
+        cluster, status=got.status_code, headers=got.headers, body=got.content,
+        seconds=time.perf_counter() - started, slow_after=slow_after,
+    )  # fmt: skip
+
+
+async def probe_prometheus(
+    cluster: str,
+    *,
+    address: str,
+    within: float = 10.0,
+    slow_after: float = 2.0,
+    client: httpx.AsyncClient | None = None,
+) -> Finding:
+    """GET ``/prom/<cluster>/-/ready`` at ``address`` (host:port of the observability
+    Envoy's Prometheus listener, 10904), as a Grafana or an operator reaches the cluster's
+    Prometheus through the chain; classify what happens."""
+    request = httpx.Request(
+        "GET",
+        f"http://{address}/prom/{cluster}/-/ready",
+        extensions={"timeout": httpx.Timeout(within).as_dict()},
+    )
+    started = time.perf_counter()
+    got = await _exchange(cluster, PROMETHEUS, request, within=within, client=client, http2=False)
+    if isinstance(got, Finding):
+        return got
+    return classify_prometheus(
+        cluster, status=got.status_code, headers=got.headers, body=got.content,
+        seconds=time.perf_counter() - started, slow_after=slow_after,
+    )  # fmt: skip

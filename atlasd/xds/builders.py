@@ -94,6 +94,20 @@ from atlasd.xds.snapshot import (
 
 log = logging.getLogger(__name__)
 
+
+def _marked(rc: route_pb2.RouteConfiguration, cluster: str) -> route_pb2.RouteConfiguration:
+    """A downstream Envoy's route configuration whose every answer says whose Envoy it
+    passed through (``labels.CLUSTER_HEADER``), the Envoy's own replies too (an upstream
+    it cannot reach): `atlasd probe` tells the hops apart by it."""
+    rc.response_headers_to_add.append(
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=CLUSTER_HEADER, value=cluster),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    )
+    return rc
+
+
 THANOS_SCOPES = "thanos"
 PROM_SCOPES = "prometheus"
 PROM_PREFIX = "/prom/"
@@ -630,15 +644,7 @@ class SnapshotBuilder:
                 )
                 for i in range(c.replicas)
             ]
-            rc = route_pb2.RouteConfiguration(name="thanos", virtual_hosts=vhosts)
-            # Every answer through this Envoy says whose it is, its own replies too (a
-            # sidecar it cannot reach): `atlasd probe` tells the hops apart by it.
-            rc.response_headers_to_add.append(
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=CLUSTER_HEADER, value=c.name),
-                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-                )
-            )
+            rc = _marked(route_pb2.RouteConfiguration(name="thanos", virtual_hosts=vhosts), c.name)
             return Piece(
                 serialize(rc), frozenset((CLUSTER, f"thanos{i}") for i in range(c.replicas))
             )
@@ -657,7 +663,9 @@ class SnapshotBuilder:
             vh = route_components_pb2.VirtualHost(
                 name="prometheus", domains=["*"], routes=[make_route("prometheus")]
             )
-            rc = route_pb2.RouteConfiguration(name="prometheus", virtual_hosts=[vh])
+            rc = _marked(
+                route_pb2.RouteConfiguration(name="prometheus", virtual_hosts=[vh]), c.name
+            )
             return Piece(serialize(rc), frozenset({(CLUSTER, "prometheus")}))
 
         res.append(_mk(ROUTE, "prometheus", prom_routes))

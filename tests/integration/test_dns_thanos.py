@@ -185,6 +185,7 @@ class Rig:
         self.request = request
         self.procs: list[Proc] = []
         self.sidecars: dict[str, Sidecar] = {}
+        self.proms: dict[str, WebProc] = {}
         self.url = ""
 
     def _track(self, proc: Proc) -> Proc:
@@ -202,6 +203,7 @@ class Rig:
             sidecar = Sidecar(self.thanos, prom, self.tmp_path, name)
             self._track(sidecar.proc)
             self.sidecars[name] = await trio.to_thread.run_sync(sidecar.start)
+            self.proms[name] = prom
 
     def start_dns_and_query(self, zone: Path) -> None:
         (self.tmp_path / "Corefile").write_text(corefile(self.addr, zone))

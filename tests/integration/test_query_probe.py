@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from atlasd.model import DownstreamCluster
-from atlasd.query.probe import Finding, probe
+from atlasd.query.probe import Finding, probe, probe_prometheus
 from tests.harness.net import free_port
 from tests.harness.prom import WebProc
 from tests.integration.daemon_helpers import cli as run_cli
@@ -47,7 +47,11 @@ async def test_each_broken_hop_is_named(
     upstream = {"east": rig.sidecars["east"].grpc_port, "west": free_port(), "south": held}
 
     def downstream(name: str) -> DownstreamCluster:
-        return xds_helpers.cluster(name, thanos_port=upstream.get(name, free_port()))
+        # east's Prometheus is real; the others' Prometheus ports are closed.
+        prom = rig.proms["east"].port if name == "east" else free_port()
+        return xds_helpers.cluster(
+            name, thanos_port=upstream.get(name, free_port()), prom_port=prom
+        )
 
     names = ("east", "west", "north", "south")
     async with xds_world(envoy_factory, clusters=names, cluster_factory=downstream) as w:
@@ -74,13 +78,34 @@ async def test_each_broken_hop_is_named(
         closed = f"127.0.0.1:{free_port()}"
         assert (await look("east", address=closed)).hop == "envoy-unreachable"
 
+        # The Prometheus path: /prom/<c>/-/ready through the observability Envoy's 10904.
+        prom_via = f"127.0.0.1:{w.plan.observability.prometheus}"
+        hops = {
+            c: (await probe_prometheus(c, address=prom_via)).hop
+            for c in ("east", "west", "north", "ghost")
+        }
+        assert hops == {
+            "east": "ok",
+            "west": "upstream-down",
+            "north": "cluster-unreachable",
+            "ghost": "no-route",
+        }
+
         # The CLI: one line per cluster, exit 1 when a hop is broken, -o json.
         s_ns = f"--namespace={s.namespace}"
         good = await trio.to_thread.run_sync(
-            lambda: run_cli("probe", "east", f"--via={address}", s_ns, check=False)
+            lambda: run_cli(
+                "probe",
+                "east",
+                f"--via={address}",
+                f"--prometheus-via={prom_via}",
+                s_ns,
+                check=False,
+            )
         )
         assert good.returncode == 0, good.stderr
         assert good.stdout.startswith("east: ok"), good.stdout
+        assert "east (prometheus): ok (ready in" in good.stdout, good.stdout
         bad = await trio.to_thread.run_sync(
             lambda: run_cli(
                 "probe", "west", "north", f"--via={address}", s_ns, "-o", "json", check=False

@@ -8,7 +8,7 @@ import struct
 import httpx
 import pytest
 
-from atlasd.query.probe import HOPS, Finding, classify, info_request_body
+from atlasd.query.probe import HOPS, Finding, classify, classify_prometheus, info_request_body
 from atlasd.thanospb.thanos import Label, ZLabelSet
 from atlasd.thanospb.thanos.info import InfoResponse
 
@@ -82,3 +82,21 @@ def test_an_http_404_is_no_route_and_an_unparsable_answer_is_an_error() -> None:
 def test_the_request_is_one_uncompressed_grpc_frame() -> None:
     body = info_request_body()
     assert body[0] == 0 and struct.unpack(">I", body[1:5])[0] == len(body) - 5
+
+
+def prom(status: int, headers: dict[str, str], body: bytes = b"") -> Finding:
+    return classify_prometheus(
+        "east", status=status, headers=httpx.Headers(headers), body=body, seconds=0.01,
+        slow_after=2,
+    )  # fmt: skip
+
+
+def test_the_prometheus_path_names_its_hops() -> None:
+    ok = prom(200, {"x-atlas-cluster": "east"}, b"Prometheus Server is Ready.")
+    assert (ok.hop, ok.via) == ("ok", "prometheus")
+    assert prom(404, {}, b"").hop == "no-route"  # the observability Envoy has no /prom/east/
+    # Prometheus itself answering 404 came through the chain: not a missing route.
+    assert prom(404, {"x-atlas-cluster": "east"}, b"404 page not found").hop == "error"
+    assert prom(503, {}, UNREACHABLE.encode()).hop == "cluster-unreachable"
+    assert prom(503, {"x-atlas-cluster": "east"}, UNREACHABLE.encode()).hop == "upstream-down"
+    assert prom(200, {"x-atlas-cluster": "west"}).hop == "error"  # misrouted
