@@ -11,11 +11,13 @@ default). All real processes, configured by atlasd's xDS server:
          east: -> Thanos sidecar -> Prometheus
          west: -> an Envoy injecting a fault (every Series call held 120 s; Info answered
                   at once, so Query keeps west as a healthy store) -> sidecar -> Prometheus
+      -> north: blackholed (a socket that never accepts where its Envoy would be)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import trio
 
 from atlasd.model import DownstreamCluster
 from tests.harness.net import free_port
@@ -147,51 +148,67 @@ async def test_a_stalled_cluster_costs_a_query_at_most_the_idle_bound(
     request: pytest.FixtureRequest,
 ) -> None:
     from tests.unit.xds import helpers as xds_helpers
-    from tests.unit.xds.world import xds_world
+    from tests.unit.xds.world import start_envoy_here, xds_world
 
     rig = Rig(tmp_path, prometheus_factory, request)
     await rig.start_sidecars("east", "west")
     fault_port = free_port()
-    await trio.to_thread.run_sync(
+    start_envoy_here(
         envoy_factory, fault_envoy(fault_port, rig.sidecars["west"].grpc_port), "fault"
     )
     upstream = {"east": rig.sidecars["east"].grpc_port, "west": fault_port}
 
     def downstream(name: str) -> DownstreamCluster:
-        return xds_helpers.cluster(name, thanos_port=upstream[name])
+        return xds_helpers.cluster(name, thanos_port=upstream.get(name, free_port()))
 
     async with xds_world(
-        envoy_factory, clusters=("east", "west"), cluster_factory=downstream
+        envoy_factory, clusters=("east", "west", "north"), cluster_factory=downstream
     ) as world:
         world.settings = dataclasses.replace(world.settings, thanos_idle_seconds=IDLE)
         world.publish()
+        # north is blackholed: where the observability Envoy dials it, a socket that never
+        # accepts (the TLS handshake never answers; once its backlog is full, neither
+        # does TCP).
+        blackhole = socket.socket()
+        request.addfinalizer(blackhole.close)
+        blackhole.bind(("127.0.0.1", world.plan.ports_for("north").thanos))
+        blackhole.listen(0)
         await world.start_ready("atlas", "east", "west")
         obs_port = world.plan.observability.thanos
         async with writer(tmp_path / "atlas.zone") as push:
             await push(chain_fleet(world))
             rig.start_dns_and_query(tmp_path / "atlas.zone")
-            # Both are healthy stores to Query (Info answers); east's series arrive.
-            want = [
+            # east and west are stores to Query (their Info answers); north never answers
+            # its Info, so Query has no store for it and leaves it out of every query.
+            want = {
                 f"{n}-thanos-sidecar0.monitoring.svc.cluster.local:{obs_port}"
                 for n in ("east", "west")
-            ]
+            }
 
             async def both_stores() -> bool:
-                return await rig.store_names() == want
+                return want <= set(await rig.store_names())
 
-            await wait_until_async(both_stores, timeout=90, what="Query holds both stores")
-            started = time.monotonic()
-            async with httpx.AsyncClient(timeout=HELD) as client:
-                resp = await client.get(
-                    f"{rig.url}/api/v1/query", params={"query": "up", "partial_response": "true"}
-                )
-            took = time.monotonic() - started
-            body = resp.json()
-            assert body["status"] == "success", body
+            await wait_until_async(both_stores, timeout=90, what="Query holds east and west")
+
+            async def answer() -> tuple[float, dict[str, Any]] | None:
+                """One query over every cluster, once east's sidecar has its first sample."""
+                started = time.monotonic()
+                async with httpx.AsyncClient(timeout=HELD) as client:
+                    resp = await client.get(
+                        f"{rig.url}/api/v1/query",
+                        params={"query": "up", "partial_response": "true"},
+                    )
+                body: dict[str, Any] = resp.json()
+                assert body["status"] == "success", body
+                found = {r["metric"].get("cluster") for r in body["data"]["result"]}
+                return (time.monotonic() - started, body) if "east" in found else None
+
+            took, body = await wait_until_async(answer, timeout=60, what="east's series")
             seen = {r["metric"].get("cluster", "") for r in body["data"]["result"]}
             warnings = body.get("warnings") or []
             # east answers; west is reset by the observability Envoy after IDLE seconds of
-            # silence and named in Thanos's partial-response warning.
+            # silence and named in Thanos's partial-response warning; north, blackholed,
+            # costs nothing more.
             assert seen == {"east"}, (seen, warnings)
             assert any("west-thanos-sidecar0" in w for w in warnings), warnings
             assert IDLE - 0.5 <= took < IDLE + 10, f"query took {took:.1f} s"

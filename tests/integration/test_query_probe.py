@@ -36,14 +36,13 @@ async def test_each_broken_hop_is_named(
     request: pytest.FixtureRequest,
 ) -> None:
     from tests.unit.xds import helpers as xds_helpers
-    from tests.unit.xds.world import xds_world
+    from tests.unit.xds.world import start_envoy_here, xds_world
 
     rig = Rig(tmp_path, prometheus_factory, request)  # its sidecars only
     await rig.start_sidecars("east")
     held = free_port()
-    await trio.to_thread.run_sync(
-        envoy_factory, fault_envoy(held, rig.sidecars["east"].grpc_port, delay=4, path=None), "held"
-    )
+    boot = fault_envoy(held, rig.sidecars["east"].grpc_port, delay=4, path=None)
+    start_envoy_here(envoy_factory, boot, "held")
     upstream = {"east": rig.sidecars["east"].grpc_port, "west": free_port(), "south": held}
 
     def downstream(name: str) -> DownstreamCluster:

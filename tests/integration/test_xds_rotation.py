@@ -21,7 +21,7 @@ from tests.harness.envoy import Envoy
 from tests.harness.wait import wait_until_async
 from tests.unit.reconcile.pkitools import plan_secrets, with_annotation
 from tests.unit.xds import helpers
-from tests.unit.xds.world import World, xds_world
+from tests.unit.xds.world import World, start_envoy_here, xds_world
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,7 @@ def _serve_plan(w: World, plan: PKIPlan) -> set[str]:
 
 
 async def _start(w: World, boot: dict[str, Any], name: str) -> Envoy:
-    envoy: Envoy = await trio.to_thread.run_sync(w.envoy_factory, boot, name)
+    envoy: Envoy = start_envoy_here(w.envoy_factory, boot, name)
     w.envoys[name] = envoy
     return envoy
 

@@ -33,6 +33,15 @@ async def _no_restart() -> None:
     raise RuntimeError("server not running")
 
 
+def start_envoy_here(factory: EnvoyFactory, boot: dict[str, Any], name: str) -> Envoy:
+    """Start an Envoy from the Trio thread itself (it blocks until the admin address is
+    known, a fraction of a second). Not from a worker thread: Envoy asks for SIGTERM when
+    the thread that forked it exits (PR_SET_PDEATHSIG), and Trio ends a worker thread
+    after 10 s idle, so an Envoy started by ``trio.to_thread`` died 10 s into a quiet
+    wait."""
+    return factory(boot, name)
+
+
 @dataclasses.dataclass
 class World:
     ca: CA
@@ -110,7 +119,7 @@ class World:
             svc = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]
             svc["initial_metadata"] = [{"key": k, "value": v} for k, v in metadata]
         name = f"{node}-as-{as_node}" if as_node else node
-        envoy = await trio.to_thread.run_sync(self.envoy_factory, boot, name)
+        envoy = start_envoy_here(self.envoy_factory, boot, name)
         self.envoys[name] = envoy
         return envoy
 
