@@ -17,7 +17,7 @@ from atlasd import model
 from atlasd.reconcile.desired import envoy_bootstrap
 from tests.harness.wait import wait_until_async
 from tests.unit.xds import helpers
-from tests.unit.xds.world import World, xds_world
+from tests.unit.xds.world import World, start_envoy_here, xds_world
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ async def test_direct_caller_cannot_claim_a_downstream_node(envoy_factory: Any) 
     async with xds_world(envoy_factory) as w:
         boot = helpers.atlas_bootstrap(w.ads_port)
         boot["node"] = {"id": "east", "cluster": "east"}
-        envoy = await trio.to_thread.run_sync(w.envoy_factory, boot, "direct-east")
+        envoy = start_envoy_here(w.envoy_factory, boot, "direct-east")
         await wait_until_async(lambda: _denied(w) >= 1, timeout=20, what="direct east refused")
         dump = await trio.to_thread.run_sync(envoy.config_dump)
         assert _dynamic(dump) == []
@@ -107,7 +107,7 @@ async def test_forged_xfcc_without_the_forwarder_identity_gets_nothing(
             "tls-no-cert": _impostor(w, "west", cert=None, tls=True),
         }
         started = {
-            name: await trio.to_thread.run_sync(w.envoy_factory, boot, f"impostor-{name}")
+            name: start_envoy_here(w.envoy_factory, boot, f"impostor-{name}")
             for name, boot in impostors.items()
         }
         for name, envoy in started.items():
@@ -203,12 +203,12 @@ async def test_forwarder_token(envoy_factory: Any) -> None:
         for n in ("atlas", "east"):
             await w.wait_acked(n)
         boot = helpers.atlas_bootstrap(w.ads_port)  # plaintext, no token
-        envoy = await trio.to_thread.run_sync(w.envoy_factory, boot, "atlas-without-token")
+        envoy = start_envoy_here(w.envoy_factory, boot, "atlas-without-token")
         await wait_until_async(lambda: _denied(w) >= 1, timeout=20, what="tokenless atlas refused")
         dump = await trio.to_thread.run_sync(envoy.config_dump)
         assert _dynamic(dump) == []
         boot = helpers.atlas_bootstrap(w.ads_port, token="tok-123")  # plaintext, token
-        await trio.to_thread.run_sync(w.envoy_factory, boot, "atlas-plaintext-token")
+        start_envoy_here(w.envoy_factory, boot, "atlas-plaintext-token")
         await wait_until_async(
             lambda: sum(s.node == "atlas" for s in w.cache.status()) == 2,
             timeout=20,
