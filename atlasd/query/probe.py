@@ -48,6 +48,7 @@ import dataclasses
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import httpx
 
@@ -203,16 +204,28 @@ def info_request_body() -> bytes:
     return struct.pack(">BI", 0, len(payload)) + payload
 
 
+class _Judge(Protocol):
+    def __call__(
+        self, cluster: str, *, status: int, headers: httpx.Headers, body: bytes,
+        seconds: float, slow_after: float,
+    ) -> Finding: ...  # fmt: skip
+
+
 async def _exchange(
-    cluster: str, via: str, request: httpx.Request, *, within: float,
-    client: httpx.AsyncClient | None, http2: bool,
-) -> httpx.Response | Finding:  # fmt: skip
+    cluster: str, via: str, request: httpx.Request, *, within: float, slow_after: float,
+    client: httpx.AsyncClient | None, http2: bool, judge: _Judge,
+) -> Finding:  # fmt: skip
+    """Send ``request``; ``judge`` the answer, or say what stopped it from coming."""
     own = client is None
     http = client or httpx.AsyncClient(http1=not http2, http2=http2)
     started = time.perf_counter()
     address = request.url.netloc.decode()
     try:
-        return await http.send(request)
+        got = await http.send(request)
+        return judge(
+            cluster, status=got.status_code, headers=got.headers, body=got.content,
+            seconds=time.perf_counter() - started, slow_after=slow_after,
+        )  # fmt: skip
     except httpx.ConnectError as exc:
         return Finding(cluster, "envoy-unreachable", f"{address}: {exc}",
                        time.perf_counter() - started, via=via)  # fmt: skip
@@ -250,13 +263,9 @@ async def probe(
         },
         extensions={"timeout": httpx.Timeout(within).as_dict()},
     )
-    started = time.perf_counter()
-    got = await _exchange(cluster, THANOS, request, within=within, client=client, http2=True)
-    if isinstance(got, Finding):
-        return got
-    return classify(
-        cluster, status=got.status_code, headers=got.headers, body=got.content,
-        seconds=time.perf_counter() - started, slow_after=slow_after,
+    return await _exchange(
+        cluster, THANOS, request, within=within, slow_after=slow_after, client=client,
+        http2=True, judge=classify,
     )  # fmt: skip
 
 
@@ -276,11 +285,7 @@ async def probe_prometheus(
         f"http://{address}/prom/{cluster}/-/ready",
         extensions={"timeout": httpx.Timeout(within).as_dict()},
     )
-    started = time.perf_counter()
-    got = await _exchange(cluster, PROMETHEUS, request, within=within, client=client, http2=False)
-    if isinstance(got, Finding):
-        return got
-    return classify_prometheus(
-        cluster, status=got.status_code, headers=got.headers, body=got.content,
-        seconds=time.perf_counter() - started, slow_after=slow_after,
+    return await _exchange(
+        cluster, PROMETHEUS, request, within=within, slow_after=slow_after, client=client,
+        http2=False, judge=classify_prometheus,
     )  # fmt: skip

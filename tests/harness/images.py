@@ -210,29 +210,36 @@ def debian_mirrors(files: list[Path] | None = None) -> list[str]:
     return out
 
 
+def debian_rootfs(
+    ref: str, tmp: Path, *, suite: str, packages: tuple[str, ...], env: tuple[str, ...] = ()
+) -> None:
+    """A minimal Debian ``suite`` with ``packages`` (mmdebstrap from the machine's mirror; no
+    docs, man pages or apt lists), imported into podman as ``ref`` with ``env``."""
+    components.apt("mmdebstrap")
+    rootfs = tmp / "rootfs.tar"
+    components._run(
+        [
+            "mmdebstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(packages),
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/info/*",
+            "--customize-hook=rm -rf $1/var/lib/apt/lists/* $1/var/cache/apt/*",
+            suite,
+            str(rootfs),
+            *debian_mirrors(),
+        ]
+    )
+    changes = [f"--change=ENV {e}" for e in env]
+    podman("import", "-q", *changes, "--change=CMD /bin/sh", str(rootfs), ref)
+
+
 def base() -> Image:
     key = _hash(RECIPE, BASE_SUITE, *BASE_PACKAGES, *BASE_ENV)
 
     def make(image: Image, tmp: Path) -> None:
-        components.apt("mmdebstrap")
-        rootfs = tmp / "rootfs.tar"
-        components._run(
-            [
-                "mmdebstrap",
-                "--variant=minbase",
-                "--include=" + ",".join(BASE_PACKAGES),
-                # No docs, man pages or apt lists in the image.
-                "--dpkgopt=path-exclude=/usr/share/man/*",
-                "--dpkgopt=path-exclude=/usr/share/doc/*",
-                "--dpkgopt=path-exclude=/usr/share/info/*",
-                "--customize-hook=rm -rf $1/var/lib/apt/lists/* $1/var/cache/apt/*",
-                BASE_SUITE,
-                str(rootfs),
-                *debian_mirrors(),
-            ]
-        )
-        changes = [f"--change=ENV {e}" for e in BASE_ENV]
-        podman("import", "-q", *changes, "--change=CMD /bin/sh", str(rootfs), image.ref)
+        debian_rootfs(image.ref, tmp, suite=BASE_SUITE, packages=BASE_PACKAGES, env=BASE_ENV)
 
     return _cached("base", "localhost/atlasd-base", key, make)
 

@@ -172,23 +172,7 @@ def _debian(name: str, packages: tuple[str, ...]) -> Image:
     key = images._hash(RECIPE, SUITE, *packages)
 
     def make(image: Image, tmp: Path) -> None:
-        components.apt("mmdebstrap")
-        rootfs = tmp / "rootfs.tar"
-        components._run(
-            [
-                "mmdebstrap",
-                "--variant=minbase",
-                "--include=" + ",".join(packages),
-                "--dpkgopt=path-exclude=/usr/share/man/*",
-                "--dpkgopt=path-exclude=/usr/share/doc/*",
-                "--dpkgopt=path-exclude=/usr/share/info/*",
-                "--customize-hook=rm -rf $1/var/lib/apt/lists/* $1/var/cache/apt/*",
-                SUITE,
-                str(rootfs),
-                *images.debian_mirrors(),
-            ]
-        )
-        images.podman("import", "-q", "--change=CMD /bin/sh", str(rootfs), image.ref)
+        images.debian_rootfs(image.ref, tmp, suite=SUITE, packages=packages)
 
     return images._cached(name, f"localhost/atlasd-{name}", key, make)
 
