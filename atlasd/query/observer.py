@@ -95,14 +95,14 @@ async def probe_unseen(
 ) -> None:
     """Probe up to ``limit`` clusters ``view`` has not seen, the longest-unprobed first;
     record each finding (and forget clusters that are seen or gone) in ``probes``."""
-    unseen = [n for n, c in view.clusters.items() if not c.seen and n in fleet.clusters]
+    unseen = {n for n, c in view.clusters.items() if not c.seen and n in fleet.clusters}
     for name in [n for n in probes if n not in unseen]:
         del probes[name]
     turn = sorted(unseen, key=lambda n: (probes[n][1] if n in probes else 0.0, n))[:limit]
     s = fleet.settings
     limiter = trio.CapacityLimiter(PROBE_CONCURRENCY)
 
-    async def one(name: str) -> None:
+    async def one(name: str, client: httpx.AsyncClient) -> None:
         authority = service_host(
             fleet.clusters[name].sidecar_service(0), s.namespace, s.cluster_domain
         )
@@ -112,12 +112,15 @@ async def probe_unseen(
                 address=via or f"{authority}:{OBS_THANOS_PORT}",
                 authority=authority,
                 within=PROBE_WITHIN,
+                client=client,
             )
         probes[name] = (found, now)
 
-    async with trio.open_nursery() as nursery:
-        for name in turn:
-            nursery.start_soon(one, name)
+    if turn:
+        # One client a round: through --probe-via, every probe shares one HTTP/2 connection.
+        async with httpx.AsyncClient(http1=False, http2=True) as client, trio.open_nursery() as n:
+            for name in turn:
+                n.start_soon(one, name, client)
     hops = dict.fromkeys(HOPS, 0)
     for found, _ in probes.values():
         hops[found.hop] += 1
