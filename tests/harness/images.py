@@ -86,11 +86,13 @@ def _log(msg: str) -> None:
     print(f"[images] {msg}", file=sys.stderr, flush=True)
 
 
-def podman_env() -> dict[str, str]:
-    conf = components.cache_root() / "podman" / "containers.conf"
-    if not conf.exists() or conf.read_text() != CONTAINERS_CONF:
+def podman_env(name: str = "containers.conf", text: str = CONTAINERS_CONF) -> dict[str, str]:
+    """The environment podman runs with: this process's, with ``CONTAINERS_CONF`` naming a
+    ``containers.conf`` of ``text`` kept in the cache (written when it differs)."""
+    conf = components.cache_root() / "podman" / name
+    if not conf.exists() or conf.read_text() != text:
         conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text(CONTAINERS_CONF)
+        conf.write_text(text)
     env = dict(os.environ)
     env["CONTAINERS_CONF"] = str(conf)
     return env

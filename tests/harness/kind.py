@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -346,12 +345,7 @@ kubeadmConfigPatches:
 
 
 def kind_env() -> dict[str, str]:
-    conf = components.cache_root() / "podman" / "kind-containers.conf"
-    if not conf.exists() or conf.read_text() != KIND_CONTAINERS_CONF:
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text(KIND_CONTAINERS_CONF)
-    env = dict(os.environ)
-    env["CONTAINERS_CONF"] = str(conf)
+    env = images.podman_env("kind-containers.conf", KIND_CONTAINERS_CONF)
     env["KIND_EXPERIMENTAL_PROVIDER"] = "podman"
     return env
 

@@ -83,6 +83,23 @@ class Etcd:
         self.proc.stop()
 
 
+def run_kubectl(
+    binary: str | Path, kubeconfig: Path, *args: str, input: str | None = None, check: bool = True
+) -> str:
+    """``kubectl --kubeconfig=<kubeconfig> args``; its stdout, or RuntimeError with its
+    stderr when it fails and ``check``."""
+    proc = subprocess.run(
+        [str(binary), f"--kubeconfig={kubeconfig}", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
 class ApiServer:
     """etcd + kube-apiserver; ``admin_kubeconfig`` is a kubeconfig file for kubectl/helm."""
 
@@ -207,16 +224,7 @@ class ApiServer:
         return httpx.Client(base_url=self.url, verify=self.ssl_context(), timeout=30)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
-        proc = subprocess.run(
-            ["kubectl", f"--kubeconfig={self.admin_kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc.stdout
+        return run_kubectl("kubectl", self.admin_kubeconfig, *args, input=input, check=check)
 
     def create_namespace(self, name: str) -> None:
         with self.admin() as c:

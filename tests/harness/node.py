@@ -85,6 +85,28 @@ def containerd_root() -> Path:
     return components.cache_root() / "node-containerd"
 
 
+def take_node_lock() -> IO[str]:
+    """The machine's one-node lock (a harness node or a kind cluster: kubelet sets kernel
+    tunables of the whole machine), waited for up to LOCK_WAIT; held until closed."""
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until the caller closes it
+
+    def taken() -> bool:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    try:
+        wait_until(taken, timeout=LOCK_WAIT, what=f"{LOCK_FILE} (one node per machine)",
+                   interval=1)  # fmt: skip
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
 class Node:
     """A single-node cluster; ``admin_kubeconfig`` reaches its API server."""
 
@@ -209,23 +231,7 @@ class Node:
         return problems
 
     def _take_lock(self) -> None:
-        LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until stop()
-
-        def taken() -> bool:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            return True
-
-        try:
-            wait_until(taken, timeout=LOCK_WAIT, what=f"{LOCK_FILE} (one node per machine)",
-                       interval=1)  # fmt: skip
-        except BaseException:
-            lock.close()
-            raise
-        self._lock = lock
+        self._lock = take_node_lock()
 
     # -- pieces -------------------------------------------------------------------
     def _proc(self, name: str, argv: list[str], **kw: Any) -> Proc:

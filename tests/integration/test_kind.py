@@ -11,9 +11,7 @@ from the host against the same cluster in a second namespace, `helm uninstall`.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,8 +26,9 @@ import yaml
 from tests.harness import components, kind
 from tests.harness.fixtures import helm_runner
 from tests.harness.images import Image
+from tests.harness.kube import run_kubectl
 from tests.harness.machine import read_sysctls, write_sysctls
-from tests.harness.node import LOCK_FILE, LOCK_WAIT
+from tests.harness.node import take_node_lock
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd
 
@@ -55,16 +54,7 @@ class Cluster:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         binary = components.kube_release() / "kubectl"
-        proc = subprocess.run(
-            [str(binary), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc.stdout
+        return run_kubectl(binary, self.kubeconfig, *args, input=input, check=check)
 
     def get(self, kind_: str, name: str, ns: str = NS) -> Doc | None:
         out = self.kubectl("get", kind_, name, "-n", ns, "-o", "json", check=False)
@@ -96,16 +86,7 @@ def cluster(
     home = tmp_path_factory.mktemp("kind")
     name = f"atlasd-test-{int(time.time()) % 100000}"
     kubeconfig = home / "kubeconfig"
-    lock = open(LOCK_FILE, "w")  # noqa: SIM115 - held until teardown
-
-    def taken() -> bool:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    wait_until(taken, timeout=LOCK_WAIT, what=f"{LOCK_FILE} (one node per machine)", interval=1)
+    lock = take_node_lock()
     saved = read_sysctls()
     started = time.monotonic()
     try:
