@@ -11,6 +11,7 @@ import copy
 import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,14 @@ class Envoy:
         self._admin_url: str | None = None
 
     def start(self) -> Envoy:
+        # Envoy asks for SIGTERM when the thread that forked it exits (PR_SET_PDEATHSIG):
+        # started from a worker thread (trio.to_thread), it dies once that thread is reaped
+        # (docs/testing.md, "A trap: Envoy and threads"). Refuse instead of dying later.
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(
+                f"envoy {self.name}: start it from the main thread, not a worker thread "
+                "(it would be SIGTERMed when that thread exits)"
+            )
         self.proc.start()
         wait_until(self._admin_known, timeout=30, what=f"envoy {self.name} admin address")
         return self
