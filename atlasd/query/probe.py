@@ -12,7 +12,11 @@ where it stopped. Envoy answers a request it cannot route or forward itself with
 "local reply" (a ``grpc-status`` and a ``grpc-message`` naming the reason); every answer
 that passed through the downstream Envoy carries ``x-atlas-cluster: <cluster>``
 (``labels.CLUSTER_HEADER``, set by atlasd's configuration of that Envoy), its own local
-replies included, so the two Envoys' replies are told apart:
+replies included, so the two Envoys' replies are told apart. The observability Envoy's
+own reply to a call whose connection to the downstream Envoy failed carries the
+transport's failure reason (``labels.UPSTREAM_FAILURE_HEADER``; Envoy leaves it out of
+the reply's text): a refused TCP connection and a refused TLS handshake, and which side
+refused it, are told apart by it, with no connection of the probe's own to the cluster:
 
 =====================  ==============================================================
 hop                    seen as
@@ -25,9 +29,11 @@ hop                    seen as
                        Envoy has not applied its configuration
 ``cluster-unreachable`` the observability Envoy could not connect to the cluster's
                        external IP (refused, reset, or no answer within its 5 s)
-``tls-refused``        the TLS handshake with the downstream Envoy failed (which side
-                       refused, and why, is in the detail: a certificate of another
-                       CA, a name that is not the cluster's)
+``tls-refused``        the TLS handshake with the downstream Envoy failed; the detail
+                       says which side refused which certificate: the observability
+                       Envoy refused the downstream's (another CA; names that are not
+                       the cluster's, listed; expired), or the downstream refused the
+                       observability Envoy's (the TLS alert it sent, e.g. unknown ca)
 ``upstream-down``      the downstream Envoy answered, but its sidecar did not
 ``timeout``            nothing at all within ``timeout`` seconds
 ``error``              anything else (the detail says what)
@@ -52,7 +58,7 @@ from typing import Protocol
 
 import httpx
 
-from atlasd.labels import CLUSTER_HEADER
+from atlasd.labels import CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER
 from atlasd.thanospb.thanos.info import InfoRequest, InfoResponse
 
 INFO_PATH = "/thanos.info.Info/Info"
@@ -119,6 +125,49 @@ def _answered_by(cluster: str, headers: httpx.Headers) -> tuple[bool, Finding | 
     return by is not None or "x-envoy-upstream-service-time" in headers, None
 
 
+def transport_failure(cluster: str, reason: str) -> tuple[str, str]:
+    """The hop and what happened, from the observability Envoy's transport failure reason
+    for its connection to ``cluster``'s Envoy (pure; Envoy writes ``_`` for spaces):
+
+    - ``CERTIFICATE_VERIFY_FAILED``: the observability Envoy refused the downstream's
+      certificate (its ``verify_cert_failed:`` part says why: a SAN matcher that did not
+      match, with the certificate's SANs; no local issuer: another CA);
+    - a TLS alert (``TLSV1_ALERT_UNKNOWN_CA``, ``SSLV3_ALERT_BAD_CERTIFICATE``, ...): the
+      downstream refused the observability Envoy's certificate and said so;
+    - any other TLS error: a failed handshake; anything else: no connection.
+    """
+    said = reason.replace("_", " ").strip()
+    if "TLS_error" not in reason:
+        return "cluster-unreachable", said
+    why = said.removesuffix(":TLS error end")
+    why = why.partition("OPENSSL internal:")[2] or why.removeprefix("TLS error:").strip(" |")
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        verify = said.partition("verify cert failed:")[2].removesuffix(":TLS error end").strip()
+        if "SAN matcher" in verify:
+            names = verify.partition("certificate SANs are")[2].strip(" []")
+            what = (
+                f"presents a certificate that does not name {cluster!r} (it names: "
+                f"{names or 'nothing'})"
+            )
+        elif "local issuer" in verify or "self signed" in verify or "self-signed" in verify:
+            what = "presents a certificate of another CA (not in atlasd's trust bundle)"
+        elif "expired" in verify:
+            what = "presents an expired certificate"
+        else:
+            what = f"presents a certificate that does not verify ({verify or why})"
+        return "tls-refused", (
+            f"the downstream Envoy {what}: the observability Envoy refused it [{why}]"
+        )
+    alert = next((w for w in reason.split(":") if "_ALERT_" in w), None)
+    if alert is not None:
+        name = alert.partition("_ALERT_")[2].replace("_", " ").lower()
+        return "tls-refused", (
+            f"the downstream Envoy refused the observability Envoy's certificate "
+            f"(TLS alert {name!r}) [{why}]"
+        )
+    return "tls-refused", f"the TLS handshake with the downstream Envoy failed [{why}]"
+
+
 def _failure(
     cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float, via: str,
     from_downstream: bool,
@@ -132,6 +181,12 @@ def _failure(
 
     def found(hop: str) -> Finding:
         return Finding(cluster, hop, detail, seconds, via=via)
+
+    reason = headers.get(UPSTREAM_FAILURE_HEADER)
+    if reason and not from_downstream:
+        # The observability Envoy's connection to the downstream Envoy failed, and why.
+        hop, what = transport_failure(cluster, reason)
+        return Finding(cluster, hop, f"{what} ({detail})", seconds, via=via)
 
     if not from_downstream and (
         status == 404 or grpc_status == "12" or "route not found" in low or "no route" in low

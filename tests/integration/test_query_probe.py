@@ -5,11 +5,16 @@ xDS server, a real Thanos sidecar, and each failure injected for real.
     Envoy -> Thanos sidecar (east) | a closed port (west) | an Envoy holding every call
     4 s (south)
 
-north has no downstream Envoy at all; ghost is not served.
+north has no downstream Envoy at all; ghost is not served. Where the downstream Envoys
+of alien, picky and misnamed would be, real Envoys terminate TLS with the wrong
+material: alien's certificate (and trust) are of another CA; picky presents its own
+certificate of atlasd's CA but trusts only another CA, so it refuses the observability
+Envoy's; misnamed presents a certificate of atlasd's CA naming another cluster.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +23,9 @@ from typing import Any
 import pytest
 import trio
 
-from atlasd.model import DownstreamCluster
+from atlasd.model import CertKey, DownstreamCluster
 from atlasd.query.probe import Finding, probe, probe_prometheus
+from tests.harness.envoy import typed
 from tests.harness.net import free_port
 from tests.harness.prom import WebProc
 from tests.integration.daemon_helpers import cli as run_cli
@@ -27,6 +33,62 @@ from tests.integration.test_dns_thanos import Rig
 from tests.integration.test_query_bounds import fault_envoy
 
 pytestmark = pytest.mark.integration
+
+
+def tls_envoy(ports: tuple[int, ...], cert: CertKey, trust: bytes) -> dict[str, Any]:
+    """An Envoy listening on ``ports`` as a downstream Envoy does (TLS, ``cert``, a client
+    certificate signed by a CA of ``trust`` required), answering every request 200."""
+    hcm = typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="tls",
+        codec_type="AUTO",
+        route_config={
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}],
+                }
+            ]
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+    )
+
+    def inline(pem: bytes) -> dict[str, str]:
+        return {"inline_bytes": base64.b64encode(pem).decode()}
+
+    tls = typed(
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        require_client_certificate=True,
+        common_tls_context={
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_certificates": [
+                {"certificate_chain": inline(cert.cert_pem), "private_key": inline(cert.key_pem)}
+            ],
+            "validation_context": {"trusted_ca": inline(trust)},
+        },
+    )
+    chain = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls},
+    }
+    return {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": f"tls{port}",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [chain],
+                }
+                for port in ports
+            ]
+        }
+    }
 
 
 async def test_each_broken_hop_is_named(
@@ -52,9 +114,21 @@ async def test_each_broken_hop_is_named(
             name, thanos_port=upstream.get(name, free_port()), prom_port=prom
         )
 
-    names = ("east", "west", "north", "south")
+    names = ("east", "west", "north", "south", "alien", "picky", "misnamed")
     async with xds_world(envoy_factory, clusters=names, cluster_factory=downstream) as w:
         await w.start_ready("atlas", "east", "west", "south")
+        other = xds_helpers.make_ca("another-ca")
+        picky = w.pki.identity("picky")
+        assert picky is not None
+        wrong = {
+            "alien": (xds_helpers.identity(other, "alien").server, other.bundle),
+            "picky": (picky.server, other.bundle),
+            "misnamed": (xds_helpers.identity(w.ca, "west").server, w.pki.trust_bundle),
+        }
+        for c, (cert, trust) in wrong.items():
+            ports = w.plan.ports_for(c)
+            boot = tls_envoy((ports.thanos, ports.prometheus), cert, trust)
+            await trio.to_thread.run_sync(start_envoy_here(envoy_factory, boot, c).wait_ready, 30)
         address = f"127.0.0.1:{w.plan.observability.thanos}"
         s = w.settings
 
@@ -77,8 +151,24 @@ async def test_each_broken_hop_is_named(
         closed = f"127.0.0.1:{free_port()}"
         assert (await look("east", address=closed)).hop == "envoy-unreachable"
 
-        # The Prometheus path: /prom/<c>/-/ready through the observability Envoy's 10904.
+        # A refused handshake: which side refused which certificate, on both paths.
         prom_via = f"127.0.0.1:{w.plan.observability.prometheus}"
+        said = {
+            "alien": "the downstream Envoy presents a certificate of another CA (not in "
+            "atlasd's trust bundle): the observability Envoy refused it",
+            "picky": "the downstream Envoy refused the observability Envoy's certificate "
+            "(TLS alert 'unknown ca')",
+            "misnamed": "the downstream Envoy presents a certificate that does not name "
+            f"'misnamed' (it names: west, west.{s.namespace}.atlas)",
+        }
+        for c, says in said.items():
+            for f in (await look(c), await probe_prometheus(c, address=prom_via)):
+                assert f.hop == "tls-refused", f
+                assert says in f.detail, f.detail
+        north = await look("north")
+        assert "Connection refused" in north.detail, north  # not a handshake: no listener
+
+        # The Prometheus path: /prom/<c>/-/ready through the observability Envoy's 10904.
         hops = {
             c: (await probe_prometheus(c, address=prom_via)).hop
             for c in ("east", "west", "north", "ghost")
@@ -107,13 +197,16 @@ async def test_each_broken_hop_is_named(
         assert "east (prometheus): ok (ready in" in good.stdout, good.stdout
         bad = await trio.to_thread.run_sync(
             lambda: run_cli(
-                "probe", "west", "north", f"--via={address}", s_ns, "-o", "json", check=False
+                "probe", "west", "north", "picky", f"--via={address}", s_ns, "-o", "json",
+                check=False,
             )
-        )
+        )  # fmt: skip
         assert bad.returncode == 1, bad.stderr
         doc = json.loads(bad.stdout)
         assert [(f["cluster"], f["hop"]) for f in doc] == [
             ("west", "upstream-down"),
             ("north", "cluster-unreachable"),
+            ("picky", "tls-refused"),
         ]
+        assert said["picky"] in doc[2]["detail"]
         assert all(f["fix"] for f in doc)

@@ -8,7 +8,15 @@ import struct
 import httpx
 import pytest
 
-from atlasd.query.probe import HOPS, Finding, classify, classify_prometheus, info_request_body
+from atlasd.labels import UPSTREAM_FAILURE_HEADER
+from atlasd.query.probe import (
+    HOPS,
+    Finding,
+    classify,
+    classify_prometheus,
+    info_request_body,
+    transport_failure,
+)
 from atlasd.thanospb.thanos import Label, ZLabelSet
 from atlasd.thanospb.thanos.info import InfoResponse
 
@@ -16,11 +24,24 @@ UNREACHABLE = (
     "upstream connect error or disconnect/reset before headers. reset reason: remote "
     "connection failure"
 )
-TLS = (
-    "upstream connect error or disconnect/reset before headers. reset reason: connection "
-    "failure, transport failure reason: TLS_error:|268435581:SSL routines:"
-    "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end"
+# The observability Envoy's (1.40) transport failure reasons, as its replies carry them
+# (labels.UPSTREAM_FAILURE_HEADER), each taken from a real handshake: a downstream with a
+# certificate of another CA, one whose certificate names another cluster, one refusing
+# the observability Envoy's certificate, and no listener at all.
+OTHER_CA = (
+    "TLS_error:|268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:"
+    "verify_cert_failed:_X509_verify_cert:_certificate_verification_error_at_depth_0:"
+    "_unable_to_get_local_issuer_certificate:TLS_error_end"
 )
+OTHER_NAME = (
+    "TLS_error:|268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:"
+    "verify_cert_failed:_SAN_matcher,_certificate_SANs_are_[west,_west.monitoring.atlas]:"
+    "TLS_error_end"
+)
+REFUSED_OURS = (
+    "TLS_error:|268436504:SSL_routines:OPENSSL_internal:TLSV1_ALERT_UNKNOWN_CA:TLS_error_end"
+)
+CONNECTION_REFUSED = "delayed_connect_error:_Connection_refused"
 
 
 def answer(headers: dict[str, str], body: bytes = b"", *, seconds: float = 0.01) -> Finding:
@@ -51,7 +72,9 @@ def test_an_answer_is_ok_with_its_labels_or_slow() -> None:
         # The observability Envoy's own replies (no x-atlas-cluster).
         ({"grpc-status": "12"}, "no-route"),
         ({"grpc-status": "14", "grpc-message": UNREACHABLE}, "cluster-unreachable"),
-        ({"grpc-status": "14", "grpc-message": TLS}, "tls-refused"),
+        ({"grpc-status": "14", "grpc-message": UNREACHABLE, "x-atlas-upstream-failure": OTHER_CA}, "tls-refused"),
+        ({"grpc-status": "14", "grpc-message": UNREACHABLE, "x-atlas-upstream-failure": REFUSED_OURS}, "tls-refused"),
+        ({"grpc-status": "14", "grpc-message": UNREACHABLE, "x-atlas-upstream-failure": CONNECTION_REFUSED}, "cluster-unreachable"),
         ({"grpc-status": "4", "grpc-message": "upstream request timeout"}, "cluster-unreachable"),
         # Passed on from the downstream Envoy: its sidecar is the broken hop.
         ({"grpc-status": "14", "grpc-message": UNREACHABLE, "x-atlas-cluster": "east"}, "upstream-down"),
@@ -70,6 +93,44 @@ def test_each_failure_names_its_hop_and_says_what_to_do(headers: dict[str, str],
         assert f.fix
     if "grpc-message" in headers:
         assert headers["grpc-message"][:40] in f.detail
+
+
+@pytest.mark.parametrize(
+    ("reason", "says"),
+    [
+        (OTHER_CA, "the downstream Envoy presents a certificate of another CA"),
+        (OTHER_NAME, "presents a certificate that does not name 'east' (it names: west, "
+                     "west.monitoring.atlas)"),
+        (REFUSED_OURS, "the downstream Envoy refused the observability Envoy's certificate "
+                       "(TLS alert 'unknown ca')"),
+        ("TLS_error:|268435703:SSL_routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end",
+         "the TLS handshake with the downstream Envoy failed [WRONG VERSION NUMBER]"),
+    ],
+)  # fmt: skip
+def test_a_refused_handshake_says_which_side_refused_which_certificate(
+    reason: str, says: str
+) -> None:
+    for f in (
+        answer({"grpc-status": "14", "grpc-message": UNREACHABLE, UPSTREAM_FAILURE_HEADER: reason}),
+        prom(503, {UPSTREAM_FAILURE_HEADER: reason}, UNREACHABLE.encode()),
+    ):
+        assert f.hop == "tls-refused", f
+        assert says in f.detail, f.detail
+        assert UNREACHABLE in f.detail  # what Envoy said is kept
+    assert transport_failure("east", CONNECTION_REFUSED) == (
+        "cluster-unreachable",
+        "delayed connect error: Connection refused",
+    )
+
+
+def test_a_failure_reason_passed_on_from_downstream_is_not_the_observability_envoys() -> None:
+    # The downstream Envoy answered (its sidecar is down): the header, whoever set it, does
+    # not make the observability Envoy's connection the broken hop.
+    f = answer(
+        {"grpc-status": "14", "grpc-message": UNREACHABLE, "x-atlas-cluster": "east",
+         UPSTREAM_FAILURE_HEADER: CONNECTION_REFUSED}
+    )  # fmt: skip
+    assert f.hop == "upstream-down", f
 
 
 def test_an_http_404_is_no_route_and_an_unparsable_answer_is_an_error() -> None:
