@@ -43,6 +43,20 @@ hop                    seen as
 the observability Envoy's 10904, as Grafana reaches the cluster's Prometheus), with the
 same hops.
 
+``probe_alertmanager`` follows the Alertmanager route the other way, as the cluster's
+alerts take it: the downstream Envoy relays its Prometheus's alerts over mTLS to the
+observability Envoy's 10903, whose route ``alertmanager`` sends authority
+``alertmanager<i>.<ns>.svc.<domain>`` to the i-th local Alertmanager, for callers whose
+certificate names a cluster atlasd serves now (RBAC). The probe calls 10903 as that
+downstream Envoy does: the cluster's client certificate, the observability Envoy's
+verified against atlasd's CA and its name ``atlas``, TLS 1.2 at most (Envoy's upstream
+default, so a refused client certificate fails the handshake itself), ``GET /-/ready`` by
+that authority. Its hops: ``envoy-unreachable`` (no TCP to 10903), ``tls-refused``
+(which side refused which certificate), ``no-route`` (403: the cluster is not one the
+route takes alerts from, or there is no such Alertmanager: ``known_alertmanagers`` tells
+which when another Alertmanager let the cluster in), ``upstream-down`` (the observability
+Envoy could not reach the Alertmanager, or it is not ready), ``ok``/``slow``.
+
 Uses Thanos's own Info protobuf (``atlasd.thanospb``, generated from ``proto/`` with
 betterproto); the HTTP/2 exchange goes through ``httpx`` (cleartext, prior knowledge), as
 it gives the response headers a classification needs.
@@ -51,7 +65,10 @@ it gives the response headers a classification needs.
 from __future__ import annotations
 
 import dataclasses
+import os
+import ssl
 import struct
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -59,6 +76,7 @@ from typing import Protocol
 import httpx
 
 from atlasd.labels import CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER
+from atlasd.model import OBSERVABILITY_NODE, CertKey
 from atlasd.thanospb.thanos.info import InfoRequest, InfoResponse
 
 INFO_PATH = "/thanos.info.Info/Info"
@@ -93,6 +111,19 @@ _FIX = {
 
 THANOS = "thanos"  # StoreAPI Info by the sidecar's authority (Thanos Query's path)
 PROMETHEUS = "prometheus"  # /prom/<c>/-/ready on the observability Envoy's 10904
+ALERTMANAGER = "alertmanager"  # alertmanager<i>'s /-/ready on 10903, as <c>'s alerts go
+# What to do, where it differs on the Alertmanager route (the cluster calls in).
+_FIX_ALERTMANAGER = {
+    "envoy-unreachable": "is the observability Envoy running, and its Alertmanager listener "
+    "(10903) reachable at that address (the downstream Envoys dial ATLAS_ENVOY_ADDRESS)?",
+    "no-route": "403: the observability Envoy takes alerts only from clusters atlasd serves "
+    "now (atlasd status); 404: no local Alertmanager of that number "
+    "(ATLAS_ALERTMANAGER_SELECTOR)",
+    "tls-refused": "the cluster's and the observability Envoy's certificates must share "
+    "atlasd's CA: install the current values (atlasd cluster values <c>, and atlas)",
+    "upstream-down": "the observability Envoy is up; the Alertmanager it routes to is not "
+    "answering (or not ready)",
+}
 
 
 @dataclass(frozen=True)
@@ -111,7 +142,15 @@ class Finding:
         return self.hop == "ok"
 
     @property
+    def path(self) -> str:
+        """The path probed: ``thanos``, ``prometheus`` or ``alertmanager`` (``via`` also
+        numbers the Alertmanager: ``alertmanager1``)."""
+        return ALERTMANAGER if self.via.startswith(ALERTMANAGER) else self.via
+
+    @property
     def fix(self) -> str:
+        if self.path == ALERTMANAGER and self.hop in _FIX_ALERTMANAGER:
+            return _FIX_ALERTMANAGER[self.hop]
         return _FIX.get(self.hop, "")
 
 
@@ -253,6 +292,89 @@ def classify_prometheus(
     )  # fmt: skip
 
 
+def classify_alertmanager(
+    cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float,
+    slow_after: float, via: str = ALERTMANAGER,
+) -> Finding:  # fmt: skip
+    """The hop a GET of an Alertmanager's ``/-/ready`` through the observability Envoy's
+    10903 stopped at (pure). Envoy marks an answer that came from the Alertmanager
+    (``x-envoy-upstream-service-time``); its own replies are not marked."""
+    text = body.decode("utf-8", "replace").strip()[:300]
+    detail = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+    def found(hop: str, what: str = "") -> Finding:
+        return Finding(cluster, hop, f"{what} ({detail})" if what else detail, seconds, via=via)
+
+    if "x-envoy-upstream-service-time" in headers:
+        if status == 200:
+            return Finding(cluster, "slow" if seconds > slow_after else "ok", "", seconds, via=via)
+        return found("upstream-down", "the Alertmanager answered, not ready")
+    if status in (403, 404):
+        # The route's RBAC runs first and allows nobody where no route matched: an
+        # authority naming no Alertmanager gets 403 too (``known_alertmanagers`` tells).
+        return found(
+            "no-route",
+            f"the observability Envoy does not take alerts from {cluster!r} (not a cluster "
+            f"atlasd serves now), or has no {via}",
+        )
+    if status in (502, 503, 504) or "upstream connect error" in text:
+        return found("upstream-down", "the observability Envoy could not reach the Alertmanager")
+    return found("error")
+
+
+def known_alertmanagers(findings: list[Finding]) -> list[Finding]:
+    """One cluster's Alertmanager route findings, the refusals made precise: where the
+    observability Envoy let the cluster through to some Alertmanager, a refusal of
+    another (``no-route``) means it has no such Alertmanager (pure)."""
+    let_in = any(f.path == ALERTMANAGER and f.hop != "no-route" for f in findings)
+    if not let_in:
+        return findings
+    return [
+        dataclasses.replace(
+            f, detail=f"the observability Envoy has no {f.via} ({f.detail.rpartition('(')[2]}"
+        )
+        if f.path == ALERTMANAGER and f.hop == "no-route"
+        else f
+        for f in findings
+    ]
+
+
+def _tls_refusal(exc: BaseException, *, peer: str) -> str | None:
+    """What a failed TLS handshake with ``peer`` says (None: it was no TLS failure): our
+    side refused its certificate, or it refused ours (the alert it sent)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            why = cur.verify_message or str(cur)
+            return f"{peer} presents a certificate that does not verify ({why}): refused"
+        if isinstance(cur, ssl.SSLError):
+            reason = cur.reason or str(cur)
+            if "ALERT" in reason:
+                name = reason.partition("ALERT_")[2].replace("_", " ").lower()
+                return f"{peer} refused the certificate presented to it (TLS alert {name!r})"
+            return f"the TLS handshake with {peer} failed ({reason})"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def client_tls(identity: CertKey, trust: bytes) -> ssl.SSLContext:
+    """TLS as a downstream Envoy dials the observability Envoy: ``identity`` presented,
+    the server verified against ``trust``, at most TLS 1.2 (Envoy's upstream default)."""
+    ctx = ssl.create_default_context(cadata=trust.decode("ascii"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    # ``ssl`` loads a key from a file only: a private directory, gone once loaded.
+    with tempfile.TemporaryDirectory(prefix="atlasd-probe-") as d:
+        cert, key = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
+        for path, pem in ((cert, identity.cert_pem), (key, identity.key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
 def info_request_body() -> bytes:
     """One gRPC message frame: not compressed, length, the encoded InfoRequest."""
     payload = bytes(InfoRequest())
@@ -282,8 +404,11 @@ async def _exchange(
             seconds=time.perf_counter() - started, slow_after=slow_after,
         )  # fmt: skip
     except httpx.ConnectError as exc:
-        return Finding(cluster, "envoy-unreachable", f"{address}: {exc}",
-                       time.perf_counter() - started, via=via)  # fmt: skip
+        refused = _tls_refusal(exc, peer=f"the observability Envoy at {address}")
+        hop, what = (
+            ("tls-refused", refused) if refused else ("envoy-unreachable", f"{address}: {exc}")
+        )
+        return Finding(cluster, hop, what, time.perf_counter() - started, via=via)
     except httpx.TimeoutException:
         return Finding(cluster, "timeout", f"no answer within {within:g} s",
                        time.perf_counter() - started, via=via)  # fmt: skip
@@ -293,6 +418,49 @@ async def _exchange(
     finally:
         if own:
             await http.aclose()
+
+
+async def probe_alertmanager(
+    cluster: str,
+    *,
+    address: str,
+    index: int,
+    namespace: str,
+    domain: str,
+    identity: CertKey,
+    trust: bytes,
+    within: float = 10.0,
+    slow_after: float = 2.0,
+) -> Finding:
+    """GET ``/-/ready`` of the ``index``-th local Alertmanager through the observability
+    Envoy's Alertmanager listener at ``address`` (host:port, 10903), as ``cluster``'s
+    downstream Envoy relays its alerts: with ``identity`` (the cluster's client
+    certificate), the server verified against ``trust`` and the name ``atlas``."""
+    via = f"{ALERTMANAGER}{index}"
+    request = httpx.Request(
+        "GET",
+        f"https://{address}/-/ready",
+        headers={"host": f"{via}.{namespace}.svc.{domain}"},
+        extensions={
+            "timeout": httpx.Timeout(within).as_dict(),
+            "sni_hostname": OBSERVABILITY_NODE,
+        },
+    )
+
+    def judge(
+        cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float,
+        slow_after: float,
+    ) -> Finding:  # fmt: skip
+        return classify_alertmanager(
+            cluster, status=status, headers=headers, body=body, seconds=seconds,
+            slow_after=slow_after, via=via,
+        )  # fmt: skip
+
+    async with httpx.AsyncClient(verify=client_tls(identity, trust)) as client:
+        return await _exchange(
+            cluster, via, request, within=within, slow_after=slow_after, client=client,
+            http2=False, judge=judge,
+        )  # fmt: skip
 
 
 async def probe(

@@ -10,6 +10,10 @@ of alien, picky and misnamed would be, real Envoys terminate TLS with the wrong
 material: alien's certificate (and trust) are of another CA; picky presents its own
 certificate of atlasd's CA but trusts only another CA, so it refuses the observability
 Envoy's; misnamed presents a certificate of atlasd's CA naming another cluster.
+
+The Alertmanager route is probed as a cluster's alerts take it: into the observability
+Envoy's 10903 with the cluster's certificate, to a real Alertmanager (alertmanager0) and
+to a closed port (alertmanager1).
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ from typing import Any
 import pytest
 import trio
 
-from atlasd.model import CertKey, DownstreamCluster
-from atlasd.query.probe import Finding, probe, probe_prometheus
+from atlasd import labels
+from atlasd.model import CertKey, DownstreamCluster, LocalAlertmanager
+from atlasd.query.probe import Finding, probe, probe_alertmanager, probe_prometheus
+from atlasd.reconcile.objects import secret_object
+from atlasd.standalone import FileStore
 from tests.harness.envoy import typed
 from tests.harness.net import free_port
 from tests.harness.prom import WebProc
 from tests.integration.daemon_helpers import cli as run_cli
 from tests.integration.test_dns_thanos import Rig
 from tests.integration.test_query_bounds import fault_envoy
+from tests.integration.test_xds_traffic import AM_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -210,3 +218,90 @@ async def test_each_broken_hop_is_named(
         ]
         assert said["picky"] in doc[2]["detail"]
         assert all(f["fix"] for f in doc)
+
+
+async def test_the_alertmanager_route_names_its_hops(
+    tmp_path: Path, alertmanager_factory: Callable[[str], WebProc], envoy_factory: Any
+) -> None:
+    from tests.unit.xds import helpers as xds_helpers
+    from tests.unit.xds.world import xds_world
+
+    am = await trio.to_thread.run_sync(alertmanager_factory, AM_CONFIG)
+    local = [
+        LocalAlertmanager("am0", "monitoring", am.port),
+        LocalAlertmanager("am1", "monitoring", free_port()),
+    ]
+    async with xds_world(envoy_factory, clusters=("east",), alertmanagers=local) as w:
+        await w.start_ready("atlas")
+        s = w.settings
+        address = f"127.0.0.1:{w.plan.observability.alertmanager}"
+        east = w.pki.identity("east")
+        assert east is not None
+        other = xds_helpers.make_ca("another-ca")
+
+        async def look(
+            index: int = 0, *, cert: CertKey = east.client, trust: bytes = w.pki.trust_bundle,
+            at: str = address,
+        ) -> Finding:  # fmt: skip
+            return await probe_alertmanager(
+                "east", address=at, index=index, namespace=s.namespace,
+                domain=s.cluster_domain, identity=cert, trust=trust,
+            )  # fmt: skip
+
+        ok = await look(0)
+        assert (ok.hop, ok.via) == ("ok", "alertmanager0"), ok
+        down = await look(1)
+        assert down.hop == "upstream-down", down
+        assert "could not reach the Alertmanager" in down.detail
+        missing = await look(2)
+        assert missing.hop == "no-route" and "or has no alertmanager2" in missing.detail
+        # A certificate of atlasd's CA naming no cluster it serves: the route's RBAC says no.
+        ghost = await look(cert=xds_helpers.identity(w.ca, "ghost").client)
+        assert ghost.hop == "no-route" and "does not take alerts from" in ghost.detail, ghost
+        # The observability Envoy refuses a client certificate of another CA...
+        alien = await look(cert=xds_helpers.identity(other, "east").client)
+        assert alien.hop == "tls-refused", alien
+        assert "refused the certificate presented to it (TLS alert 'unknown ca')" in alien.detail
+        # ...and a cluster trusting another CA refuses the observability Envoy's.
+        distrust = await look(trust=other.bundle)
+        assert distrust.hop == "tls-refused", distrust
+        assert "presents a certificate that does not verify" in distrust.detail, distrust
+        closed = await look(at=f"127.0.0.1:{free_port()}")
+        assert closed.hop == "envoy-unreachable", closed
+
+        # The CLI reads the cluster's certificate where atlasd keeps it (here: a store).
+        store = tmp_path / "store"
+        identity = secret_object(
+            name=labels.identity_secret_name("east"),
+            namespace=s.namespace,
+            data={
+                "ca.crt": w.pki.trust_bundle,
+                "client.crt": east.client.cert_pem,
+                "client.key": east.client.key_pem,
+            },
+            obj_labels={},
+        )
+        async with FileStore(store, namespace=s.namespace) as files:
+            await files.create(identity)
+        run = await trio.to_thread.run_sync(
+            lambda: run_cli(
+                "probe", "east", f"--via=127.0.0.1:{w.plan.observability.thanos}",
+                f"--alertmanager-via={address}", "--alertmanagers=3", f"--store={store}",
+                f"--namespace={s.namespace}", check=False,
+            )
+        )  # fmt: skip
+        assert run.returncode == 1, run.stderr  # east has no downstream Envoy here
+        assert "east (alertmanager0): ok (ready in" in run.stdout, run.stdout
+        assert "east (alertmanager1): upstream-down after" in run.stdout, run.stdout
+        # The Envoy let east in to the others: alertmanager2 is missing, not east refused.
+        assert "east (alertmanager2): no-route after" in run.stdout, run.stdout
+        assert "the observability Envoy has no alertmanager2 (HTTP 403" in run.stdout
+        assert "BEGIN" not in run.stdout + run.stderr  # no key, no certificate printed
+        nothing = await trio.to_thread.run_sync(
+            lambda: run_cli(
+                "probe", "west", f"--alertmanager-via={address}", f"--store={store}",
+                f"--namespace={s.namespace}", check=False,
+            )
+        )  # fmt: skip
+        assert nothing.returncode == 1
+        assert "west-atlas-identity not found" in nothing.stderr, nothing.stderr

@@ -3,6 +3,7 @@ real Envoys answer (tests/integration/test_query_probe.py shows each against the
 
 from __future__ import annotations
 
+import ssl
 import struct
 
 import httpx
@@ -12,9 +13,12 @@ from atlasd.labels import UPSTREAM_FAILURE_HEADER
 from atlasd.query.probe import (
     HOPS,
     Finding,
+    _tls_refusal,
     classify,
+    classify_alertmanager,
     classify_prometheus,
     info_request_body,
+    known_alertmanagers,
     transport_failure,
 )
 from atlasd.thanospb.thanos import Label, ZLabelSet
@@ -161,3 +165,73 @@ def test_the_prometheus_path_names_its_hops() -> None:
     assert prom(503, {}, UNREACHABLE.encode()).hop == "cluster-unreachable"
     assert prom(503, {"x-atlas-cluster": "east"}, UNREACHABLE.encode()).hop == "upstream-down"
     assert prom(200, {"x-atlas-cluster": "west"}).hop == "error"  # misrouted
+
+
+def am(status: int, headers: dict[str, str], body: bytes = b"", seconds: float = 0.01) -> Finding:
+    return classify_alertmanager(
+        "east", status=status, headers=httpx.Headers(headers), body=body, seconds=seconds,
+        slow_after=2, via="alertmanager1",
+    )  # fmt: skip
+
+
+UPSTREAM_TIME = {"x-envoy-upstream-service-time": "1"}  # Envoy: the Alertmanager answered
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "hop", "says"),
+    [
+        (200, UPSTREAM_TIME, b"OK", "ok", ""),
+        (503, UPSTREAM_TIME, b"Alertmanager is not ready", "upstream-down", "answered, not ready"),
+        (403, {}, b"RBAC: access denied", "no-route", "does not take alerts from 'east' (not a "
+         "cluster atlasd serves now), or has no alertmanager1 (HTTP 403: RBAC: access denied)"),
+        (503, {}, UNREACHABLE.encode(), "upstream-down", "could not reach the Alertmanager"),
+        (500, {}, b"boom", "error", "HTTP 500: boom"),
+    ],
+)  # fmt: skip
+def test_the_alertmanager_route_names_its_hops(
+    status: int, headers: dict[str, str], body: bytes, hop: str, says: str
+) -> None:
+    f = am(status, headers, body)
+    assert (f.hop, f.via, f.path) == (hop, "alertmanager1", "alertmanager")
+    assert says in f.detail
+    if hop not in ("ok", "error"):
+        # Its own advice: the cluster calls in, the Alertmanager is the last hop.
+        assert f.fix and f.fix != Finding("east", hop).fix
+    assert am(200, UPSTREAM_TIME, b"OK", seconds=3).hop == "slow"
+
+
+def test_a_refused_handshake_of_our_own_says_which_side_refused() -> None:
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    verify.verify_message = "unable to get local issuer certificate"
+    alert = ssl.SSLError(1, "tlsv1 alert unknown ca")
+    alert.reason = "TLSV1_ALERT_UNKNOWN_CA"
+
+    def wrapped(inner: BaseException) -> httpx.ConnectError:
+        try:
+            try:
+                raise inner
+            except ssl.SSLError as exc:
+                raise httpx.ConnectError(str(exc)) from exc
+        except httpx.ConnectError as outer:
+            return outer
+
+    theirs = _tls_refusal(wrapped(verify), peer="the observability Envoy")
+    assert theirs is not None and "does not verify (unable to get local issuer" in theirs
+    ours = _tls_refusal(wrapped(alert), peer="the observability Envoy")
+    assert ours == (
+        "the observability Envoy refused the certificate presented to it (TLS alert 'unknown ca')"
+    )
+    assert _tls_refusal(httpx.ConnectError("[Errno 111] Connection refused"), peer="x") is None
+
+
+def test_a_refusal_where_another_alertmanager_let_the_cluster_in_is_a_missing_one() -> None:
+    refused = Finding(
+        "east", "no-route", "... or has no alertmanager2 (HTTP 403: RBAC)", via="alertmanager2"
+    )
+    thanos = Finding("east", "cluster-unreachable")
+    # Nothing let east in: either reason stands.
+    assert known_alertmanagers([thanos, refused]) == [thanos, refused]
+    up = Finding("east", "upstream-down", via="alertmanager0")
+    assert [f.detail for f in known_alertmanagers([thanos, up, refused])][2] == (
+        "the observability Envoy has no alertmanager2 (HTTP 403: RBAC)"
+    )
