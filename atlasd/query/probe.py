@@ -112,6 +112,9 @@ _FIX = {
 THANOS = "thanos"  # StoreAPI Info by the sidecar's authority (Thanos Query's path)
 PROMETHEUS = "prometheus"  # /prom/<c>/-/ready on the observability Envoy's 10904
 ALERTMANAGER = "alertmanager"  # alertmanager<i>'s /-/ready on 10903, as <c>'s alerts go
+# Finding.refused: whose certificate a refused handshake refused.
+DOWNSTREAM = "downstream"
+OBSERVABILITY = "observability"
 # What to do, where it differs on the Alertmanager route (the cluster calls in).
 _FIX_ALERTMANAGER = {
     "envoy-unreachable": "is the observability Envoy running, and its Alertmanager listener "
@@ -136,6 +139,10 @@ class Finding:
     seconds: float = 0.0
     labels: tuple[dict[str, str], ...] = field(default=())
     via: str = THANOS
+    # Whose certificate a refused handshake refused: DOWNSTREAM (the observability Envoy
+    # refused the downstream Envoy's) or OBSERVABILITY (the downstream refused the
+    # observability Envoy's); "" when no side is known.
+    refused: str = ""
 
     @property
     def ok(self) -> bool:
@@ -164,8 +171,8 @@ def _answered_by(cluster: str, headers: httpx.Headers) -> tuple[bool, Finding | 
     return by is not None or "x-envoy-upstream-service-time" in headers, None
 
 
-def transport_failure(cluster: str, reason: str) -> tuple[str, str]:
-    """The hop and what happened, from the observability Envoy's transport failure reason
+def transport_failure(cluster: str, reason: str) -> tuple[str, str, str]:
+    """The hop, what happened and whose certificate was refused (``Finding.refused``), from the observability Envoy's transport failure reason
     for its connection to ``cluster``'s Envoy (pure; Envoy writes ``_`` for spaces):
 
     - ``CERTIFICATE_VERIFY_FAILED``: the observability Envoy refused the downstream's
@@ -177,7 +184,7 @@ def transport_failure(cluster: str, reason: str) -> tuple[str, str]:
     """
     said = reason.replace("_", " ").strip()
     if "TLS_error" not in reason:
-        return "cluster-unreachable", said
+        return "cluster-unreachable", said, ""
     why = said.removesuffix(":TLS error end")
     why = why.partition("OPENSSL internal:")[2] or why.removeprefix("TLS error:").strip(" |")
     if "CERTIFICATE_VERIFY_FAILED" in reason:
@@ -194,17 +201,21 @@ def transport_failure(cluster: str, reason: str) -> tuple[str, str]:
             what = "presents an expired certificate"
         else:
             what = f"presents a certificate that does not verify ({verify or why})"
-        return "tls-refused", (
-            f"the downstream Envoy {what}: the observability Envoy refused it [{why}]"
+        return (
+            "tls-refused",
+            f"the downstream Envoy {what}: the observability Envoy refused it [{why}]",
+            DOWNSTREAM,
         )
     alert = next((w for w in reason.split(":") if "_ALERT_" in w), None)
     if alert is not None:
         name = alert.partition("_ALERT_")[2].replace("_", " ").lower()
-        return "tls-refused", (
+        return (
+            "tls-refused",
             f"the downstream Envoy refused the observability Envoy's certificate "
-            f"(TLS alert {name!r}) [{why}]"
+            f"(TLS alert {name!r}) [{why}]",
+            OBSERVABILITY,
         )
-    return "tls-refused", f"the TLS handshake with the downstream Envoy failed [{why}]"
+    return "tls-refused", f"the TLS handshake with the downstream Envoy failed [{why}]", ""
 
 
 def _failure(
@@ -224,8 +235,8 @@ def _failure(
     reason = headers.get(UPSTREAM_FAILURE_HEADER)
     if reason and not from_downstream:
         # The observability Envoy's connection to the downstream Envoy failed, and why.
-        hop, what = transport_failure(cluster, reason)
-        return Finding(cluster, hop, f"{what} ({detail})", seconds, via=via)
+        hop, what, refused = transport_failure(cluster, reason)
+        return Finding(cluster, hop, f"{what} ({detail})", seconds, via=via, refused=refused)
 
     if not from_downstream and (
         status == 404 or grpc_status == "12" or "route not found" in low or "no route" in low
@@ -339,32 +350,34 @@ def known_alertmanagers(findings: list[Finding]) -> list[Finding]:
     ]
 
 
-def _tls_refusal(exc: BaseException, *, peer: str) -> str | None:
-    """What a failed TLS handshake with ``peer`` says (None: it was no TLS failure): our
-    side refused its certificate, or it refused ours (the alert it sent)."""
+def _tls_refusal(exc: BaseException, *, peer: str) -> tuple[str, str] | None:
+    """What a failed TLS handshake of the probe's own with ``peer`` (the observability
+    Envoy) says, and whose certificate was refused (None: it was no TLS failure): the
+    probe refused the observability Envoy's, or it refused the probe's (the cluster's)
+    and sent an alert."""
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, ssl.SSLCertVerificationError):
             why = cur.verify_message or str(cur)
-            return f"{peer} presents a certificate that does not verify ({why}): refused"
+            return f"{peer} presents a certificate that does not verify ({why}): refused", (
+                OBSERVABILITY
+            )
         if isinstance(cur, ssl.SSLError):
             reason = cur.reason or str(cur)
             if "ALERT" in reason:
                 name = reason.partition("ALERT_")[2].replace("_", " ").lower()
-                return f"{peer} refused the certificate presented to it (TLS alert {name!r})"
-            return f"the TLS handshake with {peer} failed ({reason})"
+                said = f"{peer} refused the certificate presented to it (TLS alert {name!r})"
+                return said, DOWNSTREAM
+            return f"the TLS handshake with {peer} failed ({reason})", ""
         cur = cur.__cause__ or cur.__context__
     return None
 
 
-def client_tls(identity: CertKey, trust: bytes) -> ssl.SSLContext:
-    """TLS as a downstream Envoy dials the observability Envoy: ``identity`` presented,
-    the server verified against ``trust``, at most TLS 1.2 (Envoy's upstream default)."""
-    ctx = ssl.create_default_context(cadata=trust.decode("ascii"))
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    # ``ssl`` loads a key from a file only: a private directory, gone once loaded.
+def load_identity(ctx: ssl.SSLContext, identity: CertKey) -> None:
+    """Present ``identity`` on ``ctx``'s connections. ``ssl`` loads a key from a file
+    only: a private directory (0700, the files 0600), removed once loaded."""
     with tempfile.TemporaryDirectory(prefix="atlasd-probe-") as d:
         cert, key = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
         for path, pem in ((cert, identity.cert_pem), (key, identity.key_pem)):
@@ -372,6 +385,14 @@ def client_tls(identity: CertKey, trust: bytes) -> ssl.SSLContext:
             with os.fdopen(fd, "wb") as f:
                 f.write(pem)
         ctx.load_cert_chain(cert, key)
+
+
+def client_tls(identity: CertKey, trust: bytes) -> ssl.SSLContext:
+    """TLS as a downstream Envoy dials the observability Envoy: ``identity`` presented,
+    the server verified against ``trust``, at most TLS 1.2 (Envoy's upstream default)."""
+    ctx = ssl.create_default_context(cadata=trust.decode("ascii"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    load_identity(ctx, identity)
     return ctx
 
 
@@ -404,11 +425,11 @@ async def _exchange(
             seconds=time.perf_counter() - started, slow_after=slow_after,
         )  # fmt: skip
     except httpx.ConnectError as exc:
-        refused = _tls_refusal(exc, peer=f"the observability Envoy at {address}")
-        hop, what = (
-            ("tls-refused", refused) if refused else ("envoy-unreachable", f"{address}: {exc}")
-        )
-        return Finding(cluster, hop, what, time.perf_counter() - started, via=via)
+        took = time.perf_counter() - started
+        tls = _tls_refusal(exc, peer=f"the observability Envoy at {address}")
+        if tls is not None:
+            return Finding(cluster, "tls-refused", tls[0], took, via=via, refused=tls[1])
+        return Finding(cluster, "envoy-unreachable", f"{address}: {exc}", took, via=via)
     except httpx.TimeoutException:
         return Finding(cluster, "timeout", f"no answer within {within:g} s",
                        time.perf_counter() - started, via=via)  # fmt: skip

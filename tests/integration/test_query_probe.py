@@ -29,7 +29,9 @@ import trio
 
 from atlasd import labels
 from atlasd.model import CertKey, DownstreamCluster, LocalAlertmanager
+from atlasd.query.observer import probe_unseen
 from atlasd.query.probe import Finding, probe, probe_alertmanager, probe_prometheus
+from atlasd.query.view import ClusterSight, QueryView
 from atlasd.reconcile.objects import secret_object
 from atlasd.standalone import FileStore
 from tests.harness.envoy import typed
@@ -175,6 +177,23 @@ async def test_each_broken_hop_is_named(
                 assert says in f.detail, f.detail
         north = await look("north")
         assert "Connection refused" in north.detail, north  # not a handshake: no listener
+
+        # The observer names the certificate the observability Envoy refused: it reads it
+        # itself from the address that Envoy dials (only where that Envoy refused it).
+        probes: dict[str, tuple[Finding, float]] = {}
+        unseen = QueryView({c: ClusterSight(seen=False, since=0) for c in wrong})
+        await probe_unseen(
+            w.fleet(), unseen, probes, via=address, now=0,
+            downstream_port=lambda c: w.plan.ports_for(c).thanos,
+        )  # fmt: skip
+        alien = probes["alien"][0]
+        assert said["alien"] in alien.detail, alien
+        assert "; it presents: issuer CN=another-ca" in alien.detail, alien.detail
+        assert "subject CN=alien" in alien.detail and "names alien, alien." in alien.detail
+        assert "not signed by atlasd's CA (CN=atlas-test-ca)" in alien.detail, alien.detail
+        assert "names west, " in probes["misnamed"][0].detail
+        assert "signed by atlasd's CA" in probes["misnamed"][0].detail
+        assert "it presents" not in probes["picky"][0].detail  # picky refused ours
 
         # The Prometheus path: /prom/<c>/-/ready through the observability Envoy's 10904.
         hops = {

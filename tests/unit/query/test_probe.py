@@ -100,30 +100,31 @@ def test_each_failure_names_its_hop_and_says_what_to_do(headers: dict[str, str],
 
 
 @pytest.mark.parametrize(
-    ("reason", "says"),
+    ("reason", "says", "refused"),
     [
-        (OTHER_CA, "the downstream Envoy presents a certificate of another CA"),
+        (OTHER_CA, "the downstream Envoy presents a certificate of another CA", "downstream"),
         (OTHER_NAME, "presents a certificate that does not name 'east' (it names: west, "
-                     "west.monitoring.atlas)"),
+                     "west.monitoring.atlas)", "downstream"),
         (REFUSED_OURS, "the downstream Envoy refused the observability Envoy's certificate "
-                       "(TLS alert 'unknown ca')"),
+                       "(TLS alert 'unknown ca')", "observability"),
         ("TLS_error:|268435703:SSL_routines:OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end",
-         "the TLS handshake with the downstream Envoy failed [WRONG VERSION NUMBER]"),
+         "the TLS handshake with the downstream Envoy failed [WRONG VERSION NUMBER]", ""),
     ],
 )  # fmt: skip
 def test_a_refused_handshake_says_which_side_refused_which_certificate(
-    reason: str, says: str
+    reason: str, says: str, refused: str
 ) -> None:
     for f in (
         answer({"grpc-status": "14", "grpc-message": UNREACHABLE, UPSTREAM_FAILURE_HEADER: reason}),
         prom(503, {UPSTREAM_FAILURE_HEADER: reason}, UNREACHABLE.encode()),
     ):
-        assert f.hop == "tls-refused", f
+        assert (f.hop, f.refused) == ("tls-refused", refused), f
         assert says in f.detail, f.detail
         assert UNREACHABLE in f.detail  # what Envoy said is kept
     assert transport_failure("east", CONNECTION_REFUSED) == (
         "cluster-unreachable",
         "delayed connect error: Connection refused",
+        "",
     )
 
 
@@ -216,10 +217,12 @@ def test_a_refused_handshake_of_our_own_says_which_side_refused() -> None:
             return outer
 
     theirs = _tls_refusal(wrapped(verify), peer="the observability Envoy")
-    assert theirs is not None and "does not verify (unable to get local issuer" in theirs
+    assert theirs is not None and "does not verify (unable to get local issuer" in theirs[0]
+    assert theirs[1] == "observability"
     ours = _tls_refusal(wrapped(alert), peer="the observability Envoy")
     assert ours == (
-        "the observability Envoy refused the certificate presented to it (TLS alert 'unknown ca')"
+        "the observability Envoy refused the certificate presented to it (TLS alert 'unknown ca')",
+        "downstream",
     )
     assert _tls_refusal(httpx.ConnectError("[Errno 111] Connection refused"), peer="x") is None
 
