@@ -477,7 +477,12 @@ async def probe_alertmanager(
             slow_after=slow_after, via=via,
         )  # fmt: skip
 
-    async with httpx.AsyncClient(verify=client_tls(identity, trust)) as client:
+    try:
+        tls = client_tls(identity, trust)
+    except (ssl.SSLError, ValueError) as exc:  # what ssl says names no key material
+        what = f"the cluster's certificate, key or CA bundle does not load ({exc})"
+        return Finding(cluster, "error", what, via=via)
+    async with httpx.AsyncClient(verify=tls) as client:
         return await _exchange(
             cluster, via, request, within=within, slow_after=slow_after, client=client,
             http2=False, judge=judge,

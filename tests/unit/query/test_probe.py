@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from atlasd.labels import UPSTREAM_FAILURE_HEADER
+from atlasd.model import CertKey
 from atlasd.query.probe import (
     HOPS,
     Finding,
@@ -19,10 +20,12 @@ from atlasd.query.probe import (
     classify_prometheus,
     info_request_body,
     known_alertmanagers,
+    probe_alertmanager,
     transport_failure,
 )
 from atlasd.thanospb.thanos import Label, ZLabelSet
 from atlasd.thanospb.thanos.info import InfoResponse
+from tests.unit.xds import helpers
 
 UNREACHABLE = (
     "upstream connect error or disconnect/reset before headers. reset reason: remote "
@@ -238,3 +241,17 @@ def test_a_refusal_where_another_alertmanager_let_the_cluster_in_is_a_missing_on
     assert [f.detail for f in known_alertmanagers([thanos, up, refused])][2] == (
         "the observability Envoy has no alertmanager2 (HTTP 403: RBAC)"
     )
+
+
+async def test_an_identity_that_does_not_load_is_an_error_naming_no_key() -> None:
+    secret = (
+        b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END PRIVATE KEY-----\n"
+    )
+    ca = helpers.make_ca()
+    f = await probe_alertmanager(
+        "east", address="127.0.0.1:1", index=0, namespace="monitoring", domain="cluster.local",
+        identity=CertKey(ca.bundle, secret), trust=ca.bundle,
+    )  # fmt: skip
+    assert (f.hop, f.via) == ("error", "alertmanager0"), f
+    assert "does not load" in f.detail
+    assert b"c2VjcmV0" not in f.detail.encode() and "PRIVATE" not in f.detail
