@@ -33,8 +33,8 @@ from atlasd import metrics
 from atlasd.dns.endpoints import sidecar_addresses
 from atlasd.hub import QueryClusterDoc, QueryDoc, StatusHub
 from atlasd.model import OBS_THANOS_PORT, OBSERVABILITY_NODE, Fleet, service_host
-from atlasd.query.peer import describe, presented_certificate
-from atlasd.query.probe import DOWNSTREAM, HOPS, Finding, probe
+from atlasd.query.peer import DOWNSTREAM, describe, presented_certificate
+from atlasd.query.probe import HOPS, Finding, probe
 from atlasd.query.view import QueryAnswerError, QueryView, join, parse_stores
 
 log = logging.getLogger(__name__)

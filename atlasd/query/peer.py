@@ -1,6 +1,12 @@
-"""The certificate a downstream Envoy presents, for a probe whose detail must name it.
+"""The probes' own TLS: presenting an identity, telling which side refused a handshake,
+and reading the certificate a downstream Envoy presents.
 
-When the observability Envoy refused a downstream Envoy's certificate, Envoy's reason
+``client_tls`` dials the observability Envoy as a downstream Envoy does (the Alertmanager
+route); ``tls_refusal`` says what a failed handshake of the probe's own means;
+``Finding.refused`` names whose certificate was refused (``DOWNSTREAM``,
+``OBSERVABILITY``).
+
+``presented_certificate`` and ``describe``: when the observability Envoy refused a downstream Envoy's certificate, Envoy's reason
 says why (no local issuer: another CA; expired) but not whose certificate it was. The
 observer then makes one TLS handshake of its own to the address the observability Envoy
 dials (the cluster's external IP and Thanos port), presenting the observability
@@ -14,14 +20,64 @@ Only public certificate fields ever reach a message.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import ssl
+import tempfile
 
 import trio
 from cryptography import x509
 
 from atlasd.certpolicy import issued_by, load_certs
 from atlasd.model import CertKey
-from atlasd.query.probe import load_identity
+
+# Finding.refused: whose certificate a refused handshake refused.
+DOWNSTREAM = "downstream"  # the downstream Envoy's (or the cluster's, on the alert route)
+OBSERVABILITY = "observability"  # the observability Envoy's
+
+
+def load_identity(ctx: ssl.SSLContext, identity: CertKey) -> None:
+    """Present ``identity`` on ``ctx``'s connections. ``ssl`` loads a key from a file
+    only: a private directory (0700, the files 0600), removed once loaded."""
+    with tempfile.TemporaryDirectory(prefix="atlasd-probe-") as d:
+        cert, key = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
+        for path, pem in ((cert, identity.cert_pem), (key, identity.key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+        ctx.load_cert_chain(cert, key)
+
+
+def client_tls(identity: CertKey, trust: bytes) -> ssl.SSLContext:
+    """TLS as a downstream Envoy dials the observability Envoy: ``identity`` presented,
+    the server verified against ``trust``, at most TLS 1.2 (Envoy's upstream default)."""
+    ctx = ssl.create_default_context(cadata=trust.decode("ascii"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    load_identity(ctx, identity)
+    return ctx
+
+
+def tls_refusal(exc: BaseException, *, peer: str) -> tuple[str, str] | None:
+    """What a failed TLS handshake of the probe's own with ``peer`` (the observability
+    Envoy) says, and whose certificate was refused (None: it was no TLS failure): the
+    probe refused the observability Envoy's, or it refused the probe's (the cluster's)
+    and sent an alert."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            why = cur.verify_message or str(cur)
+            said = f"{peer} presents a certificate that does not verify ({why}): refused"
+            return said, OBSERVABILITY
+        if isinstance(cur, ssl.SSLError):
+            reason = cur.reason or str(cur)
+            if "ALERT" in reason:
+                name = reason.partition("ALERT_")[2].replace("_", " ").lower()
+                said = f"{peer} refused the certificate presented to it (TLS alert {name!r})"
+                return said, DOWNSTREAM
+            return f"the TLS handshake with {peer} failed ({reason})", ""
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 async def presented_certificate(

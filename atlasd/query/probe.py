@@ -65,10 +65,8 @@ it gives the response headers a classification needs.
 from __future__ import annotations
 
 import dataclasses
-import os
 import ssl
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -77,6 +75,7 @@ import httpx
 
 from atlasd.labels import CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER
 from atlasd.model import OBSERVABILITY_NODE, CertKey
+from atlasd.query.peer import DOWNSTREAM, OBSERVABILITY, client_tls, tls_refusal
 from atlasd.thanospb.thanos.info import InfoRequest, InfoResponse
 
 INFO_PATH = "/thanos.info.Info/Info"
@@ -112,16 +111,12 @@ _FIX = {
 THANOS = "thanos"  # StoreAPI Info by the sidecar's authority (Thanos Query's path)
 PROMETHEUS = "prometheus"  # /prom/<c>/-/ready on the observability Envoy's 10904
 ALERTMANAGER = "alertmanager"  # alertmanager<i>'s /-/ready on 10903, as <c>'s alerts go
-# Finding.refused: whose certificate a refused handshake refused.
-DOWNSTREAM = "downstream"
-OBSERVABILITY = "observability"
 # What to do, where it differs on the Alertmanager route (the cluster calls in).
 _FIX_ALERTMANAGER = {
     "envoy-unreachable": "is the observability Envoy running, and its Alertmanager listener "
     "(10903) reachable at that address (the downstream Envoys dial ATLAS_ENVOY_ADDRESS)?",
-    "no-route": "403: the observability Envoy takes alerts only from clusters atlasd serves "
-    "now (atlasd status); 404: no local Alertmanager of that number "
-    "(ATLAS_ALERTMANAGER_SELECTOR)",
+    "no-route": "the observability Envoy takes alerts only from clusters atlasd serves now "
+    "(atlasd status), to the local Alertmanagers it selects (ATLAS_ALERTMANAGER_SELECTOR)",
     "tls-refused": "the cluster's and the observability Envoy's certificates must share "
     "atlasd's CA: install the current values (atlasd cluster values <c>, and atlas)",
     "upstream-down": "the observability Envoy is up; the Alertmanager it routes to is not "
@@ -172,8 +167,9 @@ def _answered_by(cluster: str, headers: httpx.Headers) -> tuple[bool, Finding | 
 
 
 def transport_failure(cluster: str, reason: str) -> tuple[str, str, str]:
-    """The hop, what happened and whose certificate was refused (``Finding.refused``), from the observability Envoy's transport failure reason
-    for its connection to ``cluster``'s Envoy (pure; Envoy writes ``_`` for spaces):
+    """The hop, what happened and whose certificate was refused (``Finding.refused``),
+    from the observability Envoy's transport failure reason for its connection to
+    ``cluster``'s Envoy (pure; Envoy writes ``_`` for spaces):
 
     - ``CERTIFICATE_VERIFY_FAILED``: the observability Envoy refused the downstream's
       certificate (its ``verify_cert_failed:`` part says why: a SAN matcher that did not
@@ -350,52 +346,6 @@ def known_alertmanagers(findings: list[Finding]) -> list[Finding]:
     ]
 
 
-def _tls_refusal(exc: BaseException, *, peer: str) -> tuple[str, str] | None:
-    """What a failed TLS handshake of the probe's own with ``peer`` (the observability
-    Envoy) says, and whose certificate was refused (None: it was no TLS failure): the
-    probe refused the observability Envoy's, or it refused the probe's (the cluster's)
-    and sent an alert."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLCertVerificationError):
-            why = cur.verify_message or str(cur)
-            return f"{peer} presents a certificate that does not verify ({why}): refused", (
-                OBSERVABILITY
-            )
-        if isinstance(cur, ssl.SSLError):
-            reason = cur.reason or str(cur)
-            if "ALERT" in reason:
-                name = reason.partition("ALERT_")[2].replace("_", " ").lower()
-                said = f"{peer} refused the certificate presented to it (TLS alert {name!r})"
-                return said, DOWNSTREAM
-            return f"the TLS handshake with {peer} failed ({reason})", ""
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def load_identity(ctx: ssl.SSLContext, identity: CertKey) -> None:
-    """Present ``identity`` on ``ctx``'s connections. ``ssl`` loads a key from a file
-    only: a private directory (0700, the files 0600), removed once loaded."""
-    with tempfile.TemporaryDirectory(prefix="atlasd-probe-") as d:
-        cert, key = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
-        for path, pem in ((cert, identity.cert_pem), (key, identity.key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-        ctx.load_cert_chain(cert, key)
-
-
-def client_tls(identity: CertKey, trust: bytes) -> ssl.SSLContext:
-    """TLS as a downstream Envoy dials the observability Envoy: ``identity`` presented,
-    the server verified against ``trust``, at most TLS 1.2 (Envoy's upstream default)."""
-    ctx = ssl.create_default_context(cadata=trust.decode("ascii"))
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    load_identity(ctx, identity)
-    return ctx
-
-
 def info_request_body() -> bytes:
     """One gRPC message frame: not compressed, length, the encoded InfoRequest."""
     payload = bytes(InfoRequest())
@@ -426,7 +376,7 @@ async def _exchange(
         )  # fmt: skip
     except httpx.ConnectError as exc:
         took = time.perf_counter() - started
-        tls = _tls_refusal(exc, peer=f"the observability Envoy at {address}")
+        tls = tls_refusal(exc, peer=f"the observability Envoy at {address}")
         if tls is not None:
             return Finding(cluster, "tls-refused", tls[0], took, via=via, refused=tls[1])
         return Finding(cluster, "envoy-unreachable", f"{address}: {exc}", took, via=via)

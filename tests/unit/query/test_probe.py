@@ -11,10 +11,10 @@ import pytest
 
 from atlasd.labels import UPSTREAM_FAILURE_HEADER
 from atlasd.model import CertKey
+from atlasd.query.peer import tls_refusal
 from atlasd.query.probe import (
     HOPS,
     Finding,
-    _tls_refusal,
     classify,
     classify_alertmanager,
     classify_prometheus,
@@ -219,15 +219,15 @@ def test_a_refused_handshake_of_our_own_says_which_side_refused() -> None:
         except httpx.ConnectError as outer:
             return outer
 
-    theirs = _tls_refusal(wrapped(verify), peer="the observability Envoy")
+    theirs = tls_refusal(wrapped(verify), peer="the observability Envoy")
     assert theirs is not None and "does not verify (unable to get local issuer" in theirs[0]
     assert theirs[1] == "observability"
-    ours = _tls_refusal(wrapped(alert), peer="the observability Envoy")
+    ours = tls_refusal(wrapped(alert), peer="the observability Envoy")
     assert ours == (
         "the observability Envoy refused the certificate presented to it (TLS alert 'unknown ca')",
         "downstream",
     )
-    assert _tls_refusal(httpx.ConnectError("[Errno 111] Connection refused"), peer="x") is None
+    assert tls_refusal(httpx.ConnectError("[Errno 111] Connection refused"), peer="x") is None
 
 
 def test_a_refusal_where_another_alertmanager_let_the_cluster_in_is_a_missing_one() -> None:
