@@ -3,7 +3,7 @@
 Owns, for ``atlasd.fleet.trust`` (what the stored Secrets make trusted, what the status
 reports) and ``atlasd.reconcile`` (whether a CA or a leaf is kept or replaced):
 
-- reading PEM: ``load_cert`` (the first certificate) and ``load_key`` (an unencrypted
+- reading PEM: ``load_cert`` (the first certificate), ``load_certs`` (a bundle) and ``load_key`` (an unencrypted
   private key, PKCS#1 or PKCS#8) answer None for anything that does not parse, so no
   caller sees an exception whose message could quote key material;
 - who issued a certificate: ``issued_by`` (signature and issuer name checked directly
@@ -37,6 +37,14 @@ def load_cert(pem: bytes) -> x509.Certificate | None:
         return x509.load_pem_x509_certificate(pem)
     except ValueError:
         return None
+
+
+def load_certs(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of ``pem`` (a bundle); empty when none parses."""
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return []
 
 
 def load_key(pem: bytes) -> PrivateKeyTypes | None:

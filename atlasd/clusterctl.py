@@ -1,4 +1,5 @@
-"""What ``atlasd cluster add|list|remove|values`` do, against Kubernetes or a store.
+"""What ``atlasd cluster add|list|remove|values`` do, against Kubernetes or a store (and
+``client_identity``: a cluster's certificate, for ``atlasd probe --alertmanager-via``).
 
 The Service built here is the one of docs/interface.md: a Service in atlasd's namespace
 labeled ``goatlas.io/cluster: "true"`` with ``spec.externalIPs`` (the first one is the
@@ -42,7 +43,7 @@ from atlasd.kube.client import KubeClient
 from atlasd.kube.errors import ApiError, NotFound
 from atlasd.kube.resources import NAMESPACES, SECRETS, SERVICES
 from atlasd.kube.secrets import secret_data
-from atlasd.model import DEFAULT_CLUSTER_PORTS, OBSERVABILITY_NODE, Problem, Settings
+from atlasd.model import DEFAULT_CLUSTER_PORTS, OBSERVABILITY_NODE, CertKey, Problem, Settings
 from atlasd.reconcile.values_formats import Format, render
 
 # kube-proxy skips Services carrying this label (its value names another proxy).
@@ -273,6 +274,24 @@ async def values(
     if not values:
         raise ClusterError(f"Secret {secret_name} has no values.yaml")
     return render(fmt, values.decode(), namespace=settings.namespace)
+
+
+async def client_identity(api: KubeApi, name: str, *, settings: Settings) -> tuple[CertKey, bytes]:
+    """Cluster ``name``'s client certificate and key and the CA bundle it trusts, from
+    Secret ``<name>-atlas-identity``: what its downstream Envoy presents and trusts."""
+    secret_name = labels.identity_secret_name(name)
+    try:
+        secret = await api.get(SECRETS, secret_name, namespace=settings.namespace)
+    except NotFound:
+        raise ClusterError(
+            f"cluster {name!r} has no certificate yet (Secret {secret_name} not found in "
+            f"{settings.namespace!r}): is it a cluster atlasd serves (atlasd cluster list)?"
+        ) from None
+    data = secret_data(secret)
+    missing = [k for k in ("client.crt", "client.key", "ca.crt") if not data.get(k)]
+    if missing:
+        raise ClusterError(f"Secret {secret_name} lacks {', '.join(missing)}")
+    return CertKey(data["client.crt"], data["client.key"]), data["ca.crt"]
 
 
 async def _require_valid_cluster(

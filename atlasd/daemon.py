@@ -239,9 +239,12 @@ class Daemon:
         ]  # fmt: skip
         if o.thanos_query_url:
             latest = lambda: feed.latest.model if feed.latest is not None else None  # noqa: E731
+            # Where the observability Envoy dials a cluster's Thanos listener.
+            thanos_port = lambda c: o.listen_plan.ports_for(c).thanos  # noqa: E731
             subs.append(Subsystem("query", P(run_query_observer, url=o.thanos_query_url,
                                              interval=o.thanos_query_interval, fleet=latest,
-                                             hub=hub, probe_via=o.probe_via)))  # fmt: skip
+                                             hub=hub, probe_via=o.probe_via,
+                                             downstream_port=thanos_port)))  # fmt: skip
         if self.heap is not None:
             subs.append(Subsystem("heap", P(run_heap, heap=self.heap, every=o.settle_seconds)))
         return subs

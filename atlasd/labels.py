@@ -42,6 +42,10 @@ FORWARDER_TOKEN_HEADER = "x-atlasd-forwarder-token"
 # (the cluster's name): `atlasd probe` tells "the downstream Envoy answered, its sidecar
 # did not" from "the observability Envoy could not reach the cluster" by it.
 CLUSTER_HEADER = "x-atlas-cluster"
+# Set by the observability Envoy on its own reply to a Thanos or Prometheus call whose
+# connection to the downstream Envoy failed: the transport's failure reason (a refused
+# TCP connection, a TLS handshake refused by either side and why), read by `atlasd probe`.
+UPSTREAM_FAILURE_HEADER = "x-atlas-upstream-failure"
 
 # The Secrets atlasd writes per downstream cluster are named <cluster><suffix>.
 VALUES_SECRET_SUFFIX = "-envoy-values"

@@ -12,10 +12,16 @@ StoreAPI ``Info`` through the observability Envoy by the cluster's sidecar autho
 the hop where it stops is shown with it. Probes cost nothing at rest (only unseen
 clusters are probed) and are bounded when many are unseen: at most ``PROBES_PER_ROUND``
 per round, ``PROBE_CONCURRENCY`` at a time, taking turns (the longest-unprobed first).
+Where the observability Envoy refused a cluster's certificate, one TLS handshake of the
+observer's own to the address that Envoy dials reads the certificate offered, and the
+finding names it (``atlasd.query.peer``: issuer, subject, names, expiry, and whether
+atlasd's CA signed it); that costs a connection per such cluster and round, none at rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +32,8 @@ import trio
 from atlasd import metrics
 from atlasd.dns.endpoints import sidecar_addresses
 from atlasd.hub import QueryClusterDoc, QueryDoc, StatusHub
-from atlasd.model import OBS_THANOS_PORT, Fleet, service_host
+from atlasd.model import OBS_THANOS_PORT, OBSERVABILITY_NODE, Fleet, service_host
+from atlasd.query.peer import DOWNSTREAM, describe, presented_certificate
 from atlasd.query.probe import HOPS, Finding, probe
 from atlasd.query.view import QueryAnswerError, QueryView, join, parse_stores
 
@@ -92,9 +99,12 @@ async def probe_unseen(
     via: str | None,
     now: float,
     limit: int = PROBES_PER_ROUND,
+    downstream_port: Callable[[str], int] | None = None,
 ) -> None:
     """Probe up to ``limit`` clusters ``view`` has not seen, the longest-unprobed first;
-    record each finding (and forget clusters that are seen or gone) in ``probes``."""
+    record each finding (and forget clusters that are seen or gone) in ``probes``.
+    ``downstream_port``: the port the observability Envoy dials a cluster's Thanos
+    listener on (None: a refused certificate is not fetched to be named)."""
     unseen = {n for n, c in view.clusters.items() if not c.seen and n in fleet.clusters}
     for name in [n for n in probes if n not in unseen]:
         del probes[name]
@@ -114,6 +124,8 @@ async def probe_unseen(
                 within=PROBE_WITHIN,
                 client=client,
             )
+            if found.refused == DOWNSTREAM and downstream_port is not None:
+                found = await _name_certificate(fleet, name, found, downstream_port(name))
         probes[name] = (found, now)
 
     if turn:
@@ -128,6 +140,22 @@ async def probe_unseen(
         metrics.QUERY_PROBES.labels(hop).set(count)
 
 
+async def _name_certificate(fleet: Fleet, name: str, found: Finding, port: int) -> Finding:
+    """``found`` (the observability Envoy refused ``name``'s certificate), with what
+    that certificate is, read as that Envoy would: its client certificate presented."""
+    atlas = fleet.identities.get(OBSERVABILITY_NODE)
+    cert = await presented_certificate(
+        fleet.clusters[name].external_ip,
+        port,
+        within=PROBE_WITHIN,
+        identity=atlas.client if atlas is not None else None,
+    )
+    if cert is None or fleet.pki is None:
+        return found
+    what = describe(cert, trust_bundle=fleet.pki.trust_bundle, now=dt.datetime.now(dt.UTC))
+    return dataclasses.replace(found, detail=f"{found.detail}; it presents: {what}")
+
+
 async def run_query_observer(
     *,
     url: str,
@@ -135,13 +163,15 @@ async def run_query_observer(
     fleet: Callable[[], Fleet | None],
     hub: StatusHub,
     probe_via: str | None = None,
+    downstream_port: Callable[[str], int] | None = None,
     clock: Callable[[], float] = time.time,
     transport: httpx.AsyncBaseTransport | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Observe Thanos Query at ``url`` until cancelled. ``probe_via``: where unseen
     clusters are probed (host:port of the observability Envoy's Thanos listener; None:
-    each cluster's sidecar Service, as Thanos Query dials it)."""
+    each cluster's sidecar Service, as Thanos Query dials it). ``downstream_port``: see
+    ``probe_unseen``."""
     probes: dict[str, tuple[Finding, float]] = {}
     stores_url = url.rstrip("/") + "/api/v1/stores"
     view: QueryView | None = None
@@ -177,6 +207,9 @@ async def run_query_observer(
                 if view is not None and error is None:
                     # Shown at once, then with where each unseen cluster's path stops.
                     hub.publish(query=query_doc(url, view, at=now, error=error, probes=probes))
-                    await probe_unseen(current, view, probes, via=probe_via, now=clock())
+                    await probe_unseen(
+                        current, view, probes, via=probe_via, now=clock(),
+                        downstream_port=downstream_port,
+                    )  # fmt: skip
                 hub.publish(query=query_doc(url, view, at=now, error=error, probes=probes))
             await trio.sleep(interval)

@@ -12,7 +12,11 @@ where it stopped. Envoy answers a request it cannot route or forward itself with
 "local reply" (a ``grpc-status`` and a ``grpc-message`` naming the reason); every answer
 that passed through the downstream Envoy carries ``x-atlas-cluster: <cluster>``
 (``labels.CLUSTER_HEADER``, set by atlasd's configuration of that Envoy), its own local
-replies included, so the two Envoys' replies are told apart:
+replies included, so the two Envoys' replies are told apart. The observability Envoy's
+own reply to a call whose connection to the downstream Envoy failed carries the
+transport's failure reason (``labels.UPSTREAM_FAILURE_HEADER``; Envoy leaves it out of
+the reply's text): a refused TCP connection and a refused TLS handshake, and which side
+refused it, are told apart by it, with no connection of the probe's own to the cluster:
 
 =====================  ==============================================================
 hop                    seen as
@@ -25,9 +29,11 @@ hop                    seen as
                        Envoy has not applied its configuration
 ``cluster-unreachable`` the observability Envoy could not connect to the cluster's
                        external IP (refused, reset, or no answer within its 5 s)
-``tls-refused``        the TLS handshake with the downstream Envoy failed (which side
-                       refused, and why, is in the detail: a certificate of another
-                       CA, a name that is not the cluster's)
+``tls-refused``        the TLS handshake with the downstream Envoy failed; the detail
+                       says which side refused which certificate: the observability
+                       Envoy refused the downstream's (another CA; names that are not
+                       the cluster's, listed; expired), or the downstream refused the
+                       observability Envoy's (the TLS alert it sent, e.g. unknown ca)
 ``upstream-down``      the downstream Envoy answered, but its sidecar did not
 ``timeout``            nothing at all within ``timeout`` seconds
 ``error``              anything else (the detail says what)
@@ -37,6 +43,20 @@ hop                    seen as
 the observability Envoy's 10904, as Grafana reaches the cluster's Prometheus), with the
 same hops.
 
+``probe_alertmanager`` follows the Alertmanager route the other way, as the cluster's
+alerts take it: the downstream Envoy relays its Prometheus's alerts over mTLS to the
+observability Envoy's 10903, whose route ``alertmanager`` sends authority
+``alertmanager<i>.<ns>.svc.<domain>`` to the i-th local Alertmanager, for callers whose
+certificate names a cluster atlasd serves now (RBAC). The probe calls 10903 as that
+downstream Envoy does: the cluster's client certificate, the observability Envoy's
+verified against atlasd's CA and its name ``atlas``, TLS 1.2 at most (Envoy's upstream
+default, so a refused client certificate fails the handshake itself), ``GET /-/ready`` by
+that authority. Its hops: ``envoy-unreachable`` (no TCP to 10903), ``tls-refused``
+(which side refused which certificate), ``no-route`` (403: the cluster is not one the
+route takes alerts from, or there is no such Alertmanager: ``known_alertmanagers`` tells
+which when another Alertmanager let the cluster in), ``upstream-down`` (the observability
+Envoy could not reach the Alertmanager, or it is not ready), ``ok``/``slow``.
+
 Uses Thanos's own Info protobuf (``atlasd.thanospb``, generated from ``proto/`` with
 betterproto); the HTTP/2 exchange goes through ``httpx`` (cleartext, prior knowledge), as
 it gives the response headers a classification needs.
@@ -45,6 +65,7 @@ it gives the response headers a classification needs.
 from __future__ import annotations
 
 import dataclasses
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -52,7 +73,9 @@ from typing import Protocol
 
 import httpx
 
-from atlasd.labels import CLUSTER_HEADER
+from atlasd.labels import CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER
+from atlasd.model import OBSERVABILITY_NODE, CertKey
+from atlasd.query.peer import DOWNSTREAM, OBSERVABILITY, client_tls, tls_refusal
 from atlasd.thanospb.thanos.info import InfoRequest, InfoResponse
 
 INFO_PATH = "/thanos.info.Info/Info"
@@ -87,6 +110,18 @@ _FIX = {
 
 THANOS = "thanos"  # StoreAPI Info by the sidecar's authority (Thanos Query's path)
 PROMETHEUS = "prometheus"  # /prom/<c>/-/ready on the observability Envoy's 10904
+ALERTMANAGER = "alertmanager"  # alertmanager<i>'s /-/ready on 10903, as <c>'s alerts go
+# What to do, where it differs on the Alertmanager route (the cluster calls in).
+_FIX_ALERTMANAGER = {
+    "envoy-unreachable": "is the observability Envoy running, and its Alertmanager listener "
+    "(10903) reachable at that address (the downstream Envoys dial ATLAS_ENVOY_ADDRESS)?",
+    "no-route": "the observability Envoy takes alerts only from clusters atlasd serves now "
+    "(atlasd status), to the local Alertmanagers it selects (ATLAS_ALERTMANAGER_SELECTOR)",
+    "tls-refused": "the cluster's and the observability Envoy's certificates must share "
+    "atlasd's CA: install the current values (atlasd cluster values <c>, and atlas)",
+    "upstream-down": "the observability Envoy is up; the Alertmanager it routes to is not "
+    "answering (or not ready)",
+}
 
 
 @dataclass(frozen=True)
@@ -99,13 +134,25 @@ class Finding:
     seconds: float = 0.0
     labels: tuple[dict[str, str], ...] = field(default=())
     via: str = THANOS
+    # Whose certificate a refused handshake refused: DOWNSTREAM (the observability Envoy
+    # refused the downstream Envoy's) or OBSERVABILITY (the downstream refused the
+    # observability Envoy's); "" when no side is known.
+    refused: str = ""
 
     @property
     def ok(self) -> bool:
         return self.hop == "ok"
 
     @property
+    def path(self) -> str:
+        """The path probed: ``thanos``, ``prometheus`` or ``alertmanager`` (``via`` also
+        numbers the Alertmanager: ``alertmanager1``)."""
+        return ALERTMANAGER if self.via.startswith(ALERTMANAGER) else self.via
+
+    @property
     def fix(self) -> str:
+        if self.path == ALERTMANAGER and self.hop in _FIX_ALERTMANAGER:
+            return _FIX_ALERTMANAGER[self.hop]
         return _FIX.get(self.hop, "")
 
 
@@ -117,6 +164,54 @@ def _answered_by(cluster: str, headers: httpx.Headers) -> tuple[bool, Finding | 
     if by is not None and by != cluster:
         return True, Finding(cluster, "error", f"answered by cluster {by!r}'s Envoy: misrouted")
     return by is not None or "x-envoy-upstream-service-time" in headers, None
+
+
+def transport_failure(cluster: str, reason: str) -> tuple[str, str, str]:
+    """The hop, what happened and whose certificate was refused (``Finding.refused``),
+    from the observability Envoy's transport failure reason for its connection to
+    ``cluster``'s Envoy (pure; Envoy writes ``_`` for spaces):
+
+    - ``CERTIFICATE_VERIFY_FAILED``: the observability Envoy refused the downstream's
+      certificate (its ``verify_cert_failed:`` part says why: a SAN matcher that did not
+      match, with the certificate's SANs; no local issuer: another CA);
+    - a TLS alert (``TLSV1_ALERT_UNKNOWN_CA``, ``SSLV3_ALERT_BAD_CERTIFICATE``, ...): the
+      downstream refused the observability Envoy's certificate and said so;
+    - any other TLS error: a failed handshake; anything else: no connection.
+    """
+    said = reason.replace("_", " ").strip()
+    if "TLS_error" not in reason:
+        return "cluster-unreachable", said, ""
+    why = said.removesuffix(":TLS error end")
+    why = why.partition("OPENSSL internal:")[2] or why.removeprefix("TLS error:").strip(" |")
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        verify = said.partition("verify cert failed:")[2].removesuffix(":TLS error end").strip()
+        if "SAN matcher" in verify:
+            names = verify.partition("certificate SANs are")[2].strip(" []")
+            what = (
+                f"presents a certificate that does not name {cluster!r} (it names: "
+                f"{names or 'nothing'})"
+            )
+        elif "local issuer" in verify or "self signed" in verify or "self-signed" in verify:
+            what = "presents a certificate of another CA (not in atlasd's trust bundle)"
+        elif "expired" in verify:
+            what = "presents an expired certificate"
+        else:
+            what = f"presents a certificate that does not verify ({verify or why})"
+        return (
+            "tls-refused",
+            f"the downstream Envoy {what}: the observability Envoy refused it [{why}]",
+            DOWNSTREAM,
+        )
+    alert = next((w for w in reason.split(":") if "_ALERT_" in w), None)
+    if alert is not None:
+        name = alert.partition("_ALERT_")[2].replace("_", " ").lower()
+        return (
+            "tls-refused",
+            f"the downstream Envoy refused the observability Envoy's certificate "
+            f"(TLS alert {name!r}) [{why}]",
+            OBSERVABILITY,
+        )
+    return "tls-refused", f"the TLS handshake with the downstream Envoy failed [{why}]", ""
 
 
 def _failure(
@@ -132,6 +227,12 @@ def _failure(
 
     def found(hop: str) -> Finding:
         return Finding(cluster, hop, detail, seconds, via=via)
+
+    reason = headers.get(UPSTREAM_FAILURE_HEADER)
+    if reason and not from_downstream:
+        # The observability Envoy's connection to the downstream Envoy failed, and why.
+        hop, what, refused = transport_failure(cluster, reason)
+        return Finding(cluster, hop, f"{what} ({detail})", seconds, via=via, refused=refused)
 
     if not from_downstream and (
         status == 404 or grpc_status == "12" or "route not found" in low or "no route" in low
@@ -198,6 +299,53 @@ def classify_prometheus(
     )  # fmt: skip
 
 
+def classify_alertmanager(
+    cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float,
+    slow_after: float, via: str = ALERTMANAGER,
+) -> Finding:  # fmt: skip
+    """The hop a GET of an Alertmanager's ``/-/ready`` through the observability Envoy's
+    10903 stopped at (pure). Envoy marks an answer that came from the Alertmanager
+    (``x-envoy-upstream-service-time``); its own replies are not marked."""
+    text = body.decode("utf-8", "replace").strip()[:300]
+    detail = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+    def found(hop: str, what: str = "") -> Finding:
+        return Finding(cluster, hop, f"{what} ({detail})" if what else detail, seconds, via=via)
+
+    if "x-envoy-upstream-service-time" in headers:
+        if status == 200:
+            return Finding(cluster, "slow" if seconds > slow_after else "ok", "", seconds, via=via)
+        return found("upstream-down", "the Alertmanager answered, not ready")
+    if status in (403, 404):
+        # The route's RBAC runs first and allows nobody where no route matched: an
+        # authority naming no Alertmanager gets 403 too (``known_alertmanagers`` tells).
+        return found(
+            "no-route",
+            f"the observability Envoy does not take alerts from {cluster!r} (not a cluster "
+            f"atlasd serves now), or has no {via}",
+        )
+    if status in (502, 503, 504) or "upstream connect error" in text:
+        return found("upstream-down", "the observability Envoy could not reach the Alertmanager")
+    return found("error")
+
+
+def known_alertmanagers(findings: list[Finding]) -> list[Finding]:
+    """One cluster's Alertmanager route findings, the refusals made precise: where the
+    observability Envoy let the cluster through to some Alertmanager, a refusal of
+    another (``no-route``) means it has no such Alertmanager (pure)."""
+    let_in = any(f.path == ALERTMANAGER and f.hop != "no-route" for f in findings)
+    if not let_in:
+        return findings
+    return [
+        dataclasses.replace(
+            f, detail=f"the observability Envoy has no {f.via} ({f.detail.rpartition('(')[2]}"
+        )
+        if f.path == ALERTMANAGER and f.hop == "no-route"
+        else f
+        for f in findings
+    ]
+
+
 def info_request_body() -> bytes:
     """One gRPC message frame: not compressed, length, the encoded InfoRequest."""
     payload = bytes(InfoRequest())
@@ -227,8 +375,11 @@ async def _exchange(
             seconds=time.perf_counter() - started, slow_after=slow_after,
         )  # fmt: skip
     except httpx.ConnectError as exc:
-        return Finding(cluster, "envoy-unreachable", f"{address}: {exc}",
-                       time.perf_counter() - started, via=via)  # fmt: skip
+        took = time.perf_counter() - started
+        tls = tls_refusal(exc, peer=f"the observability Envoy at {address}")
+        if tls is not None:
+            return Finding(cluster, "tls-refused", tls[0], took, via=via, refused=tls[1])
+        return Finding(cluster, "envoy-unreachable", f"{address}: {exc}", took, via=via)
     except httpx.TimeoutException:
         return Finding(cluster, "timeout", f"no answer within {within:g} s",
                        time.perf_counter() - started, via=via)  # fmt: skip
@@ -238,6 +389,54 @@ async def _exchange(
     finally:
         if own:
             await http.aclose()
+
+
+async def probe_alertmanager(
+    cluster: str,
+    *,
+    address: str,
+    index: int,
+    namespace: str,
+    domain: str,
+    identity: CertKey,
+    trust: bytes,
+    within: float = 10.0,
+    slow_after: float = 2.0,
+) -> Finding:
+    """GET ``/-/ready`` of the ``index``-th local Alertmanager through the observability
+    Envoy's Alertmanager listener at ``address`` (host:port, 10903), as ``cluster``'s
+    downstream Envoy relays its alerts: with ``identity`` (the cluster's client
+    certificate), the server verified against ``trust`` and the name ``atlas``."""
+    via = f"{ALERTMANAGER}{index}"
+    request = httpx.Request(
+        "GET",
+        f"https://{address}/-/ready",
+        headers={"host": f"{via}.{namespace}.svc.{domain}"},
+        extensions={
+            "timeout": httpx.Timeout(within).as_dict(),
+            "sni_hostname": OBSERVABILITY_NODE,
+        },
+    )
+
+    def judge(
+        cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float,
+        slow_after: float,
+    ) -> Finding:  # fmt: skip
+        return classify_alertmanager(
+            cluster, status=status, headers=headers, body=body, seconds=seconds,
+            slow_after=slow_after, via=via,
+        )  # fmt: skip
+
+    try:
+        tls = client_tls(identity, trust)
+    except (ssl.SSLError, ValueError) as exc:  # what ssl says names no key material
+        what = f"the cluster's certificate, key or CA bundle does not load ({exc})"
+        return Finding(cluster, "error", what, via=via)
+    async with httpx.AsyncClient(verify=tls) as client:
+        return await _exchange(
+            cluster, via, request, within=within, slow_after=slow_after, client=client,
+            http2=False, judge=judge,
+        )  # fmt: skip
 
 
 async def probe(

@@ -13,6 +13,10 @@ Node ``atlas`` (the observability Envoy):
 - ``prometheus`` (10904): plaintext; ``/prom/<cluster>/`` rewritten to ``/`` ->
   ``<cluster>-prom`` (mTLS, SAN = cluster name).
 
+  On both, Envoy's own reply to a call whose upstream connection failed names the
+  transport's failure reason (``labels.UPSTREAM_FAILURE_HEADER``): `atlasd probe` tells a
+  refused TLS handshake, and which side refused, from a refused TCP connection by it.
+
   Both route by **scope** (SRDS): a request's key is its authority without the port
   (10901) or the first two segments of its path (10904, ``prom`` and the cluster name), and
   each cluster's scopes (``thanos/<authority>`` per sidecar, ``prometheus/<cluster>``) carry
@@ -54,7 +58,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from atlasd import model
 from atlasd.fleet.keys import FLEET_KEY
-from atlasd.labels import CLUSTER_HEADER, FORWARDER_TOKEN_HEADER
+from atlasd.labels import CLUSTER_HEADER, FORWARDER_TOKEN_HEADER, UPSTREAM_FAILURE_HEADER
 from atlasd.xds.messages import (
     ADS_FORWARD_CLUSTER,
     ATLAS_ALERTMANAGER_CLUSTER,
@@ -581,7 +585,11 @@ class SnapshotBuilder:
     ) -> Resource:
         def make() -> Piece:
             hcm = make_hcm(
-                stat_prefix=name, route_name=name, streaming=streaming, scope_key=scope_key
+                stat_prefix=name,
+                route_name=name,
+                streaming=streaming,
+                scope_key=scope_key,
+                failure_header=UPSTREAM_FAILURE_HEADER,
             )
             lst = make_listener(name=name, address=address, port=port, hcm=hcm, tls_chain=None)
             # Scopes are a wildcard set, not named by the listener.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -156,6 +157,7 @@ def make_hcm(
     forward_client_cert: bool = False,
     rbac_deny_by_default: bool = False,
     scope_key: Sequence[HeaderPart] = (),
+    failure_header: str | None = None,
 ) -> hcm_pb2.HttpConnectionManager:
     """An HTTP connection manager taking its routes from RDS over ADS.
 
@@ -167,6 +169,13 @@ def make_hcm(
     ``rbac_deny_by_default``: an RBAC filter that allows nothing unless the route's
     virtual host overrides it (``rbac_allow_principals``), so who may call lives in
     RDS and changes without a listener update (no drain).
+
+    ``failure_header``: Envoy's own reply to a request whose upstream connection failed
+    (response flag ``UF``) carries this header with the transport's failure reason
+    (``%UPSTREAM_TRANSPORT_FAILURE_REASON%``: ``delayed_connect_error:_Connection_refused``,
+    ``TLS_error:...CERTIFICATE_VERIFY_FAILED:verify_cert_failed:...``,
+    ``TLS_error:...TLSV1_ALERT_UNKNOWN_CA...``), which Envoy 1.40 leaves out of the reply's
+    body; nothing else about the reply changes.
     """
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
@@ -204,6 +213,22 @@ def make_hcm(
         deny_all = rbac_filter_pb2.RBAC(rules=rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW))
         hcm.http_filters.insert(
             0, hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=pack(deny_all))
+        )
+    if failure_header is not None:
+        hcm.local_reply_config.mappers.append(
+            hcm_pb2.ResponseMapper(
+                filter=accesslog_pb2.AccessLogFilter(
+                    response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["UF"])
+                ),
+                headers_to_add=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(
+                            key=failure_header, value="%UPSTREAM_TRANSPORT_FAILURE_REASON%"
+                        ),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ],
+            )
         )
     if streaming:
         # gRPC streams (xDS, Thanos StoreAPI series) may stay quiet for long.

@@ -22,6 +22,11 @@ from tests.harness.procs import Proc
 from tests.harness.wait import wait_until
 
 
+def typed(kind: str, **fields: Any) -> dict[str, Any]:
+    """A typed config (``google.protobuf.Any`` in a bootstrap's JSON form) of ``kind``."""
+    return {"@type": f"type.googleapis.com/{kind}", **fields}
+
+
 def envoy_binary() -> str:
     found = Path(sys.executable).parent / "envoy"
     if found.exists():
@@ -139,8 +144,10 @@ class Envoy:
         r.raise_for_status()
         out: dict[str, int] = {}
         for stat in r.json().get("stats", []):
-            if "name" in stat and stat["name"].startswith(prefix) and "value" in stat:
-                out[stat["name"]] = int(stat["value"])
+            # Text readouts (a cluster's EDS version_text) are no counters: left out.
+            name, value = stat.get("name", ""), stat.get("value")
+            if name.startswith(prefix) and (isinstance(value, int) or str(value).isdigit()):
+                out[name] = int(value)
         return out
 
     def log_text(self) -> str:

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from atlasd.model import DownstreamCluster
+from tests.harness.envoy import typed
 from tests.harness.net import free_port
 from tests.harness.prom import WebProc
 from tests.harness.wait import wait_until_async
@@ -38,10 +39,6 @@ IDLE = 3  # the bound under test (the default is 30 s)
 HELD = 120  # how long west holds every Series call
 
 
-def _typed(kind: str, **fields: Any) -> dict[str, Any]:
-    return {"@type": f"type.googleapis.com/{kind}", **fields}
-
-
 def fault_envoy(
     listen_port: int, sidecar_port: int, *, delay: int = HELD, path: str | None = "/Series"
 ) -> dict[str, Any]:
@@ -50,7 +47,7 @@ def fault_envoy(
     match = (
         {} if path is None else {"headers": [{"name": ":path", "string_match": {"suffix": path}}]}
     )
-    hcm = _typed(
+    hcm = typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="fault",
         codec_type="AUTO",
@@ -69,7 +66,7 @@ def fault_envoy(
         http_filters=[
             {
                 "name": "envoy.filters.http.fault",
-                "typed_config": _typed(
+                "typed_config": typed(
                     "envoy.extensions.filters.http.fault.v3.HTTPFault",
                     delay={
                         "fixed_delay": f"{delay}s",
@@ -80,11 +77,11 @@ def fault_envoy(
             },
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+                "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
             },
         ],
     )
-    h2 = _typed(
+    h2 = typed(
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
         explicit_http_config={"http2_protocol_options": {}},
     )
