@@ -9,7 +9,8 @@ Node ``atlas`` (the observability Envoy):
   ``model.ADS_SERVER_NAME``) and, if configured, the forwarder token (see
   docs/xds-authorization.md).
 - ``thanos`` (10901): plaintext; authority ``<cluster>-thanos-sidecar<i>.<ns>.svc.<domain>``
-  (with or without a port) -> ``<cluster>-thanos`` (mTLS, HTTP/2, SAN = cluster name).
+  (with or without a port) -> ``<cluster>-thanos`` (mTLS, HTTP/2, SAN = cluster name; a
+  cluster with revoked certificates also carries their CRL, ``model.Revocation``).
 - ``prometheus`` (10904): plaintext; ``/prom/<cluster>/`` rewritten to ``/`` ->
   ``<cluster>-prom`` (mTLS, SAN = cluster name).
 
@@ -315,12 +316,14 @@ class SnapshotBuilder:
     # -- node atlas: per-cluster pieces -------------------------------------------------------
 
     def _cluster_resources(
-        self, c: model.DownstreamCluster, ports: NodePorts
+        self, c: model.DownstreamCluster, ports: NodePorts, crl: bytes
     ) -> tuple[Resource, ...]:
         """The two upstream clusters node ``atlas`` dials ``c`` with. They name no address
         (their endpoints come by EDS): a new external IP rebuilds the endpoints only, so
         Envoy keeps the clusters and a State-of-the-World stream sends two endpoint
-        assignments, not every cluster."""
+        assignments, not every cluster. ``crl``: ``c``'s revoked certificates
+        (``model.Revocation``), refused in the handshake; revoking changes ``c``'s two
+        clusters and nothing else, and Envoy drains their pooled connections."""
         ups: list[Resource] = []
         for kind, port in (("thanos", ports.thanos), ("prom", ports.prometheus)):
             cname = f"{c.name}-{kind}"
@@ -331,6 +334,7 @@ class SnapshotBuilder:
                 http2=True,
                 tls_san=c.name,
                 max_connection_seconds=self._conn_seconds,
+                crl=crl,
             )
             ups.append(Resource.of(CLUSTER, cname, serialize(cl), refs))
         self.built += 1
@@ -395,7 +399,9 @@ class SnapshotBuilder:
                     members_changed = True
                 continue
             ports = self.plan.ports_for(c.name)
-            cds_in = (c.name, ports.thanos, ports.prometheus)
+            rev = fleet.revocations.get(name)
+            crl = rev.crl if rev is not None else b""
+            cds_in = (c.name, ports.thanos, ports.prometheus, crl)
             eds_in = (c.name, self.upstream_host(c), ports.thanos, ports.prometheus)
             st = fleet.settings
             route_in = (c.name, c.replicas, st.namespace, st.cluster_domain, st.thanos_idle_seconds)
@@ -405,7 +411,7 @@ class SnapshotBuilder:
             if old is not None and old[0][0] == cds_in:
                 clusters = old[1].clusters
             else:
-                clusters = self._cluster_resources(c, ports)
+                clusters = self._cluster_resources(c, ports, crl)
                 upserts += clusters
             if old is not None and old[0][1] == eds_in:
                 endpoints = old[1].endpoints
