@@ -118,11 +118,8 @@ async def run_xds(
         if revoked is not None and FLEET_KEY in update.changed:
             # Before any snapshot with re-issued certificates goes out: a stream standing
             # on a revoked certificate ends instead of receiving them.
-            before = revoked.hashes
-            if revoked.update(update.version.model.revocations):
-                for name, rev in update.version.model.revocations.items():
-                    if rev.hashes - before:
-                        cache.wake(name)
+            for name in revoked.update(update.version.model.revocations):
+                cache.wake(name)
         build = functools.partial(builder.update, update.version.model, update.changed)
         # A start or a CA rotation touches every node: let the ADS server answer meanwhile.
         if len(update.changed) > 200:

@@ -101,13 +101,14 @@ class RevokedCerts:
     def __init__(self, hashes: Iterable[str] = ()) -> None:
         self.hashes: frozenset[str] = frozenset(hashes)
 
-    def update(self, revocations: Mapping[str, model.Revocation]) -> bool:
-        """Hold the hashes of ``revocations``; True if they changed."""
+    def update(self, revocations: Mapping[str, model.Revocation]) -> set[str]:
+        """Hold the hashes of ``revocations``; returns the clusters with a hash that is
+        new (their streams are to be woken: one may stand on it)."""
         hashes = frozenset(h for r in revocations.values() for h in r.hashes)
         if hashes == self.hashes:
-            return False
-        self.hashes = hashes
-        return True
+            return set()
+        before, self.hashes = self.hashes, hashes
+        return {name for name, r in revocations.items() if r.hashes - before}
 
     def __contains__(self, sha256: object) -> bool:
         return isinstance(sha256, str) and sha256.lower() in self.hashes
