@@ -234,15 +234,36 @@ _PRINCIPALS_FIELD = rbac_pb2.Policy.DESCRIPTOR.fields_by_name["principals"].numb
 _ALLOW_ANY = serialize(rbac_pb2.Policy(permissions=[rbac_pb2.Permission(any=True)]))
 
 
-def principal_bytes(name: str) -> bytes:
+def principal_bytes(name: str, revoked: Iterable[str] = ()) -> bytes:
     """One encoded ``principals`` entry of an RBAC policy (tag included): callers whose
     verified certificate names ``name`` (Envoy matches ``principal_name`` against the URI
-    SANs, then the DNS SANs)."""
+    SANs, then the DNS SANs) and is none of ``revoked`` (SHA-256 hex: the ``Hash`` of the
+    ``x-forwarded-client-cert`` header the listener sets, ``forward_client_cert``)."""
     p = rbac_pb2.Principal(
         authenticated=rbac_pb2.Principal.Authenticated(
             principal_name=string_pb2.StringMatcher(exact=name)
         )
     )
+    hashes = sorted(revoked)
+    if hashes:
+        refused = rbac_pb2.Principal(
+            or_ids=rbac_pb2.Principal.Set(
+                ids=[
+                    rbac_pb2.Principal(
+                        header=route_components_pb2.HeaderMatcher(
+                            name=XFCC_HEADER,
+                            string_match=string_pb2.StringMatcher(
+                                contains=f"Hash={h}", ignore_case=True
+                            ),
+                        )
+                    )
+                    for h in hashes
+                ]
+            )
+        )
+        p = rbac_pb2.Principal(
+            and_ids=rbac_pb2.Principal.Set(ids=[p, rbac_pb2.Principal(not_id=refused)])
+        )
     return repeated_field(_PRINCIPALS_FIELD, [serialize(p)])
 
 

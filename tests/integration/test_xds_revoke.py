@@ -8,8 +8,10 @@ re-issued certificates answers again."""
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +22,8 @@ from atlasd import model, revocation
 from tests.harness.wait import wait_until_async
 from tests.unit.xds import helpers
 from tests.unit.xds.world import World, xds_world
+
+AM_CONFIG = 'route:\n  receiver: "null"\n  group_wait: 1s\nreceivers:\n  - name: "null"\n'
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +125,60 @@ async def test_revoked_cluster_is_refused_others_keep_working_redeploy_restores(
             await trio.to_thread.run_sync(thread.join)
         assert len(west) > 5
         assert all(west), f"{west.count(False)} of {len(west)} requests to west failed"
+
+
+def _post_alert(w: World, node: str, tmp: Path) -> int:
+    """POST an alert to the observability Envoy's 10903 with ``node``'s client certificate
+    (as its Envoy's alert relay does); the HTTP status."""
+    ident = w.pki.identity(node)
+    assert ident is not None
+    (tmp / f"{node}.crt").write_bytes(ident.client.cert_pem)
+    (tmp / f"{node}.key").write_bytes(ident.client.key_pem)
+    (tmp / "ca.pem").write_bytes(w.pki.trust_bundle)
+    ctx = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
+    ctx.check_hostname = False  # the observability Envoy's certificate names "atlas"
+    ctx.load_cert_chain(str(tmp / f"{node}.crt"), str(tmp / f"{node}.key"))
+    r = httpx.post(
+        f"https://127.0.0.1:{w.plan.observability.alertmanager}/api/v2/alerts",
+        json=[{"labels": {"alertname": f"From{node}", "cluster": node}}],
+        headers={"host": "alertmanager0.monitoring.svc.cluster.local"},
+        verify=ctx,
+        timeout=5,
+    )
+    return r.status_code
+
+
+async def test_a_revoked_client_certificate_cannot_post_alerts(
+    envoy_factory: Any, alertmanager_factory: Any, tmp_path: Path
+) -> None:
+    am = await trio.to_thread.run_sync(alertmanager_factory, AM_CONFIG)
+    local = [model.LocalAlertmanager("am0", "monitoring", am.port)]
+    async with xds_world(envoy_factory, clusters=("east", "west"), alertmanagers=local) as w:
+        await w.start_ready("atlas")
+
+        async def status(node: str) -> int:
+            return await trio.to_thread.run_sync(_post_alert, w, node, tmp_path)
+
+        await wait_until_async(
+            lambda: _is(status("east"), 200), timeout=20, what="east's alert accepted"
+        )
+        w.revocations["east"] = _revoke(w, "east")
+        w.publish()
+        await wait_until_async(
+            lambda: _is(status("east"), 403),
+            timeout=10,
+            what="east's revoked client certificate refused by the alertmanager routes",
+        )
+        assert await status("west") == 200
+        r = await trio.to_thread.run_sync(lambda: httpx.get(f"{am.url}/api/v2/alerts", timeout=5))
+        assert {a["labels"]["alertname"] for a in r.json()} >= {"Fromeast", "Fromwest"}
+        # East re-issued: its new client certificate posts again.
+        w.pki = w.pki.with_identities(
+            tuple((n, helpers.identity(w.ca, n) if n == "east" else i) for n, i in w.pki.identities)
+        )
+        w.publish()
+        assert await status("east") == 200
+
+
+async def _is(value: Any, want: int) -> bool:
+    return bool(await value == want)

@@ -9,12 +9,15 @@ import datetime as dt
 import pytest
 from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
 from atlasd import model, revocation
 from atlasd.xds.authz import XFCC_HEADER, Authorizer, Denied, RevokedCerts, presented
 from atlasd.xds.builders import SnapshotBuilder
-from atlasd.xds.snapshot import CLUSTER, Snapshot
+from atlasd.xds.messages import RBAC_FILTER
+from atlasd.xds.snapshot import CLUSTER, ROUTE, Snapshot
 from tests.unit.xds import helpers
 
 NOW = dt.datetime.now(dt.UTC)
@@ -108,3 +111,43 @@ def test_a_stream_stands_on_the_forwarded_certificate_else_its_own() -> None:
     assert presented([], "cd") == "cd"
     assert presented([(XFCC_HEADER, "DNS=east")], "cd") is None
     assert presented([(XFCC_HEADER, "Hash=a,Hash=b")], None) is None
+
+
+def test_with_alertmanagers_a_revocation_also_changes_the_alertmanager_routes_only() -> None:
+    ams = (model.LocalAlertmanager("am0", "monitoring", 9093),)
+    fleet = PKI.fleet(CLUSTERS, ams)
+    builder = SnapshotBuilder()
+    builder.build(fleet)
+    before = builder.snapshots()["atlas"]
+    builder.update(dataclasses.replace(fleet, revocations={"east": _revoked("east")}), {"east"})
+    after = builder.snapshots()["atlas"]
+    changed = {
+        (t, n)
+        for t, rs in after.resources.items()
+        for n, r in rs.items()
+        if before.resources.get(t, {}).get(n) != r
+    }
+    assert changed == {
+        (CLUSTER, "east-thanos"),
+        (CLUSTER, "east-prom"),
+        (ROUTE, "alertmanager"),
+    }
+    rc = route_pb2.RouteConfiguration.FromString(after.resources[ROUTE]["alertmanager"].body)
+    [vh] = rc.virtual_hosts
+    assert list(vh.request_headers_to_remove) == [XFCC_HEADER]
+    per_route = rbac_filter_pb2.RBACPerRoute()
+    vh.typed_per_filter_config[RBAC_FILTER].Unpack(per_route)
+    [policy] = per_route.rbac.rules.policies.values()
+    by_name = {
+        (
+            p.authenticated.principal_name.exact
+            or p.and_ids.ids[0].authenticated.principal_name.exact
+        ): p
+        for p in policy.principals
+    }
+    assert set(by_name) == {"east", "west"}
+    assert not by_name["west"].HasField("and_ids")
+    refused = by_name["east"].and_ids.ids[1].not_id.or_ids.ids
+    assert {m.header.string_match.contains for m in refused} == {
+        f"Hash={h}" for h in _revoked("east").hashes
+    }
