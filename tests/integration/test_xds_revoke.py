@@ -7,6 +7,7 @@ re-issued certificates answers again."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ssl
 import threading
@@ -182,3 +183,87 @@ async def test_a_revoked_client_certificate_cannot_post_alerts(
 
 async def _is(value: Any, want: int) -> bool:
     return bool(await value == want)
+
+
+async def test_a_ca_rotation_does_not_make_a_revoked_certificate_good_again(
+    envoy_factory: Any, prometheus_factory: Any
+) -> None:
+    """After a rotation the CRL is signed by the new CA; the revoked leaf, signed by the
+    old one (still trusted), must stay refused: a CRL by another key never clears it. A
+    leaf of the old CA that is not revoked is refused too (fail closed) until the cluster
+    has a leaf of the new CA."""
+    prom = await trio.to_thread.run_sync(prometheus_factory, "global:\n  scrape_interval: 15s\n")
+    async with xds_world(
+        envoy_factory,
+        clusters=("east",),
+        cluster_factory=lambda n: helpers.cluster(n, prom_port=prom.port),
+        upstream_connection_seconds=1,
+    ) as w:
+        await w.start_ready("atlas", "east")
+        url = (
+            f"http://127.0.0.1:{w.plan.observability.prometheus}/prom/east/api/v1/status/buildinfo"
+        )
+
+        def ok() -> bool:
+            try:
+                return httpx.get(url, timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await wait_until_async(lambda: trio.to_thread.run_sync(ok), timeout=20, what="east")
+        ident = w.pki.identity("east")
+        assert ident is not None
+        now = dt.datetime.now(dt.UTC)
+        entries = [revocation.revoke("east", "server", ident.server.cert_pem, now=now)]
+        w.revocations["east"] = _revoke(w, "east")
+        w.publish()
+        await wait_until_async(
+            lambda: trio.to_thread.run_sync(lambda: not ok()), timeout=10, what="refused"
+        )
+        # Rotate: the new CA first in the bundle, the old one still trusted, the CRL of the
+        # same entries now signed by the new CA. East still presents its revoked leaf.
+        old_ca, new_ca = w.ca, helpers.make_ca("atlas-test-ca-2")
+        w.pki = dataclasses.replace(
+            w.pki,
+            pki=dataclasses.replace(w.pki.pki, trust_bundle=new_ca.bundle + w.ca.bundle),
+        )
+        w.ca = new_ca
+        w.revocations["east"] = revocation.revocations(
+            entries, ca_cert_pem=new_ca.material.cert_pem, ca_key_pem=new_ca.material.key_pem,
+            now=now,
+        )["east"]  # fmt: skip
+        w.publish()
+        await w.wait_acked("atlas")
+        atlas = w.envoys["atlas"]
+        fail = "cluster.east-prom.ssl.fail_verify_error"
+        before = (await trio.to_thread.run_sync(atlas.stats, fail)).get(fail, 0)
+        for _ in range(5):
+            assert not await trio.to_thread.run_sync(ok)
+        after = (await trio.to_thread.run_sync(atlas.stats, fail)).get(fail, 0)
+        assert after > before
+        # East redeployed with a leaf of the *old* CA that is not revoked: the CRL of the
+        # new CA does not vouch for it either; refused until east has a leaf of the new CA
+        # (which a rotation gives every cluster over SDS). Fails closed.
+        w.pki = w.pki.with_identities(
+            tuple(
+                (n, helpers.identity(old_ca, n) if n == "east" else i) for n, i in w.pki.identities
+            )
+        )
+        w.publish()
+        await trio.to_thread.run_sync(w.envoys["east"].stop)
+        await w.start_envoy("east", name="east-old-ca")
+        await w.wait_acked("east")
+        await w.wait_envoy_ready("east-old-ca")
+        for _ in range(5):
+            assert not await trio.to_thread.run_sync(ok)
+        w.pki = w.pki.with_identities(
+            tuple(
+                (n, helpers.identity(new_ca, n) if n == "east" else i) for n, i in w.pki.identities
+            )
+        )
+        w.publish()
+        await wait_until_async(
+            lambda: trio.to_thread.run_sync(ok),
+            timeout=20,
+            what="east answers with a leaf of the new CA (over SDS, no restart)",
+        )
