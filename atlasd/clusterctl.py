@@ -1,5 +1,5 @@
-"""What ``atlasd cluster add|list|remove|values`` do, against Kubernetes or a store (and
-``client_identity``: a cluster's certificate, for ``atlasd probe --alertmanager-via``).
+"""What ``atlasd cluster add|list|remove|values|revoke`` do, against Kubernetes or a store
+(and ``client_identity``: a cluster's certificate, for ``atlasd probe --alertmanager-via``).
 
 The Service built here is the one of docs/interface.md: a Service in atlasd's namespace
 labeled ``goatlas.io/cluster: "true"`` with ``spec.externalIPs`` (the first one is the
@@ -24,6 +24,11 @@ service proxies that honour it) leave it alone, so, like the headless one, it ro
 nothing: it is only a declaration. Existing Services keep their shape (``clusterIP`` is
 immutable, and ``--overwrite`` never sends it); the daemon accepts both.
 
+``revoke`` adds the cluster's current server and client certificates to the Secret
+``atlas-revocations`` (``atlasd.revocation``; read, merged, written back with its
+resourceVersion, again on a conflict), and with ``wait`` polls ``<c>-atlas-identity`` until
+the leader has re-issued them.
+
 Errors::
 
     ClusterError   a request that cannot be carried out; the message says why and what to do
@@ -31,16 +36,20 @@ Errors::
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from atlasd import labels
+import trio
+
+from atlasd import labels, revocation
 from atlasd.fleet.validate import cluster_label_problem, is_cluster_service, validate_all
 from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.client import KubeClient
-from atlasd.kube.errors import ApiError, NotFound
+from atlasd.kube.errors import ApiError, Conflict, NotFound
 from atlasd.kube.resources import NAMESPACES, SECRETS, SERVICES
 from atlasd.kube.secrets import secret_data
 from atlasd.model import DEFAULT_CLUSTER_PORTS, OBSERVABILITY_NODE, CertKey, Problem, Settings
@@ -315,3 +324,114 @@ async def _require_valid_cluster(
             f"current values for it: {_describe(mine)} (also posted as an Event on "
             f"Service {name})"
         )
+
+
+@dataclass(frozen=True)
+class RevokeOutcome:
+    """What ``revoke`` did: the entries it added (empty: they were revoked already) and the
+    cluster's certificates it found (the added ones, or those revoked before)."""
+
+    added: tuple[revocation.Revoked, ...]
+    found: tuple[revocation.Revoked, ...]
+    reissued: bool | None = None  # with ``wait``: whether atlasd re-issued in time
+
+
+async def _identity_certs(
+    api: KubeApi, name: str, settings: Settings, now: dt.datetime
+) -> tuple[revocation.Revoked, ...]:
+    secret_name = labels.identity_secret_name(name)
+    try:
+        secret = await api.get(SECRETS, secret_name, namespace=settings.namespace)
+    except NotFound:
+        raise ClusterError(
+            f"cluster {name!r} has no certificates yet (Secret {secret_name} not found): "
+            "nothing to revoke"
+        ) from None
+    data = secret_data(secret)
+    out = []
+    for kind in revocation.KINDS:
+        pem = data.get(f"{kind}.crt")
+        try:
+            out.append(revocation.revoke(name, kind, pem or b"", now=now))
+        except ValueError:
+            raise ClusterError(f"Secret {secret_name}: {kind}.crt is not a certificate") from None
+    return tuple(out)
+
+
+def revocations_secret(
+    entries: Iterable[revocation.Revoked], *, settings: Settings, resource_version: str = ""
+) -> dict[str, Any]:
+    """The ``atlas-revocations`` Secret holding ``entries`` (``resource_version``: of the
+    object read, so a concurrent writer gets a Conflict instead of losing an entry)."""
+    meta: dict[str, Any] = {
+        "name": labels.REVOCATIONS_SECRET,
+        "namespace": settings.namespace,
+        "labels": {labels.MANAGED_BY_LABEL: labels.MANAGED_BY_VALUE},
+    }
+    if resource_version:
+        meta["resourceVersion"] = resource_version
+    body = base64.b64encode(revocation.dump(entries)).decode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "data": {revocation.REVOCATIONS_KEY: body},
+    }
+
+
+async def stored_revocations(
+    api: KubeApi, settings: Settings
+) -> tuple[list[revocation.Revoked], str | None]:
+    """The entries stored and the Secret's resourceVersion (None: no Secret)."""
+    try:
+        secret = await api.get(SECRETS, labels.REVOCATIONS_SECRET, namespace=settings.namespace)
+    except NotFound:
+        return [], None
+    entries, problems = revocation.parse(secret_data(secret).get(revocation.REVOCATIONS_KEY))
+    if problems:
+        # Rewriting would drop what does not parse: an operator looks first.
+        raise ClusterError(f"Secret {labels.REVOCATIONS_SECRET}: {problems[0]}")
+    return entries, bodies.resource_version(secret)
+
+
+async def revoke(
+    api: KubeApi,
+    name: str,
+    *,
+    settings: Settings,
+    now: dt.datetime,
+    wait: float = 0,
+    poll: float = 0.2,
+) -> RevokeOutcome:
+    """Revoke cluster ``name``'s current certificates; with ``wait`` (seconds), wait until
+    atlasd has re-issued them (``reissued`` says whether it did in time)."""
+    svc = await _get_service(api, name, settings)
+    if svc is None:
+        raise await _missing_cluster(api, name, settings)
+    if bodies.label(svc, labels.CLUSTER_LABEL) is None:
+        raise _not_a_cluster(svc, name)
+    found = await _identity_certs(api, name, settings, now)
+    for _attempt in range(10):
+        stored, rv = await stored_revocations(api, settings)
+        entries, added = revocation.merge(stored, found, now=now)
+        if not added:
+            break
+        obj = revocations_secret(entries, settings=settings, resource_version=rv or "")
+        try:
+            await (api.replace(obj) if rv is not None else api.create(obj))
+        except Conflict:  # another writer (AlreadyExists included): read again
+            continue
+        break
+    else:
+        raise ClusterError(f"Secret {labels.REVOCATIONS_SECRET} kept changing; try again")
+    if wait <= 0:
+        return RevokeOutcome(added=tuple(added), found=found)
+    revoked = {e.sha256 for e in found}
+    with trio.move_on_after(wait):
+        while True:
+            current = await _identity_certs(api, name, settings, now)
+            if not revoked & {e.sha256 for e in current}:
+                return RevokeOutcome(added=tuple(added), found=found, reissued=True)
+            await trio.sleep(poll)
+    return RevokeOutcome(added=tuple(added), found=found, reissued=False)

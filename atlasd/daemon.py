@@ -77,7 +77,7 @@ from atlasd.subsystems import (
 from atlasd.supervise import supervise
 from atlasd.watch.sources import run_sources
 from atlasd.watch.watched import WatchedSet
-from atlasd.xds.authz import Authorizer
+from atlasd.xds.authz import Authorizer, RevokedCerts
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.plan import ListenPlan
@@ -173,6 +173,8 @@ class Daemon:
             options.listen_plan, forwarder_token=options.settings.forwarder_token
         )
         self.ads_tls = ServerTls()
+        # Revoked certificates: kept by the xDS subsystem, read by the ADS authorizer.
+        self.revoked = RevokedCerts()
         self.leadership = Leadership(self.hub)
         # The leader's expectations: one object for every term, met by the fleet's relists.
         self.expectations = Expectations()
@@ -215,10 +217,12 @@ class Daemon:
             Subsystem("sources", P(sources, on_error=P(self._source_error, backend)),
                       supervised=True, ready="cache"),
             Subsystem("fleet", fleet.run, ready="fleet"),
-            Subsystem("xds", P(run_xds, feed=feed, builder=self.builder, cache=cache, hub=hub)),
+            Subsystem("xds", P(run_xds, feed=feed, builder=self.builder, cache=cache, hub=hub,
+                               revoked=self.revoked)),
             Subsystem("ads-tls", P(run_ads_tls, feed=feed, tls=self.ads_tls)),
             Subsystem("ads", P(run_ads_server, cache=cache, host=o.ads_host, port=o.ads_port,
-                               authorizer=Authorizer(forwarder_token=s.forwarder_token),
+                               authorizer=Authorizer(forwarder_token=s.forwarder_token,
+                                                     revoked=self.revoked),
                                tls=self.ads_tls), ready="ads", started=self._set("ads_port")),
             Subsystem("status", P(run_status, feed=feed, hub=hub, cache=cache)),
             Subsystem("zone", P(run_zone, feed=feed, path=o.zone_file, settings=s, hub=hub,

@@ -33,6 +33,8 @@ TLS_SECRET = "atlas-tls"
 # atlasd's own ADS server certificate (the observability Envoy dials it over TLS).
 ADS_SECRET = "atlasd-ads"
 OBS_VALUES_SECRET = "atlas-envoy-values"
+# Revoked certificates (``atlasd.revocation``): written by `atlasd cluster revoke`.
+REVOCATIONS_SECRET = "atlas-revocations"
 FIELD_MANAGER = "atlasd"
 # Header carrying the forwarder token on ADS streams (the observability Envoy sends it on
 # its own stream and adds it to the downstream streams it forwards; see

@@ -80,6 +80,14 @@ CERT_RENEWAL = Gauge(
     "When atlasd renews each certificate it serves (unix time; renew_fraction of its life).",
     ["name"],
 )
+REVOKED = Gauge(
+    "atlasd_revoked_certificates",
+    "Revoked certificates in force (Secret atlas-revocations, until each one's notAfter).",
+)
+REVOKED_REISSUED = Counter(
+    "atlasd_revoked_reissued",
+    "Leaf certificates the leader re-issued because they were revoked (atlasd cluster revoke).",
+)
 FLEET_SECONDS = Histogram(
     "atlasd_fleet_publish_duration_seconds",
     "Deriving one fleet version from watch changes (validation, trust checks).",

@@ -246,6 +246,16 @@ class PKI:
         return cert_pem + self.chain
 
 
+@dataclass(frozen=True)
+class Revocation:
+    """A cluster's revoked certificates in force (``atlasd.revocation``): the SHA-256 of
+    each (hex, DER) and a PEM CRL of their serials signed by the current CA (empty when it
+    could not be signed)."""
+
+    hashes: frozenset[str]
+    crl: bytes = b""
+
+
 def _frozen_map(items: Mapping[str, _V] | Iterable[tuple[str, _V]]) -> Mapping[str, _V]:
     return MappingProxyType(dict(items))
 
@@ -266,6 +276,8 @@ class Fleet:
     alertmanagers: tuple[LocalAlertmanager, ...] = ()
     pki: PKI | None = None
     identities: Mapping[str, Identity] = field(default_factory=lambda: _frozen_map({}))
+    # Clusters with revoked certificates in force, by name (served or not).
+    revocations: Mapping[str, Revocation] = field(default_factory=lambda: _frozen_map({}))
 
     @classmethod
     def of(
@@ -276,6 +288,7 @@ class Fleet:
         alertmanagers: Iterable[LocalAlertmanager] = (),
         pki: PKI | None = None,
         identities: Mapping[str, Identity] | Iterable[tuple[str, Identity]] = (),
+        revocations: Mapping[str, Revocation] | Iterable[tuple[str, Revocation]] = (),
     ) -> Fleet:
         """A Fleet from plain collections (tests, one-shot builds)."""
         return cls(
@@ -284,6 +297,7 @@ class Fleet:
             alertmanagers=tuple(alertmanagers),
             pki=pki,
             identities=_frozen_map(identities),
+            revocations=_frozen_map(revocations),
         )
 
     def sorted_clusters(self) -> list[DownstreamCluster]:

@@ -64,6 +64,7 @@ class FleetReport:
                 hub.publish_keyed("certificates", "", _cert_docs(fw.certificates, serial))
                 hub.publish_keyed("problems", "", [_problem_doc(p) for p in fw.problems])
                 self._export(key, fw.certificates)
+                metrics.REVOKED.set(sum(len(r.hashes) for r in fw.revocations.values()))
                 continue
             m = version.members.get(key)
             self._member(key, m)

@@ -46,6 +46,7 @@ from atlasd.reconcile.expectations import Expectations
 from atlasd.reconcile.loop import ReconcileLoop, key_result_doc
 from atlasd.supervise import supervise
 from atlasd.watch.backoff import Backoff
+from atlasd.xds.authz import RevokedCerts
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.tls import ServerTls, TlsMaterial
@@ -98,9 +99,11 @@ async def run_xds(
     builder: SnapshotBuilder,
     cache: SnapshotCache,
     hub: StatusHub,
+    revoked: RevokedCerts | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Fleet versions -> snapshots of the nodes they touch -> the cache the ADS server reads.
+    """Fleet versions -> snapshots of the nodes they touch -> the cache the ADS server reads
+    (and the revoked certificates the ADS authorizer refuses, ``revoked``).
 
     A lone change goes out at once. In a burst (thousands of clusters arriving) each
     build is followed by a pause (``atlasd.pacing``) so that building takes at most a
@@ -112,6 +115,11 @@ async def run_xds(
     sub = feed.subscribe()
     started = False
     async for update in sub:
+        if revoked is not None and FLEET_KEY in update.changed:
+            # Before any snapshot with re-issued certificates goes out: a stream standing
+            # on a revoked certificate ends instead of receiving them.
+            for name in revoked.update(update.version.model.revocations):
+                cache.wake(name)
         build = functools.partial(builder.update, update.version.model, update.changed)
         # A start or a CA rotation touches every node: let the ADS server answer meanwhile.
         if len(update.changed) > 200:

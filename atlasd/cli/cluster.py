@@ -1,5 +1,5 @@
-"""``atlasd cluster add|list|remove|values``: downstream clusters in Kubernetes or a
-store."""
+"""``atlasd cluster add|list|remove|values|revoke``: downstream clusters in Kubernetes or
+a store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, cast
 import click
 import yaml
 
-from atlasd import model
+from atlasd import labels, model
 from atlasd.backend import BackendSpec
 from atlasd.cli.app import cli
 from atlasd.cli.options import (
@@ -217,3 +217,51 @@ def cluster_values(backend: BackendSpec, name: str, fmt: str, allow_loopback: bo
     """Print the Envoy chart values for the cluster NAME (they hold its private keys;
     NAME `atlas`: the observability Envoy's)."""
     print_cluster_values(backend=backend, name=name, fmt=fmt, allow_loopback=allow_loopback)
+
+
+@cluster.command("revoke")
+@backend_options
+@click.argument("name")
+@click.option(
+    "--wait",
+    "wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seconds to wait until atlasd has re-issued the certificates (0: do not wait).",
+)
+def cluster_revoke(backend: BackendSpec, name: str, wait: float) -> None:
+    """Revoke the current certificates of the cluster NAME (a leaked key): the
+    observability Envoy and atlasd refuse them within seconds, atlasd re-issues them,
+    and the downstream Envoy must be redeployed with the new values."""
+    import datetime as dt
+
+    from atlasd import clusterctl
+
+    now = dt.datetime.now(dt.UTC)
+    outcome = _cluster_call(
+        lambda api: clusterctl.revoke(api, name, settings=backend.settings, now=now, wait=wait),
+        backend,
+    )
+    certs = ", ".join(
+        f"{e.kind} certificate serial {e.serial} (valid until {e.not_after:%Y-%m-%d})"
+        for e in outcome.found
+    )
+    if outcome.added:
+        click.echo(f"cluster {name}: revoked its {certs}")
+    else:
+        click.echo(f"cluster {name}: already revoked: {certs}")
+    values = labels.values_secret_name(name)
+    ns = backend.settings.namespace
+    if outcome.reissued is False:
+        fail(
+            f"atlasd has not re-issued the certificates of cluster {name!r} within {wait:g} s: "
+            "is a leader running? (atlasd status)"
+        )
+    said = "re-issued" if outcome.reissued else "re-issues"
+    click.echo(
+        f"The observability Envoy refuses them once atlasd pushes its configuration "
+        f"(seconds). atlasd {said} them into Secret {ns}/{values}: redeploy the downstream "
+        f"Envoy's Helm release with those values (atlasd cluster values {name}); until then "
+        f"cluster {name} is not reachable."
+    )

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import immutables
 
-from atlasd import labels
+from atlasd import labels, revocation
 from atlasd.fleet.keys import (
     ALERTMANAGER_SERVICES,
     CLUSTER_SERVICES,
@@ -68,6 +68,7 @@ from atlasd.model import (
     LocalAlertmanager,
     ObjectRef,
     Problem,
+    Revocation,
     Settings,
 )
 
@@ -141,6 +142,8 @@ class FleetWide:
     pki: PKI | None = None
     problems: tuple[Problem, ...] = ()
     certificates: tuple[CertInfo, ...] = ()
+    # Clusters with revoked certificates in force (Secret atlas-revocations), by name.
+    revocations: Mapping[str, Revocation] = field(default_factory=lambda: _EMPTY)
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,6 +231,9 @@ class FleetState:
         self._identities: immutables.Map[str, Identity] = immutables.Map()
         self._number = 0
         self._model = Fleet(settings=settings)
+        # The last revocations derived, by what they were derived from (the entries in
+        # force and the CA): a CRL is signed again only when one of those changes.
+        self._revoked: tuple[Any, Mapping[str, Revocation]] = (None, _EMPTY)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -274,6 +280,7 @@ class FleetState:
             if _trust(before) != _trust(self._fleetwide):
                 # A new trust bundle: every stored identity is judged again.
                 todo |= set(self._members)
+            changed |= revocation.changed_clusters(before.revocations, self._fleetwide.revocations)
         ips: set[str] = set()
         members = self._members.mutate()
         for key in todo:
@@ -304,6 +311,7 @@ class FleetState:
             alertmanagers=self._fleetwide.alertmanagers,
             pki=pki,
             identities=self._identities if pki is not None else _EMPTY,
+            revocations=self._fleetwide.revocations,
         )
         version = FleetVersion(
             number=self._number,
@@ -389,6 +397,8 @@ class FleetState:
         alertmanagers = select_alertmanagers(
             [ams[n] for n in sorted(ams)], self.settings.alertmanager_selector
         )
+        revoked = self._derive_revocations(secrets.get(labels.REVOCATIONS_SECRET), ca, now)
+        problems += revoked[1]
         return FleetWide(
             ca_secret=ca_secret,
             secrets=_ro(secrets),
@@ -400,7 +410,42 @@ class FleetState:
             pki=pki,
             problems=tuple(problems),
             certificates=tuple(certs),
+            revocations=revoked[0],
         )
+
+    def _derive_revocations(
+        self, secret: Obj | None, ca: StoredCA | None, now: dt.datetime
+    ) -> tuple[Mapping[str, Revocation], list[Problem]]:
+        """The revocations in force (``atlasd.revocation``) and the entries skipped."""
+        entries, skipped = revocation.parse(
+            secret_data(secret).get(revocation.REVOCATIONS_KEY) if secret is not None else None
+        )
+        problems = [
+            Problem(
+                source=ObjectRef(
+                    kind="Secret", name=labels.REVOCATIONS_SECRET, namespace=self.settings.namespace
+                ),
+                field="data",
+                message=text,
+                reason="InvalidRevocation",
+            )
+            for text in skipped
+        ]
+        in_force = tuple(sorted(e for e in entries if e.in_force(now)))
+        inputs = (in_force, ca.material if ca is not None else None)
+        if inputs != self._revoked[0]:
+            made: Mapping[str, Revocation] = _EMPTY
+            if in_force:
+                made = _ro(
+                    revocation.revocations(
+                        in_force,
+                        ca_cert_pem=ca.material.cert_pem if ca is not None else b"",
+                        ca_key_pem=ca.material.key_pem if ca is not None else b"",
+                        now=now,
+                    )
+                )
+            self._revoked = (inputs, made)
+        return self._revoked[1], problems
 
     def _derive_member(self, key: str, old: Member | None) -> Member | None:
         objs = self.objects(key)

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import trio
 
-from atlasd import labels
+from atlasd import labels, metrics
 from atlasd.fleet.keys import FIXED_SECRETS, FLEET_KEY, ObjectId
 from atlasd.fleet.state import FleetVersion, Member
 from atlasd.fleet.validate import identity_secret_name
@@ -240,6 +240,7 @@ class Reconciler:
             return result
         problems = list(m.problems)
         observed = _member_versions(m)
+        replaced: tuple[tuple[str, int], ...] = ()
         if m.state == "absent":
             inputs: Hashable = ("absent",)
             writes = plan_key_writes(
@@ -260,12 +261,15 @@ class Reconciler:
             ca = self._signing_ca(version, now)
             if ca is None:
                 return result  # no usable CA yet: the fleet-wide key comes first
+            rev = version.fleetwide.revocations.get(key)
+            revoked = rev.hashes if rev is not None else frozenset()
             inputs = (
                 objects_inputs(m.cluster),
                 ca.serial,
                 ca.bundle,
                 ca.chain,
                 len(version.fleetwide.alertmanagers),
+                revoked,
             )
             rec = self._synced.get(key)
             if rec is not None and rec.holds(inputs, observed, now):
@@ -281,6 +285,7 @@ class Reconciler:
                 settings=self.settings,
                 now=now,
                 keys=self.keys,
+                revoked=revoked,
             )
             objs = cluster_objects(
                 m.cluster,
@@ -300,6 +305,7 @@ class Reconciler:
                 is_cluster_service=lambda name: _is_cluster_service(version, name),
             )
             result.issued = plan.issued
+            replaced = plan.revoked
             next_renewal = plan.next_renewal
             for obj in writes.clashes:
                 problems.append(
@@ -318,10 +324,31 @@ class Reconciler:
                 observed[oid] = rv
         if not result.write_errors:
             self._synced[key] = _Synced(inputs, observed, next_renewal)
+        said = 0
+        if replaced and not result.write_errors:
+            said = await self._revoked(api, key, m, replaced)
         result.next_renewal = next_renewal
         result.problems = tuple(problems)
-        result.events = await self._report(api, key, problems)
+        result.events = said + await self._report(api, key, problems)
         return result
+
+    async def _revoked(
+        self, api: KubeApi, key: str, m: Member, replaced: tuple[tuple[str, int], ...]
+    ) -> int:
+        """Say that revoked leaves of ``key`` were re-issued, and what the operator does now
+        (an Event on the cluster Service, a log line, the counter)."""
+        metrics.REVOKED_REISSUED.inc(len(replaced))
+        old = ", ".join(f"{name} (serial {serial})" for name, serial in replaced)
+        values = labels.values_secret_name(key)
+        message = (
+            f"revoked certificates re-issued: {old}. The observability Envoy refuses the old "
+            f"ones; redeploy the downstream Envoy with the new values of Secret {values} "
+            f"(atlasd cluster values {key})"
+        )
+        log.warning("cluster %s: %s", key, message, extra={"key": key})
+        ref = m.cluster.source if m.cluster is not None and m.cluster.source else _ref(m)
+        await self.post_event(api, ref=ref, reason="CertificatesRevoked", message=message)
+        return 1
 
     def _signing_ca(self, version: FleetVersion, now: dt.datetime) -> CA | None:
         stored = version.fleetwide.ca

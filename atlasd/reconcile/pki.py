@@ -25,7 +25,8 @@ labels ``goatlas.io/ca: "true"``, ``goatlas.io/ca-revision``, ``goatlas.io/ca-se
 Serials are decimal (``str(cert.serial_number)``, like Go's ``big.Int.String()``).
 
 Leaves (ECDSA P-256, random unique serials, SHA-256, validity capped at the CA's) are
-re-issued when missing or unparsable, when their key does not match or is not ECDSA P-256
+re-issued when missing or unparsable, when revoked (their SHA-256 is among a cluster's
+revoked hashes, ``atlasd.revocation``), when their key does not match or is not ECDSA P-256
 (so the original's RSA leaves are replaced once, at adoption), when not signed by the
 current CA, when their SANs or usages differ from the scheme below, or once
 ``renew_fraction`` of their lifetime has passed. Otherwise they are reused byte for byte, so
@@ -64,7 +65,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from atlasd import labels
 from atlasd.addresses import AddressError, parse_ip
-from atlasd.certpolicy import is_due, key_belongs_to, load_key, renew_at, renewal_offset
+from atlasd.certpolicy import (
+    is_due,
+    key_belongs_to,
+    load_cert,
+    load_key,
+    renew_at,
+    renewal_offset,
+)
 from atlasd.fleet.trust import (
     CA_CERT_KEY,
     CA_KEY_KEY,
@@ -105,6 +113,7 @@ from atlasd.reconcile.objects import (
     owner_references,
     secret_object,
 )
+from atlasd.revocation import fingerprint
 
 # Re-exported: callers plan with ``pki`` alone (``plan_pki(..., keys=RandomKeys())``).
 __all__ = [
@@ -336,19 +345,35 @@ class LeafPlan:
     next_renewal: dt.datetime
     # The observability plan only: atlasd's ADS server certificate.
     ads_server: CertKey | None = None
+    # Of ``issued``, the leaves replaced because they were revoked, with the old serial.
+    revoked: tuple[tuple[str, int], ...] = ()
 
 
 class _Leaves:
-    """Keeps or issues leaves under one CA, noting what it issued."""
+    """Keeps or issues leaves under one CA, noting what it issued (and why: revoked)."""
 
     def __init__(
-        self, *, ca: CA, settings: Settings, now: dt.datetime, keys: KeySource, force: bool
+        self,
+        *,
+        ca: CA,
+        settings: Settings,
+        now: dt.datetime,
+        keys: KeySource,
+        force: bool,
+        revoked: frozenset[str] = frozenset(),
     ) -> None:
         self.ca, self.settings, self.now, self.keys, self.force = ca, settings, now, keys, force
+        self.revoked_hashes = revoked
         self.issued: list[str] = []
+        self.revoked: list[tuple[str, int]] = []
 
     def leaf(self, name: str, current: CertKey | None, spec: LeafSpec) -> CertKey:
         s = self.settings
+        if current is not None and self.revoked_hashes:
+            cert = load_cert(current.cert_pem)
+            if cert is not None and fingerprint(cert) in self.revoked_hashes:
+                self.revoked.append((name, cert.serial_number))
+                current = None
         if (
             current is not None
             and not self.force
@@ -416,9 +441,14 @@ def plan_identity(
     now: dt.datetime,
     keys: KeySource,
     force: bool = False,
+    revoked: frozenset[str] = frozenset(),
 ) -> LeafPlan:
-    """One downstream cluster's server and client leaves and ``<c>-atlas-identity``."""
-    leaves = _Leaves(ca=ca, settings=settings, now=as_utc(now), keys=keys, force=force)
+    """One downstream cluster's server and client leaves and ``<c>-atlas-identity``;
+    ``revoked``: the cluster's revoked certificate hashes (a stored leaf among them is
+    re-issued)."""
+    leaves = _Leaves(
+        ca=ca, settings=settings, now=as_utc(now), keys=keys, force=force, revoked=revoked
+    )
     data = secret_data(observed)
     server_spec, client_spec = cluster_specs(cluster.name, settings)
     server = leaves.leaf(
@@ -451,6 +481,7 @@ def plan_identity(
             renew_at(server.cert_pem, settings.renew_fraction),
             renew_at(client.cert_pem, settings.renew_fraction),
         ),
+        revoked=tuple(leaves.revoked),
     )
 
 

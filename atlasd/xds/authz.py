@@ -17,6 +17,12 @@ that certificate names. XFCC from anyone else, a plaintext caller without the to
 wrong or repeated token: refused. With no token configured, plaintext callers are never
 trusted.
 
+A **revoked** client certificate (``RevokedCerts``: the SHA-256 of every certificate
+revoked and in force, ``atlasd.revocation``) is refused however it is presented: on the
+connection, or forwarded (the XFCC element's ``Hash``, which the observability Envoy always
+sets). ``presented`` says which certificate a stream stands on, so the ADS server ends a
+stream whose certificate is revoked after it opened.
+
 Errors::
 
     Exception
@@ -26,8 +32,8 @@ Errors::
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from atlasd import model
 from atlasd.labels import FORWARDER_TOKEN_HEADER
@@ -85,6 +91,42 @@ def parse_xfcc(header: str) -> list[list[tuple[str, str]]]:
     return elements
 
 
+class RevokedCerts:
+    """The SHA-256 (lowercase hex, of the DER) of every revoked certificate in force.
+
+    Invariant: ``hashes`` is replaced whole (by the xDS subsystem, from each fleet
+    version), never mutated, so a reader on another thread sees one version or the next.
+    """
+
+    def __init__(self, hashes: Iterable[str] = ()) -> None:
+        self.hashes: frozenset[str] = frozenset(hashes)
+
+    def update(self, revocations: Mapping[str, model.Revocation]) -> set[str]:
+        """Hold the hashes of ``revocations``; returns the clusters with a hash that is
+        new (their streams are to be woken: one may stand on it)."""
+        hashes = frozenset(h for r in revocations.values() for h in r.hashes)
+        if hashes == self.hashes:
+            return set()
+        before, self.hashes = self.hashes, hashes
+        return {name for name, r in revocations.items() if r.hashes - before}
+
+    def __contains__(self, sha256: object) -> bool:
+        return isinstance(sha256, str) and sha256.lower() in self.hashes
+
+
+def presented(headers: Iterable[tuple[str, str]], peer_hash: str | None) -> str | None:
+    """The SHA-256 of the client certificate a stream stands on: the forwarded one (the
+    XFCC element's ``Hash``) if any, else the connection's own (``peer_hash``)."""
+    xfcc = [v for k, v in headers if k.lower() == XFCC_HEADER]
+    if xfcc:
+        elements = parse_xfcc(",".join(xfcc))
+        if len(elements) == 1:
+            found = [v for k, v in elements[0] if k == "hash"]
+            return found[0].lower() if len(found) == 1 else None
+        return None
+    return peer_hash
+
+
 @dataclass(frozen=True)
 class Authorizer:
     """Decides, from what a stream's connection and headers prove, whether it may fetch
@@ -92,6 +134,7 @@ class Authorizer:
 
     forwarder_token: str | None = None
     forwarder: str = model.OBSERVABILITY_NODE
+    revoked: RevokedCerts = field(default_factory=RevokedCerts)
 
     def __repr__(self) -> str:
         return f"Authorizer(token={'set' if self.forwarder_token else 'unset'}, forwarder={self.forwarder!r})"
@@ -101,12 +144,17 @@ class Authorizer:
         node: str,
         headers: Iterable[tuple[str, str]],
         peer: frozenset[str] = frozenset(),
+        peer_hash: str | None = None,
     ) -> str:
         """Return a description of the verified caller, or raise ``Denied``.
 
         ``peer``: the DNS SANs of the client certificate the connection's TLS handshake
-        verified (empty: plaintext, or TLS without a client certificate).
+        verified (empty: plaintext, or TLS without a client certificate); ``peer_hash``:
+        that certificate's SHA-256 (hex).
         """
+        headers = list(headers)
+        if peer_hash is not None and peer_hash in self.revoked:
+            raise Denied("client certificate revoked")
         xfcc: list[str] = []
         tokens: list[str] = []
         for k, v in headers:
@@ -134,6 +182,8 @@ class Authorizer:
             dns = [v for k, v in elements[0] if k == "dns"]
             if node not in dns:
                 raise Denied(f"client certificate does not name node {node!r}")
+            if presented(headers, None) in self.revoked:
+                raise Denied(f"client certificate of node {node!r} revoked")
             return f"forwarded:{node} (forwarder {how})"
         if node in peer:
             return f"certificate:{node}"

@@ -9,7 +9,8 @@ Node ``atlas`` (the observability Envoy):
   ``model.ADS_SERVER_NAME``) and, if configured, the forwarder token (see
   docs/xds-authorization.md).
 - ``thanos`` (10901): plaintext; authority ``<cluster>-thanos-sidecar<i>.<ns>.svc.<domain>``
-  (with or without a port) -> ``<cluster>-thanos`` (mTLS, HTTP/2, SAN = cluster name).
+  (with or without a port) -> ``<cluster>-thanos`` (mTLS, HTTP/2, SAN = cluster name; a
+  cluster with revoked certificates also carries their CRL, ``model.Revocation``).
 - ``prometheus`` (10904): plaintext; ``/prom/<cluster>/`` rewritten to ``/`` ->
   ``<cluster>-prom`` (mTLS, SAN = cluster name).
 
@@ -27,7 +28,9 @@ Node ``atlas`` (the observability Envoy):
   changes two endpoint assignments and no cluster.
 - ``alertmanager`` (10903, only with local Alertmanagers): TLS, CA-signed client
   certificate required, and per-route RBAC allows only certificates naming a current
-  cluster; authority ``alertmanager<i>...`` -> ``alertmanager<i>``, each its own Service.
+  cluster and not revoked (the ``Hash`` of the XFCC header the listener sets, removed
+  before the Alertmanager); authority ``alertmanager<i>...`` -> ``alertmanager<i>``, each
+  its own Service.
 
 Node ``<cluster>``: ``thanos`` (11901) and ``prometheus`` (11904) terminate mTLS (client
 SAN must be ``atlas``) and forward to the local components, one Thanos cluster per
@@ -184,7 +187,9 @@ class SnapshotBuilder:
         self._token = forwarder_token
         self._conn_seconds = upstream_connection_seconds
         # Per cluster: the inputs of its clusters, endpoints and routes, and the pieces.
-        self._pieces: dict[str, tuple[tuple[Hashable, Hashable, Hashable], _ClusterPieces]] = {}
+        self._pieces: dict[
+            str, tuple[tuple[Hashable, Hashable, Hashable, Hashable], _ClusterPieces]
+        ] = {}
         self._names: list[str] = []
         self._principals: bytes | None = None
         self._nodes: dict[str, tuple[Hashable, Snapshot]] = {}
@@ -319,12 +324,14 @@ class SnapshotBuilder:
     # -- node atlas: per-cluster pieces -------------------------------------------------------
 
     def _cluster_resources(
-        self, c: model.DownstreamCluster, ports: NodePorts
+        self, c: model.DownstreamCluster, ports: NodePorts, crl: bytes
     ) -> tuple[Resource, ...]:
         """The two upstream clusters node ``atlas`` dials ``c`` with. They name no address
         (their endpoints come by EDS): a new external IP rebuilds the endpoints only, so
         Envoy keeps the clusters and a State-of-the-World stream sends two endpoint
-        assignments, not every cluster."""
+        assignments, not every cluster. ``crl``: ``c``'s revoked certificates
+        (``model.Revocation``), refused in the handshake; revoking changes ``c``'s two
+        clusters and nothing else, and Envoy drains their pooled connections."""
         ups: list[Resource] = []
         for kind, port in (("thanos", ports.thanos), ("prom", ports.prometheus)):
             cname = f"{c.name}-{kind}"
@@ -335,6 +342,7 @@ class SnapshotBuilder:
                 http2=True,
                 tls_san=c.name,
                 max_connection_seconds=self._conn_seconds,
+                crl=crl,
             )
             ups.append(Resource.of(CLUSTER, cname, serialize(cl), refs))
         self.built += 1
@@ -355,11 +363,8 @@ class SnapshotBuilder:
         self.built += 1
         return eps
 
-    def _route_pieces(
-        self, c: model.DownstreamCluster, s: model.Settings
-    ) -> tuple[tuple[Resource, ...], bytes]:
-        """``c``'s routing scopes and RBAC principal: its name's and replicas' business,
-        not its IP's."""
+    def _route_pieces(self, c: model.DownstreamCluster, s: model.Settings) -> tuple[Resource, ...]:
+        """``c``'s routing scopes: its name's and replicas' business, not its IP's."""
         thanos, prom = f"{c.name}-thanos", f"{c.name}-prom"
         scopes = []
         for svc in c.sidecar_services():
@@ -373,7 +378,7 @@ class SnapshotBuilder:
         scope = make_scope(name, [PROM_PREFIX.strip("/"), c.name], route)
         scopes.append(Resource.of(SCOPED_ROUTE, name, serialize(scope), {(CLUSTER, prom)}))
         self.built += 1
-        return tuple(scopes), principal_bytes(c.name)
+        return tuple(scopes)
 
     def _atlas_update(
         self,
@@ -387,7 +392,8 @@ class SnapshotBuilder:
         node = model.OBSERVABILITY_NODE
         upserts: list[Resource] = []
         removals: list[tuple[str, str]] = []
-        members_changed = everything
+        # The clusters or their RBAC principals changed: the alertmanager routes follow.
+        principals_changed = everything
         for name in keys:
             c = fleet.clusters.get(name)
             if c is None:
@@ -396,20 +402,24 @@ class SnapshotBuilder:
                     removals += [(r.type_url, r.name) for r in old[1].resources()]
                     i = bisect.bisect_left(self._names, name)
                     del self._names[i]
-                    members_changed = True
+                    principals_changed = True
                 continue
             ports = self.plan.ports_for(c.name)
-            cds_in = (c.name, ports.thanos, ports.prometheus)
+            rev = fleet.revocations.get(name)
+            crl = rev.crl if rev is not None else b""
+            cds_in = (c.name, ports.thanos, ports.prometheus, crl)
             eds_in = (c.name, self.upstream_host(c), ports.thanos, ports.prometheus)
             st = fleet.settings
             route_in = (c.name, c.replicas, st.namespace, st.cluster_domain, st.thanos_idle_seconds)
+            # Its revoked client certificates are refused on the alertmanager routes.
+            principal_in = (c.name, rev.hashes if rev is not None else frozenset())
             old = self._pieces.get(name)
-            if old is not None and old[0] == (cds_in, eds_in, route_in):
+            if old is not None and old[0] == (cds_in, eds_in, route_in, principal_in):
                 continue
             if old is not None and old[0][0] == cds_in:
                 clusters = old[1].clusters
             else:
-                clusters = self._cluster_resources(c, ports)
+                clusters = self._cluster_resources(c, ports, crl)
                 upserts += clusters
             if old is not None and old[0][1] == eds_in:
                 endpoints = old[1].endpoints
@@ -417,23 +427,27 @@ class SnapshotBuilder:
                 endpoints = self._endpoint_resources(c, ports)
                 upserts += endpoints
             if old is not None and old[0][2] == route_in:
-                scopes, principal = old[1].scopes, old[1].principal
+                scopes = old[1].scopes
             else:
-                scopes, principal = self._route_pieces(c, fleet.settings)
+                scopes = self._route_pieces(c, fleet.settings)
                 upserts += scopes
                 if old is not None:
                     kept = {r.name for r in scopes}
                     removals += [
                         (SCOPED_ROUTE, r.name) for r in old[1].scopes if r.name not in kept
                     ]
+            if old is not None and old[0][3] == principal_in:
+                principal = old[1].principal
+            else:
+                principal = principal_bytes(*principal_in)
+                principals_changed = True
             self._pieces[name] = (
-                (cds_in, eds_in, route_in),
+                (cds_in, eds_in, route_in, principal_in),
                 _ClusterPieces(clusters, endpoints, scopes, principal),
             )
             if old is None:
                 bisect.insort(self._names, name)
-                members_changed = True
-        if members_changed or everything:
+        if principals_changed:
             self._principals = None
         if everything or self._atlas is None:
             resources = self._atlas_fixed(fleet, pki, ident)
@@ -442,7 +456,7 @@ class SnapshotBuilder:
             resources += self._referenced_secrets(node, resources, pki, ident)
             snap = self._consistent(node, resources, self._atlas)
         else:
-            if members_changed and fleet.alertmanagers:
+            if principals_changed and fleet.alertmanagers:
                 upserts += self._alertmanager_routes(fleet)
             if not upserts and not removals:
                 return None
@@ -524,8 +538,14 @@ class SnapshotBuilder:
 
             def am_listener() -> Piece:
                 chain, refs = downstream_tls_chain(client_sans=None)
+                # XFCC (SANITIZE_SET: the certificate Envoy verified, with its Hash) for
+                # the per-route RBAC to refuse revoked certificates by; the routes remove
+                # it before the Alertmanager.
                 hcm = make_hcm(
-                    stat_prefix="alertmanager", route_name="alertmanager", rbac_deny_by_default=True
+                    stat_prefix="alertmanager",
+                    route_name="alertmanager",
+                    rbac_deny_by_default=True,
+                    forward_client_cert=True,
                 )
                 lst = make_listener(
                     name="alertmanager",
@@ -568,6 +588,7 @@ class SnapshotBuilder:
                 name=cname,
                 domains=host_domains(f"{cname}.{s.namespace}.svc.{s.cluster_domain}"),
                 routes=[make_route(cname)],
+                request_headers_to_remove=[XFCC_HEADER],
             )
             vh.typed_per_filter_config[RBAC_FILTER].CopyFrom(allow)
             vhosts.append(vh)

@@ -122,6 +122,11 @@ class SnapshotCache:
 
         return cancel
 
+    def wake(self, node: str) -> None:
+        """Wake the streams of ``node`` with no change (each looks at its snapshot and at
+        whether its client certificate was revoked meanwhile)."""
+        self._notify(node, None)
+
     def _notify(self, node: str, diff: Diff) -> None:
         for cb in list(self._watchers.get(node, {}).values()):
             cb(diff)

@@ -98,12 +98,18 @@ def san_matchers(names: Sequence[str]) -> list[common_pb2.SubjectAltNameMatcher]
 
 
 def validation_with_sans(
-    san: Sequence[str],
+    san: Sequence[str], *, crl: bytes = b""
 ) -> tls_pb2.CommonTlsContext.CombinedCertificateValidationContext:
+    """The peer must name one of ``san`` and chain to the CA bundle (SDS ``validation``,
+    merged into this context by Envoy); with ``crl`` (PEM, signed by the current CA), a
+    peer certificate whose serial it lists is refused in the handshake. Only the leaf is
+    checked against it (``only_verify_leaf_cert_crl``): the CAs have no CRL of their own."""
+    ctx = common_pb2.CertificateValidationContext(match_typed_subject_alt_names=san_matchers(san))
+    if crl:
+        ctx.crl.inline_bytes = crl
+        ctx.only_verify_leaf_cert_crl = True
     return tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
-        default_validation_context=common_pb2.CertificateValidationContext(
-            match_typed_subject_alt_names=san_matchers(san)
-        ),
+        default_validation_context=ctx,
         validation_context_sds_secret_config=sds_ref(VALIDATION_SECRET),
     )
 
@@ -253,15 +259,36 @@ _PRINCIPALS_FIELD = rbac_pb2.Policy.DESCRIPTOR.fields_by_name["principals"].numb
 _ALLOW_ANY = serialize(rbac_pb2.Policy(permissions=[rbac_pb2.Permission(any=True)]))
 
 
-def principal_bytes(name: str) -> bytes:
+def principal_bytes(name: str, revoked: Iterable[str] = ()) -> bytes:
     """One encoded ``principals`` entry of an RBAC policy (tag included): callers whose
     verified certificate names ``name`` (Envoy matches ``principal_name`` against the URI
-    SANs, then the DNS SANs)."""
+    SANs, then the DNS SANs) and is none of ``revoked`` (SHA-256 hex: the ``Hash`` of the
+    ``x-forwarded-client-cert`` header the listener sets, ``forward_client_cert``)."""
     p = rbac_pb2.Principal(
         authenticated=rbac_pb2.Principal.Authenticated(
             principal_name=string_pb2.StringMatcher(exact=name)
         )
     )
+    hashes = sorted(revoked)
+    if hashes:
+        refused = rbac_pb2.Principal(
+            or_ids=rbac_pb2.Principal.Set(
+                ids=[
+                    rbac_pb2.Principal(
+                        header=route_components_pb2.HeaderMatcher(
+                            name=XFCC_HEADER,
+                            string_match=string_pb2.StringMatcher(
+                                contains=f"Hash={h}", ignore_case=True
+                            ),
+                        )
+                    )
+                    for h in hashes
+                ]
+            )
+        )
+        p = rbac_pb2.Principal(
+            and_ids=rbac_pb2.Principal.Set(ids=[p, rbac_pb2.Principal(not_id=refused)])
+        )
     return repeated_field(_PRINCIPALS_FIELD, [serialize(p)])
 
 
@@ -336,8 +363,10 @@ def make_cluster(
     http2: bool,
     tls_san: str | None = None,
     max_connection_seconds: int | None = None,
+    crl: bytes = b"",
 ) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
-    """An upstream cluster; mTLS when ``tls_san`` is set. With ``host``, its endpoint is
+    """An upstream cluster; mTLS when ``tls_san`` is set (refusing the certificates
+    ``crl`` lists, see ``validation_with_sans``). With ``host``, its endpoint is
     inline; without, it comes over EDS (ADS) as the ``ClusterLoadAssignment`` of the same
     name (``make_endpoints``), so the endpoint's address changes without the cluster."""
     if host is None:
@@ -377,7 +406,7 @@ def make_cluster(
         ctx = tls_pb2.UpstreamTlsContext(
             common_tls_context=tls_pb2.CommonTlsContext(
                 tls_certificate_sds_secret_configs=[sds_ref(CLIENT_SECRET)],
-                combined_validation_context=validation_with_sans([tls_san]),
+                combined_validation_context=validation_with_sans([tls_san], crl=crl),
                 alpn_protocols=["h2"] if http2 else ["http/1.1"],
             ),
             sni=tls_san,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import socket
 import ssl
@@ -47,7 +48,7 @@ import trio
 import trio_asyncio
 
 from atlasd import logs
-from atlasd.xds.authz import Authorizer, Denied
+from atlasd.xds.authz import Authorizer, Denied, presented
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.protocol import (
     DeltaDiscoveryRequest,
@@ -152,9 +153,13 @@ class AdsService:
         # This stream's lines carry its node (each grpclib stream is its own asyncio task,
         # with its own context).
         logs.bind(key=node)
+        headers = list(stream.metadata.items())
+        peer_hash = _peer_hash(stream)
+        # The certificate this stream stands on: a revocation after it opened ends it.
+        held = presented(headers, peer_hash)
         try:
             who = self.authorizer.authorize(
-                node, list(stream.metadata.items()), peer_names(_peer_cert(stream))
+                node, headers, peer_names(_peer_cert(stream)), peer_hash
             )
         except Denied as exc:
             self.cache.metrics.denied.inc()
@@ -209,6 +214,12 @@ class AdsService:
                     if item.error is not None and not isinstance(item.error, _GONE):
                         raise item.error
                     return
+                if held is not None and held in self.authorizer.revoked:
+                    self.cache.metrics.denied.inc()
+                    log.warning("xds: node %r: client certificate revoked; closing stream", node)
+                    raise grpclib.exceptions.GRPCError(
+                        grpclib.const.Status.PERMISSION_DENIED, "client certificate revoked"
+                    )
                 if item is _CHANGED:
                     wake_pending = False
                     seen, hint = hint, {}
@@ -330,6 +341,17 @@ def _peer_cert(stream: Any) -> dict[str, Any] | None:
     except (AttributeError, ValueError):
         return None
     return cert
+
+
+def _peer_hash(stream: Any) -> str | None:
+    """SHA-256 (hex) of the connection's verified client certificate (None: none)."""
+    try:
+        # grpclib's Peer exposes the certificate only as a dict; the DER is the SSL object's.
+        ssl_object = stream.peer._transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    except (AttributeError, ValueError):
+        return None
+    return hashlib.sha256(der).hexdigest() if der else None
 
 
 def _peer(stream: Any) -> str:

@@ -31,10 +31,8 @@ import datetime as dt
 import functools
 import json
 import ssl
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +48,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from atlasd.kube.legacy_lock import LEADER_ANNOTATION
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
-from tests.harness.prom import WebProc, prometheus
+from tests.harness.netns import DownstreamHost, downstream_host
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd, cli
 from tests.unit.reconcile.pkitools import original_ca
@@ -389,59 +387,10 @@ def _stat(envoy: Envoy, name: str) -> int:
     return envoy.stats(name).get(name, 0)
 
 
-class Downstream:
-    """A network namespace standing for the downstream cluster's host."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.ns = f"atlasd-mig-{tag}"
-        host_if, ns_if = f"atm{tag}h", f"atm{tag}n"
-        for cmd in (
-            ["ip", "netns", "add", self.ns],
-            ["ip", "-n", self.ns, "link", "set", "lo", "up"],
-            ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", self.ns],
-            ["ip", "addr", "add", f"{HOST_IP}/30", "dev", host_if],
-            ["ip", "link", "set", host_if, "up"],
-            ["ip", "-n", self.ns, "addr", "add", f"{DOWNSTREAM_IP}/30", "dev", ns_if],
-            ["ip", "-n", self.ns, "link", "set", ns_if, "up"],
-        ):
-            subprocess.run(cmd, check=True, capture_output=True)
-
-    def inside(self, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *argv]
-
-    def envoy(self, bootstrap: dict[str, Any], name: str, workdir: Path) -> Envoy:
-        envoy = Envoy(bootstrap, name, workdir=workdir)
-        # Its admin listener where the test can reach it, in the namespace.
-        envoy.bootstrap["admin"] = {
-            "address": {"socket_address": {"address": DOWNSTREAM_IP, "port_value": 0}}
-        }
-        envoy.config_path.write_text(yaml.safe_dump(envoy.bootstrap))
-        envoy.proc.argv = self.inside(envoy.proc.argv)
-        return envoy
-
-    def prometheus(self, workdir: Path) -> WebProc:
-        prom = prometheus("global:\n  scrape_interval: 15s\n", workdir=workdir)
-        prom.proc.argv = self.inside(
-            [a.replace("--web.listen-address=127.0.0.1:", "--web.listen-address=0.0.0.0:")
-             for a in prom.proc.argv]
-        )  # fmt: skip
-        prom.url = f"http://{DOWNSTREAM_IP}:{prom.port}"
-        return prom
-
-    def remove(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True)
-
-
 @pytest.fixture
-def downstream(tmp_path: Path) -> Iterator[Downstream]:
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        raise RuntimeError("this test needs root and iproute2 (ip netns)")
-    host = Downstream()
-    try:
+def downstream() -> Iterator[DownstreamHost]:
+    with downstream_host(host_ip=HOST_IP, ns_ip=DOWNSTREAM_IP) as host:
         yield host
-    finally:
-        host.remove()
 
 
 @pytest.fixture
@@ -459,7 +408,7 @@ def test_atlasd_takes_over_from_the_original_and_every_envoy_keeps_serving(
     namespace: str,
     tmp_path: Path,
     envoy_factory: Callable[[dict[str, Any], str], Envoy],
-    downstream: Downstream,
+    downstream: DownstreamHost,
     lock_holder: list[OriginalLock],
 ) -> None:
     started: list[Any] = []
@@ -475,7 +424,7 @@ def _migrate(
     namespace: str,
     tmp_path: Path,
     envoy_factory: Callable[[dict[str, Any], str], Envoy],
-    downstream: Downstream,
+    downstream: DownstreamHost,
     lock_holder: list[OriginalLock],
     started: list[Any],
 ) -> None:

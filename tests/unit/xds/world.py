@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from atlasd import model
 from atlasd.reconcile.certs import CA
-from atlasd.xds.authz import Authorizer
+from atlasd.xds.authz import Authorizer, RevokedCerts
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.plan import ListenPlan, NodePorts, ObservabilityPorts
@@ -62,14 +62,23 @@ class World:
     token: str | None = None
     restart_server: Callable[[], Awaitable[None]] = dataclasses.field(default=_no_restart)
     envoys: dict[str, Envoy] = dataclasses.field(default_factory=dict)
+    # Revoked certificates by cluster (the fleet's), and the set the ADS authorizer reads.
+    revocations: dict[str, model.Revocation] = dataclasses.field(default_factory=dict)
+    revoked: RevokedCerts = dataclasses.field(default_factory=RevokedCerts)
 
     def fleet(self) -> model.Fleet:
-        return self.pki.fleet(tuple(self.clusters), tuple(self.alertmanagers), self.settings)
+        fleet = self.pki.fleet(tuple(self.clusters), tuple(self.alertmanagers), self.settings)
+        return dataclasses.replace(fleet, revocations=dict(self.revocations))
 
     def publish(self) -> set[str]:
+        """Serve the world's state, as the daemon's xDS subsystem does: the revoked set
+        first (a stream standing on a newly revoked certificate is woken and ends), then
+        the snapshots."""
         self.ads_tls.update(
             TlsMaterial(cert=self.ads_cert, chain=self.pki.pki.chain, trust=self.pki.trust_bundle)
         )
+        for name in self.revoked.update(self.revocations):
+            self.cache.wake(name)
         return self.cache.publish(self.builder.build(self.fleet()))
 
     def add_cluster(self, c: model.DownstreamCluster) -> None:
@@ -97,9 +106,11 @@ class World:
         *,
         as_node: str | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
+        name: str | None = None,
     ) -> Envoy:
         """Start the Envoy of ``node`` (bootstrapped with ``node``'s certificate); ``as_node``
-        makes it ask for another node id (authorization tests)."""
+        makes it ask for another node id (authorization tests); ``name``: the Envoy's own
+        (a second Envoy of one node, e.g. redeployed)."""
         if node == model.OBSERVABILITY_NODE:
             boot = helpers.atlas_bootstrap(
                 self.ads_port, self.pki, delta=self.delta, token=self.token
@@ -118,7 +129,7 @@ class World:
         if metadata:
             svc = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]
             svc["initial_metadata"] = [{"key": k, "value": v} for k, v in metadata]
-        name = f"{node}-as-{as_node}" if as_node else node
+        name = name or (f"{node}-as-{as_node}" if as_node else node)
         envoy = start_envoy_here(self.envoy_factory, boot, name)
         self.envoys[name] = envoy
         return envoy
@@ -183,6 +194,7 @@ async def xds_world(
     registry = CollectorRegistry()
     cache = SnapshotCache(metrics=XdsMetrics(registry))
     ads_tls = ServerTls()
+    revoked = RevokedCerts()
     async with trio.open_nursery() as nursery:
 
         async def serve(port: int, task_status: trio.TaskStatus[int]) -> None:
@@ -194,7 +206,7 @@ async def xds_world(
                         cache=cache,
                         host="127.0.0.1",
                         port=port,
-                        authorizer=Authorizer(forwarder_token=token),
+                        authorizer=Authorizer(forwarder_token=token, revoked=revoked),
                         tls=ads_tls,
                         task_status=task_status,
                     )
@@ -230,6 +242,7 @@ async def xds_world(
             delta=delta,
             ads_cert=helpers.ads_server_cert(ca),
             ads_tls=ads_tls,
+            revoked=revoked,
         )
 
         async def restart_server() -> None:

@@ -1,0 +1,115 @@
+"""``atlasd cluster revoke`` (``clusterctl.revoke``) against the in-memory API: what it
+stores, a concurrent writer (Conflict: read again, nothing lost), a second revoke of the
+same certificates, and the one-line refusals."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Any
+
+import pytest
+import trio
+
+from atlasd import clusterctl, labels, revocation
+from atlasd.clusterctl import ClusterError
+from atlasd.kube.errors import Conflict
+from atlasd.kube.secrets import secret_data
+from atlasd.model import Settings
+from tests.unit.fakekube import FakeKube, api_error
+from tests.unit.reconcile.builders import cluster_service
+from tests.unit.xds import helpers
+
+S = Settings()
+NOW = dt.datetime.now(dt.UTC)
+CA = helpers.make_ca()
+
+
+def _identity(name: str) -> dict[str, Any]:
+    ident = helpers.identity(CA, name)
+    data = {"server.crt": ident.server.cert_pem, "client.crt": ident.client.cert_pem}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": labels.identity_secret_name(name), "namespace": S.namespace},
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
+
+
+def _kube(*names: str) -> FakeKube:
+    kube = FakeKube()
+    for i, n in enumerate(names):
+        kube.put(cluster_service(n, f"203.0.113.{i + 1}"))
+        kube.put(_identity(n))
+    return kube
+
+
+def _stored(kube: FakeKube) -> list[revocation.Revoked]:
+    secret = kube.get_stored("secrets", labels.REVOCATIONS_SECRET)
+    assert secret is not None
+    assert secret["metadata"]["labels"] == {labels.MANAGED_BY_LABEL: labels.MANAGED_BY_VALUE}
+    entries, problems = revocation.parse(secret_data(secret)[revocation.REVOCATIONS_KEY])
+    assert problems == []
+    return entries
+
+
+def _revoke(kube: FakeKube, name: str) -> clusterctl.RevokeOutcome:
+    async def go() -> clusterctl.RevokeOutcome:
+        return await clusterctl.revoke(kube, name, settings=S, now=NOW)
+
+    return trio.run(go)
+
+
+def test_revoke_stores_both_certificates_and_a_second_revoke_adds_nothing() -> None:
+    kube = _kube("east", "west")
+    out = _revoke(kube, "east")
+    assert [e.kind for e in out.added] == ["server", "client"]
+    assert {e.sha256 for e in _stored(kube)} == {e.sha256 for e in out.found}
+    again = _revoke(kube, "east")
+    assert again.added == () and again.found == out.found
+    _revoke(kube, "west")
+    assert {e.cluster for e in _stored(kube)} == {"east", "west"}
+
+
+def test_a_concurrent_writer_is_read_again_and_nothing_is_lost() -> None:
+    kube = _kube("east", "west")
+    _revoke(kube, "west")
+    kube.fail_next.append(api_error(Conflict, "update", ("secrets", "atlas-revocations")))
+    _revoke(kube, "east")
+    assert {e.cluster for e in _stored(kube)} == {"east", "west"}
+    assert kube.writes.count(("replace", labels.REVOCATIONS_SECRET)) == 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("no service", "no cluster named 'east' in namespace monitoring"),
+        ("no identity", "cluster 'east' has no certificates yet"),
+        ("not a cluster", "Service 'east' is not a cluster"),
+        ("bad entry", "Secret atlas-revocations: revocations.json revoked[0]"),
+    ],
+)
+def test_refusals_are_one_line_naming_what_is_wrong(setup: str, message: str) -> None:
+    kube = FakeKube()
+    svc = cluster_service("east", "203.0.113.1")
+    if setup == "not a cluster":
+        del svc["metadata"]["labels"][labels.CLUSTER_LABEL]
+    if setup != "no service":
+        kube.put(svc)
+    if setup != "no identity":
+        kube.put(_identity("east"))
+    if setup == "bad entry":
+        kube.put(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": labels.REVOCATIONS_SECRET, "namespace": S.namespace},
+                "data": {
+                    revocation.REVOCATIONS_KEY: base64.b64encode(b'{"revoked": [1]}').decode()
+                },
+            }
+        )
+    with pytest.raises(ClusterError) as exc:
+        _revoke(kube, "east")
+    assert str(exc.value).startswith(message)
+    assert "\n" not in str(exc.value) and "BEGIN" not in str(exc.value)
