@@ -7,7 +7,10 @@ every change of the node's snapshot (``on_snapshot``); the machine answers with 
 Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg/server):
 
 - Nonces: each response carries a fresh nonce. SotW ignores a request whose nonce is not
-  the latest one sent for its type; Delta tracks every outstanding nonce and honours
+  the latest one sent for its type, except that a stale request of a type sent in parts
+  (EDS) still updates the subscription and is answered with what it adds: an Envoy sends
+  its current watches in every request, and the answer to the latest response may never
+  come with them (see "Sent in parts"); Delta tracks every outstanding nonce and honours
   subscription changes whatever the nonce.
 - ACK / NACK: a request with a known nonce ACKs it unless ``error_detail`` is set. A
   NACKed SotW response is parked: the same content is never sent again on that stream;
@@ -18,6 +21,14 @@ Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg
   SotW endpoints (EDS) go out as only the assignments that changed: the protocol lets every
   type but listeners and clusters be sent in parts, so a new address of one cluster costs
   one small response, not every cluster's.
+- Sent in parts: for such a type the stream keeps, per name, the version the Envoy holds
+  (``HeldVersions``; a name leaves it when the Envoy stops watching it), answers a
+  subscription with only what the Envoy lacks, and versions each response as the set the
+  Envoy then holds (equal to the snapshot's type version once it holds all of it). A
+  response's version never stands for more than the Envoy holds: a partial response
+  carrying the snapshot's version made a later subscription to the whole set look answered
+  already, and a cluster added while other assignments changed never got its assignment
+  (the soak's ``c-0080-prom dials set()``; ``test_protocol_envoy_model``).
 - One round at a time (flow control, as go-control-plane's watches give it): a snapshot
   change is not pushed while an earlier response on the stream is unanswered; changes
   meanwhile accumulate and go out together once the Envoy has ACKed or NACKed everything
@@ -37,6 +48,10 @@ Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg
   timeout (15 s) and then runs with cached or no endpoints (go-control-plane#1035,
   istio/istio#28402). So a CDS response that changes clusters is followed at once by
   their assignments (the Envoy takes them in order: after the new instances exist).
+  And while a CDS response is unanswered, an EDS request naming an assignment the snapshot
+  no longer has means the Envoy warms a cluster that is gone: the change that removes it
+  goes out at once instead of waiting for that answer (which would come only after the
+  Envoy's initial fetch timeout).
 """
 
 from __future__ import annotations
@@ -61,6 +76,7 @@ from atlasd.xds.snapshot import (
     FULL_STATE_TYPES,
     PARTIAL_TYPES,
     PUSH_ORDER,
+    HeldVersions,
     Resource,
     Snapshot,
     extend_version,
@@ -243,6 +259,8 @@ class _SotwType:
     basis: tuple[str, int] | None = None
     seen_version: str = ""  # the snapshot type version last looked at
     changed: set[str] = field(default_factory=set)  # CDS: held before, changed by the last send
+    # PARTIAL_TYPES: what the Envoy holds of its subscription, by name (sent in parts).
+    held: HeldVersions = field(default_factory=HeldVersions)
 
 
 class SotwStream(_Stream[DiscoveryRequest]):
@@ -254,9 +272,16 @@ class SotwStream(_Stream[DiscoveryRequest]):
         super().__init__(node)
         self._types: dict[str, _SotwType] = {}
         self._sent_at = 0.0  # when the oldest unanswered response went out (approximately)
+        # The Envoy asked for an assignment the snapshot no longer has while a CDS response
+        # is unanswered: it warms a cluster that is gone, and answers that CDS response
+        # only once the cluster is warm (or its 15 s initial fetch timeout ends). What
+        # removes the cluster must not wait for that answer.
+        self._warming_gone = False
 
     def _busy(self, stamp: float) -> bool:
         """Whether a response is unanswered (and not for longer than FLOW_TIMEOUT)."""
+        if self._warming_gone:
+            return False
         return any(st.awaiting for st in self._types.values()) and (
             stamp - self._sent_at < FLOW_TIMEOUT
         )
@@ -268,9 +293,12 @@ class SotwStream(_Stream[DiscoveryRequest]):
         first = st is None
         if st is None:
             st = self._types[t] = _SotwType()
-        if req.response_nonce:
-            if req.response_nonce != st.nonce:
-                return step  # stale: superseded by a later response
+        stale = bool(req.response_nonce) and req.response_nonce != st.nonce
+        if stale and t not in PARTIAL_TYPES:
+            return step  # superseded by a later response, whose answer names the same
+        if req.response_nonce and not stale:
+            if t == CLUSTER:
+                self._warming_gone = False
             st.awaiting = False
             if req.HasField("error_detail"):
                 st.parked = st.sent_version
@@ -292,7 +320,18 @@ class SotwStream(_Stream[DiscoveryRequest]):
             st.wildcard = False
         if names != st.names or wildcard_before != st.wildcard:
             st.names_gen += 1
+            # The Envoy drops a resource with its last watch, and fetches it again by name.
+            st.held.keep_only(set() if st.wildcard else names)
         st.names = names
+        if t == ENDPOINT and snap is not None and not self._warming_gone:
+            cds = self._types.get(CLUSTER)
+            if cds is not None and cds.awaiting:
+                available = snap.of_type(t)
+                self._warming_gone = any(n not in available for n in names)
+        # A stale request of a type sent in parts still names the Envoy's subscription as
+        # it is now (an Envoy sends its current watches in every request): a name it adds
+        # is answered at once, whatever response crossed it. (Left alone, a response sent
+        # meanwhile with only other names could stand for the whole subscription.)
         self._respond(t, st, snap, stamp, step, force=first)
         return step
 
@@ -316,7 +355,7 @@ class SotwStream(_Stream[DiscoveryRequest]):
                     self._rewarm(snap, stamp, step)
                     final.append((t, st))
                     continue
-            if hint is not None and t in PARTIAL_TYPES and not st.wildcard:
+            if hint is not None and self._partial(t, st):
                 self._send_changed(t, st, snap, hint[t], stamp, step)
                 continue
             self._respond(t, st, snap, stamp, step, force=False)
@@ -331,13 +370,29 @@ class SotwStream(_Stream[DiscoveryRequest]):
         version = snap.version(t)
         in_sync = st.basis is not None and st.basis == (st.seen_version, st.names_gen)
         available = snap.of_type(t)
-        selected = {n: available[n] for n in sorted(changed) if n in st.names and n in available}
+        selected = {
+            n: available[n]
+            for n in sorted(changed)
+            if n in st.names and n in available and st.held.get(n) != available[n].version
+        }
         st.seen_version = version
-        if selected and version != st.parked:
-            self._send(t, st, selected, version, stamp, step)
+        if selected:
+            sent = st.held.version_with(selected.values())
+            if sent == st.parked:
+                in_sync = False
+            else:
+                self._send(t, st, selected, sent, stamp, step)
         # If the Envoy held all of it before, it holds all of it now (removed names are
         # unsubscribed by the Envoy itself, with the clusters that named them).
         st.basis = (version, st.names_gen) if in_sync else None
+
+    @staticmethod
+    def _partial(t: str, st: _SotwType) -> bool:
+        """Whether ``t`` goes out in parts on this stream: a named subscription of a type
+        whose responses need not hold every resource (``PARTIAL_TYPES``). Its responses
+        carry what changed or is missing, and their version is that of what the Envoy then
+        holds (``HeldVersions``: the snapshot's type version once it holds it all)."""
+        return t in PARTIAL_TYPES and not st.wildcard
 
     def _ordered_types(self) -> list[str]:
         known = [t for t in PUSH_ORDER if t in self._types]
@@ -353,6 +408,16 @@ class SotwStream(_Stream[DiscoveryRequest]):
             return  # answered from this snapshot and subscription already: nothing new
         st.basis, st.seen_version = basis, basis[0]
         available = snap.of_type(t)
+        if self._partial(t, st):
+            lacking = {
+                n: available[n]
+                for n in sorted(st.names)
+                if n in available and st.held.get(n) != available[n].version
+            }
+            version = st.held.version_with(lacking.values())
+            if lacking and version != st.parked:
+                self._send(t, st, lacking, version, stamp, step)
+            return
         if st.wildcard:
             version = snap.version(t)
             if version == st.parked or (version == st.sent_version and not force):
@@ -380,7 +445,7 @@ class SotwStream(_Stream[DiscoveryRequest]):
             return
         available = snap.of_type(ENDPOINT)
         selected = {n: available[n] for n in sorted(changed & st.names) if n in available}
-        version = snap.version(ENDPOINT)
+        version = st.held.version_with(selected.values())
         if selected and version != st.parked:
             self._send(ENDPOINT, st, selected, version, stamp, step)
 
@@ -399,6 +464,8 @@ class SotwStream(_Stream[DiscoveryRequest]):
             st.changed = {
                 n for n, r in selected.items() if n in st.sent and st.sent[n].version != r.version
             }
+        if t in PARTIAL_TYPES:
+            st.held.hold(selected.values())
         st.nonce = _nonce()
         st.sent_version = version
         st.sent_stamp = stamp

@@ -129,6 +129,46 @@ def extend_version(base: str, extra: Mapping[str, Resource]) -> str:
     return _sum_text(int(base, 16) + sum(_pair_hash(n, r.version) for n, r in extra.items()))
 
 
+class HeldVersions:
+    """What one Envoy holds of one type: per name, the version of the resource sent to it,
+    and the version of that set (``type_version`` of the same resources, so equal to the
+    snapshot's type version once it holds all of them), kept up to date name by name."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, str] = {}
+        self._sum = 0
+
+    @property
+    def version(self) -> str:
+        return _sum_text(self._sum)
+
+    def get(self, name: str) -> str | None:
+        return self.versions.get(name)
+
+    def version_with(self, resources: Iterable[Resource]) -> str:
+        """The set's version once ``resources`` are held too (nothing changes)."""
+        total = self._sum
+        for r in resources:
+            old = self.versions.get(r.name)
+            if old is not None:
+                total -= _pair_hash(r.name, old)
+            total += _pair_hash(r.name, r.version)
+        return _sum_text(total)
+
+    def hold(self, resources: Iterable[Resource]) -> None:
+        for r in resources:
+            old = self.versions.get(r.name)
+            if old is not None:
+                self._sum -= _pair_hash(r.name, old)
+            self.versions[r.name] = r.version
+            self._sum += _pair_hash(r.name, r.version)
+
+    def keep_only(self, names: set[str]) -> None:
+        """Forget what is no longer subscribed (the Envoy drops it with its watch)."""
+        for n in [n for n in self.versions if n not in names]:
+            self._sum -= _pair_hash(n, self.versions.pop(n))
+
+
 @dataclass(frozen=True, eq=False)
 class Snapshot:
     """All resources of one node, by type URL then name, with a version per type.

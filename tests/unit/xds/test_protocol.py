@@ -334,3 +334,35 @@ def test_delta_a_changed_cluster_is_followed_by_its_assignment_again() -> None:
     s3 = eds_snap({"c1": "b", "c2": "a", "c3": "a"}, {"c1": "e", "c2": "e", "c3": "e"})
     [cds] = m.on_snapshot(s3, 2, {CLUSTER: {"c3"}, ENDPOINT: {"c3"}}).responses
     assert cds.type_url == CLUSTER
+
+
+def test_sotw_partial_responses_never_stand_for_the_whole_subscription() -> None:
+    """The soak's lost assignment: c2 is added while c1's cluster changes; the EDS response
+    that re-warms c1 must not carry a version that makes the Envoy's later subscription
+    to {c1, c2} look answered already."""
+    s1 = eds_snap({"c1": "a"}, {"c1": "e"})
+    m = _sotw_holding(s1, ["c1"])
+    s2 = eds_snap({"c1": "b", "c2": "a"}, {"c1": "e", "c2": "e"})
+    _cds, eds = m.on_snapshot(s2, 1, {CLUSTER: {"c1", "c2"}, ENDPOINT: {"c2"}}).responses
+    assert names_of(eds) == ["c1"] and eds.version_info != s2.version(ENDPOINT)
+    # The Envoy adds c2's watch (a request crossing that response: stale), then ACKs it.
+    step = m.on_request(req(ENDPOINT, ["c1", "c2"], nonce="old"), s2, 1)
+    [answer] = step.responses
+    assert names_of(answer) == ["c2"] and answer.version_info == s2.version(ENDPOINT)
+    assert not m.on_request(
+        req(ENDPOINT, ["c1", "c2"], nonce=answer.nonce, version=answer.version_info), s2, 1
+    ).responses
+
+
+def test_sotw_a_cluster_removed_while_warming_is_not_held_back() -> None:
+    """CDS adds c2; before the Envoy answers (it waits for c2's assignment), c2 is removed:
+    the Envoy's EDS request names c2, which is gone, so the removal goes out at once."""
+    s1 = eds_snap({"c1": "a"}, {"c1": "e"})
+    m = _sotw_holding(s1, ["c1"])
+    s2 = eds_snap({"c1": "a", "c2": "a"}, {"c1": "e", "c2": "e"})
+    [_cds] = m.on_snapshot(s2, 1, {CLUSTER: {"c2"}, ENDPOINT: {"c2"}}).responses
+    assert m.on_snapshot(s1, 2, {CLUSTER: {"c2"}, ENDPOINT: {"c2"}}).responses == []  # held
+    step = m.on_request(req(ENDPOINT, ["c1", "c2"], nonce="stale"), s1, 2)
+    # (make before break: the union first, then the final set)
+    assert {r.type_url for r in step.responses} == {CLUSTER}
+    assert names_of(step.responses[-1]) == ["c1"]
