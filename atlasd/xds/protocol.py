@@ -415,7 +415,9 @@ class SotwStream(_Stream[DiscoveryRequest]):
                 if n in available and st.held.get(n) != available[n].version
             }
             version = st.held.version_with(lacking.values())
-            if lacking and version != st.parked:
+            # Nothing lacking, but fewer names held (the Envoy unsubscribed some): an empty
+            # response moves the version it reports to what it now holds.
+            if (lacking or version != st.sent_version) and version != st.parked:
                 self._send(t, st, lacking, version, stamp, step)
             return
         if st.wildcard:
