@@ -514,9 +514,12 @@ class DeltaStream(_Stream[DeltaDiscoveryRequest]):
         super().__init__(node)
         self._types: dict[str, _DeltaType] = {}
         self._acked: dict[str, str] = {}
+        self._warming_gone = False  # as SotwStream's (see "Warming" above)
 
     def _busy(self, stamp: float) -> bool:
         """Whether a response is unanswered (and not for longer than FLOW_TIMEOUT)."""
+        if self._warming_gone:
+            return False
         return any(
             stamp - sent.stamp < FLOW_TIMEOUT
             for st in self._types.values()
@@ -544,8 +547,15 @@ class DeltaStream(_Stream[DeltaDiscoveryRequest]):
             else:
                 st.names.discard(n)
                 st.known.pop(n, None)
+        if t == ENDPOINT and snap is not None and not self._warming_gone:
+            cds = self._types.get(CLUSTER)
+            if cds is not None and cds.pending:
+                available = snap.of_type(t)
+                self._warming_gone = any(n not in available for n in st.names)
         if req.response_nonce:
             sent = st.pending.pop(req.response_nonce, None)
+            if t == CLUSTER and sent is not None:
+                self._warming_gone = False
             if sent is not None:
                 if req.HasField("error_detail"):
                     step.nacks.append(Nack(t, sent.system_version, req.error_detail.message))
