@@ -195,6 +195,11 @@ def transport_failure(cluster: str, reason: str) -> tuple[str, str, str]:
             what = "presents a certificate of another CA (not in atlasd's trust bundle)"
         elif "expired" in verify:
             what = "presents an expired certificate"
+        elif "revoked" in verify:
+            what = (
+                "presents a revoked certificate (atlasd cluster revoke): deploy the cluster's "
+                "re-issued values"
+            )
         else:
             what = f"presents a certificate that does not verify ({verify or why})"
         return (

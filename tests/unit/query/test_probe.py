@@ -45,6 +45,13 @@ OTHER_NAME = (
     "verify_cert_failed:_SAN_matcher,_certificate_SANs_are_[west,_west.monitoring.atlas]:"
     "TLS_error_end"
 )
+# The format above with BoringSSL's text for X509_V_ERR_CERT_REVOKED (a certificate
+# listed in the cluster's CRL after ``atlasd cluster revoke``).
+REVOKED = (
+    "TLS_error:|268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:"
+    "verify_cert_failed:_X509_verify_cert:_certificate_verification_error_at_depth_0:"
+    "_certificate_revoked:TLS_error_end"
+)
 REFUSED_OURS = (
     "TLS_error:|268436504:SSL_routines:OPENSSL_internal:TLSV1_ALERT_UNKNOWN_CA:TLS_error_end"
 )
@@ -106,6 +113,7 @@ def test_each_failure_names_its_hop_and_says_what_to_do(headers: dict[str, str],
     ("reason", "says", "refused"),
     [
         (OTHER_CA, "the downstream Envoy presents a certificate of another CA", "downstream"),
+        (REVOKED, "the downstream Envoy presents a revoked certificate", "downstream"),
         (OTHER_NAME, "presents a certificate that does not name 'east' (it names: west, "
                      "west.monitoring.atlas)", "downstream"),
         (REFUSED_OURS, "the downstream Envoy refused the observability Envoy's certificate "
