@@ -59,6 +59,7 @@ import base64
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import struct
@@ -478,16 +479,26 @@ def summary(values: list[float]) -> dict[str, float]:
 NETNS_ENV = "ATLASD_BENCH_OUTCOME_NETNS"
 
 
-def in_private_network() -> None:
+def in_private_network(env: str = NETNS_ENV, *, resolv: str | None = None) -> None:
     """Re-run this command in a network namespace of its own whose loopback interface also
     holds the benchmark network 198.18.0.0/15: the simulated clusters' external IPs
     (Kubernetes refuses loopback external IPs), with no route out and nothing changed on
-    the machine."""
-    if os.environ.get(NETNS_ENV) == "1":
+    the machine. With ``resolv`` (a resolv.conf's text), also in a mount namespace of its
+    own whose /etc/resolv.conf is that text (a name server the benchmark starts inside).
+    ``env`` marks the re-run."""
+    if os.environ.get(env) == "1":
         return
-    setup = 'ip link set lo up && ip route add local 198.18.0.0/15 dev lo && exec "$@"'
-    argv = ["unshare", "--net", "sh", "-c", setup, "sh", sys.executable, *sys.argv]
-    os.environ[NETNS_ENV] = "1"
+    setup = "ip link set lo up && ip route add local 198.18.0.0/15 dev lo"
+    unshare = ["unshare", "--net"]
+    if resolv is not None:
+        fd, path = tempfile.mkstemp(prefix="atlasd-bench-resolv-", suffix=".conf")
+        with os.fdopen(fd, "w") as f:
+            f.write(resolv)
+        unshare += ["--mount", "--propagation", "private"]
+        quoted = shlex.quote(path)
+        setup += f" && mount --bind {quoted} /etc/resolv.conf && rm -f {quoted}"
+    argv = [*unshare, "sh", "-c", f'{setup} && exec "$@"', "sh", sys.executable, *sys.argv]
+    os.environ[env] = "1"
     os.execvp(argv[0], argv)
 
 
