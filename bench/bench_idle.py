@@ -8,7 +8,7 @@ the same command a pod runs) and waits until it has converged: every cluster's v
 Secret exists and a reconcile pass wrote nothing. Then, with nothing changing, it reads
 atlasd's CPU ticks (``utime + stime`` from ``/proc/<pid>/stat``) over ``--seconds`` and
 prints the idle CPU share, plus the resident set (``VmRSS``) and its peak (``VmHWM``)
-from ``/proc/<pid>/status``.
+from ``/proc/<pid>/status`` (with ``--envoy``, the observability Envoy's too).
 
 With ``--envoy`` an observability Envoy (node ``atlas``, bootstrapped from the
 ``atlas-envoy-values`` Secret atlasd wrote) holds an ADS stream during the window. It
@@ -235,6 +235,13 @@ def run(
                 f"atlasd CPU {cpu_s:.2f} s = {100 * cpu_s / wall:.2f}% of one core; "
                 f"RSS {mem['VmRSS'] / MIB:.0f} MiB (peak {mem['VmHWM'] / MIB:.0f} MiB)"
             )
+            if envoy is not None:
+                # What the envoy chart's resource requests are sized from (docs/charts.md).
+                emem = memory(envoy.proc.pid)
+                print(
+                    f"observability Envoy with {clusters} clusters: "
+                    f"RSS {emem['VmRSS'] / MIB:.0f} MiB (peak {emem['VmHWM'] / MIB:.0f} MiB)"
+                )
             if envoy is not None and changes:
                 change_to_envoy(api, envoy, clusters, changes)
                 print_histograms(atlasd.url)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 import pytest
 import yaml
 
@@ -43,6 +44,9 @@ from atlasd.reconcile.pki import RandomKeys, plan_pki
 from tests.harness import certs
 from tests.harness.envoy import envoy_binary
 from tests.harness.kube import ApiServer
+from tests.harness.net import free_port
+from tests.harness.procs import Proc
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -207,6 +211,10 @@ def test_helm_lint_default_and_custom_values(helm: Helm, chart: Path, tmp_path: 
         (ENVOY_CHART, "atlas.alertmanagerCount=two", "/atlas/alertmanagerCount"),
         (ENVOY_CHART, "files.envoy\\.yaml.node=x", "/files/envoy.yaml"),
         (ENVOY_CHART, "ports.thanos.containerPort=70000", "/ports/thanos/containerPort"),
+        (ENVOY_CHART, "probes.port=0", "/probes/port"),
+        (ENVOY_CHART, "probes.readiness.periodSeconds=often", "/probes/readiness/periodSeconds"),
+        (ENVOY_CHART, "networkPolicy.from=anyone", "/networkPolicy/from"),
+        (ENVOY_CHART, "podSecurityContext.runAsUser=-1", "/podSecurityContext/runAsUser"),
         (ATLASD_CHART, "coredns.port=53", "/coredns/port"),
         (ATLASD_CHART, "atlas.logLevel=verbose", "/atlas/logLevel"),
         (ATLASD_CHART, "atlas.logFormat=yaml", "/atlas/logFormat"),
@@ -287,6 +295,7 @@ def test_atlasd_default_render(helm: Helm) -> None:
     assert "Corefile" in corefile_cm["data"] and corefile_cm["data"]["Corefile"].strip()
 
     _assert_hardened(pod)
+    _assert_sized(pod)
 
     services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
     ads, dns = services["atlas-atlasd"], services["atlas-atlasd-dns"]
@@ -343,6 +352,22 @@ def _assert_hardened(pod: Doc) -> None:
             assert p["containerPort"] >= 1024, (c["name"], p)
 
 
+def _assert_sized(pod: Doc) -> None:
+    """Every container requests CPU and memory and has a memory limit (policy suites check
+    all three); none has a CPU limit (throttling would stretch latencies; docs/charts.md,
+    "Resources")."""
+    for c in pod["containers"]:
+        res = c["resources"]
+        assert set(res["requests"]) == {"cpu", "memory"}, c["name"]
+        assert set(res["limits"]) == {"memory"}, c["name"]
+        assert _mib(res["limits"]["memory"]) > _mib(res["requests"]["memory"]), c["name"]
+
+
+def _mib(quantity: str) -> float:
+    units = {"Mi": 1.0, "Gi": 1024.0}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
 def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     values = write_values(tmp_path, "custom.yaml", ATLASD_CUSTOM)
     docs = render(helm, ATLASD_CHART, release="obs", namespace="observability", values=[values])
@@ -360,7 +385,11 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     atlasd = container(deploy, "atlasd")
     assert atlasd["image"] == "registry.example/atlasd:9.9.9"
     assert atlasd["imagePullPolicy"] == "Always"
-    assert atlasd["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}}
+    # Helm merges the user's requests into the chart's defaults: the limit stays.
+    assert atlasd["resources"] == {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"memory": "1Gi"},
+    }
     env = env_of(atlasd)
     assert env["ATLAS_ENVOY_ADS_ADDRESS"] == "xds.obs.example"
     assert env["ATLAS_ENVOY_ADS_PORT"] == "443"
@@ -541,19 +570,71 @@ def test_envoy_chart_lints_with_atlasd_values(helm: Helm, tmp_path: Path) -> Non
 
 def test_envoy_default_render(helm: Helm) -> None:
     docs = render(helm, ENVOY_CHART, release="atlas")
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret", "Service"]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "NetworkPolicy", "Secret", "Service"]
     deploy = only(docs, "Deployment")
     labels = deploy["spec"]["template"]["metadata"]["labels"]
     # atlasd's default envoy selector (goatlas.io/envoy-selectors) is app=envoy,release=atlas.
     assert labels["app"] == "envoy" and labels["release"] == "atlas"
     envoy = container(deploy, "envoy")
     assert envoy["image"] == "envoyproxy/envoy:v1.40.0"
-    assert envoy["args"] == ["-l", "info", "-c", "/config/envoy.yaml"]
+    assert envoy["args"][:4] == ["-l", "info", "-c", "/config/envoy.yaml"]
     files = secret_files(only(docs, "Secret"))
     assert set(files) == {"envoy.yaml"}
     assert yaml.safe_load(files["envoy.yaml"])["admin"]
     _assert_envoy_pod_mounts(deploy, only(docs, "Secret"))
-    _assert_hardened(deploy["spec"]["template"]["spec"])
+    pod = deploy["spec"]["template"]["spec"]
+    _assert_hardened(pod)
+    _assert_sized(pod)
+    # A high uid/gid, not the image's "envoy" (101), which may be a real user on the node.
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == 65532
+    assert pod["securityContext"]["fsGroup"] == 65532
+    assert pod["automountServiceAccountToken"] is False
+
+    # Probes on Envoy's readiness, through the probe listener merged over the bootstrap.
+    overlay = _probe_overlay(envoy)
+    [listener] = overlay["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 9002}
+    [admin_cluster] = overlay["static_resources"]["clusters"]
+    endpoint = admin_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    admin = yaml.safe_load(files["envoy.yaml"])["admin"]["address"]["socket_address"]
+    assert endpoint["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9000}
+    assert admin == {"address": "127.0.0.1", "port_value": 9000}, "admin stays on the loopback"
+    ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+    assert ports["probe"] == 9002
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert envoy[kind]["httpGet"] == {"path": "/ready", "port": "probe"}, kind
+    assert envoy["startupProbe"]["failureThreshold"] * envoy["startupProbe"]["periodSeconds"] >= (
+        60
+    ), "the startup probe outlasts Envoy's initial fetch timeouts (15 s + 15 s)"
+
+    # Ingress to the listeners only, from anywhere (the observability Envoy calls from
+    # outside the cluster): not to admin, not to anything else.
+    policy = only(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app": "envoy", "release": "atlas"}
+    assert policy["policyTypes"] == ["Ingress"]
+    assert _policy_ports(policy) == {
+        (11901, "TCP"): None,
+        (11903, "TCP"): None,
+        (11904, "TCP"): None,
+    }
+
+
+def _probe_overlay(envoy: Doc) -> Doc:
+    """The bootstrap the chart merges over files.envoy.yaml (Envoy's --config-yaml)."""
+    args = envoy["args"]
+    overlay: Doc = yaml.safe_load(args[args.index("--config-yaml") + 1])
+    return overlay
+
+
+def _policy_ports(policy: Doc) -> dict[tuple[int, str], Any]:
+    """(port, protocol) -> the peers allowed to reach it (None: any source)."""
+    out: dict[tuple[int, str], Any] = {}
+    for rule in policy["ingress"]:
+        for p in rule["ports"]:
+            key = (p["port"], p["protocol"])
+            assert key not in out, f"{key} in two rules"
+            out[key] = rule.get("from")
+    return out
 
 
 def _assert_envoy_pod_mounts(deploy: Doc, secret: Doc) -> None:
@@ -594,9 +675,17 @@ def test_envoy_renders_exactly_the_bootstrap_atlasd_wrote(helm: Helm, tmp_path: 
     deploy = only(docs, "Deployment")
     _assert_envoy_pod_mounts(deploy, secret)
     envoy = container(deploy, "envoy")
-    assert envoy["args"] == values["args"]
+    # atlasd's arguments, then the probe listener merged over its bootstrap.
+    assert envoy["args"][: len(values["args"])] == values["args"]
+    assert envoy["args"][len(values["args"])] == "--config-yaml"
     host_ports = {p["name"]: p.get("hostPort") for p in envoy["ports"]}
-    assert host_ports == {"admin": None, "thanos": 11901, "alertmanager": None, "prometheus": 11904}
+    assert host_ports == {
+        "probe": None,
+        "admin": None,
+        "thanos": 11901,
+        "alertmanager": None,
+        "prometheus": 11904,
+    }
     svc = only(docs, "Service", "atlas-envoy")
     assert sorted((p["name"], p["port"]) for p in svc["spec"]["ports"]) == [
         ("alertmanager", 11903),
@@ -669,6 +758,10 @@ def test_envoy_observability_values_render(helm: Helm, tmp_path: Path) -> None:
     svc = only(docs, "Service", "atlas-envoy")
     assert sorted(p["port"] for p in svc["spec"]["ports"]) == [10900, 10901, 10903, 10904]
     assert not [s for s in of_kind(docs, "Service") if s["metadata"]["name"].startswith("alertm")]
+    # Its listeners, every one (xDS and alerts from the downstream Envoys outside the
+    # cluster, Thanos and Prometheus from inside) and nothing else; admin stays closed.
+    policy = only(docs, "NetworkPolicy")["spec"]
+    assert _policy_ports(policy) == {(p, "TCP"): None for p in (10900, 10901, 10903, 10904)}
 
 
 def test_envoy_binary_accepts_the_rendered_bootstrap(helm: Helm, tmp_path: Path) -> None:
@@ -679,13 +772,131 @@ def test_envoy_binary_accepts_the_rendered_bootstrap(helm: Helm, tmp_path: Path)
         docs = render(helm, ENVOY_CHART, values=extra)
         config = tmp_path / "envoy.yaml"
         config.write_text(secret_files(only(docs, "Secret"))["envoy.yaml"])
+        # The container's own arguments: the bootstrap file and the probe listener merged
+        # over it (--config-yaml).
+        args = [str(config) if a == "/config/envoy.yaml" else a for a in _envoy_args(docs)]
+        assert "--config-yaml" in args
         proc = subprocess.run(
-            [envoy_binary(), "--mode", "validate", "-c", str(config), "-l", "error"],
+            [envoy_binary(), "--mode", "validate", *args],
             capture_output=True,
             text=True,
             timeout=120,
         )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _envoy_args(docs: list[Doc]) -> list[str]:
+    args: list[str] = container(only(docs, "Deployment"), "envoy")["args"]
+    return args
+
+
+def test_envoy_probe_listener_answers_envoys_own_readiness_and_nothing_else(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """A real Envoy run with the chart's arguments: the kubelet's GET /ready on the probe
+    port gets admin's answer (so it follows Envoy's state: 503 once admin says DRAINING);
+    every other path or method of admin is out of reach through it."""
+    admin, probe = free_port(), free_port()
+    bootstrap = {
+        "node": {"id": "probe-test", "cluster": "probe-test"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+    }
+    values = write_values(
+        tmp_path,
+        "probe.yaml",
+        {
+            "files": {"envoy.yaml": yaml.safe_dump(bootstrap)},
+            "probes": {"port": probe, "address": "127.0.0.1"},
+        },
+    )
+    docs = render(helm, ENVOY_CHART, values=[values])
+    config = tmp_path / "envoy.yaml"
+    config.write_text(secret_files(only(docs, "Secret"))["envoy.yaml"])
+    args = [str(config) if a == "/config/envoy.yaml" else a for a in _envoy_args(docs)]
+    envoy = Proc(
+        "envoy-probe",
+        [envoy_binary(), *args, "--use-dynamic-base-id"],
+        log_dir=tmp_path,
+    ).start()
+    try:
+        url = f"http://127.0.0.1:{probe}"
+
+        def ready() -> httpx.Response | None:
+            envoy.check_running()
+            r = httpx.get(f"{url}/ready", timeout=2)
+            return r if r.status_code == 200 else None
+
+        r = wait_until(ready, timeout=60, what="the probe listener's /ready")
+        assert r.text.strip() == "LIVE"
+        # Admin itself is what answers: fail its health check and the probe follows.
+        assert httpx.post(f"http://127.0.0.1:{admin}/healthcheck/fail", timeout=5).is_success
+        r = httpx.get(f"{url}/ready", timeout=5)
+        assert (r.status_code, r.text.strip()) == (503, "DRAINING")
+        httpx.post(f"http://127.0.0.1:{admin}/healthcheck/ok", timeout=5)
+        assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
+        # Nothing else of admin (which can stop or reconfigure Envoy) is reachable.
+        for method, path in (
+            ("POST", "/quitquitquit"),
+            ("POST", "/healthcheck/fail"),
+            ("POST", "/ready"),
+            ("GET", "/config_dump"),
+            ("GET", "/stats"),
+            ("GET", "/"),
+        ):
+            r = httpx.request(method, f"{url}{path}", timeout=5)
+            assert r.status_code == 404, (method, path, r.status_code)
+        envoy.check_running()
+        assert httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=5).text.strip() == "LIVE"
+    finally:
+        envoy.stop()
+
+
+def test_envoy_probes_can_be_replaced_or_turned_off(helm: Helm, tmp_path: Path) -> None:
+    docs = render(helm, ENVOY_CHART, sets=["probes.enabled=false"])
+    envoy = container(only(docs, "Deployment"), "envoy")
+    assert "--config-yaml" not in envoy["args"]
+    assert "probe" not in {p["name"] for p in envoy["ports"]}
+    assert not {"startupProbe", "livenessProbe", "readinessProbe"} & set(envoy)
+    # probes.adminPort names admin's port when the bootstrap is not atlasd's.
+    docs = render(helm, ENVOY_CHART, sets=["probes.adminPort=9100", "probes.port=9200"])
+    overlay = _probe_overlay(container(only(docs, "Deployment"), "envoy"))
+    [admin_cluster] = overlay["static_resources"]["clusters"]
+    endpoint = admin_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["port_value"] == 9100
+    assert (
+        overlay["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        == 9200
+    )
+    # A bootstrap without admin on a socket: the chart says what to set, not a dead probe.
+    no_admin = write_values(tmp_path, "no-admin.yaml", {"files": {"envoy.yaml": "node: {id: x}\n"}})
+    with pytest.raises(RuntimeError, match=r"probes\.adminPort"):
+        render(helm, ENVOY_CHART, values=[no_admin])
+
+
+def test_envoy_network_policy_values(helm: Helm, tmp_path: Path) -> None:
+    obs_egress = [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
+    prometheus = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    extra = [{"ports": [{"port": 9002, "protocol": "TCP"}], "from": obs_egress}]
+    values = write_values(
+        tmp_path,
+        "np.yaml",
+        {
+            "networkPolicy": {
+                "from": obs_egress,
+                "fromByPort": {"alertmanager": prometheus},
+                "extraIngress": extra,
+            }
+        },
+    )
+    policy = only(render(helm, ENVOY_CHART, values=[values]), "NetworkPolicy")["spec"]
+    assert _policy_ports(policy) == {
+        (11901, "TCP"): obs_egress,
+        (11903, "TCP"): prometheus,
+        (11904, "TCP"): obs_egress,
+        (9002, "TCP"): obs_egress,
+    }
+    docs = render(helm, ENVOY_CHART, sets=["networkPolicy.enabled=false"])
+    assert not of_kind(docs, "NetworkPolicy")
 
 
 def test_envoy_custom_values_render(helm: Helm, tmp_path: Path) -> None:
@@ -695,8 +906,11 @@ def test_envoy_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     assert deploy["spec"]["replicas"] == 2
     envoy = container(deploy, "envoy")
     assert envoy["image"] == "envoyproxy/envoy:v1.40.1"
-    assert envoy["args"][-1] == "--disable-hot-restart"
+    assert envoy["args"][-3:-1] == ["--disable-hot-restart", "--config-yaml"]
+    # A probe of one's own replaces the chart's whole (Helm would otherwise merge the
+    # two handlers into one invalid probe); the others stay the chart's.
     assert envoy["readinessProbe"] == {"tcpSocket": {"port": "thanos"}}
+    assert envoy["livenessProbe"]["httpGet"] == {"path": "/ready", "port": "probe"}
     svc = only(docs, "Service", "east-envoy")
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["externalIPs"] == ["192.0.2.10"]
@@ -730,6 +944,77 @@ def test_envoy_manifests_pass_server_side_dry_run(
     docs = render(helm, ENVOY_CHART, namespace=namespace, values=values)
     out = server_dry_run(apiserver, namespace, docs)
     assert out.count("serverside-applied (server dry run)") == len(docs), out
+
+
+# ---------------------------------------------------------------- Pod Security
+
+
+RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
+
+
+def _pod_dry_run(apiserver: ApiServer, namespace: str, deploy: Doc) -> str:
+    """Create the Deployment's pod (its template as a Pod) with a server-side dry run:
+    admission, Pod Security included, judges it as it would the ReplicaSet's pods."""
+    template = deploy["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": deploy["metadata"]["name"], "labels": template["metadata"]["labels"]},
+        "spec": template["spec"],
+    }
+    return apiserver.kubectl(
+        "-n", namespace, "create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod)
+    )
+
+
+@pytest.mark.parametrize(
+    "which", ["atlasd-default", "atlasd-custom", "envoy-default", "envoy-custom", "envoy-atlas"]
+)
+def test_pods_are_admitted_under_pod_security_restricted(
+    helm: Helm, apiserver: ApiServer, namespace: str, which: str, tmp_path: Path
+) -> None:
+    """Both charts' pods pass the `restricted` Pod Security Standard, enforced by the real
+    API server's admission, with their default and custom values and, for the Envoy, the
+    observability values atlasd writes (test_node_helm.py installs both into a namespace
+    enforcing it)."""
+    apiserver.kubectl("label", "namespace", namespace, RESTRICTED)
+    chart, values = ATLASD_CHART, []
+    if which == "atlasd-custom":
+        values = [write_values(tmp_path, "custom.yaml", ATLASD_CUSTOM)]
+    elif which.startswith("envoy"):
+        chart = ENVOY_CHART
+        custom = _envoy_custom_values()
+        del custom["ports"]  # its hostPort: see the next test
+        if which == "envoy-custom":
+            values = [write_values(tmp_path, "custom.yaml", custom)]
+        elif which == "envoy-atlas":
+            obs = tmp_path / "atlas-values.yaml"
+            obs.write_text(_atlasd_values_secrets()[labels.OBS_VALUES_SECRET])
+            values = [obs]
+    deploy = only(render(helm, chart, namespace=namespace, values=values), "Deployment")
+    assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
+
+
+def test_downstream_values_hostports_are_refused_under_pod_security_baseline(
+    helm: Helm, apiserver: ApiServer, namespace: str, tmp_path: Path
+) -> None:
+    """The downstream values atlasd writes publish 11901/11904 as hostPorts (the
+    observability Envoy dials the node's address), which `baseline`, hence `restricted`,
+    forbids: a downstream cluster's Envoy needs a namespace that allows hostPorts
+    (docs/charts.md, "Pod Security"). The control for the test above: enforcement is
+    real, and this is what it refuses."""
+    apiserver.kubectl("label", "namespace", namespace, RESTRICTED)
+    values_file, _ = _cluster_values_file(tmp_path, alertmanagers=0)
+    deploy = only(
+        render(helm, ENVOY_CHART, namespace=namespace, values=[values_file]), "Deployment"
+    )
+    with pytest.raises(RuntimeError, match=r'violates PodSecurity "restricted:latest": hostPort'):
+        _pod_dry_run(apiserver, namespace, deploy)
+    # Without the hostPorts (e.g. a LoadBalancer Service in front instead) it is admitted.
+    for c in deploy["spec"]["template"]["spec"]["containers"]:
+        for port in c["ports"]:
+            port.pop("hostPort", None)
+    assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
 
 
 # ---------------------------------------------------------------- chart <-> `atlasd run`

@@ -224,15 +224,24 @@ def test_coredns_image_serves_the_zone_as_the_sidecar(
 def test_envoy_image_runs_as_the_envoy_chart_runs_it(
     images: dict[str, Image], tmp_path: Path, containers: list[Container]
 ) -> None:
-    rendered = _render(tmp_path, ENVOY_CHART)
+    # The chart's probe listener on free loopback ports (the test runs on the host's network).
+    admin, probe = free_port(), free_port()
+    rendered = _render(
+        tmp_path,
+        ENVOY_CHART,
+        f"probes.adminPort={admin}",
+        f"probes.port={probe}",
+        "probes.address=127.0.0.1",
+    )
     pod = rendered["pod"]
     envoy = _container(pod, "envoy")
     opts = _as_the_chart_runs_it(pod, envoy)
-    assert "--user=101:101" in opts
+    # A uid no user of the image (nor, likely, of the node) has: Envoy needs no file of
+    # its own, only the config (through fsGroup) and /tmp.
+    assert "--user=65532:65532" in opts
     entry = f"--entrypoint={envoy['command'][0]}"
     assert "envoy" in _run(images["envoy"], [*opts, entry], ["--version"])
 
-    admin = free_port()
     config = tmp_path / "config"
     config.mkdir()
     (config / "envoy.yaml").write_text(
@@ -248,7 +257,7 @@ def test_envoy_image_runs_as_the_envoy_chart_runs_it(
     # The chart mounts its Secret at configMountPath with mode 0440 and fsGroup.
     (config / "envoy.yaml").chmod(0o440)
     group = pod["securityContext"].get("fsGroup")
-    assert group == 101, "the config Secret is unreadable by uid 101 without fsGroup"
+    assert group == 65532, "the config Secret is unreadable by uid 65532 without fsGroup"
     mounts = [
         f"--volume={config}:{envoy['volumeMounts'][0]['mountPath']}:ro",
         f"--group-add={group}",
@@ -262,3 +271,8 @@ def test_envoy_image_runs_as_the_envoy_chart_runs_it(
         return httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=2).status_code == 200
 
     wait_until(ready, timeout=60, what="Envoy in its image /ready")
+    # What the kubelet's probes ask (the chart's probes: GET /ready on the probe port).
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert envoy[kind]["httpGet"] == {"path": "/ready", "port": "probe"}
+    got = httpx.get(f"http://127.0.0.1:{probe}/ready", timeout=5)
+    assert (got.status_code, got.text.strip()) == (200, "LIVE")

@@ -47,6 +47,8 @@ OBS_ENVOY_IP = "10.244.0.250"
 # The downstream Envoy runs on the node itself; its cluster Service's externalIPs[0].
 DOWNSTREAM_IP = NODE_IP
 CHART_VALUES = yaml.safe_load((ATLASD_CHART / "values.yaml").read_text())
+ENVOY_VALUES = yaml.safe_load((ENVOY_CHART / "values.yaml").read_text())
+PSS_ENFORCE = "pod-security.kubernetes.io/enforce"
 
 Helm = Callable[..., str]
 Doc = dict[str, Any]
@@ -141,15 +143,19 @@ def release(node: Node, node_helm: Helm, images: dict[str, Image]) -> Iterator[l
     """`helm install atlasd charts/atlasd`: the chart's defaults plus the local images
     and the observability Envoy's address; yields the --set values used."""
     values = [*_image_sets(images), f"controller.envoy.host={OBS_ENVOY_IP}"]
+    # Both charts' pods must pass the strictest Pod Security Standard: the namespace
+    # enforces it, so a pod that does not is refused, not run.
+    node.kubectl("create", "namespace", NS)
+    node.kubectl("label", "namespace", NS, f"{PSS_ENFORCE}=restricted")
     node_helm(
-        "install", RELEASE, str(ATLASD_CHART), "-n", NS, "--create-namespace",
+        "install", RELEASE, str(ATLASD_CHART), "-n", NS,
         *_sets(values), "--wait", "--timeout", "180s",
     )  # fmt: skip
     yield values
 
 
 def test_install_brings_up_a_ready_pod_with_the_charts_probes_and_role(
-    node: Node, release: list[str]
+    node: Node, release: list[str], images: dict[str, Image]
 ) -> None:
     pods = wait_until(
         lambda: [p for p in _atlasd_pods(node) if _ready(p)],
@@ -184,6 +190,14 @@ def test_install_brings_up_a_ready_pod_with_the_charts_probes_and_role(
             timeout=30,
             what=f"{path} answering 200 through the metrics Service",
         )
+
+    # Admitted under Pod Security "restricted", which the namespace really enforces: a
+    # pod without the chart's hardening is refused there.
+    labels = _get(node, "namespace", NS)["metadata"]["labels"]
+    assert labels[PSS_ENFORCE] == "restricted"
+    with pytest.raises(RuntimeError, match='violates PodSecurity "restricted:latest"'):
+        node.kubectl("run", "unhardened", "-n", NS, f"--image={images['pause'].ref}",
+                     "--restart=Never", "--dry-run=server")  # fmt: skip
 
     # Hardened as the chart says: uid 65532, read-only root filesystem.
     assert spec["securityContext"]["runAsUser"] == 65532
@@ -292,8 +306,35 @@ def test_the_envoy_chart_gets_its_config_from_the_pod_and_routes_prometheus(
         "--set", f"service.externalIPs={{{OBS_ENVOY_IP}}}",
         "--wait", "--timeout", "120s",
     )  # fmt: skip
-    # The chart's NetworkPolicy is installed (no controller enforces it on this node).
+    # The charts' NetworkPolicies are installed (no controller enforces them on this node).
     assert _maybe(node, "networkpolicy", RELEASE) is not None
+    assert _maybe(node, "networkpolicy", "atlas-envoy") is not None
+
+    # `--wait` returned once the pod was Ready: on the chart's readiness probe, Envoy's own
+    # /ready through the probe listener (admin stays on the pod's loopback), in the
+    # restricted namespace, as uid 65532, never restarted by the liveness probe.
+    [pod] = [
+        p
+        for p in _get(node, "pods", app="envoy", release="atlas")["items"]
+        if not p["metadata"].get("deletionTimestamp")
+    ]
+    assert _ready(pod)
+    [envoy] = pod["spec"]["containers"]
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert envoy[kind]["httpGet"]["path"] == "/ready", kind
+        assert envoy[kind]["httpGet"]["port"] == "probe", kind
+    probe_port = {p["name"]: p["containerPort"] for p in envoy["ports"]}["probe"]
+    assert probe_port == ENVOY_VALUES["probes"]["port"]
+    assert pod["spec"]["securityContext"]["runAsUser"] == 65532
+    assert envoy["resources"] == ENVOY_VALUES["resources"]
+    [status] = pod["status"]["containerStatuses"]
+    assert status["ready"] and status["restartCount"] == 0, status
+    # From outside the pod (the node, as the kubelet): /ready answers, admin does not.
+    pod_ip = pod["status"]["podIP"]
+    assert httpx.get(f"http://{pod_ip}:{probe_port}/ready", timeout=5).text.strip() == "LIVE"
+    assert httpx.get(f"http://{pod_ip}:{probe_port}/config_dump", timeout=5).status_code == 404
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{pod_ip}:9000/ready", timeout=5)
 
     # Its values dial atlasd over mTLS with the atlas client certificate.
     boot = yaml.safe_load(values["files"]["envoy.yaml"])
