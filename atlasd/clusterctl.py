@@ -288,19 +288,32 @@ async def values(
 async def client_identity(api: KubeApi, name: str, *, settings: Settings) -> tuple[CertKey, bytes]:
     """Cluster ``name``'s client certificate and key and the CA bundle it trusts, from
     Secret ``<name>-atlas-identity``: what its downstream Envoy presents and trusts."""
+    secret_name, data = await _identity_data(
+        api,
+        name,
+        settings,
+        why="is it a cluster atlasd serves (atlasd cluster list)?",
+    )
+    missing = [k for k in ("client.crt", "client.key", "ca.crt") if not data.get(k)]
+    if missing:
+        raise ClusterError(f"Secret {secret_name} lacks {', '.join(missing)}")
+    return CertKey(data["client.crt"], data["client.key"]), data["ca.crt"]
+
+
+async def _identity_data(
+    api: KubeApi, name: str, settings: Settings, *, why: str
+) -> tuple[str, dict[str, bytes]]:
+    """Secret ``<name>-atlas-identity``'s name and data; a ClusterError ending in ``why``
+    when it does not exist."""
     secret_name = labels.identity_secret_name(name)
     try:
         secret = await api.get(SECRETS, secret_name, namespace=settings.namespace)
     except NotFound:
         raise ClusterError(
-            f"cluster {name!r} has no certificate yet (Secret {secret_name} not found in "
-            f"{settings.namespace!r}): is it a cluster atlasd serves (atlasd cluster list)?"
+            f"cluster {name!r} has no certificates yet (Secret {secret_name} not found in "
+            f"{settings.namespace!r}): {why}"
         ) from None
-    data = secret_data(secret)
-    missing = [k for k in ("client.crt", "client.key", "ca.crt") if not data.get(k)]
-    if missing:
-        raise ClusterError(f"Secret {secret_name} lacks {', '.join(missing)}")
-    return CertKey(data["client.crt"], data["client.key"]), data["ca.crt"]
+    return secret_name, secret_data(secret)
 
 
 async def _require_valid_cluster(
@@ -339,15 +352,7 @@ class RevokeOutcome:
 async def _identity_certs(
     api: KubeApi, name: str, settings: Settings, now: dt.datetime
 ) -> tuple[revocation.Revoked, ...]:
-    secret_name = labels.identity_secret_name(name)
-    try:
-        secret = await api.get(SECRETS, secret_name, namespace=settings.namespace)
-    except NotFound:
-        raise ClusterError(
-            f"cluster {name!r} has no certificates yet (Secret {secret_name} not found): "
-            "nothing to revoke"
-        ) from None
-    data = secret_data(secret)
+    secret_name, data = await _identity_data(api, name, settings, why="nothing to revoke")
     out = []
     for kind in revocation.KINDS:
         pem = data.get(f"{kind}.crt")

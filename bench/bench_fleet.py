@@ -61,13 +61,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_e2e import cluster_service, cpu_seconds, requests_by_kind, rss_mib
 from bench.bench_floor import measure_floor
-from bench.bench_outcome import Processes, in_private_network, values_secrets
+from bench.bench_outcome import (
+    Processes,
+    in_private_network,
+    observability_bootstrap,
+    values_secrets,
+)
 from tests.harness import components
 from tests.harness.ads_load import leaf_fingerprint, split_spec
 from tests.harness.envoy import Envoy
@@ -75,7 +79,7 @@ from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd
 
-NAMESPACE = "bench"  # bench_outcome.values_secrets reads this namespace
+NAMESPACE = "bench"  # bench_outcome reads this namespace (values_secrets, observability_bootstrap)
 ADS_NAME = f"atlasd-ads.{NAMESPACE}.svc.cluster.local"
 ADS_PORT = 6305
 REPLICAS = {"fleet-a": "127.0.0.2", "fleet-b": "127.0.0.3"}
@@ -293,10 +297,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         out["values_written_s"] = round(time.monotonic() - t_start, 1)
         values = values_secrets(api)
 
-        with api.admin() as c:
-            r = c.get(f"{SECRETS}/atlas-envoy-values")
-        obs = yaml.safe_load(base64.b64decode(r.json()["data"]["values.yaml"]))
-        envoy = Envoy(yaml.safe_load(obs["files"]["envoy.yaml"]), "atlas", workdir=workdir)
+        envoy = Envoy(observability_bootstrap(api), "atlas", workdir=workdir)
         envoy.start()
         envoy.wait_ready(timeout=600)
 

@@ -207,6 +207,59 @@ def values_secrets(api: ApiServer) -> dict[str, dict[str, Any]]:
     return out
 
 
+def observability_bootstrap(api: ApiServer) -> dict[str, Any]:
+    """The observability Envoy's bootstrap, from the values atlasd wrote for it."""
+    with api.admin() as c:
+        r = c.get(f"/api/v1/namespaces/{NAMESPACE}/secrets/atlas-envoy-values")
+    obs = yaml.safe_load(base64.b64decode(r.json()["data"]["values.yaml"]))
+    boot: dict[str, Any] = yaml.safe_load(obs["files"]["envoy.yaml"])
+    return boot
+
+
+async def simulate_clusters(
+    api: ApiServer,
+    ips: dict[str, str],
+    workdir: Path,
+    procs: Processes,
+    *,
+    within: float,
+    duration: float,
+) -> float:
+    """Once atlasd has written every cluster's values (waiting up to ``within`` seconds),
+    the downstream-fleet simulator with each cluster's own server certificate from them.
+    Returns when the values were all there (``time.monotonic()``)."""
+
+    async def every_values() -> bool:
+        got = await trio.to_thread.run_sync(values_secrets, api)
+        return set(ips) <= set(got)
+
+    if await wait_for(every_values, within=within, interval=2) is None:
+        raise RuntimeError("atlasd did not write every cluster's values")
+    values = await trio.to_thread.run_sync(values_secrets, api)
+    written = time.monotonic()
+    sim = workdir / "sim"
+    sim.mkdir()
+    entries = []
+    for name, ip in ips.items():
+        files = values[name]["files"]
+        (sim / f"{name}.pem").write_text(files["server.pem"])
+        (sim / f"{name}.key").write_text(files["server-key.pem"])
+        (sim / "ca.pem").write_text(files["ca.pem"])
+        entries.append(
+            {"name": name, "address": ip, "cert": str(sim / f"{name}.pem"),
+             "key": str(sim / f"{name}.key")}
+        )  # fmt: skip
+    spec = sim / "fleet.json"
+    port = ListenPlan().downstream_default.thanos
+    spec.write_text(json.dumps({"ca": str(sim / "ca.pem"), "port": port, "clusters": entries}))
+    sim_argv = [sys.executable, "-m", "tests.harness.fleet_sim", str(spec)]
+    procs.start("simulator", [*sim_argv, "--duration", str(duration)])
+    ready = Path(f"{spec}.ready")
+    if await wait_for(lambda: trio.to_thread.run_sync(ready.exists), within=600) is None:
+        raise RuntimeError("the simulator did not get ready")
+    return written
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     n, k = args.clusters, args.changes
     procs = Processes(workdir)
@@ -237,42 +290,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         daemon.start(timeout=600)
         client = httpx.AsyncClient(timeout=10)
 
-        async def every_values() -> bool:
-            got = await trio.to_thread.run_sync(values_secrets, api)
-            return set(ips) <= set(got)
-
-        if await wait_for(every_values, within=args.max_seconds / 3, interval=2) is None:
-            raise RuntimeError("atlasd did not write every cluster's values")
-        values = await trio.to_thread.run_sync(values_secrets, api)
-        out["values_written_s"] = round(time.monotonic() - t_atlasd, 1)
-
         # The simulator: each cluster's own server certificate and key (its values).
-        sim = workdir / "sim"
-        sim.mkdir()
-        entries = []
-        for name, ip in ips.items():
-            files = values[name]["files"]
-            (sim / f"{name}.pem").write_text(files["server.pem"])
-            (sim / f"{name}.key").write_text(files["server-key.pem"])
-            (sim / "ca.pem").write_text(files["ca.pem"])
-            entries.append(
-                {"name": name, "address": ip, "cert": str(sim / f"{name}.pem"),
-                 "key": str(sim / f"{name}.key")}
-            )  # fmt: skip
-        spec = sim / "fleet.json"
-        port = ListenPlan().downstream_default.thanos
-        spec.write_text(json.dumps({"ca": str(sim / "ca.pem"), "port": port, "clusters": entries}))
-        sim_argv = [sys.executable, "-m", "tests.harness.fleet_sim", str(spec)]
-        procs.start("simulator", [*sim_argv, "--duration", str(args.max_seconds)])
-        ready = Path(f"{spec}.ready")
-        if await wait_for(lambda: trio.to_thread.run_sync(ready.exists), within=600) is None:
-            raise RuntimeError("the simulator did not get ready")
+        written = await simulate_clusters(
+            api, ips, workdir, procs, within=args.max_seconds / 3, duration=args.max_seconds
+        )
+        out["values_written_s"] = round(written - t_atlasd, 1)
 
         # The observability Envoy, from the values atlasd wrote for it.
-        with api.admin() as c:
-            r = c.get(f"/api/v1/namespaces/{NAMESPACE}/secrets/atlas-envoy-values")
-        obs = yaml.safe_load(base64.b64decode(r.json()["data"]["values.yaml"]))
-        envoy = Envoy(yaml.safe_load(obs["files"]["envoy.yaml"]), "atlas", workdir=workdir)
+        envoy = Envoy(observability_bootstrap(api), "atlas", workdir=workdir)
         envoy.start()
 
         zone = daemon.zone_file
@@ -468,11 +493,11 @@ async def observer_pass(
     return out
 
 
-def summary(values: list[float]) -> dict[str, float]:
+def summary(values: list[float], digits: int = 2) -> dict[str, float]:
     return {
-        "p50": round(pct(values, 0.5), 2),
-        "p99": round(pct(values, 0.99), 2),
-        "max": round(max(values), 2) if values else float("nan"),
+        "p50": round(pct(values, 0.5), digits),
+        "p99": round(pct(values, 0.99), digits),
+        "max": round(max(values), digits) if values else float("nan"),
     }
 
 

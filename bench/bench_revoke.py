@@ -31,7 +31,6 @@ the load average. Target: p99 <= 2 s at 1,000 clusters.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
 import json
 import os
@@ -45,7 +44,6 @@ from typing import Any
 
 import httpx
 import trio
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,21 +62,14 @@ from bench.bench_outcome import (
     cluster_service,
     cpu_seconds,
     in_private_network,
-    pct,
-    values_secrets,
+    observability_bootstrap,
+    simulate_clusters,
+    summary,
     wait_for,
 )
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.integration.daemon_helpers import Atlasd
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "p50": round(pct(values, 0.5), 3),
-        "p99": round(pct(values, 0.99), 3),
-        "max": round(max(values), 3) if values else float("nan"),
-    }
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -106,39 +97,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         daemon.start(timeout=600)
 
-        async def every_values() -> bool:
-            return set(ips) <= set(await trio.to_thread.run_sync(values_secrets, api))
+        written = await simulate_clusters(api, ips, workdir, procs, within=900, duration=3600)
+        out["values_written_s"] = round(written - t0, 1)
 
-        if await wait_for(every_values, within=900, interval=2) is None:
-            raise RuntimeError("atlasd did not write every cluster's values")
-        values = await trio.to_thread.run_sync(values_secrets, api)
-        out["values_written_s"] = round(time.monotonic() - t0, 1)
-
-        sim = workdir / "sim"
-        sim.mkdir()
-        entries = []
-        for name, ip in ips.items():
-            files = values[name]["files"]
-            (sim / f"{name}.pem").write_text(files["server.pem"])
-            (sim / f"{name}.key").write_text(files["server-key.pem"])
-            (sim / "ca.pem").write_text(files["ca.pem"])
-            entries.append(
-                {"name": name, "address": ip, "cert": str(sim / f"{name}.pem"),
-                 "key": str(sim / f"{name}.key")}
-            )  # fmt: skip
-        spec = sim / "fleet.json"
-        port = ListenPlan().downstream_default.thanos
-        spec.write_text(json.dumps({"ca": str(sim / "ca.pem"), "port": port, "clusters": entries}))
-        sim_argv = [sys.executable, "-m", "tests.harness.fleet_sim", str(spec)]
-        procs.start("simulator", [*sim_argv, "--duration", "3600"])
-        ready = Path(f"{spec}.ready")
-        if await wait_for(lambda: trio.to_thread.run_sync(ready.exists), within=600) is None:
-            raise RuntimeError("the simulator did not get ready")
-
-        with api.admin() as c:
-            r = c.get(f"/api/v1/namespaces/{NAMESPACE}/secrets/atlas-envoy-values")
-        obs = yaml.safe_load(base64.b64decode(r.json()["data"]["values.yaml"]))
-        boot = yaml.safe_load(obs["files"]["envoy.yaml"])
+        boot = observability_bootstrap(api)
         if args.xds == "delta":
             boot["dynamic_resources"]["ads_config"]["api_type"] = "DELTA_GRPC"
         envoy = Envoy(boot, "atlas", workdir=workdir)
@@ -212,9 +174,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     raise RuntimeError(f"{name}: refused, but not by the certificate check")
                 other = random.Random(name).choice(others)
                 others_ok += await hop(other) == "ok"
-        out["revoke_to_refused_s"] = summary(refused)
-        out["write_to_refused_s"] = summary(from_write)
-        out["reissued_s"] = summary(reissued)
+        out["revoke_to_refused_s"] = summary(refused, 3)
+        out["write_to_refused_s"] = summary(from_write, 3)
+        out["reissued_s"] = summary(reissued, 3)
         out["reissued"] = f"{len(reissued)}/{len(chosen)}"
         out["others_ok"] = f"{others_ok}/{len(chosen)}"
         out["cpu_s_over_revocations"] = {

@@ -59,14 +59,21 @@ class EnvoyModel:
     def _names(self, t: str) -> list[str]:
         return [] if t == CLUSTER else sorted(self.clusters.keys() | self.warming)
 
-    def _queue(self, t: str) -> None:
+    def _may_send(self, t: str) -> bool:
+        """Whether a request of ``t`` goes out now (``queueDiscoveryRequest``): never before
+        a watch of ``t`` exists; while ``t`` is paused, once at resume."""
         a = self.api[t]
         if not a.subscribed:
-            return
+            return False
         if a.pauses:
             a.pending = True
-            return
-        self.out.append(req(t, self._names(t), nonce=a.nonce, version=a.version))
+            return False
+        return True
+
+    def _queue(self, t: str) -> None:
+        if self._may_send(t):
+            a = self.api[t]
+            self.out.append(req(t, self._names(t), nonce=a.nonce, version=a.version))
 
     def _pause(self, t: str) -> None:
         self.api[t].pauses += 1
@@ -139,11 +146,7 @@ class DeltaEnvoyModel(EnvoyModel):
     acks: dict[str, list[str]] = field(default_factory=lambda: {CLUSTER: [], ENDPOINT: []})
 
     def _queue(self, t: str) -> None:
-        a = self.api[t]
-        if not a.subscribed:
-            return
-        if a.pauses:
-            a.pending = True
+        if not self._may_send(t):
             return
         want = set(self._names(t))
         sub, unsub = sorted(want - self.told[t]), sorted(self.told[t] - want)
