@@ -210,6 +210,27 @@ class _Stream(Generic[Req]):
     def __init__(self, node: str) -> None:
         self.node = node
         self._held = _Held()
+        # The Envoy asked for an assignment the snapshot no longer has while a CDS response
+        # is unanswered: it warms a cluster that is gone, and answers that CDS response
+        # only once the cluster is warm (or its 15 s initial fetch timeout ends). What
+        # removes the cluster must not wait for that answer (``_busy`` is False meanwhile).
+        self._warming_gone = False
+        self._gone_checked: tuple[str, int] | None = None  # (EDS version, subscription)
+
+    def _note_warming_gone(
+        self, names: set[str], gen: int, snap: Snapshot | None, cds_unanswered: bool
+    ) -> None:
+        """Set ``_warming_gone`` if the EDS subscription ``names`` (generation ``gen``)
+        names an assignment ``snap`` lacks while a CDS response is unanswered; the names
+        are looked at once per subscription and snapshot, not on every ACK."""
+        if snap is None or self._warming_gone or not cds_unanswered:
+            return
+        key = (snap.version(ENDPOINT), gen)
+        if key == self._gone_checked:
+            return
+        self._gone_checked = key
+        available = snap.of_type(ENDPOINT)
+        self._warming_gone = any(n not in available for n in names)
 
     def _busy(self, stamp: float) -> bool:
         raise NotImplementedError
@@ -272,11 +293,6 @@ class SotwStream(_Stream[DiscoveryRequest]):
         super().__init__(node)
         self._types: dict[str, _SotwType] = {}
         self._sent_at = 0.0  # when the oldest unanswered response went out (approximately)
-        # The Envoy asked for an assignment the snapshot no longer has while a CDS response
-        # is unanswered: it warms a cluster that is gone, and answers that CDS response
-        # only once the cluster is warm (or its 15 s initial fetch timeout ends). What
-        # removes the cluster must not wait for that answer.
-        self._warming_gone = False
 
     def _busy(self, stamp: float) -> bool:
         """Whether a response is unanswered (and not for longer than FLOW_TIMEOUT)."""
@@ -299,6 +315,7 @@ class SotwStream(_Stream[DiscoveryRequest]):
         if req.response_nonce and not stale:
             if t == CLUSTER:
                 self._warming_gone = False
+                self._gone_checked = None
             st.awaiting = False
             if req.HasField("error_detail"):
                 st.parked = st.sent_version
@@ -323,11 +340,9 @@ class SotwStream(_Stream[DiscoveryRequest]):
             # The Envoy drops a resource with its last watch, and fetches it again by name.
             st.held.keep_only(set() if st.wildcard else names)
         st.names = names
-        if t == ENDPOINT and snap is not None and not self._warming_gone:
+        if t == ENDPOINT:
             cds = self._types.get(CLUSTER)
-            if cds is not None and cds.awaiting:
-                available = snap.of_type(t)
-                self._warming_gone = any(n not in available for n in names)
+            self._note_warming_gone(names, st.names_gen, snap, cds is not None and cds.awaiting)
         # A stale request of a type sent in parts still names the Envoy's subscription as
         # it is now (an Envoy sends its current watches in every request): a name it adds
         # is answered at once, whatever response crossed it. (Left alone, a response sent
@@ -503,6 +518,7 @@ class _DeltaType:
     known: dict[str, str] = field(default_factory=dict)
     pending: dict[str, _Sent] = field(default_factory=dict)  # nonce -> what it carried
     responded: bool = False
+    names_gen: int = 0  # bumped by every request that subscribes or unsubscribes
 
 
 class DeltaStream(_Stream[DeltaDiscoveryRequest]):
@@ -514,7 +530,6 @@ class DeltaStream(_Stream[DeltaDiscoveryRequest]):
         super().__init__(node)
         self._types: dict[str, _DeltaType] = {}
         self._acked: dict[str, str] = {}
-        self._warming_gone = False  # as SotwStream's (see "Warming" above)
 
     def _busy(self, stamp: float) -> bool:
         """Whether a response is unanswered (and not for longer than FLOW_TIMEOUT)."""
@@ -547,15 +562,16 @@ class DeltaStream(_Stream[DeltaDiscoveryRequest]):
             else:
                 st.names.discard(n)
                 st.known.pop(n, None)
-        if t == ENDPOINT and snap is not None and not self._warming_gone:
+        if req.resource_names_subscribe or req.resource_names_unsubscribe:
+            st.names_gen += 1
+        if t == ENDPOINT:
             cds = self._types.get(CLUSTER)
-            if cds is not None and cds.pending:
-                available = snap.of_type(t)
-                self._warming_gone = any(n not in available for n in st.names)
+            self._note_warming_gone(st.names, st.names_gen, snap, bool(cds and cds.pending))
         if req.response_nonce:
             sent = st.pending.pop(req.response_nonce, None)
             if t == CLUSTER and sent is not None:
                 self._warming_gone = False
+                self._gone_checked = None
             if sent is not None:
                 if req.HasField("error_detail"):
                     step.nacks.append(Nack(t, sent.system_version, req.error_detail.message))
