@@ -9,8 +9,9 @@ Rules (Envoy's xds_protocol documentation; go-control-plane pkg/cache/v3 and pkg
 - Nonces: each response carries a fresh nonce. SotW ignores a request whose nonce is not
   the latest one sent for its type, except that a stale request of a type sent in parts
   (EDS) still updates the subscription and is answered with what it adds: an Envoy sends
-  its current watches in every request, and the answer to the latest response may never
-  come with them (see "Sent in parts"); Delta tracks every outstanding nonce and honours
+  its current watches in every request, and a stale one may be the only request that says
+  a name was dropped and named again (see "Sent in parts"); Delta tracks every outstanding
+  nonce and honours
   subscription changes whatever the nonce.
 - ACK / NACK: a request with a known nonce ACKs it unless ``error_detail`` is set. A
   NACKed SotW response is parked: the same content is never sent again on that stream;
