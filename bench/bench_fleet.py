@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_e2e import cluster_service, cpu_seconds, requests_by_kind, rss_mib
 from bench.bench_floor import measure_floor
-from bench.bench_outcome import Processes, in_private_network, values_secrets
+from bench.bench_outcome import Processes, _stop, in_private_network, values_secrets
 from tests.harness import components
 from tests.harness.ads_load import leaf_fingerprint, split_spec
 from tests.harness.envoy import Envoy
@@ -474,6 +474,7 @@ def main() -> int:
     in_private_network(
         NETNS_ENV, resolv=f"nameserver {DNS}\noptions ndots:1 timeout:1 attempts:2\n"
     )
+    signal.signal(signal.SIGTERM, _stop)  # unwinds like Ctrl-C: every process is stopped
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clusters", type=int, required=True)
     parser.add_argument("--load-procs", type=int, default=0, help="default: 1 per 2,500 streams")
