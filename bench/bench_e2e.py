@@ -63,7 +63,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_floor import measure_floor, print_result
+from bench.bench_floor import cluster_service, measure_floor, print_result
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
@@ -72,23 +72,6 @@ from tests.integration.daemon_helpers import Atlasd
 NAMESPACE = "bench"
 MIB = 1024 * 1024
 WRITE_VERBS = ("apply", "create", "update", "patch", "delete")
-
-
-def cluster_service(i: int, *, net: int = 18) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": f"c{i:05d}", "labels": {"goatlas.io/cluster": "true"}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [f"198.{net}.{i // 250}.{i % 250 + 1}"],
-            "ports": [
-                {"name": "thanos", "port": 10901},
-                {"name": "prometheus", "port": 9090},
-                {"name": "alertmanager", "port": 9093},
-            ],
-        },
-    }
 
 
 def cpu_seconds(pid: int) -> float:
