@@ -1,7 +1,7 @@
 """Benchmark: one change, end to end, at fleet scale — API write to the Envoy's ACK.
 
     .venv/bin/python bench/bench_e2e.py --clusters N [--changes K] [--xds delta|sotw]
-        [--idle-seconds 330] [--json]
+        [--idle-seconds 330] [--floor] [--onboard-only] [--json]
 
 Real etcd + kube-apiserver (the test harness's, on loopback), N cluster Services created
 first, then ``atlasd run`` as its own process (leader election on: the command a pod runs)
@@ -13,7 +13,9 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
   are that snapshot's);
 - ``onboard_cpu_ms_per_cluster``: atlasd's CPU from its start until then, per cluster; with
   ``--floor``, ``floor_s`` (bench_floor.py: a bare writer of the same objects, measured first
-  in the same run) and ``onboard_over_floor``;
+  in the same run) and ``onboard_over_floor``; ``onboard_cpu_s``, the CPU-seconds of atlasd,
+  kube-apiserver, etcd and the Envoy over the onboarding, and ``onboard_requests``, atlasd's
+  API requests by list/get/write; ``--onboard-only`` stops there;
 - ``ip_change_ms``, ``new_cluster_ms``, ``remove_ms`` (p50/p99 over K each, with the max and which change it was): from the API
   write's response to the moment atlasd saw the Envoy ACK the version that carries the
   change — EDS for an IP change; CDS, EDS and SRDS for a new cluster; CDS and SRDS for a
@@ -61,7 +63,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_floor import measure_floor, print_result
+from bench.bench_floor import cluster_service, measure_floor, print_result
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
@@ -70,23 +72,6 @@ from tests.integration.daemon_helpers import Atlasd
 NAMESPACE = "bench"
 MIB = 1024 * 1024
 WRITE_VERBS = ("apply", "create", "update", "patch", "delete")
-
-
-def cluster_service(i: int, *, net: int = 18) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": f"c{i:05d}", "labels": {"goatlas.io/cluster": "true"}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [f"198.{net}.{i // 250}.{i % 250 + 1}"],
-            "ports": [
-                {"name": "thanos", "port": 10901},
-                {"name": "prometheus", "port": 9090},
-                {"name": "alertmanager", "port": 9093},
-            ],
-        },
-    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -322,6 +307,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
         where = Path(args.atlasd_path).resolve()
         atlasd.proc.env = {"PYTHONPATH": str(where)}
         atlasd.proc.cwd = where  # ``python -m`` puts the working directory first
+    api_cpu0, etcd_cpu0 = cpu_seconds(api.proc.pid), cpu_seconds(api.etcd.proc.pid)
     started = time.time()
     atlasd.start(timeout=300)
     pid = atlasd.proc.pid
@@ -367,14 +353,29 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
         out["onboard_s"] = round(done_at - started, 1)
         # All of atlasd's CPU from its start (read once it is done: includes its start-up).
         out["onboard_cpu_ms_per_cluster"] = round(cpu_seconds(pid) * 1000 / n, 2)
+        # The other processes' CPU over the same time (the API server's writes, etcd's
+        # commits): where the machine's two cores went.
+        out["onboard_cpu_s"] = {
+            "atlasd": round(cpu_seconds(pid), 1),
+            "apiserver": round(cpu_seconds(api.proc.pid) - api_cpu0, 1),
+            "etcd": round(cpu_seconds(api.etcd.proc.pid) - etcd_cpu0, 1),
+            "envoy": round(cpu_seconds(envoy.proc.pid), 1),
+        }
+        out["onboard_requests"] = requests_by_kind(atlasd.url)
         if floor is not None:
             out["floor_s"] = floor["floor_s"]
+            out["floor_cpu_s"] = {
+                k: floor[k] for k in ("writer_cpu_s", "apiserver_cpu_s", "etcd_cpu_s")
+            }
             out["onboard_over_floor"] = round(out["onboard_s"] / floor["floor_s"], 2)
         print(
             f"onboard: {n} clusters served by the Envoy {out['onboard_s']} s after start",
             flush=True,
         )
         assert _dump_has(envoy, f"c{n - 1:05d}", f"198.18.{(n - 1) // 250}.")
+        if args.onboard_only:
+            out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+            return out
         time.sleep(5)  # the start's echoes and the first full pass settle
 
         # IP changes.
@@ -511,6 +512,11 @@ def main() -> int:
         action="store_true",
         help="first measure the API server's floor for the same N (bench_floor.py, in "
         "another namespace) and print onboard_s as a ratio of it",
+    )
+    parser.add_argument(
+        "--onboard-only",
+        action="store_true",
+        help="stop after onboarding (onboard_s, its CPU per process and its requests)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -135,22 +135,30 @@ def render_files(fleet: Fleet) -> dict[str, str]:
 
 
 class _File:
-    """One file's clusters, sorted by name, and their lines in that order."""
+    """One file's clusters, sorted by name, and their lines in that order.
+
+    Invariant: ``endpoints`` is the number of endpoints ``lines`` lists (one line each),
+    kept as clusters come and go: counting them anew on every pass walked the whole fleet.
+    """
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.lines: list[str] = []
+        self.endpoints = 0
 
     def put(self, name: str, lines: str) -> None:
         at = bisect.bisect_left(self.names, name)
         if at < len(self.names) and self.names[at] == name:
+            self.endpoints -= self.lines[at].count("\n")
             self.lines[at] = lines
         else:
             self.names.insert(at, name)
             self.lines.insert(at, lines)
+        self.endpoints += lines.count("\n")
 
     def drop(self, name: str) -> None:
         at = bisect.bisect_left(self.names, name)
+        self.endpoints -= self.lines[at].count("\n")
         del self.names[at]
         del self.lines[at]
 
@@ -236,9 +244,7 @@ class EndpointState:
 
     def endpoint_counts(self) -> dict[str, int]:
         """How many endpoints each file lists."""
-        return {
-            key: sum(lines.count("\n") for lines in self._files[key].lines) for key in self.keys()
-        }
+        return {key: self._files[key].endpoints for key in self.keys()}
 
 
 def configmap_of(key: str, settings: Settings) -> str:

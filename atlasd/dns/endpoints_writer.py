@@ -113,6 +113,22 @@ async def _apply_configmaps(
         await trio.sleep(APPLY_INTERVAL)
 
 
+def _plan(
+    state: EndpointState, dirty: set[str], written: Mapping[str, str]
+) -> tuple[dict[str, str], set[str]]:
+    """Of the ``dirty`` files, those to write (their new text) and those to remove."""
+    write: dict[str, str] = {}
+    remove: set[str] = set()
+    for key in dirty:
+        text = state.text(key)
+        if text is None:
+            if key in written:
+                remove.add(key)
+        elif written.get(key) != text:
+            write[key] = text
+    return write, remove
+
+
 def _export_counts(counts: Mapping[str, int], exported: set[str]) -> set[str]:
     """Set ``atlasd_thanos_endpoints{file}``; a file gone (an emptied group) loses its series."""
     for gone in exported - counts.keys():
@@ -148,6 +164,10 @@ async def run_endpoints_writer(
         try:
             first = True
             async for update in coalesced(fleets):
+                # The pause below counts all of a pass's CPU, in whichever thread: the
+                # render, the files' text, the writes, the counts and the ConfigMaps' copy
+                # (counting only the render and the writes, a pass at 5,000 clusters took
+                # several times the CPU its pause allowed).
                 render = functools.partial(state.update, update.fleet, update.changed)
                 try:
                     dirty, cpu = await render_update(update, render)
@@ -158,15 +178,8 @@ async def run_endpoints_writer(
                 if first:
                     dirty |= set(written)
                     first = False
-                write: dict[str, str] = {}
-                remove: set[str] = set()
-                for key in dirty:
-                    text = state.text(key)
-                    if text is None:
-                        if key in written:
-                            remove.add(key)
-                    elif written.get(key) != text:
-                        write[key] = text
+                (write, remove), spent = cpu_timed(functools.partial(_plan, state, dirty, written))
+                cpu += spent
                 if write or remove:
                     _, spent = await trio.to_thread.run_sync(
                         cpu_timed, functools.partial(apply_files, path, write, remove)
@@ -184,7 +197,8 @@ async def run_endpoints_writer(
                 elif not publish:
                     continue
                 if kube is not None or on_files is not None:
-                    files = state.files()
+                    files, spent = cpu_timed(state.files)
+                    cpu += spent
                     if kube is not None:
                         newest.put(files)
                     if on_files is not None:

@@ -31,6 +31,7 @@ from atlasd.kube.api import JSON
 from atlasd.kube.config import Credential, Credentials, KubeConfig, ssl_context
 from atlasd.kube.errors import ApiError, Gone, NotFound, TransportError, api_error
 from atlasd.kube.resources import EVENTS, ApiResource, resource_for
+from atlasd.kube.transport import OneWriteTransport
 from atlasd.labels import FIELD_MANAGER
 from atlasd.metrics import KUBE_REQUESTS
 
@@ -123,13 +124,18 @@ class KubeClient:
         ctx = ssl_context(self.config, cred)
         if self._http is not None:
             self._retired.append(self._http)
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        transport = self._transport
+        if transport is None and not self.config.proxy_url:
+            # Each request's head and body in one TLS record (atlasd.kube.transport).
+            transport = OneWriteTransport(verify=ctx, limits=limits)
         self._http = httpx.AsyncClient(
             base_url=self.config.server,
             verify=ctx,
             timeout=self._timeout,
             headers={"User-Agent": self._user_agent, "Accept": "application/json"},
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            transport=self._transport,
+            limits=limits,
+            transport=transport,
             proxy=self.config.proxy_url,
         )
         self._http_identity = identity

@@ -146,6 +146,10 @@ def test_incremental_equals_full_render_after_any_changes(
         dirty = state.update(fleet, None if i % full_every == 0 else changed)
         expected = render_files(fleet)
         assert state.files() == expected
+        # The counts kept as clusters come and go are the endpoints each file lists.
+        assert state.endpoint_counts() == {
+            k: text.count("\n- address: ") for k, text in expected.items()
+        }
         # Every file that differs from the previous step was reported.
         differs = {
             k
