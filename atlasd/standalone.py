@@ -446,7 +446,9 @@ class FileStore:
             write_atomic(self.values_dir / f"{cluster}.yaml", values.decode(), mode=0o600)
         return self._finish(res, body, _rv(path))
 
-    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON:
+    async def apply(
+        self, obj: Mapping[str, Any], *, force: bool = True, metadata_only: bool = False
+    ) -> JSON:
         res = resource_for(str(obj.get("apiVersion")), str(obj.get("kind")))
         return await self._io("apply", res, lambda: self._write(res, obj))
 

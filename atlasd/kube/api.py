@@ -45,7 +45,12 @@ class KubeApi(Protocol):
         send_initial_events: bool = False,
     ) -> AsyncGenerator[JSON, None]: ...
 
-    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> JSON: ...
+    async def apply(
+        self, obj: Mapping[str, Any], *, force: bool = True, metadata_only: bool = False
+    ) -> JSON:
+        """Server-side apply; the stored object, or with ``metadata_only`` at least its
+        metadata (what a caller that only needs the resourceVersion asks for)."""
+        ...
 
     async def create(self, obj: Mapping[str, Any]) -> JSON: ...
 

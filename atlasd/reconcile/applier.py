@@ -462,7 +462,7 @@ class Reconciler:
             kind, name = str(obj.get("kind")), bodies.name(obj)
             async with self._limiter:
                 try:
-                    stored = await api.apply(obj)
+                    stored = await api.apply(obj, metadata_only=True)
                 except (Invalid, BadRequest) as e:
                     errors.append(f"{kind} {name}: {e.reason}")
                     if member is not None and member.cluster is not None:

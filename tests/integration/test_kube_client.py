@@ -104,6 +104,28 @@ async def test_second_identical_apply_changes_nothing(apiserver: ApiServer, name
         assert "x" not in (third["metadata"].get("labels") or {})
 
 
+async def test_apply_answered_with_metadata_only(apiserver: ApiServer, namespace: str) -> None:
+    # What the reconcile applier asks for: the stored object's metadata (its resourceVersion),
+    # not the Secret's data back.
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "meta-only", "namespace": namespace, "labels": {"a": "b"}},
+        "type": "Opaque",
+        "data": {"k": "dmFsdWVz" * 500},
+    }
+    async with KubeClient(load_config(str(apiserver.admin_kubeconfig))) as kube:
+        first = await kube.apply(secret, metadata_only=True)
+        assert first["kind"] == "PartialObjectMetadata"
+        assert "data" not in first
+        assert first["metadata"]["labels"] == {"a": "b"}
+        now = await kube.get(SECRETS, "meta-only", namespace=namespace)
+        assert now["data"] == secret["data"]
+        assert now["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+        changed = await kube.apply({**secret, "data": {"k": "b3RoZXI="}}, metadata_only=True)
+        assert changed["metadata"]["resourceVersion"] != first["metadata"]["resourceVersion"]
+
+
 async def test_invalid_secret_message_does_not_echo_data(
     apiserver: ApiServer, namespace: str
 ) -> None:

@@ -233,7 +233,9 @@ class FakeKube:
                     yield {"type": "DELETED", "object": copy.deepcopy(gone)}
             await self._changed.park()
 
-    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
+    async def apply(
+        self, obj: Mapping[str, Any], *, force: bool = True, metadata_only: bool = False
+    ) -> dict[str, Any]:
         key = self.key_of(obj)
         await self._call("apply", key[0], obj["metadata"].get("namespace"), key[1])
         self.applied.append(copy.deepcopy(dict(obj)))

@@ -71,6 +71,25 @@ async def test_apply_is_a_server_side_apply_patch() -> None:
     assert out["metadata"]["uid"] == "u"
 
 
+async def test_apply_with_metadata_only_asks_for_partial_object_metadata() -> None:
+    accepts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        accepts.append(request.headers["accept"])
+        meta = {"name": "x", "namespace": "monitoring", "resourceVersion": "7"}
+        return httpx.Response(200, json={"kind": "PartialObjectMetadata", "metadata": meta})
+
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {}}
+    async with _client(handler, token="tok") as kube:
+        out = await kube.apply(cm, metadata_only=True)
+        await kube.apply(cm)
+    assert accepts == [
+        "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1",
+        "application/json",
+    ]
+    assert out["metadata"]["resourceVersion"] == "7"
+
+
 async def test_list_follows_continue_tokens_and_keeps_first_rv() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         cont = request.url.params.get("continue")
