@@ -23,6 +23,7 @@ from atlasd.kube.config import load_config
 from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import CONFIGMAPS
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
+from tests.harness.feed import fed
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until_async
 
@@ -45,22 +46,11 @@ def fleet(settings: Settings, *names: str) -> Fleet:
 async def writer(
     path: Path, kube: KubeClient, settings: Settings, **kw: Any
 ) -> AsyncIterator[tuple[Callable[[Fleet], Any], list[Zone]]]:
-    send, recv = trio.open_memory_channel[Fleet](0)
-    written: list[Zone] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_zone_writer(
-                fleets=recv,
-                path=path,
-                kube=kube,
-                settings=settings,
-                on_zone=written.append,
-                task_status=task_status,
-                **kw,
-            )
-        )
-        async with send:
-            yield send.send, written
+    """The zone writer mirroring into the API server; a push does not wait."""
+    async with fed(
+        run_zone_writer, callback="on_zone", path=path, kube=kube, settings=settings, **kw
+    ) as w:
+        yield w.send.send, w.seen
 
 
 async def mirrored(kube: KubeClient, settings: Settings) -> str | None:

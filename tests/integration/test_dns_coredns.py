@@ -12,7 +12,6 @@ import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,12 @@ import dns.zone
 import pytest
 import trio
 
-from atlasd.dns.writer import Zone, ZoneState, run_zone_writer
+from atlasd.dns.writer import run_zone_writer
 from atlasd.dns.zone import parse_serial, records
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
 from tests.harness import components
 from tests.harness.coredns import CoreDNS
+from tests.harness.feed import Fed, fed
 from tests.harness.wait import wait_until_async
 
 pytestmark = pytest.mark.integration
@@ -51,49 +51,14 @@ def expected(fl: Fleet, owner: str) -> list[str]:
     )
 
 
-@dataclass
-class Writer:
-    """A zone writer running in the test's nursery; ``push`` waits until it is written."""
-
-    send: trio.MemorySendChannel[Fleet]
-    state: ZoneState
-    written: list[Zone] = field(default_factory=list)
-    _wrote: trio.Event = field(default_factory=trio.Event)
-
-    def on_zone(self, zone: Zone) -> None:
-        self.written.append(zone)
-        self._wrote.set()
-
-    async def push(self, fl: Fleet) -> None:
-        self._wrote = trio.Event()
-        await self.send.send(fl)
-        await self._wrote.wait()
-
-
 @asynccontextmanager
-async def zone_writer(path: Path, **kw: Any) -> AsyncIterator[Writer]:
-    send, recv = trio.open_memory_channel[Fleet](0)
-    holder: list[Writer] = []
-
-    def on_zone(zone: Zone) -> None:
-        holder[0].on_zone(zone)
-
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(
-            lambda task_status: run_zone_writer(
-                fleets=recv,
-                path=path,
-                kube=None,
-                settings=SETTINGS,
-                on_zone=on_zone,
-                task_status=task_status,
-                **kw,
-            )
-        )
-        writer = Writer(send=send, state=state)
-        holder.append(writer)
-        async with send:
-            yield writer
+async def zone_writer(path: Path, **kw: Any) -> AsyncIterator[Fed]:
+    """The zone writer on ``path``: ``push`` waits for the write, ``seen`` lists the zones
+    written, ``started`` is its ZoneState."""
+    async with fed(
+        run_zone_writer, callback="on_zone", path=path, kube=None, settings=SETTINGS, **kw
+    ) as w:
+        yield w
 
 
 def checkzone(path: Path) -> None:
@@ -153,12 +118,12 @@ async def test_answers_follow_add_remove_scale_and_group(
             ("remove", fleet(cl("west", group="dev"))),
             ("remove last", fleet()),
         ]
-        serials = [w.written[-1].serial]
+        serials = [w.seen[-1].serial]
         for _what, fl in steps:
             await w.push(fl)
             await trio.to_thread.run_sync(checkzone, path)
             await serves(server, fl, ALL, prom, prod, dev)
-            serials.append(w.written[-1].serial)
+            serials.append(w.seen[-1].serial)
             soa = await trio.to_thread.run_sync(server.query, "atlas.", "SOA")
             assert str(serials[-1]) in soa[0]
         assert serials == sorted(set(serials)), "one write per change, serial strictly growing"
@@ -174,14 +139,14 @@ async def test_serial_grows_across_writer_restart(
     # The clock of the restarted writer is an hour behind: the serial still grows.
     async with zone_writer(path) as w:
         await w.push(fleet(cl("east")))
-    first = w.written[-1].serial
+    first = w.seen[-1].serial
     server = await start_coredns(coredns_factory, path)
     await serves(server, fleet(cl("east")))
 
     async with zone_writer(path, clock=lambda: float(first - 3600)) as w2:
-        assert w2.state.serial == first
+        assert w2.started.serial == first
         await w2.push(fleet(cl("east"), cl("west")))
-    second = w2.written[-1].serial
+    second = w2.seen[-1].serial
     assert second == first + 1
     await serves(server, fleet(cl("east"), cl("west")))
     soa = await trio.to_thread.run_sync(server.query, "atlas.", "SOA")
@@ -191,7 +156,7 @@ async def test_serial_grows_across_writer_restart(
     inode = path.stat().st_ino
     async with zone_writer(path) as w3:
         await w3.send.send(fleet(cl("west"), cl("east")))
-    assert all(z.serial == second for z in w3.written)  # at most reported as found
+    assert all(z.serial == second for z in w3.seen)  # at most reported as found
     assert path.stat().st_ino == inode
     assert parse_serial(path.read_text()) == second
 
@@ -231,14 +196,14 @@ async def test_reader_never_sees_a_partial_zone_during_1000_rewrites(
                 for fl in fleets[1:]:
                     await w.push(fl)
                     # CoreDNS reads the same file concurrently; it must keep answering.
-                    if len(w.written) % 100 == 0:
+                    if len(w.seen) % 100 == 0:
                         assert await answers(server, ALL)
             finally:
                 stop.set()
-    assert len(w.written) == 1000
+    assert len(w.seen) == 1000
     assert reads[0] > 100, "the reader did not overlap the rewrites"
     assert bad == []
-    serials = [z.serial for z in w.written]
+    serials = [z.serial for z in w.seen]
     assert all(b > a for a, b in itertools.pairwise(serials))
     await serves(server, fleets[-1])
     assert "error" not in server.log_text().lower()

@@ -25,6 +25,7 @@ without a built Thanos, the tests are skipped and say why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import shutil
@@ -38,9 +39,10 @@ import httpx
 import pytest
 import trio
 
-from atlasd.dns.writer import Zone, run_zone_writer
+from atlasd.dns.writer import run_zone_writer
 from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
 from tests.harness import components
+from tests.harness.feed import fed
 from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.prom import WebProc
@@ -133,27 +135,11 @@ def cluster(name: str, sidecar: Sidecar) -> DownstreamCluster:
 
 @asynccontextmanager
 async def writer(path: Path) -> AsyncIterator[Callable[[Fleet], Any]]:
-    send, recv = trio.open_memory_channel[Fleet](0)
-    written: list[Zone] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_zone_writer(
-                fleets=recv,
-                path=path,
-                kube=None,
-                settings=SETTINGS,
-                on_zone=written.append,
-                task_status=task_status,
-            )
-        )
-
-        async def push(fl: Fleet) -> None:
-            before = len(written)
-            await send.send(fl)
-            await wait_until_async(lambda: len(written) > before, timeout=10, what="zone write")
-
-        async with send:
-            yield push
+    """The zone writer on ``path``; the push returns once the zone is written."""
+    async with fed(
+        run_zone_writer, callback="on_zone", path=path, kube=None, settings=SETTINGS
+    ) as w:
+        yield functools.partial(w.push, what="zone write")
 
 
 def chain_fleet(world: Any) -> Fleet:

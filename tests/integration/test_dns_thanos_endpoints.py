@@ -15,24 +15,23 @@ test is skipped, as there).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Mapping
+import functools
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from atlasd.dns.endpoints import ALL_KEY
 from atlasd.dns.endpoints_writer import run_endpoints_writer
-from atlasd.dns.writer import ZoneUpdate
 from atlasd.dns.zone import render_zone
 from atlasd.model import DownstreamCluster, Fleet
 from tests.harness import components
+from tests.harness.feed import fed
 from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.prom import WebProc
-from tests.harness.wait import wait_until_async
 from tests.integration.test_dns_thanos import SETTINGS, Rig, corefile
 from tests.integration.test_dns_thanos import cluster as sidecar_cluster
 
@@ -41,27 +40,11 @@ pytestmark = pytest.mark.integration
 
 @asynccontextmanager
 async def endpoints_writer(directory: Path) -> AsyncIterator[Callable[[Fleet], Any]]:
-    send, recv = trio.open_memory_channel[Fleet | ZoneUpdate](0)
-    passes: list[Mapping[str, str]] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_endpoints_writer(
-                fleets=recv,
-                path=directory,
-                kube=None,
-                settings=SETTINGS,
-                on_files=passes.append,
-                task_status=task_status,
-            )
-        )
-
-        async def push(fl: Fleet) -> None:
-            before = len(passes)
-            await send.send(fl)
-            await wait_until_async(lambda: len(passes) > before, timeout=10, what="files written")
-
-        async with send:
-            yield push
+    """The endpoints writer on ``directory``; the push returns once its files are written."""
+    async with fed(
+        run_endpoints_writer, callback="on_files", path=directory, kube=None, settings=SETTINGS
+    ) as w:
+        yield functools.partial(w.push, what="files written")
 
 
 def start_dns_and_query_from_file(rig: Rig, config: Path) -> None:
