@@ -63,7 +63,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_floor import cluster_service, measure_floor, print_result
+from bench.bench_floor import cluster_service, cpu_seconds, measure_floor, print_result
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
@@ -72,12 +72,6 @@ from tests.integration.daemon_helpers import Atlasd
 NAMESPACE = "bench"
 MIB = 1024 * 1024
 WRITE_VERBS = ("apply", "create", "update", "patch", "delete")
-
-
-def cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:

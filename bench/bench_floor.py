@@ -48,6 +48,7 @@ from atlasd.model import Settings
 from atlasd.reconcile.certs import RandomKeys
 from atlasd.reconcile.desired import cluster_objects
 from atlasd.reconcile.pki import decide_ca, plan_identity
+from tests.harness import objects
 from tests.harness.kube import ApiServer
 
 NAMESPACE = "bench-floor"
@@ -61,21 +62,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def cluster_service(i: int, *, net: int = 18) -> dict[str, Any]:
-    """The cluster Service of cluster ``i`` as the benchmarks create it."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": f"c{i:05d}", "labels": {"goatlas.io/cluster": "true"}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [f"198.{net}.{i // 250}.{i % 250 + 1}"],
-            "ports": [
-                {"name": "thanos", "port": 10901},
-                {"name": "prometheus", "port": 9090},
-                {"name": "alertmanager", "port": 9093},
-            ],
-        },
-    }
+    """The cluster Service of cluster ``i`` as the benchmarks create it (all three ports)."""
+    ip = f"198.{net}.{i // 250}.{i % 250 + 1}"
+    return objects.cluster_service(f"c{i:05d}", ip, ports=objects.ALL_PORTS)
 
 
 def atlasd_objects(n: int, namespace: str) -> list[tuple[str, dict[str, Any]]]:

@@ -43,6 +43,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_floor import cluster_service
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
@@ -50,23 +51,6 @@ from tests.integration.daemon_helpers import Atlasd
 
 NAMESPACE = "bench"
 MIB = 1024 * 1024
-
-
-def cluster_service(i: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": f"c{i:04d}", "labels": {"goatlas.io/cluster": "true"}},
-        "spec": {
-            "clusterIP": "None",
-            "externalIPs": [f"198.18.{i // 250}.{i % 250 + 1}"],
-            "ports": [
-                {"name": "thanos", "port": 10901},
-                {"name": "prometheus", "port": 9090},
-                {"name": "alertmanager", "port": 9093},
-            ],
-        },
-    }
 
 
 def cpu_ticks(pid: int) -> int:
@@ -141,13 +125,15 @@ def change_to_envoy(api: ApiServer, envoy: Envoy, first: int, changes: int) -> N
     path = f"/api/v1/namespaces/{NAMESPACE}/services"
     with api.admin() as c:
         for i in range(first, first + changes):
-            name = f"c{i:04d}"
+            svc = cluster_service(i)
+            name = svc["metadata"]["name"]
             t0 = time.perf_counter()
-            c.post(path, json=cluster_service(i)).raise_for_status()
+            c.post(path, json=svc).raise_for_status()
             wait_until(functools.partial(_has, envoy, name), timeout=60, what=name, interval=0.005)
             created.append(time.perf_counter() - t0)
         for i in range(changes):
-            name, ip = f"c{i:04d}", f"198.19.{i // 250}.{i % 250 + 1}"
+            name = cluster_service(i)["metadata"]["name"]
+            ip = cluster_service(i, net=19)["spec"]["externalIPs"][0]
             t0 = time.perf_counter()
             c.patch(
                 f"{path}/{name}",
@@ -198,7 +184,8 @@ def run(
             if not done:
                 return False
             have = secrets(api)
-            return all(f"c{i:04d}-envoy-values" in have for i in range(clusters))
+            names = (cluster_service(i)["metadata"]["name"] for i in range(clusters))
+            return all(f"{name}-envoy-values" in have for name in names)
 
         wait_until(converged, timeout=600, what="atlasd converged", interval=0.5)
         print(

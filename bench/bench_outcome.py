@@ -79,6 +79,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlasd.xds.plan import ListenPlan
+from bench.bench_floor import cpu_seconds
 from tests.harness import components, objects
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
@@ -90,11 +91,6 @@ from tests.integration.test_dns_thanos import corefile, dns_address
 SRV = "_thanos._tcp.sidecars.thanos.atlas."
 NAMESPACE = "bench"
 THANOS_PORT = 10901
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:

@@ -7,6 +7,7 @@ from typing import Any
 
 THANOS = (("thanos", 10901),)
 THANOS_PROMETHEUS = (("thanos", 10901), ("prometheus", 9090))
+ALL_PORTS = (*THANOS_PROMETHEUS, ("alertmanager", 9093))
 
 
 def cluster_service(
