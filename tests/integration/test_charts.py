@@ -678,19 +678,21 @@ def test_envoy_renders_exactly_the_bootstrap_atlasd_wrote(helm: Helm, tmp_path: 
     # atlasd's arguments, then the probe listener merged over its bootstrap.
     assert envoy["args"][: len(values["args"])] == values["args"]
     assert envoy["args"][len(values["args"])] == "--config-yaml"
-    host_ports = {p["name"]: p.get("hostPort") for p in envoy["ports"]}
-    assert host_ports == {
-        "probe": None,
-        "admin": None,
-        "thanos": 11901,
-        "alertmanager": None,
-        "prometheus": 11904,
+    # No host ports (Pod Security baseline refuses them): the Service exposes 11901/11904.
+    container_ports = {p["name"]: (p["containerPort"], p.get("hostPort")) for p in envoy["ports"]}
+    assert container_ports == {
+        "probe": (9002, None),
+        "admin": (9000, None),
+        "thanos": (11901, None),
+        "alertmanager": (11903, None),
+        "prometheus": (11904, None),
     }
     svc = only(docs, "Service", "atlas-envoy")
-    assert sorted((p["name"], p["port"]) for p in svc["spec"]["ports"]) == [
-        ("alertmanager", 11903),
-        ("prometheus", 11904),
-        ("thanos", 11901),
+    assert svc["spec"]["type"] == "LoadBalancer"
+    # The plaintext alert relay is not behind the load balancer (alertmanager<i> reach it).
+    assert sorted((p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]) == [
+        ("prometheus", 11904, "prometheus"),
+        ("thanos", 11901, "thanos"),
     ]
     # A changed certificate or bootstrap rolls the pods.
     checksum = deploy["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
@@ -984,7 +986,7 @@ def test_pods_are_admitted_under_pod_security_restricted(
     elif which.startswith("envoy"):
         chart = ENVOY_CHART
         custom = _envoy_custom_values()
-        del custom["ports"]  # its hostPort: see the next test
+        del custom["ports"]  # its hostPort: see the last test of this group
         if which == "envoy-custom":
             values = [write_values(tmp_path, "custom.yaml", custom)]
         elif which == "envoy-atlas":
@@ -995,26 +997,25 @@ def test_pods_are_admitted_under_pod_security_restricted(
     assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
 
 
-def test_downstream_values_hostports_are_refused_under_pod_security_baseline(
+def test_downstream_values_are_admitted_under_pod_security_restricted(
     helm: Helm, apiserver: ApiServer, namespace: str, tmp_path: Path
 ) -> None:
-    """The downstream values atlasd writes publish 11901/11904 as hostPorts (the
-    observability Envoy dials the node's address), which `baseline`, hence `restricted`,
-    forbids: a downstream cluster's Envoy needs a namespace that allows hostPorts
-    (docs/charts.md, "Pod Security"). The control for the test above: enforcement is
-    real, and this is what it refuses."""
+    """The downstream values atlasd writes install into a namespace enforcing
+    `restricted` as they are (11901/11904 behind the chart's LoadBalancer Service, no host
+    ports; docs/charts.md, "Exposing a downstream Envoy"). The control: enforcement is
+    real, a hostPort of the user's own is refused."""
     apiserver.kubectl("label", "namespace", namespace, RESTRICTED)
     values_file, _ = _cluster_values_file(tmp_path, alertmanagers=0)
     deploy = only(
         render(helm, ENVOY_CHART, namespace=namespace, values=[values_file]), "Deployment"
     )
+    assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
+    [envoy] = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy"]
+    for port in envoy["ports"]:
+        if port["name"] == "thanos":
+            port["hostPort"] = port["containerPort"]
     with pytest.raises(RuntimeError, match=r'violates PodSecurity "restricted:latest": hostPort'):
         _pod_dry_run(apiserver, namespace, deploy)
-    # Without the hostPorts (e.g. a LoadBalancer Service in front instead) it is admitted.
-    for c in deploy["spec"]["template"]["spec"]["containers"]:
-        for port in c["ports"]:
-            port.pop("hostPort", None)
-    assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
 
 
 # ---------------------------------------------------------------- chart <-> `atlasd run`
