@@ -45,6 +45,10 @@ from typing import Any
 import trio
 
 from atlasd import labels, revocation
+from atlasd.certpolicy import load_cert
+from atlasd.enroll import store as enroll_store
+from atlasd.enroll import token as enroll_tokens
+from atlasd.fleet.trust import CA_CERT_KEY
 from atlasd.fleet.validate import cluster_label_problem, is_cluster_service, validate_all
 from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
@@ -440,3 +444,29 @@ async def revoke(
                 return RevokeOutcome(added=tuple(added), found=found, reissued=True)
             await trio.sleep(poll)
     return RevokeOutcome(added=tuple(added), found=found, reissued=False)
+
+
+async def mint_token(
+    api: KubeApi,
+    name: str,
+    *,
+    settings: Settings,
+    now: dt.datetime,
+    ttl: dt.timedelta = enroll_tokens.DEFAULT_TTL,
+    allow_loopback: bool = False,
+) -> tuple[enroll_tokens.JoinToken, enroll_tokens.Record]:
+    """A one-time join token for cluster ``name`` (``atlasd.enroll``): the cluster must be
+    a valid cluster Service and atlasd must have made its CA (the token pins it)."""
+    await _require_valid_cluster(api, name, settings, allow_loopback)
+    try:
+        ca_secret = await api.get(SECRETS, labels.CA_SECRET, namespace=settings.namespace)
+    except NotFound:
+        ca_secret = None
+    ca = load_cert(secret_data(ca_secret or {}).get(CA_CERT_KEY, b""))
+    if ca is None:
+        raise ClusterError(
+            f"Secret {labels.CA_SECRET} holds no CA yet: is atlasd running? (atlasd status)"
+        )
+    return await enroll_store.mint(
+        api, name, namespace=settings.namespace, ca_cert=ca, now=now, ttl=ttl
+    )

@@ -265,3 +265,43 @@ def cluster_revoke(backend: BackendSpec, name: str, wait: float) -> None:
         f"Envoy's Helm release with those values (atlasd cluster values {name}); until then "
         f"cluster {name} is not reachable."
     )
+
+
+@cluster.command("token")
+@backend_options
+@click.argument("name")
+@click.option(
+    "--ttl",
+    "ttl_minutes",
+    type=click.IntRange(1, 7 * 24 * 60),
+    default=60,
+    show_default=True,
+    help="Minutes the token may be used in (once).",
+)
+@click.option("--allow-loopback", is_flag=True, hidden=True)
+def cluster_token(backend: BackendSpec, name: str, ttl_minutes: int, allow_loopback: bool) -> None:
+    """Mint a one-time join token for the cluster NAME: `atlasd agent` enrolls with it
+    (keys made on the downstream cluster, never sent). Printed once; atlasd stores only
+    its hash."""
+    import datetime as dt
+
+    from atlasd import clusterctl
+
+    now = dt.datetime.now(dt.UTC)
+    token, record = _cluster_call(
+        lambda api: clusterctl.mint_token(
+            api,
+            name,
+            settings=backend.settings,
+            now=now,
+            ttl=dt.timedelta(minutes=ttl_minutes),
+            allow_loopback=allow_loopback,
+        ),
+        backend,
+    )
+    click.echo(str(token))
+    click.echo(
+        f"one-time join token for cluster {name}, valid until {record.expires:%Y-%m-%d %H:%M:%S} "
+        "UTC: atlasd agent --token ... (docs/security.md, 'Enrollment')",
+        err=True,
+    )

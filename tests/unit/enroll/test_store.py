@@ -1,0 +1,110 @@
+"""Token records in the API (the in-memory one): minted with only a hash stored, used
+once (a concurrent second use loses), refusals change nothing, old records pruned."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import trio
+
+from atlasd.enroll import store
+from atlasd.enroll import token as tokens
+from atlasd.enroll.token import Refused
+from atlasd.kube.errors import Conflict
+from atlasd.kube.secrets import secret_data
+from tests.unit.fakekube import FakeKube, api_error
+from tests.unit.xds import helpers
+
+CA = helpers.make_ca()
+NS = "monitoring"
+NOW = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
+
+
+def _mint(kube: FakeKube, cluster: str = "east", now: dt.datetime = NOW) -> tokens.JoinToken:
+    async def go() -> tokens.JoinToken:
+        token, _ = await store.mint(kube, cluster, namespace=NS, ca_cert=CA.cert, now=now)
+        return token
+
+    return trio.run(go)
+
+
+def _consume(
+    kube: FakeKube, token: tokens.JoinToken, cluster: str = "east", now: dt.datetime = NOW
+) -> None:
+    async def go() -> None:
+        await store.consume(kube, token, cluster=cluster, namespace=NS, now=now)
+
+    trio.run(go)
+
+
+def _records(kube: FakeKube) -> dict[str, dict[str, bytes]]:
+    return {
+        name: secret_data(obj)
+        for (plural, name), obj in kube.objects.items()
+        if plural == "secrets" and name.startswith(tokens.SECRET_PREFIX)
+    }
+
+
+def test_a_minted_token_is_stored_as_a_hash_and_used_once() -> None:
+    kube = FakeKube()
+    token = _mint(kube)
+    [(name, data)] = _records(kube).items()
+    assert name == f"atlas-join-{token.id}"
+    assert token.secret.encode() not in data[tokens.RECORD_KEY]
+    _consume(kube, token)
+    with pytest.raises(Refused, match="already used"):
+        _consume(kube, token)
+
+
+def test_refused_uses_change_nothing() -> None:
+    kube = FakeKube()
+    token = _mint(kube)
+    before = _records(kube)
+    wrong_secret = tokens.JoinToken(token.id, "a" * 32, token.pin)
+    for tok, cluster, now in (
+        (wrong_secret, "east", NOW),
+        (token, "west", NOW),
+        (token, "east", NOW + dt.timedelta(hours=2)),
+        (tokens.mint(CA.cert), "east", NOW),  # unknown id
+    ):
+        with pytest.raises(Refused):
+            _consume(kube, tok, cluster, now)
+    assert _records(kube) == before
+    _consume(kube, token)  # still good
+
+
+def test_of_two_concurrent_uses_one_wins() -> None:
+    kube = FakeKube()
+    token = _mint(kube)
+    # Another request marked it used between this one's read and its write.
+    kube.fail_next.append(api_error(Conflict, "replace", ("secrets", f"atlas-join-{token.id}")))
+    with pytest.raises(Refused, match="already used") as info:
+        _consume(kube, token)
+    assert info.value.status == 409
+
+
+def test_minting_prunes_the_clusters_used_and_expired_records() -> None:
+    kube = FakeKube()
+    used, expired, live, other = (
+        _mint(kube),
+        _mint(kube, now=NOW - dt.timedelta(hours=2)),
+        _mint(kube),
+        _mint(kube, "west", NOW - dt.timedelta(hours=2)),
+    )
+    _consume(kube, used)
+    newest = _mint(kube)
+    names = set(_records(kube))
+    assert names == {f"atlas-join-{t.id}" for t in (live, other, newest)}
+    assert f"atlas-join-{expired.id}" not in names
+
+
+def test_rate_limit_allows_a_burst_then_the_rate() -> None:
+    from atlasd.enroll.endpoint import RateLimit
+
+    now = [0.0]
+    limit = RateLimit(rate=2.0, burst=3.0, clock=lambda: now[0])
+    assert [limit.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limit.allow("b")  # per address
+    now[0] = 0.5  # one more after half a second at 2/s
+    assert limit.allow("a") and not limit.allow("a")
