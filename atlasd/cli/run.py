@@ -198,10 +198,10 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             "'Enrollment'); empty: off.",
         ),
         env_option(
-            "--enroll-cert-minutes",
-            env="ATLAS_ENROLL_CERT_MINUTES",
-            default=24 * 60,
-            type=click.IntRange(1, 365 * 24 * 60),
+            "--enroll-cert-seconds",
+            env="ATLAS_ENROLL_CERT_SECONDS",
+            default=24 * 3600,
+            type=click.IntRange(30, 365 * 24 * 3600),
             help="Lifetime of the certificates the enrollment endpoint signs; agents renew "
             "them after 2/3 of it.",
         ),
@@ -383,7 +383,7 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         settle_heap=True,
         enroll_host=p["enroll_listen"][0] if p["enroll_listen"] else "0.0.0.0",
         enroll_port=p["enroll_listen"][1] if p["enroll_listen"] else None,
-        enroll_lifetime=dt.timedelta(minutes=p["enroll_cert_minutes"]),
+        enroll_lifetime=dt.timedelta(seconds=p["enroll_cert_seconds"]),
     )
     if mode != "run":
         log.info("started as the original's `%s` command (docs/migration.md)", mode)
