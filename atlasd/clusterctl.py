@@ -37,6 +37,7 @@ Errors::
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -354,9 +355,16 @@ class RevokeOutcome:
 
 
 async def _identity_certs(
-    api: KubeApi, name: str, settings: Settings, now: dt.datetime
+    api: KubeApi, name: str, settings: Settings, now: dt.datetime, *, required: bool = True
 ) -> tuple[revocation.Revoked, ...]:
-    secret_name, data = await _identity_data(api, name, settings, why="nothing to revoke")
+    """The certificates atlasd issued the cluster (``<c>-atlas-identity``); none when the
+    Secret is missing and not ``required``."""
+    try:
+        secret_name, data = await _identity_data(api, name, settings, why="nothing to revoke")
+    except ClusterError:
+        if required:
+            raise
+        return ()
     out = []
     for kind in revocation.KINDS:
         pem = data.get(f"{kind}.crt")
@@ -364,6 +372,19 @@ async def _identity_certs(
             out.append(revocation.revoke(name, kind, pem or b"", now=now))
         except ValueError:
             raise ClusterError(f"Secret {secret_name}: {kind}.crt is not a certificate") from None
+    return tuple(out)
+
+
+async def _enrolled_certs(
+    api: KubeApi, name: str, settings: Settings, now: dt.datetime
+) -> tuple[revocation.Revoked, ...]:
+    """The certificates the enrollment endpoint last signed for the cluster
+    (``<c>-atlas-enrolled``; none if it never enrolled)."""
+    enrolled = await enroll_store.issued(api, name, namespace=settings.namespace)
+    out = []
+    for kind in revocation.KINDS:
+        with contextlib.suppress(ValueError):  # not a certificate: it authenticates nothing
+            out.append(revocation.revoke(name, kind, enrolled.get(kind, b""), now=now))
     return tuple(out)
 
 
@@ -420,7 +441,9 @@ async def revoke(
         raise await _missing_cluster(api, name, settings)
     if bodies.label(svc, labels.CLUSTER_LABEL) is None:
         raise _not_a_cluster(svc, name)
-    found = await _identity_certs(api, name, settings, now)
+    enrolled = await _enrolled_certs(api, name, settings, now)
+    issued = await _identity_certs(api, name, settings, now, required=not enrolled)
+    found = issued + enrolled
     for _attempt in range(10):
         stored, rv = await stored_revocations(api, settings)
         entries, added = revocation.merge(stored, found, now=now)
@@ -434,9 +457,9 @@ async def revoke(
         break
     else:
         raise ClusterError(f"Secret {labels.REVOCATIONS_SECRET} kept changing; try again")
-    if wait <= 0:
+    if wait <= 0 or not issued:  # enrolled certificates are renewed by the agent only
         return RevokeOutcome(added=tuple(added), found=found)
-    revoked = {e.sha256 for e in found}
+    revoked = {e.sha256 for e in issued}
     with trio.move_on_after(wait):
         while True:
             current = await _identity_certs(api, name, settings, now)

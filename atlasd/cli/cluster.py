@@ -230,7 +230,13 @@ def cluster_values(backend: BackendSpec, name: str, fmt: str, allow_loopback: bo
     show_default=True,
     help="Seconds to wait until atlasd has re-issued the certificates (0: do not wait).",
 )
-def cluster_revoke(backend: BackendSpec, name: str, wait: float) -> None:
+@click.option(
+    "--rekey",
+    is_flag=True,
+    help="Also mint a one-time join token (printed on stdout) so the cluster's agent can "
+    "enroll again with fresh keys (enrollment: atlasd agent).",
+)
+def cluster_revoke(backend: BackendSpec, name: str, wait: float, rekey: bool) -> None:
     """Revoke the current certificates of the cluster NAME (a leaked key): the
     observability Envoy and atlasd refuse them within seconds, atlasd re-issues them,
     and the downstream Envoy must be redeployed with the new values."""
@@ -248,9 +254,9 @@ def cluster_revoke(backend: BackendSpec, name: str, wait: float) -> None:
         for e in outcome.found
     )
     if outcome.added:
-        click.echo(f"cluster {name}: revoked its {certs}")
+        click.echo(f"cluster {name}: revoked its {certs}", err=rekey)
     else:
-        click.echo(f"cluster {name}: already revoked: {certs}")
+        click.echo(f"cluster {name}: already revoked: {certs}", err=rekey)
     values = labels.values_secret_name(name)
     ns = backend.settings.namespace
     if outcome.reissued is False:
@@ -261,10 +267,27 @@ def cluster_revoke(backend: BackendSpec, name: str, wait: float) -> None:
     said = "re-issued" if outcome.reissued else "re-issues"
     click.echo(
         f"The observability Envoy refuses them once atlasd pushes its configuration "
-        f"(seconds). atlasd {said} them into Secret {ns}/{values}: redeploy the downstream "
-        f"Envoy's Helm release with those values (atlasd cluster values {name}); until then "
-        f"cluster {name} is not reachable."
+        f"(seconds), and a revoked certificate cannot renew. In compatible mode atlasd "
+        f"{said} them into Secret {ns}/{values}: redeploy the downstream Envoy's Helm "
+        f"release with those values (atlasd cluster values {name}); an enrolled cluster "
+        f"enrolls again with a fresh join token (--rekey). Until then cluster {name} is "
+        f"not reachable.",
+        err=rekey,  # with --rekey, stdout is the token alone
     )
+    if rekey:
+        from atlasd import clusterctl
+
+        token, record = _cluster_call(
+            lambda api: clusterctl.mint_token(api, name, settings=backend.settings, now=now),
+            backend,
+        )
+        click.echo(str(token))
+        click.echo(
+            f"one-time join token for cluster {name}, valid until "
+            f"{record.expires:%Y-%m-%d %H:%M:%S} UTC: restart its agent with it (its "
+            "certificate directory emptied)",
+            err=True,
+        )
 
 
 @cluster.command("token")

@@ -16,6 +16,8 @@ the certificate renews with no restart. One request per connection (``atlasd.enr
 
 Answer: ``{"certificates": {"server", "client"}, "chain", "ca"}`` (leaves, the
 cross-signed links that follow them, the trust bundle), or ``{"error"}`` with a 4xx.
+The certificates signed (never a key) are recorded in ``<c>-atlas-enrolled``, which
+``atlasd cluster revoke`` reads.
 A refusal changes nothing: the token is used only by a request that is signed.
 
 Rate limit: every source address has a bucket (``RateLimit``): a burst of requests beyond
@@ -153,6 +155,7 @@ class Enroller:
         certs = csrs.issue(
             keys, cluster, ca=ca, settings=self.settings, now=now, lifetime=self.lifetime
         )
+        await store.record_issued(self.api, cluster, certs, namespace=self.settings.namespace)
         return f"cluster {cluster} enrolled with join token {token.id}", self._answer(certs, ca)
 
     async def renew(
@@ -177,6 +180,7 @@ class Enroller:
         certs = csrs.issue(
             keys, cluster, ca=ca, settings=self.settings, now=self.now(), lifetime=self.lifetime
         )
+        await store.record_issued(self.api, cluster, certs, namespace=self.settings.namespace)
         return f"cluster {cluster} renewed", self._answer(certs, ca)
 
 

@@ -115,3 +115,41 @@ async def consume(
     except (Conflict, NotFound) as exc:  # another request used (or pruned) it first
         raise Refused(409, "the join token was already used") from exc
     return used
+
+
+ENROLLED_SUFFIX = "-atlas-enrolled"
+
+
+def enrolled_secret_name(cluster: str) -> str:
+    """The Secret holding the certificates (public, no key) last signed for ``cluster``
+    by the endpoint: what ``atlasd cluster revoke`` revokes in enrollment mode."""
+    return f"{cluster}{ENROLLED_SUFFIX}"
+
+
+async def record_issued(
+    api: KubeApi, cluster: str, certs: dict[str, bytes], *, namespace: str
+) -> None:
+    """Store the certificates just signed for ``cluster`` (``<c>-atlas-enrolled``, keys
+    ``server.crt``/``client.crt``; certificates only, never a key)."""
+    obj = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": enrolled_secret_name(cluster),
+            "namespace": namespace,
+            "labels": {PART_OF_LABEL: "atlasd", tokens.CLUSTER_LABEL: cluster},
+        },
+        "type": "Opaque",
+        "data": encode_secret_data({f"{kind}.crt": pem for kind, pem in certs.items()}),
+    }
+    await api.apply(obj)
+
+
+async def issued(api: KubeApi, cluster: str, *, namespace: str) -> dict[str, bytes]:
+    """The certificates last signed for ``cluster`` by kind (empty: never enrolled)."""
+    try:
+        obj = await api.get(SECRETS, enrolled_secret_name(cluster), namespace=namespace)
+    except NotFound:
+        return {}
+    data = secret_data(obj)
+    return {k.removesuffix(".crt"): v for k, v in data.items() if k.endswith(".crt")}

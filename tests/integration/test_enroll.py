@@ -276,3 +276,20 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         for where, data in sources.items():
             assert token.split(".")[1].encode() not in data, f"the token's secret in {where}"
         assert os.stat(certs / "server-key.pem").st_mode & 0o077 in (0, 0o040)
+
+        # Revoked (with --rekey): the observability Envoy refuses east's enrolled
+        # certificate, the agent's renewal with it is refused, and the fresh token enrolls.
+        serial = _serial(certs / "server.pem")
+        revoked = cli("cluster", "revoke", "east", "--rekey", *kube)
+        assert f"serial {int(serial, 16)}" in revoked.stderr
+        fresh = revoked.stdout.strip()
+        assert fresh.split(".")[0] != token.split(".")[0]
+        wait_until(lambda: not _chain("east"), timeout=10, interval=0.05,
+                   what="east's revoked certificate refused")  # fmt: skip
+        wait_until(lambda: "certificate is revoked" in follower.log_text(), timeout=60,
+                   what="the agent's renewal refused")  # fmt: skip
+        assert _serial(certs / "server.pem") == serial  # nothing was issued to it
+        follower.stop()
+        again = tmp_path / "east-rekeyed"
+        cli(*agent_args, f"--dir={again}", "--once", env={"ATLAS_JOIN_TOKEN": fresh})
+        assert _serial(again / "server.pem") != serial
