@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import trio
 from cryptography import x509
 from prometheus_client import Counter
@@ -52,6 +53,7 @@ from atlasd.enroll.wire import (
     WireError,
     read_request,
     respond,
+    server_connection,
 )
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.trust import StoredCA
@@ -231,11 +233,14 @@ async def _exchange(
             except (trio.BrokenResourceError, ssl.SSLError):
                 return
             allowed = limit.allow(address)
+            conn = server_connection()
             try:
-                conn, req = await read_request(ssl_stream)
+                req = await read_request(conn, ssl_stream)
             except WireError as exc:
                 ENROLLMENTS.labels("other", "refused").inc()
                 log.info("enroll: refused a request from %s: %s", address, exc)
+                if conn.our_state is h11.SEND_RESPONSE:  # the request line was read
+                    await respond(conn, ssl_stream, 400, {"error": str(exc)})
                 return
             kind = _kind(req.path)
             names = peer_names(ssl_stream.getpeercert())

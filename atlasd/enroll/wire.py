@@ -77,13 +77,19 @@ def _length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-async def read_request(stream: trio.abc.Stream) -> tuple[h11.Connection, Request]:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+def server_connection() -> h11.Connection:
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+
+
+async def read_request(conn: h11.Connection, stream: trio.abc.Stream) -> Request:
+    """The request on ``conn`` (``server_connection()``); ``WireError`` if it breaks the
+    protocol or its limits (the caller may still answer on ``conn`` if
+    ``conn.our_state`` is ``h11.SEND_RESPONSE``)."""
     event = await _next_event(conn, stream)
     if not isinstance(event, h11.Request):
         raise WireError("expected a request")
     body = await _body(conn, stream, _length(list(event.headers)))
-    return conn, Request(event.method.decode(), event.target.decode("ascii", "replace"), body)
+    return Request(event.method.decode(), event.target.decode("ascii", "replace"), body)
 
 
 async def respond(

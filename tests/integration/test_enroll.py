@@ -293,3 +293,141 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         again = tmp_path / "east-rekeyed"
         cli(*agent_args, f"--dir={again}", "--once", env={"ATLAS_JOIN_TOKEN": fresh})
         assert _serial(again / "server.pem") != serial
+
+
+OVERSIZED = b"<announced 64 KiB, never sent>"
+
+
+def _hostile(server: str, calls: list[tuple[str, str, bytes]]) -> list[tuple[int, str]]:
+    """Raw requests to the endpoint (concurrently), answered (status, error) each; 0 for
+    a connection closed without an answer. A body of ``OVERSIZED`` is announced (its
+    Content-Length) and never sent: the endpoint must refuse it from the header alone."""
+    import json
+    import ssl
+
+    import h11
+    import trio
+
+    host, _, port = server.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    out: list[tuple[int, str]] = [(0, "")] * len(calls)
+
+    async def one(i: int, method: str, path: str, body: bytes) -> None:
+        stream = trio.SSLStream(await trio.open_tcp_stream(host, int(port)), ctx)
+        conn = h11.Connection(h11.CLIENT)
+        length = 64 * 1024 if body is OVERSIZED else len(body)
+        head = [("host", "x"), ("content-length", str(length)), ("connection", "close")]
+        try:
+            await stream.send_all(
+                conn.send(h11.Request(method=method, target=path, headers=head)) or b""
+            )
+            if body is not OVERSIZED:
+                await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        except (trio.BrokenResourceError, ssl.SSLError):
+            return
+        finally:
+            await trio.aclose_forcefully(stream)
+        if b"\r\n\r\n" in data:
+            status = int(data.split(b" ", 2)[1])
+            out[i] = (status, json.loads(data.split(b"\r\n\r\n", 1)[1]).get("error", ""))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for i, (method, path, body) in enumerate(calls):
+                nursery.start_soon(one, i, method, path, body)
+
+    trio.run(main)
+    return out
+
+
+def test_hostile_enrollments_are_refused_and_change_nothing(
+    apiserver: ApiServer, namespace: str, tmp_path: Path
+) -> None:
+    """Against `atlasd run`: garbage, an oversized body, CSRs naming another cluster or with
+    another key type, a burst from one address (429): each refused with its reason, never
+    echoing the token; the token stays good and then enrolls."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from atlasd.enroll import csr as csrs
+    from atlasd.model import Settings
+
+    kube = (f"--kubeconfig={apiserver.admin_kubeconfig}", f"--namespace={namespace}")
+    server = f"127.0.0.1:{free_port()}"
+    atlasd = Atlasd(tmp_path / "atlasd", *kube, "--no-leader-election",
+                    f"--enroll-listen={server}").start()  # fmt: skip
+    try:
+        for c, ip in (("east", "198.51.100.30"), ("west", "198.51.100.31")):
+            cli("cluster", "add", c, "--external-ip", ip, *kube)
+        token = wait_until(
+            lambda: (
+                (p := cli("cluster", "token", "east", *kube, check=False)).returncode == 0
+                and p.stdout.strip()
+            ),
+            timeout=30,
+            what="a join token",
+        )
+        assert isinstance(token, str)
+        settings = Settings(namespace=namespace)
+
+        def enroll_doc(cluster_names: str, *, key: object = None) -> bytes:
+            _, requests = agent.new_request(cluster_names, settings)
+            if key is not None:
+                from tests.unit.enroll.test_csr import make_csr
+
+                requests["server"] = make_csr("east", ("east", f"east.{namespace}.atlas"), key=key)
+            return json.dumps({"cluster": "east", "token": token, "csrs": requests}).encode()
+
+        hostile = [
+            ("POST", "/v1/enroll", b"\x00garbage"),
+            ("POST", "/v1/enroll", OVERSIZED),
+            ("POST", "/v1/enroll", enroll_doc("west")),
+            ("POST", "/v1/enroll", enroll_doc("east", key=ec.generate_private_key(ec.SECP384R1()))),
+            ("POST", "/v1/renew", enroll_doc("east")),  # no client certificate
+            (
+                "POST",
+                "/v1/enroll",
+                json.dumps({"cluster": "east", "token": "x.y.z", "csrs": {}}).encode(),
+            ),
+        ]
+        answers = _hostile(server, hostile)
+        assert [s for s, _ in answers] == [400, 400, 400, 400, 401, 401], answers
+        said = [e for _, e in answers]
+        assert "not JSON" in said[0] and "larger than" in said[1]
+        assert "must be 'east'" in said[2] and "P-256" in said[3]
+        assert "client certificate" in said[4] and "malformed join token" in said[5]
+        assert all(token not in e for e in said)
+        assert csrs.MAX_CSR_BYTES < 64 * 1024
+
+        # A burst from one address: refused with 429 past the bucket, nothing else done.
+        burst = _hostile(server, [("GET", "/v1/ca", b"")] * 120)
+        assert any(s == 429 for s, _ in burst) and any(s == 200 for s, _ in burst)
+
+        # Nothing changed: the token still enrolls (once).
+        certs = tmp_path / "certs"
+        agent_args = ("agent", f"--server={server}", "--cluster=east", f"--namespace={namespace}")
+        wait_until(
+            lambda: (
+                cli(
+                    *agent_args,
+                    f"--dir={certs}",
+                    "--once",
+                    check=False,
+                    env={"ATLAS_JOIN_TOKEN": token},
+                ).returncode
+                == 0
+            ),
+            timeout=30,
+            what="the token enrolls once the burst's bucket refilled",
+        )
+        assert (certs / "client.pem").exists()
+        log = atlasd.log_text()
+        assert "refused" in log and token.split(".")[1] not in log
+    finally:
+        atlasd.proc.stop()
