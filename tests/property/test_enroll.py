@@ -28,7 +28,7 @@ from tests.property.profile import examples
 from tests.unit.xds import helpers
 
 S = Settings()
-SPEC = csr.specs("east", S)["server"]
+LEAF = csr.specs("east", S)["server"]
 KEY = ec.generate_private_key(ec.SECP256R1())
 _, GOOD = agent.new_request("east", S)
 GOOD_DER = x509.load_pem_x509_csr(GOOD["server"].encode()).public_bytes(serialization.Encoding.DER)
@@ -41,7 +41,7 @@ NAMES = st.sampled_from(
 
 def _refused_or_key(pem: object) -> bool:
     try:
-        csr.check_csr(pem, SPEC, kind="server")
+        csr.check_csr(pem, LEAF, kind="server")
     except Refused as exc:
         assert 400 <= exc.status < 500
         assert not isinstance(pem, str) or len(pem) < 8 or pem not in str(exc)
@@ -84,7 +84,7 @@ def test_a_corrupted_request_is_refused_or_still_exactly_the_leaf(
     if _refused_or_key(pem):  # a flip that changes nothing checked (e.g. an unused bit)
         parsed = x509.load_pem_x509_csr(pem.encode())
         san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert sorted(san.get_values_for_type(x509.DNSName)) == sorted(SPEC.dns)
+        assert sorted(san.get_values_for_type(x509.DNSName)) == sorted(LEAF.dns)
 
 
 @settings(max_examples=examples(300))
@@ -105,7 +105,7 @@ def test_a_request_is_accepted_iff_it_names_exactly_the_leaf(
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     pem = builder.sign(KEY, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
-    exact = cn == "east" and sorted(dns) == sorted(SPEC.dns) and not ips
+    exact = cn == "east" and sorted(dns) == sorted(LEAF.dns) and not ips
     assert _refused_or_key(pem) == exact
 
 
