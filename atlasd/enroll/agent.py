@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 
 FILES = ("server.pem", "server-key.pem", "client.pem", "client-key.pem", "ca.pem")
 DATA_LINK = "..data"
-CONNECT_SECONDS = 10.0
+# How long one request may take, answer included: atlasd answers a burst of enrollments
+# late rather than drop them (bench_enroll: 1,000 at once).
+CALL_SECONDS = 60.0
 
 
 class AgentError(Exception):
@@ -69,6 +71,9 @@ class Server:
     host: str
     port: int
     server_name: str = ADS_SERVER_NAME
+    # The address to connect from (None: the system's choice; a benchmark gives each
+    # simulated cluster its own, as distinct clusters have).
+    local_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,10 @@ async def _call(
     doc: dict[str, Any] | None,
 ) -> dict[str, Any]:
     try:
-        with trio.fail_after(CONNECT_SECONDS):
-            tcp = await trio.open_tcp_stream(server.host, server.port)
+        with trio.fail_after(CALL_SECONDS):
+            tcp = await trio.open_tcp_stream(
+                server.host, server.port, local_address=server.local_address
+            )
             stream = trio.SSLStream(tcp, ctx, server_hostname=server.server_name)
             try:
                 status, answer = await call(stream, method, path, doc, host=server.server_name)

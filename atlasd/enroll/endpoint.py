@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 ENROLL_PORT = 6307
 EXCHANGE_SECONDS = 10.0
+API_CONCURRENCY = 32
 
 ENROLLMENTS = Counter(
     "atlasd_enrollments",
@@ -110,8 +111,16 @@ class Enroller:
     revoked: RevokedCerts
     settings: Settings
     lifetime: dt.timedelta
+    # Requests in their API phase at once: a burst queues here, in order, rather than in
+    # the API client's connection pool (where a wait past its timeout is an error).
+    api_slots: trio.CapacityLimiter | None = None
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     _ca: tuple[StoredCA, CA] | None = None
+
+    def _slots(self) -> trio.CapacityLimiter:
+        if self.api_slots is None:
+            self.api_slots = trio.CapacityLimiter(API_CONCURRENCY)
+        return self.api_slots
 
     def _signing(self) -> CA:
         version = self.feed.latest
@@ -150,14 +159,15 @@ class Enroller:
         keys = csrs.check_request(doc.get("csrs"), cluster, self.settings)
         self._cluster_exists(cluster)
         ca = self._signing()
-        now = self.now()
-        await store.consume(
-            self.api, token, cluster=cluster, namespace=self.settings.namespace, now=now
-        )
-        certs = csrs.issue(
-            keys, cluster, ca=ca, settings=self.settings, now=now, lifetime=self.lifetime
-        )
-        await store.record_issued(self.api, cluster, certs, namespace=self.settings.namespace)
+        async with self._slots():
+            now = self.now()
+            await store.consume(
+                self.api, token, cluster=cluster, namespace=self.settings.namespace, now=now
+            )
+            certs = csrs.issue(
+                keys, cluster, ca=ca, settings=self.settings, now=now, lifetime=self.lifetime
+            )
+            await store.record_issued(self.api, cluster, certs, namespace=self.settings.namespace)
         return f"cluster {cluster} enrolled with join token {token.id}", self._answer(certs, ca)
 
     async def renew(
@@ -182,7 +192,8 @@ class Enroller:
         certs = csrs.issue(
             keys, cluster, ca=ca, settings=self.settings, now=self.now(), lifetime=self.lifetime
         )
-        await store.record_issued(self.api, cluster, certs, namespace=self.settings.namespace)
+        async with self._slots():
+            await store.record_issued(self.api, cluster, certs, namespace=self.settings.namespace)
         return f"cluster {cluster} renewed", self._answer(certs, ca)
 
 
@@ -227,7 +238,10 @@ async def _exchange(
     ssl_stream = trio.SSLStream(stream, context, server_side=True)
     kind = "other"
     try:
-        with trio.move_on_after(EXCHANGE_SECONDS):
+        # Deadlines on what the client controls (a slow or silent peer); the work between
+        # is bounded by the API client's own timeouts, so a burst that queues on the API
+        # server is answered late rather than dropped.
+        with trio.move_on_after(EXCHANGE_SECONDS) as reading:
             try:
                 await ssl_stream.do_handshake()
             except (trio.BrokenResourceError, ssl.SSLError):
@@ -242,26 +256,29 @@ async def _exchange(
                 if conn.our_state is h11.SEND_RESPONSE:  # the request line was read
                     await respond(conn, ssl_stream, 400, {"error": str(exc)})
                 return
-            kind = _kind(req.path)
-            names = peer_names(ssl_stream.getpeercert())
-            peer_hash = _peer_hash(ssl_stream.getpeercert(binary_form=True))
-            try:
-                if not allowed:
-                    raise Refused(429, "too many requests from this address; retry later")
-                said, answer = await _dispatch(enroller, req, names=names, peer_hash=peer_hash)
-            except Refused as exc:
-                status, answer = exc.status, {"error": str(exc)}
-                ENROLLMENTS.labels(kind, "refused").inc()
-                log.warning("enroll: refused %s from %s (%d): %s", kind, address, status, exc)
-            except KubeError as exc:
-                status, answer = 503, {"error": "atlasd cannot reach the Kubernetes API"}
-                ENROLLMENTS.labels(kind, "refused").inc()
-                log.warning("enroll: %s from %s failed: %s", kind, address, exc)
-            else:
-                status = 200
-                ENROLLMENTS.labels(kind, "issued").inc()
-                if said:
-                    log.info("enroll: %s (from %s)", said, address)
+        if reading.cancelled_caught:
+            return
+        kind = _kind(req.path)
+        names = peer_names(ssl_stream.getpeercert())
+        peer_hash = _peer_hash(ssl_stream.getpeercert(binary_form=True))
+        try:
+            if not allowed:
+                raise Refused(429, "too many requests from this address; retry later")
+            said, answer = await _dispatch(enroller, req, names=names, peer_hash=peer_hash)
+        except Refused as exc:
+            status, answer = exc.status, {"error": str(exc)}
+            ENROLLMENTS.labels(kind, "refused").inc()
+            log.warning("enroll: refused %s from %s (%d): %s", kind, address, status, exc)
+        except KubeError as exc:
+            status, answer = 503, {"error": "atlasd cannot reach the Kubernetes API"}
+            ENROLLMENTS.labels(kind, "refused").inc()
+            log.warning("enroll: %s from %s failed: %s", kind, address, exc)
+        else:
+            status = 200
+            ENROLLMENTS.labels(kind, "issued").inc()
+            if said:
+                log.info("enroll: %s (from %s)", said, address)
+        with trio.move_on_after(EXCHANGE_SECONDS):
             await respond(conn, ssl_stream, status, answer)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
         pass

@@ -174,6 +174,7 @@ ATLASD_CUSTOM: Doc = {
         "logFormat": "text",
         "extraEnv": [{"name": "ATLAS_EXTRA", "value": "1"}],
     },
+    "enrollment": {"enabled": False},
     "controller": {
         "ports": {"grpc": 7305},
         "envoy": {"host": "envoy.obs.example", "adsAddress": "xds.obs.example", "adsPort": 443},
@@ -244,9 +245,14 @@ def test_atlasd_default_render(helm: Helm) -> None:
         "Service",
         "Service",
         "Service",
+        "Service",  # enrollment (docs/security.md, "Enrollment")
         "ServiceAccount",
     ]
     assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
+    enroll = only(docs, "Service", "atlas-atlasd-enroll")["spec"]
+    assert enroll["ports"] == [
+        {"name": "enroll", "port": 6307, "targetPort": "enroll", "protocol": "TCP"}
+    ]
 
     # Only the observability Envoy pods may reach the ADS port (defence in depth).
     policy = only(docs, "NetworkPolicy")["spec"]
@@ -276,7 +282,12 @@ def test_atlasd_default_render(helm: Helm) -> None:
     assert env["ATLAS_ALERTMANAGER_SELECTOR"] == "app=kube-prometheus-stack-alertmanager"
     assert env["ATLAS_ZONE_FILE"] == "/zone/atlas.zone"
     ports = {p["name"]: p["containerPort"] for p in atlasd["ports"]}
-    assert ports == {"ads": 6305, "metrics": 6309}
+    assert ports == {"ads": 6305, "metrics": 6309, "enroll": 6307}
+    assert env["ATLAS_ENROLL_LISTEN"] == "0.0.0.0:6307"
+    assert env["ATLAS_ENROLL_CERT_SECONDS"] == "86400"
+    # The enrollment port is open to any source (agents come from other clusters).
+    open_ports = {p["port"] for r in policy["ingress"] if "from" not in r for p in r["ports"]}
+    assert 6307 in open_ports
     assert atlasd["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert atlasd["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
 
@@ -402,6 +413,7 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     assert env["ATLAS_ADS_SERVICE"] == "obs-atlasd.observability.svc.corp.local"
     assert env["ATLAS_LEASE_NAME"] == "obs-leader"
     assert env["ATLAS_EXTRA"] == "1"
+    assert "ATLAS_ENROLL_LISTEN" not in env  # enrollment.enabled=false: no endpoint
     assert {p["name"]: p["containerPort"] for p in atlasd["ports"]} == {
         "ads": 7305,
         "metrics": 7309,
@@ -461,6 +473,7 @@ def test_atlasd_optional_parts_can_be_turned_off(helm: Helm) -> None:
             "coredns.enabled=false",
             "networkPolicy.enabled=false",
             "grafanaDashboard.enabled=false",
+            "enrollment.enabled=false",
         ],
     )
     assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret", "Service"]
