@@ -378,13 +378,16 @@ async def _identity_certs(
 async def _enrolled_certs(
     api: KubeApi, name: str, settings: Settings, now: dt.datetime
 ) -> tuple[revocation.Revoked, ...]:
-    """The certificates the enrollment endpoint last signed for the cluster
-    (``<c>-atlas-enrolled``; none if it never enrolled)."""
-    enrolled = await enroll_store.issued(api, name, namespace=settings.namespace)
+    """The certificates the enrollment endpoint signed for the cluster and that are still
+    valid (its used tokens' records, its last renewal's ``<c>-atlas-enrolled``)."""
     out = []
-    for kind in revocation.KINDS:
+    for kind, pem in await enroll_store.issued(api, name, namespace=settings.namespace):
+        if kind not in revocation.KINDS:
+            continue
         with contextlib.suppress(ValueError):  # not a certificate: it authenticates nothing
-            out.append(revocation.revoke(name, kind, enrolled.get(kind, b""), now=now))
+            entry = revocation.revoke(name, kind, pem, now=now)
+            if entry.in_force(now) and entry not in out:
+                out.append(entry)
     return tuple(out)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import random
 import shutil
 import ssl
 import time
@@ -60,10 +61,17 @@ DATA_LINK = "..data"
 # How long one request may take, answer included: atlasd answers a burst of enrollments
 # late rather than drop them (bench_enroll: 1,000 at once).
 CALL_SECONDS = 60.0
+# How long an enrollment is tried again when no answer comes.
+ENROLL_SECONDS = 300.0
 
 
 class AgentError(Exception):
-    """Enrollment or renewal failed (message safe to log)."""
+    """Enrollment or renewal failed (message safe to log). ``retry``: the request may be
+    sent again as it is (no answer came, or atlasd said to retry later)."""
+
+    def __init__(self, message: str, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -135,11 +143,14 @@ async def _call(
             finally:
                 await trio.aclose_forcefully(stream)
     except trio.TooSlowError as exc:
-        raise AgentError(f"atlasd at {server.host}:{server.port} did not answer in time") from exc
+        where = f"{server.host}:{server.port}"
+        raise AgentError(f"atlasd at {where} did not answer in time", retry=True) from exc
     except (OSError, trio.BrokenResourceError, ssl.SSLError, WireError) as exc:
-        raise AgentError(f"cannot talk to atlasd at {server.host}:{server.port}: {exc}") from exc
+        where = f"{server.host}:{server.port}"
+        raise AgentError(f"cannot talk to atlasd at {where}: {exc}", retry=True) from exc
     if status != 200:
-        raise AgentError(f"atlasd refused ({status}): {answer.get('error', 'no reason given')}")
+        said = answer.get("error", "no reason given")
+        raise AgentError(f"atlasd refused ({status}): {said}", retry=status in (429, 503))
     return answer
 
 
@@ -176,13 +187,32 @@ def _credentials(
 
 
 async def enroll(
-    server: Server, token: JoinToken, *, cluster: str, settings: Settings
+    server: Server,
+    token: JoinToken,
+    *,
+    cluster: str,
+    settings: Settings,
+    within: float = ENROLL_SECONDS,
 ) -> Credentials:
-    bundle = await fetch_bundle(server, pin=token.pin, bundle=None)
+    """Enroll with ``token``; a request that got no answer (or a 429/503) is sent again,
+    the same keys and requests, for up to ``within`` seconds: atlasd answers a token
+    asked again for the keys it was used for with the same certificates."""
     keys, requests = new_request(cluster, settings)
     doc = {"cluster": cluster, "token": str(token), "csrs": requests}
-    answer = await _call(server, _client_context(bundle), "POST", ENROLL_PATH, doc)
-    return _credentials(keys, answer)
+    delay = 0.5
+    with trio.move_on_after(within):
+        while True:
+            try:
+                bundle = await fetch_bundle(server, pin=token.pin, bundle=None)
+                answer = await _call(server, _client_context(bundle), "POST", ENROLL_PATH, doc)
+                return _credentials(keys, answer)
+            except AgentError as exc:
+                if not exc.retry:
+                    raise
+                log.info("agent: %s; trying again in %.1f s", exc, delay)
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 10.0)
+    raise AgentError(f"no answer from atlasd at {server.host}:{server.port} within {within:g} s")
 
 
 async def renew(

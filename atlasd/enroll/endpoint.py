@@ -16,8 +16,8 @@ the certificate renews with no restart. One request per connection (``atlasd.enr
 
 Answer: ``{"certificates": {"server", "client"}, "chain", "ca"}`` (leaves, the
 cross-signed links that follow them, the trust bundle), or ``{"error"}`` with a 4xx.
-The certificates signed (never a key) are recorded in ``<c>-atlas-enrolled``, which
-``atlasd cluster revoke`` reads.
+The certificates signed (never a key) are recorded with the token's use (one conditional
+write) and a renewal's in ``<c>-atlas-enrolled``; ``atlasd cluster revoke`` reads both.
 A refusal changes nothing: the token is used only by a request that is signed.
 
 Rate limit: every source address has a bucket (``RateLimit``): a burst of requests beyond
@@ -40,6 +40,7 @@ import trio
 from cryptography import x509
 from prometheus_client import Counter
 
+from atlasd.certpolicy import public_der
 from atlasd.enroll import csr as csrs
 from atlasd.enroll import store
 from atlasd.enroll import token as tokens
@@ -69,7 +70,10 @@ from atlasd.xds.tls import ServerTls, peer_names
 log = logging.getLogger(__name__)
 
 ENROLL_PORT = 6307
-EXCHANGE_SECONDS = 10.0
+# How long a client has to complete its handshake and send its request (and to take
+# the answer): a slow or silent peer is dropped, a burst of 1,000 handshakes on a loaded
+# machine is not.
+EXCHANGE_SECONDS = 30.0
 API_CONCURRENCY = 32
 
 ENROLLMENTS = Counter(
@@ -161,13 +165,17 @@ class Enroller:
         ca = self._signing()
         async with self._slots():
             now = self.now()
-            await store.consume(
-                self.api, token, cluster=cluster, namespace=self.settings.namespace, now=now
+            certs = await store.consume(
+                self.api,
+                token,
+                cluster=cluster,
+                namespace=self.settings.namespace,
+                now=now,
+                sign=lambda: csrs.issue(
+                    keys, cluster, ca=ca, settings=self.settings, now=now, lifetime=self.lifetime
+                ),
+                keys={kind: public_der(key) for kind, key in keys.items()},
             )
-            certs = csrs.issue(
-                keys, cluster, ca=ca, settings=self.settings, now=now, lifetime=self.lifetime
-            )
-            await store.record_issued(self.api, cluster, certs, namespace=self.settings.namespace)
         return f"cluster {cluster} enrolled with join token {token.id}", self._answer(certs, ca)
 
     async def renew(

@@ -14,11 +14,14 @@ any cluster's desired state (the reconciler neither watches nor prunes them).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cryptography import x509
 
+from atlasd.certpolicy import load_cert, not_after, public_der
 from atlasd.enroll import token as tokens
 from atlasd.enroll.token import JoinToken, Record, Refused
 from atlasd.kube import bodies
@@ -81,9 +84,28 @@ async def _prune(api: KubeApi, cluster: str, *, namespace: str, now: dt.datetime
             record = Record.load(secret_data(obj).get(tokens.RECORD_KEY))
         except Refused:
             continue
-        if record.used is not None or now >= record.expires:
+        if _spent(record, now):
             with contextlib.suppress(NotFound):
                 await api.delete(SECRETS, bodies.name(obj), namespace=namespace)
+
+
+def _same_keys(record: Record, keys: Mapping[str, bytes]) -> bool:
+    recorded = {}
+    for kind, pem in record.certificates:
+        cert = load_cert(pem.encode())
+        if cert is None:
+            return False
+        recorded[kind] = public_der(cert.public_key())
+    return recorded == dict(keys)
+
+
+def _spent(record: Record, now: dt.datetime) -> bool:
+    """Whether a record may go: an unused token past its expiry, or a used one whose
+    certificates have all expired (until then `revoke` reads them here)."""
+    if record.used is None:
+        return now >= record.expires
+    ends = [not_after(pem.encode()) for _, pem in record.certificates]
+    return all(t is not None and t <= now.timestamp() for t in ends)
 
 
 async def load(api: KubeApi, token: JoinToken, *, namespace: str) -> tuple[Record, Obj]:
@@ -96,16 +118,37 @@ async def load(api: KubeApi, token: JoinToken, *, namespace: str) -> tuple[Recor
 
 
 async def consume(
-    api: KubeApi, token: JoinToken, *, cluster: str, namespace: str, now: dt.datetime
-) -> Record:
-    """Check ``token`` for ``cluster`` and mark it used, once (``Refused`` otherwise)."""
+    api: KubeApi,
+    token: JoinToken,
+    *,
+    cluster: str,
+    namespace: str,
+    now: dt.datetime,
+    sign: Callable[[], Mapping[str, bytes]],
+    keys: Mapping[str, bytes] | None = None,
+) -> dict[str, bytes]:
+    """Check ``token`` for ``cluster``, then mark it used, once, together with the
+    certificates ``sign()`` makes (one conditional write); the certificates, or
+    ``Refused``. A use that loses the race is refused and its certificates are never
+    returned. ``keys`` (kind -> public key DER of the requests): a used token asked again
+    for exactly the keys it was used for answers the certificates recorded then."""
     record, obj = await load(api, token, namespace=namespace)
+    if record.used is not None and keys and _same_keys(record, keys):
+        # The agent asking again for the keys it was signed for (its answer was lost):
+        # the same certificates, nothing new. Whoever else holds the token and the
+        # public requests gets certificates useless without the private keys.
+        tokens.check(
+            dataclasses.replace(record, used=None), token, cluster=cluster, now=record.used
+        )
+        return {kind: pem.encode() for kind, pem in record.certificates}
     tokens.check(record, token, cluster=cluster, now=now)
+    certs = dict(sign())
     used = Record(
         cluster=record.cluster,
         digest=record.digest,
         expires=record.expires,
         used=now.astimezone(dt.UTC).replace(microsecond=0),
+        certificates=tuple(sorted((k, v.decode()) for k, v in certs.items())),
     )
     body = record_secret(
         token.id, used, namespace=namespace, resource_version=bodies.resource_version(obj)
@@ -114,7 +157,7 @@ async def consume(
         await api.replace(body)
     except (Conflict, NotFound) as exc:  # another request used (or pruned) it first
         raise Refused(409, "the join token was already used") from exc
-    return used
+    return certs
 
 
 ENROLLED_SUFFIX = "-atlas-enrolled"
@@ -145,11 +188,23 @@ async def record_issued(
     await api.apply(obj)
 
 
-async def issued(api: KubeApi, cluster: str, *, namespace: str) -> dict[str, bytes]:
-    """The certificates last signed for ``cluster`` by kind (empty: never enrolled)."""
-    try:
-        obj = await api.get(SECRETS, enrolled_secret_name(cluster), namespace=namespace)
-    except NotFound:
-        return {}
-    data = secret_data(obj)
-    return {k.removesuffix(".crt"): v for k, v in data.items() if k.endswith(".crt")}
+async def issued(api: KubeApi, cluster: str, *, namespace: str) -> list[tuple[str, bytes]]:
+    """(kind, PEM) of the certificates signed for ``cluster`` that atlasd still knows of:
+    those of its used tokens (kept until they expire) and the last renewal's."""
+    out: list[tuple[str, bytes]] = []
+    found, _ = await api.list(
+        SECRETS, namespace=namespace, label_selector=f"{tokens.CLUSTER_LABEL}={cluster}"
+    )
+    for obj in sorted(found, key=bodies.name):
+        if bodies.name(obj) == enrolled_secret_name(cluster):
+            data = secret_data(obj)
+            out += [
+                (k.removesuffix(".crt"), v) for k, v in sorted(data.items()) if k.endswith(".crt")
+            ]
+            continue
+        try:
+            record = Record.load(secret_data(obj).get(tokens.RECORD_KEY))
+        except Refused:
+            continue
+        out += [(kind, pem.encode()) for kind, pem in record.certificates]
+    return out

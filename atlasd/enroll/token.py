@@ -125,6 +125,9 @@ class Record:
     digest: str
     expires: dt.datetime
     used: dt.datetime | None = None
+    # The certificates (PEM, no key) signed for the use, by leaf kind: written with the
+    # use itself (one write), read by `atlasd cluster revoke`.
+    certificates: tuple[tuple[str, str], ...] = ()
 
     def dump(self) -> bytes:
         doc = {
@@ -132,6 +135,7 @@ class Record:
             "sha256": self.digest,
             "expires": _time(self.expires),
             "used": _time(self.used) if self.used else None,
+            "certificates": dict(self.certificates),
         }
         return json.dumps(doc, sort_keys=True).encode()
 
@@ -141,11 +145,13 @@ class Record:
         try:
             doc = json.loads(data or b"")
             used = doc["used"]
+            certs = doc.get("certificates") or {}
             return cls(
                 cluster=str(doc["cluster"]),
                 digest=str(doc["sha256"]),
                 expires=_parse_time(doc["expires"]),
                 used=_parse_time(used) if used else None,
+                certificates=tuple(sorted((str(k), str(v)) for k, v in certs.items())),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise Refused(401, "unknown join token") from exc

@@ -30,12 +30,18 @@ def _mint(kube: FakeKube, cluster: str = "east", now: dt.datetime = NOW) -> toke
 
 
 def _consume(
-    kube: FakeKube, token: tokens.JoinToken, cluster: str = "east", now: dt.datetime = NOW
-) -> None:
-    async def go() -> None:
-        await store.consume(kube, token, cluster=cluster, namespace=NS, now=now)
+    kube: FakeKube,
+    token: tokens.JoinToken,
+    cluster: str = "east",
+    now: dt.datetime = NOW,
+    certs: dict[str, bytes] | None = None,
+) -> dict[str, bytes]:
+    async def go() -> dict[str, bytes]:
+        return await store.consume(
+            kube, token, cluster=cluster, namespace=NS, now=now, sign=lambda: certs or {}
+        )
 
-    trio.run(go)
+    return trio.run(go)
 
 
 def _records(kube: FakeKube) -> dict[str, dict[str, bytes]]:
@@ -84,19 +90,27 @@ def test_of_two_concurrent_uses_one_wins() -> None:
     assert info.value.status == 409
 
 
-def test_minting_prunes_the_clusters_used_and_expired_records() -> None:
+def test_the_use_records_the_certificates_and_minting_prunes_what_is_spent() -> None:
     kube = FakeKube()
-    used, expired, live, other = (
+    ident = helpers.identity(CA, "east")  # valid for a year
+    certs = {"server": ident.server.cert_pem, "client": ident.client.cert_pem}
+    holding, used, expired, live = (
+        _mint(kube),
         _mint(kube),
         _mint(kube, now=NOW - dt.timedelta(hours=2)),
         _mint(kube),
-        _mint(kube, "west", NOW - dt.timedelta(hours=2)),
     )
-    _consume(kube, used)
+    other = _mint(kube, "west", NOW - dt.timedelta(hours=2))
+    assert _consume(kube, holding, certs=certs) == certs
+    _consume(kube, used)  # its certificates (none here) have expired
     newest = _mint(kube)
     names = set(_records(kube))
-    assert names == {f"atlas-join-{t.id}" for t in (live, other, newest)}
+    # Kept: the unused and live, the used whose certificates are still valid (revoke reads
+    # them), another cluster's; gone: the expired unused, the spent used.
+    assert names == {f"atlas-join-{t.id}" for t in (holding, live, other, newest)}
     assert f"atlas-join-{expired.id}" not in names
+    issued = trio.run(lambda: store.issued(kube, "east", namespace=NS))
+    assert sorted(issued) == sorted(certs.items())
 
 
 def test_rate_limit_allows_a_burst_then_the_rate() -> None:
@@ -108,3 +122,32 @@ def test_rate_limit_allows_a_burst_then_the_rate() -> None:
     assert limit.allow("b")  # per address
     now[0] = 0.5  # one more after half a second at 2/s
     assert limit.allow("a") and not limit.allow("a")
+
+
+def test_a_used_token_asked_again_for_the_same_keys_answers_the_same_certificates() -> None:
+    """An agent whose answer was lost sends the same requests again: it gets the
+    certificates of the use, nothing new; other keys (a replay) are refused."""
+    from atlasd.certpolicy import load_cert, public_der
+
+    kube = FakeKube()
+    token = _mint(kube)
+    ident = helpers.identity(CA, "east")
+    certs = {"server": ident.server.cert_pem, "client": ident.client.cert_pem}
+
+    def keys_of(c: dict[str, bytes]) -> dict[str, bytes]:
+        return {k: public_der(load_cert(v).public_key()) for k, v in c.items()}  # type: ignore[union-attr]
+
+    async def use(keys: dict[str, bytes], *, cluster: str = "east") -> dict[str, bytes]:
+        return await store.consume(
+            kube, token, cluster=cluster, namespace=NS, now=NOW, sign=lambda: certs, keys=keys
+        )
+
+    assert trio.run(use, keys_of(certs)) == certs
+    signed = len(kube.writes)
+    assert trio.run(use, keys_of(certs)) == certs
+    assert len(kube.writes) == signed  # nothing written again
+    other = helpers.identity(CA, "east")
+    with pytest.raises(Refused, match="already used"):
+        trio.run(use, keys_of({"server": other.server.cert_pem, "client": other.client.cert_pem}))
+    with pytest.raises(Refused, match="not for cluster 'west'"):
+        trio.run(lambda: use(keys_of(certs), cluster="west"))
