@@ -76,6 +76,7 @@ def add_cluster(
     annotations: dict[str, str],
     overwrite: bool,
     allow_loopback: bool,
+    quiet: bool = False,
 ) -> None:
     from atlasd import clusterctl
 
@@ -97,7 +98,7 @@ def add_cluster(
         ),
         backend,
     )
-    click.echo(f"cluster {name} {outcome}")
+    click.echo(f"cluster {name} {outcome}", err=quiet)
 
 
 def print_cluster_values(
@@ -140,6 +141,12 @@ def print_cluster_values(
     help="KEY=VALUE annotation for the cluster Service (goatlas.io/...), repeatable.",
 )
 @overwrite_option
+@click.option(
+    "--enroll",
+    is_flag=True,
+    help="Also mint a one-time join token for the cluster's agent (printed on stdout "
+    "alone; atlasd agent; needs atlasd running: the token pins its CA).",
+)
 @click.option("--allow-loopback", is_flag=True, hidden=True)
 def cluster_add(
     backend: BackendSpec,
@@ -149,6 +156,7 @@ def cluster_add(
     ports: tuple[tuple[str, int], ...],
     annotations: tuple[str, ...],
     overwrite: bool,
+    enroll: bool,
     allow_loopback: bool,
 ) -> None:
     """Add (or with --overwrite update) the cluster NAME."""
@@ -167,7 +175,10 @@ def cluster_add(
         annotations=ann,
         overwrite=overwrite,
         allow_loopback=allow_loopback,
+        quiet=enroll,
     )
+    if enroll:
+        _print_token(backend, name, ttl_minutes=60, allow_loopback=allow_loopback)
 
 
 @cluster.command("list")
@@ -274,20 +285,8 @@ def cluster_revoke(backend: BackendSpec, name: str, wait: float, rekey: bool) ->
         f"not reachable.",
         err=rekey,  # with --rekey, stdout is the token alone
     )
-    if rekey:
-        from atlasd import clusterctl
-
-        token, record = _cluster_call(
-            lambda api: clusterctl.mint_token(api, name, settings=backend.settings, now=now),
-            backend,
-        )
-        click.echo(str(token))
-        click.echo(
-            f"one-time join token for cluster {name}, valid until "
-            f"{record.expires:%Y-%m-%d %H:%M:%S} UTC: restart its agent with it (its "
-            "certificate directory emptied)",
-            err=True,
-        )
+    if rekey:  # restart the cluster's agent with it, its certificate directory emptied
+        _print_token(backend, name, ttl_minutes=60)
 
 
 @cluster.command("token")
@@ -306,6 +305,13 @@ def cluster_token(backend: BackendSpec, name: str, ttl_minutes: int, allow_loopb
     """Mint a one-time join token for the cluster NAME: `atlasd agent` enrolls with it
     (keys made on the downstream cluster, never sent). Printed once; atlasd stores only
     its hash."""
+    _print_token(backend, name, ttl_minutes=ttl_minutes, allow_loopback=allow_loopback)
+
+
+def _print_token(
+    backend: BackendSpec, name: str, *, ttl_minutes: int, allow_loopback: bool = False
+) -> None:
+    """Mint a join token for ``name``: the token alone on stdout, what it is on stderr."""
     import datetime as dt
 
     from atlasd import clusterctl
@@ -325,6 +331,6 @@ def cluster_token(backend: BackendSpec, name: str, ttl_minutes: int, allow_loopb
     click.echo(str(token))
     click.echo(
         f"one-time join token for cluster {name}, valid until {record.expires:%Y-%m-%d %H:%M:%S} "
-        "UTC: atlasd agent --token ... (docs/security.md, 'Enrollment')",
+        "UTC: atlasd agent --token-file ... (docs/security.md, 'Enrollment')",
         err=True,
     )

@@ -156,6 +156,11 @@ async def consume(
     try:
         await api.replace(body)
     except (Conflict, NotFound) as exc:  # another request used (or pruned) it first
+        if keys and isinstance(exc, Conflict):
+            # Perhaps this agent's own earlier request, which it stopped waiting for.
+            again, _ = await load(api, token, namespace=namespace)
+            if again.used is not None and _same_keys(again, keys):
+                return {kind: pem.encode() for kind, pem in again.certificates}
         raise Refused(409, "the join token was already used") from exc
     return certs
 

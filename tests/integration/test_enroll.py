@@ -375,6 +375,12 @@ def test_hostile_enrollments_are_refused_and_change_nothing(
         )
         assert isinstance(token, str)
         settings = Settings(namespace=namespace)
+        # `cluster add --enroll`: the cluster, and its token alone on stdout.
+        added = cli("cluster", "add", "north", "--external-ip", "198.51.100.32", "--enroll", *kube)
+        from atlasd.enroll import token as join_tokens
+
+        assert join_tokens.parse(added.stdout).pin == join_tokens.parse(token).pin
+        assert "cluster north" in added.stderr
 
         def enroll_doc(cluster_names: str, *, key: object = None) -> bytes:
             _, requests = agent.new_request(cluster_names, settings)

@@ -151,3 +151,34 @@ def test_a_used_token_asked_again_for_the_same_keys_answers_the_same_certificate
         trio.run(use, keys_of({"server": other.server.cert_pem, "client": other.client.cert_pem}))
     with pytest.raises(Refused, match="not for cluster 'west'"):
         trio.run(lambda: use(keys_of(certs), cluster="west"))
+
+
+def test_an_agents_retry_racing_its_own_first_request_gets_its_certificates() -> None:
+    """The first request's write lands between the retry's read and its write: the retry
+    loses the write (Conflict) and is answered with the certificates of its own keys."""
+    from atlasd.certpolicy import load_cert, public_der
+
+    kube = FakeKube()
+    token = _mint(kube)
+    ident = helpers.identity(CA, "east")
+    certs = {"server": ident.server.cert_pem, "client": ident.client.cert_pem}
+    keys = {k: public_der(load_cert(v).public_key()) for k, v in certs.items()}  # type: ignore[union-attr]
+    [(_, data)] = _records(kube).items()
+    record = tokens.Record.load(data[tokens.RECORD_KEY])
+
+    def sign_while_the_first_lands() -> dict[str, bytes]:
+        used = tokens.Record(
+            record.cluster, record.digest, record.expires, used=NOW,
+            certificates=tuple(sorted((k, v.decode()) for k, v in certs.items())),
+        )  # fmt: skip
+        kube.put(store.record_secret(token.id, used, namespace=NS))  # a new resourceVersion
+        other = helpers.identity(CA, "east")
+        return {"server": other.server.cert_pem, "client": other.client.cert_pem}
+
+    async def retry() -> dict[str, bytes]:
+        return await store.consume(
+            kube, token, cluster="east", namespace=NS, now=NOW,
+            sign=sign_while_the_first_lands, keys=keys,
+        )  # fmt: skip
+
+    assert trio.run(retry) == certs
