@@ -26,6 +26,7 @@ import httpx
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from atlasd.enroll import agent
 from tests.harness.envoy import Envoy, typed
@@ -252,6 +253,33 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         downstream.proc.check_running()
         assert downstream.proc.pid == pid  # the same process: no restart
         wait_until(lambda: _chain("east"), timeout=30, what="the chain answers after renewal")
+        # A CA rotation: the agent sees the new bundle, renews with the new CA at once, and
+        # the same Envoy serves the new certificate; the chain keeps answering.
+        bundle_before = (certs / "ca.pem").read_bytes()
+        before_rotation = _serial(certs / "server.pem")
+        apiserver.kubectl("-n", namespace, "annotate", "secret", "atlas-ca",
+                          "goatlas.io/ca-rotate=enroll-test")  # fmt: skip
+        wait_until(lambda: (certs / "ca.pem").read_bytes() != bundle_before, timeout=60,
+                   what="the agent wrote the rotated bundle")  # fmt: skip
+        with apiserver.admin() as c:
+            ca_doc = c.get(f"/api/v1/namespaces/{namespace}/secrets/atlas-ca").json()
+        new_ca = x509.load_pem_x509_certificate(base64.b64decode(ca_doc["data"]["ca.pem"]))
+
+        def signed_by_new_ca() -> bool:
+            leaf = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
+            try:
+                leaf.verify_directly_issued_by(new_ca)
+            except (ValueError, TypeError, InvalidSignature):
+                return False
+            return True
+
+        wait_until(signed_by_new_ca, timeout=60, what="renewed with the new CA")
+        rotated = _serial(certs / "server.pem")
+        assert rotated not in (before_rotation, first)
+        wait_until(lambda: _served_serial(downstream) == rotated, timeout=30,
+                   what="the Envoy serves the certificate of the new CA")  # fmt: skip
+        assert downstream.proc.pid == pid
+        wait_until(lambda: _chain("east"), timeout=60, what="the chain answers after the rotation")
         key_pems.update(
             {f"renewed-{k}": (certs / f"{k}-key.pem").read_bytes() for k in ("server", "client")}
         )
