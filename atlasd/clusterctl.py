@@ -37,6 +37,7 @@ Errors::
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,10 @@ from typing import Any
 import trio
 
 from atlasd import labels, revocation
+from atlasd.certpolicy import load_cert
+from atlasd.enroll import store as enroll_store
+from atlasd.enroll import token as enroll_tokens
+from atlasd.fleet.trust import CA_CERT_KEY
 from atlasd.fleet.validate import cluster_label_problem, is_cluster_service, validate_all
 from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
@@ -350,9 +355,16 @@ class RevokeOutcome:
 
 
 async def _identity_certs(
-    api: KubeApi, name: str, settings: Settings, now: dt.datetime
+    api: KubeApi, name: str, settings: Settings, now: dt.datetime, *, required: bool = True
 ) -> tuple[revocation.Revoked, ...]:
-    secret_name, data = await _identity_data(api, name, settings, why="nothing to revoke")
+    """The certificates atlasd issued the cluster (``<c>-atlas-identity``); none when the
+    Secret is missing and not ``required``."""
+    try:
+        secret_name, data = await _identity_data(api, name, settings, why="nothing to revoke")
+    except ClusterError:
+        if required:
+            raise
+        return ()
     out = []
     for kind in revocation.KINDS:
         pem = data.get(f"{kind}.crt")
@@ -360,6 +372,22 @@ async def _identity_certs(
             out.append(revocation.revoke(name, kind, pem or b"", now=now))
         except ValueError:
             raise ClusterError(f"Secret {secret_name}: {kind}.crt is not a certificate") from None
+    return tuple(out)
+
+
+async def _enrolled_certs(
+    api: KubeApi, name: str, settings: Settings, now: dt.datetime
+) -> tuple[revocation.Revoked, ...]:
+    """The certificates the enrollment endpoint signed for the cluster and that are still
+    valid (its used tokens' records, its last renewal's ``<c>-atlas-enrolled``)."""
+    out = []
+    for kind, pem in await enroll_store.issued(api, name, namespace=settings.namespace):
+        if kind not in revocation.KINDS:
+            continue
+        with contextlib.suppress(ValueError):  # not a certificate: it authenticates nothing
+            entry = revocation.revoke(name, kind, pem, now=now)
+            if entry.in_force(now) and entry not in out:
+                out.append(entry)
     return tuple(out)
 
 
@@ -416,7 +444,9 @@ async def revoke(
         raise await _missing_cluster(api, name, settings)
     if bodies.label(svc, labels.CLUSTER_LABEL) is None:
         raise _not_a_cluster(svc, name)
-    found = await _identity_certs(api, name, settings, now)
+    enrolled = await _enrolled_certs(api, name, settings, now)
+    issued = await _identity_certs(api, name, settings, now, required=not enrolled)
+    found = issued + enrolled
     for _attempt in range(10):
         stored, rv = await stored_revocations(api, settings)
         entries, added = revocation.merge(stored, found, now=now)
@@ -430,9 +460,9 @@ async def revoke(
         break
     else:
         raise ClusterError(f"Secret {labels.REVOCATIONS_SECRET} kept changing; try again")
-    if wait <= 0:
+    if wait <= 0 or not issued:  # enrolled certificates are renewed by the agent only
         return RevokeOutcome(added=tuple(added), found=found)
-    revoked = {e.sha256 for e in found}
+    revoked = {e.sha256 for e in issued}
     with trio.move_on_after(wait):
         while True:
             current = await _identity_certs(api, name, settings, now)
@@ -440,3 +470,29 @@ async def revoke(
                 return RevokeOutcome(added=tuple(added), found=found, reissued=True)
             await trio.sleep(poll)
     return RevokeOutcome(added=tuple(added), found=found, reissued=False)
+
+
+async def mint_token(
+    api: KubeApi,
+    name: str,
+    *,
+    settings: Settings,
+    now: dt.datetime,
+    ttl: dt.timedelta = enroll_tokens.DEFAULT_TTL,
+    allow_loopback: bool = False,
+) -> tuple[enroll_tokens.JoinToken, enroll_tokens.Record]:
+    """A one-time join token for cluster ``name`` (``atlasd.enroll``): the cluster must be
+    a valid cluster Service and atlasd must have made its CA (the token pins it)."""
+    await _require_valid_cluster(api, name, settings, allow_loopback)
+    try:
+        ca_secret = await api.get(SECRETS, labels.CA_SECRET, namespace=settings.namespace)
+    except NotFound:
+        ca_secret = None
+    ca = load_cert(secret_data(ca_secret or {}).get(CA_CERT_KEY, b""))
+    if ca is None:
+        raise ClusterError(
+            f"Secret {labels.CA_SECRET} holds no CA yet: is atlasd running? (atlasd status)"
+        )
+    return await enroll_store.mint(
+        api, name, namespace=settings.namespace, ca_cert=ca, now=now, ttl=ttl
+    )

@@ -10,6 +10,7 @@
      ├── xds       FleetFeed ──> SnapshotBuilder.update ──> SnapshotCache
      ├── ads-tls   FleetFeed ──> ServerTls (the ADS server's certificate and trust)
      ├── ads       the xDS ADS server, reading the SnapshotCache
+     ├── enroll    CSRs + join tokens -> certificates (--enroll-listen; optional)
      ├── status    FleetFeed ──> /status parts and gauges, key by key; Envoy streams
      ├── zone      FleetFeed ──> the zone file (+ its ConfigMap mirror while leading)
      ├── endpoints FleetFeed ──> Thanos Query's endpoint files (+ ConfigMaps while leading)
@@ -40,6 +41,7 @@ exists); health (``/healthz``) = no subsystem keeps failing (``atlasd.hub``).
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import socket
 from collections.abc import Awaitable, Callable
@@ -51,6 +53,7 @@ import trio
 from prometheus_client import REGISTRY
 
 from atlasd.backend import Backend, BackendSpec
+from atlasd.enroll.endpoint import run_enroll
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import roles
 from atlasd.fleet.run import FleetRunner
@@ -127,6 +130,11 @@ class DaemonOptions:
     # the `atlasd run` process, off for a daemon that shares its process (tests, the demo).
     settle_heap: bool = False
     settle_seconds: float = 10.0
+    # The enrollment endpoint (atlasd.enroll.endpoint; None: off) and the lifetime of the
+    # certificates it signs (renewed by the agents at 2/3 of it).
+    enroll_port: int | None = None
+    enroll_host: str = "0.0.0.0"
+    enroll_lifetime: dt.timedelta = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,7 @@ class Daemon:
         self._leader_only: list[Subsystem] = []
         self.http_port: int | None = None
         self.ads_port: int | None = None
+        self.enroll_port: int | None = None
         self.heap = Heap() if options.settle_heap else None
         if self.heap is not None:
             export_pauses()
@@ -249,6 +258,12 @@ class Daemon:
                                              interval=o.thanos_query_interval, fleet=latest,
                                              hub=hub, probe_via=o.probe_via,
                                              downstream_port=thanos_port)))  # fmt: skip
+        if o.enroll_port is not None:
+            subs.append(Subsystem("enroll", P(run_enroll, api=backend.api, feed=feed,
+                                              tls=self.ads_tls, revoked=self.revoked, settings=s,
+                                              host=o.enroll_host, port=o.enroll_port,
+                                              lifetime=o.enroll_lifetime),
+                                  started=self._set("enroll_port")))  # fmt: skip
         if self.heap is not None:
             subs.append(Subsystem("heap", P(run_heap, heap=self.heap, every=o.settle_seconds)))
         return subs

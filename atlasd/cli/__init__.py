@@ -22,7 +22,7 @@ command runs its Trio main in ``process``.
 from __future__ import annotations
 
 # Importing a command module registers its commands on the root group.
-from atlasd.cli import check, cluster, compat, demo, probe, run, status  # noqa: F401
+from atlasd.cli import agent, check, cluster, compat, demo, probe, run, status  # noqa: F401
 from atlasd.cli.app import cli
 
 __all__ = ["cli", "main"]

@@ -76,6 +76,7 @@ def add_cluster(
     annotations: dict[str, str],
     overwrite: bool,
     allow_loopback: bool,
+    quiet: bool = False,
 ) -> None:
     from atlasd import clusterctl
 
@@ -97,7 +98,7 @@ def add_cluster(
         ),
         backend,
     )
-    click.echo(f"cluster {name} {outcome}")
+    click.echo(f"cluster {name} {outcome}", err=quiet)
 
 
 def print_cluster_values(
@@ -140,6 +141,12 @@ def print_cluster_values(
     help="KEY=VALUE annotation for the cluster Service (goatlas.io/...), repeatable.",
 )
 @overwrite_option
+@click.option(
+    "--enroll",
+    is_flag=True,
+    help="Also mint a one-time join token for the cluster's agent (printed on stdout "
+    "alone; atlasd agent; needs atlasd running: the token pins its CA).",
+)
 @click.option("--allow-loopback", is_flag=True, hidden=True)
 def cluster_add(
     backend: BackendSpec,
@@ -149,6 +156,7 @@ def cluster_add(
     ports: tuple[tuple[str, int], ...],
     annotations: tuple[str, ...],
     overwrite: bool,
+    enroll: bool,
     allow_loopback: bool,
 ) -> None:
     """Add (or with --overwrite update) the cluster NAME."""
@@ -167,7 +175,10 @@ def cluster_add(
         annotations=ann,
         overwrite=overwrite,
         allow_loopback=allow_loopback,
+        quiet=enroll,
     )
+    if enroll:
+        _print_token(backend, name, ttl_minutes=60, allow_loopback=allow_loopback)
 
 
 @cluster.command("list")
@@ -230,7 +241,13 @@ def cluster_values(backend: BackendSpec, name: str, fmt: str, allow_loopback: bo
     show_default=True,
     help="Seconds to wait until atlasd has re-issued the certificates (0: do not wait).",
 )
-def cluster_revoke(backend: BackendSpec, name: str, wait: float) -> None:
+@click.option(
+    "--rekey",
+    is_flag=True,
+    help="Also mint a one-time join token (printed on stdout) so the cluster's agent can "
+    "enroll again with fresh keys (enrollment: atlasd agent).",
+)
+def cluster_revoke(backend: BackendSpec, name: str, wait: float, rekey: bool) -> None:
     """Revoke the current certificates of the cluster NAME (a leaked key): the
     observability Envoy and atlasd refuse them within seconds, atlasd re-issues them,
     and the downstream Envoy must be redeployed with the new values."""
@@ -248,9 +265,9 @@ def cluster_revoke(backend: BackendSpec, name: str, wait: float) -> None:
         for e in outcome.found
     )
     if outcome.added:
-        click.echo(f"cluster {name}: revoked its {certs}")
+        click.echo(f"cluster {name}: revoked its {certs}", err=rekey)
     else:
-        click.echo(f"cluster {name}: already revoked: {certs}")
+        click.echo(f"cluster {name}: already revoked: {certs}", err=rekey)
     values = labels.values_secret_name(name)
     ns = backend.settings.namespace
     if outcome.reissued is False:
@@ -261,7 +278,59 @@ def cluster_revoke(backend: BackendSpec, name: str, wait: float) -> None:
     said = "re-issued" if outcome.reissued else "re-issues"
     click.echo(
         f"The observability Envoy refuses them once atlasd pushes its configuration "
-        f"(seconds). atlasd {said} them into Secret {ns}/{values}: redeploy the downstream "
-        f"Envoy's Helm release with those values (atlasd cluster values {name}); until then "
-        f"cluster {name} is not reachable."
+        f"(seconds), and a revoked certificate cannot renew. In compatible mode atlasd "
+        f"{said} them into Secret {ns}/{values}: redeploy the downstream Envoy's Helm "
+        f"release with those values (atlasd cluster values {name}); an enrolled cluster "
+        f"enrolls again with a fresh join token (--rekey). Until then cluster {name} is "
+        f"not reachable.",
+        err=rekey,  # with --rekey, stdout is the token alone
+    )
+    if rekey:  # restart the cluster's agent with it, its certificate directory emptied
+        _print_token(backend, name, ttl_minutes=60)
+
+
+@cluster.command("token")
+@backend_options
+@click.argument("name")
+@click.option(
+    "--ttl",
+    "ttl_minutes",
+    type=click.IntRange(1, 7 * 24 * 60),
+    default=60,
+    show_default=True,
+    help="Minutes the token may be used in (once).",
+)
+@click.option("--allow-loopback", is_flag=True, hidden=True)
+def cluster_token(backend: BackendSpec, name: str, ttl_minutes: int, allow_loopback: bool) -> None:
+    """Mint a one-time join token for the cluster NAME: `atlasd agent` enrolls with it
+    (keys made on the downstream cluster, never sent). Printed once; atlasd stores only
+    its hash."""
+    _print_token(backend, name, ttl_minutes=ttl_minutes, allow_loopback=allow_loopback)
+
+
+def _print_token(
+    backend: BackendSpec, name: str, *, ttl_minutes: int, allow_loopback: bool = False
+) -> None:
+    """Mint a join token for ``name``: the token alone on stdout, what it is on stderr."""
+    import datetime as dt
+
+    from atlasd import clusterctl
+
+    now = dt.datetime.now(dt.UTC)
+    token, record = _cluster_call(
+        lambda api: clusterctl.mint_token(
+            api,
+            name,
+            settings=backend.settings,
+            now=now,
+            ttl=dt.timedelta(minutes=ttl_minutes),
+            allow_loopback=allow_loopback,
+        ),
+        backend,
+    )
+    click.echo(str(token))
+    click.echo(
+        f"one-time join token for cluster {name}, valid until {record.expires:%Y-%m-%d %H:%M:%S} "
+        "UTC: atlasd agent --token-file ... (docs/security.md, 'Enrollment')",
+        err=True,
     )

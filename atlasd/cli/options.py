@@ -70,6 +70,13 @@ def hostport_param(ctx: click.Context, param: click.Parameter, value: str) -> tu
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def optional_hostport_param(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[str, int] | None:
+    """``hostport_param``, or None for an empty value (off)."""
+    return hostport_param(ctx, param, value) if value else None
+
+
 def namespace_param(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from atlasd.fleet.validate import is_dns_label
 

@@ -34,6 +34,7 @@ from atlasd.cli.options import (
     fail,
     hostport_param,
     lock_names_param,
+    optional_hostport_param,
     selector_param,
 )
 from atlasd.cli.process import reason, startup_error
@@ -187,6 +188,22 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             default=DEFAULTS.leaf_lifetime.days,
             type=click.IntRange(1, 3650),
             help="Lifetime of leaf certificates; renewed after 2/3 of it.",
+        ),
+        env_option(
+            "--enroll-listen",
+            env="ATLAS_ENROLL_LISTEN",
+            default=None,
+            callback=optional_hostport_param,
+            help="The enrollment endpoint's address (atlasd agent; docs/security.md, "
+            "'Enrollment'); empty: off.",
+        ),
+        env_option(
+            "--enroll-cert-seconds",
+            env="ATLAS_ENROLL_CERT_SECONDS",
+            default=24 * 3600,
+            type=click.IntRange(30, 365 * 24 * 3600),
+            help="Lifetime of the certificates the enrollment endpoint signs; agents renew "
+            "them after 2/3 of it.",
         ),
         env_option(
             "--leader-election/--no-leader-election",
@@ -364,6 +381,9 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         identity=p["identity"] or socket.gethostname(),
         # This process is atlasd's alone: keep its collector's pauses short (atlasd.heap).
         settle_heap=True,
+        enroll_host=p["enroll_listen"][0] if p["enroll_listen"] else "0.0.0.0",
+        enroll_port=p["enroll_listen"][1] if p["enroll_listen"] else None,
+        enroll_lifetime=dt.timedelta(seconds=p["enroll_cert_seconds"]),
     )
     if mode != "run":
         log.info("started as the original's `%s` command (docs/migration.md)", mode)

@@ -230,8 +230,32 @@ def issue_leaf(
     spec: LeafSpec, *, ca: CA, keys: KeySource, now: dt.datetime, lifetime: dt.timedelta
 ) -> CertKey:
     """A new ECDSA P-256 leaf signed by ``ca``."""
-    now = as_utc(now)
     key = keys.new_key()
+    cert = sign_leaf(
+        spec,
+        key.public_key(),
+        ca=ca,
+        serial=keys.new_serial(),
+        now=now,
+        lifetime=lifetime,
+    )
+    return CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
+
+
+def sign_leaf(
+    spec: LeafSpec,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    ca: CA,
+    serial: int,
+    now: dt.datetime,
+    lifetime: dt.timedelta,
+    skew: dt.timedelta = CLOCK_SKEW,
+) -> x509.Certificate:
+    """The leaf certificate of ``spec`` for ``public_key`` (a key atlasd made, or one an
+    enrolling agent holds: ``atlasd.enroll``), signed by ``ca``, back-dated by ``skew``;
+    validity capped at the CA's."""
+    now = as_utc(now)
     not_after = min(now + lifetime, ca.cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
@@ -244,9 +268,9 @@ def issue_leaf(
             )
         )
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(keys.new_serial())
-        .not_valid_before(now - CLOCK_SKEW)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(now - skew)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -265,14 +289,13 @@ def issue_leaf(
         )
         .add_extension(x509.ExtendedKeyUsage(_eku(spec.usage)), critical=False)
         .add_extension(x509.SubjectAlternativeName(_sans(spec)), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()),  # type: ignore[arg-type]
             critical=False,
         )
     )
-    cert = sign(builder, ca.key)
-    return CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
+    return sign(builder, ca.key)
 
 
 def _p256_key_of(cert: x509.Certificate, key_pem: bytes) -> bool:

@@ -201,15 +201,18 @@ def envoy_bootstrap(
 
 
 def _chart_ports(named: Iterable[tuple[str, int, bool]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(service.ports, ports) of the Envoy chart for (name, port, host_port) triples."""
+    """(service.ports, ports) of the Envoy chart for (name, port, in_service) triples: every
+    port is a container port, those with ``in_service`` are also ports of the chart's
+    Service; the others are ``null`` there, which removes the chart's default entry of
+    that name (helm drops a null key when it merges values). No ``hostPort``: Pod Security
+    ``baseline`` (hence ``restricted``) forbids it."""
     service: dict[str, Any] = {}
     ports: dict[str, Any] = {"admin": {"containerPort": ENVOY_ADMIN_PORT, "protocol": "TCP"}}
-    for name, port, host_port in named:
-        service[name] = {"port": port, "targetPort": name, "protocol": "TCP"}
-        entry: dict[str, Any] = {"containerPort": port, "protocol": "TCP"}
-        if host_port:
-            entry["hostPort"] = port
-        ports[name] = entry
+    for name, port, in_service in named:
+        service[name] = (
+            {"port": port, "targetPort": name, "protocol": "TCP"} if in_service else None
+        )
+        ports[name] = {"containerPort": port, "protocol": "TCP"}
     return service, ports
 
 
@@ -234,6 +237,8 @@ def downstream_values(
     service_ports, ports = _chart_ports(
         [
             ("thanos", DOWNSTREAM_THANOS_PORT, True),
+            # The alert relay is plaintext and for the local Prometheus only: the chart's
+            # headless alertmanager<i> Services reach it, the LoadBalancer does not.
             ("alertmanager", DOWNSTREAM_ALERTMANAGER_PORT, False),
             ("prometheus", DOWNSTREAM_PROMETHEUS_PORT, True),
         ]
@@ -242,7 +247,11 @@ def downstream_values(
         "atlas": {"alertmanagerCount": alertmanager_count},
         "replicaCount": 1,
         "args": list(ENVOY_ARGS),
-        "service": {"enabled": True, "ports": service_ports},
+        # 11901/11904 are dialed from the observability cluster: a LoadBalancer Service
+        # (its address goes into the cluster Service's externalIPs), not hostPorts, which
+        # Pod Security baseline/restricted refuse (docs/charts.md, "Exposing a downstream
+        # Envoy").
+        "service": {"enabled": True, "type": "LoadBalancer", "ports": service_ports},
         "ports": ports,
         "files": {
             "envoy.yaml": dump_yaml(bootstrap),
@@ -271,10 +280,10 @@ def observability_values(settings: Settings, *, identity: Identity, pki: PKI) ->
     )
     service_ports, ports = _chart_ports(
         [
-            ("xds", OBS_XDS_PORT, False),
-            ("thanos", OBS_THANOS_PORT, False),
-            ("alertmanager", OBS_ALERTMANAGER_PORT, False),
-            ("prometheus", OBS_PROMETHEUS_PORT, False),
+            ("xds", OBS_XDS_PORT, True),
+            ("thanos", OBS_THANOS_PORT, True),
+            ("alertmanager", OBS_ALERTMANAGER_PORT, True),
+            ("prometheus", OBS_PROMETHEUS_PORT, True),
         ]
     )
     return {

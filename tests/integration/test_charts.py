@@ -174,6 +174,7 @@ ATLASD_CUSTOM: Doc = {
         "logFormat": "text",
         "extraEnv": [{"name": "ATLAS_EXTRA", "value": "1"}],
     },
+    "enrollment": {"enabled": False},
     "controller": {
         "ports": {"grpc": 7305},
         "envoy": {"host": "envoy.obs.example", "adsAddress": "xds.obs.example", "adsPort": 443},
@@ -244,9 +245,14 @@ def test_atlasd_default_render(helm: Helm) -> None:
         "Service",
         "Service",
         "Service",
+        "Service",  # enrollment (docs/security.md, "Enrollment")
         "ServiceAccount",
     ]
     assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
+    enroll = only(docs, "Service", "atlas-atlasd-enroll")["spec"]
+    assert enroll["ports"] == [
+        {"name": "enroll", "port": 6307, "targetPort": "enroll", "protocol": "TCP"}
+    ]
 
     # Only the observability Envoy pods may reach the ADS port (defence in depth).
     policy = only(docs, "NetworkPolicy")["spec"]
@@ -276,7 +282,12 @@ def test_atlasd_default_render(helm: Helm) -> None:
     assert env["ATLAS_ALERTMANAGER_SELECTOR"] == "app=kube-prometheus-stack-alertmanager"
     assert env["ATLAS_ZONE_FILE"] == "/zone/atlas.zone"
     ports = {p["name"]: p["containerPort"] for p in atlasd["ports"]}
-    assert ports == {"ads": 6305, "metrics": 6309}
+    assert ports == {"ads": 6305, "metrics": 6309, "enroll": 6307}
+    assert env["ATLAS_ENROLL_LISTEN"] == "0.0.0.0:6307"
+    assert env["ATLAS_ENROLL_CERT_SECONDS"] == "86400"
+    # The enrollment port is open to any source (agents come from other clusters).
+    open_ports = {p["port"] for r in policy["ingress"] if "from" not in r for p in r["ports"]}
+    assert 6307 in open_ports
     assert atlasd["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert atlasd["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
 
@@ -402,6 +413,7 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     assert env["ATLAS_ADS_SERVICE"] == "obs-atlasd.observability.svc.corp.local"
     assert env["ATLAS_LEASE_NAME"] == "obs-leader"
     assert env["ATLAS_EXTRA"] == "1"
+    assert "ATLAS_ENROLL_LISTEN" not in env  # enrollment.enabled=false: no endpoint
     assert {p["name"]: p["containerPort"] for p in atlasd["ports"]} == {
         "ads": 7305,
         "metrics": 7309,
@@ -461,6 +473,7 @@ def test_atlasd_optional_parts_can_be_turned_off(helm: Helm) -> None:
             "coredns.enabled=false",
             "networkPolicy.enabled=false",
             "grafanaDashboard.enabled=false",
+            "enrollment.enabled=false",
         ],
     )
     assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret", "Service"]
@@ -678,19 +691,21 @@ def test_envoy_renders_exactly_the_bootstrap_atlasd_wrote(helm: Helm, tmp_path: 
     # atlasd's arguments, then the probe listener merged over its bootstrap.
     assert envoy["args"][: len(values["args"])] == values["args"]
     assert envoy["args"][len(values["args"])] == "--config-yaml"
-    host_ports = {p["name"]: p.get("hostPort") for p in envoy["ports"]}
-    assert host_ports == {
-        "probe": None,
-        "admin": None,
-        "thanos": 11901,
-        "alertmanager": None,
-        "prometheus": 11904,
+    # No host ports (Pod Security baseline refuses them): the Service exposes 11901/11904.
+    container_ports = {p["name"]: (p["containerPort"], p.get("hostPort")) for p in envoy["ports"]}
+    assert container_ports == {
+        "probe": (9002, None),
+        "admin": (9000, None),
+        "thanos": (11901, None),
+        "alertmanager": (11903, None),
+        "prometheus": (11904, None),
     }
     svc = only(docs, "Service", "atlas-envoy")
-    assert sorted((p["name"], p["port"]) for p in svc["spec"]["ports"]) == [
-        ("alertmanager", 11903),
-        ("prometheus", 11904),
-        ("thanos", 11901),
+    assert svc["spec"]["type"] == "LoadBalancer"
+    # The plaintext alert relay is not behind the load balancer (alertmanager<i> reach it).
+    assert sorted((p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]) == [
+        ("prometheus", 11904, "prometheus"),
+        ("thanos", 11901, "thanos"),
     ]
     # A changed certificate or bootstrap rolls the pods.
     checksum = deploy["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
@@ -984,7 +999,7 @@ def test_pods_are_admitted_under_pod_security_restricted(
     elif which.startswith("envoy"):
         chart = ENVOY_CHART
         custom = _envoy_custom_values()
-        del custom["ports"]  # its hostPort: see the next test
+        del custom["ports"]  # its hostPort: see the last test of this group
         if which == "envoy-custom":
             values = [write_values(tmp_path, "custom.yaml", custom)]
         elif which == "envoy-atlas":
@@ -995,26 +1010,25 @@ def test_pods_are_admitted_under_pod_security_restricted(
     assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
 
 
-def test_downstream_values_hostports_are_refused_under_pod_security_baseline(
+def test_downstream_values_are_admitted_under_pod_security_restricted(
     helm: Helm, apiserver: ApiServer, namespace: str, tmp_path: Path
 ) -> None:
-    """The downstream values atlasd writes publish 11901/11904 as hostPorts (the
-    observability Envoy dials the node's address), which `baseline`, hence `restricted`,
-    forbids: a downstream cluster's Envoy needs a namespace that allows hostPorts
-    (docs/charts.md, "Pod Security"). The control for the test above: enforcement is
-    real, and this is what it refuses."""
+    """The downstream values atlasd writes install into a namespace enforcing
+    `restricted` as they are (11901/11904 behind the chart's LoadBalancer Service, no host
+    ports; docs/charts.md, "Exposing a downstream Envoy"). The control: enforcement is
+    real, a hostPort of the user's own is refused."""
     apiserver.kubectl("label", "namespace", namespace, RESTRICTED)
     values_file, _ = _cluster_values_file(tmp_path, alertmanagers=0)
     deploy = only(
         render(helm, ENVOY_CHART, namespace=namespace, values=[values_file]), "Deployment"
     )
+    assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
+    [envoy] = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy"]
+    for port in envoy["ports"]:
+        if port["name"] == "thanos":
+            port["hostPort"] = port["containerPort"]
     with pytest.raises(RuntimeError, match=r'violates PodSecurity "restricted:latest": hostPort'):
         _pod_dry_run(apiserver, namespace, deploy)
-    # Without the hostPorts (e.g. a LoadBalancer Service in front instead) it is admitted.
-    for c in deploy["spec"]["template"]["spec"]["containers"]:
-        for port in c["ports"]:
-            port.pop("hostPort", None)
-    assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
 
 
 # ---------------------------------------------------------------- chart <-> `atlasd run`

@@ -360,3 +360,33 @@ def test_cluster_list_with_a_store_judges_loopback_addresses_as_the_daemon_does(
     assert len(rows) == 1 and "loopback" in (rows[0]["problem"] or ""), rows
     allowed = _invoke("cluster", "list", "--store", store, "-o", "json", "--allow-loopback")
     assert not json.loads(allowed.output)[0]["problem"]
+
+
+def test_the_agent_refuses_in_one_line_without_echoing_the_token(tmp_path: Path) -> None:
+    args = ("agent", "--server=127.0.0.1:1", "--cluster=east", f"--dir={tmp_path}", "--once")
+    garbage = "abcdef.not-a-secret.nope"
+    result = _invoke(*args, env={"ATLAS_JOIN_TOKEN": garbage})
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert "malformed join token" in line and "not-a-secret" not in line
+    result = _invoke(*args, env={"ATLAS_JOIN_TOKEN": ""})
+    assert result.exit_code == 1
+    assert "no valid credentials" in _one_error_line(result)
+    # The SDS files Envoy is pointed at exist before any certificate does.
+    assert sorted(p.name for p in tmp_path.glob("sds-*.yaml")) == [
+        "sds-client.yaml",
+        "sds-server.yaml",
+        "sds-validation.yaml",
+    ]
+
+
+def test_run_takes_the_enrollment_endpoint(kubeconfig: Path, captured: list[DaemonOptions]) -> None:
+    result = _invoke("run", f"--kubeconfig={kubeconfig}", "--enroll-listen=127.0.0.1:6307",
+                     "--enroll-cert-seconds=600")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [options] = captured
+    assert (options.enroll_host, options.enroll_port) == ("127.0.0.1", 6307)
+    assert options.enroll_lifetime.total_seconds() == 600
+    captured.clear()
+    assert _invoke("run", f"--kubeconfig={kubeconfig}").exit_code == 0
+    assert captured[0].enroll_port is None  # off unless asked for

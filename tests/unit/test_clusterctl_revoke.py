@@ -113,3 +113,32 @@ def test_refusals_are_one_line_naming_what_is_wrong(setup: str, message: str) ->
         _revoke(kube, "east")
     assert str(exc.value).startswith(message)
     assert "\n" not in str(exc.value) and "BEGIN" not in str(exc.value)
+
+
+def _enrolled(kube: FakeKube, name: str) -> dict[str, bytes]:
+    """What the enrollment endpoint records after signing an agent's requests."""
+    from atlasd.enroll import store
+
+    ident = helpers.identity(CA, name)  # stands for the agent's certificates
+    certs = {"server": ident.server.cert_pem, "client": ident.client.cert_pem}
+    trio.run(lambda: store.record_issued(kube, name, certs, namespace=S.namespace))
+    return certs
+
+
+def test_an_enrolled_clusters_certificates_are_revoked_too() -> None:
+    kube = _kube("east")
+    enrolled = _enrolled(kube, "east")
+    out = _revoke(kube, "east")
+    assert len(out.added) == 4  # atlasd's two (compatible mode) and the agent's two
+    want = {revocation.pem_fingerprint(pem) for pem in enrolled.values()}
+    assert want <= {e.sha256 for e in _stored(kube)}
+
+
+def test_an_enrolled_only_cluster_is_revoked_without_an_identity_secret() -> None:
+    kube = FakeKube()
+    kube.put(cluster_service("east", "203.0.113.1"))
+    enrolled = _enrolled(kube, "east")
+    out = _revoke(kube, "east")
+    assert {e.sha256 for e in out.added} == {
+        revocation.pem_fingerprint(pem) for pem in enrolled.values()
+    }

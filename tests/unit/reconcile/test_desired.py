@@ -132,12 +132,21 @@ def test_downstream_values_keep_the_chart_keys_and_carry_the_clusters_identity()
     assert values["replicaCount"] == 1
     assert values["args"] == ["-l", "info", "-c", "/config/envoy.yaml"]
     assert values["service"]["enabled"] is True
-    assert {k: v["port"] for k, v in values["service"]["ports"].items()} == {
+    # 11901/11904 behind a LoadBalancer, no host ports (Pod Security baseline refuses
+    # them); the plaintext alert relay is a container port only (local Prometheus).
+    assert values["service"]["type"] == "LoadBalancer"
+    assert {k: v and v["port"] for k, v in values["service"]["ports"].items()} == {
+        "thanos": 11901,
+        "alertmanager": None,  # null: removes the chart's default entry
+        "prometheus": 11904,
+    }
+    assert {k: v["containerPort"] for k, v in values["ports"].items()} == {
+        "admin": 9000,
         "thanos": 11901,
         "alertmanager": 11903,
         "prometheus": 11904,
     }
-    assert values["ports"]["admin"]["containerPort"] == 9000
+    assert not any("hostPort" in v for v in values["ports"].values())
     assert set(values["files"]) == {
         "envoy.yaml",
         "ca.pem",

@@ -1,0 +1,372 @@
+"""``atlasd agent``: the downstream side of enrollment. Its keys never leave the pod.
+
+1. Makes a fresh ECDSA P-256 key per leaf (``server``, ``client``) and a CSR for the
+   names of the cluster's leaves (``atlasd.enroll.csr.specs``).
+2. First contact: fetches the trust bundle (``GET /v1/ca``) without trusting the server,
+   and accepts it only if a CA in it has the public key pinned in the join token. Every
+   request after that verifies atlasd's certificate against that bundle (name
+   ``model.ADS_SERVER_NAME``).
+3. ``POST /v1/enroll`` with the token; ``POST /v1/renew`` later with the current client
+   certificate (mTLS), once ``renew_fraction`` (2/3) of its life has passed; and every
+   ``bundle_interval`` it reads the bundle again: a changed bundle (a CA rotation) is
+   written and the leaves renewed at once.
+4. Writes key, certificates and bundle into ``directory`` atomically, the way the kubelet
+   updates a Secret volume: a new ``..<time>`` directory, then the ``..data`` symlink
+   replaced by a rename; the names Envoy reads (``server.pem``, ``server-key.pem``,
+   ``client.pem``, ``client-key.pem``, ``ca.pem``) are symlinks through ``..data``. Envoy
+   reads them through SDS from files with ``watched_directory`` on ``directory``
+   (``sds_files``: ``sds-server.yaml``, ``sds-client.yaml``, ``sds-validation.yaml``), so
+   the rename reloads all of them together, with no restart.
+
+Errors::
+
+    Exception
+     └── AgentError   (message safe to log: never the token, a key or a certificate)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import shutil
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from atlasd.certpolicy import load_cert, public_der, renewal_time
+from atlasd.enroll import csr as csrs
+from atlasd.enroll import token as tokens
+from atlasd.enroll.token import JoinToken
+from atlasd.enroll.wire import CA_PATH, ENROLL_PATH, RENEW_PATH, WireError, call
+from atlasd.files import write_atomic
+from atlasd.model import ADS_SERVER_NAME, Settings
+from atlasd.reconcile.certs import LeafSpec, key_pem
+
+log = logging.getLogger(__name__)
+
+FILES = ("server.pem", "server-key.pem", "client.pem", "client-key.pem", "ca.pem")
+DATA_LINK = "..data"
+# How long one request may take, answer included: atlasd answers a burst of enrollments
+# late rather than drop them (bench_enroll: 1,000 at once).
+CALL_SECONDS = 60.0
+# How long an enrollment is tried again when no answer comes.
+ENROLL_SECONDS = 300.0
+
+
+class AgentError(Exception):
+    """Enrollment or renewal failed (message safe to log). ``retry``: the request may be
+    sent again as it is (no answer came, or atlasd said to retry later)."""
+
+    def __init__(self, message: str, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+    server_name: str = ADS_SERVER_NAME
+    # The address to connect from (None: the system's choice; a benchmark gives each
+    # simulated cluster its own, as distinct clusters have).
+    local_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the agent writes (PEM): leaves followed by their chain, keys, bundle."""
+
+    files: Mapping[str, bytes]
+
+    def __repr__(self) -> str:
+        return "Credentials(...)"
+
+
+def _csr(key: ec.EllipticCurvePrivateKey, spec: LeafSpec) -> str:
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.common_name)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(d) for d in spec.dns]), critical=False
+        )
+    )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def new_request(
+    cluster: str, settings: Settings
+) -> tuple[dict[str, ec.EllipticCurvePrivateKey], dict[str, str]]:
+    """Fresh keys and their CSRs, by leaf kind."""
+    specs = csrs.specs(cluster, settings)
+    keys = {kind: ec.generate_private_key(ec.SECP256R1()) for kind in csrs.KINDS}
+    return keys, {kind: _csr(keys[kind], specs[kind]) for kind in csrs.KINDS}
+
+
+def _client_context(bundle: bytes | None) -> ssl.SSLContext:
+    if bundle is None:  # first contact: the bundle is checked against the pin instead
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = ssl.create_default_context(cadata=bundle.decode("ascii"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+async def _call(
+    server: Server,
+    ctx: ssl.SSLContext,
+    method: str,
+    path: str,
+    doc: dict[str, Any] | None,
+) -> dict[str, Any]:
+    try:
+        with trio.fail_after(CALL_SECONDS):
+            tcp = await trio.open_tcp_stream(
+                server.host, server.port, local_address=server.local_address
+            )
+            stream = trio.SSLStream(tcp, ctx, server_hostname=server.server_name)
+            try:
+                status, answer = await call(stream, method, path, doc, host=server.server_name)
+            finally:
+                await trio.aclose_forcefully(stream)
+    except trio.TooSlowError as exc:
+        where = f"{server.host}:{server.port}"
+        raise AgentError(f"atlasd at {where} did not answer in time", retry=True) from exc
+    except (OSError, trio.BrokenResourceError, ssl.SSLError, WireError) as exc:
+        where = f"{server.host}:{server.port}"
+        raise AgentError(f"cannot talk to atlasd at {where}: {exc}", retry=True) from exc
+    if status != 200:
+        said = answer.get("error", "no reason given")
+        raise AgentError(f"atlasd refused ({status}): {said}", retry=status in (429, 503))
+    return answer
+
+
+async def fetch_bundle(server: Server, *, pin: str | None, bundle: bytes | None) -> bytes:
+    """The trust bundle: with ``pin`` (first contact), any server's answer checked against
+    it; with ``bundle``, from a server verified by it."""
+    answer = await _call(server, _client_context(bundle), "GET", CA_PATH, None)
+    ca = answer.get("ca")
+    if not isinstance(ca, str):
+        raise AgentError("atlasd's answer holds no trust bundle")
+    if pin is not None and not tokens.bundle_matches(ca.encode(), pin):
+        raise AgentError(
+            "the server's trust bundle does not hold the CA pinned in the join token: "
+            "not the atlasd that minted it"
+        )
+    return ca.encode()
+
+
+def _credentials(
+    keys: Mapping[str, ec.EllipticCurvePrivateKey], answer: dict[str, Any]
+) -> Credentials:
+    certs, chain, ca = answer.get("certificates"), answer.get("chain", ""), answer.get("ca")
+    if not isinstance(certs, dict) or not isinstance(chain, str) or not isinstance(ca, str):
+        raise AgentError("atlasd's answer is not a certificate answer")
+    files: dict[str, bytes] = {"ca.pem": ca.encode()}
+    for kind, key in keys.items():
+        pem = certs.get(kind)
+        cert = load_cert(pem.encode()) if isinstance(pem, str) else None
+        if cert is None or public_der(cert.public_key()) != public_der(key.public_key()):
+            raise AgentError(f"atlasd's {kind} certificate is not for the key sent")
+        files[f"{kind}.pem"] = pem.encode() + chain.encode()  # type: ignore[union-attr]
+        files[f"{kind}-key.pem"] = key_pem(key)
+    return Credentials(files)
+
+
+async def enroll(
+    server: Server,
+    token: JoinToken,
+    *,
+    cluster: str,
+    settings: Settings,
+    within: float = ENROLL_SECONDS,
+) -> Credentials:
+    """Enroll with ``token``; a request that got no answer (or a 429/503) is sent again,
+    the same keys and requests, for up to ``within`` seconds: atlasd answers a token
+    asked again for the keys it was used for with the same certificates."""
+    keys, requests = new_request(cluster, settings)
+    doc = {"cluster": cluster, "token": str(token), "csrs": requests}
+    delay = 0.5
+    with trio.move_on_after(within):
+        while True:
+            try:
+                bundle = await fetch_bundle(server, pin=token.pin, bundle=None)
+                answer = await _call(server, _client_context(bundle), "POST", ENROLL_PATH, doc)
+                return _credentials(keys, answer)
+            except AgentError as exc:
+                if not exc.retry:
+                    raise
+                log.info("agent: %s; trying again in %.1f s", exc, delay)
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 10.0)
+    raise AgentError(f"no answer from atlasd at {server.host}:{server.port} within {within:g} s")
+
+
+async def renew(
+    server: Server, directory: Path, *, cluster: str, settings: Settings, bundle: bytes
+) -> Credentials:
+    """New leaves, authenticated by the client certificate in ``directory``."""
+    ctx = _client_context(bundle)
+    ctx.load_cert_chain(directory / "client.pem", directory / "client-key.pem")
+    keys, requests = new_request(cluster, settings)
+    answer = await _call(server, ctx, "POST", RENEW_PATH, {"cluster": cluster, "csrs": requests})
+    return _credentials(keys, answer)
+
+
+def write(directory: Path, creds: Credentials) -> None:
+    """Replace the credentials in ``directory`` at once (module docstring, 4)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime()) + f"{time.time_ns() % 10**9:09d}"
+    new = directory / stamp
+    new.mkdir(mode=0o750)
+    for name, data in creds.files.items():
+        mode = 0o640 if name.endswith("-key.pem") else 0o644
+        fd = os.open(new / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    link = directory / DATA_LINK
+    old = os.readlink(link) if link.is_symlink() else None
+    tmp = directory / f"{DATA_LINK}_tmp"
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(stamp, tmp)
+    os.replace(tmp, link)  # the one atomic step
+    for name in FILES:
+        path = directory / name
+        if not path.is_symlink():
+            os.symlink(f"{DATA_LINK}/{name}", path)
+    if old and old != stamp:
+        shutil.rmtree(directory / old, ignore_errors=True)
+
+
+def sds_files(directory: Path) -> dict[str, str]:
+    """The SDS-from-files documents Envoy reads (``sds-<name>.yaml``), secrets named
+    ``server``, ``client`` and ``validation`` as atlasd's xDS names them."""
+    d = directory
+
+    def doc(secret: dict[str, Any]) -> str:
+        typ = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+        return yaml.safe_dump({"resources": [{"@type": typ, **secret}]}, sort_keys=False)
+
+    out = {
+        f"sds-{kind}.yaml": doc(
+            {
+                "name": kind,
+                "tls_certificate": {
+                    "certificate_chain": {"filename": str(d / f"{kind}.pem")},
+                    "private_key": {"filename": str(d / f"{kind}-key.pem")},
+                },
+            }
+        )
+        for kind in csrs.KINDS
+    }
+    out["sds-validation.yaml"] = doc(
+        {
+            "name": "validation",
+            "validation_context": {"trusted_ca": {"filename": str(d / "ca.pem")}},
+        }
+    )
+    return out
+
+
+def write_sds_files(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in sds_files(directory).items():
+        write_atomic(directory / name, text)
+
+
+def sds_config(directory: Path, name: str) -> dict[str, Any]:
+    """The ``sds_config`` an Envoy config names a secret of the agent's with."""
+    return {
+        "path_config_source": {
+            "path": str(directory / f"sds-{name}.yaml"),
+            "watched_directory": {"path": str(directory)},
+        }
+    }
+
+
+def current(directory: Path, now: dt.datetime) -> bool:
+    """Whether ``directory`` holds credentials still valid now (a restarted agent uses
+    them instead of a token)."""
+    try:
+        cert = load_cert((directory / "client.pem").read_bytes())
+        present = all((directory / n).is_file() for n in FILES)
+    except OSError:
+        return False
+    return present and cert is not None and now < cert.not_valid_after_utc
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    server: Server
+    cluster: str
+    directory: Path
+    settings: Settings
+    token: JoinToken | None = None
+    once: bool = False
+    bundle_interval: float = 60.0
+    retry_max: float = 60.0
+
+
+async def run_agent(
+    options: AgentOptions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Enroll (unless the directory holds valid credentials), then with ``once`` return,
+    else renew and follow the bundle until cancelled."""
+    o = options
+    write_sds_files(o.directory)
+    if not current(o.directory, dt.datetime.now(dt.UTC)):
+        if o.token is None:
+            raise AgentError(
+                f"no valid credentials in {o.directory} and no join token to enroll with"
+            )
+        write(o.directory, await enroll(o.server, o.token, cluster=o.cluster, settings=o.settings))
+        log.info("agent: cluster %s enrolled; credentials in %s", o.cluster, o.directory)
+    task_status.started()
+    if o.once:
+        return
+    delay = 1.0
+    while True:
+        try:
+            await _follow(o)
+            delay = 1.0
+        except AgentError as exc:
+            log.warning("agent: %s; retrying in %.0f s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, o.retry_max)
+
+
+async def _follow(o: AgentOptions) -> None:
+    """One wait: until the renewal time or the next bundle check, whichever is first."""
+    bundle = (o.directory / "ca.pem").read_bytes()
+    due = renewal_time((o.directory / "client.pem").read_bytes(), o.settings.renew_fraction) or 0.0
+    wait = max(0.0, min(due - time.time(), o.bundle_interval))
+    await trio.sleep(wait)
+    renew_now = time.time() >= due
+    if not renew_now:
+        fresh = await fetch_bundle(o.server, pin=None, bundle=bundle)
+        if fresh != bundle:
+            log.info("agent: the trust bundle changed (a CA rotation): renewing now")
+            renew_now = True
+            bundle = fresh
+    if renew_now:
+        creds = await renew(
+            o.server, o.directory, cluster=o.cluster, settings=o.settings, bundle=bundle
+        )
+        write(o.directory, creds)
+        log.info("agent: cluster %s renewed its certificates", o.cluster)

@@ -1,0 +1,467 @@
+"""Enrollment end to end: a real API server, ``atlasd run`` with its enrollment endpoint,
+a real observability Envoy from ``atlas-envoy-values``, and a downstream cluster (a network
+namespace with a real Prometheus) whose Envoy reads only what ``atlasd agent`` wrote:
+
+- ``atlasd cluster token east`` mints a token; ``atlasd agent --once`` enrolls with it
+  (keys made on the downstream side); a real Envoy serves 11904 with those certificates
+  through SDS from the files (``watched_directory``) and a query through the observability
+  Envoy's ``/prom/east/`` answers (the mTLS chain: atlasd's CA, east's SAN);
+- the agent left running renews the 30-second certificates over mTLS and the same Envoy
+  process serves the new one (no restart), the chain still answering;
+- the token replayed, or used for another cluster, is refused and changes nothing;
+- none of the downstream key's bytes is in any Secret or ConfigMap of the API server, nor
+  in atlasd's log, its Events, ``/status`` or ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from atlasd.enroll import agent
+from tests.harness.envoy import Envoy, typed
+from tests.harness.kube import ApiServer
+from tests.harness.net import free_port
+from tests.harness.netns import downstream_host
+from tests.harness.procs import Proc
+from tests.harness.wait import wait_until
+from tests.integration.daemon_helpers import ATLASD, Atlasd, cli
+
+pytestmark = pytest.mark.integration
+
+# A /30 of TEST-NET-2 of its own (the revoke test uses .8/30 and .12/30).
+HOST_IP, NS_IP = "198.51.100.17", "198.51.100.18"
+
+
+def _values(apiserver: ApiServer, namespace: str, name: str) -> bytes | None:
+    with apiserver.admin() as c:
+        r = c.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    if r.status_code != 200:
+        return None
+    return base64.b64decode(r.json()["data"]["values.yaml"])
+
+
+def _boot(values: bytes) -> dict[str, Any]:
+    boot: dict[str, Any] = yaml.safe_load(yaml.safe_load(values)["files"]["envoy.yaml"])
+    return boot
+
+
+def _chain(cluster: str) -> bool:
+    url = f"http://127.0.0.1:10904/prom/{cluster}/api/v1/status/buildinfo"
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def downstream_bootstrap(certs: Path, prom_port: int) -> dict[str, Any]:
+    """A downstream Envoy serving 11904 with mTLS from the agent's files only (SDS from
+    files, watched directory), forwarding to the local Prometheus."""
+    tls = typed(
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        require_client_certificate=True,
+        common_tls_context={
+            "tls_certificate_sds_secret_configs": [
+                {"name": "server", "sds_config": agent.sds_config(certs, "server")}
+            ],
+            "validation_context_sds_secret_config": {
+                "name": "validation",
+                "sds_config": agent.sds_config(certs, "validation"),
+            },
+        },
+    )
+    hcm = typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="prom",
+        codec_type="AUTO",
+        route_config={
+            "virtual_hosts": [
+                {
+                    "name": "prom",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "prom"}}],
+                }
+            ]
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+    )
+    return {
+        "node": {"id": "east", "cluster": "east"},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "prometheus",
+                    "address": {"socket_address": {"address": "0.0.0.0", "port_value": 11904}},
+                    "filter_chains": [
+                        {
+                            "transport_socket": {
+                                "name": "envoy.transport_sockets.tls",
+                                "typed_config": tls,
+                            },
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "prom",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "prom",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": prom_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _served_serial(envoy: Envoy) -> str | None:
+    """The serial of the server certificate the Envoy serves now (admin /certs)."""
+    doc = httpx.get(f"{envoy.admin_url}/certs", timeout=5).json()
+    for entry in doc.get("certificates", []):
+        for chain in entry.get("cert_chain", []):
+            if "east" in [s.get("dns") for s in chain.get("subject_alt_names", [])]:
+                return str(chain.get("serial_number"))
+    return None
+
+
+def _serial(path: Path) -> str:
+    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
+
+
+def _everything_stored(apiserver: ApiServer) -> bytes:
+    out = []
+    with apiserver.admin() as c:
+        for kind in ("secrets", "configmaps", "events"):
+            out.append(c.get(f"/api/v1/{kind}").content)
+    return b"\n".join(out)
+
+
+def test_an_agent_enrolls_renews_and_its_key_stays_home(
+    apiserver: ApiServer,
+    namespace: str,
+    tmp_path: Path,
+    envoy_factory: Callable[[dict[str, Any], str], Envoy],
+) -> None:
+    kube = (f"--kubeconfig={apiserver.admin_kubeconfig}", f"--namespace={namespace}")
+    enroll_port = free_port()
+    server = f"127.0.0.1:{enroll_port}"
+    with contextlib.ExitStack() as stack:
+        host = stack.enter_context(downstream_host(host_ip=HOST_IP, ns_ip=NS_IP, reach=[HOST_IP]))
+        atlasd = Atlasd(
+            tmp_path / "atlasd", *kube, "--no-leader-election", f"--envoy-ads-address={HOST_IP}",
+            f"--envoy-address={HOST_IP}", f"--enroll-listen={server}", "--enroll-cert-seconds=30",
+        ).start()  # fmt: skip
+        stack.callback(atlasd.proc.stop)
+        prom = host.prometheus(tmp_path / "prom")
+        stack.callback(prom.stop)
+        prom.start()
+        cli("cluster", "add", "east", "--external-ip", NS_IP,
+            "--annotation", "goatlas.io/prometheus-service=localhost",
+            "--annotation", f"goatlas.io/prometheus-service-port={prom.port}", *kube)  # fmt: skip
+        cli("cluster", "add", "west", "--external-ip", "198.51.100.30", *kube)
+        obs_values = wait_until(
+            lambda: _values(apiserver, namespace, "atlas-envoy-values"), timeout=60, what="values"
+        )
+        obs = envoy_factory(_boot(obs_values), "atlas")
+        obs.wait_ready(timeout=60)
+
+        token = wait_until(
+            lambda: (
+                (p := cli("cluster", "token", "east", *kube, check=False)).returncode == 0
+                and p.stdout.strip()
+            ),
+            timeout=30,
+            what="a join token (once atlasd has its CA)",
+        )
+        assert isinstance(token, str)
+        certs = tmp_path / "east-certs"
+        agent_args = ("agent", f"--server={server}", "--cluster=east", f"--namespace={namespace}")
+        cli(*agent_args, f"--dir={certs}", "--once", env={"ATLAS_JOIN_TOKEN": token})
+        key_pems = {k: (certs / f"{k}-key.pem").read_bytes() for k in ("server", "client")}
+        assert all(b"PRIVATE KEY" in pem for pem in key_pems.values())
+
+        # Replayed, or for another cluster: refused, nothing written.
+        replay = cli(*agent_args, f"--dir={tmp_path / 'replay'}", "--once", check=False,
+                     env={"ATLAS_JOIN_TOKEN": token})  # fmt: skip
+        assert replay.returncode == 1 and "already used" in replay.stderr
+        assert not (tmp_path / "replay" / "client.pem").exists()
+        west_token = cli("cluster", "token", "west", *kube).stdout.strip()
+        other = cli(*agent_args, f"--dir={tmp_path / 'other'}", "--once", check=False,
+                    env={"ATLAS_JOIN_TOKEN": west_token})  # fmt: skip
+        assert other.returncode == 1 and "not for cluster 'east'" in other.stderr
+        assert token not in other.stderr + replay.stderr
+
+        # A real Envoy serves east's listener from the agent's files; the chain answers.
+        downstream = host.envoy(downstream_bootstrap(certs, prom.port), "east", tmp_path / "east")
+        stack.callback(downstream.stop)
+        downstream.start().wait_ready(timeout=60)
+        wait_until(lambda: _chain("east"), timeout=60, what="east answers through the chain")
+        first = _serial(certs / "server.pem")
+        assert _served_serial(downstream) == first
+        pid = downstream.proc.pid
+
+        # The agent stays: it renews (30 s certificates, at 2/3) over mTLS; the same Envoy
+        # serves the new certificate and the chain keeps answering.
+        follower = Proc("agent-east", [*ATLASD, *agent_args, f"--dir={certs}", "--bundle-interval=2"],
+                        log_dir=tmp_path, env={"ATLAS_JOIN_TOKEN": ""})  # fmt: skip
+        stack.callback(follower.stop)
+        follower.start()
+        wait_until(lambda: _serial(certs / "server.pem") != first, timeout=60,
+                   what="the agent renewed")  # fmt: skip
+        second = _serial(certs / "server.pem")
+        wait_until(lambda: _served_serial(downstream) == second, timeout=30,
+                   what="the Envoy serves the renewed certificate")  # fmt: skip
+        downstream.proc.check_running()
+        assert downstream.proc.pid == pid  # the same process: no restart
+        wait_until(lambda: _chain("east"), timeout=30, what="the chain answers after renewal")
+        # A CA rotation: the agent sees the new bundle, renews with the new CA at once, and
+        # the same Envoy serves the new certificate; the chain keeps answering.
+        bundle_before = (certs / "ca.pem").read_bytes()
+        before_rotation = _serial(certs / "server.pem")
+        apiserver.kubectl("-n", namespace, "annotate", "secret", "atlas-ca",
+                          "goatlas.io/ca-rotate=enroll-test")  # fmt: skip
+        wait_until(lambda: (certs / "ca.pem").read_bytes() != bundle_before, timeout=60,
+                   what="the agent wrote the rotated bundle")  # fmt: skip
+        with apiserver.admin() as c:
+            ca_doc = c.get(f"/api/v1/namespaces/{namespace}/secrets/atlas-ca").json()
+        new_ca = x509.load_pem_x509_certificate(base64.b64decode(ca_doc["data"]["ca.pem"]))
+
+        def signed_by_new_ca() -> bool:
+            leaf = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
+            try:
+                leaf.verify_directly_issued_by(new_ca)
+            except (ValueError, TypeError, InvalidSignature):
+                return False
+            return True
+
+        wait_until(signed_by_new_ca, timeout=60, what="renewed with the new CA")
+        rotated = _serial(certs / "server.pem")
+        assert rotated not in (before_rotation, first)
+        wait_until(lambda: _served_serial(downstream) == rotated, timeout=30,
+                   what="the Envoy serves the certificate of the new CA")  # fmt: skip
+        assert downstream.proc.pid == pid
+        wait_until(lambda: _chain("east"), timeout=60, what="the chain answers after the rotation")
+        key_pems.update(
+            {f"renewed-{k}": (certs / f"{k}-key.pem").read_bytes() for k in ("server", "client")}
+        )
+        assert "renewed" in follower.log_text() and token not in follower.log_text()
+
+        # None of the downstream keys' bytes anywhere on the observability side.
+        stored = _everything_stored(apiserver)
+        sources = {
+            "Secrets, ConfigMaps and Events": stored,
+            "atlasd's log": atlasd.log_text().encode(),
+            "/status": httpx.get(f"{atlasd.url}/status", timeout=10).content,
+            "/metrics": httpx.get(f"{atlasd.url}/metrics", timeout=10).content,
+        }
+        for name, pem in key_pems.items():
+            body = b"".join(pem.splitlines()[1:-1])  # the base64 of the DER key
+            lines = [line for line in pem.splitlines()[1:-1] if len(line) >= 40]
+            for where, data in sources.items():
+                flat = data.replace(b"\\n", b"").replace(b"\n", b"")
+                assert body not in flat, f"{name} key found in {where}"
+                assert not any(line in data for line in lines), f"{name} key found in {where}"
+                assert base64.b64encode(pem) not in data, f"{name} key found in {where}"
+        for where, data in sources.items():
+            assert token.split(".")[1].encode() not in data, f"the token's secret in {where}"
+        assert os.stat(certs / "server-key.pem").st_mode & 0o077 in (0, 0o040)
+
+        # Revoked (with --rekey): the observability Envoy refuses east's enrolled
+        # certificate, the agent's renewal with it is refused, and the fresh token enrolls.
+        serial = _serial(certs / "server.pem")
+        revoked = cli("cluster", "revoke", "east", "--rekey", *kube)
+        assert f"serial {int(serial, 16)}" in revoked.stderr
+        fresh = revoked.stdout.strip()
+        assert fresh.split(".")[0] != token.split(".")[0]
+        wait_until(lambda: not _chain("east"), timeout=10, interval=0.05,
+                   what="east's revoked certificate refused")  # fmt: skip
+        wait_until(lambda: "certificate is revoked" in follower.log_text(), timeout=60,
+                   what="the agent's renewal refused")  # fmt: skip
+        assert _serial(certs / "server.pem") == serial  # nothing was issued to it
+        follower.stop()
+        again = tmp_path / "east-rekeyed"
+        cli(*agent_args, f"--dir={again}", "--once", env={"ATLAS_JOIN_TOKEN": fresh})
+        assert _serial(again / "server.pem") != serial
+
+
+OVERSIZED = b"<announced 64 KiB, never sent>"
+
+
+def _hostile(server: str, calls: list[tuple[str, str, bytes]]) -> list[tuple[int, str]]:
+    """Raw requests to the endpoint (concurrently), answered (status, error) each; 0 for
+    a connection closed without an answer. A body of ``OVERSIZED`` is announced (its
+    Content-Length) and never sent: the endpoint must refuse it from the header alone."""
+    import json
+    import ssl
+
+    import h11
+    import trio
+
+    host, _, port = server.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    out: list[tuple[int, str]] = [(0, "")] * len(calls)
+
+    async def one(i: int, method: str, path: str, body: bytes) -> None:
+        stream = trio.SSLStream(await trio.open_tcp_stream(host, int(port)), ctx)
+        conn = h11.Connection(h11.CLIENT)
+        length = 64 * 1024 if body is OVERSIZED else len(body)
+        head = [("host", "x"), ("content-length", str(length)), ("connection", "close")]
+        try:
+            await stream.send_all(
+                conn.send(h11.Request(method=method, target=path, headers=head)) or b""
+            )
+            if body is not OVERSIZED:
+                await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        except (trio.BrokenResourceError, ssl.SSLError):
+            return
+        finally:
+            await trio.aclose_forcefully(stream)
+        if b"\r\n\r\n" in data:
+            status = int(data.split(b" ", 2)[1])
+            out[i] = (status, json.loads(data.split(b"\r\n\r\n", 1)[1]).get("error", ""))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for i, (method, path, body) in enumerate(calls):
+                nursery.start_soon(one, i, method, path, body)
+
+    trio.run(main)
+    return out
+
+
+def test_hostile_enrollments_are_refused_and_change_nothing(
+    apiserver: ApiServer, namespace: str, tmp_path: Path
+) -> None:
+    """Against `atlasd run`: garbage, an oversized body, CSRs naming another cluster or with
+    another key type, a burst from one address (429): each refused with its reason, never
+    echoing the token; the token stays good and then enrolls."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from atlasd.enroll import csr as csrs
+    from atlasd.model import Settings
+
+    kube = (f"--kubeconfig={apiserver.admin_kubeconfig}", f"--namespace={namespace}")
+    server = f"127.0.0.1:{free_port()}"
+    atlasd = Atlasd(tmp_path / "atlasd", *kube, "--no-leader-election",
+                    f"--enroll-listen={server}").start()  # fmt: skip
+    try:
+        for c, ip in (("east", "198.51.100.30"), ("west", "198.51.100.31")):
+            cli("cluster", "add", c, "--external-ip", ip, *kube)
+        token = wait_until(
+            lambda: (
+                (p := cli("cluster", "token", "east", *kube, check=False)).returncode == 0
+                and p.stdout.strip()
+            ),
+            timeout=30,
+            what="a join token",
+        )
+        assert isinstance(token, str)
+        settings = Settings(namespace=namespace)
+        # `cluster add --enroll`: the cluster, and its token alone on stdout.
+        added = cli("cluster", "add", "north", "--external-ip", "198.51.100.32", "--enroll", *kube)
+        from atlasd.enroll import token as join_tokens
+
+        assert join_tokens.parse(added.stdout).pin == join_tokens.parse(token).pin
+        assert "cluster north" in added.stderr
+
+        def enroll_doc(cluster_names: str, *, key: object = None) -> bytes:
+            _, requests = agent.new_request(cluster_names, settings)
+            if key is not None:
+                from tests.unit.enroll.test_csr import make_csr
+
+                requests["server"] = make_csr("east", ("east", f"east.{namespace}.atlas"), key=key)
+            return json.dumps({"cluster": "east", "token": token, "csrs": requests}).encode()
+
+        hostile = [
+            ("POST", "/v1/enroll", b"\x00garbage"),
+            ("POST", "/v1/enroll", OVERSIZED),
+            ("POST", "/v1/enroll", enroll_doc("west")),
+            ("POST", "/v1/enroll", enroll_doc("east", key=ec.generate_private_key(ec.SECP384R1()))),
+            ("POST", "/v1/renew", enroll_doc("east")),  # no client certificate
+            (
+                "POST",
+                "/v1/enroll",
+                json.dumps({"cluster": "east", "token": "x.y.z", "csrs": {}}).encode(),
+            ),
+        ]
+        answers = _hostile(server, hostile)
+        assert [s for s, _ in answers] == [400, 400, 400, 400, 401, 401], answers
+        said = [e for _, e in answers]
+        assert "not JSON" in said[0] and "larger than" in said[1]
+        assert "must be 'east'" in said[2] and "P-256" in said[3]
+        assert "client certificate" in said[4] and "malformed join token" in said[5]
+        assert all(token not in e for e in said)
+        assert csrs.MAX_CSR_BYTES < 64 * 1024
+
+        # A burst from one address: refused with 429 past the bucket, nothing else done.
+        burst = _hostile(server, [("GET", "/v1/ca", b"")] * 120)
+        assert any(s == 429 for s, _ in burst) and any(s == 200 for s, _ in burst)
+
+        # Nothing changed: the token still enrolls (once).
+        certs = tmp_path / "certs"
+        agent_args = ("agent", f"--server={server}", "--cluster=east", f"--namespace={namespace}")
+        wait_until(
+            lambda: (
+                cli(
+                    *agent_args,
+                    f"--dir={certs}",
+                    "--once",
+                    check=False,
+                    env={"ATLAS_JOIN_TOKEN": token},
+                ).returncode
+                == 0
+            ),
+            timeout=30,
+            what="the token enrolls once the burst's bucket refilled",
+        )
+        assert (certs / "client.pem").exists()
+        log = atlasd.log_text()
+        assert "refused" in log and token.split(".")[1] not in log
+    finally:
+        atlasd.proc.stop()
