@@ -159,7 +159,9 @@ def _served_serial(envoy: Envoy) -> str | None:
     for entry in doc.get("certificates", []):
         for chain in entry.get("cert_chain", []):
             if "east" in [s.get("dns") for s in chain.get("subject_alt_names", [])]:
-                return str(chain.get("serial_number"))
+                # Envoy prints the serial's bytes (a leading zero kept): the same hex
+                # as _serial's once normalized.
+                return format(int(str(chain.get("serial_number")), 16), "x")
     return None
 
 
