@@ -73,6 +73,8 @@ from atlasd.xds.messages import (
     HeaderPart,
     Piece,
     downstream_tls_chain,
+    failover_outlier_detection,
+    failover_retry_policy,
     host_domains,
     make_cluster,
     make_endpoints,
@@ -501,7 +503,14 @@ class SnapshotBuilder:
             vh = route_components_pb2.VirtualHost(
                 name="xds",
                 domains=["*"],
-                routes=[make_route(ADS_FORWARD_CLUSTER, streaming=True, headers_to_add=headers)],
+                routes=[
+                    make_route(
+                        ADS_FORWARD_CLUSTER,
+                        streaming=True,
+                        headers_to_add=headers,
+                        retry=failover_retry_policy(),
+                    )
+                ],
             )
             rc = route_pb2.RouteConfiguration(name="xds", virtual_hosts=[vh])
             return Piece(serialize(rc), frozenset({(CLUSTER, ADS_FORWARD_CLUSTER)}))
@@ -517,6 +526,9 @@ class SnapshotBuilder:
                 http2=True,
                 tls_san=model.ADS_SERVER_NAME,
             )
+            # The name may resolve to several replicas: a reconnecting stream must not be
+            # routed to a dead one again (retried on another, the dead one ejected).
+            c.outlier_detection.CopyFrom(failover_outlier_detection())
             return Piece(serialize(c), refs)
 
         res.append(_mk(CLUSTER, ADS_FORWARD_CLUSTER, ads_cluster))

@@ -2,7 +2,8 @@
 downstream stream (each with its own cluster's certificate, through a real observability
 Envoy's 10900, to two ``atlasd run`` replicas) converges in every phase — initial state, a
 fleet-wide push, a CA rotation (new leaves held), a leader SIGKILL (its streams reconnect)
-and a rolling restart — and none is left stale."""
+and a rolling restart — and none is left stale; the killed replica's streams reopen once
+each (none is routed to the dead replica again)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def test_every_stream_converges_in_every_phase(tmp_path: Path) -> None:
     kill = out["kill"]
     assert kill["held_by_dead_replica"] > 0
     converged(kill, kill["held_by_dead_replica"])
+    # Each stream the dead replica held reopened once: the observability Envoy retried its
+    # refused connect on the live replica instead of answering 503 (and the stream's next
+    # try landing on the dead one again, up to ~85 s at 500 streams before the fix).
+    assert kill["reopened_more_than_once"] == 0, kill
+    assert kill["reopens_per_stream"]["max"] == 1, kill
     assert kill["lease_s"] > 0 and kill["new_leader_wrote_s"] >= kill["lease_s"]
     assert kill["all_current_after_restart"] == N and kill["stale_after_restart"] == 0
     converged(out["roll"])
