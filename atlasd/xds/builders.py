@@ -75,6 +75,7 @@ from atlasd.xds.messages import (
     downstream_tls_chain,
     failover_outlier_detection,
     failover_retry_policy,
+    fleet_circuit_breakers,
     host_domains,
     make_cluster,
     make_endpoints,
@@ -529,6 +530,7 @@ class SnapshotBuilder:
             # The name may resolve to several replicas: a reconnecting stream must not be
             # routed to a dead one again (retried on another, the dead one ejected).
             c.outlier_detection.CopyFrom(failover_outlier_detection())
+            c.circuit_breakers.CopyFrom(fleet_circuit_breakers())
             return Piece(serialize(c), refs)
 
         res.append(_mk(CLUSTER, ADS_FORWARD_CLUSTER, ads_cluster))

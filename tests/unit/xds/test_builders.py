@@ -612,7 +612,13 @@ def test_xds_forwarding_fails_over_to_a_live_replica() -> None:
     assert od.split_external_local_origin_errors is False
     assert od.consecutive_gateway_failure.value == 2
     assert od.enforcing_consecutive_gateway_failure.value == 100
-    assert od.max_ejection_percent.value == 100
+    # Never every replica ejected (panic mode would balance over the dead ones again).
+    assert 0 < od.max_ejection_percent.value <= 50
+    # A fleet's streams and a reconnect storm's retries are not refused by Envoy's default
+    # circuit breakers (1,024 requests, 3 retries in flight).
+    (limits,) = cl.circuit_breakers.thresholds
+    for field in ("max_requests", "max_pending_requests", "max_retries", "max_connections"):
+        assert getattr(limits, field).value >= 100_000, field
     assert 0 < od.base_ejection_time.ToSeconds() <= od.max_ejection_time.ToSeconds() <= 30
     # Other clusters are not retried or ejected this way (one upstream each).
     for name, r in atlas.of_type(CLUSTER).items():
