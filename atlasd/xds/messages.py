@@ -364,6 +364,7 @@ def make_cluster(
     http2: bool,
     tls_san: str | None = None,
     max_connection_seconds: int | None = None,
+    max_streams: int | None = None,
     crl: bytes = b"",
 ) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
     """An upstream cluster; mTLS when ``tls_san`` is set (refusing the certificates
@@ -396,6 +397,11 @@ def make_cluster(
                 http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
             )
         )
+        if max_streams is not None:
+            # Streams per connection, from the first one: Envoy opens another connection
+            # past it instead of waiting for the server's SETTINGS to say so.
+            h2 = opts.explicit_http_config.http2_protocol_options
+            h2.max_concurrent_streams.value = max_streams
         if max_connection_seconds is not None:
             # Bounds how long a connection authenticated by a rotated-out certificate lives.
             opts.common_http_protocol_options.max_connection_duration.CopyFrom(
@@ -492,6 +498,13 @@ def failover_retry_policy() -> route_components_pb2.RetryPolicy:
     )
 
 
+# atlasd's ADS server (grpclib) advertises HTTP/2 MAX_CONCURRENT_STREAMS 100 and closes the
+# whole connection on a peer that opens the 101st stream (h2's TooManyStreamsError is a
+# protocol error). An Envoy opens streams on a new connection before the server's SETTINGS
+# arrive, so in a reconnect storm (500 streams onto the survivor of a kill) it sent more than
+# 100 at once: every stream on that connection reset before headers, 300 of 500 failed all
+# three tries ("connection termination"). Capped here, Envoy opens one more connection.
+ADS_SERVER_MAX_STREAMS = 100
 # One forwarded stream per downstream Envoy, all through one cluster: Envoy's default
 # circuit breakers (1,024 requests, 1,024 pending, 3 retries in flight) would refuse the
 # 1,025th stream of a fleet, and all but 3 of the retries of a reconnect storm.

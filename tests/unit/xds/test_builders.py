@@ -16,6 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, descriptor_pool, message, message_factory
 
 from atlasd import model
@@ -620,6 +621,15 @@ def test_xds_forwarding_fails_over_to_a_live_replica() -> None:
     for field in ("max_requests", "max_pending_requests", "max_retries", "max_connections"):
         assert getattr(limits, field).value >= 100_000, field
     assert 0 < od.base_ejection_time.ToSeconds() <= od.max_ejection_time.ToSeconds() <= 30
+    # Never more streams on one connection than atlasd's ADS server accepts (grpclib closes
+    # the connection on the 101st), even before its SETTINGS arrive.
+    opts = http_protocol_options_pb2.HttpProtocolOptions.FromString(
+        cl.typed_extension_protocol_options[
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ].value
+    )
+    http2 = opts.explicit_http_config.http2_protocol_options
+    assert http2.max_concurrent_streams.value == 100
     # Other clusters are not retried or ejected this way (one upstream each).
     for name, r in atlas.of_type(CLUSTER).items():
         if name != builders.ADS_FORWARD_CLUSTER:
