@@ -37,7 +37,11 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
 4. ``kill``: SIGKILL of the leader, then at once a new cluster Service; ``lease_s`` (kill
    -> the survivor holds the Lease), ``new_leader_wrote_s`` (kill -> the new cluster's
    values written); the dead replica's streams -> current elsewhere (``time_to_all``);
-   then the dead replica is started again (as its pod would be).
+   ``reopens_per_stream`` and ``reopened_more_than_once`` (each of those streams should
+   reopen once: the observability Envoy retries a refused connect on the live replica) and
+   ``forward_cluster``, the observability Envoy's counters of its forwarding cluster over
+   the phase (connect failures, 503s, retries, ejections); then the dead replica is started
+   again (as its pod would be).
 5. ``roll``: each replica in turn stopped (SIGTERM) and started, waiting for its
    readiness -> every stream current; ``roll_s`` and ``time_to_all`` from the roll's start.
 
@@ -249,6 +253,13 @@ def secret_exists(api: ApiServer, name: str) -> bool:
         return c.get(f"{SECRETS}/{name}").status_code == 200
 
 
+def forward_stats(envoy: Envoy) -> dict[str, int]:
+    """The observability Envoy's counters for the cluster that forwards downstream xDS
+    (``atlasd-ads-forward``), short names."""
+    prefix = "cluster.atlasd-ads-forward."
+    return {k.removeprefix(prefix): v for k, v in envoy.stats(prefix).items()}
+
+
 def strip(phase: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in phase.items() if not k.startswith("_")}
 
@@ -410,6 +421,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         assert leader in replicas, f"the Lease is held by {leader!r}"
         survivor = next(r for r in replicas if r != leader)
         held = fleet.on_replica(leader)
+        fwd0 = forward_stats(envoy)
+        opened0 = {n: s["opened"] for n, s in fleet.client_state().items()}
         t_kill = time.monotonic()
         since = time.time()
         replicas[leader].proc.kill()
@@ -428,6 +441,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         phase["lease_s"] = round(lease_s, 2)
         phase["new_leader_wrote_s"] = round(wrote_s, 2)
         phase["held_by_dead_replica"] = len(held)
+        # Why a stream took long: how often it reopened, and what the observability Envoy's
+        # forwarding cluster saw (connect failures, 503s, retries, ejections) meanwhile.
+        clients = fleet.client_state()
+        reopened = [clients[n]["opened"] - opened0.get(n, 0) for n in held if n in clients]
+        phase["reopens_per_stream"] = pcts([float(x) for x in reopened])
+        # A stream that had to reopen more than once was sent to a dead replica again.
+        phase["reopened_more_than_once"] = sum(1 for x in reopened if x > 1)
+        phase["forward_cluster"] = {
+            k: v - fwd0.get(k, 0) for k, v in forward_stats(envoy).items() if v != fwd0.get(k, 0)
+        }
         replicas[leader].start(timeout=600)
         everyone = fleet.converge(nodes, since=since, timeout=args.timeout)
         phase["all_current_after_restart"] = everyone["current"]

@@ -3,17 +3,24 @@ kube-apiserver (the test harness's etcd + kube-apiserver on loopback), by the le
 reconcile path as the daemon runs it (watches, fleet, reconcile loop: ``tests.harness.reconcile``).
 
     .venv/bin/python bench/bench_reconcile.py [--clusters 1000] [--replicas 1]
+        [--rotate [--profile FILE]]
 
 Prints, for the reconcile from nothing (start to settled: every key done and every write
 seen by the watch): wall time, API writes, certificates issued and peak RSS; for a
 steady-state full pass (same process) and a "restart" (a new loop, nothing remembered;
-start to settled): wall time and writes, which must be 0.
+start to settled): wall time and writes, which must be 0. With ``--rotate``, also a CA
+rotation (``goatlas.io/ca-rotate`` on ``atlas-ca``) in the first loop: annotation to settled,
+writes, certificates issued, CPU; ``--profile FILE`` runs it under cProfile (written to FILE,
+the top functions by own time printed; cProfile's times are wall-clock, so on a loaded
+machine they include waiting for a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as dt
+import pstats
 import resource
 import sys
 import tempfile
@@ -27,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.events import post_event
+from atlasd.kube.resources import SECRETS
 from atlasd.model import Settings
 from tests.harness.kube import ApiServer
-from tests.harness.reconcile import leader
+from tests.harness.reconcile import LeaderRun, leader
 from tests.unit.reconcile.builders import cluster_service
 
 
@@ -49,7 +57,36 @@ def _current_rss_mib() -> float:
     return pages * resource.getpagesize() / (1024 * 1024)
 
 
-async def _bench(api: ApiServer, clusters: int, replicas: int, concurrency: int) -> int:
+async def _rotate(kube: KubeClient, run: LeaderRun, ns: str, profile: Path | None) -> None:
+    """A CA rotation through the running loop, timed from the annotation to settled."""
+    ca = await kube.get(SECRETS, "atlas-ca", namespace=ns)
+    ca["metadata"].setdefault("annotations", {})["goatlas.io/ca-rotate"] = "bench"
+    prof = cProfile.Profile() if profile is not None else None
+    t0, c0 = time.perf_counter(), _cpu_s()
+    if prof is not None:
+        prof.enable()
+    await kube.replace(ca)
+    rotated = await run.settle(timeout=1800)
+    if prof is not None:
+        prof.disable()
+    took, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    print(
+        f"CA rotation: {took:.2f} s, {rotated.writes} writes, {len(rotated.issued)} "
+        f"certificates issued, atlasd CPU {cpu:.2f} s{' (under cProfile)' if prof else ''}"
+    )
+    if prof is not None and profile is not None:
+        prof.dump_stats(profile)
+        pstats.Stats(str(profile), stream=sys.stdout).sort_stats("tottime").print_stats(15)
+
+
+async def _bench(
+    api: ApiServer,
+    clusters: int,
+    replicas: int,
+    concurrency: int,
+    rotate: bool = False,
+    profile: Path | None = None,
+) -> int:
     ns = "bench"
     api.create_namespace(ns)
     settings = Settings(namespace=ns)
@@ -96,6 +133,8 @@ async def _bench(api: ApiServer, clusters: int, replicas: int, concurrency: int)
                 f"{steady.writes} writes, {len(steady.issued)} certificates issued, "
                 f"atlasd CPU {steady_cpu:.2f} s"
             )
+            if rotate:
+                await _rotate(kube, run, ns, profile)
 
         later = now + dt.timedelta(minutes=2)
         t0 = time.perf_counter()
@@ -120,11 +159,21 @@ def main() -> int:
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=32, help="parallel writes")
+    parser.add_argument("--rotate", action="store_true", help="also time a CA rotation")
+    parser.add_argument("--profile", type=Path, help="with --rotate: cProfile it into FILE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmp:
         api = ApiServer(Path(tmp) / "apiserver").start()
         try:
-            return trio.run(_bench, api, args.clusters, args.replicas, args.concurrency)
+            return trio.run(
+                _bench,
+                api,
+                args.clusters,
+                args.replicas,
+                args.concurrency,
+                args.rotate,
+                args.profile,
+            )
         finally:
             api.stop()
 

@@ -20,7 +20,8 @@ Problem; a change of one cluster re-judges only the claimants of the IPs it left
 
 Each ``derive`` returns a ``FleetUpdate``: a new immutable ``FleetVersion`` (its maps are
 ``immutables.Map``s sharing every unchanged key with the previous version's) and the keys
-that changed. Plain synchronous
+that changed — with every cluster key when what each cluster's own objects take from the
+fleet-wide key changed (the Alertmanager count in its values), though no member did. Plain synchronous
 code, no I/O: the daemon feeds it from its watches and hands the updates on.
 """
 
@@ -280,6 +281,10 @@ class FleetState:
             if _trust(before) != _trust(self._fleetwide):
                 # A new trust bundle: every stored identity is judged again.
                 todo |= set(self._members)
+            elif _per_cluster(before) != _per_cluster(self._fleetwide):
+                # Every cluster's own objects carry it (its values' alertmanagerCount): each
+                # cluster key is to be reconciled again, though its member is the same.
+                changed |= {k for k, m in self._members.items() if m.cluster is not None}
             changed |= revocation.changed_clusters(before.revocations, self._fleetwide.revocations)
         ips: set[str] = set()
         members = self._members.mutate()
@@ -597,6 +602,12 @@ class FleetState:
 
 def _trust(fw: FleetWide) -> bytes:
     return fw.ca.bundle if fw.ca is not None else b""
+
+
+def _per_cluster(fw: FleetWide) -> int:
+    """What of the fleet-wide key goes into each cluster's own objects: the number of local
+    Alertmanagers (``atlas.alertmanagerCount`` in its ``<c>-envoy-values``)."""
+    return len(fw.alertmanagers)
 
 
 def _identity_certs(node: str, identity: Identity, fraction: float) -> list[CertInfo]:

@@ -64,6 +64,7 @@ from atlasd.fleet.keys import FLEET_KEY
 from atlasd.labels import CLUSTER_HEADER, FORWARDER_TOKEN_HEADER, UPSTREAM_FAILURE_HEADER
 from atlasd.xds.messages import (
     ADS_FORWARD_CLUSTER,
+    ADS_SERVER_MAX_STREAMS,
     ATLAS_ALERTMANAGER_CLUSTER,
     CLIENT_SECRET,
     RBAC_FILTER,
@@ -73,6 +74,9 @@ from atlasd.xds.messages import (
     HeaderPart,
     Piece,
     downstream_tls_chain,
+    failover_outlier_detection,
+    failover_retry_policy,
+    fleet_circuit_breakers,
     host_domains,
     make_cluster,
     make_endpoints,
@@ -501,7 +505,14 @@ class SnapshotBuilder:
             vh = route_components_pb2.VirtualHost(
                 name="xds",
                 domains=["*"],
-                routes=[make_route(ADS_FORWARD_CLUSTER, streaming=True, headers_to_add=headers)],
+                routes=[
+                    make_route(
+                        ADS_FORWARD_CLUSTER,
+                        streaming=True,
+                        headers_to_add=headers,
+                        retry=failover_retry_policy(),
+                    )
+                ],
             )
             rc = route_pb2.RouteConfiguration(name="xds", virtual_hosts=[vh])
             return Piece(serialize(rc), frozenset({(CLUSTER, ADS_FORWARD_CLUSTER)}))
@@ -516,7 +527,12 @@ class SnapshotBuilder:
                 port=s.atlasd_ads_port,
                 http2=True,
                 tls_san=model.ADS_SERVER_NAME,
+                max_streams=ADS_SERVER_MAX_STREAMS,
             )
+            # The name may resolve to several replicas: a reconnecting stream must not be
+            # routed to a dead one again (retried on another, the dead one ejected).
+            c.outlier_detection.CopyFrom(failover_outlier_detection())
+            c.circuit_breakers.CopyFrom(fleet_circuit_breakers())
             return Piece(serialize(c), refs)
 
         res.append(_mk(CLUSTER, ADS_FORWARD_CLUSTER, ads_cluster))

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -23,6 +23,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
@@ -363,6 +364,7 @@ def make_cluster(
     http2: bool,
     tls_san: str | None = None,
     max_connection_seconds: int | None = None,
+    max_streams: int | None = None,
     crl: bytes = b"",
 ) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
     """An upstream cluster; mTLS when ``tls_san`` is set (refusing the certificates
@@ -395,6 +397,11 @@ def make_cluster(
                 http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
             )
         )
+        if max_streams is not None:
+            # Streams per connection, from the first one: Envoy opens another connection
+            # past it instead of waiting for the server's SETTINGS to say so.
+            h2 = opts.explicit_http_config.http2_protocol_options
+            h2.max_concurrent_streams.value = max_streams
         if max_connection_seconds is not None:
             # Bounds how long a connection authenticated by a rotated-out certificate lives.
             opts.common_http_protocol_options.max_connection_duration.CopyFrom(
@@ -429,10 +436,13 @@ def make_route(
     streaming: bool = False,
     idle_seconds: int | None = None,
     headers_to_add: Sequence[tuple[str, str]] = (),
+    retry: route_components_pb2.RetryPolicy | None = None,
 ) -> route_components_pb2.Route:
     """``idle_seconds``: reset a request that carries no bytes either way for this long
     (0: never; None: the connection manager's stream idle timeout applies)."""
     action = route_components_pb2.RouteAction(cluster=cluster)
+    if retry is not None:
+        action.retry_policy.CopyFrom(retry)
     if rewrite is not None:
         action.prefix_rewrite = rewrite
     if host_rewrite is not None:
@@ -453,6 +463,84 @@ def make_route(
             )
         )
     return r
+
+
+# Failover between replicas of one upstream (atlasd's ADS behind a name that resolves to
+# every replica). Measured with bench/bench_fleet.py (leader SIGKILL, 500 streams): without
+# these, half of the reconnecting streams were routed to the dead replica again (round
+# robin over both addresses, each time a local 503 from a refused connect, no retry, no
+# ejection), so a stream reopened up to 9 times under Envoy's doubling back-off and the last
+# one was current 85 s after the kill.
+# At 1,000 streams with the retry policy alone, 609 of the retries overflowed Envoy's
+# default circuit breaker (3 retries in flight per cluster) and were answered 503.
+FAILOVER_RETRIES = 2  # enough to reach a live replica past one or two dead ones
+FAILOVER_EJECTION_S = 5  # base ejection; Envoy multiplies it by the times ejected ...
+FAILOVER_MAX_EJECTION_S = 30  # ... up to this
+
+
+def failover_retry_policy() -> route_components_pb2.RetryPolicy:
+    """Retry on another host a request that reached no live upstream: a refused or failed
+    connect, a reset before any response, a stream refused by the upstream's HTTP/2, or
+    gRPC UNAVAILABLE in the response headers. Safe for streams that have had no response
+    yet (an ADS stream is idempotent: a new stream asks for the full state); a stream that
+    has had a response is never retried (Envoy cannot), its client reconnects."""
+    policy = route_components_pb2.RetryPolicy
+    return policy(
+        retry_on="connect-failure,refused-stream,reset,unavailable",
+        num_retries=wrappers_pb2.UInt32Value(value=FAILOVER_RETRIES),
+        retry_host_predicate=[
+            policy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=5,
+    )
+
+
+# atlasd's ADS server (grpclib) advertises HTTP/2 MAX_CONCURRENT_STREAMS 100 and closes the
+# whole connection on a peer that opens the 101st stream (h2's TooManyStreamsError is a
+# protocol error). An Envoy opens streams on a new connection before the server's SETTINGS
+# arrive, so in a reconnect storm (500 streams onto the survivor of a kill) it sent more than
+# 100 at once: every stream on that connection reset before headers, 300 of 500 failed all
+# three tries ("connection termination"). Capped here, Envoy opens one more connection.
+ADS_SERVER_MAX_STREAMS = 100
+# One forwarded stream per downstream Envoy, all through one cluster: Envoy's default
+# circuit breakers (1,024 requests, 1,024 pending, 3 retries in flight) would refuse the
+# 1,025th stream of a fleet, and all but 3 of the retries of a reconnect storm.
+FLEET_STREAMS = 1_000_000
+
+
+def fleet_circuit_breakers() -> circuit_breaker_pb2.CircuitBreakers:
+    """Thresholds that do not bound a fleet's streams, their connects or their retries."""
+    u32 = wrappers_pb2.UInt32Value
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                max_connections=u32(value=FLEET_STREAMS),
+                max_pending_requests=u32(value=FLEET_STREAMS),
+                max_requests=u32(value=FLEET_STREAMS),
+                max_retries=u32(value=FLEET_STREAMS),
+            )
+        ]
+    )
+
+
+def failover_outlier_detection() -> outlier_detection_pb2.OutlierDetection:
+    """Take a replica that refuses connections (or answers 502/503/504) out of the load
+    balancing after two such results in a row, for ``FAILOVER_EJECTION_S`` and more each
+    time again. At most half of the replicas are ejected: with every one ejected Envoy's
+    panic mode balances over all of them again, dead ones included (1,000 streams with no
+    bound: 664 picks in panic, a stream reopened up to 7 times)."""
+    u32 = wrappers_pb2.UInt32Value
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_gateway_failure=u32(value=2),
+        enforcing_consecutive_gateway_failure=u32(value=100),
+        interval=duration_pb2.Duration(seconds=1),
+        base_ejection_time=duration_pb2.Duration(seconds=FAILOVER_EJECTION_S),
+        max_ejection_time=duration_pb2.Duration(seconds=FAILOVER_MAX_EJECTION_S),
+        max_ejection_percent=u32(value=50),
+    )
 
 
 def make_scope(

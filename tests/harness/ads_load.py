@@ -7,8 +7,8 @@ certificate (from its ``<c>-envoy-values``), the server checked against the valu
 bundle with SAN ``atlas`` (what the bootstrap pins), node id = the cluster name, ADS in
 State of the World or Delta. It subscribes to every type by wildcard, ACKs every response,
 and, like Envoy, opens a new stream after a failure with a jittered exponential back-off
-(0.5 s doubling up to 30 s: Envoy's gRPC mux defaults; reset by a response), on the same
-connection while it lives.
+(``backoff``: uniform below 0.5 s doubling up to 30 s, Envoy's gRPC mux defaults; reset by
+a response), on the same connection while it lives.
 
 Per stream it keeps what a test needs to judge convergence without trusting atlasd's own
 view: the version it ACKed per type (short names: ``cds``, ``lds``, ``sds``, ...), the
@@ -75,6 +75,14 @@ class StreamState:
     opened: int = 0  # streams opened (1 + reconnects)
     live: bool = False  # a stream is open and has had a response
     last_error: str = ""
+
+
+def backoff(failures: int) -> float:
+    """Seconds before the next stream, after ``failures`` streams in a row that ended
+    without a response (0: the last one had one), as Envoy's gRPC mux waits
+    (``JitteredExponentialBackOffStrategy``, reset by a response): uniform below 0.5 s,
+    then below 1 s, 2 s, ... up to 30 s."""
+    return random.uniform(0, min(BACKOFF_BASE * 2**failures, BACKOFF_MAX))
 
 
 def leaf_fingerprint(pem: bytes) -> str:
@@ -151,8 +159,7 @@ class Load:
                     channel = grpclib.client.Channel(self.host, self.port, ssl=ctx, config=config)
                 st.live = False
                 failures = 0 if got.is_set() else failures + 1
-                ceiling = min(BACKOFF_BASE * 2 ** (failures + 1), BACKOFF_MAX)
-                await asyncio.sleep(random.uniform(0, ceiling))
+                await asyncio.sleep(backoff(failures))
         finally:
             channel.close()
 

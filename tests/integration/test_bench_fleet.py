@@ -2,7 +2,8 @@
 downstream stream (each with its own cluster's certificate, through a real observability
 Envoy's 10900, to two ``atlasd run`` replicas) converges in every phase — initial state, a
 fleet-wide push, a CA rotation (new leaves held), a leader SIGKILL (its streams reconnect)
-and a rolling restart — and none is left stale."""
+and a rolling restart — and none is left stale; the killed replica's streams reopen once
+each (none is routed to the dead replica again)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ def test_every_stream_converges_in_every_phase(tmp_path: Path) -> None:
     kill = out["kill"]
     assert kill["held_by_dead_replica"] > 0
     converged(kill, kill["held_by_dead_replica"])
+    # The observability Envoy retried every refused connect to the dead replica on the
+    # live one instead of answering 503 (a stream's next try then landed on the dead one
+    # again with even odds: up to ~90 s at 1,000 streams before the fix), so no stream the
+    # dead replica held had to reopen more than once here.
+    fwd = kill["forward_cluster"]
+    assert fwd.get("upstream_cx_connect_fail", 0) <= fwd.get("upstream_rq_retry", 0), fwd
+    assert fwd.get("upstream_rq_retry_overflow", 0) == 0, fwd
+    assert kill["reopened_more_than_once"] == 0, kill
     assert kill["lease_s"] > 0 and kill["new_leader_wrote_s"] >= kill["lease_s"]
     assert kill["all_current_after_restart"] == N and kill["stale_after_restart"] == 0
     converged(out["roll"])

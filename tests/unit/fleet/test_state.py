@@ -129,6 +129,50 @@ def test_a_new_trust_bundle_rejudges_every_identity() -> None:
     assert update.version.members["east"].identity is None
 
 
+def _alertmanager(name: str, port: int = 9093) -> dict[str, Any]:
+    return stored(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": name,
+                "namespace": "monitoring",
+                "labels": {"app": "kube-prometheus-stack-alertmanager"},
+            },
+            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": port}]},
+        }
+    )
+
+
+def test_a_new_alertmanager_count_changes_every_cluster_key() -> None:
+    """Each cluster's values carry the number of local Alertmanagers
+    (``atlas.alertmanagerCount``): when it changes, every cluster key is a changed key (the
+    reconcile loop re-applies each one's values); an Alertmanager change that keeps the
+    count changes the fleet-wide key only."""
+    state = FleetState(S)
+    _observe_secrets(state, _pki_secrets("east", "west"))
+    for n, ip in (("east", "203.0.113.1"), ("west", "203.0.113.2")):
+        state.observe("cluster-services", n, stored(cluster_service(n, ip)))
+    bad = cluster_service("broken", "203.0.113.3")
+    bad["metadata"]["labels"][labels.REPLICAS_LABEL] = "many"
+    state.observe("cluster-services", "broken", stored(bad))
+    before = state.derive(state.keys(), now=NOW).version
+    assert before.members["broken"].state == "invalid"
+
+    keys = state.observe("alertmanager-services", "am-a", _alertmanager("am-a"))
+    assert keys == {FLEET_KEY}
+    update = state.derive(keys, now=NOW)
+    assert len(update.version.model.alertmanagers) == 1
+    assert update.changed == {FLEET_KEY, "east", "west"}
+    # Same members: nothing of a cluster was derived again.
+    assert all(update.version.members[k] is before.members[k] for k in before.members)
+
+    moved = state.observe("alertmanager-services", "am-a", _alertmanager("am-a", port=9094))
+    assert state.derive(moved, now=NOW).changed == {FLEET_KEY}
+    gone = state.observe("alertmanager-services", "am-a", None)
+    assert state.derive(gone, now=NOW).changed == {FLEET_KEY, "east", "west"}
+
+
 def test_a_label_that_is_not_exactly_true_is_reported_and_not_served() -> None:
     state = FleetState(S)
     svc = cluster_service("east", "203.0.113.1")

@@ -16,6 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, descriptor_pool, message, message_factory
 
 from atlasd import model
@@ -588,3 +589,48 @@ def test_thanos_calls_are_reset_after_the_idle_bound_and_prometheus_keeps_its_ti
     # 0: never reset (Envoy reads an explicit 0 as "off", whatever the listener's default).
     off = routes(model.Settings(thanos_idle_seconds=0))["thanos"]
     assert off.HasField("idle_timeout") and off.idle_timeout.seconds == 0
+
+
+def test_xds_forwarding_fails_over_to_a_live_replica() -> None:
+    """atlasd's ADS name may resolve to several replicas: a reconnecting downstream stream
+    is retried on another host when its connect is refused (never the same one again), and
+    a replica refusing connections is ejected from the balancing."""
+    atlas = build_snapshots(fleet(clusters=()))["atlas"]
+    rc = parse(atlas, ROUTE, "xds", route_pb2.RouteConfiguration)
+    retry = rc.virtual_hosts[0].routes[0].route.retry_policy
+    assert {"connect-failure", "reset", "refused-stream", "unavailable"} <= set(
+        retry.retry_on.split(",")
+    )
+    assert retry.num_retries.value >= 1
+    assert [p.name for p in retry.retry_host_predicate] == [
+        "envoy.retry_host_predicates.previous_hosts"
+    ]
+    assert retry.host_selection_retry_max_attempts > 1
+    cl = parse(atlas, CLUSTER, builders.ADS_FORWARD_CLUSTER, cluster_pb2.Cluster)
+    od = cl.outlier_detection
+    assert cl.HasField("outlier_detection")
+    # A refused connect is a local-origin error counted as a gateway failure (503).
+    assert od.split_external_local_origin_errors is False
+    assert od.consecutive_gateway_failure.value == 2
+    assert od.enforcing_consecutive_gateway_failure.value == 100
+    # Never every replica ejected (panic mode would balance over the dead ones again).
+    assert 0 < od.max_ejection_percent.value <= 50
+    # A fleet's streams and a reconnect storm's retries are not refused by Envoy's default
+    # circuit breakers (1,024 requests, 3 retries in flight).
+    (limits,) = cl.circuit_breakers.thresholds
+    for field in ("max_requests", "max_pending_requests", "max_retries", "max_connections"):
+        assert getattr(limits, field).value >= 100_000, field
+    assert 0 < od.base_ejection_time.ToSeconds() <= od.max_ejection_time.ToSeconds() <= 30
+    # Never more streams on one connection than atlasd's ADS server accepts (grpclib closes
+    # the connection on the 101st), even before its SETTINGS arrive.
+    opts = http_protocol_options_pb2.HttpProtocolOptions.FromString(
+        cl.typed_extension_protocol_options[
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ].value
+    )
+    http2 = opts.explicit_http_config.http2_protocol_options
+    assert http2.max_concurrent_streams.value == 100
+    # Other clusters are not retried or ejected this way (one upstream each).
+    for name, r in atlas.of_type(CLUSTER).items():
+        if name != builders.ADS_FORWARD_CLUSTER:
+            assert not cluster_pb2.Cluster.FromString(r.body).HasField("outlier_detection")
