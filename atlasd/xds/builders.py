@@ -64,6 +64,7 @@ from atlasd.fleet.keys import FLEET_KEY
 from atlasd.labels import CLUSTER_HEADER, FORWARDER_TOKEN_HEADER, UPSTREAM_FAILURE_HEADER
 from atlasd.xds.messages import (
     ADS_FORWARD_CLUSTER,
+    ADS_FORWARD_MAX_STREAMS,
     ATLAS_ALERTMANAGER_CLUSTER,
     CLIENT_SECRET,
     RBAC_FILTER,
@@ -516,6 +517,7 @@ class SnapshotBuilder:
                 port=s.atlasd_ads_port,
                 http2=True,
                 tls_san=model.ADS_SERVER_NAME,
+                max_requests=ADS_FORWARD_MAX_STREAMS,  # one stream per downstream Envoy
             )
             return Piece(serialize(c), refs)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -43,6 +43,11 @@ CLIENT_SECRET = "client"
 # Dynamic cluster behind 10900. Must differ from the static ADS cluster of the
 # observability Envoy's bootstrap (Envoy refuses a CDS cluster shadowing a static one).
 ADS_FORWARD_CLUSTER = "atlasd-ads-forward"
+# Every downstream Envoy holds one forwarded xDS stream on it for its whole life, so its
+# requests in flight are the fleet's size: Envoy's default circuit breaker (1,024 requests,
+# 1,024 pending) refused every stream past the 1,024th with a 503 (2,000 streams:
+# ``upstream_rq_active_overflow``, bench/soak_large.py). 100,000: 20x the 5,000 target.
+ADS_FORWARD_MAX_STREAMS = 100_000
 ATLAS_ALERTMANAGER_CLUSTER = "atlas-alertmanager"
 RBAC_FILTER = "envoy.filters.http.rbac"
 XFCC_HEADER = "x-forwarded-client-cert"
@@ -364,11 +369,14 @@ def make_cluster(
     tls_san: str | None = None,
     max_connection_seconds: int | None = None,
     crl: bytes = b"",
+    max_requests: int | None = None,
 ) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
     """An upstream cluster; mTLS when ``tls_san`` is set (refusing the certificates
     ``crl`` lists, see ``validation_with_sans``). With ``host``, its endpoint is
     inline; without, it comes over EDS (ADS) as the ``ClusterLoadAssignment`` of the same
-    name (``make_endpoints``), so the endpoint's address changes without the cluster."""
+    name (``make_endpoints``), so the endpoint's address changes without the cluster.
+    ``max_requests`` lifts Envoy's circuit breaker (1,024 requests in flight and 1,024
+    pending by default) to that many of each."""
     if host is None:
         c = cluster_pb2.Cluster(
             name=name,
@@ -401,6 +409,13 @@ def make_cluster(
                 duration_pb2.Duration(seconds=max_connection_seconds)
             )
         c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(pack(opts))
+    if max_requests is not None:
+        limit = wrappers_pb2.UInt32Value(value=max_requests)
+        c.circuit_breakers.thresholds.append(
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                max_requests=limit, max_pending_requests=limit
+            )
+        )
     refs: frozenset[tuple[str, str]] = frozenset()
     if tls_san is not None:
         ctx = tls_pb2.UpstreamTlsContext(

@@ -340,6 +340,15 @@ def test_xds_is_forwarded_to_atlasd_over_mtls_as_the_forwarder() -> None:
     assert list(common.alpn_protocols) == ["h2"]
 
 
+def test_xds_forwarding_holds_a_stream_per_downstream_envoy_past_1024() -> None:
+    # Envoy's default circuit breaker (1,024 requests) refused the 1,025th stream with 503.
+    atlas = build_snapshots(fleet(clusters=()))["atlas"]
+    cl = parse(atlas, CLUSTER, builders.ADS_FORWARD_CLUSTER, cluster_pb2.Cluster)
+    [limits] = cl.circuit_breakers.thresholds
+    assert limits.max_requests.value == limits.max_pending_requests.value
+    assert limits.max_requests.value >= 20 * 5_000
+
+
 def test_served_certificates_carry_the_chain() -> None:
     f = fleet()
     assert f.pki is not None
