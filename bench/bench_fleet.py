@@ -102,9 +102,11 @@ ALERTMANAGER = {
 }  # fmt: skip
 
 
-def corefile() -> str:
-    """The ADS Service's stand-in: its name answers with both replicas' addresses."""
-    hosts = "".join(f"        {ip} {ADS_NAME}\n" for ip in REPLICAS.values())
+def corefile(extra_hosts: dict[str, str] | None = None) -> str:
+    """The ADS Service's stand-in: its name answers with both replicas' addresses (and
+    ``extra_hosts``, name -> address, with theirs)."""
+    pairs = [(ADS_NAME, ip) for ip in REPLICAS.values()] + list((extra_hosts or {}).items())
+    hosts = "".join(f"        {ip} {name}\n" for name, ip in pairs)
     return f".:53 {{\n    bind {DNS}\n    hosts {{\n{hosts}        ttl 5\n    }}\n    errors\n}}\n"
 
 
@@ -264,6 +266,43 @@ def strip(phase: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in phase.items() if not k.startswith("_")}
 
 
+def replica(api: ApiServer, workdir: Path, identity: str, ip: str) -> Atlasd:
+    """One ``atlasd run`` replica (leader election on), its ADS on ``ip``, telling the
+    observability Envoy to reach ADS by ``ADS_NAME`` (both replicas)."""
+    return Atlasd(
+        workdir / identity,
+        f"--kubeconfig={api.admin_kubeconfig}",
+        f"--namespace={NAMESPACE}",
+        f"--identity={identity}",
+        f"--ads-listen={ip}:{ADS_PORT}",
+        f"--atlasd-ads-host={ADS_NAME}",
+        f"--atlasd-ads-port={ADS_PORT}",
+        ads_port=ADS_PORT,
+    )
+
+
+def load_specs(
+    values: dict[str, dict[str, Any]], nodes: set[str], workdir: Path, processes: int
+) -> list[Path]:
+    """The load processes' specs: one stream per node (Delta and SotW alternately), each
+    with its cluster's own certificate, key and CA bundle from its values."""
+    certs = workdir / "certs"
+    certs.mkdir()
+    streams = []
+    for i, name in enumerate(sorted(nodes)):
+        files = values[name]["files"]
+        for key, suffix in (("client.pem", "crt"), ("client-key.pem", "key"), ("ca.pem", "ca")):
+            (certs / f"{name}.{suffix}").write_text(files[key])
+        streams.append({
+            "node": name, "kind": "delta" if i % 2 == 0 else "sotw",
+            "ca": str(certs / f"{name}.ca"), "cert": str(certs / f"{name}.crt"),
+            "key": str(certs / f"{name}.key"),
+        })  # fmt: skip
+    return split_spec(
+        host="127.0.0.1", port=XDS_PORT, streams=streams, processes=processes, workdir=workdir
+    )
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     n = args.clusters
     nodes = {f"c{i:05d}" for i in range(n)}
@@ -287,16 +326,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"{n} cluster Services in {time.monotonic() - t0:.1f} s", file=sys.stderr)
 
         for identity, ip in REPLICAS.items():
-            replicas[identity] = Atlasd(
-                workdir / identity,
-                f"--kubeconfig={api.admin_kubeconfig}",
-                f"--namespace={NAMESPACE}",
-                f"--identity={identity}",
-                f"--ads-listen={ip}:{ADS_PORT}",
-                f"--atlasd-ads-host={ADS_NAME}",
-                f"--atlasd-ads-port={ADS_PORT}",
-                ads_port=ADS_PORT,
-            )
+            replicas[identity] = replica(api, workdir, identity, ip)
         t_start = time.monotonic()
         for r in replicas.values():
             r.start(timeout=600)
@@ -313,23 +343,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         envoy.start()
         envoy.wait_ready(timeout=600)
 
-        # The load: each cluster's own certificate, key and CA bundle from its values.
-        certs = workdir / "certs"
-        certs.mkdir()
-        streams = []
-        for i, name in enumerate(sorted(nodes)):
-            files = values[name]["files"]
-            for key, suffix in (("client.pem", "crt"), ("client-key.pem", "key"), ("ca.pem", "ca")):
-                (certs / f"{name}.{suffix}").write_text(files[key])
-            streams.append({
-                "node": name, "kind": "delta" if i % 2 == 0 else "sotw",
-                "ca": str(certs / f"{name}.ca"), "cert": str(certs / f"{name}.crt"),
-                "key": str(certs / f"{name}.key"),
-            })  # fmt: skip
-        specs = split_spec(
-            host="127.0.0.1", port=XDS_PORT, streams=streams, processes=args.load_procs,
-            workdir=workdir,
-        )  # fmt: skip
+        specs = load_specs(values, nodes, workdir, args.load_procs)
         time.sleep(3)  # the onboarding's echoes settle before the baseline is read
         rss0 = sum(rss_mib(r.proc.pid) for r in replicas.values())
         loads = []
