@@ -182,7 +182,8 @@ class EventRecorder:
             if key not in self._recent:
                 self._remember(key, seen)
 
-    async def post(self, *, ref: ObjectRef, reason: str, message: str, type: str) -> None:
+    async def post(self, *, ref: ObjectRef, reason: str, message: str, type: str) -> bool:
+        """Post (or count again) the Event; whether the API server took it."""
         key = (ref, reason, truncate_message(message), type)
         now = dt.datetime.now(dt.UTC)
         try:
@@ -199,7 +200,7 @@ class EventRecorder:
                         namespace=ref.namespace,
                     )
                     self._remember(key, (name, first, count + 1))
-                    return
+                    return True
                 except NotFound:
                     pass
             name = event_name(ref.name)
@@ -214,6 +215,7 @@ class EventRecorder:
             )
             await self.kube.create(body)
             self._remember(key, (name, now, 1))
+            return True
         except (KubeError, ValueError) as exc:
             log.warning(
                 "could not post %s event %s on %s %s/%s: %s",
@@ -224,6 +226,7 @@ class EventRecorder:
                 ref.name,
                 exc,
             )
+            return False
 
     def _remember(self, key: _Key, value: _Seen) -> None:
         self._recent[key] = value
@@ -237,9 +240,10 @@ _recorders: weakref.WeakKeyDictionary[KubeApi, EventRecorder] = weakref.WeakKeyD
 
 async def post_event(
     kube: KubeApi, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
-) -> None:
-    """Post an Event about ``ref``; never raises (failures are logged)."""
+) -> bool:
+    """Post an Event about ``ref``; never raises (failures are logged): whether it was
+    posted, so a caller can try again later."""
     recorder = _recorders.get(kube)
     if recorder is None:
         recorder = _recorders[kube] = EventRecorder(kube)
-    await recorder.post(ref=ref, reason=reason, message=message, type=type)
+    return await recorder.post(ref=ref, reason=reason, message=message, type=type)

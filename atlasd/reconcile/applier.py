@@ -81,18 +81,20 @@ DEFAULT_CONCURRENCY = 8
 
 
 class EventPoster(Protocol):
-    """``atlasd.kube.events.post_event``: posts a Warning Event, never raises."""
+    """``atlasd.kube.events.post_event``: posts a Warning Event, never raises; whether it
+    was posted."""
 
     async def __call__(
         self, kube: KubeApi, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
-    ) -> None: ...
+    ) -> bool: ...
 
 
 async def log_event(
     kube: KubeApi, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
-) -> None:
+) -> bool:
     """The fallback ``EventPoster`` (no Events, just a log line)."""
     log.warning("%s %s %s/%s: %s", reason, ref.kind, ref.namespace, ref.name, message)
+    return True
 
 
 @dataclass
@@ -105,6 +107,8 @@ class ReconcileResult:
     applied: int = 0
     deleted: int = 0
     events: int = 0
+    # Events that could not be posted (the API server unreachable): the key is tried again.
+    events_failed: int = 0
     issued: tuple[str, ...] = ()
     ca_action: str = ""
     problems: tuple[Problem, ...] = ()
@@ -140,6 +144,7 @@ class ReconcileResult:
             applied=sum(r.applied for r in results),
             deleted=sum(r.deleted for r in results),
             events=sum(r.events for r in results),
+            events_failed=sum(r.events_failed for r in results),
             issued=tuple(i for r in results for i in r.issued),
             ca_action=next((r.ca_action for r in results if r.ca_action), ""),
             problems=tuple(p for r in latest.values() for p in r.problems),
@@ -254,7 +259,7 @@ class Reconciler:
             # Protected: its objects stay until it is fixed or deleted.
             self._synced[key] = _Synced(("invalid", m.problems), observed, None)
             result.problems = tuple(problems)
-            result.events = await self._report(api, key, problems)
+            await self._report(api, key, problems, result)
             result.in_sync = True
             return result
         else:
@@ -276,7 +281,7 @@ class Reconciler:
                 result.in_sync = True
                 result.next_renewal = rec.valid_until
                 result.problems = tuple(problems)
-                result.events = await self._report(api, key, problems)
+                await self._report(api, key, problems, result)
                 return result
             plan = plan_identity(
                 m.cluster,
@@ -329,7 +334,8 @@ class Reconciler:
             said = await self._revoked(api, key, m, replaced)
         result.next_renewal = next_renewal
         result.problems = tuple(problems)
-        result.events = said + await self._report(api, key, problems)
+        result.events = said
+        await self._report(api, key, problems, result)
         return result
 
     async def _revoked(
@@ -395,7 +401,7 @@ class Reconciler:
             problems.append(Problem(source=ref, field="data", message=str(e), reason="InvalidCA"))
             self._synced.pop(FLEET_KEY, None)
             result.problems = tuple(problems)
-            result.events = await self._report(api, FLEET_KEY, problems)
+            await self._report(api, FLEET_KEY, problems, result)
             return result
         result.ca_action = action
         written: dict[ObjectId, str | None] = {}
@@ -442,7 +448,7 @@ class Reconciler:
             self._synced[FLEET_KEY] = _Synced(inputs, versions, next_renewal)
         result.next_renewal = next_renewal
         result.problems = tuple(problems)
-        result.events = await self._report(api, FLEET_KEY, problems)
+        await self._report(api, FLEET_KEY, problems, result)
         return result
 
     async def _write(
@@ -500,24 +506,33 @@ class Reconciler:
         self.expectations.expect(key, versions, now=self._clock())
         return versions
 
-    async def _report(self, api: KubeApi, key: str, problems: Sequence[Problem]) -> int:
-        current: set[tuple[str, str, str, str, str]] = set()
+    async def _report(
+        self, api: KubeApi, key: str, problems: Sequence[Problem], result: ReconcileResult
+    ) -> None:
+        """Post an Event for each of ``key``'s problems not reported yet (counted in
+        ``result``). One that could not be posted is not taken as reported: the key is
+        not kept in sync and is tried again (``events_failed``)."""
+        reported: set[tuple[str, str, str, str, str]] = set()
         before = self._reported.get(key, set())
-        posted = 0
         for p in problems:
             pk = (p.source.namespace, p.source.name, p.source.uid, p.field, p.message)
-            current.add(pk)
             if pk in before:
+                reported.add(pk)
                 continue
-            await self.post_event(
+            posted = await self.post_event(
                 api, ref=p.source, reason=p.reason, message=f"{p.field}: {p.message}"
             )
-            posted += 1
-        if current:
-            self._reported[key] = current
+            if posted:
+                reported.add(pk)
+                result.events += 1
+            else:
+                result.events_failed += 1
+        if reported:
+            self._reported[key] = reported
         else:
             self._reported.pop(key, None)
-        return posted
+        if result.events_failed:
+            self._synced.pop(key, None)
 
 
 def _ref(m: Member) -> ObjectRef:

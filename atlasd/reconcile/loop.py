@@ -264,7 +264,11 @@ class ReconcileLoop:
             log.warning("reconcile %s: %s; retrying", key, exc)
             self.queue.add_rate_limited(key)
             return
-        self.queue.forget(key)
+        if result.events_failed:
+            # An Event could not be posted (the API server unreachable): again, with backoff.
+            self.queue.add_rate_limited(key)
+        else:
+            self.queue.forget(key)
         if result.waiting_until is not None:
             self.queue.add_after(key, max(0.0, result.waiting_until - trio.current_time()))
             self._report(result, time.perf_counter() - t0)

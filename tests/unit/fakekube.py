@@ -80,6 +80,8 @@ class FakeKube:
         self.gets: list[str] = []
         self.calls: list[tuple[str, str, str | None, str | None]] = []
         self.events: list[tuple[ObjectRef, str, str]] = []
+        self.events_down = False
+        self.events_failed = 0
         self.lists = lists
         self.watches = watches if watches is not None else []
         self.list_calls = 0
@@ -288,6 +290,11 @@ class FakeKube:
 
     async def post_event(
         self, kube: Any, *, ref: ObjectRef, reason: str, message: str, type: str = "Warning"
-    ) -> None:
-        """An ``EventPoster`` that records instead of posting."""
+    ) -> bool:
+        """An ``EventPoster`` that records instead of posting (fails, as the real one does
+        when the API server is unreachable, while ``events_down``)."""
+        if self.events_down:
+            self.events_failed += 1
+            return False
         self.events.append((ref, reason, message))
+        return True

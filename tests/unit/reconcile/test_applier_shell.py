@@ -118,6 +118,24 @@ async def test_events_are_posted_once_per_distinct_problem() -> None:
     assert result.events == 1 and len(kube.events) == 2
 
 
+async def test_an_event_that_could_not_be_posted_is_posted_later() -> None:
+    # The API server unreachable when the Warning is posted: the problem is not taken as
+    # reported, and the key is tried again (with backoff) until it is, with no other change.
+    kube = await _kube(cluster_service("east", "203.0.113.1"), cluster_service("bad", None))
+    kube.events_down = True
+    async with _leader(kube) as run:
+        await wait_until_async(
+            lambda: kube.events_failed >= 2, timeout=30, what="the key tried again"
+        )
+        assert kube.events == []
+        kube.events_down = False
+        await wait_until_async(lambda: kube.events, timeout=30, what="the Event posted again")
+        assert [ref.name for ref, _, _ in kube.events] == ["bad"]
+        await run.settle()
+        assert (await run.settle()).events == 0
+    assert len(kube.events) == 1, "posted once"
+
+
 async def test_loopback_clusters_only_in_standalone_mode() -> None:
     kube = await _kube(cluster_service("east", "127.0.0.2"))
     async with _leader(kube) as run:
