@@ -1,7 +1,7 @@
 """Benchmark: one change, end to end, at fleet scale — API write to the Envoy's ACK.
 
     .venv/bin/python bench/bench_e2e.py --clusters N [--changes K] [--xds delta|sotw]
-        [--idle-seconds 330] [--json]
+        [--idle-seconds 330] [--scrape-rounds 3] [--json]
 
 Real etcd + kube-apiserver (the test harness's, on loopback), N cluster Services created
 first, then ``atlasd run`` as its own process (leader election on: the command a pod runs)
@@ -26,9 +26,11 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
   and watch re-connects not counted);
 - ``cpu_ms_per_change``: atlasd's CPU time over K more IP changes made without polling
   atlasd (0.25 s apart), per change, less its idle rate;
-- ``scrape_stall_ms``: while /metrics and /status are read three times each (a Prometheus
-  scrape, a status watcher), the longest and median answer of ``/status/envoys`` polled
-  every 5 ms (how long anything else waits on atlasd meanwhile), and the longest of theirs;
+- ``scrape_stall_ms``: while /metrics and /status are read ``--scrape-rounds`` times each
+  (a Prometheus scrape, a status watcher), the longest and median answer of
+  ``/status/envoys`` polled every 5 ms (how long anything else waits on atlasd meanwhile), and the longest of theirs;
+  ``alone_max``, the longest with nothing else read for as long again right after (the
+  control: what atlasd's other work costs the poll);
 - ``unrelated_secret_pushes``: xDS pushes caused by creating and editing a Secret atlasd does
   not own (must be 0), with the requests it caused;
 - ``idle_cpu_pct`` over ``--idle-seconds`` (≥ 300 s spans a full resync pass, every 300 s),
@@ -166,7 +168,9 @@ def requests_by_kind(url: str) -> dict[str, float] | None:
 def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
     """How long the small endpoint (/status/envoys, polled every 5 ms) takes to answer while
     the large ones are read (/metrics, /status, as a Prometheus scrape and a status
-    watcher would): the longest answer while they were being read, and theirs."""
+    watcher would): the longest answer while they were being read, and theirs; then, as a
+    control, the longest while nothing else is read for as long again (``alone_max``: what
+    the loop's own work meanwhile costs, scrapes or not)."""
     busy = threading.Event()
     big: list[float] = []
 
@@ -181,24 +185,33 @@ def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
         finally:
             busy.clear()  # a failed read ends the polling too (its error shows below)
 
-    small: list[float] = []
+    def poll(c: httpx.Client, until: Callable[[], bool]) -> list[float]:
+        out: list[float] = []
+        while not until():
+            t = time.perf_counter()
+            c.get(f"{url}/status/envoys").raise_for_status()
+            out.append(1000 * (time.perf_counter() - t))
+            time.sleep(0.005)
+        return out
+
     with httpx.Client(timeout=60) as c:
         c.get(f"{url}/status/envoys")  # the connection is open before timing
         busy.set()
         reader = threading.Thread(target=read_big)
+        started = time.monotonic()
         reader.start()
-        while busy.is_set():
-            t = time.perf_counter()
-            c.get(f"{url}/status/envoys").raise_for_status()
-            small.append(1000 * (time.perf_counter() - t))
-            time.sleep(0.005)
+        small = poll(c, lambda: not busy.is_set())
         reader.join()
+        window = time.monotonic() - started
+        end = time.monotonic() + window
+        alone = poll(c, lambda: time.monotonic() >= end)
     if len(big) < 2 * rounds:
         raise RuntimeError("reading /metrics or /status failed (see the thread's traceback)")
     return {
         "small_max": round(max(small), 1),
         "small_p50": round(statistics.median(small), 1),
         "big_max": round(max(big), 1),
+        "alone_max": round(max(alone), 1) if alone else 0.0,
     }
 
 
@@ -430,7 +443,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
 
         # The endpoints while /metrics and /status are read (at 5,000 clusters /metrics
         # holds 20,000 certificate series).
-        out["scrape_stall_ms"] = scrape_stall(atlasd.url)
+        out["scrape_stall_ms"] = scrape_stall(atlasd.url, rounds=args.scrape_rounds)
 
         # A Secret atlasd does not own.
         time.sleep(3)
@@ -494,6 +507,12 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=30)
     parser.add_argument("--xds", choices=("delta", "sotw"), default="delta")
     parser.add_argument("--idle-seconds", type=float, default=330.0)
+    parser.add_argument(
+        "--scrape-rounds",
+        type=int,
+        default=3,
+        help="scrape_stall_ms: how many times /metrics and /status are each read",
+    )
     parser.add_argument(
         "--detect",
         choices=("ack", "dump"),
