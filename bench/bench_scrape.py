@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -140,28 +141,49 @@ def timed_get(c: httpx.Client, url: str) -> tuple[float, int]:
     return 1000 * (time.perf_counter() - t), len(r.content)
 
 
+def client(url: str, what: str, rounds: int) -> dict[str, Any]:
+    """The reads, in their own process: ``gets`` (each large answer ``rounds`` times after
+    a first one; the median), ``after`` (each once), ``stall`` (``scrape_stall``)."""
+    if what == "stall":
+        return scrape_stall(url, rounds=rounds)
+    out: dict[str, Any] = {}
+    with httpx.Client(timeout=60) as c:
+        for path, name in (("/metrics", "metrics"), ("/status", "status")):
+            if what == "after":
+                out[name] = round(timed_get(c, url + path)[0], 1)
+                continue
+            timed_get(c, url + path)  # the first read builds what is kept
+            runs = [timed_get(c, url + path) for _ in range(rounds)]
+            out[f"{name}_ms"] = round(statistics.median(ms for ms, _ in runs), 1)
+            out[f"{name}_bytes"] = runs[-1][1]
+    return out
+
+
+def in_child(url: str, what: str, rounds: int) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--client", url, "--what", what, "--rounds", str(rounds)]
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
 def run(n: int, rounds: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     served = Served(n)
     out: dict[str, Any] = {"clusters": n, "fill_s": round(time.perf_counter() - t0, 2)}
     try:
-        with httpx.Client(timeout=60) as c:
-            for path, name in (("/metrics", "metrics"), ("/status", "status")):
-                timed_get(c, served.url + path)  # the first read builds what is kept
-                runs = [timed_get(c, served.url + path) for _ in range(rounds)]
-                out[f"{name}_ms"] = round(statistics.median(ms for ms, _ in runs), 1)
-                out[f"{name}_bytes"] = runs[-1][1]
-            changes, after_m, after_s = [], [], []
-            for r in range(rounds):
-                changes.append(1000 * served.change(r, 19 + r))
-                after_m.append(timed_get(c, served.url + "/metrics")[0])
-                after_s.append(timed_get(c, served.url + "/status")[0])
-            out["change_ms"] = round(statistics.median(changes), 2)
-            out["after_change_ms"] = {
-                "metrics": round(statistics.median(after_m), 1),
-                "status": round(statistics.median(after_s), 1),
-            }
-        out["scrape_stall_ms"] = scrape_stall(served.url, rounds=rounds)
+        out.update(in_child(served.url, "gets", rounds))
+        changes, after_m, after_s = [], [], []
+        for r in range(rounds):
+            changes.append(1000 * served.change(r, 19 + r))
+            after = in_child(served.url, "after", rounds)
+            after_m.append(after["metrics"])
+            after_s.append(after["status"])
+        out["change_ms"] = round(statistics.median(changes), 2)
+        out["after_change_ms"] = {
+            "metrics": round(statistics.median(after_m), 1),
+            "status": round(statistics.median(after_s), 1),
+        }
+        out["scrape_stall_ms"] = in_child(served.url, "stall", rounds)
     finally:
         served.stop()
     out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
@@ -173,7 +195,12 @@ def main() -> int:
     parser.add_argument("--clusters", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--what", choices=("gets", "after", "stall"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client:
+        print(json.dumps(client(args.client, args.what, args.rounds)))
+        return 0
     result = run(args.clusters, args.rounds)
     for key, value in result.items():
         print(f"{key:<20} {value}")
