@@ -8,10 +8,12 @@ Every answer is made on the event loop, and none costs more than joining kept te
 large ones are kept up to date key by key as the fleet changes, not assembled per request.
 ``/metrics`` is the registry's few families plus the per-cluster certificate series kept as
 text (``atlasd.metrics.KeyedGauge``); ``/status`` is the status document's JSON kept piece by
-piece (``StatusHub.encoded``). At 5,000 clusters formatting them per request took ~0.5 s and
-~0.1 s of CPU; in a worker thread (as before) that CPU still held the GIL against the loop,
-and every change and every small request waited behind it (``/status/envoys`` up to 150 ms
-in ``bench_e2e``'s ``scrape_stall_ms``).
+piece (``StatusHub.encoded``). At 5,000 clusters formatting them per request took 0.2-0.5 s
+and 50-80 ms of CPU; in a worker thread (as until 2026-12-05) that CPU still held the GIL
+against the loop, and every change and every small request waited behind it
+(``/status/envoys`` up to 150-220 ms in ``bench_e2e``'s ``scrape_stall_ms``; bench/README.md).
+What is left per request is a join of kept text and the registry's few families (~1-10
+ms at 5,000 clusters, ``bench/bench_scrape.py``).
 """
 
 from __future__ import annotations
