@@ -191,6 +191,9 @@ class StatusHub:
         self._key_text: dict[str, dict[str, str]] = {}
         self._section_text: dict[str, str] = {}
         self._part_text: dict[str, tuple[Any, str]] = {}
+        # (generation, the whole text) of the last ``encoded``: every change bumps the
+        # generation, so while it stands a read costs nothing.
+        self._text: tuple[int, str] | None = None
 
     @property
     def generation(self) -> int:
@@ -268,8 +271,11 @@ class StatusHub:
 
     def expect_ready(self, *parts: str) -> None:
         """Register parts that must report ready before ``/readyz`` says yes."""
-        for part in parts:
-            self._ready_parts.setdefault(part, False)
+        added = [p for p in parts if p not in self._ready_parts]
+        for part in added:
+            self._ready_parts[part] = False
+        if added:
+            self._bump()  # readiness is part of the document
 
     @property
     def ready(self) -> bool:
@@ -296,6 +302,8 @@ class StatusHub:
     def encoded(self) -> str:
         """``json.dumps(self.snapshot(), sort_keys=True, default=str)``, from the kept
         pieces: only the parts and keys changed since the last call are encoded."""
+        if self._text is not None and self._text[0] == self._generation:
+            return self._text[1]
         texts: dict[str, str] = {}
         for name, value in self._doc.items():
             kept = self._part_text.get(name)
@@ -310,7 +318,9 @@ class StatusHub:
         texts["ready"] = _dumps(self.ready)
         texts["not_ready"] = _dumps(self.not_ready())
         texts["generation"] = _dumps(self._generation)
-        return "{" + ", ".join(f"{_dumps(n)}: {texts[n]}" for n in sorted(texts)) + "}"
+        text = "{" + ", ".join(f"{_dumps(n)}: {texts[n]}" for n in sorted(texts)) + "}"
+        self._text = (self._generation, text)
+        return text
 
     def _section(self, section: str) -> str:
         text = self._section_text.get(section)

@@ -115,6 +115,11 @@ async def test_large_answers_are_kept_not_made_per_request() -> None:
             assert [d["probe"] for d in first.json()["clusters"]] == ["east", "north", "west"]
             assert (await c.get("/status")).text == first.text
             assert sorted(encoded) == ["east", "north", "west"], "each key once, not per read"
+            hub.expect_ready("informers")  # readiness is in the document too
+            assert (await c.get("/status")).json()["not_ready"] == ["informers"]
+            hub.set_ready("informers", True)
+            assert (await c.get("/status")).json()["ready"] is True
+            assert sorted(encoded) == ["east", "north", "west"]
             hub.publish_keyed("clusters", "north", [{"name": "north", "probe": Doc("north2")}])
             hub.publish_keyed("clusters", "west", None)
             second = await c.get("/status")
