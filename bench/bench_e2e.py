@@ -28,7 +28,8 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
   atlasd (0.25 s apart), per change, less its idle rate;
 - ``scrape_stall_ms``: while /metrics and /status are read ``--scrape-rounds`` times each
   (a Prometheus scrape, a status watcher), the longest and median answer of
-  ``/status/envoys`` polled every 5 ms (how long anything else waits on atlasd meanwhile), and the longest of theirs;
+  ``/status/envoys`` polled every 5 ms (how long anything else waits on atlasd meanwhile;
+  the large reads come from another process), and the longest of theirs;
   ``alone_max``, the longest with nothing else read for as long again right after (the
   control: what atlasd's other work costs the poll);
 - ``unrelated_secret_pushes``: xDS pushes caused by creating and editing a Secret atlasd does
@@ -50,9 +51,9 @@ import base64
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -165,25 +166,32 @@ def requests_by_kind(url: str) -> dict[str, float] | None:
     return out
 
 
+# The large reads, in a process of their own: in a thread beside the poller, the client's
+# own GIL hand-overs (reading megabytes while the poller waits for the GIL after each system
+# call) would be timed as atlasd's stall.
+_READ_BIG = """
+import json, sys, time
+import httpx
+url, rounds = sys.argv[1], int(sys.argv[2])
+took = []
+with httpx.Client(timeout=60) as c:
+    c.get(url + "/status/envoys").raise_for_status()  # connected before the go
+    print("ready", flush=True)
+    for _ in range(rounds):
+        for path in ("/metrics", "/status"):
+            t = time.perf_counter()
+            c.get(url + path).raise_for_status()
+            took.append(1000 * (time.perf_counter() - t))
+print(json.dumps(took), flush=True)
+"""
+
+
 def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
     """How long the small endpoint (/status/envoys, polled every 5 ms) takes to answer while
     the large ones are read (/metrics, /status, as a Prometheus scrape and a status
-    watcher would): the longest answer while they were being read, and theirs; then, as a
-    control, the longest while nothing else is read for as long again (``alone_max``: what
-    the loop's own work meanwhile costs, scrapes or not)."""
-    busy = threading.Event()
-    big: list[float] = []
-
-    def read_big() -> None:
-        try:
-            with httpx.Client(timeout=60) as c:
-                for _ in range(rounds):
-                    for path in ("/metrics", "/status"):
-                        t = time.perf_counter()
-                        c.get(f"{url}{path}").raise_for_status()
-                        big.append(1000 * (time.perf_counter() - t))
-        finally:
-            busy.clear()  # a failed read ends the polling too (its error shows below)
+    watcher would, from another process): the longest answer while they were being read,
+    and theirs; then, as a control, the longest while nothing else is read for as long
+    again (``alone_max``: what the loop's own work meanwhile costs, scrapes or not)."""
 
     def poll(c: httpx.Client, until: Callable[[], bool]) -> list[float]:
         out: list[float] = []
@@ -196,17 +204,24 @@ def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
 
     with httpx.Client(timeout=60) as c:
         c.get(f"{url}/status/envoys")  # the connection is open before timing
-        busy.set()
-        reader = threading.Thread(target=read_big)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _READ_BIG, url, str(rounds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert reader.stdout is not None
+        if reader.stdout.readline().strip() != "ready":
+            reader.wait(60)
+            raise RuntimeError("the reader of /metrics and /status failed (its traceback above)")
         started = time.monotonic()
-        reader.start()
-        small = poll(c, lambda: not busy.is_set())
-        reader.join()
+        small = poll(c, lambda: reader.poll() is not None)
         window = time.monotonic() - started
+        last = reader.stdout.read().strip().splitlines()
+        if reader.wait() != 0 or not last:
+            raise RuntimeError("reading /metrics or /status failed (its traceback above)")
+        big: list[float] = json.loads(last[-1])
         end = time.monotonic() + window
         alone = poll(c, lambda: time.monotonic() >= end)
-    if len(big) < 2 * rounds:
-        raise RuntimeError("reading /metrics or /status failed (see the thread's traceback)")
     return {
         "small_max": round(max(small), 1),
         "small_p50": round(statistics.median(small), 1),
