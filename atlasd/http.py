@@ -4,27 +4,30 @@ with trio-websocket).
 
 A tiny ASGI app served by hypercorn's Trio worker inside atlasd's nursery.
 
-The large answers are encoded in a worker thread, not on the event loop: at 5,000
-clusters ``/metrics`` holds 20,000 certificate series (~170 ms of CPU to format) and
-``/status`` 5,000 clusters' documents, and on the loop every scrape would hold back
-whatever change arrived meanwhile. The thread still shares the interpreter, so it slows
-the loop's work but does not stop it (CPython hands the GIL over every 5 ms). The metrics
-are prometheus_client's own (locked) and ``atlasd.heap``'s (plain counters); a status
-document is assembled on the loop and only encoded in the thread (the hub replaces what
-it publishes, it never changes it in place).
+Every answer is made on the event loop, and none costs more than joining kept text: the
+large ones are kept up to date key by key as the fleet changes, not assembled per request.
+``/metrics`` is the registry's few families plus the per-cluster certificate series kept as
+text (``atlasd.metrics.KeyedGauge``); ``/status`` is the status document's JSON kept piece by
+piece (``StatusHub.encoded``). At 5,000 clusters formatting them per request took 0.2-0.5 s
+and 50-80 ms of CPU; in a worker thread (as until 2026-12-05) that CPU still held the GIL
+against the loop, and every change and every small request waited behind it
+(``/status/envoys`` up to 150-220 ms in ``bench_e2e``'s ``scrape_stall_ms``; bench/README.md).
+What is left per request is a join of kept text and the registry's few families (~1-10
+ms at 5,000 clusters, ``bench/bench_scrape.py``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry
 
+from atlasd import metrics
 from atlasd.hub import StatusHub
 
 Scope = dict[str, Any]
@@ -41,10 +44,12 @@ class StatusApp:
         hub: StatusHub,
         *,
         registry: CollectorRegistry = REGISTRY,
+        keyed: Sequence[metrics.KeyedGauge] = metrics.KEYED,
         envoys: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.hub = hub
         self.registry = registry
+        self.keyed = keyed
         # ``/status/envoys``: the ADS streams now (small, for polling).
         self.envoys = envoys
 
@@ -68,7 +73,7 @@ class StatusApp:
     async def _http(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
         if path == "/metrics":
-            body = await trio.to_thread.run_sync(generate_latest, self.registry)
+            body = metrics.exposition(self.registry, self.keyed)
             await _respond(send, 200, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             why = self.hub.unhealthy()
@@ -81,10 +86,10 @@ class StatusApp:
                 body = ("not ready: " + ", ".join(self.hub.not_ready()) + "\n").encode()
                 await _respond(send, 503, body)
         elif path == "/status":
-            body = await trio.to_thread.run_sync(_encode, self.hub.snapshot())
+            body = self.hub.encoded().encode()
             await _respond(send, 200, body, "application/json")
         elif path == "/status/envoys" and self.envoys is not None:
-            body = _encode(self.envoys())  # small: on the loop
+            body = _encode(self.envoys())  # small
             await _respond(send, 200, body, "application/json")
         else:
             await _respond(send, 404, b"not found\n")
@@ -108,22 +113,16 @@ class StatusApp:
             nursery.start_soon(drain)
             seen = -1
             while True:
-                doc = self.hub.snapshot()
-                seen = doc["generation"]
-                text = await trio.to_thread.run_sync(_encode_text, doc)
-                await send({"type": "websocket.send", "text": text})
+                seen = self.hub.generation
+                await send({"type": "websocket.send", "text": self.hub.encoded()})
                 await self.hub.wait_changed(seen)
                 # Coalesce bursts: at most two documents a second per watcher (a document
                 # of thousands of clusters is large).
                 await trio.sleep(0.5)
 
 
-def _encode_text(doc: Any) -> str:
-    return json.dumps(doc, sort_keys=True, default=str)
-
-
 def _encode(doc: Any) -> bytes:
-    return _encode_text(doc).encode()
+    return json.dumps(doc, sort_keys=True, default=str).encode()
 
 
 async def _respond(

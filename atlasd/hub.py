@@ -5,7 +5,11 @@ Every subsystem publishes its part (``envoys``, ``subsystems``, ``leader`` ...) 
 ``pending``) are published key by key with :meth:`StatusHub.publish_keyed`, so a change of
 one cluster costs that cluster, and are assembled into lists (in key order) only when the
 document is read. The HTTP endpoint serves the merged document at ``/status`` and streams it
-over WebSocket, and readiness is derived from it. Publishing never blocks: watchers wait on
+over WebSocket as ``StatusHub.encoded`` gives it: the JSON text of ``snapshot()`` kept piece
+by piece (each key's items, each top-level part, each section's joined list), so a read
+encodes only what changed since the last one and otherwise joins kept text (at 5,000
+clusters, encoding the whole document took ~50-80 ms of CPU per read). Readiness is derived
+from the document. Publishing never blocks: watchers wait on
 a generation counter and always read the latest document (slow watchers skip
 intermediate states rather than queueing them).
 
@@ -22,6 +26,7 @@ lasted ``STABLE_SECONDS`` in between, makes atlasd unhealthy until one of its ru
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal, NotRequired, TypedDict, Unpack
 
@@ -178,6 +183,17 @@ class StatusHub:
         self._keyed: dict[str, dict[str, list[Any]]] = {}
         # subsystem -> failed runs in a row (no run of STABLE_SECONDS since).
         self._failures: dict[str, int] = {}
+        # The JSON text of the document, kept piece by piece for ``encoded``. Invariants:
+        # ``_key_text[section][key]``, when present, encodes ``_keyed[section][key]``'s
+        # items (comma-separated); ``_section_text[section]``, when present, the section's
+        # whole list; ``_part_text[name]`` is (value, its text) for a top-level part, valid
+        # while ``_doc[name] is value`` (published values are never mutated).
+        self._key_text: dict[str, dict[str, str]] = {}
+        self._section_text: dict[str, str] = {}
+        self._part_text: dict[str, tuple[Any, str]] = {}
+        # (generation, the whole text) of the last ``encoded``: every change bumps the
+        # generation, so while it stands a read costs nothing.
+        self._text: tuple[int, str] | None = None
 
     @property
     def generation(self) -> int:
@@ -197,6 +213,8 @@ class StatusHub:
             part[key] = items
         elif part.pop(key, None) is None:
             return
+        self._key_text.setdefault(section, {}).pop(key, None)
+        self._section_text.pop(section, None)
         self._bump()
 
     def keyed(self, section: str) -> list[Any]:
@@ -253,8 +271,11 @@ class StatusHub:
 
     def expect_ready(self, *parts: str) -> None:
         """Register parts that must report ready before ``/readyz`` says yes."""
-        for part in parts:
-            self._ready_parts.setdefault(part, False)
+        added = [p for p in parts if p not in self._ready_parts]
+        for part in added:
+            self._ready_parts[part] = False
+        if added:
+            self._bump()  # readiness is part of the document
 
     @property
     def ready(self) -> bool:
@@ -278,6 +299,43 @@ class StatusHub:
         out: StatusDocument = doc
         return out
 
+    def encoded(self) -> str:
+        """``json.dumps(self.snapshot(), sort_keys=True, default=str)``, from the kept
+        pieces: only the parts and keys changed since the last call are encoded."""
+        if self._text is not None and self._text[0] == self._generation:
+            return self._text[1]
+        texts: dict[str, str] = {}
+        for name, value in self._doc.items():
+            kept = self._part_text.get(name)
+            if kept is None or kept[0] is not value:
+                kept = (value, _dumps(value))
+                self._part_text[name] = kept
+            texts[name] = kept[1]
+        for name in set(self._part_text) - set(self._doc):
+            del self._part_text[name]
+        for section in self._keyed:
+            texts[section] = self._section(section)
+        texts["ready"] = _dumps(self.ready)
+        texts["not_ready"] = _dumps(self.not_ready())
+        texts["generation"] = _dumps(self._generation)
+        text = "{" + ", ".join(f"{_dumps(n)}: {texts[n]}" for n in sorted(texts)) + "}"
+        self._text = (self._generation, text)
+        return text
+
+    def _section(self, section: str) -> str:
+        text = self._section_text.get(section)
+        if text is None:
+            part = self._keyed[section]
+            kept = self._key_text.setdefault(section, {})
+            pieces = []
+            for key in sorted(part):
+                piece = kept.get(key)
+                if piece is None:
+                    piece = kept[key] = ", ".join(_dumps(item) for item in part[key])
+                pieces.append(piece)
+            text = self._section_text[section] = "[" + ", ".join(pieces) + "]"
+        return text
+
     async def wait_changed(self, seen: int) -> int:
         """Wait until the generation is past ``seen``; return the new generation."""
         while self._generation <= seen:
@@ -288,3 +346,8 @@ class StatusHub:
         self._generation += 1
         self._changed.set()
         self._changed = trio.Event()
+
+
+def _dumps(value: Any) -> str:
+    # What /status has always served: sorted keys, anything else as its str().
+    return json.dumps(value, sort_keys=True, default=str)

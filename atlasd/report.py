@@ -8,7 +8,6 @@ stream board's changes. The document's schema is ``atlasd.hub.StatusDocument``.
 
 from __future__ import annotations
 
-from contextlib import suppress
 from dataclasses import asdict
 from typing import Any
 
@@ -46,13 +45,12 @@ def _cert_docs(certs: tuple[CertInfo, ...], serial: str | None = None) -> list[C
 class FleetReport:
     """/status parts and gauges, kept key by key (a change of one cluster costs that
     cluster). Invariants: ``_states[key]`` is the state last reported for ``key``;
-    ``_certs[key]`` the certificate names it exported."""
+    ``_exported[key]`` the certificates whose gauges it set (``metrics.KeyedGauge``)."""
 
     def __init__(self, hub: StatusHub) -> None:
         self.hub = hub
         self._states: dict[str, str] = {}
         self._counts: dict[str, int] = {}
-        self._certs: dict[str, set[str]] = {}
         self._exported: dict[str, tuple[CertInfo, ...]] = {}
 
     def update(self, version: FleetVersion, keys: frozenset[str]) -> None:
@@ -124,21 +122,12 @@ class FleetReport:
             self._exported[key] = certs
         else:
             self._exported.pop(key, None)
-        names = set()
-        for c in certs:
-            if c.not_after is not None:
-                metrics.CERT_EXPIRY.labels(c.name).set(c.not_after)
-            if c.renew_at is not None:
-                metrics.CERT_RENEWAL.labels(c.name).set(c.renew_at)
-            names.add(c.name)
-        for gone in self._certs.get(key, set()) - names:
-            for gauge in (metrics.CERT_EXPIRY, metrics.CERT_RENEWAL):
-                with suppress(KeyError):
-                    gauge.remove(gone)
-        if names:
-            self._certs[key] = names
-        else:
-            self._certs.pop(key, None)
+        metrics.CERT_EXPIRY.set_key(
+            key, {c.name: c.not_after for c in certs if c.not_after is not None}
+        )
+        metrics.CERT_RENEWAL.set_key(
+            key, {c.name: c.renew_at for c in certs if c.renew_at is not None}
+        )
 
 
 async def run_status(

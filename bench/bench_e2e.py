@@ -1,7 +1,7 @@
 """Benchmark: one change, end to end, at fleet scale — API write to the Envoy's ACK.
 
     .venv/bin/python bench/bench_e2e.py --clusters N [--changes K] [--xds delta|sotw]
-        [--idle-seconds 330] [--floor] [--onboard-only] [--json]
+        [--idle-seconds 330] [--scrape-rounds 3] [--floor] [--onboard-only] [--json]
 
 Real etcd + kube-apiserver (the test harness's, on loopback), N cluster Services created
 first, then ``atlasd run`` as its own process (leader election on: the command a pod runs)
@@ -28,9 +28,12 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
   and watch re-connects not counted);
 - ``cpu_ms_per_change``: atlasd's CPU time over K more IP changes made without polling
   atlasd (0.25 s apart), per change, less its idle rate;
-- ``scrape_stall_ms``: while /metrics and /status are read three times each (a Prometheus
-  scrape, a status watcher), the longest and median answer of ``/status/envoys`` polled
-  every 5 ms (how long anything else waits on atlasd meanwhile), and the longest of theirs;
+- ``scrape_stall_ms``: while /metrics and /status are read ``--scrape-rounds`` times each
+  (a Prometheus scrape, a status watcher), the longest and median answer of
+  ``/status/envoys`` polled every 5 ms (how long anything else waits on atlasd meanwhile;
+  the large reads come from another process), and the longest of theirs;
+  ``alone_max``, the longest with nothing else read for as long again right after (the
+  control: what atlasd's other work costs the poll);
 - ``unrelated_secret_pushes``: xDS pushes caused by creating and editing a Secret atlasd does
   not own (must be 0), with the requests it caused;
 - ``idle_cpu_pct`` over ``--idle-seconds`` (≥ 300 s spans a full resync pass, every 300 s),
@@ -50,9 +53,9 @@ import base64
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,42 +145,67 @@ def requests_by_kind(url: str) -> dict[str, float] | None:
     return out
 
 
+# The large reads, in a process of their own: in a thread beside the poller, the client's
+# own GIL hand-overs (reading megabytes while the poller waits for the GIL after each system
+# call) would be timed as atlasd's stall.
+_READ_BIG = """
+import json, sys, time
+import httpx
+url, rounds = sys.argv[1], int(sys.argv[2])
+took = []
+with httpx.Client(timeout=60) as c:
+    c.get(url + "/status/envoys").raise_for_status()  # connected before the go
+    print("ready", flush=True)
+    for _ in range(rounds):
+        for path in ("/metrics", "/status"):
+            t = time.perf_counter()
+            c.get(url + path).raise_for_status()
+            took.append(1000 * (time.perf_counter() - t))
+print(json.dumps(took), flush=True)
+"""
+
+
 def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
     """How long the small endpoint (/status/envoys, polled every 5 ms) takes to answer while
     the large ones are read (/metrics, /status, as a Prometheus scrape and a status
-    watcher would): the longest answer while they were being read, and theirs."""
-    busy = threading.Event()
-    big: list[float] = []
+    watcher would, from another process): the longest answer while they were being read,
+    and theirs; then, as a control, the longest while nothing else is read for as long
+    again (``alone_max``: what the loop's own work meanwhile costs, scrapes or not)."""
 
-    def read_big() -> None:
-        try:
-            with httpx.Client(timeout=60) as c:
-                for _ in range(rounds):
-                    for path in ("/metrics", "/status"):
-                        t = time.perf_counter()
-                        c.get(f"{url}{path}").raise_for_status()
-                        big.append(1000 * (time.perf_counter() - t))
-        finally:
-            busy.clear()  # a failed read ends the polling too (its error shows below)
-
-    small: list[float] = []
-    with httpx.Client(timeout=60) as c:
-        c.get(f"{url}/status/envoys")  # the connection is open before timing
-        busy.set()
-        reader = threading.Thread(target=read_big)
-        reader.start()
-        while busy.is_set():
+    def poll(c: httpx.Client, until: Callable[[], bool]) -> list[float]:
+        out: list[float] = []
+        while not until():
             t = time.perf_counter()
             c.get(f"{url}/status/envoys").raise_for_status()
-            small.append(1000 * (time.perf_counter() - t))
+            out.append(1000 * (time.perf_counter() - t))
             time.sleep(0.005)
-        reader.join()
-    if len(big) < 2 * rounds:
-        raise RuntimeError("reading /metrics or /status failed (see the thread's traceback)")
+        return out
+
+    with httpx.Client(timeout=60) as c:
+        c.get(f"{url}/status/envoys")  # the connection is open before timing
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _READ_BIG, url, str(rounds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert reader.stdout is not None
+        if reader.stdout.readline().strip() != "ready":
+            reader.wait(60)
+            raise RuntimeError("the reader of /metrics and /status failed (its traceback above)")
+        started = time.monotonic()
+        small = poll(c, lambda: reader.poll() is not None)
+        window = time.monotonic() - started
+        last = reader.stdout.read().strip().splitlines()
+        if reader.wait() != 0 or not last:
+            raise RuntimeError("reading /metrics or /status failed (its traceback above)")
+        big: list[float] = json.loads(last[-1])
+        end = time.monotonic() + window
+        alone = poll(c, lambda: time.monotonic() >= end)
     return {
         "small_max": round(max(small), 1),
         "small_p50": round(statistics.median(small), 1),
         "big_max": round(max(big), 1),
+        "alone_max": round(max(alone), 1) if alone else 0.0,
     }
 
 
@@ -425,7 +453,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
 
         # The endpoints while /metrics and /status are read (at 5,000 clusters /metrics
         # holds 20,000 certificate series).
-        out["scrape_stall_ms"] = scrape_stall(atlasd.url)
+        out["scrape_stall_ms"] = scrape_stall(atlasd.url, rounds=args.scrape_rounds)
 
         # A Secret atlasd does not own.
         time.sleep(3)
@@ -489,6 +517,12 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=30)
     parser.add_argument("--xds", choices=("delta", "sotw"), default="delta")
     parser.add_argument("--idle-seconds", type=float, default=330.0)
+    parser.add_argument(
+        "--scrape-rounds",
+        type=int,
+        default=3,
+        help="scrape_stall_ms: how many times /metrics and /status are each read",
+    )
     parser.add_argument(
         "--detect",
         choices=("ack", "dump"),

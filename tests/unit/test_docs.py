@@ -66,6 +66,7 @@ def _exported_series() -> set[str]:
     names: set[str] = set()
     families = [f for m in metrics for f in m.describe()]
     families += list(registry.collect())
+    families += [f for keyed in atlasd.metrics.KEYED for f in keyed.collect()]
     for family in families:
         base = family.name
         if family.type == "counter":

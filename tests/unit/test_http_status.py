@@ -9,11 +9,13 @@ import httpx
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from trio_websocket import open_websocket_url
 
 from atlasd.http import StatusApp, run_http
 from atlasd.hub import UNHEALTHY_FAILURES, StatusHub
+from atlasd.metrics import KeyedGauge
 
 
 async def _serve(nursery: trio.Nursery, app: StatusApp) -> int:
@@ -72,41 +74,82 @@ async def test_status_stream_pushes_each_change() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_large_answers_are_encoded_off_the_event_loop() -> None:
-    """/metrics is formatted and /status encoded in a worker thread: at 5,000 clusters
-    either takes ~0.1-0.2 s of CPU, which on the loop would hold back every change."""
-    on_loop: list[bool] = []
-
-    def loop_thread() -> bool:
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            return False
-        return True
-
-    class Probe(Collector):
-        def collect(self) -> Iterator[GaugeMetricFamily]:
-            on_loop.append(loop_thread())
-            yield GaugeMetricFamily("probe", "where the scrape ran", value=1.0)
+async def test_large_answers_are_kept_not_made_per_request() -> None:
+    """/status and /metrics answer from text kept as keys change: a read encodes only
+    what changed since the last one (at 5,000 clusters encoding every cluster per request
+    held the event loop, or the GIL, for ~0.1-0.5 s), and serves what ``snapshot()`` holds."""
+    encoded: list[str] = []
 
     class Doc:
-        """A status value whose encoding records where it ran (json ``default=str``)."""
+        """A status value whose encoding is counted (json ``default=str``)."""
+
+        def __init__(self, name: str) -> None:
+            self.name = name
 
         def __str__(self) -> str:
-            on_loop.append(loop_thread())
-            return "doc"
+            encoded.append(self.name)
+            return self.name
 
     registry = CollectorRegistry()
     registry.register(Probe())
+    gauge = KeyedGauge("atlasd_probe_timestamp_seconds", "A keyed probe.", "name")
+    gauge.set_key("east", {"east/server": 100.0, "east/client": 101.0})
     hub = StatusHub()
-    hub.publish(clusters=[{"name": "east", "probe": Doc()}])
-    app = StatusApp(hub, registry=registry)
+    for name in ("east", "north", "west"):
+        hub.publish_keyed("clusters", name, [{"name": name, "probe": Doc(name)}])
+    hub.publish(leader=True)
+    app = StatusApp(hub, registry=registry, keyed=[gauge])
+
+    def expected() -> str:
+        """The whole document encoded at once (not counted)."""
+        n = len(encoded)
+        text = json.dumps(hub.snapshot(), sort_keys=True, default=str)
+        del encoded[n:]
+        return text
+
     async with trio.open_nursery() as nursery:
         port = await _serve(nursery, app)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            assert "probe 1.0" in (await c.get("/metrics")).text
-            assert (await c.get("/status")).json()["clusters"] == [{"name": "east", "probe": "doc"}]
+            first = await c.get("/status")
+            assert first.text == expected()
+            assert [d["probe"] for d in first.json()["clusters"]] == ["east", "north", "west"]
+            assert (await c.get("/status")).text == first.text
+            assert sorted(encoded) == ["east", "north", "west"], "each key once, not per read"
+            hub.expect_ready("informers")  # readiness is in the document too
+            assert (await c.get("/status")).json()["not_ready"] == ["informers"]
+            hub.set_ready("informers", True)
+            assert (await c.get("/status")).json()["ready"] is True
+            assert sorted(encoded) == ["east", "north", "west"]
+            hub.publish_keyed("clusters", "north", [{"name": "north", "probe": Doc("north2")}])
+            hub.publish_keyed("clusters", "west", None)
+            second = await c.get("/status")
+            assert encoded[3:] == ["north2"], "a change costs the key that changed"
+            assert second.text == expected()
+            assert [d["probe"] for d in second.json()["clusters"]] == ["east", "north2"]
+
+            def samples(text: str) -> dict[str, float]:
+                return {
+                    f"{s.name}{sorted(s.labels.items())}": s.value
+                    for family in text_string_to_metric_families(text)
+                    for s in family.samples
+                }
+
+            text = (await c.get("/metrics")).text
+            assert samples(text) == {
+                "probe[]": 1.0,
+                "atlasd_probe_timestamp_seconds[('name', 'east/server')]": 100.0,
+                "atlasd_probe_timestamp_seconds[('name', 'east/client')]": 101.0,
+            }
+            gauge.set_key("east", {"east/server": 200.0})
+            text = (await c.get("/metrics")).text
+            assert samples(text)["atlasd_probe_timestamp_seconds[('name', 'east/server')]"] == 200
+            assert "east/client" not in text
         async with open_websocket_url(f"ws://127.0.0.1:{port}/status/stream") as ws:
-            assert json.loads(await ws.get_message())["clusters"][0]["probe"] == "doc"
+            assert await ws.get_message() == second.text
         nursery.cancel_scope.cancel()
-    assert on_loop == [False, False, False]
+    assert encoded[3:] == ["north2"]
+
+
+class Probe(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("probe", "A registry's family.", value=1.0)

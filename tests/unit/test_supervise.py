@@ -90,15 +90,18 @@ def autojump_clock() -> trio.testing.MockClock:
 
 def test_certificate_expiry_metric_drops_removed_certificates() -> None:
     from prometheus_client import REGISTRY
+    from prometheus_client.parser import text_string_to_metric_families
 
     from atlasd.fleet.state import CertInfo
+    from atlasd.metrics import KEYED, exposition
     from atlasd.report import FleetReport
 
     report = FleetReport(StatusHub())
 
     def exported(name: str) -> dict[str, float]:
+        """What /metrics serves of ``name``."""
         out: dict[str, float] = {}
-        for metric in REGISTRY.collect():
+        for metric in text_string_to_metric_families(exposition(REGISTRY, KEYED).decode()):
             if metric.name == name:
                 out.update({s.labels["name"]: s.value for s in metric.samples})
         return out
