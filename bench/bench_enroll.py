@@ -23,7 +23,6 @@ import collections
 import datetime as dt
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -148,13 +147,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return out
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     in_private_network()
-    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--json", action="store_true")

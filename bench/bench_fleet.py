@@ -72,7 +72,6 @@ from bench.bench_e2e import cluster_service, cpu_seconds, requests_by_kind, rss_
 from bench.bench_floor import measure_floor
 from bench.bench_outcome import (
     Processes,
-    _stop,
     in_private_network,
     observability_bootstrap,
     values_secrets,
@@ -513,7 +512,6 @@ def main() -> int:
     in_private_network(
         NETNS_ENV, resolv=f"nameserver {DNS}\noptions ndots:1 timeout:1 attempts:2\n"
     )
-    signal.signal(signal.SIGTERM, _stop)  # unwinds like Ctrl-C: every process is stopped
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clusters", type=int, required=True)
     parser.add_argument("--load-procs", type=int, default=0, help="default: 1 per 2,500 streams")

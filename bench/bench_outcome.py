@@ -506,8 +506,10 @@ def in_private_network(env: str = NETNS_ENV, *, resolv: str | None = None) -> No
     (Kubernetes refuses loopback external IPs), with no route out and nothing changed on
     the machine. With ``resolv`` (a resolv.conf's text), also in a mount namespace of its
     own whose /etc/resolv.conf is that text (a name server the benchmark starts inside).
-    ``env`` marks the re-run."""
+    ``env`` marks the re-run. In the re-run, SIGTERM (timeout(1), a CI runner) unwinds like
+    Ctrl-C, so the benchmark's ``finally`` stops every process it started."""
     if os.environ.get(env) == "1":
+        signal.signal(signal.SIGTERM, _stop)
         return
     setup = "ip link set lo up && ip route add local 198.18.0.0/15 dev lo"
     unshare = ["unshare", "--net"]
@@ -524,13 +526,11 @@ def in_private_network(env: str = NETNS_ENV, *, resolv: str | None = None) -> No
 
 
 def _stop(signum: int, frame: object) -> None:
-    # SIGTERM (timeout(1), a CI runner) unwinds like Ctrl-C: every process is stopped.
     raise KeyboardInterrupt
 
 
 def main() -> int:
     in_private_network()
-    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clusters", type=int, required=True)
     parser.add_argument("--changes", type=int, default=10)

@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -195,13 +194,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return out
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     in_private_network()
-    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--revocations", type=int, default=50)

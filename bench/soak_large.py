@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -82,7 +81,6 @@ from bench.bench_fleet import (
 from bench.bench_floor import cluster_service
 from bench.bench_outcome import (
     Processes,
-    _stop,
     in_private_network,
     observability_bootstrap,
     values_secrets,
@@ -575,7 +573,6 @@ def main(argv: list[str] | None = None) -> int:
     in_private_network(
         NETNS_ENV, resolv=f"nameserver {DNS}\noptions ndots:1 timeout:1 attempts:2\n"
     )
-    signal.signal(signal.SIGTERM, _stop)  # unwinds like Ctrl-C: every process is stopped
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clusters", type=int, default=2000, help="clusters with a stream")
     parser.add_argument("--minutes", type=float, default=30, help="rounds start until then")
