@@ -11,16 +11,26 @@ addresses (another namespace's host end: the observability Envoy listens on all 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.harness.envoy import Envoy
 from tests.harness.prom import WebProc, prometheus
+
+
+def require_namespaces(why: str) -> None:
+    """Skip the calling test unless this process may make namespaces (root and unshare(1)):
+    the test needs ``why``. The only skip of the suite's namespace tests; CI runs as root."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip(f"needs root and unshare(1): {why}")
 
 
 class DownstreamHost:

@@ -8,14 +8,14 @@ each (none is routed to the dead replica again)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.harness.netns import require_namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,7 @@ N = 10
 
 
 def test_every_stream_converges_in_every_phase(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1): a network and mount namespace of its own")
+    require_namespaces("a network and mount namespace of its own")
     argv = [sys.executable, "bench/bench_fleet.py", f"--clusters={N}", "--no-floor",
             "--timeout=120", f"--workdir={tmp_path / 'bench'}", "--json"]  # fmt: skip
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)

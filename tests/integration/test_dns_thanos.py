@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import random
-import shutil
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -44,6 +42,7 @@ from atlasd.model import DownstreamCluster, Fleet, ServicePort, Settings
 from tests.harness import components
 from tests.harness.feed import fed
 from tests.harness.net import free_port
+from tests.harness.netns import require_namespaces
 from tests.harness.procs import Proc
 from tests.harness.prom import WebProc
 from tests.harness.wait import wait_until, wait_until_async
@@ -62,8 +61,7 @@ def thanos_binary() -> Path:
 
 def dns_address() -> str:
     """A loopback address whose port 53 is free (needs root to bind)."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1): port 53 and a mount namespace for Thanos")
+    require_namespaces("port 53 and a mount namespace for Thanos")
     for _ in range(20):
         addr = f"127.{random.randint(1, 254)}.{random.randint(0, 254)}.53"
         try:

@@ -8,13 +8,13 @@ through the traffic pair failed."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.harness.netns import require_namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +23,7 @@ N = 10
 
 
 def test_one_round_converges_with_no_failed_request(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1): a network and mount namespace of its own")
+    require_namespaces("a network and mount namespace of its own")
     argv = [sys.executable, "bench/soak.py", "--scale=large", f"--clusters={N}", "--minutes=0",
             "--rounds=1", "--faults=rolling-restart", "--converge-timeout=120",
             f"--keep={tmp_path / 'soak'}", "--json"]  # fmt: skip
