@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from atlasd.certpolicy import load_cert, load_key
 from atlasd.model import Revocation
+from atlasd.times import parse_rfc3339, rfc3339
 
 REVOCATIONS_KEY = "revocations.json"
 """The data key of the ``atlas-revocations`` Secret holding the entries."""
@@ -69,19 +70,9 @@ class Revoked:
             "kind": self.kind,
             "serial": str(self.serial),
             "sha256": self.sha256,
-            "notAfter": _time(self.not_after),
-            "revokedAt": _time(self.revoked_at),
+            "notAfter": rfc3339(self.not_after),
+            "revokedAt": rfc3339(self.revoked_at),
         }
-
-
-def _time(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(value: object) -> dt.datetime:
-    if not isinstance(value, str):
-        raise ValueError("not a string")
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -152,8 +143,8 @@ def _entry(item: Any) -> Revoked:
         kind=kind,
         serial=serial,
         sha256=sha,
-        not_after=_parse_time(item["notAfter"]),
-        revoked_at=_parse_time(item["revokedAt"]),
+        not_after=parse_rfc3339(item["notAfter"]),
+        revoked_at=parse_rfc3339(item["revokedAt"]),
     )
 
 

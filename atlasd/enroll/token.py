@@ -36,6 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from atlasd.certpolicy import load_certs
+from atlasd.times import parse_rfc3339, rfc3339
 
 DEFAULT_TTL = dt.timedelta(hours=1)
 MAX_TTL = dt.timedelta(days=7)
@@ -133,8 +134,8 @@ class Record:
         doc = {
             "cluster": self.cluster,
             "sha256": self.digest,
-            "expires": _time(self.expires),
-            "used": _time(self.used) if self.used else None,
+            "expires": rfc3339(self.expires),
+            "used": rfc3339(self.used) if self.used else None,
             "certificates": dict(self.certificates),
         }
         return json.dumps(doc, sort_keys=True).encode()
@@ -149,8 +150,8 @@ class Record:
             return cls(
                 cluster=str(doc["cluster"]),
                 digest=str(doc["sha256"]),
-                expires=_parse_time(doc["expires"]),
-                used=_parse_time(used) if used else None,
+                expires=parse_rfc3339(doc["expires"]),
+                used=parse_rfc3339(used) if used else None,
                 certificates=tuple(sorted((str(k), str(v)) for k, v in certs.items())),
             )
         except (ValueError, TypeError, KeyError) as exc:
@@ -179,13 +180,3 @@ def check(record: Record, token: JoinToken, *, cluster: str, now: dt.datetime) -
 
 def _floor(t: dt.datetime) -> dt.datetime:
     return t.astimezone(dt.UTC).replace(microsecond=0)
-
-
-def _time(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(value: object) -> dt.datetime:
-    if not isinstance(value, str):
-        raise ValueError("not a time")
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)

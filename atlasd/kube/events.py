@@ -26,6 +26,7 @@ from atlasd.kube import bodies
 from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import EVENTS
 from atlasd.model import ObjectRef
+from atlasd.times import parse_rfc3339, rfc3339
 
 if TYPE_CHECKING:
     from atlasd.kube.api import KubeApi
@@ -45,15 +46,9 @@ def event_name(obj_name: str, *, now_ns: int | None = None) -> str:
     return f"{obj_name}.{ns:x}"
 
 
-def _timestamp(now: dt.datetime) -> str:
-    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _parse_timestamp(value: object) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
     try:
-        return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        return parse_rfc3339(value)
     except ValueError:
         return None
 
@@ -127,8 +122,8 @@ def build_event(
         "type": type,
         "source": {"component": component},
         "reportingComponent": component,
-        "firstTimestamp": _timestamp(first or now),
-        "lastTimestamp": _timestamp(now),
+        "firstTimestamp": rfc3339(first or now),
+        "lastTimestamp": rfc3339(now),
         "count": count,
     }
 
@@ -196,7 +191,7 @@ class EventRecorder:
                     await self.kube.patch_merge(
                         EVENTS,
                         name,
-                        {"count": count + 1, "lastTimestamp": _timestamp(now)},
+                        {"count": count + 1, "lastTimestamp": rfc3339(now)},
                         namespace=ref.namespace,
                     )
                     self._remember(key, (name, first, count + 1))
