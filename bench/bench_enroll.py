@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
-import json
 import os
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from atlasd.kube.errors import NotFound
 from atlasd.kube.resources import SECRETS
 from atlasd.kube.secrets import secret_data
 from atlasd.model import Settings
+from bench.bench_floor import print_result
 from bench.bench_outcome import (
     NAMESPACE,
     cluster_service,
@@ -155,11 +155,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="atlasd-bench-enroll-") as tmp:
         out = trio.run(run, args, Path(tmp))
-    if args.json:
-        print(json.dumps(out, sort_keys=True))
-    else:
-        for key, value in out.items():
-            print(f"{key:20} {value}")
+    print_result(out, as_json=args.json)
     return 0
 
 

@@ -69,7 +69,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_e2e import cluster_service, cpu_seconds, requests_by_kind, rss_mib
-from bench.bench_floor import measure_floor
+from bench.bench_floor import measure_floor, print_result
 from bench.bench_outcome import (
     Processes,
     in_private_network,
@@ -529,11 +529,7 @@ def main() -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="atlasd-bench-fleet-") as tmp:
             out = run(args, Path(tmp))
-    if args.json:
-        print(json.dumps(out, sort_keys=True))
-    else:
-        for key, value in out.items():
-            print(f"{key:20} {value}")
+    print_result(out, as_json=args.json)
     return 0
 
 

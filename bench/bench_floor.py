@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +164,13 @@ def main() -> int:
     return 0
 
 
-def print_result(result: dict[str, Any], *, as_json: bool) -> None:
-    """A benchmark's figures as a table; with ``as_json``, one JSON object last."""
+def print_result(result: dict[str, Any], *, as_json: bool, omit: Collection[str] = ()) -> None:
+    """A benchmark's figures as a table (but the keys in ``omit``); with ``as_json``, one
+    JSON object of them all last."""
     width = max(len(k) for k in result)
     for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
+        if key not in omit:
+            print(f"{key:<{width}}  {value}")
     if as_json:
         print(json.dumps(result, sort_keys=True))
 

@@ -79,7 +79,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlasd.xds.plan import ListenPlan
-from bench.bench_floor import cpu_seconds
+from bench.bench_floor import cpu_seconds, print_result
 from tests.harness import components, objects
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
@@ -551,11 +551,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="atlasd-bench-outcome-") as tmp:
         out = trio.run(run, args, Path(tmp))
-    if args.json:
-        print(json.dumps(out, sort_keys=True))
-    else:
-        for key, value in out.items():
-            print(f"{key:36} {value}")
+    print_result(out, as_json=args.json)
     return 0
 
 

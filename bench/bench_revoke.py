@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import random
 import sys
@@ -54,6 +53,7 @@ from atlasd.kube.secrets import secret_data
 from atlasd.model import Settings
 from atlasd.query.probe import probe
 from atlasd.xds.plan import ListenPlan
+from bench.bench_floor import print_result
 from bench.bench_outcome import (
     NAMESPACE,
     THANOS_PORT,
@@ -209,11 +209,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="atlasd-bench-revoke-") as tmp:
         out = trio.run(run, args, Path(tmp))
-    if args.json:
-        print(json.dumps(out, sort_keys=True))
-    else:
-        for key, value in out.items():
-            print(f"{key:28} {value}")
+    print_result(out, as_json=args.json)
     return 0
 
 

@@ -78,7 +78,7 @@ from bench.bench_fleet import (
     secret_exists,
     strip,
 )
-from bench.bench_floor import cluster_service
+from bench.bench_floor import cluster_service, print_result
 from bench.bench_outcome import (
     Processes,
     in_private_network,
@@ -599,12 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="atlasd-soak-large-") as tmp:
             out = run(args, Path(tmp))
-    if args.json:
-        print(json.dumps(out, sort_keys=True))
-    else:
-        for key, value in out.items():
-            if key != "rounds":
-                print(f"{key:24} {value}")
+    print_result(out, as_json=args.json, omit=("rounds",))
     return 0 if out["ok"] else 1
 
 
