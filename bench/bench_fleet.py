@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -60,7 +61,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -508,6 +509,20 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def run_dir(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """The run's directory: ``--workdir`` (kept), or a temporary one; ``--load-procs`` 0
+    filled in (one load process per 2,500 streams)."""
+    if args.load_procs <= 0:
+        args.load_procs = max(1, -(-args.clusters // 2500))
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        yield args.workdir
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
 def main() -> int:
     in_private_network(
         NETNS_ENV, resolv=f"nameserver {DNS}\noptions ndots:1 timeout:1 attempts:2\n"
@@ -521,14 +536,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep every log here (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.load_procs <= 0:
-        args.load_procs = max(1, -(-args.clusters // 2500))
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        out = run(args, args.workdir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="atlasd-bench-fleet-") as tmp:
-            out = run(args, Path(tmp))
+    with run_dir(args, "atlasd-bench-fleet-") as where:
+        out = run(args, where)
     print_result(out, as_json=args.json)
     return 0
 

@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +74,7 @@ from bench.bench_fleet import (
     load_specs,
     pcts,
     replica,
+    run_dir,
     secret_exists,
     strip,
 )
@@ -591,14 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--faults: {sorted(unknown)} are not among {list(FAULTS)}")
     if args.churn <= 0:
         args.churn = max(5, args.clusters // 100)
-    if args.load_procs <= 0:
-        args.load_procs = max(1, -(-args.clusters // 2500))
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        out = run(args, args.workdir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="atlasd-soak-large-") as tmp:
-            out = run(args, Path(tmp))
+    with run_dir(args, "atlasd-soak-large-") as where:
+        out = run(args, where)
     print_result(out, as_json=args.json, omit=("rounds",))
     return 0 if out["ok"] else 1
 
