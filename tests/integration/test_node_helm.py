@@ -287,7 +287,7 @@ def test_the_envoy_chart_gets_its_config_from_the_pod_and_routes_prometheus(
         "goatlas.io/prometheus-service=127.0.0.1",
         f"goatlas.io/prometheus-service-port={prom.port}",
     )  # fmt: skip
-    ads_host = f"{RELEASE}.{NS}.svc.cluster.local"
+    ads_host = f"{RELEASE}-ads.{NS}.svc.cluster.local"  # the headless ADS Service
 
     def obs_values() -> Doc | None:
         values = _values_of(node, "atlas-envoy-values")

@@ -40,9 +40,16 @@ helm.sh/chart: {{ include "atlasd.chart" . }}
 {{- end -}}
 {{- end -}}
 
-{{/* The ADS Service's in-cluster name: where the observability Envoy reaches atlasd. */}}
+{{/* The headless ADS Service: one address per Ready replica. */}}
+{{- define "atlasd.adsHeadlessName" -}}
+{{- printf "%s-ads" (include "atlasd.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The ADS Service's in-cluster name: where the observability Envoy reaches atlasd (the
+headless one unless ads.headless is false). */}}
 {{- define "atlasd.adsHost" -}}
-{{- printf "%s.%s.svc.%s" (include "atlasd.fullname" .) .Release.Namespace .Values.atlas.clusterDomain -}}
+{{- $name := ternary (include "atlasd.adsHeadlessName" .) (include "atlasd.fullname" .) (.Values.ads.headless | default false) -}}
+{{- printf "%s.%s.svc.%s" $name .Release.Namespace .Values.atlas.clusterDomain -}}
 {{- end -}}
 
 {{/* The forwarder token's Secret: the user's, or the one this chart generates. */}}
