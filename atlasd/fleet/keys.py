@@ -61,7 +61,14 @@ def roles(settings: Settings) -> tuple[WatchedSet, ...]:
     out = [
         WatchedSet(CLUSTER_SERVICES, SERVICES, labels.CLUSTER_LABEL),
         WatchedSet(OWNED_SERVICES, SERVICES, MANAGED_SELECTOR),
-        WatchedSet(OWNED_SECRETS, SECRETS, MANAGED_SELECTOR),
+        # The Envoy values (``<c>-envoy-values``, ``atlas-envoy-values``): written, never
+        # read back, so cached as digests (~7 KB less per cluster).
+        WatchedSet(
+            OWNED_SECRETS,
+            SECRETS,
+            MANAGED_SELECTOR,
+            digest_suffixes=(labels.VALUES_SECRET_SUFFIX,),
+        ),
     ]
     if settings.alertmanager_selector:
         am = ",".join(f"{k}={v}" for k, v in settings.alertmanager_selector)

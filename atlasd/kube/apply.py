@@ -11,7 +11,8 @@ the import contract.
   number);
 - Secrets are compared on *decoded* bytes (``atlasd.kube.secrets``): desired ``data``
   (base64) and ``stringData`` (text; write-only, never returned) against observed ``data``;
-  a desired value that is not base64 is always a difference;
+  a desired value that is not base64 is always a difference; an observed value the cache
+  kept only as its digest (``DataDigest``) is compared by digest;
 - a label, annotation or data key that atlasd applied before (per ``managedFields``,
   manager ``atlasd``) but no longer sends is a difference too: applying removes it;
 - ``whole``: paths of maps atlasd owns whole (e.g. a Service's ``spec.selector``, a
@@ -25,7 +26,7 @@ from typing import Any
 
 from atlasd.kube import bodies
 from atlasd.kube.api import Obj
-from atlasd.kube.secrets import secret_data
+from atlasd.kube.secrets import DataDigest, secret_data
 from atlasd.labels import FIELD_MANAGER
 
 Path = tuple[str, ...]
@@ -108,13 +109,17 @@ def needs_apply(desired: Obj, observed: Obj | None, *, whole: Collection[Path] =
         want = secret_data(desired)
         if sent - set(want):
             return True  # a value that is not base64 is never in sync
-        have = secret_data({"data": bodies.data(observed)})
-        if any(have.get(k) != v for k, v in want.items()):
-            return True
-        if ("data",) in whole and sent != set(bodies.data(observed)):
+        observed_data = bodies.data(observed)
+        have = secret_data({"data": observed_data})
+        digests = {k: v for k, v in observed_data.items() if isinstance(v, DataDigest)}
+        for k, v in want.items():
+            digest = digests.get(k)
+            if (have.get(k) != v) if digest is None else (digest != DataDigest.of(v)):
+                return True
+        if ("data",) in whole and sent != set(observed_data):
             return True
         owned = managed_keys(observed, "data") | managed_keys(observed, "stringData")
-        if (owned & set(have)) - set(want):
+        if (owned & (set(have) | set(digests))) - set(want):
             return True
         rest = {k: v for k, v in desired.items() if k not in ("data", "stringData")}
     else:

@@ -7,20 +7,49 @@ write is needed (``atlasd.kube.apply``) read Secrets through ``secret_data``, so
 that is not base64 means the same everywhere: it is absent (an API server never returns
 one; a hand-edited standalone store might). ``needs_apply`` counts a desired value that does
 not decode as a difference, so a write (and its error) happens rather than a silent skip.
+
+``DataDigest``: a cache may keep a Secret's data values only as their SHA-256 when nothing
+but that comparison reads them (``digest_data``; the informers do it for the Envoy values
+Secrets, ~7 KB each, ~70 MiB of the cache at 10,000 clusters). ``secret_data`` leaves a
+digest out like any value that is not base64; ``needs_apply`` compares digests.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 from atlasd.kube import bodies
 
 
+class DataDigest(str):
+    """A Secret data value kept only as ``sha256:<hex>`` of its decoded bytes (a ``str``, so
+    a cached object stays JSON; never base64, as ``:`` is not in its alphabet)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, value: bytes) -> DataDigest:
+        return cls("sha256:" + hashlib.sha256(value).hexdigest())
+
+
+def digest_data(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with each base64 ``data`` value replaced by its ``DataDigest`` (others kept)."""
+    data = obj.get("data")
+    if not isinstance(data, dict) or not data:
+        return obj
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        decoded = None if isinstance(value, DataDigest) else _decode(value)
+        out[key] = value if decoded is None else DataDigest.of(decoded)
+    return {**obj, "data": out}
+
+
 def _decode(value: object) -> bytes | None:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or isinstance(value, DataDigest):
         return None
     try:
         return base64.b64decode(value, validate=True)

@@ -19,3 +19,7 @@ class WatchedSet:
     name: str
     resource: ApiResource
     selector: str
+    digest_suffixes: tuple[str, ...] = ()
+    """Secrets whose name ends with one of these are cached with their data values as
+    digests (``atlasd.kube.secrets.digest_data``): nothing reads them but the comparison
+    that decides whether a write is needed."""

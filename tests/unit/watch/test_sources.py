@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from atlasd.kube.apply import managed_keys, needs_apply
+from atlasd.kube.secrets import DataDigest
 from atlasd.watch.sources import Compactor
 
 
@@ -139,6 +140,44 @@ def test_the_reconcile_decisions_read_the_same_from_a_compacted_object() -> None
     assert verdicts == [needs_apply(d, listed) for d in cases]
     # The first is in sync; the other two each drop a key atlasd applied.
     assert verdicts == [False, True, True]
+
+
+def test_values_cached_as_digests_decide_every_write_as_the_listed_object_does() -> None:
+    """The Envoy values are cached with their data as digests (``digest_suffixes``): every
+    verdict of needs_apply is the one the object as listed gives (a wrong one at fleet
+    scale is a write loop, or a change never written)."""
+    listed = values_secret("east", "u1")
+    cached = Compactor()(copy.deepcopy(listed), digest_suffixes=("-envoy-values",))
+    assert all(isinstance(v, DataDigest) for v in cached["data"].values())
+    assert set(cached["data"]) == set(listed["data"])
+    assert json.loads(json.dumps(cached))["data"] == cached["data"]  # still JSON
+    # Other Secrets keep their data.
+    other = copy.deepcopy(listed)
+    other["metadata"]["name"] = "east-atlas-identity"
+    assert Compactor()(other, digest_suffixes=("-envoy-values",))["data"] == listed["data"]
+
+    meta = {
+        "name": "east-envoy-values",
+        "namespace": "monitoring",
+        "labels": {"app.kubernetes.io/managed-by": "atlasd", "goatlas.io/owner-cluster": "east"},
+    }
+
+    def desired(data: dict[str, str]) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": data}
+
+    cases = [
+        desired({"values.yaml": b64("cluster: east\n")}),  # in sync
+        desired({"values.yaml": b64("cluster: west\n")}),  # a changed value
+        desired({"values.yaml": b64("cluster: east\n"), "old.yaml": b64("x")}),  # both sent
+        desired({"values.yaml": b64("cluster: east\n"), "old.yaml": b64("y")}),
+        desired({"values.yaml": "not base64!"}),
+        desired({"values.yaml": b64("cluster: east\n"), "new.yaml": b64("z")}),  # a new key
+    ]
+    for whole in ((), (("data",),)):
+        verdicts = [needs_apply(d, cached, whole=whole) for d in cases]
+        assert verdicts == [needs_apply(d, listed, whole=whole) for d in cases], whole
+    assert [needs_apply(d, cached) for d in cases] == [False, True, False, True, True, True]
+    assert needs_apply(cases[0], cached, whole=(("data",),))  # old.yaml is not sent
 
 
 def test_what_recurs_across_clusters_is_stored_once() -> None:
