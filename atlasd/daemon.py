@@ -110,6 +110,9 @@ class DaemonOptions:
     probe_via: str | None = None
     ads_host: str = "0.0.0.0"
     ads_port: int = ADS_GRPC_PORT
+    # A downstream node's ADS stream ends at this age (seconds; None: never), so the
+    # streams spread over the replicas again after a restart (atlasd.xds.server).
+    ads_max_stream_age: float | None = None
     http_host: str = "0.0.0.0"
     http_port: int = METRICS_PORT
     leader_election: bool = True
@@ -232,7 +235,8 @@ class Daemon:
             Subsystem("ads", P(run_ads_server, cache=cache, host=o.ads_host, port=o.ads_port,
                                authorizer=Authorizer(forwarder_token=s.forwarder_token,
                                                      revoked=self.revoked),
-                               tls=self.ads_tls), ready="ads", started=self._set("ads_port")),
+                               tls=self.ads_tls, max_stream_age=o.ads_max_stream_age),
+                      ready="ads", started=self._set("ads_port")),
             Subsystem("status", P(run_status, feed=feed, hub=hub, cache=cache)),
             Subsystem("zone", P(run_zone, feed=feed, path=o.zone_file, settings=s, hub=hub,
                                 leadership=self.leadership,

@@ -44,6 +44,10 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    again (as its pod would be).
 5. ``roll``: each replica in turn stopped (SIGTERM) and started, waiting for its
    readiness -> every stream current; ``roll_s`` and ``time_to_all`` from the roll's start.
+   The replicas come back with ``--ads-max-stream-age`` = ``--stream-age`` (until then 0).
+6. ``spread``: the streams per replica right after the roll (the replica restarted last
+   holds nearly all), then the time until no replica holds more than 60 % of them (each
+   stream ends at its age and the observability Envoy balances the new one).
 
 Each phase also reports ``stale`` (streams not current at its deadline, must be 0) and
 the load process's reconnects. Prints a table; with ``--json`` one JSON object last.
@@ -331,6 +335,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         for identity, ip in REPLICAS.items():
             replicas[identity] = replica(api, workdir, identity, ip)
+            # No stream ends on its own until phase spread (a default age could fall
+            # within a long run's phases and blur them).
+            replicas[identity].proc.argv.append("--ads-max-stream-age=0")
         t_start = time.monotonic()
         for r in replicas.values():
             r.start(timeout=600)
@@ -484,6 +491,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         since = time.time()
         for r in replicas.values():
             r.proc.stop()
+            # From here on, downstream streams end at --stream-age (the replicas ran
+            # without it so far: no phase above sees a stream end on its own).
+            r.proc.argv.append(f"--ads-max-stream-age={args.stream_age}")
             r.start(timeout=600)
         roll_s = time.monotonic() - t_roll
         phase = fleet.converge(
@@ -496,6 +506,31 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
         out["roll"] = strip(phase)
         print(f"roll: {out['roll']}", file=sys.stderr, flush=True)
+
+        # -- streams spread again -----------------------------------------------------------
+        # After the roll the replica restarted last holds (nearly) every stream; each ends
+        # at its age and the observability Envoy sends it anywhere: wait until every stream
+        # is open again and no replica holds more than 60 % of them.
+        t_spread = time.monotonic()
+        after_roll = {r: len(fleet.on_replica(r)) for r in replicas}
+        bound = max(1, int(0.6 * n))
+
+        def spread() -> dict[str, int] | None:
+            held_now = {r: len(fleet.on_replica(r)) for r in replicas}
+            spread_out = max(held_now.values()) <= bound and sum(held_now.values()) == n
+            return held_now if spread_out else None
+
+        spread_now = wait_until(
+            spread, timeout=3 * args.stream_age + 60, what="streams spread over the replicas",
+            interval=0.5,
+        )  # fmt: skip
+        out["spread"] = {
+            "stream_age_s": args.stream_age,
+            "on_replica_after_roll": after_roll,
+            "on_replica_spread": spread_now,
+            "spread_s": round(time.monotonic() - t_spread, 2),
+        }
+        print(f"spread: {out['spread']}", file=sys.stderr, flush=True)
 
         out["cpu_s"] = procs.cpu()
         out["cpu_s"].update({k: round(cpu_seconds(r.proc.pid), 2) for k, r in replicas.items()})
@@ -536,6 +571,10 @@ def main() -> int:
     parser.add_argument("--load-procs", type=int, default=0, help="default: 1 per 2,500 streams")
     parser.add_argument("--timeout", type=float, default=300, help="seconds a phase may take")
     parser.add_argument("--no-floor", dest="floor", action="store_false")
+    parser.add_argument(
+        "--stream-age", type=int, default=60,
+        help="--ads-max-stream-age of the replicas from the rolling restart on (phase spread)",
+    )  # fmt: skip
     parser.add_argument("--max-seconds", type=int, default=3600)
     parser.add_argument("--workdir", type=Path, help="keep every log here (default: a temp dir)")
     parser.add_argument("--json", action="store_true")

@@ -198,6 +198,15 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             "'Enrollment'); empty: off.",
         ),
         env_option(
+            "--ads-max-stream-age",
+            env="ATLAS_ADS_MAX_STREAM_AGE",
+            default=1800,
+            type=click.IntRange(0, 7 * 24 * 3600),
+            help="Seconds after which a downstream Envoy's ADS stream is ended (±10%; it "
+            "reconnects within a second), so streams spread over the replicas again after a "
+            "restart; 0: never.",
+        ),
+        env_option(
             "--enroll-cert-seconds",
             env="ATLAS_ENROLL_CERT_SECONDS",
             default=24 * 3600,
@@ -371,6 +380,7 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         probe_via=p["probe_via"],
         ads_host=ads_host,
         ads_port=ads_port,
+        ads_max_stream_age=float(p["ads_max_stream_age"]) or None,
         http_host=http_host,
         http_port=http_port,
         leader_election=True if serve_only else p["leader_election"],

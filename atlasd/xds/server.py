@@ -15,7 +15,15 @@ grpclib on the asyncio loop (``connect_accepted_socket``). Per stream:
    refused);
 3. every request and every change of the node's snapshot goes through the machine;
    ACKs and NACKs update the status board and metrics;
-4. when the node's snapshot is removed, the stream ends.
+4. when the node's snapshot is removed, the stream ends;
+5. a downstream node's stream ends (status OK) once it is ``max_stream_age`` old (±10 %,
+   so a fleet that connected at once does not reconnect at once): the Envoy opens a new one
+   after its retry back-off (under a second the first time), and the observability Envoy, which forwards it, balances it over every replica
+   again. Without it a rolling restart leaves every downstream stream on the replica
+   restarted first (gRPC's MAX_CONNECTION_AGE, which Istio's istiod uses for the same
+   reason, at stream level: the observability Envoy's connections carry many streams).
+   Node ``atlas`` (one stream per observability Envoy, the fleet's whole configuration on
+   every new stream) is left alone.
 
 Errors::
 
@@ -30,6 +38,7 @@ import asyncio
 import errno
 import hashlib
 import logging
+import random
 import socket
 import ssl
 import time
@@ -48,6 +57,7 @@ import trio
 import trio_asyncio
 
 from atlasd import logs
+from atlasd.model import OBSERVABILITY_NODE
 from atlasd.xds.authz import Authorizer, Denied, presented
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.protocol import (
@@ -98,6 +108,13 @@ class _Changed:
     """Queue marker: the node's snapshot changed."""
 
 
+class _Expired:
+    """Queue marker: the stream reached its maximum age."""
+
+
+_EXPIRED = _Expired()
+
+
 @dataclass(frozen=True)
 class _Ended:
     error: BaseException | None
@@ -109,9 +126,20 @@ _CHANGED = _Changed()
 class AdsService:
     """The AggregatedDiscoveryService, SotW and Delta, for grpclib."""
 
-    def __init__(self, cache: SnapshotCache, authorizer: Authorizer) -> None:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        authorizer: Authorizer,
+        *,
+        max_stream_age: float | None = None,
+        ageless: frozenset[str] = frozenset({OBSERVABILITY_NODE}),
+    ) -> None:
+        """``max_stream_age`` (seconds; None: for ever): a stream of a node not in
+        ``ageless`` ends once that old (see the module docstring)."""
         self.cache = cache
         self.authorizer = authorizer
+        self.max_stream_age = max_stream_age
+        self.ageless = ageless
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {
@@ -202,6 +230,13 @@ class AdsService:
         sid = self.cache.board.open(node=node, kind=kind, peer=f"{peer} ({who})")
         self.cache.metrics.connected.labels(kind).inc()
         reading = asyncio.ensure_future(reader())
+        expiry = (
+            loop.call_later(
+                self.max_stream_age * random.uniform(0.9, 1.1), queue.put_nowait, _EXPIRED
+            )
+            if self.max_stream_age and node not in self.ageless
+            else None
+        )
         had_snapshot = self.cache.get(node) is not None
         log.info("xds: %s stream %d opened for node %r from %s (%s)", kind, sid, node, peer, who)
         try:
@@ -220,6 +255,16 @@ class AdsService:
                     raise grpclib.exceptions.GRPCError(
                         grpclib.const.Status.PERMISSION_DENIED, "client certificate revoked"
                     )
+                if item is _EXPIRED:
+                    self.cache.metrics.aged.inc()
+                    log.info(
+                        "xds: %s stream %d of node %r reached its maximum age; ending it "
+                        "(the Envoy reconnects, perhaps to another replica)",
+                        kind,
+                        sid,
+                        node,
+                    )
+                    return
                 if item is _CHANGED:
                     wake_pending = False
                     seen, hint = hint, {}
@@ -243,6 +288,8 @@ class AdsService:
         finally:
             cancel_watch()
             reading.cancel()
+            if expiry is not None:
+                expiry.cancel()
             self.cache.board.close(sid)
             self.cache.metrics.connected.labels(kind).dec()
             log.info("xds: %s stream %d for node %r closed", kind, sid, node)
@@ -371,9 +418,11 @@ async def run_ads_server(
     port: int,
     authorizer: Authorizer,
     tls: ServerTls | None = None,
+    max_stream_age: float | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ADS on ``host:port`` until cancelled; ``started()`` with the bound port.
+    ``max_stream_age``: see ``AdsService``.
 
     TLS connections are served with ``tls``'s current context (refused while it has none,
     or when ``tls`` is None); plaintext ones as h2c.
@@ -386,7 +435,7 @@ async def run_ads_server(
         bound = int(sock.getsockname()[1])
         listener = trio.socket.from_stdlib_socket(sock)
         async with trio_asyncio.open_loop() as loop:
-            server = _Server([AdsService(cache, authorizer)])
+            server = _Server([AdsService(cache, authorizer, max_stream_age=max_stream_age)])
             log.info("xds: ADS server listening on %s:%d (TLS and plaintext)", host, bound)
             try:
                 async with trio.open_nursery() as nursery:

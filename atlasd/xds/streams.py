@@ -216,6 +216,12 @@ class XdsMetrics:
             "ADS streams refused because the caller may not fetch the node it named.",
             registry=registry,
         )
+        self.aged = Counter(
+            "atlasd_xds_aged_streams",
+            "ADS streams ended because they reached --ads-max-stream-age (the Envoy "
+            "reconnects, balanced over the replicas again).",
+            registry=registry,
+        )
         self.disconnected_nodes = Gauge(
             "atlasd_xds_disconnected_nodes",
             "Nodes atlasd has a snapshot for but no open ADS stream from.",

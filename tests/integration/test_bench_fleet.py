@@ -26,7 +26,7 @@ N = 10
 def test_every_stream_converges_in_every_phase(tmp_path: Path) -> None:
     require_namespaces("a network and mount namespace of its own")
     argv = [sys.executable, "bench/bench_fleet.py", f"--clusters={N}", "--no-floor",
-            "--timeout=120", f"--workdir={tmp_path / 'bench'}", "--json"]  # fmt: skip
+            "--timeout=120", f"--workdir={tmp_path / 'bench'}", "--stream-age=3", "--json"]  # fmt: skip
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -61,4 +61,8 @@ def test_every_stream_converges_in_every_phase(tmp_path: Path) -> None:
     assert kill["all_current_after_restart"] == N and kill["stale_after_restart"] == 0
     converged(out["roll"])
     assert out["roll"]["streams_reopened"] >= N
+    # Streams end at their age and spread over both replicas again.
+    spread = out["spread"]
+    assert max(spread["on_replica_spread"].values()) <= 0.6 * N, spread
+    assert sum(spread["on_replica_spread"].values()) == N, spread
     assert out["nacks"] == 0

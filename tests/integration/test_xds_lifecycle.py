@@ -11,6 +11,7 @@ import trio
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import duration_pb2  # type: ignore[import-untyped]
 
+from atlasd import model
 from atlasd.xds.snapshot import CLUSTER, Resource, Snapshot
 from tests.harness.wait import wait_until_async
 from tests.unit.xds import helpers
@@ -106,6 +107,45 @@ async def test_envoys_reconnect_and_get_full_state(envoy_factory: Any, delta: bo
             timeout=20,
             what="the change after reconnecting",
         )
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_a_downstream_stream_ends_at_its_age_and_the_envoy_comes_back(
+    envoy_factory: Any, delta: bool
+) -> None:
+    """--ads-max-stream-age: a real downstream Envoy's stream ends at its age; the Envoy
+    opens a new one on its own and ACKs what changed meanwhile; node atlas's stream (the
+    whole fleet on every new stream) is never ended for its age."""
+    async with xds_world(envoy_factory, delta=delta, clusters=("east",), max_stream_age=1.0) as w:
+        await w.start_envoy("atlas")
+        await w.start_envoy("east")
+        for n in ("atlas", "east"):
+            await w.wait_acked(n)
+
+        def stream_of(node: str) -> int | None:
+            return next((s.stream_id for s in w.cache.status() if s.node == node), None)
+
+        atlas, east = stream_of("atlas"), stream_of("east")
+        seen = {east}
+
+        def aged() -> float:
+            return w.registry.get_sample_value("atlasd_xds_aged_streams_total") or 0.0
+
+        # Two of east's streams ended at their age (at least 0.9 s each): longer than the
+        # 1.1 s atlas's would have lived had it aged too.
+        def two_new_streams() -> bool:
+            seen.add(stream_of("east"))
+            return len(seen - {None}) >= 3 and aged() >= 2
+
+        await wait_until_async(two_new_streams, timeout=30, what="east's streams ended at age")
+        assert stream_of("atlas") == atlas
+        # A change east's snapshot follows (the alert relay), ACKed on its newest stream.
+        w.alertmanagers.append(model.LocalAlertmanager("am-a", "monitoring", 9093))
+        w.publish()
+        for n in ("atlas", "east"):
+            await w.wait_acked(n)
+        stats = await trio.to_thread.run_sync(w.envoys["east"].stats, "control_plane.")
+        assert stats["control_plane.connected_state"] == 1
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])

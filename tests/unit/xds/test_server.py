@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
 
 from atlasd import model
 from atlasd.reconcile.certs import CA
@@ -18,6 +19,7 @@ from atlasd.xds.authz import TOKEN_HEADER, XFCC_HEADER, Authorizer
 from atlasd.xds.cache import SnapshotCache
 from atlasd.xds.server import run_ads_server
 from atlasd.xds.snapshot import CLUSTER, Snapshot
+from atlasd.xds.streams import XdsMetrics
 from atlasd.xds.tls import ServerTls, TlsMaterial
 from tests.harness.wait import wait_until_async
 from tests.unit.xds import helpers
@@ -55,7 +57,11 @@ class Pki:
 
 @asynccontextmanager
 async def ads(
-    cache: SnapshotCache, *, authorizer: Authorizer | None = None, tls: ServerTls | None = None
+    cache: SnapshotCache,
+    *,
+    authorizer: Authorizer | None = None,
+    tls: ServerTls | None = None,
+    max_stream_age: float | None = None,
 ) -> AsyncIterator[int]:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
@@ -65,6 +71,7 @@ async def ads(
                 port=0,
                 authorizer=authorizer or Authorizer(),
                 tls=tls,
+                max_stream_age=max_stream_age,
                 task_status=task_status,
             )
         )
@@ -103,6 +110,38 @@ async def test_serves_acks_and_closes_on_removal() -> None:
         await wait_until_async(c.done.is_set, timeout=10, what="stream closed on removal")
         await wait_until_async(lambda: cache.status() == [], timeout=10, what="status cleared")
         c.close()
+
+
+async def test_a_downstream_stream_ends_at_its_maximum_age_and_atlas_does_not() -> None:
+    """Streams spread over the replicas again: a downstream node's stream ends (status OK)
+    once ``max_stream_age`` old, node ``atlas``'s (the whole fleet on every new stream)
+    stays open."""
+    registry = CollectorRegistry()
+    cache = SnapshotCache(metrics=XdsMetrics(registry))
+    for n in ("atlas", "east"):
+        cache.set_snapshot(n, Snapshot.create(n, good()))
+    token = ((TOKEN_HEADER, "t"),)
+    east_md = (*token, (XFCC_HEADER, "Hash=1;DNS=east"))
+
+    def aged() -> float:
+        return registry.get_sample_value("atlasd_xds_aged_streams_total") or 0.0
+
+    async with ads(cache, authorizer=Authorizer(forwarder_token="t"), max_stream_age=0.5) as port:
+        atlas = Client(port, metadata=token)
+        atlas.send(_req("atlas"))
+        await wait_until_async(lambda: len(atlas.responses) == 1, timeout=10, what="atlas")
+        # Two east streams one after the other, each ended at its age (at least 0.45 s):
+        # together longer than atlas's stream would have lived if it aged too (0.55 s).
+        for i in (1, 2):
+            east = Client(port, metadata=east_md)
+            east.send(_req("east"))
+            await wait_until_async(east.done.is_set, timeout=10, what=f"east's stream {i} ended")
+            assert east.code() is None and len(east.responses) == 1  # status OK
+            assert aged() == i
+            east.close()
+        assert not atlas.done.is_set()
+        assert [st.node for st in cache.status()] == ["atlas"]
+        atlas.close()
 
 
 async def test_plaintext_callers_without_the_token_get_nothing() -> None:

@@ -182,6 +182,7 @@ async def xds_world(
     cluster_factory: Callable[[str], model.DownstreamCluster] = helpers.cluster,
     token: str | None = None,
     upstream_connection_seconds: int = 600,
+    max_stream_age: float | None = None,
 ) -> AsyncIterator[World]:
     ca, pki = helpers.make_pki([model.OBSERVABILITY_NODE])
     obs = ObservabilityPorts(
@@ -208,6 +209,7 @@ async def xds_world(
                         port=port,
                         authorizer=Authorizer(forwarder_token=token, revoked=revoked),
                         tls=ads_tls,
+                        max_stream_age=max_stream_age,
                         task_status=task_status,
                     )
             finally:
