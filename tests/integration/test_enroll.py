@@ -255,6 +255,7 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         assert not _secret(apiserver, namespace, "east-atlas-identity")
         assert b"-----BEGIN" not in (_values(apiserver, namespace, "east-envoy-values") or b"-")
         stored = _everything_stored(apiserver)
+        assert b"KeysDeleted" in stored  # the switch said what it did, on Service east
         sources = {
             "Secrets, ConfigMaps and Events": stored,
             "atlasd's log": atlasd.log_text().encode(),
