@@ -40,6 +40,7 @@ from atlasd.reconcile.desired import DesiredState, desired_state
 from atlasd.reconcile.objects import owner_references
 from atlasd.reconcile.pki import PKIPlan, plan_pki
 from atlasd.xds.builders import SnapshotBuilder
+from atlasd.xds.messages import tls_secret, validation_secret
 from atlasd.xds.snapshot import (
     CLUSTER,
     ENDPOINT,
@@ -77,7 +78,8 @@ _PROTOTYPE = "prototype"
 
 # The installations the examples run against: the defaults, and one with every setting
 # that changes the output moved (IPv6 xDS address, other namespace and domain, a
-# forwarder token, a DNS name for the alert relay).
+# forwarder token, a DNS name for the alert relay; unannotated clusters enroll, with an
+# enrollment address and another agent directory).
 SETTINGS: tuple[Settings, ...] = (
     Settings(),
     Settings(
@@ -87,6 +89,9 @@ SETTINGS: tuple[Settings, ...] = (
         envoy_ads_address="2001:db8::10",
         envoy_address="atlas-envoy.obs.svc.corp.example",
         forwarder_token="s3cret-forwarder-token",
+        enrollment_default=True,
+        enroll_address="enroll.obs.example:443",
+        agent_cert_dir="/var/run/atlas/certs",
     ),
 )
 
@@ -120,7 +125,8 @@ def pki_plan(clusters: Sequence[DownstreamCluster], settings: Settings) -> PKIPl
     ident = base.identities[_PROTOTYPE]
     identities = {n: i for n, i in base.identities.items() if n != _PROTOTYPE}
     secrets = {}
-    for c in clusters:
+    compatible = [c for c in clusters if not c.enrolled]  # enrolled: no identity, as plan_pki
+    for c in compatible:
         secret = copy.deepcopy(base.identity_secrets[_PROTOTYPE])
         meta = secret["metadata"]
         meta["name"] = identity_secret_name(c.name)
@@ -131,8 +137,21 @@ def pki_plan(clusters: Sequence[DownstreamCluster], settings: Settings) -> PKIPl
         else:
             meta.pop("ownerReferences", None)
         secrets[c.name] = secret
-    identities.update((c.name, ident) for c in clusters)
+    identities.update((c.name, ident) for c in compatible)
     return replace(base, identities=identities, identity_secrets=secrets)
+
+
+def agent_secrets() -> list[bytes]:
+    """What an enrolled node's agent files stand for, as serialized SDS secrets
+    (``server``, ``client``, ``validation``; the prototype's identity): the static form of
+    its file-sourced SDS, for ``envoy --mode validate``."""
+    plan = _prototype_plan(Settings())
+    ident = plan.identities[_PROTOTYPE]
+    return [
+        tls_secret("server", ident.server).body,
+        tls_secret("client", ident.client).body,
+        validation_secret(plan.pki.trust_bundle).body,
+    ]
 
 
 @dataclass(frozen=True)
