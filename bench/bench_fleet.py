@@ -509,15 +509,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         # -- streams spread again -----------------------------------------------------------
         # After the roll the replica restarted last holds (nearly) every stream; each ends
-        # at its age and the observability Envoy sends it anywhere: wait until every stream
-        # is open again and no replica holds more than 60 % of them.
+        # at its age and the observability Envoy sends it anywhere: wait until 99 % of the
+        # streams are open (with every stream ending once a minute some are always between
+        # two: ~20 of 5,000) and no replica holds more than 60 % of N.
         t_spread = time.monotonic()
         after_roll = {r: len(fleet.on_replica(r)) for r in replicas}
         bound = max(1, int(0.6 * n))
 
         def spread() -> dict[str, int] | None:
             held_now = {r: len(fleet.on_replica(r)) for r in replicas}
-            spread_out = max(held_now.values()) <= bound and sum(held_now.values()) == n
+            spread_out = max(held_now.values()) <= bound and sum(held_now.values()) >= 0.99 * n
             return held_now if spread_out else None
 
         spread_now = wait_until(
