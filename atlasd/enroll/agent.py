@@ -73,6 +73,9 @@ CALL_SECONDS = 60.0
 ENROLL_SECONDS = 300.0
 # How often a replica whose token another one used looks for that one's saved credentials.
 RESTORE_POLL = 2.0
+# In the directory while it holds restored credentials (shared with the pod that saved
+# them): the next agent process, the sidecar after the init container, renews at once.
+RESTORED_MARK = "..restored"
 
 
 class AgentError(Exception):
@@ -413,14 +416,20 @@ async def _start(o: AgentOptions) -> _Progress:
     saved_ok = saved is not None and state.valid(saved.files, FILES, now)
     if current(o.directory, now):
         token_id = saved.token_id if saved is not None and saved_ok else ""
-        progress = _Progress(token_id or (o.token.id if o.token else ""))
+        progress = _Progress(
+            token_id or (o.token.id if o.token else ""),
+            renew_now=(o.directory / RESTORED_MARK).exists(),
+        )
     elif saved is not None and saved_ok and (o.token is None or o.token.id == saved.token_id):
         write(o.directory, Credentials(saved.files))
+        write_atomic(o.directory / RESTORED_MARK, saved.token_id)
         log.info("agent: cluster %s restored its credentials from the state Secret", o.cluster)
         return _Progress(saved.token_id, renew_now=True)
     elif o.token is not None:
         creds, restored = await _enroll_or_restore(o, o.token)
         write(o.directory, creds)
+        if restored:
+            write_atomic(o.directory / RESTORED_MARK, o.token.id)
         verb = "restored the credentials another replica enrolled" if restored else "enrolled"
         log.info("agent: cluster %s %s; credentials in %s", o.cluster, verb, o.directory)
         progress = _Progress(o.token.id, renew_now=restored)
@@ -482,6 +491,7 @@ async def _follow(o: AgentOptions, p: _Progress) -> None:
         )
         write(o.directory, creds)
         p.renew_now = False
+        (o.directory / RESTORED_MARK).unlink(missing_ok=True)
         log.info("agent: cluster %s renewed its certificates", o.cluster)
         p.unsaved = o.state is not None
         await _save(o, p)

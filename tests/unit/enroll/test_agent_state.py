@@ -162,10 +162,13 @@ async def test_an_empty_directory_restores_from_the_secret_without_a_token(
 async def test_the_sidecar_renews_at_once_after_a_restore_and_saves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A restored pod gets keys of its own at once (two pods never keep one key)."""
+    """A restored pod gets keys of its own at once (two pods never keep one key): the init
+    container restores, the sidecar (another process, same directory) renews."""
     calls = Calls(monkeypatch)
     kube = FakeKube()
     await StateSecret(kube, NAME, NS).save(Saved(_creds().files, TOKEN.id))
+    await agent.run_agent(_options(tmp_path, kube, token=None))
+    assert calls.renewed == 0
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run_agent, _options(tmp_path, kube, token=None, once=False))
         await trio.sleep(1)
@@ -175,6 +178,12 @@ async def test_the_sidecar_renews_at_once_after_a_restore_and_saves(
     stored = _stored(kube)
     assert stored["client-key.pem"] == calls.last.files["client-key.pem"]
     assert stored["token-id"] == TOKEN.id.encode()
+    # Renewed keys are this pod's own: a sidecar started again does not renew at once.
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run_agent, _options(tmp_path, kube, token=None, once=False))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert calls.renewed == 1
 
 
 async def test_enrolling_saves_and_a_failed_save_fails_the_init_container_then_heals(
