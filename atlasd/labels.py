@@ -12,6 +12,10 @@ ALERTMANAGER_SERVICE_ANNOTATION = "goatlas.io/alertmanager-service"
 ALERTMANAGER_SERVICE_PORT_ANNOTATION = "goatlas.io/alertmanager-service-port"
 DNS_GROUP_ANNOTATION = "goatlas.io/dns-group"
 REPLICA_HOST_TEMPLATE_ANNOTATION = "goatlas.io/replica-host-template"
+# "true": the cluster enrolls (its keys stay home, atlasd stores none); "false": the
+# compatible mode (atlasd makes its keys, the values carry them). Absent: atlasd run
+# --enrollment-default, unless the cluster's identity Secret exists (docs/security.md).
+ENROLLMENT_ANNOTATION = "goatlas.io/enrollment"
 
 CA_LABEL = "goatlas.io/ca"
 CA_REVISION_LABEL = "goatlas.io/ca-revision"

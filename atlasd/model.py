@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
+from atlasd.certdir import DEFAULT_CERT_DIR
+
 _V = TypeVar("_V")
 
 # Ports of the design (docs/interface.md, "Topology"); all configurable through Settings.
@@ -109,6 +111,14 @@ class Settings:
     # connections (the fallback to its client certificate over TLS; None: plaintext
     # callers are never trusted). Never shown in repr.
     forwarder_token: str | None = field(default=None, repr=False)
+    # Enrollment (docs/security.md, "Enrollment mode"): the mode of a cluster Service
+    # without the goatlas.io/enrollment annotation (one whose identity Secret exists keeps
+    # the compatible mode); where downstream agents reach the enrollment endpoint
+    # ("host:port", into the values; empty: not configured, a Warning Event says so); and
+    # where the downstream pod's agent writes its certificates and Envoy reads them.
+    enrollment_default: bool = False
+    enroll_address: str = ""
+    agent_cert_dir: str = DEFAULT_CERT_DIR
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,12 @@ class DownstreamCluster:
     # "prometheus-k8s-{replica}.prometheus-operated.monitoring.svc.cluster.local";
     # None: every replica goes to ``thanos``.
     replica_host_template: str | None = None
+    # The mode served (``atlasd.fleet.validate.enrollment_mode``): True, the cluster enrolls
+    # (``atlasd agent`` makes its keys; atlasd stores none, its Envoy reads them from
+    # files); False, the compatible mode (atlasd makes and stores its keys).
+    enrolled: bool = False
+    # What the Service says (goatlas.io/enrollment; None: not annotated).
+    enrollment_annotation: bool | None = None
     source: ObjectRef | None = None
 
     def sidecar_service(self, replica: int) -> str:

@@ -44,12 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from atlasd.certdir import sds_config as sds_config
+from atlasd.certdir import sds_files as sds_files
 from atlasd.certpolicy import load_cert, public_der, renewal_time
 from atlasd.enroll import csr as csrs
 from atlasd.enroll import state
@@ -271,50 +272,10 @@ def write(directory: Path, creds: Credentials) -> None:
         shutil.rmtree(directory / old, ignore_errors=True)
 
 
-def sds_files(directory: Path) -> dict[str, str]:
-    """The SDS-from-files documents Envoy reads (``sds-<name>.yaml``), secrets named
-    ``server``, ``client`` and ``validation`` as atlasd's xDS names them."""
-    d = directory
-
-    def doc(secret: dict[str, Any]) -> str:
-        typ = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-        return yaml.safe_dump({"resources": [{"@type": typ, **secret}]}, sort_keys=False)
-
-    out = {
-        f"sds-{kind}.yaml": doc(
-            {
-                "name": kind,
-                "tls_certificate": {
-                    "certificate_chain": {"filename": str(d / f"{kind}.pem")},
-                    "private_key": {"filename": str(d / f"{kind}-key.pem")},
-                },
-            }
-        )
-        for kind in csrs.KINDS
-    }
-    out["sds-validation.yaml"] = doc(
-        {
-            "name": "validation",
-            "validation_context": {"trusted_ca": {"filename": str(d / "ca.pem")}},
-        }
-    )
-    return out
-
-
 def write_sds_files(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in sds_files(directory).items():
         write_atomic(directory / name, text)
-
-
-def sds_config(directory: Path, name: str) -> dict[str, Any]:
-    """The ``sds_config`` an Envoy config names a secret of the agent's with."""
-    return {
-        "path_config_source": {
-            "path": str(directory / f"sds-{name}.yaml"),
-            "watched_directory": {"path": str(directory)},
-        }
-    }
 
 
 def read(directory: Path) -> dict[str, bytes]:

@@ -37,6 +37,11 @@ Rules (a Service is a cluster when its label ``goatlas.io/cluster`` is exactly `
 - annotation ``goatlas.io/dns-group``: a DNS-1123 label.
 - annotation ``goatlas.io/replica-host-template``: contains ``{replica}``, no other
   replacement field, and with every replica index substituted is a DNS name.
+- annotation ``goatlas.io/enrollment``: exactly ``"true"`` (the cluster enrolls) or
+  ``"false"`` (the compatible mode). Anything else (``"True"``, ``"yes"``) rejects the
+  Service like any bad annotation: guessing either mode could pull the keys out from under
+  a running Envoy or store keys the operator meant to keep home, so nothing of the cluster
+  changes until it is fixed. Without it, ``enrollment_mode`` decides.
 
 Duplicates: two clusters with the same ``externalIPs[0]`` would both dial one Envoy whose
 certificate names only one of them, so only the first (oldest ``creationTimestamp``, then
@@ -57,6 +62,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from atlasd import labels
@@ -97,6 +103,7 @@ READ_KEYS = frozenset(
         labels.ALERTMANAGER_SERVICE_PORT_ANNOTATION,
         labels.DNS_GROUP_ANNOTATION,
         labels.REPLICA_HOST_TEMPLATE_ANNOTATION,
+        labels.ENROLLMENT_ANNOTATION,
     }
 )
 # A port name becomes the SRV owner label "_<name>", which must fit in 63 characters.
@@ -144,6 +151,33 @@ def parse_replicas(value: str) -> int:
     if n > MAX_REPLICAS:
         raise ValueError(f"{n} is above the maximum of {MAX_REPLICAS}")
     return n
+
+
+def parse_enrollment(value: str) -> bool:
+    if value not in ("true", "false"):
+        raise ValueError(
+            f'{value!r} is neither "true" (the cluster enrolls: its keys stay home) nor '
+            '"false" (the compatible mode: atlasd makes its keys); nothing of this cluster '
+            "changes until it is one of them"
+        )
+    return value == "true"
+
+
+def enrollment_mode(
+    cluster: DownstreamCluster, settings: Settings, *, identity_stored: bool
+) -> DownstreamCluster:
+    """``cluster`` in the mode it is served in: its annotation's, else
+    ``settings.enrollment_default`` unless its identity Secret (``<c>-atlas-identity``)
+    exists, which keeps an unannotated cluster compatible (a chart upgrade that turns the
+    default on never pulls the keys out from under running downstream Envoys). The same
+    object when its mode is already that one."""
+    if cluster.enrollment_annotation is not None:
+        enrolled = cluster.enrollment_annotation
+    else:
+        enrolled = settings.enrollment_default and not identity_stored
+    if enrolled == cluster.enrolled:
+        return cluster
+    return replace(cluster, enrolled=enrolled)
 
 
 def check_external_ip(value: object, *, allow_loopback: bool) -> str:
@@ -417,6 +451,13 @@ def validate_cluster(
         except ValueError as e:
             add(_ann(labels.REPLICA_HOST_TEMPLATE_ANNOTATION), str(e))
 
+    enrollment: bool | None = None
+    if labels.ENROLLMENT_ANNOTATION in anns:
+        try:
+            enrollment = parse_enrollment(anns[labels.ENROLLMENT_ANNOTATION])
+        except ValueError as e:
+            add(_ann(labels.ENROLLMENT_ANNOTATION), str(e))
+
     if problems:
         return problems
     return DownstreamCluster(
@@ -430,6 +471,9 @@ def validate_cluster(
         alertmanager=alertmanager,
         dns_group=dns_group,
         replica_host_template=template,
+        # The fleet settles an unannotated one by its stored identity (enrollment_mode).
+        enrolled=settings.enrollment_default if enrollment is None else enrollment,
+        enrollment_annotation=enrollment,
         source=ref,
     )
 

@@ -13,7 +13,11 @@ Per downstream cluster ``<c>`` (labels ``app.kubernetes.io/managed-by: atlasd`` 
   cluster, keeping the original chart's keys — ``atlas.alertmanagerCount``,
   ``replicaCount``, ``args``, ``service.ports``, ``ports`` and ``files`` (``envoy.yaml``,
   ``ca.pem``, ``server.pem``, ``server-key.pem``, ``client.pem``, ``client-key.pem``);
-- ``<c>-atlas-identity`` (built by ``pki``).
+  for an **enrolled** cluster (``DownstreamCluster.enrolled``) the same keys but no key,
+  certificate or bundle in ``files`` (only ``envoy.yaml``, whose xDS TLS reads the agent's
+  files), plus ``agent`` (``enabled``, ``cluster``, ``namespace``, ``server``,
+  ``certDir``) for the envoy chart's ``atlasd agent`` (docs/interface.md);
+- ``<c>-atlas-identity`` (built by ``pki``; none for an enrolled cluster).
 
 Cluster-wide: ``atlas-envoy-values`` (observability Envoy, node ``atlas``: xDS over mTLS
 to atlasd's ADS Service with the ``atlas`` client certificate, atlasd's server pinned to
@@ -25,7 +29,9 @@ node id, ADS (SotW ``GRPC`` by default, V3, node on first message only) to one s
 cluster ``xds_cluster`` over HTTP/2, mTLS when an identity is given (client certificate of
 that identity followed by the cross-signed chain, server validated against the CA bundle
 and pinned to a SAN: ``atlas`` by default), certificates inline so the bootstrap needs no
-files; admin on 127.0.0.1.
+files — or, with ``sds_dir``, the client certificate and the bundle by SDS from the files
+``atlasd agent`` writes there (``atlasd.certdir``), reloaded when it renews; admin on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from atlasd import labels
+from atlasd import certdir, labels
 from atlasd.addresses import is_ip_literal
 from atlasd.kube import bodies
 from atlasd.model import (
@@ -107,8 +113,10 @@ def envoy_bootstrap(
     server_san: str = OBSERVABILITY_NODE,
     forwarder_token: str | None = None,
     chain: bytes = b"",
+    sds_dir: str | None = None,
 ) -> dict[str, Any]:
-    """An Envoy v3 bootstrap whose only static cluster is the xDS server (see docstring)."""
+    """An Envoy v3 bootstrap whose only static cluster is the xDS server (see docstring):
+    mTLS with ``tls`` inline, or with ``sds_dir`` from the agent's files there."""
     xds: dict[str, Any] = {
         "name": XDS_CLUSTER,
         "type": "STATIC" if is_ip_literal(xds_host) else "STRICT_DNS",
@@ -136,31 +144,49 @@ def envoy_bootstrap(
             ],
         },
     }
+    if tls is not None and sds_dir is not None:
+        raise ValueError("an mTLS bootstrap takes its certificates inline or from files, not both")
+    sans = [{"san_type": "DNS", "matcher": {"exact": server_san}}]
+    common: dict[str, Any] | None = None
     if tls is not None:
         if ca_bundle is None:
             raise ValueError("an mTLS bootstrap needs the CA bundle")
+        common = {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"inline_string": (tls.client.cert_pem + chain).decode()},
+                    "private_key": {"inline_string": tls.client.key_pem.decode()},
+                }
+            ],
+            "validation_context": {
+                "trusted_ca": {"inline_string": ca_bundle.decode()},
+                "match_typed_subject_alt_names": sans,
+            },
+        }
+    elif sds_dir is not None:
+        # The agent's client certificate and the bundle it keeps current; the SAN pin stays
+        # here (Envoy merges the two validation contexts).
+        common = {
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [
+                {"name": "client", "sds_config": certdir.sds_config(sds_dir, "client")}
+            ],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": sans},
+                "validation_context_sds_secret_config": {
+                    "name": certdir.VALIDATION,
+                    "sds_config": certdir.sds_config(sds_dir, certdir.VALIDATION),
+                },
+            },
+        }
+    if common is not None:
         xds["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": server_san,
-                "common_tls_context": {
-                    "alpn_protocols": ["h2"],
-                    "tls_certificates": [
-                        {
-                            "certificate_chain": {
-                                "inline_string": (tls.client.cert_pem + chain).decode()
-                            },
-                            "private_key": {"inline_string": tls.client.key_pem.decode()},
-                        }
-                    ],
-                    "validation_context": {
-                        "trusted_ca": {"inline_string": ca_bundle.decode()},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "DNS", "matcher": {"exact": server_san}}
-                        ],
-                    },
-                },
+                "common_tls_context": common,
             },
         }
     return {
@@ -219,21 +245,15 @@ def _chart_ports(named: Iterable[tuple[str, int, bool]]) -> tuple[dict[str, Any]
 def downstream_values(
     cluster: DownstreamCluster,
     *,
-    identity: Identity,
+    identity: Identity | None,
     ca_bundle: bytes,
     chain: bytes = b"",
     settings: Settings,
     alertmanager_count: int,
 ) -> dict[str, Any]:
-    """Helm values for the Envoy chart on downstream cluster ``cluster``."""
-    bootstrap = envoy_bootstrap(
-        cluster.name,
-        xds_host=settings.envoy_ads_address,
-        xds_port=settings.envoy_ads_port,
-        tls=identity,
-        ca_bundle=ca_bundle,
-        chain=chain,
-    )
+    """Helm values for the Envoy chart on downstream cluster ``cluster``: with its keys
+    (compatible mode, ``identity`` required), or for its agent (enrolled: no key, no
+    certificate; ``identity`` ignored)."""
     service_ports, ports = _chart_ports(
         [
             ("thanos", DOWNSTREAM_THANOS_PORT, True),
@@ -243,7 +263,7 @@ def downstream_values(
             ("prometheus", DOWNSTREAM_PROMETHEUS_PORT, True),
         ]
     )
-    return {
+    values: dict[str, Any] = {
         "atlas": {"alertmanagerCount": alertmanager_count},
         "replicaCount": 1,
         "args": list(ENVOY_ARGS),
@@ -253,14 +273,54 @@ def downstream_values(
         # Envoy").
         "service": {"enabled": True, "type": "LoadBalancer", "ports": service_ports},
         "ports": ports,
-        "files": {
-            "envoy.yaml": dump_yaml(bootstrap),
-            "ca.pem": ca_bundle.decode(),
-            "server.pem": (identity.server.cert_pem + chain).decode(),
-            "server-key.pem": identity.server.key_pem.decode(),
-            "client.pem": (identity.client.cert_pem + chain).decode(),
-            "client-key.pem": identity.client.key_pem.decode(),
+    }
+    if cluster.enrolled:
+        return values | enrolled_values(cluster, settings=settings)
+    if identity is None:
+        raise ValueError(f"cluster {cluster.name!r} is not enrolled: its values need its keys")
+    bootstrap = envoy_bootstrap(
+        cluster.name,
+        xds_host=settings.envoy_ads_address,
+        xds_port=settings.envoy_ads_port,
+        tls=identity,
+        ca_bundle=ca_bundle,
+        chain=chain,
+    )
+    values["files"] = {
+        "envoy.yaml": dump_yaml(bootstrap),
+        "ca.pem": ca_bundle.decode(),
+        "server.pem": (identity.server.cert_pem + chain).decode(),
+        "server-key.pem": identity.server.key_pem.decode(),
+        "client.pem": (identity.client.cert_pem + chain).decode(),
+        "client-key.pem": identity.client.key_pem.decode(),
+    }
+    return values
+
+
+def enrolled_values(cluster: DownstreamCluster, *, settings: Settings) -> dict[str, Any]:
+    """What an enrolled cluster's values hold beyond the common keys: ``agent`` (what the
+    envoy chart's ``atlasd agent`` is started with; the join token is never here, the
+    operator gives it at install) and a bootstrap whose xDS TLS reads the agent's files.
+    No key, no certificate, no bundle: the agent fetches the bundle itself (pinned by its
+    token) and makes the keys."""
+    cert_dir = settings.agent_cert_dir
+    bootstrap = envoy_bootstrap(
+        cluster.name,
+        xds_host=settings.envoy_ads_address,
+        xds_port=settings.envoy_ads_port,
+        tls=None,
+        ca_bundle=None,
+        sds_dir=cert_dir,
+    )
+    return {
+        "agent": {
+            "enabled": True,
+            "cluster": cluster.name,
+            "namespace": settings.namespace,
+            "server": settings.enroll_address,
+            "certDir": cert_dir,
         },
+        "files": {"envoy.yaml": dump_yaml(bootstrap)},
     }
 
 
@@ -334,7 +394,7 @@ def sidecar_services(cluster: DownstreamCluster, settings: Settings) -> list[Ser
 def values_secret(
     cluster: DownstreamCluster,
     *,
-    identity: Identity,
+    identity: Identity | None,
     ca_bundle: bytes,
     chain: bytes = b"",
     ca_serial: str,
@@ -350,11 +410,13 @@ def values_secret(
         settings=settings,
         alertmanager_count=alertmanager_count,
     )
+    # An enrolled cluster's values hold nothing the CA signed: a rotation leaves them be.
+    signed = {} if cluster.enrolled else {labels.CA_SIGNED_LABEL: ca_serial}
     return secret_object(
         name=labels.values_secret_name(cluster.name),
         namespace=settings.namespace,
         data={VALUES_KEY: dump_yaml(values).encode()},
-        obj_labels=managed_labels(cluster.name, **{labels.CA_SIGNED_LABEL: ca_serial}),
+        obj_labels=managed_labels(cluster.name, **signed),
         owner_refs=owner_references(cluster),
     )
 
@@ -384,6 +446,7 @@ def objects_inputs(cluster: DownstreamCluster) -> Hashable:
         cluster.ports,
         cluster.replicas,
         cluster.envoy_selectors,
+        cluster.enrolled,
         cluster.source.uid if cluster.source is not None else "",
     )
 
@@ -391,7 +454,7 @@ def objects_inputs(cluster: DownstreamCluster) -> Hashable:
 @dataclass(frozen=True)
 class ClusterObjects:
     """What atlasd makes exist for one cluster: its sidecar Services and its Secrets
-    (``<c>-envoy-values`` and ``<c>-atlas-identity``), by name."""
+    (``<c>-envoy-values`` and, unless it is enrolled, ``<c>-atlas-identity``), by name."""
 
     services: Mapping[str, ServiceObject]
     secrets: Mapping[str, SecretObject]
@@ -400,8 +463,8 @@ class ClusterObjects:
 def cluster_objects(
     cluster: DownstreamCluster,
     *,
-    identity: Identity,
-    identity_secret: SecretObject,
+    identity: Identity | None,
+    identity_secret: SecretObject | None,
     ca_bundle: bytes,
     chain: bytes = b"",
     ca_serial: str,
@@ -417,9 +480,12 @@ def cluster_objects(
         settings=settings,
         alertmanager_count=alertmanager_count,
     )
+    secrets = {bodies.name(values): values}
+    if identity_secret is not None and not cluster.enrolled:
+        secrets[bodies.name(identity_secret)] = identity_secret
     return ClusterObjects(
         services={bodies.name(s): s for s in sidecar_services(cluster, settings)},
-        secrets={bodies.name(values): values, bodies.name(identity_secret): identity_secret},
+        secrets=secrets,
     )
 
 
@@ -454,8 +520,8 @@ def desired_state(
     for cluster in clusters:
         objs = cluster_objects(
             cluster,
-            identity=plan.identities[cluster.name],
-            identity_secret=plan.identity_secrets[cluster.name],
+            identity=plan.identities.get(cluster.name),
+            identity_secret=plan.identity_secrets.get(cluster.name),
             ca_bundle=plan.pki.trust_bundle,
             chain=plan.pki.chain,
             ca_serial=plan.pki.ca_serial,
@@ -470,7 +536,8 @@ def desired_state(
         alertmanagers=alertmanagers,
         pki=plan.pki,
         identities={
-            n: plan.identities[n] for n in (OBSERVABILITY_NODE, *(c.name for c in clusters))
+            n: plan.identities[n]
+            for n in (OBSERVABILITY_NODE, *(c.name for c in clusters if not c.enrolled))
         },
     )
     return DesiredState(fleet=fleet, ca_secret=plan.ca_secret, services=services, secrets=secrets)

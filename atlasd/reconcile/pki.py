@@ -46,6 +46,8 @@ SAN scheme (``<ns>`` = settings.namespace):
   ``<c>-atlas-identity`` (``ca.crt``, ``server.crt``, ``server.key``, ``client.crt``,
   ``client.key``) from which a restart reloads them, and copied into ``<c>-envoy-values``.
   Peers pin the SAN DNS name ``<c>`` (cluster identity) or ``atlas`` (observability).
+  An enrolled cluster (``DownstreamCluster.enrolled``) gets none of these: its agent makes
+  its keys and the enrollment endpoint signs its requests (``atlasd.enroll``).
 
 Errors::
 
@@ -443,8 +445,8 @@ def plan_identity(
     force: bool = False,
     revoked: frozenset[str] = frozenset(),
 ) -> LeafPlan:
-    """One downstream cluster's server and client leaves and ``<c>-atlas-identity``;
-    ``revoked``: the cluster's revoked certificate hashes (a stored leaf among them is
+    """One downstream cluster's server and client leaves and ``<c>-atlas-identity`` (a
+    cluster in the compatible mode; an enrolled one has none); ``revoked``: the cluster's revoked certificate hashes (a stored leaf among them is
     re-issued)."""
     leaves = _Leaves(
         ca=ca, settings=settings, now=as_utc(now), keys=keys, force=force, revoked=revoked
@@ -519,6 +521,8 @@ def plan_pki(
     identities: dict[str, Identity] = {OBSERVABILITY_NODE: obs.identity}
     identity_secrets: dict[str, SecretObject] = {}
     for cluster in sorted(clusters, key=lambda c: c.name):
+        if cluster.enrolled:
+            continue  # its keys stay home: atlasd makes none
         plan = plan_identity(
             cluster,
             secrets.get(labels.identity_secret_name(cluster.name)),

@@ -9,6 +9,7 @@ import pytest
 from atlasd import labels
 from atlasd.fleet.validate import (
     MAX_REPLICAS,
+    enrollment_mode,
     parse_selector,
     select_alertmanagers,
     validate_all,
@@ -120,6 +121,44 @@ H = "prometheus-k8s-{replica}.prometheus-operated.monitoring.svc.cluster.local"
 def test_accepted_variants(kwargs: dict[str, Any], check: Any) -> None:
     ip = kwargs.pop("ip", "203.0.113.10")
     assert check(_ok(cluster_service("east", ip, **kwargs)))
+
+
+@pytest.mark.parametrize(
+    ("annotation", "default", "stored", "enrolled"),
+    [
+        # Annotated: the annotation decides, whatever the default or a stored identity.
+        ("true", False, False, True),
+        ("true", False, True, True),
+        ("false", True, False, False),
+        # Not annotated: the default, but a stored identity keeps the compatible mode.
+        (None, True, False, True),
+        (None, True, True, False),
+        (None, False, False, False),
+    ],
+)
+def test_enrollment_mode(
+    annotation: str | None, default: bool, stored: bool, enrolled: bool
+) -> None:
+    settings = Settings(enrollment_default=default)
+    anns = {labels.ENROLLMENT_ANNOTATION: annotation} if annotation is not None else None
+    c = validate_cluster(cluster_service("east", annotations=anns), settings)
+    assert isinstance(c, DownstreamCluster)
+    assert c.enrollment_annotation == (None if annotation is None else annotation == "true")
+    settled = enrollment_mode(c, settings, identity_stored=stored)
+    assert settled.enrolled is enrolled
+    # Settling is idempotent and keeps the object when nothing changes.
+    assert enrollment_mode(settled, settings, identity_stored=stored) is settled
+
+
+def test_a_bad_enrollment_annotation_is_named_beside_the_other_problems() -> None:
+    svc = cluster_service(
+        "east", annotations={labels.ENROLLMENT_ANNOTATION: "1", labels.DNS_GROUP_ANNOTATION: "A"}
+    )
+    fields = {p.field for p in _problems(svc)}
+    assert fields == {
+        f'metadata.annotations["{labels.ENROLLMENT_ANNOTATION}"]',
+        f'metadata.annotations["{labels.DNS_GROUP_ANNOTATION}"]',
+    }
 
 
 def test_loopback_only_when_allowed() -> None:
@@ -300,6 +339,18 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
         "collides",
     ),
     ("name-upper", cluster_service("East"), "metadata.name", "DNS-1123"),
+    (
+        "enrollment-True",
+        _ann(labels.ENROLLMENT_ANNOTATION, "True"),
+        f'metadata.annotations["{labels.ENROLLMENT_ANNOTATION}"]',
+        'neither "true"',
+    ),
+    (
+        "enrollment-yes",
+        _ann(labels.ENROLLMENT_ANNOTATION, "yes"),
+        f'metadata.annotations["{labels.ENROLLMENT_ANNOTATION}"]',
+        "until it is one of them",
+    ),
 ]
 
 

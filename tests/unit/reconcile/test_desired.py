@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import yaml
 from cryptography import x509
 
 from atlasd import labels
+from atlasd.enroll.agent import write_sds_files
 from atlasd.kube.secrets import secret_data
 from atlasd.model import (
     ADS_SERVER_NAME,
@@ -48,6 +50,15 @@ WEST = DownstreamCluster(
     source=SRC,
 )
 AMS = (LocalAlertmanager("am-0", "monitoring", 9093), LocalAlertmanager("am-1", "monitoring", 9093))
+# Enrolled: its agent makes its keys, atlasd stores none.
+NORTH = DownstreamCluster(
+    name="north",
+    external_ip="203.0.113.3",
+    ports=(ServicePort("prometheus", 9090),),
+    enrolled=True,
+    enrollment_annotation=True,
+)
+ENROLLING = dataclasses.replace(S, enroll_address="atlasd.example:6307")
 
 
 def _state() -> Any:
@@ -184,6 +195,77 @@ def test_downstream_values_keep_the_chart_keys_and_carry_the_clusters_identity()
     assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
+def _enrolled_state(settings: Settings = ENROLLING) -> Any:
+    plan = plan_pki(
+        secrets={}, clusters=(EAST, NORTH), settings=settings, now=NOW, keys=CountingKeys()
+    )
+    return plan, desired_state(
+        clusters=(EAST, NORTH), alertmanagers=AMS, plan=plan, settings=settings
+    )
+
+
+def test_an_enrolled_clusters_values_hold_no_key_and_start_its_agent() -> None:
+    plan, state = _enrolled_state()
+    assert "north" not in plan.identities and "north" not in plan.identity_secrets
+    assert "north-atlas-identity" not in state.secrets
+    assert "east-atlas-identity" in state.secrets  # the compatible cluster beside it
+    assert "north" not in state.fleet.identities and "north" in state.fleet.clusters
+    secret = state.secrets["north-envoy-values"]
+    assert labels.CA_SIGNED_LABEL not in secret["metadata"]["labels"]
+    raw = secret_data(secret)["values.yaml"]
+    assert b"-----BEGIN" not in raw and b"PRIVATE KEY" not in raw
+    values = _values(state, "north-envoy-values")
+    compatible = _values(state, "east-envoy-values")
+    for key in ("atlas", "replicaCount", "args", "service", "ports"):
+        assert values[key] == compatible[key], key
+    assert values["agent"] == {
+        "enabled": True,
+        "cluster": "north",
+        "namespace": "monitoring",
+        "server": "atlasd.example:6307",
+        "certDir": "/etc/atlas/certs",
+    }
+    assert set(values["files"]) == {"envoy.yaml"}
+    boot = yaml.safe_load(values["files"]["envoy.yaml"])
+    assert boot["node"] == {"id": "north", "cluster": "north"}
+    (xds,) = boot["static_resources"]["clusters"]
+    endpoint = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "198.51.100.7", "port_value": 10950}
+    tls = xds["transport_socket"]["typed_config"]["common_tls_context"]
+    files = {
+        "path_config_source": {
+            "path": "/etc/atlas/certs/sds-client.yaml",
+            "watched_directory": {"path": "/etc/atlas/certs"},
+        }
+    }
+    assert tls["tls_certificate_sds_secret_configs"] == [{"name": "client", "sds_config": files}]
+    combined = tls["combined_validation_context"]
+    assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "atlas"}}
+    ]
+    validation = combined["validation_context_sds_secret_config"]
+    assert validation["name"] == "validation"
+    assert validation["sds_config"]["path_config_source"]["path"].endswith("sds-validation.yaml")
+
+
+def test_an_enrolled_cluster_without_an_enroll_address_gets_an_empty_server() -> None:
+    _, state = _enrolled_state(S)
+    assert _values(state, "north-envoy-values")["agent"]["server"] == ""
+
+
+def test_an_mtls_bootstrap_takes_its_certificates_one_way() -> None:
+    plan, _ = _state()
+    with pytest.raises(ValueError, match="not both"):
+        envoy_bootstrap(
+            "x",
+            xds_host="h",
+            xds_port=1,
+            tls=plan.identities["east"],
+            ca_bundle=plan.pki.trust_bundle,
+            sds_dir="/d",
+        )
+
+
 def test_observability_values() -> None:
     plan, state = _state()
     values = _values(state, "atlas-envoy-values")
@@ -244,12 +326,23 @@ def test_mtls_bootstrap_needs_a_bundle() -> None:
 ENVOY = shutil.which("envoy") or str(Path(__file__).parents[3] / ".venv" / "bin" / "envoy")
 
 
-@pytest.mark.parametrize("which", ["downstream", "observability", "delta"])
+@pytest.mark.parametrize("which", ["downstream", "observability", "delta", "enrolled"])
 def test_bootstraps_pass_envoy_validation(which: str, tmp_path: Path) -> None:
     if not Path(ENVOY).exists():
         pytest.fail("the envoy binary is part of the dev install (.venv/bin/envoy)")
     plan, state = _state()
-    if which == "downstream":
+    if which == "enrolled":
+        # The agent's directory as it leaves it: the SDS documents (and its files).
+        certs = tmp_path / "certs"
+        write_sds_files(certs)
+        ident = plan.identities["east"]
+        for kind, ck in (("server", ident.server), ("client", ident.client)):
+            (certs / f"{kind}.pem").write_bytes(ck.cert_pem)
+            (certs / f"{kind}-key.pem").write_bytes(ck.key_pem)
+        (certs / "ca.pem").write_bytes(plan.pki.trust_bundle)
+        _, state = _enrolled_state(dataclasses.replace(ENROLLING, agent_cert_dir=str(certs)))
+        text = _values(state, "north-envoy-values")["files"]["envoy.yaml"]
+    elif which == "downstream":
         text = _values(state, "east-envoy-values")["files"]["envoy.yaml"]
     elif which == "observability":
         text = _values(state, "atlas-envoy-values")["files"]["envoy.yaml"]
