@@ -144,7 +144,8 @@ def print_cluster_values(
 @click.option(
     "--enroll",
     is_flag=True,
-    help="Also mint a one-time join token for the cluster's agent (printed on stdout "
+    help="The cluster enrolls (annotation goatlas.io/enrollment=true: atlasd stores none "
+    "of its keys) and a one-time join token for its agent is minted (printed on stdout "
     "alone; atlasd agent; needs atlasd running: the token pins its CA).",
 )
 @click.option("--allow-loopback", is_flag=True, hidden=True)
@@ -166,6 +167,15 @@ def cluster_add(
         if not eq:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--annotation")
         ann[key] = val
+    if enroll:
+        if ann.get(labels.ENROLLMENT_ANNOTATION, "true") != "true":
+            raise click.BadParameter(
+                f"--enroll and {labels.ENROLLMENT_ANNOTATION}="
+                f"{ann[labels.ENROLLMENT_ANNOTATION]} contradict each other",
+                param_hint="--annotation",
+            )
+        # The cluster enrolls whatever atlasd's default: atlasd stores none of its keys.
+        ann[labels.ENROLLMENT_ANNOTATION] = "true"
     add_cluster(
         backend=backend,
         name=name,

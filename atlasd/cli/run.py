@@ -55,6 +55,22 @@ def _query_url(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
+def _enroll_address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``host:port`` as an agent dials it (``dial_param``'s rules), or empty."""
+    if not value:
+        return ""
+    dial_param(ctx, param, value)
+    return value
+
+
+def _cert_dir(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.startswith("/") or any(c.isspace() for c in value) or value != value.rstrip("/"):
+        raise click.BadParameter(
+            f"{value!r} is not an absolute directory path (no spaces, no trailing /)", ctx, param
+        )
+    return value
+
+
 def run_options(*, compat: bool) -> Callable[[F], F]:
     """The options of ``run``; with ``compat`` also the original's flags and variables
     (``controller`` and ``envoy-ads``), which take precedence where both are given."""
@@ -204,6 +220,32 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             type=click.IntRange(30, 365 * 24 * 3600),
             help="Lifetime of the certificates the enrollment endpoint signs; agents renew "
             "them after 2/3 of it.",
+        ),
+        env_option(
+            "--enrollment-default/--no-enrollment-default",
+            env="ATLAS_ENROLLMENT_DEFAULT",
+            default=DEFAULTS.enrollment_default,
+            help="The mode of a cluster Service without the goatlas.io/enrollment "
+            "annotation: enrollment (its keys stay home) or the compatible mode; a cluster "
+            "whose <c>-atlas-identity exists stays compatible unless annotated "
+            "(docs/security.md, 'Enrollment mode').",
+        ),
+        env_option(
+            "--enroll-address",
+            env="ATLAS_ENROLL_ADDRESS",
+            default=DEFAULTS.enroll_address,
+            callback=_enroll_address,
+            help="host:port of the enrollment endpoint as downstream clusters reach it "
+            "(into enrolled clusters' values, agent.server); empty: not known (a Warning "
+            "Event on each enrolled cluster).",
+        ),
+        env_option(
+            "--enroll-cert-dir",
+            env="ATLAS_ENROLL_CERT_DIR",
+            default=DEFAULTS.agent_cert_dir,
+            callback=_cert_dir,
+            help="Where a downstream pod's agent writes its certificates and its Envoy reads "
+            "them (values agent.certDir; the paths an enrolled node's xDS names).",
         ),
         env_option(
             "--leader-election/--no-leader-election",
@@ -358,6 +400,9 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         alertmanager_selector=p["alertmanager_selector"],
         leaf_lifetime=dt.timedelta(days=p["leaf_days"]),
         forwarder_token=token,
+        enrollment_default=p["enrollment_default"],
+        enroll_address=p["enroll_address"],
+        agent_cert_dir=p["enroll_cert_dir"],
     )
     options = DaemonOptions(
         settings=settings,

@@ -4,8 +4,10 @@
 name, the new object or None) and records it under its key (``atlasd.fleet.keys``). When
 asked (``derive``), it re-derives just the keys that changed since the last version:
 
-- a cluster key: its cluster Service validated (``atlasd.fleet.validate``), its stored
-  identity (``<c>-atlas-identity``) checked against the trusted CAs, its owned objects;
+- a cluster key: its cluster Service validated (``atlasd.fleet.validate``) and its mode
+  settled (``enrollment_mode``: the annotation, else the default unless an identity is
+  stored), its stored identity (``<c>-atlas-identity``) checked against the trusted CAs
+  (none for an enrolled cluster: it is served without one), its owned objects;
 - the fleet-wide key: the stored CA, trust bundle and cross-signed chain, the
   observability identity (``atlas-server`` + ``atlas-client``), atlasd's ADS server
   certificate (``atlasd-ads``), the local Alertmanagers.
@@ -50,6 +52,7 @@ from atlasd.fleet.trust import StoredCA, not_after, read_ca, renewal_time, trust
 from atlasd.fleet.validate import (
     age_key,
     cluster_label_problem,
+    enrollment_mode,
     identity_secret_name,
     is_cluster_service,
     select_alertmanagers,
@@ -98,8 +101,8 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 class Member:
     """One cluster key as observed and judged.
 
-    ``state``: ``served`` (valid, its IP is its own, certificates stored and trusted),
-    ``pending`` (valid, certificates not issued yet), ``invalid`` (a cluster Service that
+    ``state``: ``served`` (valid, its IP is its own, certificates stored and trusted, or
+    enrolled: its agent holds them), ``pending`` (valid, certificates not issued yet), ``invalid`` (a cluster Service that
     fails validation or lost its IP to an older cluster: its objects are kept until it is
     fixed or deleted), ``absent`` (no cluster Service labelled exactly "true": what atlasd
     owns for it is to be removed).
@@ -120,6 +123,14 @@ class Member:
     trust: bytes = b""
     # Validation problems only (``problems`` adds the duplicate-IP one).
     own_problems: tuple[Problem, ...] = ()
+
+    @property
+    def is_servable(self) -> bool:
+        """Valid with what its Envoy needs from atlasd: its stored identity, or nothing at
+        all when it is enrolled (its agent holds its keys)."""
+        if self.cluster is None:
+            return False
+        return self.cluster.enrolled or self.identity is not None
 
     @property
     def is_cluster(self) -> bool:
@@ -467,6 +478,8 @@ class FleetState:
             elif role == OWNED_SECRETS:
                 secrets[name] = obj
         settings = self.settings
+        # The stored identity: it settles an unannotated cluster's mode (enrollment_mode).
+        ident_secret = secrets.get(identity_secret_name(key))
         svc_rv = bodies.resource_version(service)
         cluster: DownstreamCluster | None = None
         own_problems: tuple[Problem, ...] = ()
@@ -490,15 +503,25 @@ class FleetState:
                 else:
                     cluster = result
                     state = "pending"
-        # The stored identity, judged against the current trust bundle.
-        ident_secret = secrets.get(identity_secret_name(key))
-        ident_rv = bodies.resource_version(ident_secret)
+        if cluster is not None:
+            cluster = enrollment_mode(cluster, settings, identity_stored=ident_secret is not None)
+        enrolled = cluster is not None and cluster.enrolled
+        # The stored identity, judged against the current trust bundle; an enrolled
+        # cluster has none (one still stored is the reconciler's to delete).
+        ident_rv = bodies.resource_version(ident_secret) if not enrolled else ""
         trust = _trust(self._fleetwide)
         identity: Identity | None = None
         certs: tuple[CertInfo, ...] = ()
-        if old is not None and old.identity_rv == ident_rv and old.trust == trust and ident_rv:
+        if (
+            not enrolled
+            and old is not None
+            and old.identity is not None
+            and old.identity_rv == ident_rv
+            and old.trust == trust
+            and ident_rv
+        ):
             identity, certs = old.identity, old.certificates
-        elif ident_secret is not None and self._fleetwide.ca is not None:
+        elif not enrolled and ident_secret is not None and self._fleetwide.ca is not None:
             data = secret_data(ident_secret)
             trusted = self._fleetwide.ca.trusted
             s = trusted_pair(data, "server.crt", "server.key", trusted)
@@ -506,7 +529,7 @@ class FleetState:
             if s is not None and c is not None:
                 identity = Identity(server=s, client=c)
                 certs = tuple(_identity_certs(key, identity, settings.renew_fraction))
-        if state == "pending" and identity is not None:
+        if state == "pending" and (identity is not None or enrolled):
             state = "served"
         return Member(
             name=key,
@@ -560,7 +583,7 @@ class FleetState:
         if m.cluster is None:
             return m
         if holder is None:
-            state: MemberState = "served" if m.identity is not None else "pending"
+            state: MemberState = "served" if m.is_servable else "pending"
             problems = m.own_problems
         else:
             state = "invalid"
@@ -583,10 +606,12 @@ class FleetState:
             if key == FLEET_KEY:
                 continue
             m = self._members.get(key)
-            if m is not None and m.state == "served" and m.cluster is not None and m.identity:
+            if m is not None and m.state == "served" and m.cluster is not None and m.is_servable:
                 if served.get(key) is not m.cluster:
                     served[key] = m.cluster
-                if identities.get(key) is not m.identity:
+                if m.identity is None:
+                    identities.pop(key, None)  # enrolled: its keys are its agent's
+                elif identities.get(key) is not m.identity:
                     identities[key] = m.identity
             else:
                 served.pop(key, None)

@@ -3,7 +3,8 @@
 ``Reconciler.reconcile_key(api, version, key, now=...)`` works from a ``FleetVersion``
 (``atlasd.fleet``: the watch cache, validated per key):
 
-- a cluster key: ``plan_identity`` (kept or issued leaves) -> ``cluster_objects`` ->
+- a cluster key: ``plan_identity`` (kept or issued leaves; none for an enrolled cluster,
+  whose stored identity, if any, is deleted) -> ``cluster_objects`` ->
   ``plan_key_writes`` against the key's observed objects; server-side apply what differs,
   delete what is no longer wanted (the cluster is gone: ``absent``); a cluster Service that
   is present but invalid is *protected*: nothing of it is written or deleted (a typo in an
@@ -53,11 +54,12 @@ from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import BadRequest, Invalid, NotFound
 from atlasd.kube.resources import SECRETS, ApiResource
-from atlasd.model import ObjectRef, Problem, Settings
+from atlasd.model import Identity, ObjectRef, Problem, Settings
 from atlasd.reconcile.certs import CA
 from atlasd.reconcile.desired import cluster_objects, objects_inputs, observability_values_secret
 from atlasd.reconcile.diff import KeyWrites, ca_write, plan_key_writes
 from atlasd.reconcile.expectations import Expectations
+from atlasd.reconcile.objects import SecretObject
 from atlasd.reconcile.pki import (
     KeySource,
     PKIError,
@@ -266,16 +268,13 @@ class Reconciler:
             ca = self._signing_ca(version, now)
             if ca is None:
                 return result  # no usable CA yet: the fleet-wide key comes first
+            if m.cluster.enrolled:
+                problems += self._enrollment_problems(m)
             rev = version.fleetwide.revocations.get(key)
             revoked = rev.hashes if rev is not None else frozenset()
-            inputs = (
-                objects_inputs(m.cluster),
-                ca.serial,
-                ca.bundle,
-                ca.chain,
-                len(version.fleetwide.alertmanagers),
-                revoked,
-            )
+            # An enrolled cluster's objects hold nothing of the CA's and nothing revocable.
+            signed = () if m.cluster.enrolled else (ca.serial, ca.bundle, ca.chain, revoked)
+            inputs = (objects_inputs(m.cluster), len(version.fleetwide.alertmanagers), *signed)
             rec = self._synced.get(key)
             if rec is not None and rec.holds(inputs, observed, now):
                 result.in_sync = True
@@ -283,19 +282,27 @@ class Reconciler:
                 result.problems = tuple(problems)
                 await self._report(api, key, problems, result)
                 return result
-            plan = plan_identity(
-                m.cluster,
-                m.secrets.get(identity_secret_name(key)),
-                ca=ca,
-                settings=self.settings,
-                now=now,
-                keys=self.keys,
-                revoked=revoked,
-            )
+            identity: Identity | None = None
+            identity_secret: SecretObject | None = None
+            next_renewal = None
+            if not m.cluster.enrolled:  # else its agent makes its keys; a stored one goes
+                plan = plan_identity(
+                    m.cluster,
+                    m.secrets.get(identity_secret_name(key)),
+                    ca=ca,
+                    settings=self.settings,
+                    now=now,
+                    keys=self.keys,
+                    revoked=revoked,
+                )
+                identity, identity_secret = plan.identity, plan.secrets[0]
+                result.issued = plan.issued
+                replaced = plan.revoked
+                next_renewal = plan.next_renewal
             objs = cluster_objects(
                 m.cluster,
-                identity=plan.identity,
-                identity_secret=plan.secrets[0],
+                identity=identity,
+                identity_secret=identity_secret,
                 ca_bundle=ca.bundle,
                 chain=ca.chain,
                 ca_serial=ca.serial,
@@ -309,9 +316,6 @@ class Reconciler:
                 observed_secrets=m.secrets,
                 is_cluster_service=lambda name: _is_cluster_service(version, name),
             )
-            result.issued = plan.issued
-            replaced = plan.revoked
-            next_renewal = plan.next_renewal
             for obj in writes.clashes:
                 problems.append(
                     Problem(
@@ -321,7 +325,10 @@ class Reconciler:
                         reason="NameClash",
                     )
                 )
+        dropped = _dropped_identity(m, writes)
         versions = await self._write(api, key, writes, result, problems, m)
+        if dropped and ("Secret", identity_secret_name(key)) in versions:
+            await self._identity_dropped(api, key, m)
         for oid, rv in versions.items():
             if rv is None:
                 observed.pop(oid, None)
@@ -355,6 +362,37 @@ class Reconciler:
         ref = m.cluster.source if m.cluster is not None and m.cluster.source else _ref(m)
         await self.post_event(api, ref=ref, reason="CertificatesRevoked", message=message)
         return 1
+
+    def _enrollment_problems(self, m: Member) -> list[Problem]:
+        """An enrolled cluster whose values cannot tell its agent where to enroll."""
+        if self.settings.enroll_address:
+            return []
+        return [
+            Problem(
+                source=(m.cluster.source if m.cluster is not None else None) or _ref(m),
+                field=f"Secret {labels.values_secret_name(m.name)}",
+                message=(
+                    "the cluster enrolls, but atlasd runs without --enroll-address "
+                    "(ATLAS_ENROLL_ADDRESS, chart value enrollment.address): its values' "
+                    "agent.server is empty; set it, or give the agent --server at install"
+                ),
+                reason="EnrollAddressMissing",
+            )
+        ]
+
+    async def _identity_dropped(self, api: KubeApi, key: str, m: Member) -> None:
+        """Say that a cluster switched to enrollment lost its stored keys, and what is
+        left of them (a Normal Event on the cluster Service and a log line)."""
+        message = (
+            f"the cluster enrolls: its stored keys (Secret {identity_secret_name(key)}) were "
+            "deleted and its values carry none; its downstream Envoy needs the agent and a "
+            f"join token (atlasd cluster token {key}). Certificates issued to the deleted "
+            "keys stay valid until they expire unless revoked before the switch "
+            "(docs/security.md, 'Enrollment mode')"
+        )
+        log.warning("cluster %s: %s", key, message, extra={"key": key})
+        ref = m.cluster.source if m.cluster is not None and m.cluster.source else _ref(m)
+        await self.post_event(api, ref=ref, reason="KeysDeleted", message=message, type="Normal")
 
     def _signing_ca(self, version: FleetVersion, now: dt.datetime) -> CA | None:
         stored = version.fleetwide.ca
@@ -541,6 +579,17 @@ def _ref(m: Member) -> ObjectRef:
         name=m.name,
         namespace=bodies.namespace(m.service),
         uid=bodies.uid(m.service),
+    )
+
+
+def _dropped_identity(m: Member, writes: KeyWrites) -> bool:
+    """Whether ``writes`` delete the stored identity of a cluster that is still one (it
+    enrolls now; a cluster that goes takes its identity with it, unremarked)."""
+    name = identity_secret_name(m.name)
+    return (
+        m.cluster is not None
+        and m.cluster.enrolled
+        and any(res.kind == "Secret" and n == name for res, n in writes.delete)
     )
 
 

@@ -40,7 +40,9 @@ observability Envoy's 10903.
 
 Certificates: every identity's DNS SANs include its node id (``atlas`` or the cluster name).
 Secrets are served by SDS over ADS under the names ``validation``, ``server``, ``client``;
-only the referenced ones are included. ``server`` and ``client`` carry the leaf followed by
+only the referenced ones are included. An enrolled cluster's node (``enrolled``) names the
+same three secrets by SDS from the files its agent writes in ``settings.agent_cert_dir``
+(``atlasd.certdir``) and is served none: atlasd holds no key of it. ``server`` and ``client`` carry the leaf followed by
 the PKI's cross-signed chain (``model.PKI.chain``), so peers that trust only an earlier CA
 still verify them.
 
@@ -262,7 +264,7 @@ class SnapshotBuilder:
         for name in sorted(keys):
             c = fleet.clusters.get(name)
             ident = fleet.identities.get(name)
-            if c is None or ident is None or name == model.OBSERVABILITY_NODE:
+            if c is None or (ident is None and not c.enrolled) or name == model.OBSERVABILITY_NODE:
                 if self._nodes.pop(name, None) is not None:
                     result.changed[name] = None
                 continue
@@ -279,7 +281,11 @@ class SnapshotBuilder:
     # -- downstream nodes ------------------------------------------------------------------
 
     def _downstream_snapshot(
-        self, fleet: model.Fleet, c: model.DownstreamCluster, pki: model.PKI, ident: model.Identity
+        self,
+        fleet: model.Fleet,
+        c: model.DownstreamCluster,
+        pki: model.PKI,
+        ident: model.Identity | None,
     ) -> Snapshot | None:
         """A downstream node's snapshot depends only on these inputs: when they are equal to
         last time, nothing is built. Returns the new snapshot, or None if unchanged."""
@@ -289,8 +295,8 @@ class SnapshotBuilder:
             fleet.settings,
             self.plan.ports_for(c.name),
             ident,
-            pki.trust_bundle,
-            pki.chain,
+            # An enrolled node carries nothing of the PKI (its secrets are files).
+            None if c.enrolled else (pki.trust_bundle, pki.chain),
             len(fleet.alertmanagers),
             self._conn_seconds,
         )
@@ -654,10 +660,17 @@ class SnapshotBuilder:
     # -- node <cluster> --------------------------------------------------------------
 
     def _downstream(
-        self, fleet: model.Fleet, c: model.DownstreamCluster, pki: model.PKI, ident: model.Identity
+        self,
+        fleet: model.Fleet,
+        c: model.DownstreamCluster,
+        pki: model.PKI,
+        ident: model.Identity | None,
     ) -> list[Resource]:
         node = c.name
         s = fleet.settings
+        # An enrolled cluster's Envoy reads its secrets from its agent's files; no key of
+        # it is here to serve.
+        sds_dir = s.agent_cert_dir if c.enrolled else None
         ports = self.plan.ports_for(c.name)
         if ports.address == "0.0.0.0" and ":" in c.external_ip:
             # An IPv6 external IP: listen on every IPv6 (and, dual-stack, IPv4) address.
@@ -668,7 +681,7 @@ class SnapshotBuilder:
         for name, port in (("thanos", ports.thanos), ("prometheus", ports.prometheus)):
 
             def mtls_listener(name: str = name, port: int = port) -> Piece:
-                chain, refs = downstream_tls_chain(client_sans=atlas)
+                chain, refs = downstream_tls_chain(client_sans=atlas, sds_dir=sds_dir)
                 hcm = make_hcm(stat_prefix=name, route_name=name, streaming=name == "thanos")
                 lst = make_listener(
                     name=name, address=ports.address, port=port, hcm=hcm, tls_chain=chain
@@ -773,12 +786,14 @@ class SnapshotBuilder:
                     http2=True,
                     tls_san=model.OBSERVABILITY_NODE,
                     max_connection_seconds=self._conn_seconds,
+                    sds_dir=sds_dir,
                 )
                 return Piece(serialize(cl), refs)
 
             res.append(_mk(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER, relay_cluster))
 
-        res.extend(self._referenced_secrets(node, res, pki, ident))
+        if ident is not None and sds_dir is None:
+            res.extend(self._referenced_secrets(node, res, pki, ident))
         return res
 
 

@@ -2,8 +2,9 @@
 
 Only non-deprecated fields are used (``tests/unit/xds/test_builders.py`` walks every
 built resource for deprecated fields and enum values). TLS material is always named
-through SDS over ADS (``validation``, ``server``, ``client``); only ``tls_secret`` and
-``validation_secret`` carry certificates and keys.
+through SDS (``validation``, ``server``, ``client``): over ADS, or — for an enrolled
+cluster's node, with ``sds_dir`` — from the files its agent writes (``atlasd.certdir``);
+only ``tls_secret`` and ``validation_secret`` carry certificates and keys.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from google.protobuf import (  # type: ignore[import-untyped]
     wrappers_pb2,
 )
 
-from atlasd import model
+from atlasd import certdir, model
 from atlasd.addresses import is_ip_literal
 from atlasd.xds.snapshot import ENDPOINT, SECRET, field_bytes
 
@@ -78,14 +79,29 @@ def repeated_field(field_number: int, items: Iterable[bytes]) -> bytes:
     return b"".join(field_bytes(field_number, b) for b in items)
 
 
-def sds_ref(name: str) -> secret_pb2.SdsSecretConfig:
-    return secret_pb2.SdsSecretConfig(
-        name=name,
-        sds_config=config_source_pb2.ConfigSource(
+def sds_ref(name: str, sds_dir: str | None = None) -> secret_pb2.SdsSecretConfig:
+    """Secret ``name`` over ADS, or with ``sds_dir`` from the agent's files there (its
+    ``sds-<name>.yaml``, the directory watched: the agent's swap reloads them together)."""
+    if sds_dir is not None:
+        source = config_source_pb2.ConfigSource(
+            path_config_source=config_source_pb2.PathConfigSource(
+                path=certdir.sds_path(sds_dir, name),
+                watched_directory=base_pb2.WatchedDirectory(path=sds_dir),
+            ),
+            resource_api_version=config_source_pb2.ApiVersion.V3,
+        )
+    else:
+        source = config_source_pb2.ConfigSource(
             ads=config_source_pb2.AggregatedConfigSource(),
             resource_api_version=config_source_pb2.ApiVersion.V3,
-        ),
-    )
+        )
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=source)
+
+
+def _secret_refs(names: Iterable[str], sds_dir: str | None) -> frozenset[tuple[str, str]]:
+    """What a resource naming ``names`` needs in its snapshot: the secrets, unless they
+    come from files."""
+    return frozenset() if sds_dir is not None else frozenset((SECRET, n) for n in names)
 
 
 def san_matchers(names: Sequence[str]) -> list[common_pb2.SubjectAltNameMatcher]:
@@ -99,7 +115,7 @@ def san_matchers(names: Sequence[str]) -> list[common_pb2.SubjectAltNameMatcher]
 
 
 def validation_with_sans(
-    san: Sequence[str], *, crl: bytes = b""
+    san: Sequence[str], *, crl: bytes = b"", sds_dir: str | None = None
 ) -> tls_pb2.CommonTlsContext.CombinedCertificateValidationContext:
     """The peer must name one of ``san`` and chain to the CA bundle (SDS ``validation``,
     merged into this context by Envoy); with ``crl`` (PEM, signed by the current CA), a
@@ -111,22 +127,25 @@ def validation_with_sans(
         ctx.only_verify_leaf_cert_crl = True
     return tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
         default_validation_context=ctx,
-        validation_context_sds_secret_config=sds_ref(VALIDATION_SECRET),
+        validation_context_sds_secret_config=sds_ref(VALIDATION_SECRET, sds_dir),
     )
 
 
 def downstream_tls_chain(
-    *, client_sans: Sequence[str] | None
+    *, client_sans: Sequence[str] | None, sds_dir: str | None = None
 ) -> tuple[listener_components_pb2.FilterChain, frozenset[tuple[str, str]]]:
-    """A TLS filter chain requiring a client certificate (``client_sans`` None: any SAN)."""
+    """A TLS filter chain requiring a client certificate (``client_sans`` None: any SAN);
+    its secrets from the agent's files in ``sds_dir`` when given (``sds_ref``)."""
     common = tls_pb2.CommonTlsContext(
-        tls_certificate_sds_secret_configs=[sds_ref(SERVER_SECRET)],
+        tls_certificate_sds_secret_configs=[sds_ref(SERVER_SECRET, sds_dir)],
         alpn_protocols=["h2", "http/1.1"],
     )
     if client_sans is None:
-        common.validation_context_sds_secret_config.CopyFrom(sds_ref(VALIDATION_SECRET))
+        common.validation_context_sds_secret_config.CopyFrom(sds_ref(VALIDATION_SECRET, sds_dir))
     else:
-        common.combined_validation_context.CopyFrom(validation_with_sans(client_sans))
+        common.combined_validation_context.CopyFrom(
+            validation_with_sans(client_sans, sds_dir=sds_dir)
+        )
     ctx = tls_pb2.DownstreamTlsContext(
         common_tls_context=common,
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
@@ -136,7 +155,7 @@ def downstream_tls_chain(
             name="envoy.transport_sockets.tls", typed_config=pack(ctx)
         )
     )
-    return chain, frozenset({(SECRET, SERVER_SECRET), (SECRET, VALIDATION_SECRET)})
+    return chain, _secret_refs((SERVER_SECRET, VALIDATION_SECRET), sds_dir)
 
 
 def _ads_source() -> config_source_pb2.ConfigSource:
@@ -366,9 +385,11 @@ def make_cluster(
     max_connection_seconds: int | None = None,
     max_streams: int | None = None,
     crl: bytes = b"",
+    sds_dir: str | None = None,
 ) -> tuple[cluster_pb2.Cluster, frozenset[tuple[str, str]]]:
     """An upstream cluster; mTLS when ``tls_san`` is set (refusing the certificates
-    ``crl`` lists, see ``validation_with_sans``). With ``host``, its endpoint is
+    ``crl`` lists, see ``validation_with_sans``; secrets from ``sds_dir``'s files when
+    given, see ``sds_ref``). With ``host``, its endpoint is
     inline; without, it comes over EDS (ADS) as the ``ClusterLoadAssignment`` of the same
     name (``make_endpoints``), so the endpoint's address changes without the cluster."""
     if host is None:
@@ -412,8 +433,10 @@ def make_cluster(
     if tls_san is not None:
         ctx = tls_pb2.UpstreamTlsContext(
             common_tls_context=tls_pb2.CommonTlsContext(
-                tls_certificate_sds_secret_configs=[sds_ref(CLIENT_SECRET)],
-                combined_validation_context=validation_with_sans([tls_san], crl=crl),
+                tls_certificate_sds_secret_configs=[sds_ref(CLIENT_SECRET, sds_dir)],
+                combined_validation_context=validation_with_sans(
+                    [tls_san], crl=crl, sds_dir=sds_dir
+                ),
                 alpn_protocols=["h2"] if http2 else ["http/1.1"],
             ),
             sni=tls_san,
@@ -421,7 +444,7 @@ def make_cluster(
         c.transport_socket.CopyFrom(
             base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
         )
-        refs = frozenset({(SECRET, CLIENT_SECRET), (SECRET, VALIDATION_SECRET)})
+        refs = _secret_refs((CLIENT_SECRET, VALIDATION_SECRET), sds_dir)
     if host is None:
         refs |= {(ENDPOINT, name)}
     return c, refs

@@ -175,7 +175,7 @@ ATLASD_CUSTOM: Doc = {
         "logFormat": "text",
         "extraEnv": [{"name": "ATLAS_EXTRA", "value": "1"}],
     },
-    "enrollment": {"enabled": False},
+    "enrollment": {"enabled": False, "address": "enroll.obs.example:443"},
     "controller": {
         "ports": {"grpc": 7305},
         "envoy": {"host": "envoy.obs.example", "adsAddress": "xds.obs.example", "adsPort": 443},
@@ -221,6 +221,9 @@ def test_helm_lint_default_and_custom_values(helm: Helm, chart: Path, tmp_path: 
         (ATLASD_CHART, "atlas.logLevel=verbose", "/atlas/logLevel"),
         (ATLASD_CHART, "atlas.logFormat=yaml", "/atlas/logFormat"),
         (ATLASD_CHART, "controller.envoy.adsPort=0", "/controller/envoy/adsPort"),
+        (ATLASD_CHART, "enrollment.address=enroll.example", "/enrollment/address"),
+        (ATLASD_CHART, "enrollment.certDir=certs", "/enrollment/certDir"),
+        (ATLASD_CHART, "enrollment.clusterDefault=yes", "/enrollment/clusterDefault"),
     ],
 )
 def test_values_schema_rejects_wrong_values(helm: Helm, chart: Path, bad: str, where: str) -> None:
@@ -286,6 +289,10 @@ def test_atlasd_default_render(helm: Helm) -> None:
     assert ports == {"ads": 6305, "metrics": 6309, "enroll": 6307}
     assert env["ATLAS_ENROLL_LISTEN"] == "0.0.0.0:6307"
     assert env["ATLAS_ENROLL_CERT_SECONDS"] == "86400"
+    # New installations enroll unannotated clusters (those with stored keys stay).
+    assert env["ATLAS_ENROLLMENT_DEFAULT"] == "true"
+    assert env["ATLAS_ENROLL_ADDRESS"] == ""
+    assert env["ATLAS_ENROLL_CERT_DIR"] == "/etc/atlas/certs"
     # The enrollment port is open to any source (agents come from other clusters).
     open_ports = {p["port"] for r in policy["ingress"] if "from" not in r for p in r["ports"]}
     assert 6307 in open_ports
@@ -415,6 +422,8 @@ def test_atlasd_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     assert env["ATLAS_LEASE_NAME"] == "obs-leader"
     assert env["ATLAS_EXTRA"] == "1"
     assert "ATLAS_ENROLL_LISTEN" not in env  # enrollment.enabled=false: no endpoint
+    assert env["ATLAS_ENROLLMENT_DEFAULT"] == "false"  # ... so no cluster enrolls by default
+    assert env["ATLAS_ENROLL_ADDRESS"] == "enroll.obs.example:443"
     assert {p["name"]: p["containerPort"] for p in atlasd["ports"]} == {
         "ads": 7305,
         "metrics": 7309,

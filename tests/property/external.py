@@ -11,7 +11,8 @@ An Envoy snapshot is checked as a static bootstrap (``static_bootstrap``): its
 listeners, clusters and secrets inline, each HTTP connection manager's RDS reference
 replaced by the route configuration it names (its SRDS subscription by the static list of
 its scopes, ``<name>/...``), each EDS cluster made static with its endpoint assignment
-inline, and every SDS reference pointed at the static secret of that name. ``envoy --mode validate`` then builds the whole server
+inline, and every SDS reference pointed at the static secret of that name (an enrolled
+node's, which come from its agent's files, stood for by ``agent_secrets``). ``envoy --mode validate`` then builds the whole server
 (listeners, clusters, TLS contexts from the PEM material) without opening a socket.
 
 The zone check is ``named-checkzone -k fail -i local atlas. FILE``: ``-k fail`` makes a
@@ -53,6 +54,7 @@ from tests.property.pipeline import (
     SCOPED_ROUTE,
     SECRET,
     Snapshot,
+    agent_secrets,
 )
 
 _SDS = secret_pb2.SdsSecretConfig.DESCRIPTOR.full_name
@@ -88,6 +90,8 @@ def _rewrite(
             # that is a route configuration with no virtual host.
             msg.route_config.name = sr.name  # type: ignore[attr-defined]
     if name == _SDS:
+        # Over ADS, or from an enrolled node's agent files: the static secret of that name
+        # (``static_bootstrap`` adds what the files would hold).
         msg.ClearField("sds_config")
         return
     for fd, value in msg.ListFields():
@@ -140,6 +144,10 @@ def static_bootstrap(snapshot: Snapshot) -> bytes:
         boot.static_resources.clusters.append(cl)
     for r in snapshot.of_type(SECRET).values():
         boot.static_resources.secrets.append(secret_pb2.Secret.FromString(r.body))
+    if snapshot.node != "atlas" and not snapshot.of_type(SECRET):
+        # An enrolled node: its secrets come from its agent's files, not from atlasd.
+        for body in agent_secrets():
+            boot.static_resources.secrets.append(secret_pb2.Secret.FromString(body))
     return bytes(boot.SerializeToString(deterministic=True))
 
 

@@ -80,8 +80,9 @@ def check_desired(out: Outputs, clusters: Sequence[DownstreamCluster]) -> None:
     assert set(d.services) == want_services
     assert len(want_services) == sum(c.replicas for c in clusters)  # no name shared
     # 4 TLS Secrets (atlasd-ads included) + atlas-envoy-values + (values, identity) per
-    # cluster.
-    assert len(d.secrets) == 5 + 2 * len(clusters), sorted(d.secrets)
+    # cluster; an enrolled cluster has no identity.
+    enrolled = sum(1 for c in clusters if c.enrolled)
+    assert len(d.secrets) == 5 + 2 * len(clusters) - enrolled, sorted(d.secrets)
     by_name = {c.name: c for c in clusters}
     for name, svc in d.services.items():
         meta = svc["metadata"]
@@ -104,6 +105,10 @@ def check_desired(out: Outputs, clusters: Sequence[DownstreamCluster]) -> None:
         )
         boot = yaml.load(values["files"]["envoy.yaml"], Loader=_LOADER)
         assert boot["node"]["id"] == c.name
+        if c.enrolled:  # its keys stay home: none in its values, none stored
+            assert set(values["files"]) == {"envoy.yaml"} and values["agent"]["cluster"] == c.name
+            assert f"{c.name}-atlas-identity" not in d.secrets
+            assert c.name not in d.fleet.identities
 
 
 _OWNER = re.compile(r"_[a-z0-9-]{1,62}\._tcp\.(?:[a-z0-9-]{1,63}\.)?sidecars\.thanos\.atlas\.")

@@ -40,6 +40,7 @@ from atlasd.reconcile.desired import DesiredState, desired_state
 from atlasd.reconcile.objects import owner_references
 from atlasd.reconcile.pki import PKIPlan, plan_pki
 from atlasd.xds.builders import SnapshotBuilder
+from atlasd.xds.messages import tls_secret, validation_secret
 from atlasd.xds.snapshot import (
     CLUSTER,
     ENDPOINT,
@@ -120,7 +121,8 @@ def pki_plan(clusters: Sequence[DownstreamCluster], settings: Settings) -> PKIPl
     ident = base.identities[_PROTOTYPE]
     identities = {n: i for n, i in base.identities.items() if n != _PROTOTYPE}
     secrets = {}
-    for c in clusters:
+    compatible = [c for c in clusters if not c.enrolled]  # enrolled: no identity, as plan_pki
+    for c in compatible:
         secret = copy.deepcopy(base.identity_secrets[_PROTOTYPE])
         meta = secret["metadata"]
         meta["name"] = identity_secret_name(c.name)
@@ -131,8 +133,21 @@ def pki_plan(clusters: Sequence[DownstreamCluster], settings: Settings) -> PKIPl
         else:
             meta.pop("ownerReferences", None)
         secrets[c.name] = secret
-    identities.update((c.name, ident) for c in clusters)
+    identities.update((c.name, ident) for c in compatible)
     return replace(base, identities=identities, identity_secrets=secrets)
+
+
+def agent_secrets() -> list[bytes]:
+    """What an enrolled node's agent files stand for, as serialized SDS secrets
+    (``server``, ``client``, ``validation``; the prototype's identity): the static form of
+    its file-sourced SDS, for ``envoy --mode validate``."""
+    plan = _prototype_plan(Settings())
+    ident = plan.identities[_PROTOTYPE]
+    return [
+        tls_secret("server", ident.server).body,
+        tls_secret("client", ident.client).body,
+        validation_secret(plan.pki.trust_bundle).body,
+    ]
 
 
 @dataclass(frozen=True)

@@ -534,6 +534,13 @@ def _choose(
     return (draw(hostile), True) if bad else (draw(valid), False)
 
 
+HOSTILE_ENROLLMENT: st.SearchStrategy[Any] = st.one_of(
+    st.sampled_from(["True", "TRUE", "yes", "1", "", " true", "true\n", "enrolled"]),
+    st.text(max_size=10).filter(lambda v: v not in ("true", "false")),
+    WRONG_TYPES,
+)
+
+
 ANNOTATION_VALUES: list[tuple[str, st.SearchStrategy[Any], st.SearchStrategy[Any]]] = [
     (labels.ENVOY_SELECTORS_ANNOTATION, VALID_SELECTORS, HOSTILE_SELECTORS),
     (labels.THANOS_SERVICE_ANNOTATION, dns_name(), HOSTILE_HOSTS),
@@ -544,6 +551,7 @@ ANNOTATION_VALUES: list[tuple[str, st.SearchStrategy[Any], st.SearchStrategy[Any
     (labels.ALERTMANAGER_SERVICE_PORT_ANNOTATION, VALID_PORT_TEXT, HOSTILE_PORT_TEXT),
     (labels.DNS_GROUP_ANNOTATION, dns1123_label(1, 63), HOSTILE_GROUPS),
     (labels.REPLICA_HOST_TEMPLATE_ANNOTATION, VALID_TEMPLATES, HOSTILE_TEMPLATES),
+    (labels.ENROLLMENT_ANNOTATION, st.sampled_from(["true", "false"]), HOSTILE_ENROLLMENT),
 ]
 
 # Keys atlasd ignores: anything goes in them. (Hypothesis also feeds st.text() string

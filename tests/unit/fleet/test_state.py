@@ -77,6 +77,71 @@ def test_a_cluster_is_pending_until_its_identity_is_stored_then_served() -> None
     assert set(v.model.clusters) == {"west"}
 
 
+def _enrolled(name: str, ip: str, value: str | None = "true") -> dict[str, Any]:
+    anns = {labels.ENROLLMENT_ANNOTATION: value} if value is not None else None
+    return stored(cluster_service(name, ip, annotations=anns))
+
+
+def test_an_enrolled_cluster_is_served_without_an_identity() -> None:
+    state = FleetState(S)
+    secrets = _pki_secrets("west")
+    _observe_secrets(state, secrets)
+    state.observe("cluster-services", "east", _enrolled("east", "203.0.113.1"))
+    state.observe("cluster-services", "west", stored(cluster_service("west", "203.0.113.2")))
+    v = state.derive(state.keys(), now=NOW).version
+    east = v.members["east"]
+    assert east.state == "served" and east.cluster is not None and east.cluster.enrolled
+    assert east.identity is None and east.certificates == ()
+    assert set(v.model.clusters) == {"east", "west"}
+    assert set(v.model.identities) == {"atlas", "west"}  # no key of east anywhere
+
+
+def test_switching_to_enrollment_by_annotation_stops_serving_the_stored_identity() -> None:
+    state = FleetState(S)
+    _observe_secrets(state, _pki_secrets("east"))
+    state.observe("cluster-services", "east", stored(cluster_service("east", "203.0.113.1")))
+    v = state.derive(state.keys(), now=NOW).version
+    assert "east" in v.model.identities and not v.members["east"].cluster.enrolled  # type: ignore[union-attr]
+    # The identity Secret is still stored (the reconciler deletes it): not served.
+    update = state.derive(
+        state.observe("cluster-services", "east", _enrolled("east", "203.0.113.1")), now=NOW
+    )
+    v = update.version
+    assert update.changed == {"east"}
+    assert v.members["east"].state == "served" and v.members["east"].identity is None
+    assert "east" in v.model.clusters and "east" not in v.model.identities
+    # And back: "false" serves the stored identity again.
+    update = state.derive(
+        state.observe("cluster-services", "east", _enrolled("east", "203.0.113.1", "false")),
+        now=NOW,
+    )
+    assert "east" in update.version.model.identities
+
+
+def test_the_default_mode_spares_a_cluster_with_a_stored_identity() -> None:
+    """With enrollment the default, an unannotated cluster enrolls unless its identity
+    Secret exists (an installation upgraded with running downstream Envoys)."""
+    settings = Settings(enrollment_default=True)
+    state = FleetState(settings)
+    _observe_secrets(state, _pki_secrets("east"))
+    state.observe("cluster-services", "east", stored(cluster_service("east", "203.0.113.1")))
+    state.observe("cluster-services", "new", _enrolled("new", "203.0.113.2", None))
+    v = state.derive(state.keys(), now=NOW).version
+    east, new = v.members["east"].cluster, v.members["new"].cluster
+    assert east is not None and not east.enrolled and "east" in v.model.identities
+    assert new is not None and new.enrolled and v.members["new"].state == "served"
+    # A bad annotation: the cluster is invalid (protected), the problem names it.
+    update = state.derive(
+        state.observe("cluster-services", "east", _enrolled("east", "203.0.113.1", "yes")),
+        now=NOW,
+    )
+    m = update.version.members["east"]
+    assert m.state == "invalid"
+    assert [p.field for p in m.problems] == [
+        f'metadata.annotations["{labels.ENROLLMENT_ANNOTATION}"]'
+    ]
+
+
 def test_no_ca_means_no_pki_and_nothing_served() -> None:
     state = FleetState(S)
     secrets = _pki_secrets("east")

@@ -634,3 +634,57 @@ def test_xds_forwarding_fails_over_to_a_live_replica() -> None:
     for name, r in atlas.of_type(CLUSTER).items():
         if name != builders.ADS_FORWARD_CLUSTER:
             assert not cluster_pb2.Cluster.FromString(r.body).HasField("outlier_detection")
+
+
+def _files_source(src: Any, name: str) -> None:
+    """``src`` (an SdsSecretConfig) names secret ``name`` from the agent's files."""
+    assert src.name == name
+    path = src.sds_config.path_config_source
+    assert not src.sds_config.HasField("ads")
+    assert path.path == f"/etc/atlas/certs/sds-{name}.yaml"
+    assert path.watched_directory.path == "/etc/atlas/certs"
+
+
+def test_an_enrolled_node_reads_its_secrets_from_its_agents_files() -> None:
+    """No key of an enrolled cluster exists on atlasd's side: its node is served without
+    an identity, names server/client/validation by SDS from files, and gets no secret;
+    node atlas dials it as any other cluster (its own client certificate, SAN pinned)."""
+    north = dataclasses.replace(helpers.cluster("north"), enrolled=True)
+    trust = _PKI.with_identities(tuple((n, i) for n, i in _PKI.identities if n != "north"))
+    snaps = build_snapshots(trust.fleet((helpers.cluster("east"), north), AMS))
+    snap = snaps["north"]
+    assert names(snap, SECRET) == set()
+    assert names(snap, LISTENER) == names(snaps["east"], LISTENER)
+    for name in ("thanos", "prometheus"):
+        lst = parse(snap, LISTENER, name, listener_pb2.Listener)
+        ctx = tls_pb2.DownstreamTlsContext.FromString(
+            lst.filter_chains[0].transport_socket.typed_config.value
+        )
+        common = ctx.common_tls_context
+        _files_source(common.tls_certificate_sds_secret_configs[0], "server")
+        combined = common.combined_validation_context
+        _files_source(combined.validation_context_sds_secret_config, "validation")
+        sans = combined.default_validation_context.match_typed_subject_alt_names
+        assert [m.matcher.exact for m in sans] == ["atlas"]
+    relay = parse(snap, CLUSTER, "atlas-alertmanager", cluster_pb2.Cluster)
+    up = tls_pb2.UpstreamTlsContext.FromString(relay.transport_socket.typed_config.value)
+    _files_source(up.common_tls_context.tls_certificate_sds_secret_configs[0], "client")
+    # Node atlas: north's upstream clusters as east's (ADS secrets, SAN north).
+    cl = parse(snaps["atlas"], CLUSTER, "north-thanos", cluster_pb2.Cluster)
+    up = tls_pb2.UpstreamTlsContext.FromString(cl.transport_socket.typed_config.value)
+    assert up.sni == "north"
+    assert up.common_tls_context.tls_certificate_sds_secret_configs[0].sds_config.HasField("ads")
+    assert "north-prom" in names(snaps["atlas"], CLUSTER)
+    # A compatible cluster without an identity is still not served.
+    plain = trust.fleet((helpers.cluster("east"), helpers.cluster("north")))
+    assert "north" not in build_snapshots(plain)
+
+
+def test_switching_a_node_to_enrollment_drops_its_secrets() -> None:
+    b = SnapshotBuilder()
+    b.update(fleet((helpers.cluster("east"),)), None)
+    assert names(b.snapshots()["east"], SECRET) == {"server", "validation"}
+    enrolled = dataclasses.replace(helpers.cluster("east"), enrolled=True)
+    result = b.update(fleet((enrolled,)), {"east"})
+    assert "east" in result.changed
+    assert names(b.snapshots()["east"], SECRET) == set()
