@@ -193,6 +193,9 @@ securityContext:
 volumeMounts:
   - name: agent-certs
     mountPath: {{ $a.certDir }}
+  # Python needs a writable temporary directory (the root filesystem is read-only).
+  - name: agent-tmp
+    mountPath: /tmp
   {{- if $a.stateSecret.enabled }}
   - name: agent-kube-api
     mountPath: /var/run/secrets/kubernetes.io/serviceaccount
