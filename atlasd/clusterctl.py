@@ -314,6 +314,13 @@ async def _identity_data(
     try:
         secret = await api.get(SECRETS, secret_name, namespace=settings.namespace)
     except NotFound:
+        svc = await _get_service(api, name, settings)
+        if svc is not None and bodies.annotations(svc).get(labels.ENROLLMENT_ANNOTATION) == "true":
+            raise ClusterError(
+                f'cluster {name!r} enrolls ({labels.ENROLLMENT_ANNOTATION}: "true"): atlasd '
+                "holds none of its keys, its agent does, and it has enrolled no "
+                "certificate atlasd knows of yet"
+            ) from None
         raise ClusterError(
             f"cluster {name!r} has no certificates yet (Secret {secret_name} not found in "
             f"{settings.namespace!r}): {why}"

@@ -59,6 +59,7 @@ class ClusterDoc(TypedDict):
     replicas: int
     dns_group: str | None
     sidecars: list[str]
+    mode: str  # "enrollment" (its agent holds its keys) or "compatible"
     certificate_expiry: float | None
 
 

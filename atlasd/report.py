@@ -104,6 +104,9 @@ class FleetReport:
                     "replicas": c.replicas,
                     "dns_group": c.dns_group,
                     "sidecars": list(c.sidecar_services()),
+                    # "enrollment": its agent holds its keys and atlasd does not know
+                    # their expiry (certificate_expiry null); "compatible": atlasd's.
+                    "mode": "enrollment" if c.enrolled else "compatible",
                     "certificate_expiry": min(expiry) if expiry else None,
                 }
             ]

@@ -3,7 +3,7 @@ kube-apiserver (the test harness's etcd + kube-apiserver on loopback), by the le
 reconcile path as the daemon runs it (watches, fleet, reconcile loop: ``tests.harness.reconcile``).
 
     .venv/bin/python bench/bench_reconcile.py [--clusters 1000] [--replicas 1]
-        [--rotate [--profile FILE]]
+        [--enrolled] [--rotate [--profile FILE]]
 
 Prints, for the reconcile from nothing (start to settled: every key done and every write
 seen by the watch): wall time, API writes, certificates issued and peak RSS; for a
@@ -12,7 +12,9 @@ start to settled): wall time and writes, which must be 0. With ``--rotate``, als
 rotation (``goatlas.io/ca-rotate`` on ``atlas-ca``) in the first loop: annotation to settled,
 writes, certificates issued, CPU; ``--profile FILE`` runs it under cProfile (written to FILE,
 the top functions by own time printed; cProfile's times are wall-clock, so on a loaded
-machine they include waiting for a CPU).
+machine they include waiting for a CPU). With ``--enrolled``, every cluster enrolls
+(``goatlas.io/enrollment: "true"``): no key is made or stored for it, its values carry
+none, and a CA rotation leaves its objects as they are.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from atlasd.kube.client import KubeClient
 from atlasd.kube.config import load_config
 from atlasd.kube.events import post_event
 from atlasd.kube.resources import SECRETS
+from atlasd.labels import ENROLLMENT_ANNOTATION
 from atlasd.model import Settings
 from tests.harness.kube import ApiServer
 from tests.harness.reconcile import LeaderRun, leader
@@ -86,10 +89,13 @@ async def _bench(
     concurrency: int,
     rotate: bool = False,
     profile: Path | None = None,
+    enrolled: bool = False,
 ) -> int:
     ns = "bench"
     api.create_namespace(ns)
-    settings = Settings(namespace=ns)
+    # With an enrollment address, as a configured installation has (without one, every
+    # enrolled cluster gets a Warning Event saying it is missing).
+    settings = Settings(namespace=ns, enroll_address="atlasd.example:6307")
     now = dt.datetime.now(dt.UTC)
     async with KubeClient(load_config(str(api.admin_kubeconfig))) as kube:
         t0 = time.perf_counter()
@@ -98,7 +104,11 @@ async def _bench(
         async def make(i: int) -> None:
             ip = f"198.18.{i // 250}.{i % 250 + 1}"
             svc = cluster_service(
-                f"c{i:04d}", ip, namespace=ns, replicas=str(replicas) if replicas > 1 else None
+                f"c{i:04d}",
+                ip,
+                namespace=ns,
+                replicas=str(replicas) if replicas > 1 else None,
+                annotations={ENROLLMENT_ANNOTATION: "true"} if enrolled else None,
             )
             async with limiter:
                 await kube.create(svc)
@@ -117,7 +127,8 @@ async def _bench(
             full_s, full_cpu = time.perf_counter() - t0, _cpu_s() - c0
             assert len(run.fleet.clusters) == clusters, full.problems[:3]
             print(
-                f"full reconcile of {clusters} clusters from nothing ({concurrency} parallel "
+                f"full reconcile of {clusters} {'enrolled' if enrolled else 'compatible'} "
+                f"clusters from nothing ({concurrency} parallel "
                 f"writes): {full_s:.2f} s, "
                 f"{full.writes} API writes ({full.created} create, {full.applied} apply), "
                 f"{len(full.issued)} certificates issued, atlasd CPU {full_cpu:.2f} s, "
@@ -161,6 +172,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="parallel writes")
     parser.add_argument("--rotate", action="store_true", help="also time a CA rotation")
     parser.add_argument("--profile", type=Path, help="with --rotate: cProfile it into FILE")
+    parser.add_argument("--enrolled", action="store_true", help="every cluster enrolls")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-reconcile-") as tmp:
         api = ApiServer(Path(tmp) / "apiserver").start()
@@ -173,6 +185,7 @@ def main() -> int:
                 args.concurrency,
                 args.rotate,
                 args.profile,
+                args.enrolled,
             )
         finally:
             api.stop()

@@ -174,7 +174,8 @@ def render_status(doc: dict[str, Any]) -> str:
             str(c["replicas"]),
             c.get("dns_group") or "-",
             sync,
-            _ago(c.get("certificate_expiry")),
+            # An enrolled cluster's certificates are its agent's (renewed by it).
+            "enrolled" if c.get("mode") == "enrollment" else _ago(c.get("certificate_expiry")),
         ]
         if query:
             row.append(_query_cell((query.get("clusters") or {}).get(c["name"])))

@@ -102,10 +102,10 @@ class Member:
     """One cluster key as observed and judged.
 
     ``state``: ``served`` (valid, its IP is its own, certificates stored and trusted, or
-    enrolled: its agent holds them), ``pending`` (valid, certificates not issued yet), ``invalid`` (a cluster Service that
-    fails validation or lost its IP to an older cluster: its objects are kept until it is
-    fixed or deleted), ``absent`` (no cluster Service labelled exactly "true": what atlasd
-    owns for it is to be removed).
+    enrolled: its agent holds them), ``pending`` (valid, certificates not issued yet),
+    ``invalid`` (a cluster Service that fails validation or lost its IP to an older
+    cluster: its objects are kept until it is fixed or deleted), ``absent`` (no cluster
+    Service labelled exactly "true": what atlasd owns for it is to be removed).
     """
 
     name: str

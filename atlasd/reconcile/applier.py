@@ -327,8 +327,9 @@ class Reconciler:
                 )
         dropped = _dropped_identity(m, writes)
         versions = await self._write(api, key, writes, result, problems, m)
+        said = 0
         if dropped and ("Secret", identity_secret_name(key)) in versions:
-            await self._identity_dropped(api, key, m)
+            said += await self._identity_dropped(api, key, m)
         for oid, rv in versions.items():
             if rv is None:
                 observed.pop(oid, None)
@@ -336,9 +337,8 @@ class Reconciler:
                 observed[oid] = rv
         if not result.write_errors:
             self._synced[key] = _Synced(inputs, observed, next_renewal)
-        said = 0
         if replaced and not result.write_errors:
-            said = await self._revoked(api, key, m, replaced)
+            said += await self._revoked(api, key, m, replaced)
         result.next_renewal = next_renewal
         result.problems = tuple(problems)
         result.events = said
@@ -380,7 +380,7 @@ class Reconciler:
             )
         ]
 
-    async def _identity_dropped(self, api: KubeApi, key: str, m: Member) -> None:
+    async def _identity_dropped(self, api: KubeApi, key: str, m: Member) -> int:
         """Say that a cluster switched to enrollment lost its stored keys, and what is
         left of them (a Normal Event on the cluster Service and a log line)."""
         message = (
@@ -393,6 +393,7 @@ class Reconciler:
         log.warning("cluster %s: %s", key, message, extra={"key": key})
         ref = m.cluster.source if m.cluster is not None and m.cluster.source else _ref(m)
         await self.post_event(api, ref=ref, reason="KeysDeleted", message=message, type="Normal")
+        return 1
 
     def _signing_ca(self, version: FleetVersion, now: dt.datetime) -> CA | None:
         stored = version.fleetwide.ca

@@ -1333,6 +1333,9 @@ def test_notes_commands_are_real_atlasd_commands(helm: Helm, namespace: str) -> 
     for argv in commands:
         _parse_cli(list(argv))
     assert "atlasd cluster values east --format raw" in notes
+    # New clusters enroll by default: a token for the agent; no address set yet, said.
+    assert ("cluster", "token") in verbs and "--set agent.token=" in notes
+    assert "enrollment.address is not set" in notes
     assert "dnssrvnoa+_thanos._tcp.sidecars.thanos.atlas." in notes
     assert "--endpoint.sd-config-file=/etc/atlas-endpoints/all.yaml" in notes
     assert "atlas-thanos-endpoints" in notes

@@ -2,15 +2,21 @@
 a real observability Envoy from ``atlas-envoy-values``, and a downstream cluster (a network
 namespace with a real Prometheus) whose Envoy reads only what ``atlasd agent`` wrote:
 
-- ``atlasd cluster token east`` mints a token; ``atlasd agent --once`` enrolls with it
-  (keys made on the downstream side); a real Envoy serves 11904 with those certificates
-  through SDS from the files (``watched_directory``) and a query through the observability
-  Envoy's ``/prom/east/`` answers (the mTLS chain: atlasd's CA, east's SAN);
+- cluster east, added in the compatible mode (atlasd stores its keys), is switched to
+  enrollment by its annotation: ``<c>-atlas-identity`` is deleted and ``east-envoy-values``
+  hold no key, only the agent's settings and a bootstrap reading the agent's files;
+- ``atlasd cluster token east`` mints a token; ``atlasd agent --once``, started as the
+  values say, enrolls with it (keys made on the downstream side); a real Envoy started from
+  the values' own bootstrap gets its listeners over ADS through the observability Envoy's
+  10900 (mTLS with the agent's client certificate), serves 11904 with the agent's server
+  certificate through SDS from the files (``watched_directory``), and a query through the
+  observability Envoy's ``/prom/east/`` answers (the mTLS chain: atlasd's CA, east's SAN);
 - the agent left running renews the 30-second certificates over mTLS and the same Envoy
   process serves the new one (no restart), the chain still answering;
 - the token replayed, or used for another cluster, is refused and changes nothing;
 - none of the downstream key's bytes is in any Secret or ConfigMap of the API server, nor
-  in atlasd's log, its Events, ``/status`` or ``/metrics``.
+  in atlasd's log, its Events, ``/status`` or ``/metrics``; no ``east-atlas-identity``
+  exists and east's values hold no PEM block at all.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from atlasd.enroll import agent
-from tests.harness.envoy import Envoy, typed
+from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.net import free_port
 from tests.harness.netns import downstream_host
@@ -64,93 +70,15 @@ def _chain(cluster: str) -> bool:
         return False
 
 
-def downstream_bootstrap(certs: Path, prom_port: int) -> dict[str, Any]:
-    """A downstream Envoy serving 11904 with mTLS from the agent's files only (SDS from
-    files, watched directory), forwarding to the local Prometheus."""
-    tls = typed(
-        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        require_client_certificate=True,
-        common_tls_context={
-            "tls_certificate_sds_secret_configs": [
-                {"name": "server", "sds_config": agent.sds_config(certs, "server")}
-            ],
-            "validation_context_sds_secret_config": {
-                "name": "validation",
-                "sds_config": agent.sds_config(certs, "validation"),
-            },
-        },
-    )
-    hcm = typed(
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        stat_prefix="prom",
-        codec_type="AUTO",
-        route_config={
-            "virtual_hosts": [
-                {
-                    "name": "prom",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "prom"}}],
-                }
-            ]
-        },
-        http_filters=[
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": typed("envoy.extensions.filters.http.router.v3.Router"),
-            }
-        ],
-    )
-    return {
-        "node": {"id": "east", "cluster": "east"},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "prometheus",
-                    "address": {"socket_address": {"address": "0.0.0.0", "port_value": 11904}},
-                    "filter_chains": [
-                        {
-                            "transport_socket": {
-                                "name": "envoy.transport_sockets.tls",
-                                "typed_config": tls,
-                            },
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "prom",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "prom",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": prom_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ],
-        },
-    }
+def _secret(apiserver: ApiServer, namespace: str, name: str) -> bool:
+    with apiserver.admin() as c:
+        return c.get(f"/api/v1/namespaces/{namespace}/secrets/{name}").status_code == 200
+
+
+def _listeners(envoy: Envoy) -> set[str]:
+    """The names of the listeners the Envoy runs (admin /listeners)."""
+    doc = httpx.get(f"{envoy.admin_url}/listeners?format=json", timeout=5).json()
+    return {str(s.get("name")) for s in doc.get("listener_statuses", [])}
 
 
 def _served_serial(envoy: Envoy) -> str | None:
@@ -186,16 +114,19 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
     kube = (f"--kubeconfig={apiserver.admin_kubeconfig}", f"--namespace={namespace}")
     enroll_port = free_port()
     server = f"127.0.0.1:{enroll_port}"
+    certs = tmp_path / "east-certs"
     with contextlib.ExitStack() as stack:
         host = stack.enter_context(downstream_host(host_ip=HOST_IP, ns_ip=NS_IP, reach=[HOST_IP]))
         atlasd = Atlasd(
             tmp_path / "atlasd", *kube, "--no-leader-election", f"--envoy-ads-address={HOST_IP}",
             f"--envoy-address={HOST_IP}", f"--enroll-listen={server}", "--enroll-cert-seconds=30",
+            f"--enroll-address={server}", f"--enroll-cert-dir={certs}",
         ).start()  # fmt: skip
         stack.callback(atlasd.proc.stop)
         prom = host.prometheus(tmp_path / "prom")
         stack.callback(prom.stop)
         prom.start()
+        # East starts in the compatible mode (the CLI's default): atlasd makes its keys.
         cli("cluster", "add", "east", "--external-ip", NS_IP,
             "--annotation", "goatlas.io/prometheus-service=localhost",
             "--annotation", f"goatlas.io/prometheus-service-port={prom.port}", *kube)  # fmt: skip
@@ -205,6 +136,29 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         )
         obs = envoy_factory(_boot(obs_values), "atlas")
         obs.wait_ready(timeout=60)
+        wait_until(lambda: _secret(apiserver, namespace, "east-atlas-identity"), timeout=60,
+                   what="east's stored identity (compatible mode)")  # fmt: skip
+        assert b"PRIVATE KEY" in (_values(apiserver, namespace, "east-envoy-values") or b"")
+
+        # Switched to enrollment by its annotation: the stored keys go, the values carry
+        # none (no PEM block at all), only the agent's settings and a file-SDS bootstrap.
+        apiserver.kubectl("-n", namespace, "annotate", "service", "east",
+                          "goatlas.io/enrollment=true")  # fmt: skip
+        wait_until(lambda: not _secret(apiserver, namespace, "east-atlas-identity"), timeout=60,
+                   what="east's stored identity deleted")  # fmt: skip
+        values_raw = wait_until(
+            lambda: (
+                (v := _values(apiserver, namespace, "east-envoy-values")) and b"agent" in v and v
+            ),
+            timeout=60,
+            what="east's enrollment values",
+        )
+        assert isinstance(values_raw, bytes) and b"-----BEGIN" not in values_raw
+        values = yaml.safe_load(values_raw)
+        assert set(values["files"]) == {"envoy.yaml"}
+        assert values["agent"] == {"enabled": True, "cluster": "east", "namespace": namespace,
+                                   "server": server, "certDir": str(certs)}  # fmt: skip
+        assert _secret(apiserver, namespace, "west-atlas-identity")  # west stays compatible
 
         token = wait_until(
             lambda: (
@@ -215,8 +169,11 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
             what="a join token (once atlasd has its CA)",
         )
         assert isinstance(token, str)
-        certs = tmp_path / "east-certs"
-        agent_args = ("agent", f"--server={server}", "--cluster=east", f"--namespace={namespace}")
+        # The agent as the envoy chart starts it: from the values' agent settings.
+        wanted = values["agent"]
+        agent_args = ("agent", f"--server={wanted['server']}", f"--cluster={wanted['cluster']}",
+                      f"--namespace={wanted['namespace']}")  # fmt: skip
+        assert wanted["certDir"] == str(certs)
         cli(*agent_args, f"--dir={certs}", "--once", env={"ATLAS_JOIN_TOKEN": token})
         key_pems = {k: (certs / f"{k}-key.pem").read_bytes() for k in ("server", "client")}
         assert all(b"PRIVATE KEY" in pem for pem in key_pems.values())
@@ -232,11 +189,17 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         assert other.returncode == 1 and "not for cluster 'east'" in other.stderr
         assert token not in other.stderr + replay.stderr
 
-        # A real Envoy serves east's listener from the agent's files; the chain answers.
-        downstream = host.envoy(downstream_bootstrap(certs, prom.port), "east", tmp_path / "east")
+        # A real Envoy from the values' own bootstrap: its listeners over ADS through the
+        # observability Envoy's 10900 (the agent's client certificate), 11904 served with
+        # the agent's server certificate from the files; the chain answers.
+        downstream = host.envoy(yaml.safe_load(values["files"]["envoy.yaml"]), "east",
+                                tmp_path / "east")  # fmt: skip
         stack.callback(downstream.stop)
         downstream.start().wait_ready(timeout=60)
         wait_until(lambda: _chain("east"), timeout=60, what="east answers through the chain")
+        assert _listeners(downstream) >= {"thanos", "prometheus"}  # from xDS, not the bootstrap
+        (east_status,) = [c for c in atlasd.status()["clusters"] if c["name"] == "east"]
+        assert east_status["mode"] == "enrollment"
         first = _serial(certs / "server.pem")
         assert _served_serial(downstream) == first
         pid = downstream.proc.pid
@@ -287,8 +250,12 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         )
         assert "renewed" in follower.log_text() and token not in follower.log_text()
 
-        # None of the downstream keys' bytes anywhere on the observability side.
+        # None of the downstream keys' bytes anywhere on the observability side; no
+        # identity of east stored, and its values hold no PEM block at all.
+        assert not _secret(apiserver, namespace, "east-atlas-identity")
+        assert b"-----BEGIN" not in (_values(apiserver, namespace, "east-envoy-values") or b"-")
         stored = _everything_stored(apiserver)
+        assert b"KeysDeleted" in stored  # the switch said what it did, on Service east
         sources = {
             "Secrets, ConfigMaps and Events": stored,
             "atlasd's log": atlasd.log_text().encode(),
@@ -411,6 +378,9 @@ def test_hostile_enrollments_are_refused_and_change_nothing(
 
         assert join_tokens.parse(added.stdout).pin == join_tokens.parse(token).pin
         assert "cluster north" in added.stderr
+        with apiserver.admin() as c:
+            north = c.get(f"/api/v1/namespaces/{namespace}/services/north").json()
+        assert north["metadata"]["annotations"]["goatlas.io/enrollment"] == "true"
 
         def enroll_doc(cluster_names: str, *, key: object = None) -> bytes:
             _, requests = agent.new_request(cluster_names, settings)

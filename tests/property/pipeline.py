@@ -78,7 +78,8 @@ _PROTOTYPE = "prototype"
 
 # The installations the examples run against: the defaults, and one with every setting
 # that changes the output moved (IPv6 xDS address, other namespace and domain, a
-# forwarder token, a DNS name for the alert relay).
+# forwarder token, a DNS name for the alert relay; unannotated clusters enroll, with an
+# enrollment address and another agent directory).
 SETTINGS: tuple[Settings, ...] = (
     Settings(),
     Settings(
@@ -88,6 +89,9 @@ SETTINGS: tuple[Settings, ...] = (
         envoy_ads_address="2001:db8::10",
         envoy_address="atlas-envoy.obs.svc.corp.example",
         forwarder_token="s3cret-forwarder-token",
+        enrollment_default=True,
+        enroll_address="enroll.obs.example:443",
+        agent_cert_dir="/var/run/atlas/certs",
     ),
 )
 

@@ -85,6 +85,7 @@ def test_a_concurrent_writer_is_read_again_and_nothing_is_lost() -> None:
     [
         ("no service", "no cluster named 'east' in namespace monitoring"),
         ("no identity", "cluster 'east' has no certificates yet"),
+        ("enrolls, none yet", "cluster 'east' enrolls (goatlas.io/enrollment"),
         ("not a cluster", "Service 'east' is not a cluster"),
         ("bad entry", "Secret atlas-revocations: revocations.json revoked[0]"),
     ],
@@ -92,6 +93,9 @@ def test_a_concurrent_writer_is_read_again_and_nothing_is_lost() -> None:
 def test_refusals_are_one_line_naming_what_is_wrong(setup: str, message: str) -> None:
     kube = FakeKube()
     svc = cluster_service("east", "203.0.113.1")
+    if setup == "enrolls, none yet":
+        svc["metadata"]["annotations"] = {labels.ENROLLMENT_ANNOTATION: "true"}
+        setup = "no identity"
     if setup == "not a cluster":
         del svc["metadata"]["labels"][labels.CLUSTER_LABEL]
     if setup != "no service":

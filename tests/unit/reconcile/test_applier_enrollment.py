@@ -64,7 +64,7 @@ async def test_switching_to_enrollment_deletes_the_stored_keys_and_says_so() -> 
         svc["metadata"]["annotations"] = dict(ENROLL)
         kube.put(svc)
         result = await run.settle()
-        assert result.deleted == 1 and result.issued == ()
+        assert result.deleted == 1 and result.issued == () and result.events == 1
         assert kube.get_stored("secrets", "east-atlas-identity") is None
         assert b"-----BEGIN" not in _values(kube, "east")
         ((ref, reason, message),) = kube.events
