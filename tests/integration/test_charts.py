@@ -1340,3 +1340,33 @@ def test_notes_commands_are_real_atlasd_commands(helm: Helm, namespace: str) -> 
     assert "--endpoint.sd-config-file=/etc/atlas-endpoints/all.yaml" in notes
     assert "atlas-thanos-endpoints" in notes
     assert "goatlas.io/cluster" in notes
+
+
+def test_envoy_notes_in_enrollment_mode_name_the_agent_and_a_real_token_command(
+    helm: Helm, namespace: str, tmp_path: Path
+) -> None:
+    values_file, _ = _enrolled_values_file(tmp_path)
+
+    def notes(*sets: str) -> str:
+        args = ["install", "north", str(ENVOY_CHART), "--namespace", namespace, "--dry-run=client",
+                "-f", str(values_file)]  # fmt: skip
+        for s in sets:
+            args += ["--set", s]
+        return helm(*args).split("NOTES:", 1)[1]
+
+    without_token = notes()
+    assert "Enrollment mode" in without_token and "north-envoy-agent-state" in without_token
+    assert "-c agent-init" in without_token
+    [mint] = [
+        line.split("$(", 1)[1].split(")", 1)[0]
+        for line in without_token.splitlines()
+        if "agent.token=$(" in line
+    ]
+    assert mint == "atlasd cluster token east"  # the cluster of the values
+    _parse_cli(shlex.split(mint)[1:])
+    with_token = notes(f"agent.token={TOKEN}")
+    assert "agent.token=$(" not in with_token and TOKEN not in with_token
+    # Compatible values: no word of the agent.
+    compatible = helm("install", "east", str(ENVOY_CHART), "--namespace", namespace,
+                      "--dry-run=client", "-f", str(_cluster_values_file(tmp_path)[0]))  # fmt: skip
+    assert "agent" not in compatible.split("NOTES:", 1)[1]

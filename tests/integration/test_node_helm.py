@@ -535,6 +535,22 @@ def test_an_enrolled_cluster_installs_with_the_agent_and_a_replaced_pod_needs_no
         assert "restored" in restored_log, restored_log
         wait_until(routed, timeout=120, what=f"/prom/{NORTH}/ after the pod was replaced",
                    interval=0.5)  # fmt: skip
+
+        # A second replica: the token long spent, it restores too (and renews to keys of
+        # its own), and both pods serve.
+        node.kubectl("scale", "deployment", f"{NORTH}-envoy", "-n", NORTH_NS, "--replicas=2")
+        pods = wait_until(
+            lambda: (
+                len(ready := [p for p in _pods(node, NORTH_NS, app="envoy", release=NORTH)
+                              if _ready(p)]) == 2 and ready
+            ),
+            timeout=180,
+            what="two Ready replicas",
+        )  # fmt: skip
+        for p in pods:
+            log = node.kubectl("logs", "-n", NORTH_NS, p["metadata"]["name"], "-c",
+                               "agent-init")  # fmt: skip
+            assert "restored" in log, log
     finally:
         prom.stop()
     # Gone again, so the uninstall below leaves what it documents.
