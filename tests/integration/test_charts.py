@@ -1081,6 +1081,12 @@ def test_envoy_runs_the_agent_from_the_enrolled_values(helm: Helm, tmp_path: Pat
         assert api["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
         assert api["readOnly"] is True
     assert TOKEN not in yaml.safe_dump(deploy)
+    # A new token (revoke --rekey) rolls the pods: its public id in the template.
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["goatlas.io/agent-token-id"] == TOKEN.split(".")[0]
+    # Not a token's shape: nothing of it outside its Secret.
+    odd = render(helm, ENVOY_CHART, values=[values_file], sets=["agent.token=not-a-token"])
+    assert "not-a-token" not in yaml.safe_dump(only(odd, "Deployment"))
 
     # Envoy reads the agent's directory, read-only, and has no API token.
     mounts = {m["name"]: m for m in envoy["volumeMounts"]}
@@ -1119,6 +1125,7 @@ def test_envoy_agent_token_secret_and_state_values(helm: Helm, tmp_path: Path) -
     deploy = only(docs, "Deployment")
     sidecar = container(deploy, "agent")
     assert _agent_params(sidecar, namespace="x", token=None)["state_secret"] == "east-state"
+    assert "goatlas.io/agent-token-id" not in deploy["spec"]["template"]["metadata"]["annotations"]
     refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in sidecar["env"]
             if "secretKeyRef" in e.get("valueFrom", {})]  # fmt: skip
     assert refs == ["east-join"]
