@@ -10,7 +10,10 @@ import click
 
 from atlasd import logs, model
 from atlasd.cli.app import cli
-from atlasd.cli.options import dial_param, env_option, fail, namespace_param, run_trio
+from atlasd.cli.options import dial_param, env_option, fail, namespace_param
+
+# Seconds a stop (SIGTERM) may take before the process ends hard.
+STOP_GRACE = 10.0
 
 
 @cli.command()
@@ -139,9 +142,12 @@ def agent(
             state = StateSecret(kube, state_secret, state_namespace or config.namespace)
             await run_agent(replace(options, state=state))
 
+    from atlasd.cli.process import serve_until_signalled, startup_error
     from atlasd.kube.errors import ConfigError
 
+    # Until SIGTERM (the kubelet stopping the pod): as a container's PID 1 the agent would
+    # otherwise ignore it and hold the pod for its whole grace period.
     try:
-        run_trio(main)
-    except (AgentError, ConfigError) as exc:
-        fail(str(exc))
+        serve_until_signalled(main, grace=STOP_GRACE)
+    except (AgentError, ConfigError, ExceptionGroup) as exc:
+        fail(startup_error(exc, AgentError))

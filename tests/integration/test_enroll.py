@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -516,6 +517,12 @@ def test_a_replaced_pod_restores_its_credentials_and_renews_without_a_token(
                    what="the renewed credentials saved")  # fmt: skip
         assert state()["client-key.pem"] == mine["client-key.pem"]
         assert not (second / agent.RESTORED_MARK).exists()
+        # The kubelet stops the sidecar with SIGTERM: it stops cleanly (as a container's
+        # PID 1 it would otherwise ignore the signal and hold the pod for its grace period).
+        sidecar.signal(signal.SIGTERM)
+        wait_until(lambda: not sidecar.running(), timeout=30, what="the sidecar stopped")
+        assert sidecar.popen is not None and sidecar.popen.returncode == 0
+        assert "SIGTERM: stopping" in sidecar.log_text()
 
         # The chart's Role: its one Secret (get, update) and create; nothing else.
         sa = f"system:serviceaccount:{edge}:atlas-envoy-agent"

@@ -538,7 +538,8 @@ def test_an_enrolled_cluster_installs_with_the_agent_and_a_replaced_pod_needs_no
 
         # A second replica: the token long spent, it restores too (and renews to keys of
         # its own), and both pods serve.
-        node.kubectl("scale", "deployment", f"{NORTH}-envoy", "-n", NORTH_NS, "--replicas=2")
+        node_helm("upgrade", NORTH, str(ENVOY_CHART), "-n", NORTH_NS, "--reuse-values",
+                  "--set", "replicaCount=2")  # fmt: skip
         pods = wait_until(
             lambda: (
                 len(ready := [p for p in _pods(node, NORTH_NS, app="envoy", release=NORTH)
@@ -551,6 +552,32 @@ def test_an_enrolled_cluster_installs_with_the_agent_and_a_replaced_pod_needs_no
             log = node.kubectl("logs", "-n", NORTH_NS, p["metadata"]["name"], "-c",
                                "agent-init")  # fmt: skip
             assert "restored" in log, log
+
+        # Revoked with a new token: the upgrade with it rolls the pods (the token's id in
+        # the pod template), whose agents enroll with it rather than restore the revoked
+        # credentials; the chain answers with the new ones.
+        fresh = cli("cluster", "revoke", NORTH, "--rekey", *kube).stdout.strip()
+        node_helm(
+            "upgrade", NORTH, str(ENVOY_CHART), "-n", NORTH_NS, "--reuse-values",
+            "--set", f"agent.token={fresh}", "--wait", "--timeout", "180s",
+        )  # fmt: skip
+        old_uids = {p["metadata"]["uid"] for p in pods}
+
+        def rolled() -> list[Doc] | None:
+            now = [p for p in _pods(node, NORTH_NS, app="envoy", release=NORTH)]
+            ok = all(_ready(p) and p["metadata"]["uid"] not in old_uids for p in now)
+            return now if ok and len(now) == 2 else None
+
+        rolled_pods = wait_until(rolled, timeout=180, what="both replicas rolled by the new token")
+        logs = [node.kubectl("logs", "-n", NORTH_NS, p["metadata"]["name"], "-c", "agent-init")
+                for p in rolled_pods]  # fmt: skip
+        assert any(f"cluster {NORTH} enrolled;" in log for log in logs), logs
+        assert not any(fresh in log or token in log for log in logs)
+        saved = json.loads(node.kubectl("get", "secret", f"{NORTH}-envoy-agent-state", "-n",
+                                        NORTH_NS, "-o", "json"))["data"]  # fmt: skip
+        assert base64.b64decode(saved["token-id"]).decode() == fresh.split(".")[0]
+        wait_until(routed, timeout=120, what=f"/prom/{NORTH}/ after the new enrollment",
+                   interval=0.5)  # fmt: skip
     finally:
         prom.stop()
     # Gone again, so the uninstall below leaves what it documents.
@@ -640,6 +667,8 @@ def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented
         # its used token's (a hash, never the token) and the certificates it was signed.
         ("Secret", "atlas-join-<id>"),
         ("Secret", f"{NORTH}-atlas-enrolled"),
+        # ...and the revocation records (north was revoked with --rekey).
+        ("Secret", "atlas-revocations"),
         ("ConfigMap", "kube-root-ca.crt"),
         ("ServiceAccount", "default"),
     }
