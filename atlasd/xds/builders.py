@@ -40,11 +40,11 @@ observability Envoy's 10903.
 
 Certificates: every identity's DNS SANs include its node id (``atlas`` or the cluster name).
 Secrets are served by SDS over ADS under the names ``validation``, ``server``, ``client``;
-only the referenced ones are included. An enrolled cluster's node (``enrolled``) names the
-same three secrets by SDS from the files its agent writes in ``settings.agent_cert_dir``
-(``atlasd.certdir``) and is served none: atlasd holds no key of it. ``server`` and ``client`` carry the leaf followed by
+only the referenced ones are included. ``server`` and ``client`` carry the leaf followed by
 the PKI's cross-signed chain (``model.PKI.chain``), so peers that trust only an earlier CA
-still verify them.
+still verify them. An enrolled cluster's node (``enrolled``) names the same three secrets
+by SDS from the files its agent writes in ``settings.agent_cert_dir`` (``atlasd.certdir``)
+and is served none: atlasd holds no key of it.
 
 Work is proportional to change: ``SnapshotBuilder.update(fleet, changed)`` rebuilds the
 nodes and pieces of the keys that changed (see the class).

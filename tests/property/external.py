@@ -12,7 +12,8 @@ listeners, clusters and secrets inline, each HTTP connection manager's RDS refer
 replaced by the route configuration it names (its SRDS subscription by the static list of
 its scopes, ``<name>/...``), each EDS cluster made static with its endpoint assignment
 inline, and every SDS reference pointed at the static secret of that name (an enrolled
-node's, which come from its agent's files, stood for by ``agent_secrets``). ``envoy --mode validate`` then builds the whole server
+node's, which come from its agent's files, stood for by ``agent_secrets``).
+``envoy --mode validate`` then builds the whole server
 (listeners, clusters, TLS contexts from the PEM material) without opening a socket.
 
 The zone check is ``named-checkzone -k fail -i local atlas. FILE``: ``-k fail`` makes a
