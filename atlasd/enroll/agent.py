@@ -412,8 +412,9 @@ async def run_agent(
     o = options
     write_sds_files(o.directory)
     progress = await _start(o)
-    if progress.unsaved:
-        # An init container fails here (and, restarted, saves from the directory).
+    if progress.unsaved and o.once:
+        # An init container fails here (and, restarted, saves from the directory); a
+        # sidecar saves in its loop below, retrying.
         await _save(o, progress)
     task_status.started()
     if o.once:

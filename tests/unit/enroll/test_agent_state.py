@@ -203,6 +203,20 @@ async def test_enrolling_saves_and_a_failed_save_fails_the_init_container_then_h
     assert _stored(kube)["token-id"] == TOKEN.id.encode()
 
 
+async def test_a_sidecar_whose_save_fails_keeps_running_and_saves_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls = Calls(monkeypatch)
+    kube = FakeKube()
+    kube.fail_next = [api_error(Forbidden, "create", ("secrets", NAME))]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run_agent, _options(tmp_path, kube, token=TOKEN, once=False))
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert calls.enrolled == [TOKEN.id] and calls.last is not None
+    assert _stored(kube)["client.pem"] == calls.last.files["client.pem"]
+
+
 async def test_a_new_token_enrolls_instead_of_restoring(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
