@@ -10,7 +10,10 @@ import click
 
 from atlasd import logs, model
 from atlasd.cli.app import cli
-from atlasd.cli.options import dial_param, env_option, fail, namespace_param, run_trio
+from atlasd.cli.options import dial_param, env_option, fail, namespace_param
+
+# Seconds a stop (SIGTERM) may take before the process ends hard.
+STOP_GRACE = 10.0
 
 
 @cli.command()
@@ -60,6 +63,25 @@ from atlasd.cli.options import dial_param, env_option, fail, namespace_param, ru
     help="Seconds between checks of the trust bundle (CA rotations).",
 )
 @env_option(
+    "--state-secret",
+    env="ATLAS_STATE_SECRET",
+    default=None,
+    help="Keep the credentials in this Secret of the agent's own cluster too, and restore "
+    "them from it into an empty --dir (a replaced pod needs no new token).",
+)
+@env_option(
+    "--state-namespace",
+    env="ATLAS_STATE_NAMESPACE",
+    default=None,
+    help="The --state-secret's namespace (default: the kubeconfig's, in a pod its own).",
+)
+@env_option(
+    "--kubeconfig",
+    env="ATLAS_KUBECONFIG",
+    default=None,
+    help="For --state-secret: kubeconfig file (default: $KUBECONFIG, then in-cluster).",
+)
+@env_option(
     "--log-format", env="ATLAS_LOG_FORMAT", type=click.Choice(["text", "json"]), default="text"
 )
 def agent(
@@ -71,6 +93,9 @@ def agent(
     directory: Path,
     once: bool,
     bundle_interval: float,
+    state_secret: str | None,
+    state_namespace: str | None,
+    kubeconfig: str | None,
     log_format: Literal["text", "json"],
 ) -> None:
     """Enroll this downstream cluster with a one-time join token and keep its certificates
@@ -101,7 +126,28 @@ def agent(
         once=once,
         bundle_interval=bundle_interval,
     )
+
+    async def main() -> None:
+        if not state_secret:
+            await run_agent(options)
+            return
+        from dataclasses import replace
+
+        from atlasd.enroll.state import StateSecret
+        from atlasd.kube.client import KubeClient
+        from atlasd.kube.config import load_config
+
+        config = load_config(kubeconfig)
+        async with KubeClient(config, user_agent="atlasd-agent") as kube:
+            state = StateSecret(kube, state_secret, state_namespace or config.namespace)
+            await run_agent(replace(options, state=state))
+
+    from atlasd.cli.process import serve_until_signalled, startup_error
+    from atlasd.kube.errors import ConfigError
+
+    # Until SIGTERM (the kubelet stopping the pod): as a container's PID 1 the agent would
+    # otherwise ignore it and hold the pod for its whole grace period.
     try:
-        run_trio(lambda: run_agent(options))
-    except AgentError as exc:
-        fail(str(exc))
+        serve_until_signalled(main, grace=STOP_GRACE)
+    except (AgentError, ConfigError, ExceptionGroup) as exc:
+        fail(startup_error(exc, AgentError))

@@ -17,6 +17,11 @@
    reads them through SDS from files with ``watched_directory`` on ``directory``
    (``sds_files``: ``sds-server.yaml``, ``sds-client.yaml``, ``sds-validation.yaml``), so
    the rename reloads all of them together, with no restart.
+5. With ``state`` (``--state-secret``), saves every write into a Secret of its own cluster
+   and, started with an empty directory, restores from it instead of enrolling
+   (``atlasd.enroll.state``): a replaced pod needs no new token. A pod that restored renews
+   at once, so each pod holds keys of its own. A pod whose token was spent by another
+   replica's enrollment (409) waits for that replica's save and restores it.
 
 Errors::
 
@@ -48,10 +53,13 @@ from atlasd.certdir import sds_config as sds_config
 from atlasd.certdir import sds_files as sds_files
 from atlasd.certpolicy import load_cert, public_der, renewal_time
 from atlasd.enroll import csr as csrs
+from atlasd.enroll import state
 from atlasd.enroll import token as tokens
+from atlasd.enroll.state import Saved, StateSecret
 from atlasd.enroll.token import JoinToken
 from atlasd.enroll.wire import CA_PATH, ENROLL_PATH, RENEW_PATH, WireError, call
 from atlasd.files import write_atomic
+from atlasd.kube.errors import KubeError
 from atlasd.model import ADS_SERVER_NAME, Settings
 from atlasd.reconcile.certs import LeafSpec, key_pem
 
@@ -64,15 +72,22 @@ DATA_LINK = "..data"
 CALL_SECONDS = 60.0
 # How long an enrollment is tried again when no answer comes.
 ENROLL_SECONDS = 300.0
+# How often a replica whose token another one used looks for that one's saved credentials.
+RESTORE_POLL = 2.0
+# In the directory while it holds restored credentials (shared with the pod that saved
+# them): the next agent process, the sidecar after the init container, renews at once.
+RESTORED_MARK = "..restored"
 
 
 class AgentError(Exception):
     """Enrollment or renewal failed (message safe to log). ``retry``: the request may be
-    sent again as it is (no answer came, or atlasd said to retry later)."""
+    sent again as it is (no answer came, or atlasd said to retry later); ``status``:
+    atlasd's refusal (HTTP status), if it answered one."""
 
-    def __init__(self, message: str, *, retry: bool = False) -> None:
+    def __init__(self, message: str, *, retry: bool = False, status: int | None = None) -> None:
         super().__init__(message)
         self.retry = retry
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -151,7 +166,9 @@ async def _call(
         raise AgentError(f"cannot talk to atlasd at {where}: {exc}", retry=True) from exc
     if status != 200:
         said = answer.get("error", "no reason given")
-        raise AgentError(f"atlasd refused ({status}): {said}", retry=status in (429, 503))
+        raise AgentError(
+            f"atlasd refused ({status}): {said}", retry=status in (429, 503), status=status
+        )
     return answer
 
 
@@ -261,15 +278,21 @@ def write_sds_files(directory: Path) -> None:
         write_atomic(directory / name, text)
 
 
+def read(directory: Path) -> dict[str, bytes]:
+    """The credentials in ``directory`` (the files of ``FILES`` that are there)."""
+    out = {}
+    for name in FILES:
+        try:
+            out[name] = (directory / name).read_bytes()
+        except OSError:
+            continue
+    return out
+
+
 def current(directory: Path, now: dt.datetime) -> bool:
     """Whether ``directory`` holds credentials still valid now (a restarted agent uses
     them instead of a token)."""
-    try:
-        cert = load_cert((directory / "client.pem").read_bytes())
-        present = all((directory / n).is_file() for n in FILES)
-    except OSError:
-        return False
-    return present and cert is not None and now < cert.not_valid_after_utc
+    return state.valid(read(directory), FILES, now)
 
 
 @dataclass(frozen=True)
@@ -282,29 +305,126 @@ class AgentOptions:
     once: bool = False
     bundle_interval: float = 60.0
     retry_max: float = 60.0
+    # Where the credentials are saved and restored from (None: the directory only).
+    state: StateSecret | None = None
+
+
+@dataclass
+class _Progress:
+    """What the agent's one task still owes (only ``run_agent``'s task touches it)."""
+
+    # The token id the credentials in the directory came from ("" when unknown).
+    token_id: str
+    # Renew at the next turn whatever the certificate's age (restored credentials).
+    renew_now: bool = False
+    # The directory holds credentials the state Secret does not (a save failed).
+    unsaved: bool = False
+
+
+def _where(s: StateSecret) -> str:
+    return f"Secret {s.namespace}/{s.name}"
+
+
+async def _load(s: StateSecret) -> Saved | None:
+    try:
+        return await s.load()
+    except KubeError as exc:
+        raise AgentError(f"cannot read the saved credentials ({_where(s)}): {exc}") from exc
+
+
+async def _save(o: AgentOptions, p: _Progress) -> None:
+    if o.state is None:
+        return
+    try:
+        await o.state.save(Saved(files=read(o.directory), token_id=p.token_id))
+    except KubeError as exc:
+        p.unsaved = True
+        raise AgentError(
+            f"cannot save the credentials ({_where(o.state)}): {exc}", retry=True
+        ) from exc
+    p.unsaved = False
+    log.info("agent: credentials saved in %s", _where(o.state))
+
+
+async def _enroll_or_restore(o: AgentOptions, token: JoinToken) -> tuple[Credentials, bool]:
+    """Enroll with ``token``; if another replica has used it already (409) and saves its
+    credentials, restore those instead (they are this cluster's too). Returns the
+    credentials and whether they were restored."""
+    try:
+        return await enroll(o.server, token, cluster=o.cluster, settings=o.settings), False
+    except AgentError as exc:
+        if exc.status != 409 or o.state is None:
+            raise
+        log.info("agent: the token is used; waiting for the replica that used it to save")
+        with trio.move_on_after(ENROLL_SECONDS):
+            while True:
+                saved = await _load(o.state)
+                if (
+                    saved is not None
+                    and saved.token_id == token.id
+                    and state.valid(saved.files, FILES, dt.datetime.now(dt.UTC))
+                ):
+                    return Credentials(saved.files), True
+                await trio.sleep(RESTORE_POLL)
+        raise
+
+
+async def _start(o: AgentOptions) -> _Progress:
+    """Credentials in the directory: kept (a restarted container of this pod), restored
+    from the state Secret (a new pod), or enrolled with the token."""
+    now = dt.datetime.now(dt.UTC)
+    saved = await _load(o.state) if o.state is not None else None
+    saved_ok = saved is not None and state.valid(saved.files, FILES, now)
+    if current(o.directory, now):
+        token_id = saved.token_id if saved is not None and saved_ok else ""
+        progress = _Progress(
+            token_id or (o.token.id if o.token else ""),
+            renew_now=(o.directory / RESTORED_MARK).exists(),
+        )
+    elif saved is not None and saved_ok and (o.token is None or o.token.id == saved.token_id):
+        write(o.directory, Credentials(saved.files))
+        write_atomic(o.directory / RESTORED_MARK, saved.token_id)
+        log.info("agent: cluster %s restored its credentials from the state Secret", o.cluster)
+        return _Progress(saved.token_id, renew_now=True)
+    elif o.token is not None:
+        creds, restored = await _enroll_or_restore(o, o.token)
+        write(o.directory, creds)
+        if restored:
+            write_atomic(o.directory / RESTORED_MARK, o.token.id)
+        verb = "restored the credentials another replica enrolled" if restored else "enrolled"
+        log.info("agent: cluster %s %s; credentials in %s", o.cluster, verb, o.directory)
+        progress = _Progress(o.token.id, renew_now=restored)
+        saved_ok = restored
+    else:
+        where = " nor in the state Secret" if o.state is not None else ""
+        raise AgentError(
+            f"no valid credentials in {o.directory}{where} and no join token to enroll with"
+        )
+    progress.unsaved = o.state is not None and not saved_ok
+    return progress
 
 
 async def run_agent(
     options: AgentOptions, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Enroll (unless the directory holds valid credentials), then with ``once`` return,
-    else renew and follow the bundle until cancelled."""
+    """Enroll (unless the directory or the state Secret holds valid credentials), then
+    with ``once`` return, else renew and follow the bundle until cancelled."""
     o = options
     write_sds_files(o.directory)
-    if not current(o.directory, dt.datetime.now(dt.UTC)):
-        if o.token is None:
-            raise AgentError(
-                f"no valid credentials in {o.directory} and no join token to enroll with"
-            )
-        write(o.directory, await enroll(o.server, o.token, cluster=o.cluster, settings=o.settings))
-        log.info("agent: cluster %s enrolled; credentials in %s", o.cluster, o.directory)
+    progress = await _start(o)
+    if progress.unsaved and o.once:
+        # An init container fails here (and, restarted, saves from the directory); a
+        # sidecar saves in its loop below, retrying.
+        await _save(o, progress)
     task_status.started()
     if o.once:
         return
     delay = 1.0
     while True:
         try:
-            await _follow(o)
+            if progress.unsaved:
+                await _save(o, progress)
+            await _follow(o, progress)
             delay = 1.0
         except AgentError as exc:
             log.warning("agent: %s; retrying in %.0f s", exc, delay)
@@ -312,10 +432,12 @@ async def run_agent(
             delay = min(delay * 2, o.retry_max)
 
 
-async def _follow(o: AgentOptions) -> None:
+async def _follow(o: AgentOptions, p: _Progress) -> None:
     """One wait: until the renewal time or the next bundle check, whichever is first."""
     bundle = (o.directory / "ca.pem").read_bytes()
     due = renewal_time((o.directory / "client.pem").read_bytes(), o.settings.renew_fraction) or 0.0
+    if p.renew_now:
+        due = time.time()
     wait = max(0.0, min(due - time.time(), o.bundle_interval))
     await trio.sleep(wait)
     renew_now = time.time() >= due
@@ -330,4 +452,8 @@ async def _follow(o: AgentOptions) -> None:
             o.server, o.directory, cluster=o.cluster, settings=o.settings, bundle=bundle
         )
         write(o.directory, creds)
+        p.renew_now = False
+        (o.directory / RESTORED_MARK).unlink(missing_ok=True)
         log.info("agent: cluster %s renewed its certificates", o.cluster)
+        p.unsaved = o.state is not None
+        await _save(o, p)

@@ -59,12 +59,17 @@ from tests.harness.wait import wait_until
 NODE_NAME = "atlasd-node"
 BRIDGE = "atlasd-cni0"
 # The pod network: the node's own address is the bridge's gateway, so pods reach the
-# API server (and the cluster DNS) there. Addresses above RANGE_END are never handed to
-# pods: tests use them as Services' externalIPs.
+# API server (and the cluster DNS) there. Pods get addresses of the lower half
+# (POD_SUBNET, their interface's prefix); the upper half is never handed to pods: tests
+# use it as Services' externalIPs, which pods then reach through their default route
+# (the node, where kube-proxy rewrites them), not on the bridge where no one answers
+# (with the whole /24 on their interface a pod's connection to such an address failed
+# with "No route to host").
 POD_CIDR = "10.244.0.0/24"
+POD_SUBNET = "10.244.0.0/25"
 NODE_IP = "10.244.0.1"
 RANGE_START = "10.244.0.10"
-RANGE_END = "10.244.0.200"
+RANGE_END = "10.244.0.120"
 SERVICE_CIDR = "10.96.0.0/24"
 CLUSTER_DOMAIN = "cluster.local"
 CGROUP_ROOT = "atlasd-node"
@@ -246,9 +251,13 @@ class Node:
             raise RuntimeError(f"{BRIDGE} exists: a node was not torn down (ip link del {BRIDGE})")
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         self._bridge_made = True
-        prefix = POD_CIDR.split("/")[1]
+        # The gateway's address with the pods' prefix (the bridge plugin insists on it);
+        # the node itself still reaches the whole POD_CIDR on the bridge (the upper half:
+        # the externalIPs, rewritten by kube-proxy before they would go out).
+        prefix = POD_SUBNET.split("/")[1]
         sh("ip", "addr", "add", f"{NODE_IP}/{prefix}", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
+        sh("ip", "route", "replace", POD_CIDR, "dev", BRIDGE)
 
     def _make_cgroup_root(self) -> None:
         for hierarchy in cgroup_hierarchies():
@@ -317,7 +326,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                         "ranges": [
                             [
                                 {
-                                    "subnet": POD_CIDR,
+                                    "subnet": POD_SUBNET,
                                     "rangeStart": RANGE_START,
                                     "rangeEnd": RANGE_END,
                                     "gateway": NODE_IP,

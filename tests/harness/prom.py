@@ -15,10 +15,13 @@ from tests.harness.wait import wait_until
 class WebProc:
     """A process with an HTTP API that reports readiness on ``/-/ready``."""
 
-    def __init__(self, name: str, argv: list[str], *, port: int, workdir: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], *, port: int, workdir: Path, host: str = "127.0.0.1"
+    ) -> None:
         self.name = name
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.host = host
+        self.url = f"http://{host}:{port}"
         self.proc = Proc(name, argv, log_dir=workdir)
 
     def start(self) -> WebProc:
@@ -37,7 +40,10 @@ class WebProc:
         self.proc.stop()
 
 
-def prometheus(config_yaml: str, *, workdir: Path, name: str = "prometheus") -> WebProc:
+def prometheus(
+    config_yaml: str, *, workdir: Path, name: str = "prometheus", host: str = "127.0.0.1"
+) -> WebProc:
+    """A Prometheus listening on ``host`` (e.g. a node's address, for its pods)."""
     port = free_port()
     d = workdir / f"{name}-{port}"
     d.mkdir(parents=True, exist_ok=True)
@@ -48,11 +54,12 @@ def prometheus(config_yaml: str, *, workdir: Path, name: str = "prometheus") -> 
             str(components.apt("prometheus")),
             f"--config.file={d / 'prometheus.yml'}",
             f"--storage.tsdb.path={d / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.listen-address={host}:{port}",
             "--web.enable-lifecycle",
         ],
         port=port,
         workdir=d,
+        host=host,
     )
 
 

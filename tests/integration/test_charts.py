@@ -13,6 +13,7 @@ bootstrap the real Envoy binary accepts.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import shlex
 import shutil
@@ -966,16 +967,206 @@ def test_envoy_custom_values_render(helm: Helm, tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("which", ["default", "custom", "cluster-values"])
+# ---------------------------------------------------------------- envoy chart: the agent
+
+TOKEN = "abc123.0123456789abcdefghijklmnopqrstuv.pin"
+
+
+def _enrolled_values_file(tmp_path: Path) -> tuple[Path, Doc]:
+    """The values atlasd writes for east in enrollment mode (its own pure functions), as
+    `atlasd cluster values east --format raw` gives them."""
+    east = dataclasses.replace(EAST, enrolled=True)
+    settings = dataclasses.replace(SETTINGS, enroll_address="198.51.100.7:6307")
+    plan = plan_pki(
+        secrets={}, clusters=(east,), settings=settings, now=dt.datetime.now(dt.UTC),
+        keys=RandomKeys(),
+    )  # fmt: skip
+    desired = desired_state(clusters=(east,), alertmanagers=(), plan=plan, settings=settings)
+    text = secret_data(desired.secrets[labels.values_secret_name("east")])[VALUES_KEY].decode()
+    path = tmp_path / "east-enrolled.yaml"
+    path.write_text(values_formats.raw(text))
+    return path, yaml.safe_load(text)
+
+
+def _init_container(deploy: Doc, name: str) -> Doc:
+    for c in deploy["spec"]["template"]["spec"].get("initContainers", []):
+        if c["name"] == name:
+            return dict(c)
+    raise AssertionError(f"no init container {name}")
+
+
+def _agent_params(c: Doc, *, namespace: str, token: str | None) -> dict[str, Any]:
+    """`atlasd agent`'s parameters as the container's environment gives them (click
+    parses and validates it as in the pod)."""
+    from atlasd.cli.agent import agent as agent_command
+
+    env: dict[str, str] = {}
+    for e in c["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "fieldRef" in e["valueFrom"]:
+            assert e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+            env[e["name"]] = namespace
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            assert ref["optional"] is True  # a pod that restores needs no token
+            if token is not None:
+                env[e["name"]] = token
+    known = {p.envvar for p in agent_command.params if isinstance(p, click.Option)}
+    # The token is read from the environment by the command itself (never an option, so
+    # it is never on a command line): `--token-file ...; or ATLAS_JOIN_TOKEN`.
+    token_file = next(p for p in agent_command.params if p.name == "token_file")
+    assert "ATLAS_JOIN_TOKEN" in str(getattr(token_file, "help", ""))
+    known.add("ATLAS_JOIN_TOKEN")
+    assert set(env) <= known, f"set but not read by atlasd agent: {set(env) - known}"
+    mp = pytest.MonkeyPatch()
+    try:
+        for k in known:
+            if isinstance(k, str):
+                mp.delenv(k, raising=False)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert c["command"] == ["atlasd"] and c["args"][0] == "agent"
+        return dict(agent_command.make_context("agent", list(c["args"][1:])).params)
+    finally:
+        mp.undo()
+
+
+def test_envoy_agent_absent_unless_enabled(helm: Helm, tmp_path: Path) -> None:
+    for docs in (
+        render(helm, ENVOY_CHART),
+        render(helm, ENVOY_CHART, values=[_cluster_values_file(tmp_path)[0]]),
+    ):
+        deploy = only(docs, "Deployment")
+        pod = deploy["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
+        assert [c["name"] for c in pod["containers"]] == ["envoy"]
+        assert not {"ServiceAccount", "Role", "RoleBinding"} & {d["kind"] for d in docs}
+        assert "serviceAccountName" not in pod
+        assert not [s for s in of_kind(docs, "Secret") if "agent" in s["metadata"]["name"]]
+
+
+def test_envoy_runs_the_agent_from_the_enrolled_values(helm: Helm, tmp_path: Path) -> None:
+    values_file, values = _enrolled_values_file(tmp_path)
+    assert values["agent"]["enabled"] is True and set(values["files"]) == {"envoy.yaml"}
+    docs = render(helm, ENVOY_CHART, release="atlas-envoy", namespace="edge",
+                  values=[values_file], sets=[f"agent.token={TOKEN}"])  # fmt: skip
+    deploy = only(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    init, sidecar, envoy = (
+        _init_container(deploy, "agent-init"),
+        container(deploy, "agent"),
+        container(deploy, "envoy"),
+    )
+    assert [c["name"] for c in pod["initContainers"]] == ["agent-init"]
+    assert [c["name"] for c in pod["containers"]] == ["envoy", "agent"]
+    cert_dir = values["agent"]["certDir"]
+
+    # The agent: what atlasd wrote, the token from the chart's Secret only.
+    token_secret = only(docs, "Secret", "atlas-envoy-agent-token")
+    assert secret_files(token_secret) == {"token": TOKEN}
+    for c, once in ((init, True), (sidecar, False)):
+        p = _agent_params(c, namespace="edge", token=TOKEN)
+        assert p["once"] is once
+        assert p["cluster"] == "east" and p["namespace"] == "monitoring"
+        assert p["server"] == values["agent"]["server"] == "198.51.100.7:6307"
+        assert p["server_name"] == ADS_SERVER_NAME
+        assert p["directory"] == Path(cert_dir)
+        assert p["state_secret"] == "atlas-envoy-agent-state"
+        assert p["state_namespace"] == "edge"
+        refs = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in
+                e.get("valueFrom", {})]  # fmt: skip
+        assert refs == [{"name": "atlas-envoy-agent-token", "key": "token", "optional": True}]
+        assert TOKEN not in yaml.safe_dump(c), "the token only by reference"
+        # Hardened like Envoy; sized; no probe (the agent serves nothing to probe).
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"] and sc["runAsNonRoot"] is True
+        assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+        assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(c)
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert mounts["agent-certs"]["mountPath"] == cert_dir
+        assert not mounts["agent-certs"].get("readOnly")
+        api = mounts["agent-kube-api"]
+        assert api["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+        assert api["readOnly"] is True
+    assert TOKEN not in yaml.safe_dump(deploy)
+    # A new token (revoke --rekey) rolls the pods: its public id in the template.
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["goatlas.io/agent-token-id"] == TOKEN.split(".")[0]
+    # Not a token's shape: nothing of it outside its Secret.
+    odd = render(helm, ENVOY_CHART, values=[values_file], sets=["agent.token=not-a-token"])
+    assert "not-a-token" not in yaml.safe_dump(only(odd, "Deployment"))
+
+    # Envoy reads the agent's directory, read-only, and has no API token.
+    mounts = {m["name"]: m for m in envoy["volumeMounts"]}
+    assert mounts["agent-certs"] == {"name": "agent-certs", "mountPath": cert_dir,
+                                     "readOnly": True}  # fmt: skip
+    assert "agent-kube-api" not in mounts
+    assert pod["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["agent-certs"]["emptyDir"]["medium"] == "Memory"
+    sources = volumes["agent-kube-api"]["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["path"] == "token"
+    # The bootstrap atlasd wrote reads the agent's files from that directory.
+    boot = secret_files(only(docs, "Secret", "atlas-envoy"))["envoy.yaml"]
+    assert f"{cert_dir}/sds-client.yaml" in boot and "PRIVATE KEY" not in boot
+
+    # The agent's account may read and update its one Secret, and create; nothing else.
+    assert pod["serviceAccountName"] == "atlas-envoy-agent"
+    role = only(docs, "Role", "atlas-envoy-agent")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"],
+         "resourceNames": ["atlas-envoy-agent-state"], "verbs": ["get", "update"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]  # fmt: skip
+    binding = only(docs, "RoleBinding", "atlas-envoy-agent")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "atlas-envoy-agent", "namespace": "edge"}
+    ]
+    assert only(docs, "ServiceAccount")["automountServiceAccountToken"] is False
+
+
+def test_envoy_agent_token_secret_and_state_values(helm: Helm, tmp_path: Path) -> None:
+    values_file, _ = _enrolled_values_file(tmp_path)
+    # A Secret of one's own for the token: referenced, none rendered.
+    docs = render(helm, ENVOY_CHART, values=[values_file],
+                  sets=["agent.tokenSecret=east-join", "agent.stateSecret.name=east-state"])  # fmt: skip
+    deploy = only(docs, "Deployment")
+    sidecar = container(deploy, "agent")
+    assert _agent_params(sidecar, namespace="x", token=None)["state_secret"] == "east-state"
+    assert "goatlas.io/agent-token-id" not in deploy["spec"]["template"]["metadata"]["annotations"]
+    refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in sidecar["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})]  # fmt: skip
+    assert refs == ["east-join"]
+    assert [s["metadata"]["name"] for s in of_kind(docs, "Secret")] == ["atlas-envoy"]
+    assert only(docs, "Role")["rules"][0]["resourceNames"] == ["east-state"]
+    # No state Secret: no account, no API token anywhere, the directory only.
+    docs = render(helm, ENVOY_CHART, values=[values_file], sets=["agent.stateSecret.enabled=false"])
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    assert not {"ServiceAccount", "Role", "RoleBinding"} & {d["kind"] for d in docs}
+    assert "serviceAccountName" not in pod
+    assert "agent-kube-api" not in {v["name"] for v in pod["volumes"]}
+    params = _agent_params(pod["initContainers"][0], namespace="x", token=TOKEN)
+    assert params["state_secret"] is None
+    # Missing what atlasd writes: the chart says what to set.
+    with pytest.raises(RuntimeError, match=r"set agent\.server"):
+        render(helm, ENVOY_CHART, sets=["agent.enabled=true", "agent.cluster=east"])
+
+
+@pytest.mark.parametrize("which", ["default", "custom", "cluster-values", "enrolled-values"])
 def test_envoy_manifests_pass_server_side_dry_run(
     helm: Helm, apiserver: ApiServer, namespace: str, which: str, tmp_path: Path
 ) -> None:
     values: list[Path] = []
-    if which == "custom":
+    sets: list[str] = []
+    if which == "enrolled-values":
+        values, sets = [_enrolled_values_file(tmp_path)[0]], [f"agent.token={TOKEN}"]
+    elif which == "custom":
         values = [write_values(tmp_path, "custom.yaml", _envoy_custom_values())]
     elif which == "cluster-values":
         values = [_cluster_values_file(tmp_path, alertmanagers=2)[0]]
-    docs = render(helm, ENVOY_CHART, namespace=namespace, values=values)
+    docs = render(helm, ENVOY_CHART, namespace=namespace, values=values, sets=sets)
     out = server_dry_run(apiserver, namespace, docs)
     assert out.count("serverside-applied (server dry run)") == len(docs), out
 
@@ -1002,8 +1193,10 @@ def _pod_dry_run(apiserver: ApiServer, namespace: str, deploy: Doc) -> str:
 
 
 @pytest.mark.parametrize(
-    "which", ["atlasd-default", "atlasd-custom", "envoy-default", "envoy-custom", "envoy-atlas"]
-)
+    "which",
+    ["atlasd-default", "atlasd-custom", "envoy-default", "envoy-custom", "envoy-atlas",
+     "envoy-agent"],
+)  # fmt: skip
 def test_pods_are_admitted_under_pod_security_restricted(
     helm: Helm, apiserver: ApiServer, namespace: str, which: str, tmp_path: Path
 ) -> None:
@@ -1025,7 +1218,11 @@ def test_pods_are_admitted_under_pod_security_restricted(
             obs = tmp_path / "atlas-values.yaml"
             obs.write_text(_atlasd_values_secrets()[labels.OBS_VALUES_SECRET])
             values = [obs]
+        elif which == "envoy-agent":  # enrollment mode: the agent's init container and sidecar
+            values = [_enrolled_values_file(tmp_path)[0]]
     deploy = only(render(helm, chart, namespace=namespace, values=values), "Deployment")
+    if which == "envoy-agent":
+        assert deploy["spec"]["template"]["spec"]["initContainers"]
     assert "created (server dry run)" in _pod_dry_run(apiserver, namespace, deploy)
 
 
@@ -1160,3 +1357,33 @@ def test_notes_commands_are_real_atlasd_commands(helm: Helm, namespace: str) -> 
     assert "--endpoint.sd-config-file=/etc/atlas-endpoints/all.yaml" in notes
     assert "atlas-thanos-endpoints" in notes
     assert "goatlas.io/cluster" in notes
+
+
+def test_envoy_notes_in_enrollment_mode_name_the_agent_and_a_real_token_command(
+    helm: Helm, namespace: str, tmp_path: Path
+) -> None:
+    values_file, _ = _enrolled_values_file(tmp_path)
+
+    def notes(*sets: str) -> str:
+        args = ["install", "north", str(ENVOY_CHART), "--namespace", namespace, "--dry-run=client",
+                "-f", str(values_file)]  # fmt: skip
+        for s in sets:
+            args += ["--set", s]
+        return helm(*args).split("NOTES:", 1)[1]
+
+    without_token = notes()
+    assert "Enrollment mode" in without_token and "north-envoy-agent-state" in without_token
+    assert "-c agent-init" in without_token
+    [mint] = [
+        line.split("$(", 1)[1].split(")", 1)[0]
+        for line in without_token.splitlines()
+        if "agent.token=$(" in line
+    ]
+    assert mint == "atlasd cluster token east"  # the cluster of the values
+    _parse_cli(shlex.split(mint)[1:])
+    with_token = notes(f"agent.token={TOKEN}")
+    assert "agent.token=$(" not in with_token and TOKEN not in with_token
+    # Compatible values: no word of the agent.
+    compatible = helm("install", "east", str(ENVOY_CHART), "--namespace", namespace,
+                      "--dry-run=client", "-f", str(_cluster_values_file(tmp_path)[0]))  # fmt: skip
+    assert "agent" not in compatible.split("NOTES:", 1)[1]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -440,3 +441,101 @@ def test_hostile_enrollments_are_refused_and_change_nothing(
         assert "refused" in log and token.split(".")[1] not in log
     finally:
         atlasd.proc.stop()
+
+
+def test_a_replaced_pod_restores_its_credentials_and_renews_without_a_token(
+    apiserver: ApiServer, namespace: str, tmp_path: Path, helm: Callable[..., str]
+) -> None:
+    """`--state-secret` against the real API server, with the envoy chart's own Role for
+    the agent's ServiceAccount (rendered by helm): the init container enrolls and saves;
+    a replacement pod (an empty directory, no token) restores, and its sidecar renews over
+    mTLS at once (keys of its own), saving them; the account can do nothing else."""
+    kube = (f"--kubeconfig={apiserver.admin_kubeconfig}", f"--namespace={namespace}")
+    server = f"127.0.0.1:{free_port()}"
+    edge = f"{namespace}-edge"  # the downstream cluster's namespace (its own API server in life)
+    apiserver.create_namespace(edge)
+    chart = Path(__file__).resolve().parents[2] / "charts" / "envoy"
+    rendered = helm(
+        "template", "atlas-envoy", str(chart), "-n", edge, "--show-only", "templates/agent.yaml",
+        "--set", "agent.enabled=true,agent.cluster=east", "--set", f"agent.server={server}",
+    )  # fmt: skip
+    [role] = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Role"]
+    sa_kubeconfig = apiserver.service_account_kubeconfig("atlas-envoy-agent", edge, role["rules"])
+    state_name = role["rules"][0]["resourceNames"][0]
+
+    def state() -> dict[str, bytes]:
+        with apiserver.admin() as c:
+            r = c.get(f"/api/v1/namespaces/{edge}/secrets/{state_name}")
+        r.raise_for_status()
+        return {k: base64.b64decode(v) for k, v in r.json()["data"].items()}
+
+    atlasd = Atlasd(tmp_path / "atlasd", *kube, "--no-leader-election",
+                    f"--enroll-listen={server}").start()  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        stack.callback(atlasd.proc.stop)
+        cli("cluster", "add", "east", "--external-ip", "198.51.100.40", *kube)
+        token = wait_until(
+            lambda: (
+                (p := cli("cluster", "token", "east", *kube, check=False)).returncode == 0
+                and p.stdout.strip()
+            ),
+            timeout=30,
+            what="a join token",
+        )
+        assert isinstance(token, str)
+        env = {"ATLAS_KUBECONFIG": str(sa_kubeconfig), "ATLAS_STATE_SECRET": state_name}
+        agent_args = ("agent", f"--server={server}", "--cluster=east", f"--namespace={namespace}")
+
+        # The first pod's init container: enrolls, saves (the token's id, never its secret).
+        first = tmp_path / "pod-1"
+        cli(*agent_args, f"--dir={first}", "--once", env={**env, "ATLAS_JOIN_TOKEN": token})
+        saved = state()
+        assert saved["token-id"].decode() == token.split(".")[0]
+        assert token.split(".")[1].encode() not in b"".join(saved.values())
+        assert {k: saved[k] for k in agent.FILES} == agent.read(first)
+
+        # Its replacement: an empty directory and no token (spent). Restored, not enrolled.
+        second = tmp_path / "pod-2"
+        restored = cli(*agent_args, f"--dir={second}", "--once",
+                       env={**env, "ATLAS_JOIN_TOKEN": ""})  # fmt: skip
+        assert "restored" in restored.stderr and token not in restored.stderr
+        assert agent.read(second) == agent.read(first)
+        # Without the Secret's help the spent token is refused: restoring is what works.
+        again = cli(*agent_args, f"--dir={tmp_path / 'no-state'}", "--once", check=False,
+                    env={"ATLAS_JOIN_TOKEN": token})  # fmt: skip
+        assert again.returncode == 1 and "already used" in again.stderr
+
+        # Its sidecar renews at once over mTLS (the restored certificate authenticates it),
+        # not at 2/3 of the certificate's day: keys of its own, saved for the next pod.
+        shared = _serial(second / "client.pem")
+        sidecar = Proc("agent-east-2", [*ATLASD, *agent_args, f"--dir={second}"],
+                       log_dir=tmp_path, env={**env, "ATLAS_JOIN_TOKEN": ""})  # fmt: skip
+        stack.callback(sidecar.stop)
+        sidecar.start()
+        wait_until(lambda: _serial(second / "client.pem") != shared, timeout=60,
+                   what="the restored pod renewed")  # fmt: skip
+        mine = agent.read(second)
+        assert mine["client-key.pem"] != agent.read(first)["client-key.pem"]
+        wait_until(lambda: state()["client.pem"] == mine["client.pem"], timeout=30,
+                   what="the renewed credentials saved")  # fmt: skip
+        assert state()["client-key.pem"] == mine["client-key.pem"]
+        assert not (second / agent.RESTORED_MARK).exists()
+        # The kubelet stops the sidecar with SIGTERM: it stops cleanly (as a container's
+        # PID 1 it would otherwise ignore the signal and hold the pod for its grace period).
+        sidecar.signal(signal.SIGTERM)
+        wait_until(lambda: not sidecar.running(), timeout=30, what="the sidecar stopped")
+        assert sidecar.popen is not None and sidecar.popen.returncode == 0
+        assert "SIGTERM: stopping" in sidecar.log_text()
+
+        # The chart's Role: its one Secret (get, update) and create; nothing else.
+        sa = f"system:serviceaccount:{edge}:atlas-envoy-agent"
+
+        def can(*what: str, ns: str = edge) -> str:
+            return apiserver.kubectl("auth", "can-i", "--as", sa, *what, "-n", ns,
+                                     check=False).strip()  # fmt: skip
+
+        assert can("get", f"secrets/{state_name}") == can("update", f"secrets/{state_name}")
+        assert can("get", f"secrets/{state_name}") == "yes" == can("create", "secrets")
+        assert can("get", "secrets/other") == "no" == can("list", "secrets")
+        assert can("delete", f"secrets/{state_name}") == "no"
+        assert can("get", f"secrets/{state_name}", ns=namespace) == "no"

@@ -167,6 +167,26 @@ def test_atlasd_image_runs_as_the_chart_runs_it(
     assert "Traceback" not in log and "Read-only file system" not in log, log
 
 
+def test_atlasd_image_runs_the_agent_as_the_envoy_chart_runs_it(
+    images: dict[str, Image], tmp_path: Path
+) -> None:
+    """The envoy chart's agent containers (enrollment mode): the atlasd image as uid 65532
+    with a read-only root filesystem and the chart's emptyDirs (its keys' directory, and
+    the /tmp Python needs at start). The whole flow runs on the node
+    (test_node_helm.py); this catches an image or mount the agent cannot start with."""
+    rendered = _render(tmp_path, ENVOY_CHART, "agent.enabled=true", "agent.cluster=east",
+                       "agent.server=atlasd.example:6307")  # fmt: skip
+    pod = rendered["pod"]
+    for c in [*pod["initContainers"], _container(pod, "agent")]:
+        opts = _as_the_chart_runs_it(pod, c)
+        assert "--user=65532:65532" in opts and "--read-only" in opts
+        cert_dir = next(e["value"] for e in c["env"] if e["name"] == "ATLAS_CERT_DIR")
+        assert f"--tmpfs={cert_dir}:rw,mode=0777" in opts
+        out = _run(images["atlasd"], [*opts, f"--entrypoint={c['command'][0]}"],
+                   [*c["args"], "--help"])  # fmt: skip
+        assert "Usage: atlasd agent" in out and "Traceback" not in out, out
+
+
 def test_coredns_image_serves_the_zone_as_the_sidecar(
     images: dict[str, Image], tmp_path: Path, containers: list[Container]
 ) -> None:

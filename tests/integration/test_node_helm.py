@@ -30,8 +30,9 @@ from tests.harness.certs import Pair
 from tests.harness.envoy import Envoy
 from tests.harness.images import Image
 from tests.harness.node import NODE_IP, Node
-from tests.harness.prom import WebProc
+from tests.harness.prom import WebProc, prometheus
 from tests.harness.wait import wait_until
+from tests.integration.daemon_helpers import cli
 from tests.unit.xds import ads_client
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,7 @@ ATLASD_CHART = ROOT / "charts" / "atlasd"
 ENVOY_CHART = ROOT / "charts" / "envoy"
 NS = "monitoring"  # the chart's documented namespace
 RELEASE = "atlasd"  # the observability Envoy is release "atlas" (atlasd's default selector)
-# Outside the pod address range (node.RANGE_END): the observability Envoy's external
+# Outside the pods' subnet (node.POD_SUBNET): the observability Envoy's external
 # address, where downstream Envoys reach its xDS listener (controller.envoy.host).
 OBS_ENVOY_IP = "10.244.0.250"
 # The downstream Envoy runs on the node itself; its cluster Service's externalIPs[0].
@@ -49,6 +50,14 @@ DOWNSTREAM_IP = NODE_IP
 CHART_VALUES = yaml.safe_load((ATLASD_CHART / "values.yaml").read_text())
 ENVOY_VALUES = yaml.safe_load((ENVOY_CHART / "values.yaml").read_text())
 PSS_ENFORCE = "pod-security.kubernetes.io/enforce"
+ENROLLMENT = "goatlas.io/enrollment"
+# The enrollment endpoint as the downstream pods reach it (the chart's `<release>-enroll`
+# Service), written into an enrolled cluster's values (agent.server).
+ENROLL_ADDRESS = f"{RELEASE}-enroll.{NS}.svc.cluster.local:6307"
+# A downstream cluster in enrollment mode: its Envoy installed by the envoy chart (with
+# the agent) in a namespace of its own, its Service's external address (outside the pod
+# range, like OBS_ENVOY_IP).
+NORTH, NORTH_NS, NORTH_IP = "north", "north", "10.244.0.252"
 
 Helm = Callable[..., str]
 Doc = dict[str, Any]
@@ -114,7 +123,12 @@ def _srv(server: str, name: str) -> list[str]:
     return sorted(rd.to_text() for rrset in resp.answer for rd in rrset)
 
 
-def _cluster_service(name: str, *, ip: str | None, annotations: dict[str, str]) -> str:
+def _cluster_service(
+    name: str, *, ip: str | None, annotations: dict[str, str], enrolled: bool = False
+) -> str:
+    """A cluster Service; its mode said explicitly (the chart's default for an unannotated
+    one is enrollment): compatible, with the keys in its values, unless ``enrolled``."""
+    annotations = {ENROLLMENT: "true" if enrolled else "false", **annotations}
     spec: Doc = {
         "ports": [
             {"name": "prometheus", "port": 9090},
@@ -142,7 +156,11 @@ def _cluster_service(name: str, *, ip: str | None, annotations: dict[str, str]) 
 def release(node: Node, node_helm: Helm, images: dict[str, Image]) -> Iterator[list[str]]:
     """`helm install atlasd charts/atlasd`: the chart's defaults plus the local images
     and the observability Envoy's address; yields the --set values used."""
-    values = [*_image_sets(images), f"controller.envoy.host={OBS_ENVOY_IP}"]
+    values = [
+        *_image_sets(images),
+        f"controller.envoy.host={OBS_ENVOY_IP}",
+        f"enrollment.address={ENROLL_ADDRESS}",
+    ]
     # Both charts' pods must pass the strictest Pod Security Standard: the namespace
     # enforces it, so a pod that does not is refused, not run.
     node.kubectl("create", "namespace", NS)
@@ -413,6 +431,163 @@ def test_the_ads_service_refuses_forged_xfcc_with_the_charts_defaults(
     assert c.outcome(timeout=30) == 1
 
 
+def _pods(node: Node, namespace: str, **selectors: str) -> list[Doc]:
+    sel = ",".join(f"{k}={v}" for k, v in selectors.items())
+    out = node.kubectl("get", "pods", "-n", namespace, "-l", sel, "-o", "json")
+    return [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_an_enrolled_cluster_installs_with_the_agent_and_a_replaced_pod_needs_no_token(
+    node: Node, release: list[str], node_helm: Helm, images: dict[str, Image], tmp_path: Path
+) -> None:
+    """Enrollment mode on a real node: atlasd writes `north`'s values without any key; the
+    envoy chart installs them with the agent (the locally built atlasd image) and a join
+    token into a namespace enforcing `restricted`; the agent enrolls, the Envoy pod turns
+    Ready and `/prom/north/` answers through the observability Envoy over mTLS with the
+    agent's certificate. The pod deleted, its replacement restores the credentials from
+    the agent's Secret (the token is spent) and the chain answers again."""
+    prom = prometheus("global:\n  scrape_interval: 15s\n", workdir=tmp_path, host=NODE_IP)
+    prom.start()
+    try:
+        node.kubectl("apply", "-f", "-", input=_cluster_service(
+            NORTH, ip=NORTH_IP, enrolled=True, annotations={
+                "goatlas.io/prometheus-service": NODE_IP,
+                "goatlas.io/prometheus-service-port": str(prom.port),
+            },
+        ))  # fmt: skip
+
+        def enrolled_values() -> Doc | None:
+            secret = _maybe(node, "secret", f"{NORTH}-envoy-values")
+            if secret is None:
+                return None
+            values: Doc = yaml.safe_load(base64.b64decode(secret["data"]["values.yaml"]))
+            return values if values.get("agent", {}).get("enabled") else None
+
+        values = wait_until(enrolled_values, timeout=60, what=f"{NORTH}'s enrolled values")
+        # No key, no certificate: the agent makes them in the pod (contract of issue 24).
+        assert set(values["files"]) == {"envoy.yaml"}
+        assert "PRIVATE KEY" not in yaml.safe_dump(values)
+        assert values["agent"]["server"] == ENROLL_ADDRESS
+        assert _maybe(node, "secret", f"{NORTH}-atlas-identity") is None
+        values_file = tmp_path / "north-values.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        kube = ("--kubeconfig", str(node.admin_kubeconfig), "-n", NS)
+        token = cli("cluster", "token", NORTH, *kube).stdout.strip()
+
+        node.kubectl("create", "namespace", NORTH_NS)
+        node.kubectl("label", "namespace", NORTH_NS, f"{PSS_ENFORCE}=restricted")
+        envoy_repo, envoy_tag = images["envoy"].ref.rsplit(":", 1)
+        atlasd_repo, atlasd_tag = images["atlasd"].ref.rsplit(":", 1)
+        node_helm(
+            "install", NORTH, str(ENVOY_CHART), "-n", NORTH_NS, "-f", str(values_file),
+            "--set", f"image.repository={envoy_repo}", "--set", f"image.tag={envoy_tag}",
+            "--set", f"agent.image.repository={atlasd_repo}",
+            "--set", f"agent.image.tag={atlasd_tag}",
+            "--set", f"agent.token={token}",
+            # No load balancer controller here: the address routed by kube-proxy instead.
+            "--set", "service.type=ClusterIP", "--set", f"service.externalIPs={{{NORTH_IP}}}",
+            "--wait", "--timeout", "180s",
+        )  # fmt: skip
+        [pod] = [p for p in _pods(node, NORTH_NS, app="envoy", release=NORTH) if _ready(p)]
+        [init] = pod["status"]["initContainerStatuses"]
+        assert init["state"]["terminated"]["exitCode"] == 0
+        statuses = {c["name"]: c for c in pod["status"]["containerStatuses"]}
+        assert set(statuses) == {"envoy", "agent"}
+        assert all(c["ready"] and c["restartCount"] == 0 for c in statuses.values()), statuses
+        enrolled_log = node.kubectl("logs", "-n", NORTH_NS, pod["metadata"]["name"], "-c",
+                                    "agent-init")  # fmt: skip
+        assert "enrolled" in enrolled_log and token not in enrolled_log
+
+        prom_url = (
+            f"http://{_cluster_ip(node, 'atlas-envoy')}:10904/prom/{NORTH}/api/v1/status/buildinfo"
+        )
+
+        def routed() -> httpx.Response | None:
+            r = httpx.get(prom_url, timeout=5)
+            return r if r.status_code == 200 else None
+
+        r = wait_until(routed, timeout=120, what=f"/prom/{NORTH}/ through both Envoys",
+                       interval=0.5)  # fmt: skip
+        assert r.json()["status"] == "success"
+
+        # The key stays home: in the agent's Secret of north's namespace, nowhere in
+        # atlasd's.
+        state = json.loads(node.kubectl("get", "secret", f"{NORTH}-envoy-agent-state", "-n",
+                                        NORTH_NS, "-o", "json"))["data"]  # fmt: skip
+        key = base64.b64decode(state["client-key.pem"])
+        key_body = b"".join(key.splitlines()[1:-1])
+        stored = node.kubectl("get", "secrets,configmaps,events", "-n", NS, "-o", "json")
+        assert key_body.decode() not in stored.replace("\\n", "")
+        assert state["client-key.pem"] not in stored
+
+        # The pod replaced (rescheduled, rolled): no new token, the spent one still in the
+        # values; the replacement restores from the agent's Secret and renews.
+        node.kubectl("delete", "pod", "-n", NORTH_NS, pod["metadata"]["name"], "--wait=false")
+
+        def replaced() -> Doc | None:
+            pods = [p for p in _pods(node, NORTH_NS, app="envoy", release=NORTH) if _ready(p)]
+            new = [p for p in pods if p["metadata"]["uid"] != pod["metadata"]["uid"]]
+            return new[0] if new else None
+
+        new_pod = wait_until(replaced, timeout=180, what="the replacement pod Ready")
+        restored_log = node.kubectl("logs", "-n", NORTH_NS, new_pod["metadata"]["name"], "-c",
+                                    "agent-init")  # fmt: skip
+        assert "restored" in restored_log, restored_log
+        wait_until(routed, timeout=120, what=f"/prom/{NORTH}/ after the pod was replaced",
+                   interval=0.5)  # fmt: skip
+
+        # A second replica: the token long spent, it restores too (and renews to keys of
+        # its own), and both pods serve.
+        node_helm("upgrade", NORTH, str(ENVOY_CHART), "-n", NORTH_NS, "--reuse-values",
+                  "--set", "replicaCount=2")  # fmt: skip
+        pods = wait_until(
+            lambda: (
+                len(ready := [p for p in _pods(node, NORTH_NS, app="envoy", release=NORTH)
+                              if _ready(p)]) == 2 and ready
+            ),
+            timeout=180,
+            what="two Ready replicas",
+        )  # fmt: skip
+        for p in pods:
+            log = node.kubectl("logs", "-n", NORTH_NS, p["metadata"]["name"], "-c",
+                               "agent-init")  # fmt: skip
+            assert "restored" in log, log
+
+        # Revoked with a new token: the upgrade with it rolls the pods (the token's id in
+        # the pod template), whose agents enroll with it rather than restore the revoked
+        # credentials; the chain answers with the new ones.
+        fresh = cli("cluster", "revoke", NORTH, "--rekey", *kube).stdout.strip()
+        node_helm(
+            "upgrade", NORTH, str(ENVOY_CHART), "-n", NORTH_NS, "--reuse-values",
+            "--set", f"agent.token={fresh}", "--wait", "--timeout", "180s",
+        )  # fmt: skip
+        old_uids = {p["metadata"]["uid"] for p in pods}
+
+        def rolled() -> list[Doc] | None:
+            now = [p for p in _pods(node, NORTH_NS, app="envoy", release=NORTH)]
+            ok = all(_ready(p) and p["metadata"]["uid"] not in old_uids for p in now)
+            return now if ok and len(now) == 2 else None
+
+        rolled_pods = wait_until(rolled, timeout=180, what="both replicas rolled by the new token")
+        logs = [node.kubectl("logs", "-n", NORTH_NS, p["metadata"]["name"], "-c", "agent-init")
+                for p in rolled_pods]  # fmt: skip
+        assert any(f"cluster {NORTH} enrolled;" in log for log in logs), logs
+        assert not any(fresh in log or token in log for log in logs)
+        saved = json.loads(node.kubectl("get", "secret", f"{NORTH}-envoy-agent-state", "-n",
+                                        NORTH_NS, "-o", "json"))["data"]  # fmt: skip
+        assert base64.b64decode(saved["token-id"]).decode() == fresh.split(".")[0]
+        wait_until(routed, timeout=120, what=f"/prom/{NORTH}/ after the new enrollment",
+                   interval=0.5)  # fmt: skip
+    finally:
+        prom.stop()
+    # Gone again, so the uninstall below leaves what it documents.
+    node_helm("uninstall", NORTH, "-n", NORTH_NS, "--wait", "--timeout", "120s")
+    node.kubectl("delete", "namespace", NORTH_NS, "--wait=false")  # with the agent's Secret
+    node.kubectl("delete", "service", NORTH, "-n", NS)
+    wait_until(lambda: _maybe(node, "secret", f"{NORTH}-envoy-values") is None, timeout=60,
+               what=f"{NORTH}'s values removed")  # fmt: skip
+
+
 def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented_objects(
     node: Node, release: list[str], node_helm: Helm
 ) -> None:
@@ -488,6 +663,12 @@ def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented
         ("ConfigMap", "atlas-thanos-endpoints"),
         ("ConfigMap", "atlas-thanos-endpoints-groups"),
         ("Lease", "atlasd"),
+        # The enrollment records of the cluster that enrolled (north, removed since):
+        # its used token's (a hash, never the token) and the certificates it was signed.
+        ("Secret", "atlas-join-<id>"),
+        ("Secret", f"{NORTH}-atlas-enrolled"),
+        # ...and the revocation records (north was revoked with --rekey).
+        ("Secret", "atlas-revocations"),
         ("ConfigMap", "kube-root-ca.crt"),
         ("ServiceAccount", "default"),
     }
@@ -495,7 +676,8 @@ def test_upgrade_rolls_the_pod_keeping_state_and_uninstall_leaves_the_documented
 
     def left() -> set[tuple[str, str]]:
         items = json.loads(node.kubectl("get", kinds, "-n", NS, "-o", "json"))["items"]
-        return {(i["kind"], i["metadata"]["name"]) for i in items}
+        names = {(i["kind"], i["metadata"]["name"]) for i in items}
+        return {(k, "atlas-join-<id>" if n.startswith("atlas-join-") else n) for k, n in names}
 
     try:
         wait_until(lambda: left() == documented, timeout=90, what="only what the docs say left")

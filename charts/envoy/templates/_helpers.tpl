@@ -116,3 +116,89 @@ static_resources:
 {{- $probe := dict "httpGet" (dict "path" "/ready" "port" "probe") -}}
 {{- toYaml (merge $probe $timings) -}}
 {{- end -}}
+
+{{/* The agent's state Secret (agent.stateSecret). */}}
+{{- define "envoy.agentStateSecret" -}}
+{{- .Values.agent.stateSecret.name | default (printf "%s-agent-state" (include "envoy.fullname" .)) -}}
+{{- end -}}
+
+{{/* The Secret holding the join token: agent.tokenSecret, or the chart's own. */}}
+{{- define "envoy.agentTokenSecret" -}}
+{{- .Values.agent.tokenSecret | default (printf "%s-agent-token" (include "envoy.fullname" .)) -}}
+{{- end -}}
+
+{{/* The agent's ServiceAccount (only with agent.stateSecret). */}}
+{{- define "envoy.agentServiceAccount" -}}
+{{- printf "%s-agent" (include "envoy.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+One agent container (init: `atlasd agent --once`; sidecar: `atlasd agent`). Every setting
+is an environment variable `atlasd agent` reads; the token comes from its Secret only
+(optional: once enrolled, a pod restores from the state Secret and needs none).
+*/}}
+{{- define "envoy.agentContainer" -}}
+{{- $a := .root.Values.agent -}}
+{{- if not $a.cluster }}{{ fail "agent.enabled: set agent.cluster (atlasd writes it into <cluster>-envoy-values)" }}{{ end -}}
+{{- if not $a.server }}{{ fail "agent.enabled: set agent.server, HOST:PORT of atlasd's enrollment endpoint" }}{{ end -}}
+name: {{ .name }}
+image: "{{ $a.image.repository }}:{{ $a.image.tag }}"
+imagePullPolicy: {{ $a.image.pullPolicy }}
+command:
+  - atlasd
+args:
+  - agent
+  {{- if .once }}
+  - --once
+  {{- end }}
+env:
+  - name: ATLAS_CLUSTER
+    value: {{ $a.cluster | quote }}
+  - name: NAMESPACE
+    value: {{ $a.namespace | quote }}
+  - name: ATLAS_ENROLL_SERVER
+    value: {{ $a.server | quote }}
+  {{- with $a.serverName }}
+  - name: ATLAS_ENROLL_SERVER_NAME
+    value: {{ . | quote }}
+  {{- end }}
+  - name: ATLAS_CERT_DIR
+    value: {{ $a.certDir | quote }}
+  - name: ATLAS_BUNDLE_INTERVAL
+    value: {{ $a.bundleInterval | quote }}
+  - name: ATLAS_LOG_FORMAT
+    value: {{ $a.logFormat | quote }}
+  - name: ATLAS_JOIN_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "envoy.agentTokenSecret" .root }}
+        key: token
+        optional: true
+  {{- if $a.stateSecret.enabled }}
+  - name: ATLAS_STATE_SECRET
+    value: {{ include "envoy.agentStateSecret" .root | quote }}
+  - name: ATLAS_STATE_NAMESPACE
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.namespace
+  {{- end }}
+{{- with $a.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $a.securityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumeMounts:
+  - name: agent-certs
+    mountPath: {{ $a.certDir }}
+  # Python needs a writable temporary directory (the root filesystem is read-only).
+  - name: agent-tmp
+    mountPath: /tmp
+  {{- if $a.stateSecret.enabled }}
+  - name: agent-kube-api
+    mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+    readOnly: true
+  {{- end }}
+{{- end -}}
