@@ -97,6 +97,21 @@ def _served_serials(envoy: Envoy) -> set[str]:
     }
 
 
+def _join_token(kube: tuple[str, ...], cluster: str) -> str:
+    """A join token for ``cluster``, once atlasd has its CA (``atlasd cluster token``
+    refuses before)."""
+    token = wait_until(
+        lambda: (
+            (p := cli("cluster", "token", cluster, *kube, check=False)).returncode == 0
+            and p.stdout.strip()
+        ),
+        timeout=30,
+        what=f"a join token for {cluster} (once atlasd has its CA)",
+    )
+    assert isinstance(token, str)
+    return token
+
+
 def _serial(path: Path) -> str:
     return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
 
@@ -164,15 +179,7 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
                                    "server": server, "certDir": str(certs)}  # fmt: skip
         assert _secret(apiserver, namespace, "west-atlas-identity")  # west stays compatible
 
-        token = wait_until(
-            lambda: (
-                (p := cli("cluster", "token", "east", *kube, check=False)).returncode == 0
-                and p.stdout.strip()
-            ),
-            timeout=30,
-            what="a join token (once atlasd has its CA)",
-        )
-        assert isinstance(token, str)
+        token = _join_token(kube, "east")
         # The agent as the envoy chart starts it: from the values' agent settings.
         wanted = values["agent"]
         agent_args = ("agent", f"--server={wanted['server']}", f"--cluster={wanted['cluster']}",
@@ -366,15 +373,7 @@ def test_hostile_enrollments_are_refused_and_change_nothing(
     try:
         for c, ip in (("east", "198.51.100.30"), ("west", "198.51.100.31")):
             cli("cluster", "add", c, "--external-ip", ip, *kube)
-        token = wait_until(
-            lambda: (
-                (p := cli("cluster", "token", "east", *kube, check=False)).returncode == 0
-                and p.stdout.strip()
-            ),
-            timeout=30,
-            what="a join token",
-        )
-        assert isinstance(token, str)
+        token = _join_token(kube, "east")
         settings = Settings(namespace=namespace)
         # `cluster add --enroll`: the cluster, and its token alone on stdout.
         added = cli("cluster", "add", "north", "--external-ip", "198.51.100.32", "--enroll", *kube)
@@ -474,15 +473,7 @@ def test_a_replaced_pod_restores_its_credentials_and_renews_without_a_token(
     with contextlib.ExitStack() as stack:
         stack.callback(atlasd.proc.stop)
         cli("cluster", "add", "east", "--external-ip", "198.51.100.40", *kube)
-        token = wait_until(
-            lambda: (
-                (p := cli("cluster", "token", "east", *kube, check=False)).returncode == 0
-                and p.stdout.strip()
-            ),
-            timeout=30,
-            what="a join token",
-        )
-        assert isinstance(token, str)
+        token = _join_token(kube, "east")
         env = {"ATLAS_KUBECONFIG": str(sa_kubeconfig), "ATLAS_STATE_SECRET": state_name}
         agent_args = ("agent", f"--server={server}", "--cluster=east", f"--namespace={namespace}")
 
