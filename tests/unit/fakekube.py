@@ -298,3 +298,13 @@ class FakeKube:
             return False
         self.events.append((ref, reason, message))
         return True
+
+
+async def live_with(*objects: dict[str, object]) -> FakeKube:
+    """A live ``FakeKube`` already holding ``objects``, its write log empty (what a test
+    then makes atlasd write is all it logs)."""
+    kube = FakeKube(live=True)
+    for obj in objects:
+        await kube.create(obj)
+    kube.writes.clear()
+    return kube

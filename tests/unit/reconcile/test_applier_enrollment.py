@@ -12,21 +12,13 @@ from atlasd import labels
 from atlasd.kube.secrets import secret_data
 from atlasd.model import Settings
 from tests.harness.reconcile import leader
-from tests.unit.fakekube import FakeKube
+from tests.unit.fakekube import FakeKube, live_with
 from tests.unit.reconcile.builders import cluster_service
 from tests.unit.reconcile.pkitools import CountingKeys
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 S = Settings(enroll_address="atlasd.example:6307")
 ENROLL = {labels.ENROLLMENT_ANNOTATION: "true"}
-
-
-async def _kube(*services: dict[str, object]) -> FakeKube:
-    kube = FakeKube(live=True)
-    for svc in services:
-        await kube.create(svc)
-    kube.writes.clear()
-    return kube
 
 
 def _values(kube: FakeKube, cluster: str) -> bytes:
@@ -36,7 +28,7 @@ def _values(kube: FakeKube, cluster: str) -> bytes:
 
 
 async def test_an_enrolled_cluster_gets_values_without_keys_and_no_identity() -> None:
-    kube = await _kube(
+    kube = await live_with(
         cluster_service("east", "203.0.113.1", annotations=ENROLL),
         cluster_service("west", "203.0.113.2"),
     )
@@ -54,7 +46,7 @@ async def test_an_enrolled_cluster_gets_values_without_keys_and_no_identity() ->
 
 
 async def test_switching_to_enrollment_deletes_the_stored_keys_and_says_so() -> None:
-    kube = await _kube(cluster_service("east", "203.0.113.1"))
+    kube = await live_with(cluster_service("east", "203.0.113.1"))
     async with leader(kube, S, now=NOW, keys=CountingKeys(), post_event=kube.post_event) as run:
         await run.settle()
         assert kube.get_stored("secrets", "east-atlas-identity") is not None
@@ -81,7 +73,7 @@ async def test_switching_to_enrollment_deletes_the_stored_keys_and_says_so() -> 
 
 
 async def test_without_an_enroll_address_the_values_say_nothing_and_an_event_says_why() -> None:
-    kube = await _kube(cluster_service("east", "203.0.113.1", annotations=ENROLL))
+    kube = await live_with(cluster_service("east", "203.0.113.1", annotations=ENROLL))
     async with leader(
         kube, Settings(), now=NOW, keys=CountingKeys(), post_event=kube.post_event
     ) as run:
@@ -94,7 +86,7 @@ async def test_without_an_enroll_address_the_values_say_nothing_and_an_event_say
 
 
 async def test_a_bad_annotation_protects_the_cluster() -> None:
-    kube = await _kube(cluster_service("east", "203.0.113.1"))
+    kube = await live_with(cluster_service("east", "203.0.113.1"))
     async with leader(kube, S, now=NOW, keys=CountingKeys(), post_event=kube.post_event) as run:
         await run.settle()
         svc = copy.deepcopy(kube.get_stored("services", "east"))

@@ -14,20 +14,12 @@ from atlasd.kube.errors import Conflict, Invalid
 from atlasd.model import Settings
 from tests.harness.reconcile import LeaderRun, leader
 from tests.harness.wait import wait_until_async
-from tests.unit.fakekube import FakeKube
+from tests.unit.fakekube import FakeKube, live_with
 from tests.unit.reconcile.builders import cluster_service
 from tests.unit.reconcile.pkitools import CountingKeys
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 S = Settings()
-
-
-async def _kube(*services: dict[str, object]) -> FakeKube:
-    kube = FakeKube(live=True)
-    for svc in services:
-        await kube.create(svc)
-    kube.writes.clear()
-    return kube
 
 
 @asynccontextmanager
@@ -46,7 +38,7 @@ def _changed(kube: FakeKube, plural: str, name: str) -> dict[str, Any]:
 
 
 async def test_first_then_steady_pass() -> None:
-    kube = await _kube(
+    kube = await live_with(
         cluster_service("east", "203.0.113.1"), cluster_service("west", "203.0.113.2")
     )
     async with _leader(kube) as run:
@@ -59,7 +51,7 @@ async def test_first_then_steady_pass() -> None:
 
 
 async def test_one_rejected_object_becomes_a_problem_and_the_rest_is_written() -> None:
-    kube = await _kube(
+    kube = await live_with(
         cluster_service("east", "203.0.113.1"), cluster_service("west", "203.0.113.2")
     )
     kube.fail[("apply", "west-thanos-sidecar0")] = Invalid(
@@ -76,7 +68,7 @@ async def test_one_rejected_object_becomes_a_problem_and_the_rest_is_written() -
 
 
 async def test_a_ca_conflict_writes_no_leaf_and_is_retried() -> None:
-    kube = await _kube(cluster_service("east", "203.0.113.1"))
+    kube = await live_with(cluster_service("east", "203.0.113.1"))
     async with _leader(kube) as run:
         await run.settle()
         kube.fail[("replace", labels.CA_SECRET)] = Conflict(
@@ -99,7 +91,7 @@ async def test_a_ca_conflict_writes_no_leaf_and_is_retried() -> None:
 
 
 async def test_events_are_posted_once_per_distinct_problem() -> None:
-    kube = await _kube(cluster_service("east", "203.0.113.1"), cluster_service("bad", None))
+    kube = await live_with(cluster_service("east", "203.0.113.1"), cluster_service("bad", None))
     async with _leader(kube) as run:
         assert (await run.settle()).events == 1
         assert (await run.settle()).events == 0
@@ -121,7 +113,7 @@ async def test_events_are_posted_once_per_distinct_problem() -> None:
 async def test_an_event_that_could_not_be_posted_is_posted_later() -> None:
     # The API server unreachable when the Warning is posted: the problem is not taken as
     # reported, and the key is tried again (with backoff) until it is, with no other change.
-    kube = await _kube(cluster_service("east", "203.0.113.1"), cluster_service("bad", None))
+    kube = await live_with(cluster_service("east", "203.0.113.1"), cluster_service("bad", None))
     kube.events_down = True
     async with _leader(kube) as run:
         await wait_until_async(
@@ -137,7 +129,7 @@ async def test_an_event_that_could_not_be_posted_is_posted_later() -> None:
 
 
 async def test_loopback_clusters_only_in_standalone_mode() -> None:
-    kube = await _kube(cluster_service("east", "127.0.0.2"))
+    kube = await live_with(cluster_service("east", "127.0.0.2"))
     async with _leader(kube) as run:
         assert (await run.settle()).problems
     assert ("secrets", "east-envoy-values") not in kube.objects
