@@ -386,7 +386,7 @@ async def _enrolled_certs(
     api: KubeApi, name: str, settings: Settings, now: dt.datetime
 ) -> tuple[revocation.Revoked, ...]:
     """The certificates the enrollment endpoint signed for the cluster and that are still
-    valid (its used tokens' records, its last renewal's ``<c>-atlas-enrolled``)."""
+    valid (its used tokens' records, every renewal's in ``<c>-atlas-enrolled``)."""
     out = []
     for kind, pem in await enroll_store.issued(api, name, namespace=settings.namespace):
         if kind not in revocation.KINDS:

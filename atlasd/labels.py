@@ -67,3 +67,10 @@ def identity_secret_name(cluster: str) -> str:
     """The Secret holding a cluster's own server and client certificates (reloaded on
     restart)."""
     return f"{cluster}{IDENTITY_SECRET_SUFFIX}"
+
+
+# The Secrets of enrollment (atlasd.enroll, atlasd.reconcile.enrolled): part of atlasd but
+# not of any cluster's desired state (no managed-by label: the reconciler neither watches
+# nor prunes them), and the cluster each belongs to.
+PART_OF_LABEL = "app.kubernetes.io/part-of"
+ENROLLMENT_CLUSTER_LABEL = "goatlas.io/join-token-cluster"

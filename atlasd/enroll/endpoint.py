@@ -61,6 +61,7 @@ from atlasd.fleet.trust import StoredCA
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError
 from atlasd.model import Settings
+from atlasd.reconcile import enrolled
 from atlasd.reconcile.certs import CA
 from atlasd.reconcile.pki import PKIError, signing_ca
 from atlasd.revocation import fingerprint
@@ -201,7 +202,9 @@ class Enroller:
             keys, cluster, ca=ca, settings=self.settings, now=self.now(), lifetime=self.lifetime
         )
         async with self._slots():
-            await store.record_issued(self.api, cluster, certs, namespace=self.settings.namespace)
+            await enrolled.record_issued(
+                self.api, cluster, certs, namespace=self.settings.namespace, now=self.now()
+            )
         return f"cluster {cluster} renewed", self._answer(certs, ca)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from atlasd import labels
 from atlasd.certpolicy import load_cert
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import AlreadyExists, Conflict, NotFound
@@ -32,7 +33,6 @@ from atlasd.kube.resources import SECRETS
 from atlasd.kube.secrets import encode_secret_data, secret_data
 
 TOKEN_ID_KEY = "token-id"
-PART_OF_LABEL = "app.kubernetes.io/part-of"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGER = "atlasd-agent"
 # Tries of a save that lost a race (another pod of the same cluster wrote in between).
@@ -67,7 +67,7 @@ class StateSecret:
         meta: dict[str, Any] = {
             "name": self.name,
             "namespace": self.namespace,
-            "labels": {PART_OF_LABEL: "atlasd", MANAGED_BY_LABEL: MANAGER},
+            "labels": {labels.PART_OF_LABEL: "atlasd", MANAGED_BY_LABEL: MANAGER},
         }
         if resource_version:
             meta["resourceVersion"] = resource_version

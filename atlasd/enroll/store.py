@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography import x509
 
+from atlasd import labels
 from atlasd.certpolicy import load_cert, not_after, public_der
 from atlasd.enroll import token as tokens
 from atlasd.enroll.token import JoinToken, Record, Refused
@@ -29,8 +30,7 @@ from atlasd.kube.api import KubeApi, Obj
 from atlasd.kube.errors import Conflict, NotFound
 from atlasd.kube.resources import SECRETS
 from atlasd.kube.secrets import encode_secret_data, secret_data
-
-PART_OF_LABEL = "app.kubernetes.io/part-of"
+from atlasd.reconcile.enrolled import enrolled_secret_name
 
 
 def record_secret(
@@ -39,7 +39,7 @@ def record_secret(
     meta: dict[str, Any] = {
         "name": tokens.secret_name(token_id),
         "namespace": namespace,
-        "labels": {PART_OF_LABEL: "atlasd", tokens.CLUSTER_LABEL: record.cluster},
+        "labels": {labels.PART_OF_LABEL: "atlasd", tokens.CLUSTER_LABEL: record.cluster},
     }
     if resource_version:
         meta["resourceVersion"] = resource_version
@@ -165,37 +165,9 @@ async def consume(
     return certs
 
 
-ENROLLED_SUFFIX = "-atlas-enrolled"
-
-
-def enrolled_secret_name(cluster: str) -> str:
-    """The Secret holding the certificates (public, no key) last signed for ``cluster``
-    by the endpoint: what ``atlasd cluster revoke`` revokes in enrollment mode."""
-    return f"{cluster}{ENROLLED_SUFFIX}"
-
-
-async def record_issued(
-    api: KubeApi, cluster: str, certs: dict[str, bytes], *, namespace: str
-) -> None:
-    """Store the certificates just signed for ``cluster`` (``<c>-atlas-enrolled``, keys
-    ``server.crt``/``client.crt``; certificates only, never a key)."""
-    obj = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": enrolled_secret_name(cluster),
-            "namespace": namespace,
-            "labels": {PART_OF_LABEL: "atlasd", tokens.CLUSTER_LABEL: cluster},
-        },
-        "type": "Opaque",
-        "data": encode_secret_data({f"{kind}.crt": pem for kind, pem in certs.items()}),
-    }
-    await api.apply(obj)
-
-
 async def issued(api: KubeApi, cluster: str, *, namespace: str) -> list[tuple[str, bytes]]:
     """(kind, PEM) of the certificates signed for ``cluster`` that atlasd still knows of:
-    those of its used tokens (kept until they expire) and the last renewal's."""
+    those of its used tokens (kept until they expire) and of every renewal still valid."""
     out: list[tuple[str, bytes]] = []
     found, _ = await api.list(
         SECRETS, namespace=namespace, label_selector=f"{tokens.CLUSTER_LABEL}={cluster}"
@@ -203,8 +175,11 @@ async def issued(api: KubeApi, cluster: str, *, namespace: str) -> list[tuple[st
     for obj in sorted(found, key=bodies.name):
         if bodies.name(obj) == enrolled_secret_name(cluster):
             data = secret_data(obj)
+            # ``<kind>-<serial>.crt`` (``<kind>.crt`` before every renewal was kept).
             out += [
-                (k.removesuffix(".crt"), v) for k, v in sorted(data.items()) if k.endswith(".crt")
+                (k.removesuffix(".crt").split("-", 1)[0], v)
+                for k, v in sorted(data.items())
+                if k.endswith(".crt")
             ]
             continue
         try:

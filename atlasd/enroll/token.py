@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from atlasd import labels
 from atlasd.certpolicy import load_certs
 from atlasd.times import parse_rfc3339, rfc3339
 
@@ -43,7 +44,7 @@ MAX_TTL = dt.timedelta(days=7)
 SECRET_PREFIX = "atlas-join-"
 RECORD_KEY = "token.json"
 # The label every token record carries: the cluster it is bound to.
-CLUSTER_LABEL = "goatlas.io/join-token-cluster"
+CLUSTER_LABEL = labels.ENROLLMENT_CLUSTER_LABEL
 
 _ID = re.compile(r"[a-z0-9]{6}")
 _SECRET = re.compile(r"[a-z2-7]{32}")

@@ -54,7 +54,9 @@ from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import BadRequest, Invalid, NotFound
 from atlasd.kube.resources import SECRETS, ApiResource
+from atlasd.kube.secrets import secret_data
 from atlasd.model import Identity, ObjectRef, Problem, Settings
+from atlasd.reconcile import enrolled
 from atlasd.reconcile.certs import CA
 from atlasd.reconcile.desired import cluster_objects, objects_inputs, observability_values_secret
 from atlasd.reconcile.diff import KeyWrites, ca_write, plan_key_writes
@@ -326,6 +328,13 @@ class Reconciler:
                     )
                 )
         dropped = _dropped_identity(m, writes)
+        if dropped:
+            # Before the keys go: their certificates (public) join the cluster's enrolled
+            # record, so `atlasd cluster revoke` still reaches them (copies of the old
+            # values may hold the keys). Not written: no delete yet, the key is retried.
+            await enrolled.record_issued(
+                api, key, _stored_certificates(m), namespace=self.settings.namespace, now=now
+            )
         versions = await self._write(api, key, writes, result, problems, m)
         said = 0
         if dropped and ("Secret", identity_secret_name(key)) in versions:
@@ -387,8 +396,8 @@ class Reconciler:
             f"the cluster enrolls: its stored keys (Secret {identity_secret_name(key)}) were "
             "deleted and its values carry none; its downstream Envoy needs the agent and a "
             f"join token (atlasd cluster token {key}). Certificates issued to the deleted "
-            "keys stay valid until they expire unless revoked before the switch "
-            "(docs/security.md, 'Enrollment mode')"
+            "keys stay valid until they expire or atlasd cluster revoke "
+            f"{key} (docs/security.md, 'Enrollment mode')"
         )
         log.warning("cluster %s: %s", key, message, extra={"key": key})
         ref = m.cluster.source if m.cluster is not None and m.cluster.source else _ref(m)
@@ -581,6 +590,12 @@ def _ref(m: Member) -> ObjectRef:
         namespace=bodies.namespace(m.service),
         uid=bodies.uid(m.service),
     )
+
+
+def _stored_certificates(m: Member) -> dict[str, bytes]:
+    """The certificates (no key) of a cluster's stored identity, by kind."""
+    data = secret_data(m.secrets.get(identity_secret_name(m.name)))
+    return {kind: data[f"{kind}.crt"] for kind in ("server", "client") if data.get(f"{kind}.crt")}
 
 
 def _dropped_identity(m: Member, writes: KeyWrites) -> bool:

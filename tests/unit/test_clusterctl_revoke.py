@@ -121,11 +121,11 @@ def test_refusals_are_one_line_naming_what_is_wrong(setup: str, message: str) ->
 
 def _enrolled(kube: FakeKube, name: str) -> dict[str, bytes]:
     """What the enrollment endpoint records after signing an agent's requests."""
-    from atlasd.enroll import store
+    from atlasd.reconcile import enrolled
 
     ident = helpers.identity(CA, name)  # stands for the agent's certificates
     certs = {"server": ident.server.cert_pem, "client": ident.client.cert_pem}
-    trio.run(lambda: store.record_issued(kube, name, certs, namespace=S.namespace))
+    trio.run(lambda: enrolled.record_issued(kube, name, certs, namespace=S.namespace))
     return certs
 
 

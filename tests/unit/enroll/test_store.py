@@ -13,6 +13,7 @@ from atlasd.enroll import token as tokens
 from atlasd.enroll.token import Refused
 from atlasd.kube.errors import Conflict
 from atlasd.kube.secrets import secret_data
+from atlasd.reconcile import enrolled
 from tests.unit.fakekube import FakeKube, api_error
 from tests.unit.xds import helpers
 
@@ -182,3 +183,45 @@ def test_an_agents_retry_racing_its_own_first_request_gets_its_certificates() ->
         )  # fmt: skip
 
     assert trio.run(retry) == certs
+
+
+def _record(kube: FakeKube, certs: dict[str, bytes], now: dt.datetime = NOW) -> None:
+    trio.run(lambda: enrolled.record_issued(kube, "east", certs, namespace=NS, now=now))
+
+
+def _renewal() -> dict[str, bytes]:
+    ident = helpers.identity(CA, "east")  # stands for one renewal's certificates
+    return {"server": ident.server.cert_pem, "client": ident.client.cert_pem}
+
+
+def test_every_renewal_still_valid_is_recorded_for_revoke() -> None:
+    """Two pods renewing apart, or one pod renewing twice: revoke must reach every
+    certificate still valid, not only the last renewal's."""
+    kube = FakeKube()
+    first, second = _renewal(), _renewal()
+    _record(kube, first)
+    # A concurrent renewal on another atlasd replica wrote in between: read again, kept.
+    kube.fail_next.append(
+        api_error(Conflict, "update", ("secrets", enrolled.enrolled_secret_name("east")))
+    )
+    _record(kube, second)
+    issued = trio.run(lambda: store.issued(kube, "east", namespace=NS))
+    assert sorted(issued) == sorted([*first.items(), *second.items()])
+    data = secret_data(kube.get_stored("secrets", enrolled.enrolled_secret_name("east")))
+    assert all(b"PRIVATE KEY" not in pem for pem in data.values())
+    # Once expired (a year on), the next renewal drops them.
+    third = _renewal()
+    _record(kube, third, now=NOW + dt.timedelta(days=400))
+    issued = trio.run(lambda: store.issued(kube, "east", namespace=NS))
+    assert sorted(issued) == sorted(third.items())
+
+
+def test_the_record_keeps_the_newest_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(enrolled, "RECORDED_MAX", 4)
+    kube = FakeKube()
+    renewals = [_renewal() for _ in range(3)]
+    for certs in renewals:
+        _record(kube, certs)
+    data = secret_data(kube.get_stored("secrets", enrolled.enrolled_secret_name("east")))
+    assert len(data) == 4
+    assert set(renewals[-1].values()) <= set(data.values())  # the newest is never dropped

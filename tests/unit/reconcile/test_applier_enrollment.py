@@ -11,6 +11,7 @@ import yaml
 from atlasd import labels
 from atlasd.kube.secrets import secret_data
 from atlasd.model import Settings
+from atlasd.reconcile import enrolled
 from tests.harness.reconcile import leader
 from tests.unit.fakekube import FakeKube, live_with
 from tests.unit.reconcile.builders import cluster_service
@@ -49,7 +50,9 @@ async def test_switching_to_enrollment_deletes_the_stored_keys_and_says_so() -> 
     kube = await live_with(cluster_service("east", "203.0.113.1"))
     async with leader(kube, S, now=NOW, keys=CountingKeys(), post_event=kube.post_event) as run:
         await run.settle()
-        assert kube.get_stored("secrets", "east-atlas-identity") is not None
+        stored = kube.get_stored("secrets", "east-atlas-identity")
+        assert stored is not None
+        identity = secret_data(stored)
         assert b"PRIVATE KEY" in _values(kube, "east")
         svc = copy.deepcopy(kube.get_stored("services", "east"))
         assert svc is not None
@@ -62,6 +65,13 @@ async def test_switching_to_enrollment_deletes_the_stored_keys_and_says_so() -> 
         ((ref, reason, message),) = kube.events
         assert (ref.name, reason) == ("east", "KeysDeleted")
         assert "east-atlas-identity" in message and "atlasd cluster token east" in message
+        # The deleted keys' certificates (copies of the old values hold the keys) stay
+        # known, so `atlasd cluster revoke east` still reaches them; no key is kept.
+        record = kube.get_stored("secrets", enrolled.enrolled_secret_name("east"))
+        assert record is not None
+        kept = secret_data(record)
+        assert sorted(kept.values()) == sorted([identity["server.crt"], identity["client.crt"]])
+        assert not any(b"PRIVATE KEY" in pem for pem in kept.values())
         # And back: the compatible mode makes keys again.
         svc = copy.deepcopy(kube.get_stored("services", "east"))
         assert svc is not None
