@@ -158,6 +158,16 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         wait_until(lambda: _secret(apiserver, namespace, "east-atlas-identity"), timeout=60,
                    what="east's stored identity (compatible mode)")  # fmt: skip
         assert b"PRIVATE KEY" in (_values(apiserver, namespace, "east-envoy-values") or b"")
+        with apiserver.admin() as c:
+            stored = c.get(f"/api/v1/namespaces/{namespace}/secrets/east-atlas-identity").json()
+        # The compatible certificate, whose key copies of the old values still hold:
+        # revoke must reach it after the switch too (checked at the end).
+        compatible_serial = format(
+            x509.load_pem_x509_certificate(
+                base64.b64decode(stored["data"]["server.crt"])
+            ).serial_number,
+            "x",
+        )
 
         # Switched to enrollment by its annotation: the stored keys go, the values carry
         # none (no PEM block at all), only the agent's settings and a file-SDS bootstrap.
@@ -290,6 +300,8 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         serial = _serial(certs / "server.pem")
         revoked = cli("cluster", "revoke", "east", "--rekey", *kube)
         assert f"serial {int(serial, 16)}" in revoked.stderr
+        # ... and the certificate of the keys deleted at the switch.
+        assert f"serial {int(compatible_serial, 16)}" in revoked.stderr
         fresh = revoked.stdout.strip()
         assert fresh.split(".")[0] != token.split(".")[0]
         wait_until(lambda: not _chain("east"), timeout=10, interval=0.05,
