@@ -33,7 +33,6 @@ from atlasd.kube.resources import SECRETS
 from atlasd.kube.secrets import encode_secret_data, secret_data
 
 TOKEN_ID_KEY = "token-id"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGER = "atlasd-agent"
 # Tries of a save that lost a race (another pod of the same cluster wrote in between).
 SAVE_TRIES = 5
@@ -67,7 +66,7 @@ class StateSecret:
         meta: dict[str, Any] = {
             "name": self.name,
             "namespace": self.namespace,
-            "labels": {labels.PART_OF_LABEL: "atlasd", MANAGED_BY_LABEL: MANAGER},
+            "labels": {labels.PART_OF_LABEL: "atlasd", labels.MANAGED_BY_LABEL: MANAGER},
         }
         if resource_version:
             meta["resourceVersion"] = resource_version
