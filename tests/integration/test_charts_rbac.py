@@ -267,6 +267,9 @@ def test_atlasd_run_onboards_a_cluster_with_only_the_chart_role(
         "metadata": {
             "name": "east",
             "labels": {"goatlas.io/cluster": "true", "goatlas.io/replicas": "2"},
+            # Compatible mode (keys stored, the envoy chart rendered from values with keys);
+            # the chart's default for a new cluster is enrollment.
+            "annotations": {"goatlas.io/enrollment": "false"},
         },
         "spec": {
             "externalIPs": ["203.0.113.10"],

@@ -125,6 +125,9 @@ def _cluster_service(name: str, ns: str, ip: str) -> str:
                 "name": name,
                 "namespace": ns,
                 "labels": {"goatlas.io/cluster": "true", "goatlas.io/replicas": "1"},
+                # Compatible mode (atlasd stores the keys), which this module reads; the
+                # chart's default for a new cluster is enrollment (docs/security.md).
+                "annotations": {"goatlas.io/enrollment": "false"},
             },
             "spec": {
                 "externalIPs": [ip],
