@@ -28,7 +28,8 @@ from typing import Any
 from atlasd import labels
 from atlasd.certpolicy import load_cert
 from atlasd.kube.api import KubeApi
-from atlasd.kube.errors import AlreadyExists, Conflict, NotFound
+from atlasd.kube.conditional import write_conditionally
+from atlasd.kube.errors import NotFound
 from atlasd.kube.resources import SECRETS
 from atlasd.kube.secrets import encode_secret_data, secret_data
 
@@ -62,14 +63,12 @@ class StateSecret:
     name: str
     namespace: str
 
-    def _body(self, saved: Saved, resource_version: str = "") -> dict[str, Any]:
+    def _body(self, saved: Saved) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "name": self.name,
             "namespace": self.namespace,
             "labels": {labels.PART_OF_LABEL: "atlasd", labels.MANAGED_BY_LABEL: MANAGER},
         }
-        if resource_version:
-            meta["resourceVersion"] = resource_version
         data = {**saved.files, TOKEN_ID_KEY: saved.token_id.encode()}
         return {
             "apiVersion": "v1",
@@ -93,27 +92,11 @@ class StateSecret:
         """Replace the Secret's content with ``saved`` (created if missing). A write that
         races another pod's is done again on top of it: the last credentials written win,
         and any of them restores (each pod then renews with keys of its own)."""
-        for _ in range(SAVE_TRIES):
-            try:
-                obj = await self.api.get(SECRETS, self.name, namespace=self.namespace)
-            except NotFound:
-                try:
-                    await self.api.create(self._body(saved))
-                except AlreadyExists:
-                    continue
-                return
-            rv = str(obj.get("metadata", {}).get("resourceVersion", ""))
-            try:
-                await self.api.replace(self._body(saved, rv))
-            except (Conflict, NotFound):
-                continue
-            return
-        raise Conflict(
-            status=409,
-            reason="Conflict",
-            message=f"still changing after {SAVE_TRIES} tries",
-            verb="update",
-            resource=str(SECRETS),
-            name=self.name,
+        await write_conditionally(
+            self.api,
+            SECRETS,
+            self.name,
             namespace=self.namespace,
+            body=lambda _current: self._body(saved),
+            tries=SAVE_TRIES,
         )

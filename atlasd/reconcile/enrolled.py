@@ -15,9 +15,8 @@ from typing import Any
 
 from atlasd import labels
 from atlasd.certpolicy import load_cert, not_after
-from atlasd.kube import bodies
 from atlasd.kube.api import KubeApi, Obj
-from atlasd.kube.errors import AlreadyExists, Conflict, NotFound
+from atlasd.kube.conditional import write_conditionally
 from atlasd.kube.resources import SECRETS
 from atlasd.kube.secrets import encode_secret_data, secret_data
 
@@ -70,40 +69,28 @@ async def record_issued(
     when = now or dt.datetime.now(dt.UTC)
     name = enrolled_secret_name(cluster)
     new = {_entry_key(kind, pem): pem for kind, pem in certs.items()}
-    for _ in range(RECORD_TRIES):
-        try:
-            obj: Obj | None = await api.get(SECRETS, name, namespace=namespace)
-        except NotFound:
-            obj = None
-        kept = _recorded(secret_data(obj), when) if obj is not None else {}
+
+    def body(current: Obj | None) -> dict[str, Any]:
+        kept = _recorded(secret_data(current), when) if current is not None else {}
         kept.update(new)
         if len(kept) > RECORDED_MAX:
-            newest = sorted(kept, key=lambda k: (not_after(kept[k]) or 0.0, k in new))[
-                -RECORDED_MAX:
-            ]
-            kept = {k: kept[k] for k in newest}
-        meta: dict[str, Any] = {
-            "name": name,
-            "namespace": namespace,
-            "labels": {labels.PART_OF_LABEL: "atlasd", labels.ENROLLMENT_CLUSTER_LABEL: cluster},
+            newest = sorted(kept, key=lambda k: (not_after(kept[k]) or 0.0, k in new))
+            kept = {k: kept[k] for k in newest[-RECORDED_MAX:]}
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {
+                    labels.PART_OF_LABEL: "atlasd",
+                    labels.ENROLLMENT_CLUSTER_LABEL: cluster,
+                },
+            },
+            "type": "Opaque",
+            "data": encode_secret_data(kept),
         }
-        body = {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque",
-                "data": encode_secret_data(kept)}  # fmt: skip
-        try:
-            if obj is None:
-                await api.create(body)
-            else:
-                meta["resourceVersion"] = bodies.resource_version(obj)
-                await api.replace(body)
-        except (Conflict, AlreadyExists, NotFound):
-            continue
-        return
-    raise Conflict(
-        status=409,
-        reason="Conflict",
-        message=f"{name} still changing after {RECORD_TRIES} tries",
-        verb="update",
-        resource=str(SECRETS),
-        name=name,
-        namespace=namespace,
+
+    await write_conditionally(
+        api, SECRETS, name, namespace=namespace, body=body, tries=RECORD_TRIES
     )
