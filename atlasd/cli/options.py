@@ -128,7 +128,8 @@ class EmptyEnvIsAValue(click.Option):
 
 def env_option(*decls: str, env: str | list[str], **kwargs: Any) -> Decorator:
     """A click option read from ``env`` too, with its default and variable in --help."""
-    return click.option(*decls, envvar=env, show_envvar=True, show_default=True, **kwargs)
+    kwargs.setdefault("show_default", True)
+    return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
 
 
 def apply_options(f: F, opts: list[Decorator]) -> F:

@@ -79,8 +79,14 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             "--zone-file",
             type=click.Path(dir_okay=False, path_type=Path),
             env="ATLAS_ZONE_FILE",
-            # The original chart gives its pods no writable working directory.
-            default=(Path(tempfile.gettempdir()) / "atlas.zone") if compat else Path("atlas.zone"),
+            # The original chart gives its pods no writable working directory. Looked up
+            # when used, not at import: gettempdir() fails where no temporary directory is
+            # writable (a read-only root, e.g. the envoy chart's agent), and every atlasd
+            # command builds these options.
+            default=(lambda: Path(tempfile.gettempdir()) / "atlas.zone")
+            if compat
+            else Path("atlas.zone"),
+            show_default="the temporary directory's atlas.zone" if compat else True,
             help="Where the DNS zone is written (CoreDNS reads it).",
         ),
         env_option(

@@ -390,3 +390,23 @@ def test_run_takes_the_enrollment_endpoint(kubeconfig: Path, captured: list[Daem
     captured.clear()
     assert _invoke("run", f"--kubeconfig={kubeconfig}").exit_code == 0
     assert captured[0].enroll_port is None  # off unless asked for
+
+
+def test_every_command_starts_where_no_temporary_directory_is_writable() -> None:
+    """A read-only root with no writable /tmp (the envoy chart's agent container): building
+    the commands must not look for a temporary directory (the original's --zone-file
+    default does, only when used)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import tempfile\n"
+        "def nowhere(): raise FileNotFoundError('no usable temporary directory')\n"
+        "tempfile.gettempdir = nowhere\n"
+        "from atlasd.cli import main\n"
+        "import sys; sys.argv = ['atlasd', 'agent', '--help']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--state-secret" in proc.stdout
