@@ -61,6 +61,7 @@ class ClusterDoc(TypedDict):
     sidecars: list[str]
     mode: str  # "enrollment" (its agent holds its keys) or "compatible"
     certificate_expiry: float | None
+    revoked_certificates: int  # revoked and in force (atlasd cluster revoke)
 
 
 class AnswerDoc(TypedDict):

@@ -65,7 +65,9 @@ class FleetReport:
                 metrics.REVOKED.set(sum(len(r.hashes) for r in fw.revocations.values()))
                 continue
             m = version.members.get(key)
-            self._member(key, m)
+            # A change in a cluster's revocations marks its key changed (FleetState).
+            revoked = version.fleetwide.revocations.get(key)
+            self._member(key, m, len(revoked.hashes) if revoked is not None else 0)
         metrics.CLUSTERS.set(self._counts.get("served", 0))
         metrics.PENDING.set(self._counts.get("pending", 0))
         metrics.INVALID.set(self._counts.get("invalid", 0))
@@ -78,7 +80,7 @@ class FleetReport:
             self._states[key] = state
             self._counts[state] = self._counts.get(state, 0) + 1
 
-    def _member(self, key: str, m: Member | None) -> None:
+    def _member(self, key: str, m: Member | None, revoked: int) -> None:
         hub = self.hub
         if m is None:
             self._set_state(key, None)
@@ -108,6 +110,8 @@ class FleetReport:
                     # their expiry (certificate_expiry null); "compatible": atlasd's.
                     "mode": "enrollment" if c.enrolled else "compatible",
                     "certificate_expiry": min(expiry) if expiry else None,
+                    # Its certificates revoked and still in force (atlasd cluster revoke).
+                    "revoked_certificates": revoked,
                 }
             ]
             if served and c is not None

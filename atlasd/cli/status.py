@@ -175,7 +175,8 @@ def render_status(doc: dict[str, Any]) -> str:
             c.get("dns_group") or "-",
             sync,
             # An enrolled cluster's certificates are its agent's (renewed by it).
-            "enrolled" if c.get("mode") == "enrollment" else _ago(c.get("certificate_expiry")),
+            ("enrolled" if c.get("mode") == "enrollment" else _ago(c.get("certificate_expiry")))
+            + (f" ({c['revoked_certificates']} revoked)" if c.get("revoked_certificates") else ""),
         ]
         if query:
             row.append(_query_cell((query.get("clusters") or {}).get(c["name"])))

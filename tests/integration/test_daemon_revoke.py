@@ -152,6 +152,17 @@ def test_revoke_refuses_the_cluster_reissues_and_redeploy_restores(
         entries, problems = revocation.parse(stored[revocation.REVOCATIONS_KEY])
         assert problems == [] and {e.sha256 for e in entries} == set(old.values())
 
+        # /status says it per cluster (and `atlasd status` beside the expiry).
+        def revoked_in_status() -> dict[str, int]:
+            return {c["name"]: c["revoked_certificates"] for c in atlasd.status()["clusters"]}
+
+        wait_until(
+            lambda: revoked_in_status().get("east") == len(old),
+            timeout=30,
+            what="/status counting east's revoked certificates",
+        )
+        assert revoked_in_status().get("west") == 0
+
         # atlasd re-issues into east's values only, says so, counts it.
         new_values = wait_until(
             lambda: (

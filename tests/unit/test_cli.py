@@ -321,6 +321,19 @@ def test_status_shows_why_it_does_not_lead() -> None:
     assert "NOT LEADING: the original holds it" in text
 
 
+def test_status_says_how_many_certificates_of_a_cluster_are_revoked() -> None:
+    def cluster(name: str, revoked: int) -> dict[str, Any]:
+        return {"name": name, "external_ip": "192.0.2.1", "replicas": 1, "dns_group": None,
+                "sidecars": [], "mode": "compatible", "certificate_expiry": None,
+                "revoked_certificates": revoked}  # fmt: skip
+
+    text = status.render_status({"version": "x", "leader": True, "ready": True,
+                                 "clusters": [cluster("east", 2), cluster("west", 0)]})  # fmt: skip
+    [east] = [line for line in text.splitlines() if line.startswith("east")]
+    [west] = [line for line in text.splitlines() if line.startswith("west")]
+    assert "(2 revoked)" in east and "revoked" not in west
+
+
 def test_every_command_has_help() -> None:
     def walk(group: click.Group, prefix: list[str]) -> Iterator[list[str]]:
         for name, cmd in group.commands.items():
