@@ -25,6 +25,7 @@ from atlasd.kube.errors import Conflict, Forbidden
 from atlasd.kube.secrets import secret_data
 from atlasd.model import Settings
 from tests.harness.certs import CA
+from tests.harness.wait import wait_until_async
 from tests.unit.fakekube import FakeKube, api_error
 
 NS = "edge"
@@ -94,7 +95,9 @@ class Calls:
         self.enroll_error: AgentError | None = None
         monkeypatch.setattr(agent, "enroll", self.enroll)
         monkeypatch.setattr(agent, "renew", self.renew)
+        monkeypatch.setattr(agent, "fetch_bundle", self.fetch_bundle)
         self.last: Credentials | None = None
+        self.bundle_reads = 0
 
     async def enroll(self, server: Server, token: tokens.JoinToken, **kw: Any) -> Credentials:
         await trio.lowlevel.checkpoint()
@@ -109,6 +112,13 @@ class Calls:
         self.renewed += 1
         self.last = _creds()
         return self.last
+
+    async def fetch_bundle(self, server: Server, *, pin: str | None, bundle: bytes | None) -> bytes:
+        """A sidecar's periodic read of the bundle (unchanged): it got past its start."""
+        await trio.lowlevel.checkpoint()
+        self.bundle_reads += 1
+        assert bundle is not None
+        return bundle
 
 
 async def test_save_then_load_round_trips_and_holds_no_token_secret() -> None:
@@ -171,17 +181,28 @@ async def test_the_sidecar_renews_at_once_after_a_restore_and_saves(
     assert calls.renewed == 0
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run_agent, _options(tmp_path, kube, token=None, once=False))
-        await trio.sleep(1)
+
+        def renewed_and_saved() -> bool:
+            last = calls.last
+            return (
+                calls.renewed == 1
+                and last is not None
+                and _stored(kube)["client-key.pem"] == last.files["client-key.pem"]
+            )
+
+        await wait_until_async(renewed_and_saved, timeout=30, what="renewed and saved")
         nursery.cancel_scope.cancel()
-    assert calls.renewed == 1 and calls.last is not None
+    assert calls.last is not None
     assert agent.read(tmp_path / "certs") == dict(calls.last.files)
-    stored = _stored(kube)
-    assert stored["client-key.pem"] == calls.last.files["client-key.pem"]
-    assert stored["token-id"] == TOKEN.id.encode()
-    # Renewed keys are this pod's own: a sidecar started again does not renew at once.
+    assert _stored(kube)["token-id"] == TOKEN.id.encode()
+    # Renewed keys are this pod's own: a sidecar started again does not renew at once —
+    # it goes on to its first periodic read of the bundle without renewing.
+    reads = calls.bundle_reads
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run_agent, _options(tmp_path, kube, token=None, once=False))
-        await trio.sleep(1)
+        await wait_until_async(
+            lambda: calls.bundle_reads > reads, timeout=300, what="the sidecar's first round"
+        )
         nursery.cancel_scope.cancel()
     assert calls.renewed == 1
 
@@ -211,7 +232,9 @@ async def test_a_sidecar_whose_save_fails_keeps_running_and_saves_later(
     kube.fail_next = [api_error(Forbidden, "create", ("secrets", NAME))]
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run_agent, _options(tmp_path, kube, token=TOKEN, once=False))
-        await trio.sleep(5)
+        await wait_until_async(
+            lambda: kube.get_stored("secrets", NAME) is not None, timeout=300, what="saved later"
+        )
         nursery.cancel_scope.cancel()
     assert calls.enrolled == [TOKEN.id] and calls.last is not None
     assert _stored(kube)["client.pem"] == calls.last.files["client.pem"]
@@ -253,7 +276,8 @@ async def test_a_replica_whose_token_was_spent_restores_the_first_ones_save(
     winner = _creds()
 
     async def first_replica_saves() -> None:
-        await trio.sleep(5)
+        # Once this replica was refused (it then waits for the winner's save).
+        await wait_until_async(lambda: calls.enrolled == [TOKEN.id], timeout=30, what="refused")
         await StateSecret(kube, NAME, NS).save(Saved(winner.files, TOKEN.id))
 
     async with trio.open_nursery() as nursery:
