@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from tests.harness.net import free_port
 from tests.harness.procs import Proc
@@ -76,3 +78,35 @@ def cli(
             f"atlasd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def stored_secret_data(apiserver: Any, namespace: str, name: str) -> dict[str, bytes] | None:
+    """A Secret's data as the API server holds it, decoded (None: no such Secret).
+    ``apiserver``: a ``tests.harness.kube.ApiServer``."""
+    with apiserver.admin() as c:
+        r = c.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    if r.status_code != 200:
+        return None
+    return {k: base64.b64decode(v) for k, v in (r.json().get("data") or {}).items()}
+
+
+def values_of(apiserver: Any, namespace: str, name: str) -> bytes | None:
+    """The ``values.yaml`` of an Envoy values Secret (None: not written yet)."""
+    data = stored_secret_data(apiserver, namespace, name)
+    return data.get("values.yaml") if data else None
+
+
+def values_bootstrap(values: bytes) -> dict[str, Any]:
+    """The Envoy bootstrap in Envoy chart values (``files["envoy.yaml"]``)."""
+    boot: dict[str, Any] = yaml.safe_load(yaml.safe_load(values)["files"]["envoy.yaml"])
+    return boot
+
+
+def answers_through_chain(cluster: str) -> bool:
+    """Whether ``/prom/<cluster>/`` answers through the observability Envoy on this host's
+    10904 (observability Envoy -> mTLS -> the cluster's Envoy -> its Prometheus)."""
+    url = f"http://127.0.0.1:10904/prom/{cluster}/api/v1/status/buildinfo"
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False

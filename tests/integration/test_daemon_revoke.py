@@ -11,7 +11,6 @@ East's Envoy redeployed from the new values answers again."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import threading
 import time
@@ -21,14 +20,20 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from atlasd import revocation
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.netns import DownstreamHost, downstream_host
 from tests.harness.wait import wait_until
-from tests.integration.daemon_helpers import Atlasd, cli
+from tests.integration.daemon_helpers import (
+    Atlasd,
+    answers_through_chain,
+    cli,
+    stored_secret_data,
+    values_bootstrap,
+    values_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,37 +42,11 @@ HOSTS = {"east": ("198.51.100.9", "198.51.100.10"), "west": ("198.51.100.13", "1
 OBS_IP = HOSTS["east"][0]  # where downstream Envoys reach the observability Envoy
 
 
-def _secret_data(apiserver: ApiServer, namespace: str, name: str) -> dict[str, bytes] | None:
-    with apiserver.admin() as c:
-        r = c.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
-    if r.status_code != 200:
-        return None
-    return {k: base64.b64decode(v) for k, v in (r.json().get("data") or {}).items()}
-
-
-def _values(apiserver: ApiServer, namespace: str, name: str) -> bytes | None:
-    data = _secret_data(apiserver, namespace, name)
-    return data.get("values.yaml") if data else None
-
-
-def _boot(values: bytes) -> dict[str, Any]:
-    boot: dict[str, Any] = yaml.safe_load(yaml.safe_load(values)["files"]["envoy.yaml"])
-    return boot
-
-
 def _metric(daemon: Atlasd, name: str) -> float | None:
     for line in httpx.get(f"{daemon.url}/metrics", timeout=5).text.splitlines():
         if line.split(" ")[0] == name:
             return float(line.split(" ")[1])
     return None
-
-
-def _chain(cluster: str) -> bool:
-    url = f"http://127.0.0.1:10904/prom/{cluster}/api/v1/status/buildinfo"
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_revoke_refuses_the_cluster_reissues_and_redeploy_restores(
@@ -95,36 +74,40 @@ def test_revoke_refuses_the_cluster_reissues_and_redeploy_restores(
                 "--annotation", "goatlas.io/prometheus-service=localhost",
                 "--annotation", f"goatlas.io/prometheus-service-port={prom.port}", *kube)  # fmt: skip
         obs_values = wait_until(
-            lambda: _values(apiserver, namespace, "atlas-envoy-values"), timeout=60, what="values"
+            lambda: values_of(apiserver, namespace, "atlas-envoy-values"), timeout=60, what="values"
         )
-        obs = envoy_factory(_boot(obs_values), "atlas")
+        obs = envoy_factory(values_bootstrap(obs_values), "atlas")
         obs.wait_ready(timeout=60)
         before: dict[str, bytes] = {}
         for c, host in hosts.items():
             before[c] = wait_until(
-                lambda c=c: _values(apiserver, namespace, f"{c}-envoy-values"),
+                lambda c=c: values_of(apiserver, namespace, f"{c}-envoy-values"),
                 timeout=60,
                 what=f"{c}'s values",
             )
-            envoys[c] = host.envoy(_boot(before[c]), c, tmp_path / c)
+            envoys[c] = host.envoy(values_bootstrap(before[c]), c, tmp_path / c)
             stack.callback(envoys[c].stop)
             envoys[c].start().wait_ready(timeout=60)
         for c in hosts:
-            wait_until(lambda c=c: _chain(c), timeout=60, what=f"{c} answers through the chain")
+            wait_until(
+                lambda c=c: answers_through_chain(c),
+                timeout=60,
+                what=f"{c} answers through the chain",
+            )
 
         stop = threading.Event()
         west: list[bool] = []
 
         def loop() -> None:
             while not stop.is_set():
-                west.append(_chain("west"))
+                west.append(answers_through_chain("west"))
 
         thread = threading.Thread(target=loop, daemon=True)
         thread.start()
         stack.callback(thread.join)
         stack.callback(stop.set)
 
-        identity = _secret_data(apiserver, namespace, "east-atlas-identity")
+        identity = stored_secret_data(apiserver, namespace, "east-atlas-identity")
         assert identity is not None
         old = {
             kind: revocation.pem_fingerprint(identity[f"{kind}.crt"]) for kind in revocation.KINDS
@@ -134,7 +117,7 @@ def test_revoke_refuses_the_cluster_reissues_and_redeploy_restores(
         assert "cluster east: revoked its server certificate serial" in out
         assert f"Secret {namespace}/east-envoy-values" in out
         wait_until(
-            lambda: not _chain("east"),
+            lambda: not answers_through_chain("east"),
             timeout=10,
             interval=0.05,
             what="the observability Envoy refuses east's revoked certificate",
@@ -147,7 +130,7 @@ def test_revoke_refuses_the_cluster_reissues_and_redeploy_restores(
             > 0
         )
         # The entries are stored, as the CLI wrote them.
-        stored = _secret_data(apiserver, namespace, "atlas-revocations")
+        stored = stored_secret_data(apiserver, namespace, "atlas-revocations")
         assert stored is not None
         entries, problems = revocation.parse(stored[revocation.REVOCATIONS_KEY])
         assert problems == [] and {e.sha256 for e in entries} == set(old.values())
@@ -166,13 +149,13 @@ def test_revoke_refuses_the_cluster_reissues_and_redeploy_restores(
         # atlasd re-issues into east's values only, says so, counts it.
         new_values = wait_until(
             lambda: (
-                (v := _values(apiserver, namespace, "east-envoy-values")) != before["east"] and v
+                (v := values_of(apiserver, namespace, "east-envoy-values")) != before["east"] and v
             ),
             timeout=30,
             what="east's values re-issued",
         )
-        assert _values(apiserver, namespace, "west-envoy-values") == before["west"]
-        fresh = _secret_data(apiserver, namespace, "east-atlas-identity")
+        assert values_of(apiserver, namespace, "west-envoy-values") == before["west"]
+        fresh = stored_secret_data(apiserver, namespace, "east-atlas-identity")
         assert fresh is not None
         assert not set(old.values()) & {
             revocation.pem_fingerprint(fresh[f"{k}.crt"]) for k in revocation.KINDS
@@ -208,15 +191,21 @@ def test_revoke_refuses_the_cluster_reissues_and_redeploy_restores(
             timeout=30,
             what="the revocation read back after a restart",
         )
-        assert not _chain("east")
+        assert not answers_through_chain("east")
 
         # Redeploy east from its new values: it answers again.
         envoys["east"].stop()
         assert isinstance(new_values, bytes)
-        redeployed = hosts["east"].envoy(_boot(new_values), "east-redeployed", tmp_path / "east")
+        redeployed = hosts["east"].envoy(
+            values_bootstrap(new_values), "east-redeployed", tmp_path / "east"
+        )
         stack.callback(redeployed.stop)
         redeployed.start().wait_ready(timeout=60)
-        wait_until(lambda: _chain("east"), timeout=60, what="east answers after the redeploy")
+        wait_until(
+            lambda: answers_through_chain("east"),
+            timeout=60,
+            what="east answers after the redeploy",
+        )
         stop.set()
         thread.join()
         assert len(west) > 10

@@ -42,33 +42,19 @@ from tests.harness.net import free_port
 from tests.harness.netns import downstream_host
 from tests.harness.procs import Proc
 from tests.harness.wait import wait_until
-from tests.integration.daemon_helpers import ATLASD, Atlasd, cli
+from tests.integration.daemon_helpers import (
+    ATLASD,
+    Atlasd,
+    answers_through_chain,
+    cli,
+    values_bootstrap,
+    values_of,
+)
 
 pytestmark = pytest.mark.integration
 
 # A /30 of TEST-NET-2 of its own (the revoke test uses .8/30 and .12/30).
 HOST_IP, NS_IP = "198.51.100.17", "198.51.100.18"
-
-
-def _values(apiserver: ApiServer, namespace: str, name: str) -> bytes | None:
-    with apiserver.admin() as c:
-        r = c.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
-    if r.status_code != 200:
-        return None
-    return base64.b64decode(r.json()["data"]["values.yaml"])
-
-
-def _boot(values: bytes) -> dict[str, Any]:
-    boot: dict[str, Any] = yaml.safe_load(yaml.safe_load(values)["files"]["envoy.yaml"])
-    return boot
-
-
-def _chain(cluster: str) -> bool:
-    url = f"http://127.0.0.1:10904/prom/{cluster}/api/v1/status/buildinfo"
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _secret(apiserver: ApiServer, namespace: str, name: str) -> bool:
@@ -151,13 +137,13 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
             "--annotation", f"goatlas.io/prometheus-service-port={prom.port}", *kube)  # fmt: skip
         cli("cluster", "add", "west", "--external-ip", "198.51.100.30", *kube)
         obs_values = wait_until(
-            lambda: _values(apiserver, namespace, "atlas-envoy-values"), timeout=60, what="values"
+            lambda: values_of(apiserver, namespace, "atlas-envoy-values"), timeout=60, what="values"
         )
-        obs = envoy_factory(_boot(obs_values), "atlas")
+        obs = envoy_factory(values_bootstrap(obs_values), "atlas")
         obs.wait_ready(timeout=60)
         wait_until(lambda: _secret(apiserver, namespace, "east-atlas-identity"), timeout=60,
                    what="east's stored identity (compatible mode)")  # fmt: skip
-        assert b"PRIVATE KEY" in (_values(apiserver, namespace, "east-envoy-values") or b"")
+        assert b"PRIVATE KEY" in (values_of(apiserver, namespace, "east-envoy-values") or b"")
         with apiserver.admin() as c:
             stored = c.get(f"/api/v1/namespaces/{namespace}/secrets/east-atlas-identity").json()
         # The compatible certificate, whose key copies of the old values still hold:
@@ -177,7 +163,7 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
                    what="east's stored identity deleted")  # fmt: skip
         values_raw = wait_until(
             lambda: (
-                (v := _values(apiserver, namespace, "east-envoy-values")) and b"agent" in v and v
+                (v := values_of(apiserver, namespace, "east-envoy-values")) and b"agent" in v and v
             ),
             timeout=60,
             what="east's enrollment values",
@@ -217,7 +203,9 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
                                 tmp_path / "east")  # fmt: skip
         stack.callback(downstream.stop)
         downstream.start().wait_ready(timeout=60)
-        wait_until(lambda: _chain("east"), timeout=60, what="east answers through the chain")
+        wait_until(
+            lambda: answers_through_chain("east"), timeout=60, what="east answers through the chain"
+        )
         assert _listeners(downstream) >= {"thanos", "prometheus"}  # from xDS, not the bootstrap
         (east_status,) = [c for c in atlasd.status()["clusters"] if c["name"] == "east"]
         assert east_status["mode"] == "enrollment"
@@ -238,7 +226,11 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
                    what="the Envoy serves the renewed certificate")  # fmt: skip
         downstream.proc.check_running()
         assert downstream.proc.pid == pid  # the same process: no restart
-        wait_until(lambda: _chain("east"), timeout=30, what="the chain answers after renewal")
+        wait_until(
+            lambda: answers_through_chain("east"),
+            timeout=30,
+            what="the chain answers after renewal",
+        )
         # A CA rotation: the agent sees the new bundle, renews with the new CA at once, and
         # the same Envoy serves the new certificate; the chain keeps answering.
         bundle_before = (certs / "ca.pem").read_bytes()
@@ -265,7 +257,11 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         wait_until(lambda: rotated in _served_serials(downstream), timeout=30,
                    what="the Envoy serves the certificate of the new CA")  # fmt: skip
         assert downstream.proc.pid == pid
-        wait_until(lambda: _chain("east"), timeout=60, what="the chain answers after the rotation")
+        wait_until(
+            lambda: answers_through_chain("east"),
+            timeout=60,
+            what="the chain answers after the rotation",
+        )
         key_pems.update(
             {f"renewed-{k}": (certs / f"{k}-key.pem").read_bytes() for k in ("server", "client")}
         )
@@ -274,7 +270,7 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         # None of the downstream keys' bytes anywhere on the observability side; no
         # identity of east stored, and its values hold no PEM block at all.
         assert not _secret(apiserver, namespace, "east-atlas-identity")
-        assert b"-----BEGIN" not in (_values(apiserver, namespace, "east-envoy-values") or b"-")
+        assert b"-----BEGIN" not in (values_of(apiserver, namespace, "east-envoy-values") or b"-")
         stored = _everything_stored(apiserver)
         assert b"KeysDeleted" in stored  # the switch said what it did, on Service east
         sources = {
@@ -304,7 +300,7 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         assert f"serial {int(compatible_serial, 16)}" in revoked.stderr
         fresh = revoked.stdout.strip()
         assert fresh.split(".")[0] != token.split(".")[0]
-        wait_until(lambda: not _chain("east"), timeout=10, interval=0.05,
+        wait_until(lambda: not answers_through_chain("east"), timeout=10, interval=0.05,
                    what="east's revoked certificate refused")  # fmt: skip
         wait_until(lambda: "certificate is revoked" in follower.log_text(), timeout=60,
                    what="the agent's renewal refused")  # fmt: skip
