@@ -51,7 +51,7 @@ from cryptography.x509.oid import NameOID
 
 from atlasd.certdir import sds_config as sds_config
 from atlasd.certdir import sds_files as sds_files
-from atlasd.certpolicy import load_cert, public_der, renewal_time
+from atlasd.certpolicy import load_cert, not_after, public_der, renewal_time
 from atlasd.enroll import csr as csrs
 from atlasd.enroll import state
 from atlasd.enroll import token as tokens
@@ -427,9 +427,29 @@ async def run_agent(
             await _follow(o, progress)
             delay = 1.0
         except AgentError as exc:
-            log.warning("agent: %s; retrying in %.0f s", exc, delay)
-            await trio.sleep(delay)
+            wait = retry_wait(delay, left=_time_left(o.directory))
+            log.warning("agent: %s; retrying in %.0f s", exc, wait)
+            await trio.sleep(wait)
             delay = min(delay * 2, o.retry_max)
+
+
+def retry_wait(delay: float, *, left: float | None) -> float:
+    """How long to wait after a failed turn: the back-off ``delay``, but never more than a
+    quarter of the time the current client certificate has ``left`` (at least 1 s). A
+    renewal failing through an outage (atlasd restarting, the API server down) is so tried
+    again before the certificate expires: once it has, the agent cannot authenticate a
+    renewal and needs a new join token."""
+    if left is None:
+        return delay
+    return max(1.0, min(delay, left / 4))
+
+
+def _time_left(directory: Path) -> float | None:
+    try:
+        ends = not_after((directory / "client.pem").read_bytes())
+    except OSError:
+        return None
+    return None if ends is None else ends - time.time()
 
 
 async def _follow(o: AgentOptions, p: _Progress) -> None:

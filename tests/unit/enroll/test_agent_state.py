@@ -298,3 +298,14 @@ async def test_an_unreadable_state_secret_is_a_clear_error(
     kube.forbidden.add("Secret")
     with pytest.raises(AgentError, match=rf"cannot read the saved credentials \(Secret {NS}/"):
         await agent.run_agent(_options(tmp_path, kube, token=TOKEN))
+
+
+def test_a_failing_renewal_is_retried_before_the_certificate_expires() -> None:
+    """The back-off doubles up to its cap, but never waits past a quarter of the time the
+    client certificate has left (an outage near the end of a short certificate's life
+    must not outlast it: an expired certificate cannot authenticate a renewal)."""
+    assert agent.retry_wait(8.0, left=None) == 8.0  # no certificate yet: the back-off
+    assert agent.retry_wait(8.0, left=3600.0) == 8.0
+    assert agent.retry_wait(16.0, left=20.0) == 5.0
+    assert agent.retry_wait(16.0, left=2.0) == 1.0  # at least a second, even at the end
+    assert agent.retry_wait(16.0, left=-5.0) == 1.0
