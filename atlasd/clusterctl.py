@@ -251,13 +251,39 @@ async def _missing_cluster(api: KubeApi, name: str, settings: Settings) -> Clust
     return ClusterError(f"no cluster named {name!r} in namespace {settings.namespace}")
 
 
-async def remove(api: KubeApi, name: str, *, settings: Settings) -> None:
+@dataclass(frozen=True)
+class RemoveOutcome:
+    """What ``remove`` did beyond deleting the Service: the enrolled certificates it
+    revoked and the enrollment Secrets (join tokens, ``<c>-atlas-enrolled``) it deleted."""
+
+    revoked: tuple[revocation.Revoked, ...] = ()
+    forgotten: int = 0
+
+
+async def remove(
+    api: KubeApi, name: str, *, settings: Settings, now: dt.datetime | None = None
+) -> RemoveOutcome:
+    """Delete cluster ``name``'s Service (atlasd then deletes what it made for it), first
+    revoking the certificates the enrollment endpoint signed for it that are still valid,
+    then deleting its enrollment Secrets (join tokens, used or not, and the record of its
+    renewals): a cluster re-added under the name later does not take them back, and no
+    unused token of it can enroll the new one. Entries of enrolled certificates expire with
+    them (a day by default), so removals never pile up in ``atlas-revocations``. A
+    compatible cluster's certificates are not revoked here (365 days each): ``revoke``
+    first if its values leaked (docs/security.md)."""
     svc = await _get_service(api, name, settings)
     if svc is None:
         raise await _missing_cluster(api, name, settings)
     if not is_cluster_service(svc):
         raise _not_a_cluster(svc, name)
+    when = now or dt.datetime.now(dt.UTC)
+    enrolled = await _enrolled_certs(api, name, settings, when)
+    revoked = (
+        await _store_revocations(api, enrolled, settings=settings, now=when) if enrolled else []
+    )
     await api.delete(SERVICES, name, namespace=settings.namespace)
+    forgotten = await enroll_store.forget(api, name, namespace=settings.namespace)
+    return RemoveOutcome(revoked=tuple(revoked), forgotten=forgotten)
 
 
 async def values(
@@ -420,6 +446,26 @@ def revocations_secret(
     }
 
 
+async def _store_revocations(
+    api: KubeApi, found: Sequence[revocation.Revoked], *, settings: Settings, now: dt.datetime
+) -> list[revocation.Revoked]:
+    """Merge ``found`` into ``atlas-revocations`` (written with the resourceVersion read,
+    read again on a conflict); the entries that were not there yet."""
+    added: list[revocation.Revoked] = []
+    for _attempt in range(10):
+        stored, rv = await stored_revocations(api, settings)
+        entries, added = revocation.merge(stored, found, now=now)
+        if not added:
+            return added
+        obj = revocations_secret(entries, settings=settings, resource_version=rv or "")
+        try:
+            await (api.replace(obj) if rv is not None else api.create(obj))
+        except Conflict:  # another writer (AlreadyExists included): read again
+            continue
+        return added
+    raise ClusterError(f"Secret {labels.REVOCATIONS_SECRET} kept changing; try again")
+
+
 async def stored_revocations(
     api: KubeApi, settings: Settings
 ) -> tuple[list[revocation.Revoked], str | None]:
@@ -454,19 +500,7 @@ async def revoke(
     enrolled = await _enrolled_certs(api, name, settings, now)
     issued = await _identity_certs(api, name, settings, now, required=not enrolled)
     found = issued + enrolled
-    for _attempt in range(10):
-        stored, rv = await stored_revocations(api, settings)
-        entries, added = revocation.merge(stored, found, now=now)
-        if not added:
-            break
-        obj = revocations_secret(entries, settings=settings, resource_version=rv or "")
-        try:
-            await (api.replace(obj) if rv is not None else api.create(obj))
-        except Conflict:  # another writer (AlreadyExists included): read again
-            continue
-        break
-    else:
-        raise ClusterError(f"Secret {labels.REVOCATIONS_SECRET} kept changing; try again")
+    added = await _store_revocations(api, found, settings=settings, now=now)
     if wait <= 0 or not issued:  # enrolled certificates are renewed by the agent only
         return RevokeOutcome(added=tuple(added), found=found)
     revoked = {e.sha256 for e in issued}

@@ -225,7 +225,18 @@ def cluster_remove(backend: BackendSpec, name: str) -> None:
     """Remove the cluster NAME (atlasd then removes everything it made for it)."""
     from atlasd import clusterctl
 
-    _cluster_call(lambda api: clusterctl.remove(api, name, settings=backend.settings), backend)
+    out = _cluster_call(
+        lambda api: clusterctl.remove(api, name, settings=backend.settings), backend
+    )
+    if out.revoked:
+        serials = ", ".join(f"{e.kind} (serial {e.serial})" for e in out.revoked)
+        click.echo(f"cluster {name}: revoked its enrolled certificates: {serials}", err=True)
+    if out.forgotten:
+        click.echo(
+            f"cluster {name}: deleted {out.forgotten} enrollment Secret(s) (join tokens, "
+            "the record of its renewals)",
+            err=True,
+        )
     click.echo(f"cluster {name} removed")
 
 

@@ -188,3 +188,18 @@ async def issued(api: KubeApi, cluster: str, *, namespace: str) -> list[tuple[st
             continue
         out += [(kind, pem.encode()) for kind, pem in record.certificates]
     return out
+
+
+async def forget(api: KubeApi, cluster: str, *, namespace: str) -> int:
+    """Delete every enrollment Secret of ``cluster`` (its join-token records, used or not,
+    and ``<c>-atlas-enrolled``): for ``atlasd cluster remove``, once their certificates
+    are revoked. The number deleted."""
+    found, _ = await api.list(
+        SECRETS, namespace=namespace, label_selector=f"{tokens.CLUSTER_LABEL}={cluster}"
+    )
+    deleted = 0
+    for obj in found:
+        with contextlib.suppress(NotFound):
+            await api.delete(SECRETS, bodies.name(obj), namespace=namespace)
+            deleted += 1
+    return deleted

@@ -146,3 +146,39 @@ def test_an_enrolled_only_cluster_is_revoked_without_an_identity_secret() -> Non
     assert {e.sha256 for e in out.added} == {
         revocation.pem_fingerprint(pem) for pem in enrolled.values()
     }
+
+
+def test_remove_revokes_what_was_enrolled_and_deletes_the_enrollment_secrets() -> None:
+    """``cluster remove`` of an enrolled cluster: its enrolled certificates revoked first
+    (a cluster re-added under the name does not take them back), then the Service, its
+    join tokens (used or not) and the record of its renewals deleted; another cluster's
+    tokens stay. A compatible cluster's removal revokes nothing (its 365-day certificates
+    would pile up in atlas-revocations)."""
+    from atlasd.enroll import store
+
+    kube = _kube("west")
+    kube.put(cluster_service("east", "203.0.113.9"))
+    enrolled = _enrolled(kube, "east")
+
+    async def tokens() -> None:
+        for cluster in ("east", "west"):
+            await store.mint(kube, cluster, namespace=S.namespace, ca_cert=CA.cert, now=NOW)
+
+    trio.run(tokens)
+
+    async def remove(name: str) -> clusterctl.RemoveOutcome:
+        return await clusterctl.remove(kube, name, settings=S, now=NOW)
+
+    out = trio.run(remove, "east")
+    assert {e.sha256 for e in out.revoked} == {
+        revocation.pem_fingerprint(pem) for pem in enrolled.values()
+    }
+    assert {e.sha256 for e in _stored(kube)} == {e.sha256 for e in out.revoked}
+    assert out.forgotten == 2  # the token and east-atlas-enrolled
+    assert kube.get_stored("services", "east") is None
+    left = [n for (kind, n) in kube.objects if kind == "secrets"]
+    assert not [n for n in left if n.startswith("east-atlas-enrolled")]
+    joins = [n for n in left if n.startswith("atlas-join-")]
+    assert len(joins) == 1  # west's
+    assert trio.run(remove, "west") == clusterctl.RemoveOutcome(revoked=(), forgotten=1)
+    assert len(_stored(kube)) == 2  # nothing of west's compatible certificates
