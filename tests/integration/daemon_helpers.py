@@ -110,3 +110,40 @@ def answers_through_chain(cluster: str) -> bool:
         return httpx.get(url, timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def join_token(kube: tuple[str, ...], cluster: str) -> str:
+    """A join token for ``cluster`` (``atlasd cluster token``), once atlasd has its CA (the
+    command refuses before). ``kube``: the ``--kubeconfig``/``--namespace`` options."""
+    token = wait_until(
+        lambda: (
+            (p := cli("cluster", "token", cluster, *kube, check=False)).returncode == 0
+            and p.stdout.strip()
+        ),
+        timeout=30,
+        what=f"a join token for {cluster} (once atlasd has its CA)",
+    )
+    assert isinstance(token, str)
+    return token
+
+
+def served_serials(admin_url: str, cluster: str) -> set[str]:
+    """The serials (lowercase hex) of the certificates naming ``cluster`` that the Envoy
+    at ``admin_url`` holds now (admin ``/certs``): for an enrolled cluster, its server
+    certificate and the client certificate it dials xDS with, both the agent's. An entry's
+    order in ``/certs`` is not fixed: a caller looks for one serial in the set."""
+    doc = httpx.get(f"{admin_url}/certs", timeout=5).json()
+    return {
+        # Envoy prints the serial's bytes (a leading zero kept): normalized through int.
+        format(int(str(chain.get("serial_number")), 16), "x")
+        for entry in doc.get("certificates", [])
+        for chain in entry.get("cert_chain", [])
+        if cluster in [s.get("dns") for s in chain.get("subject_alt_names", [])]
+    }
+
+
+def pem_serial(path: Path) -> str:
+    """The serial (lowercase hex) of the PEM certificate in ``path``."""
+    from cryptography import x509
+
+    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")

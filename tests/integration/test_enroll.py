@@ -47,6 +47,9 @@ from tests.integration.daemon_helpers import (
     Atlasd,
     answers_through_chain,
     cli,
+    join_token,
+    pem_serial,
+    served_serials,
     values_bootstrap,
     values_of,
 )
@@ -66,40 +69,6 @@ def _listeners(envoy: Envoy) -> set[str]:
     """The names of the listeners the Envoy runs (admin /listeners)."""
     doc = httpx.get(f"{envoy.admin_url}/listeners?format=json", timeout=5).json()
     return {str(s.get("name")) for s in doc.get("listener_statuses", [])}
-
-
-def _served_serials(envoy: Envoy) -> set[str]:
-    """The serials of the certificates naming east the Envoy holds now (admin /certs): its
-    server certificate and the client certificate it dials xDS with, both the agent's (an
-    entry's order in /certs is not fixed, so a caller looks for one serial in the set)."""
-    doc = httpx.get(f"{envoy.admin_url}/certs", timeout=5).json()
-    return {
-        # Envoy prints the serial's bytes (a leading zero kept): the same hex as _serial's
-        # once normalized.
-        format(int(str(chain.get("serial_number")), 16), "x")
-        for entry in doc.get("certificates", [])
-        for chain in entry.get("cert_chain", [])
-        if "east" in [s.get("dns") for s in chain.get("subject_alt_names", [])]
-    }
-
-
-def _join_token(kube: tuple[str, ...], cluster: str) -> str:
-    """A join token for ``cluster``, once atlasd has its CA (``atlasd cluster token``
-    refuses before)."""
-    token = wait_until(
-        lambda: (
-            (p := cli("cluster", "token", cluster, *kube, check=False)).returncode == 0
-            and p.stdout.strip()
-        ),
-        timeout=30,
-        what=f"a join token for {cluster} (once atlasd has its CA)",
-    )
-    assert isinstance(token, str)
-    return token
-
-
-def _serial(path: Path) -> str:
-    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
 
 
 def _everything_stored(apiserver: ApiServer) -> bytes:
@@ -175,7 +144,7 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
                                    "server": server, "certDir": str(certs)}  # fmt: skip
         assert _secret(apiserver, namespace, "west-atlas-identity")  # west stays compatible
 
-        token = _join_token(kube, "east")
+        token = join_token(kube, "east")
         # The agent as the envoy chart starts it: from the values' agent settings.
         wanted = values["agent"]
         agent_args = ("agent", f"--server={wanted['server']}", f"--cluster={wanted['cluster']}",
@@ -209,8 +178,8 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         assert _listeners(downstream) >= {"thanos", "prometheus"}  # from xDS, not the bootstrap
         (east_status,) = [c for c in atlasd.status()["clusters"] if c["name"] == "east"]
         assert east_status["mode"] == "enrollment"
-        first = _serial(certs / "server.pem")
-        assert first in _served_serials(downstream)
+        first = pem_serial(certs / "server.pem")
+        assert first in served_serials(downstream.admin_url, "east")
         pid = downstream.proc.pid
 
         # The agent stays: it renews (30 s certificates, at 2/3) over mTLS; the same Envoy
@@ -219,10 +188,10 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
                         log_dir=tmp_path, env={"ATLAS_JOIN_TOKEN": ""})  # fmt: skip
         stack.callback(follower.stop)
         follower.start()
-        wait_until(lambda: _serial(certs / "server.pem") != first, timeout=60,
+        wait_until(lambda: pem_serial(certs / "server.pem") != first, timeout=60,
                    what="the agent renewed")  # fmt: skip
-        second = _serial(certs / "server.pem")
-        wait_until(lambda: second in _served_serials(downstream), timeout=30,
+        second = pem_serial(certs / "server.pem")
+        wait_until(lambda: second in served_serials(downstream.admin_url, "east"), timeout=30,
                    what="the Envoy serves the renewed certificate")  # fmt: skip
         downstream.proc.check_running()
         assert downstream.proc.pid == pid  # the same process: no restart
@@ -234,7 +203,7 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         # A CA rotation: the agent sees the new bundle, renews with the new CA at once, and
         # the same Envoy serves the new certificate; the chain keeps answering.
         bundle_before = (certs / "ca.pem").read_bytes()
-        before_rotation = _serial(certs / "server.pem")
+        before_rotation = pem_serial(certs / "server.pem")
         apiserver.kubectl("-n", namespace, "annotate", "secret", "atlas-ca",
                           "goatlas.io/ca-rotate=enroll-test")  # fmt: skip
         wait_until(lambda: (certs / "ca.pem").read_bytes() != bundle_before, timeout=60,
@@ -252,9 +221,9 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
             return True
 
         wait_until(signed_by_new_ca, timeout=60, what="renewed with the new CA")
-        rotated = _serial(certs / "server.pem")
+        rotated = pem_serial(certs / "server.pem")
         assert rotated not in (before_rotation, first)
-        wait_until(lambda: rotated in _served_serials(downstream), timeout=30,
+        wait_until(lambda: rotated in served_serials(downstream.admin_url, "east"), timeout=30,
                    what="the Envoy serves the certificate of the new CA")  # fmt: skip
         assert downstream.proc.pid == pid
         wait_until(
@@ -293,7 +262,7 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
 
         # Revoked (with --rekey): the observability Envoy refuses east's enrolled
         # certificate, the agent's renewal with it is refused, and the fresh token enrolls.
-        serial = _serial(certs / "server.pem")
+        serial = pem_serial(certs / "server.pem")
         revoked = cli("cluster", "revoke", "east", "--rekey", *kube)
         assert f"serial {int(serial, 16)}" in revoked.stderr
         # ... and the certificate of the keys deleted at the switch.
@@ -304,11 +273,30 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
                    what="east's revoked certificate refused")  # fmt: skip
         wait_until(lambda: "certificate is revoked" in follower.log_text(), timeout=60,
                    what="the agent's renewal refused")  # fmt: skip
-        assert _serial(certs / "server.pem") == serial  # nothing was issued to it
+        assert pem_serial(certs / "server.pem") == serial  # nothing was issued to it
         follower.stop()
         again = tmp_path / "east-rekeyed"
         cli(*agent_args, f"--dir={again}", "--once", env={"ATLAS_JOIN_TOKEN": fresh})
-        assert _serial(again / "server.pem") != serial
+        assert pem_serial(again / "server.pem") != serial
+
+        # Removed: what it enrolled is revoked first (re-added, it would not take it back),
+        # then its enrollment Secrets go with it; west's stay.
+        unused = join_token(kube, "east")
+        removed = cli("cluster", "remove", "east", *kube)
+        assert f"serial {int(pem_serial(again / 'server.pem'), 16)}" in removed.stderr
+        assert "enrollment Secret(s)" in removed.stderr
+
+        def secret_names() -> set[str]:
+            with apiserver.admin() as c:
+                left = c.get(f"/api/v1/namespaces/{namespace}/secrets").json()["items"]
+            return {s["metadata"]["name"] for s in left}
+
+        # Its values go too, deleted by atlasd once it sees the Service gone.
+        wait_until(lambda: not {n for n in secret_names() if n.startswith("east-")},
+                   timeout=30, what="every Secret of east gone")  # fmt: skip
+        names = secret_names()
+        assert f"atlas-join-{unused.split('.')[0]}" not in names
+        assert f"atlas-join-{west_token.split('.')[0]}" in names
 
 
 OVERSIZED = b"<announced 64 KiB, never sent>"
@@ -381,7 +369,7 @@ def test_hostile_enrollments_are_refused_and_change_nothing(
     try:
         for c, ip in (("east", "198.51.100.30"), ("west", "198.51.100.31")):
             cli("cluster", "add", c, "--external-ip", ip, *kube)
-        token = _join_token(kube, "east")
+        token = join_token(kube, "east")
         settings = Settings(namespace=namespace)
         # `cluster add --enroll`: the cluster, and its token alone on stdout.
         added = cli("cluster", "add", "north", "--external-ip", "198.51.100.32", "--enroll", *kube)
@@ -481,7 +469,7 @@ def test_a_replaced_pod_restores_its_credentials_and_renews_without_a_token(
     with contextlib.ExitStack() as stack:
         stack.callback(atlasd.proc.stop)
         cli("cluster", "add", "east", "--external-ip", "198.51.100.40", *kube)
-        token = _join_token(kube, "east")
+        token = join_token(kube, "east")
         env = {"ATLAS_KUBECONFIG": str(sa_kubeconfig), "ATLAS_STATE_SECRET": state_name}
         agent_args = ("agent", f"--server={server}", "--cluster=east", f"--namespace={namespace}")
 
@@ -506,12 +494,12 @@ def test_a_replaced_pod_restores_its_credentials_and_renews_without_a_token(
 
         # Its sidecar renews at once over mTLS (the restored certificate authenticates it),
         # not at 2/3 of the certificate's day: keys of its own, saved for the next pod.
-        shared = _serial(second / "client.pem")
+        shared = pem_serial(second / "client.pem")
         sidecar = Proc("agent-east-2", [*ATLASD, *agent_args, f"--dir={second}"],
                        log_dir=tmp_path, env={**env, "ATLAS_JOIN_TOKEN": ""})  # fmt: skip
         stack.callback(sidecar.stop)
         sidecar.start()
-        wait_until(lambda: _serial(second / "client.pem") != shared, timeout=60,
+        wait_until(lambda: pem_serial(second / "client.pem") != shared, timeout=60,
                    what="the restored pod renewed")  # fmt: skip
         mine = agent.read(second)
         assert mine["client-key.pem"] != agent.read(first)["client-key.pem"]

@@ -19,6 +19,13 @@ What runs (all real programs on loopback):
 - ``anchor-<k>`` downstream Envoys bootstrapped from ``anchor-<k>-envoy-values``: their xDS
   goes through the observability Envoy's TLS listener (10900), with the client certificate
   in those values; ``anchor-0`` fronts a real Prometheus;
+- the last anchor is **enrolled** (``goatlas.io/enrollment: "true"``): atlasd stores no key
+  of it; ``atlasd agent`` (a process of its own, enrolled with a join token from ``atlasd
+  cluster token``) makes its keys and renews its 60-second certificates through every fault
+  (at 2/3 of their life, and at once after the CA rotation), and its Envoy, bootstrapped
+  from values that hold no key, reads them from the agent's files (SDS, no restart); every
+  convergence asks its Prometheus through the chain (``/prom/<it>/``), so a renewal lost
+  to an outage (an expired certificate cannot renew) fails the soak;
 - a real CoreDNS serving atlasd's zone file;
 - a traffic loop through the chain (client -> observability Envoy ``/prom/anchor-0/`` ->
   mTLS -> ``anchor-0`` Envoy -> Prometheus) for the whole soak; no request may fail.
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -64,6 +72,7 @@ from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.prom import WebProc
 from tests.harness.wait import wait_until
+from tests.integration.daemon_helpers import ATLASD, join_token, pem_serial, served_serials
 
 pytestmark = pytest.mark.integration
 
@@ -82,11 +91,14 @@ class Scale:
 
 
 SCALES = {
-    "short": Scale(live=80, rounds=1, per_round=10, anchors=3, steady_steps=3, converge_seconds=90),
+    "short": Scale(live=80, rounds=1, per_round=10, anchors=4, steady_steps=3, converge_seconds=90),
     "long": Scale(
-        live=200, rounds=3, per_round=25, anchors=4, steady_steps=10, converge_seconds=180
+        live=200, rounds=3, per_round=25, anchors=5, steady_steps=10, converge_seconds=180
     ),
 }
+# The enrolled anchor's certificate lifetime: its agent renews at 2/3 (40 s), so the soak
+# sees renewals, and the 20 s left outlast any of its outages (retried every <= 1/4 of it).
+ENROLLED_CERT_SECONDS = 60
 
 
 def scale() -> Scale:
@@ -101,6 +113,7 @@ def scale() -> Scale:
 
 def _daemon_main(config_path: str) -> None:
     """Entry point of the atlasd process (``python -m tests.integration.test_soak CONFIG``)."""
+    import datetime as dt
     import signal
 
     import trio
@@ -126,6 +139,8 @@ def _daemon_main(config_path: str) -> None:
         envoy_ads_port=obs["xds"],
         envoy_address="127.0.0.1",
         envoy_alertmanager_port=obs["alertmanager"],
+        enroll_address=f"127.0.0.1:{cfg['enroll_port']}",
+        agent_cert_dir=cfg["cert_dir"],
     )
     plan = ListenPlan(
         observability=ObservabilityPorts(address="127.0.0.1", **obs),
@@ -144,6 +159,9 @@ def _daemon_main(config_path: str) -> None:
         identity="soak-atlasd-0",  # a StatefulSet pod: the same name after a restart
         allow_loopback=True,
         listen_plan=plan,
+        enroll_host="127.0.0.1",
+        enroll_port=cfg["enroll_port"],
+        enroll_lifetime=dt.timedelta(seconds=cfg["cert_seconds"]),
     )
 
     nat: dict[str, str] = cfg["nat"]
@@ -249,6 +267,7 @@ class ClusterSpec:
     extra_port: bool = False
     prom_host: str | None = None
     prom_port: int | None = None
+    enrolled: bool = False  # goatlas.io/enrollment: "true" (its agent makes its keys)
 
     def ports(self) -> list[dict[str, Any]]:
         ports = [{"name": "thanos", "port": 10901}, {"name": "prometheus", "port": 9090}]
@@ -264,6 +283,8 @@ class ClusterSpec:
             annotations["goatlas.io/prometheus-service"] = self.prom_host
         if self.prom_port:
             annotations["goatlas.io/prometheus-service-port"] = str(self.prom_port)
+        if self.enrolled:
+            annotations["goatlas.io/enrollment"] = "true"
         return {
             "apiVersion": "v1",
             "kind": "Service",
@@ -339,7 +360,7 @@ class ClusterServices:
 
     def update(self, name: str, variant: int) -> None:
         s = self.specs[name]
-        new = ClusterSpec(s.name, s.ip, s.replicas, s.group, s.extra_port, s.prom_host, s.prom_port)
+        new = dataclasses.replace(s)
         kind = variant % 4
         if kind == 0:
             new.replicas = 3 - s.replicas if s.replicas <= 2 else 1
@@ -400,9 +421,21 @@ def check_kube_state(api: ApiServer, ns: str, specs: dict[str, ClusterSpec]) -> 
     secrets = _secrets(api, ns)
     tls_secrets = ("atlas-server", "atlas-client", "atlas-tls", "atlasd-ads")
     want = {"atlas-ca", "atlas-envoy-values", *tls_secrets}
+    enrolled = {name for name, spec in specs.items() if spec.enrolled}
     for name in specs:
-        want |= {f"{name}-envoy-values", f"{name}-atlas-identity"}
-    got = set(secrets)
+        want.add(f"{name}-envoy-values")
+        if name not in enrolled:
+            want.add(f"{name}-atlas-identity")
+    # An enrolled cluster's join tokens (hashes; the used one records the certificates it
+    # got) and the record of its renewals (from its first renewal on): only of clusters
+    # that enroll.
+    tokens = {
+        n: s["metadata"]["labels"].get("goatlas.io/join-token-cluster")
+        for n, s in secrets.items()
+        if n.startswith("atlas-join-")
+    }
+    assert set(tokens.values()) <= enrolled, f"join tokens of {set(tokens.values()) - enrolled}"
+    got = set(secrets) - set(tokens) - {f"{name}-atlas-enrolled" for name in enrolled}
     assert got == want, f"Secrets: missing {sorted(want - got)[:5]}, extra {sorted(got - want)[:5]}"
     ca_meta = secrets["atlas-ca"]["metadata"]
     assert "goatlas.io/ca-rotate" not in (ca_meta.get("annotations") or {})
@@ -414,7 +447,15 @@ def check_kube_state(api: ApiServer, ns: str, specs: dict[str, ClusterSpec]) -> 
         assert signed_label == serial, tls
         signed = _signed_by(_b64(secrets[tls]["data"]["tls.crt"]), ca)
         assert signed, f"{tls} is not signed by the current CA"
+    for name in enrolled:  # no key, no certificate: the agent's settings
+        values = yaml.safe_load(_b64(secrets[f"{name}-envoy-values"]["data"]["values.yaml"]))
+        assert values["agent"]["cluster"] == name and "-----BEGIN" not in json.dumps(values)
     for name, spec in specs.items():
+        boot = _values_bootstrap(secrets[f"{name}-envoy-values"])
+        node_id = boot["node"]["id"]
+        assert node_id == spec.name, f"{name}-envoy-values names node {node_id}"
+        if name in enrolled:
+            continue
         ident = secrets[f"{name}-atlas-identity"]["data"]
         for key in ("server.crt", "client.crt"):
             leaf = _b64(ident[key])
@@ -424,9 +465,6 @@ def check_kube_state(api: ApiServer, ns: str, specs: dict[str, ClusterSpec]) -> 
                 x509.SubjectAlternativeName
             )
             assert name in sans.value.get_values_for_type(x509.DNSName)
-        boot = _values_bootstrap(secrets[f"{name}-envoy-values"])
-        node_id = boot["node"]["id"]
-        assert node_id == spec.name, f"{name}-envoy-values names node {node_id}"
     with api.admin() as c:
         items = c.get(f"/api/v1/namespaces/{ns}/services").json()["items"]
     services = {i["metadata"]["name"]: i for i in items}
@@ -717,6 +755,7 @@ def test_soak_churn_and_faults(
     prometheus_factory: Callable[[str], WebProc],
 ) -> None:
     started: list[SoakAtlasd] = []
+    agents: list[Proc] = []
     try:
         _soak(
             apiserver,
@@ -726,16 +765,22 @@ def test_soak_churn_and_faults(
             coredns_factory,
             prometheus_factory,
             started,
+            agents,
         )
     except Exception:
         for a in started:
             tail = "\n".join(a.log_text().splitlines()[-80:])
             print(f"--- atlasd log (last 80 lines)\n{tail}")
+        for agent in agents:
+            tail = "\n".join(agent.log_text().splitlines()[-30:])
+            print(f"--- {agent.name} log (last 30 lines)\n{tail}")
         raise
     finally:
         for a in started:
             if a.proc is not None:
                 a.proc.stop()
+        for agent in agents:
+            agent.stop()
 
 
 def _soak(
@@ -746,11 +791,15 @@ def _soak(
     coredns_factory: Callable[..., CoreDNS],
     prometheus_factory: Callable[[str], WebProc],
     started: list[SoakAtlasd],
+    agents: list[Proc],
 ) -> None:
     sc = scale()
     tl = Timeline()
     ns = namespace
+    kube = (f"--kubeconfig={apiserver.admin_kubeconfig}", f"--namespace={ns}")
     anchors = [f"anchor-{k}" for k in range(sc.anchors)]
+    enrolled = anchors[-1]  # its agent makes its keys; atlasd stores none of them
+    certs = tmp_path / f"{enrolled}-certs"
     obs_ports = {
         "xds": free_port(),
         "thanos": free_port(),
@@ -777,6 +826,9 @@ def _soak(
             "obs": obs_ports,
             "downstream": downstream,
             "nat": {_public_ip(k): downstream[name]["address"] for k, name in enumerate(anchors)},
+            "enroll_port": free_port(),
+            "cert_dir": str(certs),
+            "cert_seconds": ENROLLED_CERT_SECONDS,
         },
     )
     started.append(atlasd)
@@ -792,7 +844,8 @@ def _soak(
                 name,
                 _public_ip(k),
                 prom_host="127.0.0.1",
-                prom_port=prom.port if k == 0 else 9090,
+                prom_port=prom.port if name in ("anchor-0", enrolled) else 9090,
+                enrolled=name == enrolled,
             )
         )
     for _ in range(sc.live):
@@ -808,11 +861,41 @@ def _soak(
         timeout=60,
         what="the anchors' values",
     )
+    # The enrolled anchor's agent, as the envoy chart runs it (from its values' agent
+    # settings): enrolls with a join token, then renews and follows the bundle.
+    with apiserver.admin() as c:
+        r = c.get(f"/api/v1/namespaces/{ns}/secrets/{enrolled}-envoy-values")
+    wanted = yaml.safe_load(_b64(r.json()["data"]["values.yaml"]))["agent"]
+    assert wanted["certDir"] == str(certs)
+    token = join_token(kube, enrolled)
+    agent = Proc(
+        f"agent-{enrolled}",
+        [*ATLASD, "agent", f"--server={wanted['server']}", f"--cluster={wanted['cluster']}",
+         f"--namespace={wanted['namespace']}", f"--dir={certs}", "--bundle-interval=2"],
+        log_dir=tmp_path,
+        env={"ATLAS_JOIN_TOKEN": token},
+    )  # fmt: skip
+    agents.append(agent)
+    agent.start()
+    wait_until(lambda: (certs / "server.pem").exists(), timeout=60, what="the agent enrolled")
+    tl.mark(f"{enrolled} enrolled by its agent")
+
     obs = envoy_factory(values("atlas"), "atlas")
     envoys = {a: envoy_factory(values(a), a) for a in anchors}
     for e in (obs, *envoys.values()):
         e.wait_ready(60)
+    enrolled_pid = envoys[enrolled].proc.pid
     tl.mark("Envoys ready")
+
+    def renewals() -> int:
+        return agent.log_text().count("renewed its certificates")
+
+    def answers(cluster: str) -> bool:
+        url = f"http://127.0.0.1:{obs_ports['prometheus']}/prom/{cluster}/api/v1/status/buildinfo"
+        try:
+            return httpx.get(url, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def converged(check_dns_too: bool = True) -> bool:
         check_kube_state(apiserver, ns, fleet.specs)
@@ -826,6 +909,9 @@ def _soak(
             assert e["last_nack"] is None, f"{e['node']} NACKed: {e['last_nack']}"
         connected = {e["node"] for e in streams}
         assert connected >= {"atlas", *anchors}, f"connected to atlasd: {sorted(connected)}"
+        # The enrolled cluster serves through the chain with the agent's certificates.
+        agent.check_running()
+        assert answers(enrolled), f"/prom/{enrolled}/ does not answer through the chain"
         return True
 
     # The observability Envoy's clusters that belong to no downstream cluster (the xDS
@@ -909,6 +995,7 @@ def _soak(
         traffic.phase = rss.phase = "ca rotation"
         before_rotation = traffic.count("ca rotation")
         old_ca = _current_ca(_secrets(apiserver, ns))
+        renewed_before_rotation = renewals()
         pre_rotation = values("anchor-1")  # what anchor-1 was deployed from
         hs = f"listener.{downstream['anchor-0']['address']}_{downstream['anchor-0']['prometheus']}.ssl.handshake"
         handshakes_before = envoys["anchor-0"].stats(hs).get(hs, 0)
@@ -922,7 +1009,15 @@ def _soak(
             if ca.serial_number == old_ca.serial_number:
                 return False
             check_kube_state(apiserver, ns, fleet.specs)
+            # The enrolled anchor: its agent saw the new bundle and renewed at once, and
+            # its Envoy serves the new leaf (read from the files; none over xDS).
+            for leaf in ("server.pem", "client.pem"):
+                assert _signed_by((certs / leaf).read_bytes(), ca), f"{enrolled} {leaf}: old CA"
+            served = served_serials(envoys[enrolled].admin_url, enrolled)
+            assert pem_serial(certs / "server.pem") in served, f"{enrolled} serves an old leaf"
             for node, e in (("atlas", obs), *envoys.items()):
+                if node == enrolled:
+                    continue
                 view = envoy_view(e)
                 leaves = [n for n, s in view["secrets"].items() if _tls_chain(s)]
                 assert "server" in leaves, f"{node} holds no server certificate"
@@ -932,6 +1027,7 @@ def _soak(
             return True
 
         wait_until(rotated, timeout=sc.converge_seconds, what="the CA rotation reaches every Envoy")
+        assert renewals() > renewed_before_rotation
         tl.mark("CA rotated: every Envoy holds leaves of the new CA")
         # Fresh handshakes under the new certificates (connections recycle every 3 s).
         wait_until(
@@ -986,6 +1082,12 @@ def _soak(
             wait_until(converged, timeout=sc.converge_seconds, what=f"steady step {step + 1}")
             steady_rss.append(atlasd.rss())
         tl.mark(f"{sc.steady_steps} steady churn steps converged")
+        # The enrolled anchor renewed on its own too (at 2/3 of its certificates' life,
+        # not only for the rotation), and its Envoy took every renewal with no restart.
+        wait_until(lambda: renewals() >= 2, timeout=ENROLLED_CERT_SECONDS, what="renewals")
+        wait_until(converged, timeout=sc.converge_seconds, what="the last renewal served")
+        assert envoys[enrolled].proc.pid == enrolled_pid
+        tl.mark(f"{enrolled}: {renewals()} renewals, its Envoy never restarted")
     finally:
         traffic.stop()
         rss.stop()
@@ -1032,6 +1134,8 @@ def _soak(
 
     bad = unexpected_log_lines(log)
     assert bad == [], "unexpected lines in atlasd's log:\n" + "\n".join(bad[:20])
+    secret = token.split(".")[1]
+    assert secret not in log and secret not in agent.log_text(), "the join token's secret logged"
 
     # Flat after warm-up: each process ends within a generous bound of its warm RSS, and
     # sustained churn after the faults does not keep adding to it.
