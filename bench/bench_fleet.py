@@ -49,6 +49,10 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    holds nearly all), then the time until no replica holds more than 60 % of them (each
    stream ends at its age and the observability Envoy balances the new one).
 
+With ``--py-spy DIR`` (py-spy: the ``profile`` extra; root), each replica is sampled over the initial
+snapshots and the push (``DIR/<phase>-<replica>.txt``, collapsed stacks, idle frames left out): where
+their CPU goes.
+
 Each phase also reports ``stale`` (streams not current at its deadline, must be 0) and
 the load process's reconnects. Prints a table; with ``--json`` one JSON object last.
 """
@@ -88,6 +92,49 @@ from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd
+
+
+@contextlib.contextmanager
+def sampled(where: Path | None, phase: str, pids: dict[str, int]) -> Iterator[None]:
+    """py-spy over each of ``pids`` for the block (``where`` None: nothing): collapsed
+    stacks into ``where/<phase>-<name>.txt``."""
+    import shutil
+    import subprocess
+
+    if where is None:
+        yield
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    # The virtualenv's (`pip install -e '.[profile]'`) when PATH has none.
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spies = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(where / f"{phase}-{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+    time.sleep(1)  # attached
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(60)
+
 
 NAMESPACE = "bench"  # bench_outcome reads this namespace (values_secrets, observability_bootstrap)
 ADS_NAME = f"atlasd-ads.{NAMESPACE}.svc.cluster.local"
@@ -358,12 +405,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         time.sleep(3)  # the onboarding's echoes settle before the baseline is read
         rss0 = sum(rss_mib(r.proc.pid) for r in replicas.values())
         loads = []
-        since = time.time()
-        for k, spec in enumerate(specs):
-            argv = [sys.executable, "-m", "tests.harness.ads_load", str(spec)]
-            loads.append(procs.start(f"load-{k}", [*argv, "--duration", str(args.max_seconds)]))
-        fleet = Fleet(replicas, loads, specs)
-        phase = fleet.converge(nodes, since=since, timeout=args.timeout)
+        with sampled(args.py_spy, "initial", {k: r.proc.pid for k, r in replicas.items()}):
+            since = time.time()
+            for k, spec in enumerate(specs):
+                argv = [sys.executable, "-m", "tests.harness.ads_load", str(spec)]
+                loads.append(procs.start(f"load-{k}", [*argv, "--duration", str(args.max_seconds)]))
+            fleet = Fleet(replicas, loads, specs)
+            phase = fleet.converge(nodes, since=since, timeout=args.timeout)
         phase["rss_mib_before"] = round(rss0, 1)
         phase["rss_mib_after"] = round(fleet.rss(), 1)
         phase["rss_per_stream_kib"] = round((fleet.rss() - rss0) * 1024 / n, 1)
@@ -373,14 +421,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # -- a fleet-wide push -----------------------------------------------------------
         time.sleep(2)
         before = {node: want for node, (_, _, want) in phase["_done"].items()}
-        cpu0, w0 = fleet.cpu(), fleet.writes()
-        since = time.time()
-        with api.admin() as c:
-            c.post(SERVICES, json=ALERTMANAGER).raise_for_status()
-        phase = fleet.converge(
-            nodes, since=since, timeout=args.timeout,
-            ok=lambda node, e, want: want != before.get(node),
-        )  # fmt: skip
+        pids = {k: r.proc.pid for k, r in replicas.items()}
+        with sampled(args.py_spy, "push", pids):
+            cpu0, w0 = fleet.cpu(), fleet.writes()
+            since = time.time()
+            with api.admin() as c:
+                c.post(SERVICES, json=ALERTMANAGER).raise_for_status()
+            phase = fleet.converge(
+                nodes, since=since, timeout=args.timeout,
+                ok=lambda node, e, want: want != before.get(node),
+            )  # fmt: skip
         phase["cpu_s"] = round(fleet.cpu() - cpu0, 2)
         phase["cpu_ms_per_stream"] = round(phase["cpu_s"] * 1000 / n, 3)
         time.sleep(3)
@@ -579,6 +629,7 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=int, default=3600)
     parser.add_argument("--workdir", type=Path, help="keep every log here (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--py-spy", type=Path, help="sample the replicas into this directory")
     args = parser.parse_args()
     with run_dir(args, "atlasd-bench-fleet-") as where:
         out = run(args, where)
