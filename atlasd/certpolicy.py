@@ -109,7 +109,12 @@ def renewal_at(cert: x509.Certificate, fraction: float) -> dt.datetime:
 def is_due(cert: x509.Certificate, now: dt.datetime, fraction: float) -> bool:
     """Whether ``cert`` must be replaced at ``now`` (an aware datetime): ``fraction`` of its
     lifetime has passed, or it has expired (which a ``fraction`` above 1 would not say)."""
-    return now >= renewal_at(cert, fraction) or now >= cert.not_valid_after_utc
+    return is_due_within(cert.not_valid_before_utc, cert.not_valid_after_utc, now, fraction)
+
+
+def is_due_within(start: dt.datetime, end: dt.datetime, now: dt.datetime, fraction: float) -> bool:
+    """``is_due`` of a certificate valid from ``start`` to ``end``."""
+    return now >= start + renewal_offset(end - start, fraction) or now >= end
 
 
 def renew_at(cert_pem: bytes, fraction: float) -> dt.datetime:

@@ -399,3 +399,28 @@ def test_settings_that_would_reissue_on_every_pass_are_refused(
         return
     with pytest.raises(ValueError, match=error):
         _plan(settings=settings)
+
+
+def test_a_leaf_is_checked_once_then_only_its_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping a leaf means parsing it, verifying its signature and its key: done once per
+    (leaf, CA, spec), then only its age is looked at again (a fleet-wide change reconciles
+    every cluster; bench/README.md). A due leaf is still renewed from the memo."""
+    from atlasd.reconcile import certs
+
+    checked: list[bytes] = []
+    real = certs._validity_if_keepable
+
+    def counting(material: Any, spec: Any, ca: Any) -> Any:
+        checked.append(material.cert_pem)
+        return real(material, spec, ca)
+
+    monkeypatch.setattr(certs, "_validity_if_keepable", counting)
+    monkeypatch.setattr(certs, "_KEPT", {})
+    first = _plan()
+    assert _plan(plan_secrets(first)).issued == ()
+    once = len(checked)
+    assert once == 8
+    assert _plan(plan_secrets(first), now=NOW + dt.timedelta(days=30)).issued == ()
+    assert len(checked) == once  # nothing parsed or verified again
+    assert len(_plan(plan_secrets(first), now=NOW + LIFE).issued) == 8  # due: renewed
+    assert len(checked) == once
