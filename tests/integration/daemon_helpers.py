@@ -102,10 +102,11 @@ def values_bootstrap(values: bytes) -> dict[str, Any]:
     return boot
 
 
-def answers_through_chain(cluster: str) -> bool:
-    """Whether ``/prom/<cluster>/`` answers through the observability Envoy on this host's
-    10904 (observability Envoy -> mTLS -> the cluster's Envoy -> its Prometheus)."""
-    url = f"http://127.0.0.1:10904/prom/{cluster}/api/v1/status/buildinfo"
+def answers_through_chain(cluster: str, port: int = 10904) -> bool:
+    """Whether ``/prom/<cluster>/`` answers through the observability Envoy's Prometheus
+    listener on this host's ``port`` (observability Envoy -> mTLS -> the cluster's Envoy ->
+    its Prometheus)."""
+    url = f"http://127.0.0.1:{port}/prom/{cluster}/api/v1/status/buildinfo"
     try:
         return httpx.get(url, timeout=5).status_code == 200
     except httpx.HTTPError:

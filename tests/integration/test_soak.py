@@ -72,7 +72,13 @@ from tests.harness.net import free_port
 from tests.harness.procs import Proc
 from tests.harness.prom import WebProc
 from tests.harness.wait import wait_until
-from tests.integration.daemon_helpers import ATLASD, join_token, pem_serial, served_serials
+from tests.integration.daemon_helpers import (
+    ATLASD,
+    answers_through_chain,
+    join_token,
+    pem_serial,
+    served_serials,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -890,13 +896,6 @@ def _soak(
     def renewals() -> int:
         return agent.log_text().count("renewed its certificates")
 
-    def answers(cluster: str) -> bool:
-        url = f"http://127.0.0.1:{obs_ports['prometheus']}/prom/{cluster}/api/v1/status/buildinfo"
-        try:
-            return httpx.get(url, timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     def converged(check_dns_too: bool = True) -> bool:
         check_kube_state(apiserver, ns, fleet.specs)
         check_observability_envoy(obs, ns, fleet.specs, fixed, atlasd.config["nat"])
@@ -911,7 +910,9 @@ def _soak(
         assert connected >= {"atlas", *anchors}, f"connected to atlasd: {sorted(connected)}"
         # The enrolled cluster serves through the chain with the agent's certificates.
         agent.check_running()
-        assert answers(enrolled), f"/prom/{enrolled}/ does not answer through the chain"
+        assert answers_through_chain(enrolled, obs_ports["prometheus"]), (
+            f"/prom/{enrolled}/ does not answer through the chain"
+        )
         return True
 
     # The observability Envoy's clusters that belong to no downstream cluster (the xDS

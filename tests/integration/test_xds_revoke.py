@@ -21,6 +21,7 @@ import trio
 
 from atlasd import model, revocation
 from tests.harness.wait import wait_until_async
+from tests.integration.daemon_helpers import answers_through_chain
 from tests.unit.xds import helpers
 from tests.unit.xds.world import World, xds_world
 
@@ -59,14 +60,9 @@ async def test_revoked_cluster_is_refused_others_keep_working_redeploy_restores(
         cluster_factory=lambda n: helpers.cluster(n, prom_port=prom.port),
     ) as w:
         await w.start_ready("atlas", "east", "west")
-        base = f"http://127.0.0.1:{w.plan.observability.prometheus}/prom"
 
         def ok(cluster: str) -> bool:
-            url = f"{base}/{cluster}/api/v1/status/buildinfo"
-            try:
-                return httpx.get(url, timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return answers_through_chain(cluster, w.plan.observability.prometheus)
 
         for c in ("east", "west"):
             await wait_until_async(
