@@ -64,7 +64,7 @@ from atlasd.hub import StatusHub, StoreProblemDoc
 from atlasd.model import ADS_GRPC_PORT, METRICS_PORT, Settings
 from atlasd.query.observer import run_query_observer
 from atlasd.reconcile.expectations import Expectations
-from atlasd.report import envoys_now, run_status
+from atlasd.report import EnvoyDocs, envoys_now, run_status
 from atlasd.subsystems import (
     Election,
     Leadership,
@@ -179,7 +179,9 @@ class Daemon:
         self.hub = StatusHub()
         self.feed = FleetFeed()
         self.cache = SnapshotCache(metrics=_xds_metrics())
-        self.app = StatusApp(self.hub, envoys=functools.partial(envoys_now, self.cache))
+        self.app = StatusApp(
+            self.hub, envoys=functools.partial(envoys_now, self.cache, EnvoyDocs())
+        )
         self.builder = builder or SnapshotBuilder(
             options.listen_plan, forwarder_token=options.settings.forwarder_token
         )

@@ -139,3 +139,36 @@ def test_each_problem_is_logged_once_when_it_appears(caplog: pytest.LogCaptureFi
         typo["metadata"]["labels"][labels.CLUSTER_LABEL] = "false"
         fleet.observe("typo", stored(typo, created="2026-01-01T00:00:00Z"))
         assert len(logged()) == 4 and "InvalidClusterLabel" in logged()[3]
+
+
+def test_stream_documents_are_made_again_only_for_streams_that_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``EnvoyDocs``: an ACK replaces one stream's status; only that stream's document is
+    made again (the others are the same objects), and a call with nothing changed says so."""
+    from atlasd import report
+    from atlasd.xds.streams import StatusBoard
+
+    made: list[int] = []
+    real = report._envoy_doc
+
+    def counting(st: Any) -> dict[str, Any]:
+        made.append(st.stream_id)
+        return real(st)
+
+    monkeypatch.setattr(report, "_envoy_doc", counting)
+    board = StatusBoard()
+    sids = [board.open(node=f"c{i}", kind="delta", peer="192.0.2.1:1") for i in range(3)]
+    docs = report.EnvoyDocs()
+    first, changed = docs(board.all())
+    assert changed and sorted(made) == sids
+    again, changed = docs(board.all())
+    assert not changed and all(a is b for a, b in zip(first, again, strict=True))
+    made.clear()
+    board.acked(sids[1], "type.googleapis.com/envoy.config.cluster.v3.Cluster", "v2")
+    after, changed = docs(board.all())
+    assert changed and made == [sids[1]]
+    assert after[1]["acked"] == {"cds": "v2"} and after[0] is first[0]
+    board.close(sids[2])
+    gone, changed = docs(board.all())
+    assert changed and len(gone) == 2 and made == [sids[1]]
