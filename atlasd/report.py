@@ -211,12 +211,12 @@ class EnvoyDocs:
         return docs, changed
 
 
-def envoys_now(cache: SnapshotCache, made: EnvoyDocs | None = None) -> dict[str, Any]:
+def envoys_now(cache: SnapshotCache, made: EnvoyDocs) -> dict[str, Any]:
     """``/status/envoys``: every open ADS stream, for each node streaming the versions it
     should be at (its current snapshot), and how many nodes have a snapshot. Read at request
     time; small whatever the fleet's size (benchmarks poll it). ``made``: the documents
     kept from the previous read (only changed streams are converted again)."""
-    docs, _ = (made or EnvoyDocs())(cache.status())
+    docs, _ = made(cache.status())
     snapshots = {}
     for node in {d["node"] for d in docs}:
         snap = cache.get(node)

@@ -49,9 +49,9 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    holds nearly all), then the time until no replica holds more than 60 % of them (each
    stream ends at its age and the observability Envoy balances the new one).
 
-With ``--py-spy DIR`` (py-spy: the ``profile`` extra; root), each replica is sampled over the initial
-snapshots and the push (``DIR/<phase>-<replica>.txt``, collapsed stacks, idle frames left out): where
-their CPU goes.
+With ``--py-spy DIR`` (py-spy: the ``profile`` extra; root), each replica is sampled over
+the initial snapshots and the push (``DIR/<phase>-<replica>.txt``, collapsed stacks, idle
+frames left out): where their CPU goes.
 
 Each phase also reports ``stale`` (streams not current at its deadline, must be 0) and
 the load process's reconnects. Prints a table; with ``--json`` one JSON object last.

@@ -78,6 +78,7 @@ from tests.integration.daemon_helpers import (
     join_token,
     pem_serial,
     served_serials,
+    values_of,
 )
 
 pytestmark = pytest.mark.integration
@@ -869,9 +870,7 @@ def _soak(
     )
     # The enrolled anchor's agent, as the envoy chart runs it (from its values' agent
     # settings): enrolls with a join token, then renews and follows the bundle.
-    with apiserver.admin() as c:
-        r = c.get(f"/api/v1/namespaces/{ns}/secrets/{enrolled}-envoy-values")
-    wanted = yaml.safe_load(_b64(r.json()["data"]["values.yaml"]))["agent"]
+    wanted = yaml.safe_load(values_of(apiserver, ns, f"{enrolled}-envoy-values") or b"")["agent"]
     assert wanted["certDir"] == str(certs)
     token = join_token(kube, enrolled)
     agent = Proc(
