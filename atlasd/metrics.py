@@ -115,6 +115,12 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 RECONCILE_WRITES = Counter("atlasd_reconcile_writes", "Object writes made by reconcile.")
+RECONCILE_DEFERRED = Counter(
+    "atlasd_reconcile_deferred_seconds",
+    "Seconds the leader's reconcile workers waited for this replica's ADS server to send "
+    "changes already published (xDS first: a fleet-wide change reaches the Envoys before "
+    "the Secrets it rewrites).",
+)
 RECONCILE_ERRORS = Counter(
     "atlasd_reconcile_errors",
     "Reconcile failures: a key whose writes the API server refused, or a conflict.",

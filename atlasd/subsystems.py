@@ -121,9 +121,14 @@ async def run_xds(
             for name in revoked.update(update.version.model.revocations):
                 cache.wake(name)
         build = functools.partial(builder.update, update.version.model, update.changed)
-        # A start or a CA rotation touches every node: let the ADS server answer meanwhile.
+        # A start or a CA rotation touches every node: let the ADS server answer meanwhile
+        # (and the leader's writes wait: ``PushBacklog``).
         if len(update.changed) > 200:
-            result, cpu = await trio.to_thread.run_sync(cpu_timed, build)
+            cache.backlog.building = True
+            try:
+                result, cpu = await trio.to_thread.run_sync(cpu_timed, build)
+            finally:
+                cache.backlog.building = False
         else:
             result, cpu = cpu_timed(build)
         changed, spent = cpu_timed(functools.partial(cache.update, result.changed))
@@ -413,10 +418,12 @@ async def run_reconcile(
     resync_seconds: float,
     workers: int,
     hub: StatusHub,
+    defer: Callable[[], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The leader's writes, for one leadership term: fleet versions -> key workers -> the
-    API. The term's reconciler keeps what it knows in sync across restarts of its loop."""
+    API. The term's reconciler keeps what it knows in sync across restarts of its loop.
+    ``defer``: the ADS server's backlog (``PushBacklog.busy``): xDS first."""
     expectations.clear()  # a new term trusts nothing an earlier one expected
     reconciler = Reconciler(
         settings=settings,
@@ -431,6 +438,7 @@ async def run_reconcile(
         workers=workers,
         on_result=functools.partial(_publish_key_result, hub),
         on_pass=lambda doc: hub.publish(last_reconcile=doc),
+        defer=defer,
     )
     await supervise("reconcile", hub, loop.run, task_status=task_status)
 

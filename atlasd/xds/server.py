@@ -200,11 +200,14 @@ class AdsService:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         wake_pending = False
+        # Wakes of this stream the backlog counts and the stream has not looked at yet.
+        backlog = self.cache.backlog
+        owed = 0
         # What changed since the stream last looked (None: unknown, compare everything).
         hint: dict[str, set[str]] | None = {}
 
         def on_change(diff: Mapping[str, frozenset[str]] | None) -> None:
-            nonlocal wake_pending, hint
+            nonlocal wake_pending, hint, owed
             if diff is None or hint is None:
                 hint = None
             else:
@@ -212,6 +215,8 @@ class AdsService:
                     hint.setdefault(t, set()).update(names)
             if not wake_pending:
                 wake_pending = True
+                owed += 1
+                backlog.woken()
                 loop.call_soon_threadsafe(queue.put_nowait, _CHANGED)
 
         async def reader() -> None:
@@ -267,26 +272,33 @@ class AdsService:
                     return
                 if item is _CHANGED:
                     wake_pending = False
-                    seen, hint = hint, {}
-                    snap, stamp = self._state(node)
-                    if snap is None:
-                        if had_snapshot:
-                            log.info("xds: node %r removed; closing stream %d", node, sid)
-                            return
-                        continue
-                    had_snapshot = True
-                    step = machine.on_snapshot(snap, stamp, seen)
-                else:
-                    if item.HasField("node") and item.node.id and item.node.id != node:
-                        raise grpclib.exceptions.GRPCError(
-                            grpclib.const.Status.INVALID_ARGUMENT, "node id changed on the stream"
-                        )
-                    step = machine.on_request(item, *self._state(node, asked=True))
-                await self._apply(stream, sid, node, step)
+                    try:
+                        seen, hint = hint, {}
+                        snap, stamp = self._state(node)
+                        if snap is None:
+                            if had_snapshot:
+                                log.info("xds: node %r removed; closing stream %d", node, sid)
+                                return
+                            continue
+                        had_snapshot = True
+                        await self._apply(stream, sid, node, machine.on_snapshot(snap, stamp, seen))
+                    finally:
+                        owed -= 1
+                        backlog.sent()
+                    continue
+                if item.HasField("node") and item.node.id and item.node.id != node:
+                    raise grpclib.exceptions.GRPCError(
+                        grpclib.const.Status.INVALID_ARGUMENT, "node id changed on the stream"
+                    )
+                await self._apply(
+                    stream, sid, node, machine.on_request(item, *self._state(node, asked=True))
+                )
         except _GONE:
             return
         finally:
             cancel_watch()
+            if owed:
+                backlog.sent(owed)
             reading.cancel()
             if expiry is not None:
                 expiry.cancel()

@@ -25,7 +25,7 @@ from tests.harness.wait import wait_until_async
 from tests.unit.xds import helpers
 from tests.unit.xds.ads_client import Client
 from tests.unit.xds.ads_client import request as _req
-from tests.unit.xds.test_snapshot import good
+from tests.unit.xds.test_snapshot import cluster, good, lst, route, secret
 
 
 @dataclass
@@ -246,4 +246,38 @@ async def test_a_silent_caller_is_dropped(monkeypatch: pytest.MonkeyPatch) -> No
         c = Client(port)  # never sends a request
         await wait_until_async(c.done.is_set, timeout=10, what="the silent stream dropped")
         assert c.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        c.close()
+
+
+async def test_a_woken_stream_counts_in_the_backlog_until_it_has_sent() -> None:
+    """The leader's writes wait while ``cache.backlog`` is busy: a published change counts
+    from the moment it is published until the stream has sent it; a removal counts until
+    the stream has looked and closed."""
+    cache = _cache("atlas")
+    async with ads(cache, authorizer=Authorizer(forwarder_token="t")) as port:
+        c = Client(port, metadata=((TOKEN_HEADER, "t"),))
+        c.send(_req("atlas"))
+        await wait_until_async(lambda: len(c.responses) == 1, timeout=10, what="first response")
+        r = c.responses[0]
+        c.send(_req("atlas", r.nonce, r.version_info))
+        await wait_until_async(
+            lambda: [s.acked_version(CLUSTER) for s in cache.status()] == [r.version_info],
+            timeout=10,
+            what="the ACK in status",
+        )
+        assert cache.backlog.waiting == 0 and not cache.backlog.busy()
+        changed = [lst(), route(), cluster(body="changed"), secret()]
+        cache.set_snapshot("atlas", Snapshot.create("atlas", changed))
+        assert cache.backlog.waiting == 1 and cache.backlog.busy()
+        await wait_until_async(lambda: len(c.responses) == 2, timeout=10, what="the change sent")
+        await wait_until_async(
+            lambda: cache.backlog.waiting == 0, timeout=10, what="the backlog emptied"
+        )
+        assert not cache.backlog.busy()
+        cache.clear("atlas")
+        assert cache.backlog.waiting == 1
+        await wait_until_async(c.done.is_set, timeout=10, what="stream closed on removal")
+        await wait_until_async(
+            lambda: cache.backlog.waiting == 0, timeout=10, what="the removal looked at"
+        )
         c.close()
