@@ -19,7 +19,7 @@
   queued then: nothing is known in sync), every ``resync_seconds``, and after a Conflict.
 - Retriable API errors re-queue the key with per-key backoff; anything else propagates (the
   daemon's supervisor restarts the subsystem).
-- **xDS first**: while ``defer()`` says this replica's ADS server has changes to send
+- **xDS first**: while ``defer()`` says this replica's ADS server has pushes outstanding
   (``atlasd.xds.cache.PushBacklog``), a worker waits before its next key, at most
   ``MAX_DEFER`` seconds. A fleet-wide change (an Alertmanager appearing rewrites every
   cluster's values) then reaches the Envoys first instead of sharing the event loop with

@@ -24,53 +24,54 @@ from atlasd.xds.streams import EnvoyStatus, StatusBoard, XdsMetrics
 Diff = Mapping[str, frozenset[str]] | None
 Callback = Callable[[Diff], None]
 
-# How long a stream's unanswered wake keeps the ADS server "busy" after the last wake of
-# any stream: a stream stuck in a send (its Envoy not reading) stops counting then.
+# How long the ADS server stays "busy" without progress: once no stream has started or
+# finished a push for this long, the streams still counted are stuck (an Envoy that stopped
+# reading or answering) and hold nobody.
 FRESH_SECONDS = 5.0
 
 
 class PushBacklog:
     """What this replica's ADS server has still to do for snapshots already published: a
-    large build in progress (``building``), and streams woken for a change they have not
-    sent yet. ``busy`` says whether there is such work; the leader's key reconciles wait
-    while it is (``atlasd.reconcile.loop``), so a fleet-wide change reaches the Envoys
-    before the Secrets the same change rewrites (those are on no Envoy's path: a
-    ``<c>-envoy-values`` is read by whoever installs the chart, not by a running Envoy).
+    large build in progress (``building``), and streams in a push (woken for a change, or
+    waiting for their Envoy to answer a response, or holding a change until it does).
+    ``busy`` says whether there is such work; the leader's key reconciles wait while it is
+    (``atlasd.reconcile.loop``), so a fleet-wide change reaches the Envoys before the
+    Secrets the same change rewrites (those are on no Envoy's path: a ``<c>-envoy-values``
+    is read by whoever installs the chart, not by a running Envoy).
 
-    Woken-but-unsent streams count only while wakes are fresh (the last one under
-    ``fresh`` seconds ago): a stream whose Envoy stopped reading keeps its wake, and must
-    not hold the writes for ever. Plain Python, one thread (the ADS server's asyncio tasks
-    and the Trio tasks share it under trio-asyncio)."""
+    Streams count only while pushes make progress (some stream entered or left the count
+    under ``fresh`` seconds ago): a stream whose Envoy stopped reading or answering must not
+    hold the writes for ever. Plain Python, one thread (the ADS server's asyncio tasks and
+    the Trio tasks share it under trio-asyncio)."""
 
     def __init__(
         self, *, fresh: float = FRESH_SECONDS, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.building = False
-        self._waiting = 0
-        self._last_wake = float("-inf")
+        self._active = 0
+        self._last = float("-inf")
         self._fresh = fresh
         self._clock = clock
 
     @property
-    def waiting(self) -> int:
-        """Streams woken for a change they have not sent yet."""
-        return self._waiting
+    def active(self) -> int:
+        """Streams in a push."""
+        return self._active
 
-    def woken(self) -> None:
-        self._waiting += 1
-        self._last_wake = self._clock()
+    def enter(self) -> None:
+        self._active += 1
+        self._last = self._clock()
 
-    def sent(self, n: int = 1) -> None:
-        """``n`` wakes looked at (their responses sent, or held until the Envoy answers the
-        one before), or dropped with their stream."""
-        self._waiting -= n
-        if self._waiting < 0:
-            raise RuntimeError("more wakes answered than were made")
+    def leave(self) -> None:
+        if self._active <= 0:
+            raise RuntimeError("a stream left the push backlog it was not in")
+        self._active -= 1
+        self._last = self._clock()
 
     def busy(self) -> bool:
         if self.building:
             return True
-        return self._waiting > 0 and self._clock() - self._last_wake < self._fresh
+        return self._active > 0 and self._clock() - self._last < self._fresh
 
 
 class SnapshotCache:

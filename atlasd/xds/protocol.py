@@ -249,6 +249,11 @@ class _Stream(Generic[Req]):
             step.extend(self._push(snap, held_stamp, hint))
         return step
 
+    def in_flight(self, now: float) -> bool:
+        """Whether this stream has work outstanding: a response its Envoy has not answered
+        (within FLOW_TIMEOUT) or a change held back until it does."""
+        return self._held.held or self._busy(now)
+
     def on_snapshot(self, snap: Snapshot | None, stamp: float, hint: Hint = None) -> Step:
         """A new snapshot; ``hint`` (types -> changed names) lets unchanged types and
         resources be skipped without looking at them (a change of one cluster costs that

@@ -200,14 +200,25 @@ class AdsService:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         wake_pending = False
-        # Wakes of this stream the backlog counts and the stream has not looked at yet.
+        # Whether this stream counts in the push backlog (the leader's writes wait for it):
+        # from a wake until what it sent is answered.
         backlog = self.cache.backlog
-        owed = 0
+        counted = False
+
+        def track(active: bool) -> None:
+            nonlocal counted
+            if active != counted:
+                counted = active
+                if active:
+                    backlog.enter()
+                else:
+                    backlog.leave()
+
         # What changed since the stream last looked (None: unknown, compare everything).
         hint: dict[str, set[str]] | None = {}
 
         def on_change(diff: Mapping[str, frozenset[str]] | None) -> None:
-            nonlocal wake_pending, hint, owed
+            nonlocal wake_pending, hint
             if diff is None or hint is None:
                 hint = None
             else:
@@ -215,8 +226,7 @@ class AdsService:
                     hint.setdefault(t, set()).update(names)
             if not wake_pending:
                 wake_pending = True
-                owed += 1
-                backlog.woken()
+                track(True)
                 loop.call_soon_threadsafe(queue.put_nowait, _CHANGED)
 
         async def reader() -> None:
@@ -248,6 +258,7 @@ class AdsService:
             await self._apply(
                 stream, sid, node, machine.on_request(first, *self._state(node, asked=True))
             )
+            track(wake_pending or machine.in_flight(time.monotonic()))
             while True:
                 item = await queue.get()
                 if isinstance(item, _Ended):
@@ -272,33 +283,29 @@ class AdsService:
                     return
                 if item is _CHANGED:
                     wake_pending = False
-                    try:
-                        seen, hint = hint, {}
-                        snap, stamp = self._state(node)
-                        if snap is None:
-                            if had_snapshot:
-                                log.info("xds: node %r removed; closing stream %d", node, sid)
-                                return
-                            continue
-                        had_snapshot = True
-                        await self._apply(stream, sid, node, machine.on_snapshot(snap, stamp, seen))
-                    finally:
-                        owed -= 1
-                        backlog.sent()
-                    continue
-                if item.HasField("node") and item.node.id and item.node.id != node:
-                    raise grpclib.exceptions.GRPCError(
-                        grpclib.const.Status.INVALID_ARGUMENT, "node id changed on the stream"
-                    )
-                await self._apply(
-                    stream, sid, node, machine.on_request(item, *self._state(node, asked=True))
-                )
+                    seen, hint = hint, {}
+                    snap, stamp = self._state(node)
+                    if snap is None:
+                        if had_snapshot:
+                            log.info("xds: node %r removed; closing stream %d", node, sid)
+                            return
+                        track(wake_pending or machine.in_flight(time.monotonic()))
+                        continue
+                    had_snapshot = True
+                    step = machine.on_snapshot(snap, stamp, seen)
+                else:
+                    if item.HasField("node") and item.node.id and item.node.id != node:
+                        raise grpclib.exceptions.GRPCError(
+                            grpclib.const.Status.INVALID_ARGUMENT, "node id changed on the stream"
+                        )
+                    step = machine.on_request(item, *self._state(node, asked=True))
+                await self._apply(stream, sid, node, step)
+                track(wake_pending or machine.in_flight(time.monotonic()))
         except _GONE:
             return
         finally:
             cancel_watch()
-            if owed:
-                backlog.sent(owed)
+            track(False)
             reading.cancel()
             if expiry is not None:
                 expiry.cancel()

@@ -1,4 +1,4 @@
-"""``PushBacklog``: whether the ADS server has changes to send (the leader's writes wait)."""
+"""``PushBacklog``: whether the ADS server has pushes outstanding (the leader's writes wait)."""
 
 from __future__ import annotations
 
@@ -15,38 +15,40 @@ class Clock:
         return self.now
 
 
-def test_busy_while_a_build_runs_or_a_woken_stream_has_not_sent() -> None:
+def test_busy_while_a_build_runs_or_a_stream_is_in_a_push() -> None:
     clock = Clock()
     b = PushBacklog(fresh=5.0, clock=clock)
     assert not b.busy()
     b.building = True
     assert b.busy()
     b.building = False
-    b.woken()
-    b.woken()
-    assert b.busy() and b.waiting == 2
-    b.sent()
+    b.enter()
+    b.enter()
+    assert b.busy() and b.active == 2
+    b.leave()
     assert b.busy()
-    b.sent()
-    assert not b.busy() and b.waiting == 0
+    b.leave()
+    assert not b.busy() and b.active == 0
 
 
-def test_a_stream_that_never_sends_stops_holding_the_writes_once_wakes_are_stale() -> None:
+def test_streams_that_make_no_progress_stop_holding_the_writes() -> None:
     clock = Clock()
     b = PushBacklog(fresh=5.0, clock=clock)
-    b.woken()  # its Envoy stopped reading: the wake stays
-    clock.now += 4.9
+    b.enter()
+    b.enter()  # this one's Envoy stopped answering: it stays in
+    clock.now += 4.0
+    b.leave()  # progress: the window starts again
+    clock.now += 4.0
     assert b.busy()
-    clock.now += 0.2
-    assert not b.busy() and b.waiting == 1
-    b.woken()  # a new change makes the backlog fresh again
+    clock.now += 1.1
+    assert not b.busy() and b.active == 1
+    b.enter()  # a new push makes it busy again
     assert b.busy()
-    b.sent(2)
-    assert not b.busy()
 
 
-def test_more_sends_than_wakes_is_a_bug() -> None:
+def test_leaving_more_than_entered_is_a_bug() -> None:
     b = PushBacklog()
-    b.woken()
+    b.enter()
+    b.leave()
     with pytest.raises(RuntimeError):
-        b.sent(2)
+        b.leave()

@@ -249,35 +249,35 @@ async def test_a_silent_caller_is_dropped(monkeypatch: pytest.MonkeyPatch) -> No
         c.close()
 
 
-async def test_a_woken_stream_counts_in_the_backlog_until_it_has_sent() -> None:
+async def test_a_stream_counts_in_the_push_backlog_until_its_envoy_answers() -> None:
     """The leader's writes wait while ``cache.backlog`` is busy: a published change counts
-    from the moment it is published until the stream has sent it; a removal counts until
-    the stream has looked and closed."""
+    from the moment it is published until the Envoy has ACKed what the stream sent; a
+    removal counts until the stream has looked and closed."""
     cache = _cache("atlas")
     async with ads(cache, authorizer=Authorizer(forwarder_token="t")) as port:
         c = Client(port, metadata=((TOKEN_HEADER, "t"),))
         c.send(_req("atlas"))
         await wait_until_async(lambda: len(c.responses) == 1, timeout=10, what="first response")
+        assert cache.backlog.active == 1  # the first response is unanswered
         r = c.responses[0]
         c.send(_req("atlas", r.nonce, r.version_info))
         await wait_until_async(
-            lambda: [s.acked_version(CLUSTER) for s in cache.status()] == [r.version_info],
-            timeout=10,
-            what="the ACK in status",
-        )
-        assert cache.backlog.waiting == 0 and not cache.backlog.busy()
-        changed = [lst(), route(), cluster(body="changed"), secret()]
-        cache.set_snapshot("atlas", Snapshot.create("atlas", changed))
-        assert cache.backlog.waiting == 1 and cache.backlog.busy()
-        await wait_until_async(lambda: len(c.responses) == 2, timeout=10, what="the change sent")
-        await wait_until_async(
-            lambda: cache.backlog.waiting == 0, timeout=10, what="the backlog emptied"
+            lambda: cache.backlog.active == 0, timeout=10, what="the ACK ends the push"
         )
         assert not cache.backlog.busy()
+        changed = [lst(), route(), cluster(body="changed"), secret()]
+        cache.set_snapshot("atlas", Snapshot.create("atlas", changed))
+        assert cache.backlog.active == 1 and cache.backlog.busy()
+        await wait_until_async(lambda: len(c.responses) == 2, timeout=10, what="the change sent")
+        assert cache.backlog.active == 1  # sent, not yet answered
+        r = c.responses[1]
+        c.send(_req("atlas", r.nonce, r.version_info))
+        await wait_until_async(lambda: cache.backlog.active == 0, timeout=10, what="ACKed")
+        assert not cache.backlog.busy()
         cache.clear("atlas")
-        assert cache.backlog.waiting == 1
+        assert cache.backlog.active == 1
         await wait_until_async(c.done.is_set, timeout=10, what="stream closed on removal")
         await wait_until_async(
-            lambda: cache.backlog.waiting == 0, timeout=10, what="the removal looked at"
+            lambda: cache.backlog.active == 0, timeout=10, what="the removal looked at"
         )
         c.close()
