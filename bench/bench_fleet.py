@@ -3,6 +3,7 @@ against two atlasd replicas — initial state, a fleet-wide push, a CA rotation,
 SIGKILL and a rolling restart (issue 25).
 
     .venv/bin/python bench/bench_fleet.py --clusters N [--load-procs P] [--no-floor] [--json]
+        [--until push]
 
 Real processes, as in production, in a network and mount namespace of the benchmark's own
 (root; nothing on the machine changes and no fixed port clashes with another run): etcd +
@@ -78,7 +79,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlasd.reconcile.applier import DEFAULT_CONCURRENCY as APPLY_CONCURRENCY
-from bench.bench_e2e import cluster_service, cpu_seconds, requests_by_kind, rss_mib
+from bench.bench_e2e import cluster_service, cpu_seconds, metric, requests_by_kind, rss_mib
 from bench.bench_floor import measure_floor, print_result
 from bench.bench_outcome import (
     Processes,
@@ -226,6 +227,14 @@ class Fleet:
     def rss(self) -> float:
         return sum(rss_mib(r.proc.pid) for r in self.replicas.values() if r.proc.running())
 
+    def deferred(self) -> float | None:
+        """Seconds the replicas' reconcile workers waited for their ADS server so far
+        (``atlasd_reconcile_deferred_seconds_total``); None for an atlasd without it."""
+        got = [metric(r.url, "atlasd_reconcile_deferred_seconds_total") for r in self.replicas.values() if r.proc.running()]  # fmt: skip
+        if not any(got):
+            return None
+        return sum(sum(g.values()) for g in got if g)
+
     def writes(self) -> float:
         total = 0.0
         for r in self.replicas.values():
@@ -270,6 +279,13 @@ class Fleet:
             "per_stream_s": pcts(took),
             "time_to_all_s": round(max(took), 2) if took and not stale else None,
             "on_replica": {r: sum(1 for v in done.values() if v[0] == r) for r in self.replicas},
+            # Per replica, its streams' p50 and last ACK: is one replica's half the slow one?
+            "by_replica_s": {
+                r: pcts(
+                    [t for (name, _, _), t in zip(done.values(), took, strict=True) if name == r]
+                )
+                for r in self.replicas
+            },
             "_done": done,
         }
 
@@ -423,7 +439,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         before = {node: want for node, (_, _, want) in phase["_done"].items()}
         pids = {k: r.proc.pid for k, r in replicas.items()}
         with sampled(args.py_spy, "push", pids):
-            cpu0, w0 = fleet.cpu(), fleet.writes()
+            cpu0, w0, deferred0 = fleet.cpu(), fleet.writes(), fleet.deferred()
             since = time.time()
             with api.admin() as c:
                 c.post(SERVICES, json=ALERTMANAGER).raise_for_status()
@@ -434,11 +450,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         phase["cpu_s"] = round(fleet.cpu() - cpu0, 2)
         phase["cpu_ms_per_stream"] = round(phase["cpu_s"] * 1000 / n, 3)
         time.sleep(3)
+        deferred = fleet.deferred()
+        # How long the leader's writes waited for its ADS server (xDS first) over the phase.
+        phase["writes_deferred_s"] = (
+            None if deferred is None else round(deferred - (deferred0 or 0.0), 2)
+        )
         phase["writes"] = int(fleet.writes() - w0)
         # Every cluster's values carry the Alertmanager count (atlas.alertmanagerCount).
         phase["values_counting_it"] = values_counting_alertmanagers(api, nodes)
         out["push"] = strip(phase)
         print(f"push: {out['push']}", file=sys.stderr, flush=True)
+        if args.until == "push":
+            return out
 
         # -- a CA rotation ---------------------------------------------------------------
         time.sleep(2)
@@ -589,13 +612,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         nacks = [e for r in replicas.values() for e in fleet.client.get(f"{r.url}/status/envoys").json()["envoys"] if e["nacks"]]  # fmt: skip
         out["nacks"] = len(nacks)
     finally:
+        out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
         if envoy is not None:
             envoy.stop()
         procs.stop()
         for r in replicas.values():
             r.proc.stop()
         api.stop()
-    out["load_avg"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
 
@@ -630,6 +653,10 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep every log here (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--py-spy", type=Path, help="sample the replicas into this directory")
+    parser.add_argument(
+        "--until", choices=["push", "all"], default="all",
+        help="push: stop after the fleet-wide push (the initial snapshots and the push only)",
+    )  # fmt: skip
     args = parser.parse_args()
     with run_dir(args, "atlasd-bench-fleet-") as where:
         out = run(args, where)
