@@ -24,6 +24,10 @@ from atlasd.xds.streams import EnvoyStatus, StatusBoard, XdsMetrics
 Diff = Mapping[str, frozenset[str]] | None
 Callback = Callable[[Diff], None]
 
+# A push of more streams than this at once is fleet-wide (the writes wait until it is done);
+# fewer are the trickle a burst of writes itself causes (a CA rotation's new leaves), which
+# must not hold the writes it follows from.
+LARGE_PUSH = 200
 # How long the ADS server stays "busy" without progress: once no stream has started or
 # finished a push for this long, the streams still counted are stuck (an Envoy that stopped
 # reading or answering) and hold nobody.
@@ -34,21 +38,30 @@ class PushBacklog:
     """What this replica's ADS server has still to do for snapshots already published: a
     large build in progress (``building``), and streams in a push (woken for a change, or
     waiting for their Envoy to answer a response, or holding a change until it does).
-    ``busy`` says whether there is such work; the leader's key reconciles wait while it is
-    (``atlasd.reconcile.loop``), so a fleet-wide change reaches the Envoys before the
-    Secrets the same change rewrites (those are on no Envoy's path: a ``<c>-envoy-values``
-    is read by whoever installs the chart, not by a running Envoy).
+    ``busy`` says whether there is such work for a fleet-wide change; the leader's key
+    reconciles wait while it is (``atlasd.reconcile.loop``), so a fleet-wide change reaches
+    the Envoys before the Secrets the same change rewrites (those are on no Envoy's path: a
+    ``<c>-envoy-values`` is read by whoever installs the chart, not by a running Envoy).
 
-    Streams count only while pushes make progress (some stream entered or left the count
+    Fleet-wide: once more than ``large`` streams are in a push at once, the backlog holds
+    until at most a tenth of that are (hysteresis); the few pushes that writes cause one by one (each new leaf
+    of a CA rotation goes to its node) never hold the writes. Streams count only while
+    pushes make progress (some stream entered or left the count
     under ``fresh`` seconds ago): a stream whose Envoy stopped reading or answering must not
     hold the writes for ever. Plain Python, one thread (the ADS server's asyncio tasks and
     the Trio tasks share it under trio-asyncio)."""
 
     def __init__(
-        self, *, fresh: float = FRESH_SECONDS, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        large: int = LARGE_PUSH,
+        fresh: float = FRESH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.building = False
         self._active = 0
+        self._holding = False
+        self._large = large
         self._last = float("-inf")
         self._fresh = fresh
         self._clock = clock
@@ -61,17 +74,22 @@ class PushBacklog:
     def enter(self) -> None:
         self._active += 1
         self._last = self._clock()
+        if self._active > self._large:
+            self._holding = True
 
     def leave(self) -> None:
         if self._active <= 0:
             raise RuntimeError("a stream left the push backlog it was not in")
         self._active -= 1
         self._last = self._clock()
+        if self._active <= self._large // 10:
+            # What is left is its tail, or a trickle beside it that never ends in a busy fleet.
+            self._holding = False
 
     def busy(self) -> bool:
         if self.building:
             return True
-        return self._active > 0 and self._clock() - self._last < self._fresh
+        return self._holding and self._clock() - self._last < self._fresh
 
 
 class SnapshotCache:
