@@ -418,16 +418,34 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         envoy.wait_ready(timeout=600)
 
         specs = load_specs(values, nodes, workdir, args.load_procs)
+        obs = envoy
+
+        def cpu_by_process() -> dict[str, float]:
+            """CPU-seconds so far of every process of the run (replicas, Envoy, API server,
+            etcd, load processes, CoreDNS)."""
+            got = procs.cpu()
+            got.update({k: cpu_seconds(r.proc.pid) for k, r in replicas.items() if r.proc.running()})  # fmt: skip
+            got["envoy-atlas"] = cpu_seconds(obs.proc.pid)
+            got["apiserver"] = cpu_seconds(api.proc.pid)
+            got["etcd"] = cpu_seconds(api.etcd.proc.pid)
+            return got
+
+        def cpu_since(before: dict[str, float]) -> dict[str, float]:
+            return {k: round(v - before.get(k, 0.0), 2) for k, v in cpu_by_process().items()}
+
         time.sleep(3)  # the onboarding's echoes settle before the baseline is read
         rss0 = sum(rss_mib(r.proc.pid) for r in replicas.values())
         loads = []
         with sampled(args.py_spy, "initial", {k: r.proc.pid for k, r in replicas.items()}):
+            cpu0_all = cpu_by_process()
             since = time.time()
             for k, spec in enumerate(specs):
                 argv = [sys.executable, "-m", "tests.harness.ads_load", str(spec)]
                 loads.append(procs.start(f"load-{k}", [*argv, "--duration", str(args.max_seconds)]))
             fleet = Fleet(replicas, loads, specs)
             phase = fleet.converge(nodes, since=since, timeout=args.timeout)
+        # Where the machine's CPU went: the load processes stand in for 5,000 Envoys.
+        phase["cpu_by_process_s"] = cpu_since(cpu0_all)
         phase["rss_mib_before"] = round(rss0, 1)
         phase["rss_mib_after"] = round(fleet.rss(), 1)
         phase["rss_per_stream_kib"] = round((fleet.rss() - rss0) * 1024 / n, 1)
@@ -440,6 +458,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         pids = {k: r.proc.pid for k, r in replicas.items()}
         with sampled(args.py_spy, "push", pids):
             cpu0, w0, deferred0 = fleet.cpu(), fleet.writes(), fleet.deferred()
+            cpu0_all = cpu_by_process()
             since = time.time()
             with api.admin() as c:
                 c.post(SERVICES, json=ALERTMANAGER).raise_for_status()
@@ -448,6 +467,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 ok=lambda node, e, want: want != before.get(node),
             )  # fmt: skip
         phase["cpu_s"] = round(fleet.cpu() - cpu0, 2)
+        phase["cpu_by_process_s"] = cpu_since(cpu0_all)
         phase["cpu_ms_per_stream"] = round(phase["cpu_s"] * 1000 / n, 3)
         time.sleep(3)
         deferred = fleet.deferred()
