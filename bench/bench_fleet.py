@@ -27,9 +27,11 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    both replicas' RSS growth over N).
 2. ``push``: a fleet-wide push — a local Alertmanager Service appears, so every
    downstream node gets the alert relay (listener, route, cluster) -> every stream current
-   at a new version; ``cpu_s``: both replicas' CPU over it, and the API writes it caused
-   (every cluster's values carry ``alertmanagerCount``: N rewrites by the leader, not on the
-   xDS path).
+   at a new version; ``cpu_s``: both replicas' CPU over it (``cpu_by_process_s``: every
+   process's), and the API writes it caused (every cluster's values carry
+   ``alertmanagerCount``: N rewrites by the leader, not on the xDS path; the leader sends
+   the Envoys theirs first, ``writes_deferred_s``): ``writes_when_all_current``, then
+   ``writes_done_s`` (the phase waits for all N before the next).
 3. ``rotation``: ``goatlas.io/ca-rotate`` on ``atlas-ca`` -> every stream holds new SDS
    leaves, checked against each cluster's ``<c>-atlas-identity`` Secret (fingerprints);
    ``writes``, ``writes_done_s`` and ``write_rate``; with the floor (``bench_floor``: a bare
@@ -54,8 +56,9 @@ With ``--py-spy DIR`` (py-spy: the ``profile`` extra; root), each replica is sam
 the initial snapshots and the push (``DIR/<phase>-<replica>.txt``, collapsed stacks, idle
 frames left out): where their CPU goes.
 
-Each phase also reports ``stale`` (streams not current at its deadline, must be 0) and
-the load process's reconnects. Prints a table; with ``--json`` one JSON object last.
+Each phase also reports ``stale`` (streams not current at its deadline, must be 0), the
+load process's reconnects and ``by_replica_s`` (each replica's streams' p50/p99/max: is
+one replica's half the slow one?). ``--until push`` stops after the push. Prints a table; with ``--json`` one JSON object last.
 """
 
 from __future__ import annotations
@@ -469,6 +472,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         phase["cpu_s"] = round(fleet.cpu() - cpu0, 2)
         phase["cpu_by_process_s"] = cpu_since(cpu0_all)
         phase["cpu_ms_per_stream"] = round(phase["cpu_s"] * 1000 / n, 3)
+        phase["writes_when_all_current"] = int(fleet.writes() - w0)
+        # The push is done when its N values rewrites are too (the rotation must not start
+        # with them still queued: its writes and their rate would count them).
+        wait_until(
+            lambda: fleet.writes() - w0 >= n, timeout=args.timeout, what="the push's writes",
+            interval=0.5,
+        )  # fmt: skip
+        phase["writes_done_s"] = round(time.time() - since, 2)
         time.sleep(3)
         deferred = fleet.deferred()
         # How long the leader's writes waited for its ADS server (xDS first) over the phase.
