@@ -117,9 +117,9 @@ RECONCILE_SECONDS = Histogram(
 RECONCILE_WRITES = Counter("atlasd_reconcile_writes", "Object writes made by reconcile.")
 RECONCILE_DEFERRED = Counter(
     "atlasd_reconcile_deferred_seconds",
-    "Seconds the leader's reconcile workers waited for this replica's ADS server to send "
-    "changes already published (xDS first: a fleet-wide change reaches the Envoys before "
-    "the Secrets it rewrites).",
+    "Seconds the leader's reconcile workers waited for a fleet-wide push of this replica's "
+    "ADS server (xDS first: a fleet-wide change reaches the Envoys before the Secrets it "
+    "rewrites).",
 )
 RECONCILE_ERRORS = Counter(
     "atlasd_reconcile_errors",

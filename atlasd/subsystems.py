@@ -48,7 +48,7 @@ from atlasd.supervise import supervise
 from atlasd.watch.backoff import Backoff
 from atlasd.xds.authz import RevokedCerts
 from atlasd.xds.builders import SnapshotBuilder
-from atlasd.xds.cache import SnapshotCache
+from atlasd.xds.cache import LARGE_PUSH, SnapshotCache
 from atlasd.xds.tls import ServerTls, TlsMaterial
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ async def run_xds(
         build = functools.partial(builder.update, update.version.model, update.changed)
         # A start or a CA rotation touches every node: let the ADS server answer meanwhile
         # (and the leader's writes wait: ``PushBacklog``).
-        if len(update.changed) > 200:
+        if len(update.changed) > LARGE_PUSH:
             cache.backlog.building = True
             try:
                 result, cpu = await trio.to_thread.run_sync(cpu_timed, build)

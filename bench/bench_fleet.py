@@ -58,7 +58,8 @@ frames left out): where their CPU goes.
 
 Each phase also reports ``stale`` (streams not current at its deadline, must be 0), the
 load process's reconnects and ``by_replica_s`` (each replica's streams' p50/p99/max: is
-one replica's half the slow one?). ``--until push`` stops after the push. Prints a table; with ``--json`` one JSON object last.
+one replica's half the slow one?). ``--until push`` stops after the push. Prints a table;
+with ``--json`` one JSON object last.
 """
 
 from __future__ import annotations

@@ -269,8 +269,8 @@ class ReconcileLoop:
         t0 = trio.current_time()
         with trio.move_on_after(MAX_DEFER):
             # A poll, not an Event: the backlog changes thousands of times a second in a
-            # push and turns idle by age too (a stale wake); a few workers looking every
-            # 20 ms cost less than telling them of every change.
+            # push and turns idle by age too (no progress for a while); a few workers
+            # looking every 20 ms cost less than telling them of every change.
             while self._defer():  # noqa: ASYNC110
                 await trio.sleep(DEFER_POLL)
         RECONCILE_DEFERRED.inc(trio.current_time() - t0)

@@ -24,9 +24,9 @@ from atlasd.xds.streams import EnvoyStatus, StatusBoard, XdsMetrics
 Diff = Mapping[str, frozenset[str]] | None
 Callback = Callable[[Diff], None]
 
-# A push of more streams than this at once is fleet-wide (the writes wait until it is done);
-# fewer are the trickle a burst of writes itself causes (a CA rotation's new leaves), which
-# must not hold the writes it follows from.
+# A push of more streams (a build of more nodes) than this at once is fleet-wide: the writes
+# wait until it is done; fewer are the trickle a burst of writes itself causes (a CA
+# rotation's new leaves), which must not hold the writes it follows from.
 LARGE_PUSH = 200
 # How long the ADS server stays "busy" without progress: once no stream has started or
 # finished a push for this long, the streams still counted are stuck (an Envoy that stopped

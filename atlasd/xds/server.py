@@ -214,6 +214,10 @@ class AdsService:
                 else:
                     backlog.leave()
 
+        def settle() -> None:
+            """After the stream did something: it counts while a wake or an answer is due."""
+            track(wake_pending or machine.in_flight(time.monotonic()))
+
         # What changed since the stream last looked (None: unknown, compare everything).
         hint: dict[str, set[str]] | None = {}
 
@@ -258,7 +262,7 @@ class AdsService:
             await self._apply(
                 stream, sid, node, machine.on_request(first, *self._state(node, asked=True))
             )
-            track(wake_pending or machine.in_flight(time.monotonic()))
+            settle()
             while True:
                 item = await queue.get()
                 if isinstance(item, _Ended):
@@ -289,7 +293,7 @@ class AdsService:
                         if had_snapshot:
                             log.info("xds: node %r removed; closing stream %d", node, sid)
                             return
-                        track(wake_pending or machine.in_flight(time.monotonic()))
+                        settle()
                         continue
                     had_snapshot = True
                     step = machine.on_snapshot(snap, stamp, seen)
@@ -300,7 +304,7 @@ class AdsService:
                         )
                     step = machine.on_request(item, *self._state(node, asked=True))
                 await self._apply(stream, sid, node, step)
-                track(wake_pending or machine.in_flight(time.monotonic()))
+                settle()
         except _GONE:
             return
         finally:
