@@ -112,7 +112,7 @@ async def probe_unseen(
     s = fleet.settings
     limiter = trio.CapacityLimiter(PROBE_CONCURRENCY)
 
-    async def one(name: str, client: httpx.AsyncClient) -> None:
+    async def one(name: str) -> None:
         authority = service_host(
             fleet.clusters[name].sidecar_service(0), s.namespace, s.cluster_domain
         )
@@ -122,17 +122,16 @@ async def probe_unseen(
                 address=via or f"{authority}:{OBS_THANOS_PORT}",
                 authority=authority,
                 within=PROBE_WITHIN,
-                client=client,
             )
             if found.refused == DOWNSTREAM and downstream_port is not None:
                 found = await _name_certificate(fleet, name, found, downstream_port(name))
         probes[name] = (found, now)
 
-    if turn:
-        # One client a round: through --probe-via, every probe shares one HTTP/2 connection.
-        async with httpx.AsyncClient(http1=False, http2=True) as client, trio.open_nursery() as n:
-            for name in turn:
-                n.start_soon(one, name, client)
+    # Each probe on a connection of its own (see probe._exchange: concurrent calls must
+    # not share one over HTTP/2), at most PROBE_CONCURRENCY open at once.
+    async with trio.open_nursery() as n:
+        for name in turn:
+            n.start_soon(one, name)
     hops = dict.fromkeys(HOPS, 0)
     for found, _ in probes.values():
         hops[found.hop] += 1

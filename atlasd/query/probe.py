@@ -65,6 +65,7 @@ it gives the response headers a classification needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ssl
 import struct
 import time
@@ -364,13 +365,31 @@ class _Judge(Protocol):
     ) -> Finding: ...  # fmt: skip
 
 
+@functools.cache
+def _unused_tls() -> ssl.SSLContext:
+    """The context a cleartext probe's client holds but never uses: httpx otherwise builds
+    a verifying one, loading the CA store (~60 ms of CPU), for every client."""
+    return ssl.create_default_context()
+
+
+def cleartext_client(*, http2: bool) -> httpx.AsyncClient:
+    """A client for one probe over cleartext HTTP/1.1 or HTTP/2 (prior knowledge)."""
+    return httpx.AsyncClient(http1=not http2, http2=http2, verify=_unused_tls())
+
+
 async def _exchange(
     cluster: str, via: str, request: httpx.Request, *, within: float, slow_after: float,
     client: httpx.AsyncClient | None, http2: bool, judge: _Judge,
 ) -> Finding:  # fmt: skip
-    """Send ``request``; ``judge`` the answer, or say what stopped it from coming."""
+    """Send ``request``; ``judge`` the answer, or say what stopped it from coming.
+
+    ``client``: one to reuse, one call at a time. Over HTTP/2 never by calls running at
+    once: httpcore shares the connection's h2 state between them, and an Envoy's early
+    local reply on one stream (a refused upstream handshake, with the request body not
+    yet sent) then fails that call as a ``LocalProtocolError`` naming the stream. None:
+    a connection of the call's own."""
     own = client is None
-    http = client or httpx.AsyncClient(http1=not http2, http2=http2)
+    http = client or cleartext_client(http2=http2)
     started = time.perf_counter()
     address = request.url.netloc.decode()
     try:
