@@ -6,7 +6,8 @@ Usage::
     .venv/bin/python bench/bench_xds.py load-client PORT N KIND    (internal: the load process)
 
 - build: ``SnapshotBuilder.build`` for 10/100/1,000/5,000 clusters, from scratch ("full")
-  and after changing one cluster ("one change", same builder: memoized pieces reused).
+  and after changing one cluster ("one change", same builder: memoized pieces reused),
+  and a fleet-wide change (a second local Alertmanager: every node's relay).
 - ack: a real Envoy (node ``atlas``, SotW and Delta) holding 100 clusters; one cluster
   changes its external IP, time until the Envoy ACKs the new EDS version (median and p99
   over runs).
@@ -112,6 +113,7 @@ def bench_build() -> None:
     print("== snapshot build (nodes = clusters + 1; 2 replicas, 1 Alertmanager) ==")
     print(
         f"{'clusters':>8} {'full s':>9} {'one change s':>13} {'rebuilt pieces':>15} {'resources':>10}"
+        f" {'fleet-wide s':>11}"
     )
     for n in (10, 100, 1000, 5000):
         fleet = _fleet(n)
@@ -128,8 +130,20 @@ def bench_build() -> None:
             b.update(f2, {name})
             changes.append(time.perf_counter() - t0)
             built = b.built
+        # A fleet-wide change: a second local Alertmanager (every node's relay changes).
+        wide = dataclasses.replace(
+            fleet,
+            alertmanagers=(
+                *fleet.alertmanagers,
+                model.LocalAlertmanager("am2", "monitoring", 9093),
+            ),
+        )
+        t0 = time.perf_counter()
+        b.update(wide, None)
+        fleet_wide = time.perf_counter() - t0
         print(
             f"{n:>8} {full:>9.3f} {statistics.median(changes):>13.4f} {built:>15} {resources:>10}"
+            f" {fleet_wide:>11.3f}"
         )
 
 

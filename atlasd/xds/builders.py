@@ -124,6 +124,9 @@ def _marked(rc: route_pb2.RouteConfiguration, cluster: str) -> route_pb2.RouteCo
 THANOS_SCOPES = "thanos"
 PROM_SCOPES = "prometheus"
 PROM_PREFIX = "/prom/"
+# Pieces shared by nodes kept at most (``SnapshotBuilder._shared``): a handful per distinct
+# input (ports, upstream hosts), so a fleet holds tens; past this they are dropped at once.
+MEMO_LIMIT = 4096
 # 10901: the authority without its port; 10904: the first two segments of the path.
 THANOS_KEY = (HeaderPart(":authority", ":", 0),)
 PROM_KEY = (HeaderPart(":path", "/", 1), HeaderPart(":path", "/", 2))
@@ -201,6 +204,8 @@ class SnapshotBuilder:
         self._nodes: dict[str, tuple[Hashable, Snapshot]] = {}
         self._atlas: Snapshot | None = None
         self._fleet_inputs: Hashable = None
+        # Pieces shared by nodes, by their maker and inputs (``_shared``).
+        self._memo: dict[Hashable, Resource] = {}
         # Inconsistencies found by the last update (builder bugs; see ``_consistent``).
         self.problems: list[str] = []
         # Pieces built by the last update (tests and the benchmark).
@@ -317,19 +322,20 @@ class SnapshotBuilder:
         """A snapshot of ``resources``, evolved from ``prev`` where possible; an inconsistent
         one is never published: the node keeps its last good snapshot (or has none yet)."""
         try:
-            snap = Snapshot.create(node, resources)
+            if prev is None:
+                return Snapshot.create(node, resources)
+            # Evolved directly: only what differs is hashed and checked (``evolve``
+            # returns ``prev`` itself when nothing does).
+            names = {(r.type_url, r.name) for r in resources}
+            if len(names) != len(resources):
+                Snapshot.create(node, resources)  # raises, naming the duplicate
+            gone = [(t, n) for t, rs in prev.resources.items() for n in rs if (t, n) not in names]
+            return prev.evolve(resources, gone)
         except InconsistentSnapshot as exc:
             # A builder bug, not bad input: say so, keep serving the last good snapshot.
             self.problems.append(str(exc))
             log.error("xds: not publishing node %r: %s", node, exc, extra={"key": node})
             return prev
-        if prev is not None:
-            if prev.versions == snap.versions:
-                return prev
-            names = {(r.type_url, r.name) for r in resources}
-            gone = [(t, n) for t, rs in prev.resources.items() for n in rs if (t, n) not in names]
-            return prev.evolve(resources, gone)
-        return snap
 
     # -- node atlas: per-cluster pieces -------------------------------------------------------
 
@@ -646,8 +652,7 @@ class SnapshotBuilder:
         wanted = {name for r in res for t, name in r.refs if t == SECRET}
         out: list[Resource] = []
         if VALIDATION_SECRET in wanted:
-            bundle = pki.trust_bundle
-            out.append(_mk(SECRET, VALIDATION_SECRET, lambda: validation_secret(bundle)))
+            out.append(self._shared(SECRET, VALIDATION_SECRET, validation_secret, pki.trust_bundle))
         for name, ck in ((SERVER_SECRET, ident.server), (CLIENT_SECRET, ident.client)):
             if name in wanted:
 
@@ -656,6 +661,21 @@ class SnapshotBuilder:
 
                 out.append(_mk(SECRET, name, make))
         return out
+
+    def _shared(
+        self, type_url: str, name: str, make: Callable[..., Piece], *args: Hashable
+    ) -> Resource:
+        """A resource many nodes hold alike, made by ``make(*args)`` (a pure function of
+        them): built once per distinct ``args`` and the same object in every snapshot.
+        A fleet-wide change (an Alertmanager, the observability Envoy's address) then
+        builds each such piece once, not once per node."""
+        key = (type_url, name, make, args)
+        got = self._memo.get(key)
+        if got is None:
+            if len(self._memo) >= MEMO_LIMIT:
+                self._memo.clear()  # pieces of inputs gone by: rebuilt if still in use
+            got = self._memo[key] = _mk(type_url, name, lambda: make(*args))
+        return got
 
     # -- node <cluster> --------------------------------------------------------------
 
@@ -676,19 +696,9 @@ class SnapshotBuilder:
             # An IPv6 external IP: listen on every IPv6 (and, dual-stack, IPv4) address.
             ports = dataclasses.replace(ports, address="::")
         res: list[Resource] = []
-        atlas = [model.OBSERVABILITY_NODE]
-
+        shared = self._shared
         for name, port in (("thanos", ports.thanos), ("prometheus", ports.prometheus)):
-
-            def mtls_listener(name: str = name, port: int = port) -> Piece:
-                chain, refs = downstream_tls_chain(client_sans=atlas, sds_dir=sds_dir)
-                hcm = make_hcm(stat_prefix=name, route_name=name, streaming=name == "thanos")
-                lst = make_listener(
-                    name=name, address=ports.address, port=port, hcm=hcm, tls_chain=chain
-                )
-                return Piece(serialize(lst), refs | {(ROUTE, name)})
-
-            res.append(_mk(LISTENER, name, mtls_listener))
+            res.append(shared(LISTENER, name, _mtls_listener, name, ports.address, port, sds_dir))
 
         # Replica pinning: the authority names the sidecar Service of replica i.
         def thanos_routes() -> Piece:
@@ -710,12 +720,9 @@ class SnapshotBuilder:
         res.append(_mk(ROUTE, "thanos", thanos_routes))
         for i in range(c.replicas):
             up = c.thanos_upstream(i)
-
-            def thanos_cluster(i: int = i, up: model.Upstream = up) -> Piece:
-                cl, refs = make_cluster(name=f"thanos{i}", host=up.host, port=up.port, http2=True)
-                return Piece(serialize(cl), refs)
-
-            res.append(_mk(CLUSTER, f"thanos{i}", thanos_cluster))
+            res.append(
+                shared(CLUSTER, f"thanos{i}", _upstream, f"thanos{i}", up.host, up.port, True)
+            )
 
         def prom_routes() -> Piece:
             vh = route_components_pb2.VirtualHost(
@@ -727,74 +734,84 @@ class SnapshotBuilder:
             return Piece(serialize(rc), frozenset({(CLUSTER, "prometheus")}))
 
         res.append(_mk(ROUTE, "prometheus", prom_routes))
-
-        def prom_cluster() -> Piece:
-            cl, refs = make_cluster(
-                name="prometheus", host=c.prometheus.host, port=c.prometheus.port, http2=False
-            )
-            return Piece(serialize(cl), refs)
-
-        res.append(_mk(CLUSTER, "prometheus", prom_cluster))
+        up = c.prometheus
+        res.append(shared(CLUSTER, "prometheus", _upstream, "prometheus", up.host, up.port, False))
 
         # 11903: local alerts -> observability Envoy 10903 over mTLS. Authorities naming an
         # Alertmanager are kept; anything else goes to alertmanager0.
         if fleet.alertmanagers:
             n_am = len(fleet.alertmanagers)
-
-            def relay_listener() -> Piece:
-                hcm = make_hcm(stat_prefix="alertmanager", route_name="alertmanager")
-                lst = make_listener(
-                    name="alertmanager",
-                    address=ports.address,
-                    port=ports.alertmanager,
-                    hcm=hcm,
-                    tls_chain=None,
-                )
-                return Piece(serialize(lst), frozenset({(ROUTE, "alertmanager")}))
-
-            res.append(_mk(LISTENER, "alertmanager", relay_listener))
-
-            def relay_routes() -> Piece:
-                hosts = [
-                    f"alertmanager{i}.{s.namespace}.svc.{s.cluster_domain}" for i in range(n_am)
-                ]
-                vhosts = [
-                    route_components_pb2.VirtualHost(
-                        name=f"alertmanager{i}",
-                        domains=host_domains(h),
-                        routes=[make_route(ATLAS_ALERTMANAGER_CLUSTER)],
-                    )
-                    for i, h in enumerate(hosts)
-                ]
-                vhosts.append(
-                    route_components_pb2.VirtualHost(
-                        name="default",
-                        domains=["*"],
-                        routes=[make_route(ATLAS_ALERTMANAGER_CLUSTER, host_rewrite=hosts[0])],
-                    )
-                )
-                rc = route_pb2.RouteConfiguration(name="alertmanager", virtual_hosts=vhosts)
-                return Piece(serialize(rc), frozenset({(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER)}))
-
-            res.append(_mk(ROUTE, "alertmanager", relay_routes))
-
-            def relay_cluster() -> Piece:
-                cl, refs = make_cluster(
-                    name=ATLAS_ALERTMANAGER_CLUSTER,
-                    host=s.envoy_address,
-                    port=s.envoy_alertmanager_port,
-                    http2=True,
-                    tls_san=model.OBSERVABILITY_NODE,
-                    max_connection_seconds=self._conn_seconds,
-                    sds_dir=sds_dir,
-                )
-                return Piece(serialize(cl), refs)
-
-            res.append(_mk(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER, relay_cluster))
+            where = (ports.address, ports.alertmanager)
+            res.append(shared(LISTENER, "alertmanager", _relay_listener, *where))
+            names = (n_am, s.namespace, s.cluster_domain)
+            res.append(shared(ROUTE, "alertmanager", _relay_routes, *names))
+            to = (s.envoy_address, s.envoy_alertmanager_port, self._conn_seconds, sds_dir)
+            res.append(shared(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER, _relay_cluster, *to))
 
         if ident is not None and sds_dir is None:
             res.extend(self._referenced_secrets(node, res, pki, ident))
         return res
+
+
+# Downstream pieces alike for every node with the same inputs (``SnapshotBuilder._shared``):
+# each reads nothing but its arguments.
+
+
+def _mtls_listener(name: str, address: str, port: int, sds_dir: str | None) -> Piece:
+    """Listener ``name`` (thanos, prometheus): mTLS, only node ``atlas``'s certificate."""
+    chain, refs = downstream_tls_chain(client_sans=[model.OBSERVABILITY_NODE], sds_dir=sds_dir)
+    hcm = make_hcm(stat_prefix=name, route_name=name, streaming=name == "thanos")
+    lst = make_listener(name=name, address=address, port=port, hcm=hcm, tls_chain=chain)
+    return Piece(serialize(lst), refs | {(ROUTE, name)})
+
+
+def _upstream(name: str, host: str, port: int, http2: bool) -> Piece:
+    """A local service the downstream Envoy sends to (a Thanos sidecar, Prometheus)."""
+    cl, refs = make_cluster(name=name, host=host, port=port, http2=http2)
+    return Piece(serialize(cl), refs)
+
+
+def _relay_listener(address: str, port: int) -> Piece:
+    """11903: the cluster's alerts in, to the relay route."""
+    hcm = make_hcm(stat_prefix="alertmanager", route_name="alertmanager")
+    lst = make_listener(name="alertmanager", address=address, port=port, hcm=hcm, tls_chain=None)
+    return Piece(serialize(lst), frozenset({(ROUTE, "alertmanager")}))
+
+
+def _relay_routes(alertmanagers: int, namespace: str, domain: str) -> Piece:
+    """Authorities naming one of the ``alertmanagers`` are kept; others go to the first."""
+    hosts = [f"alertmanager{i}.{namespace}.svc.{domain}" for i in range(alertmanagers)]
+    vhosts = [
+        route_components_pb2.VirtualHost(
+            name=f"alertmanager{i}",
+            domains=host_domains(h),
+            routes=[make_route(ATLAS_ALERTMANAGER_CLUSTER)],
+        )
+        for i, h in enumerate(hosts)
+    ]
+    vhosts.append(
+        route_components_pb2.VirtualHost(
+            name="default",
+            domains=["*"],
+            routes=[make_route(ATLAS_ALERTMANAGER_CLUSTER, host_rewrite=hosts[0])],
+        )
+    )
+    rc = route_pb2.RouteConfiguration(name="alertmanager", virtual_hosts=vhosts)
+    return Piece(serialize(rc), frozenset({(CLUSTER, ATLAS_ALERTMANAGER_CLUSTER)}))
+
+
+def _relay_cluster(host: str, port: int, conn_seconds: int, sds_dir: str | None) -> Piece:
+    """The observability Envoy's 10903 over mTLS (its name ``atlas`` verified)."""
+    cl, refs = make_cluster(
+        name=ATLAS_ALERTMANAGER_CLUSTER,
+        host=host,
+        port=port,
+        http2=True,
+        tls_san=model.OBSERVABILITY_NODE,
+        max_connection_seconds=conn_seconds,
+        sds_dir=sds_dir,
+    )
+    return Piece(serialize(cl), refs)
 
 
 def build_snapshots(fleet: model.Fleet, plan: ListenPlan | None = None) -> dict[str, Snapshot]:
