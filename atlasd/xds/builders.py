@@ -176,7 +176,9 @@ class SnapshotBuilder:
     a downstream node is rebuilt only when its own cluster or the fleet-wide inputs changed;
     node ``atlas`` keeps one set of pieces per cluster (two upstream clusters, its routing
     scopes, an RBAC principal) and evolves its snapshot with the changed ones only, so
-    nothing unchanged is re-serialized or re-hashed.
+    nothing unchanged is re-serialized or re-hashed. Pieces many downstream nodes hold
+    alike are built once per distinct inputs (``_shared``), so a fleet-wide change costs
+    each node its own pieces only.
 
     Invariants: ``_pieces`` holds the pieces of exactly the clusters of the last fleet that
     are served on node ``atlas``, ``_names`` their names sorted; ``_nodes[n]`` the inputs and
