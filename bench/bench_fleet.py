@@ -3,7 +3,7 @@ against two atlasd replicas — initial state, a fleet-wide push, a CA rotation,
 SIGKILL and a rolling restart (issue 25).
 
     .venv/bin/python bench/bench_fleet.py --clusters N [--load-procs P] [--no-floor] [--json]
-        [--until push]
+        [--until push|rotation]
 
 Real processes, as in production, in a network and mount namespace of the benchmark's own
 (root; nothing on the machine changes and no fixed port clashes with another run): etcd +
@@ -53,12 +53,14 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    stream ends at its age and the observability Envoy balances the new one).
 
 With ``--py-spy DIR`` (py-spy: the ``profile`` extra; root), each replica is sampled over
-the initial snapshots and the push (``DIR/<phase>-<replica>.txt``, collapsed stacks, idle
+the initial snapshots, the push and the rotation's writes (``DIR/<phase>-<replica>.txt``,
+collapsed stacks, idle
 frames left out): where their CPU goes.
 
 Each phase also reports ``stale`` (streams not current at its deadline, must be 0), the
 load process's reconnects and ``by_replica_s`` (each replica's streams' p50/p99/max: is
-one replica's half the slow one?). ``--until push`` stops after the push. Prints a table;
+one replica's half the slow one?). ``--until push`` stops after the push, ``--until
+rotation`` after the rotation. Prints a table;
 with ``--json`` one JSON object last.
 """
 
@@ -516,7 +518,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 last_write[:] = [time.time(), w]
             return w - w0 >= 2 * n and time.time() - last_write[0] > 5
 
-        wait_until(writes_quiet, timeout=args.timeout, what="the rotation's writes", interval=0.5)
+        with sampled(args.py_spy, "rotation", pids):
+            wait_until(
+                writes_quiet, timeout=args.timeout, what="the rotation's writes", interval=0.5
+            )  # fmt: skip
         new = identity_leaves(api)
         renewed = {c for c in nodes if new.get(c) != old.get(c)}
 
@@ -544,6 +549,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             rot["writes_over_floor"] = round((last_write[0] - since) / out["floor_s"], 2)
         out["rotation"] = rot
         print(f"rotation: {rot}", file=sys.stderr, flush=True)
+        if args.until == "rotation":
+            return out
 
         # -- the leader SIGKILLed --------------------------------------------------------
         time.sleep(2)
@@ -686,8 +693,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--py-spy", type=Path, help="sample the replicas into this directory")
     parser.add_argument(
-        "--until", choices=["push", "all"], default="all",
-        help="push: stop after the fleet-wide push (the initial snapshots and the push only)",
+        "--until", choices=["push", "rotation", "all"], default="all",
+        help="push: stop after the fleet-wide push (the initial snapshots and the push only); "
+        "rotation: after the CA rotation",
     )  # fmt: skip
     args = parser.parse_args()
     with run_dir(args, "atlasd-bench-fleet-") as where:

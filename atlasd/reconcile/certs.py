@@ -36,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from atlasd.addresses import parse_ip
 from atlasd.certpolicy import is_due_within, issued_by, key_belongs_to, load_cert, load_key
 from atlasd.fleet.trust import CAChain, Serials
+from atlasd.memo import Memo
 from atlasd.model import PKI, CertKey
 
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -325,9 +326,10 @@ def leaf_is_current(
 # spec): a reconcile of a cluster whose leaves did not change (every cluster, after a
 # fleet-wide change such as an Alertmanager appearing) does not parse and verify them
 # again (0.17 ms -> 0.005 ms of CPU per leaf, two per cluster; bench/README.md).
-# A digest, not the PEMs, so no old material is kept alive; emptied when full.
-_KEPT: dict[tuple[bytes, x509.Certificate, LeafSpec], tuple[dt.datetime, dt.datetime] | None] = {}
-_KEPT_MAX = 65_536
+# A digest, not the PEMs, so no old material is kept alive.
+_KEPT: Memo[tuple[bytes, x509.Certificate, LeafSpec], tuple[dt.datetime, dt.datetime] | None] = (
+    Memo(65_536)
+)
 
 
 def _kept_validity(
@@ -337,14 +339,7 @@ def _kept_validity(
     time (issued by ``ca``, a P-256 key that is its own, ``spec``'s names and usage);
     None if one fails. Memoized (``_KEPT``)."""
     digest = hashlib.sha256(material.cert_pem + b"\0" + material.key_pem).digest()
-    key = (digest, ca, spec)
-    if key in _KEPT:
-        return _KEPT[key]
-    found = _validity_if_keepable(material, spec, ca)
-    if len(_KEPT) >= _KEPT_MAX:
-        _KEPT.clear()
-    _KEPT[key] = found
-    return found
+    return _KEPT.get((digest, ca, spec), lambda: _validity_if_keepable(material, spec, ca))
 
 
 def _validity_if_keepable(

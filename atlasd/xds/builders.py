@@ -64,6 +64,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from atlasd import model
 from atlasd.fleet.keys import FLEET_KEY
 from atlasd.labels import CLUSTER_HEADER, FORWARDER_TOKEN_HEADER, UPSTREAM_FAILURE_HEADER
+from atlasd.memo import Memo
 from atlasd.xds.messages import (
     ADS_FORWARD_CLUSTER,
     ADS_SERVER_MAX_STREAMS,
@@ -207,7 +208,7 @@ class SnapshotBuilder:
         self._atlas: Snapshot | None = None
         self._fleet_inputs: Hashable = None
         # Pieces shared by nodes, by their maker and inputs (``_shared``).
-        self._memo: dict[Hashable, Resource] = {}
+        self._memo: Memo[Hashable, Resource] = Memo(MEMO_LIMIT)
         # Inconsistencies found by the last update (builder bugs; see ``_consistent``).
         self.problems: list[str] = []
         # Pieces built by the last update (tests and the benchmark).
@@ -671,13 +672,9 @@ class SnapshotBuilder:
         them): built once per distinct ``args`` and the same object in every snapshot.
         A fleet-wide change (an Alertmanager, the observability Envoy's address) then
         builds each such piece once, not once per node."""
-        key = (type_url, name, make, args)
-        got = self._memo.get(key)
-        if got is None:
-            if len(self._memo) >= MEMO_LIMIT:
-                self._memo.clear()  # pieces of inputs gone by: rebuilt if still in use
-            got = self._memo[key] = _mk(type_url, name, lambda: make(*args))
-        return got
+        return self._memo.get(
+            (type_url, name, make, args), lambda: _mk(type_url, name, lambda: make(*args))
+        )
 
     # -- node <cluster> --------------------------------------------------------------
 

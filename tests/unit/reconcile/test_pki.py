@@ -405,6 +405,7 @@ def test_a_leaf_is_checked_once_then_only_its_age(monkeypatch: pytest.MonkeyPatc
     """Keeping a leaf means parsing it, verifying its signature and its key: done once per
     (leaf, CA, spec), then only its age is looked at again (a fleet-wide change reconciles
     every cluster; bench/README.md). A due leaf is still renewed from the memo."""
+    from atlasd.memo import Memo
     from atlasd.reconcile import certs
 
     checked: list[bytes] = []
@@ -415,7 +416,7 @@ def test_a_leaf_is_checked_once_then_only_its_age(monkeypatch: pytest.MonkeyPatc
         return real(material, spec, ca)
 
     monkeypatch.setattr(certs, "_validity_if_keepable", counting)
-    monkeypatch.setattr(certs, "_KEPT", {})
+    monkeypatch.setattr(certs, "_KEPT", Memo(65_536))
     first = _plan()
     assert _plan(plan_secrets(first)).issued == ()
     once = len(checked)
