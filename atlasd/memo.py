@@ -1,8 +1,8 @@
 """A bounded memo of pure results.
 
 Emptied at once when full: nothing old is kept alive past the bound, and an entry
-dropped is at worst computed again, never wrong. Keys should be small (a digest, not the
-material it stands for), so a memo keeps no secret or large object alive.
+dropped is at worst computed again, never wrong. A key holds no secret (a digest stands
+for key material), since the memo keeps its keys alive until it is emptied.
 """
 
 from __future__ import annotations

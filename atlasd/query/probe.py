@@ -372,11 +372,6 @@ def _unused_tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def cleartext_client(*, http2: bool) -> httpx.AsyncClient:
-    """A client for one probe over cleartext HTTP/1.1 or HTTP/2 (prior knowledge)."""
-    return httpx.AsyncClient(http1=not http2, http2=http2, verify=_unused_tls())
-
-
 async def _exchange(
     cluster: str, via: str, request: httpx.Request, *, within: float, slow_after: float,
     client: httpx.AsyncClient | None, http2: bool, judge: _Judge,
@@ -389,7 +384,7 @@ async def _exchange(
     yet sent) then fails that call as a ``LocalProtocolError`` naming the stream. None:
     a connection of the call's own."""
     own = client is None
-    http = client or cleartext_client(http2=http2)
+    http = client or httpx.AsyncClient(http1=not http2, http2=http2, verify=_unused_tls())
     started = time.perf_counter()
     address = request.url.netloc.decode()
     try:
