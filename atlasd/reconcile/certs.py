@@ -34,7 +34,14 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from atlasd.addresses import parse_ip
-from atlasd.certpolicy import is_due_within, issued_by, key_belongs_to, load_cert, load_key
+from atlasd.certpolicy import (
+    is_due_within,
+    issued_by_any,
+    key_belongs_to,
+    load_cert,
+    load_key,
+    record_issued,
+)
 from atlasd.fleet.trust import CAChain, Serials
 from atlasd.memo import Memo
 from atlasd.model import PKI, CertKey
@@ -241,7 +248,9 @@ def issue_leaf(
         now=now,
         lifetime=lifetime,
     )
-    return CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    record_issued(pem, ca.cert)
+    return CertKey(pem, key_pem(key))
 
 
 def sign_leaf(
@@ -293,7 +302,9 @@ def sign_leaf(
         .add_extension(x509.SubjectAlternativeName(_sans(spec)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()),  # type: ignore[arg-type]
+            # The CA's key identifier as it states it (OpenSSL and BoringSSL compare the
+            # two; a CA made elsewhere may compute its own another way: RFC 7093).
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_key_id(ca.cert)),
             critical=False,
         )
     )
@@ -345,8 +356,10 @@ def _kept_validity(
 def _validity_if_keepable(
     material: CertKey, spec: LeafSpec, ca: x509.Certificate
 ) -> tuple[dt.datetime, dt.datetime] | None:
+    if not issued_by_any(material.cert_pem, (ca,)):
+        return None
     cert = load_cert(material.cert_pem)
-    if cert is None or not issued_by(cert, ca):
+    if cert is None:
         return None
     if not _p256_key_of(cert, material.key_pem):
         return None

@@ -54,6 +54,8 @@ def _cert(
     signer: ec.EllipticCurvePrivateKey | None = None,
     start: dt.datetime = T0,
     life: dt.timedelta = dt.timedelta(days=10),
+    ski: bytes | None = None,
+    aki: bytes | None = None,
 ) -> x509.Certificate:
     key = key or _key(0)
     builder = (
@@ -65,6 +67,12 @@ def _cert(
         .not_valid_before(start)
         .not_valid_after(start + life)
     )
+    if ski is not None:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier(ski), critical=False)
+    if aki is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier(aki, None, None), critical=False
+        )
     return builder.sign(signer or _key(1), hashes.SHA256())
 
 
@@ -179,6 +187,51 @@ def test_issued_by_checks_the_signature_and_the_issuer_name() -> None:
     assert issued_by_any(_pem(leaf), [impostor, ca])
     assert not issued_by_any(_pem(leaf), [impostor, renamed])
     assert not issued_by_any(_pem(leaf), [])
+
+
+def test_a_certificate_naming_another_key_than_the_cas_is_not_the_cas() -> None:
+    """The authority key identifier is compared with the CA's stated subject key identifier
+    (as OpenSSL and BoringSSL do): a mismatch is not the CA's, even with a good signature;
+    a match, or either one absent, leaves it to the signature."""
+    ca_key = _key(1)
+    ca = _cert(subject="ca", key=ca_key, issuer="ca", signer=ca_key, ski=b"\x01" * 20)
+    assert issued_by(_cert(signer=ca_key, aki=b"\x01" * 20), ca)
+    assert not issued_by(_cert(signer=ca_key, aki=b"\x02" * 20), ca)
+    assert issued_by(_cert(signer=ca_key), ca)  # no authority key identifier
+    no_ski = _cert(subject="ca", key=ca_key, issuer="ca", signer=ca_key)
+    assert issued_by(_cert(signer=ca_key, aki=b"\x02" * 20), no_ski)
+    assert not issued_by(_cert(signer=_key(2), aki=b"\x01" * 20), ca)  # names it, not its
+
+
+def test_each_certificate_is_judged_once_per_ca(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``issued_by_any`` checks a (certificate, CA) pair once, then answers from its memo
+    (the same verdict); what ``record_issued`` was told is never checked."""
+    from atlasd import certpolicy
+    from atlasd.memo import Memo
+
+    checked: list[tuple[x509.Certificate, x509.Certificate]] = []
+
+    def counting(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+        checked.append((cert, ca))
+        return issued_by(cert, ca)
+
+    monkeypatch.setattr(certpolicy, "issued_by", counting)
+    monkeypatch.setattr(certpolicy, "_ISSUED", Memo(64))
+    ca_key, other_key = _key(1), _key(2)
+    ca = _cert(subject="ca", key=ca_key, issuer="ca", signer=ca_key)
+    impostor = _cert(subject="ca", key=other_key, issuer="ca", signer=other_key)
+    leaf, foreign = _pem(_cert(signer=ca_key)), _pem(_cert(signer=other_key, key=_key(3)))
+    for _ in range(3):
+        assert issued_by_any(leaf, [impostor, ca])
+        assert not issued_by_any(foreign, [ca])
+        assert issued_by_any(foreign, [ca, impostor])
+    # (leaf, impostor), (leaf, ca), (foreign, ca), (foreign, impostor): each once.
+    assert len(checked) == 4
+    assert len({(_pem(c), _pem(a)) for c, a in checked}) == 4
+    fresh = _pem(_cert(subject="fresh", signer=ca_key))
+    certpolicy.record_issued(fresh, ca)
+    assert issued_by_any(fresh, [ca])
+    assert len(checked) == 4
 
 
 def test_key_belongs_to_and_same_key() -> None:

@@ -57,15 +57,20 @@ def _rsa4096() -> rsa.RSAPrivateKey:
 
 
 def original_ca(
-    now: dt.datetime, *, days: int = 3650, namespace: str = "monitoring"
+    now: dt.datetime,
+    *,
+    days: int = 3650,
+    namespace: str = "monitoring",
+    ski: bytes | None = None,
 ) -> tuple[SecretObject, bytes, bytes]:
-    """``atlas-ca`` as the original wrote it: RSA 4096, PKCS#1 ``RSA PRIVATE KEY``.
+    """``atlas-ca`` as the original wrote it: RSA 4096, PKCS#1 ``RSA PRIVATE KEY``; with
+    ``ski``, stating that subject key identifier (a CA made by other tools).
 
     Returns (Secret, cert PEM, key PEM).
     """
     key = _rsa4096()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atlas")])
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -75,8 +80,10 @@ def original_ca(
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(CA_KEY_USAGE, critical=True)
-        .sign(key, hashes.SHA256())
     )
+    if ski is not None:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier(ski), critical=False)
+    cert = builder.sign(key, hashes.SHA256())
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,

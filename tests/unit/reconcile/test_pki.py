@@ -301,6 +301,23 @@ def test_adopts_the_originals_rsa_ca_and_signs_with_it() -> None:
     assert again.ca_action == "kept" and again.issued == ()
 
 
+def test_leaves_name_the_key_identifier_their_ca_states() -> None:
+    """A CA made by other tools may state a subject key identifier computed another way
+    than atlasd's (RFC 7093: Go 1.25 truncates SHA-256): leaves name the one it states (a
+    TLS peer compares the two), and are kept on the next pass, not issued again."""
+    stated = bytes(range(20))
+    secret, cert_pem, _ = original_ca(NOW, ski=stated)
+    ca = _cert(cert_pem)
+    computed = x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest
+    assert computed != stated
+    plan = _plan({"atlas-ca": secret})
+    for pem in _leaf_pems(plan).values():
+        aki = _cert(pem).extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+        assert aki.value.key_identifier == stated
+        _cert(pem).verify_directly_issued_by(ca)
+    assert _plan(plan_secrets(plan)).issued == ()
+
+
 @pytest.mark.parametrize(
     ("data", "words"),
     [
