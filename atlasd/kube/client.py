@@ -18,13 +18,13 @@ it came as an HTTP status or as an event). Consume it with ``contextlib.aclosing
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
+import orjson
 
 from atlasd.kube import bodies
 from atlasd.kube.api import JSON
@@ -62,8 +62,8 @@ def _retry_after(resp: httpx.Response) -> float | None:
 
 def _body(resp: httpx.Response) -> object:
     try:
-        return resp.json()
-    except (ValueError, UnicodeDecodeError):
+        return orjson.loads(resp.content)
+    except orjson.JSONDecodeError:  # a ValueError, for invalid UTF-8 too
         return None
 
 
@@ -328,7 +328,7 @@ class KubeClient:
             name=name,
             namespace=ns,
             params={"fieldManager": self.field_manager, **(params or {})},
-            body=json.dumps(payload).encode(),
+            body=orjson.dumps(payload),
             content_type=content_type,
             accept=_METADATA_OBJECT if metadata_only else None,
         )
@@ -434,7 +434,7 @@ class KubeClient:
             res=res,
             name=name,
             namespace=ns,
-            body=json.dumps(opts).encode(),
+            body=orjson.dumps(opts),
             content_type="application/json",
         )
 
@@ -521,8 +521,8 @@ class KubeClient:
 
     def _event(self, res: ApiResource, ns: str | None, line: str) -> JSON:
         try:
-            event = json.loads(line)
-        except ValueError as exc:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
             raise TransportError(f"watch {res}: a line of the stream is not JSON") from exc
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
             raise TransportError(f"watch {res}: an event without an object")

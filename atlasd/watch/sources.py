@@ -22,18 +22,19 @@ values only as digests (``atlasd.kube.secrets.DataDigest``), another ~7 KB per c
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import orjson
 import trio
 
 from atlasd.kube.api import JSON, KubeApi
 from atlasd.kube.apply import read_fields
 from atlasd.kube.secrets import digest_data
 from atlasd.labels import FIELD_MANAGER
+from atlasd.memo import Memo
 from atlasd.watch.informer import Change, Informer, run_informers
 from atlasd.watch.watched import WatchedSet
 
@@ -71,7 +72,7 @@ class Compactor:
     one does; writers build new bodies)."""
 
     def __init__(self) -> None:
-        self._shared: dict[str, dict[str, Any]] = {}
+        self._shared: Memo[bytes, dict[str, Any]] = Memo(_SHARED_MAX)
 
     def __call__(self, obj: JSON, digest_suffixes: tuple[str, ...] = ()) -> JSON:
         # The boundary: this rewrites the wire shape before anything reads it, so it reads
@@ -103,13 +104,8 @@ class Compactor:
             "operation": "Apply",
             "fieldsV1": read_fields(entry.get("fieldsV1")),
         }
-        text = json.dumps(pruned["fieldsV1"], sort_keys=True)
-        shared = self._shared.get(text)
-        if shared is None:
-            if len(self._shared) >= _SHARED_MAX:
-                self._shared.clear()
-            shared = self._shared[text] = _interned(pruned)
-        return shared
+        text = orjson.dumps(pruned["fieldsV1"], option=orjson.OPT_SORT_KEYS)
+        return self._shared.get(text, lambda: _interned(pruned))
 
 
 def _handler(role: WatchedSet, sink: Sink) -> Callable[[Change], None]:
