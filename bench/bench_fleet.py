@@ -36,7 +36,8 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    leaves, checked against each cluster's ``<c>-atlas-identity`` Secret (fingerprints);
    ``writes``, ``writes_done_s`` and ``write_rate``; with the floor (``bench_floor``: a bare
    writer of two Secrets and a Service per cluster at atlasd's write concurrency, measured
-   first in the same run) ``writes_over_floor``.
+   first in the same run) ``writes_over_floor``; ``cpu_by_process_s``: every process's CPU
+   until every stream is current.
 4. ``kill``: SIGKILL of the leader, then at once a new cluster Service; ``lease_s`` (kill
    -> the survivor holds the Lease), ``new_leader_wrote_s`` (kill -> the new cluster's
    values written); the dead replica's streams -> current elsewhere (``time_to_all``);
@@ -501,6 +502,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         time.sleep(2)
         old = identity_leaves(api)
         w0 = fleet.writes()
+        cpu0_all = cpu_by_process()
         since = time.time()
         with api.admin() as c:
             c.patch(
@@ -544,6 +546,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "writes_done_s": round(last_write[0] - since, 2),
             "write_rate_per_s": round(writes / max(last_write[0] - since, 1e-3), 1),
             "then_current": strip(phase),
+            # From the annotation until every stream is current at the new leaves.
+            "cpu_by_process_s": cpu_since(cpu0_all),
         }
         if args.floor:
             rot["writes_over_floor"] = round((last_write[0] - since) / out["floor_s"], 2)
