@@ -21,7 +21,7 @@ clock stops when the observability Envoy holds both its upstream cluster
 
 The idle window includes whatever atlasd does when nothing changes: Lease renewals
 (every 2 s), watch bookmarks/timeouts and, if the window crosses it, the periodic resync
-pass (every 60 s).
+pass (every 300 s: a 330 s window holds one).
 """
 
 from __future__ import annotations

@@ -30,11 +30,14 @@ Errors::
     grpclib GRPCError(INVALID_ARGUMENT)   first request without a node id / node changed
     grpclib GRPCError(DEADLINE_EXCEEDED)  no first request within FIRST_REQUEST_TIMEOUT
     grpclib GRPCError(PERMISSION_DENIED)  authz.Denied
+    connection closed, WARNING logged     the client broke HTTP/2 (e.g. a 101st stream at
+                                          once; the observability Envoy is held to 100)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import hashlib
 import logging
@@ -434,6 +437,66 @@ def _peer(stream: Any) -> str:
     return f"{addr[0]}:{addr[1]}"
 
 
+# The peer of the connection grpclib is reading from (``_Named``), for ``_ProtocolErrors``.
+_READING_FROM: contextvars.ContextVar[str] = contextvars.ContextVar("ads_peer", default="?")
+
+
+class _Named(asyncio.Protocol):
+    """grpclib's protocol for one connection, its peer named while it reads."""
+
+    def __init__(self, inner: asyncio.Protocol, peer: str) -> None:
+        self._inner = inner
+        self._peer = peer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        token = _READING_FROM.set(self._peer)
+        try:
+            self._inner.data_received(data)
+        finally:
+            _READING_FROM.reset(token)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _ProtocolErrors(logging.Filter):
+    """grpclib closes a connection that breaks HTTP/2 -- a client opening a 101st
+    concurrent stream, above the SETTINGS_MAX_CONCURRENT_STREAMS of 100 it was sent, loses
+    all its streams -- and says so only at DEBUG, with a traceback. This says it at WARNING,
+    in one line naming the peer and h2's reason; grpclib's other DEBUG records pass only
+    when DEBUG is on for atlasd's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "Protocol error":
+            return logging.getLogger().isEnabledFor(record.levelno)
+        exc = record.exc_info[1] if record.exc_info else None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "xds: %s broke HTTP/2 (%s); its connection and every stream on it closed"
+        record.args = (_READING_FROM.get(), f"{type(exc).__name__}: {exc}" if exc else "?")
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _report_protocol_errors() -> None:
+    """Install ``_ProtocolErrors`` on grpclib's protocol logger (once)."""
+    logger = logging.getLogger("grpclib.protocol")
+    if not any(isinstance(f, _ProtocolErrors) for f in logger.filters):
+        logger.addFilter(_ProtocolErrors())
+        logger.setLevel(logging.DEBUG)  # its records reach the filter, which decides
+
+
 async def run_ads_server(
     *,
     cache: SnapshotCache,
@@ -458,6 +521,7 @@ async def run_ads_server(
         bound = int(sock.getsockname()[1])
         listener = trio.socket.from_stdlib_socket(sock)
         async with trio_asyncio.open_loop() as loop:
+            _report_protocol_errors()
             server = _Server([AdsService(cache, authorizer, max_stream_age=max_stream_age)])
             log.info("xds: ADS server listening on %s:%d (TLS and plaintext)", host, bound)
             try:
@@ -523,7 +587,7 @@ async def _hand_over(
     raw = socket.socket(fileno=conn.detach())
     try:
         await trio_asyncio.aio_as_trio(loop.connect_accepted_socket)(
-            server._protocol_factory,
+            lambda: _Named(server._protocol_factory(), peer),
             sock=raw,
             ssl=context,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context is not None else None,

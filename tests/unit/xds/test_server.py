@@ -279,3 +279,42 @@ async def test_a_stream_counts_in_the_push_backlog_until_its_envoy_answers() -> 
             lambda: cache.backlog.active == 0, timeout=10, what="the removal looked at"
         )
         c.close()
+
+
+async def test_a_client_breaking_http2_is_named_at_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that opens more concurrent streams than the 100 it was allowed loses its
+    connection (grpclib's doing); the operator is told which peer and why, at WARNING, in
+    one line without a traceback (grpclib says it only at DEBUG)."""
+    import h2.config
+    import h2.connection
+
+    async with ads(_cache("atlas")) as port:
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", port))
+        host, local_port = sock.getsockname()[:2]
+        local = f"{host}:{local_port}"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", server.SOTW_METHOD),
+            (":authority", f"127.0.0.1:{port}"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+        # Sent before the server's SETTINGS are read: h2 does not hold the client to them.
+        for i in range(101):
+            conn.send_headers(1 + 2 * i, headers)
+        await sock.send(conn.data_to_send())
+        with trio.fail_after(10):
+            while await sock.recv(65536):
+                pass  # until the server closes the connection
+        sock.close()
+    warnings = [r for r in caplog.records if r.name == "grpclib.protocol"]
+    assert [r.levelname for r in warnings] == ["WARNING"]
+    message = warnings[0].getMessage()
+    assert local in message and "TooManyStreamsError" in message, message
+    assert warnings[0].exc_info is None
