@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
-import orjson
+import msgspec
 
 from atlasd.kube import bodies
 from atlasd.kube.api import JSON
@@ -60,11 +60,68 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
+def _decode(content: bytes | str) -> object:
+    """JSON as plain Python values (maps, lists, strings, numbers)."""
+    return msgspec.json.decode(content)
+
+
 def _body(resp: httpx.Response) -> object:
     try:
-        return orjson.loads(resp.content)
-    except orjson.JSONDecodeError:  # a ValueError, for invalid UTF-8 too
+        return _decode(resp.content)
+    except msgspec.DecodeError:  # a ValueError; invalid UTF-8 too
         return None
+
+
+# A metadata-only LIST page as what its readers use of it (the full pass compares versions
+# by key): name, namespace, labels, resourceVersion. Decoded into these types, the rest of
+# each item's metadata (managedFields, owner references, annotations, times, uid) is skipped
+# by the parser, never made into Python objects: 3.4x faster than decoding it whole, and the
+# full pass over 10,000 clusters lists ~40,000 items (bench/README.md, issue 25).
+class _ItemMeta(msgspec.Struct):
+    name: str = ""
+    namespace: str = ""
+    resourceVersion: str = ""
+    labels: dict[str, str] = {}
+
+
+class _Item(msgspec.Struct):
+    metadata: _ItemMeta
+
+
+class _PageMeta(msgspec.Struct):
+    resourceVersion: str = ""
+    continue_: str = msgspec.field(name="continue", default="")
+
+
+class _MetadataPage(msgspec.Struct):
+    metadata: _PageMeta
+    items: list[_Item] = []
+
+
+_METADATA_PAGE = msgspec.json.Decoder(_MetadataPage)
+
+
+def _metadata_page(content: bytes) -> object:
+    """A metadata-only LIST page in the shape of the API's (``{metadata, items}``), each
+    item's metadata reduced to ``_ItemMeta``."""
+    page = _METADATA_PAGE.decode(content)
+    return {
+        "metadata": {
+            "resourceVersion": page.metadata.resourceVersion,
+            "continue": page.metadata.continue_,
+        },
+        "items": [
+            {
+                "metadata": {
+                    "name": i.metadata.name,
+                    "namespace": i.metadata.namespace,
+                    "resourceVersion": i.metadata.resourceVersion,
+                    "labels": i.metadata.labels,
+                }
+            }
+            for i in page.items
+        ],
+    }
 
 
 class KubeClient:
@@ -162,8 +219,10 @@ class KubeClient:
         body: bytes | None = None,
         content_type: str | None = None,
         accept: str | None = None,
+        decode: Callable[[bytes], object] = _decode,
     ) -> object:
-        """One request with 401-refresh-retry; returns the decoded JSON body."""
+        """One request with 401-refresh-retry; returns the JSON body, decoded by ``decode``
+        (an error's body always as plain values)."""
         for attempt in (0, 1):
             cred = await self.credentials.get()
             client = self._client_for(cred)
@@ -200,7 +259,10 @@ class KubeClient:
                     namespace=namespace,
                     retry_after=_retry_after(resp),
                 )
-            return _body(resp)
+            try:
+                return decode(resp.content)
+            except msgspec.DecodeError:  # a ValueError; a body not JSON, or not of the type
+                return None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _ns(self, res: ApiResource, namespace: str | None) -> str | None:
@@ -238,7 +300,8 @@ class KubeClient:
 
         Pages of ``LIST_PAGE_SIZE``; if a continue token expires mid-way (410) the list
         is redone in one request, as client-go's pager does. ``metadata_only``: the items
-        are ``PartialObjectMetadata`` (metadata, no spec or data): a fraction of the bytes.
+        are ``PartialObjectMetadata`` (metadata, no spec or data: a fraction of the bytes),
+        their metadata only ``name``, ``namespace``, ``labels`` and ``resourceVersion``.
         """
         ns = self._ns(res, namespace)
         path = res.path(namespace=ns)
@@ -259,6 +322,7 @@ class KubeClient:
                 namespace=ns,
                 params=params,
                 accept=accept,
+                decode=_metadata_page if metadata_only else _decode,
             )
             return self._list_body(res, body)
 
@@ -328,7 +392,7 @@ class KubeClient:
             name=name,
             namespace=ns,
             params={"fieldManager": self.field_manager, **(params or {})},
-            body=orjson.dumps(payload),
+            body=msgspec.json.encode(payload),
             content_type=content_type,
             accept=_METADATA_OBJECT if metadata_only else None,
         )
@@ -434,7 +498,7 @@ class KubeClient:
             res=res,
             name=name,
             namespace=ns,
-            body=orjson.dumps(opts),
+            body=msgspec.json.encode(opts),
             content_type="application/json",
         )
 
@@ -521,8 +585,8 @@ class KubeClient:
 
     def _event(self, res: ApiResource, ns: str | None, line: str) -> JSON:
         try:
-            event = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
+            event = _decode(line)
+        except msgspec.DecodeError as exc:
             raise TransportError(f"watch {res}: a line of the stream is not JSON") from exc
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
             raise TransportError(f"watch {res}: an event without an object")

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import orjson
+import msgspec
 import trio
 
 from atlasd.kube.api import JSON, KubeApi
@@ -104,7 +104,7 @@ class Compactor:
             "operation": "Apply",
             "fieldsV1": read_fields(entry.get("fieldsV1")),
         }
-        text = orjson.dumps(pruned["fieldsV1"], option=orjson.OPT_SORT_KEYS)
+        text = msgspec.json.encode(pruned["fieldsV1"], order="sorted")
         return self._shared.get(text, lambda: _interned(pruned))
 
 

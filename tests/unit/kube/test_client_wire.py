@@ -116,6 +116,54 @@ async def test_list_follows_continue_tokens_and_keeps_first_rv() -> None:
     ]
 
 
+async def test_a_metadata_list_keeps_what_its_readers_use() -> None:
+    """``metadata_only``: asked as PartialObjectMetadataList; each item's name, namespace,
+    labels and resourceVersion come back (the rest of its metadata is skipped when decoded),
+    pages followed; a page that is not a list of that shape is a TransportError."""
+    item = {
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {
+            "name": "east-envoy-values",
+            "namespace": "monitoring",
+            "uid": "u-1",
+            "resourceVersion": "41",
+            "labels": {"goatlas.io/owner": "east"},
+            "ownerReferences": [{"kind": "Service", "name": "east", "uid": "u-0"}],
+            "managedFields": [{"manager": "atlasd", "fieldsV1": {"f:data": {}}}],
+        },
+    }
+    pages = {
+        "": {"metadata": {"resourceVersion": "50", "continue": "p2"}, "items": [item]},
+        "p2": {"metadata": {"resourceVersion": "50"}, "items": [{"metadata": {"name": "bare"}}]},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert "as=PartialObjectMetadataList" in request.headers["accept"]
+        return httpx.Response(200, json=pages[request.url.params.get("continue", "")])
+
+    async with _client(handler) as kube:
+        items, rv = await kube.list(SECRETS, metadata_only=True)
+    assert rv == "50"
+    assert [i["metadata"] for i in items] == [
+        {
+            "name": "east-envoy-values",
+            "namespace": "monitoring",
+            "resourceVersion": "41",
+            "labels": {"goatlas.io/owner": "east"},
+        },
+        {"name": "bare", "namespace": "", "resourceVersion": "", "labels": {}},
+    ]
+    assert [(i["kind"], i["apiVersion"]) for i in items] == [("Secret", "v1")] * 2
+
+    def bad(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"metadata": {}, "items": [{"metadata": {"labels": 3}}]})
+
+    async with _client(bad) as kube:
+        with pytest.raises(TransportError, match="sent no list"):
+            await kube.list(SECRETS, metadata_only=True)
+
+
 async def test_list_relists_whole_when_continue_token_expires() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         params = request.url.params
