@@ -81,7 +81,7 @@ class _ItemMeta(msgspec.Struct):
     name: str = ""
     namespace: str = ""
     resourceVersion: str = ""
-    labels: dict[str, str] = {}
+    labels: dict[str, str] | None = None
 
 
 class _Item(msgspec.Struct):
@@ -95,7 +95,7 @@ class _PageMeta(msgspec.Struct):
 
 class _MetadataPage(msgspec.Struct):
     metadata: _PageMeta
-    items: list[_Item] = []
+    items: list[_Item] | None = None  # the API server sends null for none
 
 
 _METADATA_PAGE = msgspec.json.Decoder(_MetadataPage)
@@ -116,10 +116,10 @@ def _metadata_page(content: bytes) -> object:
                     "name": i.metadata.name,
                     "namespace": i.metadata.namespace,
                     "resourceVersion": i.metadata.resourceVersion,
-                    "labels": i.metadata.labels,
+                    "labels": i.metadata.labels or {},
                 }
             }
-            for i in page.items
+            for i in page.items or ()
         ],
     }
 

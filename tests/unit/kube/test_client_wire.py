@@ -156,6 +156,13 @@ async def test_a_metadata_list_keeps_what_its_readers_use() -> None:
     ]
     assert [(i["kind"], i["apiVersion"]) for i in items] == [("Secret", "v1")] * 2
 
+    def empty(request: httpx.Request) -> httpx.Response:
+        # As the API server answers a metadata LIST that matches nothing.
+        return httpx.Response(200, json={"metadata": {"resourceVersion": "51"}, "items": None})
+
+    async with _client(empty) as kube:
+        assert await kube.list(SECRETS, metadata_only=True) == ([], "51")
+
     def bad(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"metadata": {}, "items": [{"metadata": {"labels": 3}}]})
 
