@@ -261,8 +261,13 @@ class KubeClient:
                 )
             try:
                 return decode(resp.content)
-            except msgspec.DecodeError:  # a ValueError; a body not JSON, or not of the type
-                return None
+            except msgspec.DecodeError as exc:  # not JSON, or not of the shape asked for
+                # msgspec names where (``$.items[0].metadata``) and what it expected, never
+                # a value.
+                raise TransportError(
+                    f"{verb} {res}{' ' + name if name else ''}: the API server's answer "
+                    f"does not decode: {exc}"
+                ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _ns(self, res: ApiResource, namespace: str | None) -> str | None:

@@ -167,7 +167,9 @@ async def test_a_metadata_list_keeps_what_its_readers_use() -> None:
         return httpx.Response(200, json={"metadata": {}, "items": [{"metadata": {"labels": 3}}]})
 
     async with _client(bad) as kube:
-        with pytest.raises(TransportError, match="sent no list"):
+        with pytest.raises(
+            TransportError, match=r"list secrets: .* at `\$.items\[0\].metadata.labels`"
+        ):
             await kube.list(SECRETS, metadata_only=True)
 
 
