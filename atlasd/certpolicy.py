@@ -82,7 +82,7 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     identifier (if both state one) is ``ca``'s subject key identifier, and ``ca``'s key
     verifies its signature (no chain, no validity period: callers check those). The key
     identifiers spare the signature check of a leaf against a rotation's successor CA (same
-    name, another key): ~4 us instead of ~130."""
+    name, another key)."""
     if _key_ids_differ(cert, ca):
         return False
     try:
@@ -95,8 +95,9 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 # The verdicts of ``issued_by_any`` by (SHA-256 of the certificate's PEM, the CA): every
 # replica's fleet judges each stored leaf against the trust bundle, the reconcile judges it
 # again before keeping it, and a CA rotation judges every leaf against the new bundle while
-# the leaves are re-issued — the same pairs, each verified once now (a signature check is
-# ~130 us of CPU, a lookup ~2). A digest, so no certificate is kept alive by it.
+# the leaves are re-issued — the same pairs, each verified once now (a CA rotation at 500
+# clusters: 4,038 checks -> 1,009, bench/README.md). A digest, so no certificate is kept
+# alive by it.
 _ISSUED: Memo[tuple[bytes, x509.Certificate], bool] = Memo(65_536)
 
 
