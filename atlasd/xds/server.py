@@ -475,12 +475,13 @@ class _ProtocolErrors(logging.Filter):
     """grpclib closes a connection that breaks HTTP/2 -- a client opening a 101st
     concurrent stream, above the SETTINGS_MAX_CONCURRENT_STREAMS of 100 it was sent, loses
     all its streams -- and says so only at DEBUG, with a traceback. This says it at WARNING,
-    in one line naming the peer and h2's reason; grpclib's other DEBUG records pass only
-    when DEBUG is on for atlasd's log."""
+    in one line naming the peer and h2's reason; grpclib's other records pass as they did
+    (the level set for ``grpclib`` or, without one, the root's)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg != "Protocol error":
-            return logging.getLogger().isEnabledFor(record.levelno)
+            # As without this filter: the level grpclib's log inherits (its own, or the root's).
+            return logging.getLogger("grpclib").isEnabledFor(record.levelno)
         exc = record.exc_info[1] if record.exc_info else None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.msg = "xds: %s broke HTTP/2 (%s); its connection and every stream on it closed"
