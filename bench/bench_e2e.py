@@ -1,7 +1,7 @@
 """Benchmark: one change, end to end, at fleet scale — API write to the Envoy's ACK.
 
     .venv/bin/python bench/bench_e2e.py --clusters N [--changes K] [--xds delta|sotw]
-        [--idle-seconds 330] [--scrape-rounds 3] [--floor] [--onboard-only] [--json]
+        [--idle-seconds 330] [--scrape-rounds 3] [--floor] [--onboard-only] [--workdir DIR] [--json]
 
 Real etcd + kube-apiserver (the test harness's, on loopback), N cluster Services created
 first, then ``atlasd run`` as its own process (leader election on: the command a pod runs)
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import statistics
@@ -546,12 +547,18 @@ def main() -> int:
         action="store_true",
         help="stop after onboarding (onboard_s, its CPU per process and its requests)",
     )
+    parser.add_argument("--workdir", default=None, help="keep every log here (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-        api = ApiServer(Path(tmp) / "apiserver").start()
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            workdir = Path(args.workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-")))
+        api = ApiServer(workdir / "apiserver").start()
         try:
-            result = run(args, api, Path(tmp))
+            result = run(args, api, workdir)
         finally:
             api.stop()
     print_result(result, as_json=args.json)

@@ -66,7 +66,7 @@ from atlasd.kube.errors import KubeError, NotFound
 from atlasd.kube.resources import CONFIGMAPS
 from atlasd.labels import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from atlasd.model import Fleet, Settings
-from atlasd.pacing import burst_pause, cpu_timed
+from atlasd.pacing import BurstPacer, cpu_timed
 from atlasd.watch.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -385,6 +385,16 @@ def coalesce(
             return update, True
 
 
+BURST_INTERVAL = 1.0
+"""While changes keep coming, the zone and the endpoint files are rewritten at most this
+often (seconds): each pass rewrites the whole file, and their readers look on a timer."""
+
+
+def waiting(fleets: trio.MemoryReceiveChannel[Any]) -> bool:
+    """Whether updates wait in ``fleets`` (the writer is in a burst)."""
+    return fleets.statistics().current_buffer_used > 0
+
+
 async def coalesced(
     fleets: trio.MemoryReceiveChannel[Fleet | ZoneUpdate],
 ) -> AsyncIterator[ZoneUpdate]:
@@ -444,7 +454,9 @@ async def run_zone_writer(
         task_status.started(state)
         # Whether on_zone has been told a zone yet.
         reported = False
+        pacer = BurstPacer(share=0.1, cap=1.0, least=BURST_INTERVAL)
         async for update in coalesced(fleets):
+            pacer.begin(trio.current_time())
             render = functools.partial(state.next_zone, update.fleet, update.changed)
             try:
                 zone, cpu = await render_update(update, render)
@@ -472,6 +484,9 @@ async def run_zone_writer(
             reported = True
             # A burst of changes is written in batches (atlasd.pacing): the zone takes at
             # most a tenth of the process (onboarding 5,000 clusters it took a third), the
-            # pause at most 1 s (CoreDNS reloads on a timer anyway).
-            await trio.sleep(burst_pause(cpu + spent, share=0.1, cap=1.0))
+            # pause at most 1 s, and while changes keep coming two passes a second at most
+            # (CoreDNS re-reads the file once a second, ``reload 1s``).
+            await trio.sleep(
+                pacer.pause(cpu + spent, now=trio.current_time(), waiting=waiting(fleets))
+            )
         latest.close()

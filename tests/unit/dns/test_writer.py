@@ -132,6 +132,39 @@ async def test_burst_is_coalesced_into_one_write(tmp_path: Path) -> None:
     assert state.serial == int(NOW)
 
 
+async def test_while_changes_keep_coming_the_zone_is_written_once_a_second(
+    tmp_path: Path,
+) -> None:
+    """A fleet every 10 ms for 1.2 s (an onboarding): each pass rewrites the whole file, and
+    CoreDNS reads it once a second, so at most two passes start in any second (a lone
+    change and one soon after it go at once), the last with the newest fleet; on a slow
+    machine there are only fewer. (Before: a pass per fleet, ~110.)"""
+    path = tmp_path / "atlas.zone"
+    written: list[Zone] = []
+    send, recv = trio.open_memory_channel[Fleet](1000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_zone_writer(
+                fleets=recv,
+                path=path,
+                kube=None,
+                settings=SETTINGS,
+                clock=Clock(),
+                on_zone=written.append,
+                task_status=task_status,
+            )
+        )
+        async with send:
+            end, i = trio.current_time() + 1.2, 0
+            while trio.current_time() < end:
+                i += 1
+                send.send_nowait(fleet(*(f"c{j}" for j in range(i))))
+                await trio.sleep(0.01)
+    assert 2 <= len(written) <= 5, [len(z.records) for z in written]
+    assert len(written[-1].records) == i
+    assert path.read_text() == written[-1].text
+
+
 async def test_unchanged_records_do_not_rewrite(tmp_path: Path) -> None:
     path = tmp_path / "atlas.zone"
     written: list[Zone] = []
