@@ -58,6 +58,8 @@ ChangeType = Literal["ADDED", "MODIFIED", "DELETED"]
 MIN_WATCH_SECONDS = 1.0
 # The BOOKMARK annotation that ends a streaming list's initial events.
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
+# Items a relist transforms between two checkpoints (~15 ms of compacting Secrets).
+REPLACE_CHUNK = 200
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ class Informer:
             self.res, namespace=self.namespace, label_selector=self.label_selector
         )
         self.lists += 1
-        self._replace(items, rv)
+        await self._replace(items, rv)
 
     async def _stream_list(self, *, on_synced: Callable[[], None]) -> bool:
         """Fill the cache from a streaming list (watch with sendInitialEvents), then keep
@@ -264,17 +266,26 @@ class Informer:
                     and bodies.annotations(obj).get(INITIAL_EVENTS_END) == "true"
                 ):
                     self.lists += 1
-                    self._replace(initial, bodies.resource_version(obj))
+                    await self._replace(initial, bodies.resource_version(obj))
                     synced = True
                     on_synced()
         if not synced:
             raise TransportError(f"streaming list of {self.res} ended before its initial events")
         return False
 
-    def _replace(self, items: list[JSON], rv: str) -> None:
-        """Make ``items`` the cache (a full list at ``rv``), emitting the differences."""
+    async def _replace(self, items: list[JSON], rv: str) -> None:
+        """Make ``items`` the cache (a full list at ``rv``), emitting the differences.
+
+        The items are transformed (compacted) ``REPLACE_CHUNK`` at a time with a checkpoint
+        between chunks: at 5,000 Secrets one go held the event loop ~0.35 s (a relist also
+        comes after a watch expired, while everything else runs). The cache is swapped
+        in one step."""
         if self.transform is not None:
-            items = [self.transform(obj) for obj in items]
+            done: list[JSON] = []
+            for start in range(0, len(items), REPLACE_CHUNK):
+                done += [self.transform(obj) for obj in items[start : start + REPLACE_CHUNK]]
+                await trio.lowlevel.checkpoint()
+            items = done
         fresh = {self.key(obj): obj for obj in items}
         old = self._cache
         self._cache = fresh

@@ -244,6 +244,34 @@ async def test_transform_applies_to_listed_and_watched_objects(
     assert sorted(inf.items()) == ["a", "b"]
 
 
+async def test_a_relist_lets_other_tasks_run_while_it_transforms(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Compacting a large list (5,000 Secrets: ~0.35 s) is done a chunk at a time; the cache
+    is swapped at once, whole."""
+    kube = FakeKube(lists=[([obj(f"s{i:04d}", "1") for i in range(1000)], "10")], watches=[[HANG]])
+    order: list[str] = []
+
+    def transform(o: dict[str, Any]) -> dict[str, Any]:
+        order.append("transform")
+        return o
+
+    inf = informer(kube, transform=transform)
+
+    async def other_task() -> None:
+        while not inf.has_synced:
+            await trio.lowlevel.checkpoint()
+            order.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await run_until(inf, lambda: inf.has_synced)
+    first, last = order.index("transform"), len(order) - 1 - order[::-1].index("transform")
+    assert order.count("transform") == 1000
+    assert "other" in order[first:last]
+    assert len(inf.items()) == 1000
+
+
 def end_bookmark(rv: str) -> dict[str, Any]:
     return {
         "type": "BOOKMARK",

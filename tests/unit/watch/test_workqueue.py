@@ -18,6 +18,15 @@ async def test_duplicates_coalesce_in_fifo_order() -> None:
     assert [await q.get() for _ in range(3)] == ["a", "b", "c"]
 
 
+async def test_get_is_a_checkpoint_even_with_a_key_ready() -> None:
+    """Workers whose keys need no I/O (in sync) would otherwise take the whole queue in one
+    step of the event loop, every other task waiting meanwhile."""
+    q: WorkQueue[str] = WorkQueue()
+    q.add("a")
+    with trio.testing.assert_checkpoints():
+        assert await q.get() == "a"
+
+
 async def test_burst_of_1000_adds_is_one_item() -> None:
     q: WorkQueue[str] = WorkQueue()
     for _ in range(1000):
