@@ -86,7 +86,7 @@ class StatusApp:
                 body = ("not ready: " + ", ".join(self.hub.not_ready()) + "\n").encode()
                 await _respond(send, 503, body)
         elif path == "/status":
-            body = self.hub.encoded().encode()
+            body = (await self.hub.encoded_in_steps()).encode()
             await _respond(send, 200, body, "application/json")
         elif path == "/status/envoys" and self.envoys is not None:
             body = _encode(self.envoys())  # small
@@ -114,7 +114,7 @@ class StatusApp:
             seen = -1
             while True:
                 seen = self.hub.generation
-                await send({"type": "websocket.send", "text": self.hub.encoded()})
+                await send({"type": "websocket.send", "text": await self.hub.encoded_in_steps()})
                 await self.hub.wait_changed(seen)
                 # Coalesce bursts: at most two documents a second per watcher (a document
                 # of thousands of clusters is large).
