@@ -72,6 +72,30 @@ class Clock:
         return self.now
 
 
+async def start_writer(
+    nursery: trio.Nursery,
+    fleets: trio.MemoryReceiveChannel[Fleet],
+    path: Path,
+    written: list[Zone],
+    *,
+    kube: FakeKube | None = None,
+    clock: Clock | None = None,
+) -> ZoneState:
+    """Start a writer on ``fleets`` in ``nursery``; what it writes goes to ``written``."""
+    state: ZoneState = await nursery.start(
+        lambda task_status: run_zone_writer(
+            fleets=fleets,
+            path=path,
+            kube=kube,
+            settings=SETTINGS,
+            clock=clock or Clock(),
+            on_zone=written.append,
+            task_status=task_status,
+        )
+    )
+    return state
+
+
 async def run_writer(
     path: Path,
     fleets_to_send: list[Fleet],
@@ -86,17 +110,7 @@ async def run_writer(
         send.send_nowait(f)
     send.close()
     async with trio.open_nursery() as nursery:
-        state: ZoneState = await nursery.start(
-            lambda task_status: run_zone_writer(
-                fleets=recv,
-                path=path,
-                kube=kube,
-                settings=SETTINGS,
-                clock=clock or Clock(),
-                on_zone=written.append,
-                task_status=task_status,
-            )
-        )
+        state = await start_writer(nursery, recv, path, written, kube=kube, clock=clock)
     if kube is not None:
         # The mirror reads and writes only its ConfigMap, in atlasd's namespace.
         where = {(plural, ns, name) for _, plural, ns, name in kube.calls}
@@ -143,17 +157,7 @@ async def test_while_changes_keep_coming_the_zone_is_written_once_a_second(
     written: list[Zone] = []
     send, recv = trio.open_memory_channel[Fleet](1000)
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_zone_writer(
-                fleets=recv,
-                path=path,
-                kube=None,
-                settings=SETTINGS,
-                clock=Clock(),
-                on_zone=written.append,
-                task_status=task_status,
-            )
-        )
+        await start_writer(nursery, recv, path, written)
         async with send:
             end, i = trio.current_time() + 1.2, 0
             while trio.current_time() < end:
@@ -170,17 +174,7 @@ async def test_unchanged_records_do_not_rewrite(tmp_path: Path) -> None:
     written: list[Zone] = []
     send, recv = trio.open_memory_channel[Fleet](0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_zone_writer(
-                fleets=recv,
-                path=path,
-                kube=None,
-                settings=SETTINGS,
-                clock=Clock(),
-                on_zone=written.append,
-                task_status=task_status,
-            )
-        )
+        await start_writer(nursery, recv, path, written)
         async with send:
             await send.send(fleet("east"))
             # Same records, different cluster order / external IP: no write.
