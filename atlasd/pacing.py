@@ -32,31 +32,3 @@ def burst_pause(cpu: float, *, share: float, cap: float) -> float:
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], not {share}")
     return min(cap, cpu * (1 - share) / share)
-
-
-class BurstPacer:
-    """Paces a writer whose every pass costs its whole output: after a pass, its share's
-    ``burst_pause``; and if the pass came less than ``least`` seconds after the one before,
-    or changes were already waiting when it ended, on until ``least`` after it began. So
-    a lone change, or a second soon after it, goes out at once, and while changes keep
-    coming at most two passes begin in any ``least`` seconds. Times are the caller's clock
-    (``trio.current_time()``)."""
-
-    def __init__(self, *, share: float, cap: float, least: float) -> None:
-        self.share, self.cap, self.least = share, cap, least
-        self._last: float | None = None
-        self._started = 0.0
-
-    def begin(self, now: float) -> None:
-        """A pass begins ``now``."""
-        self._started = now
-
-    def pause(self, cpu: float, *, now: float, waiting: bool) -> float:
-        """The pause (seconds) after the pass, which took ``cpu`` seconds of CPU and ended
-        ``now`` with changes ``waiting`` or not."""
-        started, last = self._started, self._last
-        self._last = started
-        pause = burst_pause(cpu, share=self.share, cap=self.cap)
-        if (last is not None and started - last < self.least) or waiting:
-            pause = max(pause, started + self.least - now)
-        return pause

@@ -44,20 +44,12 @@ from atlasd.dns.endpoints import (
     data_bytes,
     is_endpoints_key,
 )
-from atlasd.dns.writer import (
-    BURST_INTERVAL,
-    Latest,
-    ZoneUpdate,
-    coalesced,
-    render_update,
-    retrying,
-    waiting,
-)
+from atlasd.dns.writer import Latest, ZoneUpdate, coalesced, pace, render_update, retrying
 from atlasd.dns.zone import ZoneError
 from atlasd.files import write_atomic
 from atlasd.kube.api import KubeApi
 from atlasd.model import Fleet, Settings
-from atlasd.pacing import BurstPacer, cpu_timed
+from atlasd.pacing import cpu_timed
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +161,10 @@ async def run_endpoints_writer(
         if kube is not None:
             nursery.start_soon(_apply_configmaps, kube, settings, newest)
         task_status.started(state)
-        pacer = BurstPacer(share=0.1, cap=1.0, least=BURST_INTERVAL)
         try:
             first = True
             async for update in coalesced(fleets):
-                pacer.begin(trio.current_time())
+                started = trio.current_time()
                 # The pause below counts all of a pass's CPU, in whichever thread: the
                 # render, the files' text, the writes, the counts and the ConfigMaps' copy
                 # (counting only the render and the writes, a pass at 5,000 clusters took
@@ -213,9 +204,9 @@ async def run_endpoints_writer(
                         newest.put(files)
                     if on_files is not None:
                         on_files(files)
-                # Like the zone: a burst of changes is written in batches, the files taking
-                # at most a tenth of the process, each pause at most 1 s, two passes a second
-                # at most while changes keep coming (Thanos re-reads on a timer anyway).
-                await trio.sleep(pacer.pause(cpu, now=trio.current_time(), waiting=waiting(fleets)))
+                # Like the zone: a burst of changes is written in batches (``pace``), the
+                # files taking at most a tenth of the process, and while changes keep coming
+                # a pass a second (Thanos re-reads on a timer anyway).
+                await pace(fleets, started=started, cpu=cpu)
         finally:
             newest.close()

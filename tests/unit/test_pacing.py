@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from atlasd.pacing import BurstPacer, burst_pause, cpu_timed
+from atlasd.pacing import burst_pause, cpu_timed
 
 
 def test_the_pause_keeps_the_work_to_its_share_and_under_the_cap() -> None:
@@ -60,31 +60,3 @@ def test_another_threads_work_is_not_counted() -> None:
         stop.set()
         t.join()
     assert cpu < 0.05
-
-
-@pytest.mark.parametrize(("waiting", "pause"), [(False, 0.09), (True, 0.95)])
-def test_a_lone_pass_pauses_its_share_unless_changes_wait(waiting: bool, pause: float) -> None:
-    """A pass that began at 0, ended at 0.05 and took 10 ms of CPU: its share's pause alone
-    (90 ms) when nothing waits, else on until 1 s after it began."""
-    pacer = BurstPacer(share=0.1, cap=1.0, least=1.0)
-    pacer.begin(0.0)
-    assert pacer.pause(0.01, now=0.05, waiting=waiting) == pytest.approx(pause)
-
-
-def test_a_second_pass_within_the_interval_starts_the_burst_pacing() -> None:
-    """Nothing ever waits when a pass ends (changes trickle in just after): the first two
-    passes go at once, the second holds on until the interval after it began."""
-    pacer = BurstPacer(share=0.1, cap=1.0, least=1.0)
-    now, starts = 0.0, []
-    for _ in range(4):
-        now += 0.01  # the next change arrives
-        pacer.begin(now)
-        starts.append(now)
-        now += pacer.pause(0.0, now=now, waiting=False)
-    assert starts == pytest.approx([0.01, 0.02, 1.03, 1.04])
-
-
-def test_a_pass_longer_than_the_interval_is_not_held_further() -> None:
-    pacer = BurstPacer(share=0.1, cap=1.0, least=1.0)
-    pacer.begin(0.0)
-    assert pacer.pause(0.0, now=3.0, waiting=True) == 0.0  # it took 3 s (of waiting)
