@@ -342,7 +342,7 @@ class StatusHub:
                 items = part.get(key)
                 if items is None or key in kept:
                     continue  # removed, or encoded by a read meanwhile
-                kept[key] = ", ".join(_dumps(item) for item in items)
+                kept[key] = _piece(items)
                 done += len(items)
                 if done >= ENCODE_STEP:
                     done = 0
@@ -358,7 +358,7 @@ class StatusHub:
             for key in sorted(part):
                 piece = kept.get(key)
                 if piece is None:
-                    piece = kept[key] = ", ".join(_dumps(item) for item in part[key])
+                    piece = kept[key] = _piece(part[key])
                 pieces.append(piece)
             text = self._section_text[section] = "[" + ", ".join(pieces) + "]"
         return text
@@ -382,3 +382,8 @@ _ENCODER = json.JSONEncoder(sort_keys=True, default=str)
 
 def _dumps(value: Any) -> str:
     return _ENCODER.encode(value)
+
+
+def _piece(items: list[Any]) -> str:
+    """One key's items in a section's list: their JSON texts, comma-separated."""
+    return ", ".join(_dumps(item) for item in items)
