@@ -3,6 +3,7 @@
 ::
 
     root nursery                                                          (every replica)
+     ├── watchdog  the event loop's lag; what held it when it stalls (`atlasd run` only)
      ├── http      /metrics /healthz /readyz /status /status/stream /status/envoys
      ├── namespace readiness: does atlasd's namespace exist (Kubernetes only)
      ├── sources   an informer per role ──changes──> FleetRunner (owns FleetState + key queue)
@@ -74,6 +75,7 @@ from atlasd.subsystems import (
     run_heap,
     run_namespace_check,
     run_reconcile,
+    run_watchdog,
     run_xds,
     run_zone,
 )
@@ -133,6 +135,10 @@ class DaemonOptions:
     # the `atlasd run` process, off for a daemon that shares its process (tests, the demo).
     settle_heap: bool = False
     settle_seconds: float = 10.0
+    # atlasd.watchdog: event loop lags over this many seconds are stalls, logged with the
+    # code that held the loop (None: no watchdog). Process-wide like settle_heap (its
+    # metrics are the process's): on for the `atlasd run` process.
+    stall_threshold: float | None = None
     # The enrollment endpoint (atlasd.enroll.endpoint; None: off) and the lifetime of the
     # certificates it signs (renewed by the agents at 2/3 of it).
     enroll_port: int | None = None
@@ -223,6 +229,9 @@ class Daemon:
         listen = (o.http_host, o.http_port)
         http = P(run_http, self.app, host=listen[0], port=listen[1])
         subs = [Subsystem("http", http, started=self._set("http_port"))]
+        if o.stall_threshold is not None:  # first: it sees the others start
+            subs.insert(0, Subsystem("watchdog", P(run_watchdog, threshold=o.stall_threshold,
+                                                   hub=hub)))  # fmt: skip
         if backend.namespace_exists is not None:
             check = P(run_namespace_check, check=backend.namespace_exists, namespace=s.namespace)
             subs.append(Subsystem("namespace", P(check, hub=hub)))

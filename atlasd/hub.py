@@ -79,6 +79,23 @@ class ZoneDoc(TypedDict):
     too_large: list[AnswerDoc]
 
 
+class StallDoc(TypedDict):
+    """One stall of the event loop (``atlasd.watchdog``)."""
+
+    at: float
+    held_ms: float
+    # The loop thread's stack when the lag passed the threshold.
+    where: str
+
+
+class LoopDoc(TypedDict):
+    """The event loop's stalls since start (``atlasd.watchdog``)."""
+
+    stalls: int
+    threshold_ms: float
+    last: StallDoc
+
+
 class ResultDoc(TypedDict):
     """One reconcile (``last_key_reconcile``) or a full pass (``last_reconcile``)."""
 
@@ -144,6 +161,7 @@ class StatusParts(TypedDict, total=False):
     last_reconcile: ResultDoc
     last_key_reconcile: ResultDoc
     store_error: str | None
+    loop: LoopDoc
 
 
 KeyedSection = Literal["clusters", "pending", "problems", "certificates", "store_problems"]

@@ -8,6 +8,7 @@ task_status)`` the daemon declares (``atlasd.daemon``) and wires with the values
 - ``run_endpoints``: Thanos Query's endpoint configuration, the same way;
 - ``run_namespace_check``: readiness says whether the namespace exists;
 - ``run_heap``: the process's collector settles (``atlasd.heap``);
+- ``run_watchdog``: the event loop's lag and what held it (``atlasd.watchdog``);
 - ``run_election``: who leads, and the leader-only subsystems while this replica does;
 - ``run_reconcile``: the leader's writes (one reconciler per leadership term);
 - ``Leadership``: whether this replica leads (owned by the election).
@@ -33,7 +34,7 @@ from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import FLEET_KEY
 from atlasd.fleet.state import FleetVersion
 from atlasd.heap import Heap
-from atlasd.hub import AnswerDoc, StatusHub
+from atlasd.hub import AnswerDoc, LoopDoc, StatusHub
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError
 from atlasd.kube.events import post_event
@@ -46,6 +47,7 @@ from atlasd.reconcile.expectations import Expectations
 from atlasd.reconcile.loop import ReconcileLoop, key_result_doc
 from atlasd.supervise import supervise
 from atlasd.watch.backoff import Backoff
+from atlasd.watchdog import LoopWatchdog, Stall
 from atlasd.xds.authz import RevokedCerts
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import LARGE_PUSH, SnapshotCache
@@ -327,6 +329,34 @@ async def run_heap(
             heap.settle("timer")
     finally:
         heap.release()
+
+
+async def run_watchdog(
+    *,
+    threshold: float,
+    hub: StatusHub,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Watch this event loop's lag (``atlasd.watchdog``); each stall over ``threshold`` s is
+    counted, logged with the code that held the loop and published as status ``loop``."""
+
+    def stalled(stall: Stall, stalls: int) -> None:
+        doc: LoopDoc = {
+            "stalls": stalls,
+            "threshold_ms": round(threshold * 1000, 1),
+            "last": {"at": stall.at, "held_ms": round(stall.held * 1000, 1), "where": stall.where},
+        }
+        hub.publish(loop=doc)
+
+    watchdog = LoopWatchdog(
+        trio.lowlevel.current_trio_token(), threshold=threshold, on_stall=stalled
+    )
+    watchdog.start()
+    try:
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        watchdog.stop()
 
 
 async def run_namespace_check(

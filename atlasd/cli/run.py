@@ -300,6 +300,15 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             "plaintext callers get nothing).",
         ),
         env_option(
+            "--stall-threshold",
+            env="ATLAS_STALL_THRESHOLD",
+            default=None,
+            type=click.FloatRange(0, 60),
+            help="Seconds the event loop may take to answer before it counts as stalled "
+            "(default: a tenth): logged at WARNING with the code that held it, "
+            "atlasd_event_loop_stalls_total, status 'loop'. 0 turns the watchdog off.",
+        ),
+        env_option(
             "--shutdown-grace",
             env="ATLAS_SHUTDOWN_GRACE",
             default=10.0,
@@ -365,6 +374,7 @@ def run(**params: Any) -> None:
 def run_daemon(p: dict[str, Any], *, mode: str) -> None:
     from atlasd.daemon import Daemon, DaemonOptions
     from atlasd.kube.legacy_lock import ORIGINAL_ENVOY_ADS_LOCK
+    from atlasd.watchdog import DEFAULT_THRESHOLD as DEFAULT_STALL_THRESHOLD
 
     log = logging.getLogger("atlasd")
     if p.get("compat_log_level"):
@@ -442,6 +452,9 @@ def run_daemon(p: dict[str, Any], *, mode: str) -> None:
         identity=p["identity"] or socket.gethostname(),
         # This process is atlasd's alone: keep its collector's pauses short (atlasd.heap).
         settle_heap=True,
+        stall_threshold=DEFAULT_STALL_THRESHOLD
+        if p["stall_threshold"] is None
+        else (p["stall_threshold"] or None),
         enroll_host=p["enroll_listen"][0] if p["enroll_listen"] else "0.0.0.0",
         enroll_port=p["enroll_listen"][1] if p["enroll_listen"] else None,
         enroll_lifetime=dt.timedelta(seconds=p["enroll_cert_seconds"]),

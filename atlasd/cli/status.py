@@ -91,6 +91,13 @@ def _ago(ts: Any) -> str:
     return f"{days:.0f}d" if days >= 0 else "EXPIRED"
 
 
+def _since(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    seconds = max(0.0, dt.datetime.now(dt.UTC).timestamp() - ts)
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     click.echo(_table_text(header, rows))
 
@@ -142,6 +149,14 @@ def render_status(doc: dict[str, Any]) -> str:
         )
     for why in doc.get("unhealthy") or []:
         parts.append(f"UNHEALTHY: {why}")
+    loop = doc.get("loop")
+    if loop:
+        last = loop.get("last") or {}
+        parts.append(
+            f"EVENT LOOP STALLED {loop.get('stalls')} times over {loop.get('threshold_ms')} ms "
+            f"since start; the last held it {last.get('held_ms')} ms, {_since(last.get('at'))}, "
+            f"in: {last.get('where')}"
+        )
     query = doc.get("query")
     if query:
         counts = query.get("counts") or {}

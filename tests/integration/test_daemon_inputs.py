@@ -308,3 +308,27 @@ def test_the_run_process_settles_its_heap_and_times_its_collector(
     assert full is not None and full >= 1
     longest = _gauge(token_daemon, 'atlasd_gc_pause_max_seconds{cause="settle",generation="2"}')
     assert longest is not None and longest > 0
+
+
+def test_the_run_process_measures_its_event_loop(token_daemon: Atlasd) -> None:
+    """atlasd.watchdog: `atlasd run` posts to its event loop every 0.1 s and serves how late
+    the loop answered (the stalls, each logged with the code that held the loop, are shown
+    at scale by bench_e2e's `loop` figures)."""
+    first = wait_until(
+        lambda: _gauge(token_daemon, "atlasd_event_loop_lag_seconds_count"),
+        timeout=30,
+        what="a first lag measured",
+    )
+    wait_until(
+        lambda: (_gauge(token_daemon, "atlasd_event_loop_lag_seconds_count") or 0) >= first + 5,
+        timeout=30,
+        what="the lag measured again and again",
+    )
+    # A stall is counted, then published: status first, then the counter.
+    published = "loop" in token_daemon.status()
+    stalls = _gauge(token_daemon, "atlasd_event_loop_stalls_total")
+    assert stalls is not None
+    if published:
+        assert stalls > 0
+    if stalls > 0:
+        wait_until(lambda: "loop" in token_daemon.status(), timeout=10, what="the stall shown")

@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,17 @@ def test_status_shows_why_it_does_not_lead() -> None:
     assert "NOT LEADING: the original holds it" in text
 
 
+def test_status_names_where_the_event_loop_was_held() -> None:
+    at = time.time() - 30
+    where = "yaml/representer.py:33 represent_data < atlasd/reconcile/objects.py:90 dump_yaml"
+    text = status.render_status({"version": "x", "leader": True, "ready": True, "loop": {
+        "stalls": 3, "threshold_ms": 100.0, "last": {"at": at, "held_ms": 412.5, "where": where}}})  # fmt: skip
+    [line] = [line for line in text.splitlines() if line.startswith("EVENT LOOP")]
+    assert "3 times over 100.0 ms" in line and "412.5 ms" in line and "s ago" in line
+    assert line.endswith(where)
+    assert "EVENT LOOP" not in status.render_status({"version": "x", "leader": True, "ready": True})
+
+
 def test_status_says_how_many_certificates_of_a_cluster_are_revoked() -> None:
     def cluster(name: str, revoked: int) -> dict[str, Any]:
         return {"name": name, "external_ip": "192.0.2.1", "replicas": 1, "dns_group": None,
@@ -403,6 +415,21 @@ def test_run_takes_the_enrollment_endpoint(kubeconfig: Path, captured: list[Daem
     captured.clear()
     assert _invoke("run", f"--kubeconfig={kubeconfig}").exit_code == 0
     assert captured[0].enroll_port is None  # off unless asked for
+
+
+def test_run_watches_its_event_loop_unless_told_not_to(
+    kubeconfig: Path, captured: list[DaemonOptions]
+) -> None:
+    from atlasd.watchdog import DEFAULT_THRESHOLD
+
+    for args, threshold in [((), DEFAULT_THRESHOLD), (("--stall-threshold=0.25",), 0.25),
+                            (("--stall-threshold=0",), None)]:  # fmt: skip
+        captured.clear()
+        result = _invoke("run", f"--kubeconfig={kubeconfig}", *args)
+        assert result.exit_code == 0, result.output
+        assert captured[0].stall_threshold == threshold, args
+    bad = _invoke("run", f"--kubeconfig={kubeconfig}", "--stall-threshold=-1")
+    assert bad.exit_code != 0 and "--stall-threshold" in bad.output
 
 
 def test_every_command_starts_where_no_temporary_directory_is_writable() -> None:
