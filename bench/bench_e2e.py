@@ -41,7 +41,11 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
 - ``gc_pause_max_ms`` and ``gc_pauses_over_100ms``: the garbage collector's pauses that
   allocation caused over the whole run (``atlasd_gc_pause_seconds``; the event loop
   stands still meanwhile), and ``gc_settle_max_ms``, the longest of atlasd's own heap
-  settles (``atlasd.heap``: a full one at start and hourly).
+  settles (``atlasd.heap``: a full one at start and hourly);
+- ``loop`` (after onboarding as ``onboard_loop``, and at the end): atlasd's own watchdog
+  (``atlasd.watchdog``): its stalls (event loop lags over 100 ms), the longest lag, how
+  many lags passed 100 ms, and where the loop was held in the last stall (``None``
+  from an atlasd without the watchdog).
 
 Prints a table; with ``--json`` one JSON object on its last line.
 """
@@ -121,6 +125,25 @@ def gc_pauses(url: str) -> dict[str, Any]:
         "gc_pause_max_ms": round(1000 * max(longest[k] for k in caused("allocation")), 1),
         "gc_pauses_over_100ms": int(sum(counts[k] - under[k] for k in caused("allocation"))),
         "gc_settle_max_ms": round(1000 * max(longest[k] for k in caused("settle")), 1),
+    }
+
+
+def loop_stalls(url: str) -> dict[str, Any] | None:
+    """atlasd's watchdog so far (``atlasd.watchdog``): stalls, the longest lag (ms), the
+    lags over 100 ms, and where the last stall held the loop; None without a watchdog."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    longest = metric(url, "atlasd_event_loop_lag_max_seconds", text)
+    if not longest:
+        return None
+    buckets = metric(url, "atlasd_event_loop_lag_seconds_bucket", text)
+    count = metric(url, "atlasd_event_loop_lag_seconds_count", text)
+    last = (httpx.get(f"{url}/status", timeout=30).json().get("loop") or {}).get("last") or {}
+    return {
+        "stalls": int(sum(metric(url, "atlasd_event_loop_stalls_total", text).values())),
+        "lag_max_ms": round(1000 * max(longest.values()), 1),
+        "lags": int(sum(count.values())),
+        "lags_over_100ms": int(sum(count.values()) - buckets.get('{le="0.1"}', 0.0)),
+        "last_where": last.get("where"),
     }
 
 
@@ -385,6 +408,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
             "envoy": round(cpu_seconds(envoy.proc.pid), 1),
         }
         out["onboard_requests"] = requests_by_kind(atlasd.url)
+        out["onboard_loop"] = loop_stalls(atlasd.url)
         if floor is not None:
             out["floor_s"] = floor["floor_s"]
             out["floor_cpu_s"] = {
@@ -503,6 +527,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
         )
         out["rss_mib"] = round(rss_mib(pid), 1)
         out.update(gc_pauses(atlasd.url))
+        out["loop"] = loop_stalls(atlasd.url)
     finally:
         client.close()
         if envoy is not None:

@@ -37,7 +37,9 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    ``writes``, ``writes_done_s`` and ``write_rate``; with the floor (``bench_floor``: a bare
    writer of two Secrets and a Service per cluster at atlasd's write concurrency, measured
    first in the same run) ``writes_over_floor``; ``cpu_by_process_s``: every process's CPU
-   until every stream is current.
+   until every stream is current; ``loop``: each replica's watchdog since it started
+   (``bench_e2e.loop_stalls``: event loop stalls, the longest lag, where the last stall
+   held the loop; also after ``initial``).
 4. ``kill``: SIGKILL of the leader, then at once a new cluster Service; ``lease_s`` (kill
    -> the survivor holds the Lease), ``new_leader_wrote_s`` (kill -> the new cluster's
    values written); the dead replica's streams -> current elsewhere (``time_to_all``);
@@ -86,7 +88,14 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlasd.reconcile.applier import DEFAULT_CONCURRENCY as APPLY_CONCURRENCY
-from bench.bench_e2e import cluster_service, cpu_seconds, metric, requests_by_kind, rss_mib
+from bench.bench_e2e import (
+    cluster_service,
+    cpu_seconds,
+    loop_stalls,
+    metric,
+    requests_by_kind,
+    rss_mib,
+)
 from bench.bench_floor import measure_floor, print_result
 from bench.bench_outcome import (
     Processes,
@@ -456,6 +465,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         phase["rss_mib_before"] = round(rss0, 1)
         phase["rss_mib_after"] = round(fleet.rss(), 1)
         phase["rss_per_stream_kib"] = round((fleet.rss() - rss0) * 1024 / n, 1)
+        phase["loop"] = {k: loop_stalls(r.url) for k, r in replicas.items()}
         out["initial"] = strip(phase)
         print(f"initial: {out['initial']}", file=sys.stderr, flush=True)
 
@@ -548,6 +558,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "then_current": strip(phase),
             # From the annotation until every stream is current at the new leaves.
             "cpu_by_process_s": cpu_since(cpu0_all),
+            # Each replica's watchdog since it started (atlasd.watchdog).
+            "loop": {k: loop_stalls(r.url) for k, r in replicas.items()},
         }
         if args.floor:
             rot["writes_over_floor"] = round((last_write[0] - since) / out["floor_s"], 2)
