@@ -32,14 +32,3 @@ def burst_pause(cpu: float, *, share: float, cap: float) -> float:
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], not {share}")
     return min(cap, cpu * (1 - share) / share)
-
-
-def next_step_size(done: int, spent: float, *, budget: float, most: int) -> int:
-    """How many items the next step of a loop over many items takes so that a step holds
-    the event loop about ``budget`` seconds: the last step did ``done`` items in ``spent``
-    seconds; at least one item, at most ``most``. Items that cost more than expected (a CA
-    rotation re-judging every stored leaf) make the steps smaller at once; cheap ones let
-    them grow back as fast."""
-    if done <= 0 or spent <= 0:
-        return most
-    return max(1, min(most, int(done * budget / spent)))

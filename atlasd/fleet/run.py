@@ -4,14 +4,15 @@
 sources deliver into it (``changed``: the change is recorded in the state at once and its
 keys are queued, ``atlasd.watch.workqueue``: bursts coalesce; ``relisted``: the leader's
 expectations of that kind are met). ``run`` takes whatever keys are ready, derives them in
-chunks sized to hold the event loop about ``STEP_SECONDS`` each (a start with thousands of
-clusters, a CA rotation that re-judges every stored leaf) and publishes each version on the
-``FleetFeed``. Each Problem is logged once, when it appears.
+steps of about ``STEP_SECONDS`` (a start with thousands of clusters, a CA rotation that
+re-judges every stored identity, never holds the event loop for long) and publishes each
+version on the ``FleetFeed``. Each Problem is logged once, when it appears.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from atlasd.fleet.keys import FLEET_KEY
 from atlasd.fleet.state import FleetState, FleetUpdate, FleetVersion
 from atlasd.metrics import FLEET_SECONDS
 from atlasd.model import Problem, Settings
-from atlasd.pacing import next_step_size
 from atlasd.watch.watched import WatchedSet
 from atlasd.watch.workqueue import WorkQueue
 
@@ -35,10 +35,14 @@ CHUNK = 250
 """The most keys derived in one step (one published version)."""
 
 STEP_SECONDS = 0.05
-"""About how long one step of derivation holds the event loop: the next chunk is sized by
-the last one's pace (``atlasd.pacing.next_step_size``). 250 keys of a CA rotation (every
-stored leaf judged against the new trust bundle) held it 0.2-1.3 s in one step at 2,000
-clusters (``atlasd.watchdog``'s stalls in the soak at scale)."""
+"""About how long one step of derivation holds the event loop: ``FleetState.derive`` stops
+after the key that passes it and the rest is derived in the next steps. Without it a new
+trust bundle (a CA rotation) re-judged every stored identity in one step: 1.15-1.28 s at
+2,000 clusters in the soak at scale (``atlasd.watchdog``'s stalls)."""
+
+
+def _past(deadline: float) -> bool:
+    return time.perf_counter() >= deadline
 
 
 class Relists(Protocol):
@@ -117,7 +121,6 @@ async def run_fleet(
     """Derive and publish until cancelled; started once the first version (everything the
     sources listed) is published."""
     first = True
-    size = CHUNK
     while True:
         if first:
             # The fleet-wide key first: the members' trust checks need its CA.
@@ -128,22 +131,26 @@ async def run_fleet(
         else:
             key = await queue.get()
             keys = [key, *queue.drain_ready()]
-        i = 0
-        while i < len(keys):
-            chunk = keys[i : i + size]
-            i += len(chunk)
+        # Keys taken from the queue: each is done once derived.
+        taken = set() if first else set(keys)
+        pending = keys
+        while pending:
+            chunk, rest = pending[:CHUNK], pending[CHUNK:]
             t0 = time.perf_counter()
-            update = state.derive(chunk, now=wall_clock())
-            spent = time.perf_counter() - t0
-            FLEET_SECONDS.observe(spent)
-            size = next_step_size(len(chunk), spent, budget=STEP_SECONDS, most=CHUNK)
+            enough = functools.partial(_past, t0 + STEP_SECONDS)
+            update = state.derive(chunk, now=wall_clock(), enough=enough)
+            FLEET_SECONDS.observe(time.perf_counter() - t0)
             before = feed.latest
             feed.publish(update)
             _log_new_problems(before, update)
-            if not first:
-                for k in chunk:
+            left = set(update.left)
+            for k in chunk:
+                if k in taken and k not in left:
+                    taken.discard(k)
                     queue.done(k)
-            if i < len(keys):
+            # What the deadline left (a new trust bundle adds every member) goes first.
+            pending = list(dict.fromkeys([*update.left, *rest]))
+            if pending:
                 await trio.lowlevel.checkpoint()
         if first:
             first = False

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
@@ -208,10 +208,12 @@ class FleetVersion:
 
 @dataclass(frozen=True)
 class FleetUpdate:
-    """A new version and the keys whose derived state may differ from the previous one."""
+    """A new version and the keys whose derived state may differ from the previous one;
+    ``left``: keys still to derive (``derive`` stopped at its deadline), in order."""
 
     version: FleetVersion
     changed: frozenset[str]
+    left: tuple[str, ...] = ()
 
 
 @dataclass
@@ -279,19 +281,24 @@ class FleetState:
 
     # -- derive ----------------------------------------------------------------------------
 
-    def derive(self, keys: Iterable[str], *, now: dt.datetime) -> FleetUpdate:
-        """Re-derive ``keys`` and publish a new version."""
-        todo = set(keys)
+    def derive(
+        self, keys: Iterable[str], *, now: dt.datetime, enough: Callable[[], bool] | None = None
+    ) -> FleetUpdate:
+        """Re-derive ``keys`` and publish a new version. With ``enough``, asked after each
+        key: once it says so, the keys not derived yet are returned as the update's ``left``
+        (the caller derives them next), so that one call holds its caller for a bounded time
+        (a new trust bundle re-judges every stored identity: thousands of keys)."""
+        todo = dict.fromkeys(keys)
         changed: set[str] = set()
         had_pki = self._fleetwide.pki is not None
         if FLEET_KEY in todo:
-            todo.discard(FLEET_KEY)
+            del todo[FLEET_KEY]
             before = self._fleetwide
             self._fleetwide = self._derive_fleetwide(now)
             changed.add(FLEET_KEY)
             if _trust(before) != _trust(self._fleetwide):
                 # A new trust bundle: every stored identity is judged again.
-                todo |= set(self._members)
+                todo.update(dict.fromkeys(self._members))
             elif _per_cluster(before) != _per_cluster(self._fleetwide):
                 # Every cluster's own objects carry it (its values' alertmanagerCount): each
                 # cluster key is to be reconciled again, though its member is the same.
@@ -299,7 +306,12 @@ class FleetState:
             changed |= revocation.changed_clusters(before.revocations, self._fleetwide.revocations)
         ips: set[str] = set()
         members = self._members.mutate()
-        for key in todo:
+        order = list(todo)
+        left: tuple[str, ...] = ()
+        for i, key in enumerate(order):
+            if i and enough is not None and enough():
+                left = tuple(order[i:])
+                break
             old = members.get(key)
             new = self._derive_member(key, old)
             changed.add(key)
@@ -336,7 +348,7 @@ class FleetState:
             members=self._members,
             model=self._model,
         )
-        return FleetUpdate(version=version, changed=frozenset(changed))
+        return FleetUpdate(version=version, changed=frozenset(changed), left=left)
 
     def _derive_fleetwide(self, now: dt.datetime) -> FleetWide:
         ns = self.settings.namespace

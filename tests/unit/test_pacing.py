@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from atlasd.pacing import burst_pause, cpu_timed, next_step_size
+from atlasd.pacing import burst_pause, cpu_timed
 
 
 def test_the_pause_keeps_the_work_to_its_share_and_under_the_cap() -> None:
@@ -60,19 +60,3 @@ def test_another_threads_work_is_not_counted() -> None:
         stop.set()
         t.join()
     assert cpu < 0.05
-
-
-@pytest.mark.parametrize(
-    ("done", "spent", "expected"),
-    [
-        (250, 1.25, 10),  # 5 ms an item: ten fit 50 ms
-        (10, 0.005, 100),  # cheap again: the steps grow back at once
-        (10, 0.0001, 250),  # ... to the most
-        (250, 60.0, 1),  # never none
-        (0, 0.0, 250),  # nothing measured: the most
-    ],
-)
-def test_the_next_step_holds_the_loop_about_the_budget(
-    done: int, spent: float, expected: int
-) -> None:
-    assert next_step_size(done, spent, budget=0.05, most=250) == expected

@@ -194,6 +194,49 @@ def test_a_new_trust_bundle_rejudges_every_identity() -> None:
     assert update.version.members["east"].identity is None
 
 
+def test_a_derivation_stopped_by_its_deadline_leaves_the_rest_in_order() -> None:
+    """``enough``: the keys not derived yet come back as ``left``; deriving them next gives
+    what one call would have (a CA rotation's re-judging of every identity included)."""
+    names = [f"c{i}" for i in range(6)]
+    secrets = _pki_secrets(*names)
+
+    def fleet() -> FleetState:
+        state = FleetState(S)
+        _observe_secrets(state, secrets)
+        for i, n in enumerate(names):
+            state.observe("cluster-services", n, stored(cluster_service(n, f"203.0.113.{i + 1}")))
+        return state
+
+    whole, stepped = fleet(), fleet()
+    want = whole.derive(whole.keys(), now=NOW).version
+    asked = [0]
+
+    def every_second() -> bool:  # asked before each key but the first: two keys a call
+        asked[0] += 1
+        return asked[0] % 2 == 0
+
+    first = stepped.derive([FLEET_KEY, *names], now=NOW, enough=every_second)
+    assert first.left == tuple(names[2:])
+    assert {FLEET_KEY, "c0", "c1"} <= first.changed and not first.changed & set(first.left)
+    left = first.left
+    while left:
+        left = stepped.derive(left, now=NOW, enough=every_second).left
+    final = stepped.derive([], now=NOW).version
+    assert {k: m.state for k, m in final.members.items()} == {
+        k: m.state for k, m in want.members.items()
+    }
+    assert set(final.model.clusters) == set(want.model.clusters) == set(names)
+
+    # A new trust bundle adds every member to the keys to judge: a deadline leaves them.
+    other = _pki_secrets("x", start=1033)
+    ca_keys = stepped.observe("owned-secrets", labels.CA_SECRET, other[labels.CA_SECRET])
+    update = stepped.derive(ca_keys, now=NOW, enough=lambda: True)
+    assert len(update.left) == len(names) - 1 and set(update.left) < set(names)
+    while update.left:
+        update = stepped.derive(update.left, now=NOW, enough=lambda: True)
+    assert all(m.identity is None for m in update.version.members.values() if m.cluster)
+
+
 def _alertmanager(name: str, port: int = 9093) -> dict[str, Any]:
     return stored(
         {
