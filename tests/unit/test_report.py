@@ -147,16 +147,16 @@ def test_stream_documents_are_made_again_only_for_streams_that_changed(
     """``EnvoyDocs``: an ACK replaces one stream's status; only that stream's document is
     made again (the others are the same objects), and a call with nothing changed says so."""
     from atlasd import report
-    from atlasd.xds.streams import StatusBoard
+    from atlasd.xds.streams import EnvoyStatus, StatusBoard
 
     made: list[int] = []
-    real = report._envoy_doc
+    real = EnvoyStatus.as_dict
 
-    def counting(st: Any) -> dict[str, Any]:
+    def counting(st: EnvoyStatus) -> Any:
         made.append(st.stream_id)
         return real(st)
 
-    monkeypatch.setattr(report, "_envoy_doc", counting)
+    monkeypatch.setattr(EnvoyStatus, "as_dict", counting)
     board = StatusBoard()
     sids = [board.open(node=f"c{i}", kind="delta", peer="192.0.2.1:1") for i in range(3)]
     docs = report.EnvoyDocs()
