@@ -102,20 +102,11 @@ def exposition(registry: Collector, keyed: Sequence[KeyedGauge]) -> bytes:
     return b"".join((generate_latest(registry), *(family.text() for family in keyed)))
 
 
-LOOP_LAG = Histogram(
-    "atlasd_event_loop_lag_seconds",
-    "How long the event loop took to run a callback posted to it (every 0.1 s, by "
-    "atlasd.watchdog): how long any change, push or scrape waits behind the step in "
-    "progress.",
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-)
-LOOP_LAG_MAX = Gauge(
-    "atlasd_event_loop_lag_max_seconds", "The longest event loop lag since the process started."
-)
 LOOP_STALLS = Counter(
     "atlasd_event_loop_stalls",
-    "Event loop lags over the stall threshold (--stall-threshold); each is logged at "
-    "WARNING with the code that held the loop (at most one line per 10 s).",
+    "Event loop batches longer than the stall threshold (--stall-threshold; "
+    "atlasd.watchdog); each is logged at WARNING with the code that held the loop (at most "
+    "one line per 10 s).",
 )
 KUBE_REQUESTS = Counter(
     "atlasd_kube_requests",

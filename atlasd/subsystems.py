@@ -48,6 +48,7 @@ from atlasd.reconcile.loop import ReconcileLoop, key_result_doc
 from atlasd.supervise import supervise
 from atlasd.watch.backoff import Backoff
 from atlasd.watchdog import LoopWatchdog, Stall
+from atlasd.watchdog import export as export_batches
 from atlasd.xds.authz import RevokedCerts
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import LARGE_PUSH, SnapshotCache
@@ -337,20 +338,24 @@ async def run_watchdog(
     hub: StatusHub,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Watch this event loop's lag (``atlasd.watchdog``); each stall over ``threshold`` s is
-    counted, logged with the code that held the loop and published as status ``loop``."""
+    """Watch this event loop (``atlasd.watchdog``); each batch over ``threshold`` s is a
+    stall: counted, logged with the code that held the loop and published as status
+    ``loop``."""
 
     def stalled(stall: Stall, stalls: int) -> None:
         doc: LoopDoc = {
             "stalls": stalls,
             "threshold_ms": round(threshold * 1000, 1),
-            "last": {"at": stall.at, "held_ms": round(stall.held * 1000, 1), "where": stall.where},
+            "last": {
+                "at": stall.at,
+                "held_ms": round(stall.held * 1000, 1),
+                "where": stall.where or "(not sampled)",
+            },
         }
         hub.publish(loop=doc)
 
-    watchdog = LoopWatchdog(
-        trio.lowlevel.current_trio_token(), threshold=threshold, on_stall=stalled
-    )
+    export_batches()
+    watchdog = LoopWatchdog(threshold=threshold, on_stall=stalled)
     watchdog.start()
     try:
         task_status.started()

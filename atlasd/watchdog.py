@@ -1,4 +1,5 @@
-"""The event loop's watchdog: how late the loop answers, and what held it when it is late.
+"""The event loop's watchdog: how long the loop runs without looking at I/O, and what held
+it when that is too long.
 
 Everything atlasd serves runs on one Trio event loop, so one step that computes too long
 (encoding a large document, transforming a relist, a queue drained without a checkpoint)
@@ -6,50 +7,54 @@ delays every Envoy push, every write and every scrape behind it. Such steps were
 far by a throwaway profiler run under a benchmark; this module keeps that instrument in the
 product, cheap enough to stay on:
 
-- a thread of its own posts a callback to the loop every ``interval`` s
-  (``TrioToken.run_sync_soon``) and measures how long the loop takes to run it: the loop's
-  *lag*, ``atlasd_event_loop_lag_seconds`` (a histogram; the longest since start,
-  ``atlasd_event_loop_lag_max_seconds``);
-- when the callback has not run after ``threshold`` s, the thread reads the loop thread's
-  stack (``sys._current_frames``): the code holding the loop at that moment. Once the loop
-  answers, the stall is counted (``atlasd_event_loop_stalls_total``), published as the
-  status document's ``loop`` part and logged at WARNING naming where the loop was held (at
-  most one line per ``log_every`` s; the ones in between are counted in the next line).
+- a Trio instrument times each *batch*: the time from the loop's return from its I/O wait
+  to its next one, in which it runs every task that was ready (a change, push or scrape
+  that becomes ready meanwhile waits for the batch to end): ``atlasd_event_loop_busy_seconds``
+  (a histogram; the longest since start, ``atlasd_event_loop_busy_max_seconds``). It uses
+  only the two I/O-wait hooks, not the per-step ones: its cost grows with batches, not
+  with tasks;
+- a thread of its own looks every ``interval`` s at the batch in progress; once one has run
+  for ``threshold`` s it reads the loop thread's stack (``sys._current_frames``): the code
+  holding the loop at that moment. When the batch ends, the stall is counted
+  (``atlasd_event_loop_stalls_total``), published as the status document's ``loop`` part
+  and logged at WARNING naming where the loop was held (at most one line per
+  ``log_every`` s; the ones in between are counted in the next line).
 
-A stall has two usual causes: a step that holds the loop (the stack names it), or a machine
-too busy to run the process (the stack is then wherever the loop happened to be; the load
-average says which). A C call that holds the GIL (a large collection, ``atlasd.heap``'s own
-pauses are on ``atlasd_gc_pause_seconds``) keeps this thread from sampling until it ends:
-the stall is still measured, and its sample is marked late.
-
-The thread only reads clocks, frames and its own fields; everything it tells the loop goes
-through ``run_sync_soon`` (the status hub is the loop's). Its cost: ``1 / interval``
-wake-ups of the loop a second (~10 at the default, a few microseconds each).
+An idle loop is not woken: the thread only reads two fields (~10 wake-ups a second of a
+thread that finds nothing to do). A stall has two usual causes: a step that holds the loop
+(the stack names it) or many ready tasks at once, or a machine too busy to run the process
+(the stack is then wherever the loop happened to be; the load average says which). A C call
+that holds the GIL (a large collection: ``atlasd.heap``'s pauses are on
+``atlasd_gc_pause_seconds``) keeps the thread from sampling until it ends: the stall is
+still timed, its sample is marked late.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 
 import trio
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
 
 from atlasd import metrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.1
-"""Seconds of lag counted as a stall (``atlasd run --stall-threshold``)."""
+"""Seconds of one batch counted as a stall (``atlasd run --stall-threshold``)."""
 
 DEFAULT_INTERVAL = 0.1
-"""Seconds between two callbacks posted to the loop."""
+"""Seconds between two looks of the watchdog thread at the batch in progress."""
+
+BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # How many of atlasd's own frames a stall's ``where`` names (innermost first).
 _OWN_FRAMES = 6
@@ -57,123 +62,184 @@ _OWN_FRAMES = 6
 
 @dataclass(frozen=True)
 class Stall:
-    """One stall: the loop answered ``held`` s after the callback was posted; ``where`` is
-    the loop thread's stack when the lag passed the threshold (``sampled`` s after the post:
-    much later than the threshold when a C call held the GIL)."""
+    """One stall: a batch of ``held`` s; ``where`` is the loop thread's stack when the
+    batch had run ``sampled`` s (much later than the threshold when a C call held the GIL;
+    None when the thread did not look while it ran)."""
 
     at: float  # wall-clock time the stall ended
     held: float
-    sampled: float
-    where: str
+    sampled: float | None
+    where: str | None
 
 
-class LoopWatchdog:
-    """The watchdog of the event loop whose token it is given; ``start``/``stop`` its
-    thread. Invariants: ``stalls`` counts every stall since start and ``last`` is the latest
-    (both written by the thread only, read by anyone); ``on_stall`` runs in the loop."""
+class Batches(Collector):
+    """The batches' durations: a histogram kept as plain numbers (the hook only adds), and
+    the longest; served on ``/metrics`` once registered (``export``)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; +Inf last
+        self.total = 0.0
+        self.longest = 0.0
+
+    def add(self, seconds: float) -> None:
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += seconds
+        if seconds > self.longest:
+            self.longest = seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily | GaugeMetricFamily]:
+        cumulative, n = [], 0
+        for bound, count in zip([*map(str, BUCKETS), "+Inf"], self.counts, strict=True):
+            n += count
+            cumulative.append((bound, float(n)))
+        yield HistogramMetricFamily(
+            "atlasd_event_loop_busy_seconds",
+            "How long the event loop ran ready tasks between two looks at I/O (one batch): "
+            "what a change, push or scrape that became ready meanwhile waited at most.",
+            buckets=cumulative,
+            sum_value=self.total,
+        )
+        yield GaugeMetricFamily(
+            "atlasd_event_loop_busy_max_seconds",
+            "The longest event loop batch since the process started.",
+            value=self.longest,
+        )
+
+
+BATCHES = Batches()
+_exported: list[bool] = []
+
+
+def export() -> None:
+    """Serve ``BATCHES`` on the default registry (``/metrics``), once per process."""
+    if not _exported:
+        REGISTRY.register(BATCHES)
+        _exported.append(True)
+
+
+class LoopWatchdog(trio.abc.Instrument):
+    """The watchdog of the event loop it is started in (``start``/``stop``, both from the
+    loop's thread). Invariants: ``_batch`` is when the batch in progress began (None while
+    the loop waits for I/O), written by the loop's hooks only; ``_sample`` is the thread's
+    look at one batch (its start, the stack, when), written by the thread only; ``stalls``
+    and ``last`` are written in the loop (``on_stall`` runs there too)."""
 
     def __init__(
         self,
-        token: trio.lowlevel.TrioToken,
         *,
         threshold: float = DEFAULT_THRESHOLD,
         interval: float = DEFAULT_INTERVAL,
         log_every: float = 10.0,
         on_stall: Callable[[Stall, int], None] | None = None,
+        batches: Batches = BATCHES,
     ) -> None:
-        self._token = token
         self._threshold = threshold
         self._interval = interval
         self._log_every = log_every
         self._on_stall = on_stall
-        self._loop_thread = threading.get_ident()
+        self._batches = batches
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._batch: float | None = None
+        self._sample: tuple[float, str, float] | None = None
         self.stalls = 0
         self.last: Stall | None = None
-        self._longest = 0.0
         # Stalls not logged yet (rate limit) and the longest of them.
         self._unlogged = 0
         self._unlogged_longest = 0.0
         self._logged_at = -float("inf")
 
+    # -- the loop's side ---------------------------------------------------------------------
+
     def start(self) -> None:
-        """Start the thread; call it from the loop's own thread."""
+        self._token = trio.lowlevel.current_trio_token()
         self._loop_thread = threading.get_ident()
+        trio.lowlevel.add_instrument(self)
         self._thread = threading.Thread(
             target=self._watch, name="atlasd-loop-watchdog", daemon=True
         )
         self._thread.start()
 
     def stop(self) -> None:
+        trio.lowlevel.remove_instrument(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self._interval + 1.0)
             self._thread = None
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self._interval):
-            answered = threading.Event()
-            posted = time.monotonic()
-            try:
-                self._token.run_sync_soon(answered.set)
-            except trio.RunFinishedError:
-                return
-            if answered.wait(self._threshold):
-                self._observe(time.monotonic() - posted)
-                continue
-            sampled = time.monotonic() - posted
-            where = self._where()
-            while not answered.wait(self._interval):
-                if self._stop.is_set():
-                    return
-            held = time.monotonic() - posted
-            self._observe(held)
-            self._stalled(Stall(at=time.time(), held=held, sampled=sampled, where=where))
+    def after_io_wait(self, timeout: float) -> None:
+        self._batch = time.perf_counter()
 
-    def _observe(self, lag: float) -> None:
-        metrics.LOOP_LAG.observe(lag)
-        if lag > self._longest:
-            self._longest = lag
-            metrics.LOOP_LAG_MAX.set(lag)
+    def before_io_wait(self, timeout: float) -> None:
+        began = self._batch
+        if began is None:
+            return
+        self._batch = None
+        held = time.perf_counter() - began
+        self._batches.add(held)
+        if held >= self._threshold and self._token is not None:
+            # Reported outside the hook (it runs inside Trio's scheduler).
+            self._token.run_sync_soon(self._stalled, began, held)
 
-    def _where(self) -> str:
-        frame = sys._current_frames().get(self._loop_thread)
-        return "(the loop thread is gone)" if frame is None else describe_stack(frame)
-
-    def _stalled(self, stall: Stall) -> None:
+    def _stalled(self, began: float, held: float) -> None:
+        sample = self._sample
+        sampled, where = (sample[2], sample[1]) if sample and sample[0] == began else (None, None)
+        stall = Stall(at=time.time(), held=held, sampled=sampled, where=where)
         self.stalls += 1
         self.last = stall
         metrics.LOOP_STALLS.inc()
         self._unlogged += 1
-        self._unlogged_longest = max(self._unlogged_longest, stall.held)
+        self._unlogged_longest = max(self._unlogged_longest, held)
         now = time.monotonic()
         if now - self._logged_at >= self._log_every:
-            late = (
-                f" (sampled at {stall.sampled * 1000:.0f} ms: the GIL was held)"
-                if stall.sampled > 2 * self._threshold
-                else ""
-            )
-            more = (
-                f"; {self._unlogged - 1} more since the last warning, the longest "
-                f"{self._unlogged_longest * 1000:.0f} ms"
-                if self._unlogged > 1
-                else ""
-            )
-            log.warning(
-                "the event loop was held for %.0f ms (over %.0f ms); it was in: %s%s%s",
-                stall.held * 1000,
-                self._threshold * 1000,
-                stall.where,
-                late,
-                more,
-            )
+            self._log(stall)
             self._logged_at = now
             self._unlogged = 0
             self._unlogged_longest = 0.0
         if self._on_stall is not None:
-            with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._on_stall, stall, self.stalls)
+            self._on_stall(stall, self.stalls)
+
+    def _log(self, stall: Stall) -> None:
+        if stall.where is None:
+            at = "(not sampled: the watchdog's thread did not look while it lasted)"
+        elif stall.sampled is not None and stall.sampled > 2 * self._threshold:
+            at = f"{stall.where} (sampled at {stall.sampled * 1000:.0f} ms: the GIL was held)"
+        else:
+            at = stall.where
+        more = (
+            f"; {self._unlogged - 1} more since the last warning, the longest "
+            f"{self._unlogged_longest * 1000:.0f} ms"
+            if self._unlogged > 1
+            else ""
+        )
+        log.warning(
+            "the event loop was held for %.0f ms (over %.0f ms); it was in: %s%s",
+            stall.held * 1000,
+            self._threshold * 1000,
+            at,
+            more,
+        )
+
+    # -- the thread's side -------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval):
+            began = self._batch
+            if began is None or (self._sample is not None and self._sample[0] == began):
+                continue
+            ran = time.perf_counter() - began
+            if ran >= self._threshold:
+                frame = sys._current_frames().get(self._loop_thread)
+                where = "(the loop thread is gone)" if frame is None else describe_stack(frame)
+                if self._batch == began:  # still that batch: the stack is its
+                    self._sample = (began, where, ran)
 
 
 def describe_stack(frame: FrameType) -> str:
@@ -195,10 +261,12 @@ def _own(filename: str) -> bool:
 def _short(filename: str) -> str:
     # The path from the package on: atlasd/..., or a library's (site-packages/yaml/...).
     path = filename.replace("\\", "/")
-    for marker in ("/site-packages/", "/dist-packages/", "/lib/python"):
+    for marker in ("/site-packages/", "/dist-packages/"):
         if marker in path:
-            path = path.rsplit(marker, 1)[1]
-            return path.split("/", 1)[1] if marker == "/lib/python" and "/" in path else path
+            return path.rsplit(marker, 1)[1]
+    if "/lib/python" in path:  # the standard library: json/encoder.py
+        rest = path.rsplit("/lib/python", 1)[1]
+        return rest.split("/", 1)[1] if "/" in rest else rest
     if "/atlasd/" in path:
         return "atlasd/" + path.rsplit("/atlasd/", 1)[1]
     return path.rsplit("/", 1)[-1]

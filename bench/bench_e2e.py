@@ -43,9 +43,9 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
   stands still meanwhile), and ``gc_settle_max_ms``, the longest of atlasd's own heap
   settles (``atlasd.heap``: a full one at start and hourly);
 - ``loop`` (after onboarding as ``onboard_loop``, and at the end): atlasd's own watchdog
-  (``atlasd.watchdog``): its stalls (event loop lags over 100 ms), the longest lag, how
-  many lags passed 100 ms, and where the loop was held in the last stall (``None``
-  from an atlasd without the watchdog).
+  (``atlasd.watchdog``): its stalls (event loop batches over 100 ms), the longest batch,
+  how many batches ran and passed 100 ms, and where the loop was held in the last stall
+  (``None`` from an atlasd without the watchdog).
 
 Prints a table; with ``--json`` one JSON object on its last line.
 """
@@ -129,20 +129,21 @@ def gc_pauses(url: str) -> dict[str, Any]:
 
 
 def loop_stalls(url: str) -> dict[str, Any] | None:
-    """atlasd's watchdog so far (``atlasd.watchdog``): stalls, the longest lag (ms), the
-    lags over 100 ms, and where the last stall held the loop; None without a watchdog."""
+    """atlasd's watchdog so far (``atlasd.watchdog``): stalls, the longest event loop batch
+    (ms), the batches and those over 100 ms, and where the last stall held the loop; None
+    without a watchdog."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    longest = metric(url, "atlasd_event_loop_lag_max_seconds", text)
+    longest = metric(url, "atlasd_event_loop_busy_max_seconds", text)
     if not longest:
         return None
-    buckets = metric(url, "atlasd_event_loop_lag_seconds_bucket", text)
-    count = metric(url, "atlasd_event_loop_lag_seconds_count", text)
+    buckets = metric(url, "atlasd_event_loop_busy_seconds_bucket", text)
+    count = metric(url, "atlasd_event_loop_busy_seconds_count", text)
     last = (httpx.get(f"{url}/status", timeout=30).json().get("loop") or {}).get("last") or {}
     return {
         "stalls": int(sum(metric(url, "atlasd_event_loop_stalls_total", text).values())),
-        "lag_max_ms": round(1000 * max(longest.values()), 1),
-        "lags": int(sum(count.values())),
-        "lags_over_100ms": int(sum(count.values()) - buckets.get('{le="0.1"}', 0.0)),
+        "busy_max_ms": round(1000 * max(longest.values()), 1),
+        "batches": int(sum(count.values())),
+        "batches_over_100ms": int(sum(count.values()) - buckets.get('{le="0.1"}', 0.0)),
         "last_where": last.get("where"),
     }
 

@@ -38,7 +38,7 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    writer of two Secrets and a Service per cluster at atlasd's write concurrency, measured
    first in the same run) ``writes_over_floor``; ``cpu_by_process_s``: every process's CPU
    until every stream is current; ``loop``: each replica's watchdog since it started
-   (``bench_e2e.loop_stalls``: event loop stalls, the longest lag, where the last stall
+   (``bench_e2e.loop_stalls``: event loop stalls, the longest batch, where the last stall
    held the loop; also after ``initial``).
 4. ``kill``: SIGKILL of the leader, then at once a new cluster Service; ``lease_s`` (kill
    -> the survivor holds the Lease), ``new_leader_wrote_s`` (kill -> the new cluster's

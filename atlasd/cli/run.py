@@ -304,9 +304,9 @@ def run_options(*, compat: bool) -> Callable[[F], F]:
             env="ATLAS_STALL_THRESHOLD",
             default=None,
             type=click.FloatRange(0, 60),
-            help="Seconds the event loop may take to answer before it counts as stalled "
-            "(default: a tenth): logged at WARNING with the code that held it, "
-            "atlasd_event_loop_stalls_total, status 'loop'. 0 turns the watchdog off.",
+            help="Seconds the event loop may run ready tasks without looking at I/O before it "
+            "counts as a stall (default: a tenth): logged at WARNING with the code that held "
+            "it, atlasd_event_loop_stalls_total, status 'loop'. 0 turns the watchdog off.",
         ),
         env_option(
             "--shutdown-grace",

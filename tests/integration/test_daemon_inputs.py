@@ -311,18 +311,18 @@ def test_the_run_process_settles_its_heap_and_times_its_collector(
 
 
 def test_the_run_process_measures_its_event_loop(token_daemon: Atlasd) -> None:
-    """atlasd.watchdog: `atlasd run` posts to its event loop every 0.1 s and serves how late
-    the loop answered (the stalls, each logged with the code that held the loop, are shown
-    at scale by bench_e2e's `loop` figures)."""
+    """atlasd.watchdog: `atlasd run` times its event loop's batches (the time between two
+    looks at I/O) and serves them (the stalls, each logged with the code that held the
+    loop, are shown at scale by bench_e2e's `loop` figures)."""
     first = wait_until(
-        lambda: _gauge(token_daemon, "atlasd_event_loop_lag_seconds_count"),
+        lambda: _gauge(token_daemon, "atlasd_event_loop_busy_seconds_count"),
         timeout=30,
-        what="a first lag measured",
+        what="a first batch timed",
     )
     wait_until(
-        lambda: (_gauge(token_daemon, "atlasd_event_loop_lag_seconds_count") or 0) >= first + 5,
+        lambda: (_gauge(token_daemon, "atlasd_event_loop_busy_seconds_count") or 0) >= first + 5,
         timeout=30,
-        what="the lag measured again and again",
+        what="batches timed again and again",
     )
     # A stall is counted, then published: status first, then the counter.
     published = "loop" in token_daemon.status()

@@ -1,5 +1,5 @@
-"""atlasd.watchdog: a step that holds the event loop is measured, counted, published and
-logged naming the code that held it; a loop that keeps answering is not a stall."""
+"""atlasd.watchdog: a step that holds the event loop is timed, counted, published and
+logged naming the code that held it; a loop that keeps looking at I/O has no stall."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from atlasd.hub import StatusHub
 from atlasd.subsystems import run_watchdog
-from atlasd.watchdog import LoopWatchdog, describe_stack
+from atlasd.watchdog import LoopWatchdog, Stall, describe_stack, export
 from tests.harness.wait import wait_until_async
 
 
@@ -32,7 +32,7 @@ def test_a_held_loop_is_a_stall_named_by_the_code_that_held_it(
     caplog.set_level(logging.WARNING, logger="atlasd.watchdog")
     hub = StatusHub()
     stalls_before = _sample("atlasd_event_loop_stalls_total")
-    lags_before = _sample("atlasd_event_loop_lag_seconds_count")
+    batches_before = _sample("atlasd_event_loop_busy_seconds_count")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -46,51 +46,58 @@ def test_a_held_loop_is_a_stall_named_by_the_code_that_held_it(
     doc = hub.snapshot()["loop"]
     assert doc["stalls"] >= 1
     assert doc["threshold_ms"] == 50.0
-    # The stall spans the hold from the watchdog's first post within it (one interval,
-    # 0.1 s, at most after the hold began; a busy machine may add to it, never take).
-    assert doc["last"]["held_ms"] >= 250
+    # The batch held the loop at least as long as the step (a busy machine may add to it).
+    assert doc["last"]["held_ms"] >= 400
     assert "test_watchdog.py" in doc["last"]["where"]
     assert "_hold_the_loop" in doc["last"]["where"]
     assert _sample("atlasd_event_loop_stalls_total") >= stalls_before + 1
-    assert _sample("atlasd_event_loop_lag_seconds_count") > lags_before
-    assert _sample("atlasd_event_loop_lag_max_seconds") >= 0.25
+    assert _sample("atlasd_event_loop_busy_seconds_count") > batches_before
+    assert _sample("atlasd_event_loop_busy_max_seconds") >= 0.4
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("event loop was held for" in m and "_hold_the_loop" in m for m in warnings)
 
 
-def test_a_loop_that_keeps_answering_has_no_stall() -> None:
-    # A threshold no answer on a live loop comes near: lags are measured, none is a stall.
+def test_a_loop_that_keeps_looking_at_io_has_no_stall() -> None:
+    # A threshold no batch of a live loop comes near: batches are timed, none is a stall.
     async def main() -> LoopWatchdog:
-        watchdog = LoopWatchdog(trio.lowlevel.current_trio_token(), threshold=30.0, interval=0.01)
-        before = _sample("atlasd_event_loop_lag_seconds_count")
+        watchdog = LoopWatchdog(threshold=30.0, interval=0.01)
+        before = _sample("atlasd_event_loop_busy_seconds_count")
         watchdog.start()
         try:
             await wait_until_async(
-                lambda: _sample("atlasd_event_loop_lag_seconds_count") >= before + 5,
+                lambda: _sample("atlasd_event_loop_busy_seconds_count") >= before + 5,
                 timeout=10,
-                what="five lags measured",
+                what="five batches timed",
             )
         finally:
             watchdog.stop()
         return watchdog
 
+    export()
     watchdog = trio.run(main)
     assert watchdog.stalls == 0
     assert watchdog.last is None
 
 
-def test_the_watchdog_ends_with_its_loop() -> None:
-    async def main() -> LoopWatchdog:
-        watchdog = LoopWatchdog(trio.lowlevel.current_trio_token(), threshold=30.0, interval=0.01)
-        watchdog.start()
-        return watchdog
+def test_a_stall_the_thread_did_not_see_is_still_counted() -> None:
+    """A batch just over the threshold may end before the thread looks: timed and counted
+    by the loop's own hooks, its place unknown."""
+    seen: list[Stall] = []
 
-    watchdog = trio.run(main)
-    thread = watchdog._thread
-    assert thread is not None
-    # Its next post finds the run finished (RunFinishedError) and the thread returns.
-    thread.join(timeout=10)
-    assert not thread.is_alive()
+    async def main() -> None:
+        # The thread looks once an hour: it never samples.
+        watchdog = LoopWatchdog(threshold=0.05, interval=3600, on_stall=lambda s, n: seen.append(s))
+        watchdog.start()
+        try:
+            await trio.lowlevel.checkpoint()  # the next batch: the first the hooks time
+            _hold_the_loop(0.1)
+            await wait_until_async(lambda: seen, timeout=10, what="the stall reported")
+        finally:
+            watchdog._stop.set()
+            trio.lowlevel.remove_instrument(watchdog)
+        assert seen[0].held >= 0.1 and seen[0].where is None
+
+    trio.run(main)
 
 
 def test_a_stack_is_its_innermost_frame_then_atlasds_own() -> None:
