@@ -95,6 +95,9 @@ class Leadership:
 
 # -- the subsystems ---------------------------------------------------------------------------
 
+# Builds for more changed keys than this run in a worker thread (``run_xds``).
+INLINE_BUILD = 8
+
 
 async def run_xds(
     *,
@@ -125,15 +128,21 @@ async def run_xds(
                 cache.wake(name)
         build = functools.partial(builder.update, update.version.model, update.changed)
         # A start or a CA rotation touches every node: let the ADS server answer meanwhile
-        # (and the leader's writes wait: ``PushBacklog``).
-        if len(update.changed) > LARGE_PUSH:
+        # (and the leader's writes wait: ``PushBacklog``). Any build of more than a few
+        # nodes runs off the event loop too: 20-100 nodes' snapshots (a CA rotation's new
+        # leaves, a fleet version each 50 ms) held it 0.7-1.5 s at 2,000 clusters
+        # (``atlasd.watchdog``); in a thread the loop gets the interpreter every few ms.
+        large = len(update.changed) > LARGE_PUSH
+        if large:
             cache.backlog.building = True
-            try:
+        try:
+            if len(update.changed) > INLINE_BUILD:
                 result, cpu = await trio.to_thread.run_sync(cpu_timed, build)
-            finally:
+            else:
+                result, cpu = cpu_timed(build)
+        finally:
+            if large:
                 cache.backlog.building = False
-        else:
-            result, cpu = cpu_timed(build)
         changed, spent = cpu_timed(functools.partial(cache.update, result.changed))
         if changed and len(changed) <= 20:
             log.debug("xds: published snapshots for %s", ", ".join(sorted(changed)))
