@@ -18,10 +18,10 @@ ms at 5,000 clusters, ``bench/bench_scrape.py``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
@@ -89,7 +89,9 @@ class StatusApp:
             body = (await self.hub.encoded_in_steps()).encode()
             await _respond(send, 200, body, "application/json")
         elif path == "/status/envoys" and self.envoys is not None:
-            body = _encode(self.envoys())  # small
+            # Every stream's document: ~0.4 KB each (~0.8 MB at 2,000 streams on a replica):
+            # msgspec encodes it ~10x faster than json (141 ms held the loop with json).
+            body = msgspec.json.encode(self.envoys(), order="sorted")
             await _respond(send, 200, body, "application/json")
         else:
             await _respond(send, 404, b"not found\n")
@@ -119,10 +121,6 @@ class StatusApp:
                 # Coalesce bursts: at most two documents a second per watcher (a document
                 # of thousands of clusters is large).
                 await trio.sleep(0.5)
-
-
-def _encode(doc: Any) -> bytes:
-    return json.dumps(doc, sort_keys=True, default=str).encode()
 
 
 async def _respond(
