@@ -3,7 +3,7 @@
 ::
 
     root nursery                                                          (every replica)
-     ├── watchdog  the event loop's lag; what held it when it stalls (`atlasd run` only)
+     ├── watchdog  the event loop's batches; what held it when it stalls (`atlasd run` only)
      ├── http      /metrics /healthz /readyz /status /status/stream /status/envoys
      ├── namespace readiness: does atlasd's namespace exist (Kubernetes only)
      ├── sources   an informer per role ──changes──> FleetRunner (owns FleetState + key queue)
@@ -135,7 +135,7 @@ class DaemonOptions:
     # the `atlasd run` process, off for a daemon that shares its process (tests, the demo).
     settle_heap: bool = False
     settle_seconds: float = 10.0
-    # atlasd.watchdog: event loop lags over this many seconds are stalls, logged with the
+    # atlasd.watchdog: event loop batches over this many seconds are stalls, logged with the
     # code that held the loop (None: no watchdog). Process-wide like settle_heap (its
     # metrics are the process's): on for the `atlasd run` process.
     stall_threshold: float | None = None

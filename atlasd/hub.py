@@ -84,7 +84,8 @@ class StallDoc(TypedDict):
 
     at: float
     held_ms: float
-    # The loop thread's stack when the lag passed the threshold.
+    # The loop thread's stack when the batch passed the threshold ("(not sampled)": the
+    # watchdog's thread did not look while it lasted).
     where: str
 
 

@@ -284,8 +284,8 @@ class FleetState:
     def derive(
         self, keys: Iterable[str], *, now: dt.datetime, enough: Callable[[], bool] | None = None
     ) -> FleetUpdate:
-        """Re-derive ``keys`` and publish a new version. With ``enough``, asked after each
-        key: once it says so, the keys not derived yet are returned as the update's ``left``
+        """Re-derive ``keys`` and publish a new version. With ``enough``, asked before each
+        key but the first: once it says so, the keys not derived yet are returned as the update's ``left``
         (the caller derives them next), so that one call holds its caller for a bounded time
         (a new trust bundle re-judges every stored identity: thousands of keys)."""
         todo = dict.fromkeys(keys)
