@@ -8,7 +8,7 @@ task_status)`` the daemon declares (``atlasd.daemon``) and wires with the values
 - ``run_endpoints``: Thanos Query's endpoint configuration, the same way;
 - ``run_namespace_check``: readiness says whether the namespace exists;
 - ``run_heap``: the process's collector settles (``atlasd.heap``);
-- ``run_watchdog``: the event loop's lag and what held it (``atlasd.watchdog``);
+- ``run_watchdog``: the event loop's batches and what held it (``atlasd.watchdog``);
 - ``run_election``: who leads, and the leader-only subsystems while this replica does;
 - ``run_reconcile``: the leader's writes (one reconciler per leadership term);
 - ``Leadership``: whether this replica leads (owned by the election).
