@@ -12,8 +12,9 @@ The algorithm is client-go's reflector (``tools/cache/reflector.go``):
 4. 410 Gone/Expired (HTTP status or ERROR event, both raised as ``Gone``) -> relist.
 5. Any other ``KubeError`` (connection refused during an API server restart, 5xx, 429,
    a read that exceeds the inactivity deadline) -> back off (0.8 s doubling to 30 s,
-   jitter, reset after 2 min healthy; at least Retry-After) and re-watch from the last
-   resourceVersion.
+   jitter, at least Retry-After; from 0.8 s again once a watch was healthy: it delivered
+   an event or stayed open ``HEALTHY_WATCH_SECONDS``, or 2 min passed without a failure)
+   and re-watch from the last resourceVersion.
 
 Optionally (``streaming_list=True``) step 1 is a streaming list: a watch with
 ``sendInitialEvents`` whose ADDED events up to the BOOKMARK annotated
@@ -56,6 +57,11 @@ ChangeType = Literal["ADDED", "MODIFIED", "DELETED"]
 
 # client-go: a watch that ends this fast with no events is treated as a failure.
 MIN_WATCH_SECONDS = 1.0
+# A watch that delivered an event or stayed open this long ends an outage: the failure that
+# ends it backs off from the start again. Without it the backoff was reset only after 2 min
+# without any failure, so API server restarts a minute apart (the soak at scale, 20 minutes
+# without a replica restart) left each informer 30-60 s blind after every later restart.
+HEALTHY_WATCH_SECONDS = 10.0
 # The BOOKMARK annotation that ends a streaming list's initial events.
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 # Items a relist transforms between two checkpoints (~15 ms of compacting Secrets).
@@ -341,6 +347,8 @@ class Informer:
             except (KubeError, trio.TooSlowError) as exc:
                 self.errors += 1
                 self._report(exc)
+                if events or trio.current_time() - began >= HEALTHY_WATCH_SECONDS:
+                    self.backoff.reset()  # a new outage, not the last one going on
                 retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else None
                 delay = await self.backoff.sleep(at_least=retry_after or 0.0)
                 log.warning("watch %s failed (%s); retried after %.1fs", self.res, exc, delay)

@@ -145,6 +145,23 @@ async def test_errors_back_off_and_resume_from_last_rv(
     assert kube.list_calls == 1 and inf.errors == 3
 
 
+async def test_a_healthy_watch_ends_the_outage_the_next_failure_backs_off_from_the_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """API server restarts a minute apart: after each, once a watch works again, the next
+    restart's first retry comes after the first delay, not after the last outage's."""
+    refused = TransportError("watch services: ConnectError: connection refused")
+    kube = FakeKube(
+        lists=[([], "10")],
+        watches=[[refused], [refused], [refused], [ev("ADDED", "a", "11"), refused], [HANG]],
+    )
+    inf = informer(kube)
+    await run_until(inf, lambda: len(kube.watch_calls) == 5)
+    times = [c[2] for c in kube.watch_calls]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert gaps == [0.8, 1.6, 3.2, 0.8]  # without the reset: 6.4, growing to 30-60 s
+
+
 async def test_too_many_requests_waits_for_retry_after(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
