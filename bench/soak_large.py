@@ -33,7 +33,8 @@ cluster's own certificate (``tests/harness/ads_load.py``). On top:
   load process agreeing) and so are the observability and traffic Envoys, ``streams_s``;
   after a rotation every stream holds its cluster's new leaves, ``leaves_s``.
 - **RSS** of both replicas every ``--rss-interval`` s (60): first / last / max per replica
-  (a replica restarted by a fault starts a new process: also per process).
+  (a replica restarted by a fault starts a new process: also per process, with the median
+  of each third of its samples: flat, or growing).
 
 Prints one line per round and a summary; with ``--json`` one JSON object last. Exit 1 when
 an object is missing or extra, a stream is stale, or a request failed after a round.
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -267,11 +269,23 @@ class RssSampler:
                         "last": round(v[-1], 1),
                         "max": round(max(v), 1),
                         "n": len(v),
+                        # Flat or growing: the median of each third of its samples (the
+                        # CA rotations' peaks do not move a median).
+                        "thirds_median": _thirds(v),
                     }
                     for v in procs.values()
                 ],
             }
         return out
+
+
+def _thirds(values: list[float]) -> list[float] | None:
+    """The medians of the first, middle and last third of ``values`` (None under 3)."""
+    if len(values) < 3:
+        return None
+    k = len(values) // 3
+    parts = (values[:k], values[k : len(values) - k], values[len(values) - k :])
+    return [round(statistics.median(p), 1) for p in parts]
 
 
 def within(check: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> bool:
