@@ -118,6 +118,9 @@ class Informer:
         self.streaming_list = streaming_list
         self._cache: dict[str, JSON] = {}
         self._rv = ""
+        # The resourceVersion of the last LIST (a watch from it that is Gone at once backs
+        # off before listing again).
+        self._listed_rv = ""
         self._synced = trio.Event()
         self._handlers: list[Handler] = []
         self._relist_handlers: list[Callable[[], None]] = []
@@ -295,7 +298,7 @@ class Informer:
         fresh = {self.key(obj): obj for obj in items}
         old = self._cache
         self._cache = fresh
-        self._rv = rv
+        self._rv = self._listed_rv = rv
         self._synced.set()
         for key, obj in old.items():
             if key not in fresh:
@@ -339,23 +342,35 @@ class Informer:
                             self._report(None)
             except Gone as exc:
                 log.info("watch %s from %s: %s; relisting", self.res, self._rv, exc.reason)
-                if events == 0 and trio.current_time() - began < MIN_WATCH_SECONDS:
+                if self._rv == self._listed_rv and not events and self._short(began):
                     # Gone straight after a fresh list: do not spin list/watch in a loop.
+                    # (Gone from a resourceVersion watched to since, as after an etcd
+                    # compaction during an outage, relists at once.)
                     self.errors += 1
                     await self.backoff.sleep()
                 return
             except (KubeError, trio.TooSlowError) as exc:
                 self.errors += 1
                 self._report(exc)
-                if events or trio.current_time() - began >= HEALTHY_WATCH_SECONDS:
-                    self.backoff.reset()  # a new outage, not the last one going on
+                self._healthy(events, began)
                 retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else None
                 delay = await self.backoff.sleep(at_least=retry_after or 0.0)
                 log.warning("watch %s failed (%s); retried after %.1fs", self.res, exc, delay)
                 continue
-            if events == 0 and trio.current_time() - began < MIN_WATCH_SECONDS:
+            if not events and self._short(began):
                 self.errors += 1
                 await self.backoff.sleep()
+            else:
+                self._healthy(events, began)
+
+    def _short(self, began: float) -> bool:
+        return trio.current_time() - began < MIN_WATCH_SECONDS
+
+    def _healthy(self, events: int, began: float) -> None:
+        """A watch that delivered an event or stayed open ``HEALTHY_WATCH_SECONDS`` ends an
+        outage (however it ended): the next failure backs off from the start."""
+        if events or trio.current_time() - began >= HEALTHY_WATCH_SECONDS:
+            self.backoff.reset()
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind = event.get("type")

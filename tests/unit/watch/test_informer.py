@@ -162,6 +162,44 @@ async def test_a_healthy_watch_ends_the_outage_the_next_failure_backs_off_from_t
     assert gaps == [0.8, 1.6, 3.2, 0.8]  # without the reset: 6.4, growing to 30-60 s
 
 
+async def test_a_watch_that_ended_cleanly_after_working_also_ends_the_outage(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An API server going down may end a watch cleanly; the failures that follow are a new
+    outage's (0.8 s first), not the continuation of the last one's."""
+    refused = TransportError("watch services: ConnectError: connection refused")
+    kube = FakeKube(
+        lists=[([], "10")],
+        watches=[[refused], [refused], [refused], [ev("ADDED", "a", "11")], [refused], [HANG]],
+    )
+    inf = informer(kube)
+    await run_until(inf, lambda: len(kube.watch_calls) == 6)
+    times = [c[2] for c in kube.watch_calls]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert gaps == [0.8, 1.6, 3.2, 0.0, 0.8]  # without the reset: 6.4
+
+
+async def test_gone_from_a_watched_resource_version_relists_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After an outage with etcd compacted, the watch resumed from the last event's
+    resourceVersion is Gone at once: that is not a fresh list's Gone (no spin), so the
+    relist follows without a backoff."""
+    refused = TransportError("watch services: ConnectError: connection refused")
+    gone = Gone(status=410, reason="Expired", message="", verb="watch", resource="services")
+    kube = FakeKube(
+        lists=[([], "10"), ([obj("a", "11")], "30")],
+        watches=[[ev("ADDED", "a", "11"), refused], [refused], [gone], [HANG]],
+    )
+    inf = informer(kube)
+    await run_until(inf, lambda: len(kube.watch_calls) == 4)
+    times = [c[2] for c in kube.watch_calls]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert gaps == [0.8, 1.6, 0.0]  # the old rule slept 3.2 s before relisting
+    assert [c[0] for c in kube.watch_calls] == ["10", "11", "11", "30"]
+    assert kube.list_calls == 2
+
+
 async def test_too_many_requests_waits_for_retry_after(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
