@@ -37,7 +37,11 @@ from atlasd import __version__
 # A subsystem failing this many times in a row (no run of STABLE_SECONDS between) is not
 # a hiccup: /healthz answers 503 (a liveness probe then restarts the pod).
 UNHEALTHY_FAILURES = 5
-STABLE_SECONDS = 120.0
+# A run this long was a real run: the supervisor's backoff starts over after it. (It was 2
+# min: API server restarts a minute or two apart, the soak at scale without replica
+# restarts, grew the leader's reconcile restart delay to 34-42 s, and would have made it
+# unhealthy after five of them, though restarting atlasd cannot help an API server.)
+STABLE_SECONDS = 30.0
 # Items ``encoded_in_steps`` encodes between two checkpoints (a few milliseconds).
 ENCODE_STEP = 500
 
