@@ -102,6 +102,17 @@ def exposition(registry: Collector, keyed: Sequence[KeyedGauge]) -> bytes:
     return b"".join((generate_latest(registry), *(family.text() for family in keyed)))
 
 
+LOOP_BUSY = Histogram(
+    "atlasd_event_loop_busy_seconds",
+    "How long the event loop ran ready tasks between two looks at I/O (one batch; "
+    "atlasd.watchdog): what a change, push or scrape that became ready meanwhile waited "
+    "at most.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+LOOP_BUSY_MAX = Gauge(
+    "atlasd_event_loop_busy_max_seconds",
+    "The longest event loop batch since the process started (atlasd.watchdog).",
+)
 LOOP_STALLS = Counter(
     "atlasd_event_loop_stalls",
     "Event loop batches longer than the stall threshold (--stall-threshold; "

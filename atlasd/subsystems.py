@@ -48,7 +48,6 @@ from atlasd.reconcile.loop import ReconcileLoop, key_result_doc
 from atlasd.supervise import supervise
 from atlasd.watch.backoff import Backoff
 from atlasd.watchdog import LoopWatchdog, Stall
-from atlasd.watchdog import export as export_batches
 from atlasd.xds.authz import RevokedCerts
 from atlasd.xds.builders import SnapshotBuilder
 from atlasd.xds.cache import LARGE_PUSH, SnapshotCache
@@ -363,7 +362,6 @@ async def run_watchdog(
         }
         hub.publish(loop=doc)
 
-    export_batches()
     watchdog = LoopWatchdog(threshold=threshold, on_stall=stalled)
     watchdog.start()
     try:

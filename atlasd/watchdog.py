@@ -36,13 +36,11 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
 import trio
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import REGISTRY, Collector
 
 from atlasd import metrics
 
@@ -53,8 +51,6 @@ DEFAULT_THRESHOLD = 0.1
 
 DEFAULT_INTERVAL = 0.1
 """Seconds between two looks of the watchdog thread at the batch in progress."""
-
-BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # How many of atlasd's own frames a stall's ``where`` names (innermost first).
 _OWN_FRAMES = 6
@@ -72,56 +68,6 @@ class Stall:
     where: str | None
 
 
-class Batches(Collector):
-    """The batches' durations: a histogram kept as plain numbers (the hook only adds), and
-    the longest; served on ``/metrics`` once registered (``export``)."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; +Inf last
-        self.total = 0.0
-        self.longest = 0.0
-
-    def add(self, seconds: float) -> None:
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.total += seconds
-        if seconds > self.longest:
-            self.longest = seconds
-
-    def collect(self) -> Iterator[HistogramMetricFamily | GaugeMetricFamily]:
-        cumulative, n = [], 0
-        for bound, count in zip([*map(str, BUCKETS), "+Inf"], self.counts, strict=True):
-            n += count
-            cumulative.append((bound, float(n)))
-        yield HistogramMetricFamily(
-            "atlasd_event_loop_busy_seconds",
-            "How long the event loop ran ready tasks between two looks at I/O (one batch): "
-            "what a change, push or scrape that became ready meanwhile waited at most.",
-            buckets=cumulative,
-            sum_value=self.total,
-        )
-        yield GaugeMetricFamily(
-            "atlasd_event_loop_busy_max_seconds",
-            "The longest event loop batch since the process started.",
-            value=self.longest,
-        )
-
-
-BATCHES = Batches()
-_exported: list[bool] = []
-
-
-def export() -> None:
-    """Serve ``BATCHES`` on the default registry (``/metrics``), once per process."""
-    if not _exported:
-        REGISTRY.register(BATCHES)
-        _exported.append(True)
-
-
 class LoopWatchdog(trio.abc.Instrument):
     """The watchdog of the event loop it is started in (``start``/``stop``, both from the
     loop's thread). Invariants: ``_batch`` is when the batch in progress began (None while
@@ -136,19 +82,18 @@ class LoopWatchdog(trio.abc.Instrument):
         interval: float = DEFAULT_INTERVAL,
         log_every: float = 10.0,
         on_stall: Callable[[Stall, int], None] | None = None,
-        batches: Batches = BATCHES,
     ) -> None:
         self._threshold = threshold
         self._interval = interval
         self._log_every = log_every
         self._on_stall = on_stall
-        self._batches = batches
         self._token: trio.lowlevel.TrioToken | None = None
         self._loop_thread = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._batch: float | None = None
         self._sample: tuple[float, str, float] | None = None
+        self._longest = 0.0
         self.stalls = 0
         self.last: Stall | None = None
         # Stalls not logged yet (rate limit) and the longest of them.
@@ -183,7 +128,10 @@ class LoopWatchdog(trio.abc.Instrument):
             return
         self._batch = None
         held = time.perf_counter() - began
-        self._batches.add(held)
+        metrics.LOOP_BUSY.observe(held)
+        if held > self._longest:
+            self._longest = held
+            metrics.LOOP_BUSY_MAX.set(held)
         if held >= self._threshold and self._token is not None:
             # Reported outside the hook (it runs inside Trio's scheduler).
             self._token.run_sync_soon(self._stalled, began, held)

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from atlasd.hub import StatusHub
 from atlasd.subsystems import run_watchdog
-from atlasd.watchdog import LoopWatchdog, Stall, describe_stack, export
+from atlasd.watchdog import LoopWatchdog, Stall, describe_stack
 from tests.harness.wait import wait_until_async
 
 
@@ -73,7 +73,6 @@ def test_a_loop_that_keeps_looking_at_io_has_no_stall() -> None:
             watchdog.stop()
         return watchdog
 
-    export()
     watchdog = trio.run(main)
     assert watchdog.stalls == 0
     assert watchdog.last is None
