@@ -44,6 +44,12 @@ def informer(kube: FakeKube, **kw: Any) -> Informer:
     return Informer(kube, SERVICES, namespace="m", watch_timeout=(300, 600), **kw)  # type: ignore[arg-type]
 
 
+def watch_gaps(kube: FakeKube) -> list[float]:
+    """Seconds (mock time) between one watch request and the next."""
+    times = [c[2] for c in kube.watch_calls]
+    return [round(b - a, 3) for a, b in itertools.pairwise(times)]
+
+
 async def run_until(inf: Informer, predicate: Any, *, limit: float = 3600) -> None:
     """Run the informer (mock time) until ``predicate()`` holds, then stop it."""
     async with trio.open_nursery() as nursery:
@@ -138,8 +144,7 @@ async def test_errors_back_off_and_resume_from_last_rv(
     )
     inf = informer(kube)
     await run_until(inf, lambda: len(kube.watch_calls) == 4)
-    times = [c[2] for c in kube.watch_calls]
-    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    gaps = watch_gaps(kube)
     assert gaps == [0.8, 1.6, 3.2]
     assert [c[0] for c in kube.watch_calls] == ["10", "11", "11", "11"]
     assert kube.list_calls == 1 and inf.errors == 3
@@ -157,8 +162,7 @@ async def test_a_healthy_watch_ends_the_outage_the_next_failure_backs_off_from_t
     )
     inf = informer(kube)
     await run_until(inf, lambda: len(kube.watch_calls) == 5)
-    times = [c[2] for c in kube.watch_calls]
-    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    gaps = watch_gaps(kube)
     assert gaps == [0.8, 1.6, 3.2, 0.8]  # without the reset: 6.4, growing to 30-60 s
 
 
@@ -174,8 +178,7 @@ async def test_a_watch_that_ended_cleanly_after_working_also_ends_the_outage(
     )
     inf = informer(kube)
     await run_until(inf, lambda: len(kube.watch_calls) == 6)
-    times = [c[2] for c in kube.watch_calls]
-    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    gaps = watch_gaps(kube)
     assert gaps == [0.8, 1.6, 3.2, 0.0, 0.8]  # without the reset: 6.4
 
 
@@ -193,8 +196,7 @@ async def test_gone_from_a_watched_resource_version_relists_at_once(
     )
     inf = informer(kube)
     await run_until(inf, lambda: len(kube.watch_calls) == 4)
-    times = [c[2] for c in kube.watch_calls]
-    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    gaps = watch_gaps(kube)
     assert gaps == [0.8, 1.6, 0.0]  # the old rule slept 3.2 s before relisting
     assert [c[0] for c in kube.watch_calls] == ["10", "11", "11", "30"]
     assert kube.list_calls == 2
