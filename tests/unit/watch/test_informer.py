@@ -150,36 +150,31 @@ async def test_errors_back_off_and_resume_from_last_rv(
     assert kube.list_calls == 1 and inf.errors == 3
 
 
-async def test_a_healthy_watch_ends_the_outage_the_next_failure_backs_off_from_the_start(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """API server restarts a minute apart: after each, once a watch works again, the next
-    restart's first retry comes after the first delay, not after the last outage's."""
-    refused = TransportError("watch services: ConnectError: connection refused")
-    kube = FakeKube(
-        lists=[([], "10")],
-        watches=[[refused], [refused], [refused], [ev("ADDED", "a", "11"), refused], [HANG]],
-    )
-    inf = informer(kube)
-    await run_until(inf, lambda: len(kube.watch_calls) == 5)
-    gaps = watch_gaps(kube)
-    assert gaps == [0.8, 1.6, 3.2, 0.8]  # without the reset: 6.4, growing to 30-60 s
+REFUSED = TransportError("watch services: ConnectError: connection refused")
 
 
-async def test_a_watch_that_ended_cleanly_after_working_also_ends_the_outage(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize(
+    ("last_watch", "expected"),
+    [
+        # It worked, then failed (the API server going away).
+        ([[ev("ADDED", "a", "11"), REFUSED]], [0.8, 1.6, 3.2, 0.8]),
+        # It worked and ended cleanly; the next one is refused.
+        ([[ev("ADDED", "a", "11")], [REFUSED]], [0.8, 1.6, 3.2, 0.0, 0.8]),
+    ],
+    ids=["failed", "ended-cleanly"],
+)
+async def test_a_watch_that_worked_ends_the_outage_the_next_failure_backs_off_from_the_start(
+    autojump_clock: trio.testing.MockClock, last_watch: list[list[Any]], expected: list[float]
 ) -> None:
-    """An API server going down may end a watch cleanly; the failures that follow are a new
-    outage's (0.8 s first), not the continuation of the last one's."""
-    refused = TransportError("watch services: ConnectError: connection refused")
+    """API server restarts a minute apart: after each, once a watch works again (however
+    it ends), the next restart's first retry comes after the first delay, not after the
+    last outage's (without the reset: 6.4 s, growing to 30-60 s)."""
     kube = FakeKube(
-        lists=[([], "10")],
-        watches=[[refused], [refused], [refused], [ev("ADDED", "a", "11")], [refused], [HANG]],
+        lists=[([], "10")], watches=[[REFUSED], [REFUSED], [REFUSED], *last_watch, [HANG]]
     )
     inf = informer(kube)
-    await run_until(inf, lambda: len(kube.watch_calls) == 6)
-    gaps = watch_gaps(kube)
-    assert gaps == [0.8, 1.6, 3.2, 0.0, 0.8]  # without the reset: 6.4
+    await run_until(inf, lambda: len(kube.watch_calls) == len(expected) + 1)
+    assert watch_gaps(kube) == expected
 
 
 async def test_gone_from_a_watched_resource_version_relists_at_once(
