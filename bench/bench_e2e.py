@@ -1,7 +1,8 @@
 """Benchmark: one change, end to end, at fleet scale — API write to the Envoy's ACK.
 
     .venv/bin/python bench/bench_e2e.py --clusters N [--changes K] [--xds delta|sotw]
-        [--idle-seconds 330] [--scrape-rounds 3] [--floor] [--onboard-only] [--workdir DIR] [--json]
+        [--idle-seconds 330] [--scrape-rounds 3] [--floor] [--onboard-only] [--py-spy DIR]
+        [--workdir DIR] [--json]
 
 Real etcd + kube-apiserver (the test harness's, on loopback), N cluster Services created
 first, then ``atlasd run`` as its own process (leader election on: the command a pod runs)
@@ -15,7 +16,8 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
   ``--floor``, ``floor_s`` (bench_floor.py: a bare writer of the same objects, measured first
   in the same run) and ``onboard_over_floor``; ``onboard_cpu_s``, the CPU-seconds of atlasd,
   kube-apiserver, etcd and the Envoy over the onboarding, and ``onboard_requests``, atlasd's
-  API requests by list/get/write; ``--onboard-only`` stops there;
+  API requests by list/get/write; ``--onboard-only`` stops there; ``--py-spy DIR`` samples
+  atlasd from its start until then (collapsed stacks: ``DIR/onboard-atlasd.txt``);
 - ``ip_change_ms``, ``new_cluster_ms``, ``remove_ms`` (p50/p99 over K each, with the max and which change it was): from the API
   write's response to the moment atlasd saw the Envoy ACK the version that carries the
   change — EDS for an IP change; CDS, EDS and SRDS for a new cluster; CDS and SRDS for a
@@ -71,7 +73,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_floor import cluster_service, cpu_seconds, measure_floor, print_result
+from bench.bench_floor import cluster_service, cpu_seconds, measure_floor, print_result, sampled
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
@@ -356,8 +358,11 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
         atlasd.proc.cwd = where  # ``python -m`` puts the working directory first
     api_cpu0, etcd_cpu0 = cpu_seconds(api.proc.pid), cpu_seconds(api.etcd.proc.pid)
     started = time.time()
-    atlasd.start(timeout=300)
+    atlasd.proc.start()
     pid = atlasd.proc.pid
+    profile = contextlib.ExitStack()  # py-spy (--py-spy) from the start until onboarded
+    profile.enter_context(sampled(args.py_spy, "onboard", {"atlasd": pid}))
+    atlasd.wait_ready(timeout=300)
     out: dict[str, Any] = {"clusters": n, "xds": args.xds, "detect": args.detect}
     envoy: Envoy | None = None
     client = httpx.Client()
@@ -397,6 +402,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
             return None
 
         done_at = wait_until(onboarded, timeout=1800, what="all clusters served", interval=0.5)
+        profile.close()
         out["onboard_s"] = round(done_at - started, 1)
         # All of atlasd's CPU from its start (read once it is done: includes its start-up).
         out["onboard_cpu_ms_per_cluster"] = round(cpu_seconds(pid) * 1000 / n, 2)
@@ -530,6 +536,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
         out.update(gc_pauses(atlasd.url))
         out["loop"] = loop_stalls(atlasd.url)
     finally:
+        profile.close()
         client.close()
         if envoy is not None:
             envoy.stop()
@@ -567,6 +574,11 @@ def main() -> int:
         action="store_true",
         help="first measure the API server's floor for the same N (bench_floor.py, in "
         "another namespace) and print onboard_s as a ratio of it",
+    )
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        help="sample atlasd with py-spy from its start until onboarded, into this directory",
     )
     parser.add_argument(
         "--onboard-only",

@@ -96,7 +96,7 @@ from bench.bench_e2e import (
     requests_by_kind,
     rss_mib,
 )
-from bench.bench_floor import measure_floor, print_result
+from bench.bench_floor import measure_floor, print_result, sampled
 from bench.bench_outcome import (
     Processes,
     in_private_network,
@@ -109,49 +109,6 @@ from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
 from tests.integration.daemon_helpers import Atlasd
-
-
-@contextlib.contextmanager
-def sampled(where: Path | None, phase: str, pids: dict[str, int]) -> Iterator[None]:
-    """py-spy over each of ``pids`` for the block (``where`` None: nothing): collapsed
-    stacks into ``where/<phase>-<name>.txt``."""
-    import shutil
-    import subprocess
-
-    if where is None:
-        yield
-        return
-    where.mkdir(parents=True, exist_ok=True)
-    # The virtualenv's (`pip install -e '.[profile]'`) when PATH has none.
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    spies = [
-        subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(pid),
-                "--format",
-                "raw",
-                "--rate",
-                "200",
-                "--output",
-                str(where / f"{phase}-{name}.txt"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for name, pid in pids.items()
-    ]
-    time.sleep(1)  # attached
-    try:
-        yield
-    finally:
-        for spy in spies:
-            spy.send_signal(signal.SIGINT)
-        for spy in spies:
-            spy.wait(60)
-
 
 NAMESPACE = "bench"  # bench_outcome reads this namespace (values_secrets, observability_bootstrap)
 ADS_NAME = f"atlasd-ads.{NAMESPACE}.svc.cluster.local"

@@ -28,17 +28,21 @@ Prints a table; with ``--json`` one JSON object on its last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import queue
 import resource
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,45 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU-seconds of a process (from /proc, Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def sampled(where: Path | None, phase: str, pids: dict[str, int]) -> Iterator[None]:
+    """py-spy over each of ``pids`` for the block (``where`` None: nothing): collapsed
+    stacks into ``where/<phase>-<name>.txt``."""
+    if where is None:
+        yield
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    # The virtualenv's (`pip install -e '.[profile]'`) when PATH has none.
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spies = [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(where / f"{phase}-{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+    time.sleep(1)  # attached
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(60)
 
 
 def cluster_service(i: int, *, net: int = 18) -> dict[str, Any]:
