@@ -7,9 +7,11 @@ The one loader of ``atlas-ca`` (``ca.pem``, ``ca-key.pem``, earlier CAs as
 or rotate the CA (``read_ca``, then ``signing_ca`` adds the checked key). Pure; nothing
 here issues or writes anything.
 
-Earlier CAs stay trusted until they expire (or an operator deletes their key from the
-Secret); the bundle is the current CA first, then the earlier ones newest first (by
-notBefore, then serial).
+Earlier CAs stay trusted until they expire, an operator deletes their key from the
+Secret, or ``EARLIER_KEPT`` newer earlier CAs are kept (each rotation adds one: the
+bundle, the links every leaf is sent with and every trust check would otherwise grow
+with every rotation for the CA's ten years); the bundle is the current CA first, then the
+earlier ones newest first (by notBefore, then serial).
 
 A link ``ca-cross-<serial>.pem`` is the certificate of the CA that followed CA ``<serial>``
 (its name and key), signed by CA ``<serial>`` at the rotation. A link is used only while CA
@@ -44,6 +46,10 @@ CA_KEY_KEY = "ca-key.pem"
 
 
 LINK_PREFIX = "ca-cross-"
+
+# Earlier CAs trusted at most (the newest): values rendered before this many rotations
+# keep working without an operator step (docs/operations.md, CA rotation).
+EARLIER_KEPT = 4
 
 
 def previous_key(serial: str) -> str:
@@ -189,7 +195,7 @@ def read_ca(secret: Mapping[str, Any] | None, *, now: dt.datetime) -> StoredCA |
     if cert is None:
         return None
     serial = str(cert.serial_number)
-    previous = order_previous(previous_cas(data, serial, now))
+    previous = order_previous(previous_cas(data, serial, now))[:EARLIER_KEPT]
     return StoredCA(
         cert=cert,
         material=CertKey(data[CA_CERT_KEY], data[CA_KEY_KEY]),

@@ -20,7 +20,8 @@ labels ``goatlas.io/ca: "true"``, ``goatlas.io/ca-revision``, ``goatlas.io/ca-se
   serial>.pem`` (the new CA cross-signed by the old one, ``certs.cross_sign``) so that a
   peer trusting only the old CA verifies what the new one signs, revision bumped, the
   annotation removed, every leaf re-issued. Earlier CAs and their links are dropped once
-  they expire (or when an operator deletes ``ca-<serial>.pem``).
+  they expire, when an operator deletes ``ca-<serial>.pem``, or once ``EARLIER_KEPT``
+  newer earlier CAs are kept (``atlasd.fleet.trust``).
 
 Serials are decimal (``str(cert.serial_number)``, like Go's ``big.Int.String()``).
 
@@ -61,7 +62,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -78,6 +78,7 @@ from atlasd.certpolicy import (
 from atlasd.fleet.trust import (
     CA_CERT_KEY,
     CA_KEY_KEY,
+    EARLIER_KEPT,
     StoredCA,
     link_key,
     order_previous,
@@ -231,10 +232,6 @@ def signing_ca(stored: StoredCA) -> CA:
     )
 
 
-def _ordered(items: list[tuple[str, bytes, x509.Certificate]]) -> tuple[tuple[str, bytes], ...]:
-    return tuple((serial, pem) for serial, pem, _ in order_previous(items))
-
-
 def decide_ca(
     observed: Mapping[str, Any] | None,
     *,
@@ -275,14 +272,17 @@ def decide_ca(
         link = cross_sign(new_cert, issuer=cert, issuer_key=current.key, keys=keys, now=now)
         links = ((stored.serial, link.public_bytes(serialization.Encoding.PEM)), *stored.links)
         previous = [(stored.serial, stored.material.cert_pem, cert), *previous]
+    # The oldest past EARLIER_KEPT leave the bundle, and their links with them.
+    kept = order_previous(previous)[:EARLIER_KEPT]
+    serials = {serial for serial, _, _ in kept}
     material = CertKey(new_cert.public_bytes(serialization.Encoding.PEM), key_pem(new_key))
     ca = CA(
         cert=new_cert,
         key=new_key,
         material=material,
         revision=stored.revision + 1,
-        previous=_ordered(previous),
-        links=links,
+        previous=tuple((serial, pem) for serial, pem, _ in kept),
+        links=tuple(link for link in links if link[0] in serials),
     )
     return ca, "rotated"
 

@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from atlasd import labels
+from atlasd.fleet.trust import EARLIER_KEPT
 from atlasd.kube.secrets import secret_data
 from atlasd.model import DownstreamCluster, ServicePort, Settings
 from atlasd.reconcile.objects import secret_object
@@ -248,6 +249,64 @@ def test_rotation_keeps_old_ca_in_bundle_bumps_revision_and_reissues_all() -> No
         f"ca-cross-{old_serial}.pem",
         f"ca-cross-{rotated.pki.ca_serial}.pem",
     }
+
+
+def test_rotations_keep_the_newest_earlier_cas_only() -> None:
+    """Each rotation adds an earlier CA; past EARLIER_KEPT the oldest leaves the bundle,
+    the Secret and the chain (its link with it), so neither grows with rotations."""
+    plans = [_plan()]  # each CA its own key (the pool of 64 keys is entered at start mod 64)
+    for i in range(EARLIER_KEPT + 2):
+        secrets = plan_secrets(plans[-1])
+        secrets["atlas-ca"] = with_annotation(plans[-1].ca_secret, labels.CA_ROTATE_ANNOTATION, "")  # type: ignore[assignment]
+        plans.append(
+            _plan(
+                secrets, keys=CountingKeys(start=7001 + 10 * i), now=NOW + dt.timedelta(days=i + 1)
+            )
+        )
+        assert plans[-1].ca_action == "rotated"
+    last = plans[-1]
+    kept = plans[-1 - EARLIER_KEPT : -1]  # the CAs rotated out most recently, oldest first
+    assert last.pki.trust_bundle == last.pki.ca.cert_pem + b"".join(
+        p.pki.ca.cert_pem for p in reversed(kept)
+    )
+    serials = [p.pki.ca_serial for p in kept]
+    assert set(secret_data(last.ca_secret)) == {
+        "ca.pem",
+        "ca-key.pem",
+        *(f"ca-{s}.pem" for s in serials),
+        *(f"ca-cross-{s}.pem" for s in serials),
+    }
+    # The chain links the current CA back through every kept CA, and no further.
+    assert last.pki.chain.count(b"BEGIN CERTIFICATE") == EARLIER_KEPT
+    for dropped in plans[: -1 - EARLIER_KEPT]:
+        assert dropped.pki.ca.cert_pem not in last.pki.trust_bundle
+
+
+def test_a_secret_holding_more_earlier_cas_is_trimmed_and_its_leaves_reissued() -> None:
+    """``atlas-ca`` written with more earlier CAs than kept (by an atlasd before the bound):
+    the oldest stop being trusted at once, the next write drops them, and a leaf still
+    signed by one is issued again."""
+    plans = [_plan()]  # each CA its own key (the pool of 64 keys is entered at start mod 64)
+    for i in range(EARLIER_KEPT + 1):
+        secrets = plan_secrets(plans[-1])
+        secrets["atlas-ca"] = with_annotation(plans[-1].ca_secret, labels.CA_ROTATE_ANNOTATION, "")  # type: ignore[assignment]
+        plans.append(_plan(secrets, keys=CountingKeys(start=7001 + 10 * i), now=NOW))
+    oldest, last = plans[0], plans[-1]
+    # The last Secret with the oldest CA put back as an earlier one, and east's identity
+    # as the oldest CA signed it.
+    ca: dict[str, Any] = {**last.ca_secret, "data": dict(last.ca_secret["data"])}
+    ca["data"][f"ca-{oldest.pki.ca_serial}.pem"] = oldest.ca_secret["data"]["ca.pem"]
+    secrets: dict[str, Any] = dict(plan_secrets(last))
+    secrets["atlas-ca"] = ca
+    secrets["east-atlas-identity"] = plan_secrets(oldest)["east-atlas-identity"]
+    assert _plan(secrets, now=NOW).pki.trust_bundle == last.pki.trust_bundle
+
+    after = _plan(secrets, now=NOW)
+    assert after.ca_action == "kept"
+    assert oldest.pki.ca.cert_pem not in after.pki.trust_bundle
+    assert after.pki.trust_bundle.count(b"BEGIN CERTIFICATE") == 1 + EARLIER_KEPT
+    assert set(secret_data(after.ca_secret)) == set(secret_data(last.ca_secret))
+    assert set(after.issued) == {"east/server", "east/client"}
 
 
 def test_expired_previous_ca_leaves_the_bundle() -> None:
