@@ -57,8 +57,8 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
 
 With ``--py-spy DIR`` (py-spy: the ``profile`` extra; root), each replica is sampled over
 the initial snapshots, the push and the rotation's writes (``DIR/<phase>-<replica>.txt``,
-collapsed stacks, idle
-frames left out): where their CPU goes.
+collapsed stacks, idle frames left out), and the load processes over the initial
+snapshots (``DIR/initial-load-<k>.txt``): where their CPU goes.
 
 Each phase also reports ``stale`` (streams not current at its deadline, must be 0), the
 load process's reconnects and ``by_replica_s`` (each replica's streams' p50/p99/max: is
@@ -416,7 +416,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 argv = [sys.executable, "-m", "tests.harness.ads_load", str(spec)]
                 loads.append(procs.start(f"load-{k}", [*argv, "--duration", str(args.max_seconds)]))
             fleet = Fleet(replicas, loads, specs)
-            phase = fleet.converge(nodes, since=since, timeout=args.timeout)
+            # The load processes too (from just after they start): they stand in for the
+            # downstream Envoys and share the machine.
+            with sampled(args.py_spy, "initial", {f"load-{k}": p.pid for k, p in enumerate(loads)}):
+                phase = fleet.converge(nodes, since=since, timeout=args.timeout)
         # Where the machine's CPU went: the load processes stand in for 5,000 Envoys.
         phase["cpu_by_process_s"] = cpu_since(cpu0_all)
         phase["rss_mib_before"] = round(rss0, 1)
@@ -664,7 +667,11 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=int, default=3600)
     parser.add_argument("--workdir", type=Path, help="keep every log here (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--py-spy", type=Path, help="sample the replicas into this directory")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        help="sample the replicas (and the load processes) into this directory",
+    )
     parser.add_argument(
         "--until", choices=["push", "rotation", "all"], default="all",
         help="push: stop after the fleet-wide push (the initial snapshots and the push only); "
