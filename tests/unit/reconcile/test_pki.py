@@ -251,11 +251,10 @@ def test_rotation_keeps_old_ca_in_bundle_bumps_revision_and_reissues_all() -> No
     }
 
 
-def test_rotations_keep_the_newest_earlier_cas_only() -> None:
-    """Each rotation adds an earlier CA; past EARLIER_KEPT the oldest leaves the bundle,
-    the Secret and the chain (its link with it), so neither grows with rotations."""
+def _rotated(times: int) -> list[PKIPlan]:
+    """The first plan, then one per rotation of its CA, a day apart (``times`` of them)."""
     plans = [_plan()]  # each CA its own key (the pool of 64 keys is entered at start mod 64)
-    for i in range(EARLIER_KEPT + 2):
+    for i in range(times):
         secrets = plan_secrets(plans[-1])
         secrets["atlas-ca"] = with_annotation(plans[-1].ca_secret, labels.CA_ROTATE_ANNOTATION, "")  # type: ignore[assignment]
         plans.append(
@@ -264,6 +263,13 @@ def test_rotations_keep_the_newest_earlier_cas_only() -> None:
             )
         )
         assert plans[-1].ca_action == "rotated"
+    return plans
+
+
+def test_rotations_keep_the_newest_earlier_cas_only() -> None:
+    """Each rotation adds an earlier CA; past EARLIER_KEPT the oldest leaves the bundle,
+    the Secret and the chain (its link with it), so neither grows with rotations."""
+    plans = _rotated(EARLIER_KEPT + 2)
     last = plans[-1]
     kept = plans[-1 - EARLIER_KEPT : -1]  # the CAs rotated out most recently, oldest first
     assert last.pki.trust_bundle == last.pki.ca.cert_pem + b"".join(
@@ -286,12 +292,9 @@ def test_a_secret_holding_more_earlier_cas_is_trimmed_and_its_leaves_reissued() 
     """``atlas-ca`` written with more earlier CAs than kept (by an atlasd before the bound):
     the oldest stop being trusted at once, the next write drops them, and a leaf still
     signed by one is issued again."""
-    plans = [_plan()]  # each CA its own key (the pool of 64 keys is entered at start mod 64)
-    for i in range(EARLIER_KEPT + 1):
-        secrets = plan_secrets(plans[-1])
-        secrets["atlas-ca"] = with_annotation(plans[-1].ca_secret, labels.CA_ROTATE_ANNOTATION, "")  # type: ignore[assignment]
-        plans.append(_plan(secrets, keys=CountingKeys(start=7001 + 10 * i), now=NOW))
+    plans = _rotated(EARLIER_KEPT + 1)
     oldest, last = plans[0], plans[-1]
+    now = NOW + dt.timedelta(days=EARLIER_KEPT + 1)
     # The last Secret with the oldest CA put back as an earlier one, and east's identity
     # as the oldest CA signed it.
     ca: dict[str, Any] = {**last.ca_secret, "data": dict(last.ca_secret["data"])}
@@ -299,9 +302,8 @@ def test_a_secret_holding_more_earlier_cas_is_trimmed_and_its_leaves_reissued() 
     secrets: dict[str, Any] = dict(plan_secrets(last))
     secrets["atlas-ca"] = ca
     secrets["east-atlas-identity"] = plan_secrets(oldest)["east-atlas-identity"]
-    assert _plan(secrets, now=NOW).pki.trust_bundle == last.pki.trust_bundle
-
-    after = _plan(secrets, now=NOW)
+    after = _plan(secrets, now=now)
+    assert after.pki.trust_bundle == last.pki.trust_bundle
     assert after.ca_action == "kept"
     assert oldest.pki.ca.cert_pem not in after.pki.trust_bundle
     assert after.pki.trust_bundle.count(b"BEGIN CERTIFICATE") == 1 + EARLIER_KEPT
