@@ -57,6 +57,25 @@ def test_a_held_loop_is_a_stall_named_by_the_code_that_held_it(
     assert any("event loop was held for" in m and "_hold_the_loop" in m for m in warnings)
 
 
+def test_the_longest_batch_is_the_process_s_whatever_watchdog_timed_it() -> None:
+    # A watchdog started after another (its supervisor restarted it) keeps the longest.
+    async def held(seconds: float) -> None:
+        watchdog = LoopWatchdog(threshold=30.0)
+        watchdog.start()
+        try:
+            await trio.lowlevel.checkpoint()
+            _hold_the_loop(seconds)
+            await trio.lowlevel.checkpoint()
+        finally:
+            watchdog.stop()
+
+    trio.run(held, 0.2)
+    longest = _sample("atlasd_event_loop_busy_max_seconds")
+    assert longest >= 0.2
+    trio.run(held, 0.0)
+    assert _sample("atlasd_event_loop_busy_max_seconds") == longest
+
+
 def test_a_loop_that_keeps_looking_at_io_has_no_stall() -> None:
     # A threshold no batch of a live loop comes near: batches are timed, none is a stall.
     async def main() -> LoopWatchdog:
