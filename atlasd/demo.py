@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import trio
 import yaml
 
@@ -284,7 +284,7 @@ async def _wait(what: str, probe: Any, *, seconds: float, demo: Demo) -> None:
             try:
                 if await probe():
                     return
-            except (httpx.HTTPError, OSError, KeyError, ValueError):
+            except (httpx2.HTTPError, OSError, KeyError, ValueError):
                 pass
             await trio.sleep(0.2)
     raise DemoError(f"timed out after {seconds:.0f}s waiting for {what}")
@@ -391,7 +391,7 @@ async def run_demo(options: DemoOptions) -> int:
                 }
                 for name, ip in options.clusters:
                     admins[name] = await demo.start_envoy(name, values_dir / f"{name}.yaml", ip)
-                async with httpx.AsyncClient(timeout=3) as client:
+                async with httpx2.AsyncClient(timeout=3) as client:
                     for node, admin in admins.items():
 
                         async def ready(admin: str = admin) -> bool:
@@ -445,7 +445,7 @@ async def run_demo(options: DemoOptions) -> int:
 
 
 async def _start_thanos(
-    demo: Demo, daemon: Daemon, thanos: Path, workdir: Path, client: httpx.AsyncClient
+    demo: Demo, daemon: Daemon, thanos: Path, workdir: Path, client: httpx2.AsyncClient
 ) -> None:
     """Sidecars, Thanos Query, and the outcome: Query returns every cluster's series and
     atlasd sees Query see them."""

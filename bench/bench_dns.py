@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -215,7 +215,7 @@ def bench_e2e(changes: int, reload: str, workdir: Path) -> None:
               f"{changes} Services:")  # fmt: skip
         _summary("  Service created -> zone file has it", file_t)
         _summary("  Service created -> CoreDNS answers its SRV", answer_t)
-        status = httpx.get(f"{atlasd.url}/status", timeout=5).json()
+        status = httpx2.get(f"{atlasd.url}/status", timeout=5).json()
         print(f"  atlasd zone status: {status.get('zone')}")
     finally:
         if server is not None:

@@ -68,7 +68,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -95,7 +95,7 @@ def metric(url: str, name: str, text: str | None = None) -> dict[str, float]:
     """Samples of one metric family from atlasd's /metrics (or from ``text``, one scrape
     of it), by their label text."""
     if text is None:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
+        text = httpx2.get(f"{url}/metrics", timeout=30).text
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith(name):
@@ -109,7 +109,7 @@ def gc_pauses(url: str) -> dict[str, Any]:
     longest that allocation caused (at any moment, a change's included), in ms, how many
     of those stood the event loop still over 100 ms, and the longest of the heap settles
     (on atlasd's schedule). None from an atlasd that does not time them."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = httpx2.get(f"{url}/metrics", timeout=30).text
     longest = metric(url, "atlasd_gc_pause_max_seconds", text)
     if not longest:
         return {"gc_pause_max_ms": None, "gc_pauses_over_100ms": None, "gc_settle_max_ms": None}
@@ -134,13 +134,13 @@ def loop_stalls(url: str) -> dict[str, Any] | None:
     """atlasd's watchdog so far (``atlasd.watchdog``): stalls, the longest event loop batch
     (ms), the batches and those over 100 ms, and where the last stall held the loop; None
     without a watchdog."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = httpx2.get(f"{url}/metrics", timeout=30).text
     longest = metric(url, "atlasd_event_loop_busy_max_seconds", text)
     if not longest:
         return None
     buckets = metric(url, "atlasd_event_loop_busy_seconds_bucket", text)
     count = metric(url, "atlasd_event_loop_busy_seconds_count", text)
-    last = (httpx.get(f"{url}/status", timeout=30).json().get("loop") or {}).get("last") or {}
+    last = (httpx2.get(f"{url}/status", timeout=30).json().get("loop") or {}).get("last") or {}
     return {
         "stalls": int(sum(metric(url, "atlasd_event_loop_stalls_total", text).values())),
         "busy_max_ms": round(1000 * max(longest.values()), 1),
@@ -177,10 +177,10 @@ def requests_by_kind(url: str) -> dict[str, float] | None:
 # call) would be timed as atlasd's stall.
 _READ_BIG = """
 import json, sys, time
-import httpx
+import httpx2
 url, rounds = sys.argv[1], int(sys.argv[2])
 took = []
-with httpx.Client(timeout=60) as c:
+with httpx2.Client(timeout=60) as c:
     c.get(url + "/status/envoys").raise_for_status()  # connected before the go
     print("ready", flush=True)
     for _ in range(rounds):
@@ -199,7 +199,7 @@ def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
     and theirs; then, as a control, the longest while nothing else is read for as long
     again (``alone_max``: what the loop's own work meanwhile costs, scrapes or not)."""
 
-    def poll(c: httpx.Client, until: Callable[[], bool]) -> list[float]:
+    def poll(c: httpx2.Client, until: Callable[[], bool]) -> list[float]:
         out: list[float] = []
         while not until():
             t = time.perf_counter()
@@ -208,7 +208,7 @@ def scrape_stall(url: str, rounds: int = 3) -> dict[str, float]:
             time.sleep(0.005)
         return out
 
-    with httpx.Client(timeout=60) as c:
+    with httpx2.Client(timeout=60) as c:
         c.get(f"{url}/status/envoys")  # the connection is open before timing
         reader = subprocess.Popen(
             [sys.executable, "-c", _READ_BIG, url, str(rounds)],
@@ -243,7 +243,7 @@ def pushes(url: str) -> float:
 class EnvoyView:
     """The observability Envoy as atlasd sees it: ACKed versions, when, and the target."""
 
-    def __init__(self, atlasd: Atlasd, client: httpx.Client) -> None:
+    def __init__(self, atlasd: Atlasd, client: httpx2.Client) -> None:
         self.url = f"{atlasd.url}/status/envoys"
         self.client = client
 
@@ -365,7 +365,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
     atlasd.wait_ready(timeout=300)
     out: dict[str, Any] = {"clusters": n, "xds": args.xds, "detect": args.detect}
     envoy: Envoy | None = None
-    client = httpx.Client()
+    client = httpx2.Client()
     try:
 
         def obs_values() -> dict[str, Any] | None:

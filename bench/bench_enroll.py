@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,7 +56,7 @@ from tests.integration.daemon_helpers import Atlasd
 
 
 def _clusters_served(daemon: Atlasd, n: int) -> bool:
-    doc = httpx.get(f"{daemon.url}/status", timeout=30).json()
+    doc = httpx2.get(f"{daemon.url}/status", timeout=30).json()
     clusters = doc.get("clusters") or []
     return len(clusters) >= n
 

@@ -83,7 +83,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -155,7 +155,7 @@ class Fleet:
         self.replicas = replicas
         self.loads = loads
         self.specs = specs
-        self.client = httpx.Client(timeout=30)
+        self.client = httpx2.Client(timeout=30)
 
     def served(self) -> dict[str, tuple[str, dict[str, Any], dict[str, str]]]:
         """For every downstream node with a current stream on a live replica: (replica,
@@ -167,7 +167,7 @@ class Fleet:
                 continue
             try:
                 doc = self.client.get(f"{r.url}/status/envoys").json()
-            except httpx.HTTPError:
+            except httpx2.HTTPError:
                 continue
             for e in doc["envoys"]:
                 node = e["node"]

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,7 +78,7 @@ def secrets(api: ApiServer) -> dict[str, Any]:
 def _has(envoy: Envoy, name: str) -> bool:
     if not envoy.endpoint_addresses(f"{name}-prom"):
         return False
-    scopes = httpx.get(
+    scopes = httpx2.get(
         f"{envoy.admin_url}/config_dump", params={"resource": "dynamic_scoped_route_configs"}
     )
     return f'"/prom/{name}/"' in scopes.text
@@ -101,7 +101,7 @@ def print_histograms(url: str) -> None:
     """Mean of atlasd's own latency histograms over the run (where the time went)."""
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+    for line in httpx2.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line.startswith("#") or " " not in line:
             continue
         key, value = line.rsplit(" ", 1)

@@ -72,7 +72,7 @@ from typing import Any
 
 import dns.flags
 import dns.message
-import httpx
+import httpx2
 import trio
 import yaml
 
@@ -145,10 +145,10 @@ def thanos_query(
     return f"http://127.0.0.1:{http_port}"
 
 
-async def healthy(url: str, client: httpx.AsyncClient) -> dict[str, str]:
+async def healthy(url: str, client: httpx2.AsyncClient) -> dict[str, str]:
     try:
         body = (await client.get(f"{url}/api/v1/stores")).json()
-    except (httpx.HTTPError, ValueError):
+    except (httpx2.HTTPError, ValueError):
         return {}
     out = {}
     for group in (body.get("data") or {}).values():
@@ -284,7 +284,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
         t_atlasd = time.monotonic()
         daemon.start(timeout=600)
-        client = httpx.AsyncClient(timeout=10)
+        client = httpx2.AsyncClient(timeout=10)
 
         # The simulator: each cluster's own server certificate and key (its values).
         written = await simulate_clusters(
@@ -467,7 +467,7 @@ async def observer_pass(
             return c.get("seen") is False
 
         async def in_metric() -> bool:
-            text = (await trio.to_thread.run_sync(lambda: httpx.get(f"{on.url}/metrics"))).text
+            text = (await trio.to_thread.run_sync(lambda: httpx2.get(f"{on.url}/metrics"))).text
             return 'atlasd_query_clusters{state="unseen"} 1.0' in text
 
         async def probed() -> bool:

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -105,7 +105,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         envoy = Envoy(boot, "atlas", workdir=workdir)
         envoy.start()
         address = f"127.0.0.1:{ListenPlan().observability.thanos}"
-        client = httpx.AsyncClient(http2=True, timeout=10)
+        client = httpx2.AsyncClient(http2=True, timeout=10)
 
         async def hop(name: str) -> str:
             authority = f"{name}-thanos-sidecar0.{NAMESPACE}.svc.cluster.local:{THANOS_PORT}"

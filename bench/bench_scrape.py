@@ -36,7 +36,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import trio
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: another checkout wins
@@ -134,7 +134,7 @@ class Served:
         self._thread.join(10)
 
 
-def timed_get(c: httpx.Client, url: str) -> tuple[float, int]:
+def timed_get(c: httpx2.Client, url: str) -> tuple[float, int]:
     t = time.perf_counter()
     r = c.get(url)
     r.raise_for_status()
@@ -147,7 +147,7 @@ def client(url: str, what: str, rounds: int) -> dict[str, Any]:
     if what == "stall":
         return scrape_stall(url, rounds=rounds)
     out: dict[str, Any] = {}
-    with httpx.Client(timeout=60) as c:
+    with httpx2.Client(timeout=60) as c:
         for path, name in (("/metrics", "metrics"), ("/status", "status")):
             if what == "after":
                 out[name] = round(timed_get(c, url + path)[0], 1)

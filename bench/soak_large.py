@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -523,7 +523,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"initial: {out['initial']}", file=sys.stderr, flush=True)
 
         url = f"http://127.0.0.1:{OBS_PROMETHEUS_PORT}/prom/{TRAFFIC}/api/v1/status/buildinfo"
-        wait_until(lambda: httpx.get(url, timeout=5).status_code == 200, timeout=120,
+        wait_until(lambda: httpx2.get(url, timeout=5).status_code == 200, timeout=120,
                    what="traffic through the pair")  # fmt: skip
         traffic = Traffic(url).start()
         rss = RssSampler(replicas, args.rss_interval).start()

@@ -49,7 +49,7 @@ def configure_logging(level: str) -> None:
         force=True,
     )
     # Per-request lines from the HTTP client are noise at info level.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def selector_param(

@@ -18,12 +18,12 @@ from atlasd.cli.options import fail, output_option, status_url_option
 
 def fetch_status(url: str) -> dict[str, Any]:
     """GET ``<url>/status``; raises ValueError saying what answered if it is not atlasd."""
-    import httpx
+    import httpx2
 
     target = f"{url.rstrip('/')}/status"
     try:
-        resp = httpx.get(target, timeout=10)
-    except httpx.HTTPError as exc:
+        resp = httpx2.get(target, timeout=10)
+    except httpx2.HTTPError as exc:
         raise ValueError(f"cannot reach {target}: {exc}") from None
     server = resp.headers.get("server")
     who = f" (server: {server})" if server else ""

@@ -2,7 +2,7 @@
 
 - ``config``: kubeconfig / in-cluster configuration and credentials (tokenFile, exec).
 - ``client``: ``KubeClient``, the async verbs (get, list, apply, create, replace, delete,
-  watch) on raw httpx.
+  watch) on raw httpx2.
 - ``errors``: the error tree every failure is translated into.
 - ``resources``: the API resources atlasd uses and their URL paths.
 - ``bodies``: typed reads of the object fields atlasd reads (name, labels, data, ...).

@@ -1,13 +1,13 @@
 """The async Kubernetes API client: the only code that speaks HTTP to the API server.
 
-``KubeClient`` wraps one ``httpx.AsyncClient`` (httpx runs under trio through anyio).
+``KubeClient`` wraps one ``httpx2.AsyncClient`` (httpx2 runs under trio through anyio).
 It knows the verbs atlasd needs — get, list (paginated), server-side apply, create,
 replace, delete, watch — and nothing else: no discovery, no caching (see
 ``atlasd.watch.informer`` for that).
 
 Every failure is translated here, in ``_send``/``_raise_for``, into the tree of
 ``atlasd.kube.errors`` (``ApiError`` subclasses from the API's ``Status``;
-``TransportError`` from httpx). A 401 makes the client refresh a refreshable
+``TransportError`` from httpx2). A 401 makes the client refresh a refreshable
 credential (tokenFile, exec plugin) and retry the request once.
 
 ``watch`` yields the decoded ``{type, object}`` events of one watch request; an ``ERROR``
@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-import httpx
+import httpx2
 import msgspec
 
 from atlasd.kube import bodies
@@ -50,7 +50,7 @@ _METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=
 _METADATA_OBJECT = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+def _retry_after(resp: httpx2.Response) -> float | None:
     value = resp.headers.get("Retry-After")
     if value is None:
         return None
@@ -65,7 +65,7 @@ def _decode(content: bytes | str) -> object:
     return msgspec.json.decode(content)
 
 
-def _body(resp: httpx.Response) -> object:
+def _body(resp: httpx2.Response) -> object:
     try:
         return _decode(resp.content)
     except msgspec.DecodeError:  # a ValueError; invalid UTF-8 too
@@ -135,7 +135,7 @@ class KubeClient:
         timeout: float = DEFAULT_TIMEOUT,
         field_manager: str = FIELD_MANAGER,
         user_agent: str = "atlasd",
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self.credentials = Credentials(config)
@@ -144,12 +144,12 @@ class KubeClient:
         self._user_agent = user_agent
         # Tests substitute an in-memory transport; None = real TLS connections.
         self._transport = transport
-        # The httpx client for the current client certificate; replaced (old ones kept
+        # The httpx2 client for the current client certificate; replaced (old ones kept
         # open until close, since watches may still be reading them) when an exec
         # plugin hands out a different certificate.
-        self._http: httpx.AsyncClient | None = None
+        self._http: httpx2.AsyncClient | None = None
         self._http_identity: tuple[bytes | None, bytes | None] | None = None
-        self._retired: list[httpx.AsyncClient] = []
+        self._retired: list[httpx2.AsyncClient] = []
         self._extensions: dict[str, Any] = {}
         if config.tls_server_name:
             self._extensions["sni_hostname"] = config.tls_server_name
@@ -179,19 +179,19 @@ class KubeClient:
 
     # -- transport ----------------------------------------------------------------------
 
-    def _client_for(self, cred: Credential) -> httpx.AsyncClient:
+    def _client_for(self, cred: Credential) -> httpx2.AsyncClient:
         identity = (cred.client_cert, cred.client_key)
         if self._http is not None and self._http_identity == identity:
             return self._http
         ctx = ssl_context(self.config, cred)
         if self._http is not None:
             self._retired.append(self._http)
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        limits = httpx2.Limits(max_connections=200, max_keepalive_connections=50)
         transport = self._transport
         if transport is None and not self.config.proxy_url:
             # Each request's head and body in one TLS record (atlasd.kube.transport).
             transport = OneWriteTransport(verify=ctx, limits=limits)
-        self._http = httpx.AsyncClient(
+        self._http = httpx2.AsyncClient(
             base_url=self.config.server,
             verify=ctx,
             timeout=self._timeout,
@@ -241,7 +241,7 @@ class KubeClient:
                     headers=headers,
                     extensions=self._extensions,
                 )
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 KUBE_REQUESTS.labels(verb, res.plural, "error").inc()
                 raise TransportError(
                     f"{verb} {res}{' ' + name if name else ''}: {type(exc).__name__}: {exc}"
@@ -544,7 +544,7 @@ class KubeClient:
         if label_selector:
             params["labelSelector"] = label_selector
         path = res.path(namespace=ns)
-        timeout = httpx.Timeout(self._timeout, read=timeout_seconds + WATCH_READ_GRACE)
+        timeout = httpx2.Timeout(self._timeout, read=timeout_seconds + WATCH_READ_GRACE)
         for attempt in (0, 1):
             cred = await self.credentials.get()
             client = self._client_for(cred)
@@ -558,7 +558,7 @@ class KubeClient:
             )
             try:
                 resp = await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 KUBE_REQUESTS.labels("watch", res.plural, "error").inc()
                 raise TransportError(f"watch {res}: {type(exc).__name__}: {exc}") from exc
             KUBE_REQUESTS.labels("watch", res.plural, str(resp.status_code)).inc()
@@ -584,7 +584,7 @@ class KubeClient:
                         continue
                     yield self._event(res, ns, line)
                 return
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 raise TransportError(f"watch {res}: {type(exc).__name__}: {exc}") from exc
             finally:
                 await resp.aclose()

@@ -1,7 +1,7 @@
 """The one error tree of the Kubernetes boundary.
 
 Every failure that crosses ``atlasd.kube`` is one of these; lower-level errors
-(httpx, ssl, subprocess, yaml) are translated here or in ``client``/``config`` and
+(httpx2, ssl, subprocess, yaml) are translated here or in ``client``/``config`` and
 chained with ``raise ... from``::
 
     KubeError
@@ -20,7 +20,7 @@ chained with ``raise ... from``::
           └── ServerError       5xx
 
 ``retriable`` answers "may the same request succeed if simply sent again later?" (as
-httpx classifies on its exceptions): yes for TransportError, Conflict (AlreadyExists
+httpx2 classifies on its exceptions): yes for TransportError, Conflict (AlreadyExists
 included: re-read, then write), TooManyRequests and ServerError; no for the rest, which a
 retry of the same request would only repeat. A loop that reads again from scratch (a
 watch, a supervised subsystem, a reconcile worker's rate-limited requeue) retries any

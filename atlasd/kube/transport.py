@@ -1,8 +1,8 @@
 """The HTTP/1.1 transport to the API server: each request leaves in one TLS record.
 
-httpcore writes a request in pieces — its head, then its body — and over TLS each write
+httpcore2 writes a request in pieces — its head, then its body — and over TLS each write
 is a TLS record and a ``send`` of its own, each of which the API server reads, decrypts
-and wakes a goroutine for. ``OneWriteTransport`` is httpx's own transport over a
+and wakes a goroutine for. ``OneWriteTransport`` is httpx2's own transport over a
 connection pool whose streams hold what is written until the next read: HTTP/1.1 reads
 the response only after the whole request is written, so the head and the body of a
 request go out together, with no delay. 3,000 server-side applies of atlasd's bodies at 16
@@ -10,12 +10,12 @@ in flight, five pairs in one run: atlasd 1.494 -> 1.415 ms of CPU per apply, the
 server 6.58 -> 6.17 CPU-s (medians; bench/README.md, issue 25).
 
 Only for HTTP/1.1 (HTTP/2 reads while it writes) and direct connections: with a proxy
-(``proxy-url`` in the kubeconfig) httpx's own proxy transport is used as before. A write
-that fails surfaces at the read that flushes it, as the same ``httpcore.WriteError``
-(httpx: ``WriteError``, a ``TransportError``) the write would have raised.
+(``proxy-url`` in the kubeconfig) httpx2's own proxy transport is used as before. A write
+that fails surfaces at the read that flushes it, as the same ``httpcore2.WriteError``
+(httpx2: ``WriteError``, a ``TransportError``) the write would have raised.
 """
 
-# The ``timeout`` parameters are httpcore's network interface, not ours to replace by a
+# The ``timeout`` parameters are httpcore2's network interface, not ours to replace by a
 # cancel scope.
 # ruff: noqa: ASYNC109
 
@@ -24,14 +24,14 @@ from __future__ import annotations
 import ssl
 import typing
 
-import httpcore
-import httpx
+import httpcore2
+import httpx2
 
 
-class OneWriteStream(httpcore.AsyncNetworkStream):
+class OneWriteStream(httpcore2.AsyncNetworkStream):
     """A stream that sends what was written, in one write, when it is next read."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+    def __init__(self, inner: httpcore2.AsyncNetworkStream) -> None:
         self._inner = inner
         # Written and not yet sent, in order; sent (joined) by the next read or TLS start.
         self._pending: list[bytes] = []
@@ -59,7 +59,7 @@ class OneWriteStream(httpcore.AsyncNetworkStream):
         ssl_context: ssl.SSLContext,
         server_hostname: str | None = None,
         timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    ) -> httpcore2.AsyncNetworkStream:
         await self._flush(timeout)
         tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
         return OneWriteStream(tls)
@@ -68,11 +68,11 @@ class OneWriteStream(httpcore.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
-class OneWriteBackend(httpcore.AsyncNetworkBackend):
+class OneWriteBackend(httpcore2.AsyncNetworkBackend):
     """Trio's network backend (atlasd runs on Trio) with ``OneWriteStream`` connections."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
-        self._inner = inner or httpcore.TrioBackend()
+    def __init__(self, inner: httpcore2.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore2.TrioBackend()
 
     async def connect_tcp(
         self,
@@ -80,8 +80,8 @@ class OneWriteBackend(httpcore.AsyncNetworkBackend):
         port: int,
         timeout: float | None = None,
         local_address: str | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+        socket_options: typing.Iterable[httpcore2.SOCKET_OPTION] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
         stream = await self._inner.connect_tcp(
             host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
         )
@@ -91,8 +91,8 @@ class OneWriteBackend(httpcore.AsyncNetworkBackend):
         self,
         path: str,
         timeout: float | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+        socket_options: typing.Iterable[httpcore2.SOCKET_OPTION] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
         stream = await self._inner.connect_unix_socket(
             path, timeout=timeout, socket_options=socket_options
         )
@@ -102,15 +102,15 @@ class OneWriteBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-class OneWriteTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport (its request and response mapping, its error translation) over a
+class OneWriteTransport(httpx2.AsyncHTTPTransport):
+    """httpx2's transport (its request and response mapping, its error translation) over a
     pool of ``OneWriteStream`` connections, HTTP/1.1 only."""
 
-    def __init__(self, *, verify: ssl.SSLContext, limits: httpx.Limits) -> None:
+    def __init__(self, *, verify: ssl.SSLContext, limits: httpx2.Limits) -> None:
         super().__init__(verify=verify, limits=limits)
-        # httpx builds its pool without a way to name the network backend: the same pool,
+        # httpx2 builds its pool without a way to name the network backend: the same pool,
         # built again with one. (tests/unit/kube/test_transport.py checks it is used.)
-        self._pool = httpcore.AsyncConnectionPool(
+        self._pool = httpcore2.AsyncConnectionPool(
             ssl_context=verify,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,

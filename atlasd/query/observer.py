@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 
-import httpx
+import httpx2
 import trio
 
 from atlasd import metrics
@@ -164,7 +164,7 @@ async def run_query_observer(
     probe_via: str | None = None,
     downstream_port: Callable[[str], int] | None = None,
     clock: Callable[[], float] = time.time,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: httpx2.AsyncBaseTransport | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Observe Thanos Query at ``url`` until cancelled. ``probe_via``: where unseen
@@ -178,7 +178,7 @@ async def run_query_observer(
     # The fleet the sidecar addresses were computed for, and them.
     addressed: tuple[Fleet | None, dict[str, str]] = (None, {})
     task_status.started()
-    async with httpx.AsyncClient(timeout=10, transport=transport) as client:
+    async with httpx2.AsyncClient(timeout=10, transport=transport) as client:
         while True:
             current = fleet()
             if current is not None:
@@ -190,7 +190,7 @@ async def run_query_observer(
                     resp = await client.get(stores_url)
                     resp.raise_for_status()
                     stores = parse_stores(resp.content)
-                except (httpx.HTTPError, QueryAnswerError) as exc:
+                except (httpx2.HTTPError, QueryAnswerError) as exc:
                     error = f"{stores_url}: {exc}"
                 else:
                     view = join(stores, addressed[1], current.clusters, now=now, previous=view)

@@ -58,7 +58,7 @@ which when another Alertmanager let the cluster in), ``upstream-down`` (the obse
 Envoy could not reach the Alertmanager, or it is not ready), ``ok``/``slow``.
 
 Uses Thanos's own Info protobuf (``atlasd.thanospb``, generated from ``proto/`` with
-betterproto); the HTTP/2 exchange goes through ``httpx`` (cleartext, prior knowledge), as
+betterproto); the HTTP/2 exchange goes through ``httpx2`` (cleartext, prior knowledge), as
 it gives the response headers a classification needs.
 """
 
@@ -72,7 +72,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import httpx
+import httpx2
 
 from atlasd.labels import CLUSTER_HEADER, UPSTREAM_FAILURE_HEADER
 from atlasd.model import OBSERVABILITY_NODE, CertKey
@@ -157,7 +157,7 @@ class Finding:
         return _FIX.get(self.hop, "")
 
 
-def _answered_by(cluster: str, headers: httpx.Headers) -> tuple[bool, Finding | None]:
+def _answered_by(cluster: str, headers: httpx2.Headers) -> tuple[bool, Finding | None]:
     """Whether an answer passed through the downstream Envoy (it names itself on every
     answer, labels.CLUSTER_HEADER, its own replies included; Envoy's upstream service time
     is not always passed on with them), and a Finding when another cluster's Envoy did."""
@@ -221,7 +221,7 @@ def transport_failure(cluster: str, reason: str) -> tuple[str, str, str]:
 
 
 def _failure(
-    cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float, via: str,
+    cluster: str, *, status: int, headers: httpx2.Headers, body: bytes, seconds: float, via: str,
     from_downstream: bool,
 ) -> Finding:  # fmt: skip
     """The hop an answer that is not a success stopped at (pure)."""
@@ -260,7 +260,7 @@ def classify(
     cluster: str,
     *,
     status: int,
-    headers: httpx.Headers,
+    headers: httpx2.Headers,
     body: bytes,
     seconds: float,
     slow_after: float,
@@ -289,7 +289,7 @@ def classify(
 
 
 def classify_prometheus(
-    cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float,
+    cluster: str, *, status: int, headers: httpx2.Headers, body: bytes, seconds: float,
     slow_after: float,
 ) -> Finding:  # fmt: skip
     """The hop a GET of ``/prom/<c>/-/ready`` through the observability Envoy stopped at."""
@@ -306,7 +306,7 @@ def classify_prometheus(
 
 
 def classify_alertmanager(
-    cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float,
+    cluster: str, *, status: int, headers: httpx2.Headers, body: bytes, seconds: float,
     slow_after: float, via: str = ALERTMANAGER,
 ) -> Finding:  # fmt: skip
     """The hop a GET of an Alertmanager's ``/-/ready`` through the observability Envoy's
@@ -360,31 +360,31 @@ def info_request_body() -> bytes:
 
 class _Judge(Protocol):
     def __call__(
-        self, cluster: str, *, status: int, headers: httpx.Headers, body: bytes,
+        self, cluster: str, *, status: int, headers: httpx2.Headers, body: bytes,
         seconds: float, slow_after: float,
     ) -> Finding: ...  # fmt: skip
 
 
 @functools.cache
 def _unused_tls() -> ssl.SSLContext:
-    """The context a cleartext probe's client holds but never uses: httpx otherwise builds
+    """The context a cleartext probe's client holds but never uses: httpx2 otherwise builds
     a verifying one, loading the CA store (~60 ms of CPU), for every client."""
     return ssl.create_default_context()
 
 
 async def _exchange(
-    cluster: str, via: str, request: httpx.Request, *, within: float, slow_after: float,
-    client: httpx.AsyncClient | None, http2: bool, judge: _Judge,
+    cluster: str, via: str, request: httpx2.Request, *, within: float, slow_after: float,
+    client: httpx2.AsyncClient | None, http2: bool, judge: _Judge,
 ) -> Finding:  # fmt: skip
     """Send ``request``; ``judge`` the answer, or say what stopped it from coming.
 
     ``client``: one to reuse, one call at a time. Over HTTP/2 never by calls running at
-    once: httpcore shares the connection's h2 state between them, and an Envoy's early
+    once: httpcore2 shares the connection's h2 state between them, and an Envoy's early
     local reply on one stream (a refused upstream handshake, with the request body not
     yet sent) then fails that call as a ``LocalProtocolError`` naming the stream. None:
     a connection of the call's own."""
     own = client is None
-    http = client or httpx.AsyncClient(http1=not http2, http2=http2, verify=_unused_tls())
+    http = client or httpx2.AsyncClient(http1=not http2, http2=http2, verify=_unused_tls())
     started = time.perf_counter()
     address = request.url.netloc.decode()
     try:
@@ -393,16 +393,16 @@ async def _exchange(
             cluster, status=got.status_code, headers=got.headers, body=got.content,
             seconds=time.perf_counter() - started, slow_after=slow_after,
         )  # fmt: skip
-    except httpx.ConnectError as exc:
+    except httpx2.ConnectError as exc:
         took = time.perf_counter() - started
         tls = tls_refusal(exc, peer=f"the observability Envoy at {address}")
         if tls is not None:
             return Finding(cluster, "tls-refused", tls[0], took, via=via, refused=tls[1])
         return Finding(cluster, "envoy-unreachable", f"{address}: {exc}", took, via=via)
-    except httpx.TimeoutException:
+    except httpx2.TimeoutException:
         return Finding(cluster, "timeout", f"no answer within {within:g} s",
                        time.perf_counter() - started, via=via)  # fmt: skip
-    except httpx.HTTPError as exc:
+    except httpx2.HTTPError as exc:
         return Finding(cluster, "error", f"{type(exc).__name__}: {exc}",
                        time.perf_counter() - started, via=via)  # fmt: skip
     finally:
@@ -427,18 +427,18 @@ async def probe_alertmanager(
     downstream Envoy relays its alerts: with ``identity`` (the cluster's client
     certificate), the server verified against ``trust`` and the name ``atlas``."""
     via = f"{ALERTMANAGER}{index}"
-    request = httpx.Request(
+    request = httpx2.Request(
         "GET",
         f"https://{address}/-/ready",
         headers={"host": f"{via}.{namespace}.svc.{domain}"},
         extensions={
-            "timeout": httpx.Timeout(within).as_dict(),
+            "timeout": httpx2.Timeout(within).as_dict(),
             "sni_hostname": OBSERVABILITY_NODE,
         },
     )
 
     def judge(
-        cluster: str, *, status: int, headers: httpx.Headers, body: bytes, seconds: float,
+        cluster: str, *, status: int, headers: httpx2.Headers, body: bytes, seconds: float,
         slow_after: float,
     ) -> Finding:  # fmt: skip
         return classify_alertmanager(
@@ -451,7 +451,7 @@ async def probe_alertmanager(
     except (ssl.SSLError, ValueError) as exc:  # what ssl says names no key material
         what = f"the cluster's certificate, key or CA bundle does not load ({exc})"
         return Finding(cluster, "error", what, via=via)
-    async with httpx.AsyncClient(verify=tls) as client:
+    async with httpx2.AsyncClient(verify=tls) as client:
         return await _exchange(
             cluster, via, request, within=within, slow_after=slow_after, client=client,
             http2=False, judge=judge,
@@ -465,11 +465,11 @@ async def probe(
     authority: str,
     within: float = 10.0,
     slow_after: float = 2.0,
-    client: httpx.AsyncClient | None = None,
+    client: httpx2.AsyncClient | None = None,
 ) -> Finding:
     """Call Info at ``address`` (host:port of the observability Envoy's Thanos listener, or
     the sidecar Service Thanos Query dials) with ``authority``; classify what happens."""
-    request = httpx.Request(
+    request = httpx2.Request(
         "POST",
         f"http://{address}{INFO_PATH}",
         content=info_request_body(),
@@ -479,7 +479,7 @@ async def probe(
             "te": "trailers",
             "grpc-timeout": f"{max(1, int(within * 1000))}m",
         },
-        extensions={"timeout": httpx.Timeout(within).as_dict()},
+        extensions={"timeout": httpx2.Timeout(within).as_dict()},
     )
     return await _exchange(
         cluster, THANOS, request, within=within, slow_after=slow_after, client=client,
@@ -493,15 +493,15 @@ async def probe_prometheus(
     address: str,
     within: float = 10.0,
     slow_after: float = 2.0,
-    client: httpx.AsyncClient | None = None,
+    client: httpx2.AsyncClient | None = None,
 ) -> Finding:
     """GET ``/prom/<cluster>/-/ready`` at ``address`` (host:port of the observability
     Envoy's Prometheus listener, 10904), as a Grafana or an operator reaches the cluster's
     Prometheus through the chain; classify what happens."""
-    request = httpx.Request(
+    request = httpx2.Request(
         "GET",
         f"http://{address}/prom/{cluster}/-/ready",
-        extensions={"timeout": httpx.Timeout(within).as_dict()},
+        extensions={"timeout": httpx2.Timeout(within).as_dict()},
     )
     return await _exchange(
         cluster, PROMETHEUS, request, within=within, slow_after=slow_after, client=client,

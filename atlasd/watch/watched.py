@@ -1,6 +1,6 @@
 """A watched set of objects: the resource and the label selector the API server filters by.
 
-Pure (no trio, no httpx), so the fleet's decisions (``atlasd.fleet.keys.roles``) can name
+Pure (no trio, no httpx2), so the fleet's decisions (``atlasd.fleet.keys.roles``) can name
 the sets the informers of ``atlasd.watch.sources`` watch.
 """
 

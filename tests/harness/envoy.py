@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import yaml
 
 from tests.harness.procs import Proc
@@ -101,13 +101,13 @@ class Envoy:
 
         def ready() -> bool:
             self.proc.check_running()
-            return httpx.get(f"{self.admin_url}/ready", timeout=2).status_code == 200
+            return httpx2.get(f"{self.admin_url}/ready", timeout=2).status_code == 200
 
         wait_until(ready, timeout=timeout, what=f"envoy {self.name} /ready")
 
     def config_dump(self, *, include_eds: bool = False) -> dict[str, Any]:
         params = {"include_eds": "true"} if include_eds else {}
-        r = httpx.get(f"{self.admin_url}/config_dump", params=params, timeout=10)
+        r = httpx2.get(f"{self.admin_url}/config_dump", params=params, timeout=10)
         r.raise_for_status()
         result: dict[str, Any] = r.json()
         return result
@@ -125,7 +125,7 @@ class Envoy:
                 for e in le.get("lb_endpoints", [])
             }
 
-        r = httpx.get(url, params={"resource": "dynamic_active_clusters", "name_regex": regex})
+        r = httpx2.get(url, params={"resource": "dynamic_active_clusters", "name_regex": regex})
         if r.status_code == 404:
             return None
         found = [c["cluster"] for c in r.json().get("configs", []) if "cluster" in c]
@@ -134,13 +134,13 @@ class Envoy:
         if found[0].get("type") != "EDS":
             return addresses(found[0].get("load_assignment", {}))
         params = {"resource": "dynamic_endpoint_configs", "name_regex": regex, "include_eds": "1"}
-        r = httpx.get(url, params=params)
+        r = httpx2.get(url, params=params)
         if r.status_code == 404:
             return set()
         return {a for c in r.json().get("configs", []) for a in addresses(c["endpoint_config"])}
 
     def stats(self, prefix: str = "") -> dict[str, int]:
-        r = httpx.get(f"{self.admin_url}/stats", params={"format": "json"}, timeout=10)
+        r = httpx2.get(f"{self.admin_url}/stats", params={"format": "json"}, timeout=10)
         r.raise_for_status()
         out: dict[str, int] = {}
         for stat in r.json().get("stats", []):

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import yaml
 
 from tests.harness import components
@@ -56,11 +56,11 @@ class Etcd:
 
     def _healthy(self) -> bool:
         self.proc.check_running()
-        r = httpx.get(f"{self.url}/health", timeout=2)
+        r = httpx2.get(f"{self.url}/health", timeout=2)
         return r.status_code == 200 and r.json().get("health") == "true"
 
     def revision(self) -> int:
-        r = httpx.post(
+        r = httpx2.post(
             f"{self.url}/v3/kv/range",
             json={"key": base64.b64encode(b"/").decode(), "limit": 1},
             timeout=5,
@@ -71,7 +71,7 @@ class Etcd:
     def compact(self) -> int:
         """Compact etcd's history up to the current revision (old watches get 410)."""
         rev = self.revision()
-        r = httpx.post(
+        r = httpx2.post(
             f"{self.url}/v3/kv/compaction",
             json={"revision": str(rev), "physical": True},
             timeout=30,
@@ -219,9 +219,9 @@ class ApiServer:
         ctx.load_cert_chain(str(self.admin_cert), str(self.admin_key))
         return ctx
 
-    def admin(self) -> httpx.Client:
-        """A plain httpx client with admin credentials (test-side helper, not atlasd's)."""
-        return httpx.Client(base_url=self.url, verify=self.ssl_context(), timeout=30)
+    def admin(self) -> httpx2.Client:
+        """A plain httpx2 client with admin credentials (test-side helper, not atlasd's)."""
+        return httpx2.Client(base_url=self.url, verify=self.ssl_context(), timeout=30)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         return run_kubectl("kubectl", self.admin_kubeconfig, *args, input=input, check=check)

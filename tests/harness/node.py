@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
+import httpx2
 import yaml
 
 from tests.harness import components
@@ -527,7 +527,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
         def service_routed() -> bool:
             # The in-cluster `kubernetes` Service through kube-proxy's rules.
-            with httpx.Client(
+            with httpx2.Client(
                 base_url=f"https://{self.api.kubernetes_service_ip}:443",
                 verify=self.api.ssl_context(),
                 timeout=3,

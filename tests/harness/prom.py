@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from tests.harness import components
 from tests.harness.net import free_port
@@ -31,7 +31,7 @@ class WebProc:
 
     def _ready(self) -> bool:
         self.proc.check_running()
-        return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+        return httpx2.get(f"{self.url}/-/ready", timeout=2).status_code == 200
 
     def log_text(self) -> str:
         return self.proc.log_text()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import yaml
 
 from tests.harness.net import free_port
@@ -51,12 +51,12 @@ class Atlasd:
     def wait_ready(self, *, timeout: float = 60) -> None:
         def ready() -> bool:
             self.proc.check_running()
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            return httpx2.get(f"{self.url}/readyz", timeout=2).status_code == 200
 
         wait_until(ready, timeout=timeout, what="atlasd /readyz")
 
     def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = httpx.get(f"{self.url}/status", timeout=5).json()
+        doc: dict[str, Any] = httpx2.get(f"{self.url}/status", timeout=5).json()
         return doc
 
     def log_text(self) -> str:
@@ -108,8 +108,8 @@ def answers_through_chain(cluster: str, port: int = 10904) -> bool:
     its Prometheus)."""
     url = f"http://127.0.0.1:{port}/prom/{cluster}/api/v1/status/buildinfo"
     try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
+        return httpx2.get(url, timeout=5).status_code == 200
+    except httpx2.HTTPError:
         return False
 
 
@@ -133,7 +133,7 @@ def served_serials(admin_url: str, cluster: str) -> set[str]:
     at ``admin_url`` holds now (admin ``/certs``): for an enrolled cluster, its server
     certificate and the client certificate it dials xDS with, both the agent's. An entry's
     order in ``/certs`` is not fixed: a caller looks for one serial in the set."""
-    doc = httpx.get(f"{admin_url}/certs", timeout=5).json()
+    doc = httpx2.get(f"{admin_url}/certs", timeout=5).json()
     return {
         # Envoy prints the serial's bytes (a leading zero kept): normalized through int.
         format(int(str(chain.get("serial_number")), 16), "x")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-import httpx
+import httpx2
 import pytest
 import yaml
 
@@ -856,19 +856,19 @@ def test_envoy_probe_listener_answers_envoys_own_readiness_and_nothing_else(
     try:
         url = f"http://127.0.0.1:{probe}"
 
-        def ready() -> httpx.Response | None:
+        def ready() -> httpx2.Response | None:
             envoy.check_running()
-            r = httpx.get(f"{url}/ready", timeout=2)
+            r = httpx2.get(f"{url}/ready", timeout=2)
             return r if r.status_code == 200 else None
 
         r = wait_until(ready, timeout=60, what="the probe listener's /ready")
         assert r.text.strip() == "LIVE"
         # Admin itself is what answers: fail its health check and the probe follows.
-        assert httpx.post(f"http://127.0.0.1:{admin}/healthcheck/fail", timeout=5).is_success
-        r = httpx.get(f"{url}/ready", timeout=5)
+        assert httpx2.post(f"http://127.0.0.1:{admin}/healthcheck/fail", timeout=5).is_success
+        r = httpx2.get(f"{url}/ready", timeout=5)
         assert (r.status_code, r.text.strip()) == (503, "DRAINING")
-        httpx.post(f"http://127.0.0.1:{admin}/healthcheck/ok", timeout=5)
-        assert httpx.get(f"{url}/ready", timeout=5).status_code == 200
+        httpx2.post(f"http://127.0.0.1:{admin}/healthcheck/ok", timeout=5)
+        assert httpx2.get(f"{url}/ready", timeout=5).status_code == 200
         # Nothing else of admin (which can stop or reconfigure Envoy) is reachable.
         for method, path in (
             ("POST", "/quitquitquit"),
@@ -878,10 +878,10 @@ def test_envoy_probe_listener_answers_envoys_own_readiness_and_nothing_else(
             ("GET", "/stats"),
             ("GET", "/"),
         ):
-            r = httpx.request(method, f"{url}{path}", timeout=5)
+            r = httpx2.request(method, f"{url}{path}", timeout=5)
             assert r.status_code == 404, (method, path, r.status_code)
         envoy.check_running()
-        assert httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=5).text.strip() == "LIVE"
+        assert httpx2.get(f"http://127.0.0.1:{admin}/ready", timeout=5).text.strip() == "LIVE"
     finally:
         envoy.stop()
 

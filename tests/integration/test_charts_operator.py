@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
@@ -514,7 +514,7 @@ class Prom:
         self.url = proc.url
 
     def api(self, path: str, **params: Any) -> Any:
-        r = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        r = httpx2.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
         r.raise_for_status()
         body = r.json()
         assert body["status"] == "success", body
@@ -678,7 +678,7 @@ def test_every_dashboard_query_returns_data_from_a_real_atlasd(
     except AssertionError as e:
         exposed = [
             line
-            for line in httpx.get(f"{atlasd.url}/metrics", timeout=10).text.splitlines()
+            for line in httpx2.get(f"{atlasd.url}/metrics", timeout=10).text.splitlines()
             if line.startswith("atlasd_") and "_bucket" not in line
         ]
         lines = "\n".join(exposed)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 
@@ -249,8 +249,8 @@ def test_atlasd_run_onboards_a_cluster_with_only_the_chart_role(
     def ready() -> bool:
         proc.check_running()
         try:
-            return httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
+            return httpx2.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200
+        except httpx2.HTTPError:
             return False
 
     wait_until(ready, timeout=60, what="atlasd /readyz")

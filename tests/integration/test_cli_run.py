@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 
@@ -72,13 +72,13 @@ class Original:
 
         def ready() -> bool:
             self.proc.check_running()
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            return httpx2.get(f"{self.url}/readyz", timeout=2).status_code == 200
 
         wait_until(ready, timeout=60, what=f"{self.proc.name} /readyz")
         return self
 
     def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = httpx.get(f"{self.url}/status", timeout=5).json()
+        doc: dict[str, Any] = httpx2.get(f"{self.url}/status", timeout=5).json()
         return doc
 
 

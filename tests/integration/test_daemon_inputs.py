@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 
@@ -35,7 +35,7 @@ def _merge_patch(apiserver: ApiServer, namespace: str, name: str, patch: dict[st
 
 
 def _gauge(daemon: Atlasd, name: str) -> float | None:
-    for line in httpx.get(f"{daemon.url}/metrics", timeout=5).text.splitlines():
+    for line in httpx2.get(f"{daemon.url}/metrics", timeout=5).text.splitlines():
         if line.split(" ")[0] == name:
             return float(line.split(" ")[1])
     return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import yaml
 
 from tests.harness.net import free_port
@@ -96,7 +96,7 @@ def test_a_cluster_query_does_not_see_is_probed_and_its_broken_hop_shown(
         assert via in str(found["detail"]) and found["fix"]
         out = cli("status", f"--url={atlasd.url}").stdout
         assert "NOT SEEN [path: envoy-unreachable]" in out, out
-        metrics = httpx.get(f"{atlasd.url}/metrics", timeout=10).text
+        metrics = httpx2.get(f"{atlasd.url}/metrics", timeout=10).text
         assert 'atlasd_query_probe_clusters{hop="envoy-unreachable"} 1.0' in metrics
         assert 'atlasd_query_probe_clusters{hop="ok"} 0.0' in metrics
     finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from atlasd.kube.resources import REQUIRED_PERMISSIONS
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def _not_ready(atlasd: Atlasd) -> str:
     atlasd.proc.check_running()
-    r = httpx.get(f"{atlasd.url}/readyz", timeout=5)
+    r = httpx2.get(f"{atlasd.url}/readyz", timeout=5)
     return r.text if r.status_code == 503 else ""
 
 

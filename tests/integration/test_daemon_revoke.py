@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 
 from atlasd import revocation
@@ -43,7 +43,7 @@ OBS_IP = HOSTS["east"][0]  # where downstream Envoys reach the observability Env
 
 
 def _metric(daemon: Atlasd, name: str) -> float | None:
-    for line in httpx.get(f"{daemon.url}/metrics", timeout=5).text.splitlines():
+    for line in httpx2.get(f"{daemon.url}/metrics", timeout=5).text.splitlines():
         if line.split(" ")[0] == name:
             return float(line.split(" ")[1])
     return None

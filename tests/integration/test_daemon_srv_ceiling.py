@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 
 from tests.harness.kube import ApiServer
 from tests.harness.objects import cluster_service
@@ -25,7 +25,7 @@ def _cluster(name: str, i: int, replicas: int) -> dict[str, Any]:
 
 
 def _answer_bytes(daemon: Atlasd) -> float | None:
-    for line in httpx.get(f"{daemon.url}/metrics", timeout=5).text.splitlines():
+    for line in httpx2.get(f"{daemon.url}/metrics", timeout=5).text.splitlines():
         if line.startswith(f'atlasd_dns_srv_answer_bytes{{name="{ALL}"}}'):
             return float(line.rsplit(" ", 1)[1])
     return None

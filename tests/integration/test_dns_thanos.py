@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 
@@ -120,7 +120,7 @@ class Sidecar:
     def _ready(self) -> bool:
         self.proc.check_running()
         url = f"http://127.0.0.1:{self.http_port}/-/ready"
-        return httpx.get(url, timeout=2).status_code == 200
+        return httpx2.get(url, timeout=2).status_code == 200
 
 
 def cluster(name: str, sidecar: Sidecar) -> DownstreamCluster:
@@ -217,7 +217,7 @@ class Rig:
         self.url = f"http://127.0.0.1:{http_port}"
 
     async def clusters_seen(self) -> set[str]:
-        async with httpx.AsyncClient(timeout=3) as client:
+        async with httpx2.AsyncClient(timeout=3) as client:
             resp = await client.get(f"{self.url}/api/v1/query", params={"query": "up"})
         for proc in self.procs:
             proc.check_running()
@@ -232,7 +232,7 @@ class Rig:
         await wait_until_async(sees, timeout=within, what=f"Thanos Query sees {sorted(want)}")
 
     async def store_names(self) -> list[str]:
-        async with httpx.AsyncClient(timeout=3) as client:
+        async with httpx2.AsyncClient(timeout=3) as client:
             stores = (await client.get(f"{self.url}/api/v1/stores")).json()["data"]
         return sorted(s["name"] for group in stores.values() for s in group)
 

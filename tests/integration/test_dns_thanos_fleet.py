@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 
@@ -46,7 +46,7 @@ N = 24
 
 async def healthy_stores(url: str) -> dict[str, str]:
     """Store address -> its cluster label, for the stores Thanos Query has no error for."""
-    async with httpx.AsyncClient(timeout=3) as client:
+    async with httpx2.AsyncClient(timeout=3) as client:
         body = (await client.get(f"{url}/api/v1/stores")).json()
     out: dict[str, str] = {}
     for group in (body.get("data") or {}).values():

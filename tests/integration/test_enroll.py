@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 from cryptography import x509
@@ -67,7 +67,7 @@ def _secret(apiserver: ApiServer, namespace: str, name: str) -> bool:
 
 def _listeners(envoy: Envoy) -> set[str]:
     """The names of the listeners the Envoy runs (admin /listeners)."""
-    doc = httpx.get(f"{envoy.admin_url}/listeners?format=json", timeout=5).json()
+    doc = httpx2.get(f"{envoy.admin_url}/listeners?format=json", timeout=5).json()
     return {str(s.get("name")) for s in doc.get("listener_statuses", [])}
 
 
@@ -245,8 +245,8 @@ def test_an_agent_enrolls_renews_and_its_key_stays_home(
         sources = {
             "Secrets, ConfigMaps and Events": stored,
             "atlasd's log": atlasd.log_text().encode(),
-            "/status": httpx.get(f"{atlasd.url}/status", timeout=10).content,
-            "/metrics": httpx.get(f"{atlasd.url}/metrics", timeout=10).content,
+            "/status": httpx2.get(f"{atlasd.url}/status", timeout=10).content,
+            "/metrics": httpx2.get(f"{atlasd.url}/metrics", timeout=10).content,
         }
         for name, pem in key_pems.items():
             body = b"".join(pem.splitlines()[1:-1])  # the base64 of the DER key

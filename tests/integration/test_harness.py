@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 
@@ -76,7 +76,7 @@ def test_limited_service_account_is_forbidden_outside_its_role(
         [{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]}],
     )
     token = yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]["token"]
-    with httpx.Client(
+    with httpx2.Client(
         base_url=apiserver.url,
         verify=ssl.create_default_context(cafile=str(apiserver.serving_ca_path)),
         headers={"Authorization": f"Bearer {token}"},
@@ -156,7 +156,7 @@ def test_envoy_reaches_ready_and_serves(
     }
     envoy = envoy_factory(bootstrap, "smoke")
     envoy.wait_ready()
-    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hi"
+    assert httpx2.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hi"
     dump = envoy.config_dump()
     kinds = [c["@type"].rsplit(".", 1)[-1] for c in dump["configs"]]
     assert "ListenersConfigDump" in kinds
@@ -198,7 +198,7 @@ def test_prometheus_and_alertmanager_ready(
 ) -> None:
     prom = prometheus_factory("global:\n  scrape_interval: 15s\n")
     am = alertmanager_factory(DEFAULT_ALERTMANAGER_CONFIG)
-    info = httpx.get(f"{prom.url}/api/v1/status/buildinfo", timeout=5).json()
+    info = httpx2.get(f"{prom.url}/api/v1/status/buildinfo", timeout=5).json()
     assert info["status"] == "success" and info["data"]["version"]
-    status = httpx.get(f"{am.url}/api/v2/status", timeout=5).json()
+    status = httpx2.get(f"{am.url}/api/v2/status", timeout=5).json()
     assert status["versionInfo"]["version"]

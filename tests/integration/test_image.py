@@ -20,7 +20,7 @@ from typing import Any
 import dns.message
 import dns.query
 import dns.rdatatype
-import httpx
+import httpx2
 import pytest
 import yaml
 
@@ -160,7 +160,7 @@ def test_atlasd_image_runs_as_the_chart_runs_it(
 
     def ready() -> bool:
         c.proc.check_running()
-        return httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200
+        return httpx2.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200
 
     wait_until(ready, timeout=90, what="/readyz of atlasd in its image", interval=0.3)
     log = c.proc.log_text()
@@ -288,11 +288,11 @@ def test_envoy_image_runs_as_the_envoy_chart_runs_it(
 
     def ready() -> bool:
         c.proc.check_running()
-        return httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=2).status_code == 200
+        return httpx2.get(f"http://127.0.0.1:{admin}/ready", timeout=2).status_code == 200
 
     wait_until(ready, timeout=60, what="Envoy in its image /ready")
     # What the kubelet's probes ask (the chart's probes: GET /ready on the probe port).
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert envoy[kind]["httpGet"] == {"path": "/ready", "port": "probe"}
-    got = httpx.get(f"http://127.0.0.1:{probe}/ready", timeout=5)
+    got = httpx2.get(f"http://127.0.0.1:{probe}/ready", timeout=5)
     assert (got.status_code, got.text.strip()) == (200, "LIVE")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 import yaml
@@ -71,7 +71,7 @@ def owned_versions(api: ApiServer, ns: str) -> dict[str, str]:
 
 def scrape(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+    for line in httpx2.get(f"{url}/metrics", timeout=30).text.splitlines():
         if line.startswith("atlasd_") and " " in line:
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
@@ -98,7 +98,7 @@ def total(sample: dict[str, float], prefix: str) -> float:
 
 
 def _acked_all(atlasd: Atlasd) -> bool:
-    doc = httpx.get(f"{atlasd.url}/status/envoys", timeout=10).json()
+    doc = httpx2.get(f"{atlasd.url}/status/envoys", timeout=10).json()
     want = doc["snapshots"].get("atlas")
     return bool(want) and any(
         e["node"] == "atlas" and all(e["acked"].get(t) == v for t, v in want.items())

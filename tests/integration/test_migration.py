@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 from cryptography import x509
@@ -512,7 +512,7 @@ def _migrate(
     ctx = _mtls(tmp_path, ca_cert, client, key)
 
     def downstream_serves() -> bool:
-        return httpx.get(direct, verify=ctx, timeout=5).status_code == 200
+        return httpx2.get(direct, verify=ctx, timeout=5).status_code == 200
 
     wait_until(downstream_serves, timeout=30, what="the original-style downstream serves")
 
@@ -611,12 +611,12 @@ def _migrate(
         wait_until(
             lambda: (
                 _stat(obs, "cluster.east-prom.ssl.fail_verify_san") > 0
-                or httpx.get(chain, timeout=5).status_code == 503
+                or httpx2.get(chain, timeout=5).status_code == 503
             ),
             timeout=30,
             what="the shared certificate refused by the observability Envoy",
         )
-        assert httpx.get(chain, timeout=5).status_code != 200
+        assert httpx2.get(chain, timeout=5).status_code != 200
         # ... while the old downstream keeps serving what it was served.
         assert downstream_serves()
         assert old_east.proc.running()
@@ -628,12 +628,12 @@ def _migrate(
         started.append(new_east)
         new_east.start().wait_ready(timeout=60)
         wait_until(
-            lambda: httpx.get(chain, timeout=5).status_code == 200,
+            lambda: httpx2.get(chain, timeout=5).status_code == 200,
             timeout=60,
             what="the chain serves again",
         )
-        codes = [httpx.get(chain, timeout=5).status_code for _ in range(50)]
+        codes = [httpx2.get(chain, timeout=5).status_code for _ in range(50)]
         assert codes == [200] * 50
-        assert httpx.get(chain, timeout=5).json()["status"] == "success"
+        assert httpx2.get(chain, timeout=5).json()["status"] == "success"
     finally:
         atlasd.proc.stop()

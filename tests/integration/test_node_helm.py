@@ -22,7 +22,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import grpc
-import httpx
+import httpx2
 import pytest
 import yaml
 
@@ -204,7 +204,7 @@ def test_install_brings_up_a_ready_pod_with_the_charts_probes_and_role(
     )
     for path in ("/readyz", "/healthz"):
         wait_until(
-            lambda path=path: httpx.get(f"{metrics_url}{path}", timeout=5).status_code == 200,
+            lambda path=path: httpx2.get(f"{metrics_url}{path}", timeout=5).status_code == 200,
             timeout=30,
             what=f"{path} answering 200 through the metrics Service",
         )
@@ -349,10 +349,10 @@ def test_the_envoy_chart_gets_its_config_from_the_pod_and_routes_prometheus(
     assert status["ready"] and status["restartCount"] == 0, status
     # From outside the pod (the node, as the kubelet): /ready answers, admin does not.
     pod_ip = pod["status"]["podIP"]
-    assert httpx.get(f"http://{pod_ip}:{probe_port}/ready", timeout=5).text.strip() == "LIVE"
-    assert httpx.get(f"http://{pod_ip}:{probe_port}/config_dump", timeout=5).status_code == 404
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://{pod_ip}:9000/ready", timeout=5)
+    assert httpx2.get(f"http://{pod_ip}:{probe_port}/ready", timeout=5).text.strip() == "LIVE"
+    assert httpx2.get(f"http://{pod_ip}:{probe_port}/config_dump", timeout=5).status_code == 404
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(f"http://{pod_ip}:9000/ready", timeout=5)
 
     # Its values dial atlasd over mTLS with the atlas client certificate.
     boot = yaml.safe_load(values["files"]["envoy.yaml"])
@@ -392,13 +392,13 @@ def test_the_envoy_chart_gets_its_config_from_the_pod_and_routes_prometheus(
 
     prom_url = f"http://{_cluster_ip(node, 'atlas-envoy')}:10904/prom/east/api/v1/status/buildinfo"
 
-    def routed() -> httpx.Response | None:
-        r = httpx.get(prom_url, timeout=5)
+    def routed() -> httpx2.Response | None:
+        r = httpx2.get(prom_url, timeout=5)
         return r if r.status_code == 200 else None
 
     r = wait_until(routed, timeout=90, what="/prom/east/ through both Envoys", interval=0.5)
     assert r.json()["status"] == "success"
-    assert httpx.get(prom_url.replace("/prom/east/", "/prom/nowhere/"), timeout=5).status_code == (
+    assert httpx2.get(prom_url.replace("/prom/east/", "/prom/nowhere/"), timeout=5).status_code == (
         404
     )
 
@@ -502,8 +502,8 @@ def test_an_enrolled_cluster_installs_with_the_agent_and_a_replaced_pod_needs_no
             f"http://{_cluster_ip(node, 'atlas-envoy')}:10904/prom/{NORTH}/api/v1/status/buildinfo"
         )
 
-        def routed() -> httpx.Response | None:
-            r = httpx.get(prom_url, timeout=5)
+        def routed() -> httpx2.Response | None:
+            r = httpx2.get(prom_url, timeout=5)
             return r if r.status_code == 200 else None
 
         r = wait_until(routed, timeout=120, what=f"/prom/{NORTH}/ through both Envoys",

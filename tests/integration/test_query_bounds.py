@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 
 from atlasd.model import DownstreamCluster
@@ -190,7 +190,7 @@ async def test_a_stalled_cluster_costs_a_query_at_most_the_idle_bound(
             async def answer() -> tuple[float, dict[str, Any]] | None:
                 """One query over every cluster, once east's sidecar has its first sample."""
                 started = time.monotonic()
-                async with httpx.AsyncClient(timeout=HELD) as client:
+                async with httpx2.AsyncClient(timeout=HELD) as client:
                     resp = await client.get(
                         f"{rig.url}/api/v1/query",
                         params={"query": "up", "partial_response": "true"},

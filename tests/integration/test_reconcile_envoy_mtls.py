@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 from cryptography import x509
@@ -95,7 +95,7 @@ def _values_bootstrap(plan: PKIPlan, port: int) -> dict[str, Any]:
 
 
 def _stat(admin_url: str, name: str) -> int:
-    text = httpx.get(f"{admin_url}/stats", params={"filter": name}, timeout=5).text
+    text = httpx2.get(f"{admin_url}/stats", params={"filter": name}, timeout=5).text
     for line in text.splitlines():
         key, _, value = line.partition(": ")
         if key == name:

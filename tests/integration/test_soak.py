@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import yaml
 from cryptography import x509
@@ -136,7 +136,7 @@ def _daemon_main(config_path: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     obs = cfg["obs"]
     settings = Settings(
         namespace=cfg["namespace"],
@@ -234,14 +234,14 @@ class SoakAtlasd:
         def ready() -> bool:
             if not proc.running():
                 return True  # fail at once, below, with the log
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            return httpx2.get(f"{self.url}/readyz", timeout=2).status_code == 200
 
         wait_until(ready, timeout=60, what="atlasd /readyz")
         proc.check_running()
         return self
 
     def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = httpx.get(f"{self.url}/status", timeout=5).json()
+        doc: dict[str, Any] = httpx2.get(f"{self.url}/status", timeout=5).json()
         return doc
 
     def rss(self) -> int:
@@ -671,7 +671,7 @@ class Traffic:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        with httpx.Client(timeout=5) as client:
+        with httpx2.Client(timeout=5) as client:
             while not self._stop.is_set():
                 phase = self.phase
                 try:
@@ -679,7 +679,7 @@ class Traffic:
                     outcome: int | str = r.status_code
                     if r.status_code != 200:
                         outcome = f"{r.status_code} {r.text[:120]!r}"
-                except httpx.HTTPError as exc:
+                except httpx2.HTTPError as exc:
                     outcome = repr(exc)
                 self.results.append((phase, outcome))
                 self._stop.wait(0.02)
@@ -929,7 +929,7 @@ def _soak(
     tl.mark(f"converged on {len(fleet.specs)} clusters (fixed clusters: {sorted(fixed)})")
 
     url = f"http://127.0.0.1:{obs_ports['prometheus']}/prom/anchor-0/api/v1/status/buildinfo"
-    wait_until(lambda: httpx.get(url, timeout=5).status_code == 200, timeout=30, what="traffic")
+    wait_until(lambda: httpx2.get(url, timeout=5).status_code == 200, timeout=30, what="traffic")
     traffic = Traffic(url).start()
 
     round_no = 0
@@ -1069,7 +1069,7 @@ def _soak(
         a1_url = f"http://127.0.0.1:{obs_ports['prometheus']}/prom/anchor-1/-/ready"
 
         def anchor1_serves() -> bool:
-            httpx.get(a1_url, timeout=5)  # its upstream (port 9090) runs nothing: any answer
+            httpx2.get(a1_url, timeout=5)  # its upstream (port 9090) runs nothing: any answer
             return envoys["anchor-1"].stats(hs1).get(hs1, 0) >= 1
 
         wait_until(anchor1_serves, timeout=30, what="mTLS requests reach the restarted anchor-1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 
@@ -32,7 +32,7 @@ async def test_every_envoy_acks(envoy_factory: Any, delta: bool) -> None:
             assert "rejected" not in log.lower(), f"{name}: {log}"
         for name in ("atlas", "east", "west"):
             listeners = await trio.to_thread.run_sync(
-                lambda n=name: httpx.get(f"{w.envoys[n].admin_url}/listeners", timeout=5).text
+                lambda n=name: httpx2.get(f"{w.envoys[n].admin_url}/listeners", timeout=5).text
             )
             assert "alertmanager::" in listeners, f"{name}: {listeners}"
         assert all(s.last_nack is None for s in w.cache.status())

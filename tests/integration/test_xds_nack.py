@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 from envoy.config.cluster.v3 import cluster_pb2
@@ -77,7 +77,7 @@ async def test_invalid_resource_is_nacked_and_parked(envoy_factory: Any, delta: 
         dump = str(await trio.to_thread.run_sync(envoy.config_dump))
         assert "east-prom" in dump
         url = f"http://127.0.0.1:{w.plan.observability.prometheus}/prom/nowhere/"
-        r = await trio.to_thread.run_sync(lambda: httpx.get(url, timeout=5))
+        r = await trio.to_thread.run_sync(lambda: httpx2.get(url, timeout=5))
         assert r.status_code == 404 and r.headers.get("server") == "envoy"
 
         # The next good snapshot is accepted.

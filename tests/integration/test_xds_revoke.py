@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 
@@ -135,7 +135,7 @@ def _post_alert(w: World, node: str, tmp: Path) -> int:
     ctx = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
     ctx.check_hostname = False  # the observability Envoy's certificate names "atlas"
     ctx.load_cert_chain(str(tmp / f"{node}.crt"), str(tmp / f"{node}.key"))
-    r = httpx.post(
+    r = httpx2.post(
         f"https://127.0.0.1:{w.plan.observability.alertmanager}/api/v2/alerts",
         json=[{"labels": {"alertname": f"From{node}", "cluster": node}}],
         headers={"host": "alertmanager0.monitoring.svc.cluster.local"},
@@ -167,7 +167,7 @@ async def test_a_revoked_client_certificate_cannot_post_alerts(
             what="east's revoked client certificate refused by the alertmanager routes",
         )
         assert await status("west") == 200
-        r = await trio.to_thread.run_sync(lambda: httpx.get(f"{am.url}/api/v2/alerts", timeout=5))
+        r = await trio.to_thread.run_sync(lambda: httpx2.get(f"{am.url}/api/v2/alerts", timeout=5))
         assert {a["labels"]["alertname"] for a in r.json()} >= {"Fromeast", "Fromwest"}
         # East re-issued: its new client certificate posts again.
         w.pki = w.pki.with_identities(
@@ -202,8 +202,8 @@ async def test_a_ca_rotation_does_not_make_a_revoked_certificate_good_again(
 
         def ok() -> bool:
             try:
-                return httpx.get(url, timeout=5).status_code == 200
-            except httpx.HTTPError:
+                return httpx2.get(url, timeout=5).status_code == 200
+            except httpx2.HTTPError:
                 return False
 
         await wait_until_async(lambda: trio.to_thread.run_sync(ok), timeout=20, what="east")

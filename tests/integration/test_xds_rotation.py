@@ -9,7 +9,7 @@ import datetime as dt
 import threading
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 import yaml
@@ -51,7 +51,7 @@ async def test_ca_rotation_under_load(
             f"http://127.0.0.1:{w.plan.observability.prometheus}/prom/east/api/v1/status/buildinfo"
         )
         await wait_until_async(
-            lambda: trio.to_thread.run_sync(lambda: httpx.get(url, timeout=5).status_code == 200),
+            lambda: trio.to_thread.run_sync(lambda: httpx2.get(url, timeout=5).status_code == 200),
             timeout=20,
             what="first request through",
         )
@@ -60,11 +60,11 @@ async def test_ca_rotation_under_load(
         results: list[int | str] = []
 
         def loop() -> None:
-            with httpx.Client(timeout=5) as client:
+            with httpx2.Client(timeout=5) as client:
                 while not stop.is_set():
                     try:
                         results.append(client.get(url).status_code)
-                    except httpx.HTTPError as exc:
+                    except httpx2.HTTPError as exc:
                         results.append(repr(exc))
 
         thread = threading.Thread(target=loop, daemon=True)
@@ -183,18 +183,18 @@ async def test_envoys_restarted_from_pre_rotation_values_connect_and_serve(
         url = f"http://127.0.0.1:{obs}/prom/%s/api/v1/status/buildinfo"
 
         def ok(cluster: str) -> bool:
-            return httpx.get(url % cluster, timeout=5).status_code == 200
+            return httpx2.get(url % cluster, timeout=5).status_code == 200
 
         await wait_until_async(lambda: trio.to_thread.run_sync(ok, "east"), timeout=20, what="east")
         stop = threading.Event()
         results: list[int | str] = []
 
         def loop() -> None:
-            with httpx.Client(timeout=5) as client:
+            with httpx2.Client(timeout=5) as client:
                 while not stop.is_set():
                     try:
                         results.append(client.get(url % "east").status_code)
-                    except httpx.HTTPError as exc:
+                    except httpx2.HTTPError as exc:
                         results.append(repr(exc))
 
         thread = threading.Thread(target=loop, daemon=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
+import httpx2
 import pytest
 import trio
 
@@ -27,8 +27,8 @@ pytestmark = pytest.mark.integration
 AM_CONFIG = 'route:\n  receiver: "null"\n  group_wait: 1s\nreceivers:\n  - name: "null"\n'
 
 
-async def _get(url: str, **kw: Any) -> httpx.Response:
-    return await trio.to_thread.run_sync(lambda: httpx.get(url, timeout=5, **kw))
+async def _get(url: str, **kw: Any) -> httpx2.Response:
+    return await trio.to_thread.run_sync(lambda: httpx2.get(url, timeout=5, **kw))
 
 
 async def _start_all(w: World) -> None:
@@ -154,7 +154,7 @@ async def test_alerts_reach_each_alertmanager(
         alert = [{"labels": {"alertname": "ForSecond", "cluster": "east"}}]
         host = "alertmanager1.monitoring.svc.cluster.local"
         r = await trio.to_thread.run_sync(
-            lambda: httpx.post(
+            lambda: httpx2.post(
                 f"http://127.0.0.1:{relay}/api/v2/alerts",
                 json=alert,
                 headers={"host": host},

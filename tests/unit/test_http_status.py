@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import httpx
+import httpx2
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -32,7 +32,7 @@ async def test_readyz_follows_every_part_and_healthz_reports_failure() -> None:
     app = StatusApp(hub)
     async with trio.open_nursery() as nursery:
         port = await _serve(nursery, app)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
             r = await c.get("/readyz")
             assert r.status_code == 503 and "ads" in r.text and "informers" in r.text
             hub.set_ready("informers", True)
@@ -109,7 +109,7 @@ async def test_large_answers_are_kept_not_made_per_request() -> None:
 
     async with trio.open_nursery() as nursery:
         port = await _serve(nursery, app)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
             first = await c.get("/status")
             assert first.text == expected()
             assert [d["probe"] for d in first.json()["clusters"]] == ["east", "north", "west"]

@@ -7,7 +7,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 
 from atlasd.kube.client import KubeClient
@@ -20,7 +20,7 @@ Handler = Any
 
 def _client(handler: Handler, **cfg: Any) -> KubeClient:
     config = KubeConfig(server="https://api.test:6443", namespace="monitoring", **cfg)
-    return KubeClient(config, transport=httpx.MockTransport(handler))
+    return KubeClient(config, transport=httpx2.MockTransport(handler))
 
 
 def _status(code: int, reason: str, message: str = "") -> dict[str, Any]:
@@ -43,12 +43,12 @@ async def _drain(kube: KubeClient, **kw: Any) -> list[dict[str, Any]]:
 
 
 async def test_apply_is_a_server_side_apply_patch() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
         body = json.loads(request.content)
-        return httpx.Response(200, json={**body, "metadata": {**body["metadata"], "uid": "u"}})
+        return httpx2.Response(200, json={**body, "metadata": {**body["metadata"], "uid": "u"}})
 
     async with _client(handler, token="tok") as kube:
         out = await kube.apply(
@@ -74,10 +74,10 @@ async def test_apply_is_a_server_side_apply_patch() -> None:
 async def test_apply_with_metadata_only_asks_for_partial_object_metadata() -> None:
     accepts: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         accepts.append(request.headers["accept"])
         meta = {"name": "x", "namespace": "monitoring", "resourceVersion": "7"}
-        return httpx.Response(200, json={"kind": "PartialObjectMetadata", "metadata": meta})
+        return httpx2.Response(200, json={"kind": "PartialObjectMetadata", "metadata": meta})
 
     cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {}}
     async with _client(handler, token="tok") as kube:
@@ -91,18 +91,18 @@ async def test_apply_with_metadata_only_asks_for_partial_object_metadata() -> No
 
 
 async def test_list_follows_continue_tokens_and_keeps_first_rv() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         cont = request.url.params.get("continue")
         assert request.url.params["labelSelector"] == "a=b"
         if not cont:
-            return httpx.Response(
+            return httpx2.Response(
                 200,
                 json={
                     "metadata": {"resourceVersion": "10", "continue": "p2"},
                     "items": [{"metadata": {"name": "one"}}],
                 },
             )
-        return httpx.Response(
+        return httpx2.Response(
             200,
             json={"metadata": {"resourceVersion": "10"}, "items": [{"metadata": {"name": "two"}}]},
         )
@@ -138,9 +138,9 @@ async def test_a_metadata_list_keeps_what_its_readers_use() -> None:
         "p2": {"metadata": {"resourceVersion": "50"}, "items": [{"metadata": {"name": "bare"}}]},
     }
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         assert "as=PartialObjectMetadataList" in request.headers["accept"]
-        return httpx.Response(200, json=pages[request.url.params.get("continue", "")])
+        return httpx2.Response(200, json=pages[request.url.params.get("continue", "")])
 
     async with _client(handler) as kube:
         items, rv = await kube.list(SECRETS, metadata_only=True)
@@ -156,15 +156,15 @@ async def test_a_metadata_list_keeps_what_its_readers_use() -> None:
     ]
     assert [(i["kind"], i["apiVersion"]) for i in items] == [("Secret", "v1")] * 2
 
-    def empty(request: httpx.Request) -> httpx.Response:
+    def empty(request: httpx2.Request) -> httpx2.Response:
         # As the API server answers a metadata LIST that matches nothing.
-        return httpx.Response(200, json={"metadata": {"resourceVersion": "51"}, "items": None})
+        return httpx2.Response(200, json={"metadata": {"resourceVersion": "51"}, "items": None})
 
     async with _client(empty) as kube:
         assert await kube.list(SECRETS, metadata_only=True) == ([], "51")
 
-    def bad(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"metadata": {}, "items": [{"metadata": {"labels": 3}}]})
+    def bad(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, json={"metadata": {}, "items": [{"metadata": {"labels": 3}}]})
 
     async with _client(bad) as kube:
         with pytest.raises(
@@ -174,15 +174,15 @@ async def test_a_metadata_list_keeps_what_its_readers_use() -> None:
 
 
 async def test_list_relists_whole_when_continue_token_expires() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         params = request.url.params
         if params.get("continue"):
-            return httpx.Response(410, json=_status(410, "Expired"))
+            return httpx2.Response(410, json=_status(410, "Expired"))
         if "limit" in params:
-            return httpx.Response(
+            return httpx2.Response(
                 200, json={"metadata": {"resourceVersion": "10", "continue": "p2"}, "items": []}
             )
-        return httpx.Response(
+        return httpx2.Response(
             200,
             json={"metadata": {"resourceVersion": "12"}, "items": [{"metadata": {"name": "all"}}]},
         )
@@ -193,7 +193,7 @@ async def test_list_relists_whole_when_continue_token_expires() -> None:
 
 
 async def test_watch_sends_bookmarks_and_timeout_and_decodes_lines() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         p = request.url.params
         assert (
             p["watch"],
@@ -212,7 +212,7 @@ async def test_watch_sends_bookmarks_and_timeout_and_decodes_lines() -> None:
                 },
             },
         ]
-        return httpx.Response(
+        return httpx2.Response(
             200, content=b"\n".join(json.dumps(x).encode() for x in lines) + b"\n\n"
         )
 
@@ -224,11 +224,11 @@ async def test_watch_sends_bookmarks_and_timeout_and_decodes_lines() -> None:
 
 @pytest.mark.parametrize("form", ["http", "event"])
 async def test_both_forms_of_410_raise_gone(form: str) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         if form == "http":
-            return httpx.Response(410, json=_status(410, "Gone", "too old resource version"))
+            return httpx2.Response(410, json=_status(410, "Gone", "too old resource version"))
         err = {"type": "ERROR", "object": _status(410, "Expired", "too old resource version: 5")}
-        return httpx.Response(200, content=json.dumps(err).encode() + b"\n")
+        return httpx2.Response(200, content=json.dumps(err).encode() + b"\n")
 
     async with _client(handler) as kube:
         with pytest.raises(Gone) as exc_info:
@@ -237,14 +237,14 @@ async def test_both_forms_of_410_raise_gone(form: str) -> None:
 
 
 async def test_watch_errors() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         if request.url.params.get("labelSelector") == "busy":
-            return httpx.Response(
+            return httpx2.Response(
                 429, headers={"Retry-After": "7"}, json=_status(429, "TooManyRequests")
             )
         if request.url.params.get("labelSelector") == "broken":
-            return httpx.Response(200, content=b"{not json\n")
-        return httpx.Response(503, text="upstream unavailable")
+            return httpx2.Response(200, content=b"{not json\n")
+        return httpx2.Response(503, text="upstream unavailable")
 
     async with _client(handler) as kube:
         with pytest.raises(TooManyRequests) as busy:
@@ -257,8 +257,8 @@ async def test_watch_errors() -> None:
 
 
 async def test_transport_failure_is_translated() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ConnectError("connection refused", request=request)
 
     async with _client(handler) as kube:
         with pytest.raises(TransportError, match=r"get services x: ConnectError"):
@@ -272,13 +272,13 @@ async def test_401_retry(tmp_path: Path) -> None:
     token.write_text("old")
     calls: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         auth = request.headers["authorization"]
         calls.append(auth)
         if auth == "Bearer old":
             token.write_text("new")  # rotated behind the client's back
-            return httpx.Response(401, json=_status(401, "Unauthorized"))
-        return httpx.Response(200, json={"metadata": {"name": "s"}})
+            return httpx2.Response(401, json=_status(401, "Unauthorized"))
+        return httpx2.Response(200, json={"metadata": {"name": "s"}})
 
     async with _client(handler, token_file=str(token)) as kube:
         got = await kube.get(SECRETS, "s")
@@ -292,9 +292,9 @@ async def test_401_retry(tmp_path: Path) -> None:
 
 
 async def test_delete_of_missing_object_raises_not_found() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         assert request.method == "DELETE"
-        return httpx.Response(404, json=_status(404, "NotFound", 'services "x" not found'))
+        return httpx2.Response(404, json=_status(404, "NotFound", 'services "x" not found'))
 
     async with _client(handler) as kube:
         with pytest.raises(NotFound, match=r"^delete services monitoring/x: NotFound \(404\)"):
@@ -304,11 +304,11 @@ async def test_delete_of_missing_object_raises_not_found() -> None:
 async def test_server_url_with_a_path_prefix_is_kept() -> None:
     paths: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         paths.append(request.url.path)
-        return httpx.Response(200, json={"metadata": {"name": "x"}})
+        return httpx2.Response(200, json={"metadata": {"name": "x"}})
 
     config = KubeConfig(server="https://rancher.test/k8s/clusters/c-1", namespace="m")
-    async with KubeClient(config, transport=httpx.MockTransport(handler)) as kube:
+    async with KubeClient(config, transport=httpx2.MockTransport(handler)) as kube:
         await kube.get(SERVICES, "x")
     assert paths == ["/k8s/clusters/c-1/api/v1/namespaces/m/services/x"]

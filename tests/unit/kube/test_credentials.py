@@ -276,22 +276,22 @@ async def test_exec_plugin_that_needs_a_terminal(tmp_path: Path) -> None:
 
 
 async def test_many_concurrent_401s_rerun_the_plugin_once(tmp_path: Path) -> None:
-    import httpx
+    import httpx2
 
     from atlasd.kube.client import KubeClient
     from atlasd.kube.resources import SERVICES
 
     script = _plugin(tmp_path, api_version=V1, expires_in=3600)
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         if request.headers["authorization"] == "Bearer token-1":
-            return httpx.Response(
+            return httpx2.Response(
                 401, json={"kind": "Status", "code": 401, "reason": "Unauthorized"}
             )
-        return httpx.Response(200, json={"metadata": {"name": "x"}})
+        return httpx2.Response(200, json={"metadata": {"name": "x"}})
 
     config = dataclasses.replace(_exec_config(script, V1), ca_data=None)
-    async with KubeClient(config, transport=httpx.MockTransport(handler)) as kube:
+    async with KubeClient(config, transport=httpx2.MockTransport(handler)) as kube:
         async with trio.open_nursery() as nursery:
             for _ in range(10):
                 nursery.start_soon(kube.get, SERVICES, "x")

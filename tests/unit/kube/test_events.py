@@ -7,7 +7,7 @@ import functools
 import json
 import logging
 
-import httpx
+import httpx2
 import pytest
 import trio
 
@@ -66,10 +66,12 @@ def test_type_must_be_normal_or_warning() -> None:
 
 
 async def test_post_event_never_raises(caplog: pytest.LogCaptureFixture) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ConnectError("refused", request=request)
 
-    kube = KubeClient(KubeConfig(server="https://api.test"), transport=httpx.MockTransport(handler))
+    kube = KubeClient(
+        KubeConfig(server="https://api.test"), transport=httpx2.MockTransport(handler)
+    )
     async with kube:
         with caplog.at_level(logging.WARNING, logger="atlasd.kube.events"):
             await post_event(kube, ref=REF, reason="InvalidCluster", message="m")
@@ -81,14 +83,16 @@ async def test_post_event_never_raises(caplog: pytest.LogCaptureFixture) -> None
 async def test_repeats_bump_count() -> None:
     seen: list[tuple[str, str, dict[str, object]]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         if request.method == "GET":  # the earlier Events: none
-            return httpx.Response(200, json={"items": [], "metadata": {"resourceVersion": "1"}})
+            return httpx2.Response(200, json={"items": [], "metadata": {"resourceVersion": "1"}})
         body = json.loads(request.content)
         seen.append((request.method, request.url.path, body))
-        return httpx.Response(201 if request.method == "POST" else 200, json=body)
+        return httpx2.Response(201 if request.method == "POST" else 200, json=body)
 
-    kube = KubeClient(KubeConfig(server="https://api.test"), transport=httpx.MockTransport(handler))
+    kube = KubeClient(
+        KubeConfig(server="https://api.test"), transport=httpx2.MockTransport(handler)
+    )
     async with kube:
         for _ in range(3):
             await post_event(kube, ref=REF, reason="InvalidCluster", message="m")
@@ -117,16 +121,18 @@ async def test_repeats_across_restarts_count_on_the_earlier_event() -> None:
         _listed("east.3", count=1, last="2026-01-02T03:05:00Z", message="another"),
     ]
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         requests.append((request.method, request.url.path, request.url.query.decode()))
         if request.method == "GET":
-            return httpx.Response(
+            return httpx2.Response(
                 200, json={"items": earlier, "metadata": {"resourceVersion": "9"}}
             )
         body = json.loads(request.content)
-        return httpx.Response(201 if request.method == "POST" else 200, json=body)
+        return httpx2.Response(201 if request.method == "POST" else 200, json=body)
 
-    kube = KubeClient(KubeConfig(server="https://api.test"), transport=httpx.MockTransport(handler))
+    kube = KubeClient(
+        KubeConfig(server="https://api.test"), transport=httpx2.MockTransport(handler)
+    )
     async with kube, trio.open_nursery() as nursery:
         for _ in range(3):  # concurrent first posts read the earlier Events once
             nursery.start_soon(
@@ -142,16 +148,18 @@ async def test_repeats_across_restarts_count_up_from_the_listed_count() -> None:
     patches: list[dict[str, object]] = []
     earlier = [_listed("east.2", count=7, last="2026-01-02T03:04:00Z")]
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         if request.method == "GET":
-            return httpx.Response(
+            return httpx2.Response(
                 200, json={"items": earlier, "metadata": {"resourceVersion": "9"}}
             )
         body = json.loads(request.content)
         patches.append(body)
-        return httpx.Response(200, json=body)
+        return httpx2.Response(200, json=body)
 
-    kube = KubeClient(KubeConfig(server="https://api.test"), transport=httpx.MockTransport(handler))
+    kube = KubeClient(
+        KubeConfig(server="https://api.test"), transport=httpx2.MockTransport(handler)
+    )
     async with kube:
         await post_event(kube, ref=REF, reason="InvalidCluster", message="m")
         await post_event(kube, ref=REF, reason="InvalidCluster", message="m")
@@ -163,15 +171,17 @@ async def test_without_list_permission_events_are_still_posted(
 ) -> None:
     methods: list[str] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         methods.append(request.method)
         if request.method == "GET":
-            return httpx.Response(
+            return httpx2.Response(
                 403, json={"kind": "Status", "reason": "Forbidden", "message": "no list"}
             )
-        return httpx.Response(201, json=json.loads(request.content))
+        return httpx2.Response(201, json=json.loads(request.content))
 
-    kube = KubeClient(KubeConfig(server="https://api.test"), transport=httpx.MockTransport(handler))
+    kube = KubeClient(
+        KubeConfig(server="https://api.test"), transport=httpx2.MockTransport(handler)
+    )
     async with kube:
         with caplog.at_level(logging.INFO, logger="atlasd.kube.events"):
             await post_event(kube, ref=REF, reason="InvalidCluster", message="m")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typing
 
-import httpcore
-import httpx
+import httpcore2
+import httpx2
 import pytest
 
 from atlasd.kube.client import KubeClient
@@ -18,19 +18,19 @@ RESPONSE = [
 ]
 
 
-class RecordingStream(httpcore.AsyncMockStream):
-    """httpcore's mock stream (it answers ``buffer``), recording every write."""
+class RecordingStream(httpcore2.AsyncMockStream):
+    """httpcore2's mock stream (it answers ``buffer``), recording every write."""
 
     def __init__(self, buffer: list[bytes], writes: list[bytes]) -> None:
         super().__init__(buffer)
         self.writes = writes
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        if buffer:  # an empty write sends nothing (httpcore's Trio stream skips it too)
+        if buffer:  # an empty write sends nothing (httpcore2's Trio stream skips it too)
             self.writes.append(buffer)
 
 
-class RecordingBackend(httpcore.AsyncMockBackend):
+class RecordingBackend(httpcore2.AsyncMockBackend):
     def __init__(self, writes: list[bytes]) -> None:
         super().__init__(RESPONSE)
         self.writes = writes
@@ -39,8 +39,8 @@ class RecordingBackend(httpcore.AsyncMockBackend):
         return RecordingStream(list(self._buffer), self.writes)
 
 
-async def _post(backend: httpcore.AsyncNetworkBackend) -> httpcore.Response:
-    async with httpcore.AsyncConnectionPool(network_backend=backend) as pool:
+async def _post(backend: httpcore2.AsyncNetworkBackend) -> httpcore2.Response:
+    async with httpcore2.AsyncConnectionPool(network_backend=backend) as pool:
         return await pool.request(
             "PATCH",
             "http://api.test/api/v1/namespaces/m/secrets/s",
@@ -52,7 +52,7 @@ async def _post(backend: httpcore.AsyncNetworkBackend) -> httpcore.Response:
 async def test_head_and_body_leave_in_one_write() -> None:
     plain: list[bytes] = []
     assert (await _post(RecordingBackend(plain))).status == 201
-    # httpcore alone writes the head and the body apart: two TLS records, two sends.
+    # httpcore2 alone writes the head and the body apart: two TLS records, two sends.
     assert len(plain) == 2
     one: list[bytes] = []
     assert (await _post(OneWriteBackend(RecordingBackend(one)))).status == 201
@@ -61,13 +61,13 @@ async def test_head_and_body_leave_in_one_write() -> None:
 
 class FailingStream(RecordingStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        raise httpcore.WriteError("connection reset")
+        raise httpcore2.WriteError("connection reset")
 
 
 async def test_a_failed_write_surfaces_at_the_read_that_sends_it() -> None:
     stream = OneWriteStream(FailingStream([], []))
     await stream.write(b"head")  # held, nothing sent yet
-    with pytest.raises(httpcore.WriteError):
+    with pytest.raises(httpcore2.WriteError):
         await stream.read(100)
 
 
@@ -86,8 +86,8 @@ async def test_the_client_uses_it_for_direct_connections(proxy: str | None, ours
     config = KubeConfig(server="https://api.test:6443", namespace="m", proxy_url=proxy)
     async with KubeClient(config) as kube:
         client = kube._client_for(await kube.credentials.get())
-        transport = client._transport_for_url(httpx.URL("https://api.test:6443/api"))
+        transport = client._transport_for_url(httpx2.URL("https://api.test:6443/api"))
         assert isinstance(transport, OneWriteTransport) is ours
         if ours:
-            assert isinstance(transport._pool, httpcore.AsyncConnectionPool)
+            assert isinstance(transport._pool, httpcore2.AsyncConnectionPool)
             assert isinstance(transport._pool._network_backend, OneWriteBackend)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 import struct
 
-import httpx
+import httpx2
 import pytest
 
 from atlasd.labels import UPSTREAM_FAILURE_HEADER
@@ -62,7 +62,7 @@ def answer(headers: dict[str, str], body: bytes = b"", *, seconds: float = 0.01)
     return classify(
         "east",
         status=200,
-        headers=httpx.Headers({"content-type": "application/grpc", **headers}),
+        headers=httpx2.Headers({"content-type": "application/grpc", **headers}),
         body=body,
         seconds=seconds,
         slow_after=2,
@@ -150,7 +150,7 @@ def test_a_failure_reason_passed_on_from_downstream_is_not_the_observability_env
 
 
 def test_an_http_404_is_no_route_and_an_unparsable_answer_is_an_error() -> None:
-    f = classify("east", status=404, headers=httpx.Headers(), body=b"", seconds=0, slow_after=2)
+    f = classify("east", status=404, headers=httpx2.Headers(), body=b"", seconds=0, slow_after=2)
     assert f.hop == "no-route"
     bad = answer({}, struct.pack(">BI", 0, 30) + b"\x0a\x02")  # cut short
     assert bad.hop == "error" and "not understood" in bad.detail
@@ -163,7 +163,7 @@ def test_the_request_is_one_uncompressed_grpc_frame() -> None:
 
 def prom(status: int, headers: dict[str, str], body: bytes = b"") -> Finding:
     return classify_prometheus(
-        "east", status=status, headers=httpx.Headers(headers), body=body, seconds=0.01,
+        "east", status=status, headers=httpx2.Headers(headers), body=body, seconds=0.01,
         slow_after=2,
     )  # fmt: skip
 
@@ -181,7 +181,7 @@ def test_the_prometheus_path_names_its_hops() -> None:
 
 def am(status: int, headers: dict[str, str], body: bytes = b"", seconds: float = 0.01) -> Finding:
     return classify_alertmanager(
-        "east", status=status, headers=httpx.Headers(headers), body=body, seconds=seconds,
+        "east", status=status, headers=httpx2.Headers(headers), body=body, seconds=seconds,
         slow_after=2, via="alertmanager1",
     )  # fmt: skip
 
@@ -218,13 +218,13 @@ def test_a_refused_handshake_of_our_own_says_which_side_refused() -> None:
     alert = ssl.SSLError(1, "tlsv1 alert unknown ca")
     alert.reason = "TLSV1_ALERT_UNKNOWN_CA"
 
-    def wrapped(inner: BaseException) -> httpx.ConnectError:
+    def wrapped(inner: BaseException) -> httpx2.ConnectError:
         try:
             try:
                 raise inner
             except ssl.SSLError as exc:
-                raise httpx.ConnectError(str(exc)) from exc
-        except httpx.ConnectError as outer:
+                raise httpx2.ConnectError(str(exc)) from exc
+        except httpx2.ConnectError as outer:
             return outer
 
     theirs = tls_refusal(wrapped(verify), peer="the observability Envoy")
@@ -235,7 +235,7 @@ def test_a_refused_handshake_of_our_own_says_which_side_refused() -> None:
         "the observability Envoy refused the certificate presented to it (TLS alert 'unknown ca')",
         "downstream",
     )
-    assert tls_refusal(httpx.ConnectError("[Errno 111] Connection refused"), peer="x") is None
+    assert tls_refusal(httpx2.ConnectError("[Errno 111] Connection refused"), peer="x") is None
 
 
 def test_a_refusal_where_another_alertmanager_let_the_cluster_in_is_a_missing_one() -> None:

@@ -17,7 +17,7 @@ from tests.unit.query.test_view import fleet
 
 async def test_each_probe_of_a_round_has_a_connection_of_its_own() -> None:
     # Concurrent calls sharing one HTTP/2 connection fail at random when Envoy replies to
-    # one before its request body is sent (httpcore: "LocalProtocolError: 3"); a
+    # one before its request body is sent (httpcore2: "LocalProtocolError: 3"); a
     # connection per probe means every request is stream 1 of its connection.
     streams: list[list[int]] = []
 

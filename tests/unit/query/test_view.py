@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 from prometheus_client import REGISTRY
@@ -101,14 +101,14 @@ def test_what_is_not_the_stores_document_is_said(body: bytes) -> None:
 
 
 async def test_the_observer_publishes_and_survives_a_query_that_fails() -> None:
-    replies: list[httpx.Response] = [
-        httpx.Response(200, content=answer(store(addr("east"), cluster="east"))),
-        httpx.Response(503, text="down"),
+    replies: list[httpx2.Response] = [
+        httpx2.Response(200, content=answer(store(addr("east"), cluster="east"))),
+        httpx2.Response(503, text="down"),
     ]
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         assert request.url.path == "/api/v1/stores"
-        return replies.pop(0) if replies else httpx.Response(200, content=answer())
+        return replies.pop(0) if replies else httpx2.Response(200, content=answer())
 
     hub = StatusHub()
     fl = fleet("east", "west")
@@ -119,7 +119,7 @@ async def test_the_observer_publishes_and_survives_a_query_that_fails() -> None:
                 interval=0.01,
                 fleet=lambda: fl,
                 hub=hub,
-                transport=httpx.MockTransport(handler),
+                transport=httpx2.MockTransport(handler),
                 task_status=task_status,
             )
         )

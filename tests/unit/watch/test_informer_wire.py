@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
+import httpx2
 import trio
 import trio.testing
 
@@ -50,9 +50,9 @@ class Api:
             },
             {"metadata": {"resourceVersion": "30"}, "items": [_secret("c", "25")]},
         ]
-        self.watches: list[httpx.Response] = [
-            httpx.Response(410, json=_status(410, "Gone")),
-            httpx.Response(
+        self.watches: list[httpx2.Response] = [
+            httpx2.Response(410, json=_status(410, "Gone")),
+            httpx2.Response(
                 200,
                 content=(
                     json.dumps({"type": "ERROR", "object": _status(410, "Expired")}) + "\n"
@@ -61,18 +61,18 @@ class Api:
         ]
         self.requests: list[str] = []
 
-    def handler(self, request: httpx.Request) -> httpx.Response:
+    def handler(self, request: httpx2.Request) -> httpx2.Response:
         p = request.url.params
         if p.get("watch") == "1":
             self.requests.append(f"watch@{p['resourceVersion']}")
             if self.watches:
                 return self.watches.pop(0)
-            return httpx.Response(200, content=b"")  # a clean, empty end
+            return httpx2.Response(200, content=b"")  # a clean, empty end
         self.requests.append("list")
         return (
-            httpx.Response(200, json=self.lists.pop(0))
+            httpx2.Response(200, json=self.lists.pop(0))
             if self.lists
-            else httpx.Response(500, json=_status(500, "InternalError"))
+            else httpx2.Response(500, json=_status(500, "InternalError"))
         )
 
 
@@ -81,7 +81,7 @@ async def test_http_410_and_error_event_410_both_relist(
 ) -> None:
     api = Api()
     config = KubeConfig(server="https://api.test", namespace="m")
-    async with KubeClient(config, transport=httpx.MockTransport(api.handler)) as kube:
+    async with KubeClient(config, transport=httpx2.MockTransport(api.handler)) as kube:
         inf = Informer(kube, SECRETS, namespace="m", backoff=Backoff(jitter=0.0))
         deleted: list[str] = []
         inf.subscribe(lambda ch: deleted.append(ch.key) if ch.type == "DELETED" else None)
