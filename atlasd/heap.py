@@ -16,7 +16,9 @@ burst leaves is settled within 10 s): a settle walks the last seconds' survivors
 the fleet. A frozen object is
 still freed when its last reference goes; only a cycle of frozen objects that dies waits,
 for the next full settle (``gc.unfreeze`` first), at most ``full_seconds`` later: the one
-long pause (the whole heap walked) then comes hourly on a timer, not with a change.
+long pause (the whole heap walked) then comes hourly on a timer, not with a change. A
+cycle that holds memory outside Python's heap must not wait that long: trio's TLS streams
+are such cycles, broken where the API client closes them (``atlasd.kube.transport``).
 Nothing in the Python ecosystem packages this; it is CPython's own ``gc`` API, used the
 way large services (Instagram's, for one) use it.
 

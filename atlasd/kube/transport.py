@@ -53,6 +53,7 @@ class OneWriteStream(httpcore2.AsyncNetworkStream):
     async def aclose(self) -> None:
         self._pending = []
         await self._inner.aclose()
+        _release_tls(self._inner)
 
     async def start_tls(
         self,
@@ -66,6 +67,24 @@ class OneWriteStream(httpcore2.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> typing.Any:
         return self._inner.get_extra_info(info)
+
+
+def _release_tls(stream: httpcore2.AsyncNetworkStream) -> None:
+    """Let a closed TLS connection go as soon as nothing refers to it.
+
+    trio's ``SSLStream`` refers to itself (trio 0.35: ``_handshook = _Once(self._do_handshake)``,
+    a bound method), so a closed one is freed by the cycle collector only. atlasd's heap
+    settles freeze whatever lives (``atlasd.heap``): a connection open at a settle and
+    closed after it (an idle one past the pool's keep-alive, every one at an API server
+    restart) held its OpenSSL state and buffers until the hourly full settle. On the
+    leader at 2,000 clusters that was ~7 MB a minute of C heap (glibc's in-use heap 38 ->
+    457 MiB in 58 minutes, back to 104 MiB at the full settle; bench/README.md, issue 25).
+    Closed, the stream needs its handshake no more: the reference is dropped. Reads trio's
+    and httpcore2's attributes; if either is renamed this does nothing (and
+    tests/unit/kube/test_transport.py fails)."""
+    once = getattr(getattr(stream, "_stream", None), "_handshook", None)
+    if once is not None and hasattr(once, "_afn"):
+        once._afn = None
 
 
 class OneWriteBackend(httpcore2.AsyncNetworkBackend):

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import gc
+import ssl
 import typing
+import weakref
+from pathlib import Path
 
 import httpcore2
 import httpx2
 import pytest
+import trio
 
 from atlasd.kube.client import KubeClient
 from atlasd.kube.config import KubeConfig
 from atlasd.kube.transport import OneWriteBackend, OneWriteStream, OneWriteTransport
+from tests.harness.certs import CA
 
 RESPONSE = [
     b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n",
@@ -91,3 +98,39 @@ async def test_the_client_uses_it_for_direct_connections(proxy: str | None, ours
         if ours:
             assert isinstance(transport._pool, httpcore2.AsyncConnectionPool)
             assert isinstance(transport._pool._network_backend, OneWriteBackend)
+
+
+async def test_a_closed_tls_connection_is_freed_without_the_cycle_collector(
+    tmp_path: Path,
+) -> None:
+    """A real TLS connection on loopback, closed and dropped while the collector is off:
+    nothing keeps trio's SSLStream (and its OpenSSL state) alive."""
+    ca = CA("transport-test-ca")
+    server = ca.issue("localhost", dns=("localhost",), server=True)
+    cert, key = server.write(tmp_path, "server")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+
+    async def answer(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        await stream.send_all(b"pong")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_ssl_over_tcp, host="127.0.0.1")
+        listeners = await nursery.start(serve, answer, 0, server_ctx)
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        plain = await OneWriteBackend().connect_tcp("127.0.0.1", port)
+        tls = await plain.start_tls(client_ctx, server_hostname="localhost")
+        assert await tls.read(4) == b"pong"
+        inner = typing.cast(typing.Any, tls)._inner._stream
+        assert isinstance(inner, trio.SSLStream)
+        alive = weakref.ref(inner)
+        gc.disable()
+        try:
+            await tls.aclose()
+            del inner, tls, plain
+            assert alive() is None
+        finally:
+            gc.enable()
+        nursery.cancel_scope.cancel()
