@@ -13,6 +13,8 @@ Only for HTTP/1.1 (HTTP/2 reads while it writes) and direct connections: with a 
 (``proxy-url`` in the kubeconfig) httpx2's own proxy transport is used as before. A write
 that fails surfaces at the read that flushes it, as the same ``httpcore2.WriteError``
 (httpx2: ``WriteError``, a ``TransportError``) the write would have raised.
+
+A connection it closes is freed at once, not by the cycle collector (``_release_tls``).
 """
 
 # The ``timeout`` parameters are httpcore2's network interface, not ours to replace by a
