@@ -18,7 +18,7 @@ still freed when its last reference goes; only a cycle of frozen objects that di
 for the next full settle (``gc.unfreeze`` first), at most ``full_seconds`` later: the one
 long pause (the whole heap walked) then comes hourly on a timer, not with a change. A
 cycle that holds memory outside Python's heap must not wait that long: trio's TLS streams
-are such cycles, broken where the API client closes them (``atlasd.kube.transport``).
+are such cycles, broken by ``release_tls`` wherever atlasd closes one.
 Nothing in the Python ecosystem packages this; it is CPython's own ``gc`` API, used the
 way large services (Instagram's, for one) use it.
 
@@ -205,6 +205,23 @@ class Heap:
                 gc.get_freeze_count(),
             )
         return took
+
+
+def release_tls(stream: object) -> None:
+    """Let a closed trio ``SSLStream`` go as soon as nothing refers to it.
+
+    trio's ``SSLStream`` refers to itself (trio 0.35: ``_handshook = _Once(self._do_handshake)``,
+    a bound method), so a closed one is freed by the cycle collector only, and a settle
+    freezes whatever lives: a TLS connection open at a settle and closed after it held its
+    OpenSSL state and buffers until the hourly full settle. The API client's connections
+    (idle past the pool's keep-alive, every one at an API server restart) grew the leader's
+    C heap ~7 MB a minute at 2,000 clusters (glibc's in-use heap 38 -> 457 MiB in 58
+    minutes, back to 104 MiB at the full settle; bench/README.md, issue 25). Closed, the
+    stream needs its handshake no more: the reference is dropped. Reads trio's attributes;
+    if they are renamed this does nothing (and tests/unit/test_heap.py fails)."""
+    once = getattr(stream, "_handshook", None)
+    if once is not None and hasattr(once, "_afn"):
+        once._afn = None
 
 
 PAUSES = GcPauses()

@@ -58,6 +58,7 @@ from atlasd.enroll.wire import (
 )
 from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.trust import StoredCA
+from atlasd.heap import release_tls
 from atlasd.kube.api import KubeApi
 from atlasd.kube.errors import KubeError
 from atlasd.model import Settings
@@ -296,6 +297,7 @@ async def _exchange(
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await ssl_stream.aclose()
+        release_tls(ssl_stream)
 
 
 async def run_enroll(

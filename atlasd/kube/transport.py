@@ -14,7 +14,7 @@ Only for HTTP/1.1 (HTTP/2 reads while it writes) and direct connections: with a 
 that fails surfaces at the read that flushes it, as the same ``httpcore2.WriteError``
 (httpx2: ``WriteError``, a ``TransportError``) the write would have raised.
 
-A connection it closes is freed at once, not by the cycle collector (``_release_tls``).
+A connection it closes is freed at once, not by the cycle collector (``atlasd.heap.release_tls``).
 """
 
 # The ``timeout`` parameters are httpcore2's network interface, not ours to replace by a
@@ -28,6 +28,8 @@ import typing
 
 import httpcore2
 import httpx2
+
+from atlasd.heap import release_tls
 
 
 class OneWriteStream(httpcore2.AsyncNetworkStream):
@@ -55,7 +57,7 @@ class OneWriteStream(httpcore2.AsyncNetworkStream):
     async def aclose(self) -> None:
         self._pending = []
         await self._inner.aclose()
-        _release_tls(self._inner)
+        release_tls(getattr(self._inner, "_stream", None))  # httpcore2's stream keeps trio's there
 
     async def start_tls(
         self,
@@ -69,24 +71,6 @@ class OneWriteStream(httpcore2.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> typing.Any:
         return self._inner.get_extra_info(info)
-
-
-def _release_tls(stream: httpcore2.AsyncNetworkStream) -> None:
-    """Let a closed TLS connection go as soon as nothing refers to it.
-
-    trio's ``SSLStream`` refers to itself (trio 0.35: ``_handshook = _Once(self._do_handshake)``,
-    a bound method), so a closed one is freed by the cycle collector only. atlasd's heap
-    settles freeze whatever lives (``atlasd.heap``): a connection open at a settle and
-    closed after it (an idle one past the pool's keep-alive, every one at an API server
-    restart) held its OpenSSL state and buffers until the hourly full settle. On the
-    leader at 2,000 clusters that was ~7 MB a minute of C heap (glibc's in-use heap 38 ->
-    457 MiB in 58 minutes, back to 104 MiB at the full settle; bench/README.md, issue 25).
-    Closed, the stream needs its handshake no more: the reference is dropped. Reads trio's
-    and httpcore2's attributes; if either is renamed this does nothing (and
-    tests/unit/kube/test_transport.py fails)."""
-    once = getattr(getattr(stream, "_stream", None), "_handshook", None)
-    if once is not None and hasattr(once, "_afn"):
-        once._afn = None
 
 
 class OneWriteBackend(httpcore2.AsyncNetworkBackend):

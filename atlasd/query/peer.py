@@ -28,6 +28,7 @@ import trio
 from cryptography import x509
 
 from atlasd.certpolicy import issued_by, load_certs
+from atlasd.heap import release_tls
 from atlasd.model import CertKey
 
 # Finding.refused: whose certificate a refused handshake refused.
@@ -105,6 +106,7 @@ async def presented_certificate(
             return None
         finally:
             await trio.aclose_forcefully(stream)
+            release_tls(stream)
         return x509.load_der_x509_certificate(der) if der else None
     return None
 
