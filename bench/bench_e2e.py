@@ -17,7 +17,9 @@ bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote. Measured:
   in the same run) and ``onboard_over_floor``; ``onboard_cpu_s``, the CPU-seconds of atlasd,
   kube-apiserver, etcd and the Envoy over the onboarding, and ``onboard_requests``, atlasd's
   API requests by list/get/write; ``--onboard-only`` stops there; ``--py-spy DIR`` samples
-  atlasd from its start until then (collapsed stacks: ``DIR/onboard-atlasd.txt``);
+  atlasd from its start until then (collapsed stacks: ``DIR/onboard-atlasd.txt``) and reads
+  the API server's own CPU profile over the same time (``DIR/onboard-apiserver-NNN.pprof``,
+  ``bench_floor.sampled``);
 - ``ip_change_ms``, ``new_cluster_ms``, ``remove_ms`` (p50/p99 over K each, with the max and which change it was): from the API
   write's response to the moment atlasd saw the Envoy ACK the version that carries the
   change — EDS for an IP change; CDS, EDS and SRDS for a new cluster; CDS and SRDS for a
@@ -361,7 +363,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
     atlasd.proc.start()
     pid = atlasd.proc.pid
     profile = contextlib.ExitStack()  # py-spy (--py-spy) from the start until onboarded
-    profile.enter_context(sampled(args.py_spy, "onboard", {"atlasd": pid}))
+    profile.enter_context(sampled(args.py_spy, "onboard", {"atlasd": pid}, api=api))
     atlasd.wait_ready(timeout=300)
     out: dict[str, Any] = {"clusters": n, "xds": args.xds, "detect": args.detect}
     envoy: Envoy | None = None
@@ -578,7 +580,8 @@ def main() -> int:
     parser.add_argument(
         "--py-spy",
         type=Path,
-        help="sample atlasd with py-spy from its start until onboarded, into this directory",
+        help="sample atlasd with py-spy (and read the API server's CPU profile) from its "
+        "start until onboarded, into this directory",
     )
     parser.add_argument(
         "--onboard-only",

@@ -58,7 +58,8 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
 With ``--py-spy DIR`` (py-spy: the ``profile`` extra; root), each replica is sampled over
 the initial snapshots, the push and the rotation's writes (``DIR/<phase>-<replica>.txt``,
 collapsed stacks, idle frames left out), and the load processes over the initial
-snapshots (``DIR/initial-load-<k>.txt``): where their CPU goes.
+snapshots (``DIR/initial-load-<k>.txt``): where their CPU goes; the API server's own CPU
+profile is read over the rotation (``DIR/rotation-apiserver-NNN.pprof``, Go's pprof).
 
 Each phase also reports ``stale`` (streams not current at its deadline, must be 0), the
 load process's reconnects and ``by_replica_s`` (each replica's streams' p50/p99/max: is
@@ -490,7 +491,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 last_write[:] = [time.time(), w]
             return w - w0 >= 2 * n and time.time() - last_write[0] > 5
 
-        with sampled(args.py_spy, "rotation", pids):
+        with sampled(args.py_spy, "rotation", pids, api=api):
             wait_until(
                 writes_quiet, timeout=args.timeout, what="the rotation's writes", interval=0.5
             )  # fmt: skip

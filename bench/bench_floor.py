@@ -46,6 +46,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlasd.fleet.validate import validate_cluster
@@ -66,10 +68,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# The API server's CPU profile is read in windows of this many seconds, one after another.
+PPROF_WINDOW_S = 5
+
+
+def _apiserver_profiles(api: ApiServer, stem: Path, stop: threading.Event) -> None:
+    """kube-apiserver's own CPU profile (Go's pprof, on by default: ``--profiling``) in
+    consecutive ``PPROF_WINDOW_S`` windows until ``stop``: ``<stem>-NNN.pprof``."""
+    with api.admin() as client:
+        k = 0
+        while not stop.is_set():
+            try:
+                r = client.get(
+                    "/debug/pprof/profile",
+                    params={"seconds": str(PPROF_WINDOW_S)},
+                    timeout=PPROF_WINDOW_S + 30,
+                )
+            except httpx2.HTTPError:
+                return  # the API server went away (the run is over)
+            if r.status_code != 200:
+                return
+            stem.with_name(f"{stem.name}-{k:03d}.pprof").write_bytes(r.content)
+            k += 1
+
+
 @contextlib.contextmanager
-def sampled(where: Path | None, phase: str, pids: dict[str, int]) -> Iterator[None]:
+def sampled(
+    where: Path | None, phase: str, pids: dict[str, int], *, api: ApiServer | None = None
+) -> Iterator[None]:
     """py-spy over each of ``pids`` for the block (``where`` None: nothing): collapsed
-    stacks into ``where/<phase>-<name>.txt``."""
+    stacks into ``where/<phase>-<name>.txt``; with ``api``, the API server's own CPU
+    profile too, ``where/<phase>-apiserver-NNN.pprof`` (read them together: ``go tool pprof
+    -top <kube-apiserver binary> where/<phase>-apiserver-*.pprof``; the last window may
+    run up to ``PPROF_WINDOW_S`` past the block)."""
     if where is None:
         yield
         return
@@ -95,14 +126,24 @@ def sampled(where: Path | None, phase: str, pids: dict[str, int]) -> Iterator[No
         )
         for name, pid in pids.items()
     ]
+    stop = threading.Event()
+    profiler = None
+    if api is not None:
+        profiler = threading.Thread(
+            target=_apiserver_profiles, args=(api, where / f"{phase}-apiserver", stop), daemon=True
+        )
+        profiler.start()
     time.sleep(1)  # attached
     try:
         yield
     finally:
+        stop.set()
         for spy in spies:
             spy.send_signal(signal.SIGINT)
         for spy in spies:
             spy.wait(60)
+        if profiler is not None:
+            profiler.join(PPROF_WINDOW_S + 30)
 
 
 def cluster_service(i: int, *, net: int = 18) -> dict[str, Any]:
