@@ -36,7 +36,11 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
    leaves, checked against each cluster's ``<c>-atlas-identity`` Secret (fingerprints);
    ``writes``, ``writes_done_s`` and ``write_rate``; with the floor (``bench_floor``: a bare
    writer of two Secrets and a Service per cluster at atlasd's write concurrency, measured
-   first in the same run) ``writes_over_floor``; ``cpu_by_process_s``: every process's CPU
+   first in the same run) ``writes_over_floor``; with the rotation's own floor
+   (``bench_floor.measure_rotation_floor``: the same objects written, then every cluster's
+   two Secrets applied again with leaves of a new CA, timed: the rotation's writes as
+   updates, ``rotation_floor_s``) ``leaves_over_rotation_floor`` (every stream holding its
+   new leaves, over it); ``cpu_by_process_s``: every process's CPU
    until every stream is current; ``loop``: each replica's watchdog since it started
    (``bench_e2e.loop_stalls``: event loop stalls, the longest batch, where the last stall
    held the loop; also after ``initial``).
@@ -97,7 +101,7 @@ from bench.bench_e2e import (
     requests_by_kind,
     rss_mib,
 )
-from bench.bench_floor import measure_floor, print_result, sampled
+from bench.bench_floor import measure_floor, measure_rotation_floor, print_result, sampled
 from bench.bench_outcome import (
     Processes,
     in_private_network,
@@ -361,6 +365,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             out["floor_s"] = floor["floor_s"]
             out["floor_concurrency"] = APPLY_CONCURRENCY
             print(f"floor: {floor}", file=sys.stderr, flush=True)
+            if args.until != "push":
+                # The rotation's own writes: two Secrets per cluster, updated in place.
+                rotation_floor = measure_rotation_floor(api, n, concurrency=APPLY_CONCURRENCY)
+                out["rotation_floor_s"] = rotation_floor["floor_s"]
+                print(f"rotation floor: {rotation_floor}", file=sys.stderr, flush=True)
         api.create_namespace(NAMESPACE)
         (workdir / "Corefile").write_text(corefile())
         procs.start("coredns", [str(components.coredns()), "-conf", str(workdir / "Corefile")])
@@ -524,6 +533,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         }
         if args.floor:
             rot["writes_over_floor"] = round((last_write[0] - since) / out["floor_s"], 2)
+            if rot["time_to_all_new_leaves_s"] is not None:
+                rot["leaves_over_rotation_floor"] = round(
+                    rot["time_to_all_new_leaves_s"] / out["rotation_floor_s"], 2
+                )
         out["rotation"] = rot
         print(f"rotation: {rot}", file=sys.stderr, flush=True)
         if args.until == "rotation":

@@ -1,6 +1,6 @@
 """Benchmark: the API server's own floor for onboarding N clusters.
 
-    .venv/bin/python bench/bench_floor.py --clusters N [--concurrency 16] [--json]
+    .venv/bin/python bench/bench_floor.py --clusters N [--concurrency 16] [--rotation] [--json]
 
 Real etcd + kube-apiserver (the test harness's, on loopback), then a bare
 Python writer that server-side-applies what atlasd writes per onboarded cluster -- two
@@ -21,6 +21,10 @@ Figures: ``floor_s`` (wall time until every object is written), ``writer_cpu_s``
 ``apiserver_cpu_s``, ``etcd_cpu_s`` (CPU-seconds of each process over the writes),
 ``objects``, ``load_avg``. ``measure_floor`` is also what other benchmarks call to print
 their onboarding time as a ratio of the floor measured in the same run.
+
+``--rotation``: the floor of a CA rotation's writes instead (``measure_rotation_floor``):
+the same objects written first, not timed, then every cluster's two Secrets applied again
+with leaves of a new CA, timed -- the Secrets atlasd rewrites at a rotation, as updates.
 
 Prints a table; with ``--json`` one JSON object on its last line.
 """
@@ -59,6 +63,7 @@ from tests.harness import objects
 from tests.harness.kube import ApiServer
 
 NAMESPACE = "bench-floor"
+ROTATION_NAMESPACE = "bench-floor-rotation"
 FIELD_MANAGER = "bench-floor"
 
 
@@ -163,8 +168,10 @@ def atlasd_objects(n: int, namespace: str) -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
     for i in range(n):
         svc = cluster_service(i)
-        # The owner reference names the cluster Service's uid (none exists here).
-        svc["metadata"] |= {"namespace": namespace, "uid": str(uuid.uuid4())}
+        # The owner reference names the cluster Service's uid (none exists here), the same
+        # in every call (a rotation's writes keep it).
+        uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}/{svc['metadata']['name']}"))
+        svc["metadata"] |= {"namespace": namespace, "uid": uid}
         cluster = validate_cluster(svc, settings)
         assert not isinstance(cluster, list), cluster
         plan = plan_identity(cluster, None, ca=ca, settings=settings, now=now, keys=keys)
@@ -184,12 +191,11 @@ def atlasd_objects(n: int, namespace: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def measure_floor(
-    api: ApiServer, n: int, *, concurrency: int = 16, namespace: str = NAMESPACE
+def _apply_all(
+    api: ApiServer, objects: list[tuple[str, dict[str, Any]]], concurrency: int
 ) -> dict[str, Any]:
-    """Server-side-apply the objects of ``n`` clusters; the time and CPU it took."""
-    api.create_namespace(namespace)
-    objects = atlasd_objects(n, namespace)
+    """Server-side-apply ``objects`` with ``concurrency`` requests in flight; the time and
+    the CPU of the writer, the API server and etcd it took."""
     work: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
     for item in objects:
         work.put(item)
@@ -219,7 +225,6 @@ def measure_floor(
     if errors:
         raise RuntimeError(f"{len(errors)} writes failed, first: {errors[0]}")
     return {
-        "clusters": n,
         "objects": len(objects),
         "body_bytes": sum(len(json.dumps(body)) for _, body in objects),
         "concurrency": concurrency,
@@ -230,16 +235,41 @@ def measure_floor(
     }
 
 
+def measure_floor(
+    api: ApiServer, n: int, *, concurrency: int = 16, namespace: str = NAMESPACE
+) -> dict[str, Any]:
+    """Server-side-apply the objects of ``n`` clusters; the time and CPU it took."""
+    api.create_namespace(namespace)
+    return {"clusters": n, **_apply_all(api, atlasd_objects(n, namespace), concurrency)}
+
+
+def measure_rotation_floor(
+    api: ApiServer, n: int, *, concurrency: int, namespace: str = ROTATION_NAMESPACE
+) -> dict[str, Any]:
+    """The API server's floor for a CA rotation's writes: the objects of ``n`` clusters are
+    written first (not timed), then every cluster's two Secrets are applied again with
+    leaves of a new CA (timed): what atlasd writes at a rotation, as updates of Secrets
+    that exist, at ``concurrency``."""
+    api.create_namespace(namespace)
+    _apply_all(api, atlasd_objects(n, namespace), concurrency)
+    rotated = [item for item in atlasd_objects(n, namespace) if "/secrets/" in item[0]]
+    return {"clusters": n, **_apply_all(api, rotated, concurrency)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--rotation", action="store_true", help="the floor of a CA rotation's writes instead"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    measure = measure_rotation_floor if args.rotation else measure_floor
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
         api = ApiServer(Path(tmp) / "apiserver").start()
         try:
-            result = measure_floor(api, args.clusters, concurrency=args.concurrency)
+            result = measure(api, args.clusters, concurrency=args.concurrency)
         finally:
             api.stop()
     result["load_avg"] = [round(x, 2) for x in os.getloadavg()]
