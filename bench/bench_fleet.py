@@ -2,7 +2,7 @@
 against two atlasd replicas — initial state, a fleet-wide push, a CA rotation, a leader
 SIGKILL and a rolling restart (issue 25).
 
-    .venv/bin/python bench/bench_fleet.py --clusters N [--load-procs P] [--no-floor] [--json]
+    .venv/bin/python bench/bench_fleet.py --clusters N [--load-procs P] [--no-floor] [--atlasd-path DIR] [--json]
         [--until push|rotation]
 
 Real processes, as in production, in a network and mount namespace of the benchmark's own
@@ -312,10 +312,13 @@ def strip(phase: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in phase.items() if not k.startswith("_")}
 
 
-def replica(api: ApiServer, workdir: Path, identity: str, ip: str) -> Atlasd:
+def replica(
+    api: ApiServer, workdir: Path, identity: str, ip: str, *, atlasd_path: Path | None = None
+) -> Atlasd:
     """One ``atlasd run`` replica (leader election on), its ADS on ``ip``, telling the
-    observability Envoy to reach ADS by ``ADS_NAME`` (both replicas)."""
-    return Atlasd(
+    observability Envoy to reach ADS by ``ADS_NAME`` (both replicas); with
+    ``atlasd_path``, the atlasd package of that checkout (before/after)."""
+    atlasd = Atlasd(
         workdir / identity,
         f"--kubeconfig={api.admin_kubeconfig}",
         f"--namespace={NAMESPACE}",
@@ -325,6 +328,10 @@ def replica(api: ApiServer, workdir: Path, identity: str, ip: str) -> Atlasd:
         f"--atlasd-ads-port={ADS_PORT}",
         ads_port=ADS_PORT,
     )
+    if atlasd_path is not None:
+        atlasd.proc.env = {"PYTHONPATH": str(atlasd_path)}
+        atlasd.proc.cwd = atlasd_path  # ``python -m`` puts the working directory first
+    return atlasd
 
 
 def load_specs(
@@ -380,7 +387,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"{n} cluster Services in {time.monotonic() - t0:.1f} s", file=sys.stderr)
 
         for identity, ip in REPLICAS.items():
-            replicas[identity] = replica(api, workdir, identity, ip)
+            replicas[identity] = replica(api, workdir, identity, ip, atlasd_path=args.atlasd_path)
             # No stream ends on its own until phase spread (a default age could fall
             # within a long run's phases and blur them).
             replicas[identity].proc.argv.append("--ads-max-stream-age=0")
@@ -680,6 +687,12 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--max-seconds", type=int, default=3600)
     parser.add_argument("--workdir", type=Path, help="keep every log here (default: a temp dir)")
+    parser.add_argument(
+        "--atlasd-path",
+        type=lambda p: Path(p).resolve(),
+        default=None,
+        help="run the replicas from the atlasd package in this directory (another checkout)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--py-spy",
