@@ -86,6 +86,14 @@ MIB = 1024 * 1024
 WRITE_VERBS = ("apply", "create", "update", "patch", "delete")
 
 
+def from_checkout(atlasd: Atlasd, path: Path) -> None:
+    """Run another checkout's atlasd (e.g. an earlier commit) with this one's harness:
+    ``--atlasd-path`` of the benchmarks that compare before and after."""
+    where = path.resolve()
+    atlasd.proc.env = {"PYTHONPATH": str(where)}
+    atlasd.proc.cwd = where  # ``python -m`` puts the working directory first
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -354,10 +362,7 @@ def run(args: argparse.Namespace, api: ApiServer, workdir: Path) -> dict[str, An
         "--identity=bench-e2e",
     )
     if args.atlasd_path:
-        # Another checkout's atlasd (e.g. an earlier commit), with this one's harness.
-        where = Path(args.atlasd_path).resolve()
-        atlasd.proc.env = {"PYTHONPATH": str(where)}
-        atlasd.proc.cwd = where  # ``python -m`` puts the working directory first
+        from_checkout(atlasd, Path(args.atlasd_path))
     api_cpu0, etcd_cpu0 = cpu_seconds(api.proc.pid), cpu_seconds(api.etcd.proc.pid)
     started = time.time()
     atlasd.proc.start()

@@ -96,6 +96,7 @@ from atlasd.reconcile.applier import DEFAULT_CONCURRENCY as APPLY_CONCURRENCY
 from bench.bench_e2e import (
     cluster_service,
     cpu_seconds,
+    from_checkout,
     loop_stalls,
     metric,
     requests_by_kind,
@@ -329,8 +330,7 @@ def replica(
         ads_port=ADS_PORT,
     )
     if atlasd_path is not None:
-        atlasd.proc.env = {"PYTHONPATH": str(atlasd_path)}
-        atlasd.proc.cwd = atlasd_path  # ``python -m`` puts the working directory first
+        from_checkout(atlasd, atlasd_path)
     return atlasd
 
 
@@ -689,7 +689,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep every log here (default: a temp dir)")
     parser.add_argument(
         "--atlasd-path",
-        type=lambda p: Path(p).resolve(),
+        type=Path,
         default=None,
         help="run the replicas from the atlasd package in this directory (another checkout)",
     )
