@@ -14,9 +14,9 @@ ADS Service's stand-in: the observability Envoy balances across what the name re
 the observability Envoy bootstrapped from the ``atlas-envoy-values`` Secret atlasd wrote
 (its own ADS over mTLS with the ``atlas`` certificate; its 10900 listener forwarding every
 downstream stream, client certificate in XFCC, as docs/xds-authorization.md says); and the
-ADS load process (``tests/harness/adsload``, ``tests/harness/ads_load.py``) holding one stream per cluster, Delta and
-SotW alternately, each over its own TLS connection to 10900 with *that cluster's* client
-certificate from its ``<c>-envoy-values``.
+ADS load processes (``tests/harness/adsload``, driven by ``tests/harness/ads_load.py``)
+holding one stream per cluster, Delta and SotW alternately, each over its own TLS
+connection to 10900 with *that cluster's* client certificate from its ``<c>-envoy-values``.
 
 A stream is **current** when it has ACKed, for every type its node's snapshot holds, the
 snapshot's version on the replica serving it (``/status/envoys``: versions are content

@@ -7,7 +7,7 @@ minutes of churn under faults, a real Envoy pair carrying traffic all along.
 network and mount namespace of its own (root): etcd + kube-apiserver, N cluster Services,
 two ``atlasd run`` replicas (leader election on) behind one name, the observability Envoy
 from ``atlas-envoy-values``, one ADS stream per cluster through its 10900 with that
-cluster's own certificate (``tests/harness/adsload``, ``tests/harness/ads_load.py``). On top:
+cluster's own certificate (the load processes of ``tests/harness/ads_load.py``). On top:
 
 - **the traffic pair**: cluster ``traffic`` (its own external IP) has a real downstream
   Envoy bootstrapped from ``traffic-envoy-values`` (its xDS through the observability
