@@ -30,7 +30,7 @@ replicas serving it: at 5,000 streams 24.2 CPU-s over the initial snapshots (4.8
 stream) against the Go one's 8.3-8.9, and every stream was current 21.9 s after it started
 against 13.1-14.3 s (bench/README.md, "The load generator compiled").
 
-Run: ``adsload LOAD.json --duration 600 [--hold]`` (``command``); the spec is ``{"host":
+Run: ``adsload --duration 600 [--hold] LOAD.json`` (``command``); the spec is ``{"host":
 "127.0.0.1", "port": 10900, "server_name": "atlas", "streams": [{"node": ..., "kind":
 "delta"|"sotw", "ca": "<CA bundle PEM file>", "cert": "<client cert PEM file>", "key":
 "<key PEM file>"}, ...]}``. ``split_spec`` spreads a fleet over a few such processes.
@@ -61,7 +61,7 @@ def command(spec: Path, *, duration: float, hold: bool = False) -> list[str]:
     """The load process for ``spec`` (``tests/harness/adsload``, built and cached by
     ``components``)."""
     binary = components.ads_load()
-    return [str(binary), str(spec), "--duration", str(duration), *(["--hold"] if hold else [])]
+    return [str(binary), "--duration", str(duration), *(["--hold"] if hold else []), str(spec)]
 
 
 def wait_ready(specs: Sequence[Path], *, timeout: float) -> None:

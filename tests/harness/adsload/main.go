@@ -10,7 +10,7 @@
 // with a jittered exponential back-off (uniform below 0.5 s doubling up to 30 s, reset by a
 // response).
 //
-// Run: adsload LOAD.json --duration SECONDS [--hold]. The spec is {"host": "127.0.0.1",
+// Run: adsload --duration SECONDS [--hold] LOAD.json. The spec is {"host": "127.0.0.1",
 // "port": 10900, "server_name": "atlas", "streams": [{"node": ..., "kind": "delta"|"sotw",
 // "ca": "<CA bundle PEM file>", "cert": "<client cert PEM file>", "key": "<key PEM file>"},
 // ...]}. It loads every stream's TLS config, writes <spec>.ready ("<streams>\n"), with
@@ -31,6 +31,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"net"
@@ -128,24 +129,11 @@ func newState(s streamSpec) *streamState {
 func (st *streamState) snapshot() *streamState {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	c := &streamState{
+	return &streamState{
 		Node: st.Node, Kind: st.Kind, Opened: st.Opened, Live: st.Live, LastError: st.LastError,
-		Acked: make(map[string]string, len(st.Acked)), AckedAt: make(map[string]float64, len(st.AckedAt)),
-		Certs: make(map[string]string, len(st.Certs)), CertsAt: make(map[string]float64, len(st.CertsAt)),
+		Acked: maps.Clone(st.Acked), AckedAt: maps.Clone(st.AckedAt),
+		Certs: maps.Clone(st.Certs), CertsAt: maps.Clone(st.CertsAt),
 	}
-	for k, v := range st.Acked {
-		c.Acked[k] = v
-	}
-	for k, v := range st.AckedAt {
-		c.AckedAt[k] = v
-	}
-	for k, v := range st.Certs {
-		c.Certs[k] = v
-	}
-	for k, v := range st.CertsAt {
-		c.CertsAt[k] = v
-	}
-	return c
 }
 
 // backoff is the seconds before the next stream after failures streams in a row that ended
@@ -514,37 +502,23 @@ func readSpec(path string) (*load, error) {
 	return l, nil
 }
 
-// parseArgs takes the spec path and the flags in any order (argparse style).
+// parseArgs reads "--duration SECONDS [--hold] LOAD.json".
 func parseArgs(args []string) (specPath string, duration float64, hold bool, err error) {
 	fs := flag.NewFlagSet("adsload", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: adsload LOAD.json --duration SECONDS [--hold]")
+		fmt.Fprintln(fs.Output(), "usage: adsload --duration SECONDS [--hold] LOAD.json")
 		fs.PrintDefaults()
 	}
-	d := fs.Float64("duration", 0, "seconds, then exit (required)")
+	d := fs.Float64("duration", -1, "seconds, then exit (required)")
 	fs.BoolVar(&hold, "hold", false, "after <spec>.ready, dial only once SIGUSR2 comes")
-	var positional []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			return "", 0, false, err
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		positional = append(positional, fs.Arg(0))
-		args = fs.Args()[1:]
+	if err := fs.Parse(args); err != nil {
+		return "", 0, false, err
 	}
-	if len(positional) != 1 {
+	if fs.NArg() != 1 || *d < 0 {
 		fs.Usage()
-		return "", 0, false, fmt.Errorf("expected one spec, got %d arguments", len(positional))
+		return "", 0, false, errors.New("one LOAD.json and --duration are required")
 	}
-	given := false
-	fs.Visit(func(f *flag.Flag) { given = given || f.Name == "duration" })
-	if !given {
-		fs.Usage()
-		return "", 0, false, errors.New("--duration is required")
-	}
-	return positional[0], math.Min(*d, maxDuration), hold, nil
+	return fs.Arg(0), math.Min(*d, maxDuration), hold, nil
 }
 
 func main() {
