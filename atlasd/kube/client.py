@@ -1,6 +1,7 @@
 """The async Kubernetes API client: the only code that speaks HTTP to the API server.
 
-``KubeClient`` wraps one ``httpx2.AsyncClient`` (httpx2 runs under trio through anyio).
+``KubeClient`` wraps one ``httpx2.AsyncClient`` (httpx2 runs under trio through anyio):
+watches go through the client, every other request straight to its transport (``_Http``).
 It knows the verbs atlasd needs — get, list (paginated), server-side apply, create,
 replace, delete, watch — and nothing else: no discovery, no caching (see
 ``atlasd.watch.informer`` for that).
@@ -20,8 +21,10 @@ from __future__ import annotations
 import builtins
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote, urlencode
 
 import httpx2
 import msgspec
@@ -125,6 +128,21 @@ def _metadata_page(content: bytes) -> object:
     }
 
 
+@dataclass(frozen=True)
+class _Http:
+    """The HTTP client of one client certificate: ``client`` for watches (streamed), and
+    the ``transport`` beneath it, which every other request is handed to directly.
+
+    A request that is sent and read whole needs none of what ``httpx2.AsyncClient`` adds
+    above its transport (URL merging, auth and redirect handling, event hooks, cookies):
+    3,000 server-side applies of atlasd's bodies at 16 in flight, three rounds in one
+    run, 0.89-1.21 -> 0.69-0.82 ms of atlasd's CPU per apply (bench/README.md, issue
+    25). The transport still maps httpcore2's errors to httpx2's and decodes the body."""
+
+    client: httpx2.AsyncClient
+    transport: httpx2.AsyncBaseTransport
+
+
 class KubeClient:
     """An async client for one API server; use as ``async with KubeClient(cfg) as kube``."""
 
@@ -141,18 +159,31 @@ class KubeClient:
         self.credentials = Credentials(config)
         self.field_manager = field_manager
         self._timeout = timeout
-        self._user_agent = user_agent
         # Tests substitute an in-memory transport; None = real TLS connections.
         self._transport = transport
-        # The httpx2 client for the current client certificate; replaced (old ones kept
+        # The HTTP client for the current client certificate; replaced (old ones kept
         # open until close, since watches may still be reading them) when an exec
         # plugin hands out a different certificate.
-        self._http: httpx2.AsyncClient | None = None
+        self._http: _Http | None = None
         self._http_identity: tuple[bytes | None, bytes | None] | None = None
-        self._retired: list[httpx2.AsyncClient] = []
+        self._retired: list[_Http] = []
         self._extensions: dict[str, Any] = {}
         if config.tls_server_name:
             self._extensions["sni_hostname"] = config.tls_server_name
+        # What ``_send`` builds each request from (``_Http``): the server's URL, whose path
+        # (a proxy's prefix, if any) every request's path is appended to, the headers every
+        # request carries, and the timeouts as httpcore2 takes them.
+        self._base = httpx2.URL(config.server)
+        self._prefix = self._base.raw_path.decode("ascii").rstrip("/")
+        self._headers = {
+            "User-Agent": user_agent,
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip",
+        }
+        self._send_extensions = {
+            **self._extensions,
+            "timeout": httpx2.Timeout(timeout).as_dict(),
+        }
 
     @property
     def namespace(self) -> str:
@@ -175,11 +206,11 @@ class KubeClient:
         self._http = None
         self._retired = []
         for c in clients:
-            await c.aclose()
+            await c.client.aclose()
 
     # -- transport ----------------------------------------------------------------------
 
-    def _client_for(self, cred: Credential) -> httpx2.AsyncClient:
+    def _client_for(self, cred: Credential) -> _Http:
         identity = (cred.client_cert, cred.client_key)
         if self._http is not None and self._http_identity == identity:
             return self._http
@@ -188,18 +219,24 @@ class KubeClient:
             self._retired.append(self._http)
         limits = httpx2.Limits(max_connections=200, max_keepalive_connections=50)
         transport = self._transport
-        if transport is None and not self.config.proxy_url:
+        if transport is None and self.config.proxy_url:
+            # The kubeconfig's proxy-url, for every request (as client-go: the
+            # environment's proxy variables do not apply then).
+            transport = httpx2.AsyncHTTPTransport(
+                verify=ctx, limits=limits, proxy=self.config.proxy_url
+            )
+        elif transport is None:
             # Each request's head and body in one TLS record (atlasd.kube.transport).
             transport = OneWriteTransport(verify=ctx, limits=limits)
-        self._http = httpx2.AsyncClient(
+        client = httpx2.AsyncClient(
             base_url=self.config.server,
             verify=ctx,
             timeout=self._timeout,
-            headers={"User-Agent": self._user_agent, "Accept": "application/json"},
+            headers=self._headers,
             limits=limits,
             transport=transport,
-            proxy=self.config.proxy_url,
         )
+        self._http = _Http(client, transport)
         self._http_identity = identity
         return self._http
 
@@ -224,23 +261,27 @@ class KubeClient:
     ) -> object:
         """One request with 401-refresh-retry; returns the JSON body, decoded by ``decode``
         (an error's body always as plain values)."""
+        target = self._prefix + path
+        if params:
+            target += "?" + urlencode(params, quote_via=quote)
+        url = self._base.copy_with(raw_path=target.encode("ascii"))
         for attempt in (0, 1):
             cred = await self.credentials.get()
-            client = self._client_for(cred)
-            headers = self._auth(cred)
+            transport = self._client_for(cred).transport
+            headers = self._headers | self._auth(cred)
             if content_type:
                 headers["Content-Type"] = content_type
             if accept:
                 headers["Accept"] = accept
+            request = httpx2.Request(
+                method, url, headers=headers, content=body, extensions=self._send_extensions
+            )
             try:
-                resp = await client.request(
-                    method,
-                    path,
-                    params=params,
-                    content=body,
-                    headers=headers,
-                    extensions=self._extensions,
-                )
+                resp = await transport.handle_async_request(request)
+                try:
+                    await resp.aread()
+                finally:
+                    await resp.aclose()
             except httpx2.HTTPError as exc:
                 KUBE_REQUESTS.labels(verb, res.plural, "error").inc()
                 raise TransportError(
@@ -547,7 +588,7 @@ class KubeClient:
         timeout = httpx2.Timeout(self._timeout, read=timeout_seconds + WATCH_READ_GRACE)
         for attempt in (0, 1):
             cred = await self.credentials.get()
-            client = self._client_for(cred)
+            client = self._client_for(cred).client
             request = client.build_request(
                 "GET",
                 path,

@@ -90,25 +90,33 @@ async def test_apply_with_metadata_only_asks_for_partial_object_metadata() -> No
     assert out["metadata"]["resourceVersion"] == "7"
 
 
+# A set-based selector and a continue token as the API server makes them (base64, with
+# "+", "/" and "="): the query carries them percent-encoded and the server reads them back.
+SELECTOR = "app in (a,b),!gone,tier!=x"
+TOKEN = "eyJ2IjoibWV0YS5rOHMuaW8vdjEiLCJydiI6MTAsInN0YXJ0IjoiYS9iKyJ9+/="
+
+
 async def test_list_follows_continue_tokens_and_keeps_first_rv() -> None:
     def handler(request: httpx2.Request) -> httpx2.Response:
         cont = request.url.params.get("continue")
-        assert request.url.params["labelSelector"] == "a=b"
+        assert request.url.params["labelSelector"] == SELECTOR
+        assert b" " not in request.url.raw_path and b"+" not in request.url.raw_path
         if not cont:
             return httpx2.Response(
                 200,
                 json={
-                    "metadata": {"resourceVersion": "10", "continue": "p2"},
+                    "metadata": {"resourceVersion": "10", "continue": TOKEN},
                     "items": [{"metadata": {"name": "one"}}],
                 },
             )
+        assert cont == TOKEN
         return httpx2.Response(
             200,
             json={"metadata": {"resourceVersion": "10"}, "items": [{"metadata": {"name": "two"}}]},
         )
 
     async with _client(handler) as kube:
-        items, rv = await kube.list(CONFIGMAPS, label_selector="a=b")
+        items, rv = await kube.list(CONFIGMAPS, label_selector=SELECTOR)
     assert rv == "10"
     assert [(i["metadata"]["name"], i["kind"], i["apiVersion"]) for i in items] == [
         ("one", "ConfigMap", "v1"),

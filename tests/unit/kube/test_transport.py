@@ -92,8 +92,10 @@ async def test_tls_start_sends_what_was_written_first() -> None:
 async def test_the_client_uses_it_for_direct_connections(proxy: str | None, ours: bool) -> None:
     config = KubeConfig(server="https://api.test:6443", namespace="m", proxy_url=proxy)
     async with KubeClient(config) as kube:
-        client = kube._client_for(await kube.credentials.get())
-        transport = client._transport_for_url(httpx2.URL("https://api.test:6443/api"))
+        http = kube._client_for(await kube.credentials.get())
+        transport = http.transport
+        # Watches go through the same transport (one pool of connections).
+        assert http.client._transport_for_url(httpx2.URL("https://api.test:6443/api")) is transport
         assert isinstance(transport, OneWriteTransport) is ours
         if ours:
             assert isinstance(transport._pool, httpcore2.AsyncConnectionPool)
