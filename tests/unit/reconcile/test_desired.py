@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from atlasd import labels
 from atlasd.enroll.agent import write_sds_files
@@ -24,8 +26,10 @@ from atlasd.model import (
     ServicePort,
     Settings,
 )
+from atlasd.reconcile import desired
 from atlasd.reconcile.desired import (
     desired_state,
+    dump_yaml,
     envoy_bootstrap,
     observability_values,
     sidecar_services,
@@ -368,3 +372,68 @@ def test_bootstraps_pass_envoy_validation(which: str, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK" in proc.stdout
+
+
+# JSON-like documents as the values hold them: maps of maps, lists, strings (one-line,
+# multi-line, ones YAML would read as another type), numbers, booleans, nulls.
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.sampled_from(["", "yes", "null", "1e3", "0x1", "@type", "- a", "a: b", "x\ny\n", "z\n"])
+    | st.text(max_size=20)
+)
+_docs = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(
+    doc=st.dictionaries(st.text(min_size=1, max_size=8), _docs, min_size=1, max_size=6),
+    data=st.data(),
+)
+@settings(max_examples=300, deadline=None)
+def test_shared_entries_dump_to_the_same_text(doc: dict[str, Any], data: st.DataObject) -> None:
+    """Entries dumped once and reused give the text of one plain dump, the first time and
+    from the memo."""
+    shared = data.draw(st.sets(st.sampled_from(sorted(doc))))
+    plain = dump_yaml(doc)
+    assert dump_yaml(doc, shared=shared) == plain
+    assert dump_yaml(doc, shared=shared) == plain
+
+
+def test_values_dumped_with_shared_entries_are_one_plain_dump(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every kind of cluster (keys held here, several replicas, enrolled): the values and
+    the bootstrap in them are the text of one plain dump, byte for byte."""
+    plan = plan_pki(secrets={}, clusters=(EAST, WEST), settings=S, now=NOW, keys=CountingKeys())
+    eplan = plan_pki(
+        secrets={}, clusters=(EAST, NORTH), settings=ENROLLING, now=NOW, keys=CountingKeys()
+    )
+
+    def texts() -> dict[str, bytes]:
+        state = desired_state(clusters=(WEST, EAST), alertmanagers=AMS, plan=plan, settings=S)
+        enrolled = desired_state(
+            clusters=(EAST, NORTH), alertmanagers=AMS, plan=eplan, settings=ENROLLING
+        )
+        return {
+            name: secret_data(st_.secrets[name])["values.yaml"]
+            for st_, name in (
+                (state, "east-envoy-values"),
+                (state, "west-envoy-values"),
+                (enrolled, "north-envoy-values"),
+            )
+        }
+
+    shared = texts()
+    monkeypatch.setattr(desired, "_VALUES_SHARED", frozenset())
+    monkeypatch.setattr(desired, "_BOOTSTRAP_SHARED", frozenset())
+    plain = texts()
+    # Compared as booleans: the texts hold private keys, never shown in a failure.
+    differ = sorted(name for name in plain if shared[name] != plain[name])
+    assert differ == []
