@@ -31,6 +31,7 @@ Errors::
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -77,7 +78,12 @@ def _unquote(value: str) -> str:
     return value
 
 
-def parse_xfcc(header: str) -> list[list[tuple[str, str]]]:
+# A stream's header is read three times as it opens (the certificate it stands on, then
+# its authorization, which checks that certificate again), character by character: each
+# header is parsed once. It holds what the certificate states (hash, subject, SANs), no
+# secret.
+@functools.lru_cache(maxsize=256)
+def parse_xfcc(header: str) -> tuple[tuple[tuple[str, str], ...], ...]:
     """Parse ``x-forwarded-client-cert`` into elements of (key, value) pairs."""
     elements = []
     for element in _split(header, ","):
@@ -87,8 +93,8 @@ def parse_xfcc(header: str) -> list[list[tuple[str, str]]]:
             if not sep:
                 continue
             pairs.append((key.strip().lower(), _unquote(value.strip())))
-        elements.append(pairs)
-    return elements
+        elements.append(tuple(pairs))
+    return tuple(elements)
 
 
 class RevokedCerts:

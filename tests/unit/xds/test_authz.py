@@ -11,10 +11,10 @@ XFCC_EAST = 'By=spiffe://atlas;Hash=abc;Subject="CN=east,O=x";URI=;DNS=east'
 
 def test_parse_xfcc_quoted_and_multiple() -> None:
     parsed = parse_xfcc('Hash=1;Subject="CN=a,O=b;c";DNS=a;DNS=b,Hash=2;DNS=c')
-    assert parsed == [
-        [("hash", "1"), ("subject", "CN=a,O=b;c"), ("dns", "a"), ("dns", "b")],
-        [("hash", "2"), ("dns", "c")],
-    ]
+    assert parsed == (
+        (("hash", "1"), ("subject", "CN=a,O=b;c"), ("dns", "a"), ("dns", "b")),
+        (("hash", "2"), ("dns", "c")),
+    )
 
 
 ATLAS = frozenset({"atlas", "atlas.monitoring.atlas"})  # the atlas client certificate
