@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,21 +93,27 @@ class Listed:
             return False
         return int(cached) > int(listed)
 
-    def expected(self, key: str, cached: dict[ObjectId, str]) -> dict[ObjectId, str | None]:
+    def expected(
+        self, key: str, cached: dict[ObjectId, str], *, written: Set[ObjectId] = frozenset()
+    ) -> dict[ObjectId, str | None]:
         """What the cache of ``key``'s owned objects (``cached``) must come to show before
         the key is acted on: each object at the LISTed version, each object the LIST did not
-        show gone; except where the cache already shows a later write."""
+        show gone; except where the cache already shows a later write, and for the objects
+        ``written`` (or deleted) while the LIST was in flight, which it may show as they
+        were before (``Expectations.end_list``)."""
         want = self.owned.get(key, {})
         out: dict[ObjectId, str | None] = {
             oid: rv
             for oid, rv in want.items()
-            if cached.get(oid) != rv and not self.cache_leads(oid, cached.get(oid))
+            if cached.get(oid) != rv
+            and not self.cache_leads(oid, cached.get(oid))
+            and oid not in written
         }
         out.update(
             {
                 oid: None
                 for oid, rv in cached.items()
-                if oid not in want and not self.cache_leads(oid, rv)
+                if oid not in want and not self.cache_leads(oid, rv) and oid not in written
             }
         )
         return out
@@ -217,7 +223,12 @@ class ReconcileLoop:
         """LIST everything (metadata only); queue every key whose cache lags or that is not
         known in sync."""
         started = time.perf_counter()
-        listed = await listed_versions(self.api, self.reconciler.settings)
+        expectations = self.reconciler.expectations
+        expectations.begin_list()
+        try:
+            listed = await listed_versions(self.api, self.reconciler.settings)
+        finally:
+            written = expectations.end_list()
         cached = self.feed.latest
         assert cached is not None
         keys = set(listed.versions) | set(cached.members) | {FLEET_KEY}
@@ -236,10 +247,10 @@ class ReconcileLoop:
                 # for what users write (a cluster Service the LIST missed or shows older is
                 # simply reconciled again when its event arrives), and only for a key the
                 # fleet holds (of a rejected Service's key the cache shows nothing).
-                expected = listed.expected(key, owned)
+                expected = listed.expected(key, owned, written=written)
                 if expected:
                     log.debug("reconcile: full pass waits for the cache of %s: %s", key, expected)
-                    self.reconciler.expectations.expect(key, expected, now=clock)
+                    expectations.expect(key, expected, now=clock)
         self.full_passes += 1
         self._pass = _Pass(started=started, outstanding=set(queued), lists=1)
         for key in queued:

@@ -1,12 +1,23 @@
 """A full pass's LIST against the cache: what the cache must come to show before a key is
 acted on again. Only atlasd's own objects are waited for, and never where the cache already
 shows a write made after the LIST (a cluster created between the LISTs of a pass, or a
-Secret a worker wrote meanwhile, held a key for the expectation's 30 s deadline)."""
+Secret a worker wrote meanwhile, held a key for the expectation's 30 s deadline), nor for
+an object the leader wrote or deleted while the LIST was in flight (a cluster scaled down
+during a pass: its removed sidecar Services, which the cache will never show again)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+import trio
+
+from atlasd.fleet.feed import FleetFeed
 from atlasd.fleet.keys import ObjectId
-from atlasd.reconcile.loop import Listed
+from atlasd.reconcile import loop as loop_mod
+from atlasd.reconcile.expectations import Expectations
+from atlasd.reconcile.loop import Listed, ReconcileLoop
 
 SVC: ObjectId = ("Service", "east-envoy")
 SECRET: ObjectId = ("Secret", "east-atlas-identity")
@@ -56,3 +67,78 @@ def test_what_users_write_is_never_waited_for() -> None:
     lst = listed({})
     assert lst.expected("east", {}) == {}
     assert lst.expected("west", {}) == {}
+
+
+def test_objects_written_while_the_list_was_in_flight_are_not_waited_for() -> None:
+    lst = listed({SECRET: "95", SVC: "96"})
+    # The leader deleted the Service while the LIST was in flight: the LIST still shows
+    # it, the cache never will again.
+    assert lst.expected("east", {SECRET: "80"}, written={SVC}) == {SECRET: "95"}
+    # ... and created one the LIST did not show yet.
+    other: ObjectId = ("Service", "east-thanos-sidecar1")
+    assert lst.expected("east", {SECRET: "95", SVC: "96", other: "99"}, written={other}) == {}
+    assert lst.expected("east", {SECRET: "95", SVC: "96", other: "99"}) == {other: None}
+
+
+def test_expectations_remember_what_is_written_while_a_list_is_in_flight() -> None:
+    exp = Expectations()
+    exp.expect("east", {SECRET: "1"}, now=0)  # before the LIST: the LIST shows it
+    exp.begin_list()
+    exp.expect("east", {SVC: None}, now=0)
+    exp.expect("west", {}, now=0)
+    assert exp.end_list() == {SVC}
+    exp.expect("east", {SECRET: "2"}, now=0)  # after: nothing is remembered
+    assert exp.end_list() == frozenset()
+
+
+def _passing_loop(
+    monkeypatch: pytest.MonkeyPatch, during_list: Any, listed_objects: dict[ObjectId, str]
+) -> tuple[ReconcileLoop, Expectations]:
+    """A loop whose full pass LISTs ``listed_objects`` for east (``during_list()`` runs
+    while the LIST is in flight) over a cache showing east's Secret alone."""
+    expectations = Expectations()
+    cached = SimpleNamespace(
+        members={"east": object()},
+        object_versions=lambda key, owned=False: {SECRET: "95"} if key == "east" else {},
+    )
+    feed = FleetFeed()
+    feed.latest = cast(Any, cached)
+    reconciler = SimpleNamespace(
+        expectations=expectations, settings=None, is_synced=lambda key, owned: False
+    )
+
+    async def list_during(api: Any, settings: Any) -> Listed:
+        during_list()
+        await trio.lowlevel.checkpoint()
+        return listed(listed_objects)
+
+    monkeypatch.setattr(loop_mod, "listed_versions", list_during)
+    loop = ReconcileLoop(
+        api=cast(Any, None), feed=feed, reconciler=cast(Any, reconciler), resync_seconds=300
+    )
+    return loop, expectations
+
+
+async def test_a_full_pass_does_not_wait_for_what_the_leader_deleted_during_its_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker deletes east's Service (scaled down) while the pass's LIST is in flight; the
+    # LIST still shows it. The deletion's own expectation (gone) is what the key waits for.
+    loop, expectations = _passing_loop(
+        monkeypatch,
+        lambda: expectations.expect("east", {SVC: None}, now=0),
+        {SECRET: "95", SVC: "96"},
+    )
+    await loop._full_pass(initial=False)
+    gone = {SECRET: "95"}
+    assert expectations.pending("east", gone.get, now=1) is None
+
+
+async def test_a_full_pass_waits_for_what_the_cache_has_not_shown_yet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same LIST with nothing written meanwhile: the cache lags it, the key waits.
+    loop, expectations = _passing_loop(monkeypatch, lambda: None, {SECRET: "95", SVC: "96"})
+    await loop._full_pass(initial=False)
+    assert expectations.pending("east", {SECRET: "95"}.get, now=1) is not None
+    assert expectations.pending("east", {SECRET: "95", SVC: "96"}.get, now=1) is None
